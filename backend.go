@@ -1,0 +1,159 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/locksutil"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+)
+
+// operationPrefix names the engine in the OpenAPI document Vault generates
+// (operation ids such as "cloudflare-ipsec-read-psk").
+const operationPrefix = "cloudflare-ipsec"
+
+// errNotConfigured is returned by paths that need Cloudflare before config
+// has been written.
+var errNotConfigured = errors.New("the engine is not configured: write an API token to config first")
+
+// backend is one mount of the engine. The plugin process serves many mounts
+// at once, so everything a mount needs lives here.
+type backend struct {
+	*framework.Backend
+
+	// tunnelLocks serialise generate-and-store per tunnel: two writers of one
+	// tunnel must not interleave, or Vault could keep the PSK that Cloudflare
+	// replaced a moment later.
+	tunnelLocks []*locksutil.LockEntry
+
+	// clientMu guards client, the Cloudflare client built from config. It is
+	// dropped whenever config changes (here or, on a standby, by Invalidate).
+	clientMu sync.RWMutex
+	client   *cloudflare.Client
+}
+
+// Factory is the plugin's logical.Factory.
+func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend, error) {
+	b := newBackend()
+	if err := b.Setup(ctx, conf); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+func newBackend() *backend {
+	b := &backend{tunnelLocks: locksutil.CreateLocks()}
+	b.Backend = &framework.Backend{
+		Help:        strings.TrimSpace(backendHelp),
+		BackendType: logical.TypeLogical,
+		PathsSpecial: &logical.Paths{
+			SealWrapStorage: []string{configStorageKey, pskStoragePrefix},
+		},
+		Paths: framework.PathAppend(
+			[]*framework.Path{pathConfig(b)},
+			pathPSK(b),
+			pathMetadata(b),
+		),
+		Invalidate:     b.invalidate,
+		RunningVersion: version,
+	}
+	return b
+}
+
+func (b *backend) invalidate(_ context.Context, key string) {
+	if key == configStorageKey {
+		b.resetClient()
+	}
+}
+
+func (b *backend) resetClient() {
+	b.clientMu.Lock()
+	defer b.clientMu.Unlock()
+	b.client = nil
+}
+
+// cloudflareClient returns the cached client, building it from config on
+// first use.
+func (b *backend) cloudflareClient(ctx context.Context, s logical.Storage) (*cloudflare.Client, error) {
+	b.clientMu.RLock()
+	client := b.client
+	b.clientMu.RUnlock()
+	if client != nil {
+		return client, nil
+	}
+
+	// Config is read under the write lock so that a config write, which
+	// stores and resets under the same lock, cannot be undone by a build
+	// from the config it replaced.
+	b.clientMu.Lock()
+	defer b.clientMu.Unlock()
+	if b.client != nil {
+		return b.client, nil
+	}
+	cfg, err := readConfig(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	if cfg == nil {
+		return nil, errNotConfigured
+	}
+	client, err = newCloudflareClient(cfg)
+	if err != nil {
+		return nil, err
+	}
+	b.client = client
+	return client, nil
+}
+
+func newCloudflareClient(cfg *configRecord) (*cloudflare.Client, error) {
+	return cloudflare.New(cloudflare.Config{
+		APIToken:       cfg.APIToken,
+		BaseURL:        cfg.BaseURL,
+		RequestTimeout: cfg.RequestTimeout,
+		UserAgent:      "vault-plugin-secrets-cloudflare-ipsec/" + version,
+	})
+}
+
+// cloudflareFailure turns an error from a Cloudflare call into what the Vault
+// client sees. subject says what the call was for ("tunnel X of account Y").
+// A refusal by Cloudflare is the caller's to fix, so it is a 400 that carries
+// Cloudflare's status, codes and messages; a rate limit is a 429; no answer
+// or a broken one is a 502 (504 on timeout): Vault could not reach a verdict.
+func cloudflareFailure(subject string, err error) (*logical.Response, error) {
+	msg := fmt.Sprintf("%s: %v", subject, err)
+	var apiErr *cloudflare.APIError
+	if errors.As(err, &apiErr) {
+		switch {
+		case apiErr.RateLimited():
+			return nil, logical.CodedError(http.StatusTooManyRequests, msg)
+		case apiErr.Rejected():
+			return logical.ErrorResponse(msg), nil
+		}
+		return nil, logical.CodedError(http.StatusBadGateway, msg)
+	}
+	var transportErr *cloudflare.TransportError
+	if errors.As(err, &transportErr) && transportErr.Timeout() {
+		return nil, logical.CodedError(http.StatusGatewayTimeout, msg)
+	}
+	return nil, logical.CodedError(http.StatusBadGateway, msg)
+}
+
+const backendHelp = `
+The Cloudflare IPsec secrets engine generates pre-shared keys (PSKs) for
+Cloudflare Magic WAN / Magic Transit IPsec tunnels and keeps them in Vault.
+
+Writing to psk/<account_id>/<tunnel_id> asks Cloudflare to generate a new PSK
+for that tunnel; Cloudflare activates it on its edge at once and never shows it
+again, and the engine stores it. Reading the same path returns it, under
+Vault's ACLs and audit logging. metadata/<account_id>/<tunnel_id> shows the
+rotation state without the key.
+
+Configure the engine first by writing a Cloudflare API token to config.
+`

@@ -1,0 +1,182 @@
+// Package cloudflare is the engine's narrow client for the few Cloudflare API
+// operations it needs. Requests are built, authenticated and decoded by
+// Cloudflare's official Go SDK (cloudflare-go/v6); this package adds what the
+// SDK leaves to its caller and what a secrets engine cannot do without:
+//
+//   - nothing is read from the process environment: every option is explicit;
+//   - retries are decided here, per operation, never by the SDK's defaults;
+//   - an answer with "success": false is an error even when its HTTP status is
+//     200 (the SDK decodes such an answer as if it had succeeded);
+//   - errors carry Cloudflare's HTTP status, codes and messages, but never a
+//     response body, a header or anything else that could hold a secret.
+package cloudflare
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/cloudflare/cloudflare-go/v6/accounts"
+	"github.com/cloudflare/cloudflare-go/v6/magic_transit"
+	"github.com/cloudflare/cloudflare-go/v6/option"
+	"github.com/cloudflare/cloudflare-go/v6/user"
+)
+
+// DefaultBaseURL is Cloudflare's public API.
+const DefaultBaseURL = "https://api.cloudflare.com/client/v4"
+
+// Config is everything a Client needs. Nothing else is consulted.
+type Config struct {
+	APIToken string
+	BaseURL  string
+	// RequestTimeout bounds one operation, retries included.
+	RequestTimeout time.Duration
+	// HTTPClient is optional; a client with its own transport is made when nil.
+	HTTPClient *http.Client
+	// UserAgent is sent with every request.
+	UserAgent string
+}
+
+// Client calls Cloudflare. It is safe for concurrent use.
+type Client struct {
+	timeout       time.Duration
+	tunnels       *magic_transit.IPSECTunnelService
+	userTokens    *user.TokenService
+	accountTokens *accounts.TokenService
+}
+
+// New builds a Client. It does no I/O.
+func New(cfg Config) (*Client, error) {
+	if cfg.APIToken == "" {
+		return nil, errors.New("cloudflare: api token is empty")
+	}
+	if cfg.BaseURL == "" {
+		cfg.BaseURL = DefaultBaseURL
+	}
+	if cfg.RequestTimeout <= 0 {
+		return nil, errors.New("cloudflare: request timeout must be positive")
+	}
+	httpClient := cfg.HTTPClient
+	if httpClient == nil {
+		httpClient = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
+	}
+	opts := []option.RequestOption{
+		option.WithAPIToken(cfg.APIToken),
+		// The SDK resolves request paths relative to the base URL, so it must
+		// end in a slash or its last segment ("v4") would be dropped.
+		option.WithBaseURL(strings.TrimRight(cfg.BaseURL, "/") + "/"),
+		option.WithHTTPClient(httpClient),
+		// The SDK's default retries a POST up to ten times with long backoff;
+		// a psk_generate that is retried blindly can rotate a key twice. Retries
+		// are this package's decision (see retryIdempotent).
+		option.WithMaxRetries(0),
+		option.WithMiddleware(checkEnvelope),
+	}
+	if cfg.UserAgent != "" {
+		opts = append(opts, option.WithHeader("User-Agent", cfg.UserAgent))
+	}
+	return &Client{
+		timeout:       cfg.RequestTimeout,
+		tunnels:       magic_transit.NewIPSECTunnelService(opts...),
+		userTokens:    user.NewTokenService(opts...),
+		accountTokens: accounts.NewTokenService(opts...),
+	}, nil
+}
+
+// GeneratedPSK is what psk_generate returned.
+type GeneratedPSK struct {
+	TunnelID        string
+	PSK             string
+	LastGeneratedOn time.Time
+}
+
+// GeneratePSK asks Cloudflare for a new PSK for one tunnel. Cloudflare
+// activates the key on its edge before it answers, so the call is never
+// retried here: a lost answer may mean a key was set that nobody holds.
+// With validateOnly Cloudflare checks the request and changes nothing; any
+// key in that answer is not in use and is dropped.
+func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, validateOnly bool) (*GeneratedPSK, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+
+	var opts []option.RequestOption
+	if validateOnly {
+		opts = append(opts, option.WithQuery("validate_only", "true"))
+	}
+	// Cloudflare wants a JSON body, even an empty one.
+	params := magic_transit.IPSECTunnelPSKGenerateParams{Body: map[string]any{}}
+	setField(&params.AccountID.Value, &params.AccountID.Present, accountID)
+	res, err := c.tunnels.PSKGenerate(ctx, tunnelID, params, opts...)
+	if err != nil {
+		return nil, describe(OpGeneratePSK, err)
+	}
+	if validateOnly {
+		return &GeneratedPSK{TunnelID: tunnelID, LastGeneratedOn: res.PSKMetadata.LastGeneratedOn}, nil
+	}
+	if res.PSK == "" {
+		return nil, &MalformedResponseError{Op: OpGeneratePSK, Reason: "the answer has no psk"}
+	}
+	if res.PSKMetadata.LastGeneratedOn.IsZero() {
+		return nil, &MalformedResponseError{Op: OpGeneratePSK, Reason: "the answer has no psk_metadata.last_generated_on"}
+	}
+	if res.IPSECTunnelID != "" && !strings.EqualFold(res.IPSECTunnelID, tunnelID) {
+		return nil, &MalformedResponseError{Op: OpGeneratePSK, Reason: fmt.Sprintf("the answer is for tunnel %q, not %q", res.IPSECTunnelID, tunnelID)}
+	}
+	return &GeneratedPSK{TunnelID: tunnelID, PSK: res.PSK, LastGeneratedOn: res.PSKMetadata.LastGeneratedOn}, nil
+}
+
+// TokenStatus is what Cloudflare's token-verify endpoint says of a token.
+type TokenStatus struct {
+	ID        string
+	Status    string
+	ExpiresOn time.Time
+	NotBefore time.Time
+}
+
+// Active reports whether Cloudflare accepts the token now.
+func (t *TokenStatus) Active() bool { return t.Status == "active" }
+
+// VerifyToken asks Cloudflare about the client's own token. accountID selects
+// the account-owned token endpoint; empty means a user token.
+func (c *Client) VerifyToken(ctx context.Context, accountID string) (*TokenStatus, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+
+	var status *TokenStatus
+	err := retryIdempotent(ctx, func() error {
+		if accountID == "" {
+			res, err := c.userTokens.Verify(ctx)
+			if err != nil {
+				return err
+			}
+			status = &TokenStatus{ID: res.ID, Status: string(res.Status), ExpiresOn: res.ExpiresOn, NotBefore: res.NotBefore}
+			return nil
+		}
+		var params accounts.TokenVerifyParams
+		setField(&params.AccountID.Value, &params.AccountID.Present, accountID)
+		res, err := c.accountTokens.Verify(ctx, params)
+		if err != nil {
+			return err
+		}
+		status = &TokenStatus{ID: res.ID, Status: string(res.Status), ExpiresOn: res.ExpiresOn, NotBefore: res.NotBefore}
+		return nil
+	})
+	if err != nil {
+		return nil, describe(OpVerifyToken, err)
+	}
+	if status.ID == "" || status.Status == "" {
+		return nil, &MalformedResponseError{Op: OpVerifyToken, Reason: "the answer has no token id or status"}
+	}
+	return status, nil
+}
+
+// setField fills one of the SDK's param.Field values. The SDK's constructor for
+// them (cloudflare.F) lives in its root package, which imports every Cloudflare
+// service there is; setting the two exported fields keeps the build small.
+func setField(value *string, present *bool, v string) {
+	*value = v
+	*present = true
+}

@@ -1,0 +1,224 @@
+package cloudflare
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cloudflare/cloudflare-go/v6/option"
+)
+
+// Op names a Cloudflare operation in errors.
+type Op string
+
+const (
+	OpGeneratePSK Op = "generate psk"
+	OpVerifyToken Op = "verify token"
+)
+
+// maxResponseBytes bounds what is read of one answer. Cloudflare's answers
+// for these operations are a few hundred bytes.
+const maxResponseBytes = 1 << 20
+
+// Message is one entry of Cloudflare's errors or messages array.
+type Message struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+}
+
+// APIError is an answer in which Cloudflare said no: an HTTP status of 400 or
+// more, or "success": false under any status.
+type APIError struct {
+	Op         Op
+	HTTPStatus int
+	Errors     []Message
+	// RetryAfter is Cloudflare's Retry-After header, zero when absent.
+	RetryAfter time.Duration
+}
+
+func (e *APIError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "cloudflare %s: HTTP %d", e.Op, e.HTTPStatus)
+	if e.HTTPStatus < 400 {
+		b.WriteString(` with "success": false`)
+	}
+	if len(e.Errors) == 0 {
+		b.WriteString(": no error detail in the answer")
+	}
+	for i, m := range e.Errors {
+		if i == 0 {
+			b.WriteString(": ")
+		} else {
+			b.WriteString("; ")
+		}
+		fmt.Fprintf(&b, "code %d: %s", m.Code, m.Message)
+	}
+	if e.RetryAfter > 0 {
+		fmt.Fprintf(&b, " (retry after %s)", e.RetryAfter)
+	}
+	return b.String()
+}
+
+// Rejected reports whether Cloudflare refused the request itself (a 4xx other
+// than rate limiting): sending it again unchanged cannot succeed.
+func (e *APIError) Rejected() bool {
+	return e.HTTPStatus >= 400 && e.HTTPStatus < 500 && e.HTTPStatus != http.StatusTooManyRequests
+}
+
+// RateLimited reports whether Cloudflare's rate limit refused the request.
+func (e *APIError) RateLimited() bool { return e.HTTPStatus == http.StatusTooManyRequests }
+
+// MalformedResponseError is an answer that is not the envelope Cloudflare's
+// schema describes. Its text never quotes the answer.
+type MalformedResponseError struct {
+	Op         Op
+	HTTPStatus int
+	Reason     string
+}
+
+func (e *MalformedResponseError) Error() string {
+	if e.HTTPStatus != 0 {
+		return fmt.Sprintf("cloudflare %s: malformed answer (HTTP %d): %s", e.Op, e.HTTPStatus, e.Reason)
+	}
+	return fmt.Sprintf("cloudflare %s: malformed answer: %s", e.Op, e.Reason)
+}
+
+// TransportError is a call that got no answer: a connection failure, a reset,
+// or the time limit.
+type TransportError struct {
+	Op  Op
+	Err error
+}
+
+func (e *TransportError) Error() string { return fmt.Sprintf("cloudflare %s: %v", e.Op, e.Err) }
+func (e *TransportError) Unwrap() error { return e.Err }
+
+// Timeout reports whether the call ran out of time.
+func (e *TransportError) Timeout() bool { return errors.Is(e.Err, context.DeadlineExceeded) }
+
+// envelope is the part of Cloudflare's response envelope that decides
+// success. "success" is a pointer so that an answer without it is malformed.
+type envelope struct {
+	Success *bool     `json:"success"`
+	Errors  []Message `json:"errors"`
+}
+
+// checkEnvelope is SDK middleware that turns every answer that is not a
+// well-formed success into an error of this package, so that no SDK error
+// (whose text quotes the whole response body) ever reaches a caller.
+func checkEnvelope(req *http.Request, next option.MiddlewareNext) (*http.Response, error) {
+	res, err := next(req)
+	if err != nil {
+		return nil, err
+	}
+	body, err := io.ReadAll(io.LimitReader(res.Body, maxResponseBytes+1))
+	_ = res.Body.Close()
+	if err != nil {
+		return nil, &MalformedResponseError{HTTPStatus: res.StatusCode, Reason: "the answer was cut off: " + err.Error()}
+	}
+	if len(body) > maxResponseBytes {
+		return nil, &MalformedResponseError{HTTPStatus: res.StatusCode, Reason: "the answer is larger than 1 MiB"}
+	}
+	var env envelope
+	decodeErr := json.Unmarshal(body, &env)
+	if res.StatusCode >= 400 {
+		apiErr := &APIError{HTTPStatus: res.StatusCode, RetryAfter: parseRetryAfter(res.Header.Get("Retry-After"))}
+		if decodeErr == nil {
+			apiErr.Errors = env.Errors
+		}
+		return nil, apiErr
+	}
+	if decodeErr != nil {
+		// encoding/json's messages name a character or a type, never a value.
+		return nil, &MalformedResponseError{HTTPStatus: res.StatusCode, Reason: "not a JSON envelope: " + decodeErr.Error()}
+	}
+	if env.Success == nil {
+		return nil, &MalformedResponseError{HTTPStatus: res.StatusCode, Reason: `the envelope has no "success" field`}
+	}
+	if !*env.Success {
+		return nil, &APIError{HTTPStatus: res.StatusCode, Errors: env.Errors}
+	}
+	res.Body = io.NopCloser(bytes.NewReader(body))
+	return res, nil
+}
+
+func parseRetryAfter(v string) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if secs, err := strconv.Atoi(strings.TrimSpace(v)); err == nil && secs > 0 {
+		return time.Duration(secs) * time.Second
+	}
+	if at, err := http.ParseTime(v); err == nil {
+		if d := time.Until(at); d > 0 {
+			return d.Round(time.Second)
+		}
+	}
+	return 0
+}
+
+// describe gives every error that leaves this package the operation's name
+// and one of this package's types.
+func describe(op Op, err error) error {
+	var apiErr *APIError
+	if errors.As(err, &apiErr) {
+		apiErr.Op = op
+		return apiErr
+	}
+	var malformed *MalformedResponseError
+	if errors.As(err, &malformed) {
+		malformed.Op = op
+		return malformed
+	}
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		return &TransportError{Op: op, Err: err}
+	}
+	if strings.HasPrefix(err.Error(), "error parsing response json") {
+		// The SDK's decoder could not fit a well-formed envelope into its
+		// types. Its message may quote values, so it is not passed on.
+		return &MalformedResponseError{Op: op, Reason: "the result does not match Cloudflare's schema"}
+	}
+	return &TransportError{Op: op, Err: err}
+}
+
+// retryIdempotent runs call up to three times, but only for operations that
+// change nothing at Cloudflare (reads and token checks): a repeated read is
+// harmless. It retries a missing answer and a 5xx, never a refusal, never a
+// rate limit (another call would extend Cloudflare's block), and never past
+// ctx's deadline.
+func retryIdempotent(ctx context.Context, call func() error) error {
+	const attempts = 3
+	backoff := 200 * time.Millisecond
+	var err error
+	for i := 0; i < attempts; i++ {
+		if err = call(); err == nil || !worthRetrying(err) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(backoff):
+		}
+		backoff *= 2
+	}
+	return err
+}
+
+func worthRetrying(err error) bool {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		return false
+	}
+	var apiErr *APIError
+	if errors.As(err, &apiErr) {
+		return apiErr.HTTPStatus >= 500
+	}
+	var malformed *MalformedResponseError
+	return !errors.As(err, &malformed)
+}

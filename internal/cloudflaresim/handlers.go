@@ -1,0 +1,295 @@
+package cloudflaresim
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Message is one entry of the envelope's errors or messages array.
+type Message struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+}
+
+// envelope is Cloudflare's response envelope. Errors and Messages are never
+// null: the schema requires arrays.
+type envelope struct {
+	Success  bool      `json:"success"`
+	Errors   []Message `json:"errors"`
+	Messages []Message `json:"messages"`
+	Result   any       `json:"result"`
+}
+
+// Codes and messages the simulator answers with. Those with a public source
+// are the ones in ../shared/cloudflare (derived_examples); Cloudflare does not
+// publish the code for an unknown tunnel or a missing body, so those two are
+// the simulator's own choice.
+var (
+	errBadHeaders      = Message{Code: 6003, Message: "Invalid request headers"}
+	errInvalidToken    = Message{Code: 9109, Message: "Invalid access token"}
+	errAuthentication  = Message{Code: 10000, Message: "Authentication error"}
+	errNoRoute         = Message{Code: 7003, Message: "Could not route to the URI, perhaps your object identifier is invalid?"}
+	errTunnelNotFound  = Message{Code: 1002, Message: "ipsec tunnel not found"}
+	errBodyNotJSON     = Message{Code: 1001, Message: "request body must be a JSON object"}
+	errRateLimited     = Message{Code: 971, Message: "Please wait and consider throttling your request speed"}
+	errInternal        = Message{Code: 1000, Message: "internal server error"}
+	msgTokenActive     = Message{Code: 10000, Message: "This API Token is valid and active"}
+	identifierPattern  = regexp.MustCompile(`^[0-9a-f]{32}$`)
+	defaultFaultErrors = map[int]Message{
+		http.StatusTooManyRequests: errRateLimited,
+	}
+)
+
+func (s *Server) routes() {
+	s.handle("POST", "/accounts/{account_id}/magic/ipsec_tunnels/{tunnel_id}/psk_generate", OpPSKGenerate, s.pskGenerate)
+	s.handle("GET", "/accounts/{account_id}/magic/ipsec_tunnels/{tunnel_id}", OpTunnelGet, s.tunnelGet)
+	s.handle("GET", "/accounts/{account_id}/magic/ipsec_tunnels", OpTunnelList, s.tunnelList)
+	s.handle("GET", "/user/tokens/verify", OpUserTokenVerify, s.userTokenVerify)
+	s.handle("GET", "/accounts/{account_id}/tokens/verify", OpAccountTokenVerify, s.accountTokenVerify)
+	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeFailure(w, http.StatusNotFound, errNoRoute)
+	})
+}
+
+// ServeHTTP implements http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+
+// handle registers an operation: it counts the call, applies a queued fault,
+// and otherwise runs the operation's handler.
+func (s *Server) handle(method, path string, op Operation, h func(http.ResponseWriter, *http.Request)) {
+	s.mux.HandleFunc(method+" "+BasePath+path, func(w http.ResponseWriter, r *http.Request) {
+		fault, faulted := s.countCall(op)
+		if faulted {
+			s.applyFault(w, r, op, fault, h)
+			return
+		}
+		h(w, r)
+	})
+}
+
+func (s *Server) countCall(op Operation) (Fault, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.calls[op]++
+	queue := s.faults[op]
+	if len(queue) == 0 {
+		return Fault{}, false
+	}
+	s.faults[op] = queue[1:]
+	return queue[0], true
+}
+
+// authorize checks the bearer token against the account the request names
+// (accountID empty: no account). It writes the failure and returns nil when
+// the token may not make the call.
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request, accountID string) *Token {
+	value, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok || value == "" {
+		writeFailure(w, http.StatusBadRequest, errBadHeaders)
+		return nil
+	}
+	s.mu.Lock()
+	t, known := s.tokens[value]
+	var token Token
+	if known {
+		token = *t
+	}
+	s.mu.Unlock()
+	if !known || token.Status != "active" || token.OwnerAccount != "" && accountID != token.OwnerAccount {
+		writeFailure(w, http.StatusForbidden, errInvalidToken)
+		return nil
+	}
+	if accountID != "" && len(token.Accounts) > 0 && !slices.Contains(token.Accounts, accountID) {
+		writeFailure(w, http.StatusForbidden, errAuthentication)
+		return nil
+	}
+	return &token
+}
+
+// tunnelFromPath validates the path's identifiers, authorizes the caller and
+// returns the tunnel's account and id. It writes the failure and returns
+// ok=false on any problem.
+func (s *Server) tunnelFromPath(w http.ResponseWriter, r *http.Request) (accountID, tunnelID string, ok bool) {
+	accountID, tunnelID = r.PathValue("account_id"), r.PathValue("tunnel_id")
+	if !identifierPattern.MatchString(accountID) || !identifierPattern.MatchString(tunnelID) {
+		writeFailure(w, http.StatusBadRequest, errNoRoute)
+		return "", "", false
+	}
+	if s.authorize(w, r, accountID) == nil {
+		return "", "", false
+	}
+	s.mu.Lock()
+	_, exists := s.accounts[accountID][tunnelID]
+	s.mu.Unlock()
+	if !exists {
+		writeFailure(w, http.StatusNotFound, errTunnelNotFound)
+		return "", "", false
+	}
+	return accountID, tunnelID, true
+}
+
+func (s *Server) pskGenerate(w http.ResponseWriter, r *http.Request) {
+	accountID, tunnelID, ok := s.tunnelFromPath(w, r)
+	if !ok {
+		return
+	}
+	var body map[string]any
+	if !strings.HasPrefix(r.Header.Get("Content-Type"), "application/json") || json.NewDecoder(io.LimitReader(r.Body, 1<<16)).Decode(&body) != nil || body == nil {
+		writeFailure(w, http.StatusBadRequest, errBodyNotJSON)
+		return
+	}
+	validateOnly := r.URL.Query().Get("validate_only") == "true"
+
+	s.mu.Lock()
+	t := s.accounts[accountID][tunnelID]
+	var result map[string]any
+	if validateOnly {
+		// Nothing changes on the edge. Cloudflare does not document this
+		// answer's result; the simulator sends a key that is not in use so
+		// that tests can prove the engine drops it.
+		result = pskResult(tunnelID, newSecret(32), t.PSKGeneratedOn)
+	} else {
+		s.generatePSK(t)
+		result = pskResult(tunnelID, t.PSK, t.PSKGeneratedOn)
+	}
+	s.mu.Unlock()
+	writeSuccess(w, result)
+}
+
+func pskResult(tunnelID, psk string, generatedOn time.Time) map[string]any {
+	result := map[string]any{"ipsec_tunnel_id": tunnelID, "psk": psk}
+	if !generatedOn.IsZero() {
+		result["psk_metadata"] = map[string]any{"last_generated_on": formatTime(generatedOn)}
+	}
+	return result
+}
+
+func (s *Server) tunnelGet(w http.ResponseWriter, r *http.Request) {
+	accountID, tunnelID, ok := s.tunnelFromPath(w, r)
+	if !ok {
+		return
+	}
+	s.mu.Lock()
+	obj := tunnelObject(s.accounts[accountID][tunnelID])
+	s.mu.Unlock()
+	writeSuccess(w, map[string]any{"ipsec_tunnel": obj})
+}
+
+func (s *Server) tunnelList(w http.ResponseWriter, r *http.Request) {
+	accountID := r.PathValue("account_id")
+	if !identifierPattern.MatchString(accountID) {
+		writeFailure(w, http.StatusBadRequest, errNoRoute)
+		return
+	}
+	if s.authorize(w, r, accountID) == nil {
+		return
+	}
+	s.mu.Lock()
+	list := make([]map[string]any, 0, len(s.accounts[accountID]))
+	for _, t := range s.accounts[accountID] {
+		list = append(list, tunnelObject(t))
+	}
+	s.mu.Unlock()
+	sort.Slice(list, func(i, j int) bool { return list[i]["id"].(string) < list[j]["id"].(string) })
+	writeSuccess(w, map[string]any{"ipsec_tunnels": list})
+}
+
+// tunnelObject renders a tunnel as the schema's magic_ipsec-tunnel. The PSK
+// is never part of it: Cloudflare does not show a key after generating it.
+func tunnelObject(t *Tunnel) map[string]any {
+	obj := map[string]any{
+		"id":                  t.ID,
+		"name":                t.Name,
+		"description":         t.Description,
+		"cloudflare_endpoint": t.CloudflareEndpoint,
+		"interface_address":   t.InterfaceAddress,
+		"created_on":          formatTime(t.CreatedOn),
+		"modified_on":         formatTime(t.ModifiedOn),
+		"replay_protection":   t.ReplayProtected,
+		"allow_null_cipher":   false,
+	}
+	if t.CustomerEndpoint != "" {
+		obj["customer_endpoint"] = t.CustomerEndpoint
+	}
+	if !t.PSKGeneratedOn.IsZero() {
+		obj["psk_metadata"] = map[string]any{"last_generated_on": formatTime(t.PSKGeneratedOn)}
+	}
+	return obj
+}
+
+func (s *Server) userTokenVerify(w http.ResponseWriter, r *http.Request) {
+	s.tokenVerify(w, r, "")
+}
+
+func (s *Server) accountTokenVerify(w http.ResponseWriter, r *http.Request) {
+	accountID := r.PathValue("account_id")
+	if !identifierPattern.MatchString(accountID) {
+		writeFailure(w, http.StatusBadRequest, errNoRoute)
+		return
+	}
+	s.tokenVerify(w, r, accountID)
+}
+
+// tokenVerify answers for any token the simulator knows, active or not, as
+// the schema's status enum (active, disabled, expired) implies; an
+// account-owned token answers only at its own account's endpoint.
+func (s *Server) tokenVerify(w http.ResponseWriter, r *http.Request, accountID string) {
+	value, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok || value == "" {
+		writeFailure(w, http.StatusBadRequest, errBadHeaders)
+		return
+	}
+	s.mu.Lock()
+	t, known := s.tokens[value]
+	var token Token
+	if known {
+		token = *t
+	}
+	s.mu.Unlock()
+	if !known || token.OwnerAccount != accountID {
+		writeFailure(w, http.StatusForbidden, errInvalidToken)
+		return
+	}
+	result := map[string]any{"id": token.ID, "status": token.Status}
+	if !token.ExpiresOn.IsZero() {
+		result["expires_on"] = formatTime(token.ExpiresOn)
+	}
+	var messages []Message
+	if token.Status == "active" {
+		messages = []Message{msgTokenActive}
+	}
+	writeEnvelope(w, http.StatusOK, envelope{Success: true, Messages: messages, Result: result})
+}
+
+func formatTime(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
+
+func writeSuccess(w http.ResponseWriter, result any) {
+	writeEnvelope(w, http.StatusOK, envelope{Success: true, Result: result})
+}
+
+func writeFailure(w http.ResponseWriter, status int, errs ...Message) {
+	writeEnvelope(w, status, envelope{Success: false, Errors: errs})
+}
+
+func writeEnvelope(w http.ResponseWriter, status int, env envelope) {
+	if env.Errors == nil {
+		env.Errors = []Message{}
+	}
+	if env.Messages == nil {
+		env.Messages = []Message{}
+	}
+	body, err := json.Marshal(env)
+	if err != nil {
+		panic(fmt.Sprintf("cloudflaresim: encode envelope: %v", err))
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+}

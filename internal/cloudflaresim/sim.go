@@ -1,0 +1,211 @@
+// Package cloudflaresim is a stand-in for the part of Cloudflare's API that the
+// engine calls: IPsec tunnel PSK generation, tunnel reads and token
+// verification. It keeps the edge's state (each tunnel's current PSK and when
+// it was generated) so that a test can compare what Vault holds with what
+// Cloudflare holds, answers in Cloudflare's response envelope as the published
+// OpenAPI schema describes it, checks bearer tokens, counts calls, and can be
+// told to fail. It serves the engine's tests and `make dev` alike.
+package cloudflaresim
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+)
+
+// BasePath is where the API lives on the simulator, as on Cloudflare.
+const BasePath = "/client/v4"
+
+// Operation names one API operation, for counting calls and aiming faults.
+type Operation string
+
+const (
+	OpPSKGenerate        Operation = "psk_generate"
+	OpTunnelGet          Operation = "tunnel_get"
+	OpTunnelList         Operation = "tunnel_list"
+	OpUserTokenVerify    Operation = "user_token_verify"
+	OpAccountTokenVerify Operation = "account_token_verify"
+)
+
+// Tunnel is one IPsec tunnel as the edge knows it.
+type Tunnel struct {
+	ID                 string
+	Name               string
+	Description        string
+	CloudflareEndpoint string
+	CustomerEndpoint   string
+	InterfaceAddress   string
+	CreatedOn          time.Time
+	ModifiedOn         time.Time
+	// PSK is the key the edge uses now; empty until one is generated.
+	PSK             string
+	PSKGeneratedOn  time.Time
+	PSKGenerations  int
+	ReplayProtected bool
+}
+
+// Token is an API token the simulator accepts.
+type Token struct {
+	Value string
+	ID    string
+	// Status is "active", "disabled" or "expired".
+	Status    string
+	ExpiresOn time.Time
+	// OwnerAccount makes the token account-owned: it verifies only at
+	// /accounts/{OwnerAccount}/tokens/verify.
+	OwnerAccount string
+	// Accounts limits the token to these accounts; empty allows every account.
+	Accounts []string
+}
+
+// Server is the simulator. It is an http.Handler; wrap it in httptest or
+// http.Server. The zero value is not usable: call New.
+type Server struct {
+	mu       sync.Mutex
+	accounts map[string]map[string]*Tunnel
+	tokens   map[string]*Token
+	faults   map[Operation][]Fault
+	calls    map[Operation]int
+	mux      *http.ServeMux
+	now      func() time.Time
+}
+
+// New returns an empty simulator.
+func New() *Server {
+	s := &Server{
+		accounts: map[string]map[string]*Tunnel{},
+		tokens:   map[string]*Token{},
+		faults:   map[Operation][]Fault{},
+		calls:    map[Operation]int{},
+		mux:      http.NewServeMux(),
+		now:      func() time.Time { return time.Now().UTC() },
+	}
+	s.routes()
+	return s
+}
+
+// NewID returns a random Cloudflare identifier (32 lower-case hex characters).
+func NewID() string {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(err)
+	}
+	return hex.EncodeToString(b[:])
+}
+
+// AddToken makes the simulator accept a token. Value and ID are generated
+// when empty, Status defaults to "active". It returns the token as stored.
+func (s *Server) AddToken(t Token) Token {
+	if t.Value == "" {
+		t.Value = newSecret(40)
+	}
+	if t.ID == "" {
+		t.ID = NewID()
+	}
+	if t.Status == "" {
+		t.Status = "active"
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.tokens[t.Value] = &t
+	return t
+}
+
+// SetTokenStatus changes a token's status ("active", "disabled", "expired").
+func (s *Server) SetTokenStatus(value, status string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if t, ok := s.tokens[value]; ok {
+		t.Status = status
+	}
+}
+
+// AddTunnel creates a tunnel in an account, without a PSK, and returns it.
+// ID, Name and endpoints are filled in when empty.
+func (s *Server) AddTunnel(accountID string, t Tunnel) Tunnel {
+	accountID = strings.ToLower(accountID)
+	if t.ID == "" {
+		t.ID = NewID()
+	}
+	t.ID = strings.ToLower(t.ID)
+	if t.Name == "" {
+		t.Name = "IPsec_" + t.ID[:6]
+	}
+	if t.CloudflareEndpoint == "" {
+		t.CloudflareEndpoint = "203.0.113.1"
+	}
+	if t.InterfaceAddress == "" {
+		t.InterfaceAddress = "10.212.0.8/31"
+	}
+	now := s.now()
+	t.CreatedOn, t.ModifiedOn = now, now
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.accounts[accountID] == nil {
+		s.accounts[accountID] = map[string]*Tunnel{}
+	}
+	s.accounts[accountID][t.ID] = &t
+	return t
+}
+
+// Tunnel returns a copy of a tunnel's edge state.
+func (s *Server) Tunnel(accountID, tunnelID string) (Tunnel, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t, ok := s.accounts[strings.ToLower(accountID)][strings.ToLower(tunnelID)]
+	if !ok {
+		return Tunnel{}, false
+	}
+	return *t, true
+}
+
+// Calls returns how many requests reached an operation, faults included.
+func (s *Server) Calls(op Operation) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.calls[op]
+}
+
+// TotalCalls returns how many requests reached any operation.
+func (s *Server) TotalCalls() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, c := range s.calls {
+		n += c
+	}
+	return n
+}
+
+// generatePSK sets a new key on the edge. Cloudflare's timestamps carry
+// sub-second precision; each generation is kept strictly later than the last
+// so that last_generated_on always tells two generations apart.
+func (s *Server) generatePSK(t *Tunnel) {
+	now := s.now().Truncate(time.Microsecond)
+	if !now.After(t.PSKGeneratedOn) {
+		now = t.PSKGeneratedOn.Add(time.Microsecond)
+	}
+	t.PSK = newSecret(32)
+	t.PSKGeneratedOn = now
+	t.ModifiedOn = now
+	t.PSKGenerations++
+}
+
+const secretAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+// newSecret returns n random characters of the alphabet Cloudflare's PSKs
+// use (the schema's example is 32 letters and digits).
+func newSecret(n int) string {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		panic(fmt.Sprintf("cloudflaresim: read random: %v", err))
+	}
+	for i := range b {
+		b[i] = secretAlphabet[int(b[i])%len(secretAlphabet)]
+	}
+	return string(b)
+}

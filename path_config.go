@@ -1,0 +1,280 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+)
+
+const (
+	configStorageKey      = "config"
+	defaultRequestTimeout = 30 * time.Second
+	maxRequestTimeout     = 5 * time.Minute
+)
+
+// configRecord is the engine's configuration as stored. APIToken never
+// leaves storage except to authenticate calls to Cloudflare.
+type configRecord struct {
+	APIToken       string        `json:"api_token"`
+	BaseURL        string        `json:"base_url"`
+	RequestTimeout time.Duration `json:"request_timeout"`
+	TokenAccountID string        `json:"token_account_id,omitempty"`
+
+	// What Cloudflare's token-verify endpoint said when config was written.
+	TokenID        string    `json:"token_id"`
+	TokenStatus    string    `json:"token_status"`
+	TokenExpiresOn time.Time `json:"token_expires_on"`
+	TokenNotBefore time.Time `json:"token_not_before"`
+	VerifiedAt     time.Time `json:"verified_at"`
+}
+
+func pathConfig(b *backend) *framework.Path {
+	forwarded := func(cb framework.OperationFunc, verb string) *framework.PathOperation {
+		return &framework.PathOperation{
+			Callback:                    cb,
+			ForwardPerformanceStandby:   true,
+			ForwardPerformanceSecondary: true,
+			DisplayAttrs:                &framework.DisplayAttributes{OperationVerb: verb},
+		}
+	}
+	return &framework.Path{
+		Pattern: "config",
+		DisplayAttrs: &framework.DisplayAttributes{
+			OperationPrefix: operationPrefix,
+			OperationSuffix: "configuration",
+		},
+		Fields: map[string]*framework.FieldSchema{
+			"api_token": {
+				Type:        framework.TypeString,
+				Description: "Cloudflare API token with Magic WAN Write or Magic Transit Write permission. Required on first write; never returned.",
+				DisplayAttrs: &framework.DisplayAttributes{
+					Name:      "API token",
+					Sensitive: true,
+				},
+			},
+			"base_url": {
+				Type:        framework.TypeString,
+				Description: "Cloudflare API base URL. Plain http:// is accepted only for a loopback host.",
+				Default:     cloudflare.DefaultBaseURL,
+				DisplayAttrs: &framework.DisplayAttributes{
+					Name: "Base URL",
+				},
+			},
+			"request_timeout": {
+				Type:        framework.TypeDurationSecond,
+				Description: "Time limit for one Cloudflare call, as a duration (\"30s\") or seconds. At most 5m.",
+				Default:     int(defaultRequestTimeout.Seconds()),
+				DisplayAttrs: &framework.DisplayAttributes{
+					Name: "Request timeout",
+				},
+			},
+			"token_account_id": {
+				Type:        framework.TypeString,
+				Description: "For an account-owned API token: the owning account's id, so the token is verified at that account. Empty for a user token.",
+				DisplayAttrs: &framework.DisplayAttributes{
+					Name: "Token account ID",
+				},
+			},
+		},
+		ExistenceCheck: b.configExists,
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.ReadOperation: &framework.PathOperation{
+				Callback:     b.readConfigPath,
+				DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "read"},
+			},
+			logical.CreateOperation: forwarded(b.writeConfig, "configure"),
+			logical.UpdateOperation: forwarded(b.writeConfig, "configure"),
+			logical.DeleteOperation: forwarded(b.deleteConfig, "delete"),
+		},
+		HelpSynopsis:    pathConfigHelpSynopsis,
+		HelpDescription: pathConfigHelpDescription,
+	}
+}
+
+func readConfig(ctx context.Context, s logical.Storage) (*configRecord, error) {
+	entry, err := s.Get(ctx, configStorageKey)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	if entry == nil {
+		return nil, nil
+	}
+	cfg := new(configRecord)
+	if err := entry.DecodeJSON(cfg); err != nil {
+		return nil, fmt.Errorf("decode config: %w", err)
+	}
+	return cfg, nil
+}
+
+func (b *backend) configExists(ctx context.Context, req *logical.Request, _ *framework.FieldData) (bool, error) {
+	cfg, err := readConfig(ctx, req.Storage)
+	return cfg != nil, err
+}
+
+func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	cfg, err := readConfig(ctx, req.Storage)
+	if err != nil || cfg == nil {
+		return nil, err
+	}
+	return &logical.Response{Data: map[string]any{
+		"base_url":          cfg.BaseURL,
+		"request_timeout":   int(cfg.RequestTimeout.Seconds()),
+		"token_account_id":  cfg.TokenAccountID,
+		"token_id":          cfg.TokenID,
+		"token_status":      cfg.TokenStatus,
+		"token_expires_on":  formatTime(cfg.TokenExpiresOn),
+		"token_not_before":  formatTime(cfg.TokenNotBefore),
+		"token_verified_at": formatTime(cfg.VerifiedAt),
+	}}, nil
+}
+
+func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	cfg, err := readConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	if cfg == nil {
+		cfg = &configRecord{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: defaultRequestTimeout}
+	}
+	if problem := applyConfigFields(cfg, d); problem != "" {
+		return logical.ErrorResponse(problem), nil
+	}
+
+	client, err := newCloudflareClient(cfg)
+	if err != nil {
+		return logical.ErrorResponse(err.Error()), nil
+	}
+	status, err := client.VerifyToken(ctx, cfg.TokenAccountID)
+	if err != nil {
+		return cloudflareFailure("verify the API token", err)
+	}
+	if !status.Active() {
+		return logical.ErrorResponse(fmt.Sprintf("cloudflare reports the API token %s as %q, not active: nothing was stored", status.ID, status.Status)), nil
+	}
+	cfg.TokenID, cfg.TokenStatus = status.ID, status.Status
+	cfg.TokenExpiresOn, cfg.TokenNotBefore = status.ExpiresOn, status.NotBefore
+	cfg.VerifiedAt = time.Now().UTC()
+
+	entry, err := logical.StorageEntryJSON(configStorageKey, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("encode config: %w", err)
+	}
+	// Stored and reset under the client lock: see cloudflareClient.
+	b.clientMu.Lock()
+	defer b.clientMu.Unlock()
+	if err := req.Storage.Put(ctx, entry); err != nil {
+		return nil, fmt.Errorf("store config: %w", err)
+	}
+	b.client = nil
+	b.Logger().Info("config written", "token_id", cfg.TokenID, "base_url", cfg.BaseURL)
+	return nil, nil
+}
+
+// applyConfigFields copies the request's fields onto cfg and validates the
+// result. It returns a problem to show the caller, or "".
+func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
+	if v, ok := d.GetOk("api_token"); ok {
+		cfg.APIToken = strings.TrimSpace(v.(string))
+	}
+	if cfg.APIToken == "" {
+		return "api_token is required"
+	}
+	if v, ok := d.GetOk("base_url"); ok {
+		cfg.BaseURL = strings.TrimRight(strings.TrimSpace(v.(string)), "/")
+	}
+	if problem := checkBaseURL(cfg.BaseURL); problem != "" {
+		return problem
+	}
+	if v, ok := d.GetOk("request_timeout"); ok {
+		cfg.RequestTimeout = time.Duration(v.(int)) * time.Second
+	}
+	if cfg.RequestTimeout <= 0 || cfg.RequestTimeout > maxRequestTimeout {
+		return fmt.Sprintf("request_timeout must be between 1s and %s", maxRequestTimeout)
+	}
+	if v, ok := d.GetOk("token_account_id"); ok {
+		id := strings.ToLower(strings.TrimSpace(v.(string)))
+		if id != "" {
+			if problem := checkIdentifier("token_account_id", id); problem != "" {
+				return problem
+			}
+		}
+		cfg.TokenAccountID = id
+	}
+	return ""
+}
+
+// checkBaseURL accepts https URLs, and http only for a loopback host: a
+// token sent in clear text must not leave the machine.
+func checkBaseURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" {
+		return fmt.Sprintf("base_url %q is not an absolute URL", raw)
+	}
+	if u.User != nil || u.RawQuery != "" || u.Fragment != "" {
+		return "base_url must not carry credentials, a query or a fragment"
+	}
+	switch u.Scheme {
+	case "https":
+		return ""
+	case "http":
+		if isLoopbackHost(u.Hostname()) {
+			return ""
+		}
+		return fmt.Sprintf("base_url %q uses plain http to a host that is not loopback; use https", raw)
+	}
+	return fmt.Sprintf("base_url %q must use https", raw)
+}
+
+func isLoopbackHost(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+func (b *backend) deleteConfig(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	b.clientMu.Lock()
+	defer b.clientMu.Unlock()
+	if err := req.Storage.Delete(ctx, configStorageKey); err != nil {
+		return nil, fmt.Errorf("delete config: %w", err)
+	}
+	b.client = nil
+	return nil, nil
+}
+
+// formatTime renders a time for a response; the zero time is "".
+func formatTime(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}
+
+const pathConfigHelpSynopsis = `Configure the Cloudflare API token and endpoint the engine uses.`
+
+const pathConfigHelpDescription = `
+The engine calls Cloudflare's API with one API token. The token needs the
+"Magic WAN Write" or "Magic Transit Write" permission on every account whose
+tunnels the engine rotates.
+
+Every write verifies the token with Cloudflare (GET /user/tokens/verify, or
+GET /accounts/<token_account_id>/tokens/verify for an account-owned token) and
+stores nothing if Cloudflare rejects it or reports it not active. A write
+without api_token keeps the stored token and verifies it again against the new
+settings.
+
+Reading config returns the settings and what the last verify said (token id,
+status, expiry, when it was checked). It never returns the token.
+
+Deleting config removes the token; PSKs already stored stay readable, but no
+tunnel can be rotated until config is written again.
+`
