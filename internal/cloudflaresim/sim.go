@@ -44,8 +44,10 @@ type Tunnel struct {
 	// PSK is the key the edge uses now; empty until one is generated.
 	PSK             string
 	PSKGeneratedOn  time.Time
-	PSKGenerations  int
 	ReplayProtected bool
+	// GeneratedPSKs is every key the edge has had, oldest first, so a test
+	// can tell whether a key Vault served was ever real.
+	GeneratedPSKs []string
 }
 
 // Token is an API token the simulator accepts.
@@ -160,7 +162,9 @@ func (s *Server) Tunnel(accountID, tunnelID string) (Tunnel, bool) {
 	if !ok {
 		return Tunnel{}, false
 	}
-	return *t, true
+	c := *t
+	c.GeneratedPSKs = append([]string(nil), t.GeneratedPSKs...)
+	return c, true
 }
 
 // Calls returns how many requests reached an operation, faults included.
@@ -192,7 +196,7 @@ func (s *Server) generatePSK(t *Tunnel) {
 	t.PSK = newSecret(32)
 	t.PSKGeneratedOn = now
 	t.ModifiedOn = now
-	t.PSKGenerations++
+	t.GeneratedPSKs = append(t.GeneratedPSKs, t.PSK)
 }
 
 const secretAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
