@@ -111,8 +111,8 @@ func (e *testEnv) request(op logical.Operation, path string, data map[string]any
 	return e.b.HandleRequest(context.Background(), req)
 }
 
-func (e *testEnv) pskPath() string     { return "psk/" + e.account + "/" + e.tunnel.ID }
-func (e *testEnv) metaPath() string    { return "metadata/" + e.account + "/" + e.tunnel.ID }
+func (e *testEnv) pskPath() string  { return "psk/" + e.account + "/" + e.tunnel.ID }
+func (e *testEnv) metaPath() string { return "metadata/" + e.account + "/" + e.tunnel.ID }
 func (e *testEnv) edge() cloudflaresim.Tunnel {
 	tun, ok := e.sim.Tunnel(e.account, e.tunnel.ID)
 	if !ok {
