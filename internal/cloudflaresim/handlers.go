@@ -154,7 +154,9 @@ func (s *Server) pskGenerate(w http.ResponseWriter, r *http.Request) {
 		// Nothing changes on the edge. Cloudflare does not document this
 		// answer's result; the simulator sends a key that is not in use so
 		// that tests can prove the engine drops it.
-		result = pskResult(tunnelID, newSecret(32), t.PSKGeneratedOn)
+		throwaway := newSecret(32)
+		s.issued = append(s.issued, throwaway)
+		result = pskResult(tunnelID, throwaway, t.PSKGeneratedOn)
 	} else {
 		s.generatePSK(t)
 		result = pskResult(tunnelID, t.PSK, t.PSKGeneratedOn)

@@ -72,6 +72,9 @@ type Server struct {
 	tokens   map[string]*Token
 	faults   map[Operation][]Fault
 	calls    map[Operation]int
+	// issued is every secret the simulator made: token values and keys,
+	// including the throwaway keys of validate_only answers.
+	issued   []string
 	mux      *http.ServeMux
 	now      func() time.Time
 }
@@ -114,6 +117,7 @@ func (s *Server) AddToken(t Token) Token {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.tokens[t.Value] = &t
+	s.issued = append(s.issued, t.Value)
 	return t
 }
 
@@ -197,6 +201,15 @@ func (s *Server) generatePSK(t *Tunnel) {
 	t.PSKGeneratedOn = now
 	t.ModifiedOn = now
 	t.GeneratedPSKs = append(t.GeneratedPSKs, t.PSK)
+	s.issued = append(s.issued, t.PSK)
+}
+
+// IssuedSecrets returns every token value and key the simulator has handed
+// out, for tests that prove none of them leaked into a log or a response.
+func (s *Server) IssuedSecrets() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.issued...)
 }
 
 const secretAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"

@@ -1,0 +1,414 @@
+// Package e2e runs the plugin inside a real Vault server (v1.21.0, built by
+// tools/vault) and drives it with the vault CLI and the HTTP API, as
+// operators and provisioning tools do. Cloudflare is the in-repo simulator,
+// served on loopback from the test process so that each test can compare
+// Vault's state with the edge's.
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+)
+
+const pluginName = "vault-plugin-secrets-cloudflare-ipsec"
+
+// suite holds what TestMain prepares once: the Vault binary and a plugin
+// built from this tree (with the race detector, so a data race inside the
+// plugin under a real server shows in the server's log).
+var suite struct {
+	vaultBin  string
+	pluginDir string
+	pluginSHA string
+	version   string
+}
+
+func TestMain(m *testing.M) {
+	os.Exit(runSuite(m))
+}
+
+func runSuite(m *testing.M) int {
+	root, err := filepath.Abs("..")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	suite.vaultBin = os.Getenv("VAULT_BIN")
+	if suite.vaultBin == "" {
+		suite.vaultBin = filepath.Join(root, "tools", "vault", "bin", "vault")
+	}
+	if _, err := os.Stat(suite.vaultBin); err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: no Vault binary at %s: run `make vault` (or `make test`, which builds it) first\n", suite.vaultBin)
+		return 1
+	}
+	dir, err := os.MkdirTemp("", "cf-ipsec-e2e-plugins-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	suite.pluginDir = dir
+	suite.version = "v0.0.0-e2e"
+	bin := filepath.Join(dir, pluginName)
+	build := exec.Command("go", "build", "-race", "-ldflags", "-X main.version="+suite.version, "-o", bin, ".")
+	build.Dir = root
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: build plugin: %v\n", err)
+		return 1
+	}
+	body, err := os.ReadFile(bin)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	sum := sha256.Sum256(body)
+	suite.pluginSHA = hex.EncodeToString(sum[:])
+	return m.Run()
+}
+
+// simulator serves a fresh Cloudflare simulator on loopback.
+func simulator(t *testing.T) (*cloudflaresim.Server, string) {
+	t.Helper()
+	sim := cloudflaresim.New()
+	srv := httptest.NewServer(sim)
+	t.Cleanup(srv.Close)
+	return sim, srv.URL + cloudflaresim.BasePath
+}
+
+// vaultServer is one Vault server process.
+type vaultServer struct {
+	dir       string
+	addr      string
+	rootToken string
+	logPath   string
+	cmd       *exec.Cmd
+	done      chan struct{}
+	// secrets are redacted from anything this harness prints.
+	secrets *secretSet
+}
+
+// secretSet collects the values that must never be printed.
+type secretSet struct {
+	mu     sync.Mutex
+	values []string
+	source func() []string
+}
+
+func (s *secretSet) all() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := append([]string(nil), s.values...)
+	if s.source != nil {
+		out = append(out, s.source()...)
+	}
+	return out
+}
+
+func (s *secretSet) add(v string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.values = append(s.values, v)
+}
+
+// redact replaces every known secret in s, so a failing test cannot print one.
+func (s *secretSet) redact(text string) string {
+	for _, v := range s.all() {
+		if v != "" {
+			text = strings.ReplaceAll(text, v, "[REDACTED]")
+		}
+	}
+	return text
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	for i := 0; i < 20; i++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		// Vault also takes the next port for its cluster listener.
+		if l2, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port+1)); err == nil {
+			l2.Close()
+			return port
+		}
+	}
+	t.Fatal("no free pair of loopback ports")
+	return 0
+}
+
+// startDevServer starts `vault server -dev` with the plugin directory set.
+func startDevServer(t *testing.T, secrets *secretSet) *vaultServer {
+	t.Helper()
+	dir := t.TempDir()
+	port := freePort(t)
+	cfg := fmt.Sprintf("plugin_directory = %q\n", suite.pluginDir)
+	writeFile(t, filepath.Join(dir, "plugins.hcl"), cfg)
+	v := &vaultServer{dir: dir, addr: fmt.Sprintf("http://127.0.0.1:%d", port), rootToken: "root", secrets: secrets}
+	v.start(t, "server", "-dev", "-dev-root-token-id=root", fmt.Sprintf("-dev-listen-address=127.0.0.1:%d", port),
+		"-config="+filepath.Join(dir, "plugins.hcl"), "-log-level=trace")
+	v.waitReady(t)
+	return v
+}
+
+// startFileServer starts a server with file storage in dir, so that it can be
+// stopped and started again over the same data. The caller initialises or
+// unseals it.
+func startFileServer(t *testing.T, dir string, port int, secrets *secretSet) *vaultServer {
+	t.Helper()
+	cfg := fmt.Sprintf(`
+storage "file" { path = %q }
+listener "tcp" {
+  address         = "127.0.0.1:%d"
+  cluster_address = "127.0.0.1:%d"
+  tls_disable     = true
+}
+api_addr         = "http://127.0.0.1:%d"
+cluster_addr     = "http://127.0.0.1:%d"
+plugin_directory = %q
+disable_mlock    = true
+log_level        = "trace"
+`, filepath.Join(dir, "data"), port, port+1, port, port+1, suite.pluginDir)
+	writeFile(t, filepath.Join(dir, "server.hcl"), cfg)
+	v := &vaultServer{dir: dir, addr: fmt.Sprintf("http://127.0.0.1:%d", port), secrets: secrets}
+	v.start(t, "server", "-config="+filepath.Join(dir, "server.hcl"))
+	v.waitReady(t)
+	return v
+}
+
+func (v *vaultServer) start(t *testing.T, args ...string) {
+	t.Helper()
+	v.logPath = filepath.Join(v.dir, fmt.Sprintf("vault-%d.log", time.Now().UnixNano()))
+	logFile, err := os.Create(v.logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(suite.vaultBin, args...)
+	cmd.Env = baseEnv()
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start vault: %v", err)
+	}
+	v.cmd = cmd
+	v.done = make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		logFile.Close()
+		close(v.done)
+	}()
+	t.Cleanup(v.stop)
+}
+
+// stop ends the server and its plugin processes.
+func (v *vaultServer) stop() {
+	if v.cmd == nil {
+		return
+	}
+	_ = syscall.Kill(-v.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-v.done:
+	case <-time.After(20 * time.Second):
+		_ = syscall.Kill(-v.cmd.Process.Pid, syscall.SIGKILL)
+		<-v.done
+	}
+	v.cmd = nil
+}
+
+// waitReady polls sys/health until the server answers (sealed or not).
+func (v *vaultServer) waitReady(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case <-v.done:
+			t.Fatalf("vault exited early; log:\n%s", v.secrets.redact(v.log()))
+		default:
+		}
+		resp, err := http.Get(v.addr + "/v1/sys/health?sealedcode=200&uninitcode=200")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("vault at %s not ready; log:\n%s", v.addr, v.secrets.redact(v.log()))
+}
+
+func (v *vaultServer) log() string {
+	b, _ := os.ReadFile(v.logPath)
+	return string(b)
+}
+
+// baseEnv is the environment for vault processes: the test's own, without
+// any VAULT_ variable that could point the CLI elsewhere.
+func baseEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "VAULT_") {
+			env = append(env, kv)
+		}
+	}
+	return env
+}
+
+// cliResult is one vault CLI run.
+type cliResult struct {
+	stdout, stderr string
+	code           int
+}
+
+// vault runs the CLI against this server with a token.
+func (v *vaultServer) vault(t *testing.T, token string, args ...string) cliResult {
+	t.Helper()
+	return v.run(t, "table", token, args...)
+}
+
+func (v *vaultServer) run(t *testing.T, format, token string, args ...string) cliResult {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, suite.vaultBin, args...)
+	cmd.Env = append(baseEnv(), "VAULT_ADDR="+v.addr, "VAULT_TOKEN="+token, "VAULT_FORMAT="+format, "HOME="+v.dir)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	res := cliResult{stdout: stdout.String(), stderr: stderr.String()}
+	if exitErr, ok := err.(*exec.ExitError); ok {
+		res.code = exitErr.ExitCode()
+	} else if err != nil {
+		t.Fatalf("run vault %s: %v", v.secrets.redact(strings.Join(args, " ")), err)
+	}
+	return res
+}
+
+// mustVault runs the CLI and fails the test unless it succeeds.
+func (v *vaultServer) mustVault(t *testing.T, token string, args ...string) string {
+	t.Helper()
+	return v.mustRun(t, "table", token, args...)
+}
+
+func (v *vaultServer) mustRun(t *testing.T, format, token string, args ...string) string {
+	t.Helper()
+	res := v.run(t, format, token, args...)
+	if res.code != 0 {
+		t.Fatalf("vault %s: exit %d\n%s", v.secrets.redact(strings.Join(args, " ")), res.code, v.secrets.redact(res.stderr+res.stdout))
+	}
+	return res.stdout
+}
+
+// mustVaultJSON runs the CLI with VAULT_FORMAT=json and decodes its output.
+func (v *vaultServer) mustVaultJSON(t *testing.T, token string, args ...string) map[string]any {
+	t.Helper()
+	out := v.mustRun(t, "json", token, args...)
+	var decoded map[string]any
+	if err := json.Unmarshal([]byte(out), &decoded); err != nil {
+		t.Fatalf("decode vault %s output: %v", args[0], err)
+	}
+	return decoded
+}
+
+// api calls Vault's HTTP API as a provisioning tool would.
+func (v *vaultServer) api(t *testing.T, token, method, path string, body any) (int, map[string]any) {
+	t.Helper()
+	var reader io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		reader = bytes.NewReader(b)
+	}
+	req, err := http.NewRequest(method, v.addr+"/v1/"+path, reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("X-Vault-Token", token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var decoded map[string]any
+	if len(raw) > 0 {
+		if err := json.Unmarshal(raw, &decoded); err != nil {
+			t.Fatalf("%s %s: decode %d answer: %v", method, path, resp.StatusCode, err)
+		}
+	}
+	return resp.StatusCode, decoded
+}
+
+// mountEngine registers the plugin by SHA-256, enables it at
+// cloudflare-ipsec/ and configures it against the simulator.
+func (v *vaultServer) mountEngine(t *testing.T, baseURL, apiToken string) {
+	t.Helper()
+	v.mustVault(t, v.rootToken, "plugin", "register", "-sha256="+suite.pluginSHA, "secret", pluginName)
+	v.mustVault(t, v.rootToken, "secrets", "enable", "-path=cloudflare-ipsec", pluginName)
+	v.mustVault(t, v.rootToken, "write", "cloudflare-ipsec/config", "api_token="+apiToken, "base_url="+baseURL, "request_timeout=5s")
+}
+
+// assertNoSecretsIn fails if any secret occurs in text; what names the text.
+func assertNoSecretsIn(t *testing.T, secrets *secretSet, what, text string) {
+	t.Helper()
+	all := secrets.all()
+	if len(all) == 0 {
+		t.Fatalf("no secrets to look for in %s: the check would prove nothing", what)
+	}
+	for _, s := range all {
+		if s != "" && strings.Contains(text, s) {
+			t.Errorf("a secret (%d characters) appears in %s", len(s), what)
+		}
+	}
+}
+
+// assertNoDataRace fails if the race detector reported anything in the
+// server's log (the plugin's stderr reaches it).
+func assertNoDataRace(t *testing.T, log string) {
+	t.Helper()
+	if strings.Contains(log, "WARNING: DATA RACE") {
+		t.Error("the race detector reported a data race in the plugin; see the server log")
+	}
+}
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func field(t *testing.T, secret map[string]any, name string) any {
+	t.Helper()
+	data, ok := secret["data"].(map[string]any)
+	if !ok {
+		t.Fatalf("response has no data")
+	}
+	return data[name]
+}
+
