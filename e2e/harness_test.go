@@ -411,4 +411,3 @@ func field(t *testing.T, secret map[string]any, name string) any {
 	}
 	return data[name]
 }
-

@@ -74,9 +74,9 @@ type Server struct {
 	calls    map[Operation]int
 	// issued is every secret the simulator made: token values and keys,
 	// including the throwaway keys of validate_only answers.
-	issued   []string
-	mux      *http.ServeMux
-	now      func() time.Time
+	issued []string
+	mux    *http.ServeMux
+	now    func() time.Time
 }
 
 // New returns an empty simulator.
