@@ -5,29 +5,21 @@
 package main
 
 import (
-	"encoding/json"
 	"flag"
 	"fmt"
 	"log"
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"time"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
 )
 
-// seed is what the dev script needs to configure the engine.
-type seed struct {
-	BaseURL  string              `json:"base_url"`
-	APIToken string              `json:"api_token"`
-	TokenID  string              `json:"token_id"`
-	Tunnels  map[string][]string `json:"tunnels"` // account id -> tunnel ids
-}
-
 func main() {
 	listen := flag.String("listen", "127.0.0.1:8787", "loopback address to serve on")
-	seedFile := flag.String("seed-file", "cloudflare-sim.json", "where to write the seeded token and tunnel ids")
+	seedFile := flag.String("seed-file", "cloudflare-sim.env", "where to write the seeded token and tunnel ids, as shell variables")
 	accounts := flag.Int("accounts", 1, "accounts to create")
 	tunnels := flag.Int("tunnels", 3, "tunnels to create in each account")
 	flag.Parse()
@@ -43,26 +35,21 @@ func main() {
 
 	sim := cloudflaresim.New()
 	token := sim.AddToken(cloudflaresim.Token{ExpiresOn: time.Now().AddDate(1, 0, 0).UTC().Truncate(time.Second)})
-	s := seed{
-		BaseURL:  "http://" + ln.Addr().String() + cloudflaresim.BasePath,
-		APIToken: token.Value,
-		TokenID:  token.ID,
-		Tunnels:  map[string][]string{},
-	}
+	baseURL := "http://" + ln.Addr().String() + cloudflaresim.BasePath
+	var env strings.Builder
+	fmt.Fprintf(&env, "CF_SIM_BASE_URL=%s\nCF_SIM_API_TOKEN=%s\nCF_SIM_TOKEN_ID=%s\n", baseURL, token.Value, token.ID)
 	for a := 0; a < *accounts; a++ {
 		account := cloudflaresim.NewID()
+		var ids []string
 		for i := 0; i < *tunnels; i++ {
-			t := sim.AddTunnel(account, cloudflaresim.Tunnel{Name: fmt.Sprintf("IPsec_%d", i+1)})
-			s.Tunnels[account] = append(s.Tunnels[account], t.ID)
+			ids = append(ids, sim.AddTunnel(account, cloudflaresim.Tunnel{Name: fmt.Sprintf("IPsec_%d", i+1)}).ID)
 		}
+		fmt.Fprintf(&env, "CF_SIM_ACCOUNT_%d=%s\nCF_SIM_TUNNELS_%d=\"%s\"\n", a+1, account, a+1, strings.Join(ids, " "))
 	}
-	out, err := json.MarshalIndent(s, "", "  ")
-	if err != nil {
-		log.Fatal(err)
-	}
-	if err := os.WriteFile(*seedFile, append(out, '\n'), 0o600); err != nil {
+	// Values are hex and letters only, so the file is safe to source.
+	if err := os.WriteFile(*seedFile, []byte(env.String()), 0o600); err != nil {
 		log.Fatalf("cloudflare-sim: write seed file: %v", err)
 	}
-	log.Printf("cloudflare-sim: serving %s (token id %s, seed in %s)", s.BaseURL, token.ID, *seedFile)
+	log.Printf("cloudflare-sim: serving %s (token id %s, seed in %s)", baseURL, token.ID, *seedFile)
 	log.Fatal(http.Serve(ln, sim))
 }

@@ -1,0 +1,43 @@
+# The two commands a newcomer needs: `make dev` and `make test`.
+
+PLUGIN      := vault-plugin-secrets-cloudflare-ipsec
+VERSION     ?= v0.1.0-dev
+LDFLAGS     := -X main.version=$(VERSION)
+GO_TEST     := go test -race -count=1 -timeout 30m
+
+.PHONY: build sim vault dev test test-unit test-e2e vet fmt clean
+
+## build: the plugin binary, into bin/plugins/ (Vault's plugin directory for make dev)
+build:
+	go build -trimpath -ldflags "$(LDFLAGS)" -o bin/plugins/$(PLUGIN) .
+
+## sim: the Cloudflare API simulator that make dev runs
+sim:
+	go build -o bin/cloudflare-sim ./cmd/cloudflare-sim
+
+## vault: the Vault v1.21.0 server, built once from Vault's own module
+vault:
+	scripts/build-vault.sh
+
+## dev: a Vault dev server with the plugin mounted against the simulator
+dev: build sim vault
+	scripts/dev.sh
+
+## test: every test, unit and end-to-end, under the race detector
+test: vault
+	$(GO_TEST) ./...
+
+test-unit:
+	$(GO_TEST) $$(go list ./... | grep -v /e2e)
+
+test-e2e: vault
+	$(GO_TEST) ./e2e/...
+
+vet:
+	go vet ./...
+
+fmt:
+	gofmt -w .
+
+clean:
+	rm -rf bin

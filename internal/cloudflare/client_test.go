@@ -1,0 +1,225 @@
+package cloudflare
+
+import (
+	"context"
+	"errors"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+)
+
+type fixture struct {
+	sim     *cloudflaresim.Server
+	client  *Client
+	baseURL string
+	token   cloudflaresim.Token
+	account string
+	tunnel  string
+}
+
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	sim := cloudflaresim.New()
+	srv := httptest.NewServer(sim)
+	t.Cleanup(srv.Close)
+	token := sim.AddToken(cloudflaresim.Token{})
+	baseURL := srv.URL + cloudflaresim.BasePath
+	client, err := New(Config{APIToken: token.Value, BaseURL: baseURL, RequestTimeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	account := cloudflaresim.NewID()
+	return &fixture{sim: sim, client: client, baseURL: baseURL, token: token, account: account,
+		tunnel: sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID}
+}
+
+func TestGeneratePSKReturnsTheEdgesKey(t *testing.T) {
+	f := newFixture(t)
+	got, err := f.client.GeneratePSK(context.Background(), f.account, f.tunnel, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	edge, _ := f.sim.Tunnel(f.account, f.tunnel)
+	if got.PSK != edge.PSK || !got.LastGeneratedOn.Equal(edge.PSKGeneratedOn) || got.TunnelID != f.tunnel {
+		t.Fatalf("GeneratePSK = tunnel %s at %s, edge has tunnel %s at %s (keys equal: %v)",
+			got.TunnelID, got.LastGeneratedOn, f.tunnel, edge.PSKGeneratedOn, got.PSK == edge.PSK)
+	}
+}
+
+func TestValidateOnlyDropsTheAnswersKey(t *testing.T) {
+	f := newFixture(t)
+	got, err := f.client.GeneratePSK(context.Background(), f.account, f.tunnel, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.PSK != "" {
+		t.Error("a validate_only answer's key was passed on")
+	}
+	if edge, _ := f.sim.Tunnel(f.account, f.tunnel); len(edge.GeneratedPSKs) != 0 {
+		t.Error("validate_only changed the edge")
+	}
+}
+
+// TestNothingIsReadFromTheEnvironment sets the variables the SDK's NewClient
+// would read; the client must ignore them.
+func TestNothingIsReadFromTheEnvironment(t *testing.T) {
+	t.Setenv("CLOUDFLARE_API_TOKEN", "env-token-that-must-not-be-used")
+	t.Setenv("CLOUDFLARE_BASE_URL", "http://127.0.0.1:1/client/v4")
+	f := newFixture(t)
+	if _, err := f.client.VerifyToken(context.Background(), ""); err != nil {
+		t.Fatalf("the client used the environment: %v", err)
+	}
+}
+
+func TestErrorsAreTypedAndCarryCloudflaresDetail(t *testing.T) {
+	const leaked = "LEAKEDLEAKEDLEAKEDLEAKEDLEAKED12"
+	cases := []struct {
+		name  string
+		fault cloudflaresim.Fault
+		check func(t *testing.T, err error)
+	}{
+		{"4xx refusal", cloudflaresim.Fault{Status: 403, Errors: []cloudflaresim.Message{{Code: 10000, Message: "Authentication error"}}},
+			func(t *testing.T, err error) {
+				var e *APIError
+				if !errors.As(err, &e) || e.HTTPStatus != 403 || !e.Rejected() || e.Errors[0].Code != 10000 || e.Op != OpGeneratePSK {
+					t.Fatalf("err = %#v", err)
+				}
+			}},
+		{"rate limit", cloudflaresim.Fault{Status: 429, RetryAfter: 300},
+			func(t *testing.T, err error) {
+				var e *APIError
+				if !errors.As(err, &e) || !e.RateLimited() || e.Rejected() || e.RetryAfter != 5*time.Minute || e.Errors[0].Code != 971 {
+					t.Fatalf("err = %#v", err)
+				}
+			}},
+		{"5xx", cloudflaresim.Fault{Status: 502},
+			func(t *testing.T, err error) {
+				var e *APIError
+				if !errors.As(err, &e) || e.HTTPStatus != 502 || e.Rejected() {
+					t.Fatalf("err = %#v", err)
+				}
+			}},
+		{"success false under 200", cloudflaresim.Fault{SuccessFalse: true, Errors: []cloudflaresim.Message{{Code: 1015, Message: "busy"}}},
+			func(t *testing.T, err error) {
+				var e *APIError
+				if !errors.As(err, &e) || e.HTTPStatus != 200 || e.Rejected() || !strings.Contains(err.Error(), `"success": false`) {
+					t.Fatalf("err = %#v", err)
+				}
+			}},
+		{"cut-off body holding a key", cloudflaresim.Fault{Body: `{"success":true,"errors":[],"messages":[],"result":{"psk":"` + leaked},
+			func(t *testing.T, err error) {
+				var e *MalformedResponseError
+				if !errors.As(err, &e) {
+					t.Fatalf("err = %#v", err)
+				}
+			}},
+		{"key of the wrong type", cloudflaresim.Fault{Body: `{"success":true,"errors":[],"messages":[],"result":{"psk":["` + leaked + `"]}}`},
+			func(t *testing.T, err error) {
+				var e *MalformedResponseError
+				if !errors.As(err, &e) {
+					t.Fatalf("err = %#v", err)
+				}
+			}},
+		{"answer for another tunnel", cloudflaresim.Fault{Body: `{"success":true,"errors":[],"messages":[],"result":{"ipsec_tunnel_id":"00000000000000000000000000000000","psk":"` + leaked + `","psk_metadata":{"last_generated_on":"2026-01-01T00:00:00Z"}}}`},
+			func(t *testing.T, err error) {
+				var e *MalformedResponseError
+				if !errors.As(err, &e) || !strings.Contains(err.Error(), "not") {
+					t.Fatalf("err = %#v", err)
+				}
+			}},
+		{"error body that is not JSON", cloudflaresim.Fault{Status: 500, Body: "<html>" + leaked + "</html>"},
+			func(t *testing.T, err error) {
+				var e *APIError
+				if !errors.As(err, &e) || e.HTTPStatus != 500 || len(e.Errors) != 0 {
+					t.Fatalf("err = %#v", err)
+				}
+			}},
+		{"timeout", cloudflaresim.Fault{Delay: 3 * time.Second},
+			func(t *testing.T, err error) {
+				var e *TransportError
+				if !errors.As(err, &e) || !e.Timeout() {
+					t.Fatalf("err = %#v", err)
+				}
+			}},
+		{"hang-up", cloudflaresim.Fault{Hangup: true},
+			func(t *testing.T, err error) {
+				var e *TransportError
+				if !errors.As(err, &e) || e.Timeout() {
+					t.Fatalf("err = %#v", err)
+				}
+			}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t)
+			f.sim.FailNext(cloudflaresim.OpPSKGenerate, tc.fault)
+			_, err := f.client.GeneratePSK(context.Background(), f.account, f.tunnel, false)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			tc.check(t, err)
+			if msg := err.Error(); strings.Contains(msg, leaked) || strings.Contains(msg, f.token.Value) {
+				t.Error("the error quotes a secret")
+			}
+			if n := f.sim.Calls(cloudflaresim.OpPSKGenerate); n != 1 {
+				t.Errorf("psk_generate was sent %d times; it must never be retried", n)
+			}
+		})
+	}
+}
+
+func TestVerifyTokenRetriesOnlyWhatIsSafe(t *testing.T) {
+	cases := []struct {
+		name      string
+		faults    []cloudflaresim.Fault
+		wantErr   bool
+		wantCalls int
+	}{
+		{"two 5xx then success", []cloudflaresim.Fault{{Status: 503}, {Status: 500}}, false, 3},
+		{"three 5xx", []cloudflaresim.Fault{{Status: 503}, {Status: 503}, {Status: 503}}, true, 3},
+		{"hang-up then success", []cloudflaresim.Fault{{Hangup: true}}, false, 2},
+		{"rate limited", []cloudflaresim.Fault{{Status: 429, RetryAfter: 300}}, true, 1},
+		{"refused", []cloudflaresim.Fault{{Status: 403, Errors: []cloudflaresim.Message{{Code: 9109, Message: "Invalid access token"}}}}, true, 1},
+		{"malformed", []cloudflaresim.Fault{{Body: "{"}}, true, 1},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t)
+			for _, fault := range tc.faults {
+				f.sim.FailNext(cloudflaresim.OpUserTokenVerify, fault)
+			}
+			status, err := f.client.VerifyToken(context.Background(), "")
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("err = %v, want error: %v", err, tc.wantErr)
+			}
+			if err == nil && (status.ID != f.token.ID || !status.Active()) {
+				t.Errorf("status = %+v", status)
+			}
+			if n := f.sim.Calls(cloudflaresim.OpUserTokenVerify); n != tc.wantCalls {
+				t.Errorf("calls = %d, want %d", n, tc.wantCalls)
+			}
+		})
+	}
+}
+
+func TestVerifyAccountOwnedToken(t *testing.T) {
+	f := newFixture(t)
+	owned := f.sim.AddToken(cloudflaresim.Token{OwnerAccount: f.account, Status: "disabled"})
+	client, err := New(Config{APIToken: owned.Value, BaseURL: f.baseURL, RequestTimeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	status, err := client.VerifyToken(context.Background(), f.account)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if status.ID != owned.ID || status.Active() || status.Status != "disabled" {
+		t.Errorf("status = %+v", status)
+	}
+	if f.sim.Calls(cloudflaresim.OpAccountTokenVerify) != 1 {
+		t.Error("the account endpoint was not used")
+	}
+}
