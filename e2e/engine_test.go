@@ -191,6 +191,42 @@ func TestEngineOnDevServer(t *testing.T) {
 		}
 	})
 
+	t.Run("rate limit and timeout reach the caller as 429 and 504", func(t *testing.T) {
+		sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 429, RetryAfter: 300})
+		res := v.vault(t, root, "write", "-f", psk(account, tunnels[0]))
+		for _, want := range []string{"Code: 429", "HTTP 429", "code 971", "retry after 5m0s"} {
+			if !strings.Contains(res.stderr, want) {
+				t.Errorf("stderr does not say %q:\n%s", want, secrets.redact(res.stderr))
+			}
+		}
+		// request_timeout is 5s (mountEngine); the simulator holds its answer longer.
+		sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Delay: 8 * time.Second})
+		start := time.Now()
+		res = v.vault(t, root, "write", "-f", psk(account, tunnels[0]))
+		if !strings.Contains(res.stderr, "Code: 504") || !strings.Contains(res.stderr, "deadline exceeded") {
+			t.Errorf("stderr:\n%s", secrets.redact(res.stderr))
+		}
+		if waited := time.Since(start); waited > 7*time.Second {
+			t.Errorf("the request took %s; request_timeout is 5s", waited)
+		}
+	})
+
+	t.Run("an account-owned token is verified at its account", func(t *testing.T) {
+		owned := sim.AddToken(cloudflaresim.Token{OwnerAccount: account})
+		calls := sim.Calls(cloudflaresim.OpAccountTokenVerify)
+		v.mustVault(t, root, "write", "cloudflare-ipsec/config", "api_token="+owned.Value, "token_account_id="+strings.ToUpper(account))
+		cfg := v.mustVaultJSON(t, root, "read", "cloudflare-ipsec/config")
+		if field(t, cfg, "token_id") != owned.ID || field(t, cfg, "token_account_id") != account {
+			t.Errorf("config = %v", cfg["data"])
+		}
+		if sim.Calls(cloudflaresim.OpAccountTokenVerify) != calls+1 {
+			t.Error("the account's verify endpoint was not called")
+		}
+		v.mustVault(t, root, "write", "-f", psk(account, tunnels[0]))
+		// Back to the user token for the rest of the suite.
+		v.mustVault(t, root, "write", "cloudflare-ipsec/config", "api_token="+token.Value, "token_account_id=")
+	})
+
 	t.Run("policies separate who rotates from who reads", func(t *testing.T) {
 		operatorPolicy, err := os.ReadFile(filepath.Join("..", "docs", "policies", "operator.hcl"))
 		if err != nil {
@@ -264,6 +300,26 @@ func TestEngineOnDevServer(t *testing.T) {
 		if after.PSK != before.PSK || sim.TotalCalls() != calls {
 			t.Error("delete touched the tunnel at Cloudflare")
 		}
+	})
+
+	t.Run("deleting config stops rotation but keeps stored keys readable", func(t *testing.T) {
+		v.mustVault(t, root, "delete", "cloudflare-ipsec/config")
+		if res := v.vault(t, root, "read", "cloudflare-ipsec/config"); res.code != 2 {
+			t.Errorf("config read after delete: exit %d, want 2", res.code)
+		}
+		calls := sim.TotalCalls()
+		res := v.vault(t, root, "write", "-f", psk(account, tunnels[0]))
+		if !strings.Contains(res.stderr, "Code: 400") || !strings.Contains(res.stderr, "not configured") {
+			t.Errorf("rotation without config:\n%s", secrets.redact(res.stderr))
+		}
+		if sim.TotalCalls() != calls {
+			t.Error("Cloudflare was called without config")
+		}
+		read := v.mustVaultJSON(t, root, "read", psk(account, tunnels[0]))
+		if field(t, read, "psk") != edgeKey(account, tunnels[0]) {
+			t.Error("the stored key is gone or stale after config was deleted")
+		}
+		v.mustVault(t, root, "write", "cloudflare-ipsec/config", "api_token="+token.Value, "base_url="+baseURL, "request_timeout=5s")
 	})
 
 	t.Run("path help and the generated OpenAPI cover every path", func(t *testing.T) {
