@@ -5,10 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/consts"
 	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -33,10 +36,16 @@ type backend struct {
 	// replaced a moment later.
 	tunnelLocks []*locksutil.LockEntry
 
-	// clientMu guards client, the Cloudflare client built from config. It is
-	// dropped whenever config changes (here or, on a standby, by Invalidate).
+	// clientMu guards client, the Cloudflare client built from config, and
+	// config itself. Both are dropped whenever config changes (here or, on a
+	// standby, by Invalidate).
 	clientMu sync.RWMutex
 	client   *cloudflare.Client
+	config   *configRecord
+
+	// now is the clock; tests move it to pass settle windows and rate-limit
+	// blocks without sleeping.
+	now func() time.Time
 }
 
 // Factory is the plugin's logical.Factory.
@@ -49,7 +58,7 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 }
 
 func newBackend() *backend {
-	b := &backend{tunnelLocks: locksutil.CreateLocks()}
+	b := &backend{tunnelLocks: locksutil.CreateLocks(), now: time.Now}
 	b.Backend = &framework.Backend{
 		Help:        strings.TrimSpace(backendHelp),
 		BackendType: logical.TypeLogical,
@@ -62,6 +71,7 @@ func newBackend() *backend {
 			pathMetadata(b),
 		),
 		Invalidate:     b.invalidate,
+		PeriodicFunc:   b.reconcileUnresolved,
 		RunningVersion: version,
 	}
 	return b
@@ -76,17 +86,17 @@ func (b *backend) invalidate(_ context.Context, key string) {
 func (b *backend) resetClient() {
 	b.clientMu.Lock()
 	defer b.clientMu.Unlock()
-	b.client = nil
+	b.client, b.config = nil, nil
 }
 
-// cloudflareClient returns the cached client, building it from config on
-// first use.
-func (b *backend) cloudflareClient(ctx context.Context, s logical.Storage) (*cloudflare.Client, error) {
+// cloudflareClient returns the cached client and the config it was built
+// from, building both on first use.
+func (b *backend) cloudflareClient(ctx context.Context, s logical.Storage) (*cloudflare.Client, *configRecord, error) {
 	b.clientMu.RLock()
-	client := b.client
+	client, cfg := b.client, b.config
 	b.clientMu.RUnlock()
 	if client != nil {
-		return client, nil
+		return client, cfg, nil
 	}
 
 	// Config is read under the write lock so that a config write, which
@@ -95,30 +105,61 @@ func (b *backend) cloudflareClient(ctx context.Context, s logical.Storage) (*clo
 	b.clientMu.Lock()
 	defer b.clientMu.Unlock()
 	if b.client != nil {
-		return b.client, nil
+		return b.client, b.config, nil
 	}
 	cfg, err := readConfig(ctx, s)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if cfg == nil {
-		return nil, errNotConfigured
+		return nil, nil, errNotConfigured
 	}
-	client, err = newCloudflareClient(cfg)
+	client, err = b.newCloudflareClient(cfg)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	b.client = client
-	return client, nil
+	b.client, b.config = client, cfg
+	return client, cfg, nil
 }
 
-func newCloudflareClient(cfg *configRecord) (*cloudflare.Client, error) {
+func (b *backend) newCloudflareClient(cfg *configRecord) (*cloudflare.Client, error) {
 	return cloudflare.New(cloudflare.Config{
 		APIToken:       cfg.APIToken,
 		BaseURL:        cfg.BaseURL,
 		RequestTimeout: cfg.RequestTimeout,
 		UserAgent:      "vault-plugin-secrets-cloudflare-ipsec/" + version,
+		Now:            b.now,
 	})
+}
+
+// mayWrite reports whether this node may change storage: not a performance
+// standby or secondary, where storage is read-only and writes are forwarded.
+func (b *backend) mayWrite() bool {
+	state := b.System().ReplicationState()
+	return !state.HasState(consts.ReplicationPerformanceStandby | consts.ReplicationPerformanceSecondary)
+}
+
+// rejectUnknownFields refuses a write that names a field the path does not
+// take: a mistyped option must not be silently ignored on a path that
+// rotates keys.
+func rejectUnknownFields(req *logical.Request, d *framework.FieldData) *logical.Response {
+	var unknown []string
+	for name := range req.Data {
+		if _, ok := d.Schema[name]; !ok {
+			unknown = append(unknown, name)
+		}
+	}
+	if len(unknown) == 0 {
+		return nil
+	}
+	var known []string
+	for name := range d.Schema {
+		known = append(known, name)
+	}
+	sort.Strings(unknown)
+	sort.Strings(known)
+	return logical.ErrorResponse(fmt.Sprintf("unknown field(s) %s: this path takes %s",
+		strings.Join(unknown, ", "), strings.Join(known, ", ")))
 }
 
 // cloudflareFailure turns an error from a Cloudflare call into what the Vault
@@ -137,6 +178,10 @@ func cloudflareFailure(subject string, err error) (*logical.Response, error) {
 			return logical.ErrorResponse(msg), nil
 		}
 		return nil, logical.CodedError(http.StatusBadGateway, msg)
+	}
+	var blocked *cloudflare.BlockedError
+	if errors.As(err, &blocked) {
+		return nil, logical.CodedError(http.StatusTooManyRequests, msg)
 	}
 	var transportErr *cloudflare.TransportError
 	if errors.As(err, &transportErr) && transportErr.Timeout() {

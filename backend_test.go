@@ -30,6 +30,26 @@ type testEnv struct {
 	account string
 	tunnel  cloudflaresim.Tunnel
 	logs    *syncBuffer
+	clock   *testClock
+}
+
+// testClock is the backend's clock in tests: real time plus an offset that a
+// test moves forward to pass settle windows and rate-limit blocks.
+type testClock struct {
+	mu     sync.Mutex
+	offset time.Duration
+}
+
+func (c *testClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return time.Now().Add(c.offset)
+}
+
+func (c *testClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.offset += d
 }
 
 // syncBuffer collects the backend's log lines; the logger writes from many
@@ -64,6 +84,8 @@ func newTestEnv(t *testing.T) *testEnv {
 	conf.StorageView = &logical.InmemStorage{}
 	conf.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: logs})
 	b := newBackend()
+	clock := &testClock{}
+	b.now = clock.Now
 	if err := b.Setup(context.Background(), conf); err != nil {
 		t.Fatal(err)
 	}
@@ -78,6 +100,7 @@ func newTestEnv(t *testing.T) *testEnv {
 		account: account,
 		tunnel:  sim.AddTunnel(account, cloudflaresim.Tunnel{}),
 		logs:    logs,
+		clock:   clock,
 	}
 	t.Cleanup(env.assertNoSecretsLogged)
 	return env
@@ -568,6 +591,9 @@ func TestCloudflareFailuresAreReportedAndStoreNothing(t *testing.T) {
 		path       func(e *testEnv) string
 		wantStatus int
 		want       []string
+		// unknown: Cloudflare may have generated a key, so the record must
+		// say rotation_unknown instead of staying as it was.
+		unknown bool
 	}{
 		{name: "unknown tunnel", path: func(e *testEnv) string { return "psk/" + e.account + "/" + cloudflaresim.NewID() },
 			wantStatus: 400, want: []string{"cloudflare generate psk", "HTTP 404", "code 1002", "ipsec tunnel not found"}},
@@ -580,19 +606,19 @@ func TestCloudflareFailuresAreReportedAndStoreNothing(t *testing.T) {
 		{name: "rate limited", fault: &cloudflaresim.Fault{Status: 429, RetryAfter: 300},
 			wantStatus: 429, want: []string{"HTTP 429", "code 971", "retry after 5m0s"}},
 		{name: "server error", fault: &cloudflaresim.Fault{Status: 503, Errors: []cloudflaresim.Message{{Code: 1000, Message: "service unavailable"}}},
-			wantStatus: 502, want: []string{"HTTP 503", "code 1000", "service unavailable"}},
+			wantStatus: 502, want: []string{"HTTP 503", "code 1000", "service unavailable"}, unknown: true},
 		{name: "success false under 200", fault: &cloudflaresim.Fault{SuccessFalse: true, Errors: []cloudflaresim.Message{{Code: 1015, Message: "tunnel is being modified"}}},
-			wantStatus: 502, want: []string{`HTTP 200 with "success": false`, "code 1015"}},
+			wantStatus: 502, want: []string{`HTTP 200 with "success": false`, "code 1015"}, unknown: true},
 		{name: "malformed body", fault: &cloudflaresim.Fault{Body: `{"success": true, "result": {"psk": "abc`},
-			wantStatus: 502, want: []string{"malformed answer", "not a JSON envelope"}},
+			wantStatus: 502, want: []string{"malformed answer", "not a JSON envelope"}, unknown: true},
 		{name: "envelope without success", fault: &cloudflaresim.Fault{Body: `{"result": {}}`},
-			wantStatus: 502, want: []string{"malformed answer", `no "success" field`}},
+			wantStatus: 502, want: []string{"malformed answer", `no "success" field`}, unknown: true},
 		{name: "success without a key", fault: &cloudflaresim.Fault{Body: `{"success": true, "errors": [], "messages": [], "result": {}}`},
-			wantStatus: 502, want: []string{"malformed answer", "has no psk"}},
+			wantStatus: 502, want: []string{"malformed answer", "has no psk"}, unknown: true},
 		{name: "hangs past the timeout", fault: &cloudflaresim.Fault{Delay: 5 * time.Second},
-			wantStatus: 504, want: []string{"cloudflare generate psk", "deadline exceeded"}},
+			wantStatus: 504, want: []string{"cloudflare generate psk", "deadline exceeded"}, unknown: true},
 		{name: "connection dropped", fault: &cloudflaresim.Fault{Hangup: true},
-			wantStatus: 502, want: []string{"cloudflare generate psk", "EOF"}},
+			wantStatus: 502, want: []string{"cloudflare generate psk", "EOF"}, unknown: true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -624,8 +650,18 @@ func TestCloudflareFailuresAreReportedAndStoreNothing(t *testing.T) {
 			if strings.Contains(msg, env.token.Value) {
 				t.Error("the error contains the API token")
 			}
-			if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
-				t.Error("a failed rotation changed storage")
+			if !tc.unknown {
+				if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
+					t.Error("a refused rotation changed storage")
+				}
+				return
+			}
+			if !strings.Contains(msg, "outcome is unknown") {
+				t.Errorf("error %q does not say the outcome is unknown", msg)
+			}
+			meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+			if meta.Data["state"] != stateRotationUnknown || meta.Data["version"] != 1 {
+				t.Errorf("after an unknown outcome metadata says state %v version %v", meta.Data["state"], meta.Data["version"])
 			}
 		})
 	}
@@ -724,13 +760,17 @@ func TestConcurrentRotationsLeaveVaultWithTheEdgesKey(t *testing.T) {
 			defer wg.Done()
 			for j := 0; j < readsEach; j++ {
 				resp, err := env.request(logical.ReadOperation, env.pskPath(), nil)
+				if (resp == nil && err == nil) || httpStatus(resp, err) == http.StatusNotFound {
+					continue // the first key is not stored yet
+				}
 				if err != nil {
 					errs <- err.Error()
 					continue
 				}
-				if resp != nil {
-					seen <- resp.Data["psk"].(string)
+				if state := resp.Data["state"]; state != stateCurrent && len(resp.Warnings) == 0 {
+					errs <- fmt.Sprintf("state %v without a warning", state)
 				}
+				seen <- resp.Data["psk"].(string)
 			}
 		}()
 	}

@@ -18,6 +18,8 @@ const (
 	configStorageKey      = "config"
 	defaultRequestTimeout = 30 * time.Second
 	maxRequestTimeout     = 5 * time.Minute
+	maxTokenLength        = 256
+	maxBaseURLLength      = 2048
 )
 
 // configRecord is the engine's configuration as stored. APIToken never
@@ -27,6 +29,9 @@ type configRecord struct {
 	BaseURL        string        `json:"base_url"`
 	RequestTimeout time.Duration `json:"request_timeout"`
 	TokenAccountID string        `json:"token_account_id,omitempty"`
+	// HealStalePSK lets reconciliation generate a new key when it finds that
+	// Cloudflare's key is not the stored one.
+	HealStalePSK bool `json:"heal_stale_psk"`
 
 	// What Cloudflare's token-verify endpoint said when config was written.
 	TokenID        string    `json:"token_id"`
@@ -74,6 +79,14 @@ func pathConfig(b *backend) *framework.Path {
 				Default:     int(defaultRequestTimeout.Seconds()),
 				DisplayAttrs: &framework.DisplayAttributes{
 					Name: "Request timeout",
+				},
+			},
+			"heal_stale_psk": {
+				Type:        framework.TypeBool,
+				Description: "When reconciliation finds that Cloudflare holds a key Vault does not, generate and store a new one at once. The tunnel is down until both sides share a key, so waiting for a person only prolongs the outage.",
+				Default:     true,
+				DisplayAttrs: &framework.DisplayAttributes{
+					Name: "Heal stale PSKs",
 				},
 			},
 			"token_account_id": {
@@ -128,6 +141,7 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 		"base_url":          cfg.BaseURL,
 		"request_timeout":   int(cfg.RequestTimeout.Seconds()),
 		"token_account_id":  cfg.TokenAccountID,
+		"heal_stale_psk":    cfg.HealStalePSK,
 		"token_id":          cfg.TokenID,
 		"token_status":      cfg.TokenStatus,
 		"token_expires_on":  formatTime(cfg.TokenExpiresOn),
@@ -142,13 +156,16 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 		return nil, err
 	}
 	if cfg == nil {
-		cfg = &configRecord{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: defaultRequestTimeout}
+		cfg = &configRecord{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: defaultRequestTimeout, HealStalePSK: true}
+	}
+	if resp := rejectUnknownFields(req, d); resp != nil {
+		return resp, nil
 	}
 	if problem := applyConfigFields(cfg, d); problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
 
-	client, err := newCloudflareClient(cfg)
+	client, err := b.newCloudflareClient(cfg)
 	if err != nil {
 		return logical.ErrorResponse(err.Error()), nil
 	}
@@ -173,7 +190,7 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	if err := req.Storage.Put(ctx, entry); err != nil {
 		return nil, fmt.Errorf("store config: %w", err)
 	}
-	b.client = nil
+	b.client, b.config = nil, nil
 	b.Logger().Info("config written", "token_id", cfg.TokenID, "base_url", cfg.BaseURL)
 	return nil, nil
 }
@@ -186,6 +203,14 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	}
 	if cfg.APIToken == "" {
 		return "api_token is required"
+	}
+	// Cloudflare's tokens are 40 to 80 printable characters; the value is
+	// never repeated, only what is wrong with it.
+	if len(cfg.APIToken) > maxTokenLength || strings.ContainsFunc(cfg.APIToken, func(r rune) bool { return r <= ' ' || r > '~' }) {
+		return fmt.Sprintf("api_token must be at most %d printable ASCII characters without spaces", maxTokenLength)
+	}
+	if v, ok := d.GetOk("heal_stale_psk"); ok {
+		cfg.HealStalePSK = v.(bool)
 	}
 	if v, ok := d.GetOk("base_url"); ok {
 		cfg.BaseURL = strings.TrimRight(strings.TrimSpace(v.(string)), "/")
@@ -214,6 +239,9 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 // checkBaseURL accepts https URLs, and http only for a loopback host: a
 // token sent in clear text must not leave the machine.
 func checkBaseURL(raw string) string {
+	if len(raw) > maxBaseURLLength {
+		return fmt.Sprintf("base_url must be at most %d characters", maxBaseURLLength)
+	}
 	u, err := url.Parse(raw)
 	if err != nil || u.Host == "" {
 		return fmt.Sprintf("base_url %q is not an absolute URL", raw)
@@ -247,7 +275,7 @@ func (b *backend) deleteConfig(ctx context.Context, req *logical.Request, _ *fra
 	if err := req.Storage.Delete(ctx, configStorageKey); err != nil {
 		return nil, fmt.Errorf("delete config: %w", err)
 	}
-	b.client = nil
+	b.client, b.config = nil, nil
 	return nil, nil
 }
 
@@ -274,6 +302,13 @@ settings.
 
 Reading config returns the settings and what the last verify said (token id,
 status, expiry, when it was checked). It never returns the token.
+
+heal_stale_psk (default true) decides what reconciliation does when it finds
+that Cloudflare generated a key after the one Vault stored (a rotation whose
+answer was lost): generate a new key at once and store it, or mark the tunnel
+stale and wait for an operator. The tunnel cannot come up until the router
+and Cloudflare share a key, and the key Cloudflare holds is lost for good, so
+healing at once is the default.
 
 Deleting config removes the token; PSKs already stored stay readable, but no
 tunnel can be rotated until config is written again.

@@ -35,11 +35,11 @@ func (b *backend) readMetadata(ctx context.Context, req *logical.Request, d *fra
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	rec, err := readPSKRecord(ctx, req.Storage, t)
+	rec, warnings, err := b.readResolving(ctx, req.Storage, t)
 	if err != nil || rec == nil {
 		return nil, err
 	}
-	return &logical.Response{Data: rec.metadata()}, nil
+	return &logical.Response{Data: rec.metadata(), Warnings: warnings}, nil
 }
 
 const pathMetadataHelpSynopsis = `Read the metadata of a tunnel's stored PSK, without the PSK.`

@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"time"
+	"net/http"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 )
 
 // Path segments are matched loosely and checked in the handlers, so that a
@@ -141,26 +143,94 @@ func (b *backend) readPSK(ctx context.Context, req *logical.Request, d *framewor
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	rec, err := readPSKRecord(ctx, req.Storage, t)
+	rec, warnings, err := b.readResolving(ctx, req.Storage, t)
 	if err != nil || rec == nil {
 		return nil, err
 	}
+	if rec.PSK == "" {
+		return nil, logical.CodedError(http.StatusNotFound, fmt.Sprintf(
+			"no psk is stored for %s: its first rotation has an unknown outcome (%s); write this path to generate one", t, rec.StateReason))
+	}
 	data := rec.metadata()
 	data["psk"] = rec.PSK
-	return &logical.Response{Data: data}, nil
+	return &logical.Response{Data: data, Warnings: warnings}, nil
+}
+
+// readResolving reads a tunnel's record and, when it is not current and
+// this node may write, reconciles it first, so that a reader is handed the
+// edge's key whenever Cloudflare can tell which that is. A reader never waits
+// for a rotation in flight: it gets the record as it stands, with a warning.
+func (b *backend) readResolving(ctx context.Context, s logical.Storage, t tunnelRef) (*pskRecord, []string, error) {
+	rec, err := readPSKRecord(ctx, s, t)
+	if err != nil || rec == nil || rec.current() {
+		return rec, nil, err
+	}
+	var problems []string
+	if b.mayWrite() {
+		rec, problems = b.tryReconcile(ctx, s, t, rec)
+		if rec == nil {
+			return nil, nil, nil
+		}
+	}
+	return rec, append(problems, stateWarnings(rec)...), nil
+}
+
+func (b *backend) tryReconcile(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord) (*pskRecord, []string) {
+	lock := lockFor(b, t)
+	if !lock.TryLock() {
+		return rec, []string{"a rotation of this tunnel is in progress"}
+	}
+	defer lock.Unlock()
+	client, cfg, err := b.cloudflareClient(ctx, s)
+	if err != nil {
+		return rec, []string{fmt.Sprintf("could not reconcile with Cloudflare: %v", err)}
+	}
+	// Re-read under the lock: a rotation may have finished since.
+	latest, err := readPSKRecord(ctx, s, t)
+	if err != nil {
+		return rec, []string{err.Error()}
+	}
+	if latest == nil || latest.current() {
+		return latest, nil
+	}
+	resolved, err := b.reconcileLocked(ctx, s, client, cfg, t, latest, cfg.HealStalePSK)
+	if err != nil {
+		if resolved == nil {
+			resolved = latest
+		}
+		return resolved, []string{fmt.Sprintf("could not reconcile with Cloudflare: %v", err)}
+	}
+	return resolved, nil
+}
+
+// stateWarnings tells a reader what a record's state means and what to do.
+func stateWarnings(rec *pskRecord) []string {
+	switch rec.state() {
+	case stateRotationUnknown:
+		return []string{fmt.Sprintf("state %s: %s. This key may no longer be the one Cloudflare uses. "+
+			"The engine reconciles with Cloudflare on the next read or write and in the background; write this path to generate and store a new key now.",
+			stateRotationUnknown, rec.StateReason)}
+	case stateStale:
+		return []string{fmt.Sprintf("state %s: %s. The tunnel cannot come up until both sides share a new key: write this path to generate and store one.",
+			stateStale, rec.StateReason)}
+	}
+	return nil
 }
 
 // rotateTunnel asks Cloudflare for a new PSK and stores it. The tunnel's lock
 // is held from before the call until the key is stored, so concurrent
 // rotations of one tunnel leave Vault with the key Cloudflare generated last.
 func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	if resp := rejectUnknownFields(req, d); resp != nil {
+		return resp, nil
+	}
 	t, problem := tunnelFromRequest(d)
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
 	validateOnly := d.Get("validate_only").(bool)
 
-	client, err := b.cloudflareClient(ctx, req.Storage)
+	client, cfg, err := b.cloudflareClient(ctx, req.Storage)
 	if errors.Is(err, errNotConfigured) {
 		return logical.ErrorResponse(err.Error()), nil
 	}
@@ -168,15 +238,10 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 		return nil, err
 	}
 
-	lock := locksutil.LockForKey(b.tunnelLocks, t.storageKey())
-	lock.Lock()
-	defer lock.Unlock()
-
-	generated, err := client.GeneratePSK(ctx, t.AccountID, t.TunnelID, validateOnly)
-	if err != nil {
-		return cloudflareFailure("generate psk for "+t.String(), err)
-	}
 	if validateOnly {
+		if _, err := client.GeneratePSK(ctx, t.AccountID, t.TunnelID, true); err != nil {
+			return cloudflareFailure("validate psk generation for "+t.String(), err)
+		}
 		return &logical.Response{Data: map[string]any{
 			"account_id":    t.AccountID,
 			"tunnel_id":     t.TunnelID,
@@ -185,26 +250,36 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 		}}, nil
 	}
 
-	previous, err := readPSKRecord(ctx, req.Storage, t)
+	lock := lockFor(b, t)
+	lock.Lock()
+	defer lock.Unlock()
+
+	rec, err := readPSKRecord(ctx, req.Storage, t)
 	if err != nil {
-		return nil, fmt.Errorf("cloudflare generated a new psk for %s, but the engine could not read its record to store it: %w", t, err)
+		return nil, err
 	}
-	rec := &pskRecord{
-		AccountID:       t.AccountID,
-		TunnelID:        t.TunnelID,
-		PSK:             generated.PSK,
-		LastGeneratedOn: generated.LastGeneratedOn.UTC(),
-		Version:         1,
-		StoredAt:        time.Now().UTC(),
+	if rec != nil && !rec.current() {
+		// A psk_generate after an unknown outcome is sent only once
+		// Cloudflare has told what became of the last one: this write is the
+		// operator's, so it does not heal (it rotates anyway), but it must
+		// not act on a guess.
+		rec, err = b.reconcileLocked(ctx, req.Storage, client, cfg, t, rec, false)
+		if err != nil {
+			return cloudflareFailure("learn the outcome of the last rotation of "+t.String(), err)
+		}
 	}
-	if previous != nil {
-		rec.Version = previous.Version + 1
+	rotated, err := b.rotateLocked(ctx, req.Storage, client, t, rec)
+	if err != nil {
+		var cfErr cloudflare.Error
+		if !errors.As(err, &cfErr) {
+			return nil, err
+		}
+		if !notGenerated(err) {
+			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, stateRotationUnknown)
+		}
+		return cloudflareFailure("generate psk for "+t.String(), err)
 	}
-	if err := writePSKRecord(ctx, req.Storage, t, rec); err != nil {
-		return nil, fmt.Errorf("cloudflare generated a new psk for %s, but the engine could not store it; write the path again to rotate once more: %w", t, err)
-	}
-	b.Logger().Info("psk rotated", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "version", rec.Version)
-	return &logical.Response{Data: rec.metadata()}, nil
+	return &logical.Response{Data: rotated.metadata()}, nil
 }
 
 func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
@@ -212,14 +287,19 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	lock := locksutil.LockForKey(b.tunnelLocks, t.storageKey())
+	lock := lockFor(b, t)
 	lock.Lock()
 	defer lock.Unlock()
-	if err := req.Storage.Delete(ctx, t.storageKey()); err != nil {
-		return nil, fmt.Errorf("delete psk record for %s: %w", t, err)
+	if err := forgetPSKRecord(ctx, req.Storage, t); err != nil {
+		return nil, err
 	}
 	b.Logger().Info("psk forgotten", "account_id", t.AccountID, "tunnel_id", t.TunnelID)
 	return nil, nil
+}
+
+// lockFor is t's entry in the backend's striped tunnel locks.
+func lockFor(b *backend, t tunnelRef) *locksutil.LockEntry {
+	return locksutil.LockForKey(b.tunnelLocks, t.storageKey())
 }
 
 func (b *backend) listAccounts(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {

@@ -14,26 +14,63 @@ import (
 // that listing an account is one storage List and reading a tunnel is one Get.
 const pskStoragePrefix = "psk/"
 
-// pskRecord is a tunnel's PSK as stored in Vault.
+// unresolvedPrefix indexes the tunnels whose record is not current.
+const unresolvedPrefix = "unresolved/"
+
+// Rotation states of a pskRecord (see rotation.go).
+const (
+	// stateCurrent: the stored key is the one Cloudflare's edge uses.
+	stateCurrent = "current"
+	// stateRotationUnknown: a rotation started and its outcome is not known;
+	// the edge may already use a key Vault does not hold.
+	stateRotationUnknown = "rotation_unknown"
+	// stateStale: Cloudflare generated a key after the stored one, so the
+	// stored key is not the edge's.
+	stateStale = "stale"
+)
+
+// pskRecord is a tunnel's PSK as stored in Vault, with its rotation state.
+// The state lives in the same entry as the key so that a read is one
+// storage Get.
 type pskRecord struct {
 	AccountID string `json:"account_id"`
 	TunnelID  string `json:"tunnel_id"`
-	PSK       string `json:"psk"`
+	// PSK is empty only while the tunnel's first rotation is unresolved.
+	PSK string `json:"psk"`
 	// LastGeneratedOn is Cloudflare's psk_metadata.last_generated_on for PSK.
 	LastGeneratedOn time.Time `json:"last_generated_on"`
 	// Version counts rotations stored by this engine, from 1.
 	Version  int       `json:"version"`
 	StoredAt time.Time `json:"stored_at"`
+
+	State       string `json:"state"`
+	StateReason string `json:"state_reason,omitempty"`
+	// RotationStartedAt is when the unresolved rotation began.
+	RotationStartedAt time.Time `json:"rotation_started_at"`
+}
+
+// current reports whether the stored key is known to be the edge's. Records
+// written before states existed have none and were stored after success.
+func (r *pskRecord) current() bool { return r.State == stateCurrent || r.State == "" }
+
+func (r *pskRecord) state() string {
+	if r.State == "" {
+		return stateCurrent
+	}
+	return r.State
 }
 
 // metadata is everything a read returns except the key itself.
 func (r *pskRecord) metadata() map[string]any {
 	return map[string]any{
-		"account_id":        r.AccountID,
-		"tunnel_id":         r.TunnelID,
-		"last_generated_on": formatTime(r.LastGeneratedOn),
-		"version":           r.Version,
-		"stored_at":         formatTime(r.StoredAt),
+		"account_id":          r.AccountID,
+		"tunnel_id":           r.TunnelID,
+		"last_generated_on":   formatTime(r.LastGeneratedOn),
+		"version":             r.Version,
+		"stored_at":           formatTime(r.StoredAt),
+		"state":               r.state(),
+		"state_reason":        r.StateReason,
+		"rotation_started_at": formatTime(r.RotationStartedAt),
 	}
 }
 
@@ -45,6 +82,14 @@ type tunnelRef struct {
 
 func (t tunnelRef) storageKey() string {
 	return pskStoragePrefix + t.AccountID + "/" + t.TunnelID
+}
+
+// unresolvedKey marks a tunnel whose record is not current, so background
+// reconciliation lists the few unresolved tunnels instead of reading every
+// record. The marker is written before the record leaves current and removed
+// after it returns, so it may outlive the state, never the reverse.
+func (t tunnelRef) unresolvedKey() string {
+	return unresolvedPrefix + t.AccountID + "/" + t.TunnelID
 }
 
 func (t tunnelRef) String() string {
@@ -73,6 +118,28 @@ func writePSKRecord(ctx context.Context, s logical.Storage, t tunnelRef, rec *ps
 	}
 	if err := s.Put(ctx, entry); err != nil {
 		return fmt.Errorf("store psk record for %s: %w", t, err)
+	}
+	return nil
+}
+
+// forgetPSKRecord removes a tunnel's record and its unresolved marker.
+func forgetPSKRecord(ctx context.Context, s logical.Storage, t tunnelRef) error {
+	if err := s.Delete(ctx, t.storageKey()); err != nil {
+		return fmt.Errorf("delete psk record for %s: %w", t, err)
+	}
+	return clearUnresolved(ctx, s, t)
+}
+
+func markUnresolved(ctx context.Context, s logical.Storage, t tunnelRef) error {
+	if err := s.Put(ctx, &logical.StorageEntry{Key: t.unresolvedKey()}); err != nil {
+		return fmt.Errorf("mark %s unresolved: %w", t, err)
+	}
+	return nil
+}
+
+func clearUnresolved(ctx context.Context, s logical.Storage, t tunnelRef) error {
+	if err := s.Delete(ctx, t.unresolvedKey()); err != nil {
+		return fmt.Errorf("clear unresolved mark of %s: %w", t, err)
 	}
 	return nil
 }

@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/cloudflare/cloudflare-go/v6/accounts"
@@ -38,11 +39,18 @@ type Config struct {
 	HTTPClient *http.Client
 	// UserAgent is sent with every request.
 	UserAgent string
+	// Now is the clock for rate-limit blocks; time.Now when nil.
+	Now func() time.Time
 }
 
-// Client calls Cloudflare. It is safe for concurrent use.
+// Client calls Cloudflare. It is safe for concurrent use. One Client serves
+// one API token, whose rate limit it tracks: Cloudflare counts requests per
+// token and, past the limit, refuses every call from that token for a while.
 type Client struct {
 	timeout       time.Duration
+	now           func() time.Time
+	blockMu       sync.Mutex
+	blockedUntil  time.Time
 	tunnels       *magic_transit.IPSECTunnelService
 	userTokens    *user.TokenService
 	accountTokens *accounts.TokenService
@@ -78,8 +86,13 @@ func New(cfg Config) (*Client, error) {
 	if cfg.UserAgent != "" {
 		opts = append(opts, option.WithHeader("User-Agent", cfg.UserAgent))
 	}
+	now := cfg.Now
+	if now == nil {
+		now = time.Now
+	}
 	return &Client{
 		timeout:       cfg.RequestTimeout,
+		now:           now,
 		tunnels:       magic_transit.NewIPSECTunnelService(opts...),
 		userTokens:    user.NewTokenService(opts...),
 		accountTokens: accounts.NewTokenService(opts...),
@@ -99,6 +112,9 @@ type GeneratedPSK struct {
 // With validateOnly Cloudflare checks the request and changes nothing; any
 // key in that answer is not in use and is dropped.
 func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, validateOnly bool) (*GeneratedPSK, error) {
+	if err := c.checkBlock(OpGeneratePSK); err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 
@@ -111,7 +127,7 @@ func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, va
 	setField(&params.AccountID.Value, &params.AccountID.Present, accountID)
 	res, err := c.tunnels.PSKGenerate(ctx, tunnelID, params, opts...)
 	if err != nil {
-		return nil, describe(OpGeneratePSK, err)
+		return nil, c.describe(OpGeneratePSK, err)
 	}
 	if validateOnly {
 		return &GeneratedPSK{TunnelID: tunnelID, LastGeneratedOn: res.PSKMetadata.LastGeneratedOn}, nil
@@ -142,6 +158,9 @@ func (t *TokenStatus) Active() bool { return t.Status == "active" }
 // VerifyToken asks Cloudflare about the client's own token. accountID selects
 // the account-owned token endpoint; empty means a user token.
 func (c *Client) VerifyToken(ctx context.Context, accountID string) (*TokenStatus, error) {
+	if err := c.checkBlock(OpVerifyToken); err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 
@@ -165,12 +184,47 @@ func (c *Client) VerifyToken(ctx context.Context, accountID string) (*TokenStatu
 		return nil
 	})
 	if err != nil {
-		return nil, describe(OpVerifyToken, err)
+		return nil, c.describe(OpVerifyToken, err)
 	}
 	if status.ID == "" || status.Status == "" {
 		return nil, &MalformedResponseError{Op: OpVerifyToken, Reason: "the answer has no token id or status"}
 	}
 	return status, nil
+}
+
+// TunnelState is what Cloudflare's tunnel record says of a tunnel's key.
+type TunnelState struct {
+	ID   string
+	Name string
+	// PSKLastGeneratedOn is zero when no key was ever generated.
+	PSKLastGeneratedOn time.Time
+}
+
+// GetTunnel reads one tunnel's record. It is a read, so it is retried on a
+// missing answer or a 5xx (see retryIdempotent).
+func (c *Client) GetTunnel(ctx context.Context, accountID, tunnelID string) (*TunnelState, error) {
+	if err := c.checkBlock(OpGetTunnel); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+
+	var params magic_transit.IPSECTunnelGetParams
+	setField(&params.AccountID.Value, &params.AccountID.Present, accountID)
+	var res *magic_transit.IPSECTunnelGetResponse
+	err := retryIdempotent(ctx, func() error {
+		var err error
+		res, err = c.tunnels.Get(ctx, tunnelID, params)
+		return err
+	})
+	if err != nil {
+		return nil, c.describe(OpGetTunnel, err)
+	}
+	t := res.IPSECTunnel
+	if !strings.EqualFold(t.ID, tunnelID) {
+		return nil, &MalformedResponseError{Op: OpGetTunnel, Reason: fmt.Sprintf("the answer is for tunnel %q, not %q", t.ID, tunnelID)}
+	}
+	return &TunnelState{ID: strings.ToLower(t.ID), Name: t.Name, PSKLastGeneratedOn: t.PSKMetadata.LastGeneratedOn}, nil
 }
 
 // setField fills one of the SDK's param.Field values. The SDK's constructor for

@@ -21,7 +21,20 @@ type Op string
 const (
 	OpGeneratePSK Op = "generate psk"
 	OpVerifyToken Op = "verify token"
+	OpGetTunnel   Op = "get tunnel"
 )
+
+// Error is implemented by every error a Client call returns, so a caller can
+// tell Cloudflare's failures from its own.
+type Error interface {
+	error
+	CloudflareOp() Op
+}
+
+func (e *APIError) CloudflareOp() Op               { return e.Op }
+func (e *MalformedResponseError) CloudflareOp() Op { return e.Op }
+func (e *TransportError) CloudflareOp() Op         { return e.Op }
+func (e *BlockedError) CloudflareOp() Op           { return e.Op }
 
 // maxResponseBytes bounds what is read of one answer. Cloudflare's answers
 // for these operations are a few hundred bytes.
@@ -164,8 +177,50 @@ func parseRetryAfter(v string) time.Duration {
 	return 0
 }
 
-// describe gives every error that leaves this package the operation's name
-// and one of this package's types.
+// BlockedError is a call that was not sent because Cloudflare's rate limit
+// still blocks the token: another request would only extend the block.
+type BlockedError struct {
+	Op         Op
+	RetryAfter time.Duration
+}
+
+func (e *BlockedError) Error() string {
+	return fmt.Sprintf("cloudflare %s: not sent: Cloudflare's rate limit blocks this API token for another %s", e.Op, e.RetryAfter.Round(time.Second))
+}
+
+// defaultBlock is how long Cloudflare blocks a token that went over its
+// limit, used when a 429 carries no Retry-After.
+const defaultBlock = 5 * time.Minute
+
+// checkBlock fails fast while Cloudflare's rate limit blocks the token.
+func (c *Client) checkBlock(op Op) error {
+	c.blockMu.Lock()
+	defer c.blockMu.Unlock()
+	if left := c.blockedUntil.Sub(c.now()); left > 0 {
+		return &BlockedError{Op: op, RetryAfter: left}
+	}
+	return nil
+}
+
+// describe gives every error that leaves the client the operation's name and
+// one of this package's types, and notes a rate-limit block.
+func (c *Client) describe(op Op, err error) error {
+	err = describe(op, err)
+	var apiErr *APIError
+	if errors.As(err, &apiErr) && apiErr.RateLimited() {
+		block := apiErr.RetryAfter
+		if block <= 0 {
+			block = defaultBlock
+		}
+		c.blockMu.Lock()
+		if until := c.now().Add(block); until.After(c.blockedUntil) {
+			c.blockedUntil = until
+		}
+		c.blockMu.Unlock()
+	}
+	return err
+}
+
 func describe(op Op, err error) error {
 	var apiErr *APIError
 	if errors.As(err, &apiErr) {

@@ -22,7 +22,8 @@ type Fault struct {
 	// Delay holds the answer back, or until the caller gives up.
 	Delay time.Duration
 	// AfterCommit first does what the request asked (a psk_generate rotates
-	// the edge's key), then fails: the answer is lost, the change is not.
+	// the edge's key), then plays the rest of the fault (delay included):
+	// the answer is lost, the change is not.
 	AfterCommit bool
 	// Hangup closes the connection without any answer.
 	Hangup bool
@@ -37,17 +38,17 @@ func (s *Server) FailNext(op Operation, f Fault) {
 }
 
 func (s *Server) applyFault(w http.ResponseWriter, r *http.Request, op Operation, f Fault, h func(http.ResponseWriter, *http.Request)) {
+	if f.AfterCommit {
+		// Run the real operation against a throwaway writer so that the edge
+		// changes, then answer with the fault.
+		h(discardWriter{header: http.Header{}}, r)
+	}
 	if f.Delay > 0 {
 		select {
 		case <-r.Context().Done():
 			return
 		case <-time.After(f.Delay):
 		}
-	}
-	if f.AfterCommit {
-		// Run the real operation against a throwaway writer so that the edge
-		// changes, then answer with the fault.
-		h(discardWriter{header: http.Header{}}, r)
 	}
 	if f.Hangup {
 		if hj, ok := w.(http.Hijacker); ok {

@@ -1,0 +1,344 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+)
+
+// failingStorage wraps a logical.Storage and fails the Puts that failPut
+// picks, to play a storage error at a chosen moment of a rotation.
+type failingStorage struct {
+	logical.Storage
+	mu      sync.Mutex
+	failPut func(entry *logical.StorageEntry) bool
+}
+
+func (f *failingStorage) Put(ctx context.Context, entry *logical.StorageEntry) error {
+	f.mu.Lock()
+	fail := f.failPut != nil && f.failPut(entry)
+	f.mu.Unlock()
+	if fail {
+		return errors.New("injected storage failure")
+	}
+	return f.Storage.Put(ctx, entry)
+}
+
+func (f *failingStorage) setFailPut(fn func(*logical.StorageEntry) bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.failPut = fn
+}
+
+// storesCurrentKey matches the Put that stores a freshly generated key.
+func storesCurrentKey(entry *logical.StorageEntry) bool {
+	return strings.HasPrefix(entry.Key, pskStoragePrefix) && strings.Contains(string(entry.Value), `"state":"current"`)
+}
+
+// assertHonest is the guarantee after any fault: Vault either holds exactly
+// the edge's key in state current, or says that it does not (a state other
+// than current, with a warning). It never serves a key the edge never had.
+func assertHonest(t *testing.T, env *testEnv) {
+	t.Helper()
+	for _, path := range []string{env.pskPath(), env.metaPath()} {
+		resp, err := env.request(logical.ReadOperation, path, nil)
+		if resp == nil && err == nil {
+			continue // nothing stored: nothing claimed
+		}
+		if httpStatus(resp, err) == http.StatusNotFound {
+			if !strings.Contains(errorText(resp, err), stateRotationUnknown) && !strings.Contains(errorText(resp, err), "unknown outcome") {
+				t.Errorf("%s: 404 that does not say why: %s", path, errorText(resp, err))
+			}
+			continue
+		}
+		if err != nil || resp.IsError() {
+			t.Fatalf("%s: %s", path, errorText(resp, err))
+		}
+		edge := env.edge()
+		state := resp.Data["state"]
+		if state == stateCurrent {
+			if path == env.pskPath() && resp.Data["psk"] != edge.PSK {
+				t.Errorf("%s: state current but the key is not the edge's", path)
+			}
+			if resp.Data["last_generated_on"] != edge.PSKGeneratedOn.Format(time.RFC3339Nano) {
+				t.Errorf("%s: state current but last_generated_on %v is not the edge's", path, resp.Data["last_generated_on"])
+			}
+			continue
+		}
+		if len(resp.Warnings) == 0 {
+			t.Errorf("%s: state %v without a warning", path, state)
+		}
+		if psk, ok := resp.Data["psk"].(string); ok {
+			known := false
+			for _, k := range edge.GeneratedPSKs {
+				known = known || k == psk
+			}
+			if !known {
+				t.Errorf("%s: serves a key the edge never had", path)
+			}
+		}
+	}
+}
+
+// assertCurrent checks that Vault holds the edge's key in state current and
+// that nothing is left marked unresolved.
+func assertCurrent(t *testing.T, env *testEnv, when string) {
+	t.Helper()
+	resp := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	edge := env.edge()
+	if resp.Data["state"] != stateCurrent || resp.Data["psk"] != edge.PSK {
+		t.Fatalf("%s: state %v, key is the edge's: %v (%v)", when, resp.Data["state"], resp.Data["psk"] == edge.PSK, resp.Data["state_reason"])
+	}
+	if len(resp.Warnings) != 0 {
+		t.Errorf("%s: warnings on a current key: %v", when, resp.Warnings)
+	}
+	if keys, _ := env.storage.List(context.Background(), unresolvedPrefix); len(keys) != 0 {
+		t.Errorf("%s: tunnels still marked unresolved: %v", when, keys)
+	}
+}
+
+// runBackgroundPass moves the clock past every settle window and runs the
+// backend's periodic reconciliation, as Vault does every minute.
+func runBackgroundPass(t *testing.T, env *testEnv) {
+	t.Helper()
+	env.clock.Advance(time.Hour)
+	if err := env.b.reconcileUnresolved(context.Background(), &logical.Request{Storage: env.storage}); err != nil {
+		t.Fatalf("background reconciliation: %v", err)
+	}
+}
+
+// TestFaultsNeverLoseAKey plays every failure between "Cloudflare generated"
+// and "Vault stored" and checks the guarantee after each: Vault is honest at
+// once, background reconciliation brings it back to the edge's key, and the
+// next write always leaves it current.
+func TestFaultsNeverLoseAKey(t *testing.T) {
+	const timeout = time.Second
+	truncated := `{"success":true,"errors":[],"messages":[],"result":{"ipsec_tunnel_id":"`
+	cases := []struct {
+		name  string
+		fault cloudflaresim.Fault
+		// storageFails fails the Put that stores the generated key.
+		storageFails bool
+		wantStatus   int
+		// edgeChanges: whether Cloudflare's key changed in the faulted call.
+		edgeChanges bool
+	}{
+		{name: "5xx before commit", fault: cloudflaresim.Fault{Status: 500}, wantStatus: 502},
+		{name: "5xx after commit", fault: cloudflaresim.Fault{Status: 500, AfterCommit: true}, wantStatus: 502, edgeChanges: true},
+		{name: "hang past the timeout before commit", fault: cloudflaresim.Fault{Delay: 3 * timeout}, wantStatus: 504},
+		{name: "hang past the timeout after commit", fault: cloudflaresim.Fault{Delay: 3 * timeout, AfterCommit: true}, wantStatus: 504, edgeChanges: true},
+		{name: "malformed JSON after commit", fault: cloudflaresim.Fault{Body: "{not json", AfterCommit: true}, wantStatus: 502, edgeChanges: true},
+		{name: "success false under HTTP 200", fault: cloudflaresim.Fault{SuccessFalse: true}, wantStatus: 502},
+		{name: "success false under HTTP 200 after commit", fault: cloudflaresim.Fault{SuccessFalse: true, AfterCommit: true}, wantStatus: 502, edgeChanges: true},
+		{name: "truncated body after commit", fault: cloudflaresim.Fault{Body: truncated, AfterCommit: true}, wantStatus: 502, edgeChanges: true},
+		{name: "connection reset before commit", fault: cloudflaresim.Fault{Hangup: true}, wantStatus: 502},
+		{name: "connection reset after commit", fault: cloudflaresim.Fault{Hangup: true, AfterCommit: true}, wantStatus: 502, edgeChanges: true},
+		{name: "storage Put fails after the generate", storageFails: true, wantStatus: 500, edgeChanges: true},
+		{name: "refused by Cloudflare", fault: cloudflaresim.Fault{Status: 409, Errors: []cloudflaresim.Message{{Code: 1003, Message: "tunnel is being modified"}}}, wantStatus: 400},
+	}
+	for _, first := range []bool{false, true} {
+		for _, tc := range cases {
+			name := tc.name
+			if first {
+				name = "first rotation: " + name
+			}
+			t.Run(name, func(t *testing.T) {
+				env := newTestEnv(t)
+				storage := &failingStorage{Storage: env.storage}
+				env.storage = storage
+				env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+					"api_token": env.token.Value, "base_url": env.simURL, "request_timeout": int(timeout.Seconds()),
+				}))
+				if !first {
+					env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+				}
+				generationsBefore := len(env.edge().GeneratedPSKs)
+
+				if tc.storageFails {
+					storage.setFailPut(storesCurrentKey)
+				} else {
+					env.sim.FailNext(cloudflaresim.OpPSKGenerate, tc.fault)
+				}
+				resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+				storage.setFailPut(nil)
+				if got := httpStatus(resp, err); got != tc.wantStatus {
+					t.Fatalf("status = %d, want %d: %s", got, tc.wantStatus, errorText(resp, err))
+				}
+				if tc.storageFails && !strings.Contains(errorText(resp, err), "Vault could not store it") {
+					t.Errorf("storage failure error does not say Cloudflare holds an unstored key: %s", errorText(resp, err))
+				}
+				if changed := len(env.edge().GeneratedPSKs) > generationsBefore; changed != tc.edgeChanges {
+					t.Fatalf("edge changed = %v, the case says %v", changed, tc.edgeChanges)
+				}
+
+				assertHonest(t, env)
+				runBackgroundPass(t, env)
+				if first && !tc.edgeChanges {
+					// Nothing was ever generated: nothing may be stored.
+					if resp, err := env.request(logical.ReadOperation, env.pskPath(), nil); resp != nil || err != nil {
+						t.Fatalf("after a first rotation that never happened the tunnel still has a record: %v %v", resp, err)
+					}
+				} else {
+					assertCurrent(t, env, "after background reconciliation")
+				}
+
+				env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+				assertCurrent(t, env, "after the next write")
+			})
+		}
+	}
+}
+
+// TestReadReconcilesAndHealsAtOnce: after a lost answer whose rotation did
+// happen, the very next read learns it from Cloudflare, generates and stores
+// a new key, and hands that to the reader.
+func TestReadReconcilesAndHealsAtOnce(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Hangup: true, AfterCommit: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("the faulted rotation succeeded")
+	}
+	read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	if read.Data["state"] != stateCurrent || read.Data["psk"] != env.edge().PSK || read.Data["version"] != 2 {
+		t.Fatalf("read after a lost answer: state %v version %v, key is the edge's: %v",
+			read.Data["state"], read.Data["version"], read.Data["psk"] == env.edge().PSK)
+	}
+	if got := len(env.edge().GeneratedPSKs); got != 3 {
+		t.Errorf("edge generated %d keys, want 3 (rotation, lost rotation, heal)", got)
+	}
+}
+
+// TestUnchangedEdgeIsNotTrustedInsideTheSettleWindow: right after a timeout
+// Cloudflare may still be working on the abandoned request, so an unchanged
+// key proves nothing yet.
+func TestUnchangedEdgeIsNotTrustedInsideTheSettleWindow(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 502})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("the faulted rotation succeeded")
+	}
+	read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	if read.Data["state"] != stateRotationUnknown || len(read.Warnings) == 0 {
+		t.Fatalf("inside the settle window: state %v, warnings %v", read.Data["state"], read.Warnings)
+	}
+	if read.Data["psk"] != env.edge().PSK {
+		t.Fatal("the last known key is not served")
+	}
+	env.clock.Advance(time.Minute)
+	read = env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	if read.Data["state"] != stateCurrent || len(read.Warnings) != 0 {
+		t.Fatalf("after the settle window: state %v, warnings %v", read.Data["state"], read.Warnings)
+	}
+}
+
+// TestHealingOffLeavesTheTunnelStale: with heal_stale_psk=false the engine
+// says the key is stale and waits for an operator's write.
+func TestHealingOffLeavesTheTunnelStale(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"heal_stale_psk": false}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 500, AfterCommit: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("the faulted rotation succeeded")
+	}
+	runBackgroundPass(t, env)
+	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	if meta.Data["state"] != stateStale || len(meta.Warnings) == 0 || !strings.Contains(meta.Data["state_reason"].(string), "not the one the edge uses") {
+		t.Fatalf("state %v reason %v warnings %v", meta.Data["state"], meta.Data["state_reason"], meta.Warnings)
+	}
+	if got := len(env.edge().GeneratedPSKs); got != 2 {
+		t.Errorf("edge generated %d keys; with healing off it must stay 2", got)
+	}
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	assertCurrent(t, env, "after the operator's write")
+}
+
+// TestReconciliationSurvivesARestart: a new backend over the same storage (a
+// restarted plugin process) finds the unresolved rotation and heals it.
+func TestReconciliationSurvivesARestart(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Hangup: true, AfterCommit: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("the faulted rotation succeeded")
+	}
+
+	restarted := newBackend()
+	restarted.now = env.clock.Now
+	conf := logical.TestBackendConfig()
+	conf.StorageView = env.storage
+	conf.Logger = env.b.Logger()
+	if err := restarted.Setup(context.Background(), conf); err != nil {
+		t.Fatal(err)
+	}
+	env.b = restarted
+	runBackgroundPass(t, env)
+	assertCurrent(t, env, "after reconciliation in the restarted backend")
+}
+
+// TestRateLimitFailsFastUntilTheBlockEnds: a 429 is reported at once, not
+// retried, and later calls are refused without reaching Cloudflare until the
+// block Cloudflare announced has passed.
+func TestRateLimitFailsFastUntilTheBlockEnds(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	before := env.storageSnapshot()
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 429, RetryAfter: 300})
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if httpStatus(resp, err) != http.StatusTooManyRequests {
+		t.Fatalf("status = %d: %s", httpStatus(resp, err), errorText(resp, err))
+	}
+	if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Error("a rate-limited rotation changed storage")
+	}
+	calls := env.sim.TotalCalls()
+	env.clock.Advance(4 * time.Minute)
+	resp, err = env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if httpStatus(resp, err) != http.StatusTooManyRequests || !strings.Contains(errorText(resp, err), "for another 1m0s") {
+		t.Fatalf("inside the block: %d %s", httpStatus(resp, err), errorText(resp, err))
+	}
+	if env.sim.TotalCalls() != calls {
+		t.Fatal("a call was sent while Cloudflare's block lasted")
+	}
+	env.clock.Advance(61 * time.Second)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	assertCurrent(t, env, "after the block")
+}
+
+// TestReadersNeverWaitForARotationInFlight: while a rotation holds the
+// tunnel's lock, a read answers at once with the last known key and says
+// a rotation is in progress.
+func TestReadersNeverWaitForARotationInFlight(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Delay: 1500 * time.Millisecond})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, _ = env.request(logical.UpdateOperation, env.pskPath(), nil)
+	}()
+	deadline := time.Now().Add(5 * time.Second)
+	for env.sim.Calls(cloudflaresim.OpPSKGenerate) < 2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	start := time.Now()
+	read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	if waited := time.Since(start); waited > 500*time.Millisecond {
+		t.Errorf("the read waited %s for the rotation", waited)
+	}
+	if read.Data["state"] != stateRotationUnknown || !strings.Contains(strings.Join(read.Warnings, " "), "in progress") {
+		t.Errorf("state %v warnings %v", read.Data["state"], read.Warnings)
+	}
+	<-done
+}
