@@ -322,10 +322,14 @@ func (v *vaultServer) mustRun(t *testing.T, format, token string, args ...string
 // mustVaultJSON runs the CLI with VAULT_FORMAT=json and decodes its output.
 func (v *vaultServer) mustVaultJSON(t *testing.T, token string, args ...string) map[string]any {
 	t.Helper()
-	out := v.mustRun(t, "json", token, args...)
+	return decodeJSON(t, v.mustRun(t, "json", token, args...))
+}
+
+func decodeJSON(t *testing.T, out string) map[string]any {
+	t.Helper()
 	var decoded map[string]any
 	if err := json.Unmarshal([]byte(out), &decoded); err != nil {
-		t.Fatalf("decode vault %s output: %v", args[0], err)
+		t.Fatalf("decode vault output: %v", err)
 	}
 	return decoded
 }
@@ -410,4 +414,36 @@ func field(t *testing.T, secret map[string]any, name string) any {
 		t.Fatalf("response has no data")
 	}
 	return data[name]
+}
+
+// pluginPIDs returns the processes running this suite's plugin binary.
+func pluginPIDs(t *testing.T) []int {
+	t.Helper()
+	bin := filepath.Join(suite.pluginDir, pluginName)
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pids []int
+	for _, e := range entries {
+		var pid int
+		if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		if argv0, _, _ := strings.Cut(string(cmdline), "\x00"); argv0 == bin {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+func mkdir(t *testing.T, dir string) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
 }
