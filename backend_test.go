@@ -208,8 +208,13 @@ func (e *testEnv) must(resp *logical.Response, err error) *logical.Response {
 func httpStatus(resp *logical.Response, err error) int {
 	if err != nil {
 		var coded logical.HTTPCodedError
-		if errors.As(err, &coded) {
+		switch {
+		case errors.As(err, &coded):
 			return coded.Code()
+		case errors.Is(err, logical.ErrUnsupportedOperation):
+			return http.StatusMethodNotAllowed
+		case errors.Is(err, logical.ErrUnsupportedPath):
+			return http.StatusNotFound
 		}
 		return http.StatusInternalServerError
 	}

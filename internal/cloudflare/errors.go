@@ -136,30 +136,39 @@ func checkEnvelope(req *http.Request, next option.MiddlewareNext) (*http.Respons
 	if err != nil {
 		return nil, &MalformedResponseError{HTTPStatus: res.StatusCode, Reason: "the answer was cut off: " + err.Error()}
 	}
-	if len(body) > maxResponseBytes {
-		return nil, &MalformedResponseError{HTTPStatus: res.StatusCode, Reason: "the answer is larger than 1 MiB"}
-	}
-	var env envelope
-	decodeErr := json.Unmarshal(body, &env)
-	if res.StatusCode >= 400 {
-		apiErr := &APIError{HTTPStatus: res.StatusCode, RetryAfter: parseRetryAfter(res.Header.Get("Retry-After"))}
-		if decodeErr == nil {
-			apiErr.Errors = env.Errors
-		}
-		return nil, apiErr
-	}
-	if decodeErr != nil {
-		// encoding/json's messages name a character or a type, never a value.
-		return nil, &MalformedResponseError{HTTPStatus: res.StatusCode, Reason: "not a JSON envelope: " + decodeErr.Error()}
-	}
-	if env.Success == nil {
-		return nil, &MalformedResponseError{HTTPStatus: res.StatusCode, Reason: `the envelope has no "success" field`}
-	}
-	if !*env.Success {
-		return nil, &APIError{HTTPStatus: res.StatusCode, Errors: env.Errors}
+	if err := decodeEnvelope(res.StatusCode, res.Header, body); err != nil {
+		return nil, err
 	}
 	res.Body = io.NopCloser(bytes.NewReader(body))
 	return res, nil
+}
+
+// decodeEnvelope judges one answer: nil for a well-formed success, else an
+// *APIError or a *MalformedResponseError.
+func decodeEnvelope(status int, header http.Header, body []byte) error {
+	if len(body) > maxResponseBytes {
+		return &MalformedResponseError{HTTPStatus: status, Reason: "the answer is larger than 1 MiB"}
+	}
+	var env envelope
+	decodeErr := json.Unmarshal(body, &env)
+	if status >= 400 {
+		apiErr := &APIError{HTTPStatus: status, RetryAfter: parseRetryAfter(header.Get("Retry-After"))}
+		if decodeErr == nil {
+			apiErr.Errors = env.Errors
+		}
+		return apiErr
+	}
+	if decodeErr != nil {
+		// encoding/json's messages name a character or a type, never a value.
+		return &MalformedResponseError{HTTPStatus: status, Reason: "not a JSON envelope: " + decodeErr.Error()}
+	}
+	if env.Success == nil {
+		return &MalformedResponseError{HTTPStatus: status, Reason: `the envelope has no "success" field`}
+	}
+	if !*env.Success {
+		return &APIError{HTTPStatus: status, Errors: env.Errors}
+	}
+	return nil
 }
 
 func parseRetryAfter(v string) time.Duration {
