@@ -14,6 +14,7 @@ import (
 	"time"
 
 	hclog "github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/vault/sdk/helper/errutil"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
@@ -211,6 +212,8 @@ func httpStatus(resp *logical.Response, err error) int {
 		switch {
 		case errors.As(err, &coded):
 			return coded.Code()
+		case errors.As(err, new(errutil.UserError)):
+			return http.StatusBadRequest // Vault's answer to a failed existence-check validation
 		case errors.Is(err, logical.ErrUnsupportedOperation):
 			return http.StatusMethodNotAllowed
 		case errors.Is(err, logical.ErrUnsupportedPath):
@@ -852,5 +855,61 @@ func TestEveryPathHasHelp(t *testing.T) {
 				t.Errorf("%s %q is not forwarded to the active node", op, p.Pattern)
 			}
 		}
+	}
+}
+
+// TestBadFieldsAreRefusedBeforeCloudflare covers every writable field: each
+// bad value is a 400 that names the field, with no Cloudflare call and no
+// storage change. Bad identifiers have their own table above.
+func TestBadFieldsAreRefusedBeforeCloudflare(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	calls := env.sim.TotalCalls()
+	before := env.storageSnapshot()
+
+	cases := []struct {
+		name string
+		path string
+		data map[string]any
+		want string
+	}{
+		{"api_token too long", "config", map[string]any{"api_token": strings.Repeat("x", 300)}, "api_token must be at most 256 printable ASCII characters"},
+		{"api_token with a space", "config", map[string]any{"api_token": "abc def"}, "api_token must be at most 256 printable ASCII characters"},
+		{"api_token with a newline", "config", map[string]any{"api_token": "abc\ndef"}, "api_token must be at most 256 printable ASCII characters"},
+		{"api_token empty", "config", map[string]any{"api_token": ""}, "api_token is required"},
+		{"base_url empty", "config", map[string]any{"base_url": ""}, "base_url \"\" is not an absolute URL"},
+		{"base_url huge", "config", map[string]any{"base_url": "https://" + strings.Repeat("a", 3000)}, "base_url must be at most 2048 characters"},
+		{"base_url plain http to a private address", "config", map[string]any{"base_url": "http://10.0.0.1/client/v4"}, "plain http"},
+		{"base_url with a query", "config", map[string]any{"base_url": "https://api.cloudflare.com/client/v4?x=1"}, "must not carry credentials, a query or a fragment"},
+		{"request_timeout not a duration", "config", map[string]any{"request_timeout": "soon"}, "request_timeout"},
+		{"request_timeout negative", "config", map[string]any{"request_timeout": "-5s"}, `field "request_timeout": cannot provide negative value`},
+		{"request_timeout too long", "config", map[string]any{"request_timeout": "6m"}, "request_timeout must be between 1s and 5m0s"},
+		{"heal_stale_psk not a bool", "config", map[string]any{"heal_stale_psk": "maybe"}, "heal_stale_psk"},
+		{"token_account_id malformed", "config", map[string]any{"token_account_id": "../" + env.account}, "token_account_id must be a Cloudflare identifier"},
+		{"config: unknown field", "config", map[string]any{"api_tokn": "x"}, "unknown field(s) api_tokn: this path takes"},
+		{"psk: validate_only not a bool", env.pskPath(), map[string]any{"validate_only": "maybe"}, "validate_only"},
+		{"psk: a key of one's own", env.pskPath(), map[string]any{"psk": "chosen-by-hand"}, "unknown field(s) psk"},
+		{"psk: unknown field", env.pskPath(), map[string]any{"validateonly": true}, "unknown field(s) validateonly"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			resp, err := env.request(logical.UpdateOperation, tc.path, tc.data)
+			if got := httpStatus(resp, err); got != http.StatusBadRequest {
+				t.Fatalf("status = %d, want 400 (%s)", got, errorText(resp, err))
+			}
+			msg := errorText(resp, err)
+			if !strings.Contains(msg, tc.want) {
+				t.Errorf("error %q does not say %q", msg, tc.want)
+			}
+			if strings.Contains(msg, env.token.Value) {
+				t.Error("the error repeats the API token")
+			}
+		})
+	}
+	if n := env.sim.TotalCalls() - calls; n != 0 {
+		t.Errorf("bad fields reached Cloudflare %d times", n)
+	}
+	if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Error("bad fields changed storage")
 	}
 }
