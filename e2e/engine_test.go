@@ -199,7 +199,17 @@ func TestEngineOnDevServer(t *testing.T) {
 				t.Errorf("stderr does not say %q:\n%s", want, secrets.redact(res.stderr))
 			}
 		}
-		// request_timeout is 5s (mountEngine); the simulator holds its answer longer.
+		// While Cloudflare's block lasts, nothing more is sent.
+		calls := sim.TotalCalls()
+		res = v.vault(t, root, "write", "-f", psk(account, tunnels[0]))
+		if !strings.Contains(res.stderr, "Code: 429") || !strings.Contains(res.stderr, "not sent") || sim.TotalCalls() != calls {
+			t.Errorf("inside the block: calls %d, stderr:\n%s", sim.TotalCalls()-calls, secrets.redact(res.stderr))
+		}
+		// A config write builds a new client (the simulator does not hold a
+		// real block, so its token verify succeeds).
+		v.mustVault(t, root, "write", "cloudflare-ipsec/config", "request_timeout=5s")
+
+		// request_timeout is 5s; the simulator holds its answer longer.
 		sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Delay: 8 * time.Second})
 		start := time.Now()
 		res = v.vault(t, root, "write", "-f", psk(account, tunnels[0]))

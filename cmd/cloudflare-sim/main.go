@@ -5,6 +5,7 @@
 package main
 
 import (
+	"encoding/json"
 	"flag"
 	"fmt"
 	"log"
@@ -51,5 +52,32 @@ func main() {
 		log.Fatalf("cloudflare-sim: write seed file: %v", err)
 	}
 	log.Printf("cloudflare-sim: serving %s (token id %s, seed in %s)", baseURL, token.ID, *seedFile)
-	log.Fatal(http.Serve(ln, sim))
+	log.Fatal(http.Serve(ln, withControl(sim)))
+}
+
+// withControl adds one endpoint beside the API, so a person trying the
+// engine can make the simulator fail the next call of an operation:
+//
+//	curl -X POST 'http://127.0.0.1:8787/_sim/fail-next?op=psk_generate' \
+//	     -d '{"Status": 500, "AfterCommit": true}'
+//
+// The body is a cloudflaresim.Fault in JSON (Delay in nanoseconds).
+func withControl(sim *cloudflaresim.Server) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/", sim)
+	mux.HandleFunc("POST /_sim/fail-next", func(w http.ResponseWriter, r *http.Request) {
+		var f cloudflaresim.Fault
+		if err := json.NewDecoder(r.Body).Decode(&f); err != nil {
+			http.Error(w, "body must be a JSON Fault: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		op := cloudflaresim.Operation(r.URL.Query().Get("op"))
+		if op == "" {
+			http.Error(w, "op is required (psk_generate, tunnel_get, tunnel_list, user_token_verify, account_token_verify)", http.StatusBadRequest)
+			return
+		}
+		sim.FailNext(op, f)
+		w.WriteHeader(http.StatusNoContent)
+	})
+	return mux
 }
