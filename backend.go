@@ -43,6 +43,18 @@ type backend struct {
 	client   *cloudflare.Client
 	config   *configRecord
 
+	// budget counts every Cloudflare call the mount makes and caps them per
+	// config rate_limit. It outlives client rebuilds: Cloudflare keeps
+	// counting across them.
+	budget *cloudflare.Budget
+
+	// scheduler works off scheduled and bulk rotations (schedule.go); it
+	// runs on the node that may write storage, from Initialize to Clean.
+	schedulerMu sync.Mutex
+	scheduler   *scheduler
+	// bulkMu serialises updates of bulk job progress records.
+	bulkMu sync.Mutex
+
 	// now is the clock; tests move it to pass settle windows and rate-limit
 	// blocks without sleeping.
 	now func() time.Time
@@ -59,6 +71,7 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 
 func newBackend() *backend {
 	b := &backend{tunnelLocks: locksutil.CreateLocks(), now: time.Now}
+	b.budget = cloudflare.NewBudget(defaultRateLimit, defaultRateLimitWindow, func() time.Time { return b.now() })
 	b.Backend = &framework.Backend{
 		Help:        strings.TrimSpace(backendHelp),
 		BackendType: logical.TypeLogical,
@@ -69,12 +82,51 @@ func newBackend() *backend {
 			[]*framework.Path{pathConfig(b)},
 			pathPSK(b),
 			pathMetadata(b),
+			pathRotate(b),
+			pathTunnels(b),
 		),
 		Invalidate:     b.invalidate,
 		PeriodicFunc:   b.reconcileUnresolved,
+		InitializeFunc: b.initialize,
+		Clean:          b.clean,
 		RunningVersion: version,
 	}
 	return b
+}
+
+// initialize starts the scheduler, which rebuilds itself from the schedule
+// in storage, on the node that may write.
+func (b *backend) initialize(_ context.Context, req *logical.InitializationRequest) error {
+	if !b.mayWrite() {
+		return nil
+	}
+	b.schedulerMu.Lock()
+	defer b.schedulerMu.Unlock()
+	if b.scheduler == nil {
+		b.scheduler = newScheduler(b, req.Storage)
+		b.scheduler.start()
+	}
+	return nil
+}
+
+// clean stops the scheduler when the mount is unmounted or the plugin stops.
+func (b *backend) clean(context.Context) {
+	b.schedulerMu.Lock()
+	sc := b.scheduler
+	b.scheduler = nil
+	b.schedulerMu.Unlock()
+	if sc != nil {
+		sc.stop()
+	}
+}
+
+// pokeScheduler wakes the scheduler after rotations were queued.
+func (b *backend) pokeScheduler() {
+	b.schedulerMu.Lock()
+	defer b.schedulerMu.Unlock()
+	if b.scheduler != nil {
+		b.scheduler.poke()
+	}
 }
 
 func (b *backend) invalidate(_ context.Context, key string) {
@@ -118,6 +170,7 @@ func (b *backend) cloudflareClient(ctx context.Context, s logical.Storage) (*clo
 	if err != nil {
 		return nil, nil, err
 	}
+	b.budget.Resize(cfg.rateLimit())
 	b.client, b.config = client, cfg
 	return client, cfg, nil
 }
@@ -129,6 +182,7 @@ func (b *backend) newCloudflareClient(cfg *configRecord) (*cloudflare.Client, er
 		RequestTimeout: cfg.RequestTimeout,
 		UserAgent:      "vault-plugin-secrets-cloudflare-ipsec/" + version,
 		Now:            b.now,
+		Budget:         b.budget,
 	})
 }
 
@@ -180,7 +234,8 @@ func cloudflareFailure(subject string, err error) (*logical.Response, error) {
 		return nil, logical.CodedError(http.StatusBadGateway, msg)
 	}
 	var blocked *cloudflare.BlockedError
-	if errors.As(err, &blocked) {
+	var budgetErr *cloudflare.BudgetError
+	if errors.As(err, &blocked) || errors.As(err, &budgetErr) {
 		return nil, logical.CodedError(http.StatusTooManyRequests, msg)
 	}
 	var transportErr *cloudflare.TransportError

@@ -19,7 +19,12 @@ const (
 	defaultRequestTimeout = 30 * time.Second
 	maxRequestTimeout     = 5 * time.Minute
 	maxTokenLength        = 256
-	maxBaseURLLength      = 2048
+	// Cloudflare allows 1,200 requests per five minutes per token; the
+	// default leaves half for the team's other automation.
+	defaultRateLimit       = 600
+	maxRateLimit           = 1200
+	defaultRateLimitWindow = 5 * time.Minute
+	maxBaseURLLength       = 2048
 )
 
 // configRecord is the engine's configuration as stored. APIToken never
@@ -32,6 +37,9 @@ type configRecord struct {
 	// HealStalePSK lets reconciliation generate a new key when it finds that
 	// Cloudflare's key is not the stored one.
 	HealStalePSK bool `json:"heal_stale_psk"`
+	// RateLimit caps this mount's Cloudflare calls per RateLimitWindow.
+	RateLimit       int           `json:"rate_limit"`
+	RateLimitWindow time.Duration `json:"rate_limit_window"`
 
 	// What Cloudflare's token-verify endpoint said when config was written.
 	TokenID        string    `json:"token_id"`
@@ -39,6 +47,19 @@ type configRecord struct {
 	TokenExpiresOn time.Time `json:"token_expires_on"`
 	TokenNotBefore time.Time `json:"token_not_before"`
 	VerifiedAt     time.Time `json:"verified_at"`
+}
+
+// rateLimit returns the mount's cap, defaulted for records written before
+// the fields existed.
+func (c *configRecord) rateLimit() (int, time.Duration) {
+	limit, window := c.RateLimit, c.RateLimitWindow
+	if limit <= 0 {
+		limit = defaultRateLimit
+	}
+	if window <= 0 {
+		window = defaultRateLimitWindow
+	}
+	return limit, window
 }
 
 func pathConfig(b *backend) *framework.Path {
@@ -89,6 +110,22 @@ func pathConfig(b *backend) *framework.Path {
 					Name: "Heal stale PSKs",
 				},
 			},
+			"rate_limit": {
+				Type:        framework.TypeInt,
+				Description: "Most Cloudflare calls this mount makes in any rate_limit_window, every kind of call counted. Cloudflare allows 1,200 per five minutes per token, shared by every tool that uses the token, and locks the token out for five minutes past that; the default, 600, leaves half for other automation.",
+				Default:     defaultRateLimit,
+				DisplayAttrs: &framework.DisplayAttributes{
+					Name: "Rate limit",
+				},
+			},
+			"rate_limit_window": {
+				Type:        framework.TypeDurationSecond,
+				Description: "The window rate_limit counts over. Leave it at Cloudflare's 5m; tests shorten it to exercise pacing quickly.",
+				Default:     int(defaultRateLimitWindow.Seconds()),
+				DisplayAttrs: &framework.DisplayAttributes{
+					Name: "Rate limit window",
+				},
+			},
 			"token_account_id": {
 				Type:        framework.TypeString,
 				Description: "For an account-owned API token: the owning account's id, so the token is verified at that account. Empty for a user token.",
@@ -137,11 +174,14 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 	if err != nil || cfg == nil {
 		return nil, err
 	}
+	limit, window := cfg.rateLimit()
 	return &logical.Response{Data: map[string]any{
 		"base_url":          cfg.BaseURL,
 		"request_timeout":   int(cfg.RequestTimeout.Seconds()),
 		"token_account_id":  cfg.TokenAccountID,
 		"heal_stale_psk":    cfg.HealStalePSK,
+		"rate_limit":        limit,
+		"rate_limit_window": int(window.Seconds()),
 		"token_id":          cfg.TokenID,
 		"token_status":      cfg.TokenStatus,
 		"token_expires_on":  formatTime(cfg.TokenExpiresOn),
@@ -156,7 +196,8 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 		return nil, err
 	}
 	if cfg == nil {
-		cfg = &configRecord{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: defaultRequestTimeout, HealStalePSK: true}
+		cfg = &configRecord{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: defaultRequestTimeout, HealStalePSK: true,
+			RateLimit: defaultRateLimit, RateLimitWindow: defaultRateLimitWindow}
 	}
 	if resp := rejectUnknownFields(req, d); resp != nil {
 		return resp, nil
@@ -191,6 +232,7 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 		return nil, fmt.Errorf("store config: %w", err)
 	}
 	b.client, b.config = nil, nil
+	b.budget.Resize(cfg.rateLimit())
 	b.Logger().Info("config written", "token_id", cfg.TokenID, "base_url", cfg.BaseURL)
 	return nil, nil
 }
@@ -223,6 +265,18 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	}
 	if cfg.RequestTimeout <= 0 || cfg.RequestTimeout > maxRequestTimeout {
 		return fmt.Sprintf("request_timeout must be between 1s and %s", maxRequestTimeout)
+	}
+	if v, ok := d.GetOk("rate_limit"); ok {
+		cfg.RateLimit = v.(int)
+	}
+	if cfg.RateLimit < 1 || cfg.RateLimit > maxRateLimit {
+		return fmt.Sprintf("rate_limit must be between 1 and %d (Cloudflare's own limit per token)", maxRateLimit)
+	}
+	if v, ok := d.GetOk("rate_limit_window"); ok {
+		cfg.RateLimitWindow = time.Duration(v.(int)) * time.Second
+	}
+	if cfg.RateLimitWindow < time.Second || cfg.RateLimitWindow > time.Hour {
+		return "rate_limit_window must be between 1s and 1h"
 	}
 	if v, ok := d.GetOk("token_account_id"); ok {
 		id := strings.ToLower(strings.TrimSpace(v.(string)))

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/locksutil"
@@ -35,6 +36,10 @@ var tunnelFields = map[string]*framework.FieldSchema{
 
 func pathPSK(b *backend) []*framework.Path {
 	fields := map[string]*framework.FieldSchema{
+		"rotation_period": {
+			Type:        framework.TypeDurationSecond,
+			Description: "Rotate this tunnel again every period (at least 1m); 0 turns scheduled rotation off; omitted keeps the current setting.",
+		},
 		"validate_only": {
 			Type:        framework.TypeBool,
 			Description: "Only ask Cloudflare to validate the request (?validate_only=true): no key is generated and nothing is stored.",
@@ -229,6 +234,9 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 		return logical.ErrorResponse(problem), nil
 	}
 	validateOnly := d.Get("validate_only").(bool)
+	if problem := checkRotationPeriod(d); problem != "" {
+		return logical.ErrorResponse(problem), nil
+	}
 
 	client, cfg, err := b.cloudflareClient(ctx, req.Storage)
 	if errors.Is(err, errNotConfigured) {
@@ -268,7 +276,14 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 			return cloudflareFailure("learn the outcome of the last rotation of "+t.String(), err)
 		}
 	}
-	rotated, err := b.rotateLocked(ctx, req.Storage, client, t, rec)
+	period := time.Duration(0)
+	if rec != nil {
+		period = rec.RotationPeriod
+	}
+	if requested, ok := requestedPeriod(d); ok {
+		period = requested
+	}
+	rotated, err := b.rotateLocked(ctx, req.Storage, client, t, rec, period, "write")
 	if err != nil {
 		var cfErr cloudflare.Error
 		if !errors.As(err, &cfErr) {
@@ -290,7 +305,11 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 	lock := lockFor(b, t)
 	lock.Lock()
 	defer lock.Unlock()
-	if err := forgetPSKRecord(ctx, req.Storage, t); err != nil {
+	rec, err := readPSKRecord(ctx, req.Storage, t)
+	if err != nil {
+		return nil, err
+	}
+	if err := forgetPSKRecord(ctx, req.Storage, t, rec); err != nil {
 		return nil, err
 	}
 	b.Logger().Info("psk forgotten", "account_id", t.AccountID, "tunnel_id", t.TunnelID)
@@ -354,3 +373,22 @@ LIST on the prefix returns the account ids that have at least one stored PSK
 (each with a trailing slash); LIST on <prefix>/<account_id>/ returns the tunnel
 ids of that account that have one.
 `
+
+// minRotationPeriod keeps a schedule from spending the rate limit on one
+// tunnel.
+const minRotationPeriod = time.Minute
+
+func requestedPeriod(d *framework.FieldData) (time.Duration, bool) {
+	v, ok := d.GetOk("rotation_period")
+	if !ok {
+		return 0, false
+	}
+	return time.Duration(v.(int)) * time.Second, true
+}
+
+func checkRotationPeriod(d *framework.FieldData) string {
+	if period, ok := requestedPeriod(d); ok && period != 0 && period < minRotationPeriod {
+		return fmt.Sprintf("rotation_period must be 0 (off) or at least %s", minRotationPeriod)
+	}
+	return ""
+}

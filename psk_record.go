@@ -47,6 +47,11 @@ type pskRecord struct {
 	StateReason string `json:"state_reason,omitempty"`
 	// RotationStartedAt is when the unresolved rotation began.
 	RotationStartedAt time.Time `json:"rotation_started_at"`
+
+	// RotationPeriod, when not zero, has the scheduler rotate the tunnel
+	// again at NextRotation (see schedule.go).
+	RotationPeriod time.Duration `json:"rotation_period"`
+	NextRotation   time.Time     `json:"next_rotation"`
 }
 
 // current reports whether the stored key is known to be the edge's. Records
@@ -71,6 +76,8 @@ func (r *pskRecord) metadata() map[string]any {
 		"state":               r.state(),
 		"state_reason":        r.StateReason,
 		"rotation_started_at": formatTime(r.RotationStartedAt),
+		"rotation_period":     int(r.RotationPeriod.Seconds()),
+		"next_rotation":       formatTime(r.NextRotation),
 	}
 }
 
@@ -122,8 +129,14 @@ func writePSKRecord(ctx context.Context, s logical.Storage, t tunnelRef, rec *ps
 	return nil
 }
 
-// forgetPSKRecord removes a tunnel's record and its unresolved marker.
-func forgetPSKRecord(ctx context.Context, s logical.Storage, t tunnelRef) error {
+// forgetPSKRecord removes a tunnel's record, its unresolved marker and its
+// place in the schedule (rec is the record being forgotten, nil if unknown).
+func forgetPSKRecord(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord) error {
+	if rec != nil && !rec.NextRotation.IsZero() {
+		if err := unscheduleRotation(ctx, s, t, rec.NextRotation); err != nil {
+			return err
+		}
+	}
 	if err := s.Delete(ctx, t.storageKey()); err != nil {
 		return fmt.Errorf("delete psk record for %s: %w", t, err)
 	}

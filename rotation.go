@@ -41,9 +41,11 @@ const (
 // abandoned at request_timeout may still be processed behind it.
 func settleWindow(cfg *configRecord) time.Duration { return 2 * cfg.RequestTimeout }
 
-// rotateLocked generates a new key for t and stores it. The caller holds t's
-// lock and passes the tunnel's record as read under it (nil when none).
-func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, t tunnelRef, previous *pskRecord) (*pskRecord, error) {
+// rotateLocked generates a new key for t and stores it, with period as the
+// tunnel's rotation period from now on (0: none). The caller holds t's lock
+// and passes the tunnel's record as read under it (nil when none). trigger
+// says who asked (write, schedule, bulk, heal) for the rotation event.
+func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, t tunnelRef, previous *pskRecord, period time.Duration, trigger string) (*pskRecord, error) {
 	pending := &pskRecord{AccountID: t.AccountID, TunnelID: t.TunnelID}
 	if previous != nil {
 		copied := *previous
@@ -81,10 +83,26 @@ func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *c
 		Version:         pending.Version + 1,
 		StoredAt:        b.now().UTC(),
 		State:           stateCurrent,
+		RotationPeriod:  period,
+	}
+	if period > 0 {
+		rec.NextRotation = rec.StoredAt.Add(period)
+		// Scheduled before the record is stored: an entry without a due
+		// record is dropped by the scheduler, a due record without an
+		// entry would never rotate.
+		if err := scheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {
+			b.Logger().Warn("could not schedule the next rotation", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
+		}
 	}
 	if err := b.storeGenerated(ctx, s, t, rec); err != nil {
 		return nil, err
 	}
+	if !pending.NextRotation.IsZero() && !pending.NextRotation.Equal(rec.NextRotation) {
+		if err := unscheduleRotation(ctx, s, t, pending.NextRotation); err != nil {
+			b.Logger().Warn("could not drop a superseded schedule entry", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
+		}
+	}
+	b.sendRotateEvent(ctx, rec, trigger)
 	if err := clearUnresolved(ctx, s, t); err != nil {
 		// The record is current; a marker left behind is cleared by the
 		// next background pass.
@@ -104,7 +122,8 @@ func notGenerated(err error) bool {
 		return apiErr.Rejected() || apiErr.RateLimited()
 	}
 	var blocked *cloudflare.BlockedError
-	return errors.As(err, &blocked)
+	var budgetErr *cloudflare.BudgetError
+	return errors.As(err, &blocked) || errors.As(err, &budgetErr)
 }
 
 // restore puts back the record a rotation that certainly did not happen had
@@ -114,7 +133,7 @@ func (b *backend) restore(ctx context.Context, s logical.Storage, t tunnelRef, p
 	var err error
 	switch {
 	case previous == nil:
-		err = forgetPSKRecord(ctx, s, t)
+		err = forgetPSKRecord(ctx, s, t, nil)
 	default:
 		err = writePSKRecord(ctx, s, t, previous)
 		if err == nil && previous.current() {
@@ -172,7 +191,7 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 		}
 		if rec.PSK == "" {
 			b.Logger().Info("first rotation never happened; record removed", "account_id", t.AccountID, "tunnel_id", t.TunnelID)
-			return nil, forgetPSKRecord(ctx, s, t)
+			return nil, forgetPSKRecord(ctx, s, t, rec)
 		}
 		resolved := *rec
 		resolved.State, resolved.StateReason, resolved.RotationStartedAt = stateCurrent, "", time.Time{}
@@ -190,7 +209,7 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 	// not the edge's, and the tunnel is down until both sides share one.
 	if heal {
 		b.Logger().Warn("reconciled: cloudflare's key is newer than the stored one; generating a new key", "account_id", t.AccountID, "tunnel_id", t.TunnelID)
-		return b.rotateLocked(ctx, s, client, t, rec)
+		return b.rotateLocked(ctx, s, client, t, rec, rec.RotationPeriod, "heal")
 	}
 	stale := *rec
 	stale.State = stateStale
@@ -234,9 +253,8 @@ func (b *backend) reconcileUnresolved(ctx context.Context, req *logical.Request)
 	for _, t := range tunnels {
 		if err := b.reconcileInBackground(ctx, req.Storage, client, cfg, t); err != nil {
 			b.Logger().Warn("background reconciliation failed", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
-			var blocked *cloudflare.BlockedError
-			if errors.As(err, &blocked) {
-				return nil
+			if notGenerated(err) {
+				return nil // rate limited or over budget: the next pass goes on
 			}
 		}
 	}

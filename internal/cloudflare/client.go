@@ -41,6 +41,9 @@ type Config struct {
 	UserAgent string
 	// Now is the clock for rate-limit blocks; time.Now when nil.
 	Now func() time.Time
+	// Budget, when set, counts every request sent (retries included) and
+	// refuses to send past its cap.
+	Budget *Budget
 }
 
 // Client calls Cloudflare. It is safe for concurrent use. One Client serves
@@ -82,6 +85,10 @@ func New(cfg Config) (*Client, error) {
 		// are this package's decision (see retryIdempotent).
 		option.WithMaxRetries(0),
 		option.WithMiddleware(checkEnvelope),
+	}
+	if cfg.Budget != nil {
+		// Outermost, so that it sees each attempt before it is sent.
+		opts = append([]option.RequestOption{option.WithMiddleware(spendBudget(cfg.Budget))}, opts...)
 	}
 	if cfg.UserAgent != "" {
 		opts = append(opts, option.WithHeader("User-Agent", cfg.UserAgent))
@@ -192,12 +199,48 @@ func (c *Client) VerifyToken(ctx context.Context, accountID string) (*TokenStatu
 	return status, nil
 }
 
-// TunnelState is what Cloudflare's tunnel record says of a tunnel's key.
+// TunnelState is Cloudflare's record of one tunnel. It never holds a key:
+// Cloudflare does not show one after generating it.
 type TunnelState struct {
-	ID   string
-	Name string
+	ID                 string
+	Name               string
+	Description        string
+	CloudflareEndpoint string
+	CustomerEndpoint   string
+	InterfaceAddress   string
 	// PSKLastGeneratedOn is zero when no key was ever generated.
 	PSKLastGeneratedOn time.Time
+}
+
+// ListTunnels reads every IPsec tunnel of an account. It is a read, retried
+// like GetTunnel.
+func (c *Client) ListTunnels(ctx context.Context, accountID string) ([]TunnelState, error) {
+	if err := c.checkBlock(OpListTunnels); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+
+	var params magic_transit.IPSECTunnelListParams
+	setField(&params.AccountID.Value, &params.AccountID.Present, accountID)
+	var res *magic_transit.IPSECTunnelListResponse
+	err := retryIdempotent(ctx, func() error {
+		var err error
+		res, err = c.tunnels.List(ctx, params)
+		return err
+	})
+	if err != nil {
+		return nil, c.describe(OpListTunnels, err)
+	}
+	out := make([]TunnelState, 0, len(res.IPSECTunnels))
+	for _, t := range res.IPSECTunnels {
+		out = append(out, TunnelState{
+			ID: strings.ToLower(t.ID), Name: t.Name, Description: t.Description,
+			CloudflareEndpoint: t.CloudflareEndpoint, CustomerEndpoint: t.CustomerEndpoint,
+			InterfaceAddress: t.InterfaceAddress, PSKLastGeneratedOn: t.PSKMetadata.LastGeneratedOn,
+		})
+	}
+	return out, nil
 }
 
 // GetTunnel reads one tunnel's record. It is a read, so it is retried on a
@@ -224,7 +267,23 @@ func (c *Client) GetTunnel(ctx context.Context, accountID, tunnelID string) (*Tu
 	if !strings.EqualFold(t.ID, tunnelID) {
 		return nil, &MalformedResponseError{Op: OpGetTunnel, Reason: fmt.Sprintf("the answer is for tunnel %q, not %q", t.ID, tunnelID)}
 	}
-	return &TunnelState{ID: strings.ToLower(t.ID), Name: t.Name, PSKLastGeneratedOn: t.PSKMetadata.LastGeneratedOn}, nil
+	return &TunnelState{
+		ID: strings.ToLower(t.ID), Name: t.Name, Description: t.Description,
+		CloudflareEndpoint: t.CloudflareEndpoint, CustomerEndpoint: t.CustomerEndpoint,
+		InterfaceAddress: t.InterfaceAddress, PSKLastGeneratedOn: t.PSKMetadata.LastGeneratedOn,
+	}, nil
+}
+
+// spendBudget is SDK middleware that takes one call from the budget per
+// request sent, and sends nothing when the budget is spent.
+func spendBudget(b *Budget) option.Middleware {
+	return func(req *http.Request, next option.MiddlewareNext) (*http.Response, error) {
+		if ok, wait := b.TryTake(); !ok {
+			limit, window := b.Limit()
+			return nil, &BudgetError{Limit: limit, Window: window, RetryAfter: wait}
+		}
+		return next(req)
+	}
 }
 
 // setField fills one of the SDK's param.Field values. The SDK's constructor for

@@ -22,6 +22,7 @@ const (
 	OpGeneratePSK Op = "generate psk"
 	OpVerifyToken Op = "verify token"
 	OpGetTunnel   Op = "get tunnel"
+	OpListTunnels Op = "list tunnels"
 )
 
 // Error is implemented by every error a Client call returns, so a caller can
@@ -231,6 +232,11 @@ func (c *Client) describe(op Op, err error) error {
 }
 
 func describe(op Op, err error) error {
+	var budgetErr *BudgetError
+	if errors.As(err, &budgetErr) {
+		budgetErr.Op = op
+		return budgetErr
+	}
 	var apiErr *APIError
 	if errors.As(err, &apiErr) {
 		apiErr.Op = op
@@ -284,5 +290,6 @@ func worthRetrying(err error) bool {
 		return apiErr.HTTPStatus >= 500
 	}
 	var malformed *MalformedResponseError
-	return !errors.As(err, &malformed)
+	var budgetErr *BudgetError
+	return !errors.As(err, &malformed) && !errors.As(err, &budgetErr)
 }

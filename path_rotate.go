@@ -1,0 +1,147 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// pathRotate queues every stored tunnel of an account for rotation (after a
+// suspected compromise, say) and reports the job's progress.
+func pathRotate(b *backend) []*framework.Path {
+	return []*framework.Path{{
+		Pattern:      "rotate/" + accountSegment,
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "account"},
+		Fields: map[string]*framework.FieldSchema{
+			"account": tunnelFields["account"],
+			"older_than": {
+				Type:        framework.TypeDurationSecond,
+				Description: "Only queue tunnels whose key was stored longer ago than this. Omitted: every tunnel.",
+			},
+		},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.UpdateOperation: &framework.PathOperation{
+				Callback:                    b.queueAccountRotation,
+				ForwardPerformanceStandby:   true,
+				ForwardPerformanceSecondary: true,
+				DisplayAttrs:                &framework.DisplayAttributes{OperationVerb: "rotate"},
+				Summary:                     "Queue every stored tunnel of the account for rotation.",
+			},
+			logical.ReadOperation: &framework.PathOperation{
+				Callback:     b.readAccountRotation,
+				DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "read", OperationSuffix: "rotation-progress"},
+				Summary:      "Report the progress of the account's bulk rotation.",
+			},
+		},
+		HelpSynopsis:    pathRotateHelpSynopsis,
+		HelpDescription: pathRotateHelpDescription,
+	}}
+}
+
+func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	if resp := rejectUnknownFields(req, d); resp != nil {
+		return resp, nil
+	}
+	account, problem := normaliseIdentifier("account", d.Get("account").(string))
+	if problem != "" {
+		return logical.ErrorResponse(problem), nil
+	}
+	var olderThan time.Duration
+	if v, ok := d.GetOk("older_than"); ok {
+		olderThan = time.Duration(v.(int)) * time.Second
+	}
+	if _, _, err := b.cloudflareClient(ctx, req.Storage); errors.Is(err, errNotConfigured) {
+		return logical.ErrorResponse(err.Error()), nil
+	} else if err != nil {
+		return nil, err
+	}
+
+	tunnels, err := req.Storage.List(ctx, pskStoragePrefix+account+"/")
+	if err != nil {
+		return nil, fmt.Errorf("list tunnels of account %s: %w", account, err)
+	}
+	now := b.now()
+	queued := 0
+	for _, id := range tunnels {
+		t := tunnelRef{AccountID: account, TunnelID: id}
+		if olderThan > 0 {
+			rec, err := readPSKRecord(ctx, req.Storage, t)
+			if err != nil {
+				return nil, err
+			}
+			if rec == nil || now.Sub(rec.StoredAt) < olderThan {
+				continue
+			}
+		}
+		if err := scheduleRotation(ctx, req.Storage, t, now, true); err != nil {
+			return nil, err
+		}
+		queued++
+	}
+	b.bulkMu.Lock()
+	err = writeBulkJob(ctx, req.Storage, account, &bulkJob{StartedAt: now.UTC(), Queued: queued})
+	b.bulkMu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("record bulk rotation of account %s: %w", account, err)
+	}
+	b.pokeScheduler()
+	b.Logger().Info("bulk rotation queued", "account_id", account, "queued", queued)
+	return &logical.Response{Data: map[string]any{
+		"account_id":      account,
+		"queued":          queued,
+		"expected_finish": formatTime(b.expectedFinish(queued)),
+	}}, nil
+}
+
+func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	account, problem := normaliseIdentifier("account", d.Get("account").(string))
+	if problem != "" {
+		return logical.ErrorResponse(problem), nil
+	}
+	job, err := readBulkJob(ctx, req.Storage, account)
+	if err != nil || job == nil {
+		return nil, err
+	}
+	remaining := max(job.Queued-job.Done-len(job.Failed), 0)
+	failed := make([]map[string]any, 0, len(job.Failed))
+	for tunnel, reason := range job.Failed {
+		failed = append(failed, map[string]any{"tunnel_id": tunnel, "reason": reason})
+	}
+	sort.Slice(failed, func(i, j int) bool { return failed[i]["tunnel_id"].(string) < failed[j]["tunnel_id"].(string) })
+	return &logical.Response{Data: map[string]any{
+		"account_id":      account,
+		"started_at":      formatTime(job.StartedAt),
+		"queued":          job.Queued,
+		"done":            job.Done,
+		"failed":          failed,
+		"remaining":       remaining,
+		"expected_finish": formatTime(b.expectedFinish(remaining)),
+	}}, nil
+}
+
+// expectedFinish estimates when n more rotations will be done at the pace
+// the budget allows.
+func (b *backend) expectedFinish(n int) time.Time {
+	limit, window := b.budget.Limit()
+	return b.now().Add(time.Duration(n) * window / time.Duration(limit)).UTC()
+}
+
+const pathRotateHelpSynopsis = `Rotate every stored tunnel of an account, paced under Cloudflare's rate limit.`
+
+const pathRotateHelpDescription = `
+write rotate/<account_id> queues every tunnel of the account whose PSK this
+engine stores (with older_than: only those whose key was stored longer ago
+than that) and answers at once with how many were queued and when they are
+expected to be done. The engine's scheduler rotates them one by one, on the
+active node, never spending more than config rate_limit Cloudflare calls in
+any rate_limit_window and keeping a share of that for other requests.
+
+read rotate/<account_id> reports the last bulk rotation of the account:
+queued, done, failed (each with its reason), remaining and the expected
+finish time.
+`

@@ -1,0 +1,129 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+)
+
+// pathTunnels shows an account's tunnels as Cloudflare knows them and
+// whether this engine holds each one's key, so a team can see which tunnels
+// are not managed yet. It never returns a key.
+func pathTunnels(b *backend) []*framework.Path {
+	return []*framework.Path{
+		{
+			Pattern:      "tunnels/" + accountSegment + "/?$",
+			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "tunnels"},
+			Fields:       map[string]*framework.FieldSchema{"account": tunnelFields["account"]},
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.ListOperation: &framework.PathOperation{
+					Callback:     b.listCloudflareTunnels,
+					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "list"},
+				},
+			},
+			HelpSynopsis:    pathTunnelsHelpSynopsis,
+			HelpDescription: pathTunnelsHelpDescription,
+		},
+		{
+			Pattern:      "tunnels/" + accountSegment + "/" + tunnelSegment,
+			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "tunnel"},
+			Fields:       tunnelFields,
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.ReadOperation: &framework.PathOperation{
+					Callback:     b.readCloudflareTunnel,
+					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "read"},
+				},
+			},
+			HelpSynopsis:    pathTunnelsHelpSynopsis,
+			HelpDescription: pathTunnelsHelpDescription,
+		},
+	}
+}
+
+func (b *backend) listCloudflareTunnels(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	account, problem := normaliseIdentifier("account", d.Get("account").(string))
+	if problem != "" {
+		return logical.ErrorResponse(problem), nil
+	}
+	client, _, err := b.cloudflareClient(ctx, req.Storage)
+	if errors.Is(err, errNotConfigured) {
+		return logical.ErrorResponse(err.Error()), nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	tunnels, err := client.ListTunnels(ctx, account)
+	if err != nil {
+		return cloudflareFailure("list tunnels of account "+account, err)
+	}
+	stored, err := req.Storage.List(ctx, pskStoragePrefix+account+"/")
+	if err != nil {
+		return nil, fmt.Errorf("list stored tunnels of account %s: %w", account, err)
+	}
+	managed := make(map[string]bool, len(stored))
+	for _, id := range stored {
+		managed[id] = true
+	}
+	keys := make([]string, 0, len(tunnels))
+	info := make(map[string]any, len(tunnels))
+	for _, t := range tunnels {
+		keys = append(keys, t.ID)
+		info[t.ID] = tunnelInfo(t, managed[t.ID])
+	}
+	return logical.ListResponseWithInfo(keys, info), nil
+}
+
+func (b *backend) readCloudflareTunnel(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	t, problem := tunnelFromRequest(d)
+	if problem != "" {
+		return logical.ErrorResponse(problem), nil
+	}
+	client, _, err := b.cloudflareClient(ctx, req.Storage)
+	if errors.Is(err, errNotConfigured) {
+		return logical.ErrorResponse(err.Error()), nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	tunnel, err := client.GetTunnel(ctx, t.AccountID, t.TunnelID)
+	if err != nil {
+		return cloudflareFailure("read "+t.String(), err)
+	}
+	rec, err := readPSKRecord(ctx, req.Storage, t)
+	if err != nil {
+		return nil, err
+	}
+	data := tunnelInfo(*tunnel, rec != nil)
+	data["account_id"], data["tunnel_id"] = t.AccountID, t.TunnelID
+	return &logical.Response{Data: data}, nil
+}
+
+func tunnelInfo(t cloudflare.TunnelState, managed bool) map[string]any {
+	return map[string]any{
+		"name":                  t.Name,
+		"description":           t.Description,
+		"cloudflare_endpoint":   t.CloudflareEndpoint,
+		"customer_endpoint":     t.CustomerEndpoint,
+		"interface_address":     t.InterfaceAddress,
+		"psk_last_generated_on": formatTime(t.PSKLastGeneratedOn),
+		"managed":               managed,
+	}
+}
+
+const pathTunnelsHelpSynopsis = `List an account's IPsec tunnels as Cloudflare knows them, and whether Vault holds each one's PSK.`
+
+const pathTunnelsHelpDescription = `
+LIST tunnels/<account_id> asks Cloudflare for the account's IPsec tunnels and
+returns, for each, its id, name, description, endpoints, interface address,
+when its PSK was last generated, and managed: whether this engine stores its
+PSK. A tunnel with managed=false has a key nobody in Vault holds; write
+psk/<account_id>/<tunnel_id> to bring it under management.
+
+read tunnels/<account_id>/<tunnel_id> does the same for one tunnel. Neither
+ever returns a PSK: Cloudflare does not show one after generating it.
+`
