@@ -32,6 +32,7 @@ type testEnv struct {
 	tunnel  cloudflaresim.Tunnel
 	logs    *syncBuffer
 	clock   *testClock
+	events  *logical.MockEventSender
 }
 
 // testClock is the backend's clock in tests: real time plus an offset that a
@@ -84,12 +85,20 @@ func newTestEnv(t *testing.T) *testEnv {
 	conf := logical.TestBackendConfig()
 	conf.StorageView = &logical.InmemStorage{}
 	conf.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: logs})
+	events := logical.NewMockEventSender()
+	conf.EventsSender = events
 	b := newBackend()
 	clock := &testClock{}
 	b.now = clock.Now
 	if err := b.Setup(context.Background(), conf); err != nil {
 		t.Fatal(err)
 	}
+	// The scheduler runs in every test, as it does in Vault, so that each
+	// test also proves the scheduler does not disturb it.
+	if err := b.Initialize(context.Background(), &logical.InitializationRequest{Storage: conf.StorageView}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Cleanup(context.Background()) })
 	account := cloudflaresim.NewID()
 	env := &testEnv{
 		t:       t,
@@ -102,6 +111,7 @@ func newTestEnv(t *testing.T) *testEnv {
 		tunnel:  sim.AddTunnel(account, cloudflaresim.Tunnel{}),
 		logs:    logs,
 		clock:   clock,
+		events:  events,
 	}
 	t.Cleanup(env.assertNoSecretsLogged)
 	return env
@@ -123,12 +133,14 @@ func (e *testEnv) request(op logical.Operation, path string, data map[string]any
 	e.t.Helper()
 	req := &logical.Request{Operation: op, Path: path, Data: data, Storage: e.storage}
 	if op == logical.UpdateOperation || op == logical.CreateOperation {
-		exists, _, err := e.b.HandleExistenceCheck(context.Background(), req)
+		// As Vault does: create or update by the existence check, where the
+		// path has one; update otherwise.
+		checkFound, exists, err := e.b.HandleExistenceCheck(context.Background(), req)
 		if err != nil {
 			return nil, err
 		}
 		req.Operation = logical.UpdateOperation
-		if !exists {
+		if checkFound && !exists {
 			req.Operation = logical.CreateOperation
 		}
 	}

@@ -31,7 +31,10 @@ func TestPluginKilledBetweenGenerateAndStore(t *testing.T) {
 	writeDone := make(chan cliResult, 1)
 	go func() { writeDone <- v.vault(t, v.rootToken, "write", "-f", path) }()
 	deadline := time.Now().Add(10 * time.Second)
-	for sim.Calls(cloudflaresim.OpPSKGenerate) < 2 && time.Now().Before(deadline) {
+	for time.Now().Before(deadline) {
+		if edge, _ := sim.Tunnel(account, tunnel); len(edge.GeneratedPSKs) == 2 {
+			break
+		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	edge, _ := sim.Tunnel(account, tunnel)

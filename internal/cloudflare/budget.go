@@ -24,6 +24,12 @@ type Budget struct {
 	next int
 }
 
+// inFlightMargin widens the window a little: the Budget times a call when it
+// is sent, Cloudflare when it arrives, and arrival times jitter.
+func inFlightMargin(window time.Duration) time.Duration {
+	return max(window/100, 50*time.Millisecond)
+}
+
 // NewBudget returns a Budget of limit calls per window.
 func NewBudget(limit int, window time.Duration, now func() time.Time) *Budget {
 	if now == nil {
@@ -74,7 +80,7 @@ func (b *Budget) TryTake() (bool, time.Duration) {
 		b.next = len(b.ring) % b.limit
 		return true, 0
 	}
-	if wait := b.ring[b.next].Add(b.window).Sub(now); wait > 0 {
+	if wait := b.ring[b.next].Add(b.window + inFlightMargin(b.window)).Sub(now); wait > 0 {
 		return false, wait
 	}
 	b.ring[b.next] = now
@@ -90,15 +96,16 @@ func (b *Budget) Free() (int, time.Duration) {
 	now := b.now()
 	recent := b.recentLocked()
 	free := b.limit - len(recent)
+	span := b.window + inFlightMargin(b.window)
 	for _, at := range recent {
-		if !at.Add(b.window).After(now) {
+		if !at.Add(span).After(now) {
 			free++
 		}
 	}
 	if free > 0 {
 		return free, 0
 	}
-	return 0, recent[0].Add(b.window).Sub(now)
+	return 0, recent[0].Add(span).Sub(now)
 }
 
 // BudgetError is a call the engine did not send because its own cap

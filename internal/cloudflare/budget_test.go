@@ -30,7 +30,7 @@ func TestBudgetHoldsInEveryWindow(t *testing.T) {
 				taken = append(taken, now)
 				continue
 			}
-			if wait <= 0 || wait > tc.window {
+			if wait <= 0 || wait > tc.window+inFlightMargin(tc.window) {
 				t.Fatalf("limit %d: refused with wait %s", tc.limit, wait)
 			}
 		}

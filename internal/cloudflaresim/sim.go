@@ -77,6 +77,69 @@ type Server struct {
 	issued []string
 	mux    *http.ServeMux
 	now    func() time.Time
+	limit  *rateLimit
+}
+
+// rateLimit plays Cloudflare's per-token limit: limit requests per fixed
+// window, counted from a token's first request in the window; the request
+// past the limit is refused with 429 and the token is blocked for a window.
+type rateLimit struct {
+	limit   int
+	window  time.Duration
+	tokens  map[string]*tokenWindow
+	refused int
+}
+
+type tokenWindow struct {
+	start        time.Time
+	count        int
+	blockedUntil time.Time
+}
+
+// SetRateLimit makes the simulator enforce Cloudflare's rate limit, scaled:
+// limit requests per window per token (Cloudflare: 1,200 per 5 minutes).
+func (s *Server) SetRateLimit(limit int, window time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.limit = &rateLimit{limit: limit, window: window, tokens: map[string]*tokenWindow{}}
+}
+
+// RateLimited returns how many requests the rate limit refused.
+func (s *Server) RateLimited() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.limit == nil {
+		return 0
+	}
+	return s.limit.refused
+}
+
+// overLimit counts a request against its token and reports how long the
+// token is blocked, zero when the request may proceed. The caller holds mu.
+func (s *Server) overLimit(token string) time.Duration {
+	if s.limit == nil {
+		return 0
+	}
+	now := s.now()
+	w := s.limit.tokens[token]
+	if w == nil {
+		w = &tokenWindow{start: now}
+		s.limit.tokens[token] = w
+	}
+	if now.Before(w.blockedUntil) {
+		s.limit.refused++
+		return w.blockedUntil.Sub(now)
+	}
+	if now.Sub(w.start) >= s.limit.window {
+		w.start, w.count = now, 0
+	}
+	w.count++
+	if w.count > s.limit.limit {
+		w.blockedUntil = now.Add(s.limit.window)
+		s.limit.refused++
+		return s.limit.window
+	}
+	return 0
 }
 
 // New returns an empty simulator.

@@ -1,0 +1,303 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+)
+
+// drain runs one scheduler pass now, as the scheduler's loop would.
+func drain(t *testing.T, env *testEnv) {
+	t.Helper()
+	env.b.schedulerMu.Lock()
+	sc := env.b.scheduler
+	env.b.schedulerMu.Unlock()
+	if sc == nil {
+		t.Fatal("the scheduler is not running")
+	}
+	sc.pass(context.Background())
+}
+
+func storedVersion(t *testing.T, env *testEnv, path string) int {
+	t.Helper()
+	return env.must(env.request(logical.ReadOperation, path, nil)).Data["version"].(int)
+}
+
+func TestRotationPeriodRotatesWhenDueAndNeverEarly(t *testing.T) {
+	env := newConfiguredEnv(t)
+	write := env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "2m"}))
+	if write.Data["rotation_period"] != 120 {
+		t.Fatalf("rotation_period = %v, want 120", write.Data["rotation_period"])
+	}
+	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	stored, _ := time.Parse(time.RFC3339Nano, meta.Data["stored_at"].(string))
+	next, _ := time.Parse(time.RFC3339Nano, meta.Data["next_rotation"].(string))
+	if !next.Equal(stored.Add(2 * time.Minute)) {
+		t.Fatalf("next_rotation = %s, want stored_at + 2m = %s", next, stored.Add(2*time.Minute))
+	}
+
+	env.clock.Advance(119 * time.Second)
+	drain(t, env)
+	if v := storedVersion(t, env, env.pskPath()); v != 1 {
+		t.Fatalf("rotated before it was due: version %d", v)
+	}
+	env.clock.Advance(61 * time.Second)
+	drain(t, env)
+	if v := storedVersion(t, env, env.pskPath()); v != 2 {
+		t.Fatalf("not rotated when due: version %d", v)
+	}
+	assertCurrent(t, env, "after the scheduled rotation")
+	meta = env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	if meta.Data["rotation_period"] != 120 || meta.Data["next_rotation"] == next.Format(time.RFC3339Nano) {
+		t.Errorf("after the scheduled rotation: period %v, next %v", meta.Data["rotation_period"], meta.Data["next_rotation"])
+	}
+
+	// An ordinary write keeps the period; rotation_period=0 turns it off.
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	if meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)); meta.Data["rotation_period"] != 120 {
+		t.Errorf("a write without rotation_period dropped it: %v", meta.Data["rotation_period"])
+	}
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": 0}))
+	meta = env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	if meta.Data["rotation_period"] != 0 || meta.Data["next_rotation"] != "" {
+		t.Errorf("rotation_period=0: period %v, next %v", meta.Data["rotation_period"], meta.Data["next_rotation"])
+	}
+	if keys, _ := env.storage.List(context.Background(), duePrefix); len(keys) != 0 {
+		t.Errorf("schedule entries left after turning the schedule off: %v", keys)
+	}
+}
+
+func TestRotationPeriodBelowAMinuteIsRefused(t *testing.T) {
+	env := newConfiguredEnv(t)
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "30s"})
+	if httpStatus(resp, err) != http.StatusBadRequest || !strings.Contains(errorText(resp, err), "at least 1m0s") {
+		t.Fatalf("rotation_period=30s: %d %s", httpStatus(resp, err), errorText(resp, err))
+	}
+	if env.sim.Calls(cloudflaresim.OpPSKGenerate) != 0 {
+		t.Error("a refused write reached Cloudflare")
+	}
+}
+
+// TestRestartNeverRotatesEarlyAndCatchesUp restarts the backend over the
+// same storage: nothing is rotated before its time, and a rotation that fell
+// due while the backend was down happens once, soon after it is back.
+func TestRestartNeverRotatesEarlyAndCatchesUp(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+
+	restart := func() {
+		env.b.Cleanup(context.Background())
+		b := newBackend()
+		b.now = env.clock.Now
+		conf := logical.TestBackendConfig()
+		conf.StorageView = env.storage
+		conf.Logger = env.b.Logger()
+		if err := b.Setup(context.Background(), conf); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Initialize(context.Background(), &logical.InitializationRequest{Storage: env.storage}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { b.Cleanup(context.Background()) })
+		env.b = b
+	}
+	restart()
+	drain(t, env)
+	if v := storedVersion(t, env, env.pskPath()); v != 1 {
+		t.Fatalf("a restart rotated early: version %d", v)
+	}
+	env.clock.Advance(3 * time.Hour) // down past the due time
+	restart()
+	drain(t, env)
+	drain(t, env)
+	if v := storedVersion(t, env, env.pskPath()); v != 2 {
+		t.Fatalf("after coming back past the due time: version %d, want 2 (once)", v)
+	}
+	assertCurrent(t, env, "after catching up")
+}
+
+func TestBulkRotationQueuesReportsAndRecordsFailures(t *testing.T) {
+	env := newConfiguredEnv(t)
+	tunnels := []string{env.tunnel.ID}
+	for i := 0; i < 4; i++ {
+		tunnels = append(tunnels, env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID)
+	}
+	for _, id := range tunnels {
+		env.must(env.request(logical.UpdateOperation, "psk/"+env.account+"/"+id, nil))
+	}
+
+	// older_than leaves out keys stored more recently than that.
+	env.clock.Advance(2 * time.Hour)
+	env.must(env.request(logical.UpdateOperation, "psk/"+env.account+"/"+tunnels[4], nil))
+	queued := env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, map[string]any{"older_than": "1h"}))
+	if queued.Data["queued"] != 4 || queued.Data["expected_finish"] == "" {
+		t.Fatalf("rotate answer = %v", queued.Data)
+	}
+	progress := env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil))
+	if progress.Data["queued"] != 4 || progress.Data["remaining"].(int) > 4 {
+		t.Fatalf("progress before the scheduler ran = %v", progress.Data)
+	}
+
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 403, Errors: []cloudflaresim.Message{{Code: 10000, Message: "Authentication error"}}})
+	for i := 0; i < 3; i++ {
+		drain(t, env)
+	}
+	progress = env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil))
+	failed := progress.Data["failed"].([]map[string]any)
+	if progress.Data["done"] != 3 || len(failed) != 1 || progress.Data["remaining"] != 0 {
+		t.Fatalf("progress after the run = %v", progress.Data)
+	}
+	if reason := failed[0]["reason"].(string); !strings.Contains(reason, "HTTP 403") || !strings.Contains(reason, "code 10000") {
+		t.Errorf("failure reason %q does not carry Cloudflare's answer", reason)
+	}
+	rotated := 0
+	for _, id := range tunnels[:4] {
+		if storedVersion(t, env, "psk/"+env.account+"/"+id) == 2 {
+			rotated++
+		}
+	}
+	if rotated != 3 || storedVersion(t, env, "psk/"+env.account+"/"+tunnels[4]) != 2 {
+		t.Errorf("rotated %d of the 4 old tunnels (want 3), newest at version %d (want 2: only its own write)",
+			rotated, storedVersion(t, env, "psk/"+env.account+"/"+tunnels[4]))
+	}
+}
+
+func TestOverBudgetWritesFailFastWithTheTimeLeft(t *testing.T) {
+	env := newTestEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": env.token.Value, "base_url": env.simURL, "rate_limit": 3, "rate_limit_window": "1m",
+	}))
+	// The token check at config write counted as one call.
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	calls := env.sim.TotalCalls()
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if httpStatus(resp, err) != http.StatusTooManyRequests || !strings.Contains(errorText(resp, err), "budget of 3 Cloudflare calls per 1m0s") {
+		t.Fatalf("over budget: %d %s", httpStatus(resp, err), errorText(resp, err))
+	}
+	if env.sim.TotalCalls() != calls {
+		t.Error("a call over budget was sent")
+	}
+	if meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)); meta.Data["state"] != stateCurrent {
+		t.Errorf("a call that was never sent left state %v", meta.Data["state"])
+	}
+	env.clock.Advance(61 * time.Second)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+}
+
+// TestBulkRotationStaysUnderCloudflaresLimit runs the real scheduler loop
+// against a simulator that enforces Cloudflare's limit (scaled down to a
+// two-second window): every tunnel is rotated and Cloudflare never answers
+// 429.
+func TestBulkRotationStaysUnderCloudflaresLimit(t *testing.T) {
+	env := newTestEnv(t)
+	const limit, window, fleet = 20, 2 * time.Second, 50
+	env.sim.SetRateLimit(limit, window)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": env.token.Value, "base_url": env.simURL, "rate_limit": limit, "rate_limit_window": "2s",
+	}))
+	for i := 0; i < fleet; i++ {
+		id := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
+		if err := writePSKRecord(context.Background(), env.storage, tunnelRef{env.account, id}, &pskRecord{
+			AccountID: env.account, TunnelID: id, PSK: "seeded", Version: 1, State: stateCurrent,
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		p := env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil))
+		if p.Data["done"] == fleet {
+			break
+		}
+		if len(p.Data["failed"].([]map[string]any)) > 0 || time.Now().After(deadline) {
+			t.Fatalf("bulk rotation stalled or failed: %v", p.Data)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n := env.sim.RateLimited(); n != 0 {
+		t.Errorf("Cloudflare answered 429 %d times", n)
+	}
+}
+
+func TestRotationEventsCarryNoSecret(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.events.Lock()
+	defer env.events.Unlock()
+	if len(env.events.Events) != 2 {
+		t.Fatalf("%d events, want 2", len(env.events.Events))
+	}
+	for i, ev := range env.events.Events {
+		if ev.Type != rotateEventType {
+			t.Errorf("event type %q", ev.Type)
+		}
+		fields := ev.Event.Metadata.AsMap()
+		if fields["account_id"] != env.account || fields["tunnel_id"] != env.tunnel.ID || fields["version"] != fmt.Sprint(i+1) || fields["trigger"] != "write" {
+			t.Errorf("event %d = %v", i, fields)
+		}
+		for _, k := range env.edge().GeneratedPSKs {
+			if strings.Contains(fmt.Sprint(fields), k) {
+				t.Error("an event carries a key")
+			}
+		}
+	}
+}
+
+func TestTunnelDiscoveryShowsWhatVaultManages(t *testing.T) {
+	env := newConfiguredEnv(t)
+	unmanaged := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{Name: "branch_2", CustomerEndpoint: "198.51.100.9"})
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+
+	list := env.must(env.request(logical.ListOperation, "tunnels/"+env.account+"/", nil))
+	info := list.Data["key_info"].(map[string]any)
+	if len(list.Data["keys"].([]string)) != 2 {
+		t.Fatalf("keys = %v", list.Data["keys"])
+	}
+	if m := info[env.tunnel.ID].(map[string]any); m["managed"] != true || m["psk_last_generated_on"] == "" {
+		t.Errorf("managed tunnel: %v", m)
+	}
+	if m := info[unmanaged.ID].(map[string]any); m["managed"] != false || m["name"] != "branch_2" || m["customer_endpoint"] != "198.51.100.9" || m["interface_address"] == "" {
+		t.Errorf("unmanaged tunnel: %v", m)
+	}
+	one := env.must(env.request(logical.ReadOperation, "tunnels/"+env.account+"/"+unmanaged.ID, nil))
+	if one.Data["managed"] != false || one.Data["tunnel_id"] != unmanaged.ID {
+		t.Errorf("read tunnel = %v", one.Data)
+	}
+	for _, r := range []*logical.Response{list, one} {
+		if strings.Contains(responseJSON(t, r), env.edge().PSK) || strings.Contains(responseJSON(t, r), `"psk"`) {
+			t.Error("discovery shows a key")
+		}
+	}
+}
+
+func TestCleanStopsTheScheduler(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.b.schedulerMu.Lock()
+	sc := env.b.scheduler
+	env.b.schedulerMu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		env.b.Cleanup(context.Background())
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Clean did not return")
+	}
+	select {
+	case <-sc.done:
+	default:
+		t.Fatal("the scheduler loop is still running after Clean")
+	}
+}
