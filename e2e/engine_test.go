@@ -352,6 +352,9 @@ func TestEngineOnDevServer(t *testing.T) {
 			"/cloudflare-ipsec/psk/":                        {"get"},
 			"/cloudflare-ipsec/metadata/{account}/":         {"get"},
 			"/cloudflare-ipsec/metadata/":                   {"get"},
+			"/cloudflare-ipsec/rotate/{account}":            {"get", "post"},
+			"/cloudflare-ipsec/tunnels/{account}/":          {"get"},
+			"/cloudflare-ipsec/tunnels/{account}/{tunnel}":  {"get"},
 		}
 		for p, ops := range want {
 			item, ok := paths[p].(map[string]any)

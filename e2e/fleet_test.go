@@ -1,0 +1,103 @@
+package e2e
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+)
+
+// TestFleetRotationOnARealServer covers discovery, scheduled rotation (the
+// shortest period, one minute, so the test waits for the scheduler) and bulk
+// rotation of an account through the vault CLI and the HTTP API.
+func TestFleetRotationOnARealServer(t *testing.T) {
+	sim, baseURL := simulator(t)
+	secrets := &secretSet{source: sim.IssuedSecrets}
+	token := sim.AddToken(cloudflaresim.Token{})
+	account := cloudflaresim.NewID()
+	var tunnels []string
+	for i := 0; i < 5; i++ {
+		tunnels = append(tunnels, sim.AddTunnel(account, cloudflaresim.Tunnel{Name: fmt.Sprintf("branch_%d", i)}).ID)
+	}
+	psk := func(tun string) string { return "cloudflare-ipsec/psk/" + account + "/" + tun }
+	v := startDevServer(t, secrets)
+	root := v.rootToken
+	v.mountEngine(t, baseURL, token.Value)
+
+	t.Run("discovery shows which tunnels Vault manages", func(t *testing.T) {
+		for _, tun := range tunnels[:3] {
+			v.mustVault(t, root, "write", "-f", psk(tun))
+		}
+		status, body := v.api(t, root, "LIST", "cloudflare-ipsec/tunnels/"+account, nil)
+		if status != http.StatusOK {
+			t.Fatalf("LIST tunnels: HTTP %d", status)
+		}
+		info := body["data"].(map[string]any)["key_info"].(map[string]any)
+		for i, tun := range tunnels {
+			m, ok := info[tun].(map[string]any)
+			if !ok {
+				t.Fatalf("tunnel %s missing from discovery", tun)
+			}
+			if m["managed"] != (i < 3) || m["name"] != fmt.Sprintf("branch_%d", i) {
+				t.Errorf("tunnel %d: %v", i, m)
+			}
+		}
+		if strings.Contains(fmt.Sprint(body), `psk:`) {
+			t.Error("discovery shows a key")
+		}
+	})
+
+	t.Run("bulk rotation of an account", func(t *testing.T) {
+		queued := v.mustVaultJSON(t, root, "write", "-f", "cloudflare-ipsec/rotate/"+account)
+		if fmt.Sprint(field(t, queued, "queued")) != "3" {
+			t.Fatalf("queued = %v, want 3", field(t, queued, "queued"))
+		}
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			p := v.mustVaultJSON(t, root, "read", "cloudflare-ipsec/rotate/"+account)
+			if fmt.Sprint(field(t, p, "done")) == "3" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("bulk rotation did not finish: %v", p["data"])
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		for _, tun := range tunnels[:3] {
+			read := v.mustVaultJSON(t, root, "read", psk(tun))
+			edge, _ := sim.Tunnel(account, tun)
+			if fmt.Sprint(field(t, read, "version")) != "2" || field(t, read, "psk") != edge.PSK {
+				t.Errorf("tunnel %s after bulk rotation: version %v, key is the edge's: %v", tun[:8], field(t, read, "version"), field(t, read, "psk") == edge.PSK)
+			}
+		}
+	})
+
+	t.Run("rotation_period rotates the tunnel again", func(t *testing.T) {
+		v.mustVault(t, root, "write", psk(tunnels[3]), "rotation_period=1m")
+		meta := v.mustVaultJSON(t, root, "read", "cloudflare-ipsec/metadata/"+account+"/"+tunnels[3])
+		if fmt.Sprint(field(t, meta, "rotation_period")) != "60" || field(t, meta, "next_rotation") == "" {
+			t.Fatalf("metadata = %v", meta["data"])
+		}
+		deadline := time.Now().Add(150 * time.Second)
+		for {
+			read := v.mustVaultJSON(t, root, "read", psk(tunnels[3]))
+			if fmt.Sprint(field(t, read, "version")) == "2" {
+				edge, _ := sim.Tunnel(account, tunnels[3])
+				if field(t, read, "psk") != edge.PSK || field(t, read, "state") != "current" {
+					t.Error("the scheduled rotation left Vault without the edge's key")
+				}
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the scheduler did not rotate the tunnel within two and a half minutes of a one-minute period")
+			}
+			time.Sleep(2 * time.Second)
+		}
+	})
+
+	assertNoSecretsIn(t, secrets, "the server log", v.log())
+	assertNoDataRace(t, v.log())
+}
