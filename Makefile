@@ -5,7 +5,7 @@ VERSION     ?= v0.1.0-dev
 LDFLAGS     := -X main.version=$(VERSION)
 GO_TEST     := go test -race -count=1 -timeout 30m
 
-.PHONY: build sim vault dev test test-unit test-e2e vet fmt clean
+.PHONY: build sim vault dev test test-unit test-e2e bench vet fmt clean
 
 ## build: the plugin binary, into bin/plugins/ (Vault's plugin directory for make dev)
 build:
@@ -32,6 +32,10 @@ test-unit:
 
 test-e2e: vault
 	$(GO_TEST) ./e2e/...
+
+## bench: the four figures of docs/benchmarks.md (a few minutes; no -race)
+bench: vault
+	go test -run '^$$' -bench . -benchtime 1x -count 1 -timeout 30m . ./e2e/
 
 vet:
 	go vet ./...

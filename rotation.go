@@ -102,7 +102,9 @@ func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *c
 			b.Logger().Warn("could not drop a superseded schedule entry", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
 		}
 	}
-	b.sendRotateEvent(ctx, rec, trigger)
+	// Events are best effort and go to Vault over a round trip of their
+	// own, so they do not hold up the answer.
+	go b.sendRotateEvent(context.WithoutCancel(ctx), rec, trigger)
 	if err := clearUnresolved(ctx, s, t); err != nil {
 		// The record is current; a marker left behind is cleared by the
 		// next background pass.

@@ -232,17 +232,28 @@ func TestRotationEventsCarryNoSecret(t *testing.T) {
 	env := newConfiguredEnv(t)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	// Events are sent in the background.
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		env.events.Lock()
+		n := len(env.events.Events)
+		env.events.Unlock()
+		if n >= 2 {
+			break
+		}
+	}
 	env.events.Lock()
 	defer env.events.Unlock()
 	if len(env.events.Events) != 2 {
 		t.Fatalf("%d events, want 2", len(env.events.Events))
 	}
+	versions := map[any]bool{}
 	for i, ev := range env.events.Events {
 		if ev.Type != rotateEventType {
 			t.Errorf("event type %q", ev.Type)
 		}
 		fields := ev.Event.Metadata.AsMap()
-		if fields["account_id"] != env.account || fields["tunnel_id"] != env.tunnel.ID || fields["version"] != fmt.Sprint(i+1) || fields["trigger"] != "write" {
+		versions[fields["version"]] = true
+		if fields["account_id"] != env.account || fields["tunnel_id"] != env.tunnel.ID || fields["trigger"] != "write" {
 			t.Errorf("event %d = %v", i, fields)
 		}
 		for _, k := range env.edge().GeneratedPSKs {
@@ -250,6 +261,9 @@ func TestRotationEventsCarryNoSecret(t *testing.T) {
 				t.Error("an event carries a key")
 			}
 		}
+	}
+	if !versions["1"] || !versions["2"] {
+		t.Errorf("event versions = %v, want 1 and 2", versions)
 	}
 }
 

@@ -31,8 +31,9 @@ import (
 const pluginName = "vault-plugin-secrets-cloudflare-ipsec"
 
 // suite holds what TestMain prepares once: the Vault binary and a plugin
-// built from this tree (with the race detector, so a data race inside the
-// plugin under a real server shows in the server's log).
+// built from this tree (with the race detector when the suite runs with it,
+// so a data race inside the plugin under a real server shows in the
+// server's log).
 var suite struct {
 	vaultBin  string
 	pluginDir string
@@ -67,7 +68,11 @@ func runSuite(m *testing.M) int {
 	suite.pluginDir = dir
 	suite.version = "v0.0.0-e2e"
 	bin := filepath.Join(dir, pluginName)
-	build := exec.Command("go", "build", "-race", "-ldflags", "-X main.version="+suite.version, "-o", bin, ".")
+	args := []string{"build", "-ldflags", "-X main.version=" + suite.version, "-o", bin}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	build := exec.Command("go", append(args, ".")...)
 	build.Dir = root
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
@@ -85,7 +90,7 @@ func runSuite(m *testing.M) int {
 }
 
 // simulator serves a fresh Cloudflare simulator on loopback.
-func simulator(t *testing.T) (*cloudflaresim.Server, string) {
+func simulator(t testing.TB) (*cloudflaresim.Server, string) {
 	t.Helper()
 	sim := cloudflaresim.New()
 	srv := httptest.NewServer(sim)
@@ -138,7 +143,7 @@ func (s *secretSet) redact(text string) string {
 	return text
 }
 
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	for i := 0; i < 20; i++ {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -157,8 +162,17 @@ func freePort(t *testing.T) int {
 	return 0
 }
 
-// startDevServer starts `vault server -dev` with the plugin directory set.
-func startDevServer(t *testing.T, secrets *secretSet) *vaultServer {
+// startDevServer starts `vault server -dev` with the plugin directory set,
+// logging at trace so that the secret checks search everything the plugin
+// and Vault can log.
+func startDevServer(t testing.TB, secrets *secretSet) *vaultServer {
+	t.Helper()
+	return startDevServerAt(t, secrets, "trace")
+}
+
+// startDevServerAt starts a dev server at a given log level; benchmarks use
+// info, as a production server would.
+func startDevServerAt(t testing.TB, secrets *secretSet, logLevel string) *vaultServer {
 	t.Helper()
 	dir := t.TempDir()
 	port := freePort(t)
@@ -166,7 +180,7 @@ func startDevServer(t *testing.T, secrets *secretSet) *vaultServer {
 	writeFile(t, filepath.Join(dir, "plugins.hcl"), cfg)
 	v := &vaultServer{dir: dir, addr: fmt.Sprintf("http://127.0.0.1:%d", port), rootToken: "root", secrets: secrets}
 	v.start(t, "server", "-dev", "-dev-root-token-id=root", fmt.Sprintf("-dev-listen-address=127.0.0.1:%d", port),
-		"-config="+filepath.Join(dir, "plugins.hcl"), "-log-level=trace")
+		"-config="+filepath.Join(dir, "plugins.hcl"), "-log-level="+logLevel)
 	v.waitReady(t)
 	return v
 }
@@ -174,7 +188,7 @@ func startDevServer(t *testing.T, secrets *secretSet) *vaultServer {
 // startFileServer starts a server with file storage in dir, so that it can be
 // stopped and started again over the same data. The caller initialises or
 // unseals it.
-func startFileServer(t *testing.T, dir string, port int, secrets *secretSet) *vaultServer {
+func startFileServer(t testing.TB, dir string, port int, secrets *secretSet) *vaultServer {
 	t.Helper()
 	cfg := fmt.Sprintf(`
 storage "file" { path = %q }
@@ -196,7 +210,7 @@ log_level        = "trace"
 	return v
 }
 
-func (v *vaultServer) start(t *testing.T, args ...string) {
+func (v *vaultServer) start(t testing.TB, args ...string) {
 	t.Helper()
 	v.logPath = filepath.Join(v.dir, fmt.Sprintf("vault-%d.log", time.Now().UnixNano()))
 	logFile, err := os.Create(v.logPath)
@@ -236,7 +250,7 @@ func (v *vaultServer) stop() {
 }
 
 // waitReady polls sys/health until the server answers (sealed or not).
-func (v *vaultServer) waitReady(t *testing.T) {
+func (v *vaultServer) waitReady(t testing.TB) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
@@ -281,12 +295,12 @@ type cliResult struct {
 }
 
 // vault runs the CLI against this server with a token.
-func (v *vaultServer) vault(t *testing.T, token string, args ...string) cliResult {
+func (v *vaultServer) vault(t testing.TB, token string, args ...string) cliResult {
 	t.Helper()
 	return v.run(t, "table", token, args...)
 }
 
-func (v *vaultServer) run(t *testing.T, format, token string, args ...string) cliResult {
+func (v *vaultServer) run(t testing.TB, format, token string, args ...string) cliResult {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -305,12 +319,12 @@ func (v *vaultServer) run(t *testing.T, format, token string, args ...string) cl
 }
 
 // mustVault runs the CLI and fails the test unless it succeeds.
-func (v *vaultServer) mustVault(t *testing.T, token string, args ...string) string {
+func (v *vaultServer) mustVault(t testing.TB, token string, args ...string) string {
 	t.Helper()
 	return v.mustRun(t, "table", token, args...)
 }
 
-func (v *vaultServer) mustRun(t *testing.T, format, token string, args ...string) string {
+func (v *vaultServer) mustRun(t testing.TB, format, token string, args ...string) string {
 	t.Helper()
 	res := v.run(t, format, token, args...)
 	if res.code != 0 {
@@ -320,12 +334,12 @@ func (v *vaultServer) mustRun(t *testing.T, format, token string, args ...string
 }
 
 // mustVaultJSON runs the CLI with VAULT_FORMAT=json and decodes its output.
-func (v *vaultServer) mustVaultJSON(t *testing.T, token string, args ...string) map[string]any {
+func (v *vaultServer) mustVaultJSON(t testing.TB, token string, args ...string) map[string]any {
 	t.Helper()
 	return decodeJSON(t, v.mustRun(t, "json", token, args...))
 }
 
-func decodeJSON(t *testing.T, out string) map[string]any {
+func decodeJSON(t testing.TB, out string) map[string]any {
 	t.Helper()
 	var decoded map[string]any
 	if err := json.Unmarshal([]byte(out), &decoded); err != nil {
@@ -335,7 +349,7 @@ func decodeJSON(t *testing.T, out string) map[string]any {
 }
 
 // api calls Vault's HTTP API as a provisioning tool would.
-func (v *vaultServer) api(t *testing.T, token, method, path string, body any) (int, map[string]any) {
+func (v *vaultServer) api(t testing.TB, token, method, path string, body any) (int, map[string]any) {
 	t.Helper()
 	var reader io.Reader
 	if body != nil {
@@ -370,7 +384,7 @@ func (v *vaultServer) api(t *testing.T, token, method, path string, body any) (i
 
 // mountEngine registers the plugin by SHA-256, enables it at
 // cloudflare-ipsec/ and configures it against the simulator.
-func (v *vaultServer) mountEngine(t *testing.T, baseURL, apiToken string) {
+func (v *vaultServer) mountEngine(t testing.TB, baseURL, apiToken string) {
 	t.Helper()
 	v.mustVault(t, v.rootToken, "plugin", "register", "-sha256="+suite.pluginSHA, "secret", pluginName)
 	v.mustVault(t, v.rootToken, "secrets", "enable", "-path=cloudflare-ipsec", pluginName)
@@ -378,7 +392,7 @@ func (v *vaultServer) mountEngine(t *testing.T, baseURL, apiToken string) {
 }
 
 // assertNoSecretsIn fails if any secret occurs in text; what names the text.
-func assertNoSecretsIn(t *testing.T, secrets *secretSet, what, text string) {
+func assertNoSecretsIn(t testing.TB, secrets *secretSet, what, text string) {
 	t.Helper()
 	all := secrets.all()
 	if len(all) == 0 {
@@ -393,21 +407,21 @@ func assertNoSecretsIn(t *testing.T, secrets *secretSet, what, text string) {
 
 // assertNoDataRace fails if the race detector reported anything in the
 // server's log (the plugin's stderr reaches it).
-func assertNoDataRace(t *testing.T, log string) {
+func assertNoDataRace(t testing.TB, log string) {
 	t.Helper()
 	if strings.Contains(log, "WARNING: DATA RACE") {
 		t.Error("the race detector reported a data race in the plugin; see the server log")
 	}
 }
 
-func writeFile(t *testing.T, path, content string) {
+func writeFile(t testing.TB, path, content string) {
 	t.Helper()
 	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
 		t.Fatal(err)
 	}
 }
 
-func field(t *testing.T, secret map[string]any, name string) any {
+func field(t testing.TB, secret map[string]any, name string) any {
 	t.Helper()
 	data, ok := secret["data"].(map[string]any)
 	if !ok {
@@ -417,7 +431,7 @@ func field(t *testing.T, secret map[string]any, name string) any {
 }
 
 // pluginPIDs returns the processes running this suite's plugin binary.
-func pluginPIDs(t *testing.T) []int {
+func pluginPIDs(t testing.TB) []int {
 	t.Helper()
 	bin := filepath.Join(suite.pluginDir, pluginName)
 	entries, err := os.ReadDir("/proc")
@@ -441,7 +455,7 @@ func pluginPIDs(t *testing.T) []int {
 	return pids
 }
 
-func mkdir(t *testing.T, dir string) {
+func mkdir(t testing.TB, dir string) {
 	t.Helper()
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)

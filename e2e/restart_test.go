@@ -74,7 +74,7 @@ func TestPSKSurvivesRestart(t *testing.T) {
 }
 
 // waitActive waits until the server is unsealed and active.
-func waitActive(t *testing.T, v *vaultServer) {
+func waitActive(t testing.TB, v *vaultServer) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {

@@ -91,6 +91,7 @@ func (s *Server) countCall(op Operation) (Fault, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.calls[op]++
+	s.callTimes = append(s.callTimes, s.now())
 	queue := s.faults[op]
 	if len(queue) == 0 {
 		return Fault{}, false

@@ -78,6 +78,8 @@ type Server struct {
 	mux    *http.ServeMux
 	now    func() time.Time
 	limit  *rateLimit
+	// callTimes is when each request arrived, for pacing measurements.
+	callTimes []time.Time
 }
 
 // rateLimit plays Cloudflare's per-token limit: limit requests per fixed
@@ -239,6 +241,13 @@ func (s *Server) Calls(op Operation) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.calls[op]
+}
+
+// CallTimes returns when each request reached an operation, in order.
+func (s *Server) CallTimes() []time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]time.Time(nil), s.callTimes...)
 }
 
 // TotalCalls returns how many requests reached any operation.

@@ -1,0 +1,118 @@
+package e2e
+
+import (
+	"bytes"
+	"net/http"
+	"sort"
+	"testing"
+	"time"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+)
+
+// These benchmarks run against a real Vault server; `make bench` runs them
+// with -benchtime=1x, each measuring a fixed number of requests and
+// reporting medians, so a run is comparable with another on the same machine.
+
+const benchRequests = 2000
+
+func median(d []time.Duration) time.Duration {
+	s := append([]time.Duration(nil), d...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)/2]
+}
+
+func timeRequest(b *testing.B, client *http.Client, req func() *http.Request) time.Duration {
+	start := time.Now()
+	resp, err := client.Do(req())
+	if err != nil {
+		b.Fatal(err)
+	}
+	_, _ = bytes.NewBuffer(nil).ReadFrom(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b.Fatalf("HTTP %d", resp.StatusCode)
+	}
+	return time.Since(start)
+}
+
+// BenchmarkPSKReadVsKVv2Read reads a stored PSK and a KV v2 secret on the same
+// server, alternately, and reports both medians and their ratio.
+func BenchmarkPSKReadVsKVv2Read(b *testing.B) {
+	t := b
+	sim, baseURL := simulator(b)
+	secrets := &secretSet{source: sim.IssuedSecrets}
+	token := sim.AddToken(cloudflaresim.Token{})
+	account := cloudflaresim.NewID()
+	tunnel := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
+	v := startDevServerAt(b, secrets, "info")
+	v.mountEngine(t, baseURL, token.Value)
+	v.mustVault(t, v.rootToken, "write", "-f", "cloudflare-ipsec/psk/"+account+"/"+tunnel)
+	v.mustVault(t, v.rootToken, "kv", "put", "secret/router", "psk=not-a-real-key-0123456789")
+	client := &http.Client{}
+	get := func(path string) func() *http.Request {
+		return func() *http.Request {
+			req, _ := http.NewRequest("GET", v.addr+"/v1/"+path, nil)
+			req.Header.Set("X-Vault-Token", v.rootToken)
+			return req
+		}
+	}
+	pskReq, kvReq := get("cloudflare-ipsec/psk/"+account+"/"+tunnel), get("secret/data/router")
+	for i := 0; i < 200; i++ { // warm up both paths
+		timeRequest(b, client, pskReq)
+		timeRequest(b, client, kvReq)
+	}
+	var psk, kv []time.Duration
+	b.ResetTimer()
+	for i := 0; i < benchRequests; i++ {
+		psk = append(psk, timeRequest(b, client, pskReq))
+		kv = append(kv, timeRequest(b, client, kvReq))
+	}
+	b.StopTimer()
+	pm, km := median(psk), median(kv)
+	b.ReportMetric(float64(pm.Microseconds()), "psk-median-µs")
+	b.ReportMetric(float64(km.Microseconds()), "kv-median-µs")
+	b.ReportMetric(float64(pm)/float64(km), "psk/kv-ratio")
+}
+
+// BenchmarkRotationOverhead compares a rotation through Vault (HTTP API
+// write of psk/...) with the bare psk_generate call to the same simulator,
+// and reports the engine's overhead as the difference of the medians.
+func BenchmarkRotationOverhead(b *testing.B) {
+	t := b
+	sim, baseURL := simulator(b)
+	secrets := &secretSet{source: sim.IssuedSecrets}
+	token := sim.AddToken(cloudflaresim.Token{})
+	account := cloudflaresim.NewID()
+	viaVault := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
+	bare := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
+	v := startDevServerAt(b, secrets, "info")
+	v.mountEngine(t, baseURL, token.Value)
+	client := &http.Client{}
+	rotate := func() *http.Request {
+		req, _ := http.NewRequest("POST", v.addr+"/v1/cloudflare-ipsec/psk/"+account+"/"+viaVault, bytes.NewReader([]byte("{}")))
+		req.Header.Set("X-Vault-Token", v.rootToken)
+		return req
+	}
+	generate := func() *http.Request {
+		req, _ := http.NewRequest("POST", baseURL+"/accounts/"+account+"/magic/ipsec_tunnels/"+bare+"/psk_generate", bytes.NewReader([]byte("{}")))
+		req.Header.Set("Authorization", "Bearer "+token.Value)
+		req.Header.Set("Content-Type", "application/json")
+		return req
+	}
+	const n = 500 // within the default budget of 600 calls per 5 minutes
+	for i := 0; i < 20; i++ {
+		timeRequest(b, client, generate)
+	}
+	var viaVaultTimes, bareTimes []time.Duration
+	b.ResetTimer()
+	for i := 0; i < n; i++ {
+		viaVaultTimes = append(viaVaultTimes, timeRequest(b, client, rotate))
+		bareTimes = append(bareTimes, timeRequest(b, client, generate))
+	}
+	b.StopTimer()
+	vm, bm := median(viaVaultTimes), median(bareTimes)
+	b.ReportMetric(float64(vm.Microseconds())/1000, "rotate-median-ms")
+	b.ReportMetric(float64(bm.Microseconds())/1000, "bare-generate-median-ms")
+	b.ReportMetric(float64((vm-bm).Microseconds())/1000, "overhead-ms")
+}
