@@ -54,6 +54,9 @@ type backend struct {
 	scheduler   *scheduler
 	// bulkMu serialises updates of bulk job progress records.
 	bulkMu sync.Mutex
+	// configMu serialises config writes and root token rotation, which both
+	// read, call Cloudflare and store config.
+	configMu sync.Mutex
 
 	// now is the clock; tests move it to pass settle windows and rate-limit
 	// blocks without sleeping.
@@ -79,7 +82,7 @@ func newBackend() *backend {
 			SealWrapStorage: []string{configStorageKey, pskStoragePrefix},
 		},
 		Paths: framework.PathAppend(
-			[]*framework.Path{pathConfig(b)},
+			[]*framework.Path{pathConfig(b), pathConfigRotateRoot(b)},
 			pathPSK(b),
 			pathMetadata(b),
 			pathRotate(b),
@@ -224,6 +227,9 @@ func rejectUnknownFields(req *logical.Request, d *framework.FieldData) *logical.
 func cloudflareFailure(subject string, err error) (*logical.Response, error) {
 	msg := fmt.Sprintf("%s: %v", subject, err)
 	var apiErr *cloudflare.APIError
+	if errors.As(err, &apiErr) && apiErr.TokenRefused() {
+		msg += "; Cloudflare refused the engine's API token (invalid, expired, disabled or rolled elsewhere): write a working api_token to this mount's config"
+	}
 	if errors.As(err, &apiErr) {
 		switch {
 		case apiErr.RateLimited():

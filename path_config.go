@@ -47,6 +47,20 @@ type configRecord struct {
 	TokenExpiresOn time.Time `json:"token_expires_on"`
 	TokenNotBefore time.Time `json:"token_not_before"`
 	VerifiedAt     time.Time `json:"verified_at"`
+	// LastRotated is when config/rotate-root last rolled the token.
+	LastRotated time.Time `json:"last_rotated"`
+}
+
+// tokenExpiryWarning is how close to its expiry a token draws a warning.
+const tokenExpiryWarning = 30 * 24 * time.Hour
+
+// expiryWarnings warns when the token expires soon.
+func (c *configRecord) expiryWarnings(now time.Time) []string {
+	if c.TokenExpiresOn.IsZero() || c.TokenExpiresOn.Sub(now) > tokenExpiryWarning {
+		return nil
+	}
+	return []string{fmt.Sprintf("the API token %s expires on %s, in %s: create a new token at Cloudflare and write it to config before then",
+		c.TokenID, formatTime(c.TokenExpiresOn), c.TokenExpiresOn.Sub(now).Round(time.Hour))}
 }
 
 // rateLimit returns the mount's cap, defaulted for records written before
@@ -187,10 +201,13 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 		"token_expires_on":  formatTime(cfg.TokenExpiresOn),
 		"token_not_before":  formatTime(cfg.TokenNotBefore),
 		"token_verified_at": formatTime(cfg.VerifiedAt),
-	}}, nil
+		"last_rotated":      formatTime(cfg.LastRotated),
+	}, Warnings: cfg.expiryWarnings(b.now())}, nil
 }
 
 func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	b.configMu.Lock()
+	defer b.configMu.Unlock()
 	cfg, err := readConfig(ctx, req.Storage)
 	if err != nil {
 		return nil, err
@@ -217,9 +234,7 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	if !status.Active() {
 		return logical.ErrorResponse(fmt.Sprintf("cloudflare reports the API token %s as %q, not active: nothing was stored", status.ID, status.Status)), nil
 	}
-	cfg.TokenID, cfg.TokenStatus = status.ID, status.Status
-	cfg.TokenExpiresOn, cfg.TokenNotBefore = status.ExpiresOn, status.NotBefore
-	cfg.VerifiedAt = time.Now().UTC()
+	cfg.applyVerification(status, b.now())
 
 	entry, err := logical.StorageEntryJSON(configStorageKey, cfg)
 	if err != nil {
@@ -234,7 +249,16 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	b.client, b.config = nil, nil
 	b.budget.Resize(cfg.rateLimit())
 	b.Logger().Info("config written", "token_id", cfg.TokenID, "base_url", cfg.BaseURL)
+	if warnings := cfg.expiryWarnings(b.now()); len(warnings) > 0 {
+		return &logical.Response{Warnings: warnings}, nil
+	}
 	return nil, nil
+}
+
+func (c *configRecord) applyVerification(status *cloudflare.TokenStatus, now time.Time) {
+	c.TokenID, c.TokenStatus = status.ID, status.Status
+	c.TokenExpiresOn, c.TokenNotBefore = status.ExpiresOn, status.NotBefore
+	c.VerifiedAt = now.UTC()
 }
 
 // applyConfigFields copies the request's fields onto cfg and validates the

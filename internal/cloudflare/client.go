@@ -57,6 +57,8 @@ type Client struct {
 	tunnels       *magic_transit.IPSECTunnelService
 	userTokens    *user.TokenService
 	accountTokens *accounts.TokenService
+	userRolls     *user.TokenValueService
+	accountRolls  *accounts.TokenValueService
 }
 
 // New builds a Client. It does no I/O.
@@ -103,6 +105,8 @@ func New(cfg Config) (*Client, error) {
 		tunnels:       magic_transit.NewIPSECTunnelService(opts...),
 		userTokens:    user.NewTokenService(opts...),
 		accountTokens: accounts.NewTokenService(opts...),
+		userRolls:     user.NewTokenValueService(opts...),
+		accountRolls:  accounts.NewTokenValueService(opts...),
 	}, nil
 }
 
@@ -197,6 +201,36 @@ func (c *Client) VerifyToken(ctx context.Context, accountID string) (*TokenStatu
 		return nil, &MalformedResponseError{Op: OpVerifyToken, Reason: "the answer has no token id or status"}
 	}
 	return status, nil
+}
+
+// RollToken gives the client's own token (tokenID) a new value and returns
+// it. Cloudflare invalidates the old value at once, so the call is never
+// retried: after a lost answer neither value may work. accountID selects the
+// account-owned token endpoint; empty means a user token.
+func (c *Client) RollToken(ctx context.Context, accountID, tokenID string) (string, error) {
+	if err := c.checkBlock(OpRollToken); err != nil {
+		return "", err
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+
+	var value *string
+	var err error
+	if accountID == "" {
+		value, err = c.userRolls.Update(ctx, tokenID, user.TokenValueUpdateParams{Body: map[string]any{}})
+	} else {
+		params := accounts.TokenValueUpdateParams{Body: map[string]any{}}
+		setField(&params.AccountID.Value, &params.AccountID.Present, accountID)
+		value, err = c.accountRolls.Update(ctx, tokenID, params)
+	}
+	if err != nil {
+		return "", c.describe(OpRollToken, err)
+	}
+	// The schema gives a token value 40 to 80 characters.
+	if value == nil || len(*value) < 40 || len(*value) > 80 || strings.ContainsFunc(*value, func(r rune) bool { return r <= ' ' || r > '~' }) {
+		return "", &MalformedResponseError{Op: OpRollToken, Reason: "the answer has no usable token value"}
+	}
+	return *value, nil
 }
 
 // TunnelState is Cloudflare's record of one tunnel. It never holds a key:

@@ -23,6 +23,7 @@ const (
 	OpVerifyToken Op = "verify token"
 	OpGetTunnel   Op = "get tunnel"
 	OpListTunnels Op = "list tunnels"
+	OpRollToken   Op = "roll token"
 )
 
 // Error is implemented by every error a Client call returns, so a caller can
@@ -78,6 +79,17 @@ func (e *APIError) Error() string {
 		fmt.Fprintf(&b, " (retry after %s)", e.RetryAfter)
 	}
 	return b.String()
+}
+
+// TokenRefused reports whether Cloudflare refused the API token itself
+// (invalid, expired, disabled or rolled), as opposed to the request.
+func (e *APIError) TokenRefused() bool {
+	for _, m := range e.Errors {
+		if m.Code == 9109 || m.Code == 1000 && strings.Contains(strings.ToLower(m.Message), "invalid api token") {
+			return true
+		}
+	}
+	return false
 }
 
 // Rejected reports whether Cloudflare refused the request itself (a 4xx other

@@ -54,6 +54,8 @@ func (s *Server) routes() {
 	s.handle("GET", "/accounts/{account_id}/magic/ipsec_tunnels", OpTunnelList, s.tunnelList)
 	s.handle("GET", "/user/tokens/verify", OpUserTokenVerify, s.userTokenVerify)
 	s.handle("GET", "/accounts/{account_id}/tokens/verify", OpAccountTokenVerify, s.accountTokenVerify)
+	s.handle("PUT", "/user/tokens/{token_id}/value", OpUserTokenRoll, s.userTokenRoll)
+	s.handle("PUT", "/accounts/{account_id}/tokens/{token_id}/value", OpAccountTokenRoll, s.accountTokenRoll)
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeFailure(w, http.StatusNotFound, errNoRoute)
 	})
@@ -282,6 +284,49 @@ func (s *Server) tokenVerify(w http.ResponseWriter, r *http.Request, accountID s
 		messages = []Message{msgTokenActive}
 	}
 	writeEnvelope(w, http.StatusOK, envelope{Success: true, Messages: messages, Result: result})
+}
+
+func (s *Server) userTokenRoll(w http.ResponseWriter, r *http.Request) {
+	s.tokenRoll(w, r, "")
+}
+
+func (s *Server) accountTokenRoll(w http.ResponseWriter, r *http.Request) {
+	accountID := r.PathValue("account_id")
+	if !identifierPattern.MatchString(accountID) {
+		writeFailure(w, http.StatusBadRequest, errNoRoute)
+		return
+	}
+	s.tokenRoll(w, r, accountID)
+}
+
+// tokenRoll lets an active token roll its own value (Cloudflare also lets a
+// token with "API Tokens Write" roll others; the engine only rolls its own).
+func (s *Server) tokenRoll(w http.ResponseWriter, r *http.Request, accountID string) {
+	value, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok || value == "" {
+		writeFailure(w, http.StatusBadRequest, errBadHeaders)
+		return
+	}
+	var body map[string]any
+	if json.NewDecoder(io.LimitReader(r.Body, 1<<16)).Decode(&body) != nil || body == nil {
+		writeFailure(w, http.StatusBadRequest, errBodyNotJSON)
+		return
+	}
+	s.mu.Lock()
+	t, known := s.tokens[value]
+	if !known || t.Status != "active" || t.OwnerAccount != accountID {
+		s.mu.Unlock()
+		writeFailure(w, http.StatusForbidden, errInvalidToken)
+		return
+	}
+	if t.ID != r.PathValue("token_id") {
+		s.mu.Unlock()
+		writeFailure(w, http.StatusForbidden, errAuthentication)
+		return
+	}
+	rolled := s.rollToken(value)
+	s.mu.Unlock()
+	writeSuccess(w, rolled)
 }
 
 func formatTime(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }

@@ -142,6 +142,7 @@ func TestAnswersSatisfyCloudflaresSchema(t *testing.T) {
 	f := newFixture(t)
 	tunnelPath := "/accounts/" + f.account + "/magic/ipsec_tunnels/" + f.tunnel
 	accountOwned := f.sim.AddToken(cloudflaresim.Token{OwnerAccount: f.account})
+	rollable := f.sim.AddToken(cloudflaresim.Token{})
 
 	cases := []struct {
 		name       string
@@ -165,6 +166,7 @@ func TestAnswersSatisfyCloudflaresSchema(t *testing.T) {
 		{"malformed identifier", nil, "GET", "/accounts/xyz/magic/ipsec_tunnels/" + f.tunnel, f.token.Value, nil, 400, "failure_envelope"},
 		{"no body", nil, "POST", tunnelPath + "/psk_generate", f.token.Value, nil, 400, "failure_envelope"},
 		{"unrouted path", nil, "GET", "/zones", f.token.Value, nil, 404, "failure_envelope"},
+		{"user token roll", nil, "PUT", "/user/tokens/" + rollable.ID + "/value", rollable.Value, []byte(`{}`), 200, "token_roll_200"},
 		{"injected 503", func() { f.sim.FailNext(cloudflaresim.OpTunnelGet, cloudflaresim.Fault{Status: 503}) },
 			"GET", tunnelPath, f.token.Value, nil, 503, "failure_envelope"},
 	}

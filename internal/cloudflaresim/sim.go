@@ -29,6 +29,8 @@ const (
 	OpTunnelList         Operation = "tunnel_list"
 	OpUserTokenVerify    Operation = "user_token_verify"
 	OpAccountTokenVerify Operation = "account_token_verify"
+	OpUserTokenRoll      Operation = "user_token_roll"
+	OpAccountTokenRoll   Operation = "account_token_roll"
 )
 
 // Tunnel is one IPsec tunnel as the edge knows it.
@@ -193,6 +195,30 @@ func (s *Server) SetTokenStatus(value, status string) {
 	if t, ok := s.tokens[value]; ok {
 		t.Status = status
 	}
+}
+
+// TokenByID returns the token with an id, as it stands now (its value
+// changes when it is rolled).
+func (s *Server) TokenByID(id string) (Token, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, t := range s.tokens {
+		if t.ID == id {
+			return *t, true
+		}
+	}
+	return Token{}, false
+}
+
+// rollToken gives a token a new value; the old one stops working at once,
+// as at Cloudflare. The caller holds mu.
+func (s *Server) rollToken(old string) string {
+	t := s.tokens[old]
+	delete(s.tokens, old)
+	t.Value = newSecret(40)
+	s.tokens[t.Value] = t
+	s.issued = append(s.issued, t.Value)
+	return t.Value
 }
 
 // AddTunnel creates a tunnel in an account, without a PSK, and returns it.

@@ -1,0 +1,130 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// pathConfigRotateRoot rolls the engine's own Cloudflare API token, so that
+// after it no person knows the value that can rotate every tunnel.
+func pathConfigRotateRoot(b *backend) *framework.Path {
+	return &framework.Path{
+		Pattern:      "config/rotate-root",
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "root-token"},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.UpdateOperation: &framework.PathOperation{
+				Callback:                    b.rotateRoot,
+				ForwardPerformanceStandby:   true,
+				ForwardPerformanceSecondary: true,
+				DisplayAttrs:                &framework.DisplayAttributes{OperationVerb: "rotate"},
+				Summary:                     "Roll the Cloudflare API token in config to a new value no person has seen.",
+			},
+		},
+		HelpSynopsis:    pathConfigRotateRootHelpSynopsis,
+		HelpDescription: pathConfigRotateRootHelpDescription,
+	}
+}
+
+func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	b.configMu.Lock()
+	defer b.configMu.Unlock()
+	cfg, err := readConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	if cfg == nil {
+		return logical.ErrorResponse(errNotConfigured.Error()), nil
+	}
+	client, err := b.newCloudflareClient(cfg)
+	if err != nil {
+		return nil, err
+	}
+	newToken, err := client.RollToken(ctx, cfg.TokenAccountID, cfg.TokenID)
+	if err != nil {
+		if notGenerated(err) {
+			return cloudflareFailure("roll API token "+cfg.TokenID, err)
+		}
+		// Cloudflare may have rolled the token and the answer was lost:
+		// then the stored value no longer works and the new one is gone.
+		return nil, logical.CodedError(http.StatusBadGateway, fmt.Sprintf(
+			"roll API token %s: %v; Cloudflare may have rolled the token without Vault learning the new value: "+
+				"if calls now fail with an invalid token, write a new api_token to this mount's config", cfg.TokenID, err))
+	}
+
+	// The old value stopped working the moment Cloudflare answered, so the
+	// new one is stored before anything else can fail.
+	cfg.APIToken = newToken
+	cfg.LastRotated = b.now().UTC()
+	if err := b.storeConfigRetrying(ctx, req.Storage, cfg); err != nil {
+		b.Logger().Error("rolled api token could not be stored", "token_id", cfg.TokenID, "error", err)
+		return nil, fmt.Errorf("cloudflare rolled API token %s and its old value no longer works, but Vault could not store the new one (%w): "+
+			"the mount must be reconfigured by writing a new api_token to its config", cfg.TokenID, err)
+	}
+	b.resetClient()
+	b.Logger().Info("api token rolled", "token_id", cfg.TokenID)
+
+	resp := &logical.Response{Data: map[string]any{
+		"token_id":     cfg.TokenID,
+		"last_rotated": formatTime(cfg.LastRotated),
+	}}
+	verifier, err := b.newCloudflareClient(cfg)
+	if err != nil {
+		return nil, err
+	}
+	status, err := verifier.VerifyToken(ctx, cfg.TokenAccountID)
+	if err != nil {
+		resp.AddWarning(fmt.Sprintf("the new token is stored, but verifying it failed: %v", err))
+		return resp, nil
+	}
+	cfg.applyVerification(status, b.now())
+	if err := b.storeConfigRetrying(ctx, req.Storage, cfg); err != nil {
+		resp.AddWarning(fmt.Sprintf("the new token is stored, but its verification could not be recorded: %v", err))
+	}
+	b.resetClient()
+	resp.Data["token_status"] = status.Status
+	resp.Data["token_expires_on"] = formatTime(status.ExpiresOn)
+	resp.Warnings = append(resp.Warnings, cfg.expiryWarnings(b.now())...)
+	return resp, nil
+}
+
+// storeConfigRetrying stores config, retrying, for a value that exists
+// nowhere else.
+func (b *backend) storeConfigRetrying(ctx context.Context, s logical.Storage, cfg *configRecord) error {
+	entry, err := logical.StorageEntryJSON(configStorageKey, cfg)
+	if err != nil {
+		return err
+	}
+	backoff := 50 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		if err = s.Put(ctx, entry); err == nil || attempt == storeAttempts {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(backoff):
+		}
+		backoff *= 2
+	}
+}
+
+const pathConfigRotateRootHelpSynopsis = `Roll the engine's Cloudflare API token to a new value that no person knows.`
+
+const pathConfigRotateRootHelpDescription = `
+write config/rotate-root asks Cloudflare to roll the value of the API token in
+config (PUT /user/tokens/<token_id>/value, or
+PUT /accounts/<token_account_id>/tokens/<token_id>/value for an account-owned
+token). Cloudflare invalidates the old value at once; the engine stores the
+new one before anything else (retrying storage), verifies it, and answers with
+the token id and the time of rotation. The value itself is never returned or
+logged.
+
+The token needs permission to roll itself ("API Tokens Write" for a user
+token). If the answer from Cloudflare is lost, or Vault cannot store the new
+value, the error says so: the mount must then be given a new api_token.
+`

@@ -1,0 +1,151 @@
+package main
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+)
+
+// storedToken is the token value in the mount's stored config.
+func storedToken(t *testing.T, env *testEnv) string {
+	t.Helper()
+	cfg, err := readConfig(context.Background(), env.storage)
+	if err != nil || cfg == nil {
+		t.Fatalf("read config: %v", err)
+	}
+	return cfg.APIToken
+}
+
+func TestRotateRootRollsStoresAndVerifies(t *testing.T) {
+	for _, accountOwned := range []bool{false, true} {
+		name := "user token"
+		if accountOwned {
+			name = "account-owned token"
+		}
+		t.Run(name, func(t *testing.T) {
+			env := newTestEnv(t)
+			data := map[string]any{"base_url": env.simURL}
+			if accountOwned {
+				env.token = env.sim.AddToken(cloudflaresim.Token{OwnerAccount: env.account})
+				data["token_account_id"] = env.account
+			}
+			data["api_token"] = env.token.Value
+			env.must(env.request(logical.UpdateOperation, "config", data))
+			old := env.token.Value
+
+			resp := env.must(env.request(logical.UpdateOperation, "config/rotate-root", nil))
+			rolled, _ := env.sim.TokenByID(env.token.ID)
+			if rolled.Value == old || storedToken(t, env) != rolled.Value {
+				t.Fatal("the stored token is not the rolled value")
+			}
+			if resp.Data["token_id"] != env.token.ID || resp.Data["last_rotated"] == "" || resp.Data["token_status"] != "active" {
+				t.Errorf("rotate-root answer = %v", resp.Data)
+			}
+			for _, v := range []string{old, rolled.Value} {
+				if strings.Contains(responseJSON(t, resp), v) {
+					t.Error("the rotate-root answer contains a token value")
+				}
+			}
+			cfg := env.must(env.request(logical.ReadOperation, "config", nil))
+			if cfg.Data["last_rotated"] != resp.Data["last_rotated"] {
+				t.Errorf("config last_rotated = %v, rotate-root said %v", cfg.Data["last_rotated"], resp.Data["last_rotated"])
+			}
+			// The old value is dead at Cloudflare; the engine works on with the new one.
+			if _, ok := env.sim.TokenByID(env.token.ID); !ok {
+				t.Fatal("token vanished")
+			}
+			env.token.Value = rolled.Value // for the log check
+			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+			if strings.Contains(env.logs.String(), old) {
+				t.Error("the old token value reached the log")
+			}
+		})
+	}
+}
+
+func TestRotateRootFailures(t *testing.T) {
+	cases := []struct {
+		name       string
+		fault      *cloudflaresim.Fault
+		failStore  bool
+		wantStatus int
+		want       string
+		// rolled: whether Cloudflare rolled the token despite the failure.
+		rolled bool
+	}{
+		{name: "refused", fault: &cloudflaresim.Fault{Status: 403, Errors: []cloudflaresim.Message{{Code: 10000, Message: "Authentication error"}}},
+			wantStatus: 400, want: "code 10000"},
+		{name: "answer lost after the roll", fault: &cloudflaresim.Fault{Hangup: true, AfterCommit: true},
+			wantStatus: 502, want: "write a new api_token to this mount's config", rolled: true},
+		{name: "storage fails after the roll", failStore: true,
+			wantStatus: 500, want: "the mount must be reconfigured", rolled: true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newTestEnv(t)
+			storage := &failingStorage{Storage: env.storage}
+			env.storage = storage
+			env.must(env.request(logical.UpdateOperation, "config", map[string]any{"api_token": env.token.Value, "base_url": env.simURL}))
+			old := env.token.Value
+			if tc.fault != nil {
+				env.sim.FailNext(cloudflaresim.OpUserTokenRoll, *tc.fault)
+			}
+			if tc.failStore {
+				storage.setFailPut(func(e *logical.StorageEntry) bool { return e.Key == configStorageKey })
+			}
+			resp, err := env.request(logical.UpdateOperation, "config/rotate-root", nil)
+			storage.setFailPut(nil)
+			if got := httpStatus(resp, err); got != tc.wantStatus {
+				t.Fatalf("status = %d, want %d: %s", got, tc.wantStatus, errorText(resp, err))
+			}
+			if msg := errorText(resp, err); !strings.Contains(msg, tc.want) {
+				t.Errorf("error %q does not say %q", msg, tc.want)
+			}
+			now, _ := env.sim.TokenByID(env.token.ID)
+			if (now.Value != old) != tc.rolled {
+				t.Fatalf("rolled at Cloudflare = %v, the case says %v", now.Value != old, tc.rolled)
+			}
+			if strings.Contains(errorText(resp, err), now.Value) || strings.Contains(errorText(resp, err), old) {
+				t.Error("the error contains a token value")
+			}
+			if !tc.rolled && storedToken(t, env) != old {
+				t.Error("a refused roll changed the stored token")
+			}
+		})
+	}
+}
+
+func TestRefusedTokenPointsToConfig(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.sim.SetTokenStatus(env.token.Value, "expired")
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if httpStatus(resp, err) != http.StatusBadRequest || !strings.Contains(errorText(resp, err), "Cloudflare refused the engine's API token") ||
+		!strings.Contains(errorText(resp, err), "config") {
+		t.Fatalf("%d %s", httpStatus(resp, err), errorText(resp, err))
+	}
+}
+
+func TestConfigWarnsWhenTheTokenExpiresSoon(t *testing.T) {
+	env := newTestEnv(t)
+	soon := env.sim.AddToken(cloudflaresim.Token{ExpiresOn: time.Now().Add(10 * 24 * time.Hour)})
+	env.token = soon
+	write := env.must(env.request(logical.UpdateOperation, "config", map[string]any{"api_token": soon.Value, "base_url": env.simURL}))
+	if write == nil || len(write.Warnings) != 1 || !strings.Contains(write.Warnings[0], "expires on") {
+		t.Fatalf("config write warnings = %v", write)
+	}
+	read := env.must(env.request(logical.ReadOperation, "config", nil))
+	if len(read.Warnings) != 1 {
+		t.Errorf("config read warnings = %v", read.Warnings)
+	}
+	later := env.sim.AddToken(cloudflaresim.Token{ExpiresOn: time.Now().Add(90 * 24 * time.Hour)})
+	env.token = later
+	if w := env.must(env.request(logical.UpdateOperation, "config", map[string]any{"api_token": later.Value})); w != nil && len(w.Warnings) != 0 {
+		t.Errorf("a token 90 days from expiry drew warnings: %v", w.Warnings)
+	}
+}
