@@ -5,7 +5,7 @@ VERSION     ?= v0.1.0-dev
 LDFLAGS     := -X main.version=$(VERSION)
 GO_TEST     := go test -race -count=1 -timeout 30m
 
-.PHONY: build sim vault dev test test-unit test-e2e bench vet fmt clean
+.PHONY: build sim vault dev test test-unit test-e2e bench release vet fmt clean
 
 ## build: the plugin binary, into bin/plugins/ (Vault's plugin directory for make dev)
 build:
@@ -33,6 +33,11 @@ test-unit:
 test-e2e: vault
 	$(GO_TEST) ./e2e/...
 
+## release: static binaries for linux/amd64 and linux/arm64 with VERSION set,
+## and their SHA256SUMS, in dist/$(VERSION)/ (VERSION=v1.2.3 make release)
+release:
+	scripts/release.sh $(VERSION)
+
 ## bench: the four figures of docs/benchmarks.md (a few minutes; no -race)
 bench: vault
 	go test -run '^$$' -bench . -benchtime 1x -count 1 -timeout 30m . ./e2e/
@@ -44,4 +49,4 @@ fmt:
 	gofmt -w .
 
 clean:
-	rm -rf bin
+	rm -rf bin dist

@@ -174,9 +174,15 @@ func startDevServer(t testing.TB, secrets *secretSet) *vaultServer {
 // info, as a production server would.
 func startDevServerAt(t testing.TB, secrets *secretSet, logLevel string) *vaultServer {
 	t.Helper()
+	return startDevServerWith(t, secrets, logLevel, suite.pluginDir)
+}
+
+// startDevServerWith starts a dev server whose plugin directory is pluginDir.
+func startDevServerWith(t testing.TB, secrets *secretSet, logLevel, pluginDir string) *vaultServer {
+	t.Helper()
 	dir := t.TempDir()
 	port := freePort(t)
-	cfg := fmt.Sprintf("plugin_directory = %q\n", suite.pluginDir)
+	cfg := fmt.Sprintf("plugin_directory = %q\n", pluginDir)
 	writeFile(t, filepath.Join(dir, "plugins.hcl"), cfg)
 	v := &vaultServer{dir: dir, addr: fmt.Sprintf("http://127.0.0.1:%d", port), rootToken: "root", secrets: secrets}
 	v.start(t, "server", "-dev", "-dev-root-token-id=root", fmt.Sprintf("-dev-listen-address=127.0.0.1:%d", port),
