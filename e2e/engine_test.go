@@ -237,7 +237,7 @@ func TestEngineOnDevServer(t *testing.T) {
 		v.mustVault(t, root, "write", "cloudflare-ipsec/config", "api_token="+token.Value, "token_account_id=")
 	})
 
-	t.Run("policies separate who rotates from who reads", func(t *testing.T) {
+	t.Run("policies separate who administers, who rotates and who reads", func(t *testing.T) {
 		operatorPolicy, err := os.ReadFile(filepath.Join("..", "docs", "policies", "operator.hcl"))
 		if err != nil {
 			t.Fatal(err)
@@ -246,6 +246,14 @@ func TestEngineOnDevServer(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		adminPolicy, err := os.ReadFile(filepath.Join("..", "docs", "policies", "admin.hcl"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		writeFile(t, filepath.Join(v.dir, "admin.hcl"), string(adminPolicy))
+		v.mustVault(t, root, "policy", "write", "cf-ipsec-admin", filepath.Join(v.dir, "admin.hcl"))
+		admin := v.mustVault(t, root, "token", "create", "-field=token", "-policy=cf-ipsec-admin")
+		secrets.add(admin)
 		writeFile(t, filepath.Join(v.dir, "operator.hcl"), string(operatorPolicy))
 		writeFile(t, filepath.Join(v.dir, "provisioner.hcl"), strings.ReplaceAll(string(provisionerPolicy), "ACCOUNT_ID", account))
 		v.mustVault(t, root, "policy", "write", "cf-ipsec-operator", filepath.Join(v.dir, "operator.hcl"))
@@ -274,6 +282,12 @@ func TestEngineOnDevServer(t *testing.T) {
 			{"provisioner", provisioner, []string{"read", psk(otherAccount, otherTunnel)}, false},
 			{"provisioner", provisioner, []string{"read", meta(account, tunnels[0])}, false},
 			{"provisioner", provisioner, []string{"read", "cloudflare-ipsec/config"}, false},
+			{"admin", admin, []string{"read", "cloudflare-ipsec/config"}, true},
+			{"admin", admin, []string{"write", "cloudflare-ipsec/config", "request_timeout=5s"}, true},
+			{"admin", admin, []string{"list", "cloudflare-ipsec/tunnels/" + account}, true},
+			{"admin", admin, []string{"read", meta(account, tunnels[0])}, true},
+			{"admin", admin, []string{"read", psk(account, tunnels[0])}, false},
+			{"admin", admin, []string{"write", "-f", psk(account, tunnels[0])}, false},
 		}
 		for _, c := range cases {
 			res := v.vault(t, c.token, c.args...)
