@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -92,25 +91,14 @@ func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *frame
 	return resp, nil
 }
 
-// storeConfigRetrying stores config, retrying, for a value that exists
+// storeConfigRetrying stores config holding a token value that exists
 // nowhere else.
 func (b *backend) storeConfigRetrying(ctx context.Context, s logical.Storage, cfg *configRecord) error {
 	entry, err := logical.StorageEntryJSON(configStorageKey, cfg)
 	if err != nil {
 		return err
 	}
-	backoff := 50 * time.Millisecond
-	for attempt := 1; ; attempt++ {
-		if err = s.Put(ctx, entry); err == nil || attempt == storeAttempts {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(backoff):
-		}
-		backoff *= 2
-	}
+	return putRetrying(ctx, s, entry)
 }
 
 const pathConfigRotateRootHelpSynopsis = `Roll the engine's Cloudflare API token to a new value that no person knows.`

@@ -29,7 +29,7 @@ import (
 )
 
 const (
-	// storeAttempts is how often a key Cloudflare already activated is
+	// storeAttempts is how often a value that exists nowhere else is
 	// offered to storage before the engine gives up on it.
 	storeAttempts = 4
 	// reconcilePerPass bounds the background work of one periodic call.
@@ -151,21 +151,11 @@ func (b *backend) restore(ctx context.Context, s logical.Storage, t tunnelRef, p
 // retried, because giving up loses the key; when it still fails the record
 // stays rotation_unknown, so the next write or reconciliation heals it.
 func (b *backend) storeGenerated(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord) error {
-	backoff := 50 * time.Millisecond
-	var err error
-	for attempt := 1; attempt <= storeAttempts; attempt++ {
-		if err = writePSKRecord(ctx, s, t, rec); err == nil {
+	entry, err := logical.StorageEntryJSON(t.storageKey(), rec)
+	if err == nil {
+		if err = putRetrying(ctx, s, entry); err == nil {
 			return nil
 		}
-		if attempt == storeAttempts {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			attempt = storeAttempts
-		case <-time.After(backoff):
-		}
-		backoff *= 2
 	}
 	b.Logger().Error("cloudflare activated a new psk that vault could not store", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
 	return fmt.Errorf("cloudflare generated and activated a new psk for %s, but Vault could not store it (%w); "+
@@ -222,6 +212,25 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 	}
 	b.Logger().Warn("reconciled: stored psk is stale", "account_id", t.AccountID, "tunnel_id", t.TunnelID)
 	return &stale, nil
+}
+
+// putRetrying stores an entry that exists nowhere else (a key Cloudflare
+// already activated, a token value Cloudflare already rolled): a storage
+// error is retried with backoff before it is given up on.
+func putRetrying(ctx context.Context, s logical.Storage, entry *logical.StorageEntry) error {
+	backoff := 50 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		err := s.Put(ctx, entry)
+		if err == nil || attempt == storeAttempts {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(backoff):
+		}
+		backoff *= 2
+	}
 }
 
 func orNever(t time.Time) string {

@@ -52,10 +52,10 @@ func (s *Server) routes() {
 	s.handle("POST", "/accounts/{account_id}/magic/ipsec_tunnels/{tunnel_id}/psk_generate", OpPSKGenerate, s.pskGenerate)
 	s.handle("GET", "/accounts/{account_id}/magic/ipsec_tunnels/{tunnel_id}", OpTunnelGet, s.tunnelGet)
 	s.handle("GET", "/accounts/{account_id}/magic/ipsec_tunnels", OpTunnelList, s.tunnelList)
-	s.handle("GET", "/user/tokens/verify", OpUserTokenVerify, s.userTokenVerify)
-	s.handle("GET", "/accounts/{account_id}/tokens/verify", OpAccountTokenVerify, s.accountTokenVerify)
-	s.handle("PUT", "/user/tokens/{token_id}/value", OpUserTokenRoll, s.userTokenRoll)
-	s.handle("PUT", "/accounts/{account_id}/tokens/{token_id}/value", OpAccountTokenRoll, s.accountTokenRoll)
+	s.handle("GET", "/user/tokens/verify", OpUserTokenVerify, userScoped(s.tokenVerify))
+	s.handle("GET", "/accounts/{account_id}/tokens/verify", OpAccountTokenVerify, accountScoped(s.tokenVerify))
+	s.handle("PUT", "/user/tokens/{token_id}/value", OpUserTokenRoll, userScoped(s.tokenRoll))
+	s.handle("PUT", "/accounts/{account_id}/tokens/{token_id}/value", OpAccountTokenRoll, accountScoped(s.tokenRoll))
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeFailure(w, http.StatusNotFound, errNoRoute)
 	})
@@ -106,18 +106,10 @@ func (s *Server) countCall(op Operation) (Fault, bool) {
 // (accountID empty: no account). It writes the failure and returns nil when
 // the token may not make the call.
 func (s *Server) authorize(w http.ResponseWriter, r *http.Request, accountID string) *Token {
-	value, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if !ok || value == "" {
-		writeFailure(w, http.StatusBadRequest, errBadHeaders)
+	token, known, ok := s.bearerToken(w, r)
+	if !ok {
 		return nil
 	}
-	s.mu.Lock()
-	t, known := s.tokens[value]
-	var token Token
-	if known {
-		token = *t
-	}
-	s.mu.Unlock()
 	if !known || token.Status != "active" || token.OwnerAccount != "" && accountID != token.OwnerAccount {
 		writeFailure(w, http.StatusForbidden, errInvalidToken)
 		return nil
@@ -242,35 +234,50 @@ func tunnelObject(t *Tunnel) map[string]any {
 	return obj
 }
 
-func (s *Server) userTokenVerify(w http.ResponseWriter, r *http.Request) {
-	s.tokenVerify(w, r, "")
+// tokenHandler serves a token operation at the user endpoint (accountID
+// empty) or at an account's.
+type tokenHandler func(w http.ResponseWriter, r *http.Request, accountID string)
+
+func userScoped(h tokenHandler) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) { h(w, r, "") }
 }
 
-func (s *Server) accountTokenVerify(w http.ResponseWriter, r *http.Request) {
-	accountID := r.PathValue("account_id")
-	if !identifierPattern.MatchString(accountID) {
-		writeFailure(w, http.StatusBadRequest, errNoRoute)
-		return
+func accountScoped(h tokenHandler) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		accountID := r.PathValue("account_id")
+		if !identifierPattern.MatchString(accountID) {
+			writeFailure(w, http.StatusBadRequest, errNoRoute)
+			return
+		}
+		h(w, r, accountID)
 	}
-	s.tokenVerify(w, r, accountID)
+}
+
+// bearerToken returns the request's token as the simulator holds it, or
+// writes Cloudflare's answer for a missing header and returns ok=false.
+// known reports whether the token exists.
+func (s *Server) bearerToken(w http.ResponseWriter, r *http.Request) (token Token, known, ok bool) {
+	value, hasBearer := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !hasBearer || value == "" {
+		writeFailure(w, http.StatusBadRequest, errBadHeaders)
+		return Token{}, false, false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if t, exists := s.tokens[value]; exists {
+		return *t, true, true
+	}
+	return Token{}, false, true
 }
 
 // tokenVerify answers for any token the simulator knows, active or not, as
 // the schema's status enum (active, disabled, expired) implies; an
 // account-owned token answers only at its own account's endpoint.
 func (s *Server) tokenVerify(w http.ResponseWriter, r *http.Request, accountID string) {
-	value, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if !ok || value == "" {
-		writeFailure(w, http.StatusBadRequest, errBadHeaders)
+	token, known, ok := s.bearerToken(w, r)
+	if !ok {
 		return
 	}
-	s.mu.Lock()
-	t, known := s.tokens[value]
-	var token Token
-	if known {
-		token = *t
-	}
-	s.mu.Unlock()
 	if !known || token.OwnerAccount != accountID {
 		writeFailure(w, http.StatusForbidden, errInvalidToken)
 		return
@@ -286,25 +293,11 @@ func (s *Server) tokenVerify(w http.ResponseWriter, r *http.Request, accountID s
 	writeEnvelope(w, http.StatusOK, envelope{Success: true, Messages: messages, Result: result})
 }
 
-func (s *Server) userTokenRoll(w http.ResponseWriter, r *http.Request) {
-	s.tokenRoll(w, r, "")
-}
-
-func (s *Server) accountTokenRoll(w http.ResponseWriter, r *http.Request) {
-	accountID := r.PathValue("account_id")
-	if !identifierPattern.MatchString(accountID) {
-		writeFailure(w, http.StatusBadRequest, errNoRoute)
-		return
-	}
-	s.tokenRoll(w, r, accountID)
-}
-
 // tokenRoll lets an active token roll its own value (Cloudflare also lets a
 // token with "API Tokens Write" roll others; the engine only rolls its own).
 func (s *Server) tokenRoll(w http.ResponseWriter, r *http.Request, accountID string) {
-	value, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if !ok || value == "" {
-		writeFailure(w, http.StatusBadRequest, errBadHeaders)
+	token, known, ok := s.bearerToken(w, r)
+	if !ok {
 		return
 	}
 	var body map[string]any
@@ -312,20 +305,21 @@ func (s *Server) tokenRoll(w http.ResponseWriter, r *http.Request, accountID str
 		writeFailure(w, http.StatusBadRequest, errBodyNotJSON)
 		return
 	}
-	s.mu.Lock()
-	t, known := s.tokens[value]
-	if !known || t.Status != "active" || t.OwnerAccount != accountID {
-		s.mu.Unlock()
+	if !known || token.Status != "active" || token.OwnerAccount != accountID {
 		writeFailure(w, http.StatusForbidden, errInvalidToken)
 		return
 	}
-	if t.ID != r.PathValue("token_id") {
-		s.mu.Unlock()
+	if token.ID != r.PathValue("token_id") {
 		writeFailure(w, http.StatusForbidden, errAuthentication)
 		return
 	}
-	rolled := s.rollToken(value)
+	s.mu.Lock()
+	rolled, stillThere := s.rollToken(token.Value)
 	s.mu.Unlock()
+	if !stillThere {
+		writeFailure(w, http.StatusForbidden, errInvalidToken) // rolled by a concurrent request
+		return
+	}
 	writeSuccess(w, rolled)
 }
 

@@ -212,13 +212,16 @@ func (s *Server) TokenByID(id string) (Token, bool) {
 
 // rollToken gives a token a new value; the old one stops working at once,
 // as at Cloudflare. The caller holds mu.
-func (s *Server) rollToken(old string) string {
-	t := s.tokens[old]
+func (s *Server) rollToken(old string) (string, bool) {
+	t, ok := s.tokens[old]
+	if !ok {
+		return "", false
+	}
 	delete(s.tokens, old)
 	t.Value = newSecret(40)
 	s.tokens[t.Value] = t
 	s.issued = append(s.issued, t.Value)
-	return t.Value
+	return t.Value, true
 }
 
 // AddTunnel creates a tunnel in an account, without a PSK, and returns it.
