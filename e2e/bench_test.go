@@ -73,6 +73,17 @@ func BenchmarkPSKReadVsKVv2Read(b *testing.B) {
 	b.ReportMetric(float64(pm.Microseconds()), "psk-median-µs")
 	b.ReportMetric(float64(km.Microseconds()), "kv-median-µs")
 	b.ReportMetric(float64(pm)/float64(km), "psk/kv-ratio")
+
+	// The floor: a path-help request crosses into the plugin and back but
+	// touches no storage, so it measures the external-plugin round trip on
+	// this machine. (Measured after the timer: ResetTimer clears metrics.)
+	helpReq := get("cloudflare-ipsec/psk/" + account + "/" + tunnel + "?help=1")
+	var help []time.Duration
+	for i := 0; i < benchRequests; i++ {
+		help = append(help, timeRequest(b, client, helpReq))
+		timeRequest(b, client, kvReq)
+	}
+	b.ReportMetric(float64(median(help))/float64(km), "plugin-floor/kv-ratio")
 }
 
 // BenchmarkRotationOverhead compares a rotation through Vault (HTTP API
