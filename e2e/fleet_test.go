@@ -98,6 +98,28 @@ func TestFleetRotationOnARealServer(t *testing.T) {
 		}
 	})
 
+	t.Run("disabling the mount stops its scheduler", func(t *testing.T) {
+		// A budget so small that the bulk run below goes one call every few
+		// seconds: a scheduler still alive after the disable would call
+		// Cloudflare again within the time watched.
+		v.mustVault(t, root, "write", "cloudflare-ipsec/config", "rate_limit=3", "rate_limit_window=4s")
+		v.mustVault(t, root, "write", "-f", "cloudflare-ipsec/rotate/"+account)
+		time.Sleep(time.Second)
+		p := v.mustVaultJSON(t, root, "read", "cloudflare-ipsec/rotate/"+account)
+		if fmt.Sprint(field(t, p, "remaining")) == "0" {
+			t.Fatalf("the bulk run finished inside a budget of 3 calls: %v", p["data"])
+		}
+		v.mustVault(t, root, "secrets", "disable", "cloudflare-ipsec")
+		calls := sim.TotalCalls()
+		time.Sleep(6 * time.Second)
+		if sim.TotalCalls() != calls {
+			t.Errorf("%d Cloudflare calls after the mount was disabled", sim.TotalCalls()-calls)
+		}
+		if status, _ := v.api(t, root, "GET", "sys/health", nil); status != http.StatusOK {
+			t.Errorf("server health after disable: HTTP %d", status)
+		}
+	})
+
 	assertNoSecretsIn(t, secrets, "the server log", v.log())
 	assertNoDataRace(t, v.log())
 }

@@ -27,7 +27,7 @@ type Budget struct {
 // inFlightMargin widens the window a little: the Budget times a call when it
 // is sent, Cloudflare when it arrives, and arrival times jitter.
 func inFlightMargin(window time.Duration) time.Duration {
-	return max(window/100, 50*time.Millisecond)
+	return max(window/100, 100*time.Millisecond)
 }
 
 // NewBudget returns a Budget of limit calls per window.
