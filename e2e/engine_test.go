@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -358,17 +359,9 @@ func TestEngineOnDevServer(t *testing.T) {
 			t.Fatalf("openapi: status %d", status)
 		}
 		paths, _ := doc["paths"].(map[string]any)
-		want := map[string][]string{
-			"/cloudflare-ipsec/config":                      {"get", "post", "delete"},
-			"/cloudflare-ipsec/psk/{account}/{tunnel}":      {"get", "post", "delete"},
-			"/cloudflare-ipsec/metadata/{account}/{tunnel}": {"get"},
-			"/cloudflare-ipsec/psk/{account}/":              {"get"},
-			"/cloudflare-ipsec/psk/":                        {"get"},
-			"/cloudflare-ipsec/metadata/{account}/":         {"get"},
-			"/cloudflare-ipsec/metadata/":                   {"get"},
-			"/cloudflare-ipsec/rotate/{account}":            {"get", "post"},
-			"/cloudflare-ipsec/tunnels/{account}/":          {"get"},
-			"/cloudflare-ipsec/tunnels/{account}/{tunnel}":  {"get"},
+		want := pathsFromDocs(t)
+		if len(want) < 10 {
+			t.Fatalf("only %d paths read from docs/paths.md", len(want))
 		}
 		for p, ops := range want {
 			item, ok := paths[p].(map[string]any)
@@ -521,4 +514,44 @@ func concurrentRotations(t *testing.T, v *vaultServer, sim *cloudflaresim.Server
 			t.Fatal("a reader saw a key the edge never had")
 		}
 	}
+}
+
+// pathsFromDocs reads every path and its operations from docs/paths.md
+// (which a unit test keeps equal to what the backend declares) and names
+// them as Vault's OpenAPI document does.
+func pathsFromDocs(t *testing.T) map[string][]string {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join("..", "docs", "paths.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]string{}
+	var current string
+	for _, line := range strings.Split(string(raw), "\n") {
+		if rest, ok := strings.CutPrefix(line, "## `"); ok {
+			current = "/cloudflare-ipsec/" + strings.TrimSuffix(rest, "`")
+			for _, seg := range strings.Split(current, "/") {
+				if strings.HasPrefix(seg, ":") {
+					current = strings.Replace(current, seg, "{"+seg[1:]+"}", 1)
+				}
+			}
+			continue
+		}
+		if current == "" || !strings.HasPrefix(line, "| ") {
+			continue
+		}
+		op := strings.TrimSpace(strings.Split(line, "|")[1])
+		method := map[string]string{"read": "get", "create": "post", "update": "post", "delete": "delete", "list": "get"}[op]
+		if method == "" {
+			continue
+		}
+		key := current
+		if op == "list" {
+			key += "/"
+		}
+		if !slices.Contains(want[key], method) {
+			want[key] = append(want[key], method)
+		}
+	}
+	return want
 }
