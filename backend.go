@@ -23,8 +23,8 @@ import (
 const operationPrefix = "cloudflare-ipsec"
 
 // errNotConfigured is returned by paths that need Cloudflare before config
-// has been written.
-var errNotConfigured = errors.New("the engine is not configured: write an API token to config first")
+// has been written. It carries its HTTP status, so handlers pass it on as is.
+var errNotConfigured = logical.CodedError(http.StatusBadRequest, "the engine is not configured: write an API token to config first")
 
 // backend is one mount of the engine. The plugin process serves many mounts
 // at once, so everything a mount needs lives here.

@@ -37,7 +37,7 @@ func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *frame
 		return nil, err
 	}
 	if cfg == nil {
-		return logical.ErrorResponse(errNotConfigured.Error()), nil
+		return nil, errNotConfigured
 	}
 	client, err := b.newCloudflareClient(cfg)
 	if err != nil {

@@ -239,9 +239,6 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 	}
 
 	client, cfg, err := b.cloudflareClient(ctx, req.Storage)
-	if errors.Is(err, errNotConfigured) {
-		return logical.ErrorResponse(err.Error()), nil
-	}
 	if err != nil {
 		return nil, err
 	}

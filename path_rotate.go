@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sort"
 	"time"
@@ -55,9 +54,7 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 	if v, ok := d.GetOk("older_than"); ok {
 		olderThan = time.Duration(v.(int)) * time.Second
 	}
-	if _, _, err := b.cloudflareClient(ctx, req.Storage); errors.Is(err, errNotConfigured) {
-		return logical.ErrorResponse(err.Error()), nil
-	} else if err != nil {
+	if _, _, err := b.cloudflareClient(ctx, req.Storage); err != nil {
 		return nil, err
 	}
 

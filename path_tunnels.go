@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -51,9 +50,6 @@ func (b *backend) listCloudflareTunnels(ctx context.Context, req *logical.Reques
 		return logical.ErrorResponse(problem), nil
 	}
 	client, _, err := b.cloudflareClient(ctx, req.Storage)
-	if errors.Is(err, errNotConfigured) {
-		return logical.ErrorResponse(err.Error()), nil
-	}
 	if err != nil {
 		return nil, err
 	}
@@ -84,9 +80,6 @@ func (b *backend) readCloudflareTunnel(ctx context.Context, req *logical.Request
 		return logical.ErrorResponse(problem), nil
 	}
 	client, _, err := b.cloudflareClient(ctx, req.Storage)
-	if errors.Is(err, errNotConfigured) {
-		return logical.ErrorResponse(err.Error()), nil
-	}
 	if err != nil {
 		return nil, err
 	}
