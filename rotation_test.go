@@ -311,6 +311,12 @@ func TestRateLimitFailsFastUntilTheBlockEnds(t *testing.T) {
 	if env.sim.TotalCalls() != calls {
 		t.Fatal("a call was sent while Cloudflare's block lasted")
 	}
+	// Rewriting config rebuilds the client but not the block: its token
+	// check is not sent either.
+	resp, err = env.request(logical.UpdateOperation, "config", map[string]any{"request_timeout": "3s"})
+	if httpStatus(resp, err) != http.StatusTooManyRequests || env.sim.TotalCalls() != calls {
+		t.Fatalf("config write inside the block: %d %s, %d calls sent", httpStatus(resp, err), errorText(resp, err), env.sim.TotalCalls()-calls)
+	}
 	env.clock.Advance(61 * time.Second)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 	assertCurrent(t, env, "after the block")

@@ -14,10 +14,13 @@ import (
 // Budget therefore keeps the times of the last limit calls (a sliding log)
 // and allows a call only if the oldest of them left the window.
 type Budget struct {
-	mu     sync.Mutex
-	limit  int
-	window time.Duration
-	now    func() time.Time
+	mu sync.Mutex
+	// blockedUntil is when Cloudflare's own block of the token ends, as its
+	// last 429 announced; nothing is sent before.
+	blockedUntil time.Time
+	limit        int
+	window       time.Duration
+	now          func() time.Time
 	// ring holds the times of the last calls, at most limit of them;
 	// next is where the following call goes, which is also the oldest.
 	ring []time.Time
@@ -30,7 +33,8 @@ func inFlightMargin(window time.Duration) time.Duration {
 	return max(window/100, 100*time.Millisecond)
 }
 
-// NewBudget returns a Budget of limit calls per window.
+// NewBudget returns a Budget of limit calls per window; a limit of 0 caps
+// nothing and only tracks Cloudflare's blocks.
 func NewBudget(limit int, window time.Duration, now func() time.Time) *Budget {
 	if now == nil {
 		now = time.Now
@@ -51,7 +55,26 @@ func (b *Budget) Resize(limit int, window time.Duration) {
 	b.limit, b.window = limit, window
 	b.ring = make([]time.Time, 0, limit)
 	b.ring = append(b.ring, recent...)
-	b.next = len(b.ring) % limit
+	b.next = 0
+	if limit > 0 {
+		b.next = len(b.ring) % limit
+	}
+}
+
+// Block records that Cloudflare blocks the token until until.
+func (b *Budget) Block(until time.Time) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if until.After(b.blockedUntil) {
+		b.blockedUntil = until
+	}
+}
+
+// Blocked returns how long Cloudflare's block still lasts, zero when none.
+func (b *Budget) Blocked() time.Duration {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return max(b.blockedUntil.Sub(b.now()), 0)
 }
 
 // recentLocked returns the recorded calls, oldest first.
@@ -75,6 +98,9 @@ func (b *Budget) TryTake() (bool, time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	now := b.now()
+	if b.limit == 0 {
+		return true, 0
+	}
 	if len(b.ring) < b.limit {
 		b.ring = append(b.ring, now)
 		b.next = len(b.ring) % b.limit
@@ -94,6 +120,9 @@ func (b *Budget) Free() (int, time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	now := b.now()
+	if b.limit == 0 {
+		return 1 << 30, 0
+	}
 	recent := b.recentLocked()
 	free := b.limit - len(recent)
 	span := b.window + inFlightMargin(b.window)

@@ -17,7 +17,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
-	"sync"
+
 	"time"
 
 	"github.com/cloudflare/cloudflare-go/v6/accounts"
@@ -41,8 +41,10 @@ type Config struct {
 	UserAgent string
 	// Now is the clock for rate-limit blocks; time.Now when nil.
 	Now func() time.Time
-	// Budget, when set, counts every request sent (retries included) and
-	// refuses to send past its cap.
+	// Budget, when set, counts every request sent (retries included),
+	// refuses to send past its cap, and remembers Cloudflare's blocks. Share
+	// one Budget between the clients of one token, so that neither survives
+	// a client being rebuilt.
 	Budget *Budget
 }
 
@@ -52,8 +54,7 @@ type Config struct {
 type Client struct {
 	timeout       time.Duration
 	now           func() time.Time
-	blockMu       sync.Mutex
-	blockedUntil  time.Time
+	budget        *Budget
 	tunnels       *magic_transit.IPSECTunnelService
 	userTokens    *user.TokenService
 	accountTokens *accounts.TokenService
@@ -88,10 +89,12 @@ func New(cfg Config) (*Client, error) {
 		option.WithMaxRetries(0),
 		option.WithMiddleware(checkEnvelope),
 	}
-	if cfg.Budget != nil {
-		// Outermost, so that it sees each attempt before it is sent.
-		opts = append([]option.RequestOption{option.WithMiddleware(spendBudget(cfg.Budget))}, opts...)
+	budget := cfg.Budget
+	if budget == nil {
+		budget = NewBudget(0, 0, cfg.Now)
 	}
+	// Outermost, so that it sees each attempt before it is sent.
+	opts = append([]option.RequestOption{option.WithMiddleware(spendBudget(budget))}, opts...)
 	if cfg.UserAgent != "" {
 		opts = append(opts, option.WithHeader("User-Agent", cfg.UserAgent))
 	}
@@ -102,6 +105,7 @@ func New(cfg Config) (*Client, error) {
 	return &Client{
 		timeout:       cfg.RequestTimeout,
 		now:           now,
+		budget:        budget,
 		tunnels:       magic_transit.NewIPSECTunnelService(opts...),
 		userTokens:    user.NewTokenService(opts...),
 		accountTokens: accounts.NewTokenService(opts...),

@@ -216,9 +216,7 @@ const defaultBlock = 5 * time.Minute
 
 // checkBlock fails fast while Cloudflare's rate limit blocks the token.
 func (c *Client) checkBlock(op Op) error {
-	c.blockMu.Lock()
-	defer c.blockMu.Unlock()
-	if left := c.blockedUntil.Sub(c.now()); left > 0 {
+	if left := c.budget.Blocked(); left > 0 {
 		return &BlockedError{Op: op, RetryAfter: left}
 	}
 	return nil
@@ -234,11 +232,7 @@ func (c *Client) describe(op Op, err error) error {
 		if block <= 0 {
 			block = defaultBlock
 		}
-		c.blockMu.Lock()
-		if until := c.now().Add(block); until.After(c.blockedUntil) {
-			c.blockedUntil = until
-		}
-		c.blockMu.Unlock()
+		c.budget.Block(c.now().Add(block))
 	}
 	return err
 }
