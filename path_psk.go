@@ -190,6 +190,10 @@ func (b *backend) tryReconcile(ctx context.Context, s logical.Storage, t tunnelR
 	if err != nil {
 		return rec, []string{fmt.Sprintf("could not reconcile with Cloudflare: %v", err)}
 	}
+	// A reader waits at most request_timeout for reconciliation as a whole,
+	// healing included, however many calls it takes.
+	ctx, cancel := context.WithTimeout(ctx, cfg.RequestTimeout)
+	defer cancel()
 	// Re-read under the lock: a rotation may have finished since.
 	latest, err := readPSKRecord(ctx, s, t)
 	if err != nil {
