@@ -32,6 +32,8 @@ const (
 	// storeAttempts is how often a value that exists nowhere else is
 	// offered to storage before the engine gives up on it.
 	storeAttempts = 4
+	// storeDeadline bounds the storing of a value that exists nowhere else.
+	storeDeadline = 10 * time.Second
 	// reconcilePerPass bounds the background work of one periodic call.
 	reconcilePerPass = 100
 )
@@ -218,6 +220,12 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 // already activated, a token value Cloudflare already rolled): a storage
 // error is retried with backoff before it is given up on.
 func putRetrying(ctx context.Context, s logical.Storage, entry *logical.StorageEntry) error {
+	// The caller giving up (a client that disconnects, a deadline that
+	// passes just after Cloudflare answered) must not stop the value being
+	// stored: it is detached from the caller's cancellation, with a bound
+	// of its own.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storeDeadline)
+	defer cancel()
 	backoff := 50 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		err := s.Put(ctx, entry)

@@ -348,3 +348,40 @@ func TestReadersNeverWaitForARotationInFlight(t *testing.T) {
 	}
 	<-done
 }
+
+// TestAGeneratedKeyIsStoredEvenIfTheCallerGivesUp: the request's context
+// ends at the moment the key Cloudflare activated is being stored (storage,
+// like Vault's, refuses work for an ended context); the key is stored anyway.
+func TestAGeneratedKeyIsStoredEvenIfTheCallerGivesUp(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	ctx, cancel := context.WithCancel(context.Background())
+	storage := &failingStorage{Storage: env.storage}
+	storage.setFailPut(func(e *logical.StorageEntry) bool {
+		if storesCurrentKey(e) {
+			cancel()
+		}
+		return false
+	})
+	client, _, err := env.b.cloudflareClient(ctx, env.storage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tun := tunnelRef{env.account, env.tunnel.ID}
+	lock := lockFor(env.b, tun)
+	lock.Lock()
+	rec, _ := readPSKRecord(ctx, env.storage, tun)
+	_, err = env.b.rotateLocked(ctx, storage, client, tun, rec, 0, "write")
+	lock.Unlock()
+	if err != nil {
+		t.Fatalf("rotation: %v", err)
+	}
+	read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	if read.Data["state"] != stateCurrent || read.Data["psk"] != env.edge().PSK || read.Data["version"] != 2 {
+		t.Fatalf("after the caller gave up: state %v version %v, key is the edge's: %v", read.Data["state"], read.Data["version"], read.Data["psk"] == env.edge().PSK)
+	}
+	// The marker's removal used the caller's ended context; the background
+	// pass clears it.
+	runBackgroundPass(t, env)
+	assertCurrent(t, env, "after the background pass")
+}
