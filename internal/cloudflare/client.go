@@ -127,10 +127,10 @@ type GeneratedPSK struct {
 // With validateOnly Cloudflare checks the request and changes nothing; any
 // key in that answer is not in use and is dropped.
 func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, validateOnly bool) (*GeneratedPSK, error) {
-	if err := c.checkBlock(OpGeneratePSK); err != nil {
+	ctx, cancel, err := c.start(ctx, OpGeneratePSK)
+	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 
 	var opts []option.RequestOption
@@ -173,14 +173,14 @@ func (t *TokenStatus) Active() bool { return t.Status == "active" }
 // VerifyToken asks Cloudflare about the client's own token. accountID selects
 // the account-owned token endpoint; empty means a user token.
 func (c *Client) VerifyToken(ctx context.Context, accountID string) (*TokenStatus, error) {
-	if err := c.checkBlock(OpVerifyToken); err != nil {
+	ctx, cancel, err := c.start(ctx, OpVerifyToken)
+	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 
 	var status *TokenStatus
-	err := retryIdempotent(ctx, func() error {
+	err = retryIdempotent(ctx, func() error {
 		if accountID == "" {
 			res, err := c.userTokens.Verify(ctx)
 			if err != nil {
@@ -212,14 +212,13 @@ func (c *Client) VerifyToken(ctx context.Context, accountID string) (*TokenStatu
 // retried: after a lost answer neither value may work. accountID selects the
 // account-owned token endpoint; empty means a user token.
 func (c *Client) RollToken(ctx context.Context, accountID, tokenID string) (string, error) {
-	if err := c.checkBlock(OpRollToken); err != nil {
+	ctx, cancel, err := c.start(ctx, OpRollToken)
+	if err != nil {
 		return "", err
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 
 	var value *string
-	var err error
 	if accountID == "" {
 		value, err = c.userRolls.Update(ctx, tokenID, user.TokenValueUpdateParams{Body: map[string]any{}})
 	} else {
@@ -253,16 +252,16 @@ type TunnelState struct {
 // ListTunnels reads every IPsec tunnel of an account. It is a read, retried
 // like GetTunnel.
 func (c *Client) ListTunnels(ctx context.Context, accountID string) ([]TunnelState, error) {
-	if err := c.checkBlock(OpListTunnels); err != nil {
+	ctx, cancel, err := c.start(ctx, OpListTunnels)
+	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 
 	var params magic_transit.IPSECTunnelListParams
 	setField(&params.AccountID.Value, &params.AccountID.Present, accountID)
 	var res *magic_transit.IPSECTunnelListResponse
-	err := retryIdempotent(ctx, func() error {
+	err = retryIdempotent(ctx, func() error {
 		var err error
 		res, err = c.tunnels.List(ctx, params)
 		return err
@@ -284,16 +283,16 @@ func (c *Client) ListTunnels(ctx context.Context, accountID string) ([]TunnelSta
 // GetTunnel reads one tunnel's record. It is a read, so it is retried on a
 // missing answer or a 5xx (see retryIdempotent).
 func (c *Client) GetTunnel(ctx context.Context, accountID, tunnelID string) (*TunnelState, error) {
-	if err := c.checkBlock(OpGetTunnel); err != nil {
+	ctx, cancel, err := c.start(ctx, OpGetTunnel)
+	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 
 	var params magic_transit.IPSECTunnelGetParams
 	setField(&params.AccountID.Value, &params.AccountID.Present, accountID)
 	var res *magic_transit.IPSECTunnelGetResponse
-	err := retryIdempotent(ctx, func() error {
+	err = retryIdempotent(ctx, func() error {
 		var err error
 		res, err = c.tunnels.Get(ctx, tunnelID, params)
 		return err
@@ -322,6 +321,16 @@ func spendBudget(b *Budget) option.Middleware {
 		}
 		return next(req)
 	}
+}
+
+// start begins one operation: it fails fast while Cloudflare blocks the
+// token, and bounds the operation, retries included, by request_timeout.
+func (c *Client) start(ctx context.Context, op Op) (context.Context, context.CancelFunc, error) {
+	if err := c.checkBlock(op); err != nil {
+		return nil, nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	return ctx, cancel, nil
 }
 
 // setField fills one of the SDK's param.Field values. The SDK's constructor for
