@@ -40,10 +40,7 @@ func timeRequest(b *testing.B, client *http.Client, req func() *http.Request) ti
 // server, alternately, and reports both medians and their ratio.
 func BenchmarkPSKReadVsKVv2Read(b *testing.B) {
 	t := b
-	sim, baseURL := simulator(b)
-	secrets := &secretSet{source: sim.IssuedSecrets}
-	token := sim.AddToken(cloudflaresim.Token{})
-	account := cloudflaresim.NewID()
+	sim, baseURL, secrets, token, account := newEdge(b)
 	tunnel := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
 	v := startDevServerAt(b, secrets, "info")
 	v.mountEngine(t, baseURL, token.Value)
@@ -91,10 +88,7 @@ func BenchmarkPSKReadVsKVv2Read(b *testing.B) {
 // and reports the engine's overhead as the difference of the medians.
 func BenchmarkRotationOverhead(b *testing.B) {
 	t := b
-	sim, baseURL := simulator(b)
-	secrets := &secretSet{source: sim.IssuedSecrets}
-	token := sim.AddToken(cloudflaresim.Token{})
-	account := cloudflaresim.NewID()
+	sim, baseURL, secrets, token, account := newEdge(b)
 	viaVault := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
 	bare := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
 	v := startDevServerAt(b, secrets, "info")

@@ -20,10 +20,7 @@ import (
 // in the order an operator meets it. Subtests share the server and build on
 // each other; the last ones search every log for secrets.
 func TestEngineOnDevServer(t *testing.T) {
-	sim, baseURL := simulator(t)
-	secrets := &secretSet{source: sim.IssuedSecrets}
-	token := sim.AddToken(cloudflaresim.Token{})
-	account := cloudflaresim.NewID()
+	sim, baseURL, secrets, token, account := newEdge(t)
 	var tunnels []string
 	for i := 0; i < 3; i++ {
 		tunnels = append(tunnels, sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID)

@@ -158,10 +158,7 @@ func (n *raftNode) kill() {
 // not; reads on the new active node reconcile; and a write leaves every
 // tunnel current.
 func TestFailoverDuringRotations(t *testing.T) {
-	sim, baseURL := simulator(t)
-	secrets := &secretSet{source: sim.IssuedSecrets}
-	token := sim.AddToken(cloudflaresim.Token{})
-	account := cloudflaresim.NewID()
+	sim, baseURL, secrets, token, account := newEdge(t)
 	var tunnels []string
 	for i := 0; i < 6; i++ {
 		tunnels = append(tunnels, sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID)

@@ -16,10 +16,7 @@ import (
 // rotation's predecessor as current: it reconciles with Cloudflare and hands
 // out the edge's key.
 func TestPluginKilledBetweenGenerateAndStore(t *testing.T) {
-	sim, baseURL := simulator(t)
-	secrets := &secretSet{source: sim.IssuedSecrets}
-	token := sim.AddToken(cloudflaresim.Token{})
-	account := cloudflaresim.NewID()
+	sim, baseURL, secrets, token, account := newEdge(t)
 	tunnel := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
 	path := "cloudflare-ipsec/psk/" + account + "/" + tunnel
 

@@ -14,10 +14,7 @@ import (
 // shortest period, one minute, so the test waits for the scheduler) and bulk
 // rotation of an account through the vault CLI and the HTTP API.
 func TestFleetRotationOnARealServer(t *testing.T) {
-	sim, baseURL := simulator(t)
-	secrets := &secretSet{source: sim.IssuedSecrets}
-	token := sim.AddToken(cloudflaresim.Token{})
-	account := cloudflaresim.NewID()
+	sim, baseURL, secrets, token, account := newEdge(t)
 	var tunnels []string
 	for i := 0; i < 5; i++ {
 		tunnels = append(tunnels, sim.AddTunnel(account, cloudflaresim.Tunnel{Name: fmt.Sprintf("branch_%d", i)}).ID)

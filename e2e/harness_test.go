@@ -89,6 +89,15 @@ func runSuite(m *testing.M) int {
 	return m.Run()
 }
 
+// newEdge serves a fresh Cloudflare simulator on loopback with one API token
+// and one account, and returns them with the set of secrets to search logs
+// for: every value the simulator issues.
+func newEdge(t testing.TB) (*cloudflaresim.Server, string, *secretSet, cloudflaresim.Token, string) {
+	t.Helper()
+	sim, baseURL := simulator(t)
+	return sim, baseURL, &secretSet{source: sim.IssuedSecrets}, sim.AddToken(cloudflaresim.Token{}), cloudflaresim.NewID()
+}
+
 // simulator serves a fresh Cloudflare simulator on loopback.
 func simulator(t testing.TB) (*cloudflaresim.Server, string) {
 	t.Helper()

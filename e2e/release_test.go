@@ -52,10 +52,7 @@ func TestReleaseBuildAndRootRotation(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	sim, baseURL := simulator(t)
-	secrets := &secretSet{source: sim.IssuedSecrets}
-	token := sim.AddToken(cloudflaresim.Token{})
-	account := cloudflaresim.NewID()
+	sim, baseURL, secrets, token, account := newEdge(t)
 	tunnel := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
 	v := startDevServerWith(t, secrets, "trace", pluginDir)
 	rootToken := v.rootToken

@@ -14,10 +14,7 @@ import (
 // the server, starts and unseals it again, and reads the same key back; the
 // restarted mount must also rotate as before.
 func TestPSKSurvivesRestart(t *testing.T) {
-	sim, baseURL := simulator(t)
-	secrets := &secretSet{source: sim.IssuedSecrets}
-	token := sim.AddToken(cloudflaresim.Token{})
-	account := cloudflaresim.NewID()
+	sim, baseURL, secrets, token, account := newEdge(t)
 	tunnel := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
 	path := "cloudflare-ipsec/psk/" + account + "/" + tunnel
 
