@@ -58,7 +58,7 @@ type dueItem struct {
 
 func dueMinute(at time.Time, roundUp bool) int64 {
 	m := at.Unix() / 60
-	if roundUp && at.Unix()%60 != 0 || roundUp && at.Nanosecond() != 0 {
+	if roundUp && (at.Unix()%60 != 0 || at.Nanosecond() != 0) {
 		m++
 	}
 	return m
@@ -289,7 +289,7 @@ func (sc *scheduler) rotateDue(ctx context.Context, client *cloudflare.Client, c
 		}
 		b.Logger().Warn("scheduled rotation failed", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "trigger", trigger, "error", err)
 		if due.Bulk {
-			sc.b.recordBulkResult(ctx, s, t, err)
+			b.recordBulkResult(ctx, s, t, err)
 		} else {
 			b.retryScheduledLater(ctx, s, t)
 		}
@@ -299,7 +299,7 @@ func (sc *scheduler) rotateDue(ctx context.Context, client *cloudflare.Client, c
 	// The rotation scheduled the next one in a later minute.
 	_ = s.Delete(ctx, item.key)
 	if due.Bulk {
-		sc.b.recordBulkResult(ctx, s, t, nil)
+		b.recordBulkResult(ctx, s, t, nil)
 	}
 	return 0
 }
