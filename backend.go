@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/http"
 	"sort"
@@ -10,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/consts"
 	"github.com/hashicorp/vault/sdk/helper/locksutil"
@@ -37,8 +37,10 @@ type backend struct {
 	tunnelLocks []*locksutil.LockEntry
 
 	// clientMu guards client, the Cloudflare client built from config, and
-	// config itself. Both are dropped whenever config changes (here or, on a
-	// standby, by Invalidate).
+	// config itself, both built on first use by cloudflareClient. Whatever
+	// changes config drops them under this lock: a config write or delete,
+	// a root token rotation, and Invalidate (a standby seeing the active
+	// node's write).
 	clientMu sync.RWMutex
 	client   *cloudflare.Client
 	config   *configRecord
@@ -48,7 +50,7 @@ type backend struct {
 	// counting across them.
 	budget *cloudflare.Budget
 
-	// scheduler works off scheduled and bulk rotations (schedule.go); it
+	// scheduler works off scheduled and bulk rotations (scheduler.go); it
 	// runs on the node that may write storage, from Initialize to Clean.
 	schedulerMu sync.Mutex
 	scheduler   *scheduler
@@ -97,8 +99,9 @@ func newBackend() *backend {
 	return b
 }
 
-// initialize starts the scheduler, which rebuilds itself from the schedule
-// in storage, on the node that may write.
+// initialize starts the scheduler on the node that may write. The scheduler
+// keeps nothing in memory between passes: each pass reads what is due from
+// storage, so a new process picks up where the last one stopped.
 func (b *backend) initialize(_ context.Context, req *logical.InitializationRequest) error {
 	if !b.mayWrite() {
 		return nil
@@ -135,6 +138,29 @@ func (b *backend) pokeScheduler() {
 func (b *backend) invalidate(_ context.Context, key string) {
 	if key == configStorageKey {
 		b.resetClient()
+	}
+}
+
+// tunnelLock is t's entry in the backend's striped tunnel locks.
+func (b *backend) tunnelLock(t tunnelRef) *locksutil.LockEntry {
+	return locksutil.LockForKey(b.tunnelLocks, t.storageKey())
+}
+
+// tunnelLogger is the mount's logger with the tunnel's identifiers on every
+// line.
+func (b *backend) tunnelLogger(t tunnelRef) hclog.Logger {
+	return b.Logger().With("account_id", t.AccountID, "tunnel_id", t.TunnelID)
+}
+
+// forwardedOperation is an operation that changes storage: a performance
+// standby or secondary forwards it to the node that may write.
+func forwardedOperation(cb framework.OperationFunc, verb, summary string) *framework.PathOperation {
+	return &framework.PathOperation{
+		Callback:                    cb,
+		ForwardPerformanceStandby:   true,
+		ForwardPerformanceSecondary: true,
+		DisplayAttrs:                &framework.DisplayAttributes{OperationVerb: verb},
+		Summary:                     summary,
 	}
 }
 
@@ -219,33 +245,28 @@ func rejectUnknownFields(req *logical.Request, d *framework.FieldData) *logical.
 		strings.Join(unknown, ", "), strings.Join(known, ", ")))
 }
 
-// cloudflareFailure turns an error from a Cloudflare call into what the Vault
-// client sees. subject says what the call was for ("tunnel X of account Y").
-// A refusal by Cloudflare is the caller's to fix, so it is a 400 that carries
-// Cloudflare's status, codes and messages; a rate limit is a 429; no answer
-// or a broken one is a 502 (504 on timeout): Vault could not reach a verdict.
-func cloudflareFailure(subject string, err error) (*logical.Response, error) {
-	msg := fmt.Sprintf("%s: %v", subject, err)
-	var apiErr *cloudflare.APIError
-	if errors.As(err, &apiErr) && apiErr.TokenRefused() {
+// failure turns an error into what the Vault client sees. An error from a
+// Cloudflare call is Cloudflare's verdict, told as such: a refusal is the
+// caller's to fix, so it is a 400 that carries Cloudflare's status, codes and
+// messages; a rate limit is a 429; no answer or a broken one is a 502 (504 on
+// timeout): Vault could not reach a verdict. Any other error is the engine's
+// own (Vault storage, mostly) and is returned as is: a 500, or the status an
+// error such as errNotConfigured carries. err's text says what the call was
+// for ("generate psk for tunnel X of account Y: ...").
+func failure(err error) (*logical.Response, error) {
+	if !cloudflare.IsCloudflare(err) {
+		return nil, err
+	}
+	msg := err.Error()
+	if cloudflare.TokenRefused(err) {
 		msg += "; Cloudflare refused the engine's API token (invalid, expired, disabled or rolled elsewhere): write a working api_token to this mount's config"
 	}
-	if errors.As(err, &apiErr) {
-		switch {
-		case apiErr.RateLimited():
-			return nil, logical.CodedError(http.StatusTooManyRequests, msg)
-		case apiErr.Rejected():
-			return logical.ErrorResponse(msg), nil
-		}
-		return nil, logical.CodedError(http.StatusBadGateway, msg)
-	}
-	var blocked *cloudflare.BlockedError
-	var budgetErr *cloudflare.BudgetError
-	if errors.As(err, &blocked) || errors.As(err, &budgetErr) {
+	switch {
+	case cloudflare.RetryAfter(err) > 0:
 		return nil, logical.CodedError(http.StatusTooManyRequests, msg)
-	}
-	var transportErr *cloudflare.TransportError
-	if errors.As(err, &transportErr) && transportErr.Timeout() {
+	case cloudflare.Refused(err):
+		return logical.ErrorResponse(msg), nil
+	case cloudflare.TimedOut(err):
 		return nil, logical.CodedError(http.StatusGatewayTimeout, msg)
 	}
 	return nil, logical.CodedError(http.StatusBadGateway, msg)

@@ -103,3 +103,32 @@ func fieldType(t framework.FieldType) string {
 	}
 	return t.String()
 }
+
+// TestHelpNamesEveryReturnedField reads each path as a user would and fails
+// when a field of the answer is not named in that path's help: help that
+// lists five fields of ten tells a provisioning tool's author nothing of the
+// other five.
+func TestHelpNamesEveryReturnedField(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	for _, path := range []string{
+		env.pskPath(),
+		env.metaPath(),
+		"config",
+		"rotate/" + env.account,
+		"tunnels/" + env.account + "/" + env.tunnel.ID,
+	} {
+		resp := env.must(env.request(logical.ReadOperation, path, nil))
+		route := env.b.Route(path)
+		if route == nil {
+			t.Fatalf("no route for %s", path)
+		}
+		help := route.HelpDescription
+		for field := range resp.Data {
+			if !regexp.MustCompile(`\b` + regexp.QuoteMeta(field) + `\b`).MatchString(help) {
+				t.Errorf("read %s returns %q, which its help does not name", route.Pattern, field)
+			}
+		}
+	}
+}

@@ -63,28 +63,10 @@ func (c *configRecord) expiryWarnings(now time.Time) []string {
 		c.TokenID, formatTime(c.TokenExpiresOn), c.TokenExpiresOn.Sub(now).Round(time.Hour))}
 }
 
-// rateLimit returns the mount's cap, defaulted for records written before
-// the fields existed.
-func (c *configRecord) rateLimit() (int, time.Duration) {
-	limit, window := c.RateLimit, c.RateLimitWindow
-	if limit <= 0 {
-		limit = defaultRateLimit
-	}
-	if window <= 0 {
-		window = defaultRateLimitWindow
-	}
-	return limit, window
-}
+// rateLimit returns the mount's cap on Cloudflare calls.
+func (c *configRecord) rateLimit() (int, time.Duration) { return c.RateLimit, c.RateLimitWindow }
 
 func pathConfig(b *backend) *framework.Path {
-	forwarded := func(cb framework.OperationFunc, verb string) *framework.PathOperation {
-		return &framework.PathOperation{
-			Callback:                    cb,
-			ForwardPerformanceStandby:   true,
-			ForwardPerformanceSecondary: true,
-			DisplayAttrs:                &framework.DisplayAttributes{OperationVerb: verb},
-		}
-	}
 	return &framework.Path{
 		Pattern: "config",
 		DisplayAttrs: &framework.DisplayAttributes{
@@ -154,9 +136,9 @@ func pathConfig(b *backend) *framework.Path {
 				Callback:     b.readConfigPath,
 				DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "read"},
 			},
-			logical.CreateOperation: forwarded(b.writeConfig, "configure"),
-			logical.UpdateOperation: forwarded(b.writeConfig, "configure"),
-			logical.DeleteOperation: forwarded(b.deleteConfig, "delete"),
+			logical.CreateOperation: forwardedOperation(b.writeConfig, "configure", "Write the API token and settings; the token is verified with Cloudflare first."),
+			logical.UpdateOperation: forwardedOperation(b.writeConfig, "configure", "Write the API token and settings; the token is verified with Cloudflare first."),
+			logical.DeleteOperation: forwardedOperation(b.deleteConfig, "delete", "Remove the configuration and its token."),
 		},
 		HelpSynopsis:    pathConfigHelpSynopsis,
 		HelpDescription: pathConfigHelpDescription,
@@ -229,7 +211,7 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	}
 	status, err := client.VerifyToken(ctx, cfg.TokenAccountID)
 	if err != nil {
-		return cloudflareFailure("verify the API token", err)
+		return failure(fmt.Errorf("verify the API token: %w", err))
 	}
 	if !status.Active() {
 		return logical.ErrorResponse(fmt.Sprintf("cloudflare reports the API token %s as %q, not active: nothing was stored", status.ID, status.Status)), nil
@@ -357,14 +339,6 @@ func (b *backend) deleteConfig(ctx context.Context, req *logical.Request, _ *fra
 	return nil, nil
 }
 
-// formatTime renders a time for a response; the zero time is "".
-func formatTime(t time.Time) string {
-	if t.IsZero() {
-		return ""
-	}
-	return t.UTC().Format(time.RFC3339Nano)
-}
-
 const pathConfigHelpSynopsis = `Configure the Cloudflare API token and endpoint the engine uses.`
 
 const pathConfigHelpDescription = `
@@ -378,8 +352,12 @@ stores nothing if Cloudflare rejects it or reports it not active. A write
 without api_token keeps the stored token and verifies it again against the new
 settings.
 
-Reading config returns the settings and what the last verify said (token id,
-status, expiry, when it was checked). It never returns the token.
+Reading config returns the settings (base_url, request_timeout,
+token_account_id, heal_stale_psk, rate_limit, rate_limit_window) and what
+Cloudflare said of the token: token_id, token_status, token_expires_on,
+token_not_before, token_verified_at (when the engine last verified it) and
+last_rotated (when config/rotate-root last rolled it). It never returns the
+token.
 
 heal_stale_psk (default true) decides what reconciliation does when it finds
 that Cloudflare generated a key after the one Vault stored (a rotation whose

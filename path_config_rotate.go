@@ -7,6 +7,8 @@ import (
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 )
 
 // pathConfigRotateRoot rolls the engine's own Cloudflare API token, so that
@@ -16,13 +18,8 @@ func pathConfigRotateRoot(b *backend) *framework.Path {
 		Pattern:      "config/rotate-root",
 		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "root-token"},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{
-				Callback:                    b.rotateRoot,
-				ForwardPerformanceStandby:   true,
-				ForwardPerformanceSecondary: true,
-				DisplayAttrs:                &framework.DisplayAttributes{OperationVerb: "rotate"},
-				Summary:                     "Roll the Cloudflare API token in config to a new value no person has seen.",
-			},
+			logical.UpdateOperation: forwardedOperation(b.rotateRoot, "rotate",
+				"Roll the Cloudflare API token in config to a new value no person has seen."),
 		},
 		HelpSynopsis:    pathConfigRotateRootHelpSynopsis,
 		HelpDescription: pathConfigRotateRootHelpDescription,
@@ -45,8 +42,8 @@ func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *frame
 	}
 	newToken, err := client.RollToken(ctx, cfg.TokenAccountID, cfg.TokenID)
 	if err != nil {
-		if notGenerated(err) {
-			return cloudflareFailure("roll API token "+cfg.TokenID, err)
+		if cloudflare.NoEffect(err) {
+			return failure(fmt.Errorf("roll API token %s: %w", cfg.TokenID, err))
 		}
 		// Cloudflare may have rolled the token and the answer was lost:
 		// then the stored value no longer works and the new one is gone.

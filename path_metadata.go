@@ -47,8 +47,11 @@ const pathMetadataHelpSynopsis = `Read the metadata of a tunnel's stored PSK, wi
 const pathMetadataHelpDescription = `
 metadata/<account_id>/<tunnel_id> returns everything a read of
 psk/<account_id>/<tunnel_id> returns except the key: account_id, tunnel_id,
-last_generated_on, version and stored_at. Grant it to operators who rotate
-keys but must not see them.
+last_generated_on, version, stored_at, state, state_reason,
+rotation_started_at, rotation_period and next_rotation (path-help of psk/
+says what each means). Like that read, it first reconciles a tunnel that is
+not current with Cloudflare. Grant it to operators who rotate keys but must
+not see them.
 `
 
 const pathMetadataListHelpSynopsis = `List the accounts, or the tunnels of an account, that have a stored PSK (metadata view).`

@@ -2,16 +2,12 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/http"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
-	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
-
-	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 )
 
 // Path segments are matched loosely and checked in the handlers, so that a
@@ -49,13 +45,7 @@ func pathPSK(b *backend) []*framework.Path {
 	for name, schema := range tunnelFields {
 		fields[name] = schema
 	}
-	rotate := &framework.PathOperation{
-		Callback:                    b.rotateTunnel,
-		ForwardPerformanceStandby:   true,
-		ForwardPerformanceSecondary: true,
-		DisplayAttrs:                &framework.DisplayAttributes{OperationVerb: "rotate"},
-		Summary:                     "Generate a new PSK at Cloudflare and store it.",
-	}
+	rotate := forwardedOperation(b.rotateTunnel, "rotate", "Generate a new PSK at Cloudflare and store it.")
 	return []*framework.Path{
 		{
 			Pattern:        "psk/" + accountSegment + "/" + tunnelSegment,
@@ -70,13 +60,8 @@ func pathPSK(b *backend) []*framework.Path {
 				},
 				logical.CreateOperation: rotate,
 				logical.UpdateOperation: rotate,
-				logical.DeleteOperation: &framework.PathOperation{
-					Callback:                    b.deletePSK,
-					ForwardPerformanceStandby:   true,
-					ForwardPerformanceSecondary: true,
-					DisplayAttrs:                &framework.DisplayAttributes{OperationVerb: "delete"},
-					Summary:                     "Forget a tunnel's PSK in Vault. The tunnel at Cloudflare is not touched.",
-				},
+				logical.DeleteOperation: forwardedOperation(b.deletePSK, "delete",
+					"Forget a tunnel's PSK in Vault. The tunnel at Cloudflare is not touched."),
 			},
 			HelpSynopsis:    pathPSKHelpSynopsis,
 			HelpDescription: pathPSKHelpDescription,
@@ -133,6 +118,25 @@ func tunnelFromRequest(d *framework.FieldData) (tunnelRef, string) {
 	return tunnelRef{AccountID: account, TunnelID: tunnel}, ""
 }
 
+// minRotationPeriod keeps a schedule from spending the rate limit on one
+// tunnel.
+const minRotationPeriod = time.Minute
+
+func requestedPeriod(d *framework.FieldData) (time.Duration, bool) {
+	v, ok := d.GetOk("rotation_period")
+	if !ok {
+		return 0, false
+	}
+	return time.Duration(v.(int)) * time.Second, true
+}
+
+func checkRotationPeriod(d *framework.FieldData) string {
+	if period, ok := requestedPeriod(d); ok && period != 0 && period < minRotationPeriod {
+		return fmt.Sprintf("rotation_period must be 0 (off) or at least %s", minRotationPeriod)
+	}
+	return ""
+}
+
 func (b *backend) pskExists(ctx context.Context, req *logical.Request, d *framework.FieldData) (bool, error) {
 	t, problem := tunnelFromRequest(d)
 	if problem != "" {
@@ -181,7 +185,7 @@ func (b *backend) readResolving(ctx context.Context, s logical.Storage, t tunnel
 }
 
 func (b *backend) tryReconcile(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord) (*pskRecord, []string) {
-	lock := lockFor(b, t)
+	lock := b.tunnelLock(t)
 	if !lock.TryLock() {
 		return rec, []string{"a rotation of this tunnel is in progress"}
 	}
@@ -214,7 +218,7 @@ func (b *backend) tryReconcile(ctx context.Context, s logical.Storage, t tunnelR
 
 // stateWarnings tells a reader what a record's state means and what to do.
 func stateWarnings(rec *pskRecord) []string {
-	switch rec.state() {
+	switch rec.State {
 	case stateRotationUnknown:
 		return []string{fmt.Sprintf("state %s: %s. This key may no longer be the one Cloudflare uses. "+
 			"The engine reconciles with Cloudflare on the next read or write and in the background; write this path to generate and store a new key now.",
@@ -226,10 +230,17 @@ func stateWarnings(rec *pskRecord) []string {
 	return nil
 }
 
-// rotateTunnel asks Cloudflare for a new PSK and stores it. The tunnel's lock
-// is held from before the call until the key is stored, so concurrent
-// rotations of one tunnel leave Vault with the key Cloudflare generated last.
+// rotateTunnel is a write of psk/<account>/<tunnel>: it checks the request
+// and hands it to rotation.go, which generates and stores the key.
 func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	if problem := checkRotationPeriod(d); problem != "" {
+		return logical.ErrorResponse(problem), nil
+	}
+	var period *time.Duration
+	if requested, ok := requestedPeriod(d); ok {
+		period = &requested
+	}
+	validateOnly := d.Get("validate_only").(bool)
 	if resp := rejectUnknownFields(req, d); resp != nil {
 		return resp, nil
 	}
@@ -237,19 +248,10 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	validateOnly := d.Get("validate_only").(bool)
-	if problem := checkRotationPeriod(d); problem != "" {
-		return logical.ErrorResponse(problem), nil
-	}
-
-	client, cfg, err := b.cloudflareClient(ctx, req.Storage)
-	if err != nil {
-		return nil, err
-	}
 
 	if validateOnly {
-		if _, err := client.GeneratePSK(ctx, t.AccountID, t.TunnelID, true); err != nil {
-			return cloudflareFailure("validate psk generation for "+t.String(), err)
+		if err := b.validateRotation(ctx, req.Storage, t); err != nil {
+			return failure(err)
 		}
 		return &logical.Response{Data: map[string]any{
 			"account_id":    t.AccountID,
@@ -258,42 +260,9 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 			"stored":        false,
 		}}, nil
 	}
-
-	lock := lockFor(b, t)
-	lock.Lock()
-	defer lock.Unlock()
-
-	rec, err := readPSKRecord(ctx, req.Storage, t)
+	rotated, err := b.rotateOnWrite(ctx, req.Storage, t, period)
 	if err != nil {
-		return nil, err
-	}
-	if rec != nil && !rec.current() {
-		// A psk_generate after an unknown outcome is sent only once
-		// Cloudflare has told what became of the last one: this write is the
-		// operator's, so it does not heal (it rotates anyway), but it must
-		// not act on a guess.
-		rec, err = b.reconcileLocked(ctx, req.Storage, client, cfg, t, rec, false)
-		if err != nil {
-			return cloudflareFailure("learn the outcome of the last rotation of "+t.String(), err)
-		}
-	}
-	period := time.Duration(0)
-	if rec != nil {
-		period = rec.RotationPeriod
-	}
-	if requested, ok := requestedPeriod(d); ok {
-		period = requested
-	}
-	rotated, err := b.rotateLocked(ctx, req.Storage, client, t, rec, period, "write")
-	if err != nil {
-		var cfErr cloudflare.Error
-		if !errors.As(err, &cfErr) {
-			return nil, err
-		}
-		if !notGenerated(err) {
-			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, stateRotationUnknown)
-		}
-		return cloudflareFailure("generate psk for "+t.String(), err)
+		return failure(err)
 	}
 	return &logical.Response{Data: rotated.metadata()}, nil
 }
@@ -303,7 +272,7 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	lock := lockFor(b, t)
+	lock := b.tunnelLock(t)
 	lock.Lock()
 	defer lock.Unlock()
 	rec, err := readPSKRecord(ctx, req.Storage, t)
@@ -313,13 +282,8 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 	if err := forgetPSKRecord(ctx, req.Storage, t, rec); err != nil {
 		return nil, err
 	}
-	b.Logger().Info("psk forgotten", "account_id", t.AccountID, "tunnel_id", t.TunnelID)
+	b.tunnelLogger(t).Info("psk forgotten")
 	return nil, nil
-}
-
-// lockFor is t's entry in the backend's striped tunnel locks.
-func lockFor(b *backend, t tunnelRef) *locksutil.LockEntry {
-	return locksutil.LockForKey(b.tunnelLocks, t.storageKey())
 }
 
 func (b *backend) listAccounts(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
@@ -353,12 +317,28 @@ write (create/update): asks Cloudflare to generate a new PSK for the tunnel
   (POST /accounts/<account_id>/magic/ipsec_tunnels/<tunnel_id>/psk_generate).
   Cloudflare activates the key on its edge at once, so the router must be given
   the new key. The key is stored in Vault and the response carries only its
-  metadata, never the key. With validate_only=true Cloudflare only validates
-  the request; no key is generated and nothing is stored.
+  metadata, never the key.
+  rotation_period: rotate the tunnel again every period (at least 1m; 0 turns
+  scheduled rotation off; omitted keeps the tunnel's current setting).
+  validate_only=true: Cloudflare only validates the request; no key is
+  generated and nothing is stored.
 
-read: returns psk, account_id, tunnel_id, last_generated_on (Cloudflare's
-  time of generation), version (1 for the first key this engine stored, +1 per
-  rotation) and stored_at. 404 when no key is stored.
+read: returns psk and its metadata:
+  account_id, tunnel_id   the tunnel, as stored (lower case)
+  last_generated_on       Cloudflare's time of generation of the stored key
+  version                 1 for the first key this engine stored, +1 per rotation
+  stored_at               when Vault stored the key
+  state                   current: the stored key is the one the edge uses;
+                          rotation_unknown: a rotation's outcome is not known
+                          yet, the edge may use a newer key;
+                          stale: the edge uses a key Vault does not hold
+  state_reason            why the state is not current ("" when it is)
+  rotation_started_at     when the unresolved rotation began ("" when none)
+  rotation_period         seconds between scheduled rotations (0: none)
+  next_rotation           when the next scheduled rotation is due ("" when none)
+  A read of a tunnel that is not current first asks Cloudflare what became of
+  the last rotation, and warns when the state stays other than current. 404
+  when no key is stored.
 
 delete: forgets the key in Vault only. It does not touch the tunnel at
   Cloudflare, which keeps using its current key.
@@ -374,22 +354,3 @@ LIST on the prefix returns the account ids that have at least one stored PSK
 (each with a trailing slash); LIST on <prefix>/<account_id>/ returns the tunnel
 ids of that account that have one.
 `
-
-// minRotationPeriod keeps a schedule from spending the rate limit on one
-// tunnel.
-const minRotationPeriod = time.Minute
-
-func requestedPeriod(d *framework.FieldData) (time.Duration, bool) {
-	v, ok := d.GetOk("rotation_period")
-	if !ok {
-		return 0, false
-	}
-	return time.Duration(v.(int)) * time.Second, true
-}
-
-func checkRotationPeriod(d *framework.FieldData) string {
-	if period, ok := requestedPeriod(d); ok && period != 0 && period < minRotationPeriod {
-		return fmt.Sprintf("rotation_period must be 0 (off) or at least %s", minRotationPeriod)
-	}
-	return ""
-}

@@ -24,13 +24,8 @@ func pathRotate(b *backend) []*framework.Path {
 			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{
-				Callback:                    b.queueAccountRotation,
-				ForwardPerformanceStandby:   true,
-				ForwardPerformanceSecondary: true,
-				DisplayAttrs:                &framework.DisplayAttributes{OperationVerb: "rotate"},
-				Summary:                     "Queue every stored tunnel of the account for rotation.",
-			},
+			logical.UpdateOperation: forwardedOperation(b.queueAccountRotation, "rotate",
+				"Queue every stored tunnel of the account for rotation."),
 			logical.ReadOperation: &framework.PathOperation{
 				Callback:     b.readAccountRotation,
 				DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "read", OperationSuffix: "rotation-progress"},
@@ -139,6 +134,7 @@ active node, never spending more than config rate_limit Cloudflare calls in
 any rate_limit_window and keeping a share of that for other requests.
 
 read rotate/<account_id> reports the last bulk rotation of the account:
-queued, done, failed (each with its reason), remaining and the expected
-finish time.
+account_id, started_at, queued, done, failed (each tunnel_id with its reason),
+remaining and expected_finish (when the rest should be done at the budget's
+pace).
 `

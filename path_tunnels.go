@@ -55,7 +55,7 @@ func (b *backend) listCloudflareTunnels(ctx context.Context, req *logical.Reques
 	}
 	tunnels, err := client.ListTunnels(ctx, account)
 	if err != nil {
-		return cloudflareFailure("list tunnels of account "+account, err)
+		return failure(fmt.Errorf("list tunnels of account %s: %w", account, err))
 	}
 	stored, err := req.Storage.List(ctx, pskStoragePrefix+account+"/")
 	if err != nil {
@@ -85,7 +85,7 @@ func (b *backend) readCloudflareTunnel(ctx context.Context, req *logical.Request
 	}
 	tunnel, err := client.GetTunnel(ctx, t.AccountID, t.TunnelID)
 	if err != nil {
-		return cloudflareFailure("read "+t.String(), err)
+		return failure(fmt.Errorf("read %s: %w", t, err))
 	}
 	rec, err := readPSKRecord(ctx, req.Storage, t)
 	if err != nil {
@@ -112,11 +112,13 @@ const pathTunnelsHelpSynopsis = `List an account's IPsec tunnels as Cloudflare k
 
 const pathTunnelsHelpDescription = `
 LIST tunnels/<account_id> asks Cloudflare for the account's IPsec tunnels and
-returns, for each, its id, name, description, endpoints, interface address,
-when its PSK was last generated, and managed: whether this engine stores its
-PSK. A tunnel with managed=false has a key nobody in Vault holds; write
+returns, for each, its id with name, description, cloudflare_endpoint (the
+address the router connects to), customer_endpoint, interface_address,
+psk_last_generated_on (when Cloudflare last generated its key) and managed:
+whether this engine stores its PSK. A tunnel with managed=false has a key nobody in Vault holds; write
 psk/<account_id>/<tunnel_id> to bring it under management.
 
-read tunnels/<account_id>/<tunnel_id> does the same for one tunnel. Neither
+read tunnels/<account_id>/<tunnel_id> does the same for one tunnel, with its
+account_id and tunnel_id. Neither
 ever returns a PSK: Cloudflare does not show one after generating it.
 `

@@ -49,21 +49,13 @@ type pskRecord struct {
 	RotationStartedAt time.Time `json:"rotation_started_at"`
 
 	// RotationPeriod, when not zero, has the scheduler rotate the tunnel
-	// again at NextRotation (see schedule.go).
+	// again at NextRotation (see due.go and scheduler.go).
 	RotationPeriod time.Duration `json:"rotation_period"`
 	NextRotation   time.Time     `json:"next_rotation"`
 }
 
-// current reports whether the stored key is known to be the edge's. Records
-// written before states existed have none and were stored after success.
-func (r *pskRecord) current() bool { return r.State == stateCurrent || r.State == "" }
-
-func (r *pskRecord) state() string {
-	if r.State == "" {
-		return stateCurrent
-	}
-	return r.State
-}
+// current reports whether the stored key is known to be the edge's.
+func (r *pskRecord) current() bool { return r.State == stateCurrent }
 
 // metadata is everything a read returns except the key itself.
 func (r *pskRecord) metadata() map[string]any {
@@ -73,7 +65,7 @@ func (r *pskRecord) metadata() map[string]any {
 		"last_generated_on":   formatTime(r.LastGeneratedOn),
 		"version":             r.Version,
 		"stored_at":           formatTime(r.StoredAt),
-		"state":               r.state(),
+		"state":               r.State,
 		"state_reason":        r.StateReason,
 		"rotation_started_at": formatTime(r.RotationStartedAt),
 		"rotation_period":     int(r.RotationPeriod.Seconds()),
@@ -175,4 +167,20 @@ func checkIdentifier(field, id string) string {
 		return ""
 	}
 	return fmt.Sprintf("%s must be a Cloudflare identifier: 32 hexadecimal characters (got %d characters)", field, len(id))
+}
+
+// formatTime renders a time for a response; the zero time is "".
+func formatTime(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}
+
+// orNever renders a stored key's time in a state reason.
+func orNever(t time.Time) string {
+	if t.IsZero() {
+		return "none stored"
+	}
+	return formatTime(t)
 }

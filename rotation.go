@@ -15,14 +15,25 @@ package main
 // rotation did not happen; a later time means it did, the stored key is
 // stale, and (heal_stale_psk, on by default) a new key is generated and
 // stored. It runs on the next read or write of the tunnel and in the
-// background, on the node that may write storage.
+// background (sweep.go), on the node that may write storage.
+//
+// Why not the SDK's write-ahead log (framework.PutWAL and WALRollback), as
+// Vault's database engine uses for credentials it makes itself: a WAL entry
+// carries what is needed to undo or redo an operation, and here the one thing
+// that matters, the new key, is made by Cloudflare and exists nowhere until
+// its answer arrives. No entry written before the call could carry it, and
+// nothing can undo a generation. The record-plus-marker is the equivalent: it
+// is written before the call, says that the outcome is unknown, and is
+// resolved from the edge's own account of the tunnel instead of from a log.
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
+	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
@@ -34,14 +45,71 @@ const (
 	storeAttempts = 4
 	// storeDeadline bounds the storing of a value that exists nowhere else.
 	storeDeadline = 10 * time.Second
-	// reconcilePerPass bounds the background work of one periodic call.
-	reconcilePerPass = 100
+	// rotateEventType is the event a stored rotation sends.
+	rotateEventType = "cloudflare-ipsec/psk-rotate"
 )
 
 // settleWindow is how long after a rotation started an unchanged key at
 // Cloudflare is not yet proof that the rotation did not happen: a request
 // abandoned at request_timeout may still be processed behind it.
 func settleWindow(cfg *configRecord) time.Duration { return 2 * cfg.RequestTimeout }
+
+// rotateOnWrite is an operator's write: it generates a new key for t and
+// stores it. period, when set, replaces the tunnel's rotation period. The
+// tunnel's lock is held from before the Cloudflare call until the key is
+// stored, so concurrent rotations of one tunnel leave Vault with the key
+// Cloudflare generated last.
+func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnelRef, period *time.Duration) (*pskRecord, error) {
+	client, cfg, err := b.cloudflareClient(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	lock := b.tunnelLock(t)
+	lock.Lock()
+	defer lock.Unlock()
+
+	rec, err := readPSKRecord(ctx, s, t)
+	if err != nil {
+		return nil, err
+	}
+	if rec != nil && !rec.current() {
+		// A psk_generate after an unknown outcome is sent only once
+		// Cloudflare has told what became of the last one: this write is the
+		// operator's, so it does not heal (it rotates anyway), but it must
+		// not act on a guess.
+		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err != nil {
+			return nil, fmt.Errorf("learn the outcome of the last rotation of %s: %w", t, err)
+		}
+	}
+	next := time.Duration(0)
+	if rec != nil {
+		next = rec.RotationPeriod
+	}
+	if period != nil {
+		next = *period
+	}
+	rotated, err := b.rotateLocked(ctx, s, client, t, rec, next, "write")
+	if err != nil {
+		if cloudflare.IsCloudflare(err) && !cloudflare.NoEffect(err) {
+			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, stateRotationUnknown)
+		}
+		return nil, fmt.Errorf("generate psk for %s: %w", t, err)
+	}
+	return rotated, nil
+}
+
+// validateRotation asks Cloudflare to validate a psk_generate for t without
+// generating a key (validate_only=true).
+func (b *backend) validateRotation(ctx context.Context, s logical.Storage, t tunnelRef) error {
+	client, _, err := b.cloudflareClient(ctx, s)
+	if err != nil {
+		return err
+	}
+	if _, err := client.GeneratePSK(ctx, t.AccountID, t.TunnelID, true); err != nil {
+		return fmt.Errorf("validate psk generation for %s: %w", t, err)
+	}
+	return nil
+}
 
 // rotateLocked generates a new key for t and stores it, with period as the
 // tunnel's rotation period from now on (0: none). The caller holds t's lock
@@ -65,13 +133,13 @@ func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *c
 
 	generated, err := client.GeneratePSK(ctx, t.AccountID, t.TunnelID, false)
 	if err != nil {
-		if notGenerated(err) {
+		if cloudflare.NoEffect(err) {
 			b.restore(ctx, s, t, previous)
 		} else {
 			pending.StateReason = fmt.Sprintf("the rotation started at %s failed with an unknown outcome (%v): Cloudflare may already use a key Vault does not hold",
 				formatTime(pending.RotationStartedAt), err)
 			if werr := writePSKRecord(ctx, s, t, pending); werr != nil {
-				b.Logger().Warn("could not record a rotation's unknown outcome", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", werr)
+				b.tunnelLogger(t).Warn("could not record a rotation's unknown outcome", "error", werr)
 			}
 		}
 		return nil, err
@@ -93,7 +161,7 @@ func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *c
 		// record is dropped by the scheduler, a due record without an
 		// entry would never rotate.
 		if err := scheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {
-			b.Logger().Warn("could not schedule the next rotation", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
+			b.tunnelLogger(t).Warn("could not schedule the next rotation", "error", err)
 		}
 	}
 	if err := b.storeGenerated(ctx, s, t, rec); err != nil {
@@ -101,7 +169,7 @@ func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *c
 	}
 	if !pending.NextRotation.IsZero() && !pending.NextRotation.Equal(rec.NextRotation) {
 		if err := unscheduleRotation(ctx, s, t, pending.NextRotation); err != nil {
-			b.Logger().Warn("could not drop a superseded schedule entry", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
+			b.tunnelLogger(t).Warn("could not drop a superseded schedule entry", "error", err)
 		}
 	}
 	// Events are best effort and go to Vault over a round trip of their
@@ -110,24 +178,10 @@ func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *c
 	if err := clearUnresolved(ctx, s, t); err != nil {
 		// The record is current; a marker left behind is cleared by the
 		// next background pass.
-		b.Logger().Warn("could not clear an unresolved mark", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
+		b.tunnelLogger(t).Warn("could not clear an unresolved mark", "error", err)
 	}
-	b.Logger().Info("psk rotated", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "version", rec.Version)
+	b.tunnelLogger(t).Info("psk rotated", "version", rec.Version)
 	return rec, nil
-}
-
-// notGenerated reports whether err proves Cloudflare generated nothing: it
-// refused the request, or the request was never sent. Any other failure
-// (no answer, a 5xx, a malformed answer, "success": false) may have come
-// after Cloudflare changed the key.
-func notGenerated(err error) bool {
-	var apiErr *cloudflare.APIError
-	if errors.As(err, &apiErr) {
-		return apiErr.Rejected() || apiErr.RateLimited()
-	}
-	var blocked *cloudflare.BlockedError
-	var budgetErr *cloudflare.BudgetError
-	return errors.As(err, &blocked) || errors.As(err, &budgetErr)
 }
 
 // restore puts back the record a rotation that certainly did not happen had
@@ -145,7 +199,7 @@ func (b *backend) restore(ctx context.Context, s logical.Storage, t tunnelRef, p
 		}
 	}
 	if err != nil {
-		b.Logger().Warn("could not restore a record after a refused rotation", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
+		b.tunnelLogger(t).Warn("could not restore a record after a refused rotation", "error", err)
 	}
 }
 
@@ -159,7 +213,7 @@ func (b *backend) storeGenerated(ctx context.Context, s logical.Storage, t tunne
 			return nil
 		}
 	}
-	b.Logger().Error("cloudflare activated a new psk that vault could not store", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
+	b.tunnelLogger(t).Error("cloudflare activated a new psk that vault could not store", "error", err)
 	return fmt.Errorf("cloudflare generated and activated a new psk for %s, but Vault could not store it (%w); "+
 		"the tunnel is marked rotation_unknown and the next write, read or background reconciliation will generate and store a new key", t, err)
 }
@@ -184,7 +238,7 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 			return rec, nil
 		}
 		if rec.PSK == "" {
-			b.Logger().Info("first rotation never happened; record removed", "account_id", t.AccountID, "tunnel_id", t.TunnelID)
+			b.tunnelLogger(t).Info("first rotation never happened; record removed")
 			return nil, forgetPSKRecord(ctx, s, t, rec)
 		}
 		resolved := *rec
@@ -195,14 +249,14 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 		if err := clearUnresolved(ctx, s, t); err != nil {
 			return &resolved, err
 		}
-		b.Logger().Info("reconciled: cloudflare's key is the stored one", "account_id", t.AccountID, "tunnel_id", t.TunnelID)
+		b.tunnelLogger(t).Info("reconciled: cloudflare's key is the stored one")
 		return &resolved, nil
 	}
 
 	// Cloudflare generated a key after the stored one: the stored key is
 	// not the edge's, and the tunnel is down until both sides share one.
 	if heal {
-		b.Logger().Warn("reconciled: cloudflare's key is newer than the stored one; generating a new key", "account_id", t.AccountID, "tunnel_id", t.TunnelID)
+		b.tunnelLogger(t).Warn("reconciled: cloudflare's key is newer than the stored one; generating a new key")
 		return b.rotateLocked(ctx, s, client, t, rec, rec.RotationPeriod, "heal")
 	}
 	stale := *rec
@@ -212,7 +266,7 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 	if err := writePSKRecord(ctx, s, t, &stale); err != nil {
 		return rec, err
 	}
-	b.Logger().Warn("reconciled: stored psk is stale", "account_id", t.AccountID, "tunnel_id", t.TunnelID)
+	b.tunnelLogger(t).Warn("reconciled: stored psk is stale")
 	return &stale, nil
 }
 
@@ -241,76 +295,17 @@ func putRetrying(ctx context.Context, s logical.Storage, entry *logical.StorageE
 	}
 }
 
-func orNever(t time.Time) string {
-	if t.IsZero() {
-		return "none stored"
+// sendRotateEvent tells subscribers (Vault Enterprise's event bus) that a
+// tunnel has a new key. The event carries no secret. On Vault Community
+// there is no bus and the call does nothing.
+func (b *backend) sendRotateEvent(ctx context.Context, rec *pskRecord, trigger string) {
+	err := logical.SendEvent(ctx, b, rotateEventType,
+		"account_id", rec.AccountID,
+		"tunnel_id", rec.TunnelID,
+		"version", strconv.Itoa(rec.Version),
+		"last_generated_on", formatTime(rec.LastGeneratedOn),
+		"trigger", trigger)
+	if err != nil && !errors.Is(err, framework.ErrNoEvents) {
+		b.Logger().Debug("could not send rotation event", "error", err)
 	}
-	return formatTime(t)
-}
-
-// reconcileUnresolved is the backend's PeriodicFunc: it works off the
-// tunnels marked unresolved, on the node that may write storage only. A
-// tunnel whose lock is taken (a rotation in flight) is left for the next pass.
-func (b *backend) reconcileUnresolved(ctx context.Context, req *logical.Request) error {
-	if !b.mayWrite() {
-		return nil
-	}
-	client, cfg, err := b.cloudflareClient(ctx, req.Storage)
-	if errors.Is(err, errNotConfigured) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	tunnels, err := listUnresolved(ctx, req.Storage)
-	if err != nil {
-		return err
-	}
-	if len(tunnels) > reconcilePerPass {
-		tunnels = tunnels[:reconcilePerPass]
-	}
-	for _, t := range tunnels {
-		if err := b.reconcileInBackground(ctx, req.Storage, client, cfg, t); err != nil {
-			b.Logger().Warn("background reconciliation failed", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
-			if notGenerated(err) {
-				return nil // rate limited or over budget: the next pass goes on
-			}
-		}
-	}
-	return nil
-}
-
-func (b *backend) reconcileInBackground(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef) error {
-	lock := lockFor(b, t)
-	if !lock.TryLock() {
-		return nil
-	}
-	defer lock.Unlock()
-	rec, err := readPSKRecord(ctx, s, t)
-	if err != nil {
-		return err
-	}
-	if rec == nil || rec.current() {
-		return clearUnresolved(ctx, s, t)
-	}
-	_, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, cfg.HealStalePSK)
-	return err
-}
-
-func listUnresolved(ctx context.Context, s logical.Storage) ([]tunnelRef, error) {
-	accounts, err := s.List(ctx, unresolvedPrefix)
-	if err != nil {
-		return nil, fmt.Errorf("list unresolved tunnels: %w", err)
-	}
-	var out []tunnelRef
-	for _, a := range accounts {
-		tunnels, err := s.List(ctx, unresolvedPrefix+a)
-		if err != nil {
-			return nil, fmt.Errorf("list unresolved tunnels: %w", err)
-		}
-		for _, tun := range tunnels {
-			out = append(out, tunnelRef{AccountID: a[:len(a)-1], TunnelID: tun})
-		}
-	}
-	return out, nil
 }

@@ -368,7 +368,7 @@ func TestAGeneratedKeyIsStoredEvenIfTheCallerGivesUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	tun := tunnelRef{env.account, env.tunnel.ID}
-	lock := lockFor(env.b, tun)
+	lock := env.b.tunnelLock(tun)
 	lock.Lock()
 	rec, _ := readPSKRecord(ctx, env.storage, tun)
 	_, err = env.b.rotateLocked(ctx, storage, client, tun, rec, 0, "write")

@@ -116,7 +116,6 @@ func New(cfg Config) (*Client, error) {
 
 // GeneratedPSK is what psk_generate returned.
 type GeneratedPSK struct {
-	TunnelID        string
 	PSK             string
 	LastGeneratedOn time.Time
 }
@@ -145,7 +144,7 @@ func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, va
 		return nil, c.describe(OpGeneratePSK, err)
 	}
 	if validateOnly {
-		return &GeneratedPSK{TunnelID: tunnelID, LastGeneratedOn: res.PSKMetadata.LastGeneratedOn}, nil
+		return &GeneratedPSK{LastGeneratedOn: res.PSKMetadata.LastGeneratedOn}, nil
 	}
 	if res.PSK == "" {
 		return nil, &MalformedResponseError{Op: OpGeneratePSK, Reason: "the answer has no psk"}
@@ -156,7 +155,7 @@ func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, va
 	if res.IPSECTunnelID != "" && !strings.EqualFold(res.IPSECTunnelID, tunnelID) {
 		return nil, &MalformedResponseError{Op: OpGeneratePSK, Reason: fmt.Sprintf("the answer is for tunnel %q, not %q", res.IPSECTunnelID, tunnelID)}
 	}
-	return &GeneratedPSK{TunnelID: tunnelID, PSK: res.PSK, LastGeneratedOn: res.PSKMetadata.LastGeneratedOn}, nil
+	return &GeneratedPSK{PSK: res.PSK, LastGeneratedOn: res.PSKMetadata.LastGeneratedOn}, nil
 }
 
 // TokenStatus is what Cloudflare's token-verify endpoint says of a token.

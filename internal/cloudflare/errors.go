@@ -299,3 +299,69 @@ func worthRetrying(err error) bool {
 	var budgetErr *BudgetError
 	return !errors.As(err, &malformed) && !errors.As(err, &budgetErr)
 }
+
+// The questions the engine asks of a failed call. They live here, beside the
+// error types they reason about, so that the safety-critical answer (did
+// Cloudflare change anything?) is decided in one place and tested as a table.
+
+// NoEffect reports whether err proves that Cloudflare changed nothing: it
+// refused the request (any 4xx, a rate limit included) or the request was
+// never sent (Cloudflare's block, the mount's budget). Every other failure
+// (no answer, a 5xx, a malformed answer, "success": false under 200, an
+// unexpected redirect) may have come after Cloudflare acted, so for a
+// psk_generate the outcome is unknown.
+func NoEffect(err error) bool {
+	var apiErr *APIError
+	if errors.As(err, &apiErr) {
+		return apiErr.Rejected() || apiErr.RateLimited()
+	}
+	var blocked *BlockedError
+	var budgetErr *BudgetError
+	return errors.As(err, &blocked) || errors.As(err, &budgetErr)
+}
+
+// RetryAfter returns how long to hold off when err means "not now"
+// (Cloudflare's 429, its block still in force, or the mount's budget), and 0
+// for any other error: those are not cured by waiting.
+func RetryAfter(err error) time.Duration {
+	var apiErr *APIError
+	if errors.As(err, &apiErr) && apiErr.RateLimited() {
+		return max(apiErr.RetryAfter, time.Second)
+	}
+	var blocked *BlockedError
+	if errors.As(err, &blocked) {
+		return max(blocked.RetryAfter, time.Second)
+	}
+	var budgetErr *BudgetError
+	if errors.As(err, &budgetErr) {
+		return max(budgetErr.RetryAfter, 10*time.Millisecond)
+	}
+	return 0
+}
+
+// Refused reports whether Cloudflare refused the request itself (a 4xx other
+// than its rate limit): the caller must change something before asking again.
+func Refused(err error) bool {
+	var apiErr *APIError
+	return errors.As(err, &apiErr) && apiErr.Rejected()
+}
+
+// TokenRefused reports whether Cloudflare refused the engine's API token
+// itself (invalid, expired, disabled or rolled elsewhere).
+func TokenRefused(err error) bool {
+	var apiErr *APIError
+	return errors.As(err, &apiErr) && apiErr.TokenRefused()
+}
+
+// TimedOut reports whether the call got no answer within its time limit.
+func TimedOut(err error) bool {
+	var transportErr *TransportError
+	return errors.As(err, &transportErr) && transportErr.Timeout()
+}
+
+// IsCloudflare reports whether err came from a Client call, as opposed to the
+// engine's own storage or logic.
+func IsCloudflare(err error) bool {
+	var cfErr Error
+	return errors.As(err, &cfErr)
+}

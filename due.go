@@ -1,0 +1,133 @@
+package main
+
+// The schedule in storage.
+//
+// The schedule is kept as one entry per due rotation,
+// due/<minute>/<account>.<tunnel>, where <minute> is the Unix minute at or
+// after which the rotation is due. Listing due/ gives the minutes in time
+// order without reading a record, so a mount that tracks a great many
+// tunnels starts at once, and the scheduler (scheduler.go) only ever holds
+// one batch of due rotations in memory. Times are rounded up to the minute,
+// so nothing is rotated before it is due, after a restart included; a
+// rotation that fell due while Vault was down is simply found in a past
+// minute and done at the paced rate.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+const (
+	duePrefix = "due/"
+	// dueBatch bounds the due rotations held in memory at once.
+	dueBatch = 500
+)
+
+// dueEntry is the value of a due/ entry; Bulk marks rotations queued by
+// rotate/<account>, whose progress that path reports.
+type dueEntry struct {
+	Bulk bool `json:"bulk,omitempty"`
+}
+
+// dueItem is one due rotation as loaded from storage.
+type dueItem struct {
+	key    string
+	minute int64
+	tunnel tunnelRef
+}
+
+func dueMinute(at time.Time, roundUp bool) int64 {
+	m := at.Unix() / 60
+	if roundUp && (at.Unix()%60 != 0 || at.Nanosecond() != 0) {
+		m++
+	}
+	return m
+}
+
+func dueKey(minute int64, t tunnelRef) string {
+	return fmt.Sprintf("%s%010d/%s.%s", duePrefix, minute, t.AccountID, t.TunnelID)
+}
+
+// scheduleRotation records that t is due at at (bulk: due now, for a job).
+func scheduleRotation(ctx context.Context, s logical.Storage, t tunnelRef, at time.Time, bulk bool) error {
+	entry, err := logical.StorageEntryJSON(dueKey(dueMinute(at, !bulk), t), dueEntry{Bulk: bulk})
+	if err != nil {
+		return fmt.Errorf("encode schedule entry of %s: %w", t, err)
+	}
+	if err := s.Put(ctx, entry); err != nil {
+		return fmt.Errorf("schedule rotation of %s: %w", t, err)
+	}
+	return nil
+}
+
+func unscheduleRotation(ctx context.Context, s logical.Storage, t tunnelRef, at time.Time) error {
+	if err := s.Delete(ctx, dueKey(dueMinute(at, true), t)); err != nil {
+		return fmt.Errorf("unschedule rotation of %s: %w", t, err)
+	}
+	return nil
+}
+
+// errCorruptDueEntry is a due/ entry whose value does not decode.
+var errCorruptDueEntry = errors.New("corrupt schedule entry")
+
+// readDueEntry reads one due/ entry; nil when it is gone (worked off by an
+// earlier pass, or forgotten with its tunnel). A value that does not decode
+// is reported as errCorruptDueEntry beside an entry with no marks, so the
+// record alone decides what happens to the tunnel.
+func readDueEntry(ctx context.Context, s logical.Storage, key string) (*dueEntry, error) {
+	entry, err := s.Get(ctx, key)
+	if err != nil {
+		return nil, fmt.Errorf("read schedule entry %s: %w", key, err)
+	}
+	if entry == nil {
+		return nil, nil
+	}
+	due := new(dueEntry)
+	if err := entry.DecodeJSON(due); err != nil {
+		return &dueEntry{}, fmt.Errorf("%w %s: %v", errCorruptDueEntry, key, err)
+	}
+	return due, nil
+}
+
+// loadDue returns up to dueBatch rotations due by now, oldest minute first,
+// and the time the next later minute falls due (zero when none).
+func loadDue(ctx context.Context, s logical.Storage, now time.Time) ([]dueItem, time.Time, error) {
+	minutes, err := s.List(ctx, duePrefix)
+	if err != nil {
+		return nil, time.Time{}, fmt.Errorf("list due rotations: %w", err)
+	}
+	sort.Strings(minutes)
+	current := now.Unix() / 60
+	var items []dueItem
+	for _, m := range minutes {
+		minute, err := strconv.ParseInt(strings.TrimSuffix(m, "/"), 10, 64)
+		if err != nil {
+			continue
+		}
+		if minute > current {
+			return items, time.Unix(minute*60, 0), nil
+		}
+		keys, err := s.List(ctx, duePrefix+m)
+		if err != nil {
+			return nil, time.Time{}, fmt.Errorf("list due rotations: %w", err)
+		}
+		for _, k := range keys {
+			account, tunnel, ok := strings.Cut(k, ".")
+			if !ok {
+				continue
+			}
+			items = append(items, dueItem{key: duePrefix + m + k, minute: minute, tunnel: tunnelRef{AccountID: account, TunnelID: tunnel}})
+			if len(items) == dueBatch {
+				return items, time.Time{}, nil
+			}
+		}
+	}
+	return items, time.Time{}, nil
+}

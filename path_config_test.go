@@ -1,0 +1,197 @@
+package main
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+)
+
+func TestConfigWriteValidation(t *testing.T) {
+	cases := []struct {
+		name      string
+		data      func(env *testEnv) map[string]any
+		wantError string
+	}{
+		{"missing token", func(e *testEnv) map[string]any { return map[string]any{"base_url": e.simURL} }, "api_token is required"},
+		{"http to a remote host", func(e *testEnv) map[string]any {
+			return map[string]any{"api_token": e.token.Value, "base_url": "http://api.example.com/client/v4"}
+		}, "plain http"},
+		{"not a URL", func(e *testEnv) map[string]any {
+			return map[string]any{"api_token": e.token.Value, "base_url": "api.cloudflare.com"}
+		}, "not an absolute URL"},
+		{"ftp scheme", func(e *testEnv) map[string]any {
+			return map[string]any{"api_token": e.token.Value, "base_url": "ftp://127.0.0.1/"}
+		}, "must use https"},
+		{"credentials in URL", func(e *testEnv) map[string]any {
+			return map[string]any{"api_token": e.token.Value, "base_url": "https://user:pw@api.cloudflare.com/client/v4"}
+		}, "must not carry credentials"},
+		{"zero timeout", func(e *testEnv) map[string]any {
+			return map[string]any{"api_token": e.token.Value, "base_url": e.simURL, "request_timeout": "0s"}
+		}, "request_timeout must be between"},
+		{"timeout too long", func(e *testEnv) map[string]any {
+			return map[string]any{"api_token": e.token.Value, "base_url": e.simURL, "request_timeout": "10m"}
+		}, "request_timeout must be between"},
+		{"bad token account id", func(e *testEnv) map[string]any {
+			return map[string]any{"api_token": e.token.Value, "base_url": e.simURL, "token_account_id": "abc"}
+		}, "token_account_id must be a Cloudflare identifier"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newTestEnv(t)
+			resp, err := env.request(logical.UpdateOperation, "config", tc.data(env))
+			if got := httpStatus(resp, err); got != http.StatusBadRequest {
+				t.Fatalf("status = %d, want 400 (%s)", got, errorText(resp, err))
+			}
+			if msg := errorText(resp, err); !strings.Contains(msg, tc.wantError) {
+				t.Errorf("error %q does not say %q", msg, tc.wantError)
+			}
+			if strings.Contains(errorText(resp, err), env.token.Value) {
+				t.Error("the error repeats the API token")
+			}
+			if n := env.sim.TotalCalls(); n != 0 {
+				t.Errorf("Cloudflare was called %d times for invalid input", n)
+			}
+			if snap := env.storageSnapshot(); len(snap) != 0 {
+				t.Errorf("storage changed: %v", snap)
+			}
+		})
+	}
+}
+
+func TestConfigRefusesTokensCloudflareRejects(t *testing.T) {
+	cases := []struct {
+		name    string
+		token   func(env *testEnv) string
+		account func(env *testEnv) string
+		want    []string
+	}{
+		{"unknown token", func(e *testEnv) string { return "not-a-token-known-to-cloudflare-0123456789" }, nil,
+			[]string{"HTTP 403", "code 9109", "Invalid access token"}},
+		{"disabled token", func(e *testEnv) string {
+			return e.sim.AddToken(cloudflaresim.Token{Status: "disabled"}).Value
+		}, nil, []string{`"disabled"`, "not active"}},
+		{"expired token", func(e *testEnv) string {
+			return e.sim.AddToken(cloudflaresim.Token{Status: "expired"}).Value
+		}, nil, []string{`"expired"`, "not active"}},
+		{"account-owned token verified as a user token", func(e *testEnv) string {
+			return e.sim.AddToken(cloudflaresim.Token{OwnerAccount: e.account}).Value
+		}, nil, []string{"HTTP 403", "code 9109"}},
+		{"user token verified at an account", func(e *testEnv) string { return e.token.Value },
+			func(e *testEnv) string { return e.account }, []string{"HTTP 403", "code 9109"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newTestEnv(t)
+			token := tc.token(env)
+			data := map[string]any{"api_token": token, "base_url": env.simURL}
+			if tc.account != nil {
+				data["token_account_id"] = tc.account(env)
+			}
+			resp, err := env.request(logical.UpdateOperation, "config", data)
+			if got := httpStatus(resp, err); got != http.StatusBadRequest {
+				t.Fatalf("status = %d, want 400 (%s)", got, errorText(resp, err))
+			}
+			msg := errorText(resp, err)
+			for _, want := range tc.want {
+				if !strings.Contains(msg, want) {
+					t.Errorf("error %q does not say %q", msg, want)
+				}
+			}
+			if strings.Contains(msg, token) {
+				t.Error("the error repeats the API token")
+			}
+			if snap := env.storageSnapshot(); len(snap) != 0 {
+				t.Errorf("storage changed: %v", snap)
+			}
+		})
+	}
+}
+
+func TestConfigReadShowsVerificationButNeverTheToken(t *testing.T) {
+	env := newTestEnv(t)
+	expires := time.Now().Add(90 * 24 * time.Hour).UTC().Truncate(time.Second)
+	token := env.sim.AddToken(cloudflaresim.Token{OwnerAccount: env.account, ExpiresOn: expires})
+	env.token = token
+
+	write, err := env.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token":        token.Value,
+		"base_url":         env.simURL + "/",
+		"token_account_id": strings.ToUpper(env.account),
+	})
+	mustSucceed(t, write, err)
+	if env.sim.Calls(cloudflaresim.OpAccountTokenVerify) != 1 {
+		t.Fatalf("account token verify calls = %d, want 1", env.sim.Calls(cloudflaresim.OpAccountTokenVerify))
+	}
+
+	resp, err := env.request(logical.ReadOperation, "config", nil)
+	mustSucceed(t, resp, err)
+	want := map[string]any{
+		"base_url":         env.simURL,
+		"request_timeout":  30,
+		"token_account_id": env.account,
+		"token_id":         token.ID,
+		"token_status":     "active",
+		"token_expires_on": expires.Format(time.RFC3339Nano),
+	}
+	for k, v := range want {
+		if resp.Data[k] != v {
+			t.Errorf("config %s = %v, want %v", k, resp.Data[k], v)
+		}
+	}
+	if _, ok := resp.Data["api_token"]; ok {
+		t.Error("config read returns api_token")
+	}
+	for _, r := range []*logical.Response{write, resp} {
+		if strings.Contains(responseJSON(t, r), token.Value) {
+			t.Error("a config response contains the token")
+		}
+	}
+}
+
+func TestConfigUpdateKeepsTokenAndReverifies(t *testing.T) {
+	env := newConfiguredEnv(t)
+	resp, err := env.request(logical.UpdateOperation, "config", map[string]any{"request_timeout": 7})
+	mustSucceed(t, resp, err)
+	if n := env.sim.Calls(cloudflaresim.OpUserTokenVerify); n != 2 {
+		t.Errorf("verify calls = %d, want 2 (one per write)", n)
+	}
+	read, err := env.request(logical.ReadOperation, "config", nil)
+	mustSucceed(t, read, err)
+	if read.Data["request_timeout"] != 7 {
+		t.Errorf("request_timeout = %v, want 7", read.Data["request_timeout"])
+	}
+
+	// The stored token has since been disabled: an update that re-verifies
+	// must be refused and leave the old config in place.
+	before := env.storageSnapshot()
+	env.sim.SetTokenStatus(env.token.Value, "disabled")
+	resp, err = env.request(logical.UpdateOperation, "config", map[string]any{"request_timeout": 9})
+	if httpStatus(resp, err) != http.StatusBadRequest {
+		t.Fatalf("status = %d, want 400", httpStatus(resp, err))
+	}
+	if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Error("a refused config update changed storage")
+	}
+}
+
+func TestConfigDelete(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.DeleteOperation, "config", nil))
+	resp, err := env.request(logical.ReadOperation, "config", nil)
+	if err != nil || resp != nil {
+		t.Fatalf("config read after delete = %v, %v; want nothing", resp, err)
+	}
+	resp, err = env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if httpStatus(resp, err) != http.StatusBadRequest || !strings.Contains(errorText(resp, err), "not configured") {
+		t.Fatalf("rotate without config: %d %q, want 400 not configured", httpStatus(resp, err), errorText(resp, err))
+	}
+	if env.sim.Calls(cloudflaresim.OpPSKGenerate) != 0 {
+		t.Error("Cloudflare was called without config")
+	}
+}

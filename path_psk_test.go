@@ -1,0 +1,387 @@
+package main
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+)
+
+func TestRotateStoresTheEdgesKeyAndAnswersWithMetadataOnly(t *testing.T) {
+	env := newConfiguredEnv(t)
+
+	for version := 1; version <= 3; version++ {
+		write, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+		mustSucceed(t, write, err)
+		if _, ok := write.Data["psk"]; ok {
+			t.Fatal("the write response carries the psk")
+		}
+		edge := env.edge()
+		if strings.Contains(responseJSON(t, write), edge.PSK) {
+			t.Fatal("the write response contains the key")
+		}
+
+		read, err := env.request(logical.ReadOperation, env.pskPath(), nil)
+		mustSucceed(t, read, err)
+		if read.Data["psk"] != edge.PSK {
+			t.Fatalf("stored psk differs from the edge's after rotation %d", version)
+		}
+		want := map[string]any{
+			"account_id":        env.account,
+			"tunnel_id":         env.tunnel.ID,
+			"version":           version,
+			"last_generated_on": edge.PSKGeneratedOn.Format(time.RFC3339Nano),
+		}
+		for k, v := range want {
+			if read.Data[k] != v {
+				t.Errorf("read %s = %v, want %v", k, read.Data[k], v)
+			}
+			if write.Data[k] != v {
+				t.Errorf("write response %s = %v, want %v", k, write.Data[k], v)
+			}
+		}
+		if read.Data["stored_at"] == "" {
+			t.Error("stored_at is empty")
+		}
+
+		meta, err := env.request(logical.ReadOperation, env.metaPath(), nil)
+		mustSucceed(t, meta, err)
+		if _, ok := meta.Data["psk"]; ok || strings.Contains(responseJSON(t, meta), edge.PSK) {
+			t.Fatal("metadata shows the key")
+		}
+		for k, v := range read.Data {
+			if k != "psk" && meta.Data[k] != v {
+				t.Errorf("metadata %s = %v, read says %v", k, meta.Data[k], v)
+			}
+		}
+	}
+	if got := len(env.edge().GeneratedPSKs); got != 3 {
+		t.Errorf("edge generated %d keys, want 3", got)
+	}
+}
+
+func TestIdentifiersAreCaseInsensitiveAndStoredLowerCase(t *testing.T) {
+	env := newConfiguredEnv(t)
+	upper := "psk/" + strings.ToUpper(env.account) + "/" + strings.ToUpper(env.tunnel.ID)
+	env.must(env.request(logical.CreateOperation, upper, nil))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+
+	read, err := env.request(logical.ReadOperation, upper, nil)
+	mustSucceed(t, read, err)
+	if read.Data["version"] != 2 || read.Data["tunnel_id"] != env.tunnel.ID {
+		t.Fatalf("upper- and lower-case writes did not share one record: %v", read.Data)
+	}
+	list, err := env.request(logical.ListOperation, "psk/"+strings.ToUpper(env.account)+"/", nil)
+	mustSucceed(t, list, err)
+	if keys := list.Data["keys"].([]string); len(keys) != 1 || keys[0] != env.tunnel.ID {
+		t.Fatalf("tunnels listed = %v, want [%s]", keys, env.tunnel.ID)
+	}
+}
+
+func TestBadIdentifiersAreRefusedBeforeCloudflare(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	callsBefore := env.sim.TotalCalls()
+	before := env.storageSnapshot()
+
+	good := env.account
+	bad := map[string]string{
+		"too short":        good[:31],
+		"too long":         good + "0",
+		"not hex":          "g" + good[1:],
+		"dashes":           good[:8] + "-" + good[9:],
+		"dot dot":          "..",
+		"encoded slash":    good[:16] + "%2F" + good[19:],
+		"unicode":          strings.Repeat("é", 16),
+		"huge":             strings.Repeat("a", 4096),
+		"space":            good[:31] + " ",
+		"hex with 0x":      "0x" + good[2:],
+		"upper non-hex":    strings.ToUpper("z" + good[1:]),
+		"pure punctuation": strings.Repeat("*", 32),
+	}
+	type target struct {
+		op   logical.Operation
+		path func(id string) []string
+	}
+	targets := []target{
+		{logical.UpdateOperation, func(id string) []string {
+			return []string{"psk/" + id + "/" + env.tunnel.ID, "psk/" + env.account + "/" + id}
+		}},
+		{logical.ReadOperation, func(id string) []string {
+			return []string{"psk/" + id + "/" + env.tunnel.ID, "psk/" + env.account + "/" + id, "metadata/" + id + "/" + env.tunnel.ID}
+		}},
+		{logical.DeleteOperation, func(id string) []string {
+			return []string{"psk/" + id + "/" + env.tunnel.ID, "psk/" + env.account + "/" + id}
+		}},
+		{logical.ListOperation, func(id string) []string { return []string{"psk/" + id + "/", "metadata/" + id + "/"} }},
+	}
+	for name, id := range bad {
+		for _, tg := range targets {
+			for _, path := range tg.path(id) {
+				t.Run(fmt.Sprintf("%s %s %s", name, tg.op, path[:min(len(path), 24)]), func(t *testing.T) {
+					resp, err := env.request(tg.op, path, nil)
+					if got := httpStatus(resp, err); got != http.StatusBadRequest {
+						t.Fatalf("status = %d, want 400 (%s)", got, errorText(resp, err))
+					}
+					if msg := errorText(resp, err); !strings.Contains(msg, "must be a Cloudflare identifier: 32 hexadecimal characters") {
+						t.Errorf("error %q does not say what an id must be", msg)
+					}
+				})
+			}
+		}
+	}
+	if env.sim.TotalCalls() != callsBefore {
+		t.Errorf("Cloudflare was called %d times for bad ids", env.sim.TotalCalls()-callsBefore)
+	}
+	if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Error("bad ids changed storage")
+	}
+}
+
+func TestValidateOnlyStoresNothing(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	before := env.storageSnapshot()
+	edgeBefore := env.edge()
+
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"validate_only": true})
+	mustSucceed(t, resp, err)
+	if resp.Data["validate_only"] != true || resp.Data["stored"] != false {
+		t.Fatalf("validate_only response = %v, want validate_only=true stored=false", resp.Data)
+	}
+	if _, ok := resp.Data["psk"]; ok {
+		t.Fatal("validate_only response carries a psk")
+	}
+	if env.sim.Calls(cloudflaresim.OpPSKGenerate) != 2 {
+		t.Fatalf("psk_generate calls = %d, want 2", env.sim.Calls(cloudflaresim.OpPSKGenerate))
+	}
+	if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Error("validate_only changed storage")
+	}
+	if edge := env.edge(); edge.PSK != edgeBefore.PSK {
+		t.Error("validate_only changed the edge's key")
+	}
+}
+
+func TestCloudflareFailuresAreReportedAndStoreNothing(t *testing.T) {
+	cases := []struct {
+		name       string
+		fault      *cloudflaresim.Fault
+		path       func(e *testEnv) string
+		wantStatus int
+		want       []string
+		// unknown: Cloudflare may have generated a key, so the record must
+		// say rotation_unknown instead of staying as it was.
+		unknown bool
+	}{
+		{name: "unknown tunnel", path: func(e *testEnv) string { return "psk/" + e.account + "/" + cloudflaresim.NewID() },
+			wantStatus: 400, want: []string{"cloudflare generate psk", "HTTP 404", "code 1002", "ipsec tunnel not found"}},
+		{name: "token lacks the account", path: func(e *testEnv) string {
+			other := cloudflaresim.NewID()
+			return "psk/" + other + "/" + e.sim.AddTunnel(other, cloudflaresim.Tunnel{}).ID
+		}, wantStatus: 0, want: nil},
+		{name: "forbidden", fault: &cloudflaresim.Fault{Status: 403, Errors: []cloudflaresim.Message{{Code: 10000, Message: "Authentication error"}}},
+			wantStatus: 400, want: []string{"HTTP 403", "code 10000", "Authentication error"}},
+		{name: "rate limited", fault: &cloudflaresim.Fault{Status: 429, RetryAfter: 300},
+			wantStatus: 429, want: []string{"HTTP 429", "code 971", "retry after 5m0s"}},
+		{name: "server error", fault: &cloudflaresim.Fault{Status: 503, Errors: []cloudflaresim.Message{{Code: 1000, Message: "service unavailable"}}},
+			wantStatus: 502, want: []string{"HTTP 503", "code 1000", "service unavailable"}, unknown: true},
+		{name: "success false under 200", fault: &cloudflaresim.Fault{SuccessFalse: true, Errors: []cloudflaresim.Message{{Code: 1015, Message: "tunnel is being modified"}}},
+			wantStatus: 502, want: []string{`HTTP 200 with "success": false`, "code 1015"}, unknown: true},
+		{name: "malformed body", fault: &cloudflaresim.Fault{Body: `{"success": true, "result": {"psk": "abc`},
+			wantStatus: 502, want: []string{"malformed answer", "not a JSON envelope"}, unknown: true},
+		{name: "envelope without success", fault: &cloudflaresim.Fault{Body: `{"result": {}}`},
+			wantStatus: 502, want: []string{"malformed answer", `no "success" field`}, unknown: true},
+		{name: "success without a key", fault: &cloudflaresim.Fault{Body: `{"success": true, "errors": [], "messages": [], "result": {}}`},
+			wantStatus: 502, want: []string{"malformed answer", "has no psk"}, unknown: true},
+		{name: "hangs past the timeout", fault: &cloudflaresim.Fault{Delay: 5 * time.Second},
+			wantStatus: 504, want: []string{"cloudflare generate psk", "deadline exceeded"}, unknown: true},
+		{name: "connection dropped", fault: &cloudflaresim.Fault{Hangup: true},
+			wantStatus: 502, want: []string{"cloudflare generate psk", "EOF"}, unknown: true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newConfiguredEnv(t)
+			if tc.name == "token lacks the account" {
+				env.token = env.sim.AddToken(cloudflaresim.Token{Accounts: []string{env.account}})
+				env.must(env.request(logical.UpdateOperation, "config", map[string]any{"api_token": env.token.Value}))
+				tc.wantStatus, tc.want = 400, []string{"HTTP 403", "code 10000", "Authentication error"}
+			}
+			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+			before := env.storageSnapshot()
+			path := env.pskPath()
+			if tc.path != nil {
+				path = tc.path(env)
+			}
+			if tc.fault != nil {
+				env.sim.FailNext(cloudflaresim.OpPSKGenerate, *tc.fault)
+			}
+			resp, err := env.request(logical.UpdateOperation, path, nil)
+			if got := httpStatus(resp, err); got != tc.wantStatus {
+				t.Fatalf("status = %d, want %d (%s)", got, tc.wantStatus, errorText(resp, err))
+			}
+			msg := errorText(resp, err)
+			for _, want := range append(tc.want, "tunnel ") {
+				if !strings.Contains(msg, want) {
+					t.Errorf("error %q does not say %q", msg, want)
+				}
+			}
+			if strings.Contains(msg, env.token.Value) {
+				t.Error("the error contains the API token")
+			}
+			if !tc.unknown {
+				if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
+					t.Error("a refused rotation changed storage")
+				}
+				return
+			}
+			if !strings.Contains(msg, "outcome is unknown") {
+				t.Errorf("error %q does not say the outcome is unknown", msg)
+			}
+			meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+			if meta.Data["state"] != stateRotationUnknown || meta.Data["version"] != 1 {
+				t.Errorf("after an unknown outcome metadata says state %v version %v", meta.Data["state"], meta.Data["version"])
+			}
+		})
+	}
+}
+
+func TestDeleteForgetsTheKeyButLeavesTheTunnel(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	edgeBefore := env.edge()
+	calls := env.sim.TotalCalls()
+
+	env.must(env.request(logical.DeleteOperation, env.pskPath(), nil))
+	if resp, err := env.request(logical.ReadOperation, env.pskPath(), nil); resp != nil || err != nil {
+		t.Fatalf("read after delete = %v, %v; want 404", resp, err)
+	}
+	if resp, err := env.request(logical.ReadOperation, env.metaPath(), nil); resp != nil || err != nil {
+		t.Fatalf("metadata after delete = %v, %v; want 404", resp, err)
+	}
+	if env.sim.TotalCalls() != calls {
+		t.Error("delete called Cloudflare")
+	}
+	if edge := env.edge(); edge.PSK != edgeBefore.PSK || len(edge.GeneratedPSKs) != 1 {
+		t.Error("delete changed the tunnel at Cloudflare")
+	}
+	// The next rotation starts a new record at version 1.
+	resp, err := env.request(logical.CreateOperation, env.pskPath(), nil)
+	mustSucceed(t, resp, err)
+	if resp.Data["version"] != 1 {
+		t.Errorf("version after delete and rotate = %v, want 1", resp.Data["version"])
+	}
+}
+
+func TestListAccountsAndTunnels(t *testing.T) {
+	env := newConfiguredEnv(t)
+	otherAccount := cloudflaresim.NewID()
+	tunnels := []string{env.tunnel.ID}
+	for i := 0; i < 2; i++ {
+		tunnels = append(tunnels, env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID)
+	}
+	otherTunnel := env.sim.AddTunnel(otherAccount, cloudflaresim.Tunnel{}).ID
+	for _, id := range tunnels {
+		env.must(env.request(logical.UpdateOperation, "psk/"+env.account+"/"+id, nil))
+	}
+	env.must(env.request(logical.UpdateOperation, "psk/"+otherAccount+"/"+otherTunnel, nil))
+
+	for _, prefix := range []string{"psk/", "metadata/"} {
+		accounts, err := env.request(logical.ListOperation, prefix, nil)
+		mustSucceed(t, accounts, err)
+		if got := fmt.Sprint(accounts.Data["keys"]); got != fmt.Sprint(sorted(env.account+"/", otherAccount+"/")) {
+			t.Errorf("LIST %s = %s", prefix, got)
+		}
+		listed, err := env.request(logical.ListOperation, prefix+env.account+"/", nil)
+		mustSucceed(t, listed, err)
+		if got := fmt.Sprint(listed.Data["keys"]); got != fmt.Sprint(sorted(tunnels...)) {
+			t.Errorf("LIST %s%s/ = %s, want %v", prefix, env.account, got, sorted(tunnels...))
+		}
+	}
+}
+
+func sorted(s ...string) []string {
+	out := append([]string(nil), s...)
+	for i := range out {
+		for j := i + 1; j < len(out); j++ {
+			if out[j] < out[i] {
+				out[i], out[j] = out[j], out[i]
+			}
+		}
+	}
+	return out
+}
+
+// TestConcurrentRotationsLeaveVaultWithTheEdgesKey runs many writers and
+// readers on one tunnel: afterwards Vault must hold the key the edge uses,
+// every rotation must have been counted, and no reader may ever see a key
+// the edge never had.
+func TestConcurrentRotationsLeaveVaultWithTheEdgesKey(t *testing.T) {
+	env := newConfiguredEnv(t)
+	const writers, readers, readsEach = 32, 8, 25
+
+	var wg sync.WaitGroup
+	errs := make(chan string, writers+readers*readsEach)
+	seen := make(chan string, readers*readsEach)
+	for i := 0; i < writers; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+			if err != nil || resp.IsError() {
+				errs <- errorText(resp, err)
+			}
+		}()
+	}
+	for i := 0; i < readers; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := 0; j < readsEach; j++ {
+				resp, err := env.request(logical.ReadOperation, env.pskPath(), nil)
+				if (resp == nil && err == nil) || httpStatus(resp, err) == http.StatusNotFound {
+					continue // the first key is not stored yet
+				}
+				if err != nil {
+					errs <- err.Error()
+					continue
+				}
+				if state := resp.Data["state"]; state != stateCurrent && len(resp.Warnings) == 0 {
+					errs <- fmt.Sprintf("state %v without a warning", state)
+				}
+				seen <- resp.Data["psk"].(string)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	close(seen)
+	for e := range errs {
+		t.Errorf("concurrent request failed: %s", e)
+	}
+
+	edge := env.edge()
+	read, err := env.request(logical.ReadOperation, env.pskPath(), nil)
+	mustSucceed(t, read, err)
+	if read.Data["psk"] != edge.PSK {
+		t.Fatal("after concurrent rotations Vault holds a key the edge no longer uses")
+	}
+	if read.Data["version"] != writers || len(edge.GeneratedPSKs) != writers {
+		t.Errorf("version = %v, edge generations = %d, want %d each", read.Data["version"], len(edge.GeneratedPSKs), writers)
+	}
+	real := map[string]bool{}
+	for _, k := range edge.GeneratedPSKs {
+		real[k] = true
+	}
+	for k := range seen {
+		if !real[k] {
+			t.Fatal("a reader saw a key the edge never had")
+		}
+	}
+}

@@ -1,0 +1,247 @@
+package main
+
+// The scheduler: one per mount, on the node that may write storage, from
+// Initialize to Clean. It works off the schedule (due.go) one rotation at a
+// time, and only while the mount's budget (config rate_limit) has more than a
+// reserve left, so operators' own writes are not starved by the fleet.
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+)
+
+// retryFailedAfter is when a failed scheduled rotation is tried again.
+const retryFailedAfter = time.Minute
+
+// scheduler works off one mount's due rotations.
+type scheduler struct {
+	b       *backend
+	storage logical.Storage
+	// mu serialises passes: the loop's and those a test runs directly
+	// must never work the same entry twice.
+	mu     sync.Mutex
+	wake   chan struct{}
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func newScheduler(b *backend, s logical.Storage) *scheduler {
+	return &scheduler{b: b, storage: s, wake: make(chan struct{}, 1), done: make(chan struct{})}
+}
+
+// start runs the scheduler until stop.
+func (sc *scheduler) start() {
+	ctx, cancel := context.WithCancel(context.Background())
+	sc.cancel = cancel
+	go sc.run(ctx)
+}
+
+// stop cancels the loop, the rotation in progress included, and waits until
+// the loop has returned. A rotation cancelled half way is left as any
+// interrupted rotation is: rotation_unknown, resolved by reconciliation.
+func (sc *scheduler) stop() {
+	if sc.cancel == nil {
+		return
+	}
+	sc.cancel()
+	<-sc.done
+}
+
+// poke wakes the loop early, after new rotations were queued.
+func (sc *scheduler) poke() {
+	select {
+	case sc.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (sc *scheduler) run(ctx context.Context) {
+	defer close(sc.done)
+	for ctx.Err() == nil {
+		wait := sc.pass(ctx)
+		timer := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return
+		case <-sc.wake:
+			timer.Stop()
+		case <-timer.C:
+		}
+	}
+}
+
+// pass works off what is due now and returns how long to sleep before the
+// next pass.
+func (sc *scheduler) pass(ctx context.Context) time.Duration {
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	b := sc.b
+	if !b.mayWrite() {
+		return time.Minute
+	}
+	client, cfg, err := b.cloudflareClient(ctx, sc.storage)
+	if err != nil {
+		return time.Minute
+	}
+	items, next, err := loadDue(ctx, sc.storage, b.now())
+	if err != nil {
+		b.Logger().Warn("scheduler could not load due rotations", "error", err)
+		return 10 * time.Second
+	}
+	for _, item := range items {
+		if wait := sc.awaitBudget(ctx); wait > 0 {
+			return wait
+		}
+		if ctx.Err() != nil {
+			return 0
+		}
+		outcome := sc.rotateDue(ctx, client, cfg, item)
+		if outcome.postpone > 0 {
+			return outcome.postpone
+		}
+		if !outcome.finished {
+			continue
+		}
+		// The one place a worked entry leaves the schedule. A delete that
+		// fails ends the pass: the entry is worked again later, never
+		// forgotten in silence.
+		if err := sc.storage.Delete(ctx, item.key); err != nil {
+			b.Logger().Warn("scheduler could not remove a finished entry", "entry", item.key, "error", err)
+			return 10 * time.Second
+		}
+	}
+	if len(items) == dueBatch {
+		return 0
+	}
+	if next.IsZero() {
+		return time.Minute
+	}
+	return max(next.Sub(b.now())+time.Second, time.Second)
+}
+
+// awaitBudget returns how long to wait before the scheduler may spend a
+// call: it keeps a reserve of the budget for operators' own requests.
+func (sc *scheduler) awaitBudget(ctx context.Context) time.Duration {
+	limit, _ := sc.b.budget.Limit()
+	reserve := max(limit/20, 1)
+	if limit <= 2 {
+		reserve = 0
+	}
+	for {
+		free, wait := sc.b.budget.Free()
+		if free > reserve {
+			return 0
+		}
+		if wait <= 0 {
+			wait = 50 * time.Millisecond
+		}
+		// Short waits are slept here, so a paced bulk run is one pass.
+		if wait > 2*time.Second {
+			return wait
+		}
+		select {
+		case <-ctx.Done():
+			return time.Second
+		case <-time.After(wait):
+		}
+	}
+}
+
+// dueOutcome is what became of one due entry.
+type dueOutcome struct {
+	// finished: the entry is done with (rotated, failed for good and
+	// rescheduled or counted, or stale) and leaves the schedule.
+	finished bool
+	// postpone, when set, ends the pass and keeps the entry: Cloudflare or
+	// the budget said "not now".
+	postpone time.Duration
+}
+
+var (
+	dueFinished = dueOutcome{finished: true}
+	// dueKept leaves the entry for a later pass (storage could not be read).
+	dueKept = dueOutcome{}
+)
+
+// rotateDue rotates one due tunnel and says what becomes of its entry.
+func (sc *scheduler) rotateDue(ctx context.Context, client *cloudflare.Client, cfg *configRecord, item dueItem) dueOutcome {
+	b, s, t := sc.b, sc.storage, item.tunnel
+	log := b.tunnelLogger(t)
+	due, err := readDueEntry(ctx, s, item.key)
+	switch {
+	case errors.Is(err, errCorruptDueEntry):
+		log.Warn("schedule entry does not decode; the tunnel's record decides", "error", err)
+	case err != nil:
+		log.Warn("scheduler could not read a schedule entry", "error", err)
+		return dueKept
+	}
+	if due == nil {
+		return dueFinished
+	}
+
+	lock := b.tunnelLock(t)
+	lock.Lock()
+	defer lock.Unlock()
+	rec, err := readPSKRecord(ctx, s, t)
+	if err != nil {
+		log.Warn("scheduler could not read a record", "error", err)
+		return dueKept
+	}
+	scheduled := rec != nil && rec.RotationPeriod > 0 && !rec.NextRotation.IsZero() && dueMinute(rec.NextRotation, true) == item.minute
+	if rec == nil || !due.Bulk && !scheduled {
+		// Forgotten, or rescheduled since: the entry is stale.
+		return dueFinished
+	}
+	trigger := "schedule"
+	if due.Bulk {
+		trigger = "bulk"
+	}
+	if !rec.current() {
+		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err == nil && rec == nil {
+			return dueFinished
+		}
+	}
+	if err == nil {
+		_, err = b.rotateLocked(ctx, s, client, t, rec, rec.RotationPeriod, trigger)
+	}
+	if err != nil {
+		if wait := cloudflare.RetryAfter(err); wait > 0 {
+			return dueOutcome{postpone: wait}
+		}
+		log.Warn("scheduled rotation failed", "trigger", trigger, "error", err)
+		if due.Bulk {
+			b.recordBulkResult(ctx, s, t, err)
+		} else {
+			b.retryScheduledLater(ctx, s, t)
+		}
+		return dueFinished
+	}
+	// The rotation scheduled the next one in a later minute.
+	if due.Bulk {
+		b.recordBulkResult(ctx, s, t, nil)
+	}
+	return dueFinished
+}
+
+// retryScheduledLater moves a failed scheduled rotation a little into the
+// future. The caller holds t's lock.
+func (b *backend) retryScheduledLater(ctx context.Context, s logical.Storage, t tunnelRef) {
+	rec, err := readPSKRecord(ctx, s, t)
+	if err != nil || rec == nil || rec.RotationPeriod == 0 {
+		return
+	}
+	rec.NextRotation = b.now().Add(retryFailedAfter).UTC()
+	if err := scheduleRotation(ctx, s, t, rec.NextRotation, false); err == nil {
+		err = writePSKRecord(ctx, s, t, rec)
+		if err != nil {
+			b.tunnelLogger(t).Warn("could not reschedule a failed rotation", "error", err)
+		}
+	}
+}
