@@ -29,9 +29,9 @@ type envelope struct {
 }
 
 // Codes and messages the simulator answers with. Those with a public source
-// are the ones in ../shared/cloudflare (derived_examples); Cloudflare does not
-// publish the code for an unknown tunnel or a missing body, so those two are
-// the simulator's own choice.
+// are the ones in testdata/ipsec-openapi.json (derived_examples); Cloudflare
+// does not publish the code for an unknown tunnel or a missing body, so those
+// two are the simulator's own choice.
 var (
 	errBadHeaders      = Message{Code: 6003, Message: "Invalid request headers"}
 	errInvalidToken    = Message{Code: 9109, Message: "Invalid access token"}
