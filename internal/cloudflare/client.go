@@ -7,6 +7,8 @@
 //   - retries are decided here, per operation, never by the SDK's defaults;
 //   - an answer with "success": false is an error even when its HTTP status is
 //     200 (the SDK decodes such an answer as if it had succeeded);
+//   - a redirect is never followed, so the API token goes nowhere but to the
+//     configured base URL;
 //   - errors carry Cloudflare's HTTP status, codes and messages, but never a
 //     response body, a header or anything else that could hold a secret.
 package cloudflare
@@ -35,8 +37,6 @@ type Config struct {
 	BaseURL  string
 	// RequestTimeout bounds one operation, retries included.
 	RequestTimeout time.Duration
-	// HTTPClient is optional; a client with its own transport is made when nil.
-	HTTPClient *http.Client
 	// UserAgent is sent with every request.
 	UserAgent string
 	// Now is the clock for rate-limit blocks; time.Now when nil.
@@ -73,9 +73,14 @@ func New(cfg Config) (*Client, error) {
 	if cfg.RequestTimeout <= 0 {
 		return nil, errors.New("cloudflare: request timeout must be positive")
 	}
-	httpClient := cfg.HTTPClient
-	if httpClient == nil {
-		httpClient = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
+	httpClient := &http.Client{
+		Transport: http.DefaultTransport.(*http.Transport).Clone(),
+		// A redirect is never followed: the SDK sets the bearer token on the
+		// request, and Go's client keeps it on a redirect to the same host
+		// name (any port, plain http included). Cloudflare's API does not
+		// redirect these operations, so a 3xx comes from something else;
+		// checkEnvelope turns it into an error.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 	}
 	opts := []option.RequestOption{
 		option.WithAPIToken(cfg.APIToken),

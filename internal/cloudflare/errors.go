@@ -162,6 +162,15 @@ func decodeEnvelope(status int, header http.Header, body []byte) error {
 	if len(body) > maxResponseBytes {
 		return &MalformedResponseError{HTTPStatus: status, Reason: "the answer is larger than 1 MiB"}
 	}
+	if status >= 300 && status < 400 {
+		// The client never follows a redirect (see New). It is not an
+		// APIError: Cloudflare did not refuse anything, and for psk_generate
+		// a redirect from whatever sits between the engine and Cloudflare
+		// proves nothing about whether the key changed. A malformed answer
+		// is what callers already treat as "outcome unknown, do not retry".
+		// The Location header is not quoted: it could hold anything.
+		return &MalformedResponseError{HTTPStatus: status, Reason: "the answer is a redirect, which this client never follows (it could take the API token to another host or to plain http)"}
+	}
 	var env envelope
 	decodeErr := json.Unmarshal(body, &env)
 	if status >= 400 {

@@ -21,6 +21,7 @@ func FuzzDecodeEnvelope(f *testing.F) {
 	f.Add(200, `{"success":true,"result":{"psk":"`, ``)
 	f.Add(200, `{"result":{"psk":"`, `"}}`)
 	f.Add(403, `{"success":false,"errors":[{"code":9109,"message":"Invalid access token"}],"messages":[],"result":null,"x":"`, `"}`)
+	f.Add(307, `{"success":true,"errors":[],"messages":[],"result":{"psk":"`, `"}}`)
 	f.Add(429, `<html>`, `</html>`)
 	f.Add(502, ``, ``)
 	f.Add(200, `[`, `]`)
@@ -32,7 +33,7 @@ func FuzzDecodeEnvelope(f *testing.F) {
 		body := []byte(prefix + fuzzSecret + suffix)
 		err := decodeEnvelope(status, http.Header{"Retry-After": {"30"}}, body)
 		if err == nil {
-			if status >= 400 {
+			if status >= 300 {
 				t.Fatalf("HTTP %d accepted", status)
 			}
 			return
