@@ -329,12 +329,13 @@ func spendBudget(b *Budget) option.Middleware {
 }
 
 // start begins one operation: it fails fast while Cloudflare blocks the
-// token, and bounds the operation, retries included, by request_timeout.
+// token, bounds the operation, retries included, by request_timeout, and
+// names the operation in the context for the middleware (answer size).
 func (c *Client) start(ctx context.Context, op Op) (context.Context, context.CancelFunc, error) {
 	if err := c.checkBlock(op); err != nil {
 		return nil, nil, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	ctx, cancel := context.WithTimeout(withOp(ctx, op), c.timeout)
 	return ctx, cancel, nil
 }
 

@@ -38,9 +38,45 @@ func (e *MalformedResponseError) CloudflareOp() Op { return e.Op }
 func (e *TransportError) CloudflareOp() Op         { return e.Op }
 func (e *BlockedError) CloudflareOp() Op           { return e.Op }
 
-// maxResponseBytes bounds what is read of one answer. Cloudflare's answers
-// for these operations are a few hundred bytes.
-const maxResponseBytes = 1 << 20
+// Bounds on what is read of one answer, per operation, so that a broken or
+// hostile answer cannot make the engine hold an unbounded body in memory.
+// Answers about one tunnel or one token are a few hundred bytes; a list of
+// tunnels grows with the account: the simulator's tunnel object is about 360
+// bytes, Cloudflare's has a few more fields and free-text names, so 32 MiB
+// leaves room for well over 10,000 tunnels of 3 KiB each.
+const (
+	smallResponseLimit = 64 << 10
+	listResponseLimit  = 32 << 20
+)
+
+// responseLimit returns the bound for op's answers. An unknown op gets the
+// small bound: a forgotten case fails loudly rather than reading anything.
+func responseLimit(op Op) int {
+	if op == OpListTunnels {
+		return listResponseLimit
+	}
+	return smallResponseLimit
+}
+
+// opKey carries the operation in a request's context, from start to the
+// middleware: the SDK hands middleware only the *http.Request, and one
+// place that sets it for every call beats an option at each call site.
+type opKey struct{}
+
+func withOp(ctx context.Context, op Op) context.Context { return context.WithValue(ctx, opKey{}, op) }
+
+func opOf(ctx context.Context) Op {
+	op, _ := ctx.Value(opKey{}).(Op)
+	return op
+}
+
+// formatBytes writes a limit as KiB or MiB, as it is declared.
+func formatBytes(n int) string {
+	if n%(1<<20) == 0 {
+		return fmt.Sprintf("%d MiB", n>>20)
+	}
+	return fmt.Sprintf("%d KiB", n>>10)
+}
 
 // Message is one entry of Cloudflare's errors or messages array.
 type Message struct {
@@ -144,10 +180,15 @@ func checkEnvelope(req *http.Request, next option.MiddlewareNext) (*http.Respons
 	if err != nil {
 		return nil, err
 	}
-	body, err := io.ReadAll(io.LimitReader(res.Body, maxResponseBytes+1))
+	op := opOf(req.Context())
+	limit := responseLimit(op)
+	body, err := io.ReadAll(io.LimitReader(res.Body, int64(limit)+1))
 	_ = res.Body.Close()
 	if err != nil {
 		return nil, &MalformedResponseError{HTTPStatus: res.StatusCode, Reason: "the answer was cut off: " + err.Error()}
+	}
+	if len(body) > limit {
+		return nil, &MalformedResponseError{HTTPStatus: res.StatusCode, Reason: fmt.Sprintf("the answer is larger than the %s allowed for %s", formatBytes(limit), op)}
 	}
 	if err := decodeEnvelope(res.StatusCode, res.Header, body); err != nil {
 		return nil, err
@@ -159,9 +200,6 @@ func checkEnvelope(req *http.Request, next option.MiddlewareNext) (*http.Respons
 // decodeEnvelope judges one answer: nil for a well-formed success, else an
 // *APIError or a *MalformedResponseError.
 func decodeEnvelope(status int, header http.Header, body []byte) error {
-	if len(body) > maxResponseBytes {
-		return &MalformedResponseError{HTTPStatus: status, Reason: "the answer is larger than 1 MiB"}
-	}
 	if status >= 300 && status < 400 {
 		// The client never follows a redirect (see New). It is not an
 		// APIError: Cloudflare did not refuse anything, and for psk_generate
