@@ -61,10 +61,13 @@ func (b *Budget) Resize(limit int, window time.Duration) {
 	}
 }
 
-// Block records that Cloudflare blocks the token until until.
+// Block records that Cloudflare blocks the token until until, but for no
+// longer than maxBlock from now: whatever the answer said, the mount must
+// not stay disabled for long on one bogus value.
 func (b *Budget) Block(until time.Time) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	until = minTime(until, b.now().Add(maxBlock))
 	if until.After(b.blockedUntil) {
 		b.blockedUntil = until
 	}
@@ -152,3 +155,10 @@ func (e *BudgetError) Error() string {
 }
 
 func (e *BudgetError) CloudflareOp() Op { return e.Op }
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}

@@ -73,6 +73,10 @@ func New(cfg Config) (*Client, error) {
 	if cfg.RequestTimeout <= 0 {
 		return nil, errors.New("cloudflare: request timeout must be positive")
 	}
+	now := cfg.Now
+	if now == nil {
+		now = time.Now
+	}
 	httpClient := &http.Client{
 		Transport: http.DefaultTransport.(*http.Transport).Clone(),
 		// A redirect is never followed: the SDK sets the bearer token on the
@@ -92,7 +96,7 @@ func New(cfg Config) (*Client, error) {
 		// a psk_generate that is retried blindly can rotate a key twice. Retries
 		// are this package's decision (see retryIdempotent).
 		option.WithMaxRetries(0),
-		option.WithMiddleware(checkEnvelope),
+		option.WithMiddleware(checkEnvelope(now)),
 	}
 	budget := cfg.Budget
 	if budget == nil {
@@ -102,10 +106,6 @@ func New(cfg Config) (*Client, error) {
 	opts = append([]option.RequestOption{option.WithMiddleware(spendBudget(budget))}, opts...)
 	if cfg.UserAgent != "" {
 		opts = append(opts, option.WithHeader("User-Agent", cfg.UserAgent))
-	}
-	now := cfg.Now
-	if now == nil {
-		now = time.Now
 	}
 	return &Client{
 		timeout:       cfg.RequestTimeout,

@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 )
 
 // fuzzSecret stands for a key inside an answer. Whatever the answer looks
@@ -31,7 +32,7 @@ func FuzzDecodeEnvelope(f *testing.F) {
 			status = 200 + (status%400+400)%400
 		}
 		body := []byte(prefix + fuzzSecret + suffix)
-		err := decodeEnvelope(status, http.Header{"Retry-After": {"30"}}, body)
+		err := decodeEnvelope(status, http.Header{"Retry-After": {"30"}}, body, time.Now())
 		if err == nil {
 			if status >= 300 {
 				t.Fatalf("HTTP %d accepted", status)
