@@ -50,7 +50,8 @@ type Config struct {
 
 // Client calls Cloudflare. It is safe for concurrent use. One Client serves
 // one API token, whose rate limit it tracks: Cloudflare counts requests per
-// token and, past the limit, refuses every call from that token for a while.
+// user (all of a user's tokens together; an account-owned token alone) and,
+// past the limit, refuses every call from them for a while.
 type Client struct {
 	timeout       time.Duration
 	now           func() time.Time
@@ -96,14 +97,15 @@ func New(cfg Config) (*Client, error) {
 		// a psk_generate that is retried blindly can rotate a key twice. Retries
 		// are this package's decision (see retryIdempotent).
 		option.WithMaxRetries(0),
-		option.WithMiddleware(checkEnvelope(now)),
 	}
 	budget := cfg.Budget
 	if budget == nil {
 		budget = NewBudget(0, 0, cfg.Now)
 	}
-	// Outermost, so that it sees each attempt before it is sent.
-	opts = append([]option.RequestOption{option.WithMiddleware(spendBudget(budget))}, opts...)
+	// The budget's middleware is innermost, nearest the wire: it sees each
+	// attempt as it is sent and each answer's headers before checkEnvelope
+	// turns a failure into an error without them.
+	opts = append(opts, option.WithMiddleware(checkEnvelope(now), spendBudget(budget)))
 	if cfg.UserAgent != "" {
 		opts = append(opts, option.WithHeader("User-Agent", cfg.UserAgent))
 	}
@@ -317,14 +319,22 @@ func (c *Client) GetTunnel(ctx context.Context, accountID, tunnelID string) (*Tu
 }
 
 // spendBudget is SDK middleware that takes one call from the budget per
-// request sent, and sends nothing when the budget is spent.
+// request sent, sends nothing when the budget is spent, and tells the
+// budget what Cloudflare's Ratelimit header says is left, from every
+// answer, success or failure.
 func spendBudget(b *Budget) option.Middleware {
 	return func(req *http.Request, next option.MiddlewareNext) (*http.Response, error) {
-		if ok, wait := b.TryTake(); !ok {
-			limit, window := b.Limit()
-			return nil, &BudgetError{Limit: limit, Window: window, RetryAfter: wait}
+		seq, refused := b.take()
+		if refused != nil {
+			return nil, refused
 		}
-		return next(req)
+		res, err := next(req)
+		if res != nil {
+			if remaining, reset, ok := parseRatelimit(res.Header.Values("Ratelimit")); ok {
+				b.observe(seq, remaining, reset)
+			}
+		}
+		return res, err
 	}
 }
 
