@@ -7,12 +7,17 @@ import (
 )
 
 // Budget caps the calls one mount sends to Cloudflare in any window of time.
-// Cloudflare counts requests per token per fixed window and locks a token
+// Cloudflare counts requests per user per fixed window and locks a user
 // that goes over out of the whole API for the rest of it, so the cap must
 // hold over every window, wherever it starts: a token bucket whose burst
 // equals the budget can spend twice the budget across a window boundary. The
 // Budget therefore keeps the times of the last limit calls (a sliding log)
 // and allows a call only if the oldest of them left the window.
+//
+// Other tools of the same Cloudflare user spend the same quota, and the
+// Budget cannot see them. So it also follows what Cloudflare's answers say
+// is left (Observe), and never allows more than that until Cloudflare's
+// window resets.
 type Budget struct {
 	mu sync.Mutex
 	// blockedUntil is when Cloudflare's own block of the token ends, as its
@@ -25,6 +30,20 @@ type Budget struct {
 	// next is where the following call goes, which is also the oldest.
 	ring []time.Time
 	next int
+	// taken counts the calls allowed so far: the n-th is call number n.
+	taken uint64
+	// cf is Cloudflare's count from its latest answer; nothing is known
+	// when cf.until is zero or past.
+	cf cloudflareCount
+}
+
+// cloudflareCount is what a Ratelimit header said: remaining calls until
+// until, counting the calls up to number seq. Calls allowed after seq are
+// subtracted, since the answer may not have counted them.
+type cloudflareCount struct {
+	remaining int
+	until     time.Time
+	seq       uint64
 }
 
 // inFlightMargin widens the window a little: the Budget times a call when it
@@ -34,7 +53,7 @@ func inFlightMargin(window time.Duration) time.Duration {
 }
 
 // NewBudget returns a Budget of limit calls per window; a limit of 0 caps
-// nothing and only tracks Cloudflare's blocks.
+// nothing of its own and only follows Cloudflare's blocks and counts.
 func NewBudget(limit int, window time.Duration, now func() time.Time) *Budget {
 	if now == nil {
 		now = time.Now
@@ -61,10 +80,13 @@ func (b *Budget) Resize(limit int, window time.Duration) {
 	}
 }
 
-// Block records that Cloudflare blocks the token until until.
+// Block records that Cloudflare blocks the token until until, but for no
+// longer than maxBlock from now: whatever the answer said, the mount must
+// not stay disabled for long on one bogus value.
 func (b *Budget) Block(until time.Time) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	until = minTime(until, b.now().Add(maxBlock))
 	if until.After(b.blockedUntil) {
 		b.blockedUntil = until
 	}
@@ -92,34 +114,55 @@ func (b *Budget) Limit() (int, time.Duration) {
 	return b.limit, b.window
 }
 
-// TryTake records a call if the cap allows one now; otherwise it returns how
-// long until it will.
-func (b *Budget) TryTake() (bool, time.Duration) {
+// Observe records what Cloudflare said is left of its quota: remaining
+// calls until reset from now, counting every call allowed so far. Until
+// then, Free and TryTake allow no more than that, less the calls allowed
+// since. A negative count or a reset that is not in the future says
+// nothing and is ignored; a reset past maxBlock is cut to it.
+func (b *Budget) Observe(remaining int, reset time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	now := b.now()
-	if b.limit == 0 {
-		return true, 0
-	}
-	if len(b.ring) < b.limit {
-		b.ring = append(b.ring, now)
-		b.next = len(b.ring) % b.limit
-		return true, 0
-	}
-	if wait := b.ring[b.next].Add(b.window + inFlightMargin(b.window)).Sub(now); wait > 0 {
-		return false, wait
-	}
-	b.ring[b.next] = now
-	b.next = (b.next + 1) % b.limit
-	return true, 0
+	b.observeLocked(b.taken, remaining, reset)
 }
 
-// Free returns how many calls the cap allows right now, and, when that is
-// none, how long until one.
-func (b *Budget) Free() (int, time.Duration) {
+// observe is Observe for the answer to call number seq (from take): calls
+// allowed after it may have reached Cloudflare after it counted.
+func (b *Budget) observe(seq uint64, remaining int, reset time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	b.observeLocked(seq, remaining, reset)
+}
+
+func (b *Budget) observeLocked(seq uint64, remaining int, reset time.Duration) {
+	if remaining < 0 || reset <= 0 {
+		return
+	}
 	now := b.now()
+	// Answers can arrive out of order; one about an earlier call than the
+	// count in force knows less, unless that count has lapsed.
+	if seq < b.cf.seq && now.Before(b.cf.until) {
+		return
+	}
+	b.cf = cloudflareCount{remaining: remaining, until: now.Add(min(reset, maxBlock)), seq: seq}
+}
+
+// cloudflareFreeLocked returns how many calls Cloudflare's last count
+// allows now and how long until its window resets; ok is false when no
+// count is in force.
+func (b *Budget) cloudflareFreeLocked(now time.Time) (free int, reset time.Duration, ok bool) {
+	if !now.Before(b.cf.until) {
+		return 0, 0, false
+	}
+	sent := b.taken - b.cf.seq
+	if sent >= uint64(b.cf.remaining) {
+		return 0, b.cf.until.Sub(now), true
+	}
+	return b.cf.remaining - int(sent), b.cf.until.Sub(now), true
+}
+
+// capFreeLocked returns how many calls the cap allows now, and, when none,
+// how long until one. The caller holds mu.
+func (b *Budget) capFreeLocked(now time.Time) (int, time.Duration) {
 	if b.limit == 0 {
 		return 1 << 30, 0
 	}
@@ -137,18 +180,85 @@ func (b *Budget) Free() (int, time.Duration) {
 	return 0, recent[0].Add(span).Sub(now)
 }
 
+// TryTake records a call if the cap and Cloudflare's last count allow one
+// now; otherwise it returns how long until they will.
+func (b *Budget) TryTake() (bool, time.Duration) {
+	if _, err := b.take(); err != nil {
+		return false, err.RetryAfter
+	}
+	return true, 0
+}
+
+// take is TryTake that returns the call's number, for observe, or the
+// refusal, saying whose count refused it. Op is left for the caller.
+func (b *Budget) take() (uint64, *BudgetError) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := b.now()
+	capFree, capWait := b.capFreeLocked(now)
+	cfFree, cfReset, known := b.cloudflareFreeLocked(now)
+	switch {
+	case known && cfFree == 0:
+		// Both may be spent: the call waits for the later of the two.
+		return 0, &BudgetError{FromCloudflare: true, Limit: b.limit, Window: b.window, RetryAfter: max(cfReset, capWait)}
+	case capFree == 0:
+		return 0, &BudgetError{Limit: b.limit, Window: b.window, RetryAfter: capWait}
+	}
+	if b.limit > 0 {
+		if len(b.ring) < b.limit {
+			b.ring = append(b.ring, now)
+			b.next = len(b.ring) % b.limit
+		} else {
+			b.ring[b.next] = now
+			b.next = (b.next + 1) % b.limit
+		}
+	}
+	b.taken++
+	return b.taken, nil
+}
+
+// Free returns how many calls the cap and Cloudflare's last count allow
+// right now, and, when that is none, how long until one.
+func (b *Budget) Free() (int, time.Duration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := b.now()
+	free, wait := b.capFreeLocked(now)
+	cfFree, cfReset, known := b.cloudflareFreeLocked(now)
+	if !known {
+		return free, wait
+	}
+	if cfFree == 0 {
+		return 0, max(cfReset, wait)
+	}
+	return min(free, cfFree), wait
+}
+
 // BudgetError is a call the engine did not send because its own cap
-// (config rate_limit) is spent.
+// (config rate_limit) is spent, or because Cloudflare's last answer said
+// its quota for the token's user is (FromCloudflare).
 type BudgetError struct {
-	Op         Op
-	Limit      int
-	Window     time.Duration
-	RetryAfter time.Duration
+	Op             Op
+	FromCloudflare bool
+	Limit          int
+	Window         time.Duration
+	RetryAfter     time.Duration
 }
 
 func (e *BudgetError) Error() string {
+	if e.FromCloudflare {
+		return fmt.Sprintf("cloudflare %s: not sent: Cloudflare's last answer said no calls remain in its rate limit for this API token's user (other tools of the same user count too); its window resets in %s",
+			e.Op, e.RetryAfter.Round(time.Millisecond))
+	}
 	return fmt.Sprintf("cloudflare %s: not sent: this mount's budget of %d Cloudflare calls per %s (config rate_limit) is spent; it allows another in %s",
 		e.Op, e.Limit, e.Window, e.RetryAfter.Round(time.Millisecond))
 }
 
 func (e *BudgetError) CloudflareOp() Op { return e.Op }
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}

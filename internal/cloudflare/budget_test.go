@@ -2,6 +2,7 @@ package cloudflare
 
 import (
 	"math/rand"
+	"sync"
 	"testing"
 	"time"
 )
@@ -64,5 +65,151 @@ func TestBudgetResizeKeepsRecentCalls(t *testing.T) {
 	b.Resize(10, time.Minute)
 	if free, _ := b.Free(); free != 7 {
 		t.Fatalf("free = %d after growing to 10 with 3 on record, want 7", free)
+	}
+}
+
+// TestBudgetObserve plays Cloudflare's counts (Observe) against the
+// budget's own cap. After each step Free must report the smaller of the
+// two, and when that is none, TryTake must refuse with the same wait.
+func TestBudgetObserve(t *testing.T) {
+	type step struct {
+		advance  time.Duration
+		observe  bool
+		remain   int
+		reset    time.Duration
+		take     int // calls taken, each of which must be allowed
+		wantFree int
+		wantWait time.Duration
+	}
+	obs := func(remain int, reset time.Duration, wantFree int, wantWait time.Duration) step {
+		return step{observe: true, remain: remain, reset: reset, wantFree: wantFree, wantWait: wantWait}
+	}
+	cases := []struct {
+		name  string
+		limit int
+		steps []step
+	}{
+		{"Cloudflare has less left than the cap", 100, []step{
+			obs(3, time.Minute, 3, 0),
+			{take: 2, wantFree: 1},
+			{take: 1, wantFree: 0, wantWait: time.Minute},
+			{advance: 30 * time.Second, wantFree: 0, wantWait: 30 * time.Second},
+			// The reset passed: only the cap counts again.
+			{advance: 30 * time.Second, wantFree: 97},
+		}},
+		{"nothing left", 100, []step{
+			obs(0, 30*time.Second, 0, 30*time.Second),
+			{advance: 30 * time.Second, wantFree: 100},
+		}},
+		{"the cap is tighter", 10, []step{
+			obs(50, time.Minute, 10, 0),
+			{take: 10, wantFree: 0, wantWait: time.Minute + inFlightMargin(time.Minute)},
+		}},
+		{"both spent: the later wait", 2, []step{
+			{take: 2, wantFree: 0, wantWait: time.Minute + inFlightMargin(time.Minute)},
+			obs(0, 5*time.Minute, 0, 5*time.Minute),
+		}},
+		{"no cap still follows Cloudflare", 0, []step{
+			obs(2, time.Minute, 2, 0),
+			{take: 2, wantFree: 0, wantWait: time.Minute},
+			{advance: time.Minute, wantFree: 1 << 30},
+		}},
+		{"a newer answer replaces an older one", 100, []step{
+			obs(3, time.Minute, 3, 0),
+			obs(40, 2*time.Minute, 40, 0),
+			{take: 1, wantFree: 39},
+		}},
+		{"reset past the bound", 100, []step{
+			obs(0, 100*365*24*time.Hour, 0, wantMaxBlock),
+			{advance: wantMaxBlock, wantFree: 100},
+		}},
+		{"unusable counts are ignored", 100, []step{
+			obs(-1, time.Minute, 100, 0),
+			obs(5, 0, 100, 0),
+			obs(5, -time.Second, 100, 0),
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			now := time.Unix(1_700_000_000, 0)
+			b := NewBudget(tc.limit, time.Minute, func() time.Time { return now })
+			for i, s := range tc.steps {
+				now = now.Add(s.advance)
+				if s.observe {
+					b.Observe(s.remain, s.reset)
+				}
+				for j := 0; j < s.take; j++ {
+					if ok, wait := b.TryTake(); !ok {
+						t.Fatalf("step %d: call %d refused (wait %s)", i, j+1, wait)
+					}
+				}
+				free, wait := b.Free()
+				if free != s.wantFree || wait != s.wantWait {
+					t.Fatalf("step %d: Free() = %d, %s; want %d, %s", i, free, wait, s.wantFree, s.wantWait)
+				}
+				if free == 0 {
+					if ok, wait := b.TryTake(); ok || wait != s.wantWait {
+						t.Fatalf("step %d: TryTake() = %v, %s after Free() = 0, %s", i, ok, wait, s.wantWait)
+					}
+				}
+			}
+		})
+	}
+}
+
+// TestBudgetObserveCountsCallsInFlight: an answer counts the call it
+// answers, perhaps not those sent after it, so they are still subtracted;
+// and an answer that arrives after a newer one is ignored.
+func TestBudgetObserveCountsCallsInFlight(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	b := NewBudget(100, time.Minute, func() time.Time { return now })
+	first, err := b.take()
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := b.take() // sent before the first's answer arrived
+	if err != nil {
+		t.Fatal(err)
+	}
+	steps := []struct {
+		seq      uint64
+		remain   int
+		wantFree int
+	}{
+		{first, 10, 9},   // the second call may not be in Cloudflare's 10
+		{second, 8, 8},   // now it is
+		{first, 10, 8},   // late: older than what is known
+		{second, 50, 50}, // the same call's answer again: the latest word
+	}
+	for i, s := range steps {
+		b.observe(s.seq, s.remain, time.Minute)
+		if free, _ := b.Free(); free != s.wantFree {
+			t.Fatalf("step %d: Free() = %d, want %d", i, free, s.wantFree)
+		}
+	}
+}
+
+// TestBudgetIsSafeForConcurrentUse takes, observes and reads from many
+// goroutines at once, for the race detector.
+func TestBudgetIsSafeForConcurrentUse(t *testing.T) {
+	b := NewBudget(1000, time.Minute, nil)
+	var wg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 100; i++ {
+				if seq, err := b.take(); err == nil {
+					b.observe(seq, 500-i, time.Minute)
+				}
+				b.Observe(400, time.Minute)
+				b.Free()
+				b.Resize(1000-i, time.Minute)
+			}
+		}()
+	}
+	wg.Wait()
+	if free, _ := b.Free(); free > 400 {
+		t.Errorf("Free() = %d after Cloudflare said at most 400 remain", free)
 	}
 }

@@ -7,6 +7,8 @@
 //   - retries are decided here, per operation, never by the SDK's defaults;
 //   - an answer with "success": false is an error even when its HTTP status is
 //     200 (the SDK decodes such an answer as if it had succeeded);
+//   - a redirect is never followed, so the API token goes nowhere but to the
+//     configured base URL;
 //   - errors carry Cloudflare's HTTP status, codes and messages, but never a
 //     response body, a header or anything else that could hold a secret.
 package cloudflare
@@ -35,8 +37,6 @@ type Config struct {
 	BaseURL  string
 	// RequestTimeout bounds one operation, retries included.
 	RequestTimeout time.Duration
-	// HTTPClient is optional; a client with its own transport is made when nil.
-	HTTPClient *http.Client
 	// UserAgent is sent with every request.
 	UserAgent string
 	// Now is the clock for rate-limit blocks; time.Now when nil.
@@ -50,7 +50,8 @@ type Config struct {
 
 // Client calls Cloudflare. It is safe for concurrent use. One Client serves
 // one API token, whose rate limit it tracks: Cloudflare counts requests per
-// token and, past the limit, refuses every call from that token for a while.
+// user (all of a user's tokens together; an account-owned token alone) and,
+// past the limit, refuses every call from them for a while.
 type Client struct {
 	timeout       time.Duration
 	now           func() time.Time
@@ -73,9 +74,18 @@ func New(cfg Config) (*Client, error) {
 	if cfg.RequestTimeout <= 0 {
 		return nil, errors.New("cloudflare: request timeout must be positive")
 	}
-	httpClient := cfg.HTTPClient
-	if httpClient == nil {
-		httpClient = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
+	now := cfg.Now
+	if now == nil {
+		now = time.Now
+	}
+	httpClient := &http.Client{
+		Transport: http.DefaultTransport.(*http.Transport).Clone(),
+		// A redirect is never followed: the SDK sets the bearer token on the
+		// request, and Go's client keeps it on a redirect to the same host
+		// name (any port, plain http included). Cloudflare's API does not
+		// redirect these operations, so a 3xx comes from something else;
+		// checkEnvelope turns it into an error.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 	}
 	opts := []option.RequestOption{
 		option.WithAPIToken(cfg.APIToken),
@@ -87,20 +97,17 @@ func New(cfg Config) (*Client, error) {
 		// a psk_generate that is retried blindly can rotate a key twice. Retries
 		// are this package's decision (see retryIdempotent).
 		option.WithMaxRetries(0),
-		option.WithMiddleware(checkEnvelope),
 	}
 	budget := cfg.Budget
 	if budget == nil {
 		budget = NewBudget(0, 0, cfg.Now)
 	}
-	// Outermost, so that it sees each attempt before it is sent.
-	opts = append([]option.RequestOption{option.WithMiddleware(spendBudget(budget))}, opts...)
+	// The budget's middleware is innermost, nearest the wire: it sees each
+	// attempt as it is sent and each answer's headers before checkEnvelope
+	// turns a failure into an error without them.
+	opts = append(opts, option.WithMiddleware(checkEnvelope(now), spendBudget(budget)))
 	if cfg.UserAgent != "" {
 		opts = append(opts, option.WithHeader("User-Agent", cfg.UserAgent))
-	}
-	now := cfg.Now
-	if now == nil {
-		now = time.Now
 	}
 	return &Client{
 		timeout:       cfg.RequestTimeout,
@@ -311,24 +318,33 @@ func (c *Client) GetTunnel(ctx context.Context, accountID, tunnelID string) (*Tu
 }
 
 // spendBudget is SDK middleware that takes one call from the budget per
-// request sent, and sends nothing when the budget is spent.
+// request sent, sends nothing when the budget is spent, and tells the
+// budget what Cloudflare's Ratelimit header says is left, from every
+// answer, success or failure.
 func spendBudget(b *Budget) option.Middleware {
 	return func(req *http.Request, next option.MiddlewareNext) (*http.Response, error) {
-		if ok, wait := b.TryTake(); !ok {
-			limit, window := b.Limit()
-			return nil, &BudgetError{Limit: limit, Window: window, RetryAfter: wait}
+		seq, refused := b.take()
+		if refused != nil {
+			return nil, refused
 		}
-		return next(req)
+		res, err := next(req)
+		if res != nil {
+			if remaining, reset, ok := parseRatelimit(res.Header.Values("Ratelimit")); ok {
+				b.observe(seq, remaining, reset)
+			}
+		}
+		return res, err
 	}
 }
 
 // start begins one operation: it fails fast while Cloudflare blocks the
-// token, and bounds the operation, retries included, by request_timeout.
+// token, bounds the operation, retries included, by request_timeout, and
+// names the operation in the context for the middleware (answer size).
 func (c *Client) start(ctx context.Context, op Op) (context.Context, context.CancelFunc, error) {
 	if err := c.checkBlock(op); err != nil {
 		return nil, nil, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	ctx, cancel := context.WithTimeout(withOp(ctx, op), c.timeout)
 	return ctx, cancel, nil
 }
 

@@ -38,9 +38,45 @@ func (e *MalformedResponseError) CloudflareOp() Op { return e.Op }
 func (e *TransportError) CloudflareOp() Op         { return e.Op }
 func (e *BlockedError) CloudflareOp() Op           { return e.Op }
 
-// maxResponseBytes bounds what is read of one answer. Cloudflare's answers
-// for these operations are a few hundred bytes.
-const maxResponseBytes = 1 << 20
+// Bounds on what is read of one answer, per operation, so that a broken or
+// hostile answer cannot make the engine hold an unbounded body in memory.
+// Answers about one tunnel or one token are a few hundred bytes; a list of
+// tunnels grows with the account: the simulator's tunnel object is about 360
+// bytes, Cloudflare's has a few more fields and free-text names, so 32 MiB
+// leaves room for well over 10,000 tunnels of 3 KiB each.
+const (
+	smallResponseLimit = 64 << 10
+	listResponseLimit  = 32 << 20
+)
+
+// responseLimit returns the bound for op's answers. An unknown op gets the
+// small bound: a forgotten case fails loudly rather than reading anything.
+func responseLimit(op Op) int {
+	if op == OpListTunnels {
+		return listResponseLimit
+	}
+	return smallResponseLimit
+}
+
+// opKey carries the operation in a request's context, from start to the
+// middleware: the SDK hands middleware only the *http.Request, and one
+// place that sets it for every call beats an option at each call site.
+type opKey struct{}
+
+func withOp(ctx context.Context, op Op) context.Context { return context.WithValue(ctx, opKey{}, op) }
+
+func opOf(ctx context.Context) Op {
+	op, _ := ctx.Value(opKey{}).(Op)
+	return op
+}
+
+// formatBytes writes a limit as KiB or MiB, as it is declared.
+func formatBytes(n int) string {
+	if n%(1<<20) == 0 {
+		return fmt.Sprintf("%d MiB", n>>20)
+	}
+	return fmt.Sprintf("%d KiB", n>>10)
+}
 
 // Message is one entry of Cloudflare's errors or messages array.
 type Message struct {
@@ -138,34 +174,49 @@ type envelope struct {
 
 // checkEnvelope is SDK middleware that turns every answer that is not a
 // well-formed success into an error of this package, so that no SDK error
-// (whose text quotes the whole response body) ever reaches a caller.
-func checkEnvelope(req *http.Request, next option.MiddlewareNext) (*http.Response, error) {
-	res, err := next(req)
-	if err != nil {
-		return nil, err
+// (whose text quotes the whole response body) ever reaches a caller. now is
+// the client's clock, read when an answer arrives.
+func checkEnvelope(now func() time.Time) option.Middleware {
+	return func(req *http.Request, next option.MiddlewareNext) (*http.Response, error) {
+		res, err := next(req)
+		if err != nil {
+			return nil, err
+		}
+		op := opOf(req.Context())
+		limit := responseLimit(op)
+		body, err := io.ReadAll(io.LimitReader(res.Body, int64(limit)+1))
+		_ = res.Body.Close()
+		if err != nil {
+			return nil, &MalformedResponseError{HTTPStatus: res.StatusCode, Reason: "the answer was cut off: " + err.Error()}
+		}
+		if len(body) > limit {
+			return nil, &MalformedResponseError{HTTPStatus: res.StatusCode, Reason: fmt.Sprintf("the answer is larger than the %s allowed for %s", formatBytes(limit), op)}
+		}
+		if err := decodeEnvelope(res.StatusCode, res.Header, body, now()); err != nil {
+			return nil, err
+		}
+		res.Body = io.NopCloser(bytes.NewReader(body))
+		return res, nil
 	}
-	body, err := io.ReadAll(io.LimitReader(res.Body, maxResponseBytes+1))
-	_ = res.Body.Close()
-	if err != nil {
-		return nil, &MalformedResponseError{HTTPStatus: res.StatusCode, Reason: "the answer was cut off: " + err.Error()}
-	}
-	if err := decodeEnvelope(res.StatusCode, res.Header, body); err != nil {
-		return nil, err
-	}
-	res.Body = io.NopCloser(bytes.NewReader(body))
-	return res, nil
 }
 
 // decodeEnvelope judges one answer: nil for a well-formed success, else an
-// *APIError or a *MalformedResponseError.
-func decodeEnvelope(status int, header http.Header, body []byte) error {
-	if len(body) > maxResponseBytes {
-		return &MalformedResponseError{HTTPStatus: status, Reason: "the answer is larger than 1 MiB"}
+// *APIError or a *MalformedResponseError. now is when it arrived, for a
+// Retry-After given as a date.
+func decodeEnvelope(status int, header http.Header, body []byte, now time.Time) error {
+	if status >= 300 && status < 400 {
+		// The client never follows a redirect (see New). It is not an
+		// APIError: Cloudflare did not refuse anything, and for psk_generate
+		// a redirect from whatever sits between the engine and Cloudflare
+		// proves nothing about whether the key changed. A malformed answer
+		// is what callers already treat as "outcome unknown, do not retry".
+		// The Location header is not quoted: it could hold anything.
+		return &MalformedResponseError{HTTPStatus: status, Reason: "the answer is a redirect, which this client never follows (it could take the API token to another host or to plain http)"}
 	}
 	var env envelope
 	decodeErr := json.Unmarshal(body, &env)
 	if status >= 400 {
-		apiErr := &APIError{HTTPStatus: status, RetryAfter: parseRetryAfter(header.Get("Retry-After"))}
+		apiErr := &APIError{HTTPStatus: status, RetryAfter: parseRetryAfter(header.Get("Retry-After"), now)}
 		if decodeErr == nil {
 			apiErr.Errors = env.Errors
 		}
@@ -184,16 +235,26 @@ func decodeEnvelope(status int, header http.Header, body []byte) error {
 	return nil
 }
 
-func parseRetryAfter(v string) time.Duration {
+// parseRetryAfter reads a Retry-After header, in seconds or as an HTTP
+// date, relative to now. It returns zero for an absent, unusable or past
+// value, and never more than maxBlock.
+func parseRetryAfter(v string, now time.Time) time.Duration {
+	v = strings.TrimSpace(v)
 	if v == "" {
 		return 0
 	}
-	if secs, err := strconv.Atoi(strings.TrimSpace(v)); err == nil && secs > 0 {
-		return time.Duration(secs) * time.Second
+	if secs, err := strconv.ParseInt(v, 10, 64); err == nil || errors.Is(err, strconv.ErrRange) {
+		// A number too large for int64 is still a number of seconds, and
+		// a long one: ParseInt returns the nearest bound with ErrRange.
+		if secs <= 0 {
+			return 0
+		}
+		return time.Duration(min(secs, int64(maxBlock/time.Second))) * time.Second
 	}
 	if at, err := http.ParseTime(v); err == nil {
-		if d := time.Until(at); d > 0 {
-			return d.Round(time.Second)
+		// Sub saturates for dates centuries away, so the cap still holds.
+		if d := at.Sub(now); d > 0 {
+			return min(d.Round(time.Second), maxBlock)
 		}
 	}
 	return 0
@@ -213,6 +274,13 @@ func (e *BlockedError) Error() string {
 // defaultBlock is how long Cloudflare blocks a token that went over its
 // limit, used when a 429 carries no Retry-After.
 const defaultBlock = 5 * time.Minute
+
+// maxBlock bounds how long any one answer can stop the client from calling
+// Cloudflare: a Retry-After, and what the Budget records. Cloudflare's own
+// block is five minutes (defaultBlock); fifteen leaves room for a longer one,
+// while a bogus or hostile value (Retry-After: 3153600000 is a century)
+// cannot disable the mount.
+const maxBlock = 15 * time.Minute
 
 // checkBlock fails fast while Cloudflare's rate limit blocks the token.
 func (c *Client) checkBlock(op Op) error {

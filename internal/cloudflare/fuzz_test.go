@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 )
 
 // fuzzSecret stands for a key inside an answer. Whatever the answer looks
@@ -21,6 +22,7 @@ func FuzzDecodeEnvelope(f *testing.F) {
 	f.Add(200, `{"success":true,"result":{"psk":"`, ``)
 	f.Add(200, `{"result":{"psk":"`, `"}}`)
 	f.Add(403, `{"success":false,"errors":[{"code":9109,"message":"Invalid access token"}],"messages":[],"result":null,"x":"`, `"}`)
+	f.Add(307, `{"success":true,"errors":[],"messages":[],"result":{"psk":"`, `"}}`)
 	f.Add(429, `<html>`, `</html>`)
 	f.Add(502, ``, ``)
 	f.Add(200, `[`, `]`)
@@ -30,9 +32,9 @@ func FuzzDecodeEnvelope(f *testing.F) {
 			status = 200 + (status%400+400)%400
 		}
 		body := []byte(prefix + fuzzSecret + suffix)
-		err := decodeEnvelope(status, http.Header{"Retry-After": {"30"}}, body)
+		err := decodeEnvelope(status, http.Header{"Retry-After": {"30"}}, body, time.Now())
 		if err == nil {
-			if status >= 400 {
+			if status >= 300 {
 				t.Fatalf("HTTP %d accepted", status)
 			}
 			return

@@ -29,9 +29,9 @@ type envelope struct {
 }
 
 // Codes and messages the simulator answers with. Those with a public source
-// are the ones in ../shared/cloudflare (derived_examples); Cloudflare does not
-// publish the code for an unknown tunnel or a missing body, so those two are
-// the simulator's own choice.
+// are the ones in testdata/ipsec-openapi.json (derived_examples); Cloudflare
+// does not publish the code for an unknown tunnel or a missing body, so those
+// two are the simulator's own choice.
 var (
 	errBadHeaders      = Message{Code: 6003, Message: "Invalid request headers"}
 	errInvalidToken    = Message{Code: 9109, Message: "Invalid access token"}
@@ -68,8 +68,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.Serve
 // and otherwise runs the operation's handler.
 func (s *Server) handle(method, path string, op Operation, h func(http.ResponseWriter, *http.Request)) {
 	s.mux.HandleFunc(method+" "+BasePath+path, func(w http.ResponseWriter, r *http.Request) {
-		if blocked := s.checkRateLimit(r); blocked > 0 {
-			w.Header().Set("Retry-After", strconv.Itoa(int((blocked+time.Second-1)/time.Second)))
+		if blocked := s.checkRateLimit(w, r); blocked > 0 {
+			w.Header().Set("Retry-After", strconv.Itoa(ceilSeconds(blocked)))
 			writeFailure(w, http.StatusTooManyRequests, errRateLimited)
 			return
 		}
@@ -80,13 +80,6 @@ func (s *Server) handle(method, path string, op Operation, h func(http.ResponseW
 		}
 		h(w, r)
 	})
-}
-
-func (s *Server) checkRateLimit(r *http.Request) time.Duration {
-	token, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.overLimit(token)
 }
 
 func (s *Server) countCall(op Operation) (Fault, bool) {

@@ -16,9 +16,10 @@ import (
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
 )
 
-// schemaFile is Cloudflare's published OpenAPI fragments, kept beside the
-// project root in shared/ for every engineer and for CI.
-var schemaFile = filepath.Join("..", "..", "..", "shared", "cloudflare", "ipsec-openapi.json")
+// schemaFile holds the sections of Cloudflare's published OpenAPI fragments
+// that these tests use, inside the repository so that a fresh clone tests on
+// its own (testdata/README.md says where they come from).
+var schemaFile = filepath.Join("testdata", "ipsec-openapi.json")
 
 // loadSchemaDoc reads the fragments file; its absence fails the test, since
 // conformance would otherwise go unchecked.

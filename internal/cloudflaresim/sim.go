@@ -59,8 +59,13 @@ type Token struct {
 	// Status is "active", "disabled" or "expired".
 	Status    string
 	ExpiresOn time.Time
+	// User is the Cloudflare user the token belongs to. The rate limit is
+	// per user: tokens with the same User share one window. Empty: the token
+	// is its own user.
+	User string
 	// OwnerAccount makes the token account-owned: it verifies only at
-	// /accounts/{OwnerAccount}/tokens/verify.
+	// /accounts/{OwnerAccount}/tokens/verify. An account-owned token has a
+	// rate limit of its own, whatever its User.
 	OwnerAccount string
 	// Accounts limits the token to these accounts; empty allows every account.
 	Accounts []string
@@ -84,9 +89,10 @@ type Server struct {
 	callTimes []time.Time
 }
 
-// rateLimit plays Cloudflare's per-token limit: limit requests per fixed
-// window, counted from a token's first request in the window; the request
-// past the limit is refused with 429 and the token is blocked for a window.
+// rateLimit plays Cloudflare's per-user limit: limit requests per fixed
+// window, counted from a user's first request in the window; the request
+// past the limit is refused with 429 and the user is blocked for a window.
+// tokens is keyed by limitKey: a user, or an account-owned token.
 type rateLimit struct {
 	limit   int
 	window  time.Duration
@@ -101,7 +107,8 @@ type tokenWindow struct {
 }
 
 // SetRateLimit makes the simulator enforce Cloudflare's rate limit, scaled:
-// limit requests per window per token (Cloudflare: 1,200 per 5 minutes).
+// limit requests per window per user (Cloudflare: 1,200 per 5 minutes), and
+// announce it in Ratelimit headers (see announceRateLimit).
 func (s *Server) SetRateLimit(limit int, window time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -118,8 +125,8 @@ func (s *Server) RateLimited() int {
 	return s.limit.refused
 }
 
-// overLimit counts a request against its token and reports how long the
-// token is blocked, zero when the request may proceed. The caller holds mu.
+// overLimit counts a request against its limitKey and reports how long the
+// key is blocked, zero when the request may proceed. The caller holds mu.
 func (s *Server) overLimit(token string) time.Duration {
 	if s.limit == nil {
 		return 0
