@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -43,13 +44,19 @@ type Tunnel struct {
 	InterfaceAddress   string
 	CreatedOn          time.Time
 	ModifiedOn         time.Time
-	// PSK is the key the edge uses now; empty until one is generated.
+	// PSK is the key the edge uses now. Cloudflare creates every tunnel
+	// with a key, so AddTunnel generates one (PSKGeneratedOn is then the
+	// creation time) unless NoInitialKey is set or a PSK is given.
 	PSK             string
 	PSKGeneratedOn  time.Time
 	ReplayProtected bool
 	// GeneratedPSKs is every key the edge has had, oldest first, so a test
 	// can tell whether a key Vault served was ever real.
 	GeneratedPSKs []string
+	// NoInitialKey makes AddTunnel create the tunnel without a key, so
+	// psk_metadata is absent until the first psk_generate. A real tunnel
+	// always has one: use this only for a test about a keyless tunnel.
+	NoInitialKey bool
 }
 
 // Token is an API token the simulator accepts.
@@ -224,9 +231,16 @@ func (s *Server) rollToken(old string) (string, bool) {
 	return t.Value, true
 }
 
-// AddTunnel creates a tunnel in an account, without a PSK, and returns it.
-// ID, Name and endpoints are filled in when empty.
+// AddTunnel creates a tunnel in an account and returns it. ID, Name and
+// endpoints are filled in when empty. As at Cloudflare, the tunnel is created
+// with a key: PSK is generated when empty (unless NoInitialKey is set) and
+// PSKGeneratedOn defaults to the creation time, so psk_metadata is present
+// from the start. The creation key is recorded in GeneratedPSKs and among the
+// issued secrets like any later one.
 func (s *Server) AddTunnel(accountID string, t Tunnel) Tunnel {
+	if t.NoInitialKey && (t.PSK != "" || !t.PSKGeneratedOn.IsZero()) {
+		panic("cloudflaresim: AddTunnel: NoInitialKey with a PSK or PSKGeneratedOn")
+	}
 	accountID = strings.ToLower(accountID)
 	if t.ID == "" {
 		t.ID = NewID()
@@ -241,14 +255,29 @@ func (s *Server) AddTunnel(accountID string, t Tunnel) Tunnel {
 	if t.InterfaceAddress == "" {
 		t.InterfaceAddress = "10.212.0.8/31"
 	}
-	now := s.now()
-	t.CreatedOn, t.ModifiedOn = now, now
+	t.GeneratedPSKs = slices.Clone(t.GeneratedPSKs)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	now := s.now().Truncate(time.Microsecond)
+	t.CreatedOn, t.ModifiedOn = now, now
+	if !t.NoInitialKey {
+		if t.PSK == "" {
+			t.PSK = newSecret(32)
+		}
+		if t.PSKGeneratedOn.IsZero() {
+			t.PSKGeneratedOn = now
+		}
+		if !slices.Contains(t.GeneratedPSKs, t.PSK) {
+			t.GeneratedPSKs = append(t.GeneratedPSKs, t.PSK)
+		}
+		s.issued = append(s.issued, t.PSK)
+	}
 	if s.accounts[accountID] == nil {
 		s.accounts[accountID] = map[string]*Tunnel{}
 	}
-	s.accounts[accountID][t.ID] = &t
+	stored := t
+	s.accounts[accountID][t.ID] = &stored
+	t.GeneratedPSKs = slices.Clone(stored.GeneratedPSKs)
 	return t
 }
 

@@ -1,0 +1,237 @@
+package cloudflaresim_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"testing"
+	"time"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+)
+
+// edge is a simulator behind an HTTP server with one token and one account,
+// for the tests of how hard the double plays the real edge.
+type edge struct {
+	sim     *cloudflaresim.Server
+	url     string
+	token   string
+	account string
+}
+
+func newEdge(t *testing.T) *edge {
+	t.Helper()
+	sim := cloudflaresim.New()
+	srv := httptest.NewServer(sim)
+	t.Cleanup(srv.Close)
+	return &edge{
+		sim:     sim,
+		url:     srv.URL + cloudflaresim.BasePath,
+		token:   sim.AddToken(cloudflaresim.Token{}).Value,
+		account: cloudflaresim.NewID(),
+	}
+}
+
+func (e *edge) tunnelPath(id string) string {
+	return "/accounts/" + e.account + "/magic/ipsec_tunnels/" + id
+}
+
+// answer is the part of Cloudflare's envelope these tests read.
+type answer struct {
+	Success bool                       `json:"success"`
+	Errors  []cloudflaresim.Message    `json:"errors"`
+	Result  map[string]json.RawMessage `json:"result"`
+}
+
+// do makes one request with client (http.DefaultClient when nil) and
+// returns the status and decoded envelope, or the transport error.
+func (e *edge) do(t *testing.T, client *http.Client, method, path string, body []byte) (int, answer, error) {
+	t.Helper()
+	req, err := http.NewRequest(method, e.url+path, bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+e.token)
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if client == nil {
+		client = http.DefaultClient
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, answer{}, err
+	}
+	defer resp.Body.Close()
+	var a answer
+	if err := json.NewDecoder(resp.Body).Decode(&a); err != nil {
+		t.Fatalf("%s %s: answer is not an envelope: %v", method, path, err)
+	}
+	return resp.StatusCode, a, nil
+}
+
+// mustDo is do for a request that must be answered.
+func (e *edge) mustDo(t *testing.T, method, path string, body []byte) (int, answer) {
+	t.Helper()
+	status, a, err := e.do(t, nil, method, path, body)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	return status, a
+}
+
+// wireTunnel is the part of magic_ipsec-tunnel these tests read.
+type wireTunnel struct {
+	ID          string `json:"id"`
+	PSK         string `json:"psk"`
+	PSKMetadata *struct {
+		LastGeneratedOn string `json:"last_generated_on"`
+	} `json:"psk_metadata"`
+}
+
+func (e *edge) getTunnel(t *testing.T, id string) (int, wireTunnel) {
+	t.Helper()
+	status, a := e.mustDo(t, "GET", e.tunnelPath(id), nil)
+	var tun wireTunnel
+	if status == http.StatusOK {
+		decode(t, a.Result["ipsec_tunnel"], &tun)
+	}
+	return status, tun
+}
+
+func (e *edge) listTunnels(t *testing.T) []wireTunnel {
+	t.Helper()
+	status, a := e.mustDo(t, "GET", "/accounts/"+e.account+"/magic/ipsec_tunnels", nil)
+	if status != http.StatusOK {
+		t.Fatalf("list: status %d, errors %v", status, a.Errors)
+	}
+	var list []wireTunnel
+	decode(t, a.Result["ipsec_tunnels"], &list)
+	return list
+}
+
+// generate calls psk_generate and returns the status, the key and its
+// last_generated_on as sent.
+func (e *edge) generate(t *testing.T, id string) (int, string, string) {
+	t.Helper()
+	status, a := e.mustDo(t, "POST", e.tunnelPath(id)+"/psk_generate", []byte(`{}`))
+	var psk string
+	var meta struct {
+		LastGeneratedOn string `json:"last_generated_on"`
+	}
+	if status == http.StatusOK {
+		decode(t, a.Result["psk"], &psk)
+		decode(t, a.Result["psk_metadata"], &meta)
+	}
+	return status, psk, meta.LastGeneratedOn
+}
+
+func decode(t *testing.T, raw json.RawMessage, v any) {
+	t.Helper()
+	if err := json.Unmarshal(raw, v); err != nil {
+		t.Fatalf("decode %s: %v", raw, err)
+	}
+}
+
+func wireTime(t *testing.T, s string) time.Time {
+	t.Helper()
+	ts, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		t.Fatalf("last_generated_on %q: %v", s, err)
+	}
+	return ts
+}
+
+func TestTunnelsAreCreatedWithAKey(t *testing.T) {
+	e := newEdge(t)
+	before := time.Now().UTC().Truncate(time.Microsecond)
+	created := e.sim.AddTunnel(e.account, cloudflaresim.Tunnel{})
+	after := time.Now().UTC()
+
+	if created.PSK == "" || created.PSKGeneratedOn.IsZero() {
+		t.Fatalf("AddTunnel returned PSK set %v, PSKGeneratedOn %v: a real tunnel always has a key", created.PSK != "", created.PSKGeneratedOn)
+	}
+	if !created.PSKGeneratedOn.Equal(created.CreatedOn) {
+		t.Errorf("PSKGeneratedOn = %v, want the creation time %v", created.PSKGeneratedOn, created.CreatedOn)
+	}
+	if created.PSKGeneratedOn.Before(before) || created.PSKGeneratedOn.After(after) {
+		t.Errorf("PSKGeneratedOn = %v, not between %v and %v", created.PSKGeneratedOn, before, after)
+	}
+	if !slices.Equal(created.GeneratedPSKs, []string{created.PSK}) {
+		t.Errorf("GeneratedPSKs does not hold exactly the creation key")
+	}
+	if !slices.Contains(e.sim.IssuedSecrets(), created.PSK) {
+		t.Errorf("the creation key is not among the issued secrets")
+	}
+
+	status, got := e.getTunnel(t, created.ID)
+	if status != http.StatusOK || got.PSKMetadata == nil {
+		t.Fatalf("GET: status %d, psk_metadata %v: want 200 with psk_metadata", status, got.PSKMetadata)
+	}
+	if !wireTime(t, got.PSKMetadata.LastGeneratedOn).Equal(created.PSKGeneratedOn) {
+		t.Errorf("GET last_generated_on = %s, want %v", got.PSKMetadata.LastGeneratedOn, created.PSKGeneratedOn)
+	}
+	if got.PSK != "" {
+		t.Errorf("GET shows the key: Cloudflare never does")
+	}
+	list := e.listTunnels(t)
+	if len(list) != 1 || list[0].PSKMetadata == nil || !wireTime(t, list[0].PSKMetadata.LastGeneratedOn).Equal(created.PSKGeneratedOn) {
+		t.Errorf("list = %+v, want the one tunnel with psk_metadata", list)
+	}
+
+	// A generation replaces the creation key and is strictly later.
+	status, psk, on := e.generate(t, created.ID)
+	if status != http.StatusOK || psk == created.PSK || !wireTime(t, on).After(created.PSKGeneratedOn) {
+		t.Errorf("psk_generate: status %d, same key %v, last_generated_on %s: want a new, later key", status, psk == created.PSK, on)
+	}
+	now, _ := e.sim.Tunnel(e.account, created.ID)
+	if !slices.Equal(now.GeneratedPSKs, []string{created.PSK, psk}) {
+		t.Errorf("GeneratedPSKs does not hold the creation key then the generated one")
+	}
+}
+
+func TestAddTunnelKeyOptions(t *testing.T) {
+	given := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	cases := []struct {
+		name        string
+		in          cloudflaresim.Tunnel
+		wantPSK     string // "" with wantKey: any generated key
+		wantKey     bool
+		wantGivenOn bool
+	}{
+		{"default", cloudflaresim.Tunnel{}, "", true, false},
+		{"no initial key", cloudflaresim.Tunnel{NoInitialKey: true}, "", false, false},
+		{"given key", cloudflaresim.Tunnel{PSK: "GivenKey0123456789GivenKey012345"}, "GivenKey0123456789GivenKey012345", true, false},
+		{"given key and time", cloudflaresim.Tunnel{PSK: "GivenKey0123456789GivenKey012345", PSKGeneratedOn: given}, "GivenKey0123456789GivenKey012345", true, true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEdge(t)
+			tun := e.sim.AddTunnel(e.account, tc.in)
+			if (tun.PSK != "") != tc.wantKey || tc.wantPSK != "" && tun.PSK != tc.wantPSK {
+				t.Errorf("PSK set = %v, want %v (given %v)", tun.PSK != "", tc.wantKey, tc.wantPSK != "")
+			}
+			switch {
+			case tc.wantGivenOn && !tun.PSKGeneratedOn.Equal(given):
+				t.Errorf("PSKGeneratedOn = %v, want the given %v", tun.PSKGeneratedOn, given)
+			case !tc.wantGivenOn && tc.wantKey && !tun.PSKGeneratedOn.Equal(tun.CreatedOn):
+				t.Errorf("PSKGeneratedOn = %v, want the creation time %v", tun.PSKGeneratedOn, tun.CreatedOn)
+			case !tc.wantKey && !tun.PSKGeneratedOn.IsZero():
+				t.Errorf("PSKGeneratedOn = %v, want none", tun.PSKGeneratedOn)
+			}
+			wantHistory := 0
+			if tc.wantKey {
+				wantHistory = 1
+			}
+			if len(tun.GeneratedPSKs) != wantHistory {
+				t.Errorf("GeneratedPSKs has %d keys, want %d", len(tun.GeneratedPSKs), wantHistory)
+			}
+			_, got := e.getTunnel(t, tun.ID)
+			if (got.PSKMetadata != nil) != tc.wantKey {
+				t.Errorf("GET psk_metadata present = %v, want %v", got.PSKMetadata != nil, tc.wantKey)
+			}
+		})
+	}
+}
