@@ -235,3 +235,97 @@ func TestAddTunnelKeyOptions(t *testing.T) {
 		})
 	}
 }
+
+func TestRegenerateOutOfBand(t *testing.T) {
+	e := newEdge(t)
+	created := e.sim.AddTunnel(e.account, cloudflaresim.Tunnel{})
+	calls := e.sim.TotalCalls()
+
+	changed, ok := e.sim.RegenerateOutOfBand(e.account, created.ID)
+	if !ok {
+		t.Fatal("RegenerateOutOfBand: no such tunnel")
+	}
+	if changed.PSK == created.PSK || !changed.PSKGeneratedOn.After(created.PSKGeneratedOn) {
+		t.Errorf("the key did not change to a later one: same key %v, %v then %v", changed.PSK == created.PSK, created.PSKGeneratedOn, changed.PSKGeneratedOn)
+	}
+	if !slices.Equal(changed.GeneratedPSKs, []string{created.PSK, changed.PSK}) {
+		t.Errorf("GeneratedPSKs does not record the out-of-band key after the creation key")
+	}
+	if !slices.Contains(e.sim.IssuedSecrets(), changed.PSK) {
+		t.Errorf("the out-of-band key is not among the issued secrets")
+	}
+	if got := e.sim.TotalCalls(); got != calls {
+		t.Errorf("TotalCalls went from %d to %d: an out-of-band change is no API call", calls, got)
+	}
+	_, got := e.getTunnel(t, created.ID)
+	if got.PSKMetadata == nil || !wireTime(t, got.PSKMetadata.LastGeneratedOn).Equal(changed.PSKGeneratedOn) {
+		t.Errorf("GET psk_metadata = %+v, want last_generated_on %v", got.PSKMetadata, changed.PSKGeneratedOn)
+	}
+	if _, ok := e.sim.RegenerateOutOfBand(e.account, cloudflaresim.NewID()); ok {
+		t.Errorf("RegenerateOutOfBand of an unknown tunnel reported success")
+	}
+}
+
+func TestDeletedTunnelIsGone(t *testing.T) {
+	e := newEdge(t)
+	kept := e.sim.AddTunnel(e.account, cloudflaresim.Tunnel{})
+	gone := e.sim.AddTunnel(e.account, cloudflaresim.Tunnel{})
+	if !e.sim.DeleteTunnel(e.account, gone.ID) {
+		t.Fatal("DeleteTunnel: no such tunnel")
+	}
+	if e.sim.DeleteTunnel(e.account, gone.ID) {
+		t.Error("a second DeleteTunnel reported success")
+	}
+	if _, ok := e.sim.Tunnel(e.account, gone.ID); ok {
+		t.Error("Tunnel still returns the deleted tunnel")
+	}
+
+	cases := []struct {
+		name   string
+		method string
+		path   string
+		body   []byte
+	}{
+		{"get", "GET", e.tunnelPath(gone.ID), nil},
+		{"generate", "POST", e.tunnelPath(gone.ID) + "/psk_generate", []byte(`{}`)},
+		{"generate validate_only", "POST", e.tunnelPath(gone.ID) + "/psk_generate?validate_only=true", []byte(`{}`)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			status, a := e.mustDo(t, tc.method, tc.path, tc.body)
+			if status != http.StatusNotFound || a.Success || len(a.Errors) != 1 || a.Errors[0].Code != 1002 {
+				t.Errorf("status %d, success %v, errors %v: want 404 with code 1002", status, a.Success, a.Errors)
+			}
+		})
+	}
+	list := e.listTunnels(t)
+	if len(list) != 1 || list[0].ID != kept.ID {
+		t.Errorf("list = %+v, want only %s", list, kept.ID)
+	}
+	if _, ok := e.sim.RegenerateOutOfBand(e.account, gone.ID); ok {
+		t.Error("RegenerateOutOfBand of a deleted tunnel reported success")
+	}
+}
+
+// TestDeletionDuringRequests deletes tunnels while they are read and
+// rotated: every answer is a success or the 404, never a crash.
+func TestDeletionDuringRequests(t *testing.T) {
+	e := newEdge(t)
+	for range 20 {
+		id := e.sim.AddTunnel(e.account, cloudflaresim.Tunnel{}).ID
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			e.sim.DeleteTunnel(e.account, id)
+		}()
+		for _, req := range []struct {
+			method, path string
+			body         []byte
+		}{{"GET", e.tunnelPath(id), nil}, {"POST", e.tunnelPath(id) + "/psk_generate", []byte(`{}`)}} {
+			if status, a := e.mustDo(t, req.method, req.path, req.body); status != http.StatusOK && status != http.StatusNotFound {
+				t.Errorf("%s during deletion: status %d, errors %v", req.method, status, a.Errors)
+			}
+		}
+		<-done
+	}
+}

@@ -289,9 +289,15 @@ func (s *Server) Tunnel(accountID, tunnelID string) (Tunnel, bool) {
 	if !ok {
 		return Tunnel{}, false
 	}
+	return copyTunnel(t), true
+}
+
+// copyTunnel returns a copy of t that shares nothing with it. The caller
+// holds mu.
+func copyTunnel(t *Tunnel) Tunnel {
 	c := *t
-	c.GeneratedPSKs = append([]string(nil), t.GeneratedPSKs...)
-	return c, true
+	c.GeneratedPSKs = slices.Clone(t.GeneratedPSKs)
+	return c
 }
 
 // Calls returns how many requests reached an operation, faults included.
