@@ -329,3 +329,93 @@ func TestDeletionDuringRequests(t *testing.T) {
 		<-done
 	}
 }
+
+func TestTimestampPrecision(t *testing.T) {
+	cases := []struct {
+		name      string
+		precision time.Duration
+		want      time.Duration // what every timestamp is a multiple of
+		canRepeat bool
+		// mustRepeat: requests back to back are sure to fall in one tick
+		// (a millisecond is too short for that under -race).
+		mustRepeat bool
+	}{
+		{"default", 0, time.Microsecond, false, false},
+		{"millisecond", time.Millisecond, time.Millisecond, true, false},
+		{"second", time.Second, time.Second, true, true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEdge(t)
+			if tc.precision != 0 {
+				e.sim.SetTimestampPrecision(tc.precision)
+			}
+			created := e.sim.AddTunnel(e.account, cloudflaresim.Tunnel{})
+			for _, ts := range []time.Time{created.CreatedOn, created.PSKGeneratedOn} {
+				if !ts.Equal(ts.Truncate(tc.want)) {
+					t.Errorf("creation timestamp %v is finer than %v", ts, tc.want)
+				}
+			}
+
+			// Generate pairs of keys back to back until a pair falls in one
+			// tick of the precision (a pair can straddle a tick boundary).
+			repeated := false
+			for attempt := 0; attempt < 5 && !repeated; attempt++ {
+				var stamps []time.Time
+				for range 2 {
+					status, psk, on := e.generate(t, created.ID)
+					if status != http.StatusOK || psk == "" {
+						t.Fatalf("psk_generate: status %d", status)
+					}
+					wire := wireTime(t, on)
+					if !wire.Equal(wire.Truncate(tc.want)) {
+						t.Errorf("last_generated_on %s on the wire is finer than %v", on, tc.want)
+					}
+					stored, _ := e.sim.Tunnel(e.account, created.ID)
+					if !stored.PSKGeneratedOn.Equal(wire) || stored.PSK != psk {
+						t.Errorf("stored state (%v) differs from the answer (%s)", stored.PSKGeneratedOn, on)
+					}
+					_, got := e.getTunnel(t, created.ID)
+					if got.PSKMetadata == nil || got.PSKMetadata.LastGeneratedOn != on {
+						t.Errorf("GET last_generated_on = %+v, want %s", got.PSKMetadata, on)
+					}
+					stamps = append(stamps, wire)
+				}
+				switch {
+				case stamps[1].Before(stamps[0]):
+					t.Fatalf("a later generation is dated earlier: %v then %v", stamps[0], stamps[1])
+				case stamps[1].Equal(stamps[0]):
+					if !tc.canRepeat {
+						t.Errorf("two generations share last_generated_on %v", stamps[0])
+					}
+					repeated = true
+				}
+				if !tc.mustRepeat {
+					break
+				}
+			}
+			if tc.mustRepeat && !repeated {
+				t.Error("no two generations back to back shared a timestamp")
+			}
+		})
+	}
+}
+
+// TestSecondPrecisionOutOfBandChangeCanBeInvisible is the case a
+// reconciliation by timestamp cannot see: a key changed within the second
+// of the last generation leaves last_generated_on as it was.
+func TestSecondPrecisionOutOfBandChangeCanBeInvisible(t *testing.T) {
+	e := newEdge(t)
+	e.sim.SetTimestampPrecision(time.Second)
+	for attempt := 0; attempt < 5; attempt++ {
+		created := e.sim.AddTunnel(e.account, cloudflaresim.Tunnel{})
+		changed, _ := e.sim.RegenerateOutOfBand(e.account, created.ID)
+		if changed.PSK == created.PSK {
+			t.Fatal("the out-of-band change kept the key")
+		}
+		if changed.PSKGeneratedOn.Equal(created.PSKGeneratedOn) {
+			return
+		}
+	}
+	t.Error("five out-of-band changes right after creation all moved last_generated_on")
+}

@@ -87,6 +87,8 @@ type Server struct {
 	mux    *http.ServeMux
 	now    func() time.Time
 	limit  *rateLimit
+	// precision is what the edge's timestamps are truncated to.
+	precision time.Duration
 	// callTimes is when each request arrived, for pacing measurements.
 	callTimes []time.Time
 }
@@ -156,12 +158,13 @@ func (s *Server) overLimit(token string) time.Duration {
 // New returns an empty simulator.
 func New() *Server {
 	s := &Server{
-		accounts: map[string]map[string]*Tunnel{},
-		tokens:   map[string]*Token{},
-		faults:   map[Operation][]Fault{},
-		calls:    map[Operation]int{},
-		mux:      http.NewServeMux(),
-		now:      func() time.Time { return time.Now().UTC() },
+		accounts:  map[string]map[string]*Tunnel{},
+		tokens:    map[string]*Token{},
+		faults:    map[Operation][]Fault{},
+		calls:     map[Operation]int{},
+		mux:       http.NewServeMux(),
+		now:       func() time.Time { return time.Now().UTC() },
+		precision: defaultPrecision,
 	}
 	s.routes()
 	return s
@@ -258,7 +261,7 @@ func (s *Server) AddTunnel(accountID string, t Tunnel) Tunnel {
 	t.GeneratedPSKs = slices.Clone(t.GeneratedPSKs)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	now := s.now().Truncate(time.Microsecond)
+	now := s.stamp()
 	t.CreatedOn, t.ModifiedOn = now, now
 	if !t.NoInitialKey {
 		if t.PSK == "" {
@@ -325,13 +328,43 @@ func (s *Server) TotalCalls() int {
 	return n
 }
 
-// generatePSK sets a new key on the edge. Cloudflare's timestamps carry
-// sub-second precision; each generation is kept strictly later than the last
-// so that last_generated_on always tells two generations apart.
+const defaultPrecision = time.Microsecond
+
+// SetTimestampPrecision sets what the edge's timestamps (created_on,
+// modified_on, psk_metadata.last_generated_on) are truncated to, in the
+// state the simulator keeps as on the wire; d <= 0 restores the default,
+// microseconds. Cloudflare promises neither sub-second precision nor that
+// two generations have different timestamps: with time.Second, two keys
+// generated within one second share last_generated_on, as they could at
+// Cloudflare.
+func (s *Server) SetTimestampPrecision(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if d <= 0 {
+		d = defaultPrecision
+	}
+	s.precision = d
+}
+
+// stamp returns the time now at the edge's precision. The caller holds mu.
+func (s *Server) stamp() time.Time { return s.now().Truncate(s.precision) }
+
+// generatePSK sets a new key on the edge, dated now at the edge's
+// precision. The caller holds mu.
+//
+// At the default precision (or finer) each generation is kept strictly
+// later than the tunnel's last. Cloudflare does not promise that, but two
+// generations within one microsecond cannot come from callers that reach
+// the edge over a network: here they come only from in-process calls made
+// back to back (AddTunnel then RegenerateOutOfBand), and a repeat would make
+// such tests fail at random rather than model anything real. Coarser
+// precision is how a test asks for repeated timestamps, so there nothing is
+// bumped: a key generated in the same second as the last one carries the
+// same last_generated_on, and only the key itself tells them apart.
 func (s *Server) generatePSK(t *Tunnel) {
-	now := s.now().Truncate(time.Microsecond)
-	if !now.After(t.PSKGeneratedOn) {
-		now = t.PSKGeneratedOn.Add(time.Microsecond)
+	now := s.stamp()
+	if s.precision <= defaultPrecision && !now.After(t.PSKGeneratedOn) {
+		now = t.PSKGeneratedOn.Add(s.precision)
 	}
 	t.PSK = newSecret(32)
 	t.PSKGeneratedOn = now
