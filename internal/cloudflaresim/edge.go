@@ -1,6 +1,9 @@
 package cloudflaresim
 
-import "strings"
+import (
+	"strings"
+	"time"
+)
 
 // Things that happen to a tunnel outside the engine's requests: the
 // dashboard, Terraform or another Vault cluster changing its key, or the
@@ -34,4 +37,78 @@ func (s *Server) DeleteTunnel(accountID, tunnelID string) bool {
 	}
 	delete(s.accounts[accountID], tunnelID)
 	return true
+}
+
+// lateJob is one piece of work the edge does after a delay.
+type lateJob struct{ timer *time.Timer }
+
+// later runs fn, holding mu, after d, unless Close comes first. A pending
+// job costs a timer, not a goroutine. The caller holds mu.
+func (s *Server) later(d time.Duration, fn func()) {
+	if s.closed {
+		return
+	}
+	job := &lateJob{}
+	s.late[job] = struct{}{}
+	s.lateRunning.Add(1)
+	job.timer = time.AfterFunc(d, func() {
+		defer s.lateRunning.Done()
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if _, pending := s.late[job]; !pending {
+			return // dropped by Close
+		}
+		delete(s.late, job)
+		fn()
+		s.idle.Broadcast()
+	})
+}
+
+// WaitIdle blocks until the edge has done all the work it accepted for
+// later (see Fault.ProcessAfter), or Close dropped it. A request counts from
+// the moment Calls counts it: a test that waits for Calls to reach n and
+// then for WaitIdle sees the late work of all n requests done.
+func (s *Server) WaitIdle() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for len(s.late) > 0 || s.lateFaults > s.queuedLateFaults() {
+		s.idle.Wait()
+	}
+}
+
+// queuedLateFaults counts the ProcessAfter faults no call has taken yet.
+// The caller holds mu.
+func (s *Server) queuedLateFaults() int {
+	n := 0
+	for _, queue := range s.faults {
+		for _, f := range queue {
+			if f.ProcessAfter > 0 {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// Close ends the simulator's life: delayed work not yet done is dropped,
+// requests held without an answer (Fault.ProcessAfter, Fault.Delay) are
+// aborted, and Close returns once no timer of the simulator can still run
+// its work. Requests are still answered afterwards, but no work is
+// scheduled and a fault that would hold a request aborts it. Close may be
+// called more than once.
+func (s *Server) Close() {
+	s.mu.Lock()
+	if !s.closed {
+		s.closed = true
+		close(s.done)
+	}
+	for job := range s.late {
+		delete(s.late, job)
+		if job.timer.Stop() {
+			s.lateRunning.Done() // its function will never run
+		}
+	}
+	s.idle.Broadcast()
+	s.mu.Unlock()
+	s.lateRunning.Wait()
 }

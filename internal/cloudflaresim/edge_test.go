@@ -2,10 +2,14 @@ package cloudflaresim_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,7 +29,10 @@ func newEdge(t *testing.T) *edge {
 	t.Helper()
 	sim := cloudflaresim.New()
 	srv := httptest.NewServer(sim)
+	// Cleanups run last first: the simulator releases held requests and
+	// drops delayed work before the server waits for its handlers.
 	t.Cleanup(srv.Close)
+	t.Cleanup(sim.Close)
 	return &edge{
 		sim:     sim,
 		url:     srv.URL + cloudflaresim.BasePath,
@@ -70,6 +77,26 @@ func (e *edge) do(t *testing.T, client *http.Client, method, path string, body [
 		t.Fatalf("%s %s: answer is not an envelope: %v", method, path, err)
 	}
 	return resp.StatusCode, a, nil
+}
+
+// send makes one request with client and returns the status, or the
+// transport error; it does not use t, so goroutines may call it.
+func (e *edge) send(ctx context.Context, client *http.Client, method, path string, body []byte) (int, error) {
+	req, err := http.NewRequestWithContext(ctx, method, e.url+path, bytes.NewReader(body))
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Authorization", "Bearer "+e.token)
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	_, err = io.Copy(io.Discard, resp.Body)
+	return resp.StatusCode, err
 }
 
 // mustDo is do for a request that must be answered.
@@ -418,4 +445,227 @@ func TestSecondPrecisionOutOfBandChangeCanBeInvisible(t *testing.T) {
 		}
 	}
 	t.Error("five out-of-band changes right after creation all moved last_generated_on")
+}
+
+// inFlight wraps a handler to count the requests it is serving.
+type inFlight struct {
+	h http.Handler
+	n atomic.Int32
+}
+
+func (f *inFlight) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f.n.Add(1)
+	defer f.n.Add(-1)
+	f.h.ServeHTTP(w, r)
+}
+
+// waitFor polls cond for up to five seconds.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+	}
+}
+
+// TestAbandonedGenerateIsProcessedLate plays the request a caller gave up
+// on: it gets no answer, a later generation succeeds, and then the
+// abandoned one changes the key anyway, so the key the caller stored last
+// is not the edge's.
+func TestAbandonedGenerateIsProcessedLate(t *testing.T) {
+	sim := cloudflaresim.New()
+	counted := &inFlight{h: sim}
+	srv := httptest.NewServer(counted)
+	t.Cleanup(srv.Close)
+	t.Cleanup(sim.Close)
+	e := &edge{sim: sim, url: srv.URL + cloudflaresim.BasePath, token: sim.AddToken(cloudflaresim.Token{}).Value, account: cloudflaresim.NewID()}
+	created := sim.AddTunnel(e.account, cloudflaresim.Tunnel{})
+
+	const processAfter = 500 * time.Millisecond
+	sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{ProcessAfter: processAfter})
+	sent := time.Now()
+	impatient := &http.Client{Timeout: 100 * time.Millisecond}
+	if status, _, err := e.do(t, impatient, "POST", e.tunnelPath(created.ID)+"/psk_generate", []byte(`{}`)); err == nil {
+		t.Fatalf("the abandoned request was answered with %d", status)
+	}
+	waitFor(t, "the held handler returns after the caller gave up", func() bool { return counted.n.Load() == 0 })
+	if now, _ := sim.Tunnel(e.account, created.ID); now.PSK != created.PSK {
+		t.Fatal("the key changed before ProcessAfter")
+	}
+
+	status, retried, retriedOn := e.generate(t, created.ID)
+	if status != http.StatusOK {
+		t.Fatalf("the retry: status %d", status)
+	}
+	sim.WaitIdle()
+
+	final, _ := sim.Tunnel(e.account, created.ID)
+	if final.PSK == retried || final.PSK == created.PSK {
+		t.Fatal("the abandoned request was not processed: the edge still has a key a caller saw")
+	}
+	if !slices.Equal(final.GeneratedPSKs, []string{created.PSK, retried, final.PSK}) {
+		t.Errorf("GeneratedPSKs does not hold creation, retry, late key in that order")
+	}
+	if !slices.Contains(sim.IssuedSecrets(), final.PSK) {
+		t.Error("the late key is not among the issued secrets")
+	}
+	if earliest := sent.Add(processAfter).Truncate(time.Microsecond); final.PSKGeneratedOn.Before(earliest) {
+		t.Errorf("the late key is dated %v, before arrival + ProcessAfter (%v)", final.PSKGeneratedOn, earliest)
+	}
+	if !final.PSKGeneratedOn.After(wireTime(t, retriedOn)) {
+		t.Errorf("the late key is dated %v, not after the retry's %s", final.PSKGeneratedOn, retriedOn)
+	}
+	_, got := e.getTunnel(t, created.ID)
+	if got.PSKMetadata == nil || !wireTime(t, got.PSKMetadata.LastGeneratedOn).Equal(final.PSKGeneratedOn) {
+		t.Errorf("GET psk_metadata = %+v, want the late key's %v", got.PSKMetadata, final.PSKGeneratedOn)
+	}
+	if n := sim.Calls(cloudflaresim.OpPSKGenerate); n != 2 {
+		t.Errorf("psk_generate calls = %d, want 2", n)
+	}
+}
+
+func TestProcessAfterCases(t *testing.T) {
+	const processAfter = 150 * time.Millisecond
+	cases := []struct {
+		name string
+		// query is appended to the psk_generate path; body and token
+		// override the defaults when set.
+		query, body, token string
+		// between runs after the request was abandoned.
+		between    func(e *edge, id string)
+		wantStatus int // 0: no answer
+		wantChange bool
+		wantGone   bool
+	}{
+		{name: "processed", wantChange: true},
+		{name: "validate_only changes nothing", query: "?validate_only=true"},
+		{name: "refused token answered at once", token: "no-such-token", wantStatus: http.StatusForbidden},
+		{name: "no body answered at once", body: "-", wantStatus: http.StatusBadRequest},
+		{name: "tunnel deleted meanwhile", between: func(e *edge, id string) { e.sim.DeleteTunnel(e.account, id) }, wantGone: true},
+		{name: "tunnel re-created under its id", between: func(e *edge, id string) {
+			e.sim.DeleteTunnel(e.account, id)
+			e.sim.AddTunnel(e.account, cloudflaresim.Tunnel{ID: id})
+		}},
+		{name: "out-of-band change meanwhile", between: func(e *edge, id string) { e.sim.RegenerateOutOfBand(e.account, id) }, wantChange: true},
+		{name: "simulator closed first", between: func(e *edge, _ string) { e.sim.Close() }},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEdge(t)
+			created := e.sim.AddTunnel(e.account, cloudflaresim.Tunnel{})
+			if tc.token != "" {
+				e.token = tc.token
+			}
+			body := []byte(`{}`)
+			if tc.body == "-" {
+				body = nil
+			}
+			e.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{ProcessAfter: processAfter})
+			impatient := &http.Client{Timeout: 50 * time.Millisecond}
+			status, _, err := e.do(t, impatient, "POST", e.tunnelPath(created.ID)+"/psk_generate"+tc.query, body)
+			switch {
+			case tc.wantStatus == 0 && err == nil:
+				t.Fatalf("answered with %d, want no answer", status)
+			case tc.wantStatus != 0 && (err != nil || status != tc.wantStatus):
+				t.Fatalf("status %d, error %v: want %d at once", status, err, tc.wantStatus)
+			}
+			if tc.between != nil {
+				tc.between(e, created.ID)
+			}
+			before, _ := e.sim.Tunnel(e.account, created.ID)
+			e.sim.WaitIdle()
+
+			after, exists := e.sim.Tunnel(e.account, created.ID)
+			if exists == tc.wantGone {
+				t.Fatalf("tunnel exists = %v after the late work, want %v", exists, !tc.wantGone)
+			}
+			if changed := exists && after.PSK != before.PSK; changed != tc.wantChange {
+				t.Errorf("the late work changed the key: %v, want %v", changed, tc.wantChange)
+			}
+		})
+	}
+}
+
+// TestCloseReleasesHeldRequests: a caller that never gives up is cut off by
+// Close instead of holding the HTTP server's Close forever.
+func TestCloseReleasesHeldRequests(t *testing.T) {
+	cases := []struct {
+		name  string
+		op    cloudflaresim.Operation
+		fault cloudflaresim.Fault
+	}{
+		{"ProcessAfter", cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{ProcessAfter: time.Hour}},
+		{"ProcessAfter on a read", cloudflaresim.OpTunnelGet, cloudflaresim.Fault{ProcessAfter: time.Hour}},
+		{"Delay", cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Delay: time.Hour}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEdge(t)
+			id := e.sim.AddTunnel(e.account, cloudflaresim.Tunnel{}).ID
+			e.sim.FailNext(tc.op, tc.fault)
+			method, path, body := "GET", e.tunnelPath(id), []byte(nil)
+			if tc.op == cloudflaresim.OpPSKGenerate {
+				method, path, body = "POST", path+"/psk_generate", []byte(`{}`)
+			}
+			errs := make(chan error, 1)
+			go func() {
+				_, err := e.send(context.Background(), &http.Client{}, method, path, body)
+				errs <- err
+			}()
+			waitFor(t, "the request is held", func() bool { return e.sim.Calls(tc.op) == 1 })
+			before, _ := e.sim.Tunnel(e.account, id)
+			e.sim.Close()
+			select {
+			case err := <-errs:
+				if err == nil {
+					t.Error("the held request was answered, want it aborted")
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("Close did not release the held request")
+			}
+			e.sim.WaitIdle() // returns at once: Close dropped the work
+			if after, _ := e.sim.Tunnel(e.account, id); after.PSK != before.PSK {
+				t.Error("work dropped by Close still changed the key")
+			}
+		})
+	}
+}
+
+// TestLateWorkUnderLoad mixes late and immediate generations for one
+// tunnel, for the race detector, and checks that WaitIdle, once every
+// request was counted, returns only after all of them were processed.
+func TestLateWorkUnderLoad(t *testing.T) {
+	e := newEdge(t)
+	created := e.sim.AddTunnel(e.account, cloudflaresim.Tunnel{})
+	const late, immediate = 8, 8
+	for range late {
+		e.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{ProcessAfter: 20 * time.Millisecond})
+	}
+	ctx, giveUp := context.WithCancel(context.Background())
+	defer giveUp()
+	var answered atomic.Int32
+	var wg sync.WaitGroup
+	for range late + immediate {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if status, err := e.send(ctx, http.DefaultClient, "POST", e.tunnelPath(created.ID)+"/psk_generate", []byte(`{}`)); err == nil && status == http.StatusOK {
+				answered.Add(1)
+			}
+		}()
+	}
+	waitFor(t, "every request is counted", func() bool { return e.sim.Calls(cloudflaresim.OpPSKGenerate) == late+immediate })
+	waitFor(t, "the immediate requests are answered", func() bool { return answered.Load() == immediate })
+	e.sim.WaitIdle()
+	final, _ := e.sim.Tunnel(e.account, created.ID)
+	giveUp()
+	wg.Wait()
+	if got := len(final.GeneratedPSKs); got != 1+late+immediate {
+		t.Errorf("GeneratedPSKs has %d keys, want %d", got, 1+late+immediate)
+	}
+	if got := answered.Load(); got != immediate {
+		t.Errorf("%d requests were answered, want %d: a late one was answered", got, immediate)
+	}
 }

@@ -74,7 +74,9 @@ type Token struct {
 }
 
 // Server is the simulator. It is an http.Handler; wrap it in httptest or
-// http.Server. The zero value is not usable: call New.
+// http.Server. The zero value is not usable: call New. Call Close when done
+// with it, before closing the HTTP server around it (in t.Cleanup: register
+// Close after the server's Close), so that requests it holds are released.
 type Server struct {
 	mu       sync.Mutex
 	accounts map[string]map[string]*Tunnel
@@ -91,6 +93,18 @@ type Server struct {
 	precision time.Duration
 	// callTimes is when each request arrived, for pacing measurements.
 	callTimes []time.Time
+	// late is the work the edge has accepted but not yet done (requests
+	// played with Fault.ProcessAfter); idle is signalled, on mu, whenever
+	// it shrinks. lateRunning counts the timers that may still call back.
+	// lateFaults counts the ProcessAfter faults queued and not yet played
+	// to the point where their work is scheduled or refused.
+	late        map[*lateJob]struct{}
+	lateFaults  int
+	idle        *sync.Cond
+	lateRunning sync.WaitGroup
+	// done is closed by Close, which also sets closed.
+	done   chan struct{}
+	closed bool
 }
 
 // rateLimit plays Cloudflare's per-token limit: limit requests per fixed
@@ -165,7 +179,10 @@ func New() *Server {
 		mux:       http.NewServeMux(),
 		now:       func() time.Time { return time.Now().UTC() },
 		precision: defaultPrecision,
+		late:      map[*lateJob]struct{}{},
+		done:      make(chan struct{}),
 	}
+	s.idle = sync.NewCond(&s.mu)
 	s.routes()
 	return s
 }
