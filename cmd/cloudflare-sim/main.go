@@ -23,6 +23,7 @@ func main() {
 	seedFile := flag.String("seed-file", "cloudflare-sim.env", "where to write the seeded token and tunnel ids, as shell variables")
 	accounts := flag.Int("accounts", 1, "accounts to create")
 	tunnels := flag.Int("tunnels", 3, "tunnels to create in each account")
+	precision := flag.Duration("timestamp-precision", 0, "truncate the edge's timestamps to this (1s: as coarse as Cloudflare may be); 0 keeps microseconds")
 	flag.Parse()
 
 	host, _, err := net.SplitHostPort(*listen)
@@ -35,6 +36,7 @@ func main() {
 	}
 
 	sim := cloudflaresim.New()
+	sim.SetTimestampPrecision(*precision)
 	token := sim.AddToken(cloudflaresim.Token{ExpiresOn: time.Now().AddDate(1, 0, 0).UTC().Truncate(time.Second)})
 	baseURL := "http://" + ln.Addr().String() + cloudflaresim.BasePath
 	var env strings.Builder
@@ -55,13 +57,22 @@ func main() {
 	log.Fatal(http.Serve(ln, withControl(sim)))
 }
 
-// withControl adds one endpoint beside the API, so a person trying the
-// engine can make the simulator fail the next call of an operation:
+// withControl adds endpoints beside the API, so a person trying the engine
+// (or an end-to-end test) can play what happens at the real edge. Make the
+// next call of an operation fail:
 //
 //	curl -X POST 'http://127.0.0.1:8787/_sim/fail-next?op=psk_generate' \
 //	     -d '{"Status": 500, "AfterCommit": true}'
 //
-// The body is a cloudflaresim.Fault in JSON (Delay in nanoseconds).
+// The body is a cloudflaresim.Fault in JSON (Delay and ProcessAfter in
+// nanoseconds: {"ProcessAfter": 5000000000} processes an abandoned
+// psk_generate five seconds after it arrived). Change a tunnel's key as the
+// dashboard, Terraform or another cluster would, or delete a tunnel:
+//
+//	curl -X POST 'http://127.0.0.1:8787/_sim/regenerate?account=ACCOUNT&tunnel=TUNNEL'
+//	curl -X DELETE 'http://127.0.0.1:8787/_sim/tunnel?account=ACCOUNT&tunnel=TUNNEL'
+//
+// Each answers 204, or 404 for an unknown tunnel; none returns a key.
 func withControl(sim *cloudflaresim.Server) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/", sim)
@@ -79,5 +90,40 @@ func withControl(sim *cloudflaresim.Server) http.Handler {
 		sim.FailNext(op, f)
 		w.WriteHeader(http.StatusNoContent)
 	})
+	mux.HandleFunc("POST /_sim/regenerate", func(w http.ResponseWriter, r *http.Request) {
+		account, tunnel, ok := tunnelParams(w, r)
+		if !ok {
+			return
+		}
+		// The new key stays inside the simulator: the engine must find
+		// out about it from psk_metadata, as it would at Cloudflare.
+		if _, found := sim.RegenerateOutOfBand(account, tunnel); !found {
+			http.Error(w, "no such tunnel", http.StatusNotFound)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("DELETE /_sim/tunnel", func(w http.ResponseWriter, r *http.Request) {
+		account, tunnel, ok := tunnelParams(w, r)
+		if !ok {
+			return
+		}
+		if !sim.DeleteTunnel(account, tunnel) {
+			http.Error(w, "no such tunnel", http.StatusNotFound)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
 	return mux
+}
+
+// tunnelParams reads the account and tunnel query parameters, answering 400
+// when either is missing.
+func tunnelParams(w http.ResponseWriter, r *http.Request) (account, tunnel string, ok bool) {
+	account, tunnel = r.URL.Query().Get("account"), r.URL.Query().Get("tunnel")
+	if account == "" || tunnel == "" {
+		http.Error(w, "account and tunnel are required", http.StatusBadRequest)
+		return "", "", false
+	}
+	return account, tunnel, true
 }

@@ -1,8 +1,11 @@
 package cloudflaresim
 
 import (
+	"encoding/json"
+	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -27,6 +30,18 @@ type Fault struct {
 	AfterCommit bool
 	// Hangup closes the connection without any answer.
 	Hangup bool
+	// ProcessAfter plays a request the edge accepted but processed late:
+	// the caller gets no answer (the request is held until the caller gives
+	// up), and ProcessAfter after the request arrived the edge does what it
+	// asked anyway, whether or not the caller is still there and whatever
+	// was processed in between. For psk_generate that is a new key, dated
+	// when it is processed, which replaces any key generated meanwhile: the
+	// late request wins, as it would at Cloudflare. A request the edge
+	// would refuse (bad token, unknown tunnel, no body) is refused at once,
+	// and a validate_only request changes nothing. On other operations the
+	// request is only held. When set, the fault's other fields are ignored.
+	// Server.WaitIdle waits for the late work; Server.Close drops it.
+	ProcessAfter time.Duration
 }
 
 // FailNext queues a fault for the next call of op. Faults queued for one
@@ -35,9 +50,19 @@ func (s *Server) FailNext(op Operation, f Fault) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.faults[op] = append(s.faults[op], f)
+	if f.ProcessAfter > 0 {
+		s.lateFaults++
+	}
 }
 
 func (s *Server) applyFault(w http.ResponseWriter, r *http.Request, op Operation, f Fault, h func(http.ResponseWriter, *http.Request)) {
+	arrived := time.Now()
+	if f.ProcessAfter > 0 {
+		if s.acceptLate(w, r, op, arrived, f.ProcessAfter) {
+			s.hold(r)
+		}
+		return
+	}
 	if f.AfterCommit {
 		// Run the real operation against a throwaway writer so that the edge
 		// changes, then answer with the fault.
@@ -47,6 +72,8 @@ func (s *Server) applyFault(w http.ResponseWriter, r *http.Request, op Operation
 		select {
 		case <-r.Context().Done():
 			return
+		case <-s.done:
+			panic(http.ErrAbortHandler)
 		case <-time.After(f.Delay):
 		}
 	}
@@ -81,6 +108,59 @@ func (s *Server) applyFault(w http.ResponseWriter, r *http.Request, op Operation
 		w.Header().Set("Retry-After", strconv.Itoa(f.RetryAfter))
 	}
 	writeFailure(w, status, errs...)
+}
+
+// acceptLate plays the arrival of a request with a ProcessAfter fault: a
+// psk_generate the edge would refuse is answered at once (false); one it
+// accepts is scheduled to be processed after a delay counted from arrived
+// (true: hold the request). Requests of other operations are accepted with
+// nothing to do. Either way the fault stops counting as accepted work that
+// WaitIdle has not yet seen.
+func (s *Server) acceptLate(w http.ResponseWriter, r *http.Request, op Operation, arrived time.Time, after time.Duration) bool {
+	var accountID, tunnelID string
+	ok := true
+	if op == OpPSKGenerate {
+		accountID, tunnelID, ok = s.tunnelFromPath(w, r)
+		if ok && !jsonObjectBody(r) {
+			writeFailure(w, http.StatusBadRequest, errBodyNotJSON)
+			ok = false
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.lateFaults--
+	s.idle.Broadcast()
+	if !ok || op != OpPSKGenerate || r.URL.Query().Get("validate_only") == "true" {
+		return ok
+	}
+	if t := s.accounts[accountID][tunnelID]; t != nil {
+		s.later(after-time.Since(arrived), func() {
+			// A tunnel deleted meanwhile (or deleted and added again
+			// under its id) gets nothing.
+			if s.accounts[accountID][tunnelID] == t {
+				s.generatePSK(t)
+			}
+		})
+	}
+	return true
+}
+
+// jsonObjectBody reports whether a request carries a JSON object, as
+// psk_generate requires (the same check as pskGenerate's).
+func jsonObjectBody(r *http.Request) bool {
+	var body map[string]any
+	return strings.HasPrefix(r.Header.Get("Content-Type"), "application/json") &&
+		json.NewDecoder(io.LimitReader(r.Body, 1<<16)).Decode(&body) == nil && body != nil
+}
+
+// hold keeps a request unanswered until the caller gives up; Close aborts
+// it, so that no handler outlives the simulator.
+func (s *Server) hold(r *http.Request) {
+	select {
+	case <-r.Context().Done():
+	case <-s.done:
+		panic(http.ErrAbortHandler)
+	}
 }
 
 func statusOr(status, fallback int) int {

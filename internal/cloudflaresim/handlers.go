@@ -150,6 +150,11 @@ func (s *Server) pskGenerate(w http.ResponseWriter, r *http.Request) {
 
 	s.mu.Lock()
 	t := s.accounts[accountID][tunnelID]
+	if t == nil { // deleted since tunnelFromPath looked
+		s.mu.Unlock()
+		writeFailure(w, http.StatusNotFound, errTunnelNotFound)
+		return
+	}
 	var result map[string]any
 	if validateOnly {
 		// Nothing changes on the edge. Cloudflare does not document this
@@ -180,8 +185,16 @@ func (s *Server) tunnelGet(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.mu.Lock()
-	obj := tunnelObject(s.accounts[accountID][tunnelID])
+	t := s.accounts[accountID][tunnelID]
+	var obj map[string]any
+	if t != nil { // nil: deleted since tunnelFromPath looked
+		obj = tunnelObject(t)
+	}
 	s.mu.Unlock()
+	if obj == nil {
+		writeFailure(w, http.StatusNotFound, errTunnelNotFound)
+		return
+	}
 	writeSuccess(w, map[string]any{"ipsec_tunnel": obj})
 }
 

@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -43,13 +44,19 @@ type Tunnel struct {
 	InterfaceAddress   string
 	CreatedOn          time.Time
 	ModifiedOn         time.Time
-	// PSK is the key the edge uses now; empty until one is generated.
+	// PSK is the key the edge uses now. Cloudflare creates every tunnel
+	// with a key, so AddTunnel generates one (PSKGeneratedOn is then the
+	// creation time) unless NoInitialKey is set or a PSK is given.
 	PSK             string
 	PSKGeneratedOn  time.Time
 	ReplayProtected bool
 	// GeneratedPSKs is every key the edge has had, oldest first, so a test
 	// can tell whether a key Vault served was ever real.
 	GeneratedPSKs []string
+	// NoInitialKey makes AddTunnel create the tunnel without a key, so
+	// psk_metadata is absent until the first psk_generate. A real tunnel
+	// always has one: use this only for a test about a keyless tunnel.
+	NoInitialKey bool
 }
 
 // Token is an API token the simulator accepts.
@@ -72,7 +79,9 @@ type Token struct {
 }
 
 // Server is the simulator. It is an http.Handler; wrap it in httptest or
-// http.Server. The zero value is not usable: call New.
+// http.Server. The zero value is not usable: call New. Call Close when done
+// with it, before closing the HTTP server around it (in t.Cleanup: register
+// Close after the server's Close), so that requests it holds are released.
 type Server struct {
 	mu       sync.Mutex
 	accounts map[string]map[string]*Tunnel
@@ -85,8 +94,22 @@ type Server struct {
 	mux    *http.ServeMux
 	now    func() time.Time
 	limit  *rateLimit
+	// precision is what the edge's timestamps are truncated to.
+	precision time.Duration
 	// callTimes is when each request arrived, for pacing measurements.
 	callTimes []time.Time
+	// late is the work the edge has accepted but not yet done (requests
+	// played with Fault.ProcessAfter); idle is signalled, on mu, whenever
+	// it shrinks. lateRunning counts the timers that may still call back.
+	// lateFaults counts the ProcessAfter faults queued and not yet played
+	// to the point where their work is scheduled or refused.
+	late        map[*lateJob]struct{}
+	lateFaults  int
+	idle        *sync.Cond
+	lateRunning sync.WaitGroup
+	// done is closed by Close, which also sets closed.
+	done   chan struct{}
+	closed bool
 }
 
 // rateLimit plays Cloudflare's per-user limit: limit requests per fixed
@@ -156,13 +179,17 @@ func (s *Server) overLimit(token string) time.Duration {
 // New returns an empty simulator.
 func New() *Server {
 	s := &Server{
-		accounts: map[string]map[string]*Tunnel{},
-		tokens:   map[string]*Token{},
-		faults:   map[Operation][]Fault{},
-		calls:    map[Operation]int{},
-		mux:      http.NewServeMux(),
-		now:      func() time.Time { return time.Now().UTC() },
+		accounts:  map[string]map[string]*Tunnel{},
+		tokens:    map[string]*Token{},
+		faults:    map[Operation][]Fault{},
+		calls:     map[Operation]int{},
+		mux:       http.NewServeMux(),
+		now:       func() time.Time { return time.Now().UTC() },
+		precision: defaultPrecision,
+		late:      map[*lateJob]struct{}{},
+		done:      make(chan struct{}),
 	}
+	s.idle = sync.NewCond(&s.mu)
 	s.routes()
 	return s
 }
@@ -231,9 +258,16 @@ func (s *Server) rollToken(old string) (string, bool) {
 	return t.Value, true
 }
 
-// AddTunnel creates a tunnel in an account, without a PSK, and returns it.
-// ID, Name and endpoints are filled in when empty.
+// AddTunnel creates a tunnel in an account and returns it. ID, Name and
+// endpoints are filled in when empty. As at Cloudflare, the tunnel is created
+// with a key: PSK is generated when empty (unless NoInitialKey is set) and
+// PSKGeneratedOn defaults to the creation time, so psk_metadata is present
+// from the start. The creation key is recorded in GeneratedPSKs and among the
+// issued secrets like any later one.
 func (s *Server) AddTunnel(accountID string, t Tunnel) Tunnel {
+	if t.NoInitialKey && (t.PSK != "" || !t.PSKGeneratedOn.IsZero()) {
+		panic("cloudflaresim: AddTunnel: NoInitialKey with a PSK or PSKGeneratedOn")
+	}
 	accountID = strings.ToLower(accountID)
 	if t.ID == "" {
 		t.ID = NewID()
@@ -248,14 +282,29 @@ func (s *Server) AddTunnel(accountID string, t Tunnel) Tunnel {
 	if t.InterfaceAddress == "" {
 		t.InterfaceAddress = "10.212.0.8/31"
 	}
-	now := s.now()
-	t.CreatedOn, t.ModifiedOn = now, now
+	t.GeneratedPSKs = slices.Clone(t.GeneratedPSKs)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	now := s.stamp()
+	t.CreatedOn, t.ModifiedOn = now, now
+	if !t.NoInitialKey {
+		if t.PSK == "" {
+			t.PSK = newSecret(32)
+		}
+		if t.PSKGeneratedOn.IsZero() {
+			t.PSKGeneratedOn = now
+		}
+		if !slices.Contains(t.GeneratedPSKs, t.PSK) {
+			t.GeneratedPSKs = append(t.GeneratedPSKs, t.PSK)
+		}
+		s.issued = append(s.issued, t.PSK)
+	}
 	if s.accounts[accountID] == nil {
 		s.accounts[accountID] = map[string]*Tunnel{}
 	}
-	s.accounts[accountID][t.ID] = &t
+	stored := t
+	s.accounts[accountID][t.ID] = &stored
+	t.GeneratedPSKs = slices.Clone(stored.GeneratedPSKs)
 	return t
 }
 
@@ -267,9 +316,15 @@ func (s *Server) Tunnel(accountID, tunnelID string) (Tunnel, bool) {
 	if !ok {
 		return Tunnel{}, false
 	}
+	return copyTunnel(t), true
+}
+
+// copyTunnel returns a copy of t that shares nothing with it. The caller
+// holds mu.
+func copyTunnel(t *Tunnel) Tunnel {
 	c := *t
-	c.GeneratedPSKs = append([]string(nil), t.GeneratedPSKs...)
-	return c, true
+	c.GeneratedPSKs = slices.Clone(t.GeneratedPSKs)
+	return c
 }
 
 // Calls returns how many requests reached an operation, faults included.
@@ -297,13 +352,43 @@ func (s *Server) TotalCalls() int {
 	return n
 }
 
-// generatePSK sets a new key on the edge. Cloudflare's timestamps carry
-// sub-second precision; each generation is kept strictly later than the last
-// so that last_generated_on always tells two generations apart.
+const defaultPrecision = time.Microsecond
+
+// SetTimestampPrecision sets what the edge's timestamps (created_on,
+// modified_on, psk_metadata.last_generated_on) are truncated to, in the
+// state the simulator keeps as on the wire; d <= 0 restores the default,
+// microseconds. Cloudflare promises neither sub-second precision nor that
+// two generations have different timestamps: with time.Second, two keys
+// generated within one second share last_generated_on, as they could at
+// Cloudflare.
+func (s *Server) SetTimestampPrecision(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if d <= 0 {
+		d = defaultPrecision
+	}
+	s.precision = d
+}
+
+// stamp returns the time now at the edge's precision. The caller holds mu.
+func (s *Server) stamp() time.Time { return s.now().Truncate(s.precision) }
+
+// generatePSK sets a new key on the edge, dated now at the edge's
+// precision. The caller holds mu.
+//
+// At the default precision (or finer) each generation is kept strictly
+// later than the tunnel's last. Cloudflare does not promise that, but two
+// generations within one microsecond cannot come from callers that reach
+// the edge over a network: here they come only from in-process calls made
+// back to back (AddTunnel then RegenerateOutOfBand), and a repeat would make
+// such tests fail at random rather than model anything real. Coarser
+// precision is how a test asks for repeated timestamps, so there nothing is
+// bumped: a key generated in the same second as the last one carries the
+// same last_generated_on, and only the key itself tells them apart.
 func (s *Server) generatePSK(t *Tunnel) {
-	now := s.now().Truncate(time.Microsecond)
-	if !now.After(t.PSKGeneratedOn) {
-		now = t.PSKGeneratedOn.Add(time.Microsecond)
+	now := s.stamp()
+	if s.precision <= defaultPrecision && !now.After(t.PSKGeneratedOn) {
+		now = t.PSKGeneratedOn.Add(s.precision)
 	}
 	t.PSK = newSecret(32)
 	t.PSKGeneratedOn = now
