@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"sort"
@@ -254,6 +255,10 @@ func rejectUnknownFields(req *logical.Request, d *framework.FieldData) *logical.
 // error such as errNotConfigured carries. err's text says what the call was
 // for ("generate psk for tunnel X of account Y: ...").
 func failure(err error) (*logical.Response, error) {
+	var settling *settlingError
+	if errors.As(err, &settling) {
+		return nil, logical.CodedError(http.StatusConflict, err.Error())
+	}
 	if !cloudflare.IsCloudflare(err) {
 		return nil, err
 	}

@@ -27,6 +27,18 @@ const (
 	// stateStale: Cloudflare generated a key after the stored one, so the
 	// stored key is not the edge's.
 	stateStale = "stale"
+	// stateTunnelGone: Cloudflare no longer knows the tunnel (deleted, or
+	// the token lost its account). The last key is kept for the record,
+	// never served as current.
+	stateTunnelGone = "tunnel_gone"
+)
+
+const (
+	// failureBackoffStart and failureBackoffMax bound how often the
+	// background retries a tunnel whose reconciliation or scheduled rotation
+	// keeps failing: the first retry after a minute, doubling, at most hourly.
+	failureBackoffStart = time.Minute
+	failureBackoffMax   = time.Hour
 )
 
 // pskRecord is a tunnel's PSK as stored in Vault, with its rotation state.
@@ -45,8 +57,26 @@ type pskRecord struct {
 
 	State       string `json:"state"`
 	StateReason string `json:"state_reason,omitempty"`
-	// RotationStartedAt is when the unresolved rotation began.
+	// RotationStartedAt is when the unresolved rotation began, read before
+	// the record was marked: no key the attempt made can be older.
 	RotationStartedAt time.Time `json:"rotation_started_at"`
+	// SettleUntil is, for a rotation whose outcome is unknown, the time
+	// after which no request of that attempt can still change the edge's
+	// key. It is fixed when the attempt starts, from the request_timeout in
+	// force then (see settleWindow).
+	SettleUntil time.Time `json:"settle_until"`
+
+	// Failures counts the background's consecutive failed attempts on this
+	// tunnel (reconciliation or scheduled rotation); LastFailure says why
+	// the last one failed, and RetryAt is when the background tries again.
+	// A success clears all three.
+	Failures    int       `json:"failures,omitempty"`
+	LastFailure string    `json:"last_failure,omitempty"`
+	RetryAt     time.Time `json:"retry_at"`
+	// LastHealedAt is when the engine last generated a key to heal drift
+	// found on this tunnel, so that it heals at most once per
+	// drift_check_interval.
+	LastHealedAt time.Time `json:"last_healed_at"`
 
 	// RotationPeriod, when not zero, has the scheduler rotate the tunnel
 	// again at NextRotation (see due.go and scheduler.go).
@@ -56,6 +86,30 @@ type pskRecord struct {
 
 // current reports whether the stored key is known to be the edge's.
 func (r *pskRecord) current() bool { return r.State == stateCurrent }
+
+// settling reports whether the record's last rotation has an unknown outcome
+// that may still change the edge's key: nothing can be concluded, and no new
+// key may be asked for, before SettleUntil.
+func (r *pskRecord) settling(now time.Time) bool {
+	return r.State == stateRotationUnknown && now.Before(r.SettleUntil)
+}
+
+// noteFailure records a failed background attempt and when to try again:
+// exponential backoff from failureBackoffStart, capped at failureBackoffMax.
+func (r *pskRecord) noteFailure(now time.Time, err error) {
+	r.Failures++
+	r.LastFailure = err.Error()
+	backoff := failureBackoffStart
+	for i := 1; i < r.Failures && backoff < failureBackoffMax; i++ {
+		backoff *= 2
+	}
+	r.RetryAt = now.Add(min(backoff, failureBackoffMax)).UTC()
+}
+
+// clearFailures forgets earlier failed attempts after a success.
+func (r *pskRecord) clearFailures() {
+	r.Failures, r.LastFailure, r.RetryAt = 0, "", time.Time{}
+}
 
 // metadata is everything a read returns except the key itself.
 func (r *pskRecord) metadata() map[string]any {
@@ -70,6 +124,10 @@ func (r *pskRecord) metadata() map[string]any {
 		"rotation_started_at": formatTime(r.RotationStartedAt),
 		"rotation_period":     int(r.RotationPeriod.Seconds()),
 		"next_rotation":       formatTime(r.NextRotation),
+		"settle_until":        formatTime(r.SettleUntil),
+		"failures":            r.Failures,
+		"last_failure":        r.LastFailure,
+		"retry_at":            formatTime(r.RetryAt),
 	}
 }
 

@@ -49,10 +49,41 @@ const (
 	rotateEventType = "cloudflare-ipsec/psk-rotate"
 )
 
-// settleWindow is how long after a rotation started an unchanged key at
-// Cloudflare is not yet proof that the rotation did not happen: a request
-// abandoned at request_timeout may still be processed behind it.
-func settleWindow(cfg *configRecord) time.Duration { return 2 * cfg.RequestTimeout }
+// settleMargin widens a settle window for what the request_timeout does not
+// cover: the storage writes between the window's start and the call, and
+// the difference between the clocks of the node that started a rotation and
+// the node that later reconciles it.
+const settleMargin = 10 * time.Second
+
+// settleWindow is how long after a rotation started an abandoned request of
+// it may still change the edge's key: the caller gives up at
+// request_timeout, and Cloudflare, which does not say how long it may still
+// process a request after that, is assumed to take no longer than one more
+// request_timeout. The window is fixed when the rotation starts (SettleUntil
+// in the record), so a later change of request_timeout does not move it.
+func settleWindow(cfg *configRecord) time.Duration { return 2*cfg.RequestTimeout + settleMargin }
+
+// edgeClockMargin allows for the difference between this node's clock and
+// Cloudflare's, and for last_generated_on's precision (Cloudflare promises
+// none finer than a second), when the edge's time of generation is compared
+// with the time a rotation started.
+const edgeClockMargin = 5 * time.Second
+
+// settlingError refuses a new key while the last rotation's outcome is
+// unknown and Cloudflare may still act on it: a new psk_generate now could be
+// overtaken by the abandoned one, and Vault would call current a key the edge
+// replaced a moment later.
+type settlingError struct {
+	tunnel tunnelRef
+	until  time.Time
+}
+
+func (e *settlingError) Error() string {
+	return fmt.Sprintf("the last rotation of %s has an unknown outcome, and Cloudflare may still process its request until %s "+
+		"(a request abandoned at request_timeout can still be carried out): no new key is asked for before then; "+
+		"reads warn meanwhile, and the engine resolves the outcome from Cloudflare after that time",
+		e.tunnel, formatTime(e.until))
+}
 
 // rotateOnWrite is an operator's write: it generates a new key for t and
 // stores it. period, when set, replaces the tunnel's rotation period. The

@@ -213,7 +213,7 @@ func TestReadReconcilesAndHealsAtOnce(t *testing.T) {
 		t.Fatalf("read after a lost answer: state %v version %v, key is the edge's: %v",
 			read.Data["state"], read.Data["version"], read.Data["psk"] == env.edge().PSK)
 	}
-	if got := len(env.edge().GeneratedPSKs); got != 3 {
+	if got := env.generations(); got != 3 {
 		t.Errorf("edge generated %d keys, want 3 (rotation, lost rotation, heal)", got)
 	}
 }
@@ -257,7 +257,7 @@ func TestHealingOffLeavesTheTunnelStale(t *testing.T) {
 	if meta.Data["state"] != stateStale || len(meta.Warnings) == 0 || !strings.Contains(meta.Data["state_reason"].(string), "not the one the edge uses") {
 		t.Fatalf("state %v reason %v warnings %v", meta.Data["state"], meta.Data["state_reason"], meta.Warnings)
 	}
-	if got := len(env.edge().GeneratedPSKs); got != 2 {
+	if got := env.generations(); got != 2 {
 		t.Errorf("edge generated %d keys; with healing off it must stay 2", got)
 	}
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))

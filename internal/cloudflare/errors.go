@@ -421,6 +421,13 @@ func TokenRefused(err error) bool {
 	return errors.As(err, &apiErr) && apiErr.TokenRefused()
 }
 
+// NotFound reports whether Cloudflare answered that the object (a tunnel, for
+// the engine) does not exist, for this token at least.
+func NotFound(err error) bool {
+	var apiErr *APIError
+	return errors.As(err, &apiErr) && apiErr.HTTPStatus == http.StatusNotFound
+}
+
 // TimedOut reports whether the call got no answer within its time limit.
 func TimedOut(err error) bool {
 	var transportErr *TransportError

@@ -15,8 +15,8 @@ import (
 // wrong true here would let Vault call a key current that the edge replaced.
 func TestErrorQuestions(t *testing.T) {
 	type answers struct {
-		noEffect, refused, tokenRefused, timedOut, cloudflare bool
-		retryAfter                                            time.Duration
+		noEffect, refused, tokenRefused, timedOut, notFound, cloudflare bool
+		retryAfter                                                      time.Duration
 	}
 	cases := []struct {
 		name string
@@ -26,7 +26,7 @@ func TestErrorQuestions(t *testing.T) {
 		{"400 refused", &APIError{Op: OpGeneratePSK, HTTPStatus: 400},
 			answers{noEffect: true, refused: true, cloudflare: true}},
 		{"404 unknown tunnel", &APIError{Op: OpGeneratePSK, HTTPStatus: 404, Errors: []Message{{Code: 1002, Message: "not found"}}},
-			answers{noEffect: true, refused: true, cloudflare: true}},
+			answers{noEffect: true, refused: true, notFound: true, cloudflare: true}},
 		{"403 invalid token", &APIError{Op: OpGeneratePSK, HTTPStatus: 403, Errors: []Message{{Code: 9109, Message: "Invalid access token"}}},
 			answers{noEffect: true, refused: true, tokenRefused: true, cloudflare: true}},
 		{"429 with Retry-After", &APIError{Op: OpGeneratePSK, HTTPStatus: 429, RetryAfter: 30 * time.Second},
@@ -48,7 +48,7 @@ func TestErrorQuestions(t *testing.T) {
 		{"over budget, not sent", &BudgetError{Op: OpGeneratePSK, RetryAfter: 5 * time.Millisecond},
 			answers{noEffect: true, cloudflare: true, retryAfter: 10 * time.Millisecond}},
 		{"wrapped refusal", fmt.Errorf("reconcile: %w", &APIError{Op: OpGetTunnel, HTTPStatus: http.StatusNotFound}),
-			answers{noEffect: true, refused: true, cloudflare: true}},
+			answers{noEffect: true, refused: true, notFound: true, cloudflare: true}},
 		{"storage error", errors.New("store psk record: disk full"),
 			answers{}},
 	}
@@ -59,6 +59,7 @@ func TestErrorQuestions(t *testing.T) {
 				refused:      Refused(c.err),
 				tokenRefused: TokenRefused(c.err),
 				timedOut:     TimedOut(c.err),
+				notFound:     NotFound(c.err),
 				cloudflare:   IsCloudflare(c.err),
 				retryAfter:   RetryAfter(c.err),
 			}
