@@ -149,6 +149,7 @@ func (e *testEnv) request(op logical.Operation, path string, data map[string]any
 
 func (e *testEnv) pskPath() string  { return "psk/" + e.account + "/" + e.tunnel.ID }
 func (e *testEnv) metaPath() string { return "metadata/" + e.account + "/" + e.tunnel.ID }
+
 // generations counts the keys the edge generated for the test tunnel after
 // the one it was created with (Cloudflare creates every tunnel with a key).
 func (e *testEnv) generations() int { return len(e.edge().GeneratedPSKs) - 1 }
