@@ -61,6 +61,11 @@ type backend struct {
 	// read, call Cloudflare and store config.
 	configMu sync.Mutex
 
+	// driftMu guards lastDriftSweep, when the drift sweep (sweep.go) last
+	// finished. It is memory only: a new process sweeps at once.
+	driftMu        sync.Mutex
+	lastDriftSweep time.Time
+
 	// now is the clock; tests move it to pass settle windows and rate-limit
 	// blocks without sleeping.
 	now func() time.Time

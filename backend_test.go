@@ -90,6 +90,7 @@ func newTestEnv(t *testing.T) *testEnv {
 	b := newBackend()
 	clock := &testClock{}
 	b.now = clock.Now
+	sim.SetClock(clock.Now)
 	if err := b.Setup(context.Background(), conf); err != nil {
 		t.Fatal(err)
 	}

@@ -25,6 +25,9 @@ const (
 	maxRateLimit           = 1200
 	defaultRateLimitWindow = 5 * time.Minute
 	maxBaseURLLength       = 2048
+	// The drift sweep lists each managed account once per interval.
+	defaultDriftCheckInterval = time.Hour
+	minDriftCheckInterval     = time.Minute
 )
 
 // configRecord is the engine's configuration as stored. APIToken never
@@ -40,6 +43,9 @@ type configRecord struct {
 	// RateLimit caps this mount's Cloudflare calls per RateLimitWindow.
 	RateLimit       int           `json:"rate_limit"`
 	RateLimitWindow time.Duration `json:"rate_limit_window"`
+	// DriftCheckInterval is how often the background compares every managed
+	// tunnel's key time at Cloudflare with the record; 0 turns it off.
+	DriftCheckInterval time.Duration `json:"drift_check_interval"`
 
 	// What Cloudflare's token-verify endpoint said when config was written.
 	TokenID        string    `json:"token_id"`
@@ -62,6 +68,9 @@ func (c *configRecord) expiryWarnings(now time.Time) []string {
 	return []string{fmt.Sprintf("the API token %s expires on %s, in %s: create a new token at Cloudflare and write it to config before then",
 		c.TokenID, formatTime(c.TokenExpiresOn), c.TokenExpiresOn.Sub(now).Round(time.Hour))}
 }
+
+// driftInterval is how often the drift sweep runs (0: never).
+func (c *configRecord) driftInterval() time.Duration { return c.DriftCheckInterval }
 
 // rateLimit returns the mount's cap on Cloudflare calls.
 func (c *configRecord) rateLimit() (int, time.Duration) { return c.RateLimit, c.RateLimitWindow }
@@ -122,6 +131,14 @@ func pathConfig(b *backend) *framework.Path {
 					Name: "Rate limit window",
 				},
 			},
+			"drift_check_interval": {
+				Type:        framework.TypeDurationSecond,
+				Description: "How often the background lists each account with managed tunnels (one Cloudflare call per account) to find keys changed outside this engine. At least 1m; 0 turns it off.",
+				Default:     int(defaultDriftCheckInterval.Seconds()),
+				DisplayAttrs: &framework.DisplayAttributes{
+					Name: "Drift check interval",
+				},
+			},
 			"token_account_id": {
 				Type:        framework.TypeString,
 				Description: "For an account-owned API token: the owning account's id, so the token is verified at that account. Empty for a user token.",
@@ -172,18 +189,19 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 	}
 	limit, window := cfg.rateLimit()
 	return &logical.Response{Data: map[string]any{
-		"base_url":          cfg.BaseURL,
-		"request_timeout":   int(cfg.RequestTimeout.Seconds()),
-		"token_account_id":  cfg.TokenAccountID,
-		"heal_stale_psk":    cfg.HealStalePSK,
-		"rate_limit":        limit,
-		"rate_limit_window": int(window.Seconds()),
-		"token_id":          cfg.TokenID,
-		"token_status":      cfg.TokenStatus,
-		"token_expires_on":  formatTime(cfg.TokenExpiresOn),
-		"token_not_before":  formatTime(cfg.TokenNotBefore),
-		"token_verified_at": formatTime(cfg.VerifiedAt),
-		"last_rotated":      formatTime(cfg.LastRotated),
+		"base_url":             cfg.BaseURL,
+		"request_timeout":      int(cfg.RequestTimeout.Seconds()),
+		"token_account_id":     cfg.TokenAccountID,
+		"heal_stale_psk":       cfg.HealStalePSK,
+		"rate_limit":           limit,
+		"rate_limit_window":    int(window.Seconds()),
+		"drift_check_interval": int(cfg.DriftCheckInterval.Seconds()),
+		"token_id":             cfg.TokenID,
+		"token_status":         cfg.TokenStatus,
+		"token_expires_on":     formatTime(cfg.TokenExpiresOn),
+		"token_not_before":     formatTime(cfg.TokenNotBefore),
+		"token_verified_at":    formatTime(cfg.VerifiedAt),
+		"last_rotated":         formatTime(cfg.LastRotated),
 	}, Warnings: cfg.expiryWarnings(b.now())}, nil
 }
 
@@ -196,7 +214,7 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	}
 	if cfg == nil {
 		cfg = &configRecord{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: defaultRequestTimeout, HealStalePSK: true,
-			RateLimit: defaultRateLimit, RateLimitWindow: defaultRateLimitWindow}
+			RateLimit: defaultRateLimit, RateLimitWindow: defaultRateLimitWindow, DriftCheckInterval: defaultDriftCheckInterval}
 	}
 	if resp := rejectUnknownFields(req, d); resp != nil {
 		return resp, nil
@@ -284,6 +302,12 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	if cfg.RateLimitWindow < time.Second || cfg.RateLimitWindow > time.Hour {
 		return "rate_limit_window must be between 1s and 1h"
 	}
+	if v, ok := d.GetOk("drift_check_interval"); ok {
+		cfg.DriftCheckInterval = time.Duration(v.(int)) * time.Second
+	}
+	if cfg.DriftCheckInterval != 0 && (cfg.DriftCheckInterval < minDriftCheckInterval || cfg.DriftCheckInterval > 7*24*time.Hour) {
+		return fmt.Sprintf("drift_check_interval must be 0 (off) or between %s and 168h", minDriftCheckInterval)
+	}
 	if v, ok := d.GetOk("token_account_id"); ok {
 		id := strings.ToLower(strings.TrimSpace(v.(string)))
 		if id != "" {
@@ -353,7 +377,8 @@ without api_token keeps the stored token and verifies it again against the new
 settings.
 
 Reading config returns the settings (base_url, request_timeout,
-token_account_id, heal_stale_psk, rate_limit, rate_limit_window) and what
+token_account_id, heal_stale_psk, rate_limit, rate_limit_window,
+drift_check_interval) and what
 Cloudflare said of the token: token_id, token_status, token_expires_on,
 token_not_before, token_verified_at (when the engine last verified it) and
 last_rotated (when config/rotate-root last rolled it). It never returns the

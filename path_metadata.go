@@ -48,8 +48,8 @@ const pathMetadataHelpDescription = `
 metadata/<account_id>/<tunnel_id> returns everything a read of
 psk/<account_id>/<tunnel_id> returns except the key: account_id, tunnel_id,
 last_generated_on, version, stored_at, state, state_reason,
-rotation_started_at, rotation_period and next_rotation (path-help of psk/
-says what each means). Like that read, it first reconciles a tunnel that is
+rotation_started_at, rotation_period, next_rotation, settle_until, failures,
+last_failure and retry_at (path-help of psk/ says what each means). Like that read, it first reconciles a tunnel that is
 not current with Cloudflare. Grant it to operators who rotate keys but must
 not see them.
 `

@@ -203,7 +203,12 @@ func (b *backend) tryReconcile(ctx context.Context, s logical.Storage, t tunnelR
 	if err != nil {
 		return rec, []string{err.Error()}
 	}
-	if latest == nil || latest.current() {
+	if latest == nil || latest.current() || latest.State == stateTunnelGone {
+		return latest, nil
+	}
+	if now := b.now(); latest.settling(now) || now.Before(latest.RetryAt) {
+		// Nothing Cloudflare says can settle it yet, or the background is
+		// backing off: the state's own warning says until when.
 		return latest, nil
 	}
 	resolved, err := b.reconcileLocked(ctx, s, client, cfg, t, latest, cfg.HealStalePSK)
@@ -218,16 +223,25 @@ func (b *backend) tryReconcile(ctx context.Context, s logical.Storage, t tunnelR
 
 // stateWarnings tells a reader what a record's state means and what to do.
 func stateWarnings(rec *pskRecord) []string {
+	var warnings []string
 	switch rec.State {
 	case stateRotationUnknown:
-		return []string{fmt.Sprintf("state %s: %s. This key may no longer be the one Cloudflare uses. "+
-			"The engine reconciles with Cloudflare on the next read or write and in the background; write this path to generate and store a new key now.",
-			stateRotationUnknown, rec.StateReason)}
+		warnings = append(warnings, fmt.Sprintf("state %s: %s. This key may no longer be the one Cloudflare uses. "+
+			"Cloudflare may still act on that rotation until %s; after that the engine learns from Cloudflare what became of it, "+
+			"on the next read or write and in the background, and a write is accepted again.",
+			stateRotationUnknown, rec.StateReason, formatTime(rec.SettleUntil)))
 	case stateStale:
-		return []string{fmt.Sprintf("state %s: %s. The tunnel cannot come up until both sides share a new key: write this path to generate and store one.",
-			stateStale, rec.StateReason)}
+		warnings = append(warnings, fmt.Sprintf("state %s: %s. The tunnel cannot come up until both sides share a new key: write this path to generate and store one.",
+			stateStale, rec.StateReason))
+	case stateTunnelGone:
+		warnings = append(warnings, fmt.Sprintf("state %s: %s. Delete this path if the tunnel is gone for good, or write it once the tunnel is back.",
+			stateTunnelGone, rec.StateReason))
 	}
-	return nil
+	if rec.Failures > 0 {
+		warnings = append(warnings, fmt.Sprintf("the background failed %d time(s) on this tunnel, last: %s; it tries again at %s",
+			rec.Failures, rec.LastFailure, formatTime(rec.RetryAt)))
+	}
+	return warnings
 }
 
 // rotateTunnel is a write of psk/<account>/<tunnel>: it checks the request
@@ -331,11 +345,17 @@ read: returns psk and its metadata:
   state                   current: the stored key is the one the edge uses;
                           rotation_unknown: a rotation's outcome is not known
                           yet, the edge may use a newer key;
-                          stale: the edge uses a key Vault does not hold
+                          stale: the edge uses a key Vault does not hold;
+                          tunnel_gone: Cloudflare no longer has the tunnel
   state_reason            why the state is not current ("" when it is)
   rotation_started_at     when the unresolved rotation began ("" when none)
   rotation_period         seconds between scheduled rotations (0: none)
   next_rotation           when the next scheduled rotation is due ("" when none)
+  settle_until            for rotation_unknown: until when Cloudflare may still
+                          act on that rotation; no new key is asked for before
+  failures, last_failure, retry_at
+                          the background's consecutive failed attempts on this
+                          tunnel, the last one's reason, and when it tries again
   A read of a tunnel that is not current first asks Cloudflare what became of
   the last rotation, and warns when the state stays other than current. 404
   when no key is stored.

@@ -181,7 +181,9 @@ func TestCloudflareFailuresAreReportedAndStoreNothing(t *testing.T) {
 		unknown bool
 	}{
 		{name: "unknown tunnel", path: func(e *testEnv) string { return "psk/" + e.account + "/" + cloudflaresim.NewID() },
-			wantStatus: 400, want: []string{"cloudflare generate psk", "HTTP 404", "code 1002", "ipsec tunnel not found"}},
+			// A first rotation reads the tunnel before it generates (see
+			// rotateLocked), so Cloudflare's 404 comes from that read.
+			wantStatus: 400, want: []string{"cloudflare get tunnel", "HTTP 404", "code 1002", "ipsec tunnel not found"}},
 		{name: "token lacks the account", path: func(e *testEnv) string {
 			other := cloudflaresim.NewID()
 			return "psk/" + other + "/" + e.sim.AddTunnel(other, cloudflaresim.Tunnel{}).ID

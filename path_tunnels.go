@@ -49,7 +49,7 @@ func (b *backend) listCloudflareTunnels(ctx context.Context, req *logical.Reques
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	client, _, err := b.cloudflareClient(ctx, req.Storage)
+	client, cfg, err := b.cloudflareClient(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
@@ -69,7 +69,13 @@ func (b *backend) listCloudflareTunnels(ctx context.Context, req *logical.Reques
 	info := make(map[string]any, len(tunnels))
 	for _, t := range tunnels {
 		keys = append(keys, t.ID)
-		info[t.ID] = tunnelInfo(t, managed[t.ID])
+		synced := false
+		if managed[t.ID] {
+			if synced, err = b.checkSync(ctx, req.Storage, client, cfg, tunnelRef{AccountID: account, TunnelID: t.ID}, &t); err != nil {
+				return nil, err
+			}
+		}
+		info[t.ID] = tunnelInfo(t, managed[t.ID], synced)
 	}
 	return logical.ListResponseWithInfo(keys, info), nil
 }
@@ -79,7 +85,7 @@ func (b *backend) readCloudflareTunnel(ctx context.Context, req *logical.Request
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	client, _, err := b.cloudflareClient(ctx, req.Storage)
+	client, cfg, err := b.cloudflareClient(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
@@ -91,12 +97,34 @@ func (b *backend) readCloudflareTunnel(ctx context.Context, req *logical.Request
 	if err != nil {
 		return nil, err
 	}
-	data := tunnelInfo(*tunnel, rec != nil)
+	synced := false
+	if rec != nil {
+		if synced, err = b.checkSync(ctx, req.Storage, client, cfg, t, tunnel); err != nil {
+			return nil, err
+		}
+	}
+	data := tunnelInfo(*tunnel, rec != nil, synced)
 	data["account_id"], data["tunnel_id"] = t.AccountID, t.TunnelID
 	return &logical.Response{Data: data}, nil
 }
 
-func tunnelInfo(t cloudflare.TunnelState, managed bool) map[string]any {
+// checkSync holds a managed tunnel's record against what Cloudflare just
+// said of it, as the drift sweep does, and records a key changed outside
+// this engine at once (stale; a read or the background heals it). A listing
+// never generates a key itself. On a node that may not write, it only
+// compares.
+func (b *backend) checkSync(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, edge *cloudflare.TunnelState) (bool, error) {
+	if b.mayWrite() {
+		return b.compareWithEdge(ctx, s, client, cfg, t, edge, false)
+	}
+	rec, err := readPSKRecord(ctx, s, t)
+	if err != nil || rec == nil {
+		return false, err
+	}
+	return rec.current() && !edge.PSKLastGeneratedOn.After(rec.LastGeneratedOn), nil
+}
+
+func tunnelInfo(t cloudflare.TunnelState, managed, inSync bool) map[string]any {
 	return map[string]any{
 		"name":                  t.Name,
 		"description":           t.Description,
@@ -105,6 +133,7 @@ func tunnelInfo(t cloudflare.TunnelState, managed bool) map[string]any {
 		"interface_address":     t.InterfaceAddress,
 		"psk_last_generated_on": formatTime(t.PSKLastGeneratedOn),
 		"managed":               managed,
+		"in_sync":               inSync,
 	}
 }
 
@@ -114,8 +143,12 @@ const pathTunnelsHelpDescription = `
 LIST tunnels/<account_id> asks Cloudflare for the account's IPsec tunnels and
 returns, for each, its id with name, description, cloudflare_endpoint (the
 address the router connects to), customer_endpoint, interface_address,
-psk_last_generated_on (when Cloudflare last generated its key) and managed:
-whether this engine stores its PSK. A tunnel with managed=false has a key nobody in Vault holds; write
+psk_last_generated_on (when Cloudflare last generated its key), managed:
+whether this engine stores its PSK, and in_sync: whether the stored key is
+the one the edge uses. A managed tunnel whose key Cloudflare generated after
+the stored one was changed outside this engine: the listing marks its record
+stale at once (heal_stale_psk then heals it on the next read or in the
+background). A tunnel with managed=false has a key nobody in Vault holds; write
 psk/<account_id>/<tunnel_id> to bring it under management.
 
 read tunnels/<account_id>/<tunnel_id> does the same for one tunnel, with its

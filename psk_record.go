@@ -65,6 +65,10 @@ type pskRecord struct {
 	// key. It is fixed when the attempt starts, from the request_timeout in
 	// force then (see settleWindow).
 	SettleUntil time.Time `json:"settle_until"`
+	// EdgeKeyBefore is the edge's last_generated_on as last known before
+	// the rotation was sent: the stored key's, or, for a tunnel Vault holds
+	// no key of yet, what Cloudflare said just before (see judgeEdge).
+	EdgeKeyBefore time.Time `json:"edge_key_before"`
 
 	// Failures counts the background's consecutive failed attempts on this
 	// tunnel (reconciliation or scheduled rotation); LastFailure says why

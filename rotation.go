@@ -119,7 +119,7 @@ func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnel
 	if period != nil {
 		next = *period
 	}
-	rotated, err := b.rotateLocked(ctx, s, client, t, rec, next, "write")
+	rotated, err := b.rotateLocked(ctx, s, client, cfg, t, rec, next, "write")
 	if err != nil {
 		if cloudflare.IsCloudflare(err) && !cloudflare.NoEffect(err) {
 			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, stateRotationUnknown)
@@ -146,14 +146,31 @@ func (b *backend) validateRotation(ctx context.Context, s logical.Storage, t tun
 // tunnel's rotation period from now on (0: none). The caller holds t's lock
 // and passes the tunnel's record as read under it (nil when none). trigger
 // says who asked (write, schedule, bulk, heal) for the rotation event.
-func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, t tunnelRef, previous *pskRecord, period time.Duration, trigger string) (*pskRecord, error) {
+func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, previous *pskRecord, period time.Duration, trigger string) (*pskRecord, error) {
 	pending := &pskRecord{AccountID: t.AccountID, TunnelID: t.TunnelID}
 	if previous != nil {
 		copied := *previous
 		pending = &copied
 	}
+	switch {
+	case previous == nil:
+		// A first rotation asks what key the edge has first: every real
+		// tunnel is created with one, and only this proves later that an
+		// attempt whose outcome was lost did not replace it.
+		edge, err := client.GetTunnel(ctx, t.AccountID, t.TunnelID)
+		if err != nil {
+			return nil, err
+		}
+		pending.EdgeKeyBefore = edge.PSKLastGeneratedOn
+	case previous.PSK != "":
+		pending.EdgeKeyBefore = previous.LastGeneratedOn
+	}
 	pending.State = stateRotationUnknown
+	// Read before anything is written or sent: the attempt's key, if it is
+	// ever made, cannot be older than this, and no request of the attempt
+	// can land after SettleUntil.
 	pending.RotationStartedAt = b.now().UTC()
+	pending.SettleUntil = pending.RotationStartedAt.Add(settleWindow(cfg))
 	pending.StateReason = fmt.Sprintf("a rotation started at %s and has not finished", formatTime(pending.RotationStartedAt))
 	if err := markUnresolved(ctx, s, t); err != nil {
 		return nil, err
@@ -185,6 +202,10 @@ func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *c
 		StoredAt:        b.now().UTC(),
 		State:           stateCurrent,
 		RotationPeriod:  period,
+		LastHealedAt:    pending.LastHealedAt,
+	}
+	if trigger == "heal" {
+		rec.LastHealedAt = rec.StoredAt
 	}
 	if period > 0 {
 		rec.NextRotation = rec.StoredAt.Add(period)
@@ -249,56 +270,189 @@ func (b *backend) storeGenerated(ctx context.Context, s logical.Storage, t tunne
 		"the tunnel is marked rotation_unknown and the next write, read or background reconciliation will generate and store a new key", t, err)
 }
 
+// edgeVerdict is what Cloudflare's time of generation for a tunnel's key
+// proves about a record that is not current.
+type edgeVerdict int
+
+const (
+	// edgeUsesStoredKey: no key was generated after the stored one; the
+	// rotation in question (if any) did not happen.
+	edgeUsesStoredKey edgeVerdict = iota
+	// edgeNeverRotated: the tunnel's first rotation by this engine did not
+	// happen; Vault holds no key and must not make one.
+	edgeNeverRotated
+	// edgeChanged: the edge uses a key Vault does not hold, made by the
+	// rotation in question or outside this engine.
+	edgeChanged
+)
+
+// judgeEdge decides from the edge's last_generated_on, never from equality
+// alone: Cloudflare promises no sub-second precision, so two keys can share
+// a timestamp. A rotation processed at Cloudflare made a key no older than
+// the moment the rotation started (less edgeClockMargin for the two clocks
+// and the precision), and any key after it is later still; so an edge key
+// generated before that moment proves the rotation did not happen. The
+// caller calls it only after the rotation's settle window, when no request
+// of it can still land.
+//
+// One case stays open whatever the engine does: a key generated within
+// edgeClockMargin before the rotation started, and unchanged since, may be
+// the rotation's own or the one before it. Where Vault holds a key, that is
+// taken as a change (a new key is healed in; calling the old key current
+// could be a lie). Where Vault holds none (a first rotation), it is taken as
+// "did not happen": Vault then claims nothing, and generating a key there
+// could be one nobody asked for.
+func judgeEdge(rec *pskRecord, edgeGenerated time.Time) edgeVerdict {
+	switch {
+	case rec.State == stateRotationUnknown:
+		sentAfter := rec.RotationStartedAt.Add(-edgeClockMargin)
+		if rec.PSK == "" {
+			if edgeGenerated.Before(sentAfter) || !edgeGenerated.After(rec.EdgeKeyBefore) {
+				return edgeNeverRotated
+			}
+			return edgeChanged
+		}
+		if !edgeGenerated.Before(sentAfter) {
+			return edgeChanged
+		}
+	case rec.PSK == "":
+		// A first rotation already found to have happened (stale) or a
+		// tunnel that vanished before its first key was stored: the edge's
+		// key, if any, is not one Vault holds.
+		return edgeChanged
+	}
+	if edgeGenerated.After(rec.LastGeneratedOn) {
+		return edgeChanged
+	}
+	return edgeUsesStoredKey
+}
+
 // reconcileLocked resolves a record that is not current by asking
 // Cloudflare when the tunnel's key was generated. heal allows it to generate
 // a new key when the stored one turns out stale. The caller holds t's lock.
 // It returns the record as it stands afterwards: nil when the tunnel's only
-// rotation turned out never to have happened.
+// rotation turned out never to have happened. While the record's last
+// rotation is still settling it returns a *settlingError and asks Cloudflare
+// nothing: no answer could settle the question before then.
 func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, rec *pskRecord, heal bool) (*pskRecord, error) {
 	if rec.current() {
 		return rec, nil
 	}
+	log := b.tunnelLogger(t)
+	if rec.settling(b.now()) {
+		return rec, &settlingError{tunnel: t, until: rec.SettleUntil}
+	}
 	edge, err := client.GetTunnel(ctx, t.AccountID, t.TunnelID)
+	if cloudflare.NotFound(err) {
+		gone, werr := b.markGone(ctx, s, t, rec)
+		if werr != nil {
+			return rec, werr
+		}
+		return gone, fmt.Errorf("reconcile %s: %w", t, err)
+	}
 	if err != nil {
 		return rec, fmt.Errorf("reconcile %s: %w", t, err)
 	}
 
-	if edge.PSKLastGeneratedOn.Equal(rec.LastGeneratedOn) {
-		if rec.State == stateRotationUnknown && b.now().Before(rec.RotationStartedAt.Add(settleWindow(cfg))) {
-			// Too soon to tell: an abandoned request may still land.
-			return rec, nil
-		}
-		if rec.PSK == "" {
-			b.tunnelLogger(t).Info("first rotation never happened; record removed")
-			return nil, forgetPSKRecord(ctx, s, t, rec)
-		}
+	switch judgeEdge(rec, edge.PSKLastGeneratedOn) {
+	case edgeNeverRotated:
+		log.Info("first rotation never happened; nothing is stored")
+		return nil, forgetPSKRecord(ctx, s, t, rec)
+	case edgeUsesStoredKey:
 		resolved := *rec
-		resolved.State, resolved.StateReason, resolved.RotationStartedAt = stateCurrent, "", time.Time{}
+		resolved.State, resolved.StateReason, resolved.RotationStartedAt, resolved.SettleUntil = stateCurrent, "", time.Time{}, time.Time{}
+		resolved.clearFailures()
 		if err := writePSKRecord(ctx, s, t, &resolved); err != nil {
 			return rec, err
 		}
 		if err := clearUnresolved(ctx, s, t); err != nil {
 			return &resolved, err
 		}
-		b.tunnelLogger(t).Info("reconciled: cloudflare's key is the stored one")
+		log.Info("reconciled: cloudflare's key is the stored one")
 		return &resolved, nil
 	}
 
-	// Cloudflare generated a key after the stored one: the stored key is
-	// not the edge's, and the tunnel is down until both sides share one.
-	if heal {
-		b.tunnelLogger(t).Warn("reconciled: cloudflare's key is newer than the stored one; generating a new key")
-		return b.rotateLocked(ctx, s, client, t, rec, rec.RotationPeriod, "heal")
+	// The edge uses a key Vault does not hold: the tunnel is down until
+	// both sides share one.
+	var reason string
+	switch {
+	case rec.State == stateStale:
+		reason = rec.StateReason // still what it was found to be
+	case rec.State == stateRotationUnknown && !edge.PSKLastGeneratedOn.Before(rec.RotationStartedAt.Add(-edgeClockMargin)):
+		reason = fmt.Sprintf("Cloudflare's key was generated at %s, at or after the rotation that started at %s: that rotation (or a change outside this engine) happened and its key was never stored, so the stored key is not the one the edge uses",
+			formatTime(edge.PSKLastGeneratedOn), formatTime(rec.RotationStartedAt))
+	default:
+		reason = fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s): it was changed outside this engine, so the stored key is not the one the edge uses",
+			formatTime(edge.PSKLastGeneratedOn), orNever(rec.LastGeneratedOn))
 	}
+	retryAt := b.now().Add(failureBackoffMax)
+	if heal {
+		wait := b.healBlockedFor(cfg, rec)
+		if wait == 0 {
+			log.Warn("reconciled: cloudflare's key is not the stored one; generating a new key")
+			healing := *rec
+			healing.EdgeKeyBefore = edge.PSKLastGeneratedOn
+			return b.rotateLocked(ctx, s, client, cfg, t, &healing, rec.RotationPeriod, "heal")
+		}
+		retryAt = b.now().Add(wait)
+		reason += fmt.Sprintf("; not healed again before %s: the engine healed this tunnel within the last two drift_check_intervals, so another mount or tool probably rotates it too: a tunnel must belong to one mount",
+			formatTime(retryAt))
+	}
+	return b.markStale(ctx, s, t, rec, reason, retryAt)
+}
+
+// healBlockedFor returns how long healing must still wait for a tunnel found
+// stale outside a rotation of this engine. Drift found again within two
+// drift_check_intervals of the last heal is not healed: the sweep runs once
+// per interval, so that is drift at the very next look, the mark of another
+// mount (or tool) rotating the same tunnel, and healing it would start a
+// loop of the two rotating each other's keys away. The unknown outcome of the
+// engine's own rotation is healed at once: that key was asked for.
+func (b *backend) healBlockedFor(cfg *configRecord, rec *pskRecord) time.Duration {
+	if rec.State == stateRotationUnknown || rec.LastHealedAt.IsZero() {
+		return 0
+	}
+	return max(rec.LastHealedAt.Add(2*cfg.driftInterval()).Sub(b.now()), 0)
+}
+
+// markStale records that the edge uses a key Vault does not hold. The
+// background looks at the tunnel again at retryAt: when healing is allowed
+// again, or (healing off) after failureBackoffMax, to find out whether the
+// tunnel is gone meanwhile.
+func (b *backend) markStale(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord, reason string, retryAt time.Time) (*pskRecord, error) {
 	stale := *rec
-	stale.State = stateStale
-	stale.StateReason = fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s): the stored key is not the one the edge uses",
-		formatTime(edge.PSKLastGeneratedOn), orNever(rec.LastGeneratedOn))
+	stale.State, stale.StateReason = stateStale, reason
+	stale.RotationStartedAt, stale.SettleUntil = time.Time{}, time.Time{}
+	stale.clearFailures()
+	stale.RetryAt = retryAt.UTC()
+	if err := markUnresolved(ctx, s, t); err != nil {
+		return rec, err
+	}
 	if err := writePSKRecord(ctx, s, t, &stale); err != nil {
 		return rec, err
 	}
-	b.tunnelLogger(t).Warn("reconciled: stored psk is stale")
+	b.tunnelLogger(t).Warn("stored psk is stale", "reason", reason)
 	return &stale, nil
+}
+
+// markGone records that Cloudflare no longer knows the tunnel. The last key
+// is kept, never served as current, and the tunnel leaves the unresolved
+// set: there is nothing left to reconcile until someone writes it again.
+func (b *backend) markGone(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord) (*pskRecord, error) {
+	gone := *rec
+	gone.State = stateTunnelGone
+	gone.StateReason = fmt.Sprintf("Cloudflare answered at %s that the tunnel does not exist (deleted, or the API token lost its account): the stored key is kept but is not in use",
+		formatTime(b.now()))
+	gone.RotationStartedAt, gone.SettleUntil = time.Time{}, time.Time{}
+	gone.clearFailures()
+	if err := writePSKRecord(ctx, s, t, &gone); err != nil {
+		return rec, err
+	}
+	if err := clearUnresolved(ctx, s, t); err != nil {
+		return &gone, err
+	}
+	b.tunnelLogger(t).Warn("tunnel no longer exists at cloudflare")
+	return &gone, nil
 }
 
 // putRetrying stores an entry that exists nowhere else (a key Cloudflare

@@ -185,7 +185,9 @@ func TestFaultsNeverLoseAKey(t *testing.T) {
 				if first && !tc.edgeChanges {
 					// Nothing was ever generated: nothing may be stored.
 					if resp, err := env.request(logical.ReadOperation, env.pskPath(), nil); resp != nil || err != nil {
-						t.Fatalf("after a first rotation that never happened the tunnel still has a record: %v %v", resp, err)
+						// Never print resp: it holds the key.
+						t.Fatalf("after a first rotation that never happened the tunnel still has a record: status %d, state %v, edge generations %d",
+							httpStatus(resp, err), resp.Data["state"], env.generations())
 					}
 				} else {
 					assertCurrent(t, env, "after background reconciliation")
@@ -198,17 +200,25 @@ func TestFaultsNeverLoseAKey(t *testing.T) {
 	}
 }
 
-// TestReadReconcilesAndHealsAtOnce: after a lost answer whose rotation did
-// happen, the very next read learns it from Cloudflare, generates and stores
-// a new key, and hands that to the reader.
-func TestReadReconcilesAndHealsAtOnce(t *testing.T) {
+// TestReadHealsOnceTheRotationHasSettled: after a lost answer whose rotation
+// did happen, a read inside the settle window serves the last key with a
+// warning and sends nothing (Cloudflare may still act on the lost request);
+// the first read after it learns what happened from Cloudflare, generates
+// and stores a new key, and hands that to the reader.
+func TestReadHealsOnceTheRotationHasSettled(t *testing.T) {
 	env := newConfiguredEnv(t)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Hangup: true, AfterCommit: true})
 	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
 		t.Fatal("the faulted rotation succeeded")
 	}
+	calls := env.sim.TotalCalls()
 	read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	if read.Data["state"] != stateRotationUnknown || len(read.Warnings) == 0 || env.sim.TotalCalls() != calls {
+		t.Fatalf("inside the settle window: state %v, warnings %d, Cloudflare calls %d", read.Data["state"], len(read.Warnings), env.sim.TotalCalls()-calls)
+	}
+	env.clock.Advance(time.Minute)
+	read = env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
 	if read.Data["state"] != stateCurrent || read.Data["psk"] != env.edge().PSK || read.Data["version"] != 2 {
 		t.Fatalf("read after a lost answer: state %v version %v, key is the edge's: %v",
 			read.Data["state"], read.Data["version"], read.Data["psk"] == env.edge().PSK)
@@ -363,7 +373,7 @@ func TestAGeneratedKeyIsStoredEvenIfTheCallerGivesUp(t *testing.T) {
 		}
 		return false
 	})
-	client, _, err := env.b.cloudflareClient(ctx, env.storage)
+	client, cfg, err := env.b.cloudflareClient(ctx, env.storage)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -371,7 +381,7 @@ func TestAGeneratedKeyIsStoredEvenIfTheCallerGivesUp(t *testing.T) {
 	lock := env.b.tunnelLock(tun)
 	lock.Lock()
 	rec, _ := readPSKRecord(ctx, env.storage, tun)
-	_, err = env.b.rotateLocked(ctx, storage, client, tun, rec, 0, "write")
+	_, err = env.b.rotateLocked(ctx, storage, client, cfg, tun, rec, 0, "write")
 	lock.Unlock()
 	if err != nil {
 		t.Fatalf("rotation: %v", err)
@@ -384,4 +394,76 @@ func TestAGeneratedKeyIsStoredEvenIfTheCallerGivesUp(t *testing.T) {
 	// pass clears it.
 	runBackgroundPass(t, env)
 	assertCurrent(t, env, "after the background pass")
+}
+
+// TestARetryInsideTheSettleWindowSendsNothing is the first sequence:
+// a write times out, Cloudflare processes the abandoned request after the
+// caller gave up, and the operator retries at once. The retry must not send
+// a new psk_generate (the late one would overtake it, and Vault would call
+// current a key the edge replaced): it is a 409 that says until when.
+func TestARetryInsideTheSettleWindowSendsNothing(t *testing.T) {
+	env := newTestEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": env.token.Value, "base_url": env.simURL, "request_timeout": "1s",
+	}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{ProcessAfter: 2 * time.Second})
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if got := httpStatus(resp, err); got != http.StatusGatewayTimeout {
+		t.Fatalf("abandoned write: status %d: %s", got, errorText(resp, err))
+	}
+	generates := env.sim.Calls(cloudflaresim.OpPSKGenerate)
+	resp, err = env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if got := httpStatus(resp, err); got != http.StatusConflict || !strings.Contains(errorText(resp, err), "until") {
+		t.Errorf("retry inside the settle window: status %d: %s", got, errorText(resp, err))
+	}
+	if env.sim.Calls(cloudflaresim.OpPSKGenerate) != generates {
+		t.Error("the retry sent a psk_generate while the last one could still land")
+	}
+	env.sim.WaitIdle() // the abandoned request is processed now
+	assertHonest(t, env)
+	runBackgroundPass(t, env)
+	assertCurrent(t, env, "after the settle window")
+}
+
+// TestTheSettleWindowIsTheOneInForceWhenTheRotationStarted: lowering
+// request_timeout after a rotation started must not shorten the time in
+// which its abandoned request may still land.
+func TestTheSettleWindowIsTheOneInForceWhenTheRotationStarted(t *testing.T) {
+	env := newTestEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": env.token.Value, "base_url": env.simURL, "request_timeout": "2s",
+	}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{ProcessAfter: 5 * time.Second})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("the abandoned write succeeded")
+	}
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"request_timeout": "1s"}))
+	// Past twice the new timeout, well inside twice the old one.
+	env.clock.Advance(3 * time.Second)
+	assertHonest(t, env)
+	env.sim.WaitIdle() // the abandoned request lands now
+	assertHonest(t, env)
+	runBackgroundPass(t, env)
+	assertCurrent(t, env, "after the settle window")
+}
+
+// TestCoarseTimestampsAreNoProofOfNothing: Cloudflare promises no
+// sub-second precision for last_generated_on. A lost rotation processed in
+// the same second as the stored key has the stored key's timestamp; equal
+// times must not be taken as "nothing happened".
+func TestCoarseTimestampsAreNoProofOfNothing(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.sim.SetTimestampPrecision(time.Second)
+	for i := 0; i < 5; i++ {
+		env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+		env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Hangup: true, AfterCommit: true})
+		if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+			t.Fatal("the faulted rotation succeeded")
+		}
+		assertHonest(t, env)
+		runBackgroundPass(t, env)
+		assertCurrent(t, env, fmt.Sprintf("round %d, after background reconciliation", i))
+	}
 }

@@ -209,7 +209,7 @@ func (sc *scheduler) rotateDue(ctx context.Context, client *cloudflare.Client, c
 		}
 	}
 	if err == nil {
-		_, err = b.rotateLocked(ctx, s, client, t, rec, rec.RotationPeriod, trigger)
+		_, err = b.rotateLocked(ctx, s, client, cfg, t, rec, rec.RotationPeriod, trigger)
 	}
 	if err != nil {
 		if wait := cloudflare.RetryAfter(err); wait > 0 {

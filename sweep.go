@@ -3,24 +3,31 @@ package main
 // The background sweep: Vault calls the backend's PeriodicFunc about once a
 // minute, and on the node that may write storage it resolves the tunnels
 // whose last rotation has an unknown outcome (rotation.go), so that an
-// interrupted rotation heals even if nobody reads or writes the tunnel.
+// interrupted rotation heals even if nobody reads or writes the tunnel, and
+// finds keys changed outside this engine (drift).
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 )
 
-// reconcilePerPass bounds the background work of one periodic call.
+// reconcilePerPass bounds the Cloudflare calls of one periodic call's
+// reconciliation.
 const reconcilePerPass = 100
 
-// reconcileUnresolved is the backend's PeriodicFunc: it works off the
-// tunnels marked unresolved, on the node that may write storage only. A
-// tunnel whose lock is taken (a rotation in flight) is left for the next pass.
+// reconcileUnresolved is the backend's PeriodicFunc: on the node that may
+// write storage it works off the tunnels marked unresolved, then, once per
+// drift_check_interval, compares every managed tunnel with Cloudflare. One
+// tunnel never stops the pass: only Cloudflare's rate limit or the mount's
+// budget ends it early. A tunnel whose lock is taken (a rotation in flight),
+// whose last rotation is still settling, or whose retry time has not come is
+// left for a later pass.
 func (b *backend) reconcileUnresolved(ctx context.Context, req *logical.Request) error {
 	if !b.mayWrite() {
 		return nil
@@ -36,35 +43,177 @@ func (b *backend) reconcileUnresolved(ctx context.Context, req *logical.Request)
 	if err != nil {
 		return err
 	}
-	if len(tunnels) > reconcilePerPass {
-		tunnels = tunnels[:reconcilePerPass]
-	}
+	asked := 0
 	for _, t := range tunnels {
-		if err := b.reconcileInBackground(ctx, req.Storage, client, cfg, t); err != nil {
+		if asked == reconcilePerPass || !b.budgetAllowsBackground() {
+			return nil
+		}
+		calledCloudflare, err := b.reconcileInBackground(ctx, req.Storage, client, cfg, t)
+		if calledCloudflare {
+			asked++
+		}
+		if err != nil {
 			b.tunnelLogger(t).Warn("background reconciliation failed", "error", err)
-			if cloudflare.NoEffect(err) {
+			if cloudflare.RetryAfter(err) > 0 {
 				return nil // rate limited or over budget: the next pass goes on
 			}
 		}
 	}
-	return nil
+	return b.sweepDrift(ctx, req.Storage, client, cfg)
 }
 
-func (b *backend) reconcileInBackground(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef) error {
+// reconcileInBackground reconciles one unresolved tunnel and says whether it
+// asked Cloudflare. A failure other than "not now" is noted on the record,
+// so the tunnel is retried with backoff and the reason shows in metadata.
+func (b *backend) reconcileInBackground(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef) (bool, error) {
 	lock := b.tunnelLock(t)
 	if !lock.TryLock() {
-		return nil
+		return false, nil
 	}
 	defer lock.Unlock()
 	rec, err := readPSKRecord(ctx, s, t)
 	if err != nil {
-		return err
+		return false, err
 	}
-	if rec == nil || rec.current() {
-		return clearUnresolved(ctx, s, t)
+	if rec == nil || rec.current() || rec.State == stateTunnelGone {
+		return false, clearUnresolved(ctx, s, t)
+	}
+	now := b.now()
+	if rec.settling(now) || now.Before(rec.RetryAt) {
+		return false, nil
 	}
 	_, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, cfg.HealStalePSK)
-	return err
+	if err == nil || cloudflare.NotFound(err) || cloudflare.RetryAfter(err) > 0 {
+		// Resolved, gone (recorded as such), or "not now", which is no
+		// fault of the tunnel's.
+		return true, err
+	}
+	// The record may have changed under reconcileLocked (a heal that
+	// failed): note the failure on what is stored now.
+	if latest, rerr := readPSKRecord(ctx, s, t); rerr == nil && latest != nil && !latest.current() {
+		latest.noteFailure(b.now(), err)
+		if werr := writePSKRecord(ctx, s, t, latest); werr != nil {
+			b.tunnelLogger(t).Warn("could not record a failed reconciliation", "error", werr)
+		}
+	}
+	return true, err
+}
+
+// budgetAllowsBackground reports whether background work may spend a call:
+// it leaves a reserve of the budget for operators' own requests.
+func (b *backend) budgetAllowsBackground() bool {
+	limit, _ := b.budget.Limit()
+	reserve := max(limit/20, 1)
+	if limit <= 2 {
+		reserve = 0
+	}
+	free, _ := b.budget.Free()
+	return free > reserve
+}
+
+// sweepDrift compares, once per drift_check_interval, the key time of every
+// tunnel this mount manages with Cloudflare's: one list call per account
+// that has managed tunnels. A key generated at the edge after the stored one
+// was changed outside this engine (the dashboard, Terraform, another mount
+// or cluster, a restored snapshot): the record becomes stale, and
+// heal_stale_psk heals it, at most once per tunnel per interval.
+func (b *backend) sweepDrift(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord) error {
+	interval := cfg.driftInterval()
+	if interval == 0 {
+		return nil
+	}
+	b.driftMu.Lock()
+	due := b.lastDriftSweep.IsZero() || b.now().Sub(b.lastDriftSweep) >= interval
+	b.driftMu.Unlock()
+	if !due {
+		return nil
+	}
+	accounts, err := s.List(ctx, pskStoragePrefix)
+	if err != nil {
+		return fmt.Errorf("list managed accounts: %w", err)
+	}
+	for _, a := range accounts {
+		account := strings.TrimSuffix(a, "/")
+		if !b.budgetAllowsBackground() {
+			return nil // the rest waits for the next pass; the sweep is not done
+		}
+		edge, err := client.ListTunnels(ctx, account)
+		if err != nil {
+			b.Logger().Warn("drift check could not list tunnels", "account_id", account, "error", err)
+			if cloudflare.RetryAfter(err) > 0 {
+				return nil
+			}
+			continue
+		}
+		byID := make(map[string]*cloudflare.TunnelState, len(edge))
+		for i := range edge {
+			byID[edge[i].ID] = &edge[i]
+		}
+		stored, err := s.List(ctx, pskStoragePrefix+a)
+		if err != nil {
+			return fmt.Errorf("list managed tunnels of account %s: %w", account, err)
+		}
+		for _, id := range stored {
+			t := tunnelRef{AccountID: account, TunnelID: id}
+			if _, err := b.compareWithEdge(ctx, s, client, cfg, t, byID[id], cfg.HealStalePSK); err != nil {
+				b.tunnelLogger(t).Warn("drift check failed", "error", err)
+				if cloudflare.RetryAfter(err) > 0 {
+					return nil
+				}
+			}
+		}
+	}
+	b.driftMu.Lock()
+	b.lastDriftSweep = b.now()
+	b.driftMu.Unlock()
+	return nil
+}
+
+// compareWithEdge holds a current record against the edge's view of its
+// tunnel (nil: Cloudflare does not list it) and records what it finds: a key
+// generated after the stored one makes the record stale (and, with heal,
+// heals it if the tunnel was not healed within drift_check_interval); a
+// tunnel Cloudflare no longer has makes it tunnel_gone. It returns whether
+// the stored key is the edge's. A record that is not current is
+// reconciliation's to resolve, and a tunnel whose lock is taken is left alone.
+func (b *backend) compareWithEdge(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, edge *cloudflare.TunnelState, heal bool) (bool, error) {
+	lock := b.tunnelLock(t)
+	if !lock.TryLock() {
+		return false, nil
+	}
+	defer lock.Unlock()
+	rec, err := readPSKRecord(ctx, s, t)
+	if err != nil || rec == nil || !rec.current() {
+		return false, err
+	}
+	if edge == nil {
+		_, err := b.markGone(ctx, s, t, rec)
+		return false, err
+	}
+	if !edge.PSKLastGeneratedOn.After(rec.LastGeneratedOn) {
+		return true, nil
+	}
+	reason := fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s): it was changed outside this engine",
+		formatTime(edge.PSKLastGeneratedOn), formatTime(rec.LastGeneratedOn))
+	if heal && b.healBlockedFor(cfg, rec) == 0 {
+		b.tunnelLogger(t).Warn("key changed outside this engine; generating a new key", "edge_generated_on", formatTime(edge.PSKLastGeneratedOn))
+		_, err := b.rotateLocked(ctx, s, client, cfg, t, rec, rec.RotationPeriod, "heal")
+		return err == nil, err
+	}
+	// The background looks at the tunnel again: at once where healing is
+	// on (a listing, which never heals, leaves that to the next read or
+	// pass), when healing is allowed again, or, healing off, after an hour.
+	retryAt := b.now()
+	if !cfg.HealStalePSK {
+		retryAt = retryAt.Add(failureBackoffMax)
+	}
+	if heal {
+		retryAt = b.now().Add(b.healBlockedFor(cfg, rec))
+		reason += fmt.Sprintf("; not healed before %s: the engine healed this tunnel within the last two drift_check_intervals, so another mount or tool probably rotates it too: a tunnel must belong to one mount",
+			formatTime(retryAt))
+	}
+	_, err = b.markStale(ctx, s, t, rec, reason, retryAt)
+	return false, err
 }
 
 func listUnresolved(ctx context.Context, s logical.Storage) ([]tunnelRef, error) {

@@ -370,6 +370,16 @@ func (s *Server) SetTimestampPrecision(d time.Duration) {
 	s.precision = d
 }
 
+// SetClock makes the edge read its time from now, so that a test that moves
+// the engine's clock moves the edge's with it: the two clocks of the real
+// world agree to within seconds, and a test that let them drift apart by
+// hours would be testing a world that does not exist.
+func (s *Server) SetClock(now func() time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.now = func() time.Time { return now().UTC() }
+}
+
 // stamp returns the time now at the edge's precision. The caller holds mu.
 func (s *Server) stamp() time.Time { return s.now().Truncate(s.precision) }
 
