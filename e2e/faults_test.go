@@ -29,13 +29,14 @@ func TestPluginKilledBetweenGenerateAndStore(t *testing.T) {
 	go func() { writeDone <- v.vault(t, v.rootToken, "write", "-f", path) }()
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
-		if edge, _ := sim.Tunnel(account, tunnel); len(edge.GeneratedPSKs) == 2 {
+		// The creation key, the first rotation's, the faulted one's.
+		if edge, _ := sim.Tunnel(account, tunnel); len(edge.GeneratedPSKs) == 3 {
 			break
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	edge, _ := sim.Tunnel(account, tunnel)
-	if len(edge.GeneratedPSKs) != 2 {
+	if len(edge.GeneratedPSKs) != 3 {
 		t.Fatalf("the edge has %d keys; the faulted rotation did not commit", len(edge.GeneratedPSKs))
 	}
 	pids := pluginPIDs(t)
@@ -51,15 +52,20 @@ func TestPluginKilledBetweenGenerateAndStore(t *testing.T) {
 		t.Fatal("the write whose plugin was killed reported success")
 	}
 
-	// Vault starts the plugin again on the mount's next request.
+	// Vault starts the plugin again on the mount's next request. Until the
+	// lost rotation's settle window ends (2 x request_timeout + 10s from
+	// its start) reads say rotation_unknown; then the next one heals.
 	var read map[string]any
-	for i := 0; i < 20; i++ {
+	deadline = time.Now().Add(45 * time.Second)
+	for time.Now().Before(deadline) {
 		res := v.run(t, "json", v.rootToken, "read", path)
 		if res.code == 0 {
 			read = decodeJSON(t, res.stdout)
-			break
+			if field(t, read, "state") == "current" {
+				break
+			}
 		}
-		time.Sleep(250 * time.Millisecond)
+		time.Sleep(500 * time.Millisecond)
 	}
 	if read == nil {
 		t.Fatal("the mount did not come back after the plugin was killed")
@@ -71,8 +77,8 @@ func TestPluginKilledBetweenGenerateAndStore(t *testing.T) {
 	if got := fmt.Sprint(field(t, read, "version")); got != "2" {
 		t.Errorf("version = %s, want 2 (the healing rotation)", got)
 	}
-	if n := len(edge.GeneratedPSKs); n != 3 {
-		t.Errorf("edge generated %d keys, want 3 (rotation, lost rotation, heal)", n)
+	if n := len(edge.GeneratedPSKs); n != 4 {
+		t.Errorf("edge has had %d keys, want 4 (creation, rotation, lost rotation, heal)", n)
 	}
 	if len(pluginPIDs(t)) == 0 || !strings.Contains(v.log(), "reconciled") {
 		t.Error("the server log does not show the restarted plugin reconciling")
