@@ -347,6 +347,8 @@ func TestBadFieldsAreRefusedBeforeCloudflare(t *testing.T) {
 		{"heal_stale_psk not a bool", "config", map[string]any{"heal_stale_psk": "maybe"}, "heal_stale_psk"},
 		{"token_account_id malformed", "config", map[string]any{"token_account_id": "../" + env.account}, "token_account_id must be a Cloudflare identifier"},
 		{"config: unknown field", "config", map[string]any{"api_tokn": "x"}, "unknown field(s) api_tokn: this path takes"},
+		{"config: base_url changed without api_token", "config", map[string]any{"base_url": "https://api.cloudflare.com/client/v4"}, "changing base_url requires api_token in the same write"},
+		{"config: token_account_id changed without api_token", "config", map[string]any{"token_account_id": env.account}, "changing token_account_id requires api_token in the same write"},
 		{"psk: validate_only not a bool", env.pskPath(), map[string]any{"validate_only": "maybe"}, "validate_only"},
 		{"psk: a key of one's own", env.pskPath(), map[string]any{"psk": "chosen-by-hand"}, "unknown field(s) psk"},
 		{"psk: unknown field", env.pskPath(), map[string]any{"validateonly": true}, "unknown field(s) validateonly"},

@@ -84,7 +84,7 @@ func pathConfig(b *backend) *framework.Path {
 			},
 			"base_url": {
 				Type:        framework.TypeString,
-				Description: "Cloudflare API base URL. Plain http:// is accepted only for a loopback host.",
+				Description: "Cloudflare API base URL. Plain http:// is accepted only for a loopback host. Changing it requires api_token in the same write.",
 				Default:     cloudflare.DefaultBaseURL,
 				DisplayAttrs: &framework.DisplayAttributes{
 					Name: "Base URL",
@@ -124,7 +124,7 @@ func pathConfig(b *backend) *framework.Path {
 			},
 			"token_account_id": {
 				Type:        framework.TypeString,
-				Description: "For an account-owned API token: the owning account's id, so the token is verified at that account. Empty for a user token.",
+				Description: "For an account-owned API token: the owning account's id, so the token is verified at that account. Empty for a user token. Changing it requires api_token in the same write.",
 				DisplayAttrs: &framework.DisplayAttributes{
 					Name: "Token account ID",
 				},
@@ -194,14 +194,21 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	if err != nil {
 		return nil, err
 	}
+	var stored *configRecord
 	if cfg == nil {
 		cfg = &configRecord{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: defaultRequestTimeout, HealStalePSK: true,
 			RateLimit: defaultRateLimit, RateLimitWindow: defaultRateLimitWindow}
+	} else {
+		copied := *cfg
+		stored = &copied
 	}
 	if resp := rejectUnknownFields(req, d); resp != nil {
 		return resp, nil
 	}
 	if problem := applyConfigFields(cfg, d); problem != "" {
+		return logical.ErrorResponse(problem), nil
+	}
+	if problem := checkEndpointChange(stored, cfg, d); problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
 
@@ -296,6 +303,36 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	return ""
 }
 
+// checkEndpointChange refuses a write that would send the stored token
+// somewhere it was not sent before, unless the write carries the token. The
+// config write verifies the token at once, against the new base_url and
+// token_account_id: without this rule anyone allowed to update config (the
+// admin policy, which promises that admins never see the token) could point
+// base_url at a host of their own and receive "Authorization: Bearer
+// <token>". Whoever supplies api_token in the same write already knows it.
+// stored is the config before the write (nil on the first one, which needs
+// api_token anyway); cfg is the config after the write's fields, normalised.
+func checkEndpointChange(stored, cfg *configRecord, d *framework.FieldData) string {
+	if stored == nil {
+		return ""
+	}
+	if _, ok := d.GetOk("api_token"); ok {
+		return ""
+	}
+	var changed []string
+	if cfg.BaseURL != stored.BaseURL {
+		changed = append(changed, "base_url")
+	}
+	if cfg.TokenAccountID != stored.TokenAccountID {
+		changed = append(changed, "token_account_id")
+	}
+	if len(changed) == 0 {
+		return ""
+	}
+	return fmt.Sprintf("changing %s requires api_token in the same write: the stored token is never sent to a new endpoint "+
+		"or account on the strength of a config update alone; nothing was sent or stored", strings.Join(changed, " and "))
+}
+
 // checkBaseURL accepts https URLs, and http only for a loopback host: a
 // token sent in clear text must not leave the machine.
 func checkBaseURL(raw string) string {
@@ -350,7 +387,12 @@ Every write verifies the token with Cloudflare (GET /user/tokens/verify, or
 GET /accounts/<token_account_id>/tokens/verify for an account-owned token) and
 stores nothing if Cloudflare rejects it or reports it not active. A write
 without api_token keeps the stored token and verifies it again against the new
-settings.
+settings, except that a write which changes base_url or token_account_id
+(compared with the stored config, after trimming spaces and trailing slashes)
+must carry api_token: otherwise it is refused with a 400, and nothing is sent
+or stored. Verification sends the token to base_url, so without this rule
+anyone allowed to update config could send the stored token, which no policy
+lets them read, to a host of their own.
 
 Reading config returns the settings (base_url, request_timeout,
 token_account_id, heal_stale_psk, rate_limit, rate_limit_window) and what
