@@ -350,6 +350,8 @@ func TestBadFieldsAreRefusedBeforeCloudflare(t *testing.T) {
 		{"config: base_url changed without api_token", "config", map[string]any{"base_url": "https://api.cloudflare.com/client/v4"}, "changing base_url requires api_token in the same write"},
 		{"config: token_account_id changed without api_token", "config", map[string]any{"token_account_id": env.account}, "changing token_account_id requires api_token in the same write"},
 		{"psk: validate_only not a bool", env.pskPath(), map[string]any{"validate_only": "maybe"}, "validate_only"},
+		{"psk: validate_only with rotation_period", env.pskPath(), map[string]any{"validate_only": true, "rotation_period": "24h"}, "validate_only=true cannot be combined with rotation_period"},
+		{"psk: validate_only with rotation_period 0", env.pskPath(), map[string]any{"validate_only": true, "rotation_period": 0}, "validate_only=true cannot be combined with rotation_period"},
 		{"psk: a key of one's own", env.pskPath(), map[string]any{"psk": "chosen-by-hand"}, "unknown field(s) psk"},
 		{"psk: unknown field", env.pskPath(), map[string]any{"validateonly": true}, "unknown field(s) validateonly"},
 	}
