@@ -57,8 +57,10 @@ type backend struct {
 	scheduler   *scheduler
 	// bulkMu serialises updates of bulk job progress records.
 	bulkMu sync.Mutex
-	// configMu serialises config writes and root token rotation, which both
-	// read, call Cloudflare and store config.
+	// configMu serialises config writes, deletes and root token rotation:
+	// a write and a rotation read, call Cloudflare and store config, and a
+	// delete in between would be undone by their store. Taken before
+	// clientMu.
 	configMu sync.Mutex
 
 	// now is the clock; tests move it to pass settle windows and rate-limit

@@ -367,6 +367,12 @@ func isLoopbackHost(host string) bool {
 }
 
 func (b *backend) deleteConfig(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	// configMu first, as a config write and rotate-root take it: a
+	// rotate-root inside its Cloudflare call would otherwise store config
+	// again after this delete. The delete waits for it, then has the last
+	// word.
+	b.configMu.Lock()
+	defer b.configMu.Unlock()
 	b.clientMu.Lock()
 	defer b.clientMu.Unlock()
 	if err := req.Storage.Delete(ctx, configStorageKey); err != nil {
@@ -409,5 +415,7 @@ and Cloudflare share a key, and the key Cloudflare holds is lost for good, so
 healing at once is the default.
 
 Deleting config removes the token; PSKs already stored stay readable, but no
-tunnel can be rotated until config is written again.
+tunnel can be rotated until config is written again. Config writes, deletes
+and config/rotate-root run one at a time: a delete that arrives during a
+rotate-root waits for it to finish, then deletes.
 `
