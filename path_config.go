@@ -19,8 +19,9 @@ const (
 	defaultRequestTimeout = 30 * time.Second
 	maxRequestTimeout     = 5 * time.Minute
 	maxTokenLength        = 256
-	// Cloudflare allows 1,200 requests per five minutes per token; the
-	// default leaves half for the team's other automation.
+	// Cloudflare allows 1,200 requests per five minutes per user (all of
+	// the user's tokens and dashboard use together; an account-owned token
+	// has its own); the default leaves half for the user's other tools.
 	defaultRateLimit       = 600
 	maxRateLimit           = 1200
 	defaultRateLimitWindow = 5 * time.Minute
@@ -108,7 +109,7 @@ func pathConfig(b *backend) *framework.Path {
 			},
 			"rate_limit": {
 				Type:        framework.TypeInt,
-				Description: "Most Cloudflare calls this mount makes in any rate_limit_window, every kind of call counted. Cloudflare allows 1,200 per five minutes per token, shared by every tool that uses the token, and locks the token out for five minutes past that; the default, 600, leaves half for other automation.",
+				Description: "Most Cloudflare calls this mount makes in any rate_limit_window, every kind of call counted. Cloudflare allows 1,200 calls per five minutes per user: all of the user's API tokens and dashboard use share that limit (an account-owned token has its own), and past it Cloudflare blocks them all for five minutes. The default, 600, leaves half for the user's other tools; mounts whose tokens belong to one user share one limit, so split it between them.",
 				Default:     defaultRateLimit,
 				DisplayAttrs: &framework.DisplayAttributes{
 					Name: "Rate limit",
@@ -283,7 +284,7 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 		cfg.RateLimit = v.(int)
 	}
 	if cfg.RateLimit < 1 || cfg.RateLimit > maxRateLimit {
-		return fmt.Sprintf("rate_limit must be between 1 and %d (Cloudflare's own limit per token)", maxRateLimit)
+		return fmt.Sprintf("rate_limit must be between 1 and %d (Cloudflare's own limit per user, or per account-owned token)", maxRateLimit)
 	}
 	if v, ok := d.GetOk("rate_limit_window"); ok {
 		cfg.RateLimitWindow = time.Duration(v.(int)) * time.Second
@@ -406,6 +407,13 @@ Cloudflare said of the token: token_id, token_status, token_expires_on,
 token_not_before, token_verified_at (when the engine last verified it) and
 last_rotated (when config/rotate-root last rolled it). It never returns the
 token.
+
+rate_limit (default 600) caps the Cloudflare calls this mount makes in any
+rate_limit_window (default 5m), every call counted. Cloudflare's global limit
+is 1,200 calls per five minutes per user, not per token: all of a user's API
+tokens, API keys and dashboard use share it (an account-owned token has its
+own), and past it Cloudflare blocks them all for five minutes. Mounts whose
+tokens belong to one user therefore share one limit: split it between them.
 
 heal_stale_psk (default true) decides what reconciliation does when it finds
 that Cloudflare generated a key after the one Vault stored (a rotation whose
