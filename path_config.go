@@ -172,19 +172,26 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 		return nil, err
 	}
 	limit, window := cfg.rateLimit()
+	// A block on record is read into the budget first: a backend that has
+	// not called Cloudflare yet still knows of a block a previous process
+	// met.
+	if err := b.loadBlock(ctx, req.Storage); err != nil {
+		return nil, err
+	}
 	return &logical.Response{Data: map[string]any{
-		"base_url":          cfg.BaseURL,
-		"request_timeout":   int(cfg.RequestTimeout.Seconds()),
-		"token_account_id":  cfg.TokenAccountID,
-		"heal_stale_psk":    cfg.HealStalePSK,
-		"rate_limit":        limit,
-		"rate_limit_window": int(window.Seconds()),
-		"token_id":          cfg.TokenID,
-		"token_status":      cfg.TokenStatus,
-		"token_expires_on":  formatTime(cfg.TokenExpiresOn),
-		"token_not_before":  formatTime(cfg.TokenNotBefore),
-		"token_verified_at": formatTime(cfg.VerifiedAt),
-		"last_rotated":      formatTime(cfg.LastRotated),
+		"base_url":           cfg.BaseURL,
+		"request_timeout":    int(cfg.RequestTimeout.Seconds()),
+		"token_account_id":   cfg.TokenAccountID,
+		"heal_stale_psk":     cfg.HealStalePSK,
+		"rate_limit":         limit,
+		"rate_limit_window":  int(window.Seconds()),
+		"token_id":           cfg.TokenID,
+		"token_status":       cfg.TokenStatus,
+		"token_expires_on":   formatTime(cfg.TokenExpiresOn),
+		"token_not_before":   formatTime(cfg.TokenNotBefore),
+		"token_verified_at":  formatTime(cfg.VerifiedAt),
+		"last_rotated":       formatTime(cfg.LastRotated),
+		"rate_limited_until": formatTime(b.budget.BlockedUntil()),
 	}, Warnings: cfg.expiryWarnings(b.now())}, nil
 }
 
@@ -213,9 +220,9 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 		return logical.ErrorResponse(problem), nil
 	}
 
-	client, err := b.newCloudflareClient(cfg)
+	client, err := b.newCloudflareClient(ctx, req.Storage, cfg)
 	if err != nil {
-		return logical.ErrorResponse(err.Error()), nil
+		return failure(fmt.Errorf("build the Cloudflare client: %w", err))
 	}
 	status, err := client.VerifyToken(ctx, cfg.TokenAccountID)
 	if err != nil {
@@ -414,6 +421,11 @@ is 1,200 calls per five minutes per user, not per token: all of a user's API
 tokens, API keys and dashboard use share it (an account-owned token has its
 own), and past it Cloudflare blocks them all for five minutes. Mounts whose
 tokens belong to one user therefore share one limit: split it between them.
+When Cloudflare answers 429, the engine sends nothing until the block it
+announced ends (at most 15 minutes), and keeps the block in Vault storage so
+that a plugin reload, a restart or a failover honours it too; meanwhile every
+call fails at once with a 429, and reading config shows rate_limited_until,
+when the block ends ("" when none is in force).
 
 heal_stale_psk (default true) decides what reconciliation does when it finds
 that Cloudflare generated a key after the one Vault stored (a rotation whose

@@ -36,7 +36,7 @@ func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *frame
 	if cfg == nil {
 		return nil, errNotConfigured
 	}
-	client, err := b.newCloudflareClient(cfg)
+	client, err := b.newCloudflareClient(ctx, req.Storage, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -68,7 +68,7 @@ func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *frame
 		"token_id":     cfg.TokenID,
 		"last_rotated": formatTime(cfg.LastRotated),
 	}}
-	verifier, err := b.newCloudflareClient(cfg)
+	verifier, err := b.newCloudflareClient(ctx, req.Storage, cfg)
 	if err != nil {
 		return nil, err
 	}
