@@ -328,7 +328,12 @@ write (create/update): asks Cloudflare to generate a new PSK for the tunnel
   scheduled rotation off; omitted keeps the tunnel's current setting).
   validate_only=true: Cloudflare only validates the request; no key is
   generated and nothing is stored. It cannot be combined with
-  rotation_period (400), which it would ignore.
+  rotation_period (400), which it would ignore. Because a proxy or gateway
+  that drops the query string turns it into a real generation, it is run
+  like a rotation: if Cloudflare's answer carries a key anyway, that key is
+  live at the edge and is stored as a rotation (the answer has stored=true,
+  the new version and a warning); if the answer is lost, the tunnel is
+  marked rotation_unknown until reconciliation resolves it.
 
 read: returns psk and its metadata:
   account_id, tunnel_id   the tunnel, as stored (lower case)
