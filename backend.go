@@ -51,14 +51,27 @@ type backend struct {
 	// counting across them.
 	budget *cloudflare.Budget
 
+	// blockMu guards blockStorage and blockLoaded. Cloudflare's 429 block
+	// is kept in storage (rateLimitStorageKey) as well as in the budget, so
+	// that a reloaded, restarted or failed-over backend does not send calls
+	// into a block Cloudflare still enforces. blockStorage is the storage
+	// of the last request that built a client, where the budget's hook
+	// stores a block; blockLoaded says whether the stored block was read
+	// into the budget.
+	blockMu      sync.Mutex
+	blockStorage logical.Storage
+	blockLoaded  bool
+
 	// scheduler works off scheduled and bulk rotations (scheduler.go); it
 	// runs on the node that may write storage, from Initialize to Clean.
 	schedulerMu sync.Mutex
 	scheduler   *scheduler
 	// bulkMu serialises updates of bulk job progress records.
 	bulkMu sync.Mutex
-	// configMu serialises config writes and root token rotation, which both
-	// read, call Cloudflare and store config.
+	// configMu serialises config writes, deletes and root token rotation:
+	// a write and a rotation read, call Cloudflare and store config, and a
+	// delete in between would be undone by their store. Taken before
+	// clientMu.
 	configMu sync.Mutex
 
 	// driftMu guards lastDriftSweep, when the drift sweep (sweep.go) last
@@ -83,6 +96,7 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 func newBackend() *backend {
 	b := &backend{tunnelLocks: locksutil.CreateLocks(), now: time.Now}
 	b.budget = cloudflare.NewBudget(defaultRateLimit, defaultRateLimitWindow, func() time.Time { return b.now() })
+	b.budget.SetOnBlock(b.storeBlock)
 	b.Backend = &framework.Backend{
 		Help:        strings.TrimSpace(backendHelp),
 		BackendType: logical.TypeLogical,
@@ -142,7 +156,15 @@ func (b *backend) pokeScheduler() {
 }
 
 func (b *backend) invalidate(_ context.Context, key string) {
-	if key == configStorageKey {
+	switch key {
+	case configStorageKey:
+		b.resetClient()
+	case rateLimitStorageKey:
+		// The active node recorded a block: read it again before the next
+		// call from here (a standby still calls Cloudflare for reads).
+		b.blockMu.Lock()
+		b.blockLoaded = false
+		b.blockMu.Unlock()
 		b.resetClient()
 	}
 }
@@ -201,7 +223,7 @@ func (b *backend) cloudflareClient(ctx context.Context, s logical.Storage) (*clo
 	if cfg == nil {
 		return nil, nil, errNotConfigured
 	}
-	client, err = b.newCloudflareClient(cfg)
+	client, err = b.newCloudflareClient(ctx, s, cfg)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -210,7 +232,14 @@ func (b *backend) cloudflareClient(ctx context.Context, s logical.Storage) (*clo
 	return client, cfg, nil
 }
 
-func (b *backend) newCloudflareClient(cfg *configRecord) (*cloudflare.Client, error) {
+// newCloudflareClient builds a client from cfg that shares the mount's
+// budget. s is the request's storage: before the first client is built the
+// budget learns any block of Cloudflare's on record there, and later blocks
+// are stored there.
+func (b *backend) newCloudflareClient(ctx context.Context, s logical.Storage, cfg *configRecord) (*cloudflare.Client, error) {
+	if err := b.loadBlock(ctx, s); err != nil {
+		return nil, err
+	}
 	return cloudflare.New(cloudflare.Config{
 		APIToken:       cfg.APIToken,
 		BaseURL:        cfg.BaseURL,
@@ -219,6 +248,86 @@ func (b *backend) newCloudflareClient(cfg *configRecord) (*cloudflare.Client, er
 		Now:            b.now,
 		Budget:         b.budget,
 	})
+}
+
+// rateLimitStorageKey holds Cloudflare's last rate-limit block of the
+// mount's token (a rateLimitRecord).
+const rateLimitStorageKey = "ratelimit"
+
+// blockStoreTimeout bounds the storing of a block. The store is detached
+// from the request that met the 429: that request's caller may be gone, and
+// the block matters to the next one.
+const blockStoreTimeout = 5 * time.Second
+
+// rateLimitRecord is a block Cloudflare announced with a 429: no call is
+// sent before BlockedUntil.
+type rateLimitRecord struct {
+	BlockedUntil time.Time `json:"blocked_until"`
+	Reason       string    `json:"reason"`
+}
+
+func readRateLimitRecord(ctx context.Context, s logical.Storage) (*rateLimitRecord, error) {
+	entry, err := s.Get(ctx, rateLimitStorageKey)
+	if err != nil {
+		return nil, fmt.Errorf("read Cloudflare's rate-limit block from Vault storage: %w", err)
+	}
+	if entry == nil {
+		return nil, nil
+	}
+	rec := new(rateLimitRecord)
+	if err := entry.DecodeJSON(rec); err != nil {
+		return nil, fmt.Errorf("decode Cloudflare's rate-limit block: %w", err)
+	}
+	return rec, nil
+}
+
+// loadBlock reads the block on record in s into the budget, once per
+// backend (again after Invalidate), and remembers s for storeBlock.
+func (b *backend) loadBlock(ctx context.Context, s logical.Storage) error {
+	b.blockMu.Lock()
+	defer b.blockMu.Unlock()
+	b.blockStorage = s
+	if b.blockLoaded {
+		return nil
+	}
+	rec, err := readRateLimitRecord(ctx, s)
+	if err != nil {
+		return err
+	}
+	if rec != nil {
+		// Capped by the budget as any block is: a bogus record cannot
+		// disable the mount for long.
+		b.budget.RestoreBlock(rec.BlockedUntil)
+	}
+	b.blockLoaded = true
+	return nil
+}
+
+// storeBlock is the budget's hook: it stores the block in force, so that a
+// new backend over the same storage honours it. It stores BlockedUntil at
+// the time, not its argument, under blockMu, so that of two overlapping
+// calls the later end is stored last. A failure is logged and otherwise
+// ignored: this process still honours the block in memory.
+func (b *backend) storeBlock(time.Time) {
+	b.blockMu.Lock()
+	defer b.blockMu.Unlock()
+	until := b.budget.BlockedUntil()
+	if b.blockStorage == nil || until.IsZero() || !b.mayWrite() {
+		return
+	}
+	entry, err := logical.StorageEntryJSON(rateLimitStorageKey, &rateLimitRecord{
+		BlockedUntil: until.UTC(),
+		Reason:       "Cloudflare answered HTTP 429: its rate limit blocks this API token's user",
+	})
+	if err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), blockStoreTimeout)
+		defer cancel()
+		err = b.blockStorage.Put(ctx, entry)
+	}
+	if err != nil {
+		b.Logger().Warn("could not store Cloudflare's rate-limit block; a restarted backend may send calls into it",
+			"blocked_until", formatTime(until), "error", err)
+	}
 }
 
 // mayWrite reports whether this node may change storage: not a performance

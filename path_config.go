@@ -19,8 +19,9 @@ const (
 	defaultRequestTimeout = 30 * time.Second
 	maxRequestTimeout     = 5 * time.Minute
 	maxTokenLength        = 256
-	// Cloudflare allows 1,200 requests per five minutes per token; the
-	// default leaves half for the team's other automation.
+	// Cloudflare allows 1,200 requests per five minutes per user (all of
+	// the user's tokens and dashboard use together; an account-owned token
+	// has its own); the default leaves half for the user's other tools.
 	defaultRateLimit       = 600
 	maxRateLimit           = 1200
 	defaultRateLimitWindow = 5 * time.Minute
@@ -93,7 +94,7 @@ func pathConfig(b *backend) *framework.Path {
 			},
 			"base_url": {
 				Type:        framework.TypeString,
-				Description: "Cloudflare API base URL. Plain http:// is accepted only for a loopback host.",
+				Description: "Cloudflare API base URL. Plain http:// is accepted only for a loopback host. Changing it requires api_token in the same write.",
 				Default:     cloudflare.DefaultBaseURL,
 				DisplayAttrs: &framework.DisplayAttributes{
 					Name: "Base URL",
@@ -117,7 +118,7 @@ func pathConfig(b *backend) *framework.Path {
 			},
 			"rate_limit": {
 				Type:        framework.TypeInt,
-				Description: "Most Cloudflare calls this mount makes in any rate_limit_window, every kind of call counted. Cloudflare allows 1,200 per five minutes per token, shared by every tool that uses the token, and locks the token out for five minutes past that; the default, 600, leaves half for other automation.",
+				Description: "Most Cloudflare calls this mount makes in any rate_limit_window, every kind of call counted. Cloudflare allows 1,200 calls per five minutes per user: all of the user's API tokens and dashboard use share that limit (an account-owned token has its own), and past it Cloudflare blocks them all for five minutes. The default, 600, leaves half for the user's other tools; mounts whose tokens belong to one user share one limit, so split it between them.",
 				Default:     defaultRateLimit,
 				DisplayAttrs: &framework.DisplayAttributes{
 					Name: "Rate limit",
@@ -141,7 +142,7 @@ func pathConfig(b *backend) *framework.Path {
 			},
 			"token_account_id": {
 				Type:        framework.TypeString,
-				Description: "For an account-owned API token: the owning account's id, so the token is verified at that account. Empty for a user token.",
+				Description: "For an account-owned API token: the owning account's id, so the token is verified at that account. Empty for a user token. Changing it requires api_token in the same write.",
 				DisplayAttrs: &framework.DisplayAttributes{
 					Name: "Token account ID",
 				},
@@ -188,6 +189,12 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 		return nil, err
 	}
 	limit, window := cfg.rateLimit()
+	// A block on record is read into the budget first: a backend that has
+	// not called Cloudflare yet still knows of a block a previous process
+	// met.
+	if err := b.loadBlock(ctx, req.Storage); err != nil {
+		return nil, err
+	}
 	return &logical.Response{Data: map[string]any{
 		"base_url":             cfg.BaseURL,
 		"request_timeout":      int(cfg.RequestTimeout.Seconds()),
@@ -202,6 +209,7 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 		"token_not_before":     formatTime(cfg.TokenNotBefore),
 		"token_verified_at":    formatTime(cfg.VerifiedAt),
 		"last_rotated":         formatTime(cfg.LastRotated),
+		"rate_limited_until":   formatTime(b.budget.BlockedUntil()),
 	}, Warnings: cfg.expiryWarnings(b.now())}, nil
 }
 
@@ -212,9 +220,13 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	if err != nil {
 		return nil, err
 	}
+	var stored *configRecord
 	if cfg == nil {
 		cfg = &configRecord{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: defaultRequestTimeout, HealStalePSK: true,
 			RateLimit: defaultRateLimit, RateLimitWindow: defaultRateLimitWindow, DriftCheckInterval: defaultDriftCheckInterval}
+	} else {
+		copied := *cfg
+		stored = &copied
 	}
 	if resp := rejectUnknownFields(req, d); resp != nil {
 		return resp, nil
@@ -222,10 +234,13 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	if problem := applyConfigFields(cfg, d); problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
+	if problem := checkEndpointChange(stored, cfg, d); problem != "" {
+		return logical.ErrorResponse(problem), nil
+	}
 
-	client, err := b.newCloudflareClient(cfg)
+	client, err := b.newCloudflareClient(ctx, req.Storage, cfg)
 	if err != nil {
-		return logical.ErrorResponse(err.Error()), nil
+		return failure(fmt.Errorf("build the Cloudflare client: %w", err))
 	}
 	status, err := client.VerifyToken(ctx, cfg.TokenAccountID)
 	if err != nil {
@@ -294,7 +309,7 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 		cfg.RateLimit = v.(int)
 	}
 	if cfg.RateLimit < 1 || cfg.RateLimit > maxRateLimit {
-		return fmt.Sprintf("rate_limit must be between 1 and %d (Cloudflare's own limit per token)", maxRateLimit)
+		return fmt.Sprintf("rate_limit must be between 1 and %d (Cloudflare's own limit per user, or per account-owned token)", maxRateLimit)
 	}
 	if v, ok := d.GetOk("rate_limit_window"); ok {
 		cfg.RateLimitWindow = time.Duration(v.(int)) * time.Second
@@ -318,6 +333,36 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 		cfg.TokenAccountID = id
 	}
 	return ""
+}
+
+// checkEndpointChange refuses a write that would send the stored token
+// somewhere it was not sent before, unless the write carries the token. The
+// config write verifies the token at once, against the new base_url and
+// token_account_id: without this rule anyone allowed to update config (the
+// admin policy, which promises that admins never see the token) could point
+// base_url at a host of their own and receive "Authorization: Bearer
+// <token>". Whoever supplies api_token in the same write already knows it.
+// stored is the config before the write (nil on the first one, which needs
+// api_token anyway); cfg is the config after the write's fields, normalised.
+func checkEndpointChange(stored, cfg *configRecord, d *framework.FieldData) string {
+	if stored == nil {
+		return ""
+	}
+	if _, ok := d.GetOk("api_token"); ok {
+		return ""
+	}
+	var changed []string
+	if cfg.BaseURL != stored.BaseURL {
+		changed = append(changed, "base_url")
+	}
+	if cfg.TokenAccountID != stored.TokenAccountID {
+		changed = append(changed, "token_account_id")
+	}
+	if len(changed) == 0 {
+		return ""
+	}
+	return fmt.Sprintf("changing %s requires api_token in the same write: the stored token is never sent to a new endpoint "+
+		"or account on the strength of a config update alone; nothing was sent or stored", strings.Join(changed, " and "))
 }
 
 // checkBaseURL accepts https URLs, and http only for a loopback host: a
@@ -354,6 +399,12 @@ func isLoopbackHost(host string) bool {
 }
 
 func (b *backend) deleteConfig(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	// configMu first, as a config write and rotate-root take it: a
+	// rotate-root inside its Cloudflare call would otherwise store config
+	// again after this delete. The delete waits for it, then has the last
+	// word.
+	b.configMu.Lock()
+	defer b.configMu.Unlock()
 	b.clientMu.Lock()
 	defer b.clientMu.Unlock()
 	if err := req.Storage.Delete(ctx, configStorageKey); err != nil {
@@ -374,7 +425,12 @@ Every write verifies the token with Cloudflare (GET /user/tokens/verify, or
 GET /accounts/<token_account_id>/tokens/verify for an account-owned token) and
 stores nothing if Cloudflare rejects it or reports it not active. A write
 without api_token keeps the stored token and verifies it again against the new
-settings.
+settings, except that a write which changes base_url or token_account_id
+(compared with the stored config, after trimming spaces and trailing slashes)
+must carry api_token: otherwise it is refused with a 400, and nothing is sent
+or stored. Verification sends the token to base_url, so without this rule
+anyone allowed to update config could send the stored token, which no policy
+lets them read, to a host of their own.
 
 Reading config returns the settings (base_url, request_timeout,
 token_account_id, heal_stale_psk, rate_limit, rate_limit_window,
@@ -384,6 +440,18 @@ token_not_before, token_verified_at (when the engine last verified it) and
 last_rotated (when config/rotate-root last rolled it). It never returns the
 token.
 
+rate_limit (default 600) caps the Cloudflare calls this mount makes in any
+rate_limit_window (default 5m), every call counted. Cloudflare's global limit
+is 1,200 calls per five minutes per user, not per token: all of a user's API
+tokens, API keys and dashboard use share it (an account-owned token has its
+own), and past it Cloudflare blocks them all for five minutes. Mounts whose
+tokens belong to one user therefore share one limit: split it between them.
+When Cloudflare answers 429, the engine sends nothing until the block it
+announced ends (at most 15 minutes), and keeps the block in Vault storage so
+that a plugin reload, a restart or a failover honours it too; meanwhile every
+call fails at once with a 429, and reading config shows rate_limited_until,
+when the block ends ("" when none is in force).
+
 heal_stale_psk (default true) decides what reconciliation does when it finds
 that Cloudflare generated a key after the one Vault stored (a rotation whose
 answer was lost): generate a new key at once and store it, or mark the tunnel
@@ -392,5 +460,7 @@ and Cloudflare share a key, and the key Cloudflare holds is lost for good, so
 healing at once is the default.
 
 Deleting config removes the token; PSKs already stored stay readable, but no
-tunnel can be rotated until config is written again.
+tunnel can be rotated until config is written again. Config writes, deletes
+and config/rotate-root run one at a time: a delete that arrives during a
+rotate-root waits for it to finish, then deletes.
 `

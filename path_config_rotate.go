@@ -36,7 +36,7 @@ func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *frame
 	if cfg == nil {
 		return nil, errNotConfigured
 	}
-	client, err := b.newCloudflareClient(cfg)
+	client, err := b.newCloudflareClient(ctx, req.Storage, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -68,7 +68,7 @@ func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *frame
 		"token_id":     cfg.TokenID,
 		"last_rotated": formatTime(cfg.LastRotated),
 	}}
-	verifier, err := b.newCloudflareClient(cfg)
+	verifier, err := b.newCloudflareClient(ctx, req.Storage, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -109,7 +109,16 @@ new one before anything else (retrying storage), verifies it, and answers with
 the token id and the time of rotation. The value itself is never returned or
 logged.
 
-The token needs permission to roll itself ("API Tokens Write" for a user
-token). If the answer from Cloudflare is lost, or Vault cannot store the new
-value, the error says so: the mount must then be given a new api_token.
+The token must be allowed to roll itself: "API Tokens Write" for a user
+token, "Account API Tokens Write" for an account-owned one. That permission is
+more than rolling its own value: a token that holds it can create new tokens
+and roll any token of its user (or account), so whoever obtains it can mint
+tokens of their own. Give it only to a token kept in Vault, guard the mount's
+config path accordingly, and leave it out if the engine does not need
+rotate-root: the alternative is to rotate by hand, by creating a new token at
+Cloudflare with only "Magic WAN Write" or "Magic Transit Write", writing it to
+config (api_token), and deleting the old token at Cloudflare.
+
+If the answer from Cloudflare is lost, or Vault cannot store the new value,
+the error says so: the mount must then be given a new api_token.
 `

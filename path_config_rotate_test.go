@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -148,4 +150,82 @@ func TestConfigWarnsWhenTheTokenExpiresSoon(t *testing.T) {
 	if w := env.must(env.request(logical.UpdateOperation, "config", map[string]any{"api_token": later.Value})); w != nil && len(w.Warnings) != 0 {
 		t.Errorf("a token 90 days from expiry drew warnings: %v", w.Warnings)
 	}
+}
+
+// gate holds every request that match picks until release is closed, and
+// tells arrived about the first one, so that a test can act while a
+// Cloudflare call is in flight. Others pass straight to the simulator.
+type gate struct {
+	next    http.Handler
+	match   func(*http.Request) bool
+	arrived chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func newGate(next http.Handler, match func(*http.Request) bool) *gate {
+	return &gate{next: next, match: match, arrived: make(chan struct{}), release: make(chan struct{})}
+}
+
+func (g *gate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if g.match(r) {
+		g.once.Do(func() { close(g.arrived) })
+		<-g.release
+	}
+	g.next.ServeHTTP(w, r)
+}
+
+// TestConfigDeleteWaitsForRotateRoot: a delete of config that arrives while
+// config/rotate-root is inside its Cloudflare call waits for the rotation to
+// finish, then deletes; the rotation cannot bring config back afterwards. The
+// guarantee is that config operations happen one at a time, in the order
+// they take the lock: a delete that returns has the last word.
+func TestConfigDeleteWaitsForRotateRoot(t *testing.T) {
+	env := newTestEnv(t)
+	g := newGate(env.sim, func(r *http.Request) bool {
+		return r.Method == http.MethodPut && strings.HasSuffix(r.URL.Path, "/value")
+	})
+	proxy := httptest.NewServer(g)
+	t.Cleanup(proxy.Close)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": env.token.Value, "base_url": proxy.URL + cloudflaresim.BasePath,
+	}))
+
+	rotated := make(chan error, 1)
+	go func() {
+		resp, err := env.request(logical.UpdateOperation, "config/rotate-root", nil)
+		if err == nil && resp != nil && resp.IsError() {
+			err = resp.Error()
+		}
+		rotated <- err
+	}()
+	select {
+	case <-g.arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("rotate-root never reached Cloudflare")
+	}
+	deleted := make(chan error, 1)
+	go func() {
+		_, err := env.request(logical.DeleteOperation, "config", nil)
+		deleted <- err
+	}()
+	select {
+	case err := <-deleted:
+		t.Errorf("the delete finished while rotate-root was inside its Cloudflare call (err %v)", err)
+		deleted <- err
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(g.release)
+	if err := <-rotated; err != nil {
+		t.Fatalf("rotate-root: %v", err)
+	}
+	if err := <-deleted; err != nil {
+		t.Fatalf("delete: %v", err)
+	}
+	if cfg, err := readConfig(context.Background(), env.storage); err != nil || cfg != nil {
+		t.Fatalf("config after delete = %v, %v; want none", cfg != nil, err)
+	}
+	// The rolled value is in no log either.
+	rolled, _ := env.sim.TokenByID(env.token.ID)
+	env.token.Value = rolled.Value
 }

@@ -3,7 +3,9 @@ package main
 import (
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -193,5 +195,93 @@ func TestConfigDelete(t *testing.T) {
 	}
 	if env.sim.Calls(cloudflaresim.OpPSKGenerate) != 0 {
 		t.Error("Cloudflare was called without config")
+	}
+}
+
+// authRecorder is a server that is not Cloudflare: it answers every request
+// with a 500 and remembers any Authorization header it was sent, so a test
+// can prove that the engine's token never reached it.
+type authRecorder struct {
+	mu    sync.Mutex
+	auths []string
+	hits  int
+}
+
+func (a *authRecorder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.hits++
+	if v := r.Header.Get("Authorization"); v != "" {
+		a.auths = append(a.auths, v)
+	}
+	w.WriteHeader(http.StatusInternalServerError)
+}
+
+func (a *authRecorder) seen() (int, []string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.hits, append([]string(nil), a.auths...)
+}
+
+// TestConfigEndpointChangesNeedTheToken: whoever may update config must not
+// be able to send the stored token to a host of their choosing (or verify it
+// against another account) without knowing it. A write that changes base_url
+// or token_account_id must carry api_token; otherwise it is a 400, nothing is
+// sent anywhere and nothing is stored.
+func TestConfigEndpointChangesNeedTheToken(t *testing.T) {
+	recorder := &authRecorder{}
+	elsewhere := httptest.NewServer(recorder)
+	t.Cleanup(elsewhere.Close)
+
+	env := newConfiguredEnv(t)
+	other := cloudflaresim.NewID()
+	refused := []struct {
+		name string
+		data map[string]any
+		want string
+	}{
+		{"base_url to another host", map[string]any{"base_url": elsewhere.URL + "/client/v4"}, "changing base_url requires api_token in the same write"},
+		{"base_url with another path", map[string]any{"base_url": env.simURL + "/x"}, "changing base_url requires api_token in the same write"},
+		{"base_url with other settings", map[string]any{"base_url": elsewhere.URL, "request_timeout": "5s"}, "changing base_url requires api_token in the same write"},
+		{"token_account_id set", map[string]any{"token_account_id": other}, "changing token_account_id requires api_token in the same write"},
+		{"both", map[string]any{"base_url": elsewhere.URL, "token_account_id": other}, "changing base_url and token_account_id requires api_token in the same write"},
+	}
+	calls := env.sim.TotalCalls()
+	before := env.storageSnapshot()
+	for _, tc := range refused {
+		t.Run(tc.name, func(t *testing.T) {
+			resp, err := env.request(logical.UpdateOperation, "config", tc.data)
+			if got := httpStatus(resp, err); got != http.StatusBadRequest {
+				t.Fatalf("status = %d, want 400 (%s)", got, errorText(resp, err))
+			}
+			if msg := errorText(resp, err); !strings.Contains(msg, tc.want) {
+				t.Errorf("error %q does not say %q", msg, tc.want)
+			}
+		})
+	}
+	if hits, auths := recorder.seen(); hits != 0 || len(auths) != 0 {
+		t.Errorf("the other host was called %d times, with %d Authorization headers", hits, len(auths))
+	}
+	if n := env.sim.TotalCalls() - calls; n != 0 {
+		t.Errorf("Cloudflare was called %d times", n)
+	}
+	if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Error("a refused endpoint change changed storage")
+	}
+
+	// The same base_url after normalisation (a trailing slash, spaces) is
+	// no change, and needs no token.
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"base_url": " " + env.simURL + "/ ", "request_timeout": "3s"}))
+	// With the token in the same write, the change is made: whoever writes
+	// it already knows the token.
+	account := env.sim.AddToken(cloudflaresim.Token{OwnerAccount: env.account})
+	env.token = account
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"api_token": account.Value, "token_account_id": env.account}))
+	read := env.must(env.request(logical.ReadOperation, "config", nil))
+	if read.Data["token_account_id"] != env.account {
+		t.Errorf("token_account_id = %v after a write with the token", read.Data["token_account_id"])
+	}
+	if hits, _ := recorder.seen(); hits != 0 {
+		t.Errorf("the other host was called %d times", hits)
 	}
 }

@@ -38,7 +38,7 @@ func pathPSK(b *backend) []*framework.Path {
 		},
 		"validate_only": {
 			Type:        framework.TypeBool,
-			Description: "Only ask Cloudflare to validate the request (?validate_only=true): no key is generated and nothing is stored.",
+			Description: "Only ask Cloudflare to validate the request (?validate_only=true): no key is generated and nothing is stored. Not with rotation_period.",
 			Default:     false,
 		},
 	}
@@ -258,21 +258,23 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 	if resp := rejectUnknownFields(req, d); resp != nil {
 		return resp, nil
 	}
+	if validateOnly && period != nil {
+		// A validation stores nothing, so the period would be silently
+		// dropped: the caller believes the tunnel is scheduled when it is not.
+		return logical.ErrorResponse("validate_only=true cannot be combined with rotation_period: a validation stores nothing, " +
+			"so the period would be ignored; write rotation_period without validate_only to set it"), nil
+	}
 	t, problem := tunnelFromRequest(d)
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
 
 	if validateOnly {
-		if err := b.validateRotation(ctx, req.Storage, t); err != nil {
+		stored, err := b.validateOnWrite(ctx, req.Storage, t)
+		if err != nil {
 			return failure(err)
 		}
-		return &logical.Response{Data: map[string]any{
-			"account_id":    t.AccountID,
-			"tunnel_id":     t.TunnelID,
-			"validate_only": true,
-			"stored":        false,
-		}}, nil
+		return validateOnlyResponse(t, stored), nil
 	}
 	rotated, err := b.rotateOnWrite(ctx, req.Storage, t, period)
 	if err != nil {
@@ -335,7 +337,13 @@ write (create/update): asks Cloudflare to generate a new PSK for the tunnel
   rotation_period: rotate the tunnel again every period (at least 1m; 0 turns
   scheduled rotation off; omitted keeps the tunnel's current setting).
   validate_only=true: Cloudflare only validates the request; no key is
-  generated and nothing is stored.
+  generated and nothing is stored. It cannot be combined with
+  rotation_period (400), which it would ignore. Because a proxy or gateway
+  that drops the query string turns it into a real generation, it is run
+  like a rotation: if Cloudflare's answer carries a key anyway, that key is
+  live at the edge and is stored as a rotation (the answer has stored=true,
+  the new version and a warning); if the answer is lost, the tunnel is
+  marked rotation_unknown until reconciliation resolves it.
 
 read: returns psk and its metadata:
   account_id, tunnel_id   the tunnel, as stored (lower case)

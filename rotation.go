@@ -129,24 +129,23 @@ func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnel
 	return rotated, nil
 }
 
-// validateRotation asks Cloudflare to validate a psk_generate for t without
-// generating a key (validate_only=true).
-func (b *backend) validateRotation(ctx context.Context, s logical.Storage, t tunnelRef) error {
-	client, _, err := b.cloudflareClient(ctx, s)
-	if err != nil {
-		return err
-	}
-	if _, err := client.GeneratePSK(ctx, t.AccountID, t.TunnelID, true); err != nil {
-		return fmt.Errorf("validate psk generation for %s: %w", t, err)
-	}
-	return nil
-}
-
 // rotateLocked generates a new key for t and stores it, with period as the
 // tunnel's rotation period from now on (0: none). The caller holds t's lock
 // and passes the tunnel's record as read under it (nil when none). trigger
 // says who asked (write, schedule, bulk, heal) for the rotation event.
 func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, previous *pskRecord, period time.Duration, trigger string) (*pskRecord, error) {
+	return b.generateLocked(ctx, s, client, cfg, t, previous, period, trigger, false)
+}
+
+// generateLocked is rotateLocked's protocol, for a rotation or, with
+// validateOnly, for a validate_only request (validate.go says why that runs
+// under the same protocol). A validation that generated nothing puts the
+// record back and returns nil.
+func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, previous *pskRecord, period time.Duration, trigger string, validateOnly bool) (*pskRecord, error) {
+	what := "rotation"
+	if validateOnly {
+		what = "validate_only request (if the query string was dropped on the way, Cloudflare generates a key)"
+	}
 	pending := &pskRecord{AccountID: t.AccountID, TunnelID: t.TunnelID}
 	if previous != nil {
 		copied := *previous
@@ -171,7 +170,7 @@ func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *c
 	// can land after SettleUntil.
 	pending.RotationStartedAt = b.now().UTC()
 	pending.SettleUntil = pending.RotationStartedAt.Add(settleWindow(cfg))
-	pending.StateReason = fmt.Sprintf("a rotation started at %s and has not finished", formatTime(pending.RotationStartedAt))
+	pending.StateReason = fmt.Sprintf("a %s started at %s and has not finished", what, formatTime(pending.RotationStartedAt))
 	if err := markUnresolved(ctx, s, t); err != nil {
 		return nil, err
 	}
@@ -179,18 +178,22 @@ func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *c
 		return nil, err
 	}
 
-	generated, err := client.GeneratePSK(ctx, t.AccountID, t.TunnelID, false)
+	generated, err := client.GeneratePSK(ctx, t.AccountID, t.TunnelID, validateOnly)
 	if err != nil {
 		if cloudflare.NoEffect(err) {
 			b.restore(ctx, s, t, previous)
 		} else {
-			pending.StateReason = fmt.Sprintf("the rotation started at %s failed with an unknown outcome (%v): Cloudflare may already use a key Vault does not hold",
-				formatTime(pending.RotationStartedAt), err)
+			pending.StateReason = fmt.Sprintf("the %s started at %s failed with an unknown outcome (%v): Cloudflare may already use a key Vault does not hold",
+				what, formatTime(pending.RotationStartedAt), err)
 			if werr := writePSKRecord(ctx, s, t, pending); werr != nil {
 				b.tunnelLogger(t).Warn("could not record a rotation's unknown outcome", "error", werr)
 			}
 		}
 		return nil, err
+	}
+	if validateOnly && generated.PSK == "" {
+		b.restore(ctx, s, t, previous)
+		return nil, nil
 	}
 
 	rec := &pskRecord{

@@ -23,9 +23,13 @@ type Budget struct {
 	// blockedUntil is when Cloudflare's own block of the token ends, as its
 	// last 429 announced; nothing is sent before.
 	blockedUntil time.Time
-	limit        int
-	window       time.Duration
-	now          func() time.Time
+	// onBlock, when set, is told each time a 429 extends the block, so
+	// that the owner can keep the block where a new process finds it:
+	// Cloudflare goes on enforcing it whatever becomes of this one.
+	onBlock func(until time.Time)
+	limit   int
+	window  time.Duration
+	now     func() time.Time
 	// ring holds the times of the last calls, at most limit of them;
 	// next is where the following call goes, which is also the oldest.
 	ring []time.Time
@@ -83,13 +87,46 @@ func (b *Budget) Resize(limit int, window time.Duration) {
 // Block records that Cloudflare blocks the token until until, but for no
 // longer than maxBlock from now: whatever the answer said, the mount must
 // not stay disabled for long on one bogus value.
+// When that extends the block, the hook set by SetOnBlock is told the new
+// end, after the lock is released (it may store it, or ask the Budget).
 func (b *Budget) Block(until time.Time) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	until = minTime(until, b.now().Add(maxBlock))
-	if until.After(b.blockedUntil) {
-		b.blockedUntil = until
+	extended := b.blockLocked(until)
+	hook, end := b.onBlock, b.blockedUntil
+	b.mu.Unlock()
+	if extended && hook != nil {
+		hook(end)
 	}
+}
+
+// RestoreBlock applies a block already on record (one a previous process
+// stored through the SetOnBlock hook), capped as Block caps it, without
+// telling the hook again.
+func (b *Budget) RestoreBlock(until time.Time) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.blockLocked(until)
+}
+
+// blockLocked extends the block to until, capped at maxBlock from now, and
+// reports whether it was extended. The caller holds mu.
+func (b *Budget) blockLocked(until time.Time) bool {
+	until = minTime(until, b.now().Add(maxBlock))
+	if !until.After(b.blockedUntil) {
+		return false
+	}
+	b.blockedUntil = until
+	return true
+}
+
+// SetOnBlock sets the hook Block tells of each extension of Cloudflare's
+// block (nil: none). Calls to it may overlap: a hook that stores the block
+// should store BlockedUntil at the time, which never goes back, rather than
+// its argument, or an older end could overwrite a newer one.
+func (b *Budget) SetOnBlock(hook func(until time.Time)) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.onBlock = hook
 }
 
 // Blocked returns how long Cloudflare's block still lasts, zero when none.
@@ -97,6 +134,17 @@ func (b *Budget) Blocked() time.Duration {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return max(b.blockedUntil.Sub(b.now()), 0)
+}
+
+// BlockedUntil returns when Cloudflare's block ends, the zero time when
+// none is in force.
+func (b *Budget) BlockedUntil() time.Time {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.blockedUntil.After(b.now()) {
+		return time.Time{}
+	}
+	return b.blockedUntil
 }
 
 // recentLocked returns the recorded calls, oldest first.

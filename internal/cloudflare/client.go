@@ -130,8 +130,11 @@ type GeneratedPSK struct {
 // GeneratePSK asks Cloudflare for a new PSK for one tunnel. Cloudflare
 // activates the key on its edge before it answers, so the call is never
 // retried here: a lost answer may mean a key was set that nobody holds.
-// With validateOnly Cloudflare checks the request and changes nothing; any
-// key in that answer is not in use and is dropped.
+// With validateOnly Cloudflare checks the request and generates nothing, and
+// its answer carries no key: PSK is then "". An answer that does carry one
+// means the edge generated and activated it anyway (a proxy or gateway on
+// the way dropped the query string), so it is checked and returned like any
+// generated key, for the caller to store: dropping it would lose a live key.
 func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, validateOnly bool) (*GeneratedPSK, error) {
 	ctx, cancel, err := c.start(ctx, OpGeneratePSK)
 	if err != nil {
@@ -150,7 +153,7 @@ func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, va
 	if err != nil {
 		return nil, c.describe(OpGeneratePSK, err)
 	}
-	if validateOnly {
+	if validateOnly && res.PSK == "" {
 		return &GeneratedPSK{LastGeneratedOn: res.PSKMetadata.LastGeneratedOn}, nil
 	}
 	if res.PSK == "" {

@@ -49,18 +49,45 @@ func TestGeneratePSKReturnsTheEdgesKey(t *testing.T) {
 	}
 }
 
-func TestValidateOnlyDropsTheAnswersKey(t *testing.T) {
-	f := newFixture(t)
-	before, _ := f.sim.Tunnel(f.account, f.tunnel)
-	got, err := f.client.GeneratePSK(context.Background(), f.account, f.tunnel, true)
-	if err != nil {
-		t.Fatal(err)
+// TestValidateOnlyPassesOnAKeyTheEdgeGenerated: a validation's answer
+// carries no key and GeneratePSK returns none; an answer that carries one
+// means the edge generated it (a gateway dropped the query), and the key is
+// returned so that the caller can store it rather than lose it.
+func TestValidateOnlyPassesOnAKeyTheEdgeGenerated(t *testing.T) {
+	cases := []struct {
+		name    string
+		fault   *cloudflaresim.Fault
+		wantKey bool
+	}{
+		{name: "validated"},
+		{name: "query dropped on the way", fault: &cloudflaresim.Fault{IgnoreValidateOnly: true}, wantKey: true},
 	}
-	if got.PSK != "" {
-		t.Error("a validate_only answer's key was passed on")
-	}
-	if edge, _ := f.sim.Tunnel(f.account, f.tunnel); edge.PSK != before.PSK || len(edge.GeneratedPSKs) != len(before.GeneratedPSKs) {
-		t.Error("validate_only changed the edge")
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t)
+			before, _ := f.sim.Tunnel(f.account, f.tunnel)
+			if tc.fault != nil {
+				f.sim.FailNext(cloudflaresim.OpPSKGenerate, *tc.fault)
+			}
+			got, err := f.client.GeneratePSK(context.Background(), f.account, f.tunnel, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			edge, _ := f.sim.Tunnel(f.account, f.tunnel)
+			if changed := edge.PSK != before.PSK; changed != tc.wantKey {
+				t.Fatalf("the edge's key changed: %v, want %v", changed, tc.wantKey)
+			}
+			if tc.wantKey {
+				if got.PSK != edge.PSK || !got.LastGeneratedOn.Equal(edge.PSKGeneratedOn) {
+					t.Errorf("GeneratePSK returned a key generated at %s, the edge's is of %s (keys equal: %v)",
+						got.LastGeneratedOn, edge.PSKGeneratedOn, got.PSK == edge.PSK)
+				}
+				return
+			}
+			if got.PSK != "" {
+				t.Error("a validation returned a key")
+			}
+		})
 	}
 }
 

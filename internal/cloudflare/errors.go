@@ -268,7 +268,7 @@ type BlockedError struct {
 }
 
 func (e *BlockedError) Error() string {
-	return fmt.Sprintf("cloudflare %s: not sent: Cloudflare's rate limit blocks this API token for another %s", e.Op, e.RetryAfter.Round(time.Second))
+	return fmt.Sprintf("cloudflare %s: not sent: Cloudflare's rate limit blocks this API token's user for another %s", e.Op, e.RetryAfter.Round(time.Second))
 }
 
 // defaultBlock is how long Cloudflare blocks a token that went over its

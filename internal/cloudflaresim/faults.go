@@ -30,6 +30,12 @@ type Fault struct {
 	AfterCommit bool
 	// Hangup closes the connection without any answer.
 	Hangup bool
+	// IgnoreValidateOnly plays a gateway between the engine and Cloudflare
+	// that dropped the query string: a psk_generate?validate_only=true is
+	// carried out as a real generation (the edge's key changes and the
+	// answer carries it). With no other field set the request is otherwise
+	// answered normally; with others, they are played as usual.
+	IgnoreValidateOnly bool
 	// ProcessAfter plays a request the edge accepted but processed late:
 	// the caller gets no answer (the request is held until the caller gives
 	// up), and ProcessAfter after the request arrived the edge does what it

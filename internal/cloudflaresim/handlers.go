@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"reflect"
 	"regexp"
 	"slices"
 	"sort"
@@ -74,6 +75,12 @@ func (s *Server) handle(method, path string, op Operation, h func(http.ResponseW
 			return
 		}
 		fault, faulted := s.countCall(op)
+		if faulted && fault.IgnoreValidateOnly {
+			// What a gateway that dropped the query string passes on.
+			r.URL.RawQuery = ""
+			fault.IgnoreValidateOnly = false
+			faulted = !reflect.DeepEqual(fault, Fault{})
+		}
 		if faulted {
 			s.applyFault(w, r, op, fault, h)
 			return
@@ -157,12 +164,12 @@ func (s *Server) pskGenerate(w http.ResponseWriter, r *http.Request) {
 	}
 	var result map[string]any
 	if validateOnly {
-		// Nothing changes on the edge. Cloudflare does not document this
-		// answer's result; the simulator sends a key that is not in use so
-		// that tests can prove the engine drops it.
-		throwaway := newSecret(32)
-		s.issued = append(s.issued, throwaway)
-		result = pskResult(tunnelID, throwaway, t.PSKGeneratedOn)
+		// Nothing changes on the edge, and the answer carries no key: a
+		// validation generates none, as Cloudflare's documentation implies
+		// (it does not document this answer's result). A key in such an
+		// answer means the edge did generate one (the query was dropped on
+		// the way, see Fault.IgnoreValidateOnly), and the engine keeps it.
+		result = pskResult(tunnelID, "", t.PSKGeneratedOn)
 	} else {
 		s.generatePSK(t)
 		result = pskResult(tunnelID, t.PSK, t.PSKGeneratedOn)
@@ -171,8 +178,13 @@ func (s *Server) pskGenerate(w http.ResponseWriter, r *http.Request) {
 	writeSuccess(w, result)
 }
 
+// pskResult is psk_generate's result; psk "" (a validation) leaves the
+// field out.
 func pskResult(tunnelID, psk string, generatedOn time.Time) map[string]any {
-	result := map[string]any{"ipsec_tunnel_id": tunnelID, "psk": psk}
+	result := map[string]any{"ipsec_tunnel_id": tunnelID}
+	if psk != "" {
+		result["psk"] = psk
+	}
 	if !generatedOn.IsZero() {
 		result["psk_metadata"] = map[string]any{"last_generated_on": formatTime(generatedOn)}
 	}

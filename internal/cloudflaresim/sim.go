@@ -88,8 +88,7 @@ type Server struct {
 	tokens   map[string]*Token
 	faults   map[Operation][]Fault
 	calls    map[Operation]int
-	// issued is every secret the simulator made: token values and keys,
-	// including the throwaway keys of validate_only answers.
+	// issued is every secret the simulator made: token values and keys.
 	issued []string
 	mux    *http.ServeMux
 	now    func() time.Time

@@ -1,0 +1,102 @@
+package main
+
+// A validate_only write asks Cloudflare to check a psk_generate without
+// generating (?validate_only=true). The engine cannot trust that the query
+// string arrives: a proxy or gateway on the way that drops it turns the
+// validation into a real generation, and Cloudflare activates a key that
+// nobody would hold. So a validation is run under the same protocol as a
+// rotation (generateLocked in rotation.go): the tunnel's lock is held, the
+// record is written rotation_unknown before the call, and only the answer
+// decides what happened:
+//
+//   - no key in the answer: a validation; the record is put back as it was;
+//   - a key in the answer: Cloudflare generated it, and it is live at the
+//     edge; it is stored as a rotation (version+1, current; a schedule
+//     restarts from it) and the caller is warned;
+//   - a refusal (4xx, rate limit, not sent): nothing happened; the record is
+//     put back;
+//   - anything else (no answer, a 5xx, a malformed answer): the outcome is
+//     unknown; the record stays rotation_unknown and reconciliation learns
+//     from Cloudflare's tunnel record whether the key changed, and heals.
+//
+// It is the rotation protocol always, not only when a record exists: a
+// tunnel's first key is as lost as any other if the query is dropped.
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+)
+
+// generatedAnywayWarning is what the caller of a validation that generated
+// a key is told.
+const generatedAnywayWarning = "Cloudflare generated a key although validate_only was asked " +
+	"(a proxy or gateway on the way may have dropped the query string): it is stored as a rotation, version %d, " +
+	"and is the key the edge uses now; give it to the router"
+
+// validateOnWrite is a validate_only write of t. It returns the record it
+// stored when Cloudflare's answer carried a key (see above), nil when it only
+// validated.
+func (b *backend) validateOnWrite(ctx context.Context, s logical.Storage, t tunnelRef) (*pskRecord, error) {
+	client, cfg, err := b.cloudflareClient(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	lock := b.tunnelLock(t)
+	lock.Lock()
+	defer lock.Unlock()
+
+	rec, err := readPSKRecord(ctx, s, t)
+	if err != nil {
+		return nil, err
+	}
+	if rec != nil && !rec.current() {
+		// As before a rotation: learn what became of the last one first,
+		// without healing (this is a validation); while it still settles,
+		// a validation that turned into a generation could be overtaken
+		// by the abandoned request, so it is refused (409).
+		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err != nil {
+			return nil, fmt.Errorf("learn the outcome of the last rotation of %s before validating: %w", t, err)
+		}
+	}
+	period := time.Duration(0)
+	if rec != nil {
+		period = rec.RotationPeriod
+	}
+	stored, err := b.generateLocked(ctx, s, client, cfg, t, rec, period, "validate_only", true)
+	if err != nil {
+		if cloudflare.IsCloudflare(err) && !cloudflare.NoEffect(err) {
+			err = fmt.Errorf("%w; the outcome is unknown (a dropped query string would have made it a generation), "+
+				"so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, stateRotationUnknown)
+		}
+		return nil, fmt.Errorf("validate psk generation for %s: %w", t, err)
+	}
+	if stored != nil {
+		b.tunnelLogger(t).Warn("cloudflare generated a psk for a validate_only request; stored as a rotation", "version", stored.Version)
+	}
+	return stored, nil
+}
+
+// validateOnlyResponse is the answer to a validate_only write: what was
+// validated, and, when Cloudflare generated a key anyway, the stored key's
+// metadata (never the key) with a warning.
+func validateOnlyResponse(t tunnelRef, stored *pskRecord) *logical.Response {
+	if stored == nil {
+		return &logical.Response{Data: map[string]any{
+			"account_id":    t.AccountID,
+			"tunnel_id":     t.TunnelID,
+			"validate_only": true,
+			"stored":        false,
+		}}
+	}
+	data := stored.metadata()
+	data["validate_only"] = true
+	data["stored"] = true
+	resp := &logical.Response{Data: data}
+	resp.AddWarning(fmt.Sprintf(generatedAnywayWarning, stored.Version))
+	return resp
+}

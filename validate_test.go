@@ -1,0 +1,140 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+)
+
+// validateOnly runs a validate_only write of env's tunnel as the handler
+// will once it calls validateOnWrite: the status Vault would answer
+// with, and the response.
+func validateOnly(env *testEnv) (*logical.Response, error) {
+	t := tunnelRef{AccountID: env.account, TunnelID: env.tunnel.ID}
+	stored, err := env.b.validateOnWrite(context.Background(), env.storage, t)
+	if err != nil {
+		return failure(err)
+	}
+	return validateOnlyResponse(t, stored), nil
+}
+
+// TestValidateOnlyIsCrashSafe: a validate_only request is marked like a
+// rotation before it is sent, because a proxy or gateway that drops the
+// query string turns it into a real generation. A validation changes
+// nothing in the end; a key the answer carries is stored as a rotation and
+// the caller is warned; an answer lost on the way leaves the tunnel
+// rotation_unknown, which reconciliation heals; a refusal changes nothing.
+func TestValidateOnlyIsCrashSafe(t *testing.T) {
+	cases := []struct {
+		name string
+		// existing: a key is stored before the validation.
+		existing bool
+		fault    *cloudflaresim.Fault
+		// wantStatus is Vault's answer; wantStored whether a key was stored.
+		wantStatus  int
+		wantStored  bool
+		edgeChanges bool
+	}{
+		{name: "validated", existing: true, wantStatus: 200},
+		{name: "validated, first for the tunnel", wantStatus: 200},
+		{name: "refused", existing: true, wantStatus: 400,
+			fault: &cloudflaresim.Fault{Status: 403, Errors: []cloudflaresim.Message{{Code: 10000, Message: "Authentication error"}}}},
+		{name: "query dropped: a key is generated", existing: true, wantStatus: 200, wantStored: true, edgeChanges: true,
+			fault: &cloudflaresim.Fault{IgnoreValidateOnly: true}},
+		{name: "query dropped, first for the tunnel", wantStatus: 200, wantStored: true, edgeChanges: true,
+			fault: &cloudflaresim.Fault{IgnoreValidateOnly: true}},
+		{name: "query dropped and the answer lost", existing: true, wantStatus: 502, edgeChanges: true,
+			fault: &cloudflaresim.Fault{IgnoreValidateOnly: true, AfterCommit: true, Hangup: true}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newConfiguredEnv(t)
+			version := 0
+			if tc.existing {
+				env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "24h"}))
+				version = 1
+			}
+			before := env.storageSnapshot()
+			edgeBefore := env.edge()
+			if tc.fault != nil {
+				env.sim.FailNext(cloudflaresim.OpPSKGenerate, *tc.fault)
+			}
+
+			resp, err := validateOnly(env)
+			if got := httpStatus(resp, err); got != tc.wantStatus {
+				t.Fatalf("status = %d, want %d: %s", got, tc.wantStatus, errorText(resp, err))
+			}
+			if changed := env.edge().PSK != edgeBefore.PSK; changed != tc.edgeChanges {
+				t.Fatalf("the edge's key changed: %v, the case says %v", changed, tc.edgeChanges)
+			}
+			if strings.Contains(responseJSON(t, resp)+errorText(resp, err), env.edge().PSK) {
+				t.Error("the answer carries the key")
+			}
+
+			switch {
+			case tc.wantStored:
+				if resp.Data["stored"] != true || resp.Data["validate_only"] != true || resp.Data["version"] != version+1 {
+					t.Errorf("answer = %v, want stored=true validate_only=true version=%d", resp.Data, version+1)
+				}
+				if w := strings.Join(resp.Warnings, " "); !strings.Contains(w, "Cloudflare generated a key although validate_only was asked") ||
+					!strings.Contains(w, "stored as a rotation") {
+					t.Errorf("warnings %q do not say a key was generated and stored", w)
+				}
+				assertCurrent(t, env, "after a validation that generated")
+				if read := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)); read.Data["version"] != version+1 {
+					t.Errorf("version = %v, want %d", read.Data["version"], version+1)
+				}
+			case tc.edgeChanges:
+				// The outcome is unknown: the record says so (read from
+				// storage: a read would reconcile at once), Vault is honest,
+				// and reconciliation finds the edge's newer key and heals.
+				rec, rerr := readPSKRecord(context.Background(), env.storage, tunnelRef{env.account, env.tunnel.ID})
+				if rerr != nil || rec == nil || rec.State != stateRotationUnknown {
+					t.Fatalf("stored record after a lost answer: %+v, %v; want state %s", rec, rerr, stateRotationUnknown)
+				}
+				if !strings.Contains(errorText(resp, err), "the outcome is unknown") {
+					t.Errorf("error %q does not say the outcome is unknown", errorText(resp, err))
+				}
+				assertHonest(t, env)
+				runBackgroundPass(t, env)
+				assertCurrent(t, env, "after the background pass")
+			default:
+				if tc.wantStatus == 200 && (resp.Data["stored"] != false || len(resp.Warnings) != 0) {
+					t.Errorf("answer = %v, warnings %v; want stored=false and no warning", resp.Data, resp.Warnings)
+				}
+				if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
+					t.Errorf("a validation that generated nothing changed storage:\nbefore %v\nafter  %v", before, after)
+				}
+			}
+		})
+	}
+}
+
+// TestValidateOnlyWaitsWhileARotationSettles: while the last rotation's
+// outcome is unknown and its request may still be carried out, a
+// validation (which may turn into a generation) is refused like a write,
+// with nothing sent but the reconciliation's read of the tunnel.
+func TestValidateOnlyWaitsWhileARotationSettles(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 500})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("the faulted rotation succeeded")
+	}
+	generates := env.sim.Calls(cloudflaresim.OpPSKGenerate)
+	resp, err := validateOnly(env)
+	if got := httpStatus(resp, err); got != http.StatusConflict {
+		t.Fatalf("status = %d, want 409: %s", got, errorText(resp, err))
+	}
+	if n := env.sim.Calls(cloudflaresim.OpPSKGenerate) - generates; n != 0 {
+		t.Errorf("psk_generate sent %d times while the last rotation settles", n)
+	}
+	runBackgroundPass(t, env)
+	env.must(validateOnly(env))
+}
