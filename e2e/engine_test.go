@@ -176,16 +176,25 @@ func TestEngineOnDevServer(t *testing.T) {
 				t.Errorf("stderr does not say %q:\n%s", want, secrets.redact(res.stderr))
 			}
 		}
+		// A 503 leaves the outcome unknown, and its tunnel refuses new
+		// keys until the settle window ends: a tunnel of its own keeps the
+		// rest of the suite clear of it.
+		spare := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
+		v.mustVault(t, root, "write", "-f", psk(account, spare))
 		sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 503, Errors: []cloudflaresim.Message{{Code: 1000, Message: "edge unavailable"}}})
-		res = v.vault(t, root, "write", "-f", psk(account, tunnels[0]))
-		for _, want := range []string{"Code: 502", "HTTP 503", "code 1000", "edge unavailable", tunnels[0]} {
+		res = v.vault(t, root, "write", "-f", psk(account, spare))
+		for _, want := range []string{"Code: 502", "HTTP 503", "code 1000", "edge unavailable", spare} {
 			if !strings.Contains(res.stderr, want) {
 				t.Errorf("stderr does not say %q:\n%s", want, secrets.redact(res.stderr))
 			}
 		}
-		read := v.mustVaultJSON(t, root, "read", psk(account, tunnels[0]))
-		if field(t, read, "psk") != edgeKey(account, tunnels[0]) {
-			t.Error("after a failed rotation Vault no longer holds the edge's key")
+		read := v.mustVaultJSON(t, root, "read", psk(account, spare))
+		if field(t, read, "psk") != edgeKey(account, spare) || field(t, read, "state") != "rotation_unknown" {
+			t.Errorf("after a failed rotation: state %v, key is the edge's: %v", field(t, read, "state"), field(t, read, "psk") == edgeKey(account, spare))
+		}
+		retry := v.vault(t, root, "write", "-f", psk(account, spare))
+		if !strings.Contains(retry.stderr, "Code: 409") || !strings.Contains(retry.stderr, "until") {
+			t.Errorf("a retry inside the settle window: stderr:\n%s", secrets.redact(retry.stderr))
 		}
 	})
 
@@ -205,10 +214,13 @@ func TestEngineOnDevServer(t *testing.T) {
 		}
 		time.Sleep(2 * time.Second) // the block Cloudflare announced
 
-		// request_timeout is 5s; the simulator holds its answer longer.
+		// request_timeout is 5s; the simulator holds its answer longer. A
+		// timeout's outcome is unknown: a tunnel of its own, as above.
+		spare := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
+		v.mustVault(t, root, "write", "-f", psk(account, spare))
 		sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Delay: 8 * time.Second})
 		start := time.Now()
-		res = v.vault(t, root, "write", "-f", psk(account, tunnels[0]))
+		res = v.vault(t, root, "write", "-f", psk(account, spare))
 		if !strings.Contains(res.stderr, "Code: 504") || !strings.Contains(res.stderr, "deadline exceeded") {
 			t.Errorf("stderr:\n%s", secrets.redact(res.stderr))
 		}

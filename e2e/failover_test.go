@@ -250,7 +250,16 @@ func TestFailoverDuringRotations(t *testing.T) {
 			}
 		}
 	}
-	// The next write leaves every tunnel current with the edge's key.
+	// The next write leaves every tunnel current with the edge's key, once
+	// the settle window of any rotation the failover interrupted has
+	// passed (before it, a write is refused with 409: the interrupted
+	// request could still land).
+	for _, tun := range tunnels {
+		meta := next.mustVaultJSON(t, root, "read", "cloudflare-ipsec/metadata/"+account+"/"+tun)
+		if until, err := time.Parse(time.RFC3339Nano, fmt.Sprint(field(t, meta, "settle_until"))); err == nil {
+			time.Sleep(time.Until(until) + time.Second)
+		}
+	}
 	for _, tun := range tunnels {
 		next.mustVault(t, root, "write", "-f", path(tun))
 		read := next.mustVaultJSON(t, root, "read", path(tun))
