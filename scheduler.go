@@ -8,6 +8,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -166,7 +167,8 @@ type dueOutcome struct {
 
 var (
 	dueFinished = dueOutcome{finished: true}
-	// dueKept leaves the entry for a later pass (storage could not be read).
+	// dueKept leaves the entry for a later pass: storage failed, or the
+	// tunnel cannot be worked yet.
 	dueKept = dueOutcome{}
 )
 
@@ -218,8 +220,11 @@ func (sc *scheduler) rotateDue(ctx context.Context, client *cloudflare.Client, c
 		log.Warn("scheduled rotation failed", "trigger", trigger, "error", err)
 		if due.Bulk {
 			b.recordBulkResult(ctx, s, t, err)
-		} else {
-			b.retryScheduledLater(ctx, s, t)
+		} else if rerr := b.retryScheduledLater(ctx, s, t); rerr != nil {
+			// The entry is the tunnel's only place in the schedule until a
+			// replacement is stored: keep it, and the next pass tries again.
+			log.Warn("could not reschedule a failed rotation; its schedule entry is kept", "error", rerr)
+			return dueKept
 		}
 		return dueFinished
 	}
@@ -231,17 +236,27 @@ func (sc *scheduler) rotateDue(ctx context.Context, client *cloudflare.Client, c
 }
 
 // retryScheduledLater moves a failed scheduled rotation a little into the
-// future. The caller holds t's lock.
-func (b *backend) retryScheduledLater(ctx context.Context, s logical.Storage, t tunnelRef) {
+// future. The caller holds t's lock. It returns an error when the new time
+// could not be stored, entry and record both: the caller then keeps the old
+// entry, which is deleted only once its replacement and the record that
+// points at it are stored, so a storage failure can delay a schedule but
+// never lose it.
+func (b *backend) retryScheduledLater(ctx context.Context, s logical.Storage, t tunnelRef) error {
 	rec, err := readPSKRecord(ctx, s, t)
-	if err != nil || rec == nil || rec.RotationPeriod == 0 {
-		return
+	if err != nil {
+		return err
+	}
+	if rec == nil || rec.RotationPeriod == 0 {
+		return nil
 	}
 	rec.NextRotation = b.now().Add(retryFailedAfter).UTC()
-	if err := scheduleRotation(ctx, s, t, rec.NextRotation, false); err == nil {
-		err = writePSKRecord(ctx, s, t, rec)
-		if err != nil {
-			b.tunnelLogger(t).Warn("could not reschedule a failed rotation", "error", err)
-		}
+	// The entry first: a record pointing at a minute with no entry would
+	// never rotate, an entry without a record that points at it is dropped.
+	if err := scheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {
+		return fmt.Errorf("reschedule the failed rotation of %s: %w", t, err)
 	}
+	if err := writePSKRecord(ctx, s, t, rec); err != nil {
+		return fmt.Errorf("reschedule the failed rotation of %s: %w", t, err)
+	}
+	return nil
 }

@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -23,6 +25,135 @@ func drain(t *testing.T, env *testEnv) {
 		t.Fatal("the scheduler is not running")
 	}
 	sc.pass(context.Background())
+}
+
+// hookStorage wraps a logical.Storage and lets a test fail or watch chosen
+// Puts and Deletes. The hooks run outside its lock, so a hook may itself
+// make requests that write storage (through the inner storage).
+type hookStorage struct {
+	logical.Storage
+	mu       sync.Mutex
+	onPut    func(*logical.StorageEntry) error
+	onDelete func(key string) error
+}
+
+func (h *hookStorage) Put(ctx context.Context, entry *logical.StorageEntry) error {
+	h.mu.Lock()
+	hook := h.onPut
+	h.mu.Unlock()
+	if hook != nil {
+		if err := hook(entry); err != nil {
+			return err
+		}
+	}
+	return h.Storage.Put(ctx, entry)
+}
+
+func (h *hookStorage) Delete(ctx context.Context, key string) error {
+	h.mu.Lock()
+	hook := h.onDelete
+	h.mu.Unlock()
+	if hook != nil {
+		if err := hook(key); err != nil {
+			return err
+		}
+	}
+	return h.Storage.Delete(ctx, key)
+}
+
+// failPuts fails every Put under prefix ("" stops failing).
+func (h *hookStorage) failPuts(prefix string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.onPut = nil
+	if prefix != "" {
+		h.onPut = func(e *logical.StorageEntry) error {
+			if strings.HasPrefix(e.Key, prefix) {
+				return errors.New("injected storage failure")
+			}
+			return nil
+		}
+	}
+}
+
+// failDeletes fails every Delete under prefix ("" stops failing).
+func (h *hookStorage) failDeletes(prefix string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.onDelete = nil
+	if prefix != "" {
+		h.onDelete = func(key string) error {
+			if strings.HasPrefix(key, prefix) {
+				return errors.New("injected storage failure")
+			}
+			return nil
+		}
+	}
+}
+
+// schedulerOver replaces the mount's running scheduler with one over s that
+// runs only when the test drains it: the test can fault the scheduler's
+// storage, and no loop works the schedule behind its back.
+func schedulerOver(t *testing.T, env *testEnv, s logical.Storage) {
+	t.Helper()
+	env.b.clean(context.Background())
+	env.b.schedulerMu.Lock()
+	env.b.scheduler = newScheduler(env.b, s)
+	env.b.schedulerMu.Unlock()
+}
+
+// record reads a tunnel's stored record.
+func record(t *testing.T, env *testEnv, tunnel string) *pskRecord {
+	t.Helper()
+	rec, err := readPSKRecord(context.Background(), env.storage, tunnelRef{env.account, tunnel})
+	if err != nil || rec == nil {
+		t.Fatalf("read record of %s: %v (%v)", tunnel, rec, err)
+	}
+	return rec
+}
+
+// scheduledEntry reports whether the due/ entry of a record's next rotation
+// is stored.
+func scheduledEntry(t *testing.T, env *testEnv, rec *pskRecord) bool {
+	t.Helper()
+	entry, err := env.storage.Get(context.Background(), dueKey(dueMinute(rec.NextRotation, true), tunnelRef{rec.AccountID, rec.TunnelID}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return entry != nil
+}
+
+var forbidden = cloudflaresim.Fault{Status: 403, Errors: []cloudflaresim.Message{{Code: 10000, Message: "Authentication error"}}}
+
+// TestFailedRescheduleKeepsTheEntry: a scheduled rotation fails and its
+// retry cannot be stored. The old entry must stay, or nothing would ever
+// rotate the tunnel again; once storage works the tunnel rotates.
+func TestFailedRescheduleKeepsTheEntry(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	storage := &hookStorage{Storage: env.storage}
+	schedulerOver(t, env, storage)
+	before := record(t, env, env.tunnel.ID)
+
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, forbidden)
+	storage.failPuts(duePrefix)
+	env.clock.Advance(time.Hour + time.Minute)
+	drain(t, env)
+	storage.failPuts("")
+	if env.sim.Calls(cloudflaresim.OpPSKGenerate) != 2 {
+		t.Fatalf("generate calls = %d, want 2 (the write and the failed scheduled one)", env.sim.Calls(cloudflaresim.OpPSKGenerate))
+	}
+	if !scheduledEntry(t, env, before) {
+		t.Fatal("the failed reschedule dropped the only schedule entry")
+	}
+
+	drain(t, env)
+	if v := storedVersion(t, env, env.pskPath()); v != 2 {
+		t.Fatalf("after storage recovered: version %d, want 2", v)
+	}
+	if rec := record(t, env, env.tunnel.ID); !scheduledEntry(t, env, rec) {
+		t.Error("the rotation after recovery left no schedule entry")
+	}
 }
 
 func storedVersion(t *testing.T, env *testEnv, path string) int {
