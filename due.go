@@ -131,3 +131,37 @@ func loadDue(ctx context.Context, s logical.Storage, now time.Time) ([]dueItem, 
 	}
 	return items, time.Time{}, nil
 }
+
+// listRecordsAfter returns up to n tunnels that have a record
+// (psk/<account>/<tunnel>), in key order, starting after after (the zero
+// tunnelRef: from the first). complete says that the list reached the last
+// record.
+func listRecordsAfter(ctx context.Context, s logical.Storage, after tunnelRef, n int) ([]tunnelRef, bool, error) {
+	accounts, err := s.List(ctx, pskStoragePrefix)
+	if err != nil {
+		return nil, false, fmt.Errorf("list accounts: %w", err)
+	}
+	sort.Strings(accounts)
+	var out []tunnelRef
+	for _, a := range accounts {
+		account, ok := strings.CutSuffix(a, "/")
+		if !ok || account < after.AccountID {
+			continue
+		}
+		tunnels, err := s.List(ctx, pskStoragePrefix+a)
+		if err != nil {
+			return nil, false, fmt.Errorf("list tunnels of account %s: %w", account, err)
+		}
+		sort.Strings(tunnels)
+		for _, tunnel := range tunnels {
+			if strings.HasSuffix(tunnel, "/") || account == after.AccountID && tunnel <= after.TunnelID {
+				continue
+			}
+			if len(out) == n {
+				return out, false, nil
+			}
+			out = append(out, tunnelRef{AccountID: account, TunnelID: tunnel})
+		}
+	}
+	return out, true, nil
+}

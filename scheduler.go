@@ -20,6 +20,18 @@ import (
 // retryFailedAfter is when a failed scheduled rotation is tried again.
 const retryFailedAfter = time.Minute
 
+const (
+	// repairPerPass bounds the records one pass reads for the repair walk
+	// (repairSchedule), so a mount with a great many tunnels still starts
+	// at once and no pass is held up for long.
+	repairPerPass = 1000
+	// repairEvery is how often a new repair walk starts. Each walk reads
+	// every record (seal-wrapped storage, so not free), and it only has work
+	// after a storage failure, so it is paced: a lost entry is back within
+	// repairEvery plus the walk's own passes.
+	repairEvery = 10 * time.Minute
+)
+
 // scheduler works off one mount's due rotations.
 type scheduler struct {
 	b       *backend
@@ -30,6 +42,13 @@ type scheduler struct {
 	wake   chan struct{}
 	cancel context.CancelFunc
 	done   chan struct{}
+
+	// The repair walk's place, in memory only: a new process starts with a
+	// walk. repairing is set while a walk is under way, repairAfter is the
+	// last record it examined, repairStarted when it began. Guarded by mu.
+	repairing     bool
+	repairAfter   tunnelRef
+	repairStarted time.Time
 }
 
 func newScheduler(b *backend, s logical.Storage) *scheduler {
@@ -87,6 +106,9 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 	if !b.mayWrite() {
 		return time.Minute
 	}
+	// Before loading what is due, so an entry put back is worked at once
+	// when its time has come.
+	sc.repairSchedule(ctx)
 	client, cfg, err := b.cloudflareClient(ctx, sc.storage)
 	if err != nil {
 		return time.Minute
@@ -125,6 +147,67 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 		return time.Minute
 	}
 	return max(next.Sub(b.now())+time.Second, time.Second)
+}
+
+// repairSchedule puts back the schedule entries that storage failed to
+// keep. A tunnel's record (RotationPeriod, NextRotation) is the truth about
+// its schedule and its due/ entry only an index, written beside it; when that
+// write fails (a rotation logs it and goes on: the key is stored, which is
+// what matters), nothing would ever rotate the tunnel again. The walk reads
+// at most repairPerPass records per pass, resuming after the last one; a new
+// walk starts at the scheduler's first pass and then every repairEvery.
+//
+// It takes no tunnel lock: it only ever adds an entry, and an entry that a
+// concurrent rotation made stale (the record moved on meanwhile) is dropped
+// by the scheduler when its minute comes, as any stale entry is.
+func (sc *scheduler) repairSchedule(ctx context.Context) {
+	now := sc.b.now()
+	if !sc.repairing {
+		if !sc.repairStarted.IsZero() && now.Sub(sc.repairStarted) < repairEvery {
+			return
+		}
+		sc.repairing, sc.repairAfter, sc.repairStarted = true, tunnelRef{}, now
+	}
+	tunnels, complete, err := listRecordsAfter(ctx, sc.storage, sc.repairAfter, repairPerPass)
+	if err != nil {
+		sc.b.Logger().Warn("schedule repair could not list records; it resumes next pass", "error", err)
+		return
+	}
+	for _, t := range tunnels {
+		// A record that cannot be read is passed over (and logged), so one
+		// corrupt record cannot stop every walk at the same place; the pass
+		// stops there, so a storage outage is not a thousand warnings.
+		sc.repairAfter = t
+		if err := sc.repairEntry(ctx, t); err != nil {
+			sc.b.tunnelLogger(t).Warn("schedule repair could not check a tunnel", "error", err)
+			return
+		}
+	}
+	if complete {
+		sc.repairing = false
+	}
+}
+
+// repairEntry writes t's due/ entry when its record has a next rotation and
+// the entry is missing.
+func (sc *scheduler) repairEntry(ctx context.Context, t tunnelRef) error {
+	rec, err := readPSKRecord(ctx, sc.storage, t)
+	if err != nil || rec == nil || rec.RotationPeriod <= 0 || rec.NextRotation.IsZero() {
+		return err
+	}
+	key := dueKey(dueMinute(rec.NextRotation, true), t)
+	entry, err := sc.storage.Get(ctx, key)
+	if err != nil {
+		return fmt.Errorf("read schedule entry %s: %w", key, err)
+	}
+	if entry != nil {
+		return nil
+	}
+	if err := scheduleRotation(ctx, sc.storage, t, rec.NextRotation, false); err != nil {
+		return err
+	}
+	sc.b.tunnelLogger(t).Warn("the next rotation had no schedule entry; restored it", "next_rotation", formatTime(rec.NextRotation))
+	return nil
 }
 
 // awaitBudget returns how long to wait before the scheduler may spend a

@@ -156,6 +156,54 @@ func TestFailedRescheduleKeepsTheEntry(t *testing.T) {
 	}
 }
 
+// TestLostScheduleEntryIsRepaired: the due/ entry of a tunnel's next
+// rotation could not be stored (a rotation only logs that). The record is the
+// truth: the scheduler's repair walk, at start and then every so often, puts
+// the entry back, and the tunnel rotates when it is due, not earlier.
+func TestLostScheduleEntryIsRepaired(t *testing.T) {
+	env := newConfiguredEnv(t)
+	// A scheduler that has not run yet: its first pass is its first walk.
+	schedulerOver(t, env, env.storage)
+	storage := &hookStorage{Storage: env.storage}
+	env.storage = storage
+	loseEntry := func(when string) *pskRecord {
+		t.Helper()
+		storage.failPuts(duePrefix)
+		env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+		storage.failPuts("")
+		rec := record(t, env, env.tunnel.ID)
+		if rec.NextRotation.IsZero() || scheduledEntry(t, env, rec) {
+			t.Fatalf("%s: want a record with next_rotation and no schedule entry", when)
+		}
+		return rec
+	}
+
+	rec := loseEntry("at start")
+	drain(t, env)
+	if !scheduledEntry(t, env, rec) {
+		t.Fatal("the first pass did not restore the missing schedule entry")
+	}
+	if v := storedVersion(t, env, env.pskPath()); v != 1 {
+		t.Fatalf("the repair rotated: version %d", v)
+	}
+
+	// Lost again later: a later walk finds it.
+	rec = loseEntry("later")
+	env.clock.Advance(20 * time.Minute)
+	drain(t, env)
+	if !scheduledEntry(t, env, rec) {
+		t.Fatal("a later pass did not restore the missing schedule entry")
+	}
+	if v := storedVersion(t, env, env.pskPath()); v != 2 {
+		t.Fatalf("rotated before it was due: version %d", v)
+	}
+	env.clock.Advance(41 * time.Minute)
+	drain(t, env)
+	if v := storedVersion(t, env, env.pskPath()); v != 3 {
+		t.Fatalf("the repaired schedule did not rotate when due: version %d, want 3", v)
+	}
+}
+
 func storedVersion(t *testing.T, env *testEnv, path string) int {
 	t.Helper()
 	return env.must(env.request(logical.ReadOperation, path, nil)).Data["version"].(int)
