@@ -17,9 +17,6 @@ import (
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 )
 
-// retryFailedAfter is when a failed scheduled rotation is tried again.
-const retryFailedAfter = time.Minute
-
 const (
 	// repairPerPass bounds the records one pass reads for the repair walk
 	// (repairSchedule), so a mount with a great many tunnels still starts
@@ -303,7 +300,7 @@ func (sc *scheduler) rotateDue(ctx context.Context, client *cloudflare.Client, c
 		log.Warn("scheduled rotation failed", "trigger", trigger, "error", err)
 		if due.Bulk {
 			b.recordBulkResult(ctx, s, t, err)
-		} else if rerr := b.retryScheduledLater(ctx, s, t); rerr != nil {
+		} else if rerr := b.retryScheduledLater(ctx, s, t, err); rerr != nil {
 			// The entry is the tunnel's only place in the schedule until a
 			// replacement is stored: keep it, and the next pass tries again.
 			log.Warn("could not reschedule a failed rotation; its schedule entry is kept", "error", rerr)
@@ -318,13 +315,16 @@ func (sc *scheduler) rotateDue(ctx context.Context, client *cloudflare.Client, c
 	return dueFinished
 }
 
-// retryScheduledLater moves a failed scheduled rotation a little into the
-// future. The caller holds t's lock. It returns an error when the new time
+// retryScheduledLater moves a failed scheduled rotation into the future, by
+// the record's backoff (noteFailure: 1m, doubling, at most 1h), so that a
+// tunnel that always fails costs a call an hour, not one a minute, and its
+// metadata says how often and why it failed (a stored rotation clears that).
+// The caller holds t's lock. It returns an error when the new time
 // could not be stored, entry and record both: the caller then keeps the old
 // entry, which is deleted only once its replacement and the record that
 // points at it are stored, so a storage failure can delay a schedule but
 // never lose it.
-func (b *backend) retryScheduledLater(ctx context.Context, s logical.Storage, t tunnelRef) error {
+func (b *backend) retryScheduledLater(ctx context.Context, s logical.Storage, t tunnelRef, cause error) error {
 	rec, err := readPSKRecord(ctx, s, t)
 	if err != nil {
 		return err
@@ -332,7 +332,8 @@ func (b *backend) retryScheduledLater(ctx context.Context, s logical.Storage, t 
 	if rec == nil || rec.RotationPeriod == 0 {
 		return nil
 	}
-	rec.NextRotation = b.now().Add(retryFailedAfter).UTC()
+	rec.noteFailure(b.now(), cause)
+	rec.NextRotation = rec.RetryAt
 	// The entry first: a record pointing at a minute with no entry would
 	// never rotate, an entry without a record that points at it is dropped.
 	if err := scheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {

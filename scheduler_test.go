@@ -204,6 +204,53 @@ func TestLostScheduleEntryIsRepaired(t *testing.T) {
 	}
 }
 
+// TestFailingScheduledRotationBacksOff: a tunnel whose scheduled rotation
+// keeps failing is tried again after 1m, 2m, 4m, 8m (each rounded up to the
+// schedule's minute), not every minute for ever; metadata says how often
+// and why it failed, and a success clears that.
+func TestFailingScheduledRotationBacksOff(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
+	schedulerOver(t, env, env.storage)
+	const failures = 4
+	for i := 0; i < failures; i++ {
+		env.sim.FailNext(cloudflaresim.OpPSKGenerate, forbidden)
+	}
+
+	const step = 10 * time.Second
+	var attempts []time.Duration // clock offsets of the scheduler's calls
+	checked := false
+	for elapsed := time.Duration(0); elapsed < 30*time.Minute && len(attempts) <= failures; elapsed += step {
+		env.clock.Advance(step)
+		drain(t, env)
+		if n := env.sim.Calls(cloudflaresim.OpPSKGenerate) - 1; n > len(attempts) {
+			attempts = append(attempts, elapsed+step)
+		}
+		if len(attempts) == failures && !checked {
+			checked = true
+			meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+			if meta.Data["failures"] != failures || !strings.Contains(meta.Data["last_failure"].(string), "HTTP 403") || meta.Data["retry_at"] == "" {
+				t.Errorf("after %d failures: failures %v, last_failure %q, retry_at %v", failures,
+					meta.Data["failures"], meta.Data["last_failure"], meta.Data["retry_at"])
+			}
+		}
+	}
+	if len(attempts) < failures+1 {
+		t.Fatalf("attempts at %v: want %d", attempts, failures+1)
+	}
+	// Each retry waits its backoff, rounded up to the minute (plus a step).
+	for i, backoff := range []time.Duration{time.Minute, 2 * time.Minute, 4 * time.Minute, 8 * time.Minute} {
+		gap := attempts[i+1] - attempts[i]
+		if gap < backoff || gap > backoff+time.Minute+step {
+			t.Errorf("retry %d came %s after the failure before it, want %s (attempts at %v)", i+1, gap, backoff, attempts)
+		}
+	}
+	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	if meta.Data["failures"] != 0 || meta.Data["last_failure"] != "" || meta.Data["retry_at"] != "" || meta.Data["version"] != 2 {
+		t.Errorf("after the success: %v", meta.Data)
+	}
+}
+
 func storedVersion(t *testing.T, env *testEnv, path string) int {
 	t.Helper()
 	return env.must(env.request(logical.ReadOperation, path, nil)).Data["version"].(int)
