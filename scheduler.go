@@ -106,8 +106,10 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 	// Before loading what is due, so an entry put back is worked at once
 	// when its time has come.
 	sc.repairSchedule(ctx)
-	client, cfg, err := b.cloudflareClient(ctx, sc.storage)
-	if err != nil {
+	// Nothing can rotate without config; the entries wait for it. Each item
+	// gets the client again (rotateDue): it is cached, and a pass can run
+	// for minutes, over which config/rotate-root can kill the token.
+	if _, _, err := b.cloudflareClient(ctx, sc.storage); err != nil {
 		return time.Minute
 	}
 	items, next, err := loadDue(ctx, sc.storage, b.now())
@@ -122,7 +124,7 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 		if ctx.Err() != nil {
 			return 0
 		}
-		outcome := sc.rotateDue(ctx, client, cfg, item)
+		outcome := sc.rotateDue(ctx, item)
 		if outcome.postpone > 0 {
 			return outcome.postpone
 		}
@@ -253,7 +255,7 @@ var (
 )
 
 // rotateDue rotates one due tunnel and says what becomes of its entry.
-func (sc *scheduler) rotateDue(ctx context.Context, client *cloudflare.Client, cfg *configRecord, item dueItem) dueOutcome {
+func (sc *scheduler) rotateDue(ctx context.Context, item dueItem) dueOutcome {
 	b, s, t := sc.b, sc.storage, item.tunnel
 	log := b.tunnelLogger(t)
 	due, err := readDueEntry(ctx, s, item.key)
@@ -284,6 +286,13 @@ func (sc *scheduler) rotateDue(ctx context.Context, client *cloudflare.Client, c
 	trigger := "schedule"
 	if due.Bulk {
 		trigger = "bulk"
+	}
+	// The client of this moment, not of the pass's start: after a config
+	// write or config/rotate-root the cached one is rebuilt.
+	client, cfg, err := b.cloudflareClient(ctx, s)
+	if err != nil {
+		log.Warn("scheduler has no Cloudflare client; the rotation waits", "error", err)
+		return dueOutcome{postpone: time.Minute}
 	}
 	if !rec.current() {
 		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err == nil && rec == nil {
