@@ -117,6 +117,7 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 		b.Logger().Warn("scheduler could not load due rotations", "error", err)
 		return 10 * time.Second
 	}
+	finished := 0
 	for _, item := range items {
 		if wait := sc.awaitBudget(ctx); wait > 0 {
 			return wait
@@ -138,8 +139,14 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 			b.Logger().Warn("scheduler could not remove a finished entry", "entry", item.key, "error", err)
 			return 10 * time.Second
 		}
+		finished++
 	}
 	if len(items) == dueBatch {
+		if finished == 0 {
+			// A whole batch kept (settling records, say): the next load
+			// would be the same batch, so wait instead of spinning.
+			return 10 * time.Second
+		}
 		return 0
 	}
 	if next.IsZero() {
@@ -283,6 +290,13 @@ func (sc *scheduler) rotateDue(ctx context.Context, item dueItem) dueOutcome {
 		// Forgotten, or rescheduled since: the entry is stale.
 		return dueFinished
 	}
+	if rec.settling(b.now()) {
+		// The last rotation's outcome is unknown and Cloudflare may still
+		// carry out its request: a generate now could be overtaken by it,
+		// and Vault would call current a key the edge replaced a moment
+		// later. No call; the entry waits until the record has settled.
+		return dueKept
+	}
 	trigger := "schedule"
 	if due.Bulk {
 		trigger = "bulk"
@@ -303,6 +317,10 @@ func (sc *scheduler) rotateDue(ctx context.Context, item dueItem) dueOutcome {
 		_, err = b.rotateLocked(ctx, s, client, t, rec, rec.RotationPeriod, trigger)
 	}
 	if err != nil {
+		var settling *settlingError
+		if errors.As(err, &settling) {
+			return dueKept // as above, found out under the call
+		}
 		if wait := cloudflare.RetryAfter(err); wait > 0 {
 			return dueOutcome{postpone: wait}
 		}

@@ -251,6 +251,64 @@ func TestFailingScheduledRotationBacksOff(t *testing.T) {
 	}
 }
 
+// TestSettlingRecordWaits: while the last rotation's outcome is unknown and
+// Cloudflare may still act on it, neither a scheduled nor a bulk rotation may
+// call Cloudflare (a new generate could be overtaken by the abandoned one);
+// the entry waits, and is worked once the record has settled.
+func TestSettlingRecordWaits(t *testing.T) {
+	for _, bulk := range []bool{false, true} {
+		name := "scheduled"
+		if bulk {
+			name = "bulk"
+		}
+		t.Run(name, func(t *testing.T) {
+			env := newConfiguredEnv(t)
+			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+			schedulerOver(t, env, env.storage)
+			ctx, tun, now := context.Background(), tunnelRef{env.account, env.tunnel.ID}, env.clock.Now()
+			rec := record(t, env, env.tunnel.ID)
+			rec.State = stateRotationUnknown
+			rec.StateReason = "a rotation started and has not finished"
+			rec.RotationStartedAt = now.Add(-5 * time.Second).UTC()
+			rec.SettleUntil = now.Add(5 * time.Minute).UTC()
+			if !bulk {
+				rec.RotationPeriod = time.Hour
+				rec.NextRotation = now.Add(-time.Minute).UTC()
+				if err := scheduleRotation(ctx, env.storage, tun, rec.NextRotation, false); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := markUnresolved(ctx, env.storage, tun); err != nil {
+				t.Fatal(err)
+			}
+			if err := writePSKRecord(ctx, env.storage, tun, rec); err != nil {
+				t.Fatal(err)
+			}
+			if bulk {
+				env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+			}
+			entries := env.storageSnapshot()
+			calls := env.sim.TotalCalls()
+
+			env.clock.Advance(time.Minute)
+			drain(t, env)
+			if n := env.sim.TotalCalls() - calls; n != 0 {
+				t.Fatalf("a settling record was worked: %d Cloudflare calls", n)
+			}
+			if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(entries) {
+				t.Fatal("a settling record's entry or record changed")
+			}
+
+			env.clock.Advance(5 * time.Minute)
+			drain(t, env)
+			if v := storedVersion(t, env, env.pskPath()); v != 2 {
+				t.Fatalf("after the record settled: version %d, want 2", v)
+			}
+			assertCurrent(t, env, "after the record settled")
+		})
+	}
+}
+
 func storedVersion(t *testing.T, env *testEnv, path string) int {
 	t.Helper()
 	return env.must(env.request(logical.ReadOperation, path, nil)).Data["version"].(int)
