@@ -2,6 +2,9 @@ package main
 
 import (
 	"context"
+	"fmt"
+	"net/http"
+	"strings"
 	"sync"
 	"testing"
 
@@ -71,5 +74,28 @@ func TestBulkSurvivesRotateRootMidPass(t *testing.T) {
 		if v := storedVersion(t, env, "psk/"+env.account+"/"+id); v != 2 {
 			t.Errorf("tunnel %s at version %d, want 2", id, v)
 		}
+	}
+}
+
+// TestBulkRefusesNegativeOlderThan: a negative older_than would queue every
+// tunnel (every key is "older" than a time in the future): it is a 400 before
+// anything happens.
+func TestBulkRefusesNegativeOlderThan(t *testing.T) {
+	env := newConfiguredEnv(t)
+	bulkFleet(t, env, 2)
+	schedulerOver(t, env, env.storage)
+	before, calls := env.storageSnapshot(), env.sim.TotalCalls()
+	for _, v := range []any{"-1h", -3600, "-1s"} {
+		resp, err := env.request(logical.UpdateOperation, "rotate/"+env.account, map[string]any{"older_than": v})
+		if httpStatus(resp, err) != http.StatusBadRequest || !strings.Contains(errorText(resp, err), "older_than") {
+			t.Errorf("older_than=%v: %d %s", v, httpStatus(resp, err), errorText(resp, err))
+		}
+	}
+	drain(t, env)
+	if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Error("a refused bulk rotation changed storage")
+	}
+	if n := env.sim.TotalCalls() - calls; n != 0 {
+		t.Errorf("a refused bulk rotation made %d Cloudflare calls", n)
 	}
 }
