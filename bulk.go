@@ -1,8 +1,14 @@
 package main
 
 // Bulk rotation jobs: the progress record of rotate/<account> (path_rotate.go).
-// The rotations themselves are due/ entries marked bulk (due.go), worked off
-// by the scheduler (scheduler.go), which counts each one here.
+// The rotations themselves are due/ entries of the job's minute, keyed with
+// bulkSuffix (due.go), worked off by the scheduler (scheduler.go).
+//
+// Progress is counted so that it is exact after any failure: the job keeps
+// the tunnels that failed, and no count of those done (an entry whose delete
+// failed is met again, and a counter would count it twice; a list of every
+// tunnel done would not fit one storage entry for a large account). Done is
+// what is neither failed nor still queued: queued - entries left - failed.
 
 import (
 	"context"
@@ -14,10 +20,38 @@ import (
 
 // bulkJob is the progress of rotate/<account>.
 type bulkJob struct {
-	StartedAt time.Time         `json:"started_at"`
-	Queued    int               `json:"queued"`
-	Done      int               `json:"done"`
-	Failed    map[string]string `json:"failed"`
+	StartedAt time.Time `json:"started_at"`
+	// Minute is the due/ minute that holds the job's entries.
+	Minute int64 `json:"minute"`
+	Queued int   `json:"queued"`
+	// Failed maps each tunnel whose rotation failed to why.
+	Failed map[string]string `json:"failed"`
+}
+
+// counted reports whether the job has already accounted for tunnel's
+// rotation: its entry, met again, is finished without a call.
+func (j *bulkJob) counted(tunnel string) bool {
+	_, failed := j.Failed[tunnel]
+	return failed
+}
+
+// bulkProgress is a job's progress as the read of rotate/<account> reports
+// it; Done + Failed + Remaining = Queued.
+type bulkProgress struct {
+	Queued, Done, Failed, Remaining int
+}
+
+// progress counts the job's entries still queued, those it has not already
+// counted as failed (one whose delete failed may linger).
+func (j *bulkJob) progress(ctx context.Context, s logical.Storage, account string) (bulkProgress, error) {
+	left, err := countBulkEntries(ctx, s, j.Minute, account, j.counted)
+	if err != nil {
+		return bulkProgress{}, err
+	}
+	p := bulkProgress{Queued: j.Queued, Failed: len(j.Failed)}
+	p.Done = max(p.Queued-left-p.Failed, 0)
+	p.Remaining = max(p.Queued-p.Done-p.Failed, 0)
+	return p, nil
 }
 
 func bulkJobKey(account string) string { return "bulk/" + account }
@@ -48,23 +82,19 @@ func writeBulkJob(ctx context.Context, s logical.Storage, account string, job *b
 	return nil
 }
 
-// recordBulkResult counts one bulk rotation as done or failed.
-func (b *backend) recordBulkResult(ctx context.Context, s logical.Storage, t tunnelRef, rotateErr error) {
+// recordBulkFailure counts t's rotation as failed in the job of minute (a
+// job since replaced by a newer one is left alone). Recording the same
+// tunnel again changes nothing.
+func (b *backend) recordBulkFailure(ctx context.Context, s logical.Storage, t tunnelRef, minute int64, reason string) error {
 	b.bulkMu.Lock()
 	defer b.bulkMu.Unlock()
 	job, err := readBulkJob(ctx, s, t.AccountID)
-	if err == nil && job != nil {
-		if rotateErr == nil {
-			job.Done++
-		} else {
-			if job.Failed == nil {
-				job.Failed = map[string]string{}
-			}
-			job.Failed[t.TunnelID] = rotateErr.Error()
-		}
-		err = writeBulkJob(ctx, s, t.AccountID, job)
+	if err != nil || job == nil || job.Minute != minute {
+		return err
 	}
-	if err != nil {
-		b.Logger().Warn("could not record bulk progress", "account_id", t.AccountID, "error", err)
+	if job.Failed == nil {
+		job.Failed = map[string]string{}
 	}
+	job.Failed[t.TunnelID] = reason
+	return writeBulkJob(ctx, s, t.AccountID, job)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -27,7 +28,19 @@ func bulkFleet(t *testing.T, env *testEnv, n int) []string {
 	return tunnels
 }
 
-func bulkProgress(t *testing.T, env *testEnv) map[string]any {
+// dueKeysOf returns the due/ entries of a tunnel of the test account.
+func dueKeysOf(t *testing.T, env *testEnv, tunnel string) []string {
+	t.Helper()
+	var out []string
+	for key := range env.storageSnapshot() {
+		if strings.HasPrefix(key, duePrefix) && strings.Contains(key, "/"+env.account+"."+tunnel) {
+			out = append(out, key)
+		}
+	}
+	return out
+}
+
+func progressOf(t *testing.T, env *testEnv) map[string]any {
 	t.Helper()
 	return env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil)).Data
 }
@@ -66,7 +79,7 @@ func TestBulkSurvivesRotateRootMidPass(t *testing.T) {
 	} else {
 		env.token.Value = tok.Value // for the log check
 	}
-	progress := bulkProgress(t, env)
+	progress := progressOf(t, env)
 	if progress["done"] != len(tunnels) || progress["remaining"] != 0 {
 		t.Fatalf("progress after rotate-root mid-pass = %v", progress)
 	}
@@ -97,5 +110,66 @@ func TestBulkRefusesNegativeOlderThan(t *testing.T) {
 	}
 	if n := env.sim.TotalCalls() - calls; n != 0 {
 		t.Errorf("a refused bulk rotation made %d Cloudflare calls", n)
+	}
+}
+
+// TestBulkNeverRotatesTwiceWhenADeleteFails: the scheduler could not remove
+// a worked bulk entry, so a later pass meets it again. That pass must neither
+// rotate the tunnel again nor count it again, whether the first try failed
+// or succeeded.
+func TestBulkNeverRotatesTwiceWhenADeleteFails(t *testing.T) {
+	env := newConfiguredEnv(t)
+	tunnels := bulkFleet(t, env, 3)
+	sort.Strings(tunnels) // the scheduler works a minute's entries in key order
+	storage := &hookStorage{Storage: env.storage}
+	schedulerOver(t, env, storage)
+	generates := func() int { return env.sim.Calls(cloudflaresim.OpPSKGenerate) - len(tunnels) }
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+
+	// The first item fails at Cloudflare, and its entry cannot be removed.
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, forbidden)
+	storage.failDeletes(duePrefix)
+	drain(t, env)
+	drain(t, env)
+	if n := generates(); n != 1 {
+		t.Fatalf("a failed item whose entry stayed was tried %d times, want 1", n)
+	}
+	if p := progressOf(t, env); p["done"] != 0 || len(p["failed"].([]map[string]any)) != 1 || p["remaining"] != 2 {
+		t.Fatalf("progress after the failed item = %v", p)
+	}
+
+	// The second succeeds, and its entry cannot be removed.
+	keys := dueKeysOf(t, env, tunnels[1])
+	if len(keys) != 1 {
+		t.Fatalf("entries of the second tunnel: %v", keys)
+	}
+	storage.failDeletes(keys[0])
+	drain(t, env)
+	drain(t, env)
+	if n := generates(); n != 2 {
+		t.Fatalf("after the second item: %d generates, want 2", n)
+	}
+	// Progress counts an item done once its entry is gone, so it cannot
+	// count it twice: until then, the item is still remaining.
+	if p := progressOf(t, env); p["done"] != 0 || p["remaining"] != 2 {
+		t.Fatalf("progress after the second item = %v", p)
+	}
+
+	storage.failDeletes("")
+	drain(t, env)
+	if n := generates(); n != 3 {
+		t.Fatalf("after the run: %d generates, want 3 (one per tunnel)", n)
+	}
+	p := progressOf(t, env)
+	if p["queued"] != 3 || p["done"] != 2 || len(p["failed"].([]map[string]any)) != 1 || p["remaining"] != 0 {
+		t.Fatalf("progress after the run = %v", p)
+	}
+	for i, want := range []int{1, 2, 2} {
+		if v := storedVersion(t, env, "psk/"+env.account+"/"+tunnels[i]); v != want {
+			t.Errorf("tunnel %d at version %d, want %d", i, v, want)
+		}
+	}
+	if keys, _ := env.storage.List(context.Background(), duePrefix); len(keys) != 0 {
+		t.Errorf("entries left after the run: %v", keys)
 	}
 }

@@ -58,6 +58,18 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 		return nil, fmt.Errorf("list tunnels of account %s: %w", account, err)
 	}
 	now := b.now()
+	// The job's entries go to a minute of their own: the current one, or the
+	// one after the last job's when that was in this minute too, so that an
+	// entry of the last job that lingers (its delete failed) is never
+	// counted as this job's.
+	minute := dueMinute(now, false)
+	prev, err := readBulkJob(ctx, req.Storage, account)
+	if err != nil {
+		return nil, err
+	}
+	if prev != nil && prev.Minute >= minute {
+		minute = prev.Minute + 1
+	}
 	queued := 0
 	for _, id := range tunnels {
 		t := tunnelRef{AccountID: account, TunnelID: id}
@@ -70,13 +82,13 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 				continue
 			}
 		}
-		if err := scheduleRotation(ctx, req.Storage, t, now, true); err != nil {
+		if err := queueBulkRotation(ctx, req.Storage, t, minute, now); err != nil {
 			return nil, err
 		}
 		queued++
 	}
 	b.bulkMu.Lock()
-	err = writeBulkJob(ctx, req.Storage, account, &bulkJob{StartedAt: now.UTC(), Queued: queued})
+	err = writeBulkJob(ctx, req.Storage, account, &bulkJob{StartedAt: now.UTC(), Minute: minute, Queued: queued})
 	b.bulkMu.Unlock()
 	if err != nil {
 		return nil, fmt.Errorf("record bulk rotation of account %s: %w", account, err)
@@ -99,7 +111,10 @@ func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request,
 	if err != nil || job == nil {
 		return nil, err
 	}
-	remaining := max(job.Queued-job.Done-len(job.Failed), 0)
+	p, err := job.progress(ctx, req.Storage, account)
+	if err != nil {
+		return nil, err
+	}
 	failed := make([]map[string]any, 0, len(job.Failed))
 	for tunnel, reason := range job.Failed {
 		failed = append(failed, map[string]any{"tunnel_id": tunnel, "reason": reason})
@@ -108,11 +123,11 @@ func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request,
 	return &logical.Response{Data: map[string]any{
 		"account_id":      account,
 		"started_at":      formatTime(job.StartedAt),
-		"queued":          job.Queued,
-		"done":            job.Done,
+		"queued":          p.Queued,
+		"done":            p.Done,
 		"failed":          failed,
-		"remaining":       remaining,
-		"expected_finish": formatTime(b.expectedFinish(remaining)),
+		"remaining":       p.Remaining,
+		"expected_finish": formatTime(b.expectedFinish(p.Remaining)),
 	}}, nil
 }
 

@@ -261,11 +261,10 @@ var (
 	dueKept = dueOutcome{}
 )
 
-// rotateDue rotates one due tunnel and says what becomes of its entry.
+// rotateDue works one due entry and says what becomes of it.
 func (sc *scheduler) rotateDue(ctx context.Context, item dueItem) dueOutcome {
-	b, s, t := sc.b, sc.storage, item.tunnel
-	log := b.tunnelLogger(t)
-	due, err := readDueEntry(ctx, s, item.key)
+	log := sc.b.tunnelLogger(item.tunnel)
+	due, err := readDueEntry(ctx, sc.storage, item.key)
 	switch {
 	case errors.Is(err, errCorruptDueEntry):
 		log.Warn("schedule entry does not decode; the tunnel's record decides", "error", err)
@@ -276,7 +275,16 @@ func (sc *scheduler) rotateDue(ctx context.Context, item dueItem) dueOutcome {
 	if due == nil {
 		return dueFinished
 	}
+	if item.bulk || due.Bulk {
+		return sc.rotateBulk(ctx, item, due)
+	}
+	return sc.rotateScheduled(ctx, item)
+}
 
+// rotateScheduled works a tunnel's scheduled rotation.
+func (sc *scheduler) rotateScheduled(ctx context.Context, item dueItem) dueOutcome {
+	b, s, t := sc.b, sc.storage, item.tunnel
+	log := b.tunnelLogger(t)
 	lock := b.tunnelLock(t)
 	lock.Lock()
 	defer lock.Unlock()
@@ -285,8 +293,7 @@ func (sc *scheduler) rotateDue(ctx context.Context, item dueItem) dueOutcome {
 		log.Warn("scheduler could not read a record", "error", err)
 		return dueKept
 	}
-	scheduled := rec != nil && rec.RotationPeriod > 0 && !rec.NextRotation.IsZero() && dueMinute(rec.NextRotation, true) == item.minute
-	if rec == nil || !due.Bulk && !scheduled {
+	if rec == nil || rec.RotationPeriod <= 0 || rec.NextRotation.IsZero() || dueMinute(rec.NextRotation, true) != item.minute {
 		// Forgotten, or rescheduled since: the entry is stale.
 		return dueFinished
 	}
@@ -297,49 +304,136 @@ func (sc *scheduler) rotateDue(ctx context.Context, item dueItem) dueOutcome {
 		// later. No call; the entry waits until the record has settled.
 		return dueKept
 	}
-	trigger := "schedule"
-	if due.Bulk {
-		trigger = "bulk"
-	}
-	// The client of this moment, not of the pass's start: after a config
-	// write or config/rotate-root the cached one is rebuilt.
-	client, cfg, err := b.cloudflareClient(ctx, s)
+	client, cfg, err := sc.client(ctx)
 	if err != nil {
-		log.Warn("scheduler has no Cloudflare client; the rotation waits", "error", err)
 		return dueOutcome{postpone: time.Minute}
 	}
-	if !rec.current() {
-		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err == nil && rec == nil {
-			return dueFinished
-		}
-	}
-	if err == nil {
-		_, err = b.rotateLocked(ctx, s, client, t, rec, rec.RotationPeriod, trigger)
-	}
-	if err != nil {
-		var settling *settlingError
-		if errors.As(err, &settling) {
-			return dueKept // as above, found out under the call
-		}
-		if wait := cloudflare.RetryAfter(err); wait > 0 {
-			return dueOutcome{postpone: wait}
-		}
-		log.Warn("scheduled rotation failed", "trigger", trigger, "error", err)
-		if due.Bulk {
-			b.recordBulkResult(ctx, s, t, err)
-		} else if rerr := b.retryScheduledLater(ctx, s, t, err); rerr != nil {
-			// The entry is the tunnel's only place in the schedule until a
-			// replacement is stored: keep it, and the next pass tries again.
-			log.Warn("could not reschedule a failed rotation; its schedule entry is kept", "error", rerr)
-			return dueKept
-		}
+	_, err = sc.rotateNow(ctx, client, cfg, t, rec, "schedule")
+	switch {
+	case err == nil:
+		// The rotation scheduled the next one in a later minute.
 		return dueFinished
+	case isSettling(err):
+		return dueKept
+	case cloudflare.RetryAfter(err) > 0:
+		return dueOutcome{postpone: cloudflare.RetryAfter(err)}
 	}
-	// The rotation scheduled the next one in a later minute.
-	if due.Bulk {
-		b.recordBulkResult(ctx, s, t, nil)
+	log.Warn("scheduled rotation failed", "error", err)
+	if rerr := b.retryScheduledLater(ctx, s, t, err); rerr != nil {
+		// The entry is the tunnel's only place in the schedule until a
+		// replacement is stored: keep it, and the next pass tries again.
+		log.Warn("could not reschedule a failed rotation; its schedule entry is kept", "error", rerr)
+		return dueKept
 	}
 	return dueFinished
+}
+
+// rotateBulk works a bulk job's rotation of one tunnel. The job counts each
+// tunnel once (bulk.go), however often a pass meets its entry: an entry
+// whose delete failed is met again, and must neither rotate nor count twice.
+func (sc *scheduler) rotateBulk(ctx context.Context, item dueItem, due *dueEntry) dueOutcome {
+	b, s, t := sc.b, sc.storage, item.tunnel
+	log := b.tunnelLogger(t)
+	job, err := readBulkJob(ctx, s, t.AccountID)
+	if err != nil {
+		log.Warn("scheduler could not read a bulk job", "error", err)
+		return dueKept
+	}
+	// tracked: the entry is the current job's, which counts it. An entry of
+	// an older version (no key suffix) is worked without being counted.
+	tracked := job != nil && job.Minute == item.minute
+	if item.bulk && !tracked {
+		// The job that queued it was replaced by a newer one, which is only
+		// allowed once it had worked every entry: this one was counted, and
+		// its delete failed.
+		return dueFinished
+	}
+	if tracked && job.counted(t.TunnelID) {
+		return dueFinished
+	}
+	queuedAt := due.QueuedAt
+	if queuedAt.IsZero() && tracked {
+		queuedAt = job.StartedAt // an entry that does not decode
+	}
+
+	lock := b.tunnelLock(t)
+	lock.Lock()
+	defer lock.Unlock()
+	rec, err := readPSKRecord(ctx, s, t)
+	if err != nil {
+		log.Warn("scheduler could not read a record", "error", err)
+		return dueKept
+	}
+	if rec == nil {
+		return dueFinished
+	}
+	if !queuedAt.IsZero() && rec.StoredAt.After(queuedAt) {
+		// A key was stored since the job was queued: by this job, on a pass
+		// whose delete of the entry failed, or by anyone else. Either way
+		// the rotation asked for has happened; it counts as done.
+		return dueFinished
+	}
+	if rec.settling(b.now()) {
+		return dueKept // as for a scheduled rotation
+	}
+	client, cfg, err := sc.client(ctx)
+	if err != nil {
+		return dueOutcome{postpone: time.Minute}
+	}
+	_, err = sc.rotateNow(ctx, client, cfg, t, rec, "bulk")
+	switch {
+	case err == nil:
+		return dueFinished
+	case isSettling(err):
+		return dueKept
+	case cloudflare.RetryAfter(err) > 0:
+		return dueOutcome{postpone: cloudflare.RetryAfter(err)}
+	}
+	log.Warn("bulk rotation failed", "error", err)
+	if !tracked {
+		return dueFinished
+	}
+	if rerr := b.recordBulkFailure(ctx, s, t, item.minute, err.Error()); rerr != nil {
+		// Not counted: the entry stays, or the job would count it as done.
+		log.Warn("could not record a failed bulk rotation; its entry is kept", "error", rerr)
+		return dueOutcome{postpone: 10 * time.Second}
+	}
+	return dueFinished
+}
+
+// rotateNow rotates t, after learning the outcome of its last rotation when
+// that is unknown. The caller holds t's lock. It returns the record as it
+// stands afterwards: nil when reconciliation found that the tunnel's only
+// rotation never happened and removed its record.
+func (sc *scheduler) rotateNow(ctx context.Context, client *cloudflare.Client, cfg *configRecord, t tunnelRef, rec *pskRecord, trigger string) (*pskRecord, error) {
+	b, s := sc.b, sc.storage
+	if !rec.current() {
+		var err error
+		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err != nil || rec == nil {
+			return rec, err
+		}
+	}
+	return b.rotateLocked(ctx, s, client, t, rec, rec.RotationPeriod, trigger)
+}
+
+// client returns the Cloudflare client of this moment, not of the pass's
+// start: a pass can run for minutes, and after a config write or
+// config/rotate-root the cached client is rebuilt with the new token.
+// Without one (config unreadable or deleted) the rotation waits.
+func (sc *scheduler) client(ctx context.Context) (*cloudflare.Client, *configRecord, error) {
+	client, cfg, err := sc.b.cloudflareClient(ctx, sc.storage)
+	if err != nil {
+		sc.b.Logger().Warn("scheduler has no Cloudflare client; rotations wait", "error", err)
+	}
+	return client, cfg, err
+}
+
+// isSettling reports whether err refused a call because the tunnel's last
+// rotation may still change the edge's key (rotation.go's settlingError):
+// the entry waits, as for a record found settling before the call.
+func isSettling(err error) bool {
+	var settling *settlingError
+	return errors.As(err, &settling)
 }
 
 // retryScheduledLater moves a failed scheduled rotation into the future, by
