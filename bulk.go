@@ -5,10 +5,11 @@ package main
 // bulkSuffix (due.go), worked off by the scheduler (scheduler.go).
 //
 // Progress is counted so that it is exact after any failure: the job keeps
-// the tunnels that failed, and no count of those done (an entry whose delete
+// the tunnels that failed or were skipped, and no count of those done (an entry whose delete
 // failed is met again, and a counter would count it twice; a list of every
 // tunnel done would not fit one storage entry for a large account). Done is
-// what is neither failed nor still queued: queued - entries left - failed.
+// what is neither failed, skipped nor still queued:
+// queued - entries left - failed - skipped.
 
 import (
 	"context"
@@ -24,33 +25,37 @@ type bulkJob struct {
 	// Minute is the due/ minute that holds the job's entries.
 	Minute int64 `json:"minute"`
 	Queued int   `json:"queued"`
-	// Failed maps each tunnel whose rotation failed to why.
-	Failed map[string]string `json:"failed"`
+	// Failed maps each tunnel whose rotation failed to why; Skipped each
+	// tunnel that was not rotated because it is gone (deleted in Vault, or
+	// unknown to Cloudflare).
+	Failed  map[string]string `json:"failed"`
+	Skipped map[string]string `json:"skipped,omitempty"`
 }
 
 // counted reports whether the job has already accounted for tunnel's
 // rotation: its entry, met again, is finished without a call.
 func (j *bulkJob) counted(tunnel string) bool {
 	_, failed := j.Failed[tunnel]
-	return failed
+	_, skipped := j.Skipped[tunnel]
+	return failed || skipped
 }
 
 // bulkProgress is a job's progress as the read of rotate/<account> reports
-// it; Done + Failed + Remaining = Queued.
+// it; Done + Failed + Skipped + Remaining = Queued.
 type bulkProgress struct {
-	Queued, Done, Failed, Remaining int
+	Queued, Done, Failed, Skipped, Remaining int
 }
 
 // progress counts the job's entries still queued, those it has not already
-// counted as failed (one whose delete failed may linger).
+// counted (one whose delete failed may linger).
 func (j *bulkJob) progress(ctx context.Context, s logical.Storage, account string) (bulkProgress, error) {
 	left, err := countBulkEntries(ctx, s, j.Minute, account, j.counted)
 	if err != nil {
 		return bulkProgress{}, err
 	}
-	p := bulkProgress{Queued: j.Queued, Failed: len(j.Failed)}
-	p.Done = max(p.Queued-left-p.Failed, 0)
-	p.Remaining = max(p.Queued-p.Done-p.Failed, 0)
+	p := bulkProgress{Queued: j.Queued, Failed: len(j.Failed), Skipped: len(j.Skipped)}
+	p.Done = max(p.Queued-left-p.Failed-p.Skipped, 0)
+	p.Remaining = max(p.Queued-p.Done-p.Failed-p.Skipped, 0)
 	return p, nil
 }
 
@@ -82,19 +87,23 @@ func writeBulkJob(ctx context.Context, s logical.Storage, account string, job *b
 	return nil
 }
 
-// recordBulkFailure counts t's rotation as failed in the job of minute (a
-// job since replaced by a newer one is left alone). Recording the same
-// tunnel again changes nothing.
-func (b *backend) recordBulkFailure(ctx context.Context, s logical.Storage, t tunnelRef, minute int64, reason string) error {
+// recordBulkResult counts t's rotation as failed (skipped: as skipped),
+// with reason, in the job of minute; a job since replaced by a newer one is
+// left alone. Recording the same tunnel again changes nothing.
+func (b *backend) recordBulkResult(ctx context.Context, s logical.Storage, t tunnelRef, minute int64, skipped bool, reason string) error {
 	b.bulkMu.Lock()
 	defer b.bulkMu.Unlock()
 	job, err := readBulkJob(ctx, s, t.AccountID)
-	if err != nil || job == nil || job.Minute != minute {
+	if err != nil || job == nil || job.Minute != minute || job.counted(t.TunnelID) {
 		return err
 	}
-	if job.Failed == nil {
-		job.Failed = map[string]string{}
+	results := &job.Failed
+	if skipped {
+		results = &job.Skipped
 	}
-	job.Failed[t.TunnelID] = reason
+	if *results == nil {
+		*results = map[string]string{}
+	}
+	(*results)[t.TunnelID] = reason
 	return writeBulkJob(ctx, s, t.AccountID, job)
 }

@@ -173,3 +173,37 @@ func TestBulkNeverRotatesTwiceWhenADeleteFails(t *testing.T) {
 		t.Errorf("entries left after the run: %v", keys)
 	}
 }
+
+// TestBulkCountsVanishedTunnelsAsSkipped: a tunnel deleted in Vault after
+// the job was queued, and one Cloudflare no longer knows, are each counted
+// once as skipped with the reason, not left remaining for ever nor counted
+// as failed or done.
+func TestBulkCountsVanishedTunnelsAsSkipped(t *testing.T) {
+	env := newConfiguredEnv(t)
+	tunnels := bulkFleet(t, env, 3)
+	schedulerOver(t, env, env.storage)
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	forgotten, gone := tunnels[1], tunnels[2]
+	env.must(env.request(logical.DeleteOperation, "psk/"+env.account+"/"+forgotten, nil))
+	env.sim.DeleteTunnel(env.account, gone)
+
+	drain(t, env)
+	p := progressOf(t, env)
+	skipped, ok := p["skipped"].([]map[string]any)
+	if !ok || p["queued"] != 3 || p["done"] != 1 || len(p["failed"].([]map[string]any)) != 0 || len(skipped) != 2 || p["remaining"] != 0 {
+		t.Fatalf("progress = %v", p)
+	}
+	reasons := map[string]string{}
+	for _, s := range skipped {
+		reasons[s["tunnel_id"].(string)] = s["reason"].(string)
+	}
+	if !strings.Contains(reasons[forgotten], "not stored in Vault") {
+		t.Errorf("reason for the tunnel deleted in Vault: %q", reasons[forgotten])
+	}
+	if !strings.Contains(reasons[gone], "no longer exists at Cloudflare") {
+		t.Errorf("reason for the tunnel deleted at Cloudflare: %q", reasons[gone])
+	}
+	if keys, _ := env.storage.List(context.Background(), duePrefix); len(keys) != 0 {
+		t.Errorf("entries left after the run: %v", keys)
+	}
+}

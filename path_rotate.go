@@ -115,20 +115,26 @@ func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request,
 	if err != nil {
 		return nil, err
 	}
-	failed := make([]map[string]any, 0, len(job.Failed))
-	for tunnel, reason := range job.Failed {
-		failed = append(failed, map[string]any{"tunnel_id": tunnel, "reason": reason})
-	}
-	sort.Slice(failed, func(i, j int) bool { return failed[i]["tunnel_id"].(string) < failed[j]["tunnel_id"].(string) })
 	return &logical.Response{Data: map[string]any{
 		"account_id":      account,
 		"started_at":      formatTime(job.StartedAt),
 		"queued":          p.Queued,
 		"done":            p.Done,
-		"failed":          failed,
+		"failed":          tunnelReasons(job.Failed),
+		"skipped":         tunnelReasons(job.Skipped),
 		"remaining":       p.Remaining,
 		"expected_finish": formatTime(b.expectedFinish(p.Remaining)),
 	}}, nil
+}
+
+// tunnelReasons lists a job's failed or skipped tunnels, by tunnel id.
+func tunnelReasons(reasons map[string]string) []map[string]any {
+	out := make([]map[string]any, 0, len(reasons))
+	for tunnel, reason := range reasons {
+		out = append(out, map[string]any{"tunnel_id": tunnel, "reason": reason})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i]["tunnel_id"].(string) < out[j]["tunnel_id"].(string) })
+	return out
 }
 
 // expectedFinish estimates when n more rotations will be done at the pace
@@ -150,6 +156,9 @@ any rate_limit_window and keeping a share of that for other requests.
 
 read rotate/<account_id> reports the last bulk rotation of the account:
 account_id, started_at, queued, done, failed (each tunnel_id with its reason),
-remaining and expected_finish (when the rest should be done at the budget's
-pace).
+skipped (each tunnel_id with its reason: its key was deleted in Vault after the
+job was queued, or Cloudflare no longer knows the tunnel), remaining and
+expected_finish (when the rest should be done at the budget's pace). A tunnel
+counts as done once its rotation is stored; queued = done + failed + skipped +
+remaining.
 `

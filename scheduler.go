@@ -365,7 +365,7 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item dueItem, due *dueEntry
 		return dueKept
 	}
 	if rec == nil {
-		return dueFinished
+		return sc.countBulk(ctx, item, tracked, true, "not stored in Vault any more: its key was deleted after the job was queued")
 	}
 	if !queuedAt.IsZero() && rec.StoredAt.After(queuedAt) {
 		// A key was stored since the job was queued: by this job, on a pass
@@ -380,22 +380,32 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item dueItem, due *dueEntry
 	if err != nil {
 		return dueOutcome{postpone: time.Minute}
 	}
-	_, err = sc.rotateNow(ctx, client, cfg, t, rec, "bulk")
+	rotated, err := sc.rotateNow(ctx, client, cfg, t, rec, "bulk")
 	switch {
+	case err == nil && rotated == nil:
+		return sc.countBulk(ctx, item, tracked, true, "not stored in Vault any more: its only rotation turned out never to have happened, so Vault held no key for it")
 	case err == nil:
 		return dueFinished
 	case isSettling(err):
 		return dueKept
 	case cloudflare.RetryAfter(err) > 0:
 		return dueOutcome{postpone: cloudflare.RetryAfter(err)}
+	case cloudflare.NotFound(err):
+		return sc.countBulk(ctx, item, tracked, true, "no longer exists at Cloudflare (deleted, or out of the API token's reach)")
 	}
 	log.Warn("bulk rotation failed", "error", err)
+	return sc.countBulk(ctx, item, tracked, false, err.Error())
+}
+
+// countBulk records a bulk item that failed or was skipped in its job, and
+// says what becomes of its entry.
+func (sc *scheduler) countBulk(ctx context.Context, item dueItem, tracked, skipped bool, reason string) dueOutcome {
 	if !tracked {
 		return dueFinished
 	}
-	if rerr := b.recordBulkFailure(ctx, s, t, item.minute, err.Error()); rerr != nil {
+	if err := sc.b.recordBulkResult(ctx, sc.storage, item.tunnel, item.minute, skipped, reason); err != nil {
 		// Not counted: the entry stays, or the job would count it as done.
-		log.Warn("could not record a failed bulk rotation; its entry is kept", "error", rerr)
+		sc.b.tunnelLogger(item.tunnel).Warn("could not record a bulk rotation's result; its entry is kept", "error", err)
 		return dueOutcome{postpone: 10 * time.Second}
 	}
 	return dueFinished
