@@ -10,6 +10,12 @@ package main
 // tunnel done would not fit one storage entry for a large account). Done is
 // what is neither failed, skipped nor still queued:
 // queued - entries left - failed - skipped.
+//
+// The job record is written before its entries (Queueing set) and the
+// scheduler works none of them until it is cleared, so that every entry
+// belongs to a recorded job and the count holds while the entries are
+// written too. A job still queueing long after it started lost its writer
+// (the process stopped half way): it counts the entries that were written.
 
 import (
 	"context"
@@ -19,12 +25,24 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
+const (
+	// bulkQueueLimit bounds how long rotate/ spends writing a job's entries
+	// (10,000 take seconds); whatever is written by then is the job.
+	bulkQueueLimit = 2 * time.Minute
+	// bulkQueueAbandoned is when a job still marked queueing is taken to
+	// have lost its writer: well past bulkQueueLimit, so never while the
+	// writer may still be at work.
+	bulkQueueAbandoned = 10 * time.Minute
+)
+
 // bulkJob is the progress of rotate/<account>.
 type bulkJob struct {
 	StartedAt time.Time `json:"started_at"`
 	// Minute is the due/ minute that holds the job's entries.
 	Minute int64 `json:"minute"`
 	Queued int   `json:"queued"`
+	// Queueing is set while rotate/ writes the job's entries.
+	Queueing bool `json:"queueing,omitempty"`
 	// Failed maps each tunnel whose rotation failed to why; Skipped each
 	// tunnel that was not rotated because it is gone (deleted in Vault, or
 	// unknown to Cloudflare).
@@ -46,14 +64,28 @@ type bulkProgress struct {
 	Queued, Done, Failed, Skipped, Remaining int
 }
 
+// abandoned reports whether the job is still marked queueing long after
+// its writer must have finished or given up.
+func (j *bulkJob) abandoned(now time.Time) bool {
+	return j.Queueing && now.Sub(j.StartedAt) > bulkQueueAbandoned
+}
+
 // progress counts the job's entries still queued, those it has not already
 // counted (one whose delete failed may linger).
-func (j *bulkJob) progress(ctx context.Context, s logical.Storage, account string) (bulkProgress, error) {
+func (j *bulkJob) progress(ctx context.Context, s logical.Storage, account string, now time.Time) (bulkProgress, error) {
 	left, err := countBulkEntries(ctx, s, j.Minute, account, j.counted)
 	if err != nil {
 		return bulkProgress{}, err
 	}
 	p := bulkProgress{Queued: j.Queued, Failed: len(j.Failed), Skipped: len(j.Skipped)}
+	if j.Queueing {
+		// None of its entries has been worked yet.
+		if j.abandoned(now) {
+			p.Queued = left + p.Failed + p.Skipped
+		}
+		p.Remaining = max(p.Queued-p.Failed-p.Skipped, 0)
+		return p, nil
+	}
 	p.Done = max(p.Queued-left-p.Failed-p.Skipped, 0)
 	p.Remaining = max(p.Queued-p.Done-p.Failed-p.Skipped, 0)
 	return p, nil
@@ -106,4 +138,58 @@ func (b *backend) recordBulkResult(ctx context.Context, s logical.Storage, t tun
 	}
 	(*results)[t.TunnelID] = reason
 	return writeBulkJob(ctx, s, t.AccountID, job)
+}
+
+// startBulkJob records a new job of n rotations for account, queueing, in a
+// minute of its own: the current one, or the one after the last job's when
+// that was in this minute too, so that an entry of the last job that lingers
+// (its delete failed) is never counted as this job's.
+func (b *backend) startBulkJob(ctx context.Context, s logical.Storage, account string, now time.Time, n int) (*bulkJob, error) {
+	b.bulkMu.Lock()
+	defer b.bulkMu.Unlock()
+	prev, err := readBulkJob(ctx, s, account)
+	if err != nil {
+		return nil, err
+	}
+	minute := dueMinute(now, false)
+	if prev != nil && prev.Minute >= minute {
+		minute = prev.Minute + 1
+	}
+	job := &bulkJob{StartedAt: now.UTC(), Minute: minute, Queued: n, Queueing: true}
+	if err := writeBulkJob(ctx, s, account, job); err != nil {
+		return nil, err
+	}
+	return job, nil
+}
+
+// finishQueueing records that the job of minute has its written entries,
+// all it will have, and may be worked.
+func (b *backend) finishQueueing(ctx context.Context, s logical.Storage, account string, minute int64, written int) error {
+	b.bulkMu.Lock()
+	defer b.bulkMu.Unlock()
+	job, err := readBulkJob(ctx, s, account)
+	if err != nil || job == nil || job.Minute != minute {
+		return err
+	}
+	job.Queued, job.Queueing = written, false
+	return writeBulkJob(ctx, s, account, job)
+}
+
+// closeAbandoned ends the queueing of a job of minute that lost its writer:
+// none of its entries has been worked, so those present are all it has.
+func (b *backend) closeAbandoned(ctx context.Context, s logical.Storage, account string, minute int64) error {
+	b.bulkMu.Lock()
+	defer b.bulkMu.Unlock()
+	job, err := readBulkJob(ctx, s, account)
+	if err != nil || job == nil || job.Minute != minute || !job.abandoned(b.now()) {
+		return err
+	}
+	written, err := countBulkEntries(ctx, s, minute, account, func(string) bool { return false })
+	if err != nil {
+		return err
+	}
+	b.Logger().Warn("a bulk rotation was left half queued; it counts the entries that were written",
+		"account_id", account, "planned", job.Queued, "queued", written)
+	job.Queued, job.Queueing = written, false
+	return writeBulkJob(ctx, s, account, job)
 }

@@ -2,12 +2,14 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"sort"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -42,7 +44,11 @@ func dueKeysOf(t *testing.T, env *testEnv, tunnel string) []string {
 
 func progressOf(t *testing.T, env *testEnv) map[string]any {
 	t.Helper()
-	return env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil)).Data
+	resp := env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil))
+	if resp == nil {
+		t.Fatal("rotate/ reports no job")
+	}
+	return resp.Data
 }
 
 // TestBulkSurvivesRotateRootMidPass: config/rotate-root in the middle of a
@@ -205,5 +211,147 @@ func TestBulkCountsVanishedTunnelsAsSkipped(t *testing.T) {
 	}
 	if keys, _ := env.storage.List(context.Background(), duePrefix); len(keys) != 0 {
 		t.Errorf("entries left after the run: %v", keys)
+	}
+}
+
+// TestBulkJobIsWrittenBeforeItsEntries: every entry belongs to a recorded
+// job, so the job record is stored first; when an entry cannot be stored,
+// rotate/ fails and the job counts the entries that were written, and only
+// those are rotated.
+func TestBulkJobIsWrittenBeforeItsEntries(t *testing.T) {
+	cases := []struct {
+		name string
+		// failAt fails the Put of the failAt-th entry (0: none).
+		failAt     int
+		wantQueued int
+	}{
+		{"every entry stored", 0, 3},
+		{"the third entry fails", 3, 2},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newConfiguredEnv(t)
+			bulkFleet(t, env, 3)
+			schedulerOver(t, env, env.storage)
+			storage := &hookStorage{Storage: env.storage}
+			env.storage = storage
+			var puts []string
+			entries := 0
+			storage.mu.Lock()
+			storage.onPut = func(e *logical.StorageEntry) error {
+				puts = append(puts, e.Key)
+				if strings.HasPrefix(e.Key, duePrefix) {
+					entries++
+					if entries == tc.failAt {
+						return errors.New("injected storage failure")
+					}
+				}
+				return nil
+			}
+			storage.mu.Unlock()
+
+			resp, err := env.request(logical.UpdateOperation, "rotate/"+env.account, nil)
+			storage.mu.Lock()
+			storage.onPut = nil
+			storage.mu.Unlock()
+			if tc.failAt == 0 {
+				mustSucceed(t, resp, err)
+			} else if httpStatus(resp, err) != http.StatusInternalServerError || !strings.Contains(errorText(resp, err), "2 of 3") {
+				t.Fatalf("rotate/ with a failing entry write: %d %s", httpStatus(resp, err), errorText(resp, err))
+			}
+			firstJob, firstEntry := -1, -1
+			for i, key := range puts {
+				if firstJob < 0 && strings.HasPrefix(key, "bulk/") {
+					firstJob = i
+				}
+				if firstEntry < 0 && strings.HasPrefix(key, duePrefix) {
+					firstEntry = i
+				}
+			}
+			if firstJob < 0 || firstJob > firstEntry {
+				t.Fatalf("storage writes in order %v: the job must come before its entries", puts)
+			}
+
+			drain(t, env)
+			p := progressOf(t, env)
+			if p["queued"] != tc.wantQueued || p["done"] != tc.wantQueued || p["remaining"] != 0 {
+				t.Errorf("progress = %v", p)
+			}
+			if n := env.sim.Calls(cloudflaresim.OpPSKGenerate) - 3; n != tc.wantQueued {
+				t.Errorf("%d rotations, want %d", n, tc.wantQueued)
+			}
+		})
+	}
+}
+
+// TestBulkProgressWhileQueueing: while rotate/ is still writing a job's
+// entries the scheduler works none of them, and progress says that every
+// tunnel is still to do.
+func TestBulkProgressWhileQueueing(t *testing.T) {
+	env := newConfiguredEnv(t)
+	bulkFleet(t, env, 3)
+	schedulerOver(t, env, env.storage)
+	storage := &hookStorage{Storage: env.storage}
+	env.storage = storage
+	var during map[string]any
+	calls := env.sim.TotalCalls()
+	entries := 0
+	storage.mu.Lock()
+	storage.onPut = func(e *logical.StorageEntry) error {
+		if strings.HasPrefix(e.Key, duePrefix) {
+			if entries++; entries == 3 {
+				// Two entries are stored, the third is being written.
+				drain(t, env)
+				during = progressOf(t, env)
+			}
+		}
+		return nil
+	}
+	storage.mu.Unlock()
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	if n := env.sim.TotalCalls() - calls; n != 0 {
+		t.Errorf("the scheduler worked a job still being queued: %d Cloudflare calls", n)
+	}
+	if during["queued"] != 3 || during["done"] != 0 || during["remaining"] != 3 {
+		t.Errorf("progress while queueing = %v", during)
+	}
+	drain(t, env)
+	if p := progressOf(t, env); p["done"] != 3 || p["remaining"] != 0 {
+		t.Errorf("progress after the run = %v", p)
+	}
+}
+
+// TestBulkJobLeftHalfQueuedIsCounted: rotate/ stopped half way (the process
+// died) and left its job marked queueing. Once that is long past, the job
+// counts the entries that were written and the scheduler works them.
+func TestBulkJobLeftHalfQueuedIsCounted(t *testing.T) {
+	env := newConfiguredEnv(t)
+	tunnels := bulkFleet(t, env, 3)
+	schedulerOver(t, env, env.storage)
+	ctx, started := context.Background(), env.clock.Now()
+	job := &bulkJob{StartedAt: started.UTC(), Minute: dueMinute(started, false), Queued: 3, Queueing: true}
+	if err := writeBulkJob(ctx, env.storage, env.account, job); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range tunnels[:2] {
+		if err := queueBulkRotation(ctx, env.storage, tunnelRef{env.account, id}, job.Minute, started); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	drain(t, env)
+	if p := progressOf(t, env); p["queued"] != 3 || p["done"] != 0 || p["remaining"] != 3 {
+		t.Fatalf("progress while the job may still be queueing = %v", p)
+	}
+	env.clock.Advance(bulkQueueAbandoned + time.Second)
+	if p := progressOf(t, env); p["queued"] != 2 || p["done"] != 0 || p["remaining"] != 2 {
+		t.Fatalf("progress of the abandoned job = %v", p)
+	}
+	drain(t, env)
+	if p := progressOf(t, env); p["queued"] != 2 || p["done"] != 2 || p["remaining"] != 0 {
+		t.Fatalf("progress after the run = %v", p)
+	}
+	if n := env.sim.Calls(cloudflaresim.OpPSKGenerate) - len(tunnels); n != 2 {
+		t.Errorf("%d rotations, want 2", n)
 	}
 }

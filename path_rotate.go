@@ -53,47 +53,36 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 		return nil, err
 	}
 
-	tunnels, err := req.Storage.List(ctx, pskStoragePrefix+account+"/")
-	if err != nil {
-		return nil, fmt.Errorf("list tunnels of account %s: %w", account, err)
-	}
 	now := b.now()
-	// The job's entries go to a minute of their own: the current one, or the
-	// one after the last job's when that was in this minute too, so that an
-	// entry of the last job that lingers (its delete failed) is never
-	// counted as this job's.
-	minute := dueMinute(now, false)
-	prev, err := readBulkJob(ctx, req.Storage, account)
+	targets, err := bulkTargets(ctx, req.Storage, account, olderThan, now)
 	if err != nil {
 		return nil, err
 	}
-	if prev != nil && prev.Minute >= minute {
-		minute = prev.Minute + 1
-	}
-	queued := 0
-	for _, id := range tunnels {
-		t := tunnelRef{AccountID: account, TunnelID: id}
-		if olderThan > 0 {
-			rec, err := readPSKRecord(ctx, req.Storage, t)
-			if err != nil {
-				return nil, err
-			}
-			if rec == nil || now.Sub(rec.StoredAt) < olderThan {
-				continue
-			}
-		}
-		if err := queueBulkRotation(ctx, req.Storage, t, minute, now); err != nil {
-			return nil, err
-		}
-		queued++
-	}
-	b.bulkMu.Lock()
-	err = writeBulkJob(ctx, req.Storage, account, &bulkJob{StartedAt: now.UTC(), Minute: minute, Queued: queued})
-	b.bulkMu.Unlock()
+	job, err := b.startBulkJob(ctx, req.Storage, account, now, len(targets))
 	if err != nil {
 		return nil, fmt.Errorf("record bulk rotation of account %s: %w", account, err)
 	}
+	written, qerr := queueBulkEntries(ctx, req.Storage, targets, job.Minute, now)
+	// Recorded whatever the caller does meanwhile: the entries are stored.
+	ferr := b.finishQueueing(context.WithoutCancel(ctx), req.Storage, account, job.Minute, written)
 	b.pokeScheduler()
+	// A job that could not record the end of its queueing stays marked
+	// queueing until it is taken as abandoned; the scheduler then counts
+	// its entries and works them.
+	abandonedAt := formatTime(job.StartedAt.Add(bulkQueueAbandoned))
+	if qerr != nil {
+		err := fmt.Errorf("queue bulk rotation of account %s: %d of %d tunnels were queued, and the job rotates and counts those only: %w",
+			account, written, len(targets), qerr)
+		if ferr != nil {
+			err = fmt.Errorf("%w; recording how many also failed (%v), so they wait until %s", err, ferr, abandonedAt)
+		}
+		return nil, err
+	}
+	if ferr != nil {
+		return nil, fmt.Errorf("queue bulk rotation of account %s: all %d tunnels were queued, but the job could not record that, so they wait until %s: %w",
+			account, len(targets), abandonedAt, ferr)
+	}
+	queued := written
 	b.Logger().Info("bulk rotation queued", "account_id", account, "queued", queued)
 	return &logical.Response{Data: map[string]any{
 		"account_id":      account,
@@ -111,7 +100,7 @@ func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request,
 	if err != nil || job == nil {
 		return nil, err
 	}
-	p, err := job.progress(ctx, req.Storage, account)
+	p, err := job.progress(ctx, req.Storage, account, b.now())
 	if err != nil {
 		return nil, err
 	}
@@ -125,6 +114,47 @@ func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request,
 		"remaining":       p.Remaining,
 		"expected_finish": formatTime(b.expectedFinish(p.Remaining)),
 	}}, nil
+}
+
+// bulkTargets lists the tunnels of account that a bulk rotation queues:
+// every stored one, or (olderThan) those whose key was stored longer ago.
+func bulkTargets(ctx context.Context, s logical.Storage, account string, olderThan time.Duration, now time.Time) ([]tunnelRef, error) {
+	tunnels, err := s.List(ctx, pskStoragePrefix+account+"/")
+	if err != nil {
+		return nil, fmt.Errorf("list tunnels of account %s: %w", account, err)
+	}
+	var targets []tunnelRef
+	for _, id := range tunnels {
+		t := tunnelRef{AccountID: account, TunnelID: id}
+		if olderThan > 0 {
+			rec, err := readPSKRecord(ctx, s, t)
+			if err != nil {
+				return nil, err
+			}
+			if rec == nil || now.Sub(rec.StoredAt) < olderThan {
+				continue
+			}
+		}
+		targets = append(targets, t)
+	}
+	return targets, nil
+}
+
+// queueBulkEntries writes the entries of a job of minute, within
+// bulkQueueLimit, and returns how many it wrote: all of them, or those
+// before the first that failed.
+func queueBulkEntries(ctx context.Context, s logical.Storage, targets []tunnelRef, minute int64, queuedAt time.Time) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, bulkQueueLimit)
+	defer cancel()
+	for i, t := range targets {
+		if err := ctx.Err(); err != nil {
+			return i, fmt.Errorf("queueing stopped after %s: %w", bulkQueueLimit, err)
+		}
+		if err := queueBulkRotation(ctx, s, t, minute, queuedAt); err != nil {
+			return i, err
+		}
+	}
+	return len(targets), nil
 }
 
 // tunnelReasons lists a job's failed or skipped tunnels, by tunnel id.

@@ -348,6 +348,18 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item dueItem, due *dueEntry
 		// its delete failed.
 		return dueFinished
 	}
+	if tracked && job.abandoned(b.now()) {
+		if err := b.closeAbandoned(ctx, s, t.AccountID, item.minute); err != nil {
+			log.Warn("scheduler could not close a bulk job left half queued", "error", err)
+			return dueKept
+		}
+		job.Queueing = false
+	}
+	if tracked && job.Queueing {
+		// rotate/ is still writing the job's entries: working one now
+		// would make the count inexact until it has finished.
+		return dueKept
+	}
 	if tracked && job.counted(t.TunnelID) {
 		return dueFinished
 	}
