@@ -20,6 +20,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -151,6 +152,11 @@ func (b *backend) startBulkJob(ctx context.Context, s logical.Storage, account s
 	if err != nil {
 		return nil, err
 	}
+	// Checked again under the lock that the job is written under: two
+	// writes of rotate/ at once start one job.
+	if err := b.refuseWhileRunning(ctx, s, account, prev); err != nil {
+		return nil, err
+	}
 	minute := dueMinute(now, false)
 	if prev != nil && prev.Minute >= minute {
 		minute = prev.Minute + 1
@@ -160,6 +166,26 @@ func (b *backend) startBulkJob(ctx context.Context, s logical.Storage, account s
 		return nil, err
 	}
 	return job, nil
+}
+
+// refuseWhileRunning refuses a new job of account while job (its last, nil
+// when none) has rotations left: a second job would queue the same tunnels
+// again and replace the record that counts the first.
+func (b *backend) refuseWhileRunning(ctx context.Context, s logical.Storage, account string, job *bulkJob) error {
+	if job == nil {
+		return nil
+	}
+	p, err := job.progress(ctx, s, account, b.now())
+	if err != nil {
+		return err
+	}
+	if p.Remaining == 0 {
+		return nil
+	}
+	return logical.CodedError(http.StatusConflict, fmt.Sprintf(
+		"a bulk rotation of account %s started at %s is still running (queued %d, done %d, failed %d, skipped %d, remaining %d): "+
+			"nothing was queued; read rotate/%s for its progress, and write again once remaining is 0",
+		account, formatTime(job.StartedAt), p.Queued, p.Done, p.Failed, p.Skipped, p.Remaining, account))
 }
 
 // finishQueueing records that the job of minute has its written entries,

@@ -355,3 +355,45 @@ func TestBulkJobLeftHalfQueuedIsCounted(t *testing.T) {
 		t.Errorf("%d rotations, want 2", n)
 	}
 }
+
+// TestBulkRefusesASecondJobWhileOneRuns: a second rotate/ of an account
+// whose job still has rotations to do is a 409 that tells the running job's
+// progress; nothing is queued or changed. Once the job is done, a new one
+// may start.
+func TestBulkRefusesASecondJobWhileOneRuns(t *testing.T) {
+	env := newConfiguredEnv(t)
+	bulkFleet(t, env, 3)
+	schedulerOver(t, env, env.storage)
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	before, calls := env.storageSnapshot(), env.sim.TotalCalls()
+
+	resp, err := env.request(logical.UpdateOperation, "rotate/"+env.account, map[string]any{"older_than": "1s"})
+	if httpStatus(resp, err) != http.StatusConflict {
+		t.Fatalf("a second job while one runs: %d %s", httpStatus(resp, err), errorText(resp, err))
+	}
+	for _, want := range []string{"queued 3", "done 0", "failed 0", "skipped 0", "remaining 3"} {
+		if !strings.Contains(errorText(resp, err), want) {
+			t.Errorf("the refusal %q does not say %q", errorText(resp, err), want)
+		}
+	}
+	if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Error("a refused bulk rotation changed storage")
+	}
+	if n := env.sim.TotalCalls() - calls; n != 0 {
+		t.Errorf("a refused bulk rotation made %d Cloudflare calls", n)
+	}
+
+	drain(t, env)
+	if again := env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil)); again.Data["queued"] != 3 {
+		t.Fatalf("a new job after the last one finished: %v", again.Data)
+	}
+	// A job started in the same minute as the last takes the next minute.
+	env.clock.Advance(time.Minute)
+	drain(t, env)
+	if p := progressOf(t, env); p["queued"] != 3 || p["done"] != 3 || p["remaining"] != 0 {
+		t.Errorf("progress of the second job = %v", p)
+	}
+	if v := storedVersion(t, env, env.pskPath()); v != 3 {
+		t.Errorf("after two jobs: version %d, want 3", v)
+	}
+}

@@ -53,6 +53,15 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 		return nil, err
 	}
 
+	// Refused before the account's records are read; startBulkJob checks
+	// again, under its lock.
+	last, err := readBulkJob(ctx, req.Storage, account)
+	if err != nil {
+		return nil, err
+	}
+	if err := b.refuseWhileRunning(ctx, req.Storage, account, last); err != nil {
+		return nil, err
+	}
 	now := b.now()
 	targets, err := bulkTargets(ctx, req.Storage, account, olderThan, now)
 	if err != nil {
@@ -182,7 +191,9 @@ engine stores (with older_than: only those whose key was stored longer ago
 than that) and answers at once with how many were queued and when they are
 expected to be done. The engine's scheduler rotates them one by one, on the
 active node, never spending more than config rate_limit Cloudflare calls in
-any rate_limit_window and keeping a share of that for other requests.
+any rate_limit_window and keeping a share of that for other requests. While
+the account's last bulk rotation still has tunnels to rotate, a new one is
+refused with HTTP 409 and that job's progress, and nothing is queued.
 
 read rotate/<account_id> reports the last bulk rotation of the account:
 account_id, started_at, queued, done, failed (each tunnel_id with its reason),
