@@ -5,10 +5,10 @@ package main
 // bulkSuffix (due.go), worked off by the scheduler (scheduler.go).
 //
 // Progress is counted so that it is exact after any failure: the job keeps
-// the tunnels that failed or were skipped, and no count of those done (an entry whose delete
-// failed is met again, and a counter would count it twice; a list of every
-// tunnel done would not fit one storage entry for a large account). Done is
-// what is neither failed, skipped nor still queued:
+// the tunnels that failed or were skipped, and no count of those done (an
+// entry whose delete failed is met again, and a counter would count it
+// twice; a list of every tunnel done would not fit one storage entry for a
+// large account). Done is what is neither failed, skipped nor still queued:
 // queued - entries left - failed - skipped.
 //
 // The job record is written before its entries (Queueing set) and the
@@ -28,7 +28,7 @@ import (
 
 const (
 	// bulkQueueLimit bounds how long rotate/ spends writing a job's entries
-	// (10,000 take seconds); whatever is written by then is the job.
+	// (one storage Put each); whatever is written by then is the job.
 	bulkQueueLimit = 2 * time.Minute
 	// bulkQueueAbandoned is when a job still marked queueing is taken to
 	// have lost its writer: well past bulkQueueLimit, so never while the

@@ -107,7 +107,7 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 	// when its time has come.
 	sc.repairSchedule(ctx)
 	// Nothing can rotate without config; the entries wait for it. Each item
-	// gets the client again (rotateDue): it is cached, and a pass can run
+	// gets the client again (sc.client): it is cached, and a pass can run
 	// for minutes, over which config/rotate-root can kill the token.
 	if _, _, err := b.cloudflareClient(ctx, sc.storage); err != nil {
 		return time.Minute
