@@ -4,7 +4,10 @@ package main
 //
 // The schedule is kept as one entry per due rotation,
 // due/<minute>/<account>.<tunnel>, where <minute> is the Unix minute at or
-// after which the rotation is due. Listing due/ gives the minutes in time
+// after which the rotation is due; a rotation queued by a bulk job
+// (rotate/<account>, bulk.go) is due/<minute>/<account>.<tunnel>.bulk, so the
+// job's progress is a count of its minute's keys, and a tunnel's scheduled
+// and bulk rotations never overwrite each other. Listing due/ gives the minutes in time
 // order without reading a record, so a mount that tracks a great many
 // tunnels starts at once, and the scheduler (scheduler.go) only ever holds
 // one batch of due rotations in memory. Times are rounded up to the minute,
@@ -30,10 +33,16 @@ const (
 	dueBatch = 500
 )
 
-// dueEntry is the value of a due/ entry; Bulk marks rotations queued by
-// rotate/<account>, whose progress that path reports.
+// bulkSuffix ends the key of a bulk job's entry.
+const bulkSuffix = ".bulk"
+
+// dueEntry is the value of a due/ entry. Bulk marks rotations queued by
+// rotate/<account> (an entry of an older version, without the key suffix,
+// carries only this). QueuedAt is when a bulk rotation was queued: a key
+// stored after it means the rotation asked for has happened, whoever did it.
 type dueEntry struct {
-	Bulk bool `json:"bulk,omitempty"`
+	Bulk     bool      `json:"bulk,omitempty"`
+	QueuedAt time.Time `json:"queued_at,omitzero"`
 }
 
 // dueItem is one due rotation as loaded from storage.
@@ -41,6 +50,8 @@ type dueItem struct {
 	key    string
 	minute int64
 	tunnel tunnelRef
+	// bulk: the key is a bulk job's (bulkSuffix).
+	bulk bool
 }
 
 func dueMinute(at time.Time, roundUp bool) int64 {
@@ -55,9 +66,15 @@ func dueKey(minute int64, t tunnelRef) string {
 	return fmt.Sprintf("%s%010d/%s.%s", duePrefix, minute, t.AccountID, t.TunnelID)
 }
 
-// scheduleRotation records that t is due at at (bulk: due now, for a job).
+func bulkDueKey(minute int64, t tunnelRef) string { return dueKey(minute, t) + bulkSuffix }
+
+// scheduleRotation records that t is due at at (bulk: queued at at, due at
+// once, for a job; see queueBulkRotation).
 func scheduleRotation(ctx context.Context, s logical.Storage, t tunnelRef, at time.Time, bulk bool) error {
-	entry, err := logical.StorageEntryJSON(dueKey(dueMinute(at, !bulk), t), dueEntry{Bulk: bulk})
+	if bulk {
+		return queueBulkRotation(ctx, s, t, dueMinute(at, false), at)
+	}
+	entry, err := logical.StorageEntryJSON(dueKey(dueMinute(at, true), t), dueEntry{})
 	if err != nil {
 		return fmt.Errorf("encode schedule entry of %s: %w", t, err)
 	}
@@ -65,6 +82,49 @@ func scheduleRotation(ctx context.Context, s logical.Storage, t tunnelRef, at ti
 		return fmt.Errorf("schedule rotation of %s: %w", t, err)
 	}
 	return nil
+}
+
+// queueBulkRotation records a bulk job's rotation of t, due at minute.
+func queueBulkRotation(ctx context.Context, s logical.Storage, t tunnelRef, minute int64, queuedAt time.Time) error {
+	entry, err := logical.StorageEntryJSON(bulkDueKey(minute, t), dueEntry{Bulk: true, QueuedAt: queuedAt.UTC()})
+	if err != nil {
+		return fmt.Errorf("encode bulk rotation entry of %s: %w", t, err)
+	}
+	if err := s.Put(ctx, entry); err != nil {
+		return fmt.Errorf("queue bulk rotation of %s: %w", t, err)
+	}
+	return nil
+}
+
+// countBulkEntries counts the bulk entries of account in minute, leaving out
+// the tunnels skip says are already accounted for.
+func countBulkEntries(ctx context.Context, s logical.Storage, minute int64, account string, skip func(tunnel string) bool) (int, error) {
+	keys, err := s.List(ctx, fmt.Sprintf("%s%010d/", duePrefix, minute))
+	if err != nil {
+		return 0, fmt.Errorf("list the bulk rotations of account %s: %w", account, err)
+	}
+	n := 0
+	for _, k := range keys {
+		a, tunnel, bulk, ok := parseDueName(k)
+		if ok && bulk && a == account && !skip(tunnel) {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// parseDueName splits the last part of a due/ key: <account>.<tunnel>, with
+// bulkSuffix for a bulk job's entry.
+func parseDueName(name string) (account, tunnel string, bulk, ok bool) {
+	account, rest, ok := strings.Cut(name, ".")
+	if !ok {
+		return "", "", false, false
+	}
+	tunnel, bulk = strings.CutSuffix(rest, bulkSuffix)
+	if strings.Contains(tunnel, ".") {
+		return "", "", false, false
+	}
+	return account, tunnel, bulk, true
 }
 
 func unscheduleRotation(ctx context.Context, s logical.Storage, t tunnelRef, at time.Time) error {
@@ -119,15 +179,49 @@ func loadDue(ctx context.Context, s logical.Storage, now time.Time) ([]dueItem, 
 			return nil, time.Time{}, fmt.Errorf("list due rotations: %w", err)
 		}
 		for _, k := range keys {
-			account, tunnel, ok := strings.Cut(k, ".")
+			account, tunnel, bulk, ok := parseDueName(k)
 			if !ok {
 				continue
 			}
-			items = append(items, dueItem{key: duePrefix + m + k, minute: minute, tunnel: tunnelRef{AccountID: account, TunnelID: tunnel}})
+			items = append(items, dueItem{key: duePrefix + m + k, minute: minute, tunnel: tunnelRef{AccountID: account, TunnelID: tunnel}, bulk: bulk})
 			if len(items) == dueBatch {
 				return items, time.Time{}, nil
 			}
 		}
 	}
 	return items, time.Time{}, nil
+}
+
+// listRecordsAfter returns up to n tunnels that have a record
+// (psk/<account>/<tunnel>), in key order, starting after after (the zero
+// tunnelRef: from the first). complete says that the list reached the last
+// record.
+func listRecordsAfter(ctx context.Context, s logical.Storage, after tunnelRef, n int) ([]tunnelRef, bool, error) {
+	accounts, err := s.List(ctx, pskStoragePrefix)
+	if err != nil {
+		return nil, false, fmt.Errorf("list accounts: %w", err)
+	}
+	sort.Strings(accounts)
+	var out []tunnelRef
+	for _, a := range accounts {
+		account, ok := strings.CutSuffix(a, "/")
+		if !ok || account < after.AccountID {
+			continue
+		}
+		tunnels, err := s.List(ctx, pskStoragePrefix+a)
+		if err != nil {
+			return nil, false, fmt.Errorf("list tunnels of account %s: %w", account, err)
+		}
+		sort.Strings(tunnels)
+		for _, tunnel := range tunnels {
+			if strings.HasSuffix(tunnel, "/") || account == after.AccountID && tunnel <= after.TunnelID {
+				continue
+			}
+			if len(out) == n {
+				return out, false, nil
+			}
+			out = append(out, tunnelRef{AccountID: account, TunnelID: tunnel})
+		}
+	}
+	return out, true, nil
 }

@@ -53,35 +53,45 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 		return nil, err
 	}
 
-	tunnels, err := req.Storage.List(ctx, pskStoragePrefix+account+"/")
+	// Refused before the account's records are read; startBulkJob checks
+	// again, under its lock.
+	last, err := readBulkJob(ctx, req.Storage, account)
 	if err != nil {
-		return nil, fmt.Errorf("list tunnels of account %s: %w", account, err)
+		return nil, err
+	}
+	if err := b.refuseWhileRunning(ctx, req.Storage, account, last); err != nil {
+		return nil, err
 	}
 	now := b.now()
-	queued := 0
-	for _, id := range tunnels {
-		t := tunnelRef{AccountID: account, TunnelID: id}
-		if olderThan > 0 {
-			rec, err := readPSKRecord(ctx, req.Storage, t)
-			if err != nil {
-				return nil, err
-			}
-			if rec == nil || now.Sub(rec.StoredAt) < olderThan {
-				continue
-			}
-		}
-		if err := scheduleRotation(ctx, req.Storage, t, now, true); err != nil {
-			return nil, err
-		}
-		queued++
+	targets, err := bulkTargets(ctx, req.Storage, account, olderThan, now)
+	if err != nil {
+		return nil, err
 	}
-	b.bulkMu.Lock()
-	err = writeBulkJob(ctx, req.Storage, account, &bulkJob{StartedAt: now.UTC(), Queued: queued})
-	b.bulkMu.Unlock()
+	job, err := b.startBulkJob(ctx, req.Storage, account, now, len(targets))
 	if err != nil {
 		return nil, fmt.Errorf("record bulk rotation of account %s: %w", account, err)
 	}
+	written, qerr := queueBulkEntries(ctx, req.Storage, targets, job.Minute, now)
+	// Recorded whatever the caller does meanwhile: the entries are stored.
+	ferr := b.finishQueueing(context.WithoutCancel(ctx), req.Storage, account, job.Minute, written)
 	b.pokeScheduler()
+	// A job that could not record the end of its queueing stays marked
+	// queueing until it is taken as abandoned; the scheduler then counts
+	// its entries and works them.
+	abandonedAt := formatTime(job.StartedAt.Add(bulkQueueAbandoned))
+	if qerr != nil {
+		err := fmt.Errorf("queue bulk rotation of account %s: %d of %d tunnels were queued, and the job rotates and counts those only: %w",
+			account, written, len(targets), qerr)
+		if ferr != nil {
+			err = fmt.Errorf("%w; recording how many also failed (%v), so they wait until %s", err, ferr, abandonedAt)
+		}
+		return nil, err
+	}
+	if ferr != nil {
+		return nil, fmt.Errorf("queue bulk rotation of account %s: all %d tunnels were queued, but the job could not record that, so they wait until %s: %w",
+			account, len(targets), abandonedAt, ferr)
+	}
+	queued := written
 	b.Logger().Info("bulk rotation queued", "account_id", account, "queued", queued)
 	return &logical.Response{Data: map[string]any{
 		"account_id":      account,
@@ -99,21 +109,71 @@ func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request,
 	if err != nil || job == nil {
 		return nil, err
 	}
-	remaining := max(job.Queued-job.Done-len(job.Failed), 0)
-	failed := make([]map[string]any, 0, len(job.Failed))
-	for tunnel, reason := range job.Failed {
-		failed = append(failed, map[string]any{"tunnel_id": tunnel, "reason": reason})
+	p, err := job.progress(ctx, req.Storage, account, b.now())
+	if err != nil {
+		return nil, err
 	}
-	sort.Slice(failed, func(i, j int) bool { return failed[i]["tunnel_id"].(string) < failed[j]["tunnel_id"].(string) })
 	return &logical.Response{Data: map[string]any{
 		"account_id":      account,
 		"started_at":      formatTime(job.StartedAt),
-		"queued":          job.Queued,
-		"done":            job.Done,
-		"failed":          failed,
-		"remaining":       remaining,
-		"expected_finish": formatTime(b.expectedFinish(remaining)),
+		"queued":          p.Queued,
+		"done":            p.Done,
+		"failed":          tunnelReasons(job.Failed),
+		"skipped":         tunnelReasons(job.Skipped),
+		"remaining":       p.Remaining,
+		"expected_finish": formatTime(b.expectedFinish(p.Remaining)),
 	}}, nil
+}
+
+// bulkTargets lists the tunnels of account that a bulk rotation queues:
+// every stored one, or (olderThan) those whose key was stored longer ago.
+func bulkTargets(ctx context.Context, s logical.Storage, account string, olderThan time.Duration, now time.Time) ([]tunnelRef, error) {
+	tunnels, err := s.List(ctx, pskStoragePrefix+account+"/")
+	if err != nil {
+		return nil, fmt.Errorf("list tunnels of account %s: %w", account, err)
+	}
+	var targets []tunnelRef
+	for _, id := range tunnels {
+		t := tunnelRef{AccountID: account, TunnelID: id}
+		if olderThan > 0 {
+			rec, err := readPSKRecord(ctx, s, t)
+			if err != nil {
+				return nil, err
+			}
+			if rec == nil || now.Sub(rec.StoredAt) < olderThan {
+				continue
+			}
+		}
+		targets = append(targets, t)
+	}
+	return targets, nil
+}
+
+// queueBulkEntries writes the entries of a job of minute, within
+// bulkQueueLimit, and returns how many it wrote: all of them, or those
+// before the first that failed.
+func queueBulkEntries(ctx context.Context, s logical.Storage, targets []tunnelRef, minute int64, queuedAt time.Time) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, bulkQueueLimit)
+	defer cancel()
+	for i, t := range targets {
+		if err := ctx.Err(); err != nil {
+			return i, fmt.Errorf("queueing stopped after %s: %w", bulkQueueLimit, err)
+		}
+		if err := queueBulkRotation(ctx, s, t, minute, queuedAt); err != nil {
+			return i, err
+		}
+	}
+	return len(targets), nil
+}
+
+// tunnelReasons lists a job's failed or skipped tunnels, by tunnel id.
+func tunnelReasons(reasons map[string]string) []map[string]any {
+	out := make([]map[string]any, 0, len(reasons))
+	for tunnel, reason := range reasons {
+		out = append(out, map[string]any{"tunnel_id": tunnel, "reason": reason})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i]["tunnel_id"].(string) < out[j]["tunnel_id"].(string) })
+	return out
 }
 
 // expectedFinish estimates when n more rotations will be done at the pace
@@ -131,10 +191,15 @@ engine stores (with older_than: only those whose key was stored longer ago
 than that) and answers at once with how many were queued and when they are
 expected to be done. The engine's scheduler rotates them one by one, on the
 active node, never spending more than config rate_limit Cloudflare calls in
-any rate_limit_window and keeping a share of that for other requests.
+any rate_limit_window and keeping a share of that for other requests. While
+the account's last bulk rotation still has tunnels to rotate, a new one is
+refused with HTTP 409 and that job's progress, and nothing is queued.
 
 read rotate/<account_id> reports the last bulk rotation of the account:
 account_id, started_at, queued, done, failed (each tunnel_id with its reason),
-remaining and expected_finish (when the rest should be done at the budget's
-pace).
+skipped (each tunnel_id with its reason: its key was deleted in Vault after the
+job was queued, or Cloudflare no longer knows the tunnel), remaining and
+expected_finish (when the rest should be done at the budget's pace). A tunnel
+counts as done once its rotation is stored; queued = done + failed + skipped +
+remaining.
 `

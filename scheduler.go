@@ -8,6 +8,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -16,8 +17,17 @@ import (
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 )
 
-// retryFailedAfter is when a failed scheduled rotation is tried again.
-const retryFailedAfter = time.Minute
+const (
+	// repairPerPass bounds the records one pass reads for the repair walk
+	// (repairSchedule), so a mount with a great many tunnels still starts
+	// at once and no pass is held up for long.
+	repairPerPass = 1000
+	// repairEvery is how often a new repair walk starts. Each walk reads
+	// every record (seal-wrapped storage, so not free), and it only has work
+	// after a storage failure, so it is paced: a lost entry is back within
+	// repairEvery plus the walk's own passes.
+	repairEvery = 10 * time.Minute
+)
 
 // scheduler works off one mount's due rotations.
 type scheduler struct {
@@ -29,6 +39,13 @@ type scheduler struct {
 	wake   chan struct{}
 	cancel context.CancelFunc
 	done   chan struct{}
+
+	// The repair walk's place, in memory only: a new process starts with a
+	// walk. repairing is set while a walk is under way, repairAfter is the
+	// last record it examined, repairStarted when it began. Guarded by mu.
+	repairing     bool
+	repairAfter   tunnelRef
+	repairStarted time.Time
 }
 
 func newScheduler(b *backend, s logical.Storage) *scheduler {
@@ -86,8 +103,13 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 	if !b.mayWrite() {
 		return time.Minute
 	}
-	client, cfg, err := b.cloudflareClient(ctx, sc.storage)
-	if err != nil {
+	// Before loading what is due, so an entry put back is worked at once
+	// when its time has come.
+	sc.repairSchedule(ctx)
+	// Nothing can rotate without config; the entries wait for it. Each item
+	// gets the client again (sc.client): it is cached, and a pass can run
+	// for minutes, over which config/rotate-root can kill the token.
+	if _, _, err := b.cloudflareClient(ctx, sc.storage); err != nil {
 		return time.Minute
 	}
 	items, next, err := loadDue(ctx, sc.storage, b.now())
@@ -95,6 +117,7 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 		b.Logger().Warn("scheduler could not load due rotations", "error", err)
 		return 10 * time.Second
 	}
+	finished := 0
 	for _, item := range items {
 		if wait := sc.awaitBudget(ctx); wait > 0 {
 			return wait
@@ -102,7 +125,7 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 		if ctx.Err() != nil {
 			return 0
 		}
-		outcome := sc.rotateDue(ctx, client, cfg, item)
+		outcome := sc.rotateDue(ctx, item)
 		if outcome.postpone > 0 {
 			return outcome.postpone
 		}
@@ -116,14 +139,81 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 			b.Logger().Warn("scheduler could not remove a finished entry", "entry", item.key, "error", err)
 			return 10 * time.Second
 		}
+		finished++
 	}
 	if len(items) == dueBatch {
+		if finished == 0 {
+			// A whole batch kept (settling records, say): the next load
+			// would be the same batch, so wait instead of spinning.
+			return 10 * time.Second
+		}
 		return 0
 	}
 	if next.IsZero() {
 		return time.Minute
 	}
 	return max(next.Sub(b.now())+time.Second, time.Second)
+}
+
+// repairSchedule puts back the schedule entries that storage failed to
+// keep. A tunnel's record (RotationPeriod, NextRotation) is the truth about
+// its schedule and its due/ entry only an index, written beside it; when that
+// write fails (a rotation logs it and goes on: the key is stored, which is
+// what matters), nothing would ever rotate the tunnel again. The walk reads
+// at most repairPerPass records per pass, resuming after the last one; a new
+// walk starts at the scheduler's first pass and then every repairEvery.
+//
+// It takes no tunnel lock: it only ever adds an entry, and an entry that a
+// concurrent rotation made stale (the record moved on meanwhile) is dropped
+// by the scheduler when its minute comes, as any stale entry is.
+func (sc *scheduler) repairSchedule(ctx context.Context) {
+	now := sc.b.now()
+	if !sc.repairing {
+		if !sc.repairStarted.IsZero() && now.Sub(sc.repairStarted) < repairEvery {
+			return
+		}
+		sc.repairing, sc.repairAfter, sc.repairStarted = true, tunnelRef{}, now
+	}
+	tunnels, complete, err := listRecordsAfter(ctx, sc.storage, sc.repairAfter, repairPerPass)
+	if err != nil {
+		sc.b.Logger().Warn("schedule repair could not list records; it resumes next pass", "error", err)
+		return
+	}
+	for _, t := range tunnels {
+		// A record that cannot be read is passed over (and logged), so one
+		// corrupt record cannot stop every walk at the same place; the pass
+		// stops there, so a storage outage is not a thousand warnings.
+		sc.repairAfter = t
+		if err := sc.repairEntry(ctx, t); err != nil {
+			sc.b.tunnelLogger(t).Warn("schedule repair could not check a tunnel", "error", err)
+			return
+		}
+	}
+	if complete {
+		sc.repairing = false
+	}
+}
+
+// repairEntry writes t's due/ entry when its record has a next rotation and
+// the entry is missing.
+func (sc *scheduler) repairEntry(ctx context.Context, t tunnelRef) error {
+	rec, err := readPSKRecord(ctx, sc.storage, t)
+	if err != nil || rec == nil || rec.RotationPeriod <= 0 || rec.NextRotation.IsZero() || rec.State == stateTunnelGone {
+		return err
+	}
+	key := dueKey(dueMinute(rec.NextRotation, true), t)
+	entry, err := sc.storage.Get(ctx, key)
+	if err != nil {
+		return fmt.Errorf("read schedule entry %s: %w", key, err)
+	}
+	if entry != nil {
+		return nil
+	}
+	if err := scheduleRotation(ctx, sc.storage, t, rec.NextRotation, false); err != nil {
+		return err
+	}
+	sc.b.tunnelLogger(t).Warn("the next rotation had no schedule entry; restored it", "next_rotation", formatTime(rec.NextRotation))
+	return nil
 }
 
 // awaitBudget returns how long to wait before the scheduler may spend a
@@ -166,15 +256,15 @@ type dueOutcome struct {
 
 var (
 	dueFinished = dueOutcome{finished: true}
-	// dueKept leaves the entry for a later pass (storage could not be read).
+	// dueKept leaves the entry for a later pass: storage failed, or the
+	// tunnel cannot be worked yet.
 	dueKept = dueOutcome{}
 )
 
-// rotateDue rotates one due tunnel and says what becomes of its entry.
-func (sc *scheduler) rotateDue(ctx context.Context, client *cloudflare.Client, cfg *configRecord, item dueItem) dueOutcome {
-	b, s, t := sc.b, sc.storage, item.tunnel
-	log := b.tunnelLogger(t)
-	due, err := readDueEntry(ctx, s, item.key)
+// rotateDue works one due entry and says what becomes of it.
+func (sc *scheduler) rotateDue(ctx context.Context, item dueItem) dueOutcome {
+	log := sc.b.tunnelLogger(item.tunnel)
+	due, err := readDueEntry(ctx, sc.storage, item.key)
 	switch {
 	case errors.Is(err, errCorruptDueEntry):
 		log.Warn("schedule entry does not decode; the tunnel's record decides", "error", err)
@@ -185,6 +275,109 @@ func (sc *scheduler) rotateDue(ctx context.Context, client *cloudflare.Client, c
 	if due == nil {
 		return dueFinished
 	}
+	if item.bulk || due.Bulk {
+		return sc.rotateBulk(ctx, item, due)
+	}
+	return sc.rotateScheduled(ctx, item)
+}
+
+// rotateScheduled works a tunnel's scheduled rotation.
+func (sc *scheduler) rotateScheduled(ctx context.Context, item dueItem) dueOutcome {
+	b, s, t := sc.b, sc.storage, item.tunnel
+	log := b.tunnelLogger(t)
+	lock := b.tunnelLock(t)
+	lock.Lock()
+	defer lock.Unlock()
+	rec, err := readPSKRecord(ctx, s, t)
+	if err != nil {
+		log.Warn("scheduler could not read a record", "error", err)
+		return dueKept
+	}
+	if rec == nil || rec.RotationPeriod <= 0 || rec.NextRotation.IsZero() || dueMinute(rec.NextRotation, true) != item.minute ||
+		rec.State == stateTunnelGone {
+		// Forgotten, rescheduled since, or gone at Cloudflare (a write
+		// brings it back, with a schedule of its own): the entry is stale.
+		return dueFinished
+	}
+	if rec.settling(b.now()) {
+		// The last rotation's outcome is unknown and Cloudflare may still
+		// carry out its request: a generate now could be overtaken by it,
+		// and Vault would call current a key the edge replaced a moment
+		// later. No call; the entry waits until the record has settled.
+		return dueKept
+	}
+	client, cfg, err := sc.client(ctx)
+	if err != nil {
+		return dueOutcome{postpone: time.Minute}
+	}
+	_, err = sc.rotateNow(ctx, client, cfg, t, rec, "schedule")
+	switch {
+	case err == nil:
+		// The rotation scheduled the next one in a later minute.
+		return dueFinished
+	case isSettling(err):
+		return dueKept
+	case cloudflare.RetryAfter(err) > 0:
+		return dueOutcome{postpone: cloudflare.RetryAfter(err)}
+	case cloudflare.NotFound(err):
+		// The tunnel is gone: no more retries, hourly or otherwise.
+		if latest, rerr := readPSKRecord(ctx, s, t); rerr == nil && latest != nil {
+			if _, merr := b.markGone(ctx, s, t, latest); merr != nil {
+				log.Warn("could not record that the tunnel is gone", "error", merr)
+				return dueKept
+			}
+		}
+		return dueFinished
+	}
+	log.Warn("scheduled rotation failed", "error", err)
+	if rerr := b.retryScheduledLater(ctx, s, t, err); rerr != nil {
+		// The entry is the tunnel's only place in the schedule until a
+		// replacement is stored: keep it, and the next pass tries again.
+		log.Warn("could not reschedule a failed rotation; its schedule entry is kept", "error", rerr)
+		return dueKept
+	}
+	return dueFinished
+}
+
+// rotateBulk works a bulk job's rotation of one tunnel. The job counts each
+// tunnel once (bulk.go), however often a pass meets its entry: an entry
+// whose delete failed is met again, and must neither rotate nor count twice.
+func (sc *scheduler) rotateBulk(ctx context.Context, item dueItem, due *dueEntry) dueOutcome {
+	b, s, t := sc.b, sc.storage, item.tunnel
+	log := b.tunnelLogger(t)
+	job, err := readBulkJob(ctx, s, t.AccountID)
+	if err != nil {
+		log.Warn("scheduler could not read a bulk job", "error", err)
+		return dueKept
+	}
+	// tracked: the entry is the current job's, which counts it. An entry of
+	// an older version (no key suffix) is worked without being counted.
+	tracked := job != nil && job.Minute == item.minute
+	if item.bulk && !tracked {
+		// The job that queued it was replaced by a newer one, which is only
+		// allowed once it had worked every entry: this one was counted, and
+		// its delete failed.
+		return dueFinished
+	}
+	if tracked && job.abandoned(b.now()) {
+		if err := b.closeAbandoned(ctx, s, t.AccountID, item.minute); err != nil {
+			log.Warn("scheduler could not close a bulk job left half queued", "error", err)
+			return dueKept
+		}
+		job.Queueing = false
+	}
+	if tracked && job.Queueing {
+		// rotate/ is still writing the job's entries: working one now
+		// would make the count inexact until it has finished.
+		return dueKept
+	}
+	if tracked && job.counted(t.TunnelID) {
+		return dueFinished
+	}
+	queuedAt := due.QueuedAt
+	if queuedAt.IsZero() && tracked {
+		queuedAt = job.StartedAt // an entry that does not decode
+	}
 
 	lock := b.tunnelLock(t)
 	lock.Lock()
@@ -194,54 +387,114 @@ func (sc *scheduler) rotateDue(ctx context.Context, client *cloudflare.Client, c
 		log.Warn("scheduler could not read a record", "error", err)
 		return dueKept
 	}
-	scheduled := rec != nil && rec.RotationPeriod > 0 && !rec.NextRotation.IsZero() && dueMinute(rec.NextRotation, true) == item.minute
-	if rec == nil || !due.Bulk && !scheduled {
-		// Forgotten, or rescheduled since: the entry is stale.
+	if rec == nil {
+		return sc.countBulk(ctx, item, tracked, true, "not stored in Vault any more: its key was deleted after the job was queued")
+	}
+	if !queuedAt.IsZero() && rec.StoredAt.After(queuedAt) {
+		// A key was stored since the job was queued: by this job, on a pass
+		// whose delete of the entry failed, or by anyone else. Either way
+		// the rotation asked for has happened; it counts as done.
 		return dueFinished
 	}
-	trigger := "schedule"
-	if due.Bulk {
-		trigger = "bulk"
+	if rec.settling(b.now()) {
+		return dueKept // as for a scheduled rotation
 	}
-	if !rec.current() {
-		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err == nil && rec == nil {
-			return dueFinished
-		}
-	}
-	if err == nil {
-		_, err = b.rotateLocked(ctx, s, client, cfg, t, rec, rec.RotationPeriod, trigger)
-	}
+	client, cfg, err := sc.client(ctx)
 	if err != nil {
-		if wait := cloudflare.RetryAfter(err); wait > 0 {
-			return dueOutcome{postpone: wait}
-		}
-		log.Warn("scheduled rotation failed", "trigger", trigger, "error", err)
-		if due.Bulk {
-			b.recordBulkResult(ctx, s, t, err)
-		} else {
-			b.retryScheduledLater(ctx, s, t)
-		}
+		return dueOutcome{postpone: time.Minute}
+	}
+	rotated, err := sc.rotateNow(ctx, client, cfg, t, rec, "bulk")
+	switch {
+	case err == nil && rotated == nil:
+		return sc.countBulk(ctx, item, tracked, true, "not stored in Vault any more: its only rotation turned out never to have happened, so Vault held no key for it")
+	case err == nil:
+		return dueFinished
+	case isSettling(err):
+		return dueKept
+	case cloudflare.RetryAfter(err) > 0:
+		return dueOutcome{postpone: cloudflare.RetryAfter(err)}
+	case cloudflare.NotFound(err):
+		return sc.countBulk(ctx, item, tracked, true, "no longer exists at Cloudflare (deleted, or out of the API token's reach)")
+	}
+	log.Warn("bulk rotation failed", "error", err)
+	return sc.countBulk(ctx, item, tracked, false, err.Error())
+}
+
+// countBulk records a bulk item that failed or was skipped in its job, and
+// says what becomes of its entry.
+func (sc *scheduler) countBulk(ctx context.Context, item dueItem, tracked, skipped bool, reason string) dueOutcome {
+	if !tracked {
 		return dueFinished
 	}
-	// The rotation scheduled the next one in a later minute.
-	if due.Bulk {
-		b.recordBulkResult(ctx, s, t, nil)
+	if err := sc.b.recordBulkResult(ctx, sc.storage, item.tunnel, item.minute, skipped, reason); err != nil {
+		// Not counted: the entry stays, or the job would count it as done.
+		sc.b.tunnelLogger(item.tunnel).Warn("could not record a bulk rotation's result; its entry is kept", "error", err)
+		return dueOutcome{postpone: 10 * time.Second}
 	}
 	return dueFinished
 }
 
-// retryScheduledLater moves a failed scheduled rotation a little into the
-// future. The caller holds t's lock.
-func (b *backend) retryScheduledLater(ctx context.Context, s logical.Storage, t tunnelRef) {
-	rec, err := readPSKRecord(ctx, s, t)
-	if err != nil || rec == nil || rec.RotationPeriod == 0 {
-		return
-	}
-	rec.NextRotation = b.now().Add(retryFailedAfter).UTC()
-	if err := scheduleRotation(ctx, s, t, rec.NextRotation, false); err == nil {
-		err = writePSKRecord(ctx, s, t, rec)
-		if err != nil {
-			b.tunnelLogger(t).Warn("could not reschedule a failed rotation", "error", err)
+// rotateNow rotates t, after learning the outcome of its last rotation when
+// that is unknown. The caller holds t's lock. It returns the record as it
+// stands afterwards: nil when reconciliation found that the tunnel's only
+// rotation never happened and removed its record.
+func (sc *scheduler) rotateNow(ctx context.Context, client *cloudflare.Client, cfg *configRecord, t tunnelRef, rec *pskRecord, trigger string) (*pskRecord, error) {
+	b, s := sc.b, sc.storage
+	if !rec.current() {
+		var err error
+		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err != nil || rec == nil {
+			return rec, err
 		}
 	}
+	return b.rotateLocked(ctx, s, client, cfg, t, rec, rec.RotationPeriod, trigger)
+}
+
+// client returns the Cloudflare client of this moment, not of the pass's
+// start: a pass can run for minutes, and after a config write or
+// config/rotate-root the cached client is rebuilt with the new token.
+// Without one (config unreadable or deleted) the rotation waits.
+func (sc *scheduler) client(ctx context.Context) (*cloudflare.Client, *configRecord, error) {
+	client, cfg, err := sc.b.cloudflareClient(ctx, sc.storage)
+	if err != nil {
+		sc.b.Logger().Warn("scheduler has no Cloudflare client; rotations wait", "error", err)
+	}
+	return client, cfg, err
+}
+
+// isSettling reports whether err refused a call because the tunnel's last
+// rotation may still change the edge's key (rotation.go's settlingError):
+// the entry waits, as for a record found settling before the call.
+func isSettling(err error) bool {
+	var settling *settlingError
+	return errors.As(err, &settling)
+}
+
+// retryScheduledLater moves a failed scheduled rotation into the future, by
+// the record's backoff (noteFailure: 1m, doubling, at most 1h), so that a
+// tunnel that always fails costs a call an hour, not one a minute, and its
+// metadata says how often and why it failed (a stored rotation clears that).
+// The caller holds t's lock. It returns an error when the new time
+// could not be stored, entry and record both: the caller then keeps the old
+// entry, which is deleted only once its replacement and the record that
+// points at it are stored, so a storage failure can delay a schedule but
+// never lose it.
+func (b *backend) retryScheduledLater(ctx context.Context, s logical.Storage, t tunnelRef, cause error) error {
+	rec, err := readPSKRecord(ctx, s, t)
+	if err != nil {
+		return err
+	}
+	if rec == nil || rec.RotationPeriod == 0 {
+		return nil
+	}
+	rec.noteFailure(b.now(), cause)
+	rec.NextRotation = rec.RetryAt
+	// The entry first: a record pointing at a minute with no entry would
+	// never rotate, an entry without a record that points at it is dropped.
+	if err := scheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {
+		return fmt.Errorf("reschedule the failed rotation of %s: %w", t, err)
+	}
+	if err := writePSKRecord(ctx, s, t, rec); err != nil {
+		return fmt.Errorf("reschedule the failed rotation of %s: %w", t, err)
+	}
+	return nil
 }

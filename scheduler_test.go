@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -23,6 +25,288 @@ func drain(t *testing.T, env *testEnv) {
 		t.Fatal("the scheduler is not running")
 	}
 	sc.pass(context.Background())
+}
+
+// hookStorage wraps a logical.Storage and lets a test fail or watch chosen
+// Puts and Deletes. The hooks run outside its lock, so a hook may itself
+// make requests that write storage (through the inner storage).
+type hookStorage struct {
+	logical.Storage
+	mu       sync.Mutex
+	onPut    func(*logical.StorageEntry) error
+	onDelete func(key string) error
+}
+
+func (h *hookStorage) Put(ctx context.Context, entry *logical.StorageEntry) error {
+	h.mu.Lock()
+	hook := h.onPut
+	h.mu.Unlock()
+	if hook != nil {
+		if err := hook(entry); err != nil {
+			return err
+		}
+	}
+	return h.Storage.Put(ctx, entry)
+}
+
+func (h *hookStorage) Delete(ctx context.Context, key string) error {
+	h.mu.Lock()
+	hook := h.onDelete
+	h.mu.Unlock()
+	if hook != nil {
+		if err := hook(key); err != nil {
+			return err
+		}
+	}
+	return h.Storage.Delete(ctx, key)
+}
+
+// failPuts fails every Put under prefix ("" stops failing).
+func (h *hookStorage) failPuts(prefix string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.onPut = nil
+	if prefix != "" {
+		h.onPut = func(e *logical.StorageEntry) error {
+			if strings.HasPrefix(e.Key, prefix) {
+				return errors.New("injected storage failure")
+			}
+			return nil
+		}
+	}
+}
+
+// failDeletes fails every Delete under prefix ("" stops failing).
+func (h *hookStorage) failDeletes(prefix string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.onDelete = nil
+	if prefix != "" {
+		h.onDelete = func(key string) error {
+			if strings.HasPrefix(key, prefix) {
+				return errors.New("injected storage failure")
+			}
+			return nil
+		}
+	}
+}
+
+// schedulerOver replaces the mount's running scheduler with one over s that
+// runs only when the test drains it: the test can fault the scheduler's
+// storage, and no loop works the schedule behind its back.
+func schedulerOver(t *testing.T, env *testEnv, s logical.Storage) {
+	t.Helper()
+	env.b.clean(context.Background())
+	env.b.schedulerMu.Lock()
+	env.b.scheduler = newScheduler(env.b, s)
+	env.b.schedulerMu.Unlock()
+}
+
+// record reads a tunnel's stored record.
+func record(t *testing.T, env *testEnv, tunnel string) *pskRecord {
+	t.Helper()
+	rec, err := readPSKRecord(context.Background(), env.storage, tunnelRef{env.account, tunnel})
+	if err != nil || rec == nil {
+		t.Fatalf("read record of %s: %v (%v)", tunnel, rec, err)
+	}
+	return rec
+}
+
+// scheduledEntry reports whether the due/ entry of a record's next rotation
+// is stored.
+func scheduledEntry(t *testing.T, env *testEnv, rec *pskRecord) bool {
+	t.Helper()
+	entry, err := env.storage.Get(context.Background(), dueKey(dueMinute(rec.NextRotation, true), tunnelRef{rec.AccountID, rec.TunnelID}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return entry != nil
+}
+
+var forbidden = cloudflaresim.Fault{Status: 403, Errors: []cloudflaresim.Message{{Code: 10000, Message: "Authentication error"}}}
+
+// TestFailedRescheduleKeepsTheEntry: a scheduled rotation fails and its
+// retry cannot be stored. The old entry must stay, or nothing would ever
+// rotate the tunnel again; once storage works the tunnel rotates.
+func TestFailedRescheduleKeepsTheEntry(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	storage := &hookStorage{Storage: env.storage}
+	schedulerOver(t, env, storage)
+	before := record(t, env, env.tunnel.ID)
+
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, forbidden)
+	storage.failPuts(duePrefix)
+	env.clock.Advance(time.Hour + time.Minute)
+	drain(t, env)
+	storage.failPuts("")
+	if env.sim.Calls(cloudflaresim.OpPSKGenerate) != 2 {
+		t.Fatalf("generate calls = %d, want 2 (the write and the failed scheduled one)", env.sim.Calls(cloudflaresim.OpPSKGenerate))
+	}
+	if !scheduledEntry(t, env, before) {
+		t.Fatal("the failed reschedule dropped the only schedule entry")
+	}
+
+	drain(t, env)
+	if v := storedVersion(t, env, env.pskPath()); v != 2 {
+		t.Fatalf("after storage recovered: version %d, want 2", v)
+	}
+	if rec := record(t, env, env.tunnel.ID); !scheduledEntry(t, env, rec) {
+		t.Error("the rotation after recovery left no schedule entry")
+	}
+}
+
+// TestLostScheduleEntryIsRepaired: the due/ entry of a tunnel's next
+// rotation could not be stored (a rotation only logs that). The record is the
+// truth: the scheduler's repair walk, at start and then every so often, puts
+// the entry back, and the tunnel rotates when it is due, not earlier.
+func TestLostScheduleEntryIsRepaired(t *testing.T) {
+	env := newConfiguredEnv(t)
+	// A scheduler that has not run yet: its first pass is its first walk.
+	schedulerOver(t, env, env.storage)
+	storage := &hookStorage{Storage: env.storage}
+	env.storage = storage
+	loseEntry := func(when string) *pskRecord {
+		t.Helper()
+		storage.failPuts(duePrefix)
+		env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+		storage.failPuts("")
+		rec := record(t, env, env.tunnel.ID)
+		if rec.NextRotation.IsZero() || scheduledEntry(t, env, rec) {
+			t.Fatalf("%s: want a record with next_rotation and no schedule entry", when)
+		}
+		return rec
+	}
+
+	rec := loseEntry("at start")
+	drain(t, env)
+	if !scheduledEntry(t, env, rec) {
+		t.Fatal("the first pass did not restore the missing schedule entry")
+	}
+	if v := storedVersion(t, env, env.pskPath()); v != 1 {
+		t.Fatalf("the repair rotated: version %d", v)
+	}
+
+	// Lost again later: a later walk finds it.
+	rec = loseEntry("later")
+	env.clock.Advance(20 * time.Minute)
+	drain(t, env)
+	if !scheduledEntry(t, env, rec) {
+		t.Fatal("a later pass did not restore the missing schedule entry")
+	}
+	if v := storedVersion(t, env, env.pskPath()); v != 2 {
+		t.Fatalf("rotated before it was due: version %d", v)
+	}
+	env.clock.Advance(41 * time.Minute)
+	drain(t, env)
+	if v := storedVersion(t, env, env.pskPath()); v != 3 {
+		t.Fatalf("the repaired schedule did not rotate when due: version %d, want 3", v)
+	}
+}
+
+// TestFailingScheduledRotationBacksOff: a tunnel whose scheduled rotation
+// keeps failing is tried again after 1m, 2m, 4m, 8m (each rounded up to the
+// schedule's minute), not every minute for ever; metadata says how often
+// and why it failed, and a success clears that.
+func TestFailingScheduledRotationBacksOff(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
+	schedulerOver(t, env, env.storage)
+	const failures = 4
+	for i := 0; i < failures; i++ {
+		env.sim.FailNext(cloudflaresim.OpPSKGenerate, forbidden)
+	}
+
+	const step = 10 * time.Second
+	var attempts []time.Duration // clock offsets of the scheduler's calls
+	checked := false
+	for elapsed := time.Duration(0); elapsed < 30*time.Minute && len(attempts) <= failures; elapsed += step {
+		env.clock.Advance(step)
+		drain(t, env)
+		if n := env.sim.Calls(cloudflaresim.OpPSKGenerate) - 1; n > len(attempts) {
+			attempts = append(attempts, elapsed+step)
+		}
+		if len(attempts) == failures && !checked {
+			checked = true
+			meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+			if meta.Data["failures"] != failures || !strings.Contains(meta.Data["last_failure"].(string), "HTTP 403") || meta.Data["retry_at"] == "" {
+				t.Errorf("after %d failures: failures %v, last_failure %q, retry_at %v", failures,
+					meta.Data["failures"], meta.Data["last_failure"], meta.Data["retry_at"])
+			}
+		}
+	}
+	if len(attempts) < failures+1 {
+		t.Fatalf("attempts at %v: want %d", attempts, failures+1)
+	}
+	// Each retry waits its backoff, rounded up to the minute (plus a step).
+	for i, backoff := range []time.Duration{time.Minute, 2 * time.Minute, 4 * time.Minute, 8 * time.Minute} {
+		gap := attempts[i+1] - attempts[i]
+		if gap < backoff || gap > backoff+time.Minute+step {
+			t.Errorf("retry %d came %s after the failure before it, want %s (attempts at %v)", i+1, gap, backoff, attempts)
+		}
+	}
+	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	if meta.Data["failures"] != 0 || meta.Data["last_failure"] != "" || meta.Data["retry_at"] != "" || meta.Data["version"] != 2 {
+		t.Errorf("after the success: %v", meta.Data)
+	}
+}
+
+// TestSettlingRecordWaits: while the last rotation's outcome is unknown and
+// Cloudflare may still act on it, neither a scheduled nor a bulk rotation may
+// call Cloudflare (a new generate could be overtaken by the abandoned one);
+// the entry waits, and is worked once the record has settled.
+func TestSettlingRecordWaits(t *testing.T) {
+	for _, bulk := range []bool{false, true} {
+		name := "scheduled"
+		if bulk {
+			name = "bulk"
+		}
+		t.Run(name, func(t *testing.T) {
+			env := newConfiguredEnv(t)
+			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+			schedulerOver(t, env, env.storage)
+			ctx, tun, now := context.Background(), tunnelRef{env.account, env.tunnel.ID}, env.clock.Now()
+			rec := record(t, env, env.tunnel.ID)
+			rec.State = stateRotationUnknown
+			rec.StateReason = "a rotation started and has not finished"
+			rec.RotationStartedAt = now.Add(-5 * time.Second).UTC()
+			rec.SettleUntil = now.Add(5 * time.Minute).UTC()
+			if !bulk {
+				rec.RotationPeriod = time.Hour
+				rec.NextRotation = now.Add(-time.Minute).UTC()
+				if err := scheduleRotation(ctx, env.storage, tun, rec.NextRotation, false); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := markUnresolved(ctx, env.storage, tun); err != nil {
+				t.Fatal(err)
+			}
+			if err := writePSKRecord(ctx, env.storage, tun, rec); err != nil {
+				t.Fatal(err)
+			}
+			if bulk {
+				env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+			}
+			entries := env.storageSnapshot()
+			calls := env.sim.TotalCalls()
+
+			env.clock.Advance(time.Minute)
+			drain(t, env)
+			if n := env.sim.TotalCalls() - calls; n != 0 {
+				t.Fatalf("a settling record was worked: %d Cloudflare calls", n)
+			}
+			if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(entries) {
+				t.Fatal("a settling record's entry or record changed")
+			}
+
+			env.clock.Advance(5 * time.Minute)
+			drain(t, env)
+			if v := storedVersion(t, env, env.pskPath()); v != 2 {
+				t.Fatalf("after the record settled: version %d, want 2", v)
+			}
+			assertCurrent(t, env, "after the record settled")
+		})
+	}
 }
 
 func storedVersion(t *testing.T, env *testEnv, path string) int {
@@ -315,5 +599,28 @@ func TestCleanStopsTheScheduler(t *testing.T) {
 	case <-sc.done:
 	default:
 		t.Fatal("the scheduler loop is still running after Clean")
+	}
+}
+
+// TestScheduledRotationOfADeletedTunnelStops: a tunnel deleted at
+// Cloudflare is recorded as gone and leaves the schedule, instead of being
+// retried (hourly at best) for ever.
+func TestScheduledRotationOfADeletedTunnelStops(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	env.sim.DeleteTunnel(env.account, env.tunnel.ID)
+	env.clock.Advance(61 * time.Minute)
+	drain(t, env)
+	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	if meta.Data["state"] != stateTunnelGone {
+		t.Fatalf("scheduled rotation of a deleted tunnel: state %v", meta.Data["state"])
+	}
+	calls := env.sim.TotalCalls()
+	for i := 0; i < 3; i++ {
+		env.clock.Advance(2 * time.Hour)
+		drain(t, env)
+	}
+	if n := env.sim.TotalCalls() - calls; n != 0 {
+		t.Errorf("the scheduler spent %d more calls on a tunnel that is gone", n)
 	}
 }
