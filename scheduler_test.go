@@ -624,3 +624,57 @@ func TestScheduledRotationOfADeletedTunnelStops(t *testing.T) {
 		t.Errorf("the scheduler spent %d more calls on a tunnel that is gone", n)
 	}
 }
+
+// TestTheSchedulerSlowsDownWhenAnotherClientSpendsTheQuota: Cloudflare's
+// limit is per user, so dashboard use and other tools of the same user
+// spend it too. The engine's own budget cannot see them; Cloudflare's
+// Ratelimit header can. With most of the window's quota spent by another
+// token of the same user, a bulk run must wait for Cloudflare's window to
+// reset instead of running into a 429.
+func TestTheSchedulerSlowsDownWhenAnotherClientSpendsTheQuota(t *testing.T) {
+	env := newTestEnv(t)
+	const limit, window, fleet = 20, 3 * time.Second, 8
+	env.token = env.sim.AddToken(cloudflaresim.Token{User: "netops"})
+	other := env.sim.AddToken(cloudflaresim.Token{User: "netops"})
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": env.token.Value, "base_url": env.simURL, "rate_limit": limit, "rate_limit_window": "3s",
+	}))
+	for i := 0; i < fleet; i++ {
+		id := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
+		if err := writePSKRecord(context.Background(), env.storage, tunnelRef{env.account, id}, &pskRecord{
+			AccountID: env.account, TunnelID: id, PSK: "seeded", Version: 1, State: stateCurrent,
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	env.sim.SetRateLimit(limit, window)
+	// Another tool of the same user spends all but three calls of the window.
+	for i := 0; i < limit-3; i++ {
+		req, _ := http.NewRequest(http.MethodGet, env.simURL+"/user/tokens/verify", nil)
+		req.Header.Set("Authorization", "Bearer "+other.Value)
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+	}
+	start := time.Now()
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		p := env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil))
+		if p.Data["done"] == fleet {
+			break
+		}
+		if len(p.Data["failed"].([]map[string]any)) > 0 || time.Now().After(deadline) {
+			t.Fatalf("bulk rotation stalled or failed: %v", p.Data)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n := env.sim.RateLimited(); n != 0 {
+		t.Errorf("Cloudflare answered 429 %d times: the scheduler did not slow down for the other client's calls", n)
+	}
+	if took := time.Since(start); took < window/2 {
+		t.Errorf("the bulk run took %s; with the quota spent it had to wait for the window", took)
+	}
+}

@@ -266,20 +266,25 @@ func (b *Budget) take() (uint64, *BudgetError) {
 }
 
 // Free returns how many calls the cap and Cloudflare's last count allow
-// right now, and, when that is none, how long until one.
+// right now, and how long until more are: when none are, until one is; when
+// Cloudflare's count is what binds, until its window resets (no call frees
+// up before then, so a caller keeping a reserve can sleep until that time
+// instead of polling).
 func (b *Budget) Free() (int, time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	now := b.now()
 	free, wait := b.capFreeLocked(now)
 	cfFree, cfReset, known := b.cloudflareFreeLocked(now)
-	if !known {
+	switch {
+	case !known:
 		return free, wait
-	}
-	if cfFree == 0 {
+	case cfFree == 0:
 		return 0, max(cfReset, wait)
+	case cfFree <= free:
+		return cfFree, cfReset
 	}
-	return min(free, cfFree), wait
+	return free, wait
 }
 
 // BudgetError is a call the engine did not send because its own cap

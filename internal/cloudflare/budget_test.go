@@ -89,9 +89,10 @@ func TestBudgetObserve(t *testing.T) {
 		limit int
 		steps []step
 	}{
+		// While Cloudflare's count binds, Free says when its window resets.
 		{"Cloudflare has less left than the cap", 100, []step{
-			obs(3, time.Minute, 3, 0),
-			{take: 2, wantFree: 1},
+			obs(3, time.Minute, 3, time.Minute),
+			{take: 2, wantFree: 1, wantWait: time.Minute},
 			{take: 1, wantFree: 0, wantWait: time.Minute},
 			{advance: 30 * time.Second, wantFree: 0, wantWait: 30 * time.Second},
 			// The reset passed: only the cap counts again.
@@ -110,14 +111,14 @@ func TestBudgetObserve(t *testing.T) {
 			obs(0, 5*time.Minute, 0, 5*time.Minute),
 		}},
 		{"no cap still follows Cloudflare", 0, []step{
-			obs(2, time.Minute, 2, 0),
+			obs(2, time.Minute, 2, time.Minute),
 			{take: 2, wantFree: 0, wantWait: time.Minute},
 			{advance: time.Minute, wantFree: 1 << 30},
 		}},
 		{"a newer answer replaces an older one", 100, []step{
-			obs(3, time.Minute, 3, 0),
-			obs(40, 2*time.Minute, 40, 0),
-			{take: 1, wantFree: 39},
+			obs(3, time.Minute, 3, time.Minute),
+			obs(40, 2*time.Minute, 40, 2*time.Minute),
+			{take: 1, wantFree: 39, wantWait: 2 * time.Minute},
 		}},
 		{"reset past the bound", 100, []step{
 			obs(0, 100*365*24*time.Hour, 0, wantMaxBlock),
@@ -211,5 +212,26 @@ func TestBudgetIsSafeForConcurrentUse(t *testing.T) {
 	wg.Wait()
 	if free, _ := b.Free(); free > 400 {
 		t.Errorf("Free() = %d after Cloudflare said at most 400 remain", free)
+	}
+}
+
+// TestFreeSaysWhenCloudflaresWindowResets: when Cloudflare's count is what
+// limits the calls, no call frees up before its window resets, so Free says
+// when that is and a caller keeping a reserve sleeps instead of polling.
+func TestFreeSaysWhenCloudflaresWindowResets(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	b := NewBudget(100, time.Minute, func() time.Time { return now })
+	b.Observe(3, 40*time.Second)
+	free, wait := b.Free()
+	if free != 3 || wait != 40*time.Second {
+		t.Fatalf("Free() = %d, %s; want 3, 40s (Cloudflare's count binds until its reset)", free, wait)
+	}
+	b.Observe(90, 40*time.Second)
+	if free, wait := b.Free(); free != 90 || wait != 40*time.Second {
+		t.Fatalf("Free() = %d, %s; want 90, 40s", free, wait)
+	}
+	b.Observe(200, 40*time.Second)
+	if free, wait := b.Free(); free != 100 || wait != 0 {
+		t.Fatalf("Free() = %d, %s; want 100, 0 (the cap binds, and frees as it goes)", free, wait)
 	}
 }
