@@ -250,6 +250,23 @@ func (b *backend) newCloudflareClient(ctx context.Context, s logical.Storage, cf
 	})
 }
 
+// verifyingClient builds a client from cfg whose calls count on a budget of
+// their own, which starts with the mount's block (if any) and gives nothing
+// back to the mount: for verifying a token and endpoint before they are
+// stored.
+func (b *backend) verifyingClient(cfg *configRecord) (*cloudflare.Client, error) {
+	budget := cloudflare.NewBudget(0, 0, b.now)
+	budget.RestoreBlock(b.budget.BlockedUntil())
+	return cloudflare.New(cloudflare.Config{
+		APIToken:       cfg.APIToken,
+		BaseURL:        cfg.BaseURL,
+		RequestTimeout: cfg.RequestTimeout,
+		UserAgent:      "vault-plugin-secrets-cloudflare-ipsec/" + version,
+		Now:            b.now,
+		Budget:         budget,
+	})
+}
+
 // rateLimitStorageKey holds Cloudflare's last rate-limit block of the
 // mount's token (a rateLimitRecord).
 const rateLimitStorageKey = "ratelimit"

@@ -242,6 +242,16 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	if err != nil {
 		return failure(fmt.Errorf("build the Cloudflare client: %w", err))
 	}
+	if stored == nil || !stored.sameEndpoint(cfg) {
+		// What a token and endpoint that are not stored yet answer (a 429
+		// and its block, a Ratelimit count) says nothing of the stored
+		// ones: if this write is refused it must leave the mount exactly
+		// as it was. The verification runs on a budget of its own, which
+		// still honours a block in force.
+		if client, err = b.verifyingClient(cfg); err != nil {
+			return failure(fmt.Errorf("build the Cloudflare client: %w", err))
+		}
+	}
 	status, err := client.VerifyToken(ctx, cfg.TokenAccountID)
 	if err != nil {
 		return failure(fmt.Errorf("verify the API token: %w", err))
@@ -268,6 +278,12 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 		return &logical.Response{Warnings: warnings}, nil
 	}
 	return nil, nil
+}
+
+// sameEndpoint reports whether c and other send calls with the same token
+// to the same place, so that Cloudflare's answers to one are the other's.
+func (c *configRecord) sameEndpoint(other *configRecord) bool {
+	return c.APIToken == other.APIToken && c.BaseURL == other.BaseURL && c.TokenAccountID == other.TokenAccountID
 }
 
 func (c *configRecord) applyVerification(status *cloudflare.TokenStatus, now time.Time) {

@@ -285,3 +285,58 @@ func TestConfigEndpointChangesNeedTheToken(t *testing.T) {
 		t.Errorf("the other host was called %d times", hits)
 	}
 }
+
+// A reviewer's sequence (it failed before the verification got a budget of
+// its own): // is refused, and stores nothing, still leaves the mount blocked. The write
+// names a new base_url and its own api_token (so checkEndpointChange lets it
+// through); that endpoint answers verification with a 429 (or with a
+// Ratelimit header saying nothing remains). The block lands in the mount's
+// shared Budget (and, for the 429, in the ratelimit storage key) although
+// the token and endpoint it describes were never stored. The stored config,
+// whose token Cloudflare never blocked, then cannot rotate anything for 15
+// minutes, across restarts: anyone with update on config (or an admin
+// testing a wrong endpoint) can keep a working mount down.
+func TestARefusedConfigWriteLeavesTheMountAsItWas(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		answer func(w http.ResponseWriter)
+	}{
+		{"429 with Retry-After", func(w http.ResponseWriter) {
+			w.Header().Set("Retry-After", "100000")
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusTooManyRequests)
+			_, _ = w.Write([]byte(`{"success":false,"errors":[{"code":971,"message":"rate limited"}],"messages":[],"result":null}`))
+		}},
+		{"403 with Ratelimit r=0", func(w http.ResponseWriter) {
+			w.Header().Set("Ratelimit", `"default";r=0;t=100000`)
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusForbidden)
+			_, _ = w.Write([]byte(`{"success":false,"errors":[{"code":9109,"message":"Invalid access token"}],"messages":[],"result":null}`))
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newConfiguredEnv(t)
+			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+			other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { tc.answer(w) }))
+			t.Cleanup(other.Close)
+			before := env.storageSnapshot()
+
+			resp, err := env.request(logical.UpdateOperation, "config", map[string]any{
+				"api_token": "someone-elses-token-0123456789abcdefghijklmnopq",
+				"base_url":  other.URL + "/client/v4",
+			})
+			if httpStatus(resp, err) < 400 {
+				t.Fatalf("config write to the other endpoint succeeded")
+			}
+			if after := env.storageSnapshot(); len(after) != len(before) || after[configStorageKey] != before[configStorageKey] {
+				t.Fatal("the refused config write changed config")
+			}
+
+			resp, err = env.request(logical.UpdateOperation, env.pskPath(), nil)
+			if httpStatus(resp, err) != http.StatusOK {
+				t.Fatalf("rotation with the unchanged, working config after a refused config write: %d %s",
+					httpStatus(resp, err), errorText(resp, err))
+			}
+		})
+	}
+}

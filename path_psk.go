@@ -295,6 +295,12 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 	if err != nil {
 		return nil, err
 	}
+	if rec != nil && rec.settling(b.now()) {
+		// Forgetting the record would forget the settle window with it,
+		// and the next write would send a psk_generate that the abandoned
+		// request could still overtake.
+		return failure(&settlingError{tunnel: t, until: rec.SettleUntil})
+	}
 	if err := forgetPSKRecord(ctx, req.Storage, t, rec); err != nil {
 		return nil, err
 	}
@@ -369,7 +375,9 @@ read: returns psk and its metadata:
   when no key is stored.
 
 delete: forgets the key in Vault only. It does not touch the tunnel at
-  Cloudflare, which keeps using its current key.
+  Cloudflare, which keeps using its current key. While the last rotation's
+  outcome is unknown and Cloudflare may still act on it (until
+  settle_until), a delete is refused with 409 like a write.
 
 For a policy that may see rotation state but not keys, use
 metadata/<account_id>/<tunnel_id>.

@@ -387,3 +387,37 @@ func TestConcurrentRotationsLeaveVaultWithTheEdgesKey(t *testing.T) {
 		}
 	}
 }
+
+// A reviewer's sequence; it failed on the code before its fix.
+// TestADeleteInsideTheSettleWindowIsRefused: the 409 protects a retry
+// only while the record remembers the attempt. A delete of the path (allowed
+// at any time, "forgets the key in Vault only") drops SettleUntil; the next
+// write is a first rotation, sends a psk_generate at once, and the abandoned
+// request lands after it: Vault says current for a key the edge replaced.
+func TestADeleteInsideTheSettleWindowIsRefused(t *testing.T) {
+	env := newTestEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": env.token.Value, "base_url": env.simURL, "request_timeout": "1s",
+	}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{ProcessAfter: 3 * time.Second})
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if got := httpStatus(resp, err); got != http.StatusGatewayTimeout {
+		t.Fatalf("abandoned write: status %d: %s", got, errorText(resp, err))
+	}
+	resp, err = env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if got := httpStatus(resp, err); got != http.StatusConflict {
+		t.Fatalf("retry: status %d, want 409", got)
+	}
+	resp, err = env.request(logical.DeleteOperation, env.pskPath(), nil)
+	if got := httpStatus(resp, err); got != http.StatusConflict {
+		t.Errorf("delete inside the settle window: status %d, want 409", got)
+	}
+	resp, err = env.request(logical.UpdateOperation, env.pskPath(), nil)
+	t.Logf("write after the delete inside the settle window: status %d", httpStatus(resp, err))
+	env.sim.WaitIdle() // the abandoned request lands now
+	read, err := env.request(logical.ReadOperation, env.pskPath(), nil)
+	if err == nil && read != nil && read.Data["state"] == stateCurrent && read.Data["psk"] != env.edge().PSK {
+		t.Fatalf("after delete+write inside the settle window the late request landed: state current, key is not the edge's")
+	}
+}

@@ -81,6 +81,10 @@ type pskRecord struct {
 	// found on this tunnel, so that it heals at most once per
 	// drift_check_interval.
 	LastHealedAt time.Time `json:"last_healed_at"`
+	// HealHeld: drift came back right after a heal, so another mount or
+	// tool rotates this tunnel too; the engine no longer heals it by itself
+	// until an operator writes it (see mayHeal).
+	HealHeld bool `json:"heal_held,omitempty"`
 
 	// RotationPeriod, when not zero, has the scheduler rotate the tunnel
 	// again at NextRotation (see due.go and scheduler.go).

@@ -164,6 +164,10 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 	case previous.PSK != "":
 		pending.EdgeKeyBefore = previous.LastGeneratedOn
 	}
+	if trigger == "write" {
+		// An operator's write takes the tunnel back (see mayHeal).
+		pending.HealHeld = false
+	}
 	pending.State = stateRotationUnknown
 	// Read before anything is written or sent: the attempt's key, if it is
 	// ever made, cannot be older than this, and no request of the attempt
@@ -195,6 +199,17 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		b.restore(ctx, s, t, previous)
 		return nil, nil
 	}
+	if validateOnly {
+		// A key in a validate_only answer: Cloudflare generated it (the
+		// query string was dropped on the way) or merely showed one it
+		// did not put into effect; Cloudflare does not document which.
+		// Only the edge can tell, and the key is called current only if
+		// the edge's key was generated when the answer says and not
+		// before this request.
+		if done, err := b.confirmValidationKey(ctx, s, client, t, previous, pending, generated); done || err != nil {
+			return nil, err
+		}
+	}
 
 	rec := &pskRecord{
 		AccountID:       t.AccountID,
@@ -220,6 +235,11 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		}
 	}
 	if err := b.storeGenerated(ctx, s, t, rec); err != nil {
+		// Cloudflare answered, so no request of this rotation can still
+		// land: a next write need not wait out the settle window. Best
+		// effort; storage has just failed.
+		pending.SettleUntil = b.now().UTC()
+		_ = writePSKRecord(context.WithoutCancel(ctx), s, t, pending)
 		return nil, err
 	}
 	if !pending.NextRotation.IsZero() && !pending.NextRotation.Equal(rec.NextRotation) {
@@ -237,6 +257,39 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 	}
 	b.tunnelLogger(t).Info("psk rotated", "version", rec.Version)
 	return rec, nil
+}
+
+// confirmValidationKey asks the edge whether the key a validate_only answer
+// carried is in use. It returns done when it is not (the record is put back,
+// or left rotation_unknown when a key Vault does not know was made after the
+// request started), so the caller stores nothing.
+func (b *backend) confirmValidationKey(ctx context.Context, s logical.Storage, client *cloudflare.Client, t tunnelRef, previous, pending *pskRecord, generated *cloudflare.GeneratedPSK) (bool, error) {
+	log := b.tunnelLogger(t)
+	edge, err := client.GetTunnel(ctx, t.AccountID, t.TunnelID)
+	if err != nil {
+		pending.StateReason = fmt.Sprintf("a validate_only answer started at %s carried a key, and Cloudflare could not be asked whether it is in use (%v)",
+			formatTime(pending.RotationStartedAt), err)
+		if werr := writePSKRecord(ctx, s, t, pending); werr != nil {
+			log.Warn("could not record a validation's unknown outcome", "error", werr)
+		}
+		return true, fmt.Errorf("confirm the key of a validate_only answer: %w", err)
+	}
+	sentAfter := pending.RotationStartedAt.Add(-edgeClockMargin)
+	switch {
+	case edge.PSKLastGeneratedOn.Before(sentAfter) || sameGeneration(edge.PSKLastGeneratedOn, pending.EdgeKeyBefore):
+		// The edge's key is the one it had before: nothing was generated.
+		log.Warn("a validate_only answer carried a key the edge does not use; discarded")
+		b.restore(ctx, s, t, previous)
+		return true, nil
+	case edge.PSKLastGeneratedOn.Equal(generated.LastGeneratedOn) && !edge.PSKLastGeneratedOn.Equal(pending.EdgeKeyBefore):
+		return false, nil // generated for this request, and in use: store it
+	}
+	pending.StateReason = fmt.Sprintf("the edge's key was generated at %s, after the validate_only request started at %s, but it is not the key the answer carried",
+		formatTime(edge.PSKLastGeneratedOn), formatTime(pending.RotationStartedAt))
+	if werr := writePSKRecord(ctx, s, t, pending); werr != nil {
+		log.Warn("could not record a validation's unknown outcome", "error", werr)
+	}
+	return true, fmt.Errorf("%s; the tunnel is marked %s until reconciliation learns which key the edge uses", pending.StateReason, stateRotationUnknown)
 }
 
 // restore puts back the record a rotation that certainly did not happen had
@@ -270,7 +323,8 @@ func (b *backend) storeGenerated(ctx context.Context, s logical.Storage, t tunne
 	}
 	b.tunnelLogger(t).Error("cloudflare activated a new psk that vault could not store", "error", err)
 	return fmt.Errorf("cloudflare generated and activated a new psk for %s, but Vault could not store it (%w); "+
-		"the tunnel is marked rotation_unknown and the next write, read or background reconciliation will generate and store a new key", t, err)
+		"the tunnel is marked rotation_unknown, and once Cloudflare can no longer act on this rotation (settle_until in metadata) "+
+		"the next write, read or background reconciliation generates and stores a new key", t, err)
 }
 
 // edgeVerdict is what Cloudflare's time of generation for a tunnel's key
@@ -290,32 +344,30 @@ const (
 )
 
 // judgeEdge decides from the edge's last_generated_on, never from equality
-// alone: Cloudflare promises no sub-second precision, so two keys can share
-// a timestamp. A rotation processed at Cloudflare made a key no older than
-// the moment the rotation started (less edgeClockMargin for the two clocks
-// and the precision), and any key after it is later still; so an edge key
-// generated before that moment proves the rotation did not happen. The
-// caller calls it only after the rotation's settle window, when no request
-// of it can still land.
+// of whole-second times: Cloudflare promises no sub-second precision, so two
+// keys can share such a timestamp. A rotation processed at Cloudflare made a
+// key no older than the moment the rotation started (less edgeClockMargin for
+// the two clocks and the precision), and any key after it is later still; so
+// an edge key generated before that moment proves the rotation did not
+// happen. Equal times prove the same key only where the edge evidently keeps
+// sub-second precision (see sameGeneration). The caller calls it only after
+// the rotation's settle window, when no request of it can still land.
 //
-// One case stays open whatever the engine does: a key generated within
-// edgeClockMargin before the rotation started, and unchanged since, may be
-// the rotation's own or the one before it. Where Vault holds a key, that is
-// taken as a change (a new key is healed in; calling the old key current
-// could be a lie). Where Vault holds none (a first rotation), it is taken as
-// "did not happen": Vault then claims nothing, and generating a key there
-// could be one nobody asked for.
+// What no time can decide (a key as old as the margin or as coarse as a
+// second, unchanged since) is taken as a change: a new key is healed in, for
+// a rotation somebody asked for, rather than call a replaced key current or
+// leave a live key nobody holds.
 func judgeEdge(rec *pskRecord, edgeGenerated time.Time) edgeVerdict {
 	switch {
 	case rec.State == stateRotationUnknown:
 		sentAfter := rec.RotationStartedAt.Add(-edgeClockMargin)
 		if rec.PSK == "" {
-			if edgeGenerated.Before(sentAfter) || !edgeGenerated.After(rec.EdgeKeyBefore) {
+			if edgeGenerated.Before(sentAfter) || sameGeneration(edgeGenerated, rec.EdgeKeyBefore) {
 				return edgeNeverRotated
 			}
 			return edgeChanged
 		}
-		if !edgeGenerated.Before(sentAfter) {
+		if !edgeGenerated.Before(sentAfter) && !sameGeneration(edgeGenerated, rec.LastGeneratedOn) {
 			return edgeChanged
 		}
 	case rec.PSK == "":
@@ -328,6 +380,14 @@ func judgeEdge(rec *pskRecord, edgeGenerated time.Time) edgeVerdict {
 		return edgeChanged
 	}
 	return edgeUsesStoredKey
+}
+
+// sameGeneration reports whether two last_generated_on values prove one and
+// the same generation: equal, and with a sub-second part, which only an edge
+// that keeps fine precision can produce (two generations do not share a
+// microsecond). Equal whole-second times prove nothing.
+func sameGeneration(a, b time.Time) bool {
+	return !a.IsZero() && a.Equal(b) && a.Nanosecond() != 0
 }
 
 // reconcileLocked resolves a record that is not current by asking
@@ -388,34 +448,44 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 		reason = fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s): it was changed outside this engine, so the stored key is not the one the edge uses",
 			formatTime(edge.PSKLastGeneratedOn), orNever(rec.LastGeneratedOn))
 	}
-	retryAt := b.now().Add(failureBackoffMax)
 	if heal {
-		wait := b.healBlockedFor(cfg, rec)
-		if wait == 0 {
+		if b.mayHeal(cfg, rec) {
 			log.Warn("reconciled: cloudflare's key is not the stored one; generating a new key")
 			healing := *rec
 			healing.EdgeKeyBefore = edge.PSKLastGeneratedOn
 			return b.rotateLocked(ctx, s, client, cfg, t, &healing, rec.RotationPeriod, "heal")
 		}
-		retryAt = b.now().Add(wait)
-		reason += fmt.Sprintf("; not healed again before %s: the engine healed this tunnel within the last two drift_check_intervals, so another mount or tool probably rotates it too: a tunnel must belong to one mount",
-			formatTime(retryAt))
+		return b.holdHealing(ctx, s, t, rec, reason)
 	}
-	return b.markStale(ctx, s, t, rec, reason, retryAt)
+	return b.markStale(ctx, s, t, rec, reason, b.now().Add(failureBackoffMax))
 }
 
-// healBlockedFor returns how long healing must still wait for a tunnel found
-// stale outside a rotation of this engine. Drift found again within two
-// drift_check_intervals of the last heal is not healed: the sweep runs once
-// per interval, so that is drift at the very next look, the mark of another
-// mount (or tool) rotating the same tunnel, and healing it would start a
-// loop of the two rotating each other's keys away. The unknown outcome of the
-// engine's own rotation is healed at once: that key was asked for.
-func (b *backend) healBlockedFor(cfg *configRecord, rec *pskRecord) time.Duration {
-	if rec.State == stateRotationUnknown || rec.LastHealedAt.IsZero() {
-		return 0
+// mayHeal reports whether the engine may generate a key, by itself, for a
+// tunnel whose stored key the edge no longer uses. The unknown outcome of the
+// engine's own rotation is healed at once: that key was asked for. Drift is
+// healed once; drift found again within two drift_check_intervals of that
+// heal (the sweep runs once per interval, so at the very next look) is the
+// mark of another mount or tool rotating the same tunnel, and healing it
+// would start the two rotating each other's keys away, for ever. Such a
+// tunnel is held (HealHeld) until an operator writes it.
+func (b *backend) mayHeal(cfg *configRecord, rec *pskRecord) bool {
+	switch {
+	case rec.HealHeld:
+		return false
+	case rec.State == stateRotationUnknown, rec.LastHealedAt.IsZero():
+		return true
 	}
-	return max(rec.LastHealedAt.Add(2*cfg.driftInterval()).Sub(b.now()), 0)
+	return !b.now().Before(rec.LastHealedAt.Add(2 * cfg.driftInterval()))
+}
+
+// holdHealing records drift the engine will not heal by itself (see
+// mayHeal): the record is stale and held until an operator writes it.
+func (b *backend) holdHealing(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord, reason string) (*pskRecord, error) {
+	held := *rec
+	held.HealHeld = true
+	reason += "; not healed: the engine already healed this tunnel within the last two drift_check_intervals, so another mount or tool rotates it too. " +
+		"A tunnel must belong to one mount: the engine leaves it stale until an operator writes this path"
+	return b.markStale(ctx, s, t, &held, reason, b.now().Add(failureBackoffMax))
 }
 
 // markStale records that the edge uses a key Vault does not hold. The

@@ -467,3 +467,63 @@ func TestCoarseTimestampsAreNoProofOfNothing(t *testing.T) {
 		assertCurrent(t, env, fmt.Sprintf("round %d, after background reconciliation", i))
 	}
 }
+
+// A reviewer's sequence; it failed on the code before its fix.
+// TestAFirstRotationInTheSecondOfCreationIsHealed: one-second
+// timestamps; a tunnel created (Terraform, say) and rotated by Vault within
+// the same second. The first rotation is committed at Cloudflare but its
+// answer is lost (500 after commit). Its key carries the creation key's
+// timestamp, so judgeEdge's first-rotation branch (!After(EdgeKeyBefore):
+// equality) decides "never happened" and removes the record: the edge uses a
+// key nobody holds, and nothing will heal it (README: faults after commit are
+// healed; the issue: never from equality alone).
+func TestAFirstRotationInTheSecondOfCreationIsHealed(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.sim.SetTimestampPrecision(time.Second)
+	now := env.clock.Now()
+	env.clock.Advance(time.Second - now.Sub(now.Truncate(time.Second)) + 50*time.Millisecond)
+	env.tunnel = env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{})
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 500, AfterCommit: true})
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if httpStatus(resp, err) != http.StatusBadGateway {
+		t.Fatalf("status %d: %s", httpStatus(resp, err), errorText(resp, err))
+	}
+	edge := env.edge()
+	if env.generations() != 1 || !edge.PSKGeneratedOn.Equal(edge.CreatedOn) {
+		t.Fatalf("the setup did not put creation and rotation in one second (generations %d, created %s, key %s)", env.generations(), edge.CreatedOn, edge.PSKGeneratedOn)
+	}
+	runBackgroundPass(t, env)
+	rec, err := readPSKRecord(context.Background(), env.storage, tunnelRef{env.account, env.tunnel.ID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec == nil || rec.PSK != env.edge().PSK {
+		t.Fatalf("the first rotation's key was generated at the edge, but reconciliation removed the record as if it never happened (record %v)", rec != nil)
+	}
+}
+
+// A reviewer's sequence; it failed on the code before its fix.
+// TestAfterAKeyVaultCouldNotStoreTheNextWriteProceeds: the 500 after a key Vault could
+// not store says "the next write ... will generate and store a new key"; the
+// next write is a 409 until settle_until, although Cloudflare answered and no
+// request of that attempt can still land.
+func TestAfterAKeyVaultCouldNotStoreTheNextWriteProceeds(t *testing.T) {
+	env := newTestEnv(t)
+	storage := &failingStorage{Storage: env.storage}
+	env.storage = storage
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": env.token.Value, "base_url": env.simURL, "request_timeout": "2s",
+	}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	storage.setFailPut(storesCurrentKey)
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	storage.setFailPut(nil)
+	msg := errorText(resp, err)
+	if !strings.Contains(msg, "the next write") {
+		t.Fatalf("500 text changed: %s", msg)
+	}
+	resp, err = env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if httpStatus(resp, err) != http.StatusOK {
+		t.Fatalf("the 500 promised the next write would store a new key; it is %d: %s", httpStatus(resp, err), errorText(resp, err))
+	}
+}

@@ -195,25 +195,26 @@ func (b *backend) compareWithEdge(ctx context.Context, s logical.Storage, client
 	}
 	reason := fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s): it was changed outside this engine",
 		formatTime(edge.PSKLastGeneratedOn), formatTime(rec.LastGeneratedOn))
-	if heal && b.healBlockedFor(cfg, rec) == 0 {
-		b.tunnelLogger(t).Warn("key changed outside this engine; generating a new key", "edge_generated_on", formatTime(edge.PSKLastGeneratedOn))
-		_, err := b.rotateLocked(ctx, s, client, cfg, t, rec, rec.RotationPeriod, "heal")
-		return err == nil, err
+	if heal && !b.mayHeal(cfg, rec) {
+		_, err = b.holdHealing(ctx, s, t, rec, reason)
+		return false, err
 	}
-	// The background looks at the tunnel again: at once where healing is
-	// on (a listing, which never heals, leaves that to the next read or
-	// pass), when healing is allowed again, or, healing off, after an hour.
+	// Stale first, then healed: a heal that Cloudflare refuses puts back
+	// the record it started from, and that must not be the current one.
+	// The background looks at the tunnel again at once where healing is on
+	// (a listing, which never heals, leaves that to the next read or pass),
+	// or, healing off, after an hour.
 	retryAt := b.now()
 	if !cfg.HealStalePSK {
 		retryAt = retryAt.Add(failureBackoffMax)
 	}
-	if heal {
-		retryAt = b.now().Add(b.healBlockedFor(cfg, rec))
-		reason += fmt.Sprintf("; not healed before %s: the engine healed this tunnel within the last two drift_check_intervals, so another mount or tool probably rotates it too: a tunnel must belong to one mount",
-			formatTime(retryAt))
+	stale, err := b.markStale(ctx, s, t, rec, reason, retryAt)
+	if err != nil || !heal {
+		return false, err
 	}
-	_, err = b.markStale(ctx, s, t, rec, reason, retryAt)
-	return false, err
+	b.tunnelLogger(t).Warn("key changed outside this engine; generating a new key", "edge_generated_on", formatTime(edge.PSKLastGeneratedOn))
+	_, err = b.rotateLocked(ctx, s, client, cfg, t, stale, stale.RotationPeriod, "heal")
+	return err == nil, err
 }
 
 func listUnresolved(ctx context.Context, s logical.Storage) ([]tunnelRef, error) {

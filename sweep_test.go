@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
@@ -144,5 +145,84 @@ func TestOneFailingTunnelNeverStopsTheBackground(t *testing.T) {
 			backgroundPass(t, env)
 			assertCurrent(t, env, "after the refusal passed and the backoff ended")
 		})
+	}
+}
+
+// A reviewer's sequence; it failed on the code before its fix.
+// TestARefusedDriftHealLeavesTheRecordStale: the drift sweep finds a key
+// changed outside the engine and heals by rotateLocked with the *current*
+// record as "previous". Cloudflare refuses that psk_generate (a 4xx, a 429 or
+// the mount's budget: NoEffect), and restore() writes the current record
+// back: Vault says current for a key the edge does not use, until the next
+// sweep an interval later (and again after it, if the refusal repeats).
+func TestARefusedDriftHealLeavesTheRecordStale(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.RegenerateOutOfBand(env.account, env.tunnel.ID)
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 409,
+		Errors: []cloudflaresim.Message{{Code: 1003, Message: "tunnel is being modified"}}})
+	generates := env.sim.Calls(cloudflaresim.OpPSKGenerate)
+	env.clock.Advance(time.Hour)
+	backgroundPass(t, env)
+	if env.sim.Calls(cloudflaresim.OpPSKGenerate) != generates+1 {
+		t.Fatalf("the sweep did not try to heal the drift")
+	}
+	rec, err := readPSKRecord(context.Background(), env.storage, tunnelRef{env.account, env.tunnel.ID})
+	if err != nil || rec == nil {
+		t.Fatalf("record: %v", err)
+	}
+	if rec.State == stateCurrent && rec.PSK != env.edge().PSK {
+		t.Fatalf("drift found, heal refused: record is %q for a key the edge does not use (edge key generated %s, stored %s)",
+			rec.State, formatTime(env.edge().PSKGeneratedOn), formatTime(rec.LastGeneratedOn))
+	}
+}
+
+// secondMount is another mount of the engine (own storage, own scheduler-less
+// backend) against the same simulator, token and tunnel, on the same clock.
+func secondMount(t *testing.T, env *testEnv) *testEnv {
+	t.Helper()
+	conf := logical.TestBackendConfig()
+	conf.StorageView = &logical.InmemStorage{}
+	logs := &syncBuffer{}
+	conf.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: logs})
+	b := newBackend()
+	b.now = env.clock.Now
+	if err := b.Setup(context.Background(), conf); err != nil {
+		t.Fatal(err)
+	}
+	other := *env
+	other.b, other.storage, other.logs = b, conf.StorageView, logs
+	other.must(other.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": env.token.Value, "base_url": env.simURL, "request_timeout": "2s",
+	}))
+	return &other
+}
+
+// A reviewer's sequence; it failed on the code before its fix.
+// TestTwoMountsOnOneTunnelStopRotatingEachOther: the heal limit defers a
+// heal by two intervals; it does not stop it. Mount A is blocked at the
+// second look, but its stale record's RetryAt comes due and A heals again;
+// B's own LastHealedAt is by then two intervals old, so B heals back. Each
+// two intervals both mounts generate a key nobody asked for, for ever.
+func TestTwoMountsOnOneTunnelStopRotatingEachOther(t *testing.T) {
+	a := newConfiguredEnv(t)
+	b := secondMount(t, a)
+	for _, m := range []*testEnv{a, b} {
+		m.must(m.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "10m"}))
+		m.must(m.request(logical.UpdateOperation, m.pskPath(), nil))
+	}
+	var after2 int
+	for round := 1; round <= 8; round++ {
+		a.clock.Advance(10 * time.Minute)
+		backgroundPass(t, a)
+		backgroundPass(t, b)
+		t.Logf("round %d: edge generations %d", round, a.generations())
+		if round == 2 {
+			after2 = a.generations()
+		}
+	}
+	if a.generations() != after2 {
+		t.Fatalf("two mounts on one tunnel: %d more keys generated after the loop was detected (round 2); the heal limit only slows the loop",
+			a.generations()-after2)
 	}
 }

@@ -119,7 +119,7 @@ func TestTheBackgroundKeepsTheGuarantee(t *testing.T) {
 	if state := field(t, goneMeta, "state"); state != "tunnel_gone" {
 		t.Errorf("deleted tunnel: state %v", state)
 	}
-	status, _ := v.api(t, v.rootToken, http.MethodGet, "/v1/"+psk(prekeyed), nil)
+	status, _ := v.api(t, v.rootToken, http.MethodGet, psk(prekeyed), nil)
 	if status != http.StatusNotFound {
 		t.Errorf("pre-keyed tunnel whose first rotation never happened: read status %d, want 404", status)
 	}
@@ -128,7 +128,7 @@ func TestTheBackgroundKeepsTheGuarantee(t *testing.T) {
 	}
 	// A provisioning tool's view: every managed tunnel still there is in
 	// sync after the background's work.
-	status, list := v.api(t, v.rootToken, "LIST", "/v1/cloudflare-ipsec/tunnels/"+account, nil)
+	status, list := v.api(t, v.rootToken, "LIST", "cloudflare-ipsec/tunnels/"+account, nil)
 	if status != http.StatusOK {
 		t.Fatalf("LIST tunnels: status %d", status)
 	}

@@ -78,15 +78,7 @@ func New(cfg Config) (*Client, error) {
 	if now == nil {
 		now = time.Now
 	}
-	httpClient := &http.Client{
-		Transport: http.DefaultTransport.(*http.Transport).Clone(),
-		// A redirect is never followed: the SDK sets the bearer token on the
-		// request, and Go's client keeps it on a redirect to the same host
-		// name (any port, plain http included). Cloudflare's API does not
-		// redirect these operations, so a 3xx comes from something else;
-		// checkEnvelope turns it into an error.
-		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-	}
+	httpClient := newHTTPClient()
 	opts := []option.RequestOption{
 		option.WithAPIToken(cfg.APIToken),
 		// The SDK resolves request paths relative to the base URL, so it must
@@ -357,4 +349,25 @@ func (c *Client) start(ctx context.Context, op Op) (context.Context, context.Can
 func setField(value *string, present *bool, v string) {
 	*value = v
 	*present = true
+}
+
+// newHTTPClient is the HTTP client of every Client: Go's default transport,
+// without the two things that would let something other than config decide
+// where a call goes.
+func newHTTPClient() *http.Client {
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	// The default transport reads HTTPS_PROXY and friends from the process
+	// environment: a proxy that config never names would see the bearer
+	// token (and, if it inspects TLS, every new key). Nothing is read from
+	// the environment.
+	transport.Proxy = nil
+	return &http.Client{
+		Transport: transport,
+		// A redirect is never followed: the SDK sets the bearer token on the
+		// request, and Go's client keeps it on a redirect to the same host
+		// name (any port, plain http included). Cloudflare's API does not
+		// redirect these operations, so a 3xx comes from something else;
+		// checkEnvelope turns it into an error.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
 }

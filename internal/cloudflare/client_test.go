@@ -3,6 +3,7 @@ package cloudflare
 import (
 	"context"
 	"errors"
+	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -249,5 +250,23 @@ func TestVerifyAccountOwnedToken(t *testing.T) {
 	}
 	if f.sim.Calls(cloudflaresim.OpAccountTokenVerify) != 1 {
 		t.Error("the account endpoint was not used")
+	}
+}
+
+// TestNoProxyFromTheEnvironment: Go's default transport takes its proxy
+// from HTTPS_PROXY and friends, which config never names. (A reviewer's
+// sequence: with HTTPS_PROXY set, every call went to that proxy. The check
+// is on the transport itself, because Go reads those variables only once
+// per process, so setting them inside one test of many proves nothing.)
+func TestNoProxyFromTheEnvironment(t *testing.T) {
+	transport, ok := newHTTPClient().Transport.(*http.Transport)
+	if !ok {
+		t.Fatalf("transport is %T", newHTTPClient().Transport)
+	}
+	if transport.Proxy != nil {
+		t.Fatal("the transport takes a proxy from somewhere config does not name")
+	}
+	if newHTTPClient().CheckRedirect == nil {
+		t.Fatal("redirects are followed")
 	}
 }
