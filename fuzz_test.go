@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/http/httptest"
 	"regexp"
 	"strings"
 	"testing"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
 
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -39,36 +41,73 @@ func FuzzNormaliseIdentifier(f *testing.F) {
 }
 
 // FuzzPSKPaths sends arbitrary account and tunnel segments through the
-// backend's router, as Vault would after URL decoding. No input may panic or
-// turn into a server error, and none may reach storage as a new key.
+// router of a configured mount, as Vault would after URL decoding, against a
+// Cloudflare simulator that has one tunnel (the first seed names it). No
+// input may panic or turn into a server error; a record may exist only for
+// the tunnel that exists at the edge, and whenever it says current it holds
+// the edge's key: no input may make the engine lose a key or claim one.
 func FuzzPSKPaths(f *testing.F) {
+	const account, tunnel = "023e105f4ecef8ad9ca31a8372d0c353", "c4a7362d577a6c3019a474fd6f485821"
 	for _, seed := range [][2]string{
-		{"023e105f4ecef8ad9ca31a8372d0c353", "c4a7362d577a6c3019a474fd6f485821"},
-		{"..", "c4a7362d577a6c3019a474fd6f485821"},
-		{"023e105f4ecef8ad9ca31a8372d0c353", "../config"},
+		{account, tunnel},
+		{strings.ToUpper(account), tunnel},
+		{"..", tunnel},
+		{account, "../config"},
+		{account, "c4a7362d577a6c3019a474fd6f485822"},
 		{"a/b", "c"}, {"", ""}, {"%00", "\x00"}, {strings.Repeat("f", 4096), "x"},
 	} {
 		f.Add(seed[0], seed[1])
 	}
+	sim := cloudflaresim.New()
+	srv := httptest.NewServer(sim)
+	f.Cleanup(srv.Close)
+	token := sim.AddToken(cloudflaresim.Token{})
+	sim.AddTunnel(account, cloudflaresim.Tunnel{ID: tunnel})
 	b := newBackend()
 	conf := logical.TestBackendConfig()
 	conf.StorageView = &logical.InmemStorage{}
 	if err := b.Setup(context.Background(), conf); err != nil {
 		f.Fatal(err)
 	}
-	f.Fuzz(func(t *testing.T, account, tunnel string) {
+	resp, err := b.HandleRequest(context.Background(), &logical.Request{Operation: logical.UpdateOperation, Path: "config", Storage: conf.StorageView,
+		Data: map[string]any{"api_token": token.Value, "base_url": srv.URL + cloudflaresim.BasePath, "request_timeout": "5s"}})
+	if err != nil || resp.IsError() {
+		f.Fatalf("config: %v %v", resp, err)
+	}
+	f.Fuzz(func(t *testing.T, accountSegment, tunnelSegment string) {
 		for _, op := range []logical.Operation{logical.ReadOperation, logical.UpdateOperation, logical.DeleteOperation, logical.ListOperation} {
-			for _, path := range []string{"psk/" + account + "/" + tunnel, "metadata/" + account + "/" + tunnel, "psk/" + account + "/"} {
+			for _, path := range []string{"psk/" + accountSegment + "/" + tunnelSegment, "metadata/" + accountSegment + "/" + tunnelSegment, "psk/" + accountSegment + "/"} {
 				req := &logical.Request{Operation: op, Path: path, Storage: conf.StorageView}
 				resp, err := b.HandleRequest(context.Background(), req)
 				if status := httpStatus(resp, err); status >= 500 {
 					t.Fatalf("%s %.80q: HTTP %d: %v", op, path, status, errorText(resp, err))
 				}
 			}
-		}
-		keys, err := conf.StorageView.List(context.Background(), pskStoragePrefix)
-		if err != nil || len(keys) != 0 {
-			t.Fatalf("storage gained psk records without config: %v %v", keys, err)
+			// After every operation: a record only for the real tunnel,
+			// and a current one holds the edge's key.
+			accounts, err := conf.StorageView.List(context.Background(), pskStoragePrefix)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, a := range accounts {
+				tunnels, err := conf.StorageView.List(context.Background(), pskStoragePrefix+a)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, id := range tunnels {
+					if a != account+"/" || id != tunnel {
+						t.Fatalf("%s: a record for a tunnel the edge does not have: %.40q/%.40q", op, a, id)
+					}
+					rec, err := readPSKRecord(context.Background(), conf.StorageView, tunnelRef{account, tunnel})
+					if err != nil {
+						t.Fatal(err)
+					}
+					edge, _ := sim.Tunnel(account, tunnel)
+					if rec != nil && rec.current() && rec.PSK != edge.PSK {
+						t.Fatalf("%s: the record says current for a key the edge does not use", op)
+					}
+				}
+			}
 		}
 	})
 }

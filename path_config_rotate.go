@@ -106,7 +106,8 @@ config (PUT /user/tokens/<token_id>/value, or
 PUT /accounts/<token_account_id>/tokens/<token_id>/value for an account-owned
 token). Cloudflare invalidates the old value at once; the engine stores the
 new one before anything else (retrying storage), verifies it, and answers with
-the token id and the time of rotation. The value itself is never returned or
+token_id, last_rotated (the time of rotation), and what the verification of
+the new value said: token_status and token_expires_on. The value itself is never returned or
 logged.
 
 The token must be allowed to roll itself: "API Tokens Write" for a user

@@ -370,8 +370,11 @@ read: returns psk and its metadata:
   failures, last_failure, retry_at
                           the background's consecutive failed attempts on this
                           tunnel, the last one's reason, and when it tries again
-  A read of a tunnel that is not current first asks Cloudflare what became of
-  the last rotation, and warns when the state stays other than current. 404
+  A read of a tunnel that is not current, on the node that may write, first
+  asks Cloudflare what became of the last rotation, unless nothing could
+  settle it yet (before settle_until), the background is backing off
+  (retry_at), or the tunnel is gone; it warns whenever the state is not
+  current. 404
   when no key is stored.
 
 delete: forgets the key in Vault only. It does not touch the tunnel at

@@ -121,7 +121,7 @@ func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnel
 	}
 	rotated, err := b.rotateLocked(ctx, s, client, cfg, t, rec, next, "write")
 	if err != nil {
-		if cloudflare.IsCloudflare(err) && !cloudflare.NoEffect(err) {
+		if outcomeUnknown(err) {
 			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, stateRotationUnknown)
 		}
 		return nil, fmt.Errorf("generate psk for %s: %w", t, err)
@@ -158,7 +158,7 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		// attempt whose outcome was lost did not replace it.
 		edge, err := client.GetTunnel(ctx, t.AccountID, t.TunnelID)
 		if err != nil {
-			return nil, err
+			return nil, &notAttemptedError{err: err}
 		}
 		pending.EdgeKeyBefore = edge.PSKLastGeneratedOn
 	case previous.PSK != "":
@@ -325,6 +325,23 @@ func (b *backend) storeGenerated(ctx context.Context, s logical.Storage, t tunne
 	return fmt.Errorf("cloudflare generated and activated a new psk for %s, but Vault could not store it (%w); "+
 		"the tunnel is marked rotation_unknown, and once Cloudflare can no longer act on this rotation (settle_until in metadata) "+
 		"the next write, read or background reconciliation generates and stores a new key", t, err)
+}
+
+// notAttemptedError is a failure before anything was written or a key asked
+// for (the read before a first rotation): nothing is marked, nothing can
+// have changed at the edge.
+type notAttemptedError struct{ err error }
+
+func (e *notAttemptedError) Error() string {
+	return fmt.Sprintf("read the tunnel before its first rotation (no key was asked for): %v", e.err)
+}
+func (e *notAttemptedError) Unwrap() error { return e.err }
+
+// outcomeUnknown reports whether a failed rotation's outcome is unknown:
+// Cloudflare may have generated a key, and the record says so.
+func outcomeUnknown(err error) bool {
+	var notAttempted *notAttemptedError
+	return cloudflare.IsCloudflare(err) && !cloudflare.NoEffect(err) && !errors.As(err, &notAttempted)
 }
 
 // edgeVerdict is what Cloudflare's time of generation for a tunnel's key

@@ -28,8 +28,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
-
-	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 )
 
 // generatedAnywayWarning is what the caller of a validation that generated
@@ -69,7 +67,7 @@ func (b *backend) validateOnWrite(ctx context.Context, s logical.Storage, t tunn
 	}
 	stored, err := b.generateLocked(ctx, s, client, cfg, t, rec, period, "validate_only", true)
 	if err != nil {
-		if cloudflare.IsCloudflare(err) && !cloudflare.NoEffect(err) {
+		if outcomeUnknown(err) {
 			err = fmt.Errorf("%w; the outcome is unknown (a dropped query string would have made it a generation), "+
 				"so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, stateRotationUnknown)
 		}
