@@ -19,19 +19,23 @@ sim:
 vault:
 	scripts/build-vault.sh
 
+# dev, test, test-e2e and bench run an installed Vault v1.21.x when VAULT_BIN
+# names one or `vault` on PATH is one, and build it from the module only when
+# none is there (scripts/vault-bin.sh).
+
 ## dev: a Vault dev server with the plugin mounted against the simulator
-dev: build sim vault
-	scripts/dev.sh
+dev: build sim
+	bin=$$(scripts/vault-bin.sh) && VAULT_BIN=$$bin scripts/dev.sh
 
 ## test: every test, unit and end-to-end, under the race detector
-test: vault
-	$(GO_TEST) ./...
+test:
+	bin=$$(scripts/vault-bin.sh) && VAULT_BIN=$$bin $(GO_TEST) ./...
 
 test-unit:
 	$(GO_TEST) $$(go list ./... | grep -v /e2e)
 
-test-e2e: vault
-	$(GO_TEST) ./e2e/...
+test-e2e:
+	bin=$$(scripts/vault-bin.sh) && VAULT_BIN=$$bin $(GO_TEST) ./e2e/...
 
 ## release: static binaries for linux/amd64 and linux/arm64 with VERSION set,
 ## and their SHA256SUMS, in dist/$(VERSION)/ (VERSION=v1.2.3 make release)
@@ -39,8 +43,8 @@ release:
 	scripts/release.sh $(VERSION)
 
 ## bench: the four figures of docs/benchmarks.md (a few minutes; no -race)
-bench: vault
-	go test -run '^$$' -bench . -benchtime 1x -count 1 -timeout 30m . ./e2e/
+bench:
+	bin=$$(scripts/vault-bin.sh) && VAULT_BIN=$$bin go test -run '^$$' -bench . -benchtime 1x -count 1 -timeout 30m . ./e2e/
 
 vet:
 	go vet ./...

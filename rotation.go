@@ -571,10 +571,18 @@ func putRetrying(ctx context.Context, s logical.Storage, entry *logical.StorageE
 }
 
 // sendRotateEvent tells subscribers (Vault Enterprise's event bus) that a
-// tunnel has a new key. The event carries no secret. On Vault Community
+// tunnel has a new key, and where to read it. The event carries no secret. On Vault Community
 // there is no bus and the call does nothing.
 func (b *backend) sendRotateEvent(ctx context.Context, rec *pskRecord, trigger string) {
+	t := tunnelRef{AccountID: rec.AccountID, TunnelID: rec.TunnelID}
+	// path and data_path are relative to the mount: Vault prepends the
+	// mount's path before subscribers see them, and checks a subscriber's
+	// read capability on data_path, as for its own engines' events.
 	err := logical.SendEvent(ctx, b, rotateEventType,
+		logical.EventMetadataPath, t.storageKey(),
+		logical.EventMetadataDataPath, t.storageKey(),
+		logical.EventMetadataModified, "true",
+		logical.EventMetadataOperation, "update",
 		"account_id", rec.AccountID,
 		"tunnel_id", rec.TunnelID,
 		"version", strconv.Itoa(rec.Version),

@@ -543,6 +543,12 @@ func TestRotationEventsCarryNoSecret(t *testing.T) {
 		if fields["account_id"] != env.account || fields["tunnel_id"] != env.tunnel.ID || fields["trigger"] != "write" {
 			t.Errorf("event %d = %v", i, fields)
 		}
+		// What Vault's own engines send, so a subscriber's policy can be
+		// checked against the path the key is read at (Vault prepends the
+		// mount).
+		if want := env.pskPath(); fields["path"] != want || fields["data_path"] != want || fields["modified"] != "true" {
+			t.Errorf("event %d: path %v, data_path %v, modified %v; want %s, %s, true", i, fields["path"], fields["data_path"], fields["modified"], want, want)
+		}
 		for _, k := range env.edge().GeneratedPSKs {
 			if strings.Contains(fmt.Sprint(fields), k) {
 				t.Error("an event carries a key")

@@ -10,7 +10,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 vault_port=${VAULT_PORT:-8200}
 sim_port=${CF_SIM_PORT:-8787}
-vault="$root/tools/vault/bin/vault"
+# VAULT_BIN comes from scripts/vault-bin.sh (see the Makefile).
+vault="${VAULT_BIN:-$root/tools/vault/bin/vault}"
 plugin_dir="$root/bin/plugins"
 plugin=vault-plugin-secrets-cloudflare-ipsec
 
@@ -56,7 +57,7 @@ Account:                $CF_SIM_ACCOUNT_1
 Tunnels:                $CF_SIM_TUNNELS_1
 
 Try, in another shell:
-  export PATH=$root/tools/vault/bin:\$PATH VAULT_ADDR=$VAULT_ADDR VAULT_TOKEN=root
+  export PATH=$(dirname "$vault"):\$PATH VAULT_ADDR=$VAULT_ADDR VAULT_TOKEN=root
   vault write -f cloudflare-ipsec/psk/$CF_SIM_ACCOUNT_1/$tunnel
   vault read cloudflare-ipsec/psk/$CF_SIM_ACCOUNT_1/$tunnel
 
