@@ -121,3 +121,17 @@ func BenchmarkRotationOverhead(b *testing.B) {
 	b.ReportMetric(float64(bm.Microseconds())/1000, "bare-generate-median-ms")
 	b.ReportMetric(float64((vm-bm).Microseconds())/1000, "overhead-ms")
 }
+
+// BenchmarkAgentRotationLag is the fifth figure: how long after a scheduled
+// rotation changed the edge's key a long-running Vault Agent with default
+// settings rendered the new key (the median over the run's rotations, one a
+// minute, so a run takes about four minutes).
+func BenchmarkAgentRotationLag(b *testing.B) {
+	lags := measureAgentLag(b, 3)
+	b.ReportMetric(float64(median(lags).Milliseconds()), "agent-lag-median-ms")
+	var worst time.Duration
+	for _, l := range lags {
+		worst = max(worst, l)
+	}
+	b.ReportMetric(float64(worst.Milliseconds()), "agent-lag-max-ms")
+}
