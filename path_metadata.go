@@ -49,7 +49,10 @@ metadata/<account_id>/<tunnel_id> returns everything a read of
 psk/<account_id>/<tunnel_id> returns except the key: account_id, tunnel_id,
 last_generated_on, version, stored_at, state, state_reason,
 rotation_started_at, rotation_period, next_rotation, settle_until, failures,
-last_failure and retry_at (path-help of psk/ says what each means). Like that read, it first reconciles a tunnel that is
+last_failure and retry_at, and what a router needs of the tunnel: name,
+cloudflare_endpoint, customer_endpoint, interface_address, interface_address6,
+customer_interface_address, customer_interface_address6, custom_fqdn_id and
+ipsec_id (path-help of psk/ says what each means). Like that read, it first reconciles a tunnel that is
 not current with Cloudflare. Grant it to operators who rotate keys but must
 not see them.
 `

@@ -370,6 +370,22 @@ read: returns psk and its metadata:
   failures, last_failure, retry_at
                           the background's consecutive failed attempts on this
                           tunnel, the last one's reason, and when it tries again
+  name, cloudflare_endpoint, customer_endpoint, interface_address,
+  interface_address6, custom_fqdn_id, ipsec_id
+                          what a router's configuration needs of the tunnel,
+                          as Cloudflare last said ("" where it said nothing):
+                          its name, the anycast address the router connects
+                          to, the router's public address, Cloudflare's side
+                          of the inside subnet (/31 or /30; IPv6 /127), the
+                          custom IKE identity (custom_remote_identities.fqdn_id)
+                          and the IKE id a psk_generate answer carried. Kept
+                          from the tunnel's first rotation and refreshed by
+                          the drift sweep and by tunnels/ reads: no rotation
+                          and no read calls Cloudflare for them
+  customer_interface_address, customer_interface_address6
+                          the router's side of the inside subnet: the other
+                          address of interface_address's /31 or /30 (of
+                          interface_address6's /127), with its prefix length
   A read of a tunnel that is not current, on the node that may write, first
   asks Cloudflare what became of the last rotation, unless nothing could
   settle it yet (before settle_until), the background is backing off

@@ -131,6 +131,8 @@ func tunnelInfo(t cloudflare.TunnelState, managed, inSync bool) map[string]any {
 		"cloudflare_endpoint":   t.CloudflareEndpoint,
 		"customer_endpoint":     t.CustomerEndpoint,
 		"interface_address":     t.InterfaceAddress,
+		"interface_address6":    t.InterfaceAddress6,
+		"custom_fqdn_id":        t.CustomFQDNID,
 		"psk_last_generated_on": formatTime(t.PSKLastGeneratedOn),
 		"managed":               managed,
 		"in_sync":               inSync,
@@ -143,12 +145,16 @@ const pathTunnelsHelpDescription = `
 LIST tunnels/<account_id> asks Cloudflare for the account's IPsec tunnels and
 returns, for each, its id with name, description, cloudflare_endpoint (the
 address the router connects to), customer_endpoint, interface_address,
-psk_last_generated_on (when Cloudflare last generated its key), managed:
+interface_address6, custom_fqdn_id (custom_remote_identities.fqdn_id, the
+custom IKE identity, "" when none), psk_last_generated_on (when Cloudflare
+last generated its key), managed:
 whether this engine stores its PSK, and in_sync: whether the stored key is
 the one the edge uses. A managed tunnel whose key Cloudflare generated after
 the stored one was changed outside this engine: the listing marks its record
 stale at once (heal_stale_psk then heals it on the next read or in the
-background). A tunnel with managed=false has a key nobody in Vault holds; write
+background), and what it says of a managed tunnel's endpoints, addresses,
+name and identity is kept in the tunnel's record, which psk/ and metadata/
+reads return. A tunnel with managed=false has a key nobody in Vault holds; write
 psk/<account_id>/<tunnel_id> to bring it under management.
 
 read tunnels/<account_id>/<tunnel_id> does the same for one tunnel, with its

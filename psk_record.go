@@ -90,6 +90,11 @@ type pskRecord struct {
 	// again at NextRotation (see due.go and scheduler.go).
 	RotationPeriod time.Duration `json:"rotation_period"`
 	NextRotation   time.Time     `json:"next_rotation"`
+
+	// Facts is what Cloudflare says of the tunnel that a router's
+	// configuration needs beside the key (facts.go says where they come
+	// from). Carried from record to record like the rotation period.
+	Facts tunnelFacts `json:"facts"`
 }
 
 // current reports whether the stored key is known to be the edge's.
@@ -136,6 +141,17 @@ func (r *pskRecord) metadata() map[string]any {
 		"failures":            r.Failures,
 		"last_failure":        r.LastFailure,
 		"retry_at":            formatTime(r.RetryAt),
+
+		// What a router's configuration needs beside the key (facts.go).
+		"name":                        r.Facts.Name,
+		"cloudflare_endpoint":         r.Facts.CloudflareEndpoint,
+		"customer_endpoint":           r.Facts.CustomerEndpoint,
+		"interface_address":           r.Facts.InterfaceAddress,
+		"interface_address6":          r.Facts.InterfaceAddress6,
+		"customer_interface_address":  customerSide(r.Facts.InterfaceAddress),
+		"customer_interface_address6": customerSide(r.Facts.InterfaceAddress6),
+		"custom_fqdn_id":              r.Facts.CustomFQDNID,
+		"ipsec_id":                    r.Facts.IPsecID,
 	}
 }
 

@@ -161,6 +161,9 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 			return nil, &notAttemptedError{err: err}
 		}
 		pending.EdgeKeyBefore = edge.PSKLastGeneratedOn
+		// The same answer says what a router needs of the tunnel: kept
+		// now, so that no later rotation has to ask (facts.go).
+		pending.Facts = b.edgeFacts(t, edge, pending.Facts)
 	case previous.PSK != "":
 		pending.EdgeKeyBefore = previous.LastGeneratedOn
 	}
@@ -221,6 +224,7 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		State:           stateCurrent,
 		RotationPeriod:  period,
 		LastHealedAt:    pending.LastHealedAt,
+		Facts:           b.withIPsecID(t, pending.Facts, generated.IPsecID),
 	}
 	if trigger == "heal" {
 		rec.LastHealedAt = rec.StoredAt

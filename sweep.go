@@ -183,8 +183,18 @@ func (b *backend) compareWithEdge(ctx context.Context, s logical.Storage, client
 	}
 	defer lock.Unlock()
 	rec, err := readPSKRecord(ctx, s, t)
-	if err != nil || rec == nil || !rec.current() {
+	if err != nil || rec == nil {
 		return false, err
+	}
+	if edge != nil {
+		// The caller's listing or read also says what a router needs of the
+		// tunnel: keep it current at no extra call, whatever the key's state.
+		if rec, err = b.refreshFacts(ctx, s, t, rec, edge); err != nil {
+			return false, err
+		}
+	}
+	if !rec.current() {
+		return false, nil
 	}
 	if edge == nil {
 		_, err := b.markGone(ctx, s, t, rec)

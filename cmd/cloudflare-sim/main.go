@@ -45,7 +45,14 @@ func main() {
 		account := cloudflaresim.NewID()
 		var ids []string
 		for i := 0; i < *tunnels; i++ {
-			ids = append(ids, sim.AddTunnel(account, cloudflaresim.Tunnel{Name: fmt.Sprintf("IPsec_%d", i+1)}).ID)
+			// As Cloudflare recommends: the tunnels alternate between the
+			// account's two anycast endpoints, each with its own /31.
+			ids = append(ids, sim.AddTunnel(account, cloudflaresim.Tunnel{
+				Name:               fmt.Sprintf("IPsec_%d", i+1),
+				CloudflareEndpoint: fmt.Sprintf("203.0.113.%d", 1+i%2),
+				CustomerEndpoint:   "198.51.100.7",
+				InterfaceAddress:   fmt.Sprintf("10.212.0.%d/31", 2*i),
+			}).ID)
 		}
 		fmt.Fprintf(&env, "CF_SIM_ACCOUNT_%d=%s\nCF_SIM_TUNNELS_%d=\"%s\"\n", a+1, account, a+1, strings.Join(ids, " "))
 	}

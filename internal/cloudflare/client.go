@@ -15,6 +15,7 @@ package cloudflare
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -117,6 +118,13 @@ func New(cfg Config) (*Client, error) {
 type GeneratedPSK struct {
 	PSK             string
 	LastGeneratedOn time.Time
+	// IPsecID is the answer's ipsec_id, "" when it has none: the IKE
+	// identity Cloudflare's edge uses for the tunnel, which Cloudflare's
+	// router guides (VyOS) give the router as its local id. Cloudflare's
+	// documentation shows it in psk_generate's answer; the published schema
+	// has it only in the bulk PSK answer, and the SDK does not decode it, so
+	// it is read from the answer's extra fields.
+	IPsecID string
 }
 
 // GeneratePSK asks Cloudflare for a new PSK for one tunnel. Cloudflare
@@ -157,7 +165,20 @@ func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, va
 	if res.IPSECTunnelID != "" && !strings.EqualFold(res.IPSECTunnelID, tunnelID) {
 		return nil, &MalformedResponseError{Op: OpGeneratePSK, Reason: fmt.Sprintf("the answer is for tunnel %q, not %q", res.IPSECTunnelID, tunnelID)}
 	}
-	return &GeneratedPSK{PSK: res.PSK, LastGeneratedOn: res.PSKMetadata.LastGeneratedOn}, nil
+	return &GeneratedPSK{PSK: res.PSK, LastGeneratedOn: res.PSKMetadata.LastGeneratedOn,
+		IPsecID: extraString(res.JSON.ExtraFields["ipsec_id"].Raw())}, nil
+}
+
+// extraString decodes a string field that the SDK leaves among an answer's
+// extra fields (raw JSON, "" when the field is absent). Anything but a JSON
+// string reads as "": these fields are informative, and an answer is not
+// refused over one.
+func extraString(raw string) string {
+	var s string
+	if raw == "" || json.Unmarshal([]byte(raw), &s) != nil {
+		return ""
+	}
+	return s
 }
 
 // TokenStatus is what Cloudflare's token-verify endpoint says of a token.
@@ -246,6 +267,12 @@ type TunnelState struct {
 	CloudflareEndpoint string
 	CustomerEndpoint   string
 	InterfaceAddress   string
+	InterfaceAddress6  string
+	// CustomFQDNID is custom_remote_identities.fqdn_id, the IKE identity of
+	// type FQDN chosen for the tunnel, "" when none is set.
+	CustomFQDNID string
+	// IPsecID is ipsec_id where the answer carries one (see GeneratedPSK).
+	IPsecID string
 	// PSKLastGeneratedOn is zero when no key was ever generated.
 	PSKLastGeneratedOn time.Time
 }
@@ -275,7 +302,10 @@ func (c *Client) ListTunnels(ctx context.Context, accountID string) ([]TunnelSta
 		out = append(out, TunnelState{
 			ID: strings.ToLower(t.ID), Name: t.Name, Description: t.Description,
 			CloudflareEndpoint: t.CloudflareEndpoint, CustomerEndpoint: t.CustomerEndpoint,
-			InterfaceAddress: t.InterfaceAddress, PSKLastGeneratedOn: t.PSKMetadata.LastGeneratedOn,
+			InterfaceAddress: t.InterfaceAddress, InterfaceAddress6: t.InterfaceAddress6,
+			CustomFQDNID:       t.CustomRemoteIdentities.FqdnID,
+			IPsecID:            extraString(t.JSON.ExtraFields["ipsec_id"].Raw()),
+			PSKLastGeneratedOn: t.PSKMetadata.LastGeneratedOn,
 		})
 	}
 	return out, nil
@@ -308,7 +338,10 @@ func (c *Client) GetTunnel(ctx context.Context, accountID, tunnelID string) (*Tu
 	return &TunnelState{
 		ID: strings.ToLower(t.ID), Name: t.Name, Description: t.Description,
 		CloudflareEndpoint: t.CloudflareEndpoint, CustomerEndpoint: t.CustomerEndpoint,
-		InterfaceAddress: t.InterfaceAddress, PSKLastGeneratedOn: t.PSKMetadata.LastGeneratedOn,
+		InterfaceAddress: t.InterfaceAddress, InterfaceAddress6: t.InterfaceAddress6,
+		CustomFQDNID:       t.CustomRemoteIdentities.FqdnID,
+		IPsecID:            extraString(t.JSON.ExtraFields["ipsec_id"].Raw()),
+		PSKLastGeneratedOn: t.PSKMetadata.LastGeneratedOn,
 	}, nil
 }
 

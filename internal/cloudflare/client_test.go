@@ -270,3 +270,78 @@ func TestNoProxyFromTheEnvironment(t *testing.T) {
 		t.Fatal("redirects are followed")
 	}
 }
+
+// TestAnswersCarryRouterFacts: what a router's configuration needs is
+// decoded from the reads the engine already makes (tunnel get and list) and
+// from psk_generate's ipsec_id, which the SDK does not decode; a tunnel
+// without the optional fields reads as empty strings.
+func TestAnswersCarryRouterFacts(t *testing.T) {
+	f := newFixture(t)
+	full := f.sim.AddTunnel(f.account, cloudflaresim.Tunnel{
+		Name:               "site_a_1",
+		CloudflareEndpoint: "162.159.66.1",
+		CustomerEndpoint:   "198.51.100.7",
+		InterfaceAddress:   "10.252.2.34/31",
+		InterfaceAddress6:  "2606:54c1:7:0:a9fe:12d2:1:200/127",
+		CustomFQDNID:       "site-a." + f.account + ".custom.ipsec.cloudflare.com",
+		IPsecID:            "12345_" + f.account,
+	})
+	want := TunnelState{
+		ID: full.ID, Name: "site_a_1", CloudflareEndpoint: "162.159.66.1", CustomerEndpoint: "198.51.100.7",
+		InterfaceAddress: "10.252.2.34/31", InterfaceAddress6: "2606:54c1:7:0:a9fe:12d2:1:200/127",
+		CustomFQDNID: full.CustomFQDNID, PSKLastGeneratedOn: full.PSKGeneratedOn,
+	}
+	got, err := f.client.GetTunnel(context.Background(), f.account, full.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !got.PSKLastGeneratedOn.Equal(want.PSKLastGeneratedOn) {
+		t.Errorf("last_generated_on = %s, want %s", got.PSKLastGeneratedOn, want.PSKLastGeneratedOn)
+	}
+	got.PSKLastGeneratedOn = want.PSKLastGeneratedOn
+	if *got != want {
+		t.Errorf("GetTunnel = %+v\nwant %+v", *got, want)
+	}
+	list, err := f.client.ListTunnels(context.Background(), f.account)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, listed := range list {
+		listed.PSKLastGeneratedOn = time.Time{}
+		bare := TunnelState{ID: f.tunnel, Name: listed.Name, CloudflareEndpoint: listed.CloudflareEndpoint, InterfaceAddress: listed.InterfaceAddress}
+		switch listed.ID {
+		case full.ID:
+			w := want
+			w.PSKLastGeneratedOn = time.Time{}
+			if listed != w {
+				t.Errorf("ListTunnels has %+v\nwant %+v", listed, w)
+			}
+		case f.tunnel:
+			if listed != bare || listed.Name == "" || listed.CloudflareEndpoint == "" {
+				t.Errorf("a tunnel without the optional fields lists as %+v", listed)
+			}
+		}
+	}
+	generated, err := f.client.GeneratePSK(context.Background(), f.account, full.ID, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if generated.IPsecID != full.IPsecID {
+		t.Errorf("GeneratePSK's ipsec_id = %q, want %q", generated.IPsecID, full.IPsecID)
+	}
+	generated, err = f.client.GeneratePSK(context.Background(), f.account, f.tunnel, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if generated.IPsecID != "" {
+		t.Errorf("an answer without ipsec_id gave %q", generated.IPsecID)
+	}
+}
+
+func TestExtraStringReadsOnlyJSONStrings(t *testing.T) {
+	for raw, want := range map[string]string{``: "", `null`: "", `12`: "", `{"a":1}`: "", `"x_1"`: "x_1", `"a\"b"`: `a"b`} {
+		if got := extraString(raw); got != want {
+			t.Errorf("extraString(%s) = %q, want %q", raw, got, want)
+		}
+	}
+}

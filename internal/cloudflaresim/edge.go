@@ -24,6 +24,28 @@ func (s *Server) RegenerateOutOfBand(accountID, tunnelID string) (Tunnel, bool) 
 	return copyTunnel(t), true
 }
 
+// EditOutOfBand changes a tunnel the way the dashboard or Terraform would
+// (its endpoints, addresses, name or identities): edit is applied to the
+// tunnel, and no API call is counted. The key and its history cannot be
+// changed this way (RegenerateOutOfBand does that), nor the id. It returns
+// the tunnel as it stands afterwards, and false when there is no such
+// tunnel.
+func (s *Server) EditOutOfBand(accountID, tunnelID string, edit func(*Tunnel)) (Tunnel, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t, ok := s.accounts[strings.ToLower(accountID)][strings.ToLower(tunnelID)]
+	if !ok {
+		return Tunnel{}, false
+	}
+	edited := copyTunnel(t)
+	edit(&edited)
+	edited.ID, edited.CreatedOn = t.ID, t.CreatedOn
+	edited.PSK, edited.PSKGeneratedOn, edited.GeneratedPSKs = t.PSK, t.PSKGeneratedOn, t.GeneratedPSKs
+	edited.ModifiedOn = s.stamp()
+	*t = edited
+	return copyTunnel(t), true
+}
+
 // DeleteTunnel removes a tunnel from its account, as a deletion at
 // Cloudflare would: afterwards reading it or generating its key answers 404
 // (code 1002) and the account's list omits it. It reports whether the

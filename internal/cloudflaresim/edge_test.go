@@ -669,3 +669,33 @@ func TestLateWorkUnderLoad(t *testing.T) {
 		t.Errorf("%d requests were answered, want %d: a late one was answered", got, immediate)
 	}
 }
+
+// TestEditOutOfBandChangesTheTunnelNotItsKey: an edit at the dashboard
+// shows in the tunnel's answers, costs no API call, and cannot touch the
+// key, its history or the id.
+func TestEditOutOfBandChangesTheTunnelNotItsKey(t *testing.T) {
+	sim := cloudflaresim.New()
+	t.Cleanup(sim.Close)
+	account := cloudflaresim.NewID()
+	before := sim.AddTunnel(account, cloudflaresim.Tunnel{})
+	after, ok := sim.EditOutOfBand(account, before.ID, func(t *cloudflaresim.Tunnel) {
+		t.CloudflareEndpoint = "172.64.244.68"
+		t.CustomFQDNID = "b." + account + ".custom.ipsec.cloudflare.com"
+		t.ID, t.PSK, t.GeneratedPSKs = "x", "chosen", nil
+	})
+	if !ok {
+		t.Fatal("no such tunnel")
+	}
+	if after.CloudflareEndpoint != "172.64.244.68" || after.CustomFQDNID == "" {
+		t.Errorf("the edit did not take: %+v", after.CloudflareEndpoint)
+	}
+	if after.ID != before.ID || after.PSK != before.PSK || len(after.GeneratedPSKs) != 1 {
+		t.Error("an edit changed the id, the key or its history")
+	}
+	if sim.TotalCalls() != 0 {
+		t.Errorf("an out-of-band edit counted %d calls", sim.TotalCalls())
+	}
+	if _, ok := sim.EditOutOfBand(account, cloudflaresim.NewID(), func(*cloudflaresim.Tunnel) {}); ok {
+		t.Error("an unknown tunnel was edited")
+	}
+}

@@ -173,6 +173,9 @@ func (s *Server) pskGenerate(w http.ResponseWriter, r *http.Request) {
 	} else {
 		s.generatePSK(t)
 		result = pskResult(tunnelID, t.PSK, t.PSKGeneratedOn)
+		if t.IPsecID != "" {
+			result["ipsec_id"] = t.IPsecID
+		}
 	}
 	s.mu.Unlock()
 	writeSuccess(w, result)
@@ -245,6 +248,14 @@ func tunnelObject(t *Tunnel) map[string]any {
 	}
 	if t.CustomerEndpoint != "" {
 		obj["customer_endpoint"] = t.CustomerEndpoint
+	}
+	// Newer than the schema fragments the tests hold (which do not define
+	// them); their form is that of Cloudflare's Go SDK, which decodes them.
+	if t.InterfaceAddress6 != "" {
+		obj["interface_address6"] = t.InterfaceAddress6
+	}
+	if t.CustomFQDNID != "" {
+		obj["custom_remote_identities"] = map[string]any{"fqdn_id": t.CustomFQDNID}
 	}
 	if !t.PSKGeneratedOn.IsZero() {
 		obj["psk_metadata"] = map[string]any{"last_generated_on": formatTime(t.PSKGeneratedOn)}

@@ -102,7 +102,14 @@ func newFixture(t *testing.T) *fixture {
 		url:     srv.URL + cloudflaresim.BasePath,
 		token:   sim.AddToken(cloudflaresim.Token{}),
 		account: account,
-		tunnel:  sim.AddTunnel(account, cloudflaresim.Tunnel{CustomerEndpoint: "198.51.100.7"}).ID,
+		// Every optional field set, so that each appears in the answers
+		// the schema checks.
+		tunnel: sim.AddTunnel(account, cloudflaresim.Tunnel{
+			CustomerEndpoint:  "198.51.100.7",
+			InterfaceAddress6: "2606:54c1:7:0:a9fe:12d2:1:200/127",
+			CustomFQDNID:      "site-a." + account + ".custom.ipsec.cloudflare.com",
+			IPsecID:           "12345_" + account,
+		}).ID,
 	}
 }
 

@@ -44,6 +44,19 @@ type Tunnel struct {
 	InterfaceAddress   string
 	CreatedOn          time.Time
 	ModifiedOn         time.Time
+
+	// InterfaceAddress6 is the tunnel's IPv6 /127, "" when it has none.
+	InterfaceAddress6 string
+	// CustomFQDNID is custom_remote_identities.fqdn_id, the custom IKE
+	// identity (<label>.<account>.custom.ipsec.cloudflare.com); "" leaves
+	// custom_remote_identities out of the tunnel's answers.
+	CustomFQDNID string
+	// IPsecID, when set, is carried as ipsec_id in psk_generate's answers,
+	// as Cloudflare's documentation shows that answer. The published schema
+	// has ipsec_id only in the bulk PSK answer, so by default the
+	// simulator leaves it out.
+	IPsecID string
+
 	// PSK is the key the edge uses now. Cloudflare creates every tunnel
 	// with a key, so AddTunnel generates one (PSKGeneratedOn is then the
 	// creation time) unless NoInitialKey is set or a PSK is given.

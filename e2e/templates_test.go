@@ -1,0 +1,229 @@
+package e2e
+
+import (
+	"context"
+	"encoding/base64"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+)
+
+// routerTemplates are the router templates of docs/examples, each rendered to
+// the golden file of the same name (with .golden) under testdata/templates.
+var routerTemplates = []string{"swanctl.conf.tpl", "vyos.vbash.tpl", "ios-xe.cfg.tpl", "junos.set.tpl"}
+
+// TestRouterTemplatesRenderThroughAgent renders every router template of
+// docs/examples with a real Vault Agent, authenticated by AppRole as
+// docs/examples/agent.hcl is, against tunnels whose ids, names and addresses
+// are fixed, and compares each file with its golden copy, the keys replaced
+// by placeholders. A field renamed in the engine or in a template fails here
+// (Agent runs with error_on_missing_key, as the example does), not on a
+// router. UPDATE_GOLDEN=1 rewrites the golden files; review the diff.
+//
+// The three tunnels take each branch the templates have: an ipsec_id from
+// psk_generate's answer and IPv6 (1), a custom FQDN id (2), neither, no
+// customer endpoint and a /30 (3).
+func TestRouterTemplatesRenderThroughAgent(t *testing.T) {
+	sim, baseURL, secrets, token, _ := newEdge(t)
+	const account = "7c5dae5552338874e5053f2534d2767a"
+	tunnels := []cloudflaresim.Tunnel{
+		{ID: "b43e68fb724678a6ebe1602d52e4bad1", Name: "site_a_1", CloudflareEndpoint: "162.159.66.1",
+			CustomerEndpoint: "198.51.100.7", InterfaceAddress: "10.252.2.34/31",
+			InterfaceAddress6: "2606:54c1:7:0:a9fe:12d2:1:200/127", IPsecID: "12345_b43e68fb724678a6ebe1602d52e4bad1"},
+		{ID: "32b427943ea14f4159760e8479c2194d", Name: "site_a_2", CloudflareEndpoint: "172.64.244.68",
+			CustomerEndpoint: "198.51.100.7", InterfaceAddress: "10.252.2.36/31",
+			CustomFQDNID: "site-a." + account + ".custom.ipsec.cloudflare.com"},
+		{ID: "78c3e151b2e7d9d9f8a19a91e21a9e65", Name: "site_a_3", CloudflareEndpoint: "162.159.67.1",
+			InterfaceAddress: "10.252.2.41/30"},
+	}
+	var ids []string
+	for _, tun := range tunnels {
+		ids = append(ids, sim.AddTunnel(account, tun).ID)
+	}
+
+	v := startDevServer(t, secrets)
+	root := v.rootToken
+	v.mountEngine(t, baseURL, token.Value)
+	for _, id := range ids {
+		v.mustVault(t, root, "write", "-f", "cloudflare-ipsec/psk/"+account+"/"+id)
+	}
+	// What the templates must have rendered, and what each key becomes in
+	// the golden files. The base64 forms are secrets too.
+	placeholders := map[string]string{}
+	for i, id := range ids {
+		tun, ok := sim.Tunnel(account, id)
+		if !ok || tun.PSK == "" {
+			t.Fatalf("tunnel %s has no key at the edge", id)
+		}
+		encoded := base64.StdEncoding.EncodeToString([]byte(tun.PSK))
+		secrets.add(encoded)
+		placeholders[encoded] = fmt.Sprintf("<base64 of the key of %s>", tunnels[i].Name)
+		placeholders[tun.PSK] = fmt.Sprintf("<key of %s>", tunnels[i].Name)
+	}
+
+	dir := t.TempDir()
+	roleID, secretID := approleForProvisioner(t, v, secrets, account)
+	writeFile(t, filepath.Join(dir, "role-id"), roleID)
+	writeFile(t, filepath.Join(dir, "secret-id"), secretID)
+	var stanzas strings.Builder
+	for _, name := range routerTemplates {
+		source, err := filepath.Abs(filepath.Join("..", "docs", "examples", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// exec as the example has it; here it only leaves a mark, to prove
+		// that Agent accepts the stanza and runs it after the render.
+		fmt.Fprintf(&stanzas, `
+template {
+  source               = %q
+  destination          = %q
+  perms                = "0600"
+  error_on_missing_key = true
+  exec {
+    command = ["touch", %q]
+    timeout = "10s"
+  }
+}
+`, source, filepath.Join(dir, "out", name), filepath.Join(dir, "out", name+".reloaded"))
+	}
+	writeFile(t, filepath.Join(dir, "agent.hcl"), fmt.Sprintf(`
+vault { address = %q }
+auto_auth {
+  method "approle" {
+    mount_path = "auth/approle"
+    config = {
+      role_id_file_path   = %q
+      secret_id_file_path = %q
+    }
+  }
+}
+template_config { exit_on_retry_failure = true }
+%s
+exit_after_auth = true
+`, v.addr, filepath.Join(dir, "role-id"), filepath.Join(dir, "secret-id"), stanzas.String()))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, suite.vaultBin, "agent", "-config="+filepath.Join(dir, "agent.hcl"))
+	// A space after the comma, as people write lists.
+	cmd.Env = append(baseEnv(), "HOME="+dir, "CF_ACCOUNT_ID="+account, "CF_TUNNEL_IDS="+strings.Join(ids, ", "))
+	out, err := cmd.CombinedOutput()
+	assertNoSecretsIn(t, secrets, "Vault Agent's output", string(out))
+	if err != nil {
+		t.Fatalf("vault agent: %v\n%s", err, secrets.redact(string(out)))
+	}
+
+	for _, name := range routerTemplates {
+		t.Run(name, func(t *testing.T) {
+			dest := filepath.Join(dir, "out", name)
+			info, err := os.Stat(dest)
+			if err != nil {
+				t.Fatalf("Agent rendered nothing: %v", err)
+			}
+			if info.Mode().Perm() != 0o600 {
+				t.Errorf("rendered with mode %v, want 0600: the file holds keys", info.Mode().Perm())
+			}
+			if _, err := os.Stat(dest + ".reloaded"); err != nil {
+				t.Errorf("Agent did not run the template's exec: %v", err)
+			}
+			raw, err := os.ReadFile(dest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rendered := string(raw)
+			for key, placeholder := range placeholders {
+				rendered = strings.ReplaceAll(rendered, key, placeholder)
+			}
+			compareGolden(t, secrets, name, rendered)
+		})
+	}
+	assertNoSecretsIn(t, secrets, "the server log", v.log())
+	assertNoDataRace(t, v.log())
+}
+
+// approleForProvisioner sets up AppRole as a production Agent would use it:
+// a role that carries only the provisioner policy of docs/policies for the
+// account. It returns the role id and a secret id (a secret).
+func approleForProvisioner(t *testing.T, v *vaultServer, secrets *secretSet, account string) (string, string) {
+	t.Helper()
+	policy, err := os.ReadFile(filepath.Join("..", "docs", "policies", "provisioner.hcl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(v.dir, "provisioner.hcl"), strings.ReplaceAll(string(policy), "ACCOUNT_ID", account))
+	v.mustVault(t, v.rootToken, "policy", "write", "cf-ipsec-provisioner", filepath.Join(v.dir, "provisioner.hcl"))
+	v.mustVault(t, v.rootToken, "auth", "enable", "approle")
+	v.mustVault(t, v.rootToken, "write", "auth/approle/role/router", "token_policies=cf-ipsec-provisioner", "token_ttl=10m")
+	roleID := strings.TrimSpace(v.mustVault(t, v.rootToken, "read", "-field=role_id", "auth/approle/role/router/role-id"))
+	secretID := strings.TrimSpace(v.mustVault(t, v.rootToken, "write", "-f", "-field=secret_id", "auth/approle/role/router/secret-id"))
+	if roleID == "" || secretID == "" {
+		t.Fatal("AppRole gave no role id or secret id")
+	}
+	secrets.add(secretID)
+	return roleID, secretID
+}
+
+// compareGolden compares a rendered template, keys already replaced by
+// placeholders, with testdata/templates/<name>.golden, or rewrites that file
+// when UPDATE_GOLDEN=1. A difference is reported line by line, with every
+// known secret and every key-like token the golden file does not hold
+// redacted: a template that mangled a key must not print it.
+func compareGolden(t *testing.T, secrets *secretSet, name, rendered string) {
+	t.Helper()
+	golden := filepath.Join("testdata", "templates", name+".golden")
+	if strings.Contains(rendered, "<no value>") {
+		t.Errorf("the template rendered a field the read did not return (<no value>)")
+	}
+	if os.Getenv("UPDATE_GOLDEN") == "1" {
+		if leaked := secrets.redact(rendered); leaked != rendered {
+			t.Fatalf("a key survived the placeholders; %s not written", golden)
+		}
+		mkdir(t, filepath.Dir(golden))
+		if err := os.WriteFile(golden, []byte(rendered), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(golden)
+	if err != nil {
+		t.Fatalf("%v (UPDATE_GOLDEN=1 writes it)", err)
+	}
+	if rendered == string(want) {
+		return
+	}
+	got, exp := strings.Split(rendered, "\n"), strings.Split(string(want), "\n")
+	shown := 0
+	for i := 0; i < max(len(got), len(exp)) && shown < 10; i++ {
+		var g, w string
+		if i < len(got) {
+			g = redactUnknownTokens(secrets.redact(got[i]), string(want))
+		}
+		if i < len(exp) {
+			w = exp[i]
+		}
+		if g != w {
+			t.Errorf("%s line %d:\n got  %q\n want %q", golden, i+1, g, w)
+			shown++
+		}
+	}
+	t.Errorf("%s differs from the rendered template (UPDATE_GOLDEN=1 rewrites it; review the diff)", golden)
+}
+
+var keyLike = regexp.MustCompile(`[A-Za-z0-9+/=_-]{16,}`)
+
+// redactUnknownTokens hides every long token of key-like characters that
+// the golden file does not contain (ids and addresses it does contain).
+func redactUnknownTokens(line, golden string) string {
+	return keyLike.ReplaceAllStringFunc(line, func(tok string) string {
+		if strings.Contains(golden, tok) {
+			return tok
+		}
+		return "[REDACTED TOKEN]"
+	})
+}

@@ -1,0 +1,196 @@
+package main
+
+// Router facts: what Cloudflare knows of a tunnel that a router's
+// configuration needs beside the key (the address to connect to, the
+// tunnel's inside addresses, the IKE identity), kept in the tunnel's record
+// so that one Vault read gives a provisioning tool or a Vault Agent template
+// everything, with no Cloudflare credentials and no call to Cloudflare.
+//
+// No rotation asks Cloudflare for them: they come from reads the engine
+// makes anyway. A tunnel's first rotation already reads the tunnel (to learn
+// the key it is replacing); psk_generate's answer may carry ipsec_id; the
+// drift sweep lists every managed tunnel of an account once per
+// drift_check_interval, and tunnels/ reads and lists ask Cloudflare on an
+// operator's behalf. A record is rewritten only when a fact changed.
+
+import (
+	"context"
+	"net/netip"
+	"regexp"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+)
+
+// tunnelFacts is what a router needs to know of a tunnel beside its key.
+// Every field is "" when Cloudflare has not said (or said something a
+// router configuration could not safely hold, see edgeFacts). The type is
+// comparable, so a refresh can tell whether anything changed.
+type tunnelFacts struct {
+	Name string `json:"name,omitempty"`
+	// CloudflareEndpoint is the anycast address the router connects to.
+	CloudflareEndpoint string `json:"cloudflare_endpoint,omitempty"`
+	CustomerEndpoint   string `json:"customer_endpoint,omitempty"`
+	// InterfaceAddress and InterfaceAddress6 are Cloudflare's side of the
+	// tunnel's inside subnet (/31 or /30; /127); the router takes the other
+	// address (see customerSide).
+	InterfaceAddress  string `json:"interface_address,omitempty"`
+	InterfaceAddress6 string `json:"interface_address6,omitempty"`
+	// CustomFQDNID is custom_remote_identities.fqdn_id: an IKE identity of
+	// type FQDN chosen for the tunnel (Cloudflare still accepts the ones it
+	// generates).
+	CustomFQDNID string `json:"custom_fqdn_id,omitempty"`
+	// IPsecID is the IKE identity Cloudflare's edge uses for the tunnel, as
+	// psk_generate's answer carries it (Cloudflare's VyOS guide gives it to
+	// the router as its local id). Only some answers carry it, so one that
+	// does not leaves it as it was.
+	IPsecID string `json:"ipsec_id,omitempty"`
+}
+
+// factText is what a name or an identity may hold to be pasted into a
+// router's configuration: Cloudflare's names have no spaces or special
+// characters, and IKE identities are FQDNs, user@FQDNs or tokens like
+// 12345_abc. Nothing that could end a quoted string or a line.
+var factText = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,254}$`)
+
+// edgeFacts turns what Cloudflare said of t into router facts; known
+// supplies ipsec_id when the answer carries none. A value that does not
+// parse as what it should be (an address, a prefix, a name or identity in
+// factText) is left out and logged by field name: the templates paste these
+// values into router configurations, where a line break or a quote would let
+// a value add configuration of its own.
+func (b *backend) edgeFacts(t tunnelRef, edge *cloudflare.TunnelState, known tunnelFacts) tunnelFacts {
+	var refused []string
+	check := func(field, value string, parse func(string) (string, bool)) string {
+		if value == "" {
+			return ""
+		}
+		clean, ok := parse(value)
+		if !ok {
+			refused = append(refused, field)
+			return ""
+		}
+		return clean
+	}
+	facts := tunnelFacts{
+		Name:               check("name", edge.Name, asText),
+		CloudflareEndpoint: check("cloudflare_endpoint", edge.CloudflareEndpoint, asAddr),
+		CustomerEndpoint:   check("customer_endpoint", edge.CustomerEndpoint, asAddr),
+		InterfaceAddress:   check("interface_address", edge.InterfaceAddress, asPrefix),
+		InterfaceAddress6:  check("interface_address6", edge.InterfaceAddress6, asPrefix),
+		CustomFQDNID:       check("custom_remote_identities.fqdn_id", edge.CustomFQDNID, asText),
+		IPsecID:            known.IPsecID,
+	}
+	if id := check("ipsec_id", edge.IPsecID, asText); id != "" {
+		facts.IPsecID = id
+	}
+	if len(refused) > 0 {
+		b.tunnelLogger(t).Warn("cloudflare described the tunnel with values a router configuration cannot hold; they are left out", "fields", refused)
+	}
+	return facts
+}
+
+// withIPsecID is known with the ipsec_id of a psk_generate answer, when the
+// answer carries a usable one.
+func (b *backend) withIPsecID(t tunnelRef, known tunnelFacts, ipsecID string) tunnelFacts {
+	if ipsecID == "" {
+		return known
+	}
+	if !factText.MatchString(ipsecID) {
+		b.tunnelLogger(t).Warn("cloudflare described the tunnel with values a router configuration cannot hold; they are left out", "fields", []string{"ipsec_id"})
+		return known
+	}
+	known.IPsecID = ipsecID
+	return known
+}
+
+func asText(v string) (string, bool) { return v, factText.MatchString(v) }
+
+func asAddr(v string) (string, bool) {
+	a, err := netip.ParseAddr(v)
+	if err != nil || a.Zone() != "" {
+		return "", false
+	}
+	return a.String(), true
+}
+
+func asPrefix(v string) (string, bool) {
+	p, err := netip.ParsePrefix(v)
+	if err != nil {
+		return "", false
+	}
+	return p.String(), true
+}
+
+// refreshFacts records what Cloudflare just said of a managed tunnel (a
+// listing or read the caller made anyway) when its router facts changed,
+// and returns the record as it stands. The caller holds t's lock and passes
+// the record read under it.
+func (b *backend) refreshFacts(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord, edge *cloudflare.TunnelState) (*pskRecord, error) {
+	facts := b.edgeFacts(t, edge, rec.Facts)
+	if facts == rec.Facts {
+		return rec, nil
+	}
+	updated := *rec
+	updated.Facts = facts
+	if err := writePSKRecord(ctx, s, t, &updated); err != nil {
+		return rec, err
+	}
+	b.tunnelLogger(t).Info("router facts updated from cloudflare", "fields", changedFacts(rec.Facts, facts))
+	return &updated, nil
+}
+
+// changedFacts names the facts that differ, for the log.
+func changedFacts(a, b tunnelFacts) []string {
+	var changed []string
+	for _, f := range []struct {
+		name string
+		a, b string
+	}{
+		{"name", a.Name, b.Name},
+		{"cloudflare_endpoint", a.CloudflareEndpoint, b.CloudflareEndpoint},
+		{"customer_endpoint", a.CustomerEndpoint, b.CustomerEndpoint},
+		{"interface_address", a.InterfaceAddress, b.InterfaceAddress},
+		{"interface_address6", a.InterfaceAddress6, b.InterfaceAddress6},
+		{"custom_fqdn_id", a.CustomFQDNID, b.CustomFQDNID},
+		{"ipsec_id", a.IPsecID, b.IPsecID},
+	} {
+		if f.a != f.b {
+			changed = append(changed, f.name)
+		}
+	}
+	return changed
+}
+
+// customerSide is the router's address on a tunnel's inside subnet, with
+// the prefix length: Cloudflare's interface_address is its own side, and
+// the router takes the other usable address of the /31 or /30 (/127 for
+// IPv6), which every router template needs and none can compute without
+// bit arithmetic. "" for an empty value or any other prefix length, and for
+// a /30 whose address is not one of its two usable ones.
+func customerSide(prefix string) string {
+	p, err := netip.ParsePrefix(prefix)
+	if err != nil {
+		return ""
+	}
+	b := p.Addr().AsSlice()
+	last := len(b) - 1
+	switch {
+	case p.Bits() == len(b)*8-1: // /31, /127: the two addresses differ in the last bit
+		b[last] ^= 1
+	case p.Addr().Is4() && p.Bits() == 30: // hosts .1 and .2 of the four
+		switch b[last] & 3 {
+		case 1:
+			b[last]++
+		case 2:
+			b[last]--
+		default:
+			return ""
+		}
+	default:
+		return ""
+	}
+	other, _ := netip.AddrFromSlice(b)
+	return netip.PrefixFrom(other, p.Bits()).String()
+}
