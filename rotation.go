@@ -243,9 +243,14 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		return nil, err
 	}
 	if !pending.NextRotation.IsZero() && !pending.NextRotation.Equal(rec.NextRotation) {
-		if err := unscheduleRotation(ctx, s, t, pending.NextRotation); err != nil {
+		if err := unscheduleSuperseded(ctx, s, t, pending.NextRotation, rec.NextRotation); err != nil {
 			b.tunnelLogger(t).Warn("could not drop a superseded schedule entry", "error", err)
 		}
+	}
+	if !rec.NextRotation.IsZero() {
+		// The scheduler plans its sleep from the entries it last saw; this
+		// one may fall due before the time it woke for.
+		b.pokeScheduler()
 	}
 	// Events are best effort and go to Vault over a round trip of their
 	// own, so they do not hold up the answer.

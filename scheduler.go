@@ -27,6 +27,14 @@ const (
 	// after a storage failure, so it is paced: a lost entry is back within
 	// repairEvery plus the walk's own passes.
 	repairEvery = 10 * time.Minute
+	// maxSleep bounds a pass's sleep, however far the next known rotation
+	// is: entries are also written behind the loop's back (the repair walk,
+	// a record replicated from another node), and those must not wait for a
+	// rotation due next month.
+	maxSleep = time.Minute
+	// minSleep keeps the loop from spinning on a rotation due a moment
+	// from now.
+	minSleep = 10 * time.Millisecond
 )
 
 // scheduler works off one mount's due rotations.
@@ -118,6 +126,8 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 		return 10 * time.Second
 	}
 	finished := 0
+	// wake is the earliest time something loaded or listed falls due.
+	wake := next
 	for _, item := range items {
 		if wait := sc.awaitBudget(ctx); wait > 0 {
 			return wait
@@ -128,6 +138,9 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 		outcome := sc.rotateDue(ctx, item)
 		if outcome.postpone > 0 {
 			return outcome.postpone
+		}
+		if !outcome.notBefore.IsZero() && (wake.IsZero() || outcome.notBefore.Before(wake)) {
+			wake = outcome.notBefore
 		}
 		if !outcome.finished {
 			continue
@@ -143,16 +156,26 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 	}
 	if len(items) == dueBatch {
 		if finished == 0 {
-			// A whole batch kept (settling records, say): the next load
-			// would be the same batch, so wait instead of spinning.
-			return 10 * time.Second
+			// A whole batch kept (settling records, or not due until
+			// later this minute): the next load would be the same batch,
+			// so wait instead of spinning.
+			return sc.sleepUntil(wake, 10*time.Second)
 		}
 		return 0
 	}
-	if next.IsZero() {
-		return time.Minute
+	return sc.sleepUntil(wake, maxSleep)
+}
+
+// sleepUntil is how long the loop sleeps to wake at wake (zero: nothing
+// known), at most limit and at most maxSleep. The loop's timer never fires
+// early, and the record decides anyway, so waking at the due time to the
+// millisecond rotates on time and never before.
+func (sc *scheduler) sleepUntil(wake time.Time, limit time.Duration) time.Duration {
+	limit = min(limit, maxSleep)
+	if wake.IsZero() {
+		return limit
 	}
-	return max(next.Sub(b.now())+time.Second, time.Second)
+	return min(max(wake.Sub(sc.b.now()), minSleep), limit)
 }
 
 // repairSchedule puts back the schedule entries that storage failed to
@@ -201,13 +224,15 @@ func (sc *scheduler) repairEntry(ctx context.Context, t tunnelRef) error {
 	if err != nil || rec == nil || rec.RotationPeriod <= 0 || rec.NextRotation.IsZero() || rec.State == stateTunnelGone {
 		return err
 	}
-	key := dueKey(dueMinute(rec.NextRotation, true), t)
-	entry, err := sc.storage.Get(ctx, key)
-	if err != nil {
-		return fmt.Errorf("read schedule entry %s: %w", key, err)
-	}
-	if entry != nil {
-		return nil
+	// An entry an older version wrote, a minute later, is still honoured.
+	for _, key := range scheduleKeys(rec.NextRotation, t) {
+		entry, err := sc.storage.Get(ctx, key)
+		if err != nil {
+			return fmt.Errorf("read schedule entry %s: %w", key, err)
+		}
+		if entry != nil {
+			return nil
+		}
 	}
 	if err := scheduleRotation(ctx, sc.storage, t, rec.NextRotation, false); err != nil {
 		return err
@@ -252,6 +277,9 @@ type dueOutcome struct {
 	// postpone, when set, ends the pass and keeps the entry: Cloudflare or
 	// the budget said "not now".
 	postpone time.Duration
+	// notBefore, when set, keeps the entry: the rotation falls due later
+	// in the entry's minute, and the pass wakes then.
+	notBefore time.Time
 }
 
 var (
@@ -293,11 +321,14 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item dueItem) dueOutco
 		log.Warn("scheduler could not read a record", "error", err)
 		return dueKept
 	}
-	if rec == nil || rec.RotationPeriod <= 0 || rec.NextRotation.IsZero() || dueMinute(rec.NextRotation, true) != item.minute ||
-		rec.State == stateTunnelGone {
+	if rec == nil || rec.RotationPeriod <= 0 || !entryMatches(rec.NextRotation, item.minute) || rec.State == stateTunnelGone {
 		// Forgotten, rescheduled since, or gone at Cloudflare (a write
 		// brings it back, with a schedule of its own): the entry is stale.
 		return dueFinished
+	}
+	if now := b.now(); now.Before(rec.NextRotation) {
+		// Entries are loaded by the minute; the record says the second.
+		return dueOutcome{notBefore: rec.NextRotation}
 	}
 	if rec.settling(b.now()) {
 		// The last rotation's outcome is unknown and Cloudflare may still

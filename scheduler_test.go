@@ -116,7 +116,7 @@ func record(t *testing.T, env *testEnv, tunnel string) *pskRecord {
 // is stored.
 func scheduledEntry(t *testing.T, env *testEnv, rec *pskRecord) bool {
 	t.Helper()
-	entry, err := env.storage.Get(context.Background(), dueKey(dueMinute(rec.NextRotation, true), tunnelRef{rec.AccountID, rec.TunnelID}))
+	entry, err := env.storage.Get(context.Background(), dueKey(dueMinute(rec.NextRotation, false), tunnelRef{rec.AccountID, rec.TunnelID}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +187,9 @@ func TestLostScheduleEntryIsRepaired(t *testing.T) {
 		t.Fatalf("the repair rotated: version %d", v)
 	}
 
-	// Lost again later: a later walk finds it.
+	// Lost again later (in another minute: two times in one minute share
+	// an entry): a later walk finds it.
+	env.clock.Advance(2 * time.Minute)
 	rec = loseEntry("later")
 	env.clock.Advance(20 * time.Minute)
 	drain(t, env)
@@ -205,8 +207,8 @@ func TestLostScheduleEntryIsRepaired(t *testing.T) {
 }
 
 // TestFailingScheduledRotationBacksOff: a tunnel whose scheduled rotation
-// keeps failing is tried again after 1m, 2m, 4m, 8m (each rounded up to the
-// schedule's minute), not every minute for ever; metadata says how often
+// keeps failing is tried again after 1m, 2m, 4m, 8m (to the second), not
+// every minute for ever; metadata says how often
 // and why it failed, and a success clears that.
 func TestFailingScheduledRotationBacksOff(t *testing.T) {
 	env := newConfiguredEnv(t)
@@ -238,10 +240,10 @@ func TestFailingScheduledRotationBacksOff(t *testing.T) {
 	if len(attempts) < failures+1 {
 		t.Fatalf("attempts at %v: want %d", attempts, failures+1)
 	}
-	// Each retry waits its backoff, rounded up to the minute (plus a step).
+	// Each retry waits its backoff (plus at most a step of the test's clock).
 	for i, backoff := range []time.Duration{time.Minute, 2 * time.Minute, 4 * time.Minute, 8 * time.Minute} {
 		gap := attempts[i+1] - attempts[i]
-		if gap < backoff || gap > backoff+time.Minute+step {
+		if gap < backoff || gap > backoff+step {
 			t.Errorf("retry %d came %s after the failure before it, want %s (attempts at %v)", i+1, gap, backoff, attempts)
 		}
 	}
@@ -677,5 +679,145 @@ func TestTheSchedulerSlowsDownWhenAnotherClientSpendsTheQuota(t *testing.T) {
 	}
 	if took := time.Since(start); took < window/2 {
 		t.Errorf("the bulk run took %s; with the quota spent it had to wait for the window", took)
+	}
+}
+
+// atSecondOfMinute moves the test clock forward to the next time whose
+// second within the minute is sec, so that a test's due times do not fall on
+// a minute boundary by chance.
+func atSecondOfMinute(env *testEnv, sec int) {
+	now := env.clock.Now()
+	target := now.Truncate(time.Minute).Add(time.Minute + time.Duration(sec)*time.Second)
+	env.clock.Advance(target.Sub(now))
+}
+
+// TestScheduledRotationHappensAtNextRotationToTheSecond: a tunnel is rotated
+// at its next_rotation, not at the next minute boundary after it, so that the
+// ttl a read returns tells the truth; and never before it.
+func TestScheduledRotationHappensAtNextRotationToTheSecond(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage)
+	atSecondOfMinute(env, 20)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
+	next := record(t, env, env.tunnel.ID).NextRotation
+
+	env.b.schedulerMu.Lock()
+	sc := env.b.scheduler
+	env.b.schedulerMu.Unlock()
+	// A pass never sleeps past the due time: at most until the minute it
+	// falls in, and there, until the second.
+	if wait, until := sc.pass(context.Background()), next.Sub(env.clock.Now()); wait > until {
+		t.Errorf("the pass sleeps %s; the rotation is due in %s", wait, until)
+	}
+	env.clock.Advance(next.Sub(env.clock.Now()) - 500*time.Millisecond)
+	if wait := sc.pass(context.Background()); wait > 500*time.Millisecond || wait < 400*time.Millisecond {
+		t.Errorf("half a second before the rotation is due, the pass sleeps %s", wait)
+	}
+	if v := storedVersion(t, env, env.pskPath()); v != 1 {
+		t.Fatalf("rotated half a second early: version %d", v)
+	}
+	env.clock.Advance(700 * time.Millisecond)
+	drain(t, env)
+	rec := record(t, env, env.tunnel.ID)
+	if rec.Version != 2 {
+		t.Fatalf("not rotated 0.2s after next_rotation: version %d", rec.Version)
+	}
+	if rec.StoredAt.Before(next) || rec.StoredAt.After(next.Add(time.Second)) {
+		t.Errorf("rotated at %s, due at %s", formatTime(rec.StoredAt), formatTime(next))
+	}
+}
+
+// TestTheRunningSchedulerWakesAtNextRotation: the scheduler's own loop, not
+// a test's pass, rotates within a second after next_rotation.
+func TestTheRunningSchedulerWakesAtNextRotation(t *testing.T) {
+	env := newConfiguredEnv(t)
+	atSecondOfMinute(env, 20)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
+	next := record(t, env, env.tunnel.ID).NextRotation
+	// Two seconds before it is due; the poke makes the loop plan afresh
+	// with the clock moved (its timer runs on real time).
+	env.clock.Advance(next.Sub(env.clock.Now()) - 2*time.Second)
+	env.b.pokeScheduler()
+	deadline := time.Now().Add(10 * time.Second)
+	for record(t, env, env.tunnel.ID).Version < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("not rotated 8s after next_rotation (%s)", formatTime(next))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	rec := record(t, env, env.tunnel.ID)
+	if late := rec.StoredAt.Sub(next); late < 0 || late > time.Second {
+		t.Errorf("rotated %s after next_rotation, want within [0, 1s)", late)
+	}
+}
+
+// TestAPassNeverSleepsPastAMinute: the loop plans from the entries it saw,
+// but entries are also written behind its back (the repair walk, a record
+// replicated from elsewhere): however far the next known rotation is, a pass
+// looks again within a minute.
+func TestAPassNeverSleepsPastAMinute(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "720h"}))
+	env.b.schedulerMu.Lock()
+	sc := env.b.scheduler
+	env.b.schedulerMu.Unlock()
+	sc.pass(context.Background()) // the first pass starts the repair walk
+	if wait := sc.pass(context.Background()); wait > time.Minute {
+		t.Errorf("with the next rotation in 30 days the pass sleeps %s", wait)
+	}
+}
+
+// TestARescheduleInTheSameMinuteKeepsItsEntry: two writes 20 seconds apart
+// put the tunnel's next rotation twice in one minute, so the old and new
+// times share a schedule entry; dropping the superseded one must not drop
+// the new one, or the tunnel would not rotate until the repair walk.
+func TestARescheduleInTheSameMinuteKeepsItsEntry(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage)
+	atSecondOfMinute(env, 5)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
+	env.clock.Advance(20 * time.Second)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	if rec := record(t, env, env.tunnel.ID); !scheduledEntry(t, env, rec) {
+		t.Fatal("the second write's schedule entry is gone")
+	}
+}
+
+// TestAnEntryOfAnOlderVersionIsHonoured: versions before exact scheduling
+// keyed an entry by its minute rounded up. After an upgrade such an entry is
+// neither dropped as stale nor duplicated by the repair walk, and its
+// rotation happens, at most a minute late, never early.
+func TestAnEntryOfAnOlderVersionIsHonoured(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage)
+	atSecondOfMinute(env, 20)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	ctx, tun := context.Background(), tunnelRef{env.account, env.tunnel.ID}
+	rec := record(t, env, env.tunnel.ID)
+	// As an older version left it: the entry a minute later.
+	if err := env.storage.Delete(ctx, dueKey(dueMinute(rec.NextRotation, false), tun)); err != nil {
+		t.Fatal(err)
+	}
+	legacy := dueKey(dueMinute(rec.NextRotation, true), tun)
+	if err := env.storage.Put(ctx, &logical.StorageEntry{Key: legacy, Value: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	drain(t, env) // the repair walk
+	if scheduledEntry(t, env, rec) {
+		t.Error("the repair walk added an entry beside the older version's")
+	}
+	env.clock.Advance(rec.NextRotation.Sub(env.clock.Now()) - time.Second)
+	drain(t, env)
+	if v := storedVersion(t, env, env.pskPath()); v != 1 {
+		t.Fatalf("rotated early: version %d", v)
+	}
+	env.clock.Advance(41 * time.Second) // past the minute boundary
+	drain(t, env)
+	if v := storedVersion(t, env, env.pskPath()); v != 2 {
+		t.Fatalf("the older version's entry was not worked: version %d", v)
+	}
+	if entry, _ := env.storage.Get(ctx, legacy); entry != nil {
+		t.Error("the older version's entry is still there")
 	}
 }
