@@ -160,7 +160,7 @@ func (b *backend) readPSK(ctx context.Context, req *logical.Request, d *framewor
 		return nil, logical.CodedError(http.StatusNotFound, fmt.Sprintf(
 			"no psk is stored for %s: its first rotation has an unknown outcome (%s); write this path to generate one", t, rec.StateReason))
 	}
-	data := rec.metadata()
+	data := rec.readData(b.now())
 	data["psk"] = rec.PSK
 	return &logical.Response{Data: data, Warnings: warnings}, nil
 }
@@ -280,7 +280,7 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 	if err != nil {
 		return failure(err)
 	}
-	return &logical.Response{Data: rotated.metadata()}, nil
+	return &logical.Response{Data: rotated.readData(b.now())}, nil
 }
 
 func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
@@ -365,6 +365,14 @@ read: returns psk and its metadata:
   rotation_started_at     when the unresolved rotation began ("" when none)
   rotation_period         seconds between scheduled rotations (0: none)
   next_rotation           when the next scheduled rotation is due ("" when none)
+  ttl                     only while a schedule will rotate the tunnel: whole
+                          seconds until next_rotation, rounded up, at least 1
+                          (also when due or overdue). As for Vault's database
+                          and LDAP static roles, Vault Agent reads the secret
+                          again ttl+1 seconds later, so a template holds the
+                          new key a second or two after a scheduled rotation
+  last_vault_rotation     when Vault last stored a key (stored_at), the field
+                          Vault's static credentials use for it
   settle_until            for rotation_unknown: until when Cloudflare may still
                           act on that rotation; no new key is asked for before
   failures, last_failure, retry_at

@@ -119,7 +119,8 @@ func (r *pskRecord) clearFailures() {
 	r.Failures, r.LastFailure, r.RetryAt = 0, "", time.Time{}
 }
 
-// metadata is everything a read returns except the key itself.
+// metadata is the record's state as a response, without the key; a read
+// answers readData, which adds what depends on the time of the read.
 func (r *pskRecord) metadata() map[string]any {
 	return map[string]any{
 		"account_id":          r.AccountID,
@@ -138,6 +139,49 @@ func (r *pskRecord) metadata() map[string]any {
 		"retry_at":            formatTime(r.RetryAt),
 	}
 }
+
+// readData is what a read of psk/ or metadata/ returns beside the key at
+// now: metadata, and the fields by which Vault's own static credentials
+// (database and LDAP static roles) tell a client when they rotate.
+// last_vault_rotation is when Vault last stored a key. ttl, present only
+// while a schedule will rotate the tunnel, is the whole seconds until
+// next_rotation, rounded up and at least 1. Vault Agent (consul-template's
+// leaseCheckWait, dependency/vault_common.go) reads a response without a
+// lease whose data has a rotation_period key and an integer ttl again ttl+1
+// seconds later, instead of every static_secret_render_interval (5 minutes
+// by default); rounded up, that is one to two seconds after the rotation
+// falls due, which leaves the rotation (one Cloudflare call) a second to be
+// stored. Due or overdue, ttl is 1, so Agent looks again every two seconds
+// until the new key is there. rotation_period is always present, as an
+// integer, so Agent takes that path whatever the schedule.
+func (r *pskRecord) readData(now time.Time) map[string]any {
+	data := r.metadata()
+	data["last_vault_rotation"] = formatTime(r.StoredAt)
+	if ttl, ok := r.ttl(now); ok {
+		data["ttl"] = ttl
+	}
+	return data
+}
+
+// ttl is the whole seconds from now until the next scheduled rotation,
+// rounded up and at least 1; false when no schedule will rotate the tunnel
+// (none set, or the tunnel is gone at Cloudflare, which the scheduler
+// leaves alone).
+func (r *pskRecord) ttl(now time.Time) (int, bool) {
+	if !r.scheduled() || r.NextRotation.IsZero() || r.State == stateTunnelGone {
+		return 0, false
+	}
+	left := r.NextRotation.Sub(now)
+	secs := int(left / time.Second)
+	if left%time.Second > 0 {
+		secs++
+	}
+	return max(secs, 1), true
+}
+
+// scheduled reports whether the record has a schedule: the scheduler
+// rotates the tunnel at NextRotation.
+func (r *pskRecord) scheduled() bool { return r.RotationPeriod > 0 }
 
 // tunnelRef names one tunnel by its normalised Cloudflare identifiers.
 type tunnelRef struct {
