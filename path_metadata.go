@@ -48,8 +48,9 @@ const pathMetadataHelpDescription = `
 metadata/<account_id>/<tunnel_id> returns everything a read of
 psk/<account_id>/<tunnel_id> returns except the key: account_id, tunnel_id,
 last_generated_on, version, stored_at, state, state_reason,
-rotation_started_at, rotation_period, next_rotation, ttl (while a schedule is
-set), last_vault_rotation, settle_until, failures, last_failure and retry_at
+rotation_started_at, rotation_period, rotation_schedule, rotation_window,
+next_rotation, ttl (while a schedule is set), schedule_note,
+last_vault_rotation, settle_until, failures, last_failure and retry_at
 (path-help of psk/ says what each means). Like that read, it first reconciles a tunnel that is
 not current with Cloudflare. Grant it to operators who rotate keys but must
 not see them.

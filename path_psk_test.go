@@ -525,3 +525,24 @@ func TestReadsAreRotationAware(t *testing.T) {
 		t.Errorf("a gone tunnel has ttl %v", ttl)
 	}
 }
+
+// TestAScheduleErrorDoesNotRepeatTheValue: an error about rotation_schedule
+// says what is wrong but never echoes the value, which a slip of the
+// clipboard can make a key.
+func TestAScheduleErrorDoesNotRepeatTheValue(t *testing.T) {
+	env := newConfiguredEnv(t)
+	const pasted = "0 2 * * 6 Zq8vPSKlooksLikeThis"
+	calls := env.sim.TotalCalls()
+	for _, path := range []string{env.pskPath()} {
+		resp, err := env.request(logical.UpdateOperation, path, map[string]any{"rotation_schedule": pasted})
+		if httpStatus(resp, err) != http.StatusBadRequest {
+			t.Fatalf("%s: status %d, want 400 (%s)", path, httpStatus(resp, err), errorText(resp, err))
+		}
+		if msg := errorText(resp, err); strings.Contains(msg, "Zq8v") || !strings.Contains(msg, "6 fields") {
+			t.Errorf("%s: %q", path, msg)
+		}
+	}
+	if env.sim.TotalCalls() != calls {
+		t.Error("a refused schedule reached Cloudflare")
+	}
+}

@@ -90,6 +90,18 @@ type pskRecord struct {
 	// again at NextRotation (see due.go and scheduler.go).
 	RotationPeriod time.Duration `json:"rotation_period"`
 	NextRotation   time.Time     `json:"next_rotation"`
+	// RotationSchedule, a standard cron expression, is the alternative to
+	// RotationPeriod (never both; schedule.go): NextRotation is its next
+	// time after each rotation. RotationWindow, with it, is how long after
+	// a scheduled time its rotation may still start; WindowEnds is the end
+	// of the window of the scheduled time NextRotation stands for (a failed
+	// rotation's retry moves NextRotation, not the window). ScheduleNote
+	// says why the last scheduled time passed without a rotation; the next
+	// stored rotation clears it.
+	RotationSchedule string        `json:"rotation_schedule,omitempty"`
+	RotationWindow   time.Duration `json:"rotation_window,omitempty"`
+	WindowEnds       time.Time     `json:"window_ends,omitzero"`
+	ScheduleNote     string        `json:"schedule_note,omitempty"`
 }
 
 // current reports whether the stored key is known to be the edge's.
@@ -157,6 +169,9 @@ func (r *pskRecord) metadata() map[string]any {
 func (r *pskRecord) readData(now time.Time) map[string]any {
 	data := r.metadata()
 	data["last_vault_rotation"] = formatTime(r.StoredAt)
+	data["rotation_schedule"] = r.RotationSchedule
+	data["rotation_window"] = int(r.RotationWindow.Seconds())
+	data["schedule_note"] = r.ScheduleNote
 	if ttl, ok := r.ttl(now); ok {
 		data["ttl"] = ttl
 	}
@@ -181,7 +196,15 @@ func (r *pskRecord) ttl(now time.Time) (int, bool) {
 
 // scheduled reports whether the record has a schedule: the scheduler
 // rotates the tunnel at NextRotation.
-func (r *pskRecord) scheduled() bool { return r.RotationPeriod > 0 }
+func (r *pskRecord) scheduled() bool { return r.schedule().set() }
+
+// schedule is the record's schedule (none for nil).
+func (r *pskRecord) schedule() rotationSchedule {
+	if r == nil {
+		return rotationSchedule{}
+	}
+	return rotationSchedule{Period: r.RotationPeriod, Cron: r.RotationSchedule, Window: r.RotationWindow}
+}
 
 // tunnelRef names one tunnel by its normalised Cloudflare identifiers.
 type tunnelRef struct {

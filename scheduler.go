@@ -221,7 +221,7 @@ func (sc *scheduler) repairSchedule(ctx context.Context) {
 // the entry is missing.
 func (sc *scheduler) repairEntry(ctx context.Context, t tunnelRef) error {
 	rec, err := readPSKRecord(ctx, sc.storage, t)
-	if err != nil || rec == nil || rec.RotationPeriod <= 0 || rec.NextRotation.IsZero() || rec.State == stateTunnelGone {
+	if err != nil || rec == nil || !rec.scheduled() || rec.NextRotation.IsZero() || rec.State == stateTunnelGone {
 		return err
 	}
 	// An entry an older version wrote, a minute later, is still honoured.
@@ -321,14 +321,18 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item dueItem) dueOutco
 		log.Warn("scheduler could not read a record", "error", err)
 		return dueKept
 	}
-	if rec == nil || rec.RotationPeriod <= 0 || !entryMatches(rec.NextRotation, item.minute) || rec.State == stateTunnelGone {
+	if rec == nil || !rec.scheduled() || !entryMatches(rec.NextRotation, item.minute) || rec.State == stateTunnelGone {
 		// Forgotten, rescheduled since, or gone at Cloudflare (a write
 		// brings it back, with a schedule of its own): the entry is stale.
 		return dueFinished
 	}
-	if now := b.now(); now.Before(rec.NextRotation) {
+	now := b.now()
+	if now.Before(rec.NextRotation) {
 		// Entries are loaded by the minute; the record says the second.
 		return dueOutcome{notBefore: rec.NextRotation}
+	}
+	if !rec.WindowEnds.IsZero() && now.After(rec.WindowEnds) {
+		return sc.missedWindow(ctx, t, rec, now)
 	}
 	if rec.settling(b.now()) {
 		// The last rotation's outcome is unknown and Cloudflare may still
@@ -368,6 +372,48 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item dueItem) dueOutco
 		return dueKept
 	}
 	return dueFinished
+}
+
+// missedWindow moves a scheduled rotation that could not start within its
+// rotation_window (the budget was spent, the last rotation was settling or
+// kept failing, Vault was down) to the schedule's next time, and says so in
+// the record (schedule_note): a rotation outside the maintenance window it
+// was planned for would take the tunnel down when nobody expects it. Nothing
+// is sent to Cloudflare. The caller holds t's lock.
+func (sc *scheduler) missedWindow(ctx context.Context, t tunnelRef, rec *pskRecord, now time.Time) dueOutcome {
+	b, s := sc.b, sc.storage
+	log := b.tunnelLogger(t)
+	sched := rec.schedule()
+	scheduledFor := rec.WindowEnds.Add(-sched.Window)
+	why := "the scheduler could not start it in time (the budget was spent, the last rotation was still settling, or Vault was down)"
+	if rec.Failures > 0 {
+		why = fmt.Sprintf("%d attempt(s) failed, the last: %s", rec.Failures, rec.LastFailure)
+	}
+	moved := *rec
+	moved.NextRotation, moved.WindowEnds = sched.next(now)
+	next := "none: the schedule has no later time"
+	if !moved.NextRotation.IsZero() {
+		next = formatTime(moved.NextRotation)
+	}
+	moved.ScheduleNote = fmt.Sprintf("the rotation scheduled for %s could not start within rotation_window (%s) of it: %s; it waits for the next scheduled time, %s",
+		formatTime(scheduledFor), sched.Window, why, next)
+	// The entry first, as everywhere: a record pointing at a minute with
+	// no entry would never rotate.
+	if !moved.NextRotation.IsZero() {
+		if err := scheduleRotation(ctx, s, t, moved.NextRotation, false); err != nil {
+			log.Warn("could not move a rotation that missed its window; its schedule entry is kept", "error", err)
+			return dueKept
+		}
+	}
+	if err := writePSKRecord(ctx, s, t, &moved); err != nil {
+		log.Warn("could not move a rotation that missed its window; its schedule entry is kept", "error", err)
+		return dueKept
+	}
+	log.Warn("scheduled rotation missed its window; waiting for the next scheduled time",
+		"scheduled_for", formatTime(scheduledFor), "next_rotation", formatTime(moved.NextRotation))
+	// Finished, and the pass wakes for the next time, which may be within
+	// the minute.
+	return dueOutcome{finished: true, notBefore: moved.NextRotation}
 }
 
 // rotateBulk works a bulk job's rotation of one tunnel. The job counts each
@@ -514,7 +560,7 @@ func (b *backend) retryScheduledLater(ctx context.Context, s logical.Storage, t 
 	if err != nil {
 		return err
 	}
-	if rec == nil || rec.RotationPeriod == 0 {
+	if rec == nil || !rec.scheduled() {
 		return nil
 	}
 	rec.noteFailure(b.now(), cause)

@@ -821,3 +821,132 @@ func TestAnEntryOfAnOlderVersionIsHonoured(t *testing.T) {
 		t.Error("the older version's entry is still there")
 	}
 }
+
+// nextDaily is the first time after after at hh:mm UTC.
+func nextDaily(after time.Time, hh, mm int) time.Time {
+	after = after.UTC()
+	at := time.Date(after.Year(), after.Month(), after.Day(), hh, mm, 0, 0, time.UTC)
+	if !at.After(after) {
+		at = at.Add(24 * time.Hour)
+	}
+	return at
+}
+
+// TestRotationScheduleRotatesAtItsTimes: a cron expression instead of a
+// period. The write rotates and sets the schedule; the scheduler rotates at
+// each of its times, to the second, never before; reads say so.
+func TestRotationScheduleRotatesAtItsTimes(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage)
+	write := env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": "30 2 * * *"}))
+	want := nextDaily(env.clock.Now(), 2, 30)
+	if write.Data["rotation_schedule"] != "30 2 * * *" || write.Data["rotation_period"] != 0 || write.Data["next_rotation"] != formatTime(want) {
+		t.Fatalf("write answer: schedule %v, period %v, next %v (want %s)", write.Data["rotation_schedule"],
+			write.Data["rotation_period"], write.Data["next_rotation"], formatTime(want))
+	}
+	if ttl := write.Data["ttl"].(int); ttl < int(want.Sub(env.clock.Now()).Seconds()) || ttl > int(want.Sub(env.clock.Now()).Seconds())+1 {
+		t.Errorf("ttl %d, next rotation in %s", ttl, want.Sub(env.clock.Now()))
+	}
+
+	for version := 2; version <= 3; version++ {
+		env.clock.Advance(want.Sub(env.clock.Now()) - time.Second)
+		drain(t, env)
+		if v := storedVersion(t, env, env.pskPath()); v != version-1 {
+			t.Fatalf("rotated a second before %s: version %d", formatTime(want), v)
+		}
+		env.clock.Advance(1200 * time.Millisecond)
+		drain(t, env)
+		rec := record(t, env, env.tunnel.ID)
+		if rec.Version != version || rec.StoredAt.Before(want) || rec.StoredAt.After(want.Add(time.Second)) {
+			t.Fatalf("due at %s: version %d stored at %s", formatTime(want), rec.Version, formatTime(rec.StoredAt))
+		}
+		want = want.Add(24 * time.Hour)
+		if !rec.NextRotation.Equal(want) || rec.RotationSchedule != "30 2 * * *" {
+			t.Fatalf("after the rotation: next %s (want %s), schedule %q", formatTime(rec.NextRotation), formatTime(want), rec.RotationSchedule)
+		}
+	}
+	assertCurrent(t, env, "after scheduled rotations")
+
+	// A write without schedule fields keeps it; rotation_period replaces it.
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	if rec := record(t, env, env.tunnel.ID); rec.RotationSchedule != "30 2 * * *" || !rec.NextRotation.Equal(nextDaily(rec.StoredAt, 2, 30)) {
+		t.Errorf("a plain write: schedule %q, next %s", rec.RotationSchedule, formatTime(rec.NextRotation))
+	}
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "24h"}))
+	if rec := record(t, env, env.tunnel.ID); rec.RotationSchedule != "" || rec.RotationPeriod != 24*time.Hour {
+		t.Errorf("rotation_period after a schedule: schedule %q, period %s", rec.RotationSchedule, rec.RotationPeriod)
+	}
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": ""}))
+	if rec := record(t, env, env.tunnel.ID); rec.scheduled() || !rec.NextRotation.IsZero() {
+		t.Errorf("rotation_schedule=\"\": %+v", rec.schedule())
+	}
+	if keys, _ := env.storage.List(context.Background(), duePrefix); len(keys) != 0 {
+		t.Errorf("schedule entries left after turning the schedule off: %v", keys)
+	}
+}
+
+// TestAMissedRotationWindowWaitsForTheNextTime: a rotation that cannot start
+// within rotation_window of its scheduled time (Vault was down here) is not
+// done late, outside the maintenance window, when nobody expects the tunnel
+// to go down: no call, the next scheduled time instead, and metadata says
+// so until the next rotation. Within the window, late is fine.
+func TestAMissedRotationWindowWaitsForTheNextTime(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": "0 2 * * 6", "rotation_window": "1h"}))
+	first := record(t, env, env.tunnel.ID).NextRotation
+	if first.Weekday() != time.Saturday || first.Hour() != 2 || first.Minute() != 0 {
+		t.Fatalf("next rotation %s, want a Saturday at 02:00 UTC", formatTime(first))
+	}
+	if meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)); meta.Data["rotation_window"] != 3600 {
+		t.Errorf("rotation_window %v, want 3600", meta.Data["rotation_window"])
+	}
+
+	calls := env.sim.TotalCalls()
+	env.clock.Advance(first.Add(time.Hour + time.Minute).Sub(env.clock.Now()))
+	drain(t, env)
+	if n := env.sim.TotalCalls() - calls; n != 0 {
+		t.Fatalf("a rotation past its window made %d Cloudflare calls", n)
+	}
+	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	second := first.Add(7 * 24 * time.Hour)
+	if meta.Data["version"] != 1 || meta.Data["next_rotation"] != formatTime(second) {
+		t.Fatalf("after the missed window: version %v, next %v (want %s)", meta.Data["version"], meta.Data["next_rotation"], formatTime(second))
+	}
+	note, _ := meta.Data["schedule_note"].(string)
+	if !strings.Contains(note, formatTime(first)) || !strings.Contains(note, "rotation_window") || !strings.Contains(note, formatTime(second)) {
+		t.Errorf("schedule_note %q does not say which time was missed, why and what next", note)
+	}
+	if !scheduledEntry(t, env, record(t, env, env.tunnel.ID)) {
+		t.Fatal("no schedule entry for the next time")
+	}
+
+	// Late within the window: rotated.
+	env.clock.Advance(second.Add(59 * time.Minute).Sub(env.clock.Now()))
+	drain(t, env)
+	meta = env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	if meta.Data["version"] != 2 || meta.Data["schedule_note"] != "" || meta.Data["next_rotation"] != formatTime(second.Add(7*24*time.Hour)) {
+		t.Errorf("late within the window: version %v, note %q, next %v", meta.Data["version"], meta.Data["schedule_note"], meta.Data["next_rotation"])
+	}
+}
+
+// TestTheRunningSchedulerWakesForACronTime: the scheduler's own loop, asleep
+// on an earlier plan, rotates at a cron time two seconds after the write
+// that set it: the write wakes it to plan again.
+func TestTheRunningSchedulerWakesForACronTime(t *testing.T) {
+	env := newConfiguredEnv(t)
+	atSecondOfMinute(env, 58)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": "* * * * *"}))
+	next := record(t, env, env.tunnel.ID).NextRotation
+	deadline := time.Now().Add(10 * time.Second)
+	for record(t, env, env.tunnel.ID).Version < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("not rotated 8s after next_rotation (%s)", formatTime(next))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	rec := record(t, env, env.tunnel.ID)
+	if late := rec.StoredAt.Sub(next); late < 0 || late > time.Second {
+		t.Errorf("rotated %s after next_rotation, want within [0, 1s)", late)
+	}
+}
