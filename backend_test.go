@@ -377,6 +377,15 @@ func TestBadFieldsAreRefusedBeforeCloudflare(t *testing.T) {
 		{"psk: rotation_window negative", env.pskPath(), map[string]any{"rotation_schedule": "0 2 * * 6", "rotation_window": "-1h"}, `field "rotation_window": cannot provide negative value`},
 		{"psk: rotation_window not a duration", env.pskPath(), map[string]any{"rotation_schedule": "0 2 * * 6", "rotation_window": "a while"}, "rotation_window"},
 		{"psk: a key of one's own", env.pskPath(), map[string]any{"psk": "chosen-by-hand"}, "unknown field(s) psk"},
+		{"schedule: no schedule field", env.pskPath() + "/schedule", map[string]any{}, "give rotation_period or rotation_schedule"},
+		{"schedule: rotation_period with rotation_schedule", env.pskPath() + "/schedule", map[string]any{"rotation_period": "24h", "rotation_schedule": "0 2 * * 6"}, "rotation_period and rotation_schedule are exclusive"},
+		{"schedule: rotation_period too short", env.pskPath() + "/schedule", map[string]any{"rotation_period": "30s"}, "rotation_period must be 0 (off) or at least 1m0s"},
+		{"schedule: rotation_schedule not cron", env.pskPath() + "/schedule", map[string]any{"rotation_schedule": "weekly"}, "rotation_schedule must be a standard cron expression of five fields"},
+		{"schedule: rotation_window without rotation_schedule", env.pskPath() + "/schedule", map[string]any{"rotation_window": "1h"}, "rotation_window is only taken with a rotation_schedule"},
+		{"schedule: rotation_window too short", env.pskPath() + "/schedule", map[string]any{"rotation_schedule": "0 2 * * 6", "rotation_window": "10s"}, "rotation_window must be 0 (none) or at least 1m0s"},
+		{"schedule: validate_only is not taken", env.pskPath() + "/schedule", map[string]any{"rotation_period": "24h", "validate_only": true}, "unknown field(s) validate_only"},
+		{"schedule: a key of one's own", env.pskPath() + "/schedule", map[string]any{"rotation_period": "24h", "psk": "chosen-by-hand"}, "unknown field(s) psk"},
+		{"schedule: malformed tunnel", "psk/" + env.account + "/xyz/schedule", map[string]any{"rotation_period": "24h"}, "tunnel must be a Cloudflare identifier"},
 		{"psk: unknown field", env.pskPath(), map[string]any{"validateonly": true}, "unknown field(s) validateonly"},
 	}
 	for _, tc := range cases {

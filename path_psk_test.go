@@ -533,7 +533,7 @@ func TestAScheduleErrorDoesNotRepeatTheValue(t *testing.T) {
 	env := newConfiguredEnv(t)
 	const pasted = "0 2 * * 6 Zq8vPSKlooksLikeThis"
 	calls := env.sim.TotalCalls()
-	for _, path := range []string{env.pskPath()} {
+	for _, path := range []string{env.pskPath(), env.schedulePath()} {
 		resp, err := env.request(logical.UpdateOperation, path, map[string]any{"rotation_schedule": pasted})
 		if httpStatus(resp, err) != http.StatusBadRequest {
 			t.Fatalf("%s: status %d, want 400 (%s)", path, httpStatus(resp, err), errorText(resp, err))
