@@ -96,7 +96,7 @@ func TestAScheduleChangeNeverRotates(t *testing.T) {
 	// The key is older than the new period: the period counts from now,
 	// or the change would have the key rotated at once.
 	env.clock.Advance(10 * time.Minute)
-	resp = env.must(env.request(logical.UpdateOperation, env.schedulePath(), map[string]any{"rotation_period": "5m"}))
+	env.must(env.request(logical.UpdateOperation, env.schedulePath(), map[string]any{"rotation_period": "5m"}))
 	unchanged("a period shorter than the key's age")
 	if next := record(t, env, env.tunnel.ID).NextRotation; next.Sub(env.clock.Now()) < 5*time.Minute-time.Second || next.Sub(env.clock.Now()) > 5*time.Minute {
 		t.Errorf("a period shorter than the key's age: next rotation in %s, want 5m", next.Sub(env.clock.Now()))
