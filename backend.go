@@ -106,6 +106,7 @@ func newBackend() *backend {
 		Paths: framework.PathAppend(
 			[]*framework.Path{pathConfig(b), pathConfigRotateRoot(b)},
 			pathPSK(b),
+			pathPSKSchedule(b),
 			pathMetadata(b),
 			pathRotate(b),
 			pathTunnels(b),

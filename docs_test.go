@@ -115,6 +115,7 @@ func TestHelpNamesEveryReturnedField(t *testing.T) {
 	for _, path := range []string{
 		env.pskPath(),
 		env.metaPath(),
+		env.schedulePath(),
 		"config",
 		"rotate/" + env.account,
 		"tunnels/" + env.account + "/" + env.tunnel.ID,

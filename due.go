@@ -3,17 +3,24 @@ package main
 // The schedule in storage.
 //
 // The schedule is kept as one entry per due rotation,
-// due/<minute>/<account>.<tunnel>, where <minute> is the Unix minute at or
-// after which the rotation is due; a rotation queued by a bulk job
-// (rotate/<account>, bulk.go) is due/<minute>/<account>.<tunnel>.bulk, so the
-// job's progress is a count of its minute's keys, and a tunnel's scheduled
-// and bulk rotations never overwrite each other. Listing due/ gives the minutes in time
-// order without reading a record, so a mount that tracks a great many
-// tunnels starts at once, and the scheduler (scheduler.go) only ever holds
-// one batch of due rotations in memory. Times are rounded up to the minute,
-// so nothing is rotated before it is due, after a restart included; a
+// due/<minute>/<account>.<tunnel>, where <minute> is the Unix minute in which
+// the rotation falls due (its next_rotation rounded down); a rotation queued
+// by a bulk job (rotate/<account>, bulk.go) is
+// due/<minute>/<account>.<tunnel>.bulk, so the job's progress is a count of
+// its minute's keys, and a tunnel's scheduled and bulk rotations never
+// overwrite each other. Listing due/ gives the minutes in time order without
+// reading a record, so a mount that tracks a great many tunnels starts at
+// once, and the scheduler (scheduler.go) only ever holds one batch of due
+// rotations in memory.
+//
+// The minute only says when to look: the scheduler loads the current
+// minute's entries too, and the tunnel's record (NextRotation) decides
+// whether a rotation is due, so nothing is rotated before it is due, after a
+// restart included, and a rotation due at :20 is done at :20, not at the next
+// minute (the ttl a read returns promises that second to Vault Agent). A
 // rotation that fell due while Vault was down is simply found in a past
-// minute and done at the paced rate.
+// minute and done at the paced rate. Versions before this one rounded up;
+// their entries are honoured (entryMatches), one minute late at worst.
 
 import (
 	"context"
@@ -54,12 +61,32 @@ type dueItem struct {
 	bulk bool
 }
 
+// dueMinute is the Unix minute of at: rounded down, as entries are keyed
+// now, or (roundUp) up, as versions before exact scheduling keyed them.
 func dueMinute(at time.Time, roundUp bool) int64 {
 	m := at.Unix() / 60
 	if roundUp && (at.Unix()%60 != 0 || at.Nanosecond() != 0) {
 		m++
 	}
 	return m
+}
+
+// entryMatches reports whether an entry in minute is the entry of a
+// rotation due at next: in next's minute, or, written by an older version,
+// in the minute after. Any other entry is stale: its record has moved on.
+// The scheduler, the repair walk and unscheduling all ask this one question.
+func entryMatches(next time.Time, minute int64) bool {
+	return !next.IsZero() && (minute == dueMinute(next, false) || minute == dueMinute(next, true))
+}
+
+// scheduleKeys are the keys an entry of a rotation due at at may have (see
+// entryMatches): its minute's, and an older version's, the minute after.
+func scheduleKeys(at time.Time, t tunnelRef) []string {
+	down, up := dueMinute(at, false), dueMinute(at, true)
+	if down == up {
+		return []string{dueKey(down, t)}
+	}
+	return []string{dueKey(down, t), dueKey(up, t)}
 }
 
 func dueKey(minute int64, t tunnelRef) string {
@@ -74,7 +101,7 @@ func scheduleRotation(ctx context.Context, s logical.Storage, t tunnelRef, at ti
 	if bulk {
 		return queueBulkRotation(ctx, s, t, dueMinute(at, false), at)
 	}
-	entry, err := logical.StorageEntryJSON(dueKey(dueMinute(at, true), t), dueEntry{})
+	entry, err := logical.StorageEntryJSON(dueKey(dueMinute(at, false), t), dueEntry{})
 	if err != nil {
 		return fmt.Errorf("encode schedule entry of %s: %w", t, err)
 	}
@@ -127,9 +154,29 @@ func parseDueName(name string) (account, tunnel string, bulk, ok bool) {
 	return account, tunnel, bulk, true
 }
 
+// unscheduleRotation removes the entry of t's rotation due at at.
 func unscheduleRotation(ctx context.Context, s logical.Storage, t tunnelRef, at time.Time) error {
-	if err := s.Delete(ctx, dueKey(dueMinute(at, true), t)); err != nil {
-		return fmt.Errorf("unschedule rotation of %s: %w", t, err)
+	return unscheduleSuperseded(ctx, s, t, at, time.Time{})
+}
+
+// unscheduleSuperseded removes the entry of t's rotation due at old, which
+// one due at keep (zero: none) replaces, without touching keep's own entry:
+// two times in one minute share a key, and the replacement is stored before
+// the entry it replaces is removed.
+func unscheduleSuperseded(ctx context.Context, s logical.Storage, t tunnelRef, old, keep time.Time) error {
+	kept := map[string]bool{}
+	if !keep.IsZero() {
+		for _, k := range scheduleKeys(keep, t) {
+			kept[k] = true
+		}
+	}
+	for _, k := range scheduleKeys(old, t) {
+		if kept[k] {
+			continue
+		}
+		if err := s.Delete(ctx, k); err != nil {
+			return fmt.Errorf("unschedule rotation of %s: %w", t, err)
+		}
 	}
 	return nil
 }
@@ -156,8 +203,10 @@ func readDueEntry(ctx context.Context, s logical.Storage, key string) (*dueEntry
 	return due, nil
 }
 
-// loadDue returns up to dueBatch rotations due by now, oldest minute first,
-// and the time the next later minute falls due (zero when none).
+// loadDue returns up to dueBatch entries of the minutes up to now's, oldest
+// minute first, and the start of the next later minute that has entries
+// (zero when none). Entries of now's own minute may not be due yet: the
+// record says (see rotateScheduled).
 func loadDue(ctx context.Context, s logical.Storage, now time.Time) ([]dueItem, time.Time, error) {
 	minutes, err := s.List(ctx, duePrefix)
 	if err != nil {

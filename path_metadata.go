@@ -39,7 +39,7 @@ func (b *backend) readMetadata(ctx context.Context, req *logical.Request, d *fra
 	if err != nil || rec == nil {
 		return nil, err
 	}
-	return &logical.Response{Data: rec.metadata(), Warnings: warnings}, nil
+	return &logical.Response{Data: rec.readData(b.now()), Warnings: warnings}, nil
 }
 
 const pathMetadataHelpSynopsis = `Read the metadata of a tunnel's stored PSK, without the PSK.`
@@ -48,9 +48,11 @@ const pathMetadataHelpDescription = `
 metadata/<account_id>/<tunnel_id> returns everything a read of
 psk/<account_id>/<tunnel_id> returns except the key: account_id, tunnel_id,
 last_generated_on, version, stored_at, state, state_reason,
-rotation_started_at, rotation_period, next_rotation, settle_until, failures,
-last_failure and retry_at, and what a router needs of the tunnel: name,
-cloudflare_endpoint, customer_endpoint, interface_address, interface_address6,
+rotation_started_at, rotation_period, rotation_schedule, rotation_window,
+next_rotation, ttl (while a schedule is set), schedule_note,
+last_vault_rotation, settle_until, failures, last_failure and retry_at, and
+what a router needs of the tunnel: name, cloudflare_endpoint,
+customer_endpoint, interface_address, interface_address6,
 customer_interface_address, customer_interface_address6, custom_fqdn_id and
 ipsec_id (path-help of psk/ says what each means). Like that read, it first reconciles a tunnel that is
 not current with Cloudflare. Grant it to operators who rotate keys but must

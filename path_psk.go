@@ -32,15 +32,14 @@ var tunnelFields = map[string]*framework.FieldSchema{
 
 func pathPSK(b *backend) []*framework.Path {
 	fields := map[string]*framework.FieldSchema{
-		"rotation_period": {
-			Type:        framework.TypeDurationSecond,
-			Description: "Rotate this tunnel again every period (at least 1m); 0 turns scheduled rotation off; omitted keeps the current setting.",
-		},
 		"validate_only": {
 			Type:        framework.TypeBool,
-			Description: "Only ask Cloudflare to validate the request (?validate_only=true): no key is generated and nothing is stored. Not with rotation_period.",
+			Description: "Only ask Cloudflare to validate the request (?validate_only=true): no key is generated and nothing is stored. Not with a schedule field.",
 			Default:     false,
 		},
+	}
+	for name, schema := range scheduleFields {
+		fields[name] = schema
 	}
 	for name, schema := range tunnelFields {
 		fields[name] = schema
@@ -118,23 +117,61 @@ func tunnelFromRequest(d *framework.FieldData) (tunnelRef, string) {
 	return tunnelRef{AccountID: account, TunnelID: tunnel}, ""
 }
 
-// minRotationPeriod keeps a schedule from spending the rate limit on one
-// tunnel.
-const minRotationPeriod = time.Minute
-
-func requestedPeriod(d *framework.FieldData) (time.Duration, bool) {
-	v, ok := d.GetOk("rotation_period")
-	if !ok {
-		return 0, false
-	}
-	return time.Duration(v.(int)) * time.Second, true
+// scheduleFields are the fields that set a tunnel's schedule, on a write of
+// psk/ (which rotates) and of psk/.../schedule (which does not).
+var scheduleFields = map[string]*framework.FieldSchema{
+	"rotation_period": {
+		Type:        framework.TypeDurationSecond,
+		Description: "Rotate this tunnel again every period (at least 1m); 0 turns scheduled rotation off; omitted keeps the current schedule. Not with rotation_schedule.",
+	},
+	"rotation_schedule": {
+		Type: framework.TypeString,
+		Description: "Rotate this tunnel at the times of a standard 5-field cron expression (minute hour day-of-month month day-of-week, " +
+			"UTC unless it starts with CRON_TZ=<zone>), e.g. \"0 2 * * 6\"; \"\" turns scheduled rotation off; omitted keeps the current schedule. Not with rotation_period.",
+	},
+	"rotation_window": {
+		Type: framework.TypeDurationSecond,
+		Description: "With rotation_schedule: a rotation that cannot start within this long after its scheduled time waits for the next one " +
+			"(schedule_note in metadata says so); at least 1m, 0 or omitted: no window.",
+	},
 }
 
-func checkRotationPeriod(d *framework.FieldData) string {
-	if period, ok := requestedPeriod(d); ok && period != 0 && period < minRotationPeriod {
-		return fmt.Sprintf("rotation_period must be 0 (off) or at least %s", minRotationPeriod)
+// requestedSchedule reads the schedule fields of a write: nil when it names
+// none (the tunnel keeps its schedule), otherwise the tunnel's schedule from
+// now on (the zero schedule: none). problem, when not "", names the field at
+// fault; it never repeats a value.
+func requestedSchedule(d *framework.FieldData, now time.Time) (*rotationSchedule, string) {
+	periodRaw, hasPeriod := d.GetOk("rotation_period")
+	cronRaw, hasCron := d.GetOk("rotation_schedule")
+	windowRaw, hasWindow := d.GetOk("rotation_window")
+	switch {
+	case hasPeriod && hasCron:
+		return nil, "rotation_period and rotation_schedule are exclusive: give one (rotation_period=0 turns scheduled rotation off)"
+	case hasWindow && (!hasCron || cronRaw.(string) == ""):
+		return nil, "rotation_window is only taken with a rotation_schedule in the same write: it bounds how late after a scheduled time its rotation may start"
+	case hasPeriod:
+		period := time.Duration(periodRaw.(int)) * time.Second
+		if period != 0 && period < minRotationPeriod {
+			return nil, fmt.Sprintf("rotation_period must be 0 (off) or at least %s", minRotationPeriod)
+		}
+		return &rotationSchedule{Period: period}, ""
+	case hasCron:
+		sched := &rotationSchedule{Cron: cronRaw.(string)}
+		if sched.Cron == "" {
+			return sched, ""
+		}
+		if _, problem := parseCron(sched.Cron, now); problem != "" {
+			return nil, problem
+		}
+		if hasWindow {
+			sched.Window = time.Duration(windowRaw.(int)) * time.Second
+			if sched.Window != 0 && sched.Window < minRotationWindow {
+				return nil, fmt.Sprintf("rotation_window must be 0 (none) or at least %s", minRotationWindow)
+			}
+		}
+		return sched, ""
 	}
-	return ""
+	return nil, ""
 }
 
 func (b *backend) pskExists(ctx context.Context, req *logical.Request, d *framework.FieldData) (bool, error) {
@@ -160,7 +197,7 @@ func (b *backend) readPSK(ctx context.Context, req *logical.Request, d *framewor
 		return nil, logical.CodedError(http.StatusNotFound, fmt.Sprintf(
 			"no psk is stored for %s: its first rotation has an unknown outcome (%s); write this path to generate one", t, rec.StateReason))
 	}
-	data := rec.metadata()
+	data := rec.readData(b.now())
 	data["psk"] = rec.PSK
 	return &logical.Response{Data: data, Warnings: warnings}, nil
 }
@@ -247,22 +284,20 @@ func stateWarnings(rec *pskRecord) []string {
 // rotateTunnel is a write of psk/<account>/<tunnel>: it checks the request
 // and hands it to rotation.go, which generates and stores the key.
 func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if problem := checkRotationPeriod(d); problem != "" {
+	sched, problem := requestedSchedule(d, b.now())
+	if problem != "" {
 		return logical.ErrorResponse(problem), nil
-	}
-	var period *time.Duration
-	if requested, ok := requestedPeriod(d); ok {
-		period = &requested
 	}
 	validateOnly := d.Get("validate_only").(bool)
 	if resp := rejectUnknownFields(req, d); resp != nil {
 		return resp, nil
 	}
-	if validateOnly && period != nil {
-		// A validation stores nothing, so the period would be silently
+	if validateOnly && sched != nil {
+		// A validation stores nothing, so the schedule would be silently
 		// dropped: the caller believes the tunnel is scheduled when it is not.
-		return logical.ErrorResponse("validate_only=true cannot be combined with rotation_period: a validation stores nothing, " +
-			"so the period would be ignored; write rotation_period without validate_only to set it"), nil
+		return logical.ErrorResponse("validate_only=true cannot be combined with rotation_period, rotation_schedule or rotation_window: " +
+			"a validation stores nothing, so the schedule would be ignored; write it without validate_only, " +
+			"or to psk/<account_id>/<tunnel_id>/schedule to change it without rotating"), nil
 	}
 	t, problem := tunnelFromRequest(d)
 	if problem != "" {
@@ -276,11 +311,11 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 		}
 		return validateOnlyResponse(t, stored), nil
 	}
-	rotated, err := b.rotateOnWrite(ctx, req.Storage, t, period)
+	rotated, err := b.rotateOnWrite(ctx, req.Storage, t, sched)
 	if err != nil {
 		return failure(err)
 	}
-	return &logical.Response{Data: rotated.metadata()}, nil
+	return &logical.Response{Data: rotated.readData(b.now())}, nil
 }
 
 func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
@@ -340,11 +375,24 @@ write (create/update): asks Cloudflare to generate a new PSK for the tunnel
   Cloudflare activates the key on its edge at once, so the router must be given
   the new key. The key is stored in Vault and the response carries only its
   metadata, never the key.
+  A schedule (omitted: the tunnel keeps its own) is one of:
   rotation_period: rotate the tunnel again every period (at least 1m; 0 turns
-  scheduled rotation off; omitted keeps the tunnel's current setting).
+  scheduled rotation off);
+  rotation_schedule: rotate it at the times of a standard 5-field cron
+  expression (minute hour day-of-month month day-of-week; UTC unless it
+  starts with CRON_TZ=<zone>), such as "0 2 * * 6" for Saturdays at 02:00;
+  "" turns scheduled rotation off; with
+  rotation_window: a rotation that cannot start within this long after its
+  scheduled time (the budget spent, Vault down) waits for the next scheduled
+  time instead of taking the tunnel down outside its maintenance window, and
+  schedule_note says so (at least 1m; 0 or omitted: no window).
+  rotation_period and rotation_schedule together are refused (400), as is
+  rotation_window without rotation_schedule. Give the two tunnels of a site
+  different times, so that a site never loses both at once. To change a
+  schedule without rotating, write psk/<account_id>/<tunnel_id>/schedule.
   validate_only=true: Cloudflare only validates the request; no key is
-  generated and nothing is stored. It cannot be combined with
-  rotation_period (400), which it would ignore. Because a proxy or gateway
+  generated and nothing is stored. It cannot be combined with a schedule
+  field (400), which it would ignore. Because a proxy or gateway
   that drops the query string turns it into a real generation, it is run
   like a rotation: if Cloudflare's answer carries a key anyway, that key is
   live at the edge and is stored as a rotation (the answer has stored=true,
@@ -363,8 +411,23 @@ read: returns psk and its metadata:
                           tunnel_gone: Cloudflare no longer has the tunnel
   state_reason            why the state is not current ("" when it is)
   rotation_started_at     when the unresolved rotation began ("" when none)
-  rotation_period         seconds between scheduled rotations (0: none)
+  rotation_period         seconds between scheduled rotations (0: none, or a
+                          rotation_schedule)
+  rotation_schedule       the cron expression the tunnel is rotated by ("": none)
+  rotation_window         with rotation_schedule: seconds after a scheduled time
+                          within which its rotation must start (0: no window)
   next_rotation           when the next scheduled rotation is due ("" when none)
+  schedule_note           why the last scheduled time passed without a
+                          rotation (its window was missed), until the next
+                          rotation is stored ("" when none)
+  ttl                     only while a schedule will rotate the tunnel: whole
+                          seconds until next_rotation, rounded up, at least 1
+                          (also when due or overdue). As for Vault's database
+                          and LDAP static roles, Vault Agent reads the secret
+                          again ttl+1 seconds later, so a template holds the
+                          new key a second or two after a scheduled rotation
+  last_vault_rotation     when Vault last stored a key (stored_at), the field
+                          Vault's static credentials use for it
   settle_until            for rotation_unknown: until when Cloudflare may still
                           act on that rotation; no new key is asked for before
   failures, last_failure, retry_at

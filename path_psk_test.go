@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"strings"
@@ -419,5 +421,128 @@ func TestADeleteInsideTheSettleWindowIsRefused(t *testing.T) {
 	read, err := env.request(logical.ReadOperation, env.pskPath(), nil)
 	if err == nil && read != nil && read.Data["state"] == stateCurrent && read.Data["psk"] != env.edge().PSK {
 		t.Fatalf("after delete+write inside the settle window the late request landed: state current, key is not the edge's")
+	}
+}
+
+// vaultAgentRereadsAt is when Vault Agent reads a secret again, by
+// consul-template's leaseCheckWait (dependency/vault_common.go): for a
+// response without a lease whose data has a rotation_period key and an
+// integer ttl, ttl+1 seconds after the read. It fails the test when the
+// response does not take that path (Agent would then poll every
+// static_secret_render_interval, 5 minutes by default).
+func vaultAgentRereadsAt(t *testing.T, resp *logical.Response, readAt time.Time) time.Time {
+	t.Helper()
+	raw, err := json.Marshal(resp.Data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber() // as the Vault API client decodes
+	var data map[string]any
+	if err := dec.Decode(&data); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := data["rotation_period"]; !ok {
+		t.Fatal("no rotation_period key: Agent does not treat the secret as rotating")
+	}
+	n, ok := data["ttl"].(json.Number)
+	if !ok {
+		t.Fatalf("ttl = %#v, not a number", data["ttl"])
+	}
+	ttl, err := n.Int64()
+	if err != nil || ttl <= 0 {
+		t.Fatalf("ttl = %s: Agent needs a positive integer", n)
+	}
+	return readAt.Add(time.Duration(ttl+1) * time.Second)
+}
+
+// TestReadsAreRotationAware: psk/ and metadata/ reads carry ttl (whole
+// seconds until next_rotation, at least 1) whenever a schedule is set, and
+// last_vault_rotation, as Vault's database and LDAP static roles do, so
+// that Vault Agent reads a tunnel's key again right after it rotates.
+func TestReadsAreRotationAware(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage) // the test moves the clock past due times
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	for _, path := range []string{env.pskPath(), env.metaPath()} {
+		read := env.must(env.request(logical.ReadOperation, path, nil))
+		if ttl, ok := read.Data["ttl"]; ok {
+			t.Errorf("%s without a schedule: ttl %v", path, ttl)
+		}
+		if read.Data["last_vault_rotation"] != read.Data["stored_at"] || read.Data["last_vault_rotation"] == "" {
+			t.Errorf("%s: last_vault_rotation %v, stored_at %v", path, read.Data["last_vault_rotation"], read.Data["stored_at"])
+		}
+		if lvr, _ := read.Data["last_vault_rotation"].(string); lvr == "" {
+			continue
+		} else if _, err := time.Parse(time.RFC3339, lvr); err != nil {
+			t.Errorf("%s: last_vault_rotation is not RFC 3339: %v", path, err)
+		}
+	}
+
+	atSecondOfMinute(env, 20)
+	write := env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	next := record(t, env, env.tunnel.ID).NextRotation
+	if write.Data["ttl"] != 3600 {
+		t.Errorf("write answer: ttl %v, want 3600", write.Data["ttl"])
+	}
+	env.clock.Advance(1500 * time.Millisecond)
+	for _, path := range []string{env.pskPath(), env.metaPath()} {
+		now := env.clock.Now()
+		read := env.must(env.request(logical.ReadOperation, path, nil))
+		if read.Data["rotation_period"] != 3600 {
+			t.Errorf("%s: rotation_period %#v, want the integer 3600", path, read.Data["rotation_period"])
+		}
+		// 3598.5s to go: rounded up, so Agent's re-read (ttl+1) falls one
+		// to two seconds after the rotation, which leaves the rotation a
+		// second to be stored.
+		if read.Data["ttl"] != 3599 {
+			t.Errorf("%s: ttl %v, want 3599", path, read.Data["ttl"])
+		}
+		if again := vaultAgentRereadsAt(t, read, now); again.Before(next.Add(time.Second)) || again.After(next.Add(2*time.Second)) {
+			t.Errorf("%s: Agent reads again %s after next_rotation, want 1s to 2s", path, again.Sub(next))
+		}
+	}
+
+	// Due, or overdue (the budget is spent, Vault was down): ttl is 1, so
+	// Agent keeps looking every two seconds until the rotation is stored.
+	for _, at := range []time.Duration{0, time.Hour} {
+		env.clock.Advance(next.Add(at).Sub(env.clock.Now()))
+		read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+		if read.Data["ttl"] != 1 {
+			t.Errorf("%s past next_rotation: ttl %v, want 1", at, read.Data["ttl"])
+		}
+	}
+
+	// No schedule will run for a tunnel that is gone: no ttl, or Agent
+	// would poll it every two seconds for ever.
+	env.sim.DeleteTunnel(env.account, env.tunnel.ID)
+	drain(t, env)
+	read := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	if read.Data["state"] != stateTunnelGone {
+		t.Fatalf("state %v, want %s", read.Data["state"], stateTunnelGone)
+	}
+	if ttl, ok := read.Data["ttl"]; ok {
+		t.Errorf("a gone tunnel has ttl %v", ttl)
+	}
+}
+
+// TestAScheduleErrorDoesNotRepeatTheValue: an error about rotation_schedule
+// says what is wrong but never echoes the value, which a slip of the
+// clipboard can make a key.
+func TestAScheduleErrorDoesNotRepeatTheValue(t *testing.T) {
+	env := newConfiguredEnv(t)
+	const pasted = "0 2 * * 6 Zq8vPSKlooksLikeThis"
+	calls := env.sim.TotalCalls()
+	for _, path := range []string{env.pskPath(), env.schedulePath()} {
+		resp, err := env.request(logical.UpdateOperation, path, map[string]any{"rotation_schedule": pasted})
+		if httpStatus(resp, err) != http.StatusBadRequest {
+			t.Fatalf("%s: status %d, want 400 (%s)", path, httpStatus(resp, err), errorText(resp, err))
+		}
+		if msg := errorText(resp, err); strings.Contains(msg, "Zq8v") || !strings.Contains(msg, "6 fields") {
+			t.Errorf("%s: %q", path, msg)
+		}
+	}
+	if env.sim.TotalCalls() != calls {
+		t.Error("a refused schedule reached Cloudflare")
 	}
 }

@@ -90,6 +90,18 @@ type pskRecord struct {
 	// again at NextRotation (see due.go and scheduler.go).
 	RotationPeriod time.Duration `json:"rotation_period"`
 	NextRotation   time.Time     `json:"next_rotation"`
+	// RotationSchedule, a standard cron expression, is the alternative to
+	// RotationPeriod (never both; schedule.go): NextRotation is its next
+	// time after each rotation. RotationWindow, with it, is how long after
+	// a scheduled time its rotation may still start; WindowEnds is the end
+	// of the window of the scheduled time NextRotation stands for (a failed
+	// rotation's retry moves NextRotation, not the window). ScheduleNote
+	// says why the last scheduled time passed without a rotation; the next
+	// stored rotation clears it.
+	RotationSchedule string        `json:"rotation_schedule,omitempty"`
+	RotationWindow   time.Duration `json:"rotation_window,omitempty"`
+	WindowEnds       time.Time     `json:"window_ends,omitzero"`
+	ScheduleNote     string        `json:"schedule_note,omitempty"`
 
 	// Facts is what Cloudflare says of the tunnel that a router's
 	// configuration needs beside the key (facts.go says where they come
@@ -124,7 +136,8 @@ func (r *pskRecord) clearFailures() {
 	r.Failures, r.LastFailure, r.RetryAt = 0, "", time.Time{}
 }
 
-// metadata is everything a read returns except the key itself.
+// metadata is the record's state as a response, without the key; a read
+// answers readData, which adds what depends on the time of the read.
 func (r *pskRecord) metadata() map[string]any {
 	return map[string]any{
 		"account_id":          r.AccountID,
@@ -153,6 +166,60 @@ func (r *pskRecord) metadata() map[string]any {
 		"custom_fqdn_id":              r.Facts.CustomFQDNID,
 		"ipsec_id":                    r.Facts.IPsecID,
 	}
+}
+
+// readData is what a read of psk/ or metadata/ returns beside the key at
+// now: metadata, and the fields by which Vault's own static credentials
+// (database and LDAP static roles) tell a client when they rotate.
+// last_vault_rotation is when Vault last stored a key. ttl, present only
+// while a schedule will rotate the tunnel, is the whole seconds until
+// next_rotation, rounded up and at least 1. Vault Agent (consul-template's
+// leaseCheckWait, dependency/vault_common.go) reads a response without a
+// lease whose data has a rotation_period key and an integer ttl again ttl+1
+// seconds later, instead of every static_secret_render_interval (5 minutes
+// by default); rounded up, that is one to two seconds after the rotation
+// falls due, which leaves the rotation (one Cloudflare call) a second to be
+// stored. Due or overdue, ttl is 1, so Agent looks again every two seconds
+// until the new key is there. rotation_period is always present, as an
+// integer, so Agent takes that path whatever the schedule.
+func (r *pskRecord) readData(now time.Time) map[string]any {
+	data := r.metadata()
+	data["last_vault_rotation"] = formatTime(r.StoredAt)
+	data["rotation_schedule"] = r.RotationSchedule
+	data["rotation_window"] = int(r.RotationWindow.Seconds())
+	data["schedule_note"] = r.ScheduleNote
+	if ttl, ok := r.ttl(now); ok {
+		data["ttl"] = ttl
+	}
+	return data
+}
+
+// ttl is the whole seconds from now until the next scheduled rotation,
+// rounded up and at least 1; false when no schedule will rotate the tunnel
+// (none set, or the tunnel is gone at Cloudflare, which the scheduler
+// leaves alone).
+func (r *pskRecord) ttl(now time.Time) (int, bool) {
+	if !r.scheduled() || r.NextRotation.IsZero() || r.State == stateTunnelGone {
+		return 0, false
+	}
+	left := r.NextRotation.Sub(now)
+	secs := int(left / time.Second)
+	if left%time.Second > 0 {
+		secs++
+	}
+	return max(secs, 1), true
+}
+
+// scheduled reports whether the record has a schedule: the scheduler
+// rotates the tunnel at NextRotation.
+func (r *pskRecord) scheduled() bool { return r.schedule().set() }
+
+// schedule is the record's schedule (none for nil).
+func (r *pskRecord) schedule() rotationSchedule {
+	if r == nil {
+		return rotationSchedule{}
+	}
+	return rotationSchedule{Period: r.RotationPeriod, Cron: r.RotationSchedule, Window: r.RotationWindow}
 }
 
 // tunnelRef names one tunnel by its normalised Cloudflare identifiers.

@@ -86,11 +86,11 @@ func (e *settlingError) Error() string {
 }
 
 // rotateOnWrite is an operator's write: it generates a new key for t and
-// stores it. period, when set, replaces the tunnel's rotation period. The
+// stores it. sched, when set, replaces the tunnel's schedule. The
 // tunnel's lock is held from before the Cloudflare call until the key is
 // stored, so concurrent rotations of one tunnel leave Vault with the key
 // Cloudflare generated last.
-func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnelRef, period *time.Duration) (*pskRecord, error) {
+func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnelRef, sched *rotationSchedule) (*pskRecord, error) {
 	client, cfg, err := b.cloudflareClient(ctx, s)
 	if err != nil {
 		return nil, err
@@ -112,14 +112,11 @@ func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnel
 			return nil, fmt.Errorf("learn the outcome of the last rotation of %s: %w", t, err)
 		}
 	}
-	next := time.Duration(0)
-	if rec != nil {
-		next = rec.RotationPeriod
+	next := rec.schedule()
+	if sched != nil {
+		next = *sched
 	}
-	if period != nil {
-		next = *period
-	}
-	rotated, err := b.rotateLocked(ctx, s, client, cfg, t, rec, next, "write")
+	rotated, err := b.generateLocked(ctx, s, client, cfg, t, rec, next, "write", false)
 	if err != nil {
 		if outcomeUnknown(err) {
 			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, stateRotationUnknown)
@@ -129,19 +126,26 @@ func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnel
 	return rotated, nil
 }
 
-// rotateLocked generates a new key for t and stores it, with period as the
-// tunnel's rotation period from now on (0: none). The caller holds t's lock
+// rotateLocked generates a new key for t and stores it. period is the
+// tunnel's rotation period from now on: its record's RotationPeriod keeps
+// the tunnel's schedule as it is (a rotation_schedule included), another
+// value replaces it with that period (0: none). The caller holds t's lock
 // and passes the tunnel's record as read under it (nil when none). trigger
 // says who asked (write, schedule, bulk, heal) for the rotation event.
 func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, previous *pskRecord, period time.Duration, trigger string) (*pskRecord, error) {
-	return b.generateLocked(ctx, s, client, cfg, t, previous, period, trigger, false)
+	sched := previous.schedule()
+	if period != sched.Period {
+		sched = rotationSchedule{Period: period}
+	}
+	return b.generateLocked(ctx, s, client, cfg, t, previous, sched, trigger, false)
 }
 
 // generateLocked is rotateLocked's protocol, for a rotation or, with
 // validateOnly, for a validate_only request (validate.go says why that runs
 // under the same protocol). A validation that generated nothing puts the
-// record back and returns nil.
-func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, previous *pskRecord, period time.Duration, trigger string, validateOnly bool) (*pskRecord, error) {
+// record back and returns nil. sched is the tunnel's schedule from now on.
+func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, previous *pskRecord, sched rotationSchedule, trigger string, validateOnly bool) (*pskRecord, error) {
+	period := sched.Period
 	what := "rotation"
 	if validateOnly {
 		what = "validate_only request (if the query string was dropped on the way, Cloudflare generates a key)"
@@ -229,8 +233,12 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 	if trigger == "heal" {
 		rec.LastHealedAt = rec.StoredAt
 	}
-	if period > 0 {
-		rec.NextRotation = rec.StoredAt.Add(period)
+	// The next rotation counts from this one: a period from now, a cron
+	// expression's next time (a rotation late in its window does not make
+	// the next one late).
+	rec.RotationSchedule, rec.RotationWindow = sched.Cron, sched.Window
+	if next, windowEnds := sched.next(rec.StoredAt); !next.IsZero() {
+		rec.NextRotation, rec.WindowEnds = next, windowEnds
 		// Scheduled before the record is stored: an entry without a due
 		// record is dropped by the scheduler, a due record without an
 		// entry would never rotate.
@@ -247,9 +255,14 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		return nil, err
 	}
 	if !pending.NextRotation.IsZero() && !pending.NextRotation.Equal(rec.NextRotation) {
-		if err := unscheduleRotation(ctx, s, t, pending.NextRotation); err != nil {
+		if err := unscheduleSuperseded(ctx, s, t, pending.NextRotation, rec.NextRotation); err != nil {
 			b.tunnelLogger(t).Warn("could not drop a superseded schedule entry", "error", err)
 		}
+	}
+	if !rec.NextRotation.IsZero() {
+		// The scheduler plans its sleep from the entries it last saw; this
+		// one may fall due before the time it woke for.
+		b.pokeScheduler()
 	}
 	// Events are best effort and go to Vault over a round trip of their
 	// own, so they do not hold up the answer.

@@ -27,6 +27,14 @@ const (
 	// after a storage failure, so it is paced: a lost entry is back within
 	// repairEvery plus the walk's own passes.
 	repairEvery = 10 * time.Minute
+	// maxSleep bounds a pass's sleep, however far the next known rotation
+	// is: entries are also written behind the loop's back (the repair walk,
+	// a record replicated from another node), and those must not wait for a
+	// rotation due next month.
+	maxSleep = time.Minute
+	// minSleep keeps the loop from spinning on a rotation due a moment
+	// from now.
+	minSleep = 10 * time.Millisecond
 )
 
 // scheduler works off one mount's due rotations.
@@ -118,6 +126,8 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 		return 10 * time.Second
 	}
 	finished := 0
+	// wake is the earliest time something loaded or listed falls due.
+	wake := next
 	for _, item := range items {
 		if wait := sc.awaitBudget(ctx); wait > 0 {
 			return wait
@@ -128,6 +138,9 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 		outcome := sc.rotateDue(ctx, item)
 		if outcome.postpone > 0 {
 			return outcome.postpone
+		}
+		if !outcome.notBefore.IsZero() && (wake.IsZero() || outcome.notBefore.Before(wake)) {
+			wake = outcome.notBefore
 		}
 		if !outcome.finished {
 			continue
@@ -143,16 +156,26 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 	}
 	if len(items) == dueBatch {
 		if finished == 0 {
-			// A whole batch kept (settling records, say): the next load
-			// would be the same batch, so wait instead of spinning.
-			return 10 * time.Second
+			// A whole batch kept (settling records, or not due until
+			// later this minute): the next load would be the same batch,
+			// so wait instead of spinning.
+			return sc.sleepUntil(wake, 10*time.Second)
 		}
 		return 0
 	}
-	if next.IsZero() {
-		return time.Minute
+	return sc.sleepUntil(wake, maxSleep)
+}
+
+// sleepUntil is how long the loop sleeps to wake at wake (zero: nothing
+// known), at most limit and at most maxSleep. The loop's timer never fires
+// early, and the record decides anyway, so waking at the due time to the
+// millisecond rotates on time and never before.
+func (sc *scheduler) sleepUntil(wake time.Time, limit time.Duration) time.Duration {
+	limit = min(limit, maxSleep)
+	if wake.IsZero() {
+		return limit
 	}
-	return max(next.Sub(b.now())+time.Second, time.Second)
+	return min(max(wake.Sub(sc.b.now()), minSleep), limit)
 }
 
 // repairSchedule puts back the schedule entries that storage failed to
@@ -198,16 +221,18 @@ func (sc *scheduler) repairSchedule(ctx context.Context) {
 // the entry is missing.
 func (sc *scheduler) repairEntry(ctx context.Context, t tunnelRef) error {
 	rec, err := readPSKRecord(ctx, sc.storage, t)
-	if err != nil || rec == nil || rec.RotationPeriod <= 0 || rec.NextRotation.IsZero() || rec.State == stateTunnelGone {
+	if err != nil || rec == nil || !rec.scheduled() || rec.NextRotation.IsZero() || rec.State == stateTunnelGone {
 		return err
 	}
-	key := dueKey(dueMinute(rec.NextRotation, true), t)
-	entry, err := sc.storage.Get(ctx, key)
-	if err != nil {
-		return fmt.Errorf("read schedule entry %s: %w", key, err)
-	}
-	if entry != nil {
-		return nil
+	// An entry an older version wrote, a minute later, is still honoured.
+	for _, key := range scheduleKeys(rec.NextRotation, t) {
+		entry, err := sc.storage.Get(ctx, key)
+		if err != nil {
+			return fmt.Errorf("read schedule entry %s: %w", key, err)
+		}
+		if entry != nil {
+			return nil
+		}
 	}
 	if err := scheduleRotation(ctx, sc.storage, t, rec.NextRotation, false); err != nil {
 		return err
@@ -252,6 +277,9 @@ type dueOutcome struct {
 	// postpone, when set, ends the pass and keeps the entry: Cloudflare or
 	// the budget said "not now".
 	postpone time.Duration
+	// notBefore, when set, keeps the entry: the rotation falls due later
+	// in the entry's minute, and the pass wakes then.
+	notBefore time.Time
 }
 
 var (
@@ -293,11 +321,18 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item dueItem) dueOutco
 		log.Warn("scheduler could not read a record", "error", err)
 		return dueKept
 	}
-	if rec == nil || rec.RotationPeriod <= 0 || rec.NextRotation.IsZero() || dueMinute(rec.NextRotation, true) != item.minute ||
-		rec.State == stateTunnelGone {
+	if rec == nil || !rec.scheduled() || !entryMatches(rec.NextRotation, item.minute) || rec.State == stateTunnelGone {
 		// Forgotten, rescheduled since, or gone at Cloudflare (a write
 		// brings it back, with a schedule of its own): the entry is stale.
 		return dueFinished
+	}
+	now := b.now()
+	if now.Before(rec.NextRotation) {
+		// Entries are loaded by the minute; the record says the second.
+		return dueOutcome{notBefore: rec.NextRotation}
+	}
+	if !rec.WindowEnds.IsZero() && now.After(rec.WindowEnds) {
+		return sc.missedWindow(ctx, t, rec, now)
 	}
 	if rec.settling(b.now()) {
 		// The last rotation's outcome is unknown and Cloudflare may still
@@ -337,6 +372,48 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item dueItem) dueOutco
 		return dueKept
 	}
 	return dueFinished
+}
+
+// missedWindow moves a scheduled rotation that could not start within its
+// rotation_window (the budget was spent, the last rotation was settling or
+// kept failing, Vault was down) to the schedule's next time, and says so in
+// the record (schedule_note): a rotation outside the maintenance window it
+// was planned for would take the tunnel down when nobody expects it. Nothing
+// is sent to Cloudflare. The caller holds t's lock.
+func (sc *scheduler) missedWindow(ctx context.Context, t tunnelRef, rec *pskRecord, now time.Time) dueOutcome {
+	b, s := sc.b, sc.storage
+	log := b.tunnelLogger(t)
+	sched := rec.schedule()
+	scheduledFor := rec.WindowEnds.Add(-sched.Window)
+	why := "the scheduler could not start it in time (the budget was spent, the last rotation was still settling, or Vault was down)"
+	if rec.Failures > 0 {
+		why = fmt.Sprintf("%d attempt(s) failed, the last: %s", rec.Failures, rec.LastFailure)
+	}
+	moved := *rec
+	moved.NextRotation, moved.WindowEnds = sched.next(now)
+	next := "none: the schedule has no later time"
+	if !moved.NextRotation.IsZero() {
+		next = formatTime(moved.NextRotation)
+	}
+	moved.ScheduleNote = fmt.Sprintf("the rotation scheduled for %s could not start within rotation_window (%s) of it: %s; it waits for the next scheduled time, %s",
+		formatTime(scheduledFor), sched.Window, why, next)
+	// The entry first, as everywhere: a record pointing at a minute with
+	// no entry would never rotate.
+	if !moved.NextRotation.IsZero() {
+		if err := scheduleRotation(ctx, s, t, moved.NextRotation, false); err != nil {
+			log.Warn("could not move a rotation that missed its window; its schedule entry is kept", "error", err)
+			return dueKept
+		}
+	}
+	if err := writePSKRecord(ctx, s, t, &moved); err != nil {
+		log.Warn("could not move a rotation that missed its window; its schedule entry is kept", "error", err)
+		return dueKept
+	}
+	log.Warn("scheduled rotation missed its window; waiting for the next scheduled time",
+		"scheduled_for", formatTime(scheduledFor), "next_rotation", formatTime(moved.NextRotation))
+	// Finished, and the pass wakes for the next time, which may be within
+	// the minute.
+	return dueOutcome{finished: true, notBefore: moved.NextRotation}
 }
 
 // rotateBulk works a bulk job's rotation of one tunnel. The job counts each
@@ -483,7 +560,7 @@ func (b *backend) retryScheduledLater(ctx context.Context, s logical.Storage, t 
 	if err != nil {
 		return err
 	}
-	if rec == nil || rec.RotationPeriod == 0 {
+	if rec == nil || !rec.scheduled() {
 		return nil
 	}
 	rec.noteFailure(b.now(), cause)

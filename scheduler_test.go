@@ -116,7 +116,7 @@ func record(t *testing.T, env *testEnv, tunnel string) *pskRecord {
 // is stored.
 func scheduledEntry(t *testing.T, env *testEnv, rec *pskRecord) bool {
 	t.Helper()
-	entry, err := env.storage.Get(context.Background(), dueKey(dueMinute(rec.NextRotation, true), tunnelRef{rec.AccountID, rec.TunnelID}))
+	entry, err := env.storage.Get(context.Background(), dueKey(dueMinute(rec.NextRotation, false), tunnelRef{rec.AccountID, rec.TunnelID}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +187,9 @@ func TestLostScheduleEntryIsRepaired(t *testing.T) {
 		t.Fatalf("the repair rotated: version %d", v)
 	}
 
-	// Lost again later: a later walk finds it.
+	// Lost again later (in another minute: two times in one minute share
+	// an entry): a later walk finds it.
+	env.clock.Advance(2 * time.Minute)
 	rec = loseEntry("later")
 	env.clock.Advance(20 * time.Minute)
 	drain(t, env)
@@ -205,8 +207,8 @@ func TestLostScheduleEntryIsRepaired(t *testing.T) {
 }
 
 // TestFailingScheduledRotationBacksOff: a tunnel whose scheduled rotation
-// keeps failing is tried again after 1m, 2m, 4m, 8m (each rounded up to the
-// schedule's minute), not every minute for ever; metadata says how often
+// keeps failing is tried again after 1m, 2m, 4m, 8m (to the second), not
+// every minute for ever; metadata says how often
 // and why it failed, and a success clears that.
 func TestFailingScheduledRotationBacksOff(t *testing.T) {
 	env := newConfiguredEnv(t)
@@ -238,10 +240,10 @@ func TestFailingScheduledRotationBacksOff(t *testing.T) {
 	if len(attempts) < failures+1 {
 		t.Fatalf("attempts at %v: want %d", attempts, failures+1)
 	}
-	// Each retry waits its backoff, rounded up to the minute (plus a step).
+	// Each retry waits its backoff (plus at most a step of the test's clock).
 	for i, backoff := range []time.Duration{time.Minute, 2 * time.Minute, 4 * time.Minute, 8 * time.Minute} {
 		gap := attempts[i+1] - attempts[i]
-		if gap < backoff || gap > backoff+time.Minute+step {
+		if gap < backoff || gap > backoff+step {
 			t.Errorf("retry %d came %s after the failure before it, want %s (attempts at %v)", i+1, gap, backoff, attempts)
 		}
 	}
@@ -683,5 +685,274 @@ func TestTheSchedulerSlowsDownWhenAnotherClientSpendsTheQuota(t *testing.T) {
 	}
 	if took := time.Since(start); took < window/2 {
 		t.Errorf("the bulk run took %s; with the quota spent it had to wait for the window", took)
+	}
+}
+
+// atSecondOfMinute moves the test clock forward to the next time whose
+// second within the minute is sec, so that a test's due times do not fall on
+// a minute boundary by chance.
+func atSecondOfMinute(env *testEnv, sec int) {
+	now := env.clock.Now()
+	target := now.Truncate(time.Minute).Add(time.Minute + time.Duration(sec)*time.Second)
+	env.clock.Advance(target.Sub(now))
+}
+
+// TestScheduledRotationHappensAtNextRotationToTheSecond: a tunnel is rotated
+// at its next_rotation, not at the next minute boundary after it, so that the
+// ttl a read returns tells the truth; and never before it.
+func TestScheduledRotationHappensAtNextRotationToTheSecond(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage)
+	atSecondOfMinute(env, 20)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
+	next := record(t, env, env.tunnel.ID).NextRotation
+
+	env.b.schedulerMu.Lock()
+	sc := env.b.scheduler
+	env.b.schedulerMu.Unlock()
+	// A pass never sleeps past the due time: at most until the minute it
+	// falls in, and there, until the second.
+	if wait, until := sc.pass(context.Background()), next.Sub(env.clock.Now()); wait > until {
+		t.Errorf("the pass sleeps %s; the rotation is due in %s", wait, until)
+	}
+	env.clock.Advance(next.Sub(env.clock.Now()) - 500*time.Millisecond)
+	if wait := sc.pass(context.Background()); wait > 500*time.Millisecond || wait < 400*time.Millisecond {
+		t.Errorf("half a second before the rotation is due, the pass sleeps %s", wait)
+	}
+	if v := storedVersion(t, env, env.pskPath()); v != 1 {
+		t.Fatalf("rotated half a second early: version %d", v)
+	}
+	env.clock.Advance(700 * time.Millisecond)
+	drain(t, env)
+	rec := record(t, env, env.tunnel.ID)
+	if rec.Version != 2 {
+		t.Fatalf("not rotated 0.2s after next_rotation: version %d", rec.Version)
+	}
+	if rec.StoredAt.Before(next) || rec.StoredAt.After(next.Add(time.Second)) {
+		t.Errorf("rotated at %s, due at %s", formatTime(rec.StoredAt), formatTime(next))
+	}
+}
+
+// TestTheRunningSchedulerWakesAtNextRotation: the scheduler's own loop, not
+// a test's pass, rotates within a second after next_rotation.
+func TestTheRunningSchedulerWakesAtNextRotation(t *testing.T) {
+	env := newConfiguredEnv(t)
+	atSecondOfMinute(env, 20)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
+	next := record(t, env, env.tunnel.ID).NextRotation
+	// Two seconds before it is due; the poke makes the loop plan afresh
+	// with the clock moved (its timer runs on real time).
+	env.clock.Advance(next.Sub(env.clock.Now()) - 2*time.Second)
+	env.b.pokeScheduler()
+	deadline := time.Now().Add(10 * time.Second)
+	for record(t, env, env.tunnel.ID).Version < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("not rotated 8s after next_rotation (%s)", formatTime(next))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	rec := record(t, env, env.tunnel.ID)
+	if late := rec.StoredAt.Sub(next); late < 0 || late > time.Second {
+		t.Errorf("rotated %s after next_rotation, want within [0, 1s)", late)
+	}
+}
+
+// TestAPassNeverSleepsPastAMinute: the loop plans from the entries it saw,
+// but entries are also written behind its back (the repair walk, a record
+// replicated from elsewhere): however far the next known rotation is, a pass
+// looks again within a minute.
+func TestAPassNeverSleepsPastAMinute(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "720h"}))
+	env.b.schedulerMu.Lock()
+	sc := env.b.scheduler
+	env.b.schedulerMu.Unlock()
+	sc.pass(context.Background()) // the first pass starts the repair walk
+	if wait := sc.pass(context.Background()); wait > time.Minute {
+		t.Errorf("with the next rotation in 30 days the pass sleeps %s", wait)
+	}
+}
+
+// TestARescheduleInTheSameMinuteKeepsItsEntry: two writes 20 seconds apart
+// put the tunnel's next rotation twice in one minute, so the old and new
+// times share a schedule entry; dropping the superseded one must not drop
+// the new one, or the tunnel would not rotate until the repair walk.
+func TestARescheduleInTheSameMinuteKeepsItsEntry(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage)
+	atSecondOfMinute(env, 5)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
+	env.clock.Advance(20 * time.Second)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	if rec := record(t, env, env.tunnel.ID); !scheduledEntry(t, env, rec) {
+		t.Fatal("the second write's schedule entry is gone")
+	}
+}
+
+// TestAnEntryOfAnOlderVersionIsHonoured: versions before exact scheduling
+// keyed an entry by its minute rounded up. After an upgrade such an entry is
+// neither dropped as stale nor duplicated by the repair walk, and its
+// rotation happens, at most a minute late, never early.
+func TestAnEntryOfAnOlderVersionIsHonoured(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage)
+	atSecondOfMinute(env, 20)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	ctx, tun := context.Background(), tunnelRef{env.account, env.tunnel.ID}
+	rec := record(t, env, env.tunnel.ID)
+	// As an older version left it: the entry a minute later.
+	if err := env.storage.Delete(ctx, dueKey(dueMinute(rec.NextRotation, false), tun)); err != nil {
+		t.Fatal(err)
+	}
+	legacy := dueKey(dueMinute(rec.NextRotation, true), tun)
+	if err := env.storage.Put(ctx, &logical.StorageEntry{Key: legacy, Value: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	drain(t, env) // the repair walk
+	if scheduledEntry(t, env, rec) {
+		t.Error("the repair walk added an entry beside the older version's")
+	}
+	env.clock.Advance(rec.NextRotation.Sub(env.clock.Now()) - time.Second)
+	drain(t, env)
+	if v := storedVersion(t, env, env.pskPath()); v != 1 {
+		t.Fatalf("rotated early: version %d", v)
+	}
+	env.clock.Advance(41 * time.Second) // past the minute boundary
+	drain(t, env)
+	if v := storedVersion(t, env, env.pskPath()); v != 2 {
+		t.Fatalf("the older version's entry was not worked: version %d", v)
+	}
+	if entry, _ := env.storage.Get(ctx, legacy); entry != nil {
+		t.Error("the older version's entry is still there")
+	}
+}
+
+// nextDaily is the first time after after at hh:mm UTC.
+func nextDaily(after time.Time, hh, mm int) time.Time {
+	after = after.UTC()
+	at := time.Date(after.Year(), after.Month(), after.Day(), hh, mm, 0, 0, time.UTC)
+	if !at.After(after) {
+		at = at.Add(24 * time.Hour)
+	}
+	return at
+}
+
+// TestRotationScheduleRotatesAtItsTimes: a cron expression instead of a
+// period. The write rotates and sets the schedule; the scheduler rotates at
+// each of its times, to the second, never before; reads say so.
+func TestRotationScheduleRotatesAtItsTimes(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage)
+	write := env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": "30 2 * * *"}))
+	want := nextDaily(env.clock.Now(), 2, 30)
+	if write.Data["rotation_schedule"] != "30 2 * * *" || write.Data["rotation_period"] != 0 || write.Data["next_rotation"] != formatTime(want) {
+		t.Fatalf("write answer: schedule %v, period %v, next %v (want %s)", write.Data["rotation_schedule"],
+			write.Data["rotation_period"], write.Data["next_rotation"], formatTime(want))
+	}
+	if ttl := write.Data["ttl"].(int); ttl < int(want.Sub(env.clock.Now()).Seconds()) || ttl > int(want.Sub(env.clock.Now()).Seconds())+1 {
+		t.Errorf("ttl %d, next rotation in %s", ttl, want.Sub(env.clock.Now()))
+	}
+
+	for version := 2; version <= 3; version++ {
+		env.clock.Advance(want.Sub(env.clock.Now()) - time.Second)
+		drain(t, env)
+		if v := storedVersion(t, env, env.pskPath()); v != version-1 {
+			t.Fatalf("rotated a second before %s: version %d", formatTime(want), v)
+		}
+		env.clock.Advance(1200 * time.Millisecond)
+		drain(t, env)
+		rec := record(t, env, env.tunnel.ID)
+		if rec.Version != version || rec.StoredAt.Before(want) || rec.StoredAt.After(want.Add(time.Second)) {
+			t.Fatalf("due at %s: version %d stored at %s", formatTime(want), rec.Version, formatTime(rec.StoredAt))
+		}
+		want = want.Add(24 * time.Hour)
+		if !rec.NextRotation.Equal(want) || rec.RotationSchedule != "30 2 * * *" {
+			t.Fatalf("after the rotation: next %s (want %s), schedule %q", formatTime(rec.NextRotation), formatTime(want), rec.RotationSchedule)
+		}
+	}
+	assertCurrent(t, env, "after scheduled rotations")
+
+	// A write without schedule fields keeps it; rotation_period replaces it.
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	if rec := record(t, env, env.tunnel.ID); rec.RotationSchedule != "30 2 * * *" || !rec.NextRotation.Equal(nextDaily(rec.StoredAt, 2, 30)) {
+		t.Errorf("a plain write: schedule %q, next %s", rec.RotationSchedule, formatTime(rec.NextRotation))
+	}
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "24h"}))
+	if rec := record(t, env, env.tunnel.ID); rec.RotationSchedule != "" || rec.RotationPeriod != 24*time.Hour {
+		t.Errorf("rotation_period after a schedule: schedule %q, period %s", rec.RotationSchedule, rec.RotationPeriod)
+	}
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": ""}))
+	if rec := record(t, env, env.tunnel.ID); rec.scheduled() || !rec.NextRotation.IsZero() {
+		t.Errorf("rotation_schedule=\"\": %+v", rec.schedule())
+	}
+	if keys, _ := env.storage.List(context.Background(), duePrefix); len(keys) != 0 {
+		t.Errorf("schedule entries left after turning the schedule off: %v", keys)
+	}
+}
+
+// TestAMissedRotationWindowWaitsForTheNextTime: a rotation that cannot start
+// within rotation_window of its scheduled time (Vault was down here) is not
+// done late, outside the maintenance window, when nobody expects the tunnel
+// to go down: no call, the next scheduled time instead, and metadata says
+// so until the next rotation. Within the window, late is fine.
+func TestAMissedRotationWindowWaitsForTheNextTime(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": "0 2 * * 6", "rotation_window": "1h"}))
+	first := record(t, env, env.tunnel.ID).NextRotation
+	if first.Weekday() != time.Saturday || first.Hour() != 2 || first.Minute() != 0 {
+		t.Fatalf("next rotation %s, want a Saturday at 02:00 UTC", formatTime(first))
+	}
+	if meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)); meta.Data["rotation_window"] != 3600 {
+		t.Errorf("rotation_window %v, want 3600", meta.Data["rotation_window"])
+	}
+
+	calls := env.sim.TotalCalls()
+	env.clock.Advance(first.Add(time.Hour + time.Minute).Sub(env.clock.Now()))
+	drain(t, env)
+	if n := env.sim.TotalCalls() - calls; n != 0 {
+		t.Fatalf("a rotation past its window made %d Cloudflare calls", n)
+	}
+	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	second := first.Add(7 * 24 * time.Hour)
+	if meta.Data["version"] != 1 || meta.Data["next_rotation"] != formatTime(second) {
+		t.Fatalf("after the missed window: version %v, next %v (want %s)", meta.Data["version"], meta.Data["next_rotation"], formatTime(second))
+	}
+	note, _ := meta.Data["schedule_note"].(string)
+	if !strings.Contains(note, formatTime(first)) || !strings.Contains(note, "rotation_window") || !strings.Contains(note, formatTime(second)) {
+		t.Errorf("schedule_note %q does not say which time was missed, why and what next", note)
+	}
+	if !scheduledEntry(t, env, record(t, env, env.tunnel.ID)) {
+		t.Fatal("no schedule entry for the next time")
+	}
+
+	// Late within the window: rotated.
+	env.clock.Advance(second.Add(59 * time.Minute).Sub(env.clock.Now()))
+	drain(t, env)
+	meta = env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	if meta.Data["version"] != 2 || meta.Data["schedule_note"] != "" || meta.Data["next_rotation"] != formatTime(second.Add(7*24*time.Hour)) {
+		t.Errorf("late within the window: version %v, note %q, next %v", meta.Data["version"], meta.Data["schedule_note"], meta.Data["next_rotation"])
+	}
+}
+
+// TestTheRunningSchedulerWakesForACronTime: the scheduler's own loop, asleep
+// on an earlier plan, rotates at a cron time two seconds after the write
+// that set it: the write wakes it to plan again.
+func TestTheRunningSchedulerWakesForACronTime(t *testing.T) {
+	env := newConfiguredEnv(t)
+	atSecondOfMinute(env, 58)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": "* * * * *"}))
+	next := record(t, env, env.tunnel.ID).NextRotation
+	deadline := time.Now().Add(10 * time.Second)
+	for record(t, env, env.tunnel.ID).Version < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("not rotated 8s after next_rotation (%s)", formatTime(next))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	rec := record(t, env, env.tunnel.ID)
+	if late := rec.StoredAt.Sub(next); late < 0 || late > time.Second {
+		t.Errorf("rotated %s after next_rotation, want within [0, 1s)", late)
 	}
 }

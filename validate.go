@@ -25,7 +25,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -61,11 +60,7 @@ func (b *backend) validateOnWrite(ctx context.Context, s logical.Storage, t tunn
 			return nil, fmt.Errorf("learn the outcome of the last rotation of %s before validating: %w", t, err)
 		}
 	}
-	period := time.Duration(0)
-	if rec != nil {
-		period = rec.RotationPeriod
-	}
-	stored, err := b.generateLocked(ctx, s, client, cfg, t, rec, period, "validate_only", true)
+	stored, err := b.generateLocked(ctx, s, client, cfg, t, rec, rec.schedule(), "validate_only", true)
 	if err != nil {
 		if outcomeUnknown(err) {
 			err = fmt.Errorf("%w; the outcome is unknown (a dropped query string would have made it a generation), "+

@@ -4,6 +4,14 @@ path "cloudflare-ipsec/psk/*" {
   capabilities = ["create", "update"]
 }
 
+# Operators may reschedule without rotating: psk/<account>/<tunnel>/schedule
+# moves a tunnel's next rotation (rotation_period, or rotation_schedule with
+# rotation_window) and never calls Cloudflare. Read shows the schedule, never
+# a key. A team that may reschedule but not rotate gets only this block.
+path "cloudflare-ipsec/psk/+/+/schedule" {
+  capabilities = ["create", "read", "update"]
+}
+
 path "cloudflare-ipsec/metadata/*" {
   capabilities = ["read", "list"]
 }
