@@ -42,7 +42,7 @@ test-e2e:
 release:
 	scripts/release.sh $(VERSION)
 
-## bench: the four figures of docs/benchmarks.md (a few minutes; no -race)
+## bench: the five figures of docs/benchmarks.md (about ten minutes; no -race)
 bench:
 	bin=$$(scripts/vault-bin.sh) && VAULT_BIN=$$bin go test -run '^$$' -bench . -benchtime 1x -count 1 -timeout 30m . ./e2e/
 
