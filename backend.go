@@ -241,14 +241,7 @@ func (b *backend) newCloudflareClient(ctx context.Context, s logical.Storage, cf
 	if err := b.loadBlock(ctx, s); err != nil {
 		return nil, err
 	}
-	return cloudflare.New(cloudflare.Config{
-		APIToken:       cfg.APIToken,
-		BaseURL:        cfg.BaseURL,
-		RequestTimeout: cfg.RequestTimeout,
-		UserAgent:      "vault-plugin-secrets-cloudflare-ipsec/" + version,
-		Now:            b.now,
-		Budget:         b.budget,
-	})
+	return b.clientWithBudget(cfg, b.budget)
 }
 
 // verifyingClient builds a client from cfg whose calls count on a budget of
@@ -258,6 +251,10 @@ func (b *backend) newCloudflareClient(ctx context.Context, s logical.Storage, cf
 func (b *backend) verifyingClient(cfg *configRecord) (*cloudflare.Client, error) {
 	budget := cloudflare.NewBudget(0, 0, b.now)
 	budget.RestoreBlock(b.budget.BlockedUntil())
+	return b.clientWithBudget(cfg, budget)
+}
+
+func (b *backend) clientWithBudget(cfg *configRecord, budget *cloudflare.Budget) (*cloudflare.Client, error) {
 	return cloudflare.New(cloudflare.Config{
 		APIToken:       cfg.APIToken,
 		BaseURL:        cfg.BaseURL,

@@ -91,27 +91,11 @@ func (e *settlingError) Error() string {
 // stored, so concurrent rotations of one tunnel leave Vault with the key
 // Cloudflare generated last.
 func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnelRef, sched *rotationSchedule) (*pskRecord, error) {
-	client, cfg, err := b.cloudflareClient(ctx, s)
+	client, cfg, rec, unlock, err := b.beginWrite(ctx, s, t)
 	if err != nil {
 		return nil, err
 	}
-	lock := b.tunnelLock(t)
-	lock.Lock()
-	defer lock.Unlock()
-
-	rec, err := readPSKRecord(ctx, s, t)
-	if err != nil {
-		return nil, err
-	}
-	if rec != nil && !rec.current() {
-		// A psk_generate after an unknown outcome is sent only once
-		// Cloudflare has told what became of the last one: this write is the
-		// operator's, so it does not heal (it rotates anyway), but it must
-		// not act on a guess.
-		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err != nil {
-			return nil, fmt.Errorf("learn the outcome of the last rotation of %s: %w", t, err)
-		}
-	}
+	defer unlock()
 	next := rec.schedule()
 	if sched != nil {
 		next = *sched
@@ -342,6 +326,31 @@ func (b *backend) storeGenerated(ctx context.Context, s logical.Storage, t tunne
 	return fmt.Errorf("cloudflare generated and activated a new psk for %s, but Vault could not store it (%w); "+
 		"the tunnel is marked rotation_unknown, and once Cloudflare can no longer act on this rotation (settle_until in metadata) "+
 		"the next write, read or background reconciliation generates and stores a new key", t, err)
+}
+
+// beginWrite starts an operator's write of t (a rotation, or a
+// validate_only request, which may turn into one): it takes t's lock, which
+// the caller releases with unlock, and reads the tunnel's record. A
+// psk_generate after an unknown outcome is sent only once Cloudflare has told
+// what became of the last one: the write is the operator's, so it does not
+// heal (it generates anyway), but it must not act on a guess; while the last
+// rotation may still land, this is a 409 (settlingError).
+func (b *backend) beginWrite(ctx context.Context, s logical.Storage, t tunnelRef) (client *cloudflare.Client, cfg *configRecord, rec *pskRecord, unlock func(), err error) {
+	if client, cfg, err = b.cloudflareClient(ctx, s); err != nil {
+		return nil, nil, nil, nil, err
+	}
+	lock := b.tunnelLock(t)
+	lock.Lock()
+	if rec, err = readPSKRecord(ctx, s, t); err == nil && rec != nil && !rec.current() {
+		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err != nil {
+			err = fmt.Errorf("learn the outcome of the last rotation of %s: %w", t, err)
+		}
+	}
+	if err != nil {
+		lock.Unlock()
+		return nil, nil, nil, nil, err
+	}
+	return client, cfg, rec, lock.Unlock, nil
 }
 
 // notAttemptedError is a failure before anything was written or a key asked

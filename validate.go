@@ -39,27 +39,14 @@ const generatedAnywayWarning = "Cloudflare generated a key although validate_onl
 // stored when Cloudflare's answer carried a key (see above), nil when it only
 // validated.
 func (b *backend) validateOnWrite(ctx context.Context, s logical.Storage, t tunnelRef) (*pskRecord, error) {
-	client, cfg, err := b.cloudflareClient(ctx, s)
+	// As before a rotation (beginWrite): while the last one still settles,
+	// a validation that turned into a generation could be overtaken by the
+	// abandoned request, so it is refused (409).
+	client, cfg, rec, unlock, err := b.beginWrite(ctx, s, t)
 	if err != nil {
 		return nil, err
 	}
-	lock := b.tunnelLock(t)
-	lock.Lock()
-	defer lock.Unlock()
-
-	rec, err := readPSKRecord(ctx, s, t)
-	if err != nil {
-		return nil, err
-	}
-	if rec != nil && !rec.current() {
-		// As before a rotation: learn what became of the last one first,
-		// without healing (this is a validation); while it still settles,
-		// a validation that turned into a generation could be overtaken
-		// by the abandoned request, so it is refused (409).
-		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err != nil {
-			return nil, fmt.Errorf("learn the outcome of the last rotation of %s before validating: %w", t, err)
-		}
-	}
+	defer unlock()
 	stored, err := b.generateLocked(ctx, s, client, cfg, t, rec, rec.schedule(), "validate_only", true)
 	if err != nil {
 		if outcomeUnknown(err) {
