@@ -367,7 +367,11 @@ func TestBadFieldsAreRefusedBeforeCloudflare(t *testing.T) {
 		{"psk: rotation_schedule not cron", env.pskPath(), map[string]any{"rotation_schedule": "saturdays at two"}, "rotation_schedule must be a standard cron expression of five fields"},
 		{"psk: rotation_schedule with six fields", env.pskPath(), map[string]any{"rotation_schedule": "0 0 2 * * 6"}, "rotation_schedule must be a standard cron expression of five fields"},
 		{"psk: rotation_schedule out of range", env.pskPath(), map[string]any{"rotation_schedule": "0 25 * * *"}, "rotation_schedule must be a standard cron expression of five fields"},
-		{"psk: rotation_schedule in an unknown zone", env.pskPath(), map[string]any{"rotation_schedule": "CRON_TZ=Mars/Olympus 0 2 * * 6"}, "rotation_schedule must be a standard cron expression of five fields"},
+		{"psk: rotation_schedule in a zone", env.pskPath(), map[string]any{"rotation_schedule": "CRON_TZ=Mars/Olympus 0 2 * * 6"}, "rotation_schedule is in UTC and takes no time zone"},
+		// The cron parser panics on a zone with no fields after it: a
+		// reviewer's sequence that took the plugin process down.
+		{"psk: rotation_schedule only a zone", env.pskPath(), map[string]any{"rotation_schedule": "CRON_TZ=UTC"}, "rotation_schedule is in UTC and takes no time zone"},
+		{"psk: rotation_schedule only a TZ", env.pskPath(), map[string]any{"rotation_schedule": "TZ=UTC"}, "rotation_schedule is in UTC and takes no time zone"},
 		{"psk: rotation_schedule every 30s", env.pskPath(), map[string]any{"rotation_schedule": "@every 30s"}, "rotation_schedule must not fall due more often than every 1m0s"},
 		{"psk: rotation_schedule never due", env.pskPath(), map[string]any{"rotation_schedule": "0 0 30 2 *"}, "rotation_schedule never falls due"},
 		{"psk: rotation_window without rotation_schedule", env.pskPath(), map[string]any{"rotation_window": "1h"}, "rotation_window is only taken with a rotation_schedule"},

@@ -223,3 +223,32 @@ func TestRecordsWithoutFactsGetThemFromTheSweep(t *testing.T) {
 		t.Errorf("the first rotation kept ipsec_id %q, want %q", ipsecID, tun.IPsecID)
 	}
 }
+
+// TestARecordWithoutFactsGetsThemOnItsNextRotation: a record stored before
+// router facts existed (or whose first read did not give them) gets them
+// on its next rotation, with one read of the tunnel, instead of never (a
+// reviewer's sequence: with the drift sweep off, such a record kept empty
+// addresses for ever, and the IOS-XE template could not render).
+func TestARecordWithoutFactsGetsThemOnItsNextRotation(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": 0}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	rec := record(t, env, env.tunnel.ID)
+	rec.Facts = tunnelFacts{}
+	if err := writePSKRecord(context.Background(), env.storage, tunnelRef{env.account, env.tunnel.ID}, rec); err != nil {
+		t.Fatal(err)
+	}
+	gets := env.sim.Calls(cloudflaresim.OpTunnelGet)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	if got := record(t, env, env.tunnel.ID).Facts; got.CloudflareEndpoint == "" || got.InterfaceAddress == "" {
+		t.Fatalf("after a rotation the record still has no router facts: %+v", got)
+	}
+	if n := env.sim.Calls(cloudflaresim.OpTunnelGet) - gets; n != 1 {
+		t.Errorf("the rotation read the tunnel %d times, want 1", n)
+	}
+	gets = env.sim.Calls(cloudflaresim.OpTunnelGet)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	if n := env.sim.Calls(cloudflaresim.OpTunnelGet) - gets; n != 0 {
+		t.Errorf("a rotation of a record with facts read the tunnel %d times, want 0 (steady state)", n)
+	}
+}

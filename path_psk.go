@@ -127,7 +127,7 @@ var scheduleFields = map[string]*framework.FieldSchema{
 	"rotation_schedule": {
 		Type: framework.TypeString,
 		Description: "Rotate this tunnel at the times of a standard 5-field cron expression (minute hour day-of-month month day-of-week, " +
-			"UTC unless it starts with CRON_TZ=<zone>), e.g. \"0 2 * * 6\"; \"\" turns scheduled rotation off; omitted keeps the current schedule. Not with rotation_period.",
+			"in UTC, no time zone), e.g. \"0 2 * * 6\"; \"\" turns scheduled rotation off; omitted keeps the current schedule. Not with rotation_period.",
 	},
 	"rotation_window": {
 		Type: framework.TypeDurationSecond,
@@ -379,8 +379,8 @@ write (create/update): asks Cloudflare to generate a new PSK for the tunnel
   rotation_period: rotate the tunnel again every period (at least 1m; 0 turns
   scheduled rotation off);
   rotation_schedule: rotate it at the times of a standard 5-field cron
-  expression (minute hour day-of-month month day-of-week; UTC unless it
-  starts with CRON_TZ=<zone>), such as "0 2 * * 6" for Saturdays at 02:00;
+  expression (minute hour day-of-month month day-of-week, in UTC; it takes
+  no time zone), such as "0 2 * * 6" for Saturdays at 02:00 UTC;
   "" turns scheduled rotation off; with
   rotation_window: a rotation that cannot start within this long after its
   scheduled time (the budget spent, Vault down) waits for the next scheduled

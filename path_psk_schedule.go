@@ -181,8 +181,8 @@ write (create/update): one of
   a schedule change alone never has the key rotated at once; write
   psk/<account_id>/<tunnel_id> to rotate now.
   rotation_schedule: rotate it at the times of a standard 5-field cron
-  expression (minute hour day-of-month month day-of-week; UTC unless it
-  starts with CRON_TZ=<zone>), such as "0 2 * * 6" for Saturdays at 02:00;
+  expression (minute hour day-of-month month day-of-week, in UTC; it takes
+  no time zone), such as "0 2 * * 6" for Saturdays at 02:00 UTC;
   "" turns scheduled rotation off; with
   rotation_window: a rotation that cannot start within this long after its
   scheduled time waits for the next scheduled time (schedule_note says so;

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -480,37 +481,51 @@ func TestReadsAreRotationAware(t *testing.T) {
 	}
 
 	atSecondOfMinute(env, 20)
+	// A rotation further away than maxReadTTL: ttl is capped, so a key
+	// stored outside the schedule reaches Agent within a minute.
 	write := env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	if write.Data["ttl"] != int(maxReadTTL/time.Second) {
+		t.Errorf("write answer: ttl %v, want %d (capped)", write.Data["ttl"], int(maxReadTTL/time.Second))
+	}
+	write = env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
 	next := record(t, env, env.tunnel.ID).NextRotation
-	if write.Data["ttl"] != 3600 {
-		t.Errorf("write answer: ttl %v, want 3600", write.Data["ttl"])
+	if write.Data["ttl"] != 60 {
+		t.Errorf("write answer: ttl %v, want 60", write.Data["ttl"])
 	}
 	env.clock.Advance(1500 * time.Millisecond)
 	for _, path := range []string{env.pskPath(), env.metaPath()} {
 		now := env.clock.Now()
 		read := env.must(env.request(logical.ReadOperation, path, nil))
-		if read.Data["rotation_period"] != 3600 {
-			t.Errorf("%s: rotation_period %#v, want the integer 3600", path, read.Data["rotation_period"])
+		if read.Data["rotation_period"] != 60 {
+			t.Errorf("%s: rotation_period %#v, want the integer 60", path, read.Data["rotation_period"])
 		}
-		// 3598.5s to go: rounded up, so Agent's re-read (ttl+1) falls one
+		// 58.5s to go: rounded up, so Agent's re-read (ttl+1) falls one
 		// to two seconds after the rotation, which leaves the rotation a
 		// second to be stored.
-		if read.Data["ttl"] != 3599 {
-			t.Errorf("%s: ttl %v, want 3599", path, read.Data["ttl"])
+		if read.Data["ttl"] != 59 {
+			t.Errorf("%s: ttl %v, want 59", path, read.Data["ttl"])
 		}
 		if again := vaultAgentRereadsAt(t, read, now); again.Before(next.Add(time.Second)) || again.After(next.Add(2*time.Second)) {
 			t.Errorf("%s: Agent reads again %s after next_rotation, want 1s to 2s", path, again.Sub(next))
 		}
 	}
 
-	// Due, or overdue (the budget is spent, Vault was down): ttl is 1, so
-	// Agent keeps looking every two seconds until the rotation is stored.
-	for _, at := range []time.Duration{0, time.Hour} {
-		env.clock.Advance(next.Add(at).Sub(env.clock.Now()))
+	// Due: ttl is 1, so Agent looks every two seconds until the rotation
+	// is stored. Long overdue (the budget spent, no config): every ten.
+	// The scheduler is stopped so that the rotation stays due.
+	env.b.clean(context.Background())
+	for _, c := range []struct {
+		at   time.Duration
+		want int
+	}{{0, 1}, {time.Hour, int(overdueReadTTL / time.Second)}} {
+		env.clock.Advance(next.Add(c.at).Sub(env.clock.Now()))
 		read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
-		if read.Data["ttl"] != 1 {
-			t.Errorf("%s past next_rotation: ttl %v, want 1", at, read.Data["ttl"])
+		if read.Data["ttl"] != c.want {
+			t.Errorf("%s past next_rotation: ttl %v, want %d", c.at, read.Data["ttl"], c.want)
 		}
+	}
+	if err := env.b.Initialize(context.Background(), &logical.InitializationRequest{Storage: env.storage}); err != nil {
+		t.Fatal(err)
 	}
 
 	// No schedule will run for a tunnel that is gone: no ttl, or Agent

@@ -179,9 +179,18 @@ func (r *pskRecord) metadata() map[string]any {
 // seconds later, instead of every static_secret_render_interval (5 minutes
 // by default); rounded up, that is one to two seconds after the rotation
 // falls due, which leaves the rotation (one Cloudflare call) a second to be
-// stored. Due or overdue, ttl is 1, so Agent looks again every two seconds
-// until the new key is there. rotation_period is always present, as an
-// integer, so Agent takes that path whatever the schedule.
+// stored. Due or just overdue, ttl is 1, so Agent looks again every two
+// seconds until the new key is there; overdue by more than overdueReadTTL
+// (no config, the budget spent) it is that, so a fleet of Agents does not
+// poll every two seconds for as long as a rotation cannot happen.
+//
+// ttl is capped at maxReadTTL: Agent takes ttl for when to read again and
+// then ignores static_secret_render_interval, so an uncapped ttl would hide
+// every rotation outside the schedule (an operator's write, a bulk job after
+// a suspected compromise, a heal) until the scheduled time, days later. With
+// the cap, such a key reaches Agent within a minute, at the cost of one read
+// per Agent per minute. rotation_period is always present, as an integer,
+// so Agent takes that path whatever the schedule.
 func (r *pskRecord) readData(now time.Time) map[string]any {
 	data := r.metadata()
 	data["last_vault_rotation"] = formatTime(r.StoredAt)
@@ -203,12 +212,23 @@ func (r *pskRecord) ttl(now time.Time) (int, bool) {
 		return 0, false
 	}
 	left := r.NextRotation.Sub(now)
+	if left < -overdueReadTTL {
+		return int(overdueReadTTL / time.Second), true
+	}
+	left = min(left, maxReadTTL)
 	secs := int(left / time.Second)
 	if left%time.Second > 0 {
 		secs++
 	}
 	return max(secs, 1), true
 }
+
+const (
+	// maxReadTTL caps a read's ttl (see readData).
+	maxReadTTL = time.Minute
+	// overdueReadTTL is a read's ttl once a rotation is that late.
+	overdueReadTTL = 10 * time.Second
+)
 
 // scheduled reports whether the record has a schedule: the scheduler
 // rotates the tunnel at NextRotation.

@@ -155,6 +155,17 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 	case previous.PSK != "":
 		pending.EdgeKeyBefore = previous.LastGeneratedOn
 	}
+	if previous != nil && previous.Facts == (tunnelFacts{}) {
+		// A record that has no router facts (stored before they existed,
+		// or a first read that failed to give them) gets them on its next
+		// rotation, once: a read of the tunnel, as a first rotation makes.
+		// If it fails the rotation goes on without them.
+		if edge, err := client.GetTunnel(ctx, t.AccountID, t.TunnelID); err == nil {
+			pending.Facts = b.edgeFacts(t, edge, pending.Facts)
+		} else {
+			b.tunnelLogger(t).Warn("could not read the tunnel's router facts before a rotation", "error", err)
+		}
+	}
 	if trigger == "write" {
 		// An operator's write takes the tunnel back (see mayHeal).
 		pending.HealHeld = false

@@ -39,8 +39,7 @@ func (s rotationSchedule) set() bool { return s.Period > 0 || s.Cron != "" }
 
 // next returns the schedule's first time after after, and the end of that
 // time's window (zero without a window); both zero when the schedule has no
-// such time. Cron times are in UTC unless the expression starts with
-// CRON_TZ=<zone>.
+// such time. Cron times are in UTC.
 func (s rotationSchedule) next(after time.Time) (at, windowEnds time.Time) {
 	switch {
 	case s.Period > 0:
@@ -77,12 +76,30 @@ func (s rotationSchedule) nextAfterChange(storedAt, now time.Time) (at, windowEn
 // database static roles take for rotation_schedule). problem, when not "",
 // says what is wrong without repeating the value: a mistyped field can hold
 // anything, a key included.
-func parseCron(spec string, now time.Time) (cron.Schedule, string) {
+//
+// The expression is in UTC and may not name a time zone (CRON_TZ= or TZ=):
+// where clocks change for daylight saving, a daily time falls twice on the
+// night they go back (two rotations) and not at all on the night they go
+// forward (a week lost for a weekly schedule), and the parser itself panics
+// on a zone with no fields after it.
+func parseCron(spec string, now time.Time) (sched cron.Schedule, problem string) {
+	malformed := fmt.Sprintf("rotation_schedule must be a standard cron expression of five fields "+
+		"(minute hour day-of-month month day-of-week, in UTC), "+
+		"such as \"0 2 * * 6\" for Saturdays at 02:00 UTC (got %d characters in %d fields)", len(spec), len(strings.Fields(spec)))
+	if trimmed := strings.TrimSpace(spec); strings.HasPrefix(trimmed, "CRON_TZ=") || strings.HasPrefix(trimmed, "TZ=") {
+		return nil, "rotation_schedule is in UTC and takes no time zone (CRON_TZ= or TZ=): where clocks change for daylight saving, " +
+			"a daily time falls twice or not at all on the nights they change; convert the maintenance window to UTC"
+	}
+	defer func() {
+		// The parser panics on some malformed input; one process serves
+		// every mount, so no input may take it down.
+		if recover() != nil {
+			sched, problem = nil, malformed
+		}
+	}()
 	sched, err := cron.ParseStandard(spec)
 	if err != nil {
-		return nil, fmt.Sprintf("rotation_schedule must be a standard cron expression of five fields "+
-			"(minute hour day-of-month month day-of-week, in UTC unless it starts with CRON_TZ=<zone>), "+
-			"such as \"0 2 * * 6\" for Saturdays at 02:00 (got %d characters in %d fields)", len(spec), len(strings.Fields(spec)))
+		return nil, malformed
 	}
 	if every, ok := sched.(cron.ConstantDelaySchedule); ok && every.Delay < minRotationPeriod {
 		return nil, fmt.Sprintf("rotation_schedule must not fall due more often than every %s", minRotationPeriod)

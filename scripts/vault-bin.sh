@@ -10,6 +10,11 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 is_wanted() { [[ -x $1 ]] && "$1" version 2>/dev/null | grep -q '^Vault v1\.21\.'; }
 
 if [[ -n ${VAULT_BIN:-} ]]; then
+  # Absolute: the end-to-end suite runs in e2e/, where a relative path
+  # names nothing.
+  if [[ $VAULT_BIN != /* && -e $VAULT_BIN ]]; then
+    VAULT_BIN="$(cd "$(dirname "$VAULT_BIN")" && pwd)/$(basename "$VAULT_BIN")"
+  fi
   if is_wanted "$VAULT_BIN"; then
     echo "$VAULT_BIN"
     exit 0
