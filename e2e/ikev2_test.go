@@ -134,7 +134,7 @@ func runIKEv2(t testing.TB, scheduledRotations int, failureSteps bool) []time.Du
 	// 1. The first render brings the IKE SA up.
 	started := time.Now()
 	agent.start(secretID)
-	up := rig.waitRouterUp(started, 60*time.Second, "the first render")
+	up := rig.waitRouterUp(started, 30*time.Second, "the first render")
 	t.Logf("first render: IKE SA ESTABLISHED on both sides %s after Agent started", up.Sub(started).Round(time.Millisecond))
 
 	// 2. Scheduled rotations: the router comes back by itself.
@@ -583,6 +583,22 @@ func (c *charonProc) firstEstablished(conn string, since time.Time) (time.Time, 
 	return time.Time{}, "", false
 }
 
+// failureLine is a log line of charon's that says why a handshake failed.
+var failureLine = regexp.MustCompile(`(?m)^(\d+)\.\d{3} \d+\[(IKE|CFG)\] .*(AUTHENTICATION_FAILED|failed|no matching peer config|no shared key).*$`)
+
+// lastFailure returns the daemon's last log line, at or after since, that
+// says why a handshake failed, or "nothing" when there is none.
+func (c *charonProc) lastFailure(since time.Time) string {
+	raw, _ := os.ReadFile(c.logPath)
+	last := "nothing"
+	for _, m := range failureLine.FindAllStringSubmatch(string(raw), -1) {
+		if sec, _ := strconv.ParseInt(m[1], 10, 64); sec >= since.Unix() {
+			last = fmt.Sprintf("%q", m[0])
+		}
+	}
+	return last
+}
+
 // waitRouterUp waits for the router's first IKE SA established at or after
 // since, checks that it is ESTABLISHED on both sides, and returns when it
 // came up.
@@ -609,7 +625,8 @@ func (r *ikeRig) waitRouterUp(since time.Time, limit time.Duration, what string)
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: no IKE SA established within %s", what, limit)
+			t.Fatalf("%s: no IKE SA established within %s; the router's log says: %s; the edge's: %s", what, limit,
+				r.secrets.redact(r.router.lastFailure(since)), r.secrets.redact(r.edge.lastFailure(since)))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
