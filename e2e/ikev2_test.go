@@ -584,7 +584,7 @@ func (c *charonProc) firstEstablished(conn string, since time.Time) (time.Time, 
 }
 
 // failureLine is a log line of charon's that says why a handshake failed.
-var failureLine = regexp.MustCompile(`(?m)^(\d+)\.\d{3} \d+\[(IKE|CFG)\] .*(AUTHENTICATION_FAILED|failed|no matching peer config|no shared key).*$`)
+var failureLine = regexp.MustCompile(`(?m)^(\d+)\.\d{3} \d+\[(IKE|CFG)\] .*(AUTHENTICATION_FAILED|failed|mismatched|no matching peer config|no shared key).*$`)
 
 // lastFailure returns the daemon's last log line, at or after since, that
 // says why a handshake failed, or "nothing" when there is none.
