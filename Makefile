@@ -29,12 +29,14 @@ dev: build sim
 
 ## test: every test, unit and end-to-end, under the race detector
 test:
+	scripts/install-strongswan.sh
 	bin=$$(scripts/vault-bin.sh) && VAULT_BIN=$$bin $(GO_TEST) ./...
 
 test-unit:
 	$(GO_TEST) $$(go list ./... | grep -v /e2e)
 
 test-e2e:
+	scripts/install-strongswan.sh
 	bin=$$(scripts/vault-bin.sh) && VAULT_BIN=$$bin $(GO_TEST) ./e2e/...
 
 ## release: static binaries for linux/amd64 and linux/arm64 with VERSION set,

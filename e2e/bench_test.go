@@ -135,3 +135,19 @@ func BenchmarkAgentRotationLag(b *testing.B) {
 	}
 	b.ReportMetric(float64(worst.Milliseconds()), "agent-lag-max-ms")
 }
+
+// BenchmarkRouterOutagePerScheduledRotation is the sixth figure: how long a
+// strongSwan router fed by a long-running Vault Agent stays down after a
+// scheduled rotation changed the edge's key, until its IKE SA is ESTABLISHED
+// again with the new key (TestRouterReconnectsAfterEveryRotation's run,
+// without its failure steps; the median over three rotations, one a minute,
+// so a run takes about four minutes). It needs root and strongSwan.
+func BenchmarkRouterOutagePerScheduledRotation(b *testing.B) {
+	outages := runIKEv2(b, 3, false)
+	b.ReportMetric(float64(median(outages).Milliseconds()), "outage-median-ms")
+	var worst time.Duration
+	for _, o := range outages {
+		worst = max(worst, o)
+	}
+	b.ReportMetric(float64(worst.Milliseconds()), "outage-max-ms")
+}

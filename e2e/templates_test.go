@@ -151,7 +151,7 @@ exit_after_auth = true
 // approleForProvisioner sets up AppRole as a production Agent would use it:
 // a role that carries only the provisioner policy of docs/policies for the
 // account. It returns the role id and a secret id (a secret).
-func approleForProvisioner(t *testing.T, v *vaultServer, secrets *secretSet, account string) (string, string) {
+func approleForProvisioner(t testing.TB, v *vaultServer, secrets *secretSet, account string) (string, string) {
 	t.Helper()
 	policy, err := os.ReadFile(filepath.Join("..", "docs", "policies", "provisioner.hcl"))
 	if err != nil {

@@ -36,6 +36,14 @@ template_config {
   # A template that cannot render (a renamed field, a missing variable) stops
   # Agent instead of leaving the router with a half-written configuration.
   exit_on_retry_failure = true
+  # How often Agent reads a tunnel without a schedule again (5m by default),
+  # so a manual rotation (vault write) reaches the router within about this
+  # long; each read is one request to Vault per tunnel. A tunnel with a
+  # schedule is read again when the ttl of the last read runs out (its
+  # next_rotation, plus a second), whatever this says: a manual rotation of
+  # such a tunnel reaches the router only then, up to one rotation period
+  # later, unless Agent is restarted (it renders on start).
+  static_secret_render_interval = "10s"
 }
 
 # strongSwan. Keep the stanza for your router and delete the others.
@@ -45,9 +53,13 @@ template {
   perms                = "0600"
   error_on_missing_key = true
   # exec, not the deprecated command: run after each render that changed the
-  # file. --load-all replaces connections and keys, keeps established SAs.
+  # file. swanctl-reload.sh (next to this file) loads the keys and
+  # connections and starts each tunnel that has no IKE SA: Cloudflare drops
+  # the tunnel when its key changes, and strongSwan does not retry a failed
+  # authentication, so `swanctl --load-all` alone would leave it down.
+  # e2e/ikev2_test.go runs it against a real strongSwan peer.
   exec {
-    command = ["swanctl", "--load-all"]
+    command = ["/etc/vault-agent/swanctl-reload.sh"]
     timeout = "30s"
   }
 }

@@ -23,7 +23,7 @@ way would be corrupted if it were written as it is.
 {{- $account := mustEnv "CF_ACCOUNT_ID" -}}
 {{- $tunnels := mustEnv "CF_TUNNEL_IDS" | split "," -}}
 # Rendered by Vault Agent from swanctl.conf.tpl: changes made here are lost at
-# the next rotation. Agent runs `swanctl --load-all` after each render.
+# the next rotation. Agent runs swanctl-reload.sh after each render.
 connections {
 {{- range $i, $id := $tunnels }}
 {{- with secret (printf "cloudflare-ipsec/psk/%s/%s" $account (trimSpace $id)) }}
