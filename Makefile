@@ -46,6 +46,7 @@ release:
 
 ## bench: the five figures of docs/benchmarks.md (about ten minutes; no -race)
 bench:
+	scripts/install-strongswan.sh
 	bin=$$(scripts/vault-bin.sh) && VAULT_BIN=$$bin go test -run '^$$' -bench . -benchtime 1x -count 1 -timeout 30m . ./e2e/
 
 vet:

@@ -121,7 +121,9 @@ func runIKEv2(t testing.TB, scheduledRotations int, failureSteps bool) []time.Du
 
 	// The edge: the simulator's current key, reloaded whenever it changes.
 	edgeKey := func() cloudflaresim.Tunnel { tun, _ := sim.Tunnel(account, tunnel); return tun }
-	rig.writeEdgeConf(routerID, edgeKey().PSK)
+	if err := rig.writeEdgeConf(routerID, edgeKey().PSK); err != nil {
+		t.Fatalf("write the edge's swanctl.conf: %v", err)
+	}
 	if out, err := rig.edge.swanctl(10*time.Second, "--load-all"); err != nil {
 		t.Fatalf("edge: swanctl --load-all: %v\n%s", err, secrets.redact(out))
 	}
@@ -466,8 +468,11 @@ func (c *charonProc) stop() {
 // writeEdgeConf writes the edge's swanctl.conf: Cloudflare's side of the
 // tunnel, which answers and never initiates, and accepts only the router's
 // identity.
-func (r *ikeRig) writeEdgeConf(routerID, psk string) {
-	writeFile(r.t, filepath.Join(r.edge.swanctlDir, "swanctl.conf"), fmt.Sprintf(`connections {
+//
+// It returns an error rather than failing the test: the watcher goroutine
+// calls it, and t.Fatal outside the test's goroutine would only stop that.
+func (r *ikeRig) writeEdgeConf(routerID, psk string) error {
+	return os.WriteFile(filepath.Join(r.edge.swanctlDir, "swanctl.conf"), []byte(fmt.Sprintf(`connections {
   edge {
     version = 2
     local_addrs = %[1]s
@@ -498,7 +503,7 @@ secrets {
     secret = 0s%[3]s
   }
 }
-`, ikeEdgeAddr, routerID, base64.StdEncoding.EncodeToString([]byte(psk))))
+`, ikeEdgeAddr, routerID, base64.StdEncoding.EncodeToString([]byte(psk)))), 0o600)
 }
 
 // watchEdge follows the simulator's key for the tunnel: on each change it
@@ -524,9 +529,10 @@ func (r *ikeRig) watchEdge(routerID string, current func() cloudflaresim.Tunnel)
 				continue
 			}
 			last = tun.PSK
-			r.writeEdgeConf(routerID, tun.PSK)
 			ev := edgeChange{generated: tun.PSKGeneratedOn}
-			if out, err := r.edge.swanctl(10*time.Second, "--load-creds"); err != nil {
+			if err := r.writeEdgeConf(routerID, tun.PSK); err != nil {
+				ev.err = fmt.Errorf("edge: write swanctl.conf: %v", err)
+			} else if out, err := r.edge.swanctl(10*time.Second, "--load-creds"); err != nil {
 				ev.err = fmt.Errorf("edge: swanctl --load-creds: %v: %s", err, out)
 			} else {
 				ev.loaded = time.Now()
