@@ -244,14 +244,9 @@ func (sc *scheduler) repairEntry(ctx context.Context, t tunnelRef) error {
 // awaitBudget returns how long to wait before the scheduler may spend a
 // call: it keeps a reserve of the budget for operators' own requests.
 func (sc *scheduler) awaitBudget(ctx context.Context) time.Duration {
-	limit, _ := sc.b.budget.Limit()
-	reserve := max(limit/20, 1)
-	if limit <= 2 {
-		reserve = 0
-	}
 	for {
-		free, wait := sc.b.budget.Free()
-		if free > reserve {
+		ok, wait := sc.b.backgroundBudget()
+		if ok {
 			return 0
 		}
 		if wait <= 0 {
@@ -346,14 +341,13 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item dueItem) dueOutco
 		return dueOutcome{postpone: time.Minute}
 	}
 	_, err = sc.rotateNow(ctx, client, cfg, t, rec, "schedule")
+	if outcome, notNow := notNowOutcome(err); notNow {
+		return outcome
+	}
 	switch {
 	case err == nil:
-		// The rotation scheduled the next one in a later minute.
+		// The rotation scheduled the next one.
 		return dueFinished
-	case isSettling(err):
-		return dueKept
-	case cloudflare.RetryAfter(err) > 0:
-		return dueOutcome{postpone: cloudflare.RetryAfter(err)}
 	case cloudflare.NotFound(err):
 		// The tunnel is gone: no more retries, hourly or otherwise.
 		if latest, rerr := readPSKRecord(ctx, s, t); rerr == nil && latest != nil {
@@ -481,20 +475,35 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item dueItem, due *dueEntry
 		return dueOutcome{postpone: time.Minute}
 	}
 	rotated, err := sc.rotateNow(ctx, client, cfg, t, rec, "bulk")
+	if outcome, notNow := notNowOutcome(err); notNow {
+		return outcome
+	}
 	switch {
 	case err == nil && rotated == nil:
 		return sc.countBulk(ctx, item, tracked, true, "not stored in Vault any more: its only rotation turned out never to have happened, so Vault held no key for it")
 	case err == nil:
 		return dueFinished
-	case isSettling(err):
-		return dueKept
-	case cloudflare.RetryAfter(err) > 0:
-		return dueOutcome{postpone: cloudflare.RetryAfter(err)}
 	case cloudflare.NotFound(err):
 		return sc.countBulk(ctx, item, tracked, true, "no longer exists at Cloudflare (deleted, or out of the API token's reach)")
 	}
 	log.Warn("bulk rotation failed", "error", err)
 	return sc.countBulk(ctx, item, tracked, false, err.Error())
+}
+
+// notNowOutcome says what becomes of an entry whose rotation was not made
+// because it may not be made now: the last rotation still settles (the entry
+// waits), or Cloudflare or the budget said "not now" (the pass stops). notNow
+// is false for success and for any other failure.
+func notNowOutcome(err error) (outcome dueOutcome, notNow bool) {
+	switch {
+	case err == nil:
+		return dueOutcome{}, false
+	case isSettling(err):
+		return dueKept, true
+	case cloudflare.RetryAfter(err) > 0:
+		return dueOutcome{postpone: cloudflare.RetryAfter(err)}, true
+	}
+	return dueOutcome{}, false
 }
 
 // countBulk records a bulk item that failed or was skipped in its job, and

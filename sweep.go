@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -99,16 +100,24 @@ func (b *backend) reconcileInBackground(ctx context.Context, s logical.Storage, 
 	return true, err
 }
 
-// budgetAllowsBackground reports whether background work may spend a call:
-// it leaves a reserve of the budget for operators' own requests.
+// budgetAllowsBackground reports whether background work may spend a call
+// now (see backgroundBudget).
 func (b *backend) budgetAllowsBackground() bool {
+	ok, _ := b.backgroundBudget()
+	return ok
+}
+
+// backgroundBudget reports whether background work (the scheduler, the
+// sweep) may spend a call now, keeping 5% of the budget for operators' own
+// requests, and if not, how long until more calls are free (0: unknown).
+func (b *backend) backgroundBudget() (bool, time.Duration) {
 	limit, _ := b.budget.Limit()
 	reserve := max(limit/20, 1)
 	if limit <= 2 {
 		reserve = 0
 	}
-	free, _ := b.budget.Free()
-	return free > reserve
+	free, wait := b.budget.Free()
+	return free > reserve, wait
 }
 
 // sweepDrift compares, once per drift_check_interval, the key time of every
