@@ -492,26 +492,8 @@ func TestBulkRotationStaysUnderCloudflaresLimit(t *testing.T) {
 	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
 		"api_token": env.token.Value, "base_url": env.simURL, "rate_limit": limit, "rate_limit_window": "2s",
 	}))
-	for i := 0; i < fleet; i++ {
-		id := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
-		if err := writePSKRecord(context.Background(), env.storage, tunnelRef{env.account, id}, &pskRecord{
-			AccountID: env.account, TunnelID: id, PSK: "seeded", Version: 1, State: stateCurrent,
-		}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		p := env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil))
-		if p.Data["done"] == fleet {
-			break
-		}
-		if len(p.Data["failed"].([]map[string]any)) > 0 || time.Now().After(deadline) {
-			t.Fatalf("bulk rotation stalled or failed: %v", p.Data)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	seedCurrentTunnels(t, env, fleet)
+	runBulkToTheEnd(t, env, fleet)
 	if n := env.sim.RateLimited(); n != 0 {
 		t.Errorf("Cloudflare answered 429 %d times", n)
 	}
@@ -648,14 +630,7 @@ func TestTheSchedulerSlowsDownWhenAnotherClientSpendsTheQuota(t *testing.T) {
 	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
 		"api_token": env.token.Value, "base_url": env.simURL, "rate_limit": limit, "rate_limit_window": "3s",
 	}))
-	for i := 0; i < fleet; i++ {
-		id := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
-		if err := writePSKRecord(context.Background(), env.storage, tunnelRef{env.account, id}, &pskRecord{
-			AccountID: env.account, TunnelID: id, PSK: "seeded", Version: 1, State: stateCurrent,
-		}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	seedCurrentTunnels(t, env, fleet)
 	env.sim.SetRateLimit(limit, window)
 	// Another tool of the same user spends all but three calls of the window.
 	for i := 0; i < limit-3; i++ {
@@ -668,18 +643,7 @@ func TestTheSchedulerSlowsDownWhenAnotherClientSpendsTheQuota(t *testing.T) {
 		res.Body.Close()
 	}
 	start := time.Now()
-	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		p := env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil))
-		if p.Data["done"] == fleet {
-			break
-		}
-		if len(p.Data["failed"].([]map[string]any)) > 0 || time.Now().After(deadline) {
-			t.Fatalf("bulk rotation stalled or failed: %v", p.Data)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	runBulkToTheEnd(t, env, fleet)
 	if n := env.sim.RateLimited(); n != 0 {
 		t.Errorf("Cloudflare answered 429 %d times: the scheduler did not slow down for the other client's calls", n)
 	}
@@ -954,5 +918,38 @@ func TestTheRunningSchedulerWakesForACronTime(t *testing.T) {
 	rec := record(t, env, env.tunnel.ID)
 	if late := rec.StoredAt.Sub(next); late < 0 || late > time.Second {
 		t.Errorf("rotated %s after next_rotation, want within [0, 1s)", late)
+	}
+}
+
+// seedCurrentTunnels adds n tunnels at the edge, each with a current record
+// in Vault, as a fleet under management looks.
+func seedCurrentTunnels(t *testing.T, env *testEnv, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		id := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
+		if err := writePSKRecord(context.Background(), env.storage, tunnelRef{env.account, id}, &pskRecord{
+			AccountID: env.account, TunnelID: id, PSK: "seeded", Version: 1, State: stateCurrent,
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// runBulkToTheEnd queues a bulk rotation of the account and waits, with the
+// real scheduler loop, until all fleet tunnels are done; a failure or a
+// stall fails the test.
+func runBulkToTheEnd(t *testing.T, env *testEnv, fleet int) {
+	t.Helper()
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		p := env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil))
+		if p.Data["done"] == fleet {
+			return
+		}
+		if len(p.Data["failed"].([]map[string]any)) > 0 || time.Now().After(deadline) {
+			t.Fatalf("bulk rotation stalled or failed: %v", p.Data)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

@@ -254,14 +254,21 @@ func (v *vaultServer) stop() {
 	if v.cmd == nil {
 		return
 	}
-	_ = syscall.Kill(-v.cmd.Process.Pid, syscall.SIGTERM)
-	select {
-	case <-v.done:
-	case <-time.After(20 * time.Second):
-		_ = syscall.Kill(-v.cmd.Process.Pid, syscall.SIGKILL)
-		<-v.done
-	}
+	stopGroup(v.cmd, v.done, 20*time.Second)
 	v.cmd = nil
+}
+
+// stopGroup ends a process started in a process group of its own, and
+// whatever it started (Vault's plugins, Agent's exec): SIGTERM, then SIGKILL
+// after grace. done is closed when the process has been waited for.
+func stopGroup(cmd *exec.Cmd, done <-chan struct{}, grace time.Duration) {
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-done:
+	case <-time.After(grace):
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-done
+	}
 }
 
 // waitReady polls sys/health until the server answers (sealed or not).

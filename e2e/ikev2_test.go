@@ -771,13 +771,7 @@ func (a *ikeAgent) stop() {
 	if a.cmd == nil {
 		return
 	}
-	_ = syscall.Kill(-a.cmd.Process.Pid, syscall.SIGTERM)
-	select {
-	case <-a.done:
-	case <-time.After(15 * time.Second):
-		_ = syscall.Kill(-a.cmd.Process.Pid, syscall.SIGKILL)
-		<-a.done
-	}
+	stopGroup(a.cmd, a.done, 15*time.Second)
 	a.cmd = nil
 	a.outputMu.Lock()
 	a.outputs = append(a.outputs, a.out.String())
