@@ -12,30 +12,42 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
-var wantIdentifier = regexp.MustCompile(`^[0-9a-fA-F]{32}$`)
+var (
+	wantIdentifier    = regexp.MustCompile(`^[0-9a-f]{32}$`)
+	upperCaseVariant  = regexp.MustCompile(`^[0-9a-fA-F]{32}$`)
+	canonicalRequired = "tunnel must be a Cloudflare identifier in its canonical form, 32 lower-case hexadecimal characters"
+)
 
-// FuzzNormaliseIdentifier: an id is accepted exactly when it is 32
-// hexadecimal characters in either case, comes back lower case, and a
-// refusal says what an id must be without repeating it.
-func FuzzNormaliseIdentifier(f *testing.F) {
+// FuzzParseIdentifier: an id is accepted, unchanged, exactly when it is 32
+// lower-case hexadecimal characters; any other spelling is refused (an
+// upper-case one with a word on why), and a refusal never repeats the id.
+func FuzzParseIdentifier(f *testing.F) {
 	for _, seed := range []string{
 		"023e105f4ecef8ad9ca31a8372d0c353", "023E105F4ECEF8AD9CA31A8372D0C353", "", "..", "%2F",
 		"023e105f4ecef8ad9ca31a8372d0c35", "023e105f4ecef8ad9ca31a8372d0c3533", "g23e105f4ecef8ad9ca31a8372d0c353",
-		"023e105f4ecef8ad9ca31a8372d0c35\n", "ｆ23e105f4ecef8ad9ca31a8372d0c35",
+		"023e105f4ecef8ad9ca31a8372d0c35\n", "ｆ23e105f4ecef8ad9ca31a8372d0c35", "023e105f4ecef8ad9ca31a8372d0c35\u212a",
 	} {
 		f.Add(seed)
 	}
 	f.Fuzz(func(t *testing.T, raw string) {
-		id, problem := normaliseIdentifier("tunnel", raw)
-		if wantIdentifier.MatchString(raw) {
-			if problem != "" || id != strings.ToLower(raw) {
+		id, problem := parseIdentifier("tunnel", raw)
+		switch {
+		case wantIdentifier.MatchString(raw):
+			if problem != "" || id != raw {
 				t.Fatalf("valid id refused or altered: %q -> %q (%s)", raw, id, problem)
 			}
-			return
+		case upperCaseVariant.MatchString(raw):
+			if id != "" || !strings.HasPrefix(problem, canonicalRequired) {
+				t.Fatalf("upper-case id %q: got (%q, %q)", raw, id, problem)
+			}
+		default:
+			want := fmt.Sprintf("tunnel must be a Cloudflare identifier: 32 lower-case hexadecimal characters (got %d characters)", len(raw))
+			if id != "" || problem != want {
+				t.Fatalf("invalid id %q: got (%q, %q)", raw, id, problem)
+			}
 		}
-		want := fmt.Sprintf("tunnel must be a Cloudflare identifier: 32 hexadecimal characters (got %d characters)", len(strings.ToLower(raw)))
-		if id != "" || problem != want {
-			t.Fatalf("invalid id %q: got (%q, %q)", raw, id, problem)
+		if raw != "" && len(raw) >= 4 && strings.Contains(problem, raw) {
+			t.Fatalf("the refusal repeats the id: %q", problem)
 		}
 	})
 }

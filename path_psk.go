@@ -20,12 +20,12 @@ const (
 var tunnelFields = map[string]*framework.FieldSchema{
 	"account": {
 		Type:        framework.TypeString,
-		Description: "Cloudflare account ID (32 hexadecimal characters).",
+		Description: "Cloudflare account ID (32 lower-case hexadecimal characters).",
 		Required:    true,
 	},
 	"tunnel": {
 		Type:        framework.TypeString,
-		Description: "Cloudflare IPsec tunnel ID (32 hexadecimal characters).",
+		Description: "Cloudflare IPsec tunnel ID (32 lower-case hexadecimal characters).",
 		Required:    true,
 	},
 }
@@ -103,14 +103,14 @@ func listAccountsPath(b *backend, prefix, suffix, synopsis string) *framework.Pa
 	}
 }
 
-// tunnelFromRequest reads and normalises the path's identifiers. It returns a
+// tunnelFromRequest reads and checks the path's identifiers. It returns a
 // problem to show the caller, or "".
 func tunnelFromRequest(d *framework.FieldData) (tunnelRef, string) {
-	account, problem := normaliseIdentifier("account", d.Get("account").(string))
+	account, problem := parseIdentifier("account", d.Get("account").(string))
 	if problem != "" {
 		return tunnelRef{}, problem
 	}
-	tunnel, problem := normaliseIdentifier("tunnel", d.Get("tunnel").(string))
+	tunnel, problem := parseIdentifier("tunnel", d.Get("tunnel").(string))
 	if problem != "" {
 		return tunnelRef{}, problem
 	}
@@ -352,7 +352,7 @@ func (b *backend) listAccounts(ctx context.Context, req *logical.Request, _ *fra
 }
 
 func (b *backend) listTunnels(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	account, problem := normaliseIdentifier("account", d.Get("account").(string))
+	account, problem := parseIdentifier("account", d.Get("account").(string))
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
@@ -368,7 +368,9 @@ const pathPSKHelpSynopsis = `Rotate, read or forget the pre-shared key of one Cl
 const pathPSKHelpDescription = `
 psk/<account_id>/<tunnel_id> holds the pre-shared key (PSK) of one Cloudflare
 Magic WAN / Magic Transit IPsec tunnel. Both ids are Cloudflare identifiers
-(32 hexadecimal characters, either case; they are stored lower case).
+in their canonical form, 32 lower-case hexadecimal characters; any other
+spelling, upper case included, is refused with 400 on every path (Vault
+matches policy paths case-sensitively, so each id has one spelling only).
 
 write (create/update): asks Cloudflare to generate a new PSK for the tunnel
   (POST /accounts/<account_id>/magic/ipsec_tunnels/<tunnel_id>/psk_generate).
@@ -400,7 +402,7 @@ write (create/update): asks Cloudflare to generate a new PSK for the tunnel
   marked rotation_unknown until reconciliation resolves it.
 
 read: returns psk and its metadata:
-  account_id, tunnel_id   the tunnel, as stored (lower case)
+  account_id, tunnel_id   the tunnel's ids
   last_generated_on       Cloudflare's time of generation of the stored key
   version                 1 for the first key this engine stored, +1 per rotation
   stored_at               when Vault stored the key

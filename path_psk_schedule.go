@@ -196,7 +196,7 @@ write (create/update): one of
   as they are; a rotation in progress is waited for.
 
 read: the schedule, without the key and without asking Cloudflare:
-  account_id, tunnel_id   the tunnel, as stored (lower case)
+  account_id, tunnel_id   the tunnel's ids
   rotation_period         seconds between scheduled rotations (0: none, or a
                           rotation_schedule)
   rotation_schedule       the cron expression ("": none)

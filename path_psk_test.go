@@ -69,21 +69,70 @@ func TestRotateStoresTheEdgesKeyAndAnswersWithMetadataOnly(t *testing.T) {
 	}
 }
 
-func TestIdentifiersAreCaseInsensitiveAndStoredLowerCase(t *testing.T) {
+// TestNonCanonicalIdentifiersAreRefused: Vault matches policy paths
+// case-sensitively, so an engine that folded "ABC…" to "abc…" would let a
+// caller reach a tunnel that a policy denies by spelling its id in upper
+// case. Every path that takes an id refuses any id that is not in
+// Cloudflare's one canonical form, before reading storage or calling
+// Cloudflare.
+func TestNonCanonicalIdentifiersAreRefused(t *testing.T) {
 	env := newConfiguredEnv(t)
-	upper := "psk/" + strings.ToUpper(env.account) + "/" + strings.ToUpper(env.tunnel.ID)
-	env.must(env.request(logical.CreateOperation, upper, nil))
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	callsBefore := env.sim.TotalCalls()
+	before := env.storageSnapshot()
 
-	read, err := env.request(logical.ReadOperation, upper, nil)
-	mustSucceed(t, read, err)
-	if read.Data["version"] != 2 || read.Data["tunnel_id"] != env.tunnel.ID {
-		t.Fatalf("upper- and lower-case writes did not share one record: %v", read.Data)
+	a, tun := env.account, env.tunnel.ID
+	A, TUN := strings.ToUpper(a), strings.ToUpper(tun)
+	// One upper-case letter among lower-case ones (ids are random hex, so
+	// find a letter).
+	i := strings.IndexAny(tun, "abcdef")
+	if i < 0 {
+		t.Fatalf("tunnel id %s has no letter", tun)
 	}
-	list, err := env.request(logical.ListOperation, "psk/"+strings.ToUpper(env.account)+"/", nil)
-	mustSucceed(t, list, err)
-	if keys := list.Data["keys"].([]string); len(keys) != 1 || keys[0] != env.tunnel.ID {
-		t.Fatalf("tunnels listed = %v, want [%s]", keys, env.tunnel.ID)
+	mixed := tun[:i] + strings.ToUpper(tun[i:i+1]) + tun[i+1:]
+	for _, c := range []struct {
+		op   logical.Operation
+		path string
+		data map[string]any
+	}{
+		{logical.ReadOperation, "psk/" + a + "/" + TUN, nil},
+		{logical.ReadOperation, "psk/" + A + "/" + tun, nil},
+		{logical.ReadOperation, "psk/" + a + "/" + mixed, nil},
+		{logical.UpdateOperation, "psk/" + a + "/" + TUN, nil},
+		{logical.UpdateOperation, "psk/" + A + "/" + TUN, map[string]any{"validate_only": true}},
+		{logical.DeleteOperation, "psk/" + a + "/" + TUN, nil},
+		{logical.ListOperation, "psk/" + A + "/", nil},
+		{logical.ReadOperation, "metadata/" + a + "/" + TUN, nil},
+		{logical.ListOperation, "metadata/" + A + "/", nil},
+		{logical.ReadOperation, "psk/" + a + "/" + TUN + "/schedule", nil},
+		{logical.UpdateOperation, "psk/" + a + "/" + TUN + "/schedule", map[string]any{"rotation_period": "720h"}},
+		{logical.ListOperation, "tunnels/" + A, nil},
+		{logical.ReadOperation, "tunnels/" + a + "/" + TUN, nil},
+		{logical.ReadOperation, "rotate/" + A, nil},
+		{logical.UpdateOperation, "rotate/" + A, nil},
+	} {
+		t.Run(fmt.Sprintf("%s %s", c.op, c.path), func(t *testing.T) {
+			resp, err := env.request(c.op, c.path, c.data)
+			if got := httpStatus(resp, err); got != http.StatusBadRequest {
+				t.Fatalf("status = %d, want 400 (%s)", got, errorText(resp, err))
+			}
+			msg := errorText(resp, err)
+			if !strings.Contains(msg, "lower-case") {
+				t.Errorf("error %q does not say that ids are lower-case", msg)
+			}
+			if strings.Contains(msg, TUN) || strings.Contains(msg, A) {
+				t.Errorf("error %q repeats the id", msg)
+			}
+		})
+	}
+	if env.sim.TotalCalls() != callsBefore {
+		t.Errorf("Cloudflare was called %d times for non-canonical ids", env.sim.TotalCalls()-callsBefore)
+	}
+	if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Error("non-canonical ids changed storage")
+	}
+	if got := env.generations(); got != 1 {
+		t.Errorf("edge generated %d keys, want 1 (the write with the canonical id)", got)
 	}
 }
 
@@ -132,7 +181,7 @@ func TestBadIdentifiersAreRefusedBeforeCloudflare(t *testing.T) {
 					if got := httpStatus(resp, err); got != http.StatusBadRequest {
 						t.Fatalf("status = %d, want 400 (%s)", got, errorText(resp, err))
 					}
-					if msg := errorText(resp, err); !strings.Contains(msg, "must be a Cloudflare identifier: 32 hexadecimal characters") {
+					if msg := errorText(resp, err); !strings.Contains(msg, "must be a Cloudflare identifier: 32 lower-case hexadecimal characters") {
 						t.Errorf("error %q does not say what an id must be", msg)
 					}
 				})

@@ -41,7 +41,7 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 	if resp := rejectUnknownFields(req, d); resp != nil {
 		return resp, nil
 	}
-	account, problem := normaliseIdentifier("account", d.Get("account").(string))
+	account, problem := parseIdentifier("account", d.Get("account").(string))
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
@@ -101,7 +101,7 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 }
 
 func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	account, problem := normaliseIdentifier("account", d.Get("account").(string))
+	account, problem := parseIdentifier("account", d.Get("account").(string))
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"regexp"
-	"strings"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -242,7 +241,8 @@ func (r *pskRecord) schedule() rotationSchedule {
 	return rotationSchedule{Period: r.RotationPeriod, Cron: r.RotationSchedule, Window: r.RotationWindow}
 }
 
-// tunnelRef names one tunnel by its normalised Cloudflare identifiers.
+// tunnelRef names one tunnel by its Cloudflare identifiers, in their
+// canonical form (parseIdentifier).
 type tunnelRef struct {
 	AccountID string
 	TunnelID  string
@@ -318,24 +318,36 @@ func clearUnresolved(ctx context.Context, s logical.Storage, t tunnelRef) error 
 	return nil
 }
 
-var identifierPattern = regexp.MustCompile(`^[0-9a-f]{32}$`)
+var (
+	identifierPattern = regexp.MustCompile(`^[0-9a-f]{32}$`)
+	// upperCaseIdentifier is an identifier spelt with upper-case letters.
+	upperCaseIdentifier = regexp.MustCompile(`^[0-9a-fA-F]{32}$`)
+)
 
-// normaliseIdentifier lower-cases a Cloudflare identifier, so that one tunnel
-// never has two records, and checks its form. The value is not repeated in
-// the problem it returns: a mistyped path can hold anything, a key included.
-func normaliseIdentifier(field, raw string) (string, string) {
-	id := strings.ToLower(raw)
-	if problem := checkIdentifier(field, id); problem != "" {
+// parseIdentifier checks that raw is a Cloudflare identifier in its one
+// canonical form, 32 lower-case hexadecimal characters, and returns it. Any
+// other spelling is refused, never folded: Vault matches policy paths
+// case-sensitively, so an engine that took "ABC…" for "abc…" would let a
+// caller reach a tunnel a policy denies by spelling its id in upper case.
+// The problem never repeats the value: a mistyped path can hold anything, a
+// key included.
+func parseIdentifier(field, raw string) (string, string) {
+	if problem := checkIdentifier(field, raw); problem != "" {
 		return "", problem
 	}
-	return id, ""
+	return raw, ""
 }
 
 func checkIdentifier(field, id string) string {
-	if identifierPattern.MatchString(id) {
+	switch {
+	case identifierPattern.MatchString(id):
 		return ""
+	case upperCaseIdentifier.MatchString(id):
+		return fmt.Sprintf("%s must be a Cloudflare identifier in its canonical form, 32 lower-case hexadecimal characters: "+
+			"this one has upper-case letters. Vault matches policy paths case-sensitively, so the engine takes each id "+
+			"in one spelling only; write it in lower case", field)
 	}
-	return fmt.Sprintf("%s must be a Cloudflare identifier: 32 hexadecimal characters (got %d characters)", field, len(id))
+	return fmt.Sprintf("%s must be a Cloudflare identifier: 32 lower-case hexadecimal characters (got %d characters)", field, len(id))
 }
 
 // formatTime renders a time for a response; the zero time is "".
