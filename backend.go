@@ -13,7 +13,6 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/consts"
-	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
@@ -34,8 +33,8 @@ type backend struct {
 
 	// tunnelLocks serialise generate-and-store per tunnel: two writers of one
 	// tunnel must not interleave, or Vault could keep the PSK that Cloudflare
-	// replaced a moment later.
-	tunnelLocks []*locksutil.LockEntry
+	// replaced a moment later (locks.go).
+	tunnelLocks *tunnelLocks
 
 	// clientMu guards client, the Cloudflare client built from config, and
 	// config itself, both built on first use by cloudflareClient. Whatever
@@ -94,7 +93,7 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 }
 
 func newBackend() *backend {
-	b := &backend{tunnelLocks: locksutil.CreateLocks(), now: time.Now}
+	b := &backend{tunnelLocks: newTunnelLocks(), now: time.Now}
 	b.budget = cloudflare.NewBudget(defaultRateLimit, defaultRateLimitWindow, func() time.Time { return b.now() })
 	b.budget.SetOnBlock(b.storeBlock)
 	b.Backend = &framework.Backend{
@@ -170,9 +169,15 @@ func (b *backend) invalidate(_ context.Context, key string) {
 	}
 }
 
-// tunnelLock is t's entry in the backend's striped tunnel locks.
-func (b *backend) tunnelLock(t tunnelRef) *locksutil.LockEntry {
-	return locksutil.LockForKey(b.tunnelLocks, t.storageKey())
+// lockTunnel takes t's lock, waiting for it, and returns its release.
+func (b *backend) lockTunnel(t tunnelRef) (unlock func()) {
+	return b.tunnelLocks.lock(t.storageKey())
+}
+
+// tryLockTunnel takes t's lock if no one holds it: readers and the
+// background pass over a tunnel whose rotation is in flight.
+func (b *backend) tryLockTunnel(t tunnelRef) (unlock func(), ok bool) {
+	return b.tunnelLocks.tryLock(t.storageKey())
 }
 
 // tunnelLogger is the mount's logger with the tunnel's identifiers on every

@@ -222,11 +222,11 @@ func (b *backend) readResolving(ctx context.Context, s logical.Storage, t tunnel
 }
 
 func (b *backend) tryReconcile(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord) (*pskRecord, []string) {
-	lock := b.tunnelLock(t)
-	if !lock.TryLock() {
+	unlock, ok := b.tryLockTunnel(t)
+	if !ok {
 		return rec, []string{"a rotation of this tunnel is in progress"}
 	}
-	defer lock.Unlock()
+	defer unlock()
 	client, cfg, err := b.cloudflareClient(ctx, s)
 	if err != nil {
 		return rec, []string{fmt.Sprintf("could not reconcile with Cloudflare: %v", err)}
@@ -323,9 +323,7 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	lock := b.tunnelLock(t)
-	lock.Lock()
-	defer lock.Unlock()
+	defer b.lockTunnel(t)()
 	rec, err := readPSKRecord(ctx, req.Storage, t)
 	if err != nil {
 		return nil, err

@@ -84,9 +84,7 @@ func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *fr
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	lock := b.tunnelLock(t)
-	lock.Lock()
-	defer lock.Unlock()
+	defer b.lockTunnel(t)()
 	rec, err := readPSKRecord(ctx, req.Storage, t)
 	if err != nil {
 		return nil, err

@@ -350,18 +350,17 @@ func (b *backend) beginWrite(ctx context.Context, s logical.Storage, t tunnelRef
 	if client, cfg, err = b.cloudflareClient(ctx, s); err != nil {
 		return nil, nil, nil, nil, err
 	}
-	lock := b.tunnelLock(t)
-	lock.Lock()
+	unlock = b.lockTunnel(t)
 	if rec, err = readPSKRecord(ctx, s, t); err == nil && rec != nil && !rec.current() {
 		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err != nil {
 			err = fmt.Errorf("learn the outcome of the last rotation of %s: %w", t, err)
 		}
 	}
 	if err != nil {
-		lock.Unlock()
+		unlock()
 		return nil, nil, nil, nil, err
 	}
-	return client, cfg, rec, lock.Unlock, nil
+	return client, cfg, rec, unlock, nil
 }
 
 // notAttemptedError is a failure before anything was written or a key asked

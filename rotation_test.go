@@ -378,11 +378,10 @@ func TestAGeneratedKeyIsStoredEvenIfTheCallerGivesUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	tun := tunnelRef{env.account, env.tunnel.ID}
-	lock := env.b.tunnelLock(tun)
-	lock.Lock()
+	unlock := env.b.lockTunnel(tun)
 	rec, _ := readPSKRecord(ctx, env.storage, tun)
 	_, err = env.b.rotateLocked(ctx, storage, client, cfg, tun, rec, 0, "write")
-	lock.Unlock()
+	unlock()
 	if err != nil {
 		t.Fatalf("rotation: %v", err)
 	}

@@ -308,9 +308,7 @@ func (sc *scheduler) rotateDue(ctx context.Context, item dueItem) dueOutcome {
 func (sc *scheduler) rotateScheduled(ctx context.Context, item dueItem) dueOutcome {
 	b, s, t := sc.b, sc.storage, item.tunnel
 	log := b.tunnelLogger(t)
-	lock := b.tunnelLock(t)
-	lock.Lock()
-	defer lock.Unlock()
+	defer b.lockTunnel(t)()
 	rec, err := readPSKRecord(ctx, s, t)
 	if err != nil {
 		log.Warn("scheduler could not read a record", "error", err)
@@ -450,9 +448,7 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item dueItem, due *dueEntry
 		queuedAt = job.StartedAt // an entry that does not decode
 	}
 
-	lock := b.tunnelLock(t)
-	lock.Lock()
-	defer lock.Unlock()
+	defer b.lockTunnel(t)()
 	rec, err := readPSKRecord(ctx, s, t)
 	if err != nil {
 		log.Warn("scheduler could not read a record", "error", err)

@@ -67,11 +67,11 @@ func (b *backend) reconcileUnresolved(ctx context.Context, req *logical.Request)
 // asked Cloudflare. A failure other than "not now" is noted on the record,
 // so the tunnel is retried with backoff and the reason shows in metadata.
 func (b *backend) reconcileInBackground(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef) (bool, error) {
-	lock := b.tunnelLock(t)
-	if !lock.TryLock() {
+	unlock, ok := b.tryLockTunnel(t)
+	if !ok {
 		return false, nil
 	}
-	defer lock.Unlock()
+	defer unlock()
 	rec, err := readPSKRecord(ctx, s, t)
 	if err != nil {
 		return false, err
@@ -186,11 +186,11 @@ func (b *backend) sweepDrift(ctx context.Context, s logical.Storage, client *clo
 // the stored key is the edge's. A record that is not current is
 // reconciliation's to resolve, and a tunnel whose lock is taken is left alone.
 func (b *backend) compareWithEdge(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, edge *cloudflare.TunnelState, heal bool) (bool, error) {
-	lock := b.tunnelLock(t)
-	if !lock.TryLock() {
+	unlock, ok := b.tryLockTunnel(t)
+	if !ok {
 		return false, nil
 	}
-	defer lock.Unlock()
+	defer unlock()
 	rec, err := readPSKRecord(ctx, s, t)
 	if err != nil || rec == nil {
 		return false, err
