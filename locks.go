@@ -73,6 +73,16 @@ func (l *tunnelLocks) drop(key string, entry *tunnelLock) {
 	}
 }
 
+// holders is how many callers hold or wait for key's lock.
+func (l *tunnelLocks) holders(key string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if entry := l.locks[key]; entry != nil {
+		return entry.refs
+	}
+	return 0
+}
+
 // size is how many tunnels' mutexes exist now (held or waited for).
 func (l *tunnelLocks) size() int {
 	l.mu.Lock()

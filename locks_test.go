@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -153,5 +154,48 @@ func TestTunnelLocksAreOwnAndForgotten(t *testing.T) {
 	}
 	if *counters["x"]+*counters["y"]+*counters["z"] < workers*rounds/2 {
 		t.Fatal("blocking lock calls were lost")
+	}
+}
+
+// TestAHeldTunnelLockHandsOverToItsWaiter a waiter
+// counted on a held lock keeps it from being forgotten when its holder
+// releases; a failed tryLock leaves no reference behind; once the waiter
+// releases, nothing is remembered. Waiting is observed through the lock's
+// reference count, not through time.
+func TestAHeldTunnelLockHandsOverToItsWaiter(t *testing.T) {
+	l := newTunnelLocks()
+	unlockA := l.lock("k")
+	got := make(chan func())
+	go func() { got <- l.lock("k") }()
+	for {
+		l.mu.Lock()
+		refs := l.locks["k"].refs
+		l.mu.Unlock()
+		if refs == 2 {
+			break
+		}
+		// The waiter has not counted itself in yet.
+		runtime.Gosched()
+	}
+	if _, ok := l.tryLock("k"); ok {
+		t.Fatal("tryLock took a held lock")
+	}
+	l.mu.Lock()
+	refs := l.locks["k"].refs
+	l.mu.Unlock()
+	if refs != 2 {
+		t.Fatalf("refs = %d after a failed tryLock, want 2 (holder and waiter)", refs)
+	}
+	unlockA()
+	unlockB := <-got
+	if l.size() != 1 {
+		t.Fatalf("%d locks remembered while the waiter holds one, want 1", l.size())
+	}
+	if _, ok := l.tryLock("k"); ok {
+		t.Fatal("the waiter's lock was forgotten and made anew: two holders")
+	}
+	unlockB()
+	if l.size() != 0 {
+		t.Fatalf("%d locks remembered after every holder released", l.size())
 	}
 }

@@ -142,7 +142,7 @@ func pathConfig(b *backend) *framework.Path {
 			},
 			"token_account_id": {
 				Type:        framework.TypeString,
-				Description: "For an account-owned API token: the owning account's id, so the token is verified at that account. Empty for a user token. Changing it requires api_token in the same write.",
+				Description: "For an account-owned API token: the owning account's id (32 lower-case hexadecimal characters), so the token is verified at that account. Empty for a user token. Changing it requires api_token in the same write.",
 				DisplayAttrs: &framework.DisplayAttributes{
 					Name: "Token account ID",
 				},
@@ -340,7 +340,10 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 		return fmt.Sprintf("drift_check_interval must be 0 (off) or between %s and 168h", minDriftCheckInterval)
 	}
 	if v, ok := d.GetOk("token_account_id"); ok {
-		id := strings.ToLower(strings.TrimSpace(v.(string)))
+		// Taken as written, never trimmed or folded: Vault matches a
+		// policy's parameter values case-sensitively, as it does paths, so
+		// a folded value would escape a denied_parameters rule.
+		id := v.(string)
 		if id != "" {
 			if problem := checkIdentifier("token_account_id", id); problem != "" {
 				return problem

@@ -124,7 +124,7 @@ func TestConfigReadShowsVerificationButNeverTheToken(t *testing.T) {
 	write, err := env.request(logical.UpdateOperation, "config", map[string]any{
 		"api_token":        token.Value,
 		"base_url":         env.simURL + "/",
-		"token_account_id": strings.ToUpper(env.account),
+		"token_account_id": env.account,
 	})
 	mustSucceed(t, write, err)
 	if env.sim.Calls(cloudflaresim.OpAccountTokenVerify) != 1 {
@@ -339,4 +339,52 @@ func TestARefusedConfigWriteLeavesTheMountAsItWas(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestTokenAccountIDMustBeCanonical: the one id the engine takes outside a
+// path, config's token_account_id, was trimmed and lower-cased. Vault's policy
+// parameter constraints (denied_parameters / allowed_parameters values) are
+// matched case-sensitively, like policy paths, so an engine that folds the
+// value lets a write through that a denied_parameters rule names (the e2e
+// test TestADeniedTokenAccountIDCannotBeSpeltAround shows it on a real
+// Vault). It is a 400 that says the id must be lower case, with nothing
+// stored and nothing asked of Cloudflare; the folding code answered 200 and
+// stored the folded id.
+func TestTokenAccountIDMustBeCanonical(t *testing.T) {
+	for name, spell := range map[string]func(string) string{
+		"upper case":         strings.ToUpper,
+		"surrounding spaces": func(id string) string { return " " + id + " " },
+	} {
+		t.Run(name, func(t *testing.T) {
+			env := newTestEnv(t)
+			owned := env.sim.AddToken(cloudflaresim.Token{OwnerAccount: env.account})
+			resp, err := env.request(logical.UpdateOperation, "config", map[string]any{
+				"api_token":        owned.Value,
+				"base_url":         env.simURL,
+				"token_account_id": spell(env.account),
+			})
+			if got := httpStatus(resp, err); got != http.StatusBadRequest {
+				t.Fatalf("status = %d, want 400: token_account_id %q was taken as %q (the engine folds it; Vault's parameter rules do not)",
+					got, spell(env.account), storedTokenAccount(t, env))
+			}
+			if msg := errorText(resp, err); !strings.Contains(msg, "lower-case") {
+				t.Errorf("error %q does not ask for the canonical form", msg)
+			}
+			if n := env.sim.TotalCalls(); n != 0 {
+				t.Errorf("Cloudflare was called %d times for a non-canonical id", n)
+			}
+			if snap := env.storageSnapshot(); len(snap) != 0 {
+				t.Errorf("storage changed: %v", snap)
+			}
+		})
+	}
+}
+
+func storedTokenAccount(t *testing.T, env *testEnv) any {
+	t.Helper()
+	resp, err := env.request(logical.ReadOperation, "config", nil)
+	if err != nil || resp == nil {
+		return nil
+	}
+	return resp.Data["token_account_id"]
 }

@@ -284,6 +284,12 @@ func stateWarnings(rec *pskRecord) []string {
 // rotateTunnel is a write of psk/<account>/<tunnel>: it checks the request
 // and hands it to rotation.go, which generates and stores the key.
 func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	// The path first: a caller with a wrong id must learn that, whatever
+	// the body says.
+	t, problem := tunnelFromRequest(d)
+	if problem != "" {
+		return logical.ErrorResponse(problem), nil
+	}
 	sched, problem := requestedSchedule(d, b.now())
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
@@ -298,10 +304,6 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 		return logical.ErrorResponse("validate_only=true cannot be combined with rotation_period, rotation_schedule or rotation_window: " +
 			"a validation stores nothing, so the schedule would be ignored; write it without validate_only, " +
 			"or to psk/<account_id>/<tunnel_id>/schedule to change it without rotating"), nil
-	}
-	t, problem := tunnelFromRequest(d)
-	if problem != "" {
-		return logical.ErrorResponse(problem), nil
 	}
 
 	if validateOnly {

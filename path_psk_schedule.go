@@ -69,6 +69,10 @@ func (b *backend) readSchedule(ctx context.Context, req *logical.Request, d *fra
 // window as they are. A rotation in flight holds the tunnel's lock, so the
 // write waits for it (at most about request_timeout) rather than race it.
 func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	t, problem := tunnelFromRequest(d)
+	if problem != "" {
+		return logical.ErrorResponse(problem), nil
+	}
 	sched, problem := requestedSchedule(d, b.now())
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
@@ -79,10 +83,6 @@ func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *fr
 	if sched == nil {
 		return logical.ErrorResponse("give rotation_period or rotation_schedule (with rotation_window if wanted): " +
 			"this path only changes the schedule; rotation_period=0 turns it off"), nil
-	}
-	t, problem := tunnelFromRequest(d)
-	if problem != "" {
-		return logical.ErrorResponse(problem), nil
 	}
 	defer b.lockTunnel(t)()
 	rec, err := readPSKRecord(ctx, req.Storage, t)

@@ -610,3 +610,31 @@ func TestAScheduleErrorDoesNotRepeatTheValue(t *testing.T) {
 		t.Error("a refused schedule reached Cloudflare")
 	}
 }
+
+// TestAnIDProblemIsReportedBeforeTheBody: a write of
+// psk/<A>/<UPPER>/schedule without a schedule field, or of psk/<A>/<UPPER>
+// with a bad schedule value, was refused with a 400 about the schedule
+// fields: the handlers checked the body before the path's ids, so the caller
+// fixed the body and only then learnt the id is refused.
+func TestAnIDProblemIsReportedBeforeTheBody(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	upper := "psk/" + env.account + "/" + strings.ToUpper(env.tunnel.ID)
+	for name, c := range map[string]struct {
+		path string
+		data map[string]any
+	}{
+		"schedule write without a field":       {upper + "/schedule", nil},
+		"psk write with a bad rotation_period": {upper, map[string]any{"rotation_period": "1s"}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			resp, err := env.request(logical.UpdateOperation, c.path, c.data)
+			if got := httpStatus(resp, err); got != http.StatusBadRequest {
+				t.Fatalf("status = %d, want 400 (%s)", got, errorText(resp, err))
+			}
+			if msg := errorText(resp, err); !strings.Contains(msg, "lower-case") {
+				t.Errorf("the 400 for an upper-case id does not say so: %q", msg)
+			}
+		})
+	}
+}

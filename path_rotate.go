@@ -38,12 +38,12 @@ func pathRotate(b *backend) []*framework.Path {
 }
 
 func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if resp := rejectUnknownFields(req, d); resp != nil {
-		return resp, nil
-	}
 	account, problem := parseIdentifier("account", d.Get("account").(string))
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
+	}
+	if resp := rejectUnknownFields(req, d); resp != nil {
+		return resp, nil
 	}
 	var olderThan time.Duration
 	if v, ok := d.GetOk("older_than"); ok {

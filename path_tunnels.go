@@ -115,7 +115,14 @@ func (b *backend) readCloudflareTunnel(ctx context.Context, req *logical.Request
 // compares.
 func (b *backend) checkSync(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, edge *cloudflare.TunnelState) (bool, error) {
 	if b.mayWrite() {
-		return b.compareWithEdge(ctx, s, client, cfg, t, edge, false)
+		// A listing does not wait for a rotation in flight: that tunnel
+		// shows in_sync false until it is stored.
+		unlock, ok := b.tryLockTunnel(t)
+		if !ok {
+			return false, nil
+		}
+		defer unlock()
+		return b.compareLocked(ctx, s, client, cfg, t, edge, false)
 	}
 	rec, err := readPSKRecord(ctx, s, t)
 	if err != nil || rec == nil {

@@ -164,7 +164,15 @@ func (b *backend) sweepDrift(ctx context.Context, s logical.Storage, client *clo
 		}
 		for _, id := range stored {
 			t := tunnelRef{AccountID: account, TunnelID: id}
-			if _, err := b.compareWithEdge(ctx, s, client, cfg, t, byID[id], cfg.HealStalePSK); err != nil {
+			// The sweep waits for a tunnel whose lock is taken instead of
+			// passing over it: it marks itself done below, and a tunnel
+			// passed over would go unchecked for a whole interval. The
+			// holder is a rotation (bounded by request_timeout) or a
+			// storage-only change such as a schedule write.
+			unlock := b.lockTunnel(t)
+			_, err := b.compareLocked(ctx, s, client, cfg, t, byID[id], cfg.HealStalePSK)
+			unlock()
+			if err != nil {
 				b.tunnelLogger(t).Warn("drift check failed", "error", err)
 				if cloudflare.RetryAfter(err) > 0 {
 					return nil
@@ -178,19 +186,14 @@ func (b *backend) sweepDrift(ctx context.Context, s logical.Storage, client *clo
 	return nil
 }
 
-// compareWithEdge holds a current record against the edge's view of its
+// compareLocked holds a current record against the edge's view of its
 // tunnel (nil: Cloudflare does not list it) and records what it finds: a key
 // generated after the stored one makes the record stale (and, with heal,
 // heals it if the tunnel was not healed within drift_check_interval); a
 // tunnel Cloudflare no longer has makes it tunnel_gone. It returns whether
 // the stored key is the edge's. A record that is not current is
-// reconciliation's to resolve, and a tunnel whose lock is taken is left alone.
-func (b *backend) compareWithEdge(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, edge *cloudflare.TunnelState, heal bool) (bool, error) {
-	unlock, ok := b.tryLockTunnel(t)
-	if !ok {
-		return false, nil
-	}
-	defer unlock()
+// reconciliation's to resolve. The caller holds t's lock.
+func (b *backend) compareLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, edge *cloudflare.TunnelState, heal bool) (bool, error) {
 	rec, err := readPSKRecord(ctx, s, t)
 	if err != nil || rec == nil {
 		return false, err

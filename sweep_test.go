@@ -3,8 +3,10 @@ package main
 import (
 	"context"
 	"net/http"
+	"runtime"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -224,5 +226,75 @@ func TestTwoMountsOnOneTunnelStopRotatingEachOther(t *testing.T) {
 	if a.generations() != after2 {
 		t.Fatalf("two mounts on one tunnel: %d more keys generated after the loop was detected (round 2); the heal limit only slows the loop",
 			a.generations()-after2)
+	}
+}
+
+// TestTheDriftSweepWaitsForATunnelWhoseLockIsHeld: the sweep passed over a
+// tunnel whose lock was taken and then marked itself done for the whole
+// drift_check_interval. The lock is taken not only by a rotation (after
+// which the stored key is the edge's) but by a schedule write, which changes
+// no key: a key changed at the edge then went unfound for an interval (an
+// hour by default). The sweep now waits for the lock. The schedule write is
+// held inside its storage Put, and released once the sweep waits for the
+// tunnel's lock (seen in the lock's count of holders and waiters, not
+// guessed from time).
+func TestTheDriftSweepWaitsForATunnelWhoseLockIsHeld(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "10m"}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.RegenerateOutOfBand(env.account, env.tunnel.ID)
+	self := tunnelRef{AccountID: env.account, TunnelID: env.tunnel.ID}
+
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	hooked := &hookStorage{Storage: env.storage}
+	hooked.onPut = func(e *logical.StorageEntry) error {
+		if e.Key == self.storageKey() {
+			once.Do(func() { close(entered); <-release })
+		}
+		return nil
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := env.b.HandleRequest(context.Background(), &logical.Request{
+			Operation: logical.UpdateOperation, Path: env.pskPath() + "/schedule",
+			Data: map[string]any{"rotation_period": "720h"}, Storage: hooked,
+		})
+		done <- err
+	}()
+	<-entered // the schedule write holds the tunnel's lock
+
+	env.clock.Advance(10 * time.Minute)
+	swept, sweepErr := make(chan struct{}), make(chan error, 1)
+	go func() {
+		defer close(swept)
+		sweepErr <- env.b.reconcileUnresolved(context.Background(), &logical.Request{Storage: env.storage})
+	}()
+	for env.b.tunnelLocks.holders(self.storageKey()) < 2 {
+		select {
+		case <-swept:
+			t.Fatal("the sweep finished while the tunnel's lock was held: it passed over the tunnel")
+		default:
+			runtime.Gosched()
+		}
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatalf("schedule write: %v", err)
+	}
+	<-swept
+	if err := <-sweepErr; err != nil {
+		t.Fatalf("background pass: %v", err)
+	}
+	rec, err := readPSKRecord(context.Background(), env.storage, self)
+	if err != nil || rec == nil {
+		t.Fatalf("record: %v, %v", rec, err)
+	}
+	if rec.State != stateCurrent || rec.PSK != env.edge().PSK {
+		t.Fatalf("state %s, key is the edge's: %v: the sweep did not find the drift on a tunnel whose schedule was being written",
+			rec.State, rec.PSK == env.edge().PSK)
+	}
+	if rec.RotationPeriod != 720*time.Hour {
+		t.Errorf("the schedule write was lost: rotation_period %s", rec.RotationPeriod)
 	}
 }

@@ -273,7 +273,7 @@ path "cloudflare-ipsec/psk/%s/%s" { capabilities = ["deny"] }
 	t.Run("an account-owned token is verified at its account", func(t *testing.T) {
 		owned := sim.AddToken(cloudflaresim.Token{OwnerAccount: account})
 		calls := sim.Calls(cloudflaresim.OpAccountTokenVerify)
-		v.mustVault(t, root, "write", "cloudflare-ipsec/config", "api_token="+owned.Value, "token_account_id="+strings.ToUpper(account))
+		v.mustVault(t, root, "write", "cloudflare-ipsec/config", "api_token="+owned.Value, "token_account_id="+account)
 		cfg := v.mustVaultJSON(t, root, "read", "cloudflare-ipsec/config")
 		if field(t, cfg, "token_id") != owned.ID || field(t, cfg, "token_account_id") != account {
 			t.Errorf("config = %v", cfg["data"])

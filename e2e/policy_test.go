@@ -1,7 +1,7 @@
 package e2e
 
-// Review of issue 18 (canonical ids) on a real Vault. Tests named
-// ...Break fail on the change under review; the others show what held.
+// Policies against every spelling of a path or a parameter, on a real
+// Vault: what Vault's ACL decides must be what the engine acts on.
 
 import (
 	"bufio"
@@ -44,7 +44,7 @@ func rawRequest(t *testing.T, addr, method, target, token, body string) (int, st
 	return resp.StatusCode, resp.Header.Get("Location") + " " + string(b)
 }
 
-// TestReviewPathSpellingsNeverReachADeniedTunnel (holds): with the issue's
+// TestPathSpellingsNeverReachADeniedTunnel with the issue's
 // policy (the account's tunnels allowed, one denied), no other spelling of
 // the denied tunnel's path, sent byte for byte past any client, reads its
 // key or rotates it: trailing and doubled slashes, dot segments, encoded
@@ -54,7 +54,7 @@ func rawRequest(t *testing.T, addr, method, target, token, body string) (int, st
 // layer redirects unclean paths (307) before any policy check, so the
 // path Vault authorises is the path the engine gets; whatever else reaches
 // the engine is refused by its id check or matches no route.
-func TestReviewPathSpellingsNeverReachADeniedTunnel(t *testing.T) {
+func TestPathSpellingsNeverReachADeniedTunnel(t *testing.T) {
 	sim, baseURL, secrets, token, account := newEdge(t)
 	denied := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
 	other := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
@@ -143,16 +143,14 @@ path "cloudflare-ipsec/metadata/%[1]s/%[2]s" { capabilities = ["deny"] }
 	}
 }
 
-// TestReviewBreakDeniedTokenAccountIDSpeltInUpperCase: the same class of
-// bypass as the issue's, on the one id the engine still folds. Vault
-// matches a policy's denied_parameters values case-sensitively; the
-// engine trims and lower-cases config's token_account_id. A policy that
-// lets an administrator write config but denies token_account_id=<B> is
-// escaped by writing <B> in upper case: the engine stores <B>. Expected:
-// a 400 from the engine (the id is not in its canonical form), config
-// unchanged. On the change: the write succeeds and config reads
-// token_account_id=<B>.
-func TestReviewBreakDeniedTokenAccountIDSpeltInUpperCase(t *testing.T) {
+// TestADeniedTokenAccountIDCannotBeSpeltAround: the same class of bypass
+// as a path's, on the one id the engine takes outside a path. Vault matches
+// a policy's denied_parameters values case-sensitively; the engine trimmed
+// and lower-cased config's token_account_id, so a policy that lets an
+// administrator write config but denies token_account_id=<B> was escaped by
+// writing <B> in upper case, and config read token_account_id=<B>. The
+// engine now refuses it with a 400 and config is unchanged.
+func TestADeniedTokenAccountIDCannotBeSpeltAround(t *testing.T) {
 	sim, baseURL, secrets, token, _ := newEdge(t)
 	forbidden := cloudflaresim.NewID()
 	owned := sim.AddToken(cloudflaresim.Token{OwnerAccount: forbidden})
