@@ -29,6 +29,14 @@ const (
 	// The drift sweep lists each managed account once per interval.
 	defaultDriftCheckInterval = time.Hour
 	minDriftCheckInterval     = time.Minute
+	// A rotation is an outage until the tunnel's routers have the new key;
+	// hourly is already far more often than any policy asks for, and a
+	// team allowed only to reschedule (docs/policies/operator.hcl) can
+	// cause no more than one rotation per tunnel per min_rotation_period.
+	// The least it may be is minRotationPeriod (schedule.go), the shortest
+	// schedule the engine has ever taken.
+	defaultMinRotationPeriod = time.Hour
+	maxMinRotationPeriod     = 8760 * time.Hour
 )
 
 // configRecord is the engine's configuration as stored. APIToken never
@@ -47,6 +55,11 @@ type configRecord struct {
 	// DriftCheckInterval is how often the background compares every managed
 	// tunnel's key time at Cloudflare with the record; 0 turns it off.
 	DriftCheckInterval time.Duration `json:"drift_check_interval"`
+	// MinRotationPeriod is the shortest schedule a write may set, and the
+	// least time a schedule change or a schedule written before it was
+	// raised leaves after a tunnel's stored key (schedule.go). 0, in a
+	// config stored before the field existed: defaultMinRotationPeriod.
+	MinRotationPeriod time.Duration `json:"min_rotation_period"`
 
 	// What Cloudflare's token-verify endpoint said when config was written.
 	TokenID        string    `json:"token_id"`
@@ -72,6 +85,28 @@ func (c *configRecord) expiryWarnings(now time.Time) []string {
 
 // driftInterval is how often the drift sweep runs (0: never).
 func (c *configRecord) driftInterval() time.Duration { return c.DriftCheckInterval }
+
+// minRotationPeriod is the floor under every schedule (see
+// MinRotationPeriod); without config, or in a config stored before the
+// field existed, the default.
+func (c *configRecord) minRotationPeriod() time.Duration {
+	if c == nil || c.MinRotationPeriod <= 0 {
+		return defaultMinRotationPeriod
+	}
+	return c.MinRotationPeriod
+}
+
+// minRotationPeriod reads the mount's floor under every schedule from
+// storage (the default while the engine is not configured). It reads
+// storage rather than the cached client's config, so that a write refused
+// or accepted always answers to the config stored at that moment.
+func (b *backend) minRotationPeriod(ctx context.Context, s logical.Storage) (time.Duration, error) {
+	cfg, err := readConfig(ctx, s)
+	if err != nil {
+		return 0, err
+	}
+	return cfg.minRotationPeriod(), nil
+}
 
 // rateLimit returns the mount's cap on Cloudflare calls.
 func (c *configRecord) rateLimit() (int, time.Duration) { return c.RateLimit, c.RateLimitWindow }
@@ -140,6 +175,16 @@ func pathConfig(b *backend) *framework.Path {
 					Name: "Drift check interval",
 				},
 			},
+			"min_rotation_period": {
+				Type: framework.TypeDurationSecond,
+				Description: "The shortest schedule any write of psk/ or psk/<account>/<tunnel>/schedule may set (rotation_period, or the times of a rotation_schedule), " +
+					"and the least time a schedule change leaves after a tunnel's last key. Every rotation takes the tunnel down until its routers have the new key: " +
+					"a team allowed only to reschedule can cause at most one rotation per tunnel per this period. Between 1m and 8760h.",
+				Default: int(defaultMinRotationPeriod.Seconds()),
+				DisplayAttrs: &framework.DisplayAttributes{
+					Name: "Minimum rotation period",
+				},
+			},
 			"token_account_id": {
 				Type:        framework.TypeString,
 				Description: "For an account-owned API token: the owning account's id (32 lower-case hexadecimal characters), so the token is verified at that account. Empty for a user token. Changing it requires api_token in the same write.",
@@ -203,6 +248,7 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 		"rate_limit":           limit,
 		"rate_limit_window":    int(window.Seconds()),
 		"drift_check_interval": int(cfg.DriftCheckInterval.Seconds()),
+		"min_rotation_period":  int(cfg.minRotationPeriod().Seconds()),
 		"token_id":             cfg.TokenID,
 		"token_status":         cfg.TokenStatus,
 		"token_expires_on":     formatTime(cfg.TokenExpiresOn),
@@ -223,7 +269,8 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	var stored *configRecord
 	if cfg == nil {
 		cfg = &configRecord{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: defaultRequestTimeout, HealStalePSK: true,
-			RateLimit: defaultRateLimit, RateLimitWindow: defaultRateLimitWindow, DriftCheckInterval: defaultDriftCheckInterval}
+			RateLimit: defaultRateLimit, RateLimitWindow: defaultRateLimitWindow, DriftCheckInterval: defaultDriftCheckInterval,
+			MinRotationPeriod: defaultMinRotationPeriod}
 	} else {
 		copied := *cfg
 		stored = &copied
@@ -339,6 +386,13 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	if cfg.DriftCheckInterval != 0 && (cfg.DriftCheckInterval < minDriftCheckInterval || cfg.DriftCheckInterval > 7*24*time.Hour) {
 		return fmt.Sprintf("drift_check_interval must be 0 (off) or between %s and 168h", minDriftCheckInterval)
 	}
+	cfg.MinRotationPeriod = cfg.minRotationPeriod() // a config stored before the field: the default
+	if v, ok := d.GetOk("min_rotation_period"); ok {
+		cfg.MinRotationPeriod = time.Duration(v.(int)) * time.Second
+	}
+	if cfg.MinRotationPeriod < minRotationPeriod || cfg.MinRotationPeriod > maxMinRotationPeriod {
+		return fmt.Sprintf("min_rotation_period must be between %s and %s", minRotationPeriod, maxMinRotationPeriod)
+	}
 	if v, ok := d.GetOk("token_account_id"); ok {
 		// Taken as written, never trimmed or folded: Vault matches a
 		// policy's parameter values case-sensitively, as it does paths, so
@@ -453,7 +507,7 @@ lets them read, to a host of their own.
 
 Reading config returns the settings (base_url, request_timeout,
 token_account_id, heal_stale_psk, rate_limit, rate_limit_window,
-drift_check_interval) and what
+drift_check_interval, min_rotation_period) and what
 Cloudflare said of the token: token_id, token_status, token_expires_on,
 token_not_before, token_verified_at (when the engine last verified it) and
 last_rotated (when config/rotate-root last rolled it). It never returns the
@@ -470,6 +524,23 @@ announced ends (at most 15 minutes), and keeps the block in Vault storage so
 that a plugin reload, a restart or a failover honours it too; meanwhile every
 call fails at once with a 429, and reading config shows rate_limited_until,
 when the block ends ("" when none is in force).
+
+min_rotation_period (default 1h, between 1m and 8760h) is the floor under
+every schedule. A write of psk/<account_id>/<tunnel_id> or of its /schedule
+path is refused with a 400 (nothing sent, nothing stored) when its
+rotation_period is shorter, or when two successive times of its
+rotation_schedule can come closer (computed over a whole 400-year calendar
+cycle); and a schedule change never sets the next rotation less than
+min_rotation_period after the tunnel's stored key. So a team whose policy
+grants only psk/+/+/schedule (docs/policies/operator.hcl) can make the
+scheduler rotate a tunnel at most once per min_rotation_period (each
+rotation an outage until the tunnel's routers have the new key), or turn
+scheduled rotation off; it can never rotate at once. Raising it does not
+rewrite stored schedules: a tunnel whose schedule is now shorter keeps its
+next_rotation, and every later one is held back to min_rotation_period after
+its stored key (a write of its /schedule path applies the new floor at once,
+and must itself respect it). Lowering it changes nothing until a schedule
+is written.
 
 heal_stale_psk (default true) decides what reconciliation does when it finds
 that Cloudflare generated a key after the one Vault stored (a rotation whose

@@ -122,12 +122,13 @@ func tunnelFromRequest(d *framework.FieldData) (tunnelRef, string) {
 var scheduleFields = map[string]*framework.FieldSchema{
 	"rotation_period": {
 		Type:        framework.TypeDurationSecond,
-		Description: "Rotate this tunnel again every period (at least 1m); 0 turns scheduled rotation off; omitted keeps the current schedule. Not with rotation_schedule.",
+		Description: "Rotate this tunnel again every period (at least config min_rotation_period, 1h by default); 0 turns scheduled rotation off; omitted keeps the current schedule. Not with rotation_schedule.",
 	},
 	"rotation_schedule": {
 		Type: framework.TypeString,
 		Description: "Rotate this tunnel at the times of a standard 5-field cron expression (minute hour day-of-month month day-of-week, " +
-			"in UTC, no time zone), e.g. \"0 2 * * 6\"; \"\" turns scheduled rotation off; omitted keeps the current schedule. Not with rotation_period.",
+			"in UTC, no time zone), e.g. \"0 2 * * 6\", whose times are at least config min_rotation_period apart; \"\" turns scheduled rotation off; " +
+			"omitted keeps the current schedule. Not with rotation_period.",
 	},
 	"rotation_window": {
 		Type: framework.TypeDurationSecond,
@@ -138,9 +139,10 @@ var scheduleFields = map[string]*framework.FieldSchema{
 
 // requestedSchedule reads the schedule fields of a write: nil when it names
 // none (the tunnel keeps its schedule), otherwise the tunnel's schedule from
-// now on (the zero schedule: none). problem, when not "", names the field at
-// fault; it never repeats a value.
-func requestedSchedule(d *framework.FieldData, now time.Time) (*rotationSchedule, string) {
+// now on (the zero schedule: none). floor is config min_rotation_period:
+// a schedule that falls due more often is refused. problem, when not "",
+// names the field at fault; it never repeats a value.
+func requestedSchedule(d *framework.FieldData, now time.Time, floor time.Duration) (*rotationSchedule, string) {
 	periodRaw, hasPeriod := d.GetOk("rotation_period")
 	cronRaw, hasCron := d.GetOk("rotation_schedule")
 	windowRaw, hasWindow := d.GetOk("rotation_window")
@@ -151,8 +153,9 @@ func requestedSchedule(d *framework.FieldData, now time.Time) (*rotationSchedule
 		return nil, "rotation_window is only taken with a rotation_schedule in the same write: it bounds how late after a scheduled time its rotation may start"
 	case hasPeriod:
 		period := time.Duration(periodRaw.(int)) * time.Second
-		if period != 0 && period < minRotationPeriod {
-			return nil, fmt.Sprintf("rotation_period must be 0 (off) or at least %s", minRotationPeriod)
+		if period != 0 && period < max(floor, minRotationPeriod) {
+			return nil, fmt.Sprintf("rotation_period must be 0 (off) or at least %s, the engine's min_rotation_period (config; "+
+				"each rotation takes the tunnel down until its routers have the new key): nothing was sent or stored", max(floor, minRotationPeriod))
 		}
 		return &rotationSchedule{Period: period}, ""
 	case hasCron:
@@ -160,8 +163,13 @@ func requestedSchedule(d *framework.FieldData, now time.Time) (*rotationSchedule
 		if sched.Cron == "" {
 			return sched, ""
 		}
-		if _, problem := parseCron(sched.Cron, now); problem != "" {
+		parsed, problem := parseCron(sched.Cron, now)
+		if problem != "" {
 			return nil, problem
+		}
+		if gap := cronShortestGap(parsed); gap < floor {
+			return nil, fmt.Sprintf("rotation_schedule falls due as often as every %s; its times must be at least %s apart, "+
+				"the engine's min_rotation_period (config; each rotation takes the tunnel down until its routers have the new key): nothing was sent or stored", gap, floor)
 		}
 		if hasWindow {
 			sched.Window = time.Duration(windowRaw.(int)) * time.Second
@@ -290,7 +298,11 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	sched, problem := requestedSchedule(d, b.now())
+	floor, err := b.minRotationPeriod(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	sched, problem := requestedSchedule(d, b.now(), floor)
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
@@ -378,18 +390,23 @@ write (create/update): asks Cloudflare to generate a new PSK for the tunnel
   the new key. The key is stored in Vault and the response carries only its
   metadata, never the key.
   A schedule (omitted: the tunnel keeps its own) is one of:
-  rotation_period: rotate the tunnel again every period (at least 1m; 0 turns
-  scheduled rotation off);
+  rotation_period: rotate the tunnel again every period (at least config
+  min_rotation_period, 1h by default; 0 turns scheduled rotation off);
   rotation_schedule: rotate it at the times of a standard 5-field cron
   expression (minute hour day-of-month month day-of-week, in UTC; it takes
-  no time zone), such as "0 2 * * 6" for Saturdays at 02:00 UTC;
+  no time zone), such as "0 2 * * 6" for Saturdays at 02:00 UTC, whose
+  successive times are never closer than min_rotation_period;
   "" turns scheduled rotation off; with
   rotation_window: a rotation that cannot start within this long after its
   scheduled time (the budget spent, Vault down) waits for the next scheduled
   time instead of taking the tunnel down outside its maintenance window, and
   schedule_note says so (at least 1m; 0 or omitted: no window).
   rotation_period and rotation_schedule together are refused (400), as is
-  rotation_window without rotation_schedule. Give the two tunnels of a site
+  rotation_window without rotation_schedule, and a schedule shorter than
+  min_rotation_period (the 400 names it; nothing is sent or stored). A
+  schedule stored before an administrator raised min_rotation_period is
+  kept, but after each rotation its next one is held back to
+  min_rotation_period after the stored key. Give the two tunnels of a site
   different times, so that a site never loses both at once. To change a
   schedule without rotating, write psk/<account_id>/<tunnel_id>/schedule.
   validate_only=true: Cloudflare only validates the request; no key is

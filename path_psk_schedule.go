@@ -73,7 +73,11 @@ func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *fr
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	sched, problem := requestedSchedule(d, b.now())
+	floor, err := b.minRotationPeriod(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	sched, problem := requestedSchedule(d, b.now(), floor)
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
@@ -94,7 +98,7 @@ func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *fr
 		return nil, logical.CodedError(http.StatusNotFound, fmt.Sprintf(
 			"no psk is stored for %s: write psk/%s/%s, which rotates the tunnel and takes the same schedule fields", t, t.AccountID, t.TunnelID))
 	}
-	updated, err := b.reschedule(ctx, req.Storage, t, rec, *sched)
+	updated, err := b.reschedule(ctx, req.Storage, t, rec, *sched, floor)
 	if err != nil {
 		return nil, err
 	}
@@ -111,13 +115,14 @@ func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *fr
 // under it. The order is the rotation's (generateLocked): the new entry, then
 // the record, then the superseded entry, so that a storage failure can leave
 // a stale entry (dropped when its minute comes) but never a record whose
-// next rotation has no entry.
-func (b *backend) reschedule(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord, sched rotationSchedule) (*pskRecord, error) {
+// next rotation has no entry. floor is config min_rotation_period: the next
+// rotation is never less than that after the stored key (nextAfterChange).
+func (b *backend) reschedule(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord, sched rotationSchedule, floor time.Duration) (*pskRecord, error) {
 	updated := *rec
 	updated.RotationPeriod, updated.RotationSchedule, updated.RotationWindow = sched.Period, sched.Cron, sched.Window
 	updated.NextRotation, updated.WindowEnds, updated.ScheduleNote = time.Time{}, time.Time{}, ""
 	if sched.set() {
-		updated.NextRotation, updated.WindowEnds = sched.nextAfterChange(rec.StoredAt, b.now())
+		updated.NextRotation, updated.WindowEnds = sched.nextAfterChange(rec.StoredAt, b.now(), floor)
 		if rec.Failures > 0 && updated.NextRotation.Before(rec.RetryAt) {
 			// The background is backing off from failed attempts: a new
 			// schedule does not bring the next one forward.
@@ -173,20 +178,26 @@ key: it only moves the tunnel's next scheduled rotation. A write of
 psk/<account_id>/<tunnel_id> takes the same fields, and rotates.
 
 write (create/update): one of
-  rotation_period: rotate the tunnel every period (at least 1m; 0 turns
-  scheduled rotation off). The next rotation is one period after the stored
-  key's (stored_at), or, when that has already passed, one period from now:
-  a schedule change alone never has the key rotated at once; write
-  psk/<account_id>/<tunnel_id> to rotate now.
+  rotation_period: rotate the tunnel every period (at least config
+  min_rotation_period, 1h by default; 0 turns scheduled rotation off). The
+  next rotation is one period after the stored key's (stored_at), or, when
+  that has already passed, one period from now: a schedule change alone
+  never has the key rotated at once; write psk/<account_id>/<tunnel_id> to
+  rotate now.
   rotation_schedule: rotate it at the times of a standard 5-field cron
   expression (minute hour day-of-month month day-of-week, in UTC; it takes
-  no time zone), such as "0 2 * * 6" for Saturdays at 02:00 UTC;
+  no time zone), such as "0 2 * * 6" for Saturdays at 02:00 UTC, whose
+  successive times are never closer than min_rotation_period; its next
+  time that is at least min_rotation_period after stored_at (a switch from
+  "0 * * * *" to "1 * * * *" just after a rotation does not rotate again a
+  minute later);
   "" turns scheduled rotation off; with
   rotation_window: a rotation that cannot start within this long after its
   scheduled time waits for the next scheduled time (schedule_note says so;
   at least 1m; omitted: no window).
   Both rotation_period and rotation_schedule, rotation_window without
-  rotation_schedule, or neither: 400. A tunnel whose scheduled rotations keep
+  rotation_schedule, or neither: 400; a schedule shorter than
+  min_rotation_period: 400 naming it, nothing stored. A tunnel whose scheduled rotations keep
   failing is still tried no earlier than its retry_at. 404 when Vault holds
   no key for the tunnel: a schedule alone never makes a first key. The write
   is accepted while the last rotation's outcome is unknown (no 409 as on
@@ -209,5 +220,8 @@ read: the schedule, without the key and without asking Cloudflare:
 
 Writes are forwarded to the active node. docs/policies/operator.hcl grants
 this path; a policy with only this path lets a team reschedule but not
-rotate.
+rotate: it can never have a tunnel rotated at once, and can make the
+scheduler rotate each tunnel at most once per min_rotation_period (each
+rotation an outage until the tunnel's routers have the new key), or turn
+scheduled rotation off or put it off.
 `

@@ -42,6 +42,7 @@ func dueEntries(t *testing.T, env *testEnv) []string {
 // then rotates by the new schedule.
 func TestAScheduleChangeNeverRotates(t *testing.T) {
 	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
 	schedulerOver(t, env, env.storage)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 	before := record(t, env, env.tunnel.ID)
@@ -190,6 +191,7 @@ func TestAScheduleChangeWhileARotationSettles(t *testing.T) {
 // the next attempt forward, and so does not spend the budget faster.
 func TestAScheduleChangeKeepsTheBackoff(t *testing.T) {
 	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
 	schedulerOver(t, env, env.storage)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
 	for i := 0; i < 3; i++ {

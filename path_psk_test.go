@@ -512,6 +512,7 @@ func vaultAgentRereadsAt(t *testing.T, resp *logical.Response, readAt time.Time)
 // that Vault Agent reads a tunnel's key again right after it rotates.
 func TestReadsAreRotationAware(t *testing.T) {
 	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
 	schedulerOver(t, env, env.storage) // the test moves the clock past due times
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 	for _, path := range []string{env.pskPath(), env.metaPath()} {

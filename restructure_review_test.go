@@ -101,6 +101,7 @@ func TestABulkEntryWhoseDeleteFailsIsNotRotatedTwice(t *testing.T) {
 // rotation_period 2m.
 func TestAFailedScheduledRotationNeverLosesItsSchedule(t *testing.T) {
 	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "2m"}))
 	fs := schedulerOverFaultyStorage(t, env)
 

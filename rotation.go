@@ -230,9 +230,10 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 	}
 	// The next rotation counts from this one: a period from now, a cron
 	// expression's next time (a rotation late in its window does not make
-	// the next one late).
+	// the next one late); a schedule shorter than min_rotation_period (set
+	// before the floor was raised) is held back to the floor.
 	rec.RotationSchedule, rec.RotationWindow = sched.Cron, sched.Window
-	if next, windowEnds := sched.next(rec.StoredAt); !next.IsZero() {
+	if next, windowEnds := sched.nextAfterRotation(rec.StoredAt, rec.StoredAt, cfg.minRotationPeriod()); !next.IsZero() {
 		rec.NextRotation, rec.WindowEnds = next, windowEnds
 		// Scheduled before the record is stored: an entry without a due
 		// record is dropped by the scheduler, a due record without an

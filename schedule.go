@@ -17,7 +17,9 @@ import (
 
 const (
 	// minRotationPeriod keeps a schedule from spending the rate limit on
-	// one tunnel. A cron expression cannot fall due more often.
+	// one tunnel. A cron expression cannot fall due more often. It is the
+	// least config min_rotation_period may be; that floor (1h by default,
+	// path_config.go) is what writes are held to.
 	minRotationPeriod = time.Minute
 	// minRotationWindow: the scheduler may have to wait for the budget or
 	// for a settling rotation; a shorter window would skip rotations that
@@ -59,17 +61,200 @@ func (s rotationSchedule) next(after time.Time) (at, windowEnds time.Time) {
 	return at, windowEnds
 }
 
+// nextNotBefore is next, but never earlier than notBefore (zero: no
+// bound): a period runs from after and is held back to notBefore; a cron
+// expression falls due at its first time that is not before notBefore.
+func (s rotationSchedule) nextNotBefore(after, notBefore time.Time) (at, windowEnds time.Time) {
+	at, windowEnds = s.next(after)
+	if at.IsZero() || !at.Before(notBefore) {
+		return at, windowEnds
+	}
+	if s.Period > 0 {
+		return notBefore.UTC(), time.Time{}
+	}
+	// The cron parser's times are strictly after the time given, to the
+	// second: one nanosecond before notBefore lets notBefore itself match.
+	return s.next(notBefore.Add(-time.Nanosecond))
+}
+
+// nextAfterRotation returns when a tunnel whose key was stored at storedAt
+// is next rotated, after = storedAt, or, for a scheduled time that passed
+// unused (a missed window), the time it was given up. A schedule that
+// falls due more often than floor (min_rotation_period) was written before
+// an administrator raised the floor: its next time is held back to floor
+// after the stored key. A schedule within the floor keeps its own times: a
+// rotation that started late (budget spent, Vault down) is followed by the
+// next scheduled time, not by one a floor later, or an hourly expression
+// under a floor of 1h would skip every other hour.
+func (s rotationSchedule) nextAfterRotation(storedAt, after time.Time, floor time.Duration) (at, windowEnds time.Time) {
+	if s.shortestGap(after) < floor {
+		return s.nextNotBefore(after, storedAt.Add(floor))
+	}
+	return s.next(after)
+}
+
 // nextAfterChange returns when a tunnel whose key was stored at storedAt
 // is next rotated once its schedule is changed to s (schedule-only writes,
 // path_psk_schedule.go): a period counts from the stored key, as if it had
 // been set at that rotation, but never from before now, so that a change of
 // schedule alone never has the key rotated at once; a cron expression
-// falls due at its next time.
-func (s rotationSchedule) nextAfterChange(storedAt, now time.Time) (at, windowEnds time.Time) {
+// falls due at its next time. Either way the next rotation is never less
+// than floor (min_rotation_period) after the stored key: every expression
+// "M * * * *" falls due hourly, but a team that switched it each minute to
+// the minute about to come would otherwise have the key rotated every
+// minute.
+func (s rotationSchedule) nextAfterChange(storedAt, now time.Time, floor time.Duration) (at, windowEnds time.Time) {
+	from := now
 	if s.Period > 0 && storedAt.Add(s.Period).After(now) {
-		return s.next(storedAt)
+		from = storedAt
 	}
-	return s.next(now)
+	return s.nextNotBefore(from, storedAt.Add(floor))
+}
+
+// shortestGap is the shortest time between two successive times of the
+// schedule: its period, or what cronShortestGap finds (0 when there is no
+// schedule or the expression no longer parses, or falls due no more after
+// now).
+func (s rotationSchedule) shortestGap(now time.Time) time.Duration {
+	switch {
+	case s.Period > 0:
+		return s.Period
+	case s.Cron != "":
+		sched, problem := parseCron(s.Cron, now)
+		if problem != "" {
+			return 0
+		}
+		return cronShortestGap(sched)
+	}
+	return 0
+}
+
+// gregorianCycle is the days of 400 Gregorian years, a whole number of
+// weeks (20,871): the calendar, weekdays and leap days included, repeats
+// after it, so the days a cron expression matches in one cycle are the
+// days it matches in every cycle.
+const gregorianCycle = 146097
+
+// cronShortestGap returns the shortest time between two successive times
+// of a parsed cron expression (0 when it has no times), exactly and with
+// bounded work, so that a write cannot be made slow: a SpecSchedule's times
+// are the days it matches, each at the same times of day. The shortest gap
+// is either between two times of one day, or from the last time of a
+// matching day to the first of the next matching day, and the days are
+// found by one pass over a 400-year cycle (146,097 days, stopping early at
+// a gap of one day, the least there is); the times of day are at most
+// 86,400 seconds. Iterating Next instead would need 400 years of times to
+// see every pattern ("0 0 29 2 1" falls on leap days and on Mondays).
+func cronShortestGap(sched cron.Schedule) time.Duration {
+	switch s := sched.(type) {
+	case cron.ConstantDelaySchedule:
+		return s.Delay
+	case *cron.SpecSchedule:
+		return specShortestGap(s)
+	}
+	// No other kind comes out of cron.ParseStandard; an unknown one is
+	// taken as falling due all the time rather than guessed at.
+	return 0
+}
+
+func specShortestGap(s *cron.SpecSchedule) time.Duration {
+	// The times of day, in seconds, ascending.
+	var first, last, prev, shortest int = -1, -1, -1, -1
+	for h := 0; h < 24; h++ {
+		if s.Hour&(1<<uint(h)) == 0 {
+			continue
+		}
+		for m := 0; m < 60; m++ {
+			if s.Minute&(1<<uint(m)) == 0 {
+				continue
+			}
+			for sec := 0; sec < 60; sec++ {
+				if s.Second&(1<<uint(sec)) == 0 {
+					continue
+				}
+				tod := h*3600 + m*60 + sec
+				if first < 0 {
+					first = tod
+				}
+				if prev >= 0 && (shortest < 0 || tod-prev < shortest) {
+					shortest = tod - prev
+				}
+				prev, last = tod, tod
+			}
+		}
+	}
+	if first < 0 {
+		return 0
+	}
+	days := shortestDayGap(s)
+	if days == 0 {
+		return 0
+	}
+	across := days*24*3600 - (last - first)
+	if shortest < 0 || across < shortest {
+		shortest = across
+	}
+	return time.Duration(shortest) * time.Second
+}
+
+// shortestDayGap returns the fewest days between two successive days a
+// cron expression matches (0: it matches none), with the day rule of
+// robfig/cron's dayMatches: when day-of-month or day-of-week is "*", a day
+// must match both, otherwise either.
+func shortestDayGap(s *cron.SpecSchedule) int {
+	const starBit = 1 << 63
+	both := s.Dom&starBit != 0 || s.Dow&starBit != 0
+	matches := func(month, day, weekday int) bool {
+		if s.Month&(1<<uint(month)) == 0 {
+			return false
+		}
+		dom, dow := s.Dom&(1<<uint(day)) != 0, s.Dow&(1<<uint(weekday)) != 0
+		if both {
+			return dom && dow
+		}
+		return dom || dow
+	}
+	firstDay, lastDay, shortest := -1, -1, 0
+	index, weekday := 0, int(time.Saturday) // 2000-01-01
+	for year := 2000; year < 2400; year++ {
+		for month := 1; month <= 12; month++ {
+			for day := 1; day <= daysIn(year, month); day++ {
+				if matches(month, day, weekday) {
+					if firstDay < 0 {
+						firstDay = index
+					} else if gap := index - lastDay; shortest == 0 || gap < shortest {
+						if shortest = gap; shortest == 1 {
+							return 1
+						}
+					}
+					lastDay = index
+				}
+				index++
+				weekday = (weekday + 1) % 7
+			}
+		}
+	}
+	if firstDay < 0 {
+		return 0
+	}
+	// From the cycle's last matching day to the next cycle's first.
+	if gap := firstDay + gregorianCycle - lastDay; shortest == 0 || gap < shortest {
+		shortest = gap
+	}
+	return shortest
+}
+
+func daysIn(year, month int) int {
+	switch month {
+	case 2:
+		if year%4 == 0 && (year%100 != 0 || year%400 == 0) {
+			return 29
+		}
+		return 28
+	case 4, 6, 9, 11:
+		return 30
+	}
+	return 31
 }
 
 // parseCron parses a standard five-field cron expression (as Vault's

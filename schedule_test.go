@@ -41,18 +41,120 @@ func TestScheduleNextTimes(t *testing.T) {
 }
 
 // TestAScheduleChangeNeverFallsDueAtOnce: after a change, a period counts
-// from the stored key while that is still ahead, from now once it is not.
+// from the stored key while that is still ahead, from now once it is not;
+// and nothing falls due less than the floor (min_rotation_period) after the
+// stored key.
 func TestAScheduleChangeNeverFallsDueAtOnce(t *testing.T) {
 	now := time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
 	stored := now.Add(-10 * time.Minute)
-	if next, _ := (rotationSchedule{Period: time.Hour}).nextAfterChange(stored, now); !next.Equal(stored.Add(time.Hour)) {
-		t.Errorf("a period longer than the key's age: %s", formatTime(next))
+	cases := []struct {
+		name  string
+		sched rotationSchedule
+		floor time.Duration
+		want  time.Time
+	}{
+		{"a period longer than the key's age", rotationSchedule{Period: time.Hour}, time.Minute, stored.Add(time.Hour)},
+		{"a period shorter than the key's age", rotationSchedule{Period: 5 * time.Minute}, time.Minute, now.Add(5 * time.Minute)},
+		{"a cron expression", rotationSchedule{Cron: "0 13 * * *"}, time.Minute, now.Add(time.Hour)},
+		{"a cron time within the floor of the key", rotationSchedule{Cron: "5 * * * *"}, time.Hour, now.Add(65 * time.Minute)},
+		{"a cron time just at the floor", rotationSchedule{Cron: "50 * * * *"}, time.Hour, stored.Add(time.Hour)},
+		{"a period under a floor raised since", rotationSchedule{Period: 5 * time.Minute}, time.Hour, stored.Add(time.Hour)},
+		{"an old key", rotationSchedule{Cron: "5 * * * *"}, time.Hour, now.Add(5 * time.Minute)},
 	}
-	if next, _ := (rotationSchedule{Period: 5 * time.Minute}).nextAfterChange(stored, now); !next.Equal(now.Add(5 * time.Minute)) {
-		t.Errorf("a period shorter than the key's age: %s", formatTime(next))
+	for _, tc := range cases {
+		from := stored
+		if tc.name == "an old key" {
+			from = now.Add(-24 * time.Hour)
+		}
+		if next, _ := tc.sched.nextAfterChange(from, now, tc.floor); !next.Equal(tc.want) {
+			t.Errorf("%s: next %s, want %s", tc.name, formatTime(next), formatTime(tc.want))
+		}
 	}
-	if next, _ := (rotationSchedule{Cron: "0 13 * * *"}).nextAfterChange(stored, now); !next.Equal(now.Add(time.Hour)) {
-		t.Errorf("a cron expression: %s", formatTime(next))
+}
+
+// TestARotationKeepsASchedulesOwnTimes: after a rotation, a schedule within
+// the floor falls due at its own next time, however late the rotation was
+// (an hourly expression under a floor of 1h must not skip every other
+// hour); one shorter than the floor, written before it was raised, is held
+// back to the floor after the stored key, on its own times for cron.
+func TestARotationKeepsASchedulesOwnTimes(t *testing.T) {
+	stored := time.Date(2026, 11, 26, 2, 0, 0, 300_000_000, time.UTC) // due at 02:00, stored 0.3s later
+	cases := []struct {
+		name  string
+		sched rotationSchedule
+		floor time.Duration
+		want  string
+	}{
+		{"hourly under a floor of 1h", rotationSchedule{Cron: "0 * * * *"}, time.Hour, "2026-11-26T03:00:00Z"},
+		{"a period", rotationSchedule{Period: 2 * time.Hour}, time.Hour, "2026-11-26T04:00:00.3Z"},
+		{"a period shorter than a raised floor", rotationSchedule{Period: 5 * time.Minute}, time.Hour, "2026-11-26T03:00:00.3Z"},
+		{"cron shorter than a raised floor", rotationSchedule{Cron: "*/10 * * * *"}, time.Hour, "2026-11-26T03:10:00Z"},
+		{"cron with a window", rotationSchedule{Cron: "0 */6 * * *", Window: time.Hour}, 6 * time.Hour, "2026-11-26T06:00:00Z"},
+	}
+	for _, tc := range cases {
+		if next, _ := tc.sched.nextAfterRotation(stored, stored, tc.floor); formatTime(next) != tc.want {
+			t.Errorf("%s: next %s, want %s", tc.name, formatTime(next), tc.want)
+		}
+	}
+	// A time given up in a missed window: the next one after it, held back
+	// to the floor after the stored key for a schedule shorter than it.
+	gaveUp := stored.Add(15 * time.Minute)
+	if next, ends := (rotationSchedule{Cron: "*/10 * * * *", Window: time.Minute}).nextAfterRotation(stored, gaveUp, time.Hour); formatTime(next) != "2026-11-26T03:10:00Z" || formatTime(ends) != "2026-11-26T03:11:00Z" {
+		t.Errorf("after a missed window: next %s, window ends %s", formatTime(next), formatTime(ends))
+	}
+}
+
+// TestCronShortestGap: the shortest time between two successive times of
+// an expression, over every pattern the calendar has.
+func TestCronShortestGap(t *testing.T) {
+	cases := []struct {
+		spec string
+		want time.Duration
+	}{
+		{"* * * * *", time.Minute},
+		{"0 * * * *", time.Hour},
+		{"0,30 * * * *", 30 * time.Minute},
+		{"59 * * * *", time.Hour},
+		{"0 1,2 * * *", time.Hour},
+		{"0 0,23 * * *", time.Hour},
+		{"30 23 * * *", 24 * time.Hour},
+		{"0 2 * * 6", 7 * 24 * time.Hour},
+		{"0 0 * * 1,3,5", 48 * time.Hour},
+		{"0 0,20 * * 1,2", 4 * time.Hour}, // Monday 20:00, Tuesday 00:00
+		{"0 0 */2 * *", 24 * time.Hour},   // the 31st, then the 1st
+		{"0 0 1,15 * *", 14 * 24 * time.Hour},
+		{"0 0 31 * *", 31 * 24 * time.Hour}, // July 31, August 31
+		{"0 0 1 1 *", 365 * 24 * time.Hour},
+		{"0 0 29 2 *", 1461 * 24 * time.Hour}, // leap days, four years apart at best
+		{"0 0 29 2 1", 24 * time.Hour},        // leap days or Mondays: Monday the 28th, then the 29th
+		{"0 0 13 * 5", 24 * time.Hour},        // the 13th or a Friday: Friday the 12th, Saturday the 13th
+		{"0 12 * 2 *", 24 * time.Hour},        // every day of February
+		{"0 0 1 2 * ", 365 * 24 * time.Hour},  // a trailing space
+		{"@hourly", time.Hour},
+		{"@weekly", 7 * 24 * time.Hour},
+		{"@every 90m", 90 * time.Minute},
+	}
+	for _, tc := range cases {
+		sched, problem := parseCron(tc.spec, time.Date(2026, 11, 26, 0, 0, 0, 0, time.UTC))
+		if problem != "" {
+			t.Errorf("%q: %s", tc.spec, problem)
+			continue
+		}
+		if got := cronShortestGap(sched); got != tc.want {
+			t.Errorf("%q: shortest gap %s, want %s", tc.spec, got, tc.want)
+		}
+	}
+}
+
+// BenchmarkCronShortestGap: the worst case, an expression whose days are
+// never consecutive, so that the whole 400-year cycle is walked.
+func BenchmarkCronShortestGap(b *testing.B) {
+	sched, problem := parseCron("0 0 29 2 *", time.Now())
+	if problem != "" {
+		b.Fatal(problem)
+	}
+	for b.Loop() {
+		cronShortestGap(sched)
 	}
 }
 

@@ -381,8 +381,13 @@ func (sc *scheduler) missedWindow(ctx context.Context, t tunnelRef, rec *pskReco
 	if rec.Failures > 0 {
 		why = fmt.Sprintf("%d attempt(s) failed, the last: %s", rec.Failures, rec.LastFailure)
 	}
+	floor, err := b.minRotationPeriod(ctx, s)
+	if err != nil {
+		log.Warn("could not read min_rotation_period to move a rotation that missed its window; its schedule entry is kept", "error", err)
+		return dueKept
+	}
 	moved := *rec
-	moved.NextRotation, moved.WindowEnds = sched.next(now)
+	moved.NextRotation, moved.WindowEnds = sched.nextAfterRotation(rec.StoredAt, now, floor)
 	next := "none: the schedule has no later time"
 	if !moved.NextRotation.IsZero() {
 		next = formatTime(moved.NextRotation)

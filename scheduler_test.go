@@ -212,6 +212,7 @@ func TestLostScheduleEntryIsRepaired(t *testing.T) {
 // and why it failed, and a success clears that.
 func TestFailingScheduledRotationBacksOff(t *testing.T) {
 	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
 	schedulerOver(t, env, env.storage)
 	const failures = 4
@@ -318,6 +319,7 @@ func storedVersion(t *testing.T, env *testEnv, path string) int {
 
 func TestRotationPeriodRotatesWhenDueAndNeverEarly(t *testing.T) {
 	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
 	write := env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "2m"}))
 	if write.Data["rotation_period"] != 120 {
 		t.Fatalf("rotation_period = %v, want 120", write.Data["rotation_period"])
@@ -362,6 +364,7 @@ func TestRotationPeriodRotatesWhenDueAndNeverEarly(t *testing.T) {
 
 func TestRotationPeriodBelowAMinuteIsRefused(t *testing.T) {
 	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
 	resp, err := env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "30s"})
 	if httpStatus(resp, err) != http.StatusBadRequest || !strings.Contains(errorText(resp, err), "at least 1m0s") {
 		t.Fatalf("rotation_period=30s: %d %s", httpStatus(resp, err), errorText(resp, err))
@@ -666,6 +669,7 @@ func atSecondOfMinute(env *testEnv, sec int) {
 // ttl a read returns tells the truth; and never before it.
 func TestScheduledRotationHappensAtNextRotationToTheSecond(t *testing.T) {
 	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
 	schedulerOver(t, env, env.storage)
 	atSecondOfMinute(env, 20)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
@@ -701,6 +705,7 @@ func TestScheduledRotationHappensAtNextRotationToTheSecond(t *testing.T) {
 // a test's pass, rotates within a second after next_rotation.
 func TestTheRunningSchedulerWakesAtNextRotation(t *testing.T) {
 	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
 	atSecondOfMinute(env, 20)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
 	next := record(t, env, env.tunnel.ID).NextRotation
@@ -744,6 +749,7 @@ func TestAPassNeverSleepsPastAMinute(t *testing.T) {
 // the new one, or the tunnel would not rotate until the repair walk.
 func TestARescheduleInTheSameMinuteKeepsItsEntry(t *testing.T) {
 	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
 	schedulerOver(t, env, env.storage)
 	atSecondOfMinute(env, 5)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
@@ -905,6 +911,7 @@ func TestAMissedRotationWindowWaitsForTheNextTime(t *testing.T) {
 // that set it: the write wakes it to plan again.
 func TestTheRunningSchedulerWakesForACronTime(t *testing.T) {
 	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
 	atSecondOfMinute(env, 58)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": "* * * * *"}))
 	next := record(t, env, env.tunnel.ID).NextRotation

@@ -11,7 +11,8 @@ import (
 )
 
 // TestFleetRotationOnARealServer covers discovery, scheduled rotation (the
-// shortest period, one minute, so the test waits for the scheduler) and bulk
+// shortest period, one minute, with min_rotation_period lowered to it, so
+// the test waits for the scheduler) and bulk
 // rotation of an account through the vault CLI and the HTTP API.
 func TestFleetRotationOnARealServer(t *testing.T) {
 	sim, baseURL, secrets, token, account := newEdge(t)
@@ -73,6 +74,8 @@ func TestFleetRotationOnARealServer(t *testing.T) {
 	})
 
 	t.Run("rotation_period rotates the tunnel again", func(t *testing.T) {
+		// A one-minute period is below the default floor of 1h.
+		v.mustVault(t, root, "write", "cloudflare-ipsec/config", "min_rotation_period=1m")
 		v.mustVault(t, root, "write", psk(tunnels[3]), "rotation_period=1m")
 		meta := v.mustVaultJSON(t, root, "read", "cloudflare-ipsec/metadata/"+account+"/"+tunnels[3])
 		if fmt.Sprint(field(t, meta, "rotation_period")) != "60" || field(t, meta, "next_rotation") == "" {

@@ -111,6 +111,9 @@ func runIKEv2(t testing.TB, scheduledRotations int, failureSteps bool) []time.Du
 
 	v := startDevServerAt(t, secrets, "info")
 	v.mountEngine(t, baseURL, token.Value)
+	// One rotation a minute, below the default floor of 1h: a lab's
+	// administrator lowers it.
+	v.mustVault(t, v.rootToken, "write", "cloudflare-ipsec/config", "min_rotation_period=1m")
 	v.mustVault(t, v.rootToken, "write", path, "rotation_period=1m")
 
 	rig := newIKERig(t, bins, secrets)

@@ -15,8 +15,9 @@ import (
 // the schedule-only path through the vault CLI, as operators do: a cron
 // schedule is set with the key's rotation; the schedule path moves it
 // without a call to Cloudflare or a new key, under the operator policy of
-// docs/policies (which may reschedule, never read a key); bad combinations
-// are 400s that send nothing.
+// docs/policies (which may reschedule, never read a key, and never set a
+// schedule shorter than min_rotation_period); bad combinations are 400s
+// that send nothing.
 func TestSchedulesOnARealServer(t *testing.T) {
 	sim, baseURL, secrets, token, account := newEdge(t)
 	tunnel := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
@@ -56,6 +57,21 @@ func TestSchedulesOnARealServer(t *testing.T) {
 	}
 	if res := v.vault(t, operator, "read", psk); res.code == 0 {
 		t.Error("the operator policy reads a key")
+	}
+
+	// A team that may only reschedule cannot have a tunnel rotated more
+	// often than min_rotation_period (1h by default), nor lower it.
+	for _, short := range []string{"rotation_period=1m", "rotation_schedule=*/5 * * * *"} {
+		res := v.vault(t, operator, "write", schedule, short)
+		if res.code == 0 || !strings.Contains(res.stderr, "Code: 400") || !strings.Contains(res.stderr, "min_rotation_period") {
+			t.Errorf("operator write %s: exit %d, stderr:\n%s", short, res.code, secrets.redact(res.stderr))
+		}
+	}
+	if res := v.vault(t, operator, "write", "cloudflare-ipsec/config", "min_rotation_period=1m"); res.code == 0 {
+		t.Error("the operator policy lowers min_rotation_period")
+	}
+	if got := v.mustVaultJSON(t, operator, "read", schedule); fmt.Sprint(field(t, got, "rotation_period")) != "3600" {
+		t.Errorf("after refused schedules: rotation_period %v", field(t, got, "rotation_period"))
 	}
 
 	for _, bad := range [][]string{
