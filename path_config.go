@@ -18,7 +18,7 @@ const (
 	configStorageKey      = "config"
 	defaultRequestTimeout = 30 * time.Second
 	maxRequestTimeout     = 5 * time.Minute
-	maxTokenLength        = 256
+	maxTokenLength        = cloudflare.MaxTokenLength
 	// Cloudflare allows 1,200 requests per five minutes per user (all of
 	// the user's tokens and dashboard use together; an account-owned token
 	// has its own); the default leaves half for the user's other tools.
@@ -303,7 +303,7 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	}
 	// Cloudflare's tokens are 40 to 80 printable characters; the value is
 	// never repeated, only what is wrong with it.
-	if len(cfg.APIToken) > maxTokenLength || strings.ContainsFunc(cfg.APIToken, func(r rune) bool { return r <= ' ' || r > '~' }) {
+	if !cloudflare.ValidToken(cfg.APIToken) {
 		return fmt.Sprintf("api_token must be at most %d printable ASCII characters without spaces", maxTokenLength)
 	}
 	if v, ok := d.GetOk("heal_stale_psk"); ok {
