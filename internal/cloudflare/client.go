@@ -159,6 +159,11 @@ func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, va
 	if res.PSK == "" {
 		return nil, &MalformedResponseError{Op: OpGeneratePSK, Reason: "the answer has no psk"}
 	}
+	if problem := pskProblem(res.PSK); problem != "" {
+		return nil, &MalformedResponseError{Op: OpGeneratePSK, WrongKeyForm: true, Reason: fmt.Sprintf(
+			"the answer says a key was generated, but the key is not of the form Cloudflare issues (%d to %d letters and digits): %s",
+			minPSKLength, maxPSKLength, problem)}
+	}
 	if res.PSKMetadata.LastGeneratedOn.IsZero() {
 		return nil, &MalformedResponseError{Op: OpGeneratePSK, Reason: "the answer has no psk_metadata.last_generated_on"}
 	}
@@ -167,6 +172,29 @@ func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, va
 	}
 	return &GeneratedPSK{PSK: res.PSK, LastGeneratedOn: res.PSKMetadata.LastGeneratedOn,
 		IPsecID: extraString(res.JSON.ExtraFields["ipsec_id"].Raw())}, nil
+}
+
+// The form of a key Cloudflare issues: its schema's example and every key
+// seen are 32 letters and digits. The bounds leave room for Cloudflare to
+// change the length without stopping every rotation, while letters and
+// digits alone keep out anything that could end a quoted string or a line
+// in a router's configuration, where the templates put the key.
+const (
+	minPSKLength = 16
+	maxPSKLength = 128
+)
+
+// pskProblem says what keeps psk from being a key of the form Cloudflare
+// issues, without quoting it: "" when nothing does.
+func pskProblem(psk string) string {
+	var problems []string
+	if len(psk) < minPSKLength || len(psk) > maxPSKLength {
+		problems = append(problems, fmt.Sprintf("it has %d characters", len(psk)))
+	}
+	if strings.ContainsFunc(psk, func(r rune) bool { return !('a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9') }) {
+		problems = append(problems, "it has characters other than letters and digits")
+	}
+	return strings.Join(problems, ", and ")
 }
 
 // extraString decodes a string field that the SDK leaves among an answer's

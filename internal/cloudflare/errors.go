@@ -155,6 +155,12 @@ type MalformedResponseError struct {
 	Op         Op
 	HTTPStatus int
 	Reason     string
+	// WrongKeyForm: a psk_generate answer that is otherwise a success
+	// carried a key that is not of the form Cloudflare issues (see
+	// GeneratePSK). The answer says the edge generated a key, but whatever
+	// sent it, Cloudflare changing its keys or something else answering at
+	// the base URL, may answer so again.
+	WrongKeyForm bool
 }
 
 func (e *MalformedResponseError) Error() string {
@@ -420,6 +426,16 @@ func NoEffect(err error) bool {
 	var blocked *BlockedError
 	var budgetErr *BudgetError
 	return errors.As(err, &blocked) || errors.As(err, &budgetErr)
+}
+
+// WrongKeyForm reports whether err is a psk_generate answer that said a key
+// was generated and carried one that is not of the form Cloudflare issues.
+// The outcome is not unknown: the answer says the edge changed its key. But
+// asking again may only bring another such key, so the caller must not
+// generate again by itself.
+func WrongKeyForm(err error) bool {
+	var malformed *MalformedResponseError
+	return errors.As(err, &malformed) && malformed.WrongKeyForm
 }
 
 // RetryAfter returns how long to hold off when err means "not now"

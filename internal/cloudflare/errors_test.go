@@ -16,8 +16,8 @@ import (
 // wrong true here would let Vault call a key current that the edge replaced.
 func TestErrorQuestions(t *testing.T) {
 	type answers struct {
-		noEffect, refused, tokenRefused, timedOut, notFound, cloudflare bool
-		retryAfter                                                      time.Duration
+		noEffect, refused, tokenRefused, timedOut, notFound, cloudflare, wrongKeyForm bool
+		retryAfter                                                                    time.Duration
 	}
 	cases := []struct {
 		name string
@@ -50,6 +50,10 @@ func TestErrorQuestions(t *testing.T) {
 			answers{cloudflare: true}},
 		{"malformed answer", &MalformedResponseError{Op: OpGeneratePSK, Reason: "x"},
 			answers{cloudflare: true}},
+		{"key of the wrong form", &MalformedResponseError{Op: OpGeneratePSK, Reason: "x", WrongKeyForm: true},
+			answers{cloudflare: true, wrongKeyForm: true}},
+		{"wrapped key of the wrong form", fmt.Errorf("generate psk: %w", &MalformedResponseError{Op: OpGeneratePSK, Reason: "x", WrongKeyForm: true}),
+			answers{cloudflare: true, wrongKeyForm: true}},
 		{"timeout", &TransportError{Op: OpGeneratePSK, Err: fmt.Errorf("post: %w", context.DeadlineExceeded)},
 			answers{timedOut: true, cloudflare: true}},
 		{"connection reset", &TransportError{Op: OpGeneratePSK, Err: errors.New("connection reset")},
@@ -73,6 +77,7 @@ func TestErrorQuestions(t *testing.T) {
 				notFound:     NotFound(c.err),
 				cloudflare:   IsCloudflare(c.err),
 				retryAfter:   RetryAfter(c.err),
+				wrongKeyForm: WrongKeyForm(c.err),
 			}
 			if got != c.want {
 				t.Fatalf("got %+v, want %+v", got, c.want)

@@ -109,8 +109,9 @@ type Server struct {
 	// precision is what the edge's timestamps are truncated to.
 	precision time.Duration
 	// rollValue, when set, makes the new value of every token roll
-	// (SetRollValue).
+	// (SetRollValue); pskValue, every key generated (SetPSKValue).
 	rollValue func() string
+	pskValue  func() string
 	// callTimes is when each request arrived, for pacing measurements.
 	callTimes []time.Time
 	// late is the work the edge has accepted but not yet done (requests
@@ -287,6 +288,18 @@ func (s *Server) SetRollValue(next func() string) {
 	s.rollValue = next
 }
 
+// SetPSKValue makes every later key generation (psk_generate, and
+// RegenerateOutOfBand) set, and answer with, the key next returns; nil
+// restores the default, 32 random letters and digits. It plays an answer of
+// another form: Cloudflare changing its keys, or whatever answers at the
+// engine's base_url handing out keys of its own choosing. Each value is
+// recorded among the issued secrets and in GeneratedPSKs.
+func (s *Server) SetPSKValue(next func() string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.pskValue = next
+}
+
 // AddTunnel creates a tunnel in an account and returns it. ID, Name and
 // endpoints are filled in when empty. As at Cloudflare, the tunnel is created
 // with a key: PSK is generated when empty (unless NoInitialKey is set) and
@@ -430,6 +443,9 @@ func (s *Server) generatePSK(t *Tunnel) {
 		now = t.PSKGeneratedOn.Add(s.precision)
 	}
 	t.PSK = newSecret(32)
+	if s.pskValue != nil {
+		t.PSK = s.pskValue()
+	}
 	t.PSKGeneratedOn = now
 	t.ModifiedOn = now
 	t.GeneratedPSKs = append(t.GeneratedPSKs, t.PSK)
