@@ -587,9 +587,13 @@ func (b *backend) mayHeal(cfg *configRecord, rec *pskRecord) bool {
 // mayHeal): the record is stale and held until an operator writes it.
 func (b *backend) holdHealing(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord, reason string) (*pskRecord, error) {
 	held := *rec
+	if !(rec.HealHeld && rec.State == stateStale) {
+		// Said once: a tunnel already held keeps its reason, which the
+		// background's hourly look would otherwise append again each time.
+		reason += "; not healed: the engine already healed this tunnel within the last two drift_check_intervals, so another mount or tool rotates it too. " +
+			"A tunnel must belong to one mount: the engine leaves it stale until an operator writes this path"
+	}
 	held.HealHeld = true
-	reason += "; not healed: the engine already healed this tunnel within the last two drift_check_intervals, so another mount or tool rotates it too. " +
-		"A tunnel must belong to one mount: the engine leaves it stale until an operator writes this path"
 	return b.markStale(ctx, s, t, &held, reason, b.now().Add(failureBackoffMax))
 }
 
