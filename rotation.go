@@ -297,9 +297,9 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 func (b *backend) holdWrongKey(ctx context.Context, s logical.Storage, t tunnelRef, pending *pskRecord, what string, cause error) error {
 	held := *pending
 	held.AnswerHeld = true
-	reason := fmt.Sprintf("Cloudflare's answer to the %s started at %s said it generated a key, but the key was not of the form Cloudflare issues, "+
-		"so Vault did not store it, and the edge probably uses a key nobody holds (%v). Check what answers at base_url (config) "+
-		"before an operator writes this path: the engine generates no key for this tunnel by itself (no heal, no scheduled or bulk rotation) until then",
+	reason := fmt.Sprintf("the answer to the %s started at %s carried a key Vault did not store (%v), so the edge probably uses a key nobody holds. "+
+		"Check what answers at base_url (config) before an operator writes this path: the engine generates no key for this tunnel by itself "+
+		"(no heal, no scheduled or bulk rotation) until then",
 		what, formatTime(pending.RotationStartedAt), cause)
 	// Cloudflare answered, so no request of this attempt can still land:
 	// markStale clears the settle window, and the background has nothing
