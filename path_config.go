@@ -18,7 +18,7 @@ const (
 	configStorageKey      = "config"
 	defaultRequestTimeout = 30 * time.Second
 	maxRequestTimeout     = 5 * time.Minute
-	maxTokenLength        = 256
+	maxTokenLength        = cloudflare.MaxTokenLength
 	// Cloudflare allows 1,200 requests per five minutes per user (all of
 	// the user's tokens and dashboard use together; an account-owned token
 	// has its own); the default leaves half for the user's other tools.
@@ -129,7 +129,7 @@ func pathConfig(b *backend) *framework.Path {
 			},
 			"base_url": {
 				Type:        framework.TypeString,
-				Description: "Cloudflare API base URL. Plain http:// is accepted only for a loopback host. Changing it requires api_token in the same write.",
+				Description: "Cloudflare API base URL. Plain http:// is accepted only for a loopback host. Changing it requires api_token in the same write. Whatever answers there answers every call, the new keys included: whoever may set it, with a token of their own, can make the engine store keys they know.",
 				Default:     cloudflare.DefaultBaseURL,
 				DisplayAttrs: &framework.DisplayAttributes{
 					Name: "Base URL",
@@ -350,7 +350,7 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	}
 	// Cloudflare's tokens are 40 to 80 printable characters; the value is
 	// never repeated, only what is wrong with it.
-	if len(cfg.APIToken) > maxTokenLength || strings.ContainsFunc(cfg.APIToken, func(r rune) bool { return r <= ' ' || r > '~' }) {
+	if !cloudflare.ValidToken(cfg.APIToken) {
 		return fmt.Sprintf("api_token must be at most %d printable ASCII characters without spaces", maxTokenLength)
 	}
 	if v, ok := d.GetOk("heal_stale_psk"); ok {
@@ -504,6 +504,18 @@ must carry api_token: otherwise it is refused with a 400, and nothing is sent
 or stored. Verification sends the token to base_url, so without this rule
 anyone allowed to update config could send the stored token, which no policy
 lets them read, to a host of their own.
+
+base_url decides who answers the engine, and nothing else can: whoever sets
+it (with an api_token of their own, which such a write requires) controls
+every answer the engine gets from then on, the keys psk_generate returns
+included. They can hand the engine keys they know, which it stores and serves
+as the tunnels' keys, and so know every later key without ever reading one
+through Vault. The engine refuses a key that is not of the form Cloudflare
+issues (16 to 128 letters and digits), so that no answer can put anything
+into a router's configuration but a key, and then generates no key for that
+tunnel by itself until an operator writes it; but it cannot tell a key
+Cloudflare made from one another host made. Treat update on config as that
+power: grant it only to those who may know the keys.
 
 Reading config returns the settings (base_url, request_timeout,
 token_account_id, heal_stale_psk, rate_limit, rate_limit_window,

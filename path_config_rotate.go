@@ -68,6 +68,13 @@ func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *frame
 		"token_id":     cfg.TokenID,
 		"last_rotated": formatTime(cfg.LastRotated),
 	}}
+	if !cloudflare.TokenLengthExpected(newToken) {
+		// Stored all the same: the old value is dead, and this one could
+		// be a token (RollToken refuses any that could not). Verification
+		// below says whether Cloudflare takes it.
+		resp.AddWarning(fmt.Sprintf("Cloudflare's new token value has %d characters, where its schema gives 40 to 80: it is stored, "+
+			"since the old value no longer works; if calls fail with an invalid token, write a new api_token to this mount's config", len(newToken)))
+	}
 	verifier, err := b.newCloudflareClient(ctx, req.Storage, cfg)
 	if err != nil {
 		return nil, err
@@ -121,5 +128,9 @@ Cloudflare with only "Magic WAN Write" or "Magic Transit Write", writing it to
 config (api_token), and deleting the old token at Cloudflare.
 
 If the answer from Cloudflare is lost, or Vault cannot store the new value,
-the error says so: the mount must then be given a new api_token.
+the error says so: the mount must then be given a new api_token. A new value
+whose length is outside the 40 to 80 characters of Cloudflare's schema is
+stored all the same, with a warning (the old value is already dead); only a
+value that could not be a token at all (one config would refuse as
+api_token) is not stored, and the error says so.
 `

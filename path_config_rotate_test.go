@@ -229,3 +229,63 @@ func TestConfigDeleteWaitsForRotateRoot(t *testing.T) {
 	rolled, _ := env.sim.TokenByID(env.token.ID)
 	env.token.Value = rolled.Value
 }
+
+// TestRotateRootKeepsAnyValueThatCanBeAToken: Cloudflare's schema gives a
+// token value 40 to 80 characters, but once Cloudflare has answered a roll the
+// old value is dead. A value of another length that could still be a token
+// (what config itself accepts as api_token) is stored and used, with a
+// warning; only a value that could not be a token at all is refused, and the
+// error says the token may have been rolled.
+func TestRotateRootKeepsAnyValueThatCanBeAToken(t *testing.T) {
+	cases := []struct {
+		name  string
+		value func() string
+		// kept: the engine stores the value and works on with it.
+		kept bool
+	}{
+		{name: "100 characters", kept: true,
+			value: func() string { return strings.Repeat(cloudflaresim.NewID(), 4)[:100] }},
+		{name: "20 characters", kept: true,
+			value: func() string { return cloudflaresim.NewID()[:20] }},
+		{name: "a space inside",
+			value: func() string { return cloudflaresim.NewID() + " " + cloudflaresim.NewID() }},
+		{name: "longer than config accepts",
+			value: func() string { return strings.Repeat(cloudflaresim.NewID(), 9) }},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newConfiguredEnv(t)
+			old := env.token.Value
+			env.sim.SetRollValue(tc.value)
+			resp, err := env.request(logical.UpdateOperation, "config/rotate-root", nil)
+			rolled, _ := env.sim.TokenByID(env.token.ID)
+			if rolled.Value == old {
+				t.Fatal("the simulator did not roll the token")
+			}
+			text := errorText(resp, err)
+			if resp != nil {
+				text += responseJSON(t, resp)
+			}
+			if strings.Contains(text, rolled.Value) || strings.Contains(text, old) {
+				t.Fatal("the answer contains a token value")
+			}
+			if !tc.kept {
+				if httpStatus(resp, err) != http.StatusBadGateway || !strings.Contains(text, "write a new api_token") {
+					t.Fatalf("status %d: %s", httpStatus(resp, err), text)
+				}
+				return
+			}
+			if err != nil || resp.IsError() {
+				t.Fatalf("rotate-root failed with a dead old token left in config: %d %s", httpStatus(resp, err), text)
+			}
+			if storedToken(t, env) != rolled.Value {
+				t.Fatal("the stored token is not the rolled value")
+			}
+			if !strings.Contains(strings.Join(resp.Warnings, " "), "40 to 80") {
+				t.Errorf("no warning about the value's length: %v", resp.Warnings)
+			}
+			env.token.Value = rolled.Value // for the log check
+			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+		})
+	}
+}

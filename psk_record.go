@@ -84,6 +84,12 @@ type pskRecord struct {
 	// tool rotates this tunnel too; the engine no longer heals it by itself
 	// until an operator writes it (see mayHeal).
 	HealHeld bool `json:"heal_held,omitempty"`
+	// AnswerHeld: Cloudflare's answer to this tunnel's last rotation carried
+	// a key of the wrong form (rotation.go, holdWrongKey), so the record is
+	// stale and the engine generates no key for the tunnel by itself (no
+	// heal, no scheduled or bulk rotation) until an operator writes it.
+	// Set only with state stale; every rotation clears it.
+	AnswerHeld bool `json:"answer_held,omitempty"`
 
 	// RotationPeriod, when not zero, has the scheduler rotate the tunnel
 	// again at NextRotation (see due.go and scheduler.go).
@@ -110,6 +116,10 @@ type pskRecord struct {
 
 // current reports whether the stored key is known to be the edge's.
 func (r *pskRecord) current() bool { return r.State == stateCurrent }
+
+// answerHeld reports whether only an operator's write may generate a key
+// for the tunnel (see AnswerHeld).
+func (r *pskRecord) answerHeld() bool { return r.AnswerHeld && r.State == stateStale }
 
 // settling reports whether the record's last rotation has an unknown outcome
 // that may still change the edge's key: nothing can be concluded, and no new

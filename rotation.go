@@ -117,6 +117,11 @@ func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnel
 // and passes the tunnel's record as read under it (nil when none). trigger
 // says who asked (write, schedule, bulk, heal) for the rotation event.
 func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, previous *pskRecord, period time.Duration, trigger string) (*pskRecord, error) {
+	if previous != nil && previous.answerHeld() && trigger != "write" {
+		// The last answer carried a key of the wrong form: asking again
+		// by itself would only bring another (holdWrongKey).
+		return nil, &answerHeldError{tunnel: t}
+	}
 	sched := previous.schedule()
 	if period != sched.Period {
 		sched = rotationSchedule{Period: period}
@@ -170,6 +175,10 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		// An operator's write takes the tunnel back (see mayHeal).
 		pending.HealHeld = false
 	}
+	// Whoever got here was allowed to ask (rotateLocked holds back all but
+	// an operator's write): this attempt's outcome decides anew, and a
+	// refusal puts the held record back (restore).
+	pending.AnswerHeld = false
 	pending.State = stateRotationUnknown
 	// Read before anything is written or sent: the attempt's key, if it is
 	// ever made, cannot be older than this, and no request of the attempt
@@ -186,9 +195,12 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 
 	generated, err := client.GeneratePSK(ctx, t.AccountID, t.TunnelID, validateOnly)
 	if err != nil {
-		if cloudflare.NoEffect(err) {
+		switch {
+		case cloudflare.NoEffect(err):
 			b.restore(ctx, s, t, previous)
-		} else {
+		case cloudflare.WrongKeyForm(err):
+			return nil, b.holdWrongKey(ctx, s, t, pending, what, err)
+		default:
 			pending.StateReason = fmt.Sprintf("the %s started at %s failed with an unknown outcome (%v): Cloudflare may already use a key Vault does not hold",
 				what, formatTime(pending.RotationStartedAt), err)
 			if werr := writePSKRecord(ctx, s, t, pending); werr != nil {
@@ -270,6 +282,43 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 	}
 	b.tunnelLogger(t).Info("psk rotated", "version", rec.Version)
 	return rec, nil
+}
+
+// holdWrongKey records an answer that said Cloudflare generated a key and
+// carried one that is not of the form Cloudflare issues (letters and digits;
+// templates paste the key into router configurations, where anything else
+// could end a quoted string or a line). The key is not stored. The answer
+// says the edge changed its key, so the record is stale; and since whatever
+// sent it (Cloudflare changing its keys, or something else answering at
+// base_url, which an admin who supplies their own api_token may point
+// anywhere) may answer the same way to every request, the tunnel is held:
+// nothing generates a key for it by itself, which would otherwise heal it
+// once a minute for ever, until an operator writes it (AnswerHeld). It
+// returns the error for the caller, which names Cloudflare and base_url.
+func (b *backend) holdWrongKey(ctx context.Context, s logical.Storage, t tunnelRef, pending *pskRecord, what string, cause error) error {
+	held := *pending
+	held.AnswerHeld = true
+	reason := fmt.Sprintf("the answer to the %s started at %s carried a key Vault did not store (%v), so the edge probably uses a key nobody holds. "+
+		"Check what answers at base_url (config) before an operator writes this path: the engine generates no key for this tunnel by itself "+
+		"(no heal, no scheduled or bulk rotation) until then",
+		what, formatTime(pending.RotationStartedAt), cause)
+	// Cloudflare answered, so no request of this attempt can still land:
+	// markStale clears the settle window, and the background has nothing
+	// to retry.
+	if _, err := b.markStale(ctx, s, t, &held, reason, time.Time{}); err != nil {
+		b.tunnelLogger(t).Warn("could not record an answer with a key of the wrong form; the record stays rotation_unknown", "error", err)
+	}
+	return fmt.Errorf("%w; the key was not stored: the tunnel is marked %s and the engine generates no key for it by itself "+
+		"until an operator writes this path. Check what answers at base_url (config): it may not be Cloudflare's API", cause, stateStale)
+}
+
+// answerHeldError refuses a rotation the engine would make by itself (a
+// heal, a scheduled or a bulk rotation) for a tunnel held by holdWrongKey.
+type answerHeldError struct{ tunnel tunnelRef }
+
+func (e *answerHeldError) Error() string {
+	return fmt.Sprintf("no key is asked for %s except by an operator's write of its path: Cloudflare's answer to its last rotation "+
+		"carried a key of the wrong form (see state_reason); check what answers at base_url (config) first", e.tunnel)
 }
 
 // confirmValidationKey asks the edge whether the key a validate_only answer
@@ -378,7 +427,7 @@ func (e *notAttemptedError) Unwrap() error { return e.err }
 // Cloudflare may have generated a key, and the record says so.
 func outcomeUnknown(err error) bool {
 	var notAttempted *notAttemptedError
-	return cloudflare.IsCloudflare(err) && !cloudflare.NoEffect(err) && !errors.As(err, &notAttempted)
+	return cloudflare.IsCloudflare(err) && !cloudflare.NoEffect(err) && !cloudflare.WrongKeyForm(err) && !errors.As(err, &notAttempted)
 }
 
 // edgeVerdict is what Cloudflare's time of generation for a tunnel's key
@@ -452,7 +501,9 @@ func sameGeneration(a, b time.Time) bool {
 // rotation is still settling it returns a *settlingError and asks Cloudflare
 // nothing: no answer could settle the question before then.
 func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, rec *pskRecord, heal bool) (*pskRecord, error) {
-	if rec.current() {
+	if rec.current() || rec.answerHeld() {
+		// A held record waits for an operator's write, which generates
+		// anyway; nothing Cloudflare says now would release it.
 		return rec, nil
 	}
 	log := b.tunnelLogger(t)
@@ -536,9 +587,13 @@ func (b *backend) mayHeal(cfg *configRecord, rec *pskRecord) bool {
 // mayHeal): the record is stale and held until an operator writes it.
 func (b *backend) holdHealing(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord, reason string) (*pskRecord, error) {
 	held := *rec
+	if !(rec.HealHeld && rec.State == stateStale) {
+		// Said once: a tunnel already held keeps its reason, which the
+		// background's hourly look would otherwise append again each time.
+		reason += "; not healed: the engine already healed this tunnel within the last two drift_check_intervals, so another mount or tool rotates it too. " +
+			"A tunnel must belong to one mount: the engine leaves it stale until an operator writes this path"
+	}
 	held.HealHeld = true
-	reason += "; not healed: the engine already healed this tunnel within the last two drift_check_intervals, so another mount or tool rotates it too. " +
-		"A tunnel must belong to one mount: the engine leaves it stale until an operator writes this path"
 	return b.markStale(ctx, s, t, &held, reason, b.now().Add(failureBackoffMax))
 }
 

@@ -144,6 +144,13 @@ func TestFaultsNeverLoseAKey(t *testing.T) {
 		{name: "connection reset after commit", fault: cloudflaresim.Fault{Hangup: true, AfterCommit: true}, wantStatus: 502, edgeChanges: true},
 		{name: "storage Put fails after the generate", storageFails: true, wantStatus: 500, edgeChanges: true},
 		{name: "refused by Cloudflare", fault: cloudflaresim.Fault{Status: 409, Errors: []cloudflaresim.Message{{Code: 1003, Message: "tunnel is being modified"}}}, wantStatus: 400},
+		// A 4xx that is not Cloudflare's envelope came from something between
+		// Vault and Cloudflare (a proxy, a gateway, a WAF), which may answer
+		// after Cloudflare acted: it proves nothing about the key.
+		{name: "HTML 403 from a gateway after commit", fault: cloudflaresim.Fault{Status: 403, Body: "<html><body>403 Forbidden</body></html>", AfterCommit: true}, wantStatus: 502, edgeChanges: true},
+		{name: "JSON 404 without Cloudflare's envelope after commit", fault: cloudflaresim.Fault{Status: 404, Body: `{"message":"no route matched"}`, AfterCommit: true}, wantStatus: 502, edgeChanges: true},
+		{name: "HTML 429 from a gateway after commit", fault: cloudflaresim.Fault{Status: 429, Body: "<html>Too Many Requests</html>", RetryAfter: 30, AfterCommit: true}, wantStatus: 429, edgeChanges: true},
+		{name: "HTML 403 from a gateway before commit", fault: cloudflaresim.Fault{Status: 403, Body: "<html><body>403 Forbidden</body></html>"}, wantStatus: 502},
 	}
 	for _, first := range []bool{false, true} {
 		for _, tc := range cases {

@@ -80,7 +80,8 @@ func (b *backend) reconcileInBackground(ctx context.Context, s logical.Storage, 
 		return false, clearUnresolved(ctx, s, t)
 	}
 	now := b.now()
-	if rec.settling(now) || now.Before(rec.RetryAt) {
+	if rec.settling(now) || now.Before(rec.RetryAt) || rec.answerHeld() {
+		// A held record waits for an operator (rotation.go, holdWrongKey).
 		return false, nil
 	}
 	_, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, cfg.HealStalePSK)

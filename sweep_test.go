@@ -298,3 +298,31 @@ func TestTheDriftSweepWaitsForATunnelWhoseLockIsHeld(t *testing.T) {
 		t.Errorf("the schedule write was lost: rotation_period %s", rec.RotationPeriod)
 	}
 }
+
+// TestAHeldTunnelsReasonDoesNotGrow: a tunnel held for drift found again
+// right after a heal is looked at hourly by the background. Each look must
+// leave its state_reason as it was: it said why the tunnel is held, and
+// appending that again on every look grew the stored record without bound.
+func TestAHeldTunnelsReasonDoesNotGrow(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "10m"}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.RegenerateOutOfBand(env.account, env.tunnel.ID)
+	env.clock.Advance(10 * time.Minute)
+	backgroundPass(t, env)
+	env.sim.RegenerateOutOfBand(env.account, env.tunnel.ID)
+	env.clock.Advance(10 * time.Minute)
+	backgroundPass(t, env)
+	held := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)).Data["state_reason"].(string)
+	if !strings.Contains(held, "another mount") {
+		t.Fatalf("the tunnel is not held: %q", held)
+	}
+	for i := 0; i < 3; i++ {
+		env.clock.Advance(failureBackoffMax + time.Minute)
+		backgroundPass(t, env)
+	}
+	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	if reason := meta.Data["state_reason"].(string); meta.Data["state"] != stateStale || reason != held {
+		t.Fatalf("after three hourly looks: state %v, reason of %d characters (was %d): %q", meta.Data["state"], len(reason), len(held), reason)
+	}
+}

@@ -165,7 +165,7 @@ func TestAValidationKeyTheEdgeDoesNotUseIsNeverCurrent(t *testing.T) {
 			return
 		}
 		if result, ok := body["result"].(map[string]any); ok {
-			result["psk"] = "validation-only-key-never-persisted-0123456789"
+			result["psk"] = "validationOnlyKeyNeverPersisted0123456789"
 		}
 		var out bytes.Buffer
 		_ = json.NewEncoder(&out).Encode(body)

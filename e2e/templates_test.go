@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -226,4 +227,151 @@ func redactUnknownTokens(line, golden string) string {
 		}
 		return "[REDACTED TOKEN]"
 	})
+}
+
+// TestRouterTemplatesCarryOrRefuseAnyKey renders each router template with a
+// real Vault Agent from reads whose key no Cloudflare answer could bring into
+// Vault (the engine refuses any key that is not letters and digits): a quote,
+// a backslash, a space, a single quote, "?", a line break, a leading $9$. A
+// key Vault makes itself one day could hold them. Each template must either
+// carry the key exactly, in its router's syntax, or refuse to render, and then
+// Agent writes nothing: no key may end a quoted string or add a command of
+// its own. The reads come from a KV mount that holds what the engine's read
+// returns with the key replaced; each template's path is rewritten to it.
+func TestRouterTemplatesCarryOrRefuseAnyKey(t *testing.T) {
+	sim, baseURL, secrets, token, account := newEdge(t)
+	tun := sim.AddTunnel(account, cloudflaresim.Tunnel{Name: "site_a_1", CustomerEndpoint: "198.51.100.7"})
+	v := startDevServer(t, secrets)
+	root := v.rootToken
+	v.mountEngine(t, baseURL, token.Value)
+	v.mustVault(t, root, "write", "-f", "cloudflare-ipsec/psk/"+account+"/"+tun.ID)
+	data, ok := v.mustVaultJSON(t, root, "read", "cloudflare-ipsec/psk/"+account+"/"+tun.ID)["data"].(map[string]any)
+	if !ok {
+		t.Fatal("the engine's read has no data")
+	}
+	v.mustVault(t, root, "secrets", "enable", "-path=anykey", "-version=1", "kv")
+
+	const (
+		quotes    = "quotes, a backslash, a space and ?"
+		lineBreak = "a line break"
+		encrypted = "a leading $9$"
+	)
+	keys := map[string]string{
+		quotes:    `Ab1"c\d e'f?g"` + `\`,
+		lineBreak: "Ab1\"\nset system login user intruder class super-user",
+		encrypted: "$9$Ab1cdefghijklmnop",
+	}
+	// carried: the template renders the key exactly (decode takes it back out
+	// of the rendered file); a key not listed for a template must be refused.
+	type expectation struct {
+		carried []string
+		decode  func(t *testing.T, rendered string) string
+	}
+	fromBase64 := func(pattern string) func(t *testing.T, rendered string) string {
+		re := regexp.MustCompile(pattern)
+		return func(t *testing.T, rendered string) string {
+			m := re.FindStringSubmatch(rendered)
+			if m == nil {
+				t.Fatalf("no line matches %s", pattern)
+			}
+			b, err := base64.StdEncoding.DecodeString(m[1])
+			if err != nil {
+				t.Fatalf("the key is not base64: %v", err)
+			}
+			return string(b)
+		}
+	}
+	junosKey := regexp.MustCompile(`(?m)^set security ike policy cf-ike-pol-1 pre-shared-key ascii-text "((?:[^"\\]|\\.)*)"$`)
+	junosEscape := regexp.MustCompile(`\\(.)`)
+	expect := map[string]expectation{
+		"swanctl.conf.tpl": {carried: []string{quotes, lineBreak, encrypted}, decode: fromBase64(`(?m)^    secret = 0s(\S+)$`)},
+		"vyos.vbash.tpl":   {carried: []string{quotes, lineBreak, encrypted}, decode: fromBase64(`(?m)^set vpn ipsec authentication psk cf1 secret '([A-Za-z0-9+/=]+)'$`)},
+		"junos.set.tpl": {carried: []string{quotes}, decode: func(t *testing.T, rendered string) string {
+			for i, line := range strings.Split(strings.TrimSuffix(rendered, "\n"), "\n") {
+				if !strings.HasPrefix(line, "set ") && !strings.HasPrefix(line, "delete ") {
+					t.Errorf("line %d is not a set or delete statement", i+1)
+				}
+			}
+			m := junosKey.FindStringSubmatch(rendered)
+			if m == nil {
+				t.Fatal("no pre-shared-key statement holds one quoted string")
+			}
+			return junosEscape.ReplaceAllString(m[1], "$1")
+		}},
+		"ios-xe.cfg.tpl": {},
+	}
+
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "token"), root)
+	for name, key := range keys {
+		secrets.add(key)
+		secrets.add(base64.StdEncoding.EncodeToString([]byte(key)))
+		hostile := map[string]any{}
+		for k, val := range data {
+			hostile[k] = val
+		}
+		hostile["psk"] = key
+		if status, _ := v.api(t, root, "PUT", "anykey/psk/"+account+"/"+tun.ID, hostile); status != 204 && status != 200 {
+			t.Fatalf("write the key %q to KV: HTTP %d", name, status)
+		}
+		for _, tpl := range routerTemplates {
+			t.Run(tpl+" with "+name, func(t *testing.T) {
+				want := expect[tpl]
+				raw, err := os.ReadFile(filepath.Join("..", "docs", "examples", tpl))
+				if err != nil {
+					t.Fatal(err)
+				}
+				run := filepath.Join(dir, strings.ReplaceAll(tpl+" "+name, " ", "_"))
+				mkdir(t, run)
+				source := strings.ReplaceAll(string(raw), `"cloudflare-ipsec/psk/`, `"anykey/psk/`)
+				if source == string(raw) {
+					t.Fatal("the template reads no cloudflare-ipsec/psk/ path to rewrite")
+				}
+				writeFile(t, filepath.Join(run, "source.tpl"), source)
+				dest := filepath.Join(run, "out")
+				writeFile(t, filepath.Join(run, "agent.hcl"), fmt.Sprintf(`
+vault { address = %q }
+auto_auth {
+  method "token_file" {
+    config = { token_file_path = %q }
+  }
+}
+template_config { exit_on_retry_failure = true }
+template {
+  source               = %q
+  destination          = %q
+  error_on_missing_key = true
+}
+exit_after_auth = true
+`, v.addr, filepath.Join(dir, "token"), filepath.Join(run, "source.tpl"), dest))
+				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+				defer cancel()
+				cmd := exec.CommandContext(ctx, suite.vaultBin, "agent", "-config="+filepath.Join(run, "agent.hcl"))
+				cmd.Env = append(baseEnv(), "HOME="+run, "CF_ACCOUNT_ID="+account, "CF_TUNNEL_IDS="+tun.ID)
+				out, err := cmd.CombinedOutput()
+				assertNoSecretsIn(t, secrets, "Vault Agent's output", string(out))
+				rendered, readErr := os.ReadFile(dest)
+				if !slices.Contains(want.carried, name) {
+					// Agent's output cannot be searched for the reason:
+					// consul-template redacts every value of the read from
+					// its errors, the empty ones too, which puts a marker
+					// between any two characters.
+					if err == nil || readErr == nil {
+						t.Fatalf("the template rendered a key it cannot carry (Agent: %v; file: %v)", err, readErr)
+					}
+					return
+				}
+				if err != nil || readErr != nil {
+					t.Fatalf("vault agent: %v (file: %v)\n%s", err, readErr, secrets.redact(string(out)))
+				}
+				if strings.Contains(string(rendered), "intruder") {
+					t.Error("the key's text reached the rendered file outside its quoting")
+				}
+				if got := want.decode(t, string(rendered)); got != key {
+					t.Errorf("the rendered key is not the key read (%d characters, want %d)", len(got), len(key))
+				}
+			})
+		}
+	}
+	assertNoSecretsIn(t, secrets, "the server log", v.log())
 }

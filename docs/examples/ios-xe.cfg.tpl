@@ -12,6 +12,14 @@ Agent's environment (see swanctl.conf.tpl):
 Route-based: one Tunnel interface per tunnel (Tunnel10<position>), as in
 Cloudflare's IOS XE guide, with IKEv2 (AES-256-CBC, SHA-256, DH group 14),
 PFS group 14 and no anti-replay.
+
+IOS XE has no quoting for pre-shared-key: the rest of the line is the key,
+so a line break would end the command and start another, a space or a
+leading "0 " or "6 " changes what is read, and "?" asks the CLI for help.
+The template therefore writes a key only if it is letters and digits, the
+form of Cloudflare's keys and the only one the engine stores, and refuses to
+render any other (sprig_fail; a function_denylist that disables it refuses as
+well): Agent then writes nothing.
 */ -}}
 {{- $account := mustEnv "CF_ACCOUNT_ID" -}}
 {{- $tunnels := mustEnv "CF_TUNNEL_IDS" | split "," -}}
@@ -30,6 +38,7 @@ crypto ikev2 policy CF_IKEV2_POLICY
 crypto ikev2 keyring CF_KEYRING
 {{- range $i, $id := $tunnels }}
 {{- with secret (printf "cloudflare-ipsec/psk/%s/%s" $account (trimSpace $id)) }}
+{{- if not (regexMatch "^[A-Za-z0-9]+$" .Data.psk) }}{{ sprig_fail (printf "the key of tunnel %s has characters other than letters and digits, which an IOS XE pre-shared-key cannot carry: nothing is rendered" .Data.tunnel_id) }}{{ end }}
  peer CF{{ add 1 $i }}
   address {{ .Data.cloudflare_endpoint }}
   pre-shared-key {{ .Data.psk }}

@@ -18,6 +18,16 @@ The file holds nothing but set and delete statements, no comments: the
 tunnel's name and id go into the st0 unit's description. Each tunnel's part
 is deleted and set again, so that nothing of a changed endpoint or address
 stays behind. It is loaded again at each rotation: make changes here.
+
+The key is a quoted string with \ and " escaped by a backslash, as Junos
+reads them, so no key can end the string or add a statement of its own. What
+a set statement cannot carry, the template refuses to render (sprig_fail; a
+function_denylist that disables it refuses as well), and Agent writes
+nothing: a character that is not printable ASCII (a line break above all),
+and a key that begins with $<digits>$, which Junos would take for a key it
+had encrypted ($9$). Cloudflare's keys are letters and digits, and the engine
+stores no other, so neither happens; the checks keep the template safe for
+any key.
 */ -}}
 {{- $account := mustEnv "CF_ACCOUNT_ID" -}}
 {{- $tunnels := mustEnv "CF_TUNNEL_IDS" | split "," -}}
@@ -38,6 +48,8 @@ set security zones security-zone untrust interfaces {{ $external }} host-inbound
 {{- with secret (printf "cloudflare-ipsec/psk/%s/%s" $account (trimSpace $id)) }}
 {{- $n := add 1 $i }}
 {{- $localID := or .Data.custom_fqdn_id .Data.ipsec_id (printf "%s.%s.ipsec.cloudflare.com" .Data.tunnel_id .Data.account_id) }}
+{{- if regexMatch "[^ -~]" .Data.psk }}{{ sprig_fail (printf "the key of tunnel %s has a character that is not printable ASCII (a line break, say), which a Junos set statement cannot carry: nothing is rendered" .Data.tunnel_id) }}{{ end }}
+{{- if regexMatch "^[$][0-9]+[$]" .Data.psk }}{{ sprig_fail (printf "the key of tunnel %s begins like a key Junos encrypted ($9$), and Junos would read it as one: nothing is rendered" .Data.tunnel_id) }}{{ end }}
 delete interfaces st0 unit {{ $i }}
 delete security ike policy cf-ike-pol-{{ $n }}
 delete security ike gateway cf-gw-{{ $n }}
@@ -49,7 +61,7 @@ set interfaces st0 unit {{ $i }} family inet6 address {{ . }}
 {{- end }}
 set security zones security-zone cloudflare interfaces st0.{{ $i }} host-inbound-traffic system-services ping
 set security ike policy cf-ike-pol-{{ $n }} proposals cf-ike-prop
-set security ike policy cf-ike-pol-{{ $n }} pre-shared-key ascii-text "{{ .Data.psk }}"
+set security ike policy cf-ike-pol-{{ $n }} pre-shared-key ascii-text "{{ .Data.psk | replaceAll "\\" "\\\\" | replaceAll "\"" "\\\"" }}"
 set security ike gateway cf-gw-{{ $n }} ike-policy cf-ike-pol-{{ $n }}
 set security ike gateway cf-gw-{{ $n }} address {{ .Data.cloudflare_endpoint }}
 set security ike gateway cf-gw-{{ $n }} local-identity hostname {{ $localID }}

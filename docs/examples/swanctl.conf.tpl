@@ -18,7 +18,8 @@ group 14, as in Cloudflare's router guides; Cloudflare accepts others (see its
 
 The key is written as 0s<base64>: strongSwan decodes a secret that begins with
 0x or 0s (hex, base64) even inside quotes, so a key that happened to begin that
-way would be corrupted if it were written as it is.
+way would be corrupted if it were written as it is; and base64 carries any key,
+a quote or a line break included, without ending the value.
 */ -}}
 {{- $account := mustEnv "CF_ACCOUNT_ID" -}}
 {{- $tunnels := mustEnv "CF_TUNNEL_IDS" | split "," -}}

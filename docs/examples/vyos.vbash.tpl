@@ -1,5 +1,5 @@
 {{- /*
-VyOS (1.4 "sagitta" and later configuration syntax) for one site's Cloudflare
+VyOS (1.5 "circinus" configuration syntax, see secret-type below) for one site's Cloudflare
 IPsec tunnels, rendered by Vault Agent (agent.hcl) from one read of
 cloudflare-ipsec/psk/<account>/<tunnel> per tunnel. The output is a VyOS
 configuration script: Agent runs it with /bin/vbash after each render, and it
@@ -11,8 +11,14 @@ Agent's environment (see swanctl.conf.tpl):
 
 Route-based, one VTI per tunnel (vti<position in CF_TUNNEL_IDS>) with the
 router's inside address; static routes or BGP over the VTIs are the site's
-own. The key is given base64-encoded (secret-type base64): VyOS hands it to
-strongSwan, which would decode a key that began with 0x or 0s. Cloudflare
+own. The key is given base64-encoded (secret-type base64): VyOS writes a
+plain secret into swanctl.conf between double quotes, where a quote in the
+key would end it, and strongSwan decodes a secret that begins with 0x or 0s;
+base64, in single quotes here, carries any key. secret-type came with VyOS
+1.5 (vyos-1x pull request 4198, November 2024): a release without it refuses
+the commit; there, drop that line and write the key itself, which is safe for
+a key of letters and digits (Cloudflare's form, the only one the engine
+stores) unless it begins with 0x or 0s. Cloudflare
 recommends no anti-replay window on anycast tunnels; its VyOS guide sets none,
 so neither does this template: where your release has a replay-window option
 for the peer, set it to 0.

@@ -159,6 +159,11 @@ func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, va
 	if res.PSK == "" {
 		return nil, &MalformedResponseError{Op: OpGeneratePSK, Reason: "the answer has no psk"}
 	}
+	if problem := pskProblem(res.PSK); problem != "" {
+		return nil, &MalformedResponseError{Op: OpGeneratePSK, WrongKeyForm: true, Reason: fmt.Sprintf(
+			"the answer says a key was generated, but the key is not of the form Cloudflare issues (%d to %d letters and digits): %s",
+			minPSKLength, maxPSKLength, problem)}
+	}
 	if res.PSKMetadata.LastGeneratedOn.IsZero() {
 		return nil, &MalformedResponseError{Op: OpGeneratePSK, Reason: "the answer has no psk_metadata.last_generated_on"}
 	}
@@ -167,6 +172,29 @@ func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, va
 	}
 	return &GeneratedPSK{PSK: res.PSK, LastGeneratedOn: res.PSKMetadata.LastGeneratedOn,
 		IPsecID: extraString(res.JSON.ExtraFields["ipsec_id"].Raw())}, nil
+}
+
+// The form of a key Cloudflare issues: its schema's example and every key
+// seen are 32 letters and digits. The bounds leave room for Cloudflare to
+// change the length without stopping every rotation, while letters and
+// digits alone keep out anything that could end a quoted string or a line
+// in a router's configuration, where the templates put the key.
+const (
+	minPSKLength = 16
+	maxPSKLength = 128
+)
+
+// pskProblem says what keeps psk from being a key of the form Cloudflare
+// issues, without quoting it: "" when nothing does.
+func pskProblem(psk string) string {
+	var problems []string
+	if len(psk) < minPSKLength || len(psk) > maxPSKLength {
+		problems = append(problems, fmt.Sprintf("it has %d characters", len(psk)))
+	}
+	if strings.ContainsFunc(psk, func(r rune) bool { return !('a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9') }) {
+		problems = append(problems, "it has characters other than letters and digits")
+	}
+	return strings.Join(problems, ", and ")
 }
 
 // extraString decodes a string field that the SDK leaves among an answer's
@@ -251,12 +279,47 @@ func (c *Client) RollToken(ctx context.Context, accountID, tokenID string) (stri
 	if err != nil {
 		return "", c.describe(OpRollToken, err)
 	}
-	// The schema gives a token value 40 to 80 characters.
-	if value == nil || len(*value) < 40 || len(*value) > 80 || strings.ContainsFunc(*value, func(r rune) bool { return r <= ' ' || r > '~' }) {
-		return "", &MalformedResponseError{Op: OpRollToken, Reason: "the answer has no usable token value"}
+	// Cloudflare invalidated the old value when it answered, so a value
+	// that could be a token is kept whatever its length: refusing one the
+	// schema does not describe (40 to 80 characters) would leave the mount
+	// with a dead token and throw away the live one. The caller warns
+	// (TokenLengthExpected). Only a value no Authorization header and no
+	// config could carry is refused.
+	if value == nil || *value == "" {
+		return "", &MalformedResponseError{Op: OpRollToken, Reason: "the answer has no token value"}
+	}
+	if problem := tokenProblem(*value); problem != "" {
+		return "", &MalformedResponseError{Op: OpRollToken, Reason: "the answer's token value could not be an API token: " + problem}
 	}
 	return *value, nil
 }
+
+// MaxTokenLength bounds an API token value, in config and in a roll's
+// answer. Cloudflare's schema gives 40 to 80 characters; the bound leaves
+// room for a longer form without accepting an unbounded one.
+const MaxTokenLength = 256
+
+// ValidToken reports whether v could be an API token: 1 to MaxTokenLength
+// printable ASCII characters without spaces, which is what config accepts as
+// api_token and what an Authorization header carries unchanged.
+func ValidToken(v string) bool { return v != "" && tokenProblem(v) == "" }
+
+// tokenProblem says what keeps v from being an API token, without quoting
+// it: "" when nothing does.
+func tokenProblem(v string) string {
+	var problems []string
+	if len(v) > MaxTokenLength {
+		problems = append(problems, fmt.Sprintf("it has %d characters, more than %d", len(v), MaxTokenLength))
+	}
+	if strings.ContainsFunc(v, func(r rune) bool { return r <= ' ' || r > '~' }) {
+		problems = append(problems, "it has characters other than printable ASCII (spaces, control characters or non-ASCII)")
+	}
+	return strings.Join(problems, ", and ")
+}
+
+// TokenLengthExpected reports whether v has the length Cloudflare's schema
+// gives a token value, 40 to 80 characters.
+func TokenLengthExpected(v string) bool { return len(v) >= 40 && len(v) <= 80 }
 
 // TunnelState is Cloudflare's record of one tunnel. It never holds a key:
 // Cloudflare does not show one after generating it.

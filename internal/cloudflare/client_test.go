@@ -345,3 +345,59 @@ func TestExtraStringReadsOnlyJSONStrings(t *testing.T) {
 		}
 	}
 }
+
+// TestGeneratePSKChecksTheKeysForm: a key that is not 16 to 128 letters and
+// digits (Cloudflare's are 32) is never returned, in a generation's answer or
+// in a validate_only answer that carries one: it is a WrongKeyForm error that
+// says what is wrong without quoting the key.
+func TestGeneratePSKChecksTheKeysForm(t *testing.T) {
+	random := func(n int) string { return strings.Repeat(cloudflaresim.NewID(), 5)[:n] }
+	cases := []struct {
+		name string
+		key  string
+		ok   bool
+		want string // in the error
+	}{
+		{name: "Cloudflare's form", key: random(32), ok: true},
+		{name: "16 characters", key: random(16), ok: true},
+		{name: "128 characters", key: random(128), ok: true},
+		{name: "15 characters", key: random(15), want: "it has 15 characters"},
+		{name: "129 characters", key: random(129), want: "it has 129 characters"},
+		{name: "a quote and a line break", key: random(32) + "\"\nset system login user x", want: "other than letters and digits"},
+		{name: "a backslash", key: random(31) + `\`, want: "other than letters and digits"},
+		{name: "a space", key: random(16) + " " + random(15), want: "other than letters and digits"},
+		{name: "base64 padding", key: random(30) + "==", want: "other than letters and digits"},
+		{name: "non-ASCII letters", key: random(30) + "é", want: "other than letters and digits"},
+	}
+	for _, tc := range cases {
+		for _, validateOnly := range []bool{false, true} {
+			name := tc.name
+			if validateOnly {
+				name += ", in a validate_only answer"
+			}
+			t.Run(name, func(t *testing.T) {
+				f := newFixture(t)
+				f.sim.SetPSKValue(func() string { return tc.key })
+				if validateOnly {
+					f.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{IgnoreValidateOnly: true})
+				}
+				got, err := f.client.GeneratePSK(context.Background(), f.account, f.tunnel, validateOnly)
+				if tc.ok {
+					if err != nil || got.PSK != tc.key {
+						t.Fatalf("a key of Cloudflare's form was not returned: %v", err)
+					}
+					return
+				}
+				if err == nil {
+					t.Fatal("a key of the wrong form was returned")
+				}
+				if !WrongKeyForm(err) || NoEffect(err) || !strings.Contains(err.Error(), tc.want) {
+					t.Fatalf("WrongKeyForm %v, NoEffect %v: %v", WrongKeyForm(err), NoEffect(err), err)
+				}
+				if strings.Contains(err.Error(), tc.key[:15]) {
+					t.Fatal("the error quotes the key")
+				}
+			})
+		}
+	}
+}

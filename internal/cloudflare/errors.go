@@ -85,13 +85,21 @@ type Message struct {
 }
 
 // APIError is an answer in which Cloudflare said no: an HTTP status of 400 or
-// more, or "success": false under any status.
+// more, or "success": false under any status. A 4xx other than 429 is an
+// APIError only when its body is Cloudflare's error envelope (see
+// decodeEnvelope); a 5xx or a 429 is one whatever its body, with NoEnvelope
+// set when the body is not the envelope.
 type APIError struct {
 	Op         Op
 	HTTPStatus int
 	Errors     []Message
 	// RetryAfter is Cloudflare's Retry-After header, zero when absent.
 	RetryAfter time.Duration
+	// NoEnvelope: the body is not Cloudflare's error envelope ("success":
+	// false with errors), so the answer may come from something between
+	// the engine and Cloudflare (a proxy, a gateway, a WAF) and proves
+	// nothing of what Cloudflare did.
+	NoEnvelope bool
 }
 
 func (e *APIError) Error() string {
@@ -100,7 +108,10 @@ func (e *APIError) Error() string {
 	if e.HTTPStatus < 400 {
 		b.WriteString(` with "success": false`)
 	}
-	if len(e.Errors) == 0 {
+	switch {
+	case e.NoEnvelope:
+		b.WriteString(": the answer is not Cloudflare's error envelope, so it may come from something between Vault and Cloudflare (a proxy or gateway at base_url)")
+	case len(e.Errors) == 0:
 		b.WriteString(": no error detail in the answer")
 	}
 	for i, m := range e.Errors {
@@ -129,9 +140,10 @@ func (e *APIError) TokenRefused() bool {
 }
 
 // Rejected reports whether Cloudflare refused the request itself (a 4xx other
-// than rate limiting): sending it again unchanged cannot succeed.
+// than rate limiting, in Cloudflare's envelope): sending it again unchanged
+// cannot succeed.
 func (e *APIError) Rejected() bool {
-	return e.HTTPStatus >= 400 && e.HTTPStatus < 500 && e.HTTPStatus != http.StatusTooManyRequests
+	return e.HTTPStatus >= 400 && e.HTTPStatus < 500 && e.HTTPStatus != http.StatusTooManyRequests && !e.NoEnvelope
 }
 
 // RateLimited reports whether Cloudflare's rate limit refused the request.
@@ -143,6 +155,12 @@ type MalformedResponseError struct {
 	Op         Op
 	HTTPStatus int
 	Reason     string
+	// WrongKeyForm: a psk_generate answer that is otherwise a success
+	// carried a key that is not of the form Cloudflare issues (see
+	// GeneratePSK). The answer says the edge generated a key, but whatever
+	// sent it, Cloudflare changing its keys or something else answering at
+	// the base URL, may answer so again.
+	WrongKeyForm bool
 }
 
 func (e *MalformedResponseError) Error() string {
@@ -170,6 +188,13 @@ func (e *TransportError) Timeout() bool { return errors.Is(e.Err, context.Deadli
 type envelope struct {
 	Success *bool     `json:"success"`
 	Errors  []Message `json:"errors"`
+}
+
+// refusal reports whether env is Cloudflare's error envelope: "success":
+// false and at least one error. Cloudflare answers every refusal so; a
+// proxy's, gateway's or WAF's page, or another service's JSON, is not.
+func (env *envelope) refusal() bool {
+	return env.Success != nil && !*env.Success && len(env.Errors) > 0
 }
 
 // checkEnvelope is SDK middleware that turns every answer that is not a
@@ -216,7 +241,21 @@ func decodeEnvelope(status int, header http.Header, body []byte, now time.Time) 
 	var env envelope
 	decodeErr := json.Unmarshal(body, &env)
 	if status >= 400 {
-		apiErr := &APIError{HTTPStatus: status, RetryAfter: parseRetryAfter(header.Get("Retry-After"), now)}
+		enveloped := decodeErr == nil && env.refusal()
+		if status < 500 && status != http.StatusTooManyRequests && !enveloped {
+			// Only Cloudflare's own refusal proves that it did nothing
+			// (NoEffect). A 4xx in any other form comes from whatever
+			// answers at base_url, which may answer so after Cloudflare
+			// carried the request out (a gateway whose upstream answer
+			// timed out, a WAF that inspects answers): for psk_generate
+			// the outcome is unknown, as for a malformed success.
+			return &MalformedResponseError{HTTPStatus: status, Reason: "the refusal is not Cloudflare's error envelope (\"success\": false with errors), " +
+				"so it may come from something between Vault and Cloudflare (a proxy or gateway at base_url) and proves nothing of what Cloudflare did"}
+		}
+		// A 5xx is never taken as proof of anything, envelope or not. A
+		// 429 in any form still means "not now": the engine backs off,
+		// but only Cloudflare's own 429 proves the request was refused.
+		apiErr := &APIError{HTTPStatus: status, RetryAfter: parseRetryAfter(header.Get("Retry-After"), now), NoEnvelope: !enveloped}
 		if decodeErr == nil {
 			apiErr.Errors = env.Errors
 		}
@@ -373,19 +412,30 @@ func worthRetrying(err error) bool {
 // Cloudflare change anything?) is decided in one place and tested as a table.
 
 // NoEffect reports whether err proves that Cloudflare changed nothing: it
-// refused the request (any 4xx, a rate limit included) or the request was
-// never sent (Cloudflare's block, the mount's budget). Every other failure
-// (no answer, a 5xx, a malformed answer, "success": false under 200, an
+// refused the request (a 4xx, a rate limit included, in Cloudflare's error
+// envelope) or the request was never sent (Cloudflare's block, the mount's
+// budget). Every other failure (no answer, a 5xx, a malformed answer, a 4xx
+// that is not Cloudflare's envelope, "success": false under 200, an
 // unexpected redirect) may have come after Cloudflare acted, so for a
 // psk_generate the outcome is unknown.
 func NoEffect(err error) bool {
 	var apiErr *APIError
 	if errors.As(err, &apiErr) {
-		return apiErr.Rejected() || apiErr.RateLimited()
+		return (apiErr.Rejected() || apiErr.RateLimited()) && !apiErr.NoEnvelope
 	}
 	var blocked *BlockedError
 	var budgetErr *BudgetError
 	return errors.As(err, &blocked) || errors.As(err, &budgetErr)
+}
+
+// WrongKeyForm reports whether err is a psk_generate answer that said a key
+// was generated and carried one that is not of the form Cloudflare issues.
+// The outcome is not unknown: the answer says the edge changed its key. But
+// asking again may only bring another such key, so the caller must not
+// generate again by itself.
+func WrongKeyForm(err error) bool {
+	var malformed *MalformedResponseError
+	return errors.As(err, &malformed) && malformed.WrongKeyForm
 }
 
 // RetryAfter returns how long to hold off when err means "not now"

@@ -15,12 +15,14 @@ type Fault struct {
 	Status int
 	// Errors go in the envelope; a default for Status when empty.
 	Errors []Message
-	// RetryAfter, in seconds, is sent as the Retry-After header when set.
+	// RetryAfter, in seconds, is sent as the Retry-After header when set,
+	// with Body too.
 	RetryAfter int
 	// SuccessFalse answers HTTP 200 with "success": false.
 	SuccessFalse bool
-	// Body, when set, is sent as the raw answer instead of an envelope: a
-	// malformed or truncated answer.
+	// Body, when set, is sent as the raw answer instead of an envelope, under
+	// Status (200 when zero): a malformed or truncated answer, or the page a
+	// proxy or gateway answers with.
 	Body string
 	// Delay holds the answer back, or until the caller gives up.
 	Delay time.Duration
@@ -92,6 +94,9 @@ func (s *Server) applyFault(w http.ResponseWriter, r *http.Request, op Operation
 		}
 		panic(http.ErrAbortHandler)
 	}
+	if f.RetryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(f.RetryAfter))
+	}
 	if f.Body != "" {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(statusOr(f.Status, http.StatusOK))
@@ -109,9 +114,6 @@ func (s *Server) applyFault(w http.ResponseWriter, r *http.Request, op Operation
 		} else {
 			errs = []Message{errInternal}
 		}
-	}
-	if f.RetryAfter > 0 {
-		w.Header().Set("Retry-After", strconv.Itoa(f.RetryAfter))
 	}
 	writeFailure(w, status, errs...)
 }

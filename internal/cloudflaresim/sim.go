@@ -108,6 +108,10 @@ type Server struct {
 	limit  *rateLimit
 	// precision is what the edge's timestamps are truncated to.
 	precision time.Duration
+	// rollValue, when set, makes the new value of every token roll
+	// (SetRollValue); pskValue, every key generated (SetPSKValue).
+	rollValue func() string
+	pskValue  func() string
 	// callTimes is when each request arrived, for pacing measurements.
 	callTimes []time.Time
 	// late is the work the edge has accepted but not yet done (requests
@@ -265,9 +269,35 @@ func (s *Server) rollToken(old string) (string, bool) {
 	}
 	delete(s.tokens, old)
 	t.Value = newSecret(40)
+	if s.rollValue != nil {
+		t.Value = s.rollValue()
+	}
 	s.tokens[t.Value] = t
 	s.issued = append(s.issued, t.Value)
 	return t.Value, true
+}
+
+// SetRollValue makes every later token roll give the token the value next
+// returns, as Cloudflare's answer says it; nil restores the default, 40
+// random letters and digits. Cloudflare's schema gives a token value 40 to 80
+// characters without promising a form: this is how a test plays a value of
+// another length or form. Each value is recorded among the issued secrets.
+func (s *Server) SetRollValue(next func() string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.rollValue = next
+}
+
+// SetPSKValue makes every later key generation (psk_generate, and
+// RegenerateOutOfBand) set, and answer with, the key next returns; nil
+// restores the default, 32 random letters and digits. It plays an answer of
+// another form: Cloudflare changing its keys, or whatever answers at the
+// engine's base_url handing out keys of its own choosing. Each value is
+// recorded among the issued secrets and in GeneratedPSKs.
+func (s *Server) SetPSKValue(next func() string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.pskValue = next
 }
 
 // AddTunnel creates a tunnel in an account and returns it. ID, Name and
@@ -413,6 +443,9 @@ func (s *Server) generatePSK(t *Tunnel) {
 		now = t.PSKGeneratedOn.Add(s.precision)
 	}
 	t.PSK = newSecret(32)
+	if s.pskValue != nil {
+		t.PSK = s.pskValue()
+	}
 	t.PSKGeneratedOn = now
 	t.ModifiedOn = now
 	t.GeneratedPSKs = append(t.GeneratedPSKs, t.PSK)
