@@ -403,3 +403,30 @@ func mustFail(t *testing.T, env *testEnv, fault cloudflaresim.Fault) {
 		t.Fatalf("the faulted write: status %d: %s", httpStatus(resp, err), errorText(resp, err))
 	}
 }
+
+// TestRecordsStoredBeforeTheDateFieldsStillResolve: a record written before
+// KeySeenAt, EdgeKeyBeforeSeenAt and EdgeKeyForeign existed decodes, and its
+// unresolved rotation is judged against the stored key: at whole seconds,
+// by StoredAt against RotationStartedAt, both Vault's.
+func TestRecordsStoredBeforeTheDateFieldsStillResolve(t *testing.T) {
+	env := newConfiguredEnv(t)
+	tun := tunnelRef{env.account, env.tunnel.ID}
+	old := `{"account_id":"` + env.account + `","tunnel_id":"` + env.tunnel.ID + `","psk":"stored-key",` +
+		`"last_generated_on":"2030-01-02T03:04:05Z","version":3,"stored_at":"2030-01-02T03:04:15Z",` +
+		`"state":"rotation_unknown","state_reason":"a rotation started","rotation_started_at":"2030-01-02T04:00:00Z",` +
+		`"settle_until":"2030-01-02T04:00:12Z","edge_key_before":"2030-01-02T03:04:05Z","retry_at":"0001-01-01T00:00:00Z",` +
+		`"last_healed_at":"0001-01-01T00:00:00Z","rotation_period":0,"next_rotation":"0001-01-01T00:00:00Z","facts":{}}`
+	if err := env.storage.Put(context.Background(), &logical.StorageEntry{Key: tun.storageKey(), Value: []byte(old)}); err != nil {
+		t.Fatal(err)
+	}
+	rec := storedRecord(t, env)
+	if rec == nil || rec.PSK != "stored-key" || !rec.KeySeenAt.IsZero() || !rec.EdgeKeyBeforeSeenAt.IsZero() || rec.EdgeKeyForeign {
+		t.Fatalf("old record decoded as %+v", rec)
+	}
+	if got, _ := judgeEdge(rec, rec.LastGeneratedOn); got != edgeUsesStoredKey {
+		t.Errorf("unchanged whole-second key, stored an hour before the rotation: verdict %d, want the stored key", got)
+	}
+	if got, _ := judgeEdge(rec, rec.LastGeneratedOn.Add(time.Second)); got != edgeChanged {
+		t.Errorf("a newer key: verdict %d, want changed", got)
+	}
+}
