@@ -438,8 +438,9 @@ const (
 	keyChanged
 )
 
-// dateResolution is the Date header's: whole seconds.
-const dateResolution = time.Second
+// wholeSecond is the coarsest precision of Cloudflare's times: all it
+// promises for last_generated_on, and all a Date header has.
+const wholeSecond = time.Second
 
 // keyChangeSince compares the edge's last_generated_on now with before, its
 // last_generated_on in an earlier answer of Cloudflare's that Cloudflare
@@ -465,7 +466,7 @@ func keyChangeSince(now, before, seenAt time.Time, laterKeysDiffer bool) keyChan
 		return keyUnchanged // no key then, no key now
 	case sameGeneration(now, before),
 		laterKeysDiffer,
-		!seenAt.IsZero() && !seenAt.Before(before.Add(dateResolution)):
+		!seenAt.IsZero() && !seenAt.Before(before.Add(wholeSecond)):
 		return keyUnchanged
 	}
 	return keyUndecided
@@ -493,7 +494,7 @@ func (r *pskRecord) fromStoredKey() bool { return r.PSK != "" && !r.EdgeKeyForei
 // whose own answer was dated in its second of generation, as most are.
 func (r *pskRecord) storedLongBefore() bool {
 	return !r.StoredAt.IsZero() && !r.RotationStartedAt.IsZero() &&
-		!r.StoredAt.After(r.RotationStartedAt.Add(-settleMargin-dateResolution))
+		!r.StoredAt.After(r.RotationStartedAt.Add(-settleMargin-wholeSecond))
 }
 
 // judgeEdge decides what the edge's last_generated_on (edgeGenerated) says
