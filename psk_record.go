@@ -53,11 +53,19 @@ type pskRecord struct {
 	// Version counts rotations stored by this engine, from 1.
 	Version  int       `json:"version"`
 	StoredAt time.Time `json:"stored_at"`
+	// KeySeenAt is Cloudflare's time (an answer's Date header, whole
+	// seconds, by Cloudflare's clock) of the latest answer known to show
+	// PSK as the edge's key: the psk_generate answer that carried it, or a
+	// later read that proved the edge still used it. Zero when not known
+	// (an answer without a Date, a record stored before the field
+	// existed). See judgeEdge.
+	KeySeenAt time.Time `json:"key_seen_at,omitzero"`
 
 	State       string `json:"state"`
 	StateReason string `json:"state_reason,omitempty"`
 	// RotationStartedAt is when the unresolved rotation began, read before
-	// the record was marked: no key the attempt made can be older.
+	// the record was marked, by this node's clock: it fixes SettleUntil and
+	// is held against StoredAt, never against Cloudflare's times.
 	RotationStartedAt time.Time `json:"rotation_started_at"`
 	// SettleUntil is, for a rotation whose outcome is unknown, the time
 	// after which no request of that attempt can still change the edge's
@@ -67,7 +75,19 @@ type pskRecord struct {
 	// EdgeKeyBefore is the edge's last_generated_on as last known before
 	// the rotation was sent: the stored key's, or, for a tunnel Vault holds
 	// no key of yet, what Cloudflare said just before (see judgeEdge).
-	EdgeKeyBefore time.Time `json:"edge_key_before"`
+	// EdgeKeyBeforeSeenAt is Cloudflare's time of the answer that said it
+	// (as KeySeenAt). Where the edge's key was not the stored one
+	// (EdgeKeyForeign) they are what Cloudflare last said of it, for the
+	// record and for a validation; judgeEdge does not need them then.
+	EdgeKeyBefore       time.Time `json:"edge_key_before"`
+	EdgeKeyBeforeSeenAt time.Time `json:"edge_key_before_seen_at,omitzero"`
+	// EdgeKeyForeign: when the rotation was sent, the edge's key was known
+	// not to be the stored one (the record was stale, rotation_unknown or
+	// tunnel_gone: the rotation heals it), so a rotation that turns out not
+	// to have changed the edge's key leaves a key nobody holds. False in
+	// records stored before the field existed: they are judged, as then,
+	// against the stored key.
+	EdgeKeyForeign bool `json:"edge_key_foreign,omitempty"`
 
 	// Failures counts the background's consecutive failed attempts on this
 	// tunnel (reconciliation or scheduled rotation); LastFailure says why

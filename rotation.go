@@ -11,10 +11,19 @@ package main
 // says that Vault may not hold the edge's key.
 //
 // Reconciliation resolves an unknown outcome from Cloudflare's tunnel
-// record: psk_metadata.last_generated_on equal to the stored key's means the
-// rotation did not happen; a later time means it did, the stored key is
-// stale, and (heal_stale_psk, on by default) a new key is generated and
-// stored. It runs on the next read or write of the tunnel and in the
+// record, by Cloudflare's times alone: this node's clock may run seconds
+// ahead of or behind Cloudflare's, so it is never held against them. The
+// edge's psk_metadata.last_generated_on now is compared with the edge's key
+// time known before the attempt. The same key proves the rotation did not
+// happen; another means it did (or the key changed outside this engine),
+// the stored key is stale, and (heal_stale_psk, on by default) a new key is
+// generated and stored. Cloudflare promises whole seconds only, and an equal
+// whole-second time proves the same key only where Cloudflare's clock had
+// left that second before the attempt was sent (an answer's Date header
+// says so) or the stored key was stored well before it. Whatever is not
+// proven counts as a change, so a first rotation whose outcome is unknown
+// is healed or flagged, never forgotten on a guess (judgeEdge).
+// Reconciliation runs on the next read or write of the tunnel and in the
 // background (sweep.go), on the node that may write storage.
 //
 // Why not the SDK's write-ahead log (framework.PutWAL and WALRollback), as
@@ -62,12 +71,6 @@ const settleMargin = 10 * time.Second
 // request_timeout. The window is fixed when the rotation starts (SettleUntil
 // in the record), so a later change of request_timeout does not move it.
 func settleWindow(cfg *configRecord) time.Duration { return 2*cfg.RequestTimeout + settleMargin }
-
-// edgeClockMargin allows for the difference between this node's clock and
-// Cloudflare's, and for last_generated_on's precision (Cloudflare promises
-// none finer than a second), when the edge's time of generation is compared
-// with the time a rotation started.
-const edgeClockMargin = 5 * time.Second
 
 // settlingError refuses a new key while the last rotation's outcome is
 // unknown and Cloudflare may still act on it: a new psk_generate now could be
@@ -144,23 +147,39 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		copied := *previous
 		pending = &copied
 	}
+	// What key the edge has as the attempt starts, by Cloudflare's own
+	// times (judgeEdge says why nothing else will do), and whether it is
+	// the stored one.
+	asked := false
 	switch {
-	case previous == nil:
+	case previous == nil || validateOnly:
 		// A first rotation asks what key the edge has first: every real
 		// tunnel is created with one, and only this proves later that an
-		// attempt whose outcome was lost did not replace it.
+		// attempt whose outcome was lost did not replace it. So does a
+		// validation: only the edge's key before it tells a key the
+		// validation made from one its answer merely showed
+		// (confirmValidationKey), even where the stored key was replaced
+		// outside this engine and the drift sweep has not seen it yet.
 		edge, err := client.GetTunnel(ctx, t.AccountID, t.TunnelID)
 		if err != nil {
 			return nil, &notAttemptedError{err: err}
 		}
-		pending.EdgeKeyBefore = edge.PSKLastGeneratedOn
+		asked = true
+		pending.EdgeKeyBefore, pending.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
+		pending.EdgeKeyForeign = previous != nil && (!previous.current() || !edge.PSKLastGeneratedOn.Equal(previous.LastGeneratedOn))
 		// The same answer says what a router needs of the tunnel: kept
 		// now, so that no later rotation has to ask (facts.go).
 		pending.Facts = b.edgeFacts(t, edge, pending.Facts)
-	case previous.PSK != "":
-		pending.EdgeKeyBefore = previous.LastGeneratedOn
+	case previous.current():
+		pending.EdgeKeyBefore, pending.EdgeKeyBeforeSeenAt = previous.LastGeneratedOn, previous.KeySeenAt
+		pending.EdgeKeyForeign = false
+	default:
+		// A heal, or a write of a stale tunnel: the edge's key is one
+		// Vault does not hold, which this attempt replaces. The record
+		// keeps what its caller last learned of it.
+		pending.EdgeKeyForeign = true
 	}
-	if previous != nil && previous.Facts == (tunnelFacts{}) {
+	if previous != nil && !asked && previous.Facts == (tunnelFacts{}) {
 		// A record that has no router facts (stored before they existed,
 		// or a first read that failed to give them) gets them on its next
 		// rotation, once: a read of the tunnel, as a first rotation makes.
@@ -180,9 +199,9 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 	// refusal puts the held record back (restore).
 	pending.AnswerHeld = false
 	pending.State = stateRotationUnknown
-	// Read before anything is written or sent: the attempt's key, if it is
-	// ever made, cannot be older than this, and no request of the attempt
-	// can land after SettleUntil.
+	// Read before anything is written or sent, by this node's clock: no
+	// request of the attempt can land after SettleUntil. (It is never held
+	// against Cloudflare's times: see judgeEdge.)
 	pending.RotationStartedAt = b.now().UTC()
 	pending.SettleUntil = pending.RotationStartedAt.Add(settleWindow(cfg))
 	pending.StateReason = fmt.Sprintf("a %s started at %s and has not finished", what, formatTime(pending.RotationStartedAt))
@@ -218,8 +237,8 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		// query string was dropped on the way) or merely showed one it
 		// did not put into effect; Cloudflare does not document which.
 		// Only the edge can tell, and the key is called current only if
-		// the edge's key was generated when the answer says and not
-		// before this request.
+		// the edge's key was generated when the answer says and is not
+		// the one it had before this request.
 		if done, err := b.confirmValidationKey(ctx, s, client, t, previous, pending, generated); done || err != nil {
 			return nil, err
 		}
@@ -230,6 +249,7 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		TunnelID:        t.TunnelID,
 		PSK:             generated.PSK,
 		LastGeneratedOn: generated.LastGeneratedOn.UTC(),
+		KeySeenAt:       generated.Date.UTC(),
 		Version:         pending.Version + 1,
 		StoredAt:        b.now().UTC(),
 		State:           stateCurrent,
@@ -322,9 +342,9 @@ func (e *answerHeldError) Error() string {
 }
 
 // confirmValidationKey asks the edge whether the key a validate_only answer
-// carried is in use. It returns done when it is not (the record is put back,
-// or left rotation_unknown when a key Vault does not know was made after the
-// request started), so the caller stores nothing.
+// carried is in use. It returns done when it is not known to be (the record
+// is put back where the edge provably still has the key it had before the
+// request, or else left rotation_unknown), so the caller stores nothing.
 func (b *backend) confirmValidationKey(ctx context.Context, s logical.Storage, client *cloudflare.Client, t tunnelRef, previous, pending *pskRecord, generated *cloudflare.GeneratedPSK) (bool, error) {
 	log := b.tunnelLogger(t)
 	edge, err := client.GetTunnel(ctx, t.AccountID, t.TunnelID)
@@ -336,18 +356,25 @@ func (b *backend) confirmValidationKey(ctx context.Context, s logical.Storage, c
 		}
 		return true, fmt.Errorf("confirm the key of a validate_only answer: %w", err)
 	}
-	sentAfter := pending.RotationStartedAt.Add(-edgeClockMargin)
-	switch {
-	case edge.PSKLastGeneratedOn.Before(sentAfter) || sameGeneration(edge.PSKLastGeneratedOn, pending.EdgeKeyBefore):
+	generatedOn := edge.PSKLastGeneratedOn
+	var why string
+	switch pending.edgeKeySince(generatedOn) {
+	case keyUnchanged:
 		// The edge's key is the one it had before: nothing was generated.
 		log.Warn("a validate_only answer carried a key the edge does not use; discarded")
 		b.restore(ctx, s, t, previous)
 		return true, nil
-	case edge.PSKLastGeneratedOn.Equal(generated.LastGeneratedOn) && !edge.PSKLastGeneratedOn.Equal(pending.EdgeKeyBefore):
-		return false, nil // generated for this request, and in use: store it
+	case keyChanged:
+		if generatedOn.Equal(generated.LastGeneratedOn) {
+			return false, nil // generated for this request, and in use: store it
+		}
+		why = "is neither the key it had before the request nor, by its time, the key the answer carried"
+	default:
+		why = "carries the same whole second as the key it had before the request, and nothing Cloudflare said proves that second had passed before the request was sent: " +
+			"Cloudflare's times cannot tell whether the request replaced that key"
 	}
-	pending.StateReason = fmt.Sprintf("the edge's key was generated at %s, after the validate_only request started at %s, but it is not the key the answer carried",
-		formatTime(edge.PSKLastGeneratedOn), formatTime(pending.RotationStartedAt))
+	pending.StateReason = fmt.Sprintf("a validate_only request started at %s had an answer that carried a key generated at %s; the edge's key, generated at %s, %s",
+		formatTime(pending.RotationStartedAt), formatTime(generated.LastGeneratedOn), formatTime(generatedOn), why)
 	if werr := writePSKRecord(ctx, s, t, pending); werr != nil {
 		log.Warn("could not record a validation's unknown outcome", "error", werr)
 	}
@@ -414,12 +441,12 @@ func (b *backend) beginWrite(ctx context.Context, s logical.Storage, t tunnelRef
 }
 
 // notAttemptedError is a failure before anything was written or a key asked
-// for (the read before a first rotation): nothing is marked, nothing can
-// have changed at the edge.
+// for (the read before a first rotation or a validation): nothing is
+// marked, nothing can have changed at the edge.
 type notAttemptedError struct{ err error }
 
 func (e *notAttemptedError) Error() string {
-	return fmt.Sprintf("read the tunnel before its first rotation (no key was asked for): %v", e.err)
+	return fmt.Sprintf("read the tunnel's key time before asking for a key (no key was asked for): %v", e.err)
 }
 func (e *notAttemptedError) Unwrap() error { return e.err }
 
@@ -442,53 +469,151 @@ const (
 	// happen; Vault holds no key and must not make one.
 	edgeNeverRotated
 	// edgeChanged: the edge uses a key Vault does not hold, made by the
-	// rotation in question or outside this engine.
+	// rotation in question or outside this engine, or nothing proves
+	// otherwise.
 	edgeChanged
 )
 
-// judgeEdge decides from the edge's last_generated_on, never from equality
-// of whole-second times: Cloudflare promises no sub-second precision, so two
-// keys can share such a timestamp. A rotation processed at Cloudflare made a
-// key no older than the moment the rotation started (less edgeClockMargin for
-// the two clocks and the precision), and any key after it is later still; so
-// an edge key generated before that moment proves the rotation did not
-// happen. Equal times prove the same key only where the edge evidently keeps
-// sub-second precision (see sameGeneration). The caller calls it only after
-// the rotation's settle window, when no request of it can still land.
+// keyChange is what Cloudflare's times prove about whether the edge's key
+// is still the one an earlier answer showed.
+type keyChange int
+
+const (
+	// keyUndecided: nothing proves either.
+	keyUndecided keyChange = iota
+	// keyUnchanged: the edge's key is the one it had.
+	keyUnchanged
+	// keyChanged: the edge's key is another.
+	keyChanged
+)
+
+// wholeSecond is the coarsest precision of Cloudflare's times: all it
+// promises for last_generated_on, and all a Date header has.
+const wholeSecond = time.Second
+
+// keyChangeSince compares the edge's last_generated_on now with before, its
+// last_generated_on in an earlier answer of Cloudflare's that Cloudflare
+// dated seenAt (zero: unknown). Both are Cloudflare's times, and nothing
+// else is ever held against them: this node's clock may run seconds ahead
+// of or behind Cloudflare's. laterKeysDiffer says that it is known
+// otherwise that any key generated since carries a later time than before.
 //
-// What no time can decide (a key as old as the margin or as coarse as a
-// second, unchanged since) is taken as a change: a new key is healed in, for
-// a rotation somebody asked for, rather than call a replaced key current or
-// leave a live key nobody holds.
-func judgeEdge(rec *pskRecord, edgeGenerated time.Time) edgeVerdict {
+// A time other than before is another key: a later one obviously, and an
+// earlier one too, since the edge cannot be using a key older than the one
+// it had (its keys only replace each other forwards). An equal time is the
+// same key where it has a sub-second part (sameGeneration). At whole-second
+// precision, which is all Cloudflare promises, two keys made within one
+// second share their time; an equal time then proves the same key only if
+// Cloudflare's clock had left before's second when before was seen: a key
+// generated after that answer carries a later second. The Date header is
+// whole seconds, truncated, so Date >= before+1s says just that.
+func keyChangeSince(now, before, seenAt time.Time, laterKeysDiffer bool) keyChange {
 	switch {
-	case rec.State == stateRotationUnknown:
-		sentAfter := rec.RotationStartedAt.Add(-edgeClockMargin)
-		if rec.PSK == "" {
-			if edgeGenerated.Before(sentAfter) || sameGeneration(edgeGenerated, rec.EdgeKeyBefore) {
-				return edgeNeverRotated
+	case !now.Equal(before):
+		return keyChanged
+	case now.IsZero():
+		return keyUnchanged // no key then, no key now
+	case sameGeneration(now, before),
+		laterKeysDiffer,
+		!seenAt.IsZero() && !seenAt.Before(before.Add(wholeSecond)):
+		return keyUnchanged
+	}
+	return keyUndecided
+}
+
+// edgeKeySince judges, for a record whose last attempt is unresolved,
+// whether the edge's key (last_generated_on now) is the one it had when the
+// attempt was sent.
+func (r *pskRecord) edgeKeySince(now time.Time) keyChange {
+	return keyChangeSince(now, r.EdgeKeyBefore, r.EdgeKeyBeforeSeenAt, r.fromStoredKey() && r.storedLongBefore())
+}
+
+// fromStoredKey reports whether the record's last attempt started from the
+// stored key, current at the edge.
+func (r *pskRecord) fromStoredKey() bool { return r.PSK != "" && !r.EdgeKeyForeign }
+
+// storedLongBefore reports whether the stored key was stored at least
+// settleMargin and a second before the attempt started. Both times are
+// Vault's, perhaps of two nodes (a failover between), whose clocks differ
+// by less than settleMargin as the settle window assumes, so at least a
+// second passed in truth. Cloudflare generated the stored key before it was
+// stored and any key of the attempt after the attempt started, so their
+// last_generated_on differ by at least a second and cannot share one. This
+// is the proof for records stored before KeySeenAt existed, and for a key
+// whose own answer was dated in its second of generation, as most are.
+func (r *pskRecord) storedLongBefore() bool {
+	return !r.StoredAt.IsZero() && !r.RotationStartedAt.IsZero() &&
+		!r.StoredAt.After(r.RotationStartedAt.Add(-settleMargin-wholeSecond))
+}
+
+// judgeEdge decides what the edge's last_generated_on (edgeGenerated) says
+// about rec, a record that is not current; for edgeChanged it also says
+// why. For a rotation_unknown record it asks whether the edge's key changed
+// since the attempt was sent (edgeKeySince), by Cloudflare's times alone.
+// The caller calls it only after the rotation's settle window, when no
+// request of it can still land.
+//
+// Unchanged proves the attempt did not happen: the record goes back to the
+// stored key, or, for a first rotation, the tunnel is as it was before the
+// engine touched it; where the edge's key was already one Vault does not
+// hold (a heal), it still is. Changed, and what no time can decide (two keys
+// in one whole second with nothing to prove the second had passed), is taken
+// as a change: the rotation somebody asked for is healed in (or the record
+// flagged stale) rather than call a replaced key current or forget a key
+// the edge may use. A first rotation whose outcome is unknown is therefore
+// never forgotten on a guess.
+func judgeEdge(rec *pskRecord, edgeGenerated time.Time) (edgeVerdict, string) {
+	if rec.State == stateRotationUnknown {
+		started := formatTime(rec.RotationStartedAt)
+		if rec.EdgeKeyForeign {
+			// Changed or not, the edge's key is not one Vault holds.
+			return edgeChanged, fmt.Sprintf("the rotation that started at %s was to replace a key Vault does not hold, and its key was never stored: Cloudflare's key, generated at %s, is that one or the rotation's, so %s",
+				started, keyTime(edgeGenerated), rec.notTheEdgesKey())
+		}
+		switch rec.edgeKeySince(edgeGenerated) {
+		case keyUnchanged:
+			if rec.PSK == "" {
+				return edgeNeverRotated, ""
 			}
-			return edgeChanged
+			return edgeUsesStoredKey, ""
+		case keyChanged:
+			return edgeChanged, fmt.Sprintf("Cloudflare's key was generated at %s, and the key it had when the rotation that started at %s was sent was generated at %s: that rotation (or a change outside this engine) replaced it and its key was never stored, so %s",
+				formatTime(edgeGenerated), started, keyTime(rec.EdgeKeyBefore), rec.notTheEdgesKey())
 		}
-		if !edgeGenerated.Before(sentAfter) && !sameGeneration(edgeGenerated, rec.LastGeneratedOn) {
-			return edgeChanged
-		}
-	case rec.PSK == "":
-		// A first rotation already found to have happened (stale) or a
-		// tunnel that vanished before its first key was stored: the edge's
-		// key, if any, is not one Vault holds.
-		return edgeChanged
+		return edgeChanged, fmt.Sprintf("Cloudflare's key was generated at %s, in the same whole second as the key it had when the rotation that started at %s was sent, and nothing Cloudflare said proves that this second had passed before the rotation was sent: "+
+			"Cloudflare's times cannot tell whether the rotation replaced that key, so it is taken to have, and %s",
+			formatTime(edgeGenerated), started, rec.notTheEdgesKey())
 	}
-	if edgeGenerated.After(rec.LastGeneratedOn) {
-		return edgeChanged
+	if rec.PSK != "" && keyChangeSince(edgeGenerated, rec.LastGeneratedOn, rec.KeySeenAt, false) == keyUnchanged {
+		// A tunnel found gone that is back, say, with the stored key.
+		return edgeUsesStoredKey, ""
 	}
-	return edgeUsesStoredKey
+	// A first rotation already found to have happened, or a key that is
+	// not (provably) the stored one: changed outside this engine.
+	return edgeChanged, fmt.Sprintf("Cloudflare's key, generated at %s, is not provably the stored key (%s): it was changed outside this engine, so %s",
+		keyTime(edgeGenerated), orNever(rec.LastGeneratedOn), rec.notTheEdgesKey())
+}
+
+// keyTime renders the edge's time of generation in a reason.
+func keyTime(t time.Time) string {
+	if t.IsZero() {
+		return "never (the tunnel had no key)"
+	}
+	return formatTime(t)
+}
+
+// notTheEdgesKey ends a reason that the edge uses a key Vault does not hold.
+func (r *pskRecord) notTheEdgesKey() string {
+	if r.PSK == "" {
+		return "the edge uses a key Vault has never held"
+	}
+	return "the stored key is not the one the edge uses"
 }
 
 // sameGeneration reports whether two last_generated_on values prove one and
 // the same generation: equal, and with a sub-second part, which only an edge
 // that keeps fine precision can produce (two generations do not share a
-// microsecond). Equal whole-second times prove nothing.
+// microsecond). Equal whole-second times prove nothing by themselves.
 func sameGeneration(a, b time.Time) bool {
 	return !a.IsZero() && a.Equal(b) && a.Nanosecond() != 0
 }
@@ -522,7 +647,8 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 		return rec, fmt.Errorf("reconcile %s: %w", t, err)
 	}
 
-	switch judgeEdge(rec, edge.PSKLastGeneratedOn) {
+	verdict, reason := judgeEdge(rec, edge.PSKLastGeneratedOn)
+	switch verdict {
 	case edgeNeverRotated:
 		log.Info("first rotation never happened; nothing is stored")
 		return nil, forgetPSKRecord(ctx, s, t, rec)
@@ -530,6 +656,11 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 		resolved := *rec
 		resolved.State, resolved.StateReason, resolved.RotationStartedAt, resolved.SettleUntil = stateCurrent, "", time.Time{}, time.Time{}
 		resolved.clearFailures()
+		if edge.Date.After(resolved.KeySeenAt) {
+			// A later answer that shows the stored key in use: a proof
+			// for the next rotation's judgement (keyChangeSince).
+			resolved.KeySeenAt = edge.Date
+		}
 		if err := writePSKRecord(ctx, s, t, &resolved); err != nil {
 			return rec, err
 		}
@@ -542,22 +673,14 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 
 	// The edge uses a key Vault does not hold: the tunnel is down until
 	// both sides share one.
-	var reason string
-	switch {
-	case rec.State == stateStale:
+	if rec.State == stateStale {
 		reason = rec.StateReason // still what it was found to be
-	case rec.State == stateRotationUnknown && !edge.PSKLastGeneratedOn.Before(rec.RotationStartedAt.Add(-edgeClockMargin)):
-		reason = fmt.Sprintf("Cloudflare's key was generated at %s, at or after the rotation that started at %s: that rotation (or a change outside this engine) happened and its key was never stored, so the stored key is not the one the edge uses",
-			formatTime(edge.PSKLastGeneratedOn), formatTime(rec.RotationStartedAt))
-	default:
-		reason = fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s): it was changed outside this engine, so the stored key is not the one the edge uses",
-			formatTime(edge.PSKLastGeneratedOn), orNever(rec.LastGeneratedOn))
 	}
 	if heal {
 		if b.mayHeal(cfg, rec) {
 			log.Warn("reconciled: cloudflare's key is not the stored one; generating a new key")
 			healing := *rec
-			healing.EdgeKeyBefore = edge.PSKLastGeneratedOn
+			healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
 			return b.rotateLocked(ctx, s, client, cfg, t, &healing, rec.RotationPeriod, "heal")
 		}
 		return b.holdHealing(ctx, s, t, rec, reason)

@@ -236,7 +236,9 @@ func (b *backend) compareLocked(ctx context.Context, s logical.Storage, client *
 		return false, err
 	}
 	b.tunnelLogger(t).Warn("key changed outside this engine; generating a new key", "edge_generated_on", formatTime(edge.PSKLastGeneratedOn))
-	_, err = b.rotateLocked(ctx, s, client, cfg, t, stale, stale.RotationPeriod, "heal")
+	healing := *stale
+	healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
+	_, err = b.rotateLocked(ctx, s, client, cfg, t, &healing, stale.RotationPeriod, "heal")
 	return err == nil, err
 }
 

@@ -10,9 +10,14 @@ package main
 // decides what happened:
 //
 //   - no key in the answer: a validation; the record is put back as it was;
-//   - a key in the answer: Cloudflare generated it, and it is live at the
-//     edge; it is stored as a rotation (version+1, current; a schedule
-//     restarts from it) and the caller is warned;
+//   - a key in the answer: Cloudflare generated it (the query was dropped)
+//     or merely showed one; the edge is asked (its key time before the
+//     request was read first). A key in use there, generated when the
+//     answer says and provably not the key the edge had before, is stored
+//     as a rotation (version+1, current; a schedule restarts from it) and
+//     the caller is warned; where the edge provably still has its earlier
+//     key the answer's key is discarded; anything else leaves the tunnel
+//     rotation_unknown, as below;
 //   - a refusal (4xx, rate limit, not sent): nothing happened; the record is
 //     put back;
 //   - anything else (no answer, a 5xx, a malformed answer): the outcome is

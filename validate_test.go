@@ -201,8 +201,8 @@ func TestAValidationKeyTheEdgeDoesNotUseIsNeverCurrent(t *testing.T) {
 // A reviewer's sequence; it failed on the code before its fix.
 // TestALostValidationNeverGeneratesAKey: a validate_only whose
 // answer is lost (connection reset before Cloudflare did anything) within
-// edgeClockMargin of the stored key's generation. After the settle window,
-// judgeEdge takes the unchanged key as a change and the background heals:
+// the 5 s margin the engine then allowed for the clocks after the stored
+// key's generation. After the settle window, judgeEdge takes the unchanged key as a change and the background heals:
 // Cloudflare generates a key although the only request was a validation.
 // (README documents the margin as undecidable; but here the stored time has
 // microsecond digits identical to the edge's, which a coarse clock could not

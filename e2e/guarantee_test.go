@@ -157,3 +157,63 @@ func waitForState(t *testing.T, v *vaultServer, path, want string, limit time.Du
 		time.Sleep(time.Second)
 	}
 }
+
+// TestALostFirstRotationSurvivesClockSkew: Cloudflare's clock 10 s behind
+// Vault's, then 10 s ahead, and a tunnel's first rotation whose answer is
+// lost after Cloudflare made the key. Vault never compares its own clock
+// with Cloudflare's times, so however they disagree the tunnel ends healed
+// (current, with the edge's key) or flagged (not current, with a reason);
+// the record is never deleted while the edge holds a key nobody has (with
+// Vault 10 s ahead, the code before this test did just that: the metadata
+// read answered 404 and no sweep looked at the tunnel again).
+func TestALostFirstRotationSurvivesClockSkew(t *testing.T) {
+	sim, baseURL, secrets, token, account := newEdge(t)
+	v := startDevServer(t, secrets)
+	v.mountEngine(t, baseURL, token.Value)
+	v.mustVault(t, v.rootToken, "write", "cloudflare-ipsec/config", "request_timeout=1s")
+
+	for _, skew := range []time.Duration{-10 * time.Second, 10 * time.Second} {
+		sim.SetClock(func() time.Time { return time.Now().Add(skew) })
+		// Created under the skewed clock, as a tunnel at Cloudflare is.
+		tunnel := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
+		psk := "cloudflare-ipsec/psk/" + account + "/" + tunnel
+		meta := "cloudflare-ipsec/metadata/" + account + "/" + tunnel
+
+		sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 500, AfterCommit: true})
+		if res := v.vault(t, v.rootToken, "write", "-f", psk); res.code == 0 {
+			t.Fatalf("Cloudflare %s: the lost first rotation reported success", skew)
+		}
+		if edge, _ := sim.Tunnel(account, tunnel); len(edge.GeneratedPSKs) != 2 {
+			t.Fatalf("Cloudflare %s: the faulted rotation did not make a key", skew)
+		}
+
+		// The settle window is 2 x request_timeout + 10s from the start;
+		// each read after it reconciles. Until then metadata says
+		// rotation_unknown; afterwards healed or flagged, never gone.
+		deadline := time.Now().Add(45 * time.Second)
+		for {
+			status, read := v.api(t, v.rootToken, http.MethodGet, meta, nil)
+			if status != http.StatusOK {
+				t.Fatalf("Cloudflare %s: metadata read: status %d while the edge holds the lost rotation's key", skew, status)
+			}
+			data, _ := read["data"].(map[string]any)
+			state, reason := data["state"], data["state_reason"]
+			if state == "current" {
+				got := v.mustVaultJSON(t, v.rootToken, "read", psk)
+				if edge, _ := sim.Tunnel(account, tunnel); field(t, got, "psk") != edge.PSK {
+					t.Fatalf("Cloudflare %s: state current, but the key is not the edge's", skew)
+				}
+				break
+			}
+			if state != "rotation_unknown" && reason != "" {
+				break // flagged, with a reason
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("Cloudflare %s: state %v after 45s (%v)", skew, state, reason)
+			}
+			time.Sleep(time.Second)
+		}
+	}
+	assertNoSecretsIn(t, secrets, "the server log", v.log())
+	assertNoDataRace(t, v.log())
+}

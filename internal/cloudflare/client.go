@@ -125,6 +125,8 @@ type GeneratedPSK struct {
 	// has it only in the bulk PSK answer, and the SDK does not decode it, so
 	// it is read from the answer's extra fields.
 	IPsecID string
+	// Date is Cloudflare's time of the answer (see answerDate).
+	Date time.Time
 }
 
 // GeneratePSK asks Cloudflare for a new PSK for one tunnel. Cloudflare
@@ -142,7 +144,8 @@ func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, va
 	}
 	defer cancel()
 
-	var opts []option.RequestOption
+	var raw *http.Response
+	opts := []option.RequestOption{option.WithResponseInto(&raw)}
 	if validateOnly {
 		opts = append(opts, option.WithQuery("validate_only", "true"))
 	}
@@ -154,7 +157,7 @@ func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, va
 		return nil, c.describe(OpGeneratePSK, err)
 	}
 	if validateOnly && res.PSK == "" {
-		return &GeneratedPSK{LastGeneratedOn: res.PSKMetadata.LastGeneratedOn}, nil
+		return &GeneratedPSK{LastGeneratedOn: res.PSKMetadata.LastGeneratedOn, Date: answerDate(raw)}, nil
 	}
 	if res.PSK == "" {
 		return nil, &MalformedResponseError{Op: OpGeneratePSK, Reason: "the answer has no psk"}
@@ -171,7 +174,7 @@ func (c *Client) GeneratePSK(ctx context.Context, accountID, tunnelID string, va
 		return nil, &MalformedResponseError{Op: OpGeneratePSK, Reason: fmt.Sprintf("the answer is for tunnel %q, not %q", res.IPSECTunnelID, tunnelID)}
 	}
 	return &GeneratedPSK{PSK: res.PSK, LastGeneratedOn: res.PSKMetadata.LastGeneratedOn,
-		IPsecID: extraString(res.JSON.ExtraFields["ipsec_id"].Raw())}, nil
+		IPsecID: extraString(res.JSON.ExtraFields["ipsec_id"].Raw()), Date: answerDate(raw)}, nil
 }
 
 // The form of a key Cloudflare issues: its schema's example and every key
@@ -338,6 +341,25 @@ type TunnelState struct {
 	IPsecID string
 	// PSKLastGeneratedOn is zero when no key was ever generated.
 	PSKLastGeneratedOn time.Time
+	// Date is Cloudflare's time of the answer that said all this (see
+	// answerDate): for a listing, the list's.
+	Date time.Time
+}
+
+// answerDate is Cloudflare's time of an answer, from its Date header: whole
+// seconds by Cloudflare's own clock, zero when the answer has none or it
+// does not parse. It is the one time of Cloudflare's that the engine can
+// hold against psk_metadata.last_generated_on without involving its own
+// clock, which may run seconds ahead of or behind Cloudflare's.
+func answerDate(res *http.Response) time.Time {
+	if res == nil {
+		return time.Time{}
+	}
+	date, err := http.ParseTime(res.Header.Get("Date"))
+	if err != nil {
+		return time.Time{}
+	}
+	return date.UTC()
 }
 
 // ListTunnels reads every IPsec tunnel of an account. It is a read, retried
@@ -352,14 +374,16 @@ func (c *Client) ListTunnels(ctx context.Context, accountID string) ([]TunnelSta
 	var params magic_transit.IPSECTunnelListParams
 	setField(&params.AccountID.Value, &params.AccountID.Present, accountID)
 	var res *magic_transit.IPSECTunnelListResponse
+	var raw *http.Response
 	err = retryIdempotent(ctx, func() error {
 		var err error
-		res, err = c.tunnels.List(ctx, params)
+		res, err = c.tunnels.List(ctx, params, option.WithResponseInto(&raw))
 		return err
 	})
 	if err != nil {
 		return nil, c.describe(OpListTunnels, err)
 	}
+	date := answerDate(raw)
 	out := make([]TunnelState, 0, len(res.IPSECTunnels))
 	for _, t := range res.IPSECTunnels {
 		out = append(out, TunnelState{
@@ -369,6 +393,7 @@ func (c *Client) ListTunnels(ctx context.Context, accountID string) ([]TunnelSta
 			CustomFQDNID:       t.CustomRemoteIdentities.FqdnID,
 			IPsecID:            extraString(t.JSON.ExtraFields["ipsec_id"].Raw()),
 			PSKLastGeneratedOn: t.PSKMetadata.LastGeneratedOn,
+			Date:               date,
 		})
 	}
 	return out, nil
@@ -386,9 +411,10 @@ func (c *Client) GetTunnel(ctx context.Context, accountID, tunnelID string) (*Tu
 	var params magic_transit.IPSECTunnelGetParams
 	setField(&params.AccountID.Value, &params.AccountID.Present, accountID)
 	var res *magic_transit.IPSECTunnelGetResponse
+	var raw *http.Response
 	err = retryIdempotent(ctx, func() error {
 		var err error
-		res, err = c.tunnels.Get(ctx, tunnelID, params)
+		res, err = c.tunnels.Get(ctx, tunnelID, params, option.WithResponseInto(&raw))
 		return err
 	})
 	if err != nil {
@@ -405,6 +431,7 @@ func (c *Client) GetTunnel(ctx context.Context, accountID, tunnelID string) (*Tu
 		CustomFQDNID:       t.CustomRemoteIdentities.FqdnID,
 		IPsecID:            extraString(t.JSON.ExtraFields["ipsec_id"].Raw()),
 		PSKLastGeneratedOn: t.PSKMetadata.LastGeneratedOn,
+		Date:               answerDate(raw),
 	}, nil
 }
 

@@ -299,6 +299,7 @@ func TestAnswersCarryRouterFacts(t *testing.T) {
 		t.Errorf("last_generated_on = %s, want %s", got.PSKLastGeneratedOn, want.PSKLastGeneratedOn)
 	}
 	got.PSKLastGeneratedOn = want.PSKLastGeneratedOn
+	got.Date = time.Time{} // the answer's time: TestAnswersCarryCloudflaresTime
 	if *got != want {
 		t.Errorf("GetTunnel = %+v\nwant %+v", *got, want)
 	}
@@ -307,7 +308,7 @@ func TestAnswersCarryRouterFacts(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, listed := range list {
-		listed.PSKLastGeneratedOn = time.Time{}
+		listed.PSKLastGeneratedOn, listed.Date = time.Time{}, time.Time{}
 		bare := TunnelState{ID: f.tunnel, Name: listed.Name, CloudflareEndpoint: listed.CloudflareEndpoint, InterfaceAddress: listed.InterfaceAddress}
 		switch listed.ID {
 		case full.ID:
@@ -400,4 +401,67 @@ func TestGeneratePSKChecksTheKeysForm(t *testing.T) {
 			})
 		}
 	}
+}
+// TestAnswersCarryCloudflaresTime: every operation that reads the edge's key
+// time also returns Cloudflare's time of the answer, from its Date header,
+// so that the engine judges the one by the other and never by its own
+// clock. The simulator's clock is set apart from the real one; a missing or
+// unparseable header gives the zero time.
+func TestAnswersCarryCloudflaresTime(t *testing.T) {
+	f := newFixture(t)
+	edgeNow := time.Now().Add(-42 * time.Second).UTC()
+	f.sim.SetClock(func() time.Time { return edgeNow })
+	want := edgeNow.Truncate(time.Second)
+	ctx := context.Background()
+
+	got, err := f.client.GetTunnel(ctx, f.account, f.tunnel)
+	if err != nil || !got.Date.Equal(want) {
+		t.Errorf("GetTunnel: Date %s, err %v; want %s", got.Date, err, want)
+	}
+	list, err := f.client.ListTunnels(ctx, f.account)
+	if err != nil || len(list) != 1 || !list[0].Date.Equal(want) {
+		t.Errorf("ListTunnels: %d tunnels, err %v; want one dated %s", len(list), err, want)
+	}
+	generated, err := f.client.GeneratePSK(ctx, f.account, f.tunnel, false)
+	if err != nil || !generated.Date.Equal(want) {
+		t.Errorf("GeneratePSK: err %v; want Date %s", err, want)
+	}
+	validated, err := f.client.GeneratePSK(ctx, f.account, f.tunnel, true)
+	if err != nil || !validated.Date.Equal(want) {
+		t.Errorf("GeneratePSK validate_only: err %v; want Date %s", err, want)
+	}
+
+	for name, date := range map[string]string{"absent": "", "unparseable": "yesterday, about noon"} {
+		t.Run(name, func(t *testing.T) {
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				f.sim.ServeHTTP(dateless{w, date}, r)
+			}))
+			t.Cleanup(srv.Close)
+			client, err := New(Config{APIToken: f.token.Value, BaseURL: srv.URL + cloudflaresim.BasePath, RequestTimeout: time.Second})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := client.GetTunnel(ctx, f.account, f.tunnel)
+			if err != nil || !got.Date.IsZero() {
+				t.Errorf("GetTunnel with the Date header %s: Date %s, err %v; want zero", name, got.Date, err)
+			}
+		})
+	}
+}
+
+// dateless passes a handler's answer on with the Date header forced to
+// date, whatever the handler set; "" removes it (Go's server adds a Date
+// unless the header is set to nil).
+type dateless struct {
+	http.ResponseWriter
+	date string
+}
+
+func (d dateless) WriteHeader(status int) {
+	if d.date == "" {
+		d.Header()["Date"] = nil
+	} else {
+		d.Header().Set("Date", d.date)
+	}
+	d.ResponseWriter.WriteHeader(status)
 }

@@ -699,3 +699,31 @@ func TestEditOutOfBandChangesTheTunnelNotItsKey(t *testing.T) {
 		t.Error("an unknown tunnel was edited")
 	}
 }
+
+// TestEveryAnswerIsDatedByTheEdgesClock: Cloudflare's answers carry a Date
+// header from Cloudflare's clock, which the engine reads to judge the edge's
+// times by the edge's own clock. The simulator's Date comes from its clock,
+// set apart from the real one here, on answers that succeed and on failures.
+func TestEveryAnswerIsDatedByTheEdgesClock(t *testing.T) {
+	e := newEdge(t)
+	skewed := time.Date(2031, 5, 6, 7, 8, 9, 500_000_000, time.UTC)
+	e.sim.SetClock(func() time.Time { return skewed })
+	tunnel := e.sim.AddTunnel(e.account, cloudflaresim.Tunnel{})
+	e.sim.FailNext(cloudflaresim.OpTunnelGet, cloudflaresim.Fault{Status: 503})
+	for _, path := range []string{e.tunnelPath(tunnel.ID), e.tunnelPath(tunnel.ID), "/no/such/route"} {
+		req, err := http.NewRequest(http.MethodGet, e.url+path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+e.token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = resp.Body.Close()
+		date, err := http.ParseTime(resp.Header.Get("Date"))
+		if err != nil || !date.Equal(skewed.Truncate(time.Second)) {
+			t.Errorf("GET %s (status %d): Date %q, want the simulator's clock %s", path, resp.StatusCode, resp.Header.Get("Date"), skewed.Truncate(time.Second))
+		}
+	}
+}

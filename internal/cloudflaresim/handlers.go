@@ -62,8 +62,23 @@ func (s *Server) routes() {
 	})
 }
 
-// ServeHTTP implements http.Handler.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+// ServeHTTP implements http.Handler. Every answer carries a Date header from
+// the simulator's own clock (Go's server keeps a Date a handler set), as
+// Cloudflare's answers carry one from Cloudflare's: a test that sets the
+// simulator's clock apart from the engine's sees the two disagree. It is the
+// time the request arrived, so it is never later than the answer, and what a
+// Date proves (that Cloudflare's clock had reached it) holds.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Date", s.date())
+	s.mux.ServeHTTP(w, r)
+}
+
+// date is the simulator's time now as an HTTP Date header (whole seconds).
+func (s *Server) date() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.now().UTC().Format(http.TimeFormat)
+}
 
 // handle registers an operation: it counts the call, applies a queued fault,
 // and otherwise runs the operation's handler.

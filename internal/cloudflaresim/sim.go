@@ -415,7 +415,10 @@ func (s *Server) SetTimestampPrecision(d time.Duration) {
 // SetClock makes the edge read its time from now, so that a test that moves
 // the engine's clock moves the edge's with it: the two clocks of the real
 // world agree to within seconds, and a test that let them drift apart by
-// hours would be testing a world that does not exist.
+// hours would be testing a world that does not exist. A test of clock skew
+// passes the engine's clock shifted by the seconds it means to test. The
+// clock dates keys, the tunnel's times, every answer's Date header and the
+// rate limit's windows.
 func (s *Server) SetClock(now func() time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
