@@ -10,6 +10,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -395,5 +396,322 @@ func TestBulkRefusesASecondJobWhileOneRuns(t *testing.T) {
 	}
 	if v := storedVersion(t, env, env.pskPath()); v != 3 {
 		t.Errorf("after two jobs: version %d, want 3", v)
+	}
+}
+
+// limitedStorage refuses a Put whose value is larger than limit bytes, as
+// Raft refuses an entry over max_entry_size, and sums the bytes put and got
+// (once counting is on) so a test can tell how much storage work a job
+// costs.
+type limitedStorage struct {
+	logical.Storage
+	limit    int
+	mu       sync.Mutex
+	counting bool
+	bytes    int
+	refused  int
+	failPut  func(key string) bool
+}
+
+func (l *limitedStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	l.mu.Lock()
+	fail := l.failPut != nil && l.failPut(e.Key)
+	tooLarge := l.limit > 0 && len(e.Value) > l.limit
+	if tooLarge {
+		l.refused++
+	}
+	if l.counting && !fail && !tooLarge {
+		l.bytes += len(e.Key) + len(e.Value)
+	}
+	l.mu.Unlock()
+	switch {
+	case fail:
+		return errors.New("injected storage failure")
+	case tooLarge:
+		return fmt.Errorf("put %s: entry of %d bytes exceeds the limit of %d", e.Key, len(e.Value), l.limit)
+	}
+	return l.Storage.Put(ctx, e)
+}
+
+func (l *limitedStorage) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
+	e, err := l.Storage.Get(ctx, key)
+	if e != nil {
+		l.mu.Lock()
+		if l.counting {
+			l.bytes += len(e.Key) + len(e.Value)
+		}
+		l.mu.Unlock()
+	}
+	return e, err
+}
+
+func (l *limitedStorage) count(on bool) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.counting = on
+	return l.bytes
+}
+
+func (l *limitedStorage) setFailPut(f func(key string) bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.failPut = f
+}
+
+// failingBulkEnv is a mount whose API token may act on one account only
+// (other), where one tunnel is scheduled to rotate every minute, while the
+// test account has n tunnels stored in Vault whose every rotation Cloudflare
+// refuses (403: the token has no rights on that account). Requests and the
+// scheduler (run only by drain) work over storage.
+type failingBulkEnv struct {
+	*testEnv
+	storage     *limitedStorage
+	other       string
+	otherTunnel string
+	tunnels     []string
+}
+
+func newFailingBulkEnv(t *testing.T, n, limit int) *failingBulkEnv {
+	t.Helper()
+	env := newTestEnv(t)
+	storage := &limitedStorage{Storage: env.storage, limit: limit}
+	env.storage = storage
+	schedulerOver(t, env, storage)
+	other := cloudflaresim.NewID()
+	otherTunnel := env.sim.AddTunnel(other, cloudflaresim.Tunnel{}).ID
+	env.token = env.sim.AddToken(cloudflaresim.Token{Accounts: []string{other}})
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": env.token.Value, "base_url": env.simURL, "request_timeout": "2s", "rate_limit": 1200,
+	}))
+	env.must(env.request(logical.UpdateOperation, "psk/"+other+"/"+otherTunnel, map[string]any{"rotation_period": "1m"}))
+	var tunnels []string
+	for i := 0; i < n; i++ {
+		id := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
+		tunnels = append(tunnels, id)
+		// Stored as a rotation would have stored it while the token still
+		// had rights on the account, router facts included (a record
+		// without them makes a rotation read the tunnel first).
+		if err := writePSKRecord(context.Background(), storage, tunnelRef{env.account, id}, &pskRecord{
+			AccountID: env.account, TunnelID: id, PSK: "seeded", Version: 1, State: stateCurrent,
+			StoredAt: env.clock.Now().UTC(), Facts: tunnelFacts{Name: "IPsec_" + id[:6], CloudflareEndpoint: "203.0.113.1"},
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sort.Strings(tunnels)
+	return &failingBulkEnv{testEnv: env, storage: storage, other: other, otherTunnel: otherTunnel, tunnels: tunnels}
+}
+
+// otherVersion is the version of the other account's scheduled tunnel.
+func (f *failingBulkEnv) otherVersion(t *testing.T) int {
+	t.Helper()
+	return storedVersion(t, f.testEnv, "psk/"+f.other+"/"+f.otherTunnel)
+}
+
+// TestALargeFailingBulkJobFinishesOnStorageWithAnEntryLimit: every rotation
+// of a bulk job fails, on storage that refuses entries over 16 KiB (Raft's
+// max_entry_size, scaled down). The job must finish with every tunnel
+// counted as failed, and another account's scheduled rotation, due in a
+// later minute than the job's entries, must happen meanwhile. Keeping every
+// failure in the job's one record outgrew the limit after some 150 failures;
+// the scheduler then retried the same entry every pass, for ever, and never
+// reached the other account's entry.
+func TestALargeFailingBulkJobFinishesOnStorageWithAnEntryLimit(t *testing.T) {
+	const n = 300
+	env := newFailingBulkEnv(t, n, 16<<10)
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	// The other tunnel falls due a minute after the job's minute: its entry
+	// comes after every entry of the job.
+	env.clock.Advance(2 * time.Minute)
+	for i := 0; i < 3; i++ {
+		drain(t, env.testEnv)
+	}
+	p := progressOf(t, env.testEnv)
+	if p["remaining"] != 0 || p["queued"] != n || p["done"] != 0 || p["failed_count"] != n || p["skipped_count"] != 0 {
+		t.Errorf("progress after the run: queued=%v done=%v failed_count=%v skipped_count=%v remaining=%v (listed failed: %d); storage refused %d entries as too large",
+			p["queued"], p["done"], p["failed_count"], p["skipped_count"], p["remaining"], len(p["failed"].([]map[string]any)), env.storage.refused)
+	}
+	if v := env.otherVersion(t); v != 2 {
+		t.Errorf("the other account's tunnel, due a minute after the job started: version %d, want 2", v)
+	}
+	// The answer is bounded too: the first bulkListed tunnels, in order.
+	failed := p["failed"].([]map[string]any)
+	if len(failed) != 100 {
+		t.Fatalf("failed lists %d tunnels, want the first 100 of %d", len(failed), n)
+	}
+	for i, f := range failed {
+		if f["tunnel_id"] != env.tunnels[i] || !strings.Contains(f["reason"].(string), "HTTP 403") {
+			t.Fatalf("failed[%d] = %v, want tunnel %s with Cloudflare's 403", i, f, env.tunnels[i])
+		}
+	}
+	// A new job of the account is accepted once the last has finished.
+	if again := env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil)); again.Data["queued"] != n {
+		t.Errorf("a new job after the last finished: %v", again.Data)
+	}
+}
+
+// TestBulkStorageWorkPerTunnelDoesNotGrowWithTheJob: the storage a failing
+// bulk job reads and writes per tunnel is the same for a job four times as
+// large. Rewriting one record of every failure at each failure made it grow
+// with the job: O(n²) in all.
+func TestBulkStorageWorkPerTunnelDoesNotGrowWithTheJob(t *testing.T) {
+	perTunnel := func(n int) int {
+		env := newFailingBulkEnv(t, n, 0)
+		env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+		env.storage.count(true)
+		drain(t, env.testEnv)
+		bytes := env.storage.count(false)
+		if p := progressOf(t, env.testEnv); p["remaining"] != 0 {
+			t.Fatalf("job of %d not finished in one pass: %v", n, p)
+		}
+		return bytes / n
+	}
+	small, large := perTunnel(40), perTunnel(160)
+	t.Logf("storage bytes read and written per tunnel: %d for 40 tunnels, %d for 160", small, large)
+	if large > small+small/10 {
+		t.Errorf("storage bytes per tunnel grow with the job: %d for 40 tunnels, %d for 160", small, large)
+	}
+}
+
+// TestAJobWhoseResultsCannotBeStoredHoldsUpNoOtherSchedule: storage refuses
+// to record a bulk job's results. The job's entries are kept (they must not
+// count as done), at the cost of one Cloudflare call per pass, not one per
+// entry, and the pass goes on to another account's scheduled rotation. Once
+// storage works again, the job finishes with an exact count.
+func TestAJobWhoseResultsCannotBeStoredHoldsUpNoOtherSchedule(t *testing.T) {
+	const n = 5
+	env := newFailingBulkEnv(t, n, 0)
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	env.clock.Advance(2 * time.Minute)
+	// Whatever key the job's results are kept under, it starts bulk.
+	env.storage.setFailPut(func(key string) bool { return strings.HasPrefix(key, "bulk") })
+	generates := func() int { return env.sim.Calls(cloudflaresim.OpPSKGenerate) }
+	before := generates()
+	drain(t, env.testEnv)
+	// One generate of the job's, one of the other account's tunnel.
+	if got := generates() - before; got != 2 || env.otherVersion(t) != 2 {
+		t.Fatalf("a pass whose job results cannot be stored: %d generates (want 2: one of the job, one scheduled), the other account's tunnel at version %d (want 2)",
+			got, env.otherVersion(t))
+	}
+	before = generates()
+	drain(t, env.testEnv)
+	if got := generates() - before; got != 1 {
+		t.Errorf("a second pass: %d generates, want 1", got)
+	}
+	if p := progressOf(t, env.testEnv); p["remaining"] != n {
+		t.Errorf("progress while results cannot be stored = %v", p)
+	}
+
+	env.storage.setFailPut(nil)
+	drain(t, env.testEnv)
+	if p := progressOf(t, env.testEnv); p["remaining"] != 0 || p["failed_count"] != n || len(p["failed"].([]map[string]any)) != n {
+		t.Errorf("progress once storage works = %v", p)
+	}
+}
+
+// TestResultsOfAReplacedBulkJobAreRemoved: once a newer job of the account
+// has started, the scheduler removes the last job's result entries, a
+// bounded number per pass, and leaves the current job's alone.
+func TestResultsOfAReplacedBulkJobAreRemoved(t *testing.T) {
+	const n = 5
+	env := newFailingBulkEnv(t, n, 0)
+	ctx := context.Background()
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	drain(t, env.testEnv)
+	first, err := readBulkJob(ctx, env.storage, env.account)
+	if err != nil || first == nil {
+		t.Fatal(first, err)
+	}
+	resultsOf := func(minute int64) int {
+		keys, err := env.storage.List(ctx, bulkResultsPrefix(env.account, minute))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(keys)
+	}
+	if got := resultsOf(first.Minute); got != n {
+		t.Fatalf("results of the first job: %d, want %d", got, n)
+	}
+
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	second, err := readBulkJob(ctx, env.storage, env.account)
+	if err != nil || second == nil || second.Minute == first.Minute {
+		t.Fatal(second, err)
+	}
+	env.clock.Advance(bulkCleanEvery)
+	drain(t, env.testEnv)
+	if got := resultsOf(first.Minute); got != 0 {
+		t.Errorf("results of the replaced job left: %d", got)
+	}
+	if got := resultsOf(second.Minute); got != n {
+		t.Errorf("results of the current job: %d, want %d", got, n)
+	}
+	if p := progressOf(t, env.testEnv); p["failed_count"] != n || p["remaining"] != 0 {
+		t.Errorf("progress of the current job = %v", p)
+	}
+
+	// A bounded number per call, the rest on the next.
+	for i := 0; i < 3; i++ {
+		key := bulkResultKey(env.account, first.Minute, fmt.Sprintf("%032x", i), i == 0)
+		if err := env.storage.Put(ctx, &logical.StorageEntry{Key: key, Value: []byte(`{}`)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if more, err := cleanBulkResults(ctx, env.storage, 2); err != nil || !more || resultsOf(first.Minute) != 1 {
+		t.Errorf("a cleanup bounded to 2 of 3: more %v (%v), %d left, want 1", more, err, resultsOf(first.Minute))
+	}
+	if more, err := cleanBulkResults(ctx, env.storage, 2); err != nil || more || resultsOf(first.Minute) != 0 || resultsOf(second.Minute) != n {
+		t.Errorf("the rest: more %v (%v), %d left of the replaced job, %d of the current one", more, err, resultsOf(first.Minute), resultsOf(second.Minute))
+	}
+}
+
+// TestABulkJobOfAnOlderVersionIsCountedOnce: a job record an older version
+// wrote keeps its failed and skipped tunnels in maps. They are still
+// reported and counted, an entry of a tunnel they hold is not worked again,
+// and the rest of the job is worked and counted as usual.
+func TestABulkJobOfAnOlderVersionIsCountedOnce(t *testing.T) {
+	env := newConfiguredEnv(t)
+	tunnels := bulkFleet(t, env, 4)
+	sort.Strings(tunnels)
+	schedulerOver(t, env, env.storage)
+	ctx, now := context.Background(), env.clock.Now().UTC()
+	minute := dueMinute(now, false)
+	old := fmt.Sprintf(`{"started_at":%q,"minute":%d,"queued":4,"failed":{%q:"the old reason"},"skipped":{%q:"gone"}}`,
+		now.Format(time.RFC3339Nano), minute, tunnels[0], tunnels[1])
+	if err := env.storage.Put(ctx, &logical.StorageEntry{Key: bulkJobKey(env.account), Value: []byte(old)}); err != nil {
+		t.Fatal(err)
+	}
+	// The failed tunnel's entry lingers (its delete failed); the last two
+	// are still to do.
+	for _, id := range []string{tunnels[0], tunnels[2], tunnels[3]} {
+		if err := queueBulkRotation(ctx, env.storage, tunnelRef{env.account, id}, minute, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := progressOf(t, env)
+	failed, skipped := p["failed"].([]map[string]any), p["skipped"].([]map[string]any)
+	if p["queued"] != 4 || p["done"] != 0 || p["failed_count"] != 1 || p["skipped_count"] != 1 || p["remaining"] != 2 ||
+		len(failed) != 1 || failed[0]["tunnel_id"] != tunnels[0] || failed[0]["reason"] != "the old reason" ||
+		len(skipped) != 1 || skipped[0]["tunnel_id"] != tunnels[1] {
+		t.Fatalf("progress of an older version's job = %v", p)
+	}
+	generates := env.sim.Calls(cloudflaresim.OpPSKGenerate)
+	drain(t, env)
+	if n := env.sim.Calls(cloudflaresim.OpPSKGenerate) - generates; n != 2 {
+		t.Errorf("%d rotations, want 2 (the tunnels the job had not counted)", n)
+	}
+	if p := progressOf(t, env); p["done"] != 2 || p["failed_count"] != 1 || p["skipped_count"] != 1 || p["remaining"] != 0 {
+		t.Errorf("progress after the run = %v", p)
+	}
+}
+
+// TestABulkResultsReasonIsBounded: however long the error, the reason
+// stored for a tunnel stays within maxBulkReason bytes and valid UTF-8.
+func TestABulkResultsReasonIsBounded(t *testing.T) {
+	for _, reason := range []string{"short", strings.Repeat("é", maxBulkReason), strings.Repeat("x", 5*maxBulkReason)} {
+		got := boundReason(reason)
+		if len(got) > maxBulkReason || !utf8.ValidString(got) || len(reason) <= maxBulkReason && got != reason {
+			t.Errorf("boundReason of %d bytes: %d bytes, valid UTF-8 %v", len(reason), len(got), utf8.ValidString(got))
+		}
 	}
 }

@@ -203,11 +203,13 @@ func readDueEntry(ctx context.Context, s logical.Storage, key string) (*dueEntry
 	return due, nil
 }
 
-// loadDue returns up to dueBatch entries of the minutes up to now's, oldest
-// minute first, and the start of the next later minute that has entries
-// (zero when none). Entries of now's own minute may not be due yet: the
-// record says (see rotateScheduled).
-func loadDue(ctx context.Context, s logical.Storage, now time.Time) ([]dueItem, time.Time, error) {
+// loadDue returns up to dueBatch entries of the minutes up to now's whose
+// keys come after after ("": from the first), in key order (oldest minute
+// first), and the start of the next later minute that has entries (zero
+// when none). A pass loads batch after batch, each after the last key of the
+// one before, so entries it keeps never hide later ones. Entries of now's
+// own minute may not be due yet: the record says (see rotateScheduled).
+func loadDue(ctx context.Context, s logical.Storage, now time.Time, after string) ([]dueItem, time.Time, error) {
 	minutes, err := s.List(ctx, duePrefix)
 	if err != nil {
 		return nil, time.Time{}, fmt.Errorf("list due rotations: %w", err)
@@ -223,11 +225,20 @@ func loadDue(ctx context.Context, s logical.Storage, now time.Time) ([]dueItem, 
 		if minute > current {
 			return items, time.Unix(minute*60, 0), nil
 		}
+		// Minutes are ten digits, so key order is time order: a minute
+		// whose every key is before after is not listed at all.
+		if after != "" && duePrefix+m < after && !strings.HasPrefix(after, duePrefix+m) {
+			continue
+		}
 		keys, err := s.List(ctx, duePrefix+m)
 		if err != nil {
 			return nil, time.Time{}, fmt.Errorf("list due rotations: %w", err)
 		}
+		sort.Strings(keys)
 		for _, k := range keys {
+			if duePrefix+m+k <= after {
+				continue
+			}
 			account, tunnel, bulk, ok := parseDueName(k)
 			if !ok {
 				continue

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -51,6 +52,59 @@ func TestListRecordsAfterWalksEveryRecordOnce(t *testing.T) {
 			}
 			if fmt.Sprint(got) != fmt.Sprint(tc.want) || complete != tc.wantComplete {
 				t.Errorf("got %v (complete %v), want %v (complete %v)", got, complete, tc.want, tc.wantComplete)
+			}
+		})
+	}
+}
+
+// TestLoadDueResumesAfterAKey: a pass loads batch after batch, each after
+// the last key of the one before, so every due entry is loaded once, in key
+// order, and later minutes are reached whatever comes before them.
+func TestLoadDueResumesAfterAKey(t *testing.T) {
+	ctx := context.Background()
+	s := &logical.InmemStorage{}
+	now := time.Unix(1_000_000*60+30, 0)
+	current := dueMinute(now, false)
+	var want []string
+	for _, minute := range []int64{current - 2, current - 1, current} {
+		for i := 0; i < 3; i++ {
+			ref := tunnelRef{fmt.Sprintf("%032x", i), fmt.Sprintf("%032x", minute)}
+			key := dueKey(minute, ref)
+			if i == 1 {
+				key = bulkDueKey(minute, ref)
+			}
+			want = append(want, key)
+			if err := s.Put(ctx, &logical.StorageEntry{Key: key, Value: []byte("{}")}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	later := dueKey(current+5, tunnelRef{fmt.Sprintf("%032x", 9), fmt.Sprintf("%032x", 9)})
+	if err := s.Put(ctx, &logical.StorageEntry{Key: later, Value: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		after string
+		want  []string
+	}{
+		{"from the start", "", want},
+		{"within a minute", want[1], want[2:]},
+		{"at a minute's last key", want[2], want[3:]},
+		{"after a key since removed", want[4] + "x", want[5:]},
+		{"after the last due key", want[len(want)-1], nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			items, next, err := loadDue(ctx, s, now, tc.after)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, item := range items {
+				got = append(got, item.key)
+			}
+			if fmt.Sprint(got) != fmt.Sprint(tc.want) || !next.Equal(time.Unix((current+5)*60, 0)) {
+				t.Errorf("got %v (next %v), want %v (next %v)", got, next, tc.want, time.Unix((current+5)*60, 0))
 			}
 		})
 	}

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"sort"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -109,7 +108,15 @@ func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request,
 	if err != nil || job == nil {
 		return nil, err
 	}
-	p, err := job.progress(ctx, req.Storage, account, b.now())
+	p, results, err := job.progress(ctx, req.Storage, account, b.now())
+	if err != nil {
+		return nil, err
+	}
+	failed, err := job.listResults(ctx, req.Storage, account, results.failed, false)
+	if err != nil {
+		return nil, err
+	}
+	skipped, err := job.listResults(ctx, req.Storage, account, results.skipped, true)
 	if err != nil {
 		return nil, err
 	}
@@ -118,8 +125,10 @@ func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request,
 		"started_at":      formatTime(job.StartedAt),
 		"queued":          p.Queued,
 		"done":            p.Done,
-		"failed":          tunnelReasons(job.Failed),
-		"skipped":         tunnelReasons(job.Skipped),
+		"failed":          failed,
+		"failed_count":    p.Failed,
+		"skipped":         skipped,
+		"skipped_count":   p.Skipped,
 		"remaining":       p.Remaining,
 		"expected_finish": formatTime(b.expectedFinish(p.Remaining)),
 	}}, nil
@@ -166,16 +175,6 @@ func queueBulkEntries(ctx context.Context, s logical.Storage, targets []tunnelRe
 	return len(targets), nil
 }
 
-// tunnelReasons lists a job's failed or skipped tunnels, by tunnel id.
-func tunnelReasons(reasons map[string]string) []map[string]any {
-	out := make([]map[string]any, 0, len(reasons))
-	for tunnel, reason := range reasons {
-		out = append(out, map[string]any{"tunnel_id": tunnel, "reason": reason})
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i]["tunnel_id"].(string) < out[j]["tunnel_id"].(string) })
-	return out
-}
-
 // expectedFinish estimates when n more rotations will be done at the pace
 // the budget allows.
 func (b *backend) expectedFinish(n int) time.Time {
@@ -196,10 +195,16 @@ the account's last bulk rotation still has tunnels to rotate, a new one is
 refused with HTTP 409 and that job's progress, and nothing is queued.
 
 read rotate/<account_id> reports the last bulk rotation of the account:
-account_id, started_at, queued, done, failed (each tunnel_id with its reason),
-skipped (each tunnel_id with its reason: its key was deleted in Vault after the
-job was queued, or Cloudflare no longer knows the tunnel), remaining and
-expected_finish (when the rest should be done at the budget's pace). A tunnel
-counts as done once its rotation is stored; queued = done + failed + skipped +
-remaining.
+account_id, started_at, queued, done, failed_count (how many tunnels' rotation
+failed), skipped_count (how many were skipped: their key was deleted in Vault
+after the job was queued, or Cloudflare no longer knows the tunnel), failed
+and skipped (the first 100 of those tunnels by tunnel_id, each with its
+reason, cut to 1 KiB; the counts say how many there are in all), remaining
+and expected_finish (when the rest should be done at the budget's pace). A
+tunnel counts as done once its rotation is stored; queued = done +
+failed_count + skipped_count + remaining. A job of any size finishes, however
+many of its rotations fail: each failed or skipped tunnel is a small storage
+entry of its own, and a failure to store one holds up only that job's next
+rotations, for one scheduler pass. The results of a job are removed by the
+scheduler within 10 minutes of a new job of the account starting.
 `

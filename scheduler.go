@@ -35,6 +35,13 @@ const (
 	// minSleep keeps the loop from spinning on a rotation due a moment
 	// from now.
 	minSleep = 10 * time.Millisecond
+	// bulkCleanEvery is how often the results of replaced bulk jobs are
+	// looked for (a List of accounts that have results, and of their
+	// jobs' minutes), and bulkCleanPerPass how many one pass removes: a
+	// job's results outlive it by that much at worst, and no pass is held
+	// up for long by a large one.
+	bulkCleanEvery   = 10 * time.Minute
+	bulkCleanPerPass = 1000
 )
 
 // scheduler works off one mount's due rotations.
@@ -54,6 +61,10 @@ type scheduler struct {
 	repairing     bool
 	repairAfter   tunnelRef
 	repairStarted time.Time
+	// When the results of replaced bulk jobs were last cleaned, and
+	// whether some were left for the next pass. Guarded by mu.
+	cleanedAt time.Time
+	cleanMore bool
 }
 
 func newScheduler(b *backend, s logical.Storage) *scheduler {
@@ -111,59 +122,120 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 	if !b.mayWrite() {
 		return time.Minute
 	}
-	// Before loading what is due, so an entry put back is worked at once
-	// when its time has come.
-	sc.repairSchedule(ctx)
+	sc.housekeeping(ctx)
 	// Nothing can rotate without config; the entries wait for it. Each item
 	// gets the client again (sc.client): it is cached, and a pass can run
 	// for minutes, over which config/rotate-root can kill the token.
 	if _, _, err := b.cloudflareClient(ctx, sc.storage); err != nil {
 		return time.Minute
 	}
-	items, next, err := loadDue(ctx, sc.storage, b.now())
-	if err != nil {
-		b.Logger().Warn("scheduler could not load due rotations", "error", err)
-		return 10 * time.Second
-	}
-	finished := 0
+	// held are the bulk jobs whose result could not be recorded, or whose
+	// finished entry could not be removed, in this pass: their other
+	// entries wait for the next pass, so that a storage failure costs one
+	// Cloudflare call a pass, not one per entry, and every other entry is
+	// still worked.
+	held := map[heldJob]bool{}
 	// wake is the earliest time something loaded or listed falls due.
-	wake := next
-	for _, item := range items {
-		if wait := sc.awaitBudget(ctx); wait > 0 {
-			return wait
+	var wake time.Time
+	earliest := func(at time.Time) {
+		if !at.IsZero() && (wake.IsZero() || at.Before(wake)) {
+			wake = at
 		}
-		if ctx.Err() != nil {
-			return 0
-		}
-		outcome := sc.rotateDue(ctx, item)
-		if outcome.postpone > 0 {
-			return outcome.postpone
-		}
-		if !outcome.notBefore.IsZero() && (wake.IsZero() || outcome.notBefore.Before(wake)) {
-			wake = outcome.notBefore
-		}
-		if !outcome.finished {
-			continue
-		}
-		// The one place a worked entry leaves the schedule. A delete that
-		// fails ends the pass: the entry is worked again later, never
-		// forgotten in silence.
-		if err := sc.storage.Delete(ctx, item.key); err != nil {
-			b.Logger().Warn("scheduler could not remove a finished entry", "entry", item.key, "error", err)
+	}
+	// One batch in memory at a time, each loaded after the last key of the
+	// one before: entries the pass keeps (settling, not due until later in
+	// their minute, a job still queueing or held) never stop it from
+	// reaching later ones, another account's schedule among them.
+	after := ""
+	for {
+		items, next, err := loadDue(ctx, sc.storage, b.now(), after)
+		if err != nil {
+			b.Logger().Warn("scheduler could not load due rotations", "error", err)
 			return 10 * time.Second
 		}
-		finished++
-	}
-	if len(items) == dueBatch {
-		if finished == 0 {
-			// A whole batch kept (settling records, or not due until
-			// later this minute): the next load would be the same batch,
-			// so wait instead of spinning.
-			return sc.sleepUntil(wake, 10*time.Second)
+		earliest(next)
+		for _, item := range items {
+			if item.bulk && held[heldJobOf(item)] {
+				continue
+			}
+			if wait := sc.awaitBudget(ctx); wait > 0 {
+				return wait
+			}
+			if ctx.Err() != nil {
+				return 0
+			}
+			outcome := sc.rotateDue(ctx, item)
+			if outcome.postpone > 0 {
+				return outcome.postpone
+			}
+			earliest(outcome.notBefore)
+			if outcome.holdJob && item.bulk {
+				held[heldJobOf(item)] = true
+			}
+			if !outcome.finished {
+				continue
+			}
+			// The one place a worked entry leaves the schedule. An entry
+			// whose delete fails is met again on a later pass, and is
+			// finished then without a second rotation (rotateBulk; a
+			// scheduled rotation has moved its record on): never forgotten
+			// in silence, never worked twice. The rest of its job waits,
+			// as for a result that could not be recorded.
+			if err := sc.storage.Delete(ctx, item.key); err != nil {
+				b.Logger().Warn("scheduler could not remove a finished entry", "entry", item.key, "error", err)
+				earliest(b.now().Add(storageRetry))
+				if item.bulk {
+					held[heldJobOf(item)] = true
+				}
+			}
 		}
-		return 0
+		if len(items) < dueBatch {
+			return sc.sleepUntil(wake, maxSleep)
+		}
+		after = items[len(items)-1].key
+		// A paced bulk run is one long pass: between batches, as at a
+		// pass's start.
+		if !b.mayWrite() {
+			return time.Minute
+		}
+		sc.housekeeping(ctx)
 	}
-	return sc.sleepUntil(wake, maxSleep)
+}
+
+// housekeeping is what a pass does besides rotating, before it loads a
+// batch: the repair walk (before loading, so an entry put back is worked at
+// once when its time has come) and removing the results of replaced bulk
+// jobs. Both are paced by their own clocks.
+func (sc *scheduler) housekeeping(ctx context.Context) {
+	sc.repairSchedule(ctx)
+	sc.cleanBulkResults(ctx)
+}
+
+// storageRetry is how soon a pass comes back for an entry kept because
+// storage failed.
+const storageRetry = 10 * time.Second
+
+// heldJob names a bulk job by its account and minute.
+type heldJob struct {
+	account string
+	minute  int64
+}
+
+func heldJobOf(item dueItem) heldJob { return heldJob{item.tunnel.AccountID, item.minute} }
+
+// cleanBulkResults removes some results of replaced bulk jobs (bulk.go),
+// every bulkCleanEvery, and on the next pass again while there are more.
+func (sc *scheduler) cleanBulkResults(ctx context.Context) {
+	now := sc.b.now()
+	if !sc.cleanMore && !sc.cleanedAt.IsZero() && now.Sub(sc.cleanedAt) < bulkCleanEvery {
+		return
+	}
+	sc.cleanedAt = now
+	more, err := cleanBulkResults(ctx, sc.storage, bulkCleanPerPass)
+	if err != nil {
+		sc.b.Logger().Warn("scheduler could not remove the results of replaced bulk rotations; it tries again later", "error", err)
+	}
+	sc.cleanMore = more
 }
 
 // sleepUntil is how long the loop sleeps to wake at wake (zero: nothing
@@ -273,8 +345,12 @@ type dueOutcome struct {
 	// the budget said "not now".
 	postpone time.Duration
 	// notBefore, when set, keeps the entry: the rotation falls due later
-	// in the entry's minute, and the pass wakes then.
+	// in the entry's minute, or storage failed, and the pass wakes then.
 	notBefore time.Time
+	// holdJob keeps the entry and every other entry of its bulk job for
+	// the rest of the pass: the job cannot be read or be worked yet, or
+	// its result could not be recorded.
+	holdJob bool
 }
 
 var (
@@ -282,6 +358,8 @@ var (
 	// dueKept leaves the entry for a later pass: storage failed, or the
 	// tunnel cannot be worked yet.
 	dueKept = dueOutcome{}
+	// dueHeld leaves the entry, and the rest of its job, for a later pass.
+	dueHeld = dueOutcome{holdJob: true}
 )
 
 // rotateDue works one due entry and says what becomes of it.
@@ -421,8 +499,8 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item dueItem, due *dueEntry
 	log := b.tunnelLogger(t)
 	job, err := readBulkJob(ctx, s, t.AccountID)
 	if err != nil {
-		log.Warn("scheduler could not read a bulk job", "error", err)
-		return dueKept
+		log.Warn("scheduler could not read a bulk job; its entries wait for the next pass", "error", err)
+		return dueOutcome{holdJob: true, notBefore: b.now().Add(storageRetry)}
 	}
 	// tracked: the entry is the current job's, which counts it. An entry of
 	// an older version (no key suffix) is worked without being counted.
@@ -436,17 +514,25 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item dueItem, due *dueEntry
 	if tracked && job.abandoned(b.now()) {
 		if err := b.closeAbandoned(ctx, s, t.AccountID, item.minute); err != nil {
 			log.Warn("scheduler could not close a bulk job left half queued", "error", err)
-			return dueKept
+			return dueOutcome{holdJob: true, notBefore: b.now().Add(storageRetry)}
 		}
 		job.Queueing = false
 	}
 	if tracked && job.Queueing {
 		// rotate/ is still writing the job's entries: working one now
-		// would make the count inexact until it has finished.
-		return dueKept
+		// would make the count inexact until it has finished. It pokes
+		// the scheduler when it has.
+		return dueHeld
 	}
-	if tracked && job.counted(t.TunnelID) {
-		return dueFinished
+	if tracked {
+		counted, err := job.counted(ctx, s, t.AccountID, t.TunnelID)
+		if err != nil {
+			log.Warn("scheduler could not read a bulk job's results; its entries wait for the next pass", "error", err)
+			return dueOutcome{holdJob: true, notBefore: b.now().Add(storageRetry)}
+		}
+		if counted {
+			return dueFinished
+		}
 	}
 	queuedAt := due.QueuedAt
 	if queuedAt.IsZero() && tracked {
@@ -515,8 +601,10 @@ func (sc *scheduler) countBulk(ctx context.Context, item dueItem, tracked, skipp
 	}
 	if err := sc.b.recordBulkResult(ctx, sc.storage, item.tunnel, item.minute, skipped, reason); err != nil {
 		// Not counted: the entry stays, or the job would count it as done.
-		sc.b.tunnelLogger(item.tunnel).Warn("could not record a bulk rotation's result; its entry is kept", "error", err)
-		return dueOutcome{postpone: 10 * time.Second}
+		// The rest of the job waits for the next pass, which tries this
+		// entry again; other entries do not wait.
+		sc.b.tunnelLogger(item.tunnel).Warn("could not record a bulk rotation's result; its entry is kept, and the rest of its job waits for the next pass", "error", err)
+		return dueOutcome{holdJob: true, notBefore: sc.b.now().Add(storageRetry)}
 	}
 	return dueFinished
 }

@@ -954,9 +954,45 @@ func runBulkToTheEnd(t *testing.T, env *testEnv, fleet int) {
 		if p.Data["done"] == fleet {
 			return
 		}
-		if len(p.Data["failed"].([]map[string]any)) > 0 || time.Now().After(deadline) {
+		if p.Data["failed_count"] != 0 || time.Now().After(deadline) {
 			t.Fatalf("bulk rotation stalled or failed: %v", p.Data)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestKeptEntriesDoNotStarveLaterMinutes: more than a batch of due entries
+// that the scheduler must keep (a bulk job whose entries are still being
+// queued) comes before another tunnel's scheduled rotation. The pass must go
+// on past them to the rotation; loading the same first batch again and again
+// never reached it.
+func TestKeptEntriesDoNotStarveLaterMinutes(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
+	schedulerOver(t, env, env.storage)
+	ctx, now := context.Background(), env.clock.Now()
+	other := cloudflaresim.NewID()
+	job := &bulkJob{StartedAt: now.UTC(), Minute: dueMinute(now, false), Queued: dueBatch + 1, Queueing: true}
+	if err := writeBulkJob(ctx, env.storage, other, job); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i <= dueBatch; i++ {
+		if err := queueBulkRotation(ctx, env.storage, tunnelRef{other, fmt.Sprintf("%032x", i)}, job.Minute, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The test tunnel is due a minute after the job's minute; the job is
+	// not yet taken as abandoned.
+	env.clock.Advance(2 * time.Minute)
+	calls := env.sim.TotalCalls()
+	drain(t, env)
+	if v := storedVersion(t, env, env.pskPath()); v != 2 {
+		t.Fatalf("behind %d kept entries, the scheduled tunnel is at version %d, want 2", dueBatch+1, v)
+	}
+	if n := env.sim.TotalCalls() - calls; n != 1 {
+		t.Errorf("%d Cloudflare calls, want 1 (the scheduled rotation; the job is still queueing)", n)
+	}
+	if left, err := countBulkEntries(ctx, env.storage, job.Minute, other, func(string) bool { return false }); err != nil || left != dueBatch+1 {
+		t.Errorf("entries of the job still queueing: %d (%v), want %d", left, err, dueBatch+1)
 	}
 }

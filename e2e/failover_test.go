@@ -36,22 +36,7 @@ func startRaftCluster(t *testing.T, secrets *secretSet) ([]*raftNode, string) {
 	}
 	for _, n := range nodes {
 		dir := filepath.Join(t.TempDir(), n.name)
-		cfg := fmt.Sprintf(`
-storage "raft" {
-  path    = %q
-  node_id = %q
-%s}
-listener "tcp" {
-  address         = "127.0.0.1:%d"
-  cluster_address = "127.0.0.1:%d"
-  tls_disable     = true
-}
-api_addr         = "http://127.0.0.1:%d"
-cluster_addr     = "https://127.0.0.1:%d"
-plugin_directory = %q
-disable_mlock    = true
-log_level        = "trace"
-`, filepath.Join(dir, "raft"), n.name, joins.String(), n.port, n.port+1, n.port, n.port+1, suite.pluginDir)
+		cfg := raftServerConfig(dir, n.name, n.port, joins.String())
 		mkdir(t, filepath.Join(dir, "raft"))
 		writeFile(t, filepath.Join(dir, "server.hcl"), cfg)
 		n.vaultServer = &vaultServer{dir: dir, addr: fmt.Sprintf("http://127.0.0.1:%d", n.port), secrets: secrets}
@@ -59,16 +44,7 @@ log_level        = "trace"
 		n.waitReady(t)
 	}
 
-	var init struct {
-		UnsealKeys []string `json:"unseal_keys_b64"`
-		RootToken  string   `json:"root_token"`
-	}
-	out := nodes[0].mustRun(t, "json", "", "operator", "init", "-key-shares=1", "-key-threshold=1")
-	if err := json.Unmarshal([]byte(out), &init); err != nil || len(init.UnsealKeys) != 1 {
-		t.Fatalf("decode operator init output: %v", err)
-	}
-	secrets.add(init.UnsealKeys[0])
-	secrets.add(init.RootToken)
+	init := initServer(t, nodes[0].vaultServer, secrets)
 	for i, n := range nodes {
 		n.rootToken = init.RootToken
 		if i == 0 {

@@ -225,6 +225,66 @@ log_level        = "trace"
 	return v
 }
 
+// raftServerConfig is the config of a server with integrated storage (Raft)
+// under dir, listening on port (API) and port+1 (cluster); raftExtra goes
+// into the storage stanza (retry_join blocks, max_entry_size).
+func raftServerConfig(dir, nodeID string, port int, raftExtra string) string {
+	return fmt.Sprintf(`
+storage "raft" {
+  path    = %q
+  node_id = %q
+%s}
+listener "tcp" {
+  address         = "127.0.0.1:%d"
+  cluster_address = "127.0.0.1:%d"
+  tls_disable     = true
+}
+api_addr         = "http://127.0.0.1:%d"
+cluster_addr     = "https://127.0.0.1:%d"
+plugin_directory = %q
+disable_mlock    = true
+log_level        = "trace"
+`, filepath.Join(dir, "raft"), nodeID, raftExtra, port, port+1, port, port+1, suite.pluginDir)
+}
+
+// vaultInit is what operator init answers.
+type vaultInit struct {
+	UnsealKeys []string `json:"unseal_keys_b64"`
+	RootToken  string   `json:"root_token"`
+}
+
+// initServer initialises v with one key share, adds the unseal key and
+// root token to secrets, and returns them.
+func initServer(t testing.TB, v *vaultServer, secrets *secretSet) vaultInit {
+	t.Helper()
+	var init vaultInit
+	out := v.mustRun(t, "json", "", "operator", "init", "-key-shares=1", "-key-threshold=1")
+	if err := json.Unmarshal([]byte(out), &init); err != nil || len(init.UnsealKeys) != 1 {
+		t.Fatalf("decode operator init output: %v", err)
+	}
+	secrets.add(init.UnsealKeys[0])
+	secrets.add(init.RootToken)
+	return init
+}
+
+// startRaftServer starts a single-node Vault with integrated storage, as a
+// production server stores, initialised, unsealed and active, with its root
+// token set; raftExtra goes into the storage stanza (max_entry_size = ...).
+func startRaftServer(t testing.TB, secrets *secretSet, raftExtra string) *vaultServer {
+	t.Helper()
+	dir, port := t.TempDir(), freePort(t)
+	mkdir(t, filepath.Join(dir, "raft"))
+	writeFile(t, filepath.Join(dir, "server.hcl"), raftServerConfig(dir, "node1", port, raftExtra))
+	v := &vaultServer{dir: dir, addr: fmt.Sprintf("http://127.0.0.1:%d", port), secrets: secrets}
+	v.start(t, "server", "-config="+filepath.Join(dir, "server.hcl"))
+	v.waitReady(t)
+	init := initServer(t, v, secrets)
+	v.mustVault(t, "", "operator", "unseal", init.UnsealKeys[0])
+	waitActive(t, v)
+	v.rootToken = init.RootToken
+	return v
+}
+
 func (v *vaultServer) start(t testing.TB, args ...string) {
 	t.Helper()
 	v.logPath = filepath.Join(v.dir, fmt.Sprintf("vault-%d.log", time.Now().UnixNano()))
@@ -431,9 +491,18 @@ func assertNoSecretsIn(t testing.TB, secrets *secretSet, what, text string) {
 // server's log (the plugin's stderr reaches it).
 func assertNoDataRace(t testing.TB, log string) {
 	t.Helper()
-	if strings.Contains(log, "WARNING: DATA RACE") {
-		t.Error("the race detector reported a data race in the plugin; see the server log")
+	i := strings.Index(log, "WARNING: DATA RACE")
+	if i < 0 {
+		return
 	}
+	// The report itself, up to the detector's closing line: the server's
+	// log lives in the test's temporary directory, gone once it ends. A
+	// report holds stacks (functions, files, lines), never values.
+	report := log[i:]
+	if end := strings.Index(report, "=================="); end > 0 {
+		report = report[:end]
+	}
+	t.Errorf("the race detector reported a data race in the plugin:\n%s", report[:min(len(report), 8000)])
 }
 
 func writeFile(t testing.TB, path, content string) {
