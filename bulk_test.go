@@ -482,6 +482,7 @@ func newFailingBulkEnv(t *testing.T, n, limit int) *failingBulkEnv {
 	env.token = env.sim.AddToken(cloudflaresim.Token{Accounts: []string{other}})
 	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
 		"api_token": env.token.Value, "base_url": env.simURL, "request_timeout": "2s", "rate_limit": 1200,
+		"min_rotation_period": "1m",
 	}))
 	env.must(env.request(logical.UpdateOperation, "psk/"+other+"/"+otherTunnel, map[string]any{"rotation_period": "1m"}))
 	var tunnels []string

@@ -968,6 +968,7 @@ func runBulkToTheEnd(t *testing.T, env *testEnv, fleet int) {
 // never reached it.
 func TestKeptEntriesDoNotStarveLaterMinutes(t *testing.T) {
 	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
 	schedulerOver(t, env, env.storage)
 	ctx, now := context.Background(), env.clock.Now()

@@ -79,6 +79,7 @@ func TestAFailingBulkJobFinishesOnRaftWithASmallEntryLimit(t *testing.T) {
 
 	// The other account's tunnel rotates every minute; then the mount's
 	// token loses its rights on the first account, and the job starts.
+	v.mustVault(t, root, "write", "cloudflare-ipsec/config", "min_rotation_period=1m")
 	v.mustVault(t, root, "write", "cloudflare-ipsec/psk/"+other+"/"+otherTunnel, "rotation_period=1m")
 	v.mustVault(t, root, "write", "cloudflare-ipsec/config", "api_token="+otherOnly.Value)
 	queued := v.mustVaultJSON(t, root, "write", "-f", "cloudflare-ipsec/rotate/"+account)

@@ -402,6 +402,7 @@ func TestGeneratePSKChecksTheKeysForm(t *testing.T) {
 		}
 	}
 }
+
 // TestAnswersCarryCloudflaresTime: every operation that reads the edge's key
 // time also returns Cloudflare's time of the answer, from its Date header,
 // so that the engine judges the one by the other and never by its own
