@@ -7,6 +7,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
 
 	"github.com/hashicorp/vault/sdk/logical"

@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
 )
 
 const (
@@ -33,7 +34,7 @@ const (
 	// hourly is already far more often than any policy asks for, and a
 	// team allowed only to reschedule (docs/policies/operator.hcl) can
 	// cause no more than one rotation per tunnel per min_rotation_period.
-	// The least it may be is minRotationPeriod (schedule.go), the shortest
+	// The least it may be is schedule.MinPeriod (internal/schedule), the shortest
 	// schedule the engine has ever taken.
 	defaultMinRotationPeriod = time.Hour
 	maxMinRotationPeriod     = 8760 * time.Hour
@@ -57,7 +58,7 @@ type configRecord struct {
 	DriftCheckInterval time.Duration `json:"drift_check_interval"`
 	// MinRotationPeriod is the shortest schedule a write may set, and the
 	// least time a schedule change or a schedule written before it was
-	// raised leaves after a tunnel's stored key (schedule.go). 0, in a
+	// raised leaves after a tunnel's stored key (internal/schedule). 0, in a
 	// config stored before the field existed: defaultMinRotationPeriod.
 	MinRotationPeriod time.Duration `json:"min_rotation_period"`
 
@@ -390,8 +391,8 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	if v, ok := d.GetOk("min_rotation_period"); ok {
 		cfg.MinRotationPeriod = time.Duration(v.(int)) * time.Second
 	}
-	if cfg.MinRotationPeriod < minRotationPeriod || cfg.MinRotationPeriod > maxMinRotationPeriod {
-		return fmt.Sprintf("min_rotation_period must be between %s and %s", minRotationPeriod, maxMinRotationPeriod)
+	if cfg.MinRotationPeriod < schedule.MinPeriod || cfg.MinRotationPeriod > maxMinRotationPeriod {
+		return fmt.Sprintf("min_rotation_period must be between %s and %s", schedule.MinPeriod, maxMinRotationPeriod)
 	}
 	if v, ok := d.GetOk("token_account_id"); ok {
 		// Taken as written, never trimmed or folded: Vault matches a

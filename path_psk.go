@@ -6,6 +6,8 @@ import (
 	"net/http"
 	"time"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
+
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -142,7 +144,7 @@ var scheduleFields = map[string]*framework.FieldSchema{
 // now on (the zero schedule: none). floor is config min_rotation_period:
 // a schedule that falls due more often is refused. problem, when not "",
 // names the field at fault; it never repeats a value.
-func requestedSchedule(d *framework.FieldData, now time.Time, floor time.Duration) (*rotationSchedule, string) {
+func requestedSchedule(d *framework.FieldData, now time.Time, floor time.Duration) (*schedule.Schedule, string) {
 	periodRaw, hasPeriod := d.GetOk("rotation_period")
 	cronRaw, hasCron := d.GetOk("rotation_schedule")
 	windowRaw, hasWindow := d.GetOk("rotation_window")
@@ -153,28 +155,27 @@ func requestedSchedule(d *framework.FieldData, now time.Time, floor time.Duratio
 		return nil, "rotation_window is only taken with a rotation_schedule in the same write: it bounds how late after a scheduled time its rotation may start"
 	case hasPeriod:
 		period := time.Duration(periodRaw.(int)) * time.Second
-		if period != 0 && period < max(floor, minRotationPeriod) {
+		if period != 0 && period < max(floor, schedule.MinPeriod) {
 			return nil, fmt.Sprintf("rotation_period must be 0 (off) or at least %s, the engine's min_rotation_period (config; "+
-				"each rotation takes the tunnel down until its routers have the new key): nothing was sent or stored", max(floor, minRotationPeriod))
+				"each rotation takes the tunnel down until its routers have the new key): nothing was sent or stored", max(floor, schedule.MinPeriod))
 		}
-		return &rotationSchedule{Period: period}, ""
+		return &schedule.Schedule{Period: period}, ""
 	case hasCron:
-		sched := &rotationSchedule{Cron: cronRaw.(string)}
+		sched := &schedule.Schedule{Cron: cronRaw.(string)}
 		if sched.Cron == "" {
 			return sched, ""
 		}
-		parsed, problem := parseCron(sched.Cron, now)
-		if problem != "" {
+		if _, problem := schedule.ParseCron(sched.Cron, now); problem != "" {
 			return nil, problem
 		}
-		if gap := cronShortestGap(parsed); gap < floor {
+		if gap := sched.ShortestGap(now); gap < floor {
 			return nil, fmt.Sprintf("rotation_schedule falls due as often as every %s; its times must be at least %s apart, "+
 				"the engine's min_rotation_period (config; each rotation takes the tunnel down until its routers have the new key): nothing was sent or stored", gap, floor)
 		}
 		if hasWindow {
 			sched.Window = time.Duration(windowRaw.(int)) * time.Second
-			if sched.Window != 0 && sched.Window < minRotationWindow {
-				return nil, fmt.Sprintf("rotation_window must be 0 (none) or at least %s", minRotationWindow)
+			if sched.Window != 0 && sched.Window < schedule.MinWindow {
+				return nil, fmt.Sprintf("rotation_window must be 0 (none) or at least %s", schedule.MinWindow)
 			}
 		}
 		return sched, ""

@@ -6,6 +6,8 @@ import (
 	"net/http"
 	"time"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
+
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -103,7 +105,7 @@ func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *fr
 		return nil, err
 	}
 	resp := &logical.Response{Data: scheduleData(updated, b.now())}
-	if updated.State == stateTunnelGone && sched.set() {
+	if updated.State == stateTunnelGone && sched.Set() {
 		resp.AddWarning(fmt.Sprintf("state %s: the scheduler does not rotate a tunnel Cloudflare no longer knows; "+
 			"the schedule applies once a write of psk/%s/%s brings it back", stateTunnelGone, t.AccountID, t.TunnelID))
 	}
@@ -117,12 +119,12 @@ func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *fr
 // a stale entry (dropped when its minute comes) but never a record whose
 // next rotation has no entry. floor is config min_rotation_period: the next
 // rotation is never less than that after the stored key (nextAfterChange).
-func (b *backend) reschedule(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord, sched rotationSchedule, floor time.Duration) (*pskRecord, error) {
+func (b *backend) reschedule(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord, sched schedule.Schedule, floor time.Duration) (*pskRecord, error) {
 	updated := *rec
 	updated.RotationPeriod, updated.RotationSchedule, updated.RotationWindow = sched.Period, sched.Cron, sched.Window
 	updated.NextRotation, updated.WindowEnds, updated.ScheduleNote = time.Time{}, time.Time{}, ""
-	if sched.set() {
-		updated.NextRotation, updated.WindowEnds = sched.nextAfterChange(rec.StoredAt, b.now(), floor)
+	if sched.Set() {
+		updated.NextRotation, updated.WindowEnds = sched.NextAfterChange(rec.StoredAt, b.now(), floor)
 		if rec.Failures > 0 && updated.NextRotation.Before(rec.RetryAt) {
 			// The background is backing off from failed attempts: a new
 			// schedule does not bring the next one forward.

@@ -6,6 +6,8 @@ import (
 	"regexp"
 	"time"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
+
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
@@ -116,7 +118,7 @@ type pskRecord struct {
 	RotationPeriod time.Duration `json:"rotation_period"`
 	NextRotation   time.Time     `json:"next_rotation"`
 	// RotationSchedule, a standard cron expression, is the alternative to
-	// RotationPeriod (never both; schedule.go): NextRotation is its next
+	// RotationPeriod (never both; internal/schedule): NextRotation is its next
 	// time after each rotation. RotationWindow, with it, is how long after
 	// a scheduled time its rotation may still start; WindowEnds is the end
 	// of the window of the scheduled time NextRotation stands for (a failed
@@ -261,14 +263,14 @@ const (
 
 // scheduled reports whether the record has a schedule: the scheduler
 // rotates the tunnel at NextRotation.
-func (r *pskRecord) scheduled() bool { return r.schedule().set() }
+func (r *pskRecord) scheduled() bool { return r.schedule().Set() }
 
 // schedule is the record's schedule (none for nil).
-func (r *pskRecord) schedule() rotationSchedule {
+func (r *pskRecord) schedule() schedule.Schedule {
 	if r == nil {
-		return rotationSchedule{}
+		return schedule.Schedule{}
 	}
-	return rotationSchedule{Period: r.RotationPeriod, Cron: r.RotationSchedule, Window: r.RotationWindow}
+	return schedule.Schedule{Period: r.RotationPeriod, Cron: r.RotationSchedule, Window: r.RotationWindow}
 }
 
 // tunnelRef names one tunnel by its Cloudflare identifiers, in their

@@ -46,6 +46,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
 )
 
 const (
@@ -93,7 +94,7 @@ func (e *settlingError) Error() string {
 // tunnel's lock is held from before the Cloudflare call until the key is
 // stored, so concurrent rotations of one tunnel leave Vault with the key
 // Cloudflare generated last.
-func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnelRef, sched *rotationSchedule) (*pskRecord, error) {
+func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnelRef, sched *schedule.Schedule) (*pskRecord, error) {
 	client, cfg, rec, unlock, err := b.beginWrite(ctx, s, t)
 	if err != nil {
 		return nil, err
@@ -127,7 +128,7 @@ func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *c
 	}
 	sched := previous.schedule()
 	if period != sched.Period {
-		sched = rotationSchedule{Period: period}
+		sched = schedule.Schedule{Period: period}
 	}
 	return b.generateLocked(ctx, s, client, cfg, t, previous, sched, trigger, false)
 }
@@ -136,7 +137,7 @@ func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *c
 // validateOnly, for a validate_only request (validate.go says why that runs
 // under the same protocol). A validation that generated nothing puts the
 // record back and returns nil. sched is the tunnel's schedule from now on.
-func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, previous *pskRecord, sched rotationSchedule, trigger string, validateOnly bool) (*pskRecord, error) {
+func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, previous *pskRecord, sched schedule.Schedule, trigger string, validateOnly bool) (*pskRecord, error) {
 	period := sched.Period
 	what := "rotation"
 	if validateOnly {
@@ -265,7 +266,7 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 	// the next one late); a schedule shorter than min_rotation_period (set
 	// before the floor was raised) is held back to the floor.
 	rec.RotationSchedule, rec.RotationWindow = sched.Cron, sched.Window
-	if next, windowEnds := sched.nextAfterRotation(rec.StoredAt, rec.StoredAt, cfg.minRotationPeriod()); !next.IsZero() {
+	if next, windowEnds := sched.NextAfterRotation(rec.StoredAt, rec.StoredAt, cfg.minRotationPeriod()); !next.IsZero() {
 		rec.NextRotation, rec.WindowEnds = next, windowEnds
 		// Scheduled before the record is stored: an entry without a due
 		// record is dropped by the scheduler, a due record without an

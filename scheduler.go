@@ -465,7 +465,7 @@ func (sc *scheduler) missedWindow(ctx context.Context, t tunnelRef, rec *pskReco
 		return dueKept
 	}
 	moved := *rec
-	moved.NextRotation, moved.WindowEnds = sched.nextAfterRotation(rec.StoredAt, now, floor)
+	moved.NextRotation, moved.WindowEnds = sched.NextAfterRotation(rec.StoredAt, now, floor)
 	next := "none: the schedule has no later time"
 	if !moved.NextRotation.IsZero() {
 		next = formatTime(moved.NextRotation)

@@ -1,4 +1,4 @@
-package main
+package schedule
 
 import (
 	"strings"
@@ -19,20 +19,20 @@ func TestScheduleNextTimes(t *testing.T) {
 	now := at("2026-11-26T01:12:06.5Z") // a Thursday
 	cases := []struct {
 		name       string
-		sched      rotationSchedule
+		sched      Schedule
 		after      time.Time
 		want, ends string
 	}{
-		{"period", rotationSchedule{Period: time.Hour}, now, "2026-11-26T02:12:06.5Z", ""},
-		{"cron, UTC", rotationSchedule{Cron: "0 2 * * 6"}, now, "2026-11-28T02:00:00Z", ""},
-		{"cron with a window", rotationSchedule{Cron: "0 2 * * 6", Window: time.Hour}, now, "2026-11-28T02:00:00Z", "2026-11-28T03:00:00Z"},
-		{"cron, strictly after", rotationSchedule{Cron: "0 2 * * 6"}, at("2026-11-28T02:00:00Z"), "2026-12-05T02:00:00Z", ""},
-		{"every minute", rotationSchedule{Cron: "@every 1m"}, now, "2026-11-26T01:13:06Z", ""},
-		{"none", rotationSchedule{}, now, "", ""},
+		{"period", Schedule{Period: time.Hour}, now, "2026-11-26T02:12:06.5Z", ""},
+		{"cron, UTC", Schedule{Cron: "0 2 * * 6"}, now, "2026-11-28T02:00:00Z", ""},
+		{"cron with a window", Schedule{Cron: "0 2 * * 6", Window: time.Hour}, now, "2026-11-28T02:00:00Z", "2026-11-28T03:00:00Z"},
+		{"cron, strictly after", Schedule{Cron: "0 2 * * 6"}, at("2026-11-28T02:00:00Z"), "2026-12-05T02:00:00Z", ""},
+		{"every minute", Schedule{Cron: "@every 1m"}, now, "2026-11-26T01:13:06Z", ""},
+		{"none", Schedule{}, now, "", ""},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			next, ends := tc.sched.next(tc.after)
+			next, ends := tc.sched.Next(tc.after)
 			if formatTime(next) != tc.want || formatTime(ends) != tc.ends {
 				t.Errorf("next %s, window ends %s; want %s, %s", formatTime(next), formatTime(ends), tc.want, tc.ends)
 			}
@@ -49,24 +49,24 @@ func TestAScheduleChangeNeverFallsDueAtOnce(t *testing.T) {
 	stored := now.Add(-10 * time.Minute)
 	cases := []struct {
 		name  string
-		sched rotationSchedule
+		sched Schedule
 		floor time.Duration
 		want  time.Time
 	}{
-		{"a period longer than the key's age", rotationSchedule{Period: time.Hour}, time.Minute, stored.Add(time.Hour)},
-		{"a period shorter than the key's age", rotationSchedule{Period: 5 * time.Minute}, time.Minute, now.Add(5 * time.Minute)},
-		{"a cron expression", rotationSchedule{Cron: "0 13 * * *"}, time.Minute, now.Add(time.Hour)},
-		{"a cron time within the floor of the key", rotationSchedule{Cron: "5 * * * *"}, time.Hour, now.Add(65 * time.Minute)},
-		{"a cron time just at the floor", rotationSchedule{Cron: "50 * * * *"}, time.Hour, stored.Add(time.Hour)},
-		{"a period under a floor raised since", rotationSchedule{Period: 5 * time.Minute}, time.Hour, stored.Add(time.Hour)},
-		{"an old key", rotationSchedule{Cron: "5 * * * *"}, time.Hour, now.Add(5 * time.Minute)},
+		{"a period longer than the key's age", Schedule{Period: time.Hour}, time.Minute, stored.Add(time.Hour)},
+		{"a period shorter than the key's age", Schedule{Period: 5 * time.Minute}, time.Minute, now.Add(5 * time.Minute)},
+		{"a cron expression", Schedule{Cron: "0 13 * * *"}, time.Minute, now.Add(time.Hour)},
+		{"a cron time within the floor of the key", Schedule{Cron: "5 * * * *"}, time.Hour, now.Add(65 * time.Minute)},
+		{"a cron time just at the floor", Schedule{Cron: "50 * * * *"}, time.Hour, stored.Add(time.Hour)},
+		{"a period under a floor raised since", Schedule{Period: 5 * time.Minute}, time.Hour, stored.Add(time.Hour)},
+		{"an old key", Schedule{Cron: "5 * * * *"}, time.Hour, now.Add(5 * time.Minute)},
 	}
 	for _, tc := range cases {
 		from := stored
 		if tc.name == "an old key" {
 			from = now.Add(-24 * time.Hour)
 		}
-		if next, _ := tc.sched.nextAfterChange(from, now, tc.floor); !next.Equal(tc.want) {
+		if next, _ := tc.sched.NextAfterChange(from, now, tc.floor); !next.Equal(tc.want) {
 			t.Errorf("%s: next %s, want %s", tc.name, formatTime(next), formatTime(tc.want))
 		}
 	}
@@ -81,25 +81,25 @@ func TestARotationKeepsASchedulesOwnTimes(t *testing.T) {
 	stored := time.Date(2026, 11, 26, 2, 0, 0, 300_000_000, time.UTC) // due at 02:00, stored 0.3s later
 	cases := []struct {
 		name  string
-		sched rotationSchedule
+		sched Schedule
 		floor time.Duration
 		want  string
 	}{
-		{"hourly under a floor of 1h", rotationSchedule{Cron: "0 * * * *"}, time.Hour, "2026-11-26T03:00:00Z"},
-		{"a period", rotationSchedule{Period: 2 * time.Hour}, time.Hour, "2026-11-26T04:00:00.3Z"},
-		{"a period shorter than a raised floor", rotationSchedule{Period: 5 * time.Minute}, time.Hour, "2026-11-26T03:00:00.3Z"},
-		{"cron shorter than a raised floor", rotationSchedule{Cron: "*/10 * * * *"}, time.Hour, "2026-11-26T03:10:00Z"},
-		{"cron with a window", rotationSchedule{Cron: "0 */6 * * *", Window: time.Hour}, 6 * time.Hour, "2026-11-26T06:00:00Z"},
+		{"hourly under a floor of 1h", Schedule{Cron: "0 * * * *"}, time.Hour, "2026-11-26T03:00:00Z"},
+		{"a period", Schedule{Period: 2 * time.Hour}, time.Hour, "2026-11-26T04:00:00.3Z"},
+		{"a period shorter than a raised floor", Schedule{Period: 5 * time.Minute}, time.Hour, "2026-11-26T03:00:00.3Z"},
+		{"cron shorter than a raised floor", Schedule{Cron: "*/10 * * * *"}, time.Hour, "2026-11-26T03:10:00Z"},
+		{"cron with a window", Schedule{Cron: "0 */6 * * *", Window: time.Hour}, 6 * time.Hour, "2026-11-26T06:00:00Z"},
 	}
 	for _, tc := range cases {
-		if next, _ := tc.sched.nextAfterRotation(stored, stored, tc.floor); formatTime(next) != tc.want {
+		if next, _ := tc.sched.NextAfterRotation(stored, stored, tc.floor); formatTime(next) != tc.want {
 			t.Errorf("%s: next %s, want %s", tc.name, formatTime(next), tc.want)
 		}
 	}
 	// A time given up in a missed window: the next one after it, held back
 	// to the floor after the stored key for a schedule shorter than it.
 	gaveUp := stored.Add(15 * time.Minute)
-	if next, ends := (rotationSchedule{Cron: "*/10 * * * *", Window: time.Minute}).nextAfterRotation(stored, gaveUp, time.Hour); formatTime(next) != "2026-11-26T03:10:00Z" || formatTime(ends) != "2026-11-26T03:11:00Z" {
+	if next, ends := (Schedule{Cron: "*/10 * * * *", Window: time.Minute}).NextAfterRotation(stored, gaveUp, time.Hour); formatTime(next) != "2026-11-26T03:10:00Z" || formatTime(ends) != "2026-11-26T03:11:00Z" {
 		t.Errorf("after a missed window: next %s, window ends %s", formatTime(next), formatTime(ends))
 	}
 }
@@ -135,7 +135,7 @@ func TestCronShortestGap(t *testing.T) {
 		{"@every 90m", 90 * time.Minute},
 	}
 	for _, tc := range cases {
-		sched, problem := parseCron(tc.spec, time.Date(2026, 11, 26, 0, 0, 0, 0, time.UTC))
+		sched, problem := ParseCron(tc.spec, time.Date(2026, 11, 26, 0, 0, 0, 0, time.UTC))
 		if problem != "" {
 			t.Errorf("%q: %s", tc.spec, problem)
 			continue
@@ -149,7 +149,7 @@ func TestCronShortestGap(t *testing.T) {
 // BenchmarkCronShortestGap: the worst case, an expression whose days are
 // never consecutive, so that the whole 400-year cycle is walked.
 func BenchmarkCronShortestGap(b *testing.B) {
-	sched, problem := parseCron("0 0 29 2 *", time.Now())
+	sched, problem := ParseCron("0 0 29 2 *", time.Now())
 	if problem != "" {
 		b.Fatal(problem)
 	}
@@ -163,7 +163,7 @@ func BenchmarkCronShortestGap(b *testing.B) {
 func TestCronProblemsNameTheFieldNotTheValue(t *testing.T) {
 	now := time.Now()
 	for _, spec := range []string{"", "x", "0 2 * * 6 secretvalue", "61 * * * *", "@every 59s", "0 0 31 4 *", "CRON_TZ=No/Where 0 2 * * *", "CRON_TZ=Europe/Berlin 0 2 * * 6", "CRON_TZ=UTC", "TZ=UTC"} {
-		_, problem := parseCron(spec, now)
+		_, problem := ParseCron(spec, now)
 		if !strings.HasPrefix(problem, "rotation_schedule ") {
 			t.Errorf("%q: problem %q", spec, problem)
 		}
@@ -171,7 +171,15 @@ func TestCronProblemsNameTheFieldNotTheValue(t *testing.T) {
 			t.Errorf("%q: the problem repeats the value: %q", spec, problem)
 		}
 	}
-	if _, problem := parseCron("@weekly", now); problem != "" {
+	if _, problem := ParseCron("@weekly", now); problem != "" {
 		t.Errorf("@weekly: %s", problem)
 	}
+}
+
+// formatTime renders a time as the engine's responses do ("" for zero).
+func formatTime(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339Nano)
 }

@@ -1,4 +1,4 @@
-package main
+package schedule
 
 // A tunnel's schedule: a rotation period, or a cron expression with an
 // optional window. Network teams rotate in maintenance windows, and the two
@@ -16,38 +16,38 @@ import (
 )
 
 const (
-	// minRotationPeriod keeps a schedule from spending the rate limit on
+	// MinPeriod keeps a schedule from spending the rate limit on
 	// one tunnel. A cron expression cannot fall due more often. It is the
 	// least config min_rotation_period may be; that floor (1h by default,
 	// path_config.go) is what writes are held to.
-	minRotationPeriod = time.Minute
-	// minRotationWindow: the scheduler may have to wait for the budget or
+	MinPeriod = time.Minute
+	// MinWindow: the scheduler may have to wait for the budget or
 	// for a settling rotation; a shorter window would skip rotations that
 	// were only seconds late.
-	minRotationWindow = time.Minute
+	MinWindow = time.Minute
 )
 
-// rotationSchedule is when the scheduler rotates a tunnel: every Period, or
+// Schedule is when the scheduler rotates a tunnel: every Period, or
 // at the times of Cron, each rotation starting no later than Window after
 // its time (0: whenever it can). The zero value is no schedule.
-type rotationSchedule struct {
+type Schedule struct {
 	Period time.Duration
 	Cron   string
 	Window time.Duration
 }
 
 // set reports whether there is a schedule.
-func (s rotationSchedule) set() bool { return s.Period > 0 || s.Cron != "" }
+func (s Schedule) Set() bool { return s.Period > 0 || s.Cron != "" }
 
 // next returns the schedule's first time after after, and the end of that
 // time's window (zero without a window); both zero when the schedule has no
 // such time. Cron times are in UTC.
-func (s rotationSchedule) next(after time.Time) (at, windowEnds time.Time) {
+func (s Schedule) Next(after time.Time) (at, windowEnds time.Time) {
 	switch {
 	case s.Period > 0:
 		return after.Add(s.Period).UTC(), time.Time{}
 	case s.Cron != "":
-		sched, problem := parseCron(s.Cron, after)
+		sched, problem := ParseCron(s.Cron, after)
 		if problem != "" {
 			// Checked when written; a stored expression that no longer
 			// parses has no next time rather than a wrong one.
@@ -64,8 +64,8 @@ func (s rotationSchedule) next(after time.Time) (at, windowEnds time.Time) {
 // nextNotBefore is next, but never earlier than notBefore (zero: no
 // bound): a period runs from after and is held back to notBefore; a cron
 // expression falls due at its first time that is not before notBefore.
-func (s rotationSchedule) nextNotBefore(after, notBefore time.Time) (at, windowEnds time.Time) {
-	at, windowEnds = s.next(after)
+func (s Schedule) nextNotBefore(after, notBefore time.Time) (at, windowEnds time.Time) {
+	at, windowEnds = s.Next(after)
 	if at.IsZero() || !at.Before(notBefore) {
 		return at, windowEnds
 	}
@@ -74,10 +74,10 @@ func (s rotationSchedule) nextNotBefore(after, notBefore time.Time) (at, windowE
 	}
 	// The cron parser's times are strictly after the time given, to the
 	// second: one nanosecond before notBefore lets notBefore itself match.
-	return s.next(notBefore.Add(-time.Nanosecond))
+	return s.Next(notBefore.Add(-time.Nanosecond))
 }
 
-// nextAfterRotation returns when a tunnel whose key was stored at storedAt
+// NextAfterRotation returns when a tunnel whose key was stored at storedAt
 // is next rotated, after = storedAt, or, for a scheduled time that passed
 // unused (a missed window), the time it was given up. A schedule that
 // falls due more often than floor (min_rotation_period) was written before
@@ -86,14 +86,14 @@ func (s rotationSchedule) nextNotBefore(after, notBefore time.Time) (at, windowE
 // rotation that started late (budget spent, Vault down) is followed by the
 // next scheduled time, not by one a floor later, or an hourly expression
 // under a floor of 1h would skip every other hour.
-func (s rotationSchedule) nextAfterRotation(storedAt, after time.Time, floor time.Duration) (at, windowEnds time.Time) {
-	if s.shortestGap(after) < floor {
+func (s Schedule) NextAfterRotation(storedAt, after time.Time, floor time.Duration) (at, windowEnds time.Time) {
+	if s.ShortestGap(after) < floor {
 		return s.nextNotBefore(after, storedAt.Add(floor))
 	}
-	return s.next(after)
+	return s.Next(after)
 }
 
-// nextAfterChange returns when a tunnel whose key was stored at storedAt
+// NextAfterChange returns when a tunnel whose key was stored at storedAt
 // is next rotated once its schedule is changed to s (schedule-only writes,
 // path_psk_schedule.go): a period counts from the stored key, as if it had
 // been set at that rotation, but never from before now, so that a change of
@@ -103,7 +103,7 @@ func (s rotationSchedule) nextAfterRotation(storedAt, after time.Time, floor tim
 // "M * * * *" falls due hourly, but a team that switched it each minute to
 // the minute about to come would otherwise have the key rotated every
 // minute.
-func (s rotationSchedule) nextAfterChange(storedAt, now time.Time, floor time.Duration) (at, windowEnds time.Time) {
+func (s Schedule) NextAfterChange(storedAt, now time.Time, floor time.Duration) (at, windowEnds time.Time) {
 	from := now
 	if s.Period > 0 && storedAt.Add(s.Period).After(now) {
 		from = storedAt
@@ -111,16 +111,16 @@ func (s rotationSchedule) nextAfterChange(storedAt, now time.Time, floor time.Du
 	return s.nextNotBefore(from, storedAt.Add(floor))
 }
 
-// shortestGap is the shortest time between two successive times of the
+// ShortestGap is the shortest time between two successive times of the
 // schedule: its period, or what cronShortestGap finds (0 when there is no
 // schedule or the expression no longer parses, or falls due no more after
 // now).
-func (s rotationSchedule) shortestGap(now time.Time) time.Duration {
+func (s Schedule) ShortestGap(now time.Time) time.Duration {
 	switch {
 	case s.Period > 0:
 		return s.Period
 	case s.Cron != "":
-		sched, problem := parseCron(s.Cron, now)
+		sched, problem := ParseCron(s.Cron, now)
 		if problem != "" {
 			return 0
 		}
@@ -257,7 +257,7 @@ func daysIn(year, month int) int {
 	return 31
 }
 
-// parseCron parses a standard five-field cron expression (as Vault's
+// ParseCron parses a standard five-field cron expression (as Vault's
 // database static roles take for rotation_schedule). problem, when not "",
 // says what is wrong without repeating the value: a mistyped field can hold
 // anything, a key included.
@@ -267,7 +267,7 @@ func daysIn(year, month int) int {
 // night they go back (two rotations) and not at all on the night they go
 // forward (a week lost for a weekly schedule), and the parser itself panics
 // on a zone with no fields after it.
-func parseCron(spec string, now time.Time) (sched cron.Schedule, problem string) {
+func ParseCron(spec string, now time.Time) (sched cron.Schedule, problem string) {
 	malformed := fmt.Sprintf("rotation_schedule must be a standard cron expression of five fields "+
 		"(minute hour day-of-month month day-of-week, in UTC), "+
 		"such as \"0 2 * * 6\" for Saturdays at 02:00 UTC (got %d characters in %d fields)", len(spec), len(strings.Fields(spec)))
@@ -286,8 +286,8 @@ func parseCron(spec string, now time.Time) (sched cron.Schedule, problem string)
 	if err != nil {
 		return nil, malformed
 	}
-	if every, ok := sched.(cron.ConstantDelaySchedule); ok && every.Delay < minRotationPeriod {
-		return nil, fmt.Sprintf("rotation_schedule must not fall due more often than every %s", minRotationPeriod)
+	if every, ok := sched.(cron.ConstantDelaySchedule); ok && every.Delay < MinPeriod {
+		return nil, fmt.Sprintf("rotation_schedule must not fall due more often than every %s", MinPeriod)
 	}
 	if sched.Next(now.UTC()).IsZero() {
 		return nil, "rotation_schedule never falls due: no date matches it"
