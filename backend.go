@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -16,6 +15,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // operationPrefix names the engine in the OpenAPI document Vault generates
@@ -100,7 +100,7 @@ func newBackend() *backend {
 		Help:        strings.TrimSpace(backendHelp),
 		BackendType: logical.TypeLogical,
 		PathsSpecial: &logical.Paths{
-			SealWrapStorage: []string{configStorageKey, pskStoragePrefix},
+			SealWrapStorage: []string{configStorageKey, store.PSKPrefix},
 		},
 		Paths: framework.PathAppend(
 			[]*framework.Path{pathConfig(b), pathConfigRotateRoot(b)},
@@ -170,19 +170,19 @@ func (b *backend) invalidate(_ context.Context, key string) {
 }
 
 // lockTunnel takes t's lock, waiting for it, and returns its release.
-func (b *backend) lockTunnel(t tunnelRef) (unlock func()) {
-	return b.tunnelLocks.lock(t.storageKey())
+func (b *backend) lockTunnel(t store.Tunnel) (unlock func()) {
+	return b.tunnelLocks.lock(t.StorageKey())
 }
 
 // tryLockTunnel takes t's lock if no one holds it: readers and the
 // background pass over a tunnel whose rotation is in flight.
-func (b *backend) tryLockTunnel(t tunnelRef) (unlock func(), ok bool) {
-	return b.tunnelLocks.tryLock(t.storageKey())
+func (b *backend) tryLockTunnel(t store.Tunnel) (unlock func(), ok bool) {
+	return b.tunnelLocks.tryLock(t.StorageKey())
 }
 
 // tunnelLogger is the mount's logger with the tunnel's identifiers on every
 // line.
-func (b *backend) tunnelLogger(t tunnelRef) hclog.Logger {
+func (b *backend) tunnelLogger(t store.Tunnel) hclog.Logger {
 	return b.Logger().With("account_id", t.AccountID, "tunnel_id", t.TunnelID)
 }
 
@@ -346,7 +346,7 @@ func (b *backend) storeBlock(time.Time) {
 	}
 	if err != nil {
 		b.Logger().Warn("could not store Cloudflare's rate-limit block; a restarted backend may send calls into it",
-			"blocked_until", formatTime(until), "error", err)
+			"blocked_until", store.FormatTime(until), "error", err)
 	}
 }
 
@@ -355,29 +355,6 @@ func (b *backend) storeBlock(time.Time) {
 func (b *backend) mayWrite() bool {
 	state := b.System().ReplicationState()
 	return !state.HasState(consts.ReplicationPerformanceStandby | consts.ReplicationPerformanceSecondary)
-}
-
-// rejectUnknownFields refuses a write that names a field the path does not
-// take: a mistyped option must not be silently ignored on a path that
-// rotates keys.
-func rejectUnknownFields(req *logical.Request, d *framework.FieldData) *logical.Response {
-	var unknown []string
-	for name := range req.Data {
-		if _, ok := d.Schema[name]; !ok {
-			unknown = append(unknown, name)
-		}
-	}
-	if len(unknown) == 0 {
-		return nil
-	}
-	var known []string
-	for name := range d.Schema {
-		known = append(known, name)
-	}
-	sort.Strings(unknown)
-	sort.Strings(known)
-	return logical.ErrorResponse(fmt.Sprintf("unknown field(s) %s: this path takes %s",
-		strings.Join(unknown, ", "), strings.Join(known, ", ")))
 }
 
 // failure turns an error into what the Vault client sees. An error from a

@@ -11,6 +11,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // BenchmarkBulkRotation2000 rotates 2,000 tunnels of one account through
@@ -29,7 +30,7 @@ func BenchmarkBulkRotation2000(b *testing.B) {
 		storage := &logical.InmemStorage{}
 		for j := 0; j < fleet; j++ {
 			id := sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID
-			if err := writePSKRecord(context.Background(), storage, tunnelRef{account, id}, &pskRecord{AccountID: account, TunnelID: id, PSK: "seeded", Version: 1, State: stateCurrent, Facts: seededFacts}); err != nil {
+			if err := store.WriteRecord(context.Background(), storage, store.Tunnel{AccountID: account, TunnelID: id}, &store.Record{AccountID: account, TunnelID: id, PSK: "seeded", Version: 1, State: store.StateCurrent, Facts: seededFacts}); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -88,13 +89,13 @@ func BenchmarkStartup100kTunnels(b *testing.B) {
 		b.Fatal(err)
 	}
 	for j := 0; j < fleet; j++ {
-		t := tunnelRef{fmt.Sprintf("%032x", j/1000), fmt.Sprintf("%032x", j)}
+		t := store.Tunnel{AccountID: fmt.Sprintf("%032x", j/1000), TunnelID: fmt.Sprintf("%032x", j)}
 		next := now.Add(time.Hour + time.Duration(j%1440)*time.Minute)
-		if err := writePSKRecord(ctx, storage, t, &pskRecord{AccountID: t.AccountID, TunnelID: t.TunnelID, PSK: "seeded-key-0123456789abcdefghijkl",
-			Version: 1, State: stateCurrent, RotationPeriod: 24 * time.Hour, NextRotation: next}); err != nil {
+		if err := store.WriteRecord(ctx, storage, t, &store.Record{AccountID: t.AccountID, TunnelID: t.TunnelID, PSK: "seeded-key-0123456789abcdefghijkl",
+			Version: 1, State: store.StateCurrent, RotationPeriod: 24 * time.Hour, NextRotation: next}); err != nil {
 			b.Fatal(err)
 		}
-		if err := scheduleRotation(ctx, storage, t, next, false); err != nil {
+		if err := store.ScheduleRotation(ctx, storage, t, next, false); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -160,4 +161,4 @@ func maxInWindow(times []time.Time, window time.Duration) int {
 
 // seededFacts makes a seeded record one in steady state: a record without
 // router facts reads the tunnel once before its next rotation.
-var seededFacts = tunnelFacts{CloudflareEndpoint: "203.0.113.1", InterfaceAddress: "10.212.0.8/31"}
+var seededFacts = store.Facts{CloudflareEndpoint: "203.0.113.1", InterfaceAddress: "10.212.0.8/31"}

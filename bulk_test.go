@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // bulkFleet gives the test account n tunnels (the env's first among them),
@@ -36,7 +37,7 @@ func dueKeysOf(t *testing.T, env *testEnv, tunnel string) []string {
 	t.Helper()
 	var out []string
 	for key := range env.storageSnapshot() {
-		if strings.HasPrefix(key, duePrefix) && strings.Contains(key, "/"+env.account+"."+tunnel) {
+		if strings.HasPrefix(key, store.DuePrefix) && strings.Contains(key, "/"+env.account+"."+tunnel) {
 			out = append(out, key)
 		}
 	}
@@ -135,7 +136,7 @@ func TestBulkNeverRotatesTwiceWhenADeleteFails(t *testing.T) {
 
 	// The first item fails at Cloudflare, and its entry cannot be removed.
 	env.sim.FailNext(cloudflaresim.OpPSKGenerate, forbidden)
-	storage.failDeletes(duePrefix)
+	storage.failDeletes(store.DuePrefix)
 	drain(t, env)
 	drain(t, env)
 	if n := generates(); n != 1 {
@@ -176,7 +177,7 @@ func TestBulkNeverRotatesTwiceWhenADeleteFails(t *testing.T) {
 			t.Errorf("tunnel %d at version %d, want %d", i, v, want)
 		}
 	}
-	if keys, _ := env.storage.List(context.Background(), duePrefix); len(keys) != 0 {
+	if keys, _ := env.storage.List(context.Background(), store.DuePrefix); len(keys) != 0 {
 		t.Errorf("entries left after the run: %v", keys)
 	}
 }
@@ -210,7 +211,7 @@ func TestBulkCountsVanishedTunnelsAsSkipped(t *testing.T) {
 	if !strings.Contains(reasons[gone], "no longer exists at Cloudflare") {
 		t.Errorf("reason for the tunnel deleted at Cloudflare: %q", reasons[gone])
 	}
-	if keys, _ := env.storage.List(context.Background(), duePrefix); len(keys) != 0 {
+	if keys, _ := env.storage.List(context.Background(), store.DuePrefix); len(keys) != 0 {
 		t.Errorf("entries left after the run: %v", keys)
 	}
 }
@@ -241,7 +242,7 @@ func TestBulkJobIsWrittenBeforeItsEntries(t *testing.T) {
 			storage.mu.Lock()
 			storage.onPut = func(e *logical.StorageEntry) error {
 				puts = append(puts, e.Key)
-				if strings.HasPrefix(e.Key, duePrefix) {
+				if strings.HasPrefix(e.Key, store.DuePrefix) {
 					entries++
 					if entries == tc.failAt {
 						return errors.New("injected storage failure")
@@ -265,7 +266,7 @@ func TestBulkJobIsWrittenBeforeItsEntries(t *testing.T) {
 				if firstJob < 0 && strings.HasPrefix(key, "bulk/") {
 					firstJob = i
 				}
-				if firstEntry < 0 && strings.HasPrefix(key, duePrefix) {
+				if firstEntry < 0 && strings.HasPrefix(key, store.DuePrefix) {
 					firstEntry = i
 				}
 			}
@@ -299,7 +300,7 @@ func TestBulkProgressWhileQueueing(t *testing.T) {
 	entries := 0
 	storage.mu.Lock()
 	storage.onPut = func(e *logical.StorageEntry) error {
-		if strings.HasPrefix(e.Key, duePrefix) {
+		if strings.HasPrefix(e.Key, store.DuePrefix) {
 			if entries++; entries == 3 {
 				// Two entries are stored, the third is being written.
 				drain(t, env)
@@ -330,12 +331,12 @@ func TestBulkJobLeftHalfQueuedIsCounted(t *testing.T) {
 	tunnels := bulkFleet(t, env, 3)
 	schedulerOver(t, env, env.storage)
 	ctx, started := context.Background(), env.clock.Now()
-	job := &bulkJob{StartedAt: started.UTC(), Minute: dueMinute(started, false), Queued: 3, Queueing: true}
-	if err := writeBulkJob(ctx, env.storage, env.account, job); err != nil {
+	job := &store.BulkJob{StartedAt: started.UTC(), Minute: store.DueMinute(started, false), Queued: 3, Queueing: true}
+	if err := store.WriteBulkJob(ctx, env.storage, env.account, job); err != nil {
 		t.Fatal(err)
 	}
 	for _, id := range tunnels[:2] {
-		if err := queueBulkRotation(ctx, env.storage, tunnelRef{env.account, id}, job.Minute, started); err != nil {
+		if err := store.QueueBulkRotation(ctx, env.storage, store.Tunnel{AccountID: env.account, TunnelID: id}, job.Minute, started); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -344,7 +345,7 @@ func TestBulkJobLeftHalfQueuedIsCounted(t *testing.T) {
 	if p := progressOf(t, env); p["queued"] != 3 || p["done"] != 0 || p["remaining"] != 3 {
 		t.Fatalf("progress while the job may still be queueing = %v", p)
 	}
-	env.clock.Advance(bulkQueueAbandoned + time.Second)
+	env.clock.Advance(store.BulkQueueAbandoned + time.Second)
 	if p := progressOf(t, env); p["queued"] != 2 || p["done"] != 0 || p["remaining"] != 2 {
 		t.Fatalf("progress of the abandoned job = %v", p)
 	}
@@ -492,9 +493,9 @@ func newFailingBulkEnv(t *testing.T, n, limit int) *failingBulkEnv {
 		// Stored as a rotation would have stored it while the token still
 		// had rights on the account, router facts included (a record
 		// without them makes a rotation read the tunnel first).
-		if err := writePSKRecord(context.Background(), storage, tunnelRef{env.account, id}, &pskRecord{
-			AccountID: env.account, TunnelID: id, PSK: "seeded", Version: 1, State: stateCurrent,
-			StoredAt: env.clock.Now().UTC(), Facts: tunnelFacts{Name: "IPsec_" + id[:6], CloudflareEndpoint: "203.0.113.1"},
+		if err := store.WriteRecord(context.Background(), storage, store.Tunnel{AccountID: env.account, TunnelID: id}, &store.Record{
+			AccountID: env.account, TunnelID: id, PSK: "seeded", Version: 1, State: store.StateCurrent,
+			StoredAt: env.clock.Now().UTC(), Facts: store.Facts{Name: "IPsec_" + id[:6], CloudflareEndpoint: "203.0.113.1"},
 		}); err != nil {
 			t.Fatal(err)
 		}
@@ -535,7 +536,7 @@ func TestALargeFailingBulkJobFinishesOnStorageWithAnEntryLimit(t *testing.T) {
 	if v := env.otherVersion(t); v != 2 {
 		t.Errorf("the other account's tunnel, due a minute after the job started: version %d, want 2", v)
 	}
-	// The answer is bounded too: the first bulkListed tunnels, in order.
+	// The answer is bounded too: the first store.BulkListed tunnels, in order.
 	failed := p["failed"].([]map[string]any)
 	if len(failed) != 100 {
 		t.Fatalf("failed lists %d tunnels, want the first 100 of %d", len(failed), n)
@@ -619,12 +620,12 @@ func TestResultsOfAReplacedBulkJobAreRemoved(t *testing.T) {
 	ctx := context.Background()
 	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
 	drain(t, env.testEnv)
-	first, err := readBulkJob(ctx, env.storage, env.account)
+	first, err := store.ReadBulkJob(ctx, env.storage, env.account)
 	if err != nil || first == nil {
 		t.Fatal(first, err)
 	}
 	resultsOf := func(minute int64) int {
-		keys, err := env.storage.List(ctx, bulkResultsPrefix(env.account, minute))
+		keys, err := env.storage.List(ctx, store.BulkResultsPrefix(env.account, minute))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -635,7 +636,7 @@ func TestResultsOfAReplacedBulkJobAreRemoved(t *testing.T) {
 	}
 
 	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
-	second, err := readBulkJob(ctx, env.storage, env.account)
+	second, err := store.ReadBulkJob(ctx, env.storage, env.account)
 	if err != nil || second == nil || second.Minute == first.Minute {
 		t.Fatal(second, err)
 	}
@@ -653,15 +654,15 @@ func TestResultsOfAReplacedBulkJobAreRemoved(t *testing.T) {
 
 	// A bounded number per call, the rest on the next.
 	for i := 0; i < 3; i++ {
-		key := bulkResultKey(env.account, first.Minute, fmt.Sprintf("%032x", i), i == 0)
+		key := store.BulkResultKey(env.account, first.Minute, fmt.Sprintf("%032x", i), i == 0)
 		if err := env.storage.Put(ctx, &logical.StorageEntry{Key: key, Value: []byte(`{}`)}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if more, err := cleanBulkResults(ctx, env.storage, 2); err != nil || !more || resultsOf(first.Minute) != 1 {
+	if more, err := store.CleanBulkResults(ctx, env.storage, 2); err != nil || !more || resultsOf(first.Minute) != 1 {
 		t.Errorf("a cleanup bounded to 2 of 3: more %v (%v), %d left, want 1", more, err, resultsOf(first.Minute))
 	}
-	if more, err := cleanBulkResults(ctx, env.storage, 2); err != nil || more || resultsOf(first.Minute) != 0 || resultsOf(second.Minute) != n {
+	if more, err := store.CleanBulkResults(ctx, env.storage, 2); err != nil || more || resultsOf(first.Minute) != 0 || resultsOf(second.Minute) != n {
 		t.Errorf("the rest: more %v (%v), %d left of the replaced job, %d of the current one", more, err, resultsOf(first.Minute), resultsOf(second.Minute))
 	}
 }
@@ -676,16 +677,16 @@ func TestABulkJobOfAnOlderVersionIsCountedOnce(t *testing.T) {
 	sort.Strings(tunnels)
 	schedulerOver(t, env, env.storage)
 	ctx, now := context.Background(), env.clock.Now().UTC()
-	minute := dueMinute(now, false)
+	minute := store.DueMinute(now, false)
 	old := fmt.Sprintf(`{"started_at":%q,"minute":%d,"queued":4,"failed":{%q:"the old reason"},"skipped":{%q:"gone"}}`,
 		now.Format(time.RFC3339Nano), minute, tunnels[0], tunnels[1])
-	if err := env.storage.Put(ctx, &logical.StorageEntry{Key: bulkJobKey(env.account), Value: []byte(old)}); err != nil {
+	if err := env.storage.Put(ctx, &logical.StorageEntry{Key: store.BulkJobKey(env.account), Value: []byte(old)}); err != nil {
 		t.Fatal(err)
 	}
 	// The failed tunnel's entry lingers (its delete failed); the last two
 	// are still to do.
 	for _, id := range []string{tunnels[0], tunnels[2], tunnels[3]} {
-		if err := queueBulkRotation(ctx, env.storage, tunnelRef{env.account, id}, minute, now); err != nil {
+		if err := store.QueueBulkRotation(ctx, env.storage, store.Tunnel{AccountID: env.account, TunnelID: id}, minute, now); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -707,12 +708,12 @@ func TestABulkJobOfAnOlderVersionIsCountedOnce(t *testing.T) {
 }
 
 // TestABulkResultsReasonIsBounded: however long the error, the reason
-// stored for a tunnel stays within maxBulkReason bytes and valid UTF-8.
+// stored for a tunnel stays within store.MaxBulkReason bytes and valid UTF-8.
 func TestABulkResultsReasonIsBounded(t *testing.T) {
-	for _, reason := range []string{"short", strings.Repeat("é", maxBulkReason), strings.Repeat("x", 5*maxBulkReason)} {
-		got := boundReason(reason)
-		if len(got) > maxBulkReason || !utf8.ValidString(got) || len(reason) <= maxBulkReason && got != reason {
-			t.Errorf("boundReason of %d bytes: %d bytes, valid UTF-8 %v", len(reason), len(got), utf8.ValidString(got))
+	for _, reason := range []string{"short", strings.Repeat("é", store.MaxBulkReason), strings.Repeat("x", 5*store.MaxBulkReason)} {
+		got := store.BoundReason(reason)
+		if len(got) > store.MaxBulkReason || !utf8.ValidString(got) || len(reason) <= store.MaxBulkReason && got != reason {
+			t.Errorf("store.BoundReason of %d bytes: %d bytes, valid UTF-8 %v", len(reason), len(got), utf8.ValidString(got))
 		}
 	}
 }

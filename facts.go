@@ -21,32 +21,8 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
-
-// tunnelFacts is what a router needs to know of a tunnel beside its key.
-// Every field is "" when Cloudflare has not said (or said something a
-// router configuration could not safely hold, see edgeFacts). The type is
-// comparable, so a refresh can tell whether anything changed.
-type tunnelFacts struct {
-	Name string `json:"name,omitempty"`
-	// CloudflareEndpoint is the anycast address the router connects to.
-	CloudflareEndpoint string `json:"cloudflare_endpoint,omitempty"`
-	CustomerEndpoint   string `json:"customer_endpoint,omitempty"`
-	// InterfaceAddress and InterfaceAddress6 are Cloudflare's side of the
-	// tunnel's inside subnet (/31 or /30; /127); the router takes the other
-	// address (see customerSide).
-	InterfaceAddress  string `json:"interface_address,omitempty"`
-	InterfaceAddress6 string `json:"interface_address6,omitempty"`
-	// CustomFQDNID is custom_remote_identities.fqdn_id: an IKE identity of
-	// type FQDN chosen for the tunnel (Cloudflare still accepts the ones it
-	// generates).
-	CustomFQDNID string `json:"custom_fqdn_id,omitempty"`
-	// IPsecID is the IKE identity Cloudflare's edge uses for the tunnel, as
-	// psk_generate's answer carries it (Cloudflare's VyOS guide gives it to
-	// the router as its local id). Only some answers carry it, so one that
-	// does not leaves it as it was.
-	IPsecID string `json:"ipsec_id,omitempty"`
-}
 
 // factText is what a name or an identity may hold to be pasted into a
 // router's configuration: Cloudflare's names have no spaces or special
@@ -60,7 +36,7 @@ var factText = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,254}$`)
 // factText) is left out and logged by field name: the templates paste these
 // values into router configurations, where a line break or a quote would let
 // a value add configuration of its own.
-func (b *backend) edgeFacts(t tunnelRef, edge *cloudflare.TunnelState, known tunnelFacts) tunnelFacts {
+func (b *backend) edgeFacts(t store.Tunnel, edge *cloudflare.TunnelState, known store.Facts) store.Facts {
 	var refused []string
 	check := func(field, value string, parse func(string) (string, bool)) string {
 		if value == "" {
@@ -73,7 +49,7 @@ func (b *backend) edgeFacts(t tunnelRef, edge *cloudflare.TunnelState, known tun
 		}
 		return clean
 	}
-	facts := tunnelFacts{
+	facts := store.Facts{
 		Name:               check("name", edge.Name, asText),
 		CloudflareEndpoint: check("cloudflare_endpoint", edge.CloudflareEndpoint, asAddr),
 		CustomerEndpoint:   check("customer_endpoint", edge.CustomerEndpoint, asAddr),
@@ -93,7 +69,7 @@ func (b *backend) edgeFacts(t tunnelRef, edge *cloudflare.TunnelState, known tun
 
 // withIPsecID is known with the ipsec_id of a psk_generate answer, when the
 // answer carries a usable one.
-func (b *backend) withIPsecID(t tunnelRef, known tunnelFacts, ipsecID string) tunnelFacts {
+func (b *backend) withIPsecID(t store.Tunnel, known store.Facts, ipsecID string) store.Facts {
 	if ipsecID == "" {
 		return known
 	}
@@ -127,14 +103,14 @@ func asPrefix(v string) (string, bool) {
 // listing or read the caller made anyway) when its router facts changed,
 // and returns the record as it stands. The caller holds t's lock and passes
 // the record read under it.
-func (b *backend) refreshFacts(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord, edge *cloudflare.TunnelState) (*pskRecord, error) {
+func (b *backend) refreshFacts(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, edge *cloudflare.TunnelState) (*store.Record, error) {
 	facts := b.edgeFacts(t, edge, rec.Facts)
 	if facts == rec.Facts {
 		return rec, nil
 	}
 	updated := *rec
 	updated.Facts = facts
-	if err := writePSKRecord(ctx, s, t, &updated); err != nil {
+	if err := store.WriteRecord(ctx, s, t, &updated); err != nil {
 		return rec, err
 	}
 	b.tunnelLogger(t).Info("router facts updated from cloudflare", "fields", changedFacts(rec.Facts, facts))
@@ -142,7 +118,7 @@ func (b *backend) refreshFacts(ctx context.Context, s logical.Storage, t tunnelR
 }
 
 // changedFacts names the facts that differ, for the log.
-func changedFacts(a, b tunnelFacts) []string {
+func changedFacts(a, b store.Facts) []string {
 	var changed []string
 	for _, f := range []struct {
 		name string

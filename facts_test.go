@@ -10,6 +10,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // routerTunnel gives the test env a tunnel with every router fact set, and
@@ -121,7 +122,7 @@ func TestEdgeChangesReachTheRecord(t *testing.T) {
 			storage := &failingStorage{Storage: env.storage}
 			var factWrites atomic.Int32
 			storage.setFailPut(func(e *logical.StorageEntry) bool {
-				if e.Key == pskStoragePrefix+env.account+"/"+tun.ID {
+				if e.Key == store.PSKPrefix+env.account+"/"+tun.ID {
 					factWrites.Add(1)
 				}
 				return false
@@ -202,14 +203,14 @@ func TestRecordsWithoutFactsGetThemFromTheSweep(t *testing.T) {
 	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "10m"}))
 	tun := routerTunnel(env)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
-	ref := tunnelRef{AccountID: env.account, TunnelID: tun.ID}
-	rec, err := readPSKRecord(context.Background(), env.storage, ref)
+	ref := store.Tunnel{AccountID: env.account, TunnelID: tun.ID}
+	rec, err := store.ReadRecord(context.Background(), env.storage, ref)
 	if err != nil || rec == nil {
 		t.Fatalf("read record: %v", err)
 	}
 	ipsecID := rec.Facts.IPsecID
-	rec.Facts = tunnelFacts{}
-	if err := writePSKRecord(context.Background(), env.storage, ref, rec); err != nil {
+	rec.Facts = store.Facts{}
+	if err := store.WriteRecord(context.Background(), env.storage, ref, rec); err != nil {
 		t.Fatal(err)
 	}
 	assertFacts(t, env, "with no facts stored", map[string]string{"cloudflare_endpoint": "", "customer_interface_address": ""})
@@ -234,8 +235,8 @@ func TestARecordWithoutFactsGetsThemOnItsNextRotation(t *testing.T) {
 	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": 0}))
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 	rec := record(t, env, env.tunnel.ID)
-	rec.Facts = tunnelFacts{}
-	if err := writePSKRecord(context.Background(), env.storage, tunnelRef{env.account, env.tunnel.ID}, rec); err != nil {
+	rec.Facts = store.Facts{}
+	if err := store.WriteRecord(context.Background(), env.storage, store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}, rec); err != nil {
 		t.Fatal(err)
 	}
 	gets := env.sim.Calls(cloudflaresim.OpTunnelGet)

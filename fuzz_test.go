@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -98,12 +99,12 @@ func FuzzPSKPaths(f *testing.F) {
 			}
 			// After every operation: a record only for the real tunnel,
 			// and a current one holds the edge's key.
-			accounts, err := conf.StorageView.List(context.Background(), pskStoragePrefix)
+			accounts, err := conf.StorageView.List(context.Background(), store.PSKPrefix)
 			if err != nil {
 				t.Fatal(err)
 			}
 			for _, a := range accounts {
-				tunnels, err := conf.StorageView.List(context.Background(), pskStoragePrefix+a)
+				tunnels, err := conf.StorageView.List(context.Background(), store.PSKPrefix+a)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -111,12 +112,12 @@ func FuzzPSKPaths(f *testing.F) {
 					if a != account+"/" || id != tunnel {
 						t.Fatalf("%s: a record for a tunnel the edge does not have: %.40q/%.40q", op, a, id)
 					}
-					rec, err := readPSKRecord(context.Background(), conf.StorageView, tunnelRef{account, tunnel})
+					rec, err := store.ReadRecord(context.Background(), conf.StorageView, store.Tunnel{AccountID: account, TunnelID: tunnel})
 					if err != nil {
 						t.Fatal(err)
 					}
 					edge, _ := sim.Tunnel(account, tunnel)
-					if rec != nil && rec.current() && rec.PSK != edge.PSK {
+					if rec != nil && rec.Current() && rec.PSK != edge.PSK {
 						t.Fatalf("%s: the record says current for a key the edge does not use", op)
 					}
 				}

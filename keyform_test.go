@@ -10,6 +10,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // injectedKey is a key no Cloudflare answer should carry: it ends the quoted
@@ -68,10 +69,10 @@ func TestAKeyOfTheWrongFormIsNeverStored(t *testing.T) {
 			}
 			assertHonest(t, env)
 			meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
-			if meta.Data["state"] != stateStale || !strings.Contains(meta.Data["state_reason"].(string), "base_url") {
+			if meta.Data["state"] != store.StateStale || !strings.Contains(meta.Data["state_reason"].(string), "base_url") {
 				t.Fatalf("state %v (%v), want stale with a reason that names base_url", meta.Data["state"], meta.Data["state_reason"])
 			}
-			if unresolved, _ := listUnresolved(context.Background(), env.storage); len(unresolved) != 1 {
+			if unresolved, _ := store.ListUnresolved(context.Background(), env.storage); len(unresolved) != 1 {
 				t.Errorf("unresolved tunnels: %v, want this one", unresolved)
 			}
 
@@ -94,7 +95,7 @@ func TestAKeyOfTheWrongFormIsNeverStored(t *testing.T) {
 				t.Errorf("the held tunnel was read from Cloudflare %d times: nothing it says would release it", n)
 			}
 			assertHonest(t, env)
-			if meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)); meta.Data["state"] != stateStale {
+			if meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)); meta.Data["state"] != store.StateStale {
 				t.Fatalf("after the background: state %v (%v)", meta.Data["state"], meta.Data["state_reason"])
 			}
 

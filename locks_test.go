@@ -12,22 +12,23 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // neighbourOf returns a tunnel of t's account that is not t but that a
 // striped lock set of locksutil's size would give t's lock: the two share a
 // lock only if the engine's locks are striped.
-func neighbourOf(t *testing.T, of tunnelRef) tunnelRef {
+func neighbourOf(t *testing.T, of store.Tunnel) store.Tunnel {
 	t.Helper()
-	want := locksutil.LockIndexForKey(of.storageKey())
+	want := locksutil.LockIndexForKey(of.StorageKey())
 	for i := 0; i < 100000; i++ {
-		n := tunnelRef{AccountID: of.AccountID, TunnelID: cloudflaresim.NewID()}
-		if locksutil.LockIndexForKey(n.storageKey()) == want {
+		n := store.Tunnel{AccountID: of.AccountID, TunnelID: cloudflaresim.NewID()}
+		if locksutil.LockIndexForKey(n.StorageKey()) == want {
 			return n
 		}
 	}
 	t.Fatal("no tunnel id shares a lock stripe with the test tunnel")
-	return tunnelRef{}
+	return store.Tunnel{}
 }
 
 // unresolvedButUnchanged leaves the test tunnel rotation_unknown past its
@@ -54,7 +55,7 @@ func TestAnotherTunnelsRotationDoesNotHideThisOne(t *testing.T) {
 		t.Run(via, func(t *testing.T) {
 			env := newConfiguredEnv(t)
 			unresolvedButUnchanged(t, env)
-			self := tunnelRef{AccountID: env.account, TunnelID: env.tunnel.ID}
+			self := store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}
 			unlock := env.b.lockTunnel(neighbourOf(t, self))
 			defer unlock()
 
@@ -70,11 +71,11 @@ func TestAnotherTunnelsRotationDoesNotHideThisOne(t *testing.T) {
 			if strings.Contains(strings.Join(warnings, " "), "in progress") {
 				t.Errorf("told that a rotation of this tunnel is in progress while another tunnel rotates: %v", warnings)
 			}
-			rec, err := readPSKRecord(context.Background(), env.storage, self)
+			rec, err := store.ReadRecord(context.Background(), env.storage, self)
 			if err != nil || rec == nil {
 				t.Fatalf("record: %v, %v", rec, err)
 			}
-			if rec.State != stateCurrent || rec.PSK != env.edge().PSK {
+			if rec.State != store.StateCurrent || rec.PSK != env.edge().PSK {
 				t.Fatalf("state %s after the %s: the tunnel was skipped because another tunnel held a shared lock", rec.State, via)
 			}
 		})
@@ -90,17 +91,17 @@ func TestTheDriftSweepDoesNotSkipATunnelWhoseNeighbourRotates(t *testing.T) {
 	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "10m"}))
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 	env.sim.RegenerateOutOfBand(env.account, env.tunnel.ID)
-	self := tunnelRef{AccountID: env.account, TunnelID: env.tunnel.ID}
+	self := store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}
 	unlock := env.b.lockTunnel(neighbourOf(t, self))
 	defer unlock()
 
 	env.clock.Advance(10 * time.Minute)
 	backgroundPass(t, env)
-	rec, err := readPSKRecord(context.Background(), env.storage, self)
+	rec, err := store.ReadRecord(context.Background(), env.storage, self)
 	if err != nil || rec == nil {
 		t.Fatalf("record: %v, %v", rec, err)
 	}
-	if rec.State != stateCurrent || rec.PSK != env.edge().PSK {
+	if rec.State != store.StateCurrent || rec.PSK != env.edge().PSK {
 		t.Fatalf("state %s, stored key is the edge's: %v: the sweep skipped a tunnel whose lock stripe another tunnel held",
 			rec.State, rec.PSK == env.edge().PSK)
 	}

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
@@ -104,7 +106,7 @@ func TestACronSwitchDoesNotBringTheNextRotationCloser(t *testing.T) {
 		env.must(env.request(logical.UpdateOperation, env.schedulePath(), map[string]any{"rotation_schedule": spec}))
 		if rec := record(t, env, env.tunnel.ID); rec.NextRotation.Sub(rec.StoredAt) < floor {
 			t.Fatalf("after a switch to %q at %s: next rotation %s, %s after the key stored at %s",
-				spec, formatTime(env.clock.Now()), formatTime(rec.NextRotation), rec.NextRotation.Sub(rec.StoredAt).Round(time.Second), formatTime(rec.StoredAt))
+				spec, store.FormatTime(env.clock.Now()), store.FormatTime(rec.NextRotation), rec.NextRotation.Sub(rec.StoredAt).Round(time.Second), store.FormatTime(rec.StoredAt))
 		}
 	}
 	stored := newKeys(t, env, 3*time.Hour, chase)
@@ -304,15 +306,15 @@ func TestARaisedFloorHoldsBackShorterSchedules(t *testing.T) {
 
 			stored := newKeys(t, env, 41*time.Minute, nil)
 			if len(stored) == 0 || stored[0].Sub(before.NextRotation) > time.Minute {
-				t.Fatalf("the rotation planned before the floor was raised, at %s, did not happen: keys %v", formatTime(before.NextRotation), stored)
+				t.Fatalf("the rotation planned before the floor was raised, at %s, did not happen: keys %v", store.FormatTime(before.NextRotation), stored)
 			}
 			if len(stored) > 1+4 {
 				t.Errorf("%d keys in 41m after the floor was raised to %s; want the planned one and at most one per %s", len(stored), raised, raised)
 			}
 			assertSpaced(t, stored[0], stored[1:], raised)
 			rec := record(t, env, env.tunnel.ID)
-			if rec.schedule() != before.schedule() {
-				t.Errorf("the stored schedule was rewritten: %+v, was %+v", rec.schedule(), before.schedule())
+			if rec.Schedule() != before.Schedule() {
+				t.Errorf("the stored schedule was rewritten: %+v, was %+v", rec.Schedule(), before.Schedule())
 			}
 			if gap := rec.NextRotation.Sub(rec.StoredAt); gap < raised {
 				t.Errorf("next rotation %s after the key", gap)
@@ -345,6 +347,6 @@ func TestARaisedFloorHoldsBackAMissedWindow(t *testing.T) {
 	}
 	if gap := rec.NextRotation.Sub(rec.StoredAt); gap < 10*time.Minute || rec.NextRotation.Minute()%2 != 0 || rec.NextRotation.Second() != 0 {
 		t.Errorf("after the missed window the next rotation is %s, %s after the key; want a time of the schedule at least 10m after it",
-			formatTime(rec.NextRotation), gap)
+			store.FormatTime(rec.NextRotation), gap)
 	}
 }

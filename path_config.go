@@ -13,6 +13,7 @@ import (
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 const (
@@ -81,7 +82,7 @@ func (c *configRecord) expiryWarnings(now time.Time) []string {
 		return nil
 	}
 	return []string{fmt.Sprintf("the API token %s expires on %s, in %s: create a new token at Cloudflare and write it to config before then",
-		c.TokenID, formatTime(c.TokenExpiresOn), c.TokenExpiresOn.Sub(now).Round(time.Hour))}
+		c.TokenID, store.FormatTime(c.TokenExpiresOn), c.TokenExpiresOn.Sub(now).Round(time.Hour))}
 }
 
 // driftInterval is how often the drift sweep runs (0: never).
@@ -252,11 +253,11 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 		"min_rotation_period":  int(cfg.minRotationPeriod().Seconds()),
 		"token_id":             cfg.TokenID,
 		"token_status":         cfg.TokenStatus,
-		"token_expires_on":     formatTime(cfg.TokenExpiresOn),
-		"token_not_before":     formatTime(cfg.TokenNotBefore),
-		"token_verified_at":    formatTime(cfg.VerifiedAt),
-		"last_rotated":         formatTime(cfg.LastRotated),
-		"rate_limited_until":   formatTime(b.budget.BlockedUntil()),
+		"token_expires_on":     store.FormatTime(cfg.TokenExpiresOn),
+		"token_not_before":     store.FormatTime(cfg.TokenNotBefore),
+		"token_verified_at":    store.FormatTime(cfg.VerifiedAt),
+		"last_rotated":         store.FormatTime(cfg.LastRotated),
+		"rate_limited_until":   store.FormatTime(b.budget.BlockedUntil()),
 	}, Warnings: cfg.expiryWarnings(b.now())}, nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // pathConfigRotateRoot rolls the engine's own Cloudflare API token, so that
@@ -66,7 +67,7 @@ func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *frame
 
 	resp := &logical.Response{Data: map[string]any{
 		"token_id":     cfg.TokenID,
-		"last_rotated": formatTime(cfg.LastRotated),
+		"last_rotated": store.FormatTime(cfg.LastRotated),
 	}}
 	if !cloudflare.TokenLengthExpected(newToken) {
 		// Stored all the same: the old value is dead, and this one could
@@ -90,7 +91,7 @@ func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *frame
 	}
 	b.resetClient()
 	resp.Data["token_status"] = status.Status
-	resp.Data["token_expires_on"] = formatTime(status.ExpiresOn)
+	resp.Data["token_expires_on"] = store.FormatTime(status.ExpiresOn)
 	resp.Warnings = append(resp.Warnings, cfg.expiryWarnings(b.now())...)
 	return resp, nil
 }

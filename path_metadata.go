@@ -39,7 +39,7 @@ func (b *backend) readMetadata(ctx context.Context, req *logical.Request, d *fra
 	if err != nil || rec == nil {
 		return nil, err
 	}
-	return &logical.Response{Data: rec.readData(b.now()), Warnings: warnings}, nil
+	return &logical.Response{Data: readData(rec, b.now()), Warnings: warnings}, nil
 }
 
 const pathMetadataHelpSynopsis = `Read the metadata of a tunnel's stored PSK, without the PSK.`

@@ -4,33 +4,12 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"time"
 
-	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 )
-
-// Path segments are matched loosely and checked in the handlers, so that a
-// malformed identifier gets a 400 that says what is wrong instead of a 404.
-const (
-	accountSegment = `(?P<account>[^/]+)`
-	tunnelSegment  = `(?P<tunnel>[^/]+)`
-)
-
-var tunnelFields = map[string]*framework.FieldSchema{
-	"account": {
-		Type:        framework.TypeString,
-		Description: "Cloudflare account ID (32 lower-case hexadecimal characters).",
-		Required:    true,
-	},
-	"tunnel": {
-		Type:        framework.TypeString,
-		Description: "Cloudflare IPsec tunnel ID (32 lower-case hexadecimal characters).",
-		Required:    true,
-	},
-}
 
 func pathPSK(b *backend) []*framework.Path {
 	fields := map[string]*framework.FieldSchema{
@@ -105,91 +84,13 @@ func listAccountsPath(b *backend, prefix, suffix, synopsis string) *framework.Pa
 	}
 }
 
-// tunnelFromRequest reads and checks the path's identifiers. It returns a
-// problem to show the caller, or "".
-func tunnelFromRequest(d *framework.FieldData) (tunnelRef, string) {
-	account, problem := parseIdentifier("account", d.Get("account").(string))
-	if problem != "" {
-		return tunnelRef{}, problem
-	}
-	tunnel, problem := parseIdentifier("tunnel", d.Get("tunnel").(string))
-	if problem != "" {
-		return tunnelRef{}, problem
-	}
-	return tunnelRef{AccountID: account, TunnelID: tunnel}, ""
-}
-
-// scheduleFields are the fields that set a tunnel's schedule, on a write of
-// psk/ (which rotates) and of psk/.../schedule (which does not).
-var scheduleFields = map[string]*framework.FieldSchema{
-	"rotation_period": {
-		Type:        framework.TypeDurationSecond,
-		Description: "Rotate this tunnel again every period (at least config min_rotation_period, 1h by default); 0 turns scheduled rotation off; omitted keeps the current schedule. Not with rotation_schedule.",
-	},
-	"rotation_schedule": {
-		Type: framework.TypeString,
-		Description: "Rotate this tunnel at the times of a standard 5-field cron expression (minute hour day-of-month month day-of-week, " +
-			"in UTC, no time zone), e.g. \"0 2 * * 6\", whose times are at least config min_rotation_period apart; \"\" turns scheduled rotation off; " +
-			"omitted keeps the current schedule. Not with rotation_period.",
-	},
-	"rotation_window": {
-		Type: framework.TypeDurationSecond,
-		Description: "With rotation_schedule: a rotation that cannot start within this long after its scheduled time waits for the next one " +
-			"(schedule_note in metadata says so); at least 1m, 0 or omitted: no window.",
-	},
-}
-
-// requestedSchedule reads the schedule fields of a write: nil when it names
-// none (the tunnel keeps its schedule), otherwise the tunnel's schedule from
-// now on (the zero schedule: none). floor is config min_rotation_period:
-// a schedule that falls due more often is refused. problem, when not "",
-// names the field at fault; it never repeats a value.
-func requestedSchedule(d *framework.FieldData, now time.Time, floor time.Duration) (*schedule.Schedule, string) {
-	periodRaw, hasPeriod := d.GetOk("rotation_period")
-	cronRaw, hasCron := d.GetOk("rotation_schedule")
-	windowRaw, hasWindow := d.GetOk("rotation_window")
-	switch {
-	case hasPeriod && hasCron:
-		return nil, "rotation_period and rotation_schedule are exclusive: give one (rotation_period=0 turns scheduled rotation off)"
-	case hasWindow && (!hasCron || cronRaw.(string) == ""):
-		return nil, "rotation_window is only taken with a rotation_schedule in the same write: it bounds how late after a scheduled time its rotation may start"
-	case hasPeriod:
-		period := time.Duration(periodRaw.(int)) * time.Second
-		if period != 0 && period < max(floor, schedule.MinPeriod) {
-			return nil, fmt.Sprintf("rotation_period must be 0 (off) or at least %s, the engine's min_rotation_period (config; "+
-				"each rotation takes the tunnel down until its routers have the new key): nothing was sent or stored", max(floor, schedule.MinPeriod))
-		}
-		return &schedule.Schedule{Period: period}, ""
-	case hasCron:
-		sched := &schedule.Schedule{Cron: cronRaw.(string)}
-		if sched.Cron == "" {
-			return sched, ""
-		}
-		if _, problem := schedule.ParseCron(sched.Cron, now); problem != "" {
-			return nil, problem
-		}
-		if gap := sched.ShortestGap(now); gap < floor {
-			return nil, fmt.Sprintf("rotation_schedule falls due as often as every %s; its times must be at least %s apart, "+
-				"the engine's min_rotation_period (config; each rotation takes the tunnel down until its routers have the new key): nothing was sent or stored", gap, floor)
-		}
-		if hasWindow {
-			sched.Window = time.Duration(windowRaw.(int)) * time.Second
-			if sched.Window != 0 && sched.Window < schedule.MinWindow {
-				return nil, fmt.Sprintf("rotation_window must be 0 (none) or at least %s", schedule.MinWindow)
-			}
-		}
-		return sched, ""
-	}
-	return nil, ""
-}
-
 func (b *backend) pskExists(ctx context.Context, req *logical.Request, d *framework.FieldData) (bool, error) {
 	t, problem := tunnelFromRequest(d)
 	if problem != "" {
 		// The handler reports the problem; existence does not matter.
 		return false, nil
 	}
-	rec, err := readPSKRecord(ctx, req.Storage, t)
+	rec, err := store.ReadRecord(ctx, req.Storage, t)
 	return rec != nil, err
 }
 
@@ -206,7 +107,7 @@ func (b *backend) readPSK(ctx context.Context, req *logical.Request, d *framewor
 		return nil, logical.CodedError(http.StatusNotFound, fmt.Sprintf(
 			"no psk is stored for %s: its first rotation has an unknown outcome (%s); write this path to generate one", t, rec.StateReason))
 	}
-	data := rec.readData(b.now())
+	data := readData(rec, b.now())
 	data["psk"] = rec.PSK
 	return &logical.Response{Data: data, Warnings: warnings}, nil
 }
@@ -215,9 +116,9 @@ func (b *backend) readPSK(ctx context.Context, req *logical.Request, d *framewor
 // this node may write, reconciles it first, so that a reader is handed the
 // edge's key whenever Cloudflare can tell which that is. A reader never waits
 // for a rotation in flight: it gets the record as it stands, with a warning.
-func (b *backend) readResolving(ctx context.Context, s logical.Storage, t tunnelRef) (*pskRecord, []string, error) {
-	rec, err := readPSKRecord(ctx, s, t)
-	if err != nil || rec == nil || rec.current() {
+func (b *backend) readResolving(ctx context.Context, s logical.Storage, t store.Tunnel) (*store.Record, []string, error) {
+	rec, err := store.ReadRecord(ctx, s, t)
+	if err != nil || rec == nil || rec.Current() {
 		return rec, nil, err
 	}
 	var problems []string
@@ -230,7 +131,7 @@ func (b *backend) readResolving(ctx context.Context, s logical.Storage, t tunnel
 	return rec, append(problems, stateWarnings(rec)...), nil
 }
 
-func (b *backend) tryReconcile(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord) (*pskRecord, []string) {
+func (b *backend) tryReconcile(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) (*store.Record, []string) {
 	unlock, ok := b.tryLockTunnel(t)
 	if !ok {
 		return rec, []string{"a rotation of this tunnel is in progress"}
@@ -245,14 +146,14 @@ func (b *backend) tryReconcile(ctx context.Context, s logical.Storage, t tunnelR
 	ctx, cancel := context.WithTimeout(ctx, cfg.RequestTimeout)
 	defer cancel()
 	// Re-read under the lock: a rotation may have finished since.
-	latest, err := readPSKRecord(ctx, s, t)
+	latest, err := store.ReadRecord(ctx, s, t)
 	if err != nil {
 		return rec, []string{err.Error()}
 	}
-	if latest == nil || latest.current() || latest.State == stateTunnelGone {
+	if latest == nil || latest.Current() || latest.State == store.StateTunnelGone {
 		return latest, nil
 	}
-	if now := b.now(); latest.settling(now) || now.Before(latest.RetryAt) {
+	if now := b.now(); latest.Settling(now) || now.Before(latest.RetryAt) {
 		// Nothing Cloudflare says can settle it yet, or the background is
 		// backing off: the state's own warning says until when.
 		return latest, nil
@@ -268,24 +169,24 @@ func (b *backend) tryReconcile(ctx context.Context, s logical.Storage, t tunnelR
 }
 
 // stateWarnings tells a reader what a record's state means and what to do.
-func stateWarnings(rec *pskRecord) []string {
+func stateWarnings(rec *store.Record) []string {
 	var warnings []string
 	switch rec.State {
-	case stateRotationUnknown:
+	case store.StateRotationUnknown:
 		warnings = append(warnings, fmt.Sprintf("state %s: %s. This key may no longer be the one Cloudflare uses. "+
 			"Cloudflare may still act on that rotation until %s; after that the engine learns from Cloudflare what became of it, "+
 			"on the next read or write and in the background, and a write is accepted again.",
-			stateRotationUnknown, rec.StateReason, formatTime(rec.SettleUntil)))
-	case stateStale:
+			store.StateRotationUnknown, rec.StateReason, store.FormatTime(rec.SettleUntil)))
+	case store.StateStale:
 		warnings = append(warnings, fmt.Sprintf("state %s: %s. The tunnel cannot come up until both sides share a new key: write this path to generate and store one.",
-			stateStale, rec.StateReason))
-	case stateTunnelGone:
+			store.StateStale, rec.StateReason))
+	case store.StateTunnelGone:
 		warnings = append(warnings, fmt.Sprintf("state %s: %s. Delete this path if the tunnel is gone for good, or write it once the tunnel is back.",
-			stateTunnelGone, rec.StateReason))
+			store.StateTunnelGone, rec.StateReason))
 	}
 	if rec.Failures > 0 {
 		warnings = append(warnings, fmt.Sprintf("the background failed %d time(s) on this tunnel, last: %s; it tries again at %s",
-			rec.Failures, rec.LastFailure, formatTime(rec.RetryAt)))
+			rec.Failures, rec.LastFailure, store.FormatTime(rec.RetryAt)))
 	}
 	return warnings
 }
@@ -330,7 +231,7 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 	if err != nil {
 		return failure(err)
 	}
-	return &logical.Response{Data: rotated.readData(b.now())}, nil
+	return &logical.Response{Data: readData(rotated, b.now())}, nil
 }
 
 func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
@@ -339,17 +240,17 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 		return logical.ErrorResponse(problem), nil
 	}
 	defer b.lockTunnel(t)()
-	rec, err := readPSKRecord(ctx, req.Storage, t)
+	rec, err := store.ReadRecord(ctx, req.Storage, t)
 	if err != nil {
 		return nil, err
 	}
-	if rec != nil && rec.settling(b.now()) {
+	if rec != nil && rec.Settling(b.now()) {
 		// Forgetting the record would forget the settle window with it,
 		// and the next write would send a psk_generate that the abandoned
 		// request could still overtake.
 		return failure(&settlingError{tunnel: t, until: rec.SettleUntil})
 	}
-	if err := forgetPSKRecord(ctx, req.Storage, t, rec); err != nil {
+	if err := store.ForgetRecord(ctx, req.Storage, t, rec); err != nil {
 		return nil, err
 	}
 	b.tunnelLogger(t).Info("psk forgotten")
@@ -357,7 +258,7 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 }
 
 func (b *backend) listAccounts(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
-	keys, err := req.Storage.List(ctx, pskStoragePrefix)
+	keys, err := req.Storage.List(ctx, store.PSKPrefix)
 	if err != nil {
 		return nil, fmt.Errorf("list accounts: %w", err)
 	}
@@ -369,7 +270,7 @@ func (b *backend) listTunnels(ctx context.Context, req *logical.Request, d *fram
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	keys, err := req.Storage.List(ctx, pskStoragePrefix+account+"/")
+	keys, err := req.Storage.List(ctx, store.PSKPrefix+account+"/")
 	if err != nil {
 		return nil, fmt.Errorf("list tunnels of account %s: %w", account, err)
 	}

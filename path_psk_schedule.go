@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -56,7 +57,7 @@ func (b *backend) readSchedule(ctx context.Context, req *logical.Request, d *fra
 	}
 	// The stored record as it is: the schedule does not depend on the
 	// key's state, so nothing is reconciled (psk/ and metadata/ reads do).
-	rec, err := readPSKRecord(ctx, req.Storage, t)
+	rec, err := store.ReadRecord(ctx, req.Storage, t)
 	if err != nil || rec == nil {
 		return nil, err
 	}
@@ -91,7 +92,7 @@ func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *fr
 			"this path only changes the schedule; rotation_period=0 turns it off"), nil
 	}
 	defer b.lockTunnel(t)()
-	rec, err := readPSKRecord(ctx, req.Storage, t)
+	rec, err := store.ReadRecord(ctx, req.Storage, t)
 	if err != nil {
 		return nil, err
 	}
@@ -105,9 +106,9 @@ func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *fr
 		return nil, err
 	}
 	resp := &logical.Response{Data: scheduleData(updated, b.now())}
-	if updated.State == stateTunnelGone && sched.Set() {
+	if updated.State == store.StateTunnelGone && sched.Set() {
 		resp.AddWarning(fmt.Sprintf("state %s: the scheduler does not rotate a tunnel Cloudflare no longer knows; "+
-			"the schedule applies once a write of psk/%s/%s brings it back", stateTunnelGone, t.AccountID, t.TunnelID))
+			"the schedule applies once a write of psk/%s/%s brings it back", store.StateTunnelGone, t.AccountID, t.TunnelID))
 	}
 	return resp, nil
 }
@@ -119,7 +120,7 @@ func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *fr
 // a stale entry (dropped when its minute comes) but never a record whose
 // next rotation has no entry. floor is config min_rotation_period: the next
 // rotation is never less than that after the stored key (nextAfterChange).
-func (b *backend) reschedule(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord, sched schedule.Schedule, floor time.Duration) (*pskRecord, error) {
+func (b *backend) reschedule(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, sched schedule.Schedule, floor time.Duration) (*store.Record, error) {
 	updated := *rec
 	updated.RotationPeriod, updated.RotationSchedule, updated.RotationWindow = sched.Period, sched.Cron, sched.Window
 	updated.NextRotation, updated.WindowEnds, updated.ScheduleNote = time.Time{}, time.Time{}, ""
@@ -132,16 +133,16 @@ func (b *backend) reschedule(ctx context.Context, s logical.Storage, t tunnelRef
 		}
 	}
 	if !updated.NextRotation.IsZero() {
-		if err := scheduleRotation(ctx, s, t, updated.NextRotation, false); err != nil {
+		if err := store.ScheduleRotation(ctx, s, t, updated.NextRotation, false); err != nil {
 			return nil, err
 		}
 	}
-	if err := writePSKRecord(ctx, s, t, &updated); err != nil {
+	if err := store.WriteRecord(ctx, s, t, &updated); err != nil {
 		return nil, err
 	}
 	log := b.tunnelLogger(t)
 	if !rec.NextRotation.IsZero() && !rec.NextRotation.Equal(updated.NextRotation) {
-		if err := unscheduleSuperseded(ctx, s, t, rec.NextRotation, updated.NextRotation); err != nil {
+		if err := store.UnscheduleSuperseded(ctx, s, t, rec.NextRotation, updated.NextRotation); err != nil {
 			log.Warn("could not drop a superseded schedule entry", "error", err)
 		}
 	}
@@ -149,23 +150,23 @@ func (b *backend) reschedule(ctx context.Context, s logical.Storage, t tunnelRef
 		b.pokeScheduler()
 	}
 	log.Info("rotation schedule changed", "rotation_period", updated.RotationPeriod, "rotation_schedule", updated.RotationSchedule,
-		"rotation_window", updated.RotationWindow, "next_rotation", formatTime(updated.NextRotation))
+		"rotation_window", updated.RotationWindow, "next_rotation", store.FormatTime(updated.NextRotation))
 	return &updated, nil
 }
 
 // scheduleData is what the schedule path answers: the schedule, when it
 // next rotates the tunnel, and ttl as a read of psk/ gives it.
-func scheduleData(rec *pskRecord, now time.Time) map[string]any {
+func scheduleData(rec *store.Record, now time.Time) map[string]any {
 	data := map[string]any{
 		"account_id":        rec.AccountID,
 		"tunnel_id":         rec.TunnelID,
 		"rotation_period":   int(rec.RotationPeriod.Seconds()),
 		"rotation_schedule": rec.RotationSchedule,
 		"rotation_window":   int(rec.RotationWindow.Seconds()),
-		"next_rotation":     formatTime(rec.NextRotation),
+		"next_rotation":     store.FormatTime(rec.NextRotation),
 		"schedule_note":     rec.ScheduleNote,
 	}
-	if ttl, ok := rec.ttl(now); ok {
+	if ttl, ok := readTTL(rec, now); ok {
 		data["ttl"] = ttl
 	}
 	return data

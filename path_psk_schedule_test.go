@@ -10,6 +10,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 func (e *testEnv) schedulePath() string { return e.pskPath() + "/schedule" }
@@ -18,17 +19,17 @@ func (e *testEnv) schedulePath() string { return e.pskPath() + "/schedule" }
 func dueEntries(t *testing.T, env *testEnv) []string {
 	t.Helper()
 	var keys []string
-	minutes, err := env.storage.List(context.Background(), duePrefix)
+	minutes, err := env.storage.List(context.Background(), store.DuePrefix)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, m := range minutes {
-		names, err := env.storage.List(context.Background(), duePrefix+m)
+		names, err := env.storage.List(context.Background(), store.DuePrefix+m)
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, n := range names {
-			keys = append(keys, duePrefix+m+n)
+			keys = append(keys, store.DuePrefix+m+n)
 		}
 	}
 	return keys
@@ -54,11 +55,11 @@ func TestAScheduleChangeNeverRotates(t *testing.T) {
 		}
 		rec := record(t, env, env.tunnel.ID)
 		if env.edge().PSK != edgeKey || env.generations() != generations || rec.PSK != before.PSK ||
-			rec.Version != before.Version || !rec.StoredAt.Equal(before.StoredAt) || rec.State != stateCurrent {
+			rec.Version != before.Version || !rec.StoredAt.Equal(before.StoredAt) || rec.State != store.StateCurrent {
 			t.Errorf("%s: the key or its record changed: version %d, state %s", when, rec.Version, rec.State)
 		}
 		if n := len(dueEntries(t, env)); rec.NextRotation.IsZero() && n != 0 || !rec.NextRotation.IsZero() && (n != 1 || !scheduledEntry(t, env, rec)) {
-			t.Errorf("%s: schedule entries %v for next_rotation %s", when, dueEntries(t, env), formatTime(rec.NextRotation))
+			t.Errorf("%s: schedule entries %v for next_rotation %s", when, dueEntries(t, env), store.FormatTime(rec.NextRotation))
 		}
 	}
 
@@ -70,7 +71,7 @@ func TestAScheduleChangeNeverRotates(t *testing.T) {
 
 	resp := env.must(env.request(logical.UpdateOperation, env.schedulePath(), map[string]any{"rotation_period": "1h"}))
 	unchanged("rotation_period=1h")
-	if resp.Data["next_rotation"] != formatTime(before.StoredAt.Add(time.Hour)) || resp.Data["rotation_period"] != 3600 || resp.Data["ttl"] == nil {
+	if resp.Data["next_rotation"] != store.FormatTime(before.StoredAt.Add(time.Hour)) || resp.Data["rotation_period"] != 3600 || resp.Data["ttl"] == nil {
 		t.Errorf("rotation_period=1h: %v", resp.Data)
 	}
 	if _, ok := resp.Data["psk"]; ok {
@@ -91,7 +92,7 @@ func TestAScheduleChangeNeverRotates(t *testing.T) {
 	rec := record(t, env, env.tunnel.ID)
 	if rec.RotationPeriod != 0 || rec.RotationSchedule != "0 2 * * 6" || rec.RotationWindow != 2*time.Hour ||
 		rec.NextRotation.Weekday() != time.Saturday || !rec.NextRotation.After(env.clock.Now()) || !rec.WindowEnds.Equal(rec.NextRotation.Add(2*time.Hour)) {
-		t.Errorf("rotation_schedule: %+v, next %s", rec.schedule(), formatTime(rec.NextRotation))
+		t.Errorf("rotation_schedule: %+v, next %s", rec.Schedule(), store.FormatTime(rec.NextRotation))
 	}
 
 	// The key is older than the new period: the period counts from now,
@@ -157,16 +158,16 @@ func TestAScheduleChangeWhileARotationSettles(t *testing.T) {
 	env := newConfiguredEnv(t)
 	schedulerOver(t, env, env.storage)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
-	ctx, tun, now := context.Background(), tunnelRef{env.account, env.tunnel.ID}, env.clock.Now()
+	ctx, tun, now := context.Background(), store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}, env.clock.Now()
 	rec := record(t, env, env.tunnel.ID)
-	rec.State = stateRotationUnknown
+	rec.State = store.StateRotationUnknown
 	rec.StateReason = "a rotation started and has not finished"
 	rec.RotationStartedAt = now.Add(-5 * time.Second).UTC()
 	rec.SettleUntil = now.Add(5 * time.Minute).UTC()
-	if err := markUnresolved(ctx, env.storage, tun); err != nil {
+	if err := store.MarkUnresolved(ctx, env.storage, tun); err != nil {
 		t.Fatal(err)
 	}
-	if err := writePSKRecord(ctx, env.storage, tun, rec); err != nil {
+	if err := store.WriteRecord(ctx, env.storage, tun, rec); err != nil {
 		t.Fatal(err)
 	}
 	calls := env.sim.TotalCalls()
@@ -175,13 +176,13 @@ func TestAScheduleChangeWhileARotationSettles(t *testing.T) {
 		t.Error("the schedule change reached Cloudflare")
 	}
 	got := record(t, env, env.tunnel.ID)
-	if got.State != stateRotationUnknown || !got.SettleUntil.Equal(rec.SettleUntil) || got.PSK != rec.PSK || got.RotationSchedule != "0 3 * * 0" {
-		t.Errorf("after the schedule change: state %s, settle_until %s, schedule %q", got.State, formatTime(got.SettleUntil), got.RotationSchedule)
+	if got.State != store.StateRotationUnknown || !got.SettleUntil.Equal(rec.SettleUntil) || got.PSK != rec.PSK || got.RotationSchedule != "0 3 * * 0" {
+		t.Errorf("after the schedule change: state %s, settle_until %s, schedule %q", got.State, store.FormatTime(got.SettleUntil), got.RotationSchedule)
 	}
 	// Once settled, reconciliation keeps the new schedule.
 	env.clock.Advance(6 * time.Minute)
 	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
-	if meta.Data["state"] != stateCurrent || meta.Data["rotation_schedule"] != "0 3 * * 0" {
+	if meta.Data["state"] != store.StateCurrent || meta.Data["rotation_schedule"] != "0 3 * * 0" {
 		t.Errorf("after reconciliation: state %v, schedule %v", meta.Data["state"], meta.Data["rotation_schedule"])
 	}
 }
@@ -209,7 +210,7 @@ func TestAScheduleChangeKeepsTheBackoff(t *testing.T) {
 	}
 	env.must(env.request(logical.UpdateOperation, env.schedulePath(), map[string]any{"rotation_period": "1m"}))
 	if got := record(t, env, env.tunnel.ID); !got.NextRotation.Equal(rec.RetryAt) {
-		t.Errorf("next rotation %s, retry_at %s", formatTime(got.NextRotation), formatTime(rec.RetryAt))
+		t.Errorf("next rotation %s, retry_at %s", store.FormatTime(got.NextRotation), store.FormatTime(rec.RetryAt))
 	}
 	if !strings.Contains(record(t, env, env.tunnel.ID).LastFailure, "403") {
 		t.Error("the schedule change forgot why the rotation failed")

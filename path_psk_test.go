@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 func TestRotateStoresTheEdgesKeyAndAnswersWithMetadataOnly(t *testing.T) {
@@ -299,7 +300,7 @@ func TestCloudflareFailuresAreReportedAndStoreNothing(t *testing.T) {
 				t.Errorf("error %q does not say the outcome is unknown", msg)
 			}
 			meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
-			if meta.Data["state"] != stateRotationUnknown || meta.Data["version"] != 1 {
+			if meta.Data["state"] != store.StateRotationUnknown || meta.Data["version"] != 1 {
 				t.Errorf("after an unknown outcome metadata says state %v version %v", meta.Data["state"], meta.Data["version"])
 			}
 		})
@@ -406,7 +407,7 @@ func TestConcurrentRotationsLeaveVaultWithTheEdgesKey(t *testing.T) {
 					errs <- err.Error()
 					continue
 				}
-				if state := resp.Data["state"]; state != stateCurrent && len(resp.Warnings) == 0 {
+				if state := resp.Data["state"]; state != store.StateCurrent && len(resp.Warnings) == 0 {
 					errs <- fmt.Sprintf("state %v without a warning", state)
 				}
 				seen <- resp.Data["psk"].(string)
@@ -469,7 +470,7 @@ func TestADeleteInsideTheSettleWindowIsRefused(t *testing.T) {
 	t.Logf("write after the delete inside the settle window: status %d", httpStatus(resp, err))
 	env.sim.WaitIdle() // the abandoned request lands now
 	read, err := env.request(logical.ReadOperation, env.pskPath(), nil)
-	if err == nil && read != nil && read.Data["state"] == stateCurrent && read.Data["psk"] != env.edge().PSK {
+	if err == nil && read != nil && read.Data["state"] == store.StateCurrent && read.Data["psk"] != env.edge().PSK {
 		t.Fatalf("after delete+write inside the settle window the late request landed: state current, key is not the edge's")
 	}
 }
@@ -583,8 +584,8 @@ func TestReadsAreRotationAware(t *testing.T) {
 	env.sim.DeleteTunnel(env.account, env.tunnel.ID)
 	drain(t, env)
 	read := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
-	if read.Data["state"] != stateTunnelGone {
-		t.Fatalf("state %v, want %s", read.Data["state"], stateTunnelGone)
+	if read.Data["state"] != store.StateTunnelGone {
+		t.Fatalf("state %v, want %s", read.Data["state"], store.StateTunnelGone)
 	}
 	if ttl, ok := read.Data["ttl"]; ok {
 		t.Errorf("a gone tunnel has ttl %v", ttl)

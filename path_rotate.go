@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"time"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -54,7 +56,7 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 
 	// Refused before the account's records are read; startBulkJob checks
 	// again, under its lock.
-	last, err := readBulkJob(ctx, req.Storage, account)
+	last, err := store.ReadBulkJob(ctx, req.Storage, account)
 	if err != nil {
 		return nil, err
 	}
@@ -77,7 +79,7 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 	// A job that could not record the end of its queueing stays marked
 	// queueing until it is taken as abandoned; the scheduler then counts
 	// its entries and works them.
-	abandonedAt := formatTime(job.StartedAt.Add(bulkQueueAbandoned))
+	abandonedAt := store.FormatTime(job.StartedAt.Add(store.BulkQueueAbandoned))
 	if qerr != nil {
 		err := fmt.Errorf("queue bulk rotation of account %s: %d of %d tunnels were queued, and the job rotates and counts those only: %w",
 			account, written, len(targets), qerr)
@@ -95,7 +97,7 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 	return &logical.Response{Data: map[string]any{
 		"account_id":      account,
 		"queued":          queued,
-		"expected_finish": formatTime(b.expectedFinish(queued)),
+		"expected_finish": store.FormatTime(b.expectedFinish(queued)),
 	}}, nil
 }
 
@@ -104,25 +106,25 @@ func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request,
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	job, err := readBulkJob(ctx, req.Storage, account)
+	job, err := store.ReadBulkJob(ctx, req.Storage, account)
 	if err != nil || job == nil {
 		return nil, err
 	}
-	p, results, err := job.progress(ctx, req.Storage, account, b.now())
+	p, results, err := job.Progress(ctx, req.Storage, account, b.now())
 	if err != nil {
 		return nil, err
 	}
-	failed, err := job.listResults(ctx, req.Storage, account, results.failed, false)
+	failed, err := job.ListResults(ctx, req.Storage, account, results.Failed, false)
 	if err != nil {
 		return nil, err
 	}
-	skipped, err := job.listResults(ctx, req.Storage, account, results.skipped, true)
+	skipped, err := job.ListResults(ctx, req.Storage, account, results.Skipped, true)
 	if err != nil {
 		return nil, err
 	}
 	return &logical.Response{Data: map[string]any{
 		"account_id":      account,
-		"started_at":      formatTime(job.StartedAt),
+		"started_at":      store.FormatTime(job.StartedAt),
 		"queued":          p.Queued,
 		"done":            p.Done,
 		"failed":          failed,
@@ -130,22 +132,22 @@ func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request,
 		"skipped":         skipped,
 		"skipped_count":   p.Skipped,
 		"remaining":       p.Remaining,
-		"expected_finish": formatTime(b.expectedFinish(p.Remaining)),
+		"expected_finish": store.FormatTime(b.expectedFinish(p.Remaining)),
 	}}, nil
 }
 
 // bulkTargets lists the tunnels of account that a bulk rotation queues:
 // every stored one, or (olderThan) those whose key was stored longer ago.
-func bulkTargets(ctx context.Context, s logical.Storage, account string, olderThan time.Duration, now time.Time) ([]tunnelRef, error) {
-	tunnels, err := s.List(ctx, pskStoragePrefix+account+"/")
+func bulkTargets(ctx context.Context, s logical.Storage, account string, olderThan time.Duration, now time.Time) ([]store.Tunnel, error) {
+	tunnels, err := s.List(ctx, store.PSKPrefix+account+"/")
 	if err != nil {
 		return nil, fmt.Errorf("list tunnels of account %s: %w", account, err)
 	}
-	var targets []tunnelRef
+	var targets []store.Tunnel
 	for _, id := range tunnels {
-		t := tunnelRef{AccountID: account, TunnelID: id}
+		t := store.Tunnel{AccountID: account, TunnelID: id}
 		if olderThan > 0 {
-			rec, err := readPSKRecord(ctx, s, t)
+			rec, err := store.ReadRecord(ctx, s, t)
 			if err != nil {
 				return nil, err
 			}
@@ -159,16 +161,16 @@ func bulkTargets(ctx context.Context, s logical.Storage, account string, olderTh
 }
 
 // queueBulkEntries writes the entries of a job of minute, within
-// bulkQueueLimit, and returns how many it wrote: all of them, or those
+// store.BulkQueueLimit, and returns how many it wrote: all of them, or those
 // before the first that failed.
-func queueBulkEntries(ctx context.Context, s logical.Storage, targets []tunnelRef, minute int64, queuedAt time.Time) (int, error) {
-	ctx, cancel := context.WithTimeout(ctx, bulkQueueLimit)
+func queueBulkEntries(ctx context.Context, s logical.Storage, targets []store.Tunnel, minute int64, queuedAt time.Time) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, store.BulkQueueLimit)
 	defer cancel()
 	for i, t := range targets {
 		if err := ctx.Err(); err != nil {
-			return i, fmt.Errorf("queueing stopped after %s: %w", bulkQueueLimit, err)
+			return i, fmt.Errorf("queueing stopped after %s: %w", store.BulkQueueLimit, err)
 		}
-		if err := queueBulkRotation(ctx, s, t, minute, queuedAt); err != nil {
+		if err := store.QueueBulkRotation(ctx, s, t, minute, queuedAt); err != nil {
 			return i, err
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // pathTunnels shows an account's tunnels as Cloudflare knows them and
@@ -57,7 +58,7 @@ func (b *backend) listCloudflareTunnels(ctx context.Context, req *logical.Reques
 	if err != nil {
 		return failure(fmt.Errorf("list tunnels of account %s: %w", account, err))
 	}
-	stored, err := req.Storage.List(ctx, pskStoragePrefix+account+"/")
+	stored, err := req.Storage.List(ctx, store.PSKPrefix+account+"/")
 	if err != nil {
 		return nil, fmt.Errorf("list stored tunnels of account %s: %w", account, err)
 	}
@@ -71,7 +72,7 @@ func (b *backend) listCloudflareTunnels(ctx context.Context, req *logical.Reques
 		keys = append(keys, t.ID)
 		synced := false
 		if managed[t.ID] {
-			if synced, err = b.checkSync(ctx, req.Storage, client, cfg, tunnelRef{AccountID: account, TunnelID: t.ID}, &t); err != nil {
+			if synced, err = b.checkSync(ctx, req.Storage, client, cfg, store.Tunnel{AccountID: account, TunnelID: t.ID}, &t); err != nil {
 				return nil, err
 			}
 		}
@@ -93,7 +94,7 @@ func (b *backend) readCloudflareTunnel(ctx context.Context, req *logical.Request
 	if err != nil {
 		return failure(fmt.Errorf("read %s: %w", t, err))
 	}
-	rec, err := readPSKRecord(ctx, req.Storage, t)
+	rec, err := store.ReadRecord(ctx, req.Storage, t)
 	if err != nil {
 		return nil, err
 	}
@@ -113,7 +114,7 @@ func (b *backend) readCloudflareTunnel(ctx context.Context, req *logical.Request
 // this engine at once (stale; a read or the background heals it). A listing
 // never generates a key itself. On a node that may not write, it only
 // compares.
-func (b *backend) checkSync(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, edge *cloudflare.TunnelState) (bool, error) {
+func (b *backend) checkSync(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t store.Tunnel, edge *cloudflare.TunnelState) (bool, error) {
 	if b.mayWrite() {
 		// A listing does not wait for a rotation in flight: that tunnel
 		// shows in_sync false until it is stored.
@@ -124,11 +125,11 @@ func (b *backend) checkSync(ctx context.Context, s logical.Storage, client *clou
 		defer unlock()
 		return b.compareLocked(ctx, s, client, cfg, t, edge, false)
 	}
-	rec, err := readPSKRecord(ctx, s, t)
+	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil || rec == nil {
 		return false, err
 	}
-	return rec.current() && !edge.PSKLastGeneratedOn.After(rec.LastGeneratedOn), nil
+	return rec.Current() && !edge.PSKLastGeneratedOn.After(rec.LastGeneratedOn), nil
 }
 
 func tunnelInfo(t cloudflare.TunnelState, managed, inSync bool) map[string]any {
@@ -140,7 +141,7 @@ func tunnelInfo(t cloudflare.TunnelState, managed, inSync bool) map[string]any {
 		"interface_address":     t.InterfaceAddress,
 		"interface_address6":    t.InterfaceAddress6,
 		"custom_fqdn_id":        t.CustomFQDNID,
-		"psk_last_generated_on": formatTime(t.PSKLastGeneratedOn),
+		"psk_last_generated_on": store.FormatTime(t.PSKLastGeneratedOn),
 		"managed":               managed,
 		"in_sync":               inSync,
 	}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"testing"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
@@ -31,9 +33,9 @@ func TestTunnelListingsShowSyncAndRecordDrift(t *testing.T) {
 		t.Fatalf("drifted tunnel: in_sync %v", info["in_sync"])
 	}
 	// Read from storage: a read of the path would already heal it.
-	rec, err := readPSKRecord(context.Background(), env.storage, tunnelRef{env.account, env.tunnel.ID})
-	if err != nil || rec == nil || rec.State != stateStale {
-		t.Fatalf("after the listing saw drift: record %v, err %v", rec != nil && rec.State == stateStale, err)
+	rec, err := store.ReadRecord(context.Background(), env.storage, store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID})
+	if err != nil || rec == nil || rec.State != store.StateStale {
+		t.Fatalf("after the listing saw drift: record %v, err %v", rec != nil && rec.State == store.StateStale, err)
 	}
 	if env.generations() != generations {
 		t.Error("a listing generated a key")

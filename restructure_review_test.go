@@ -21,6 +21,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // faultyStorage fails the Puts and Deletes its funcs pick.
@@ -57,7 +58,7 @@ func (f *faultyStorage) set(put, del func(string) bool) {
 	f.failPut, f.failDelete = put, del
 }
 
-func isDue(key string) bool { return strings.HasPrefix(key, duePrefix) }
+func isDue(key string) bool { return strings.HasPrefix(key, store.DuePrefix) }
 
 // schedulerOverFaultyStorage stops the mount's running scheduler and puts in its place
 // one (not started) that works over fs: drain then runs its passes.
@@ -115,7 +116,7 @@ func TestAFailedScheduledRotationNeverLosesItsSchedule(t *testing.T) {
 		env.clock.Advance(time.Hour)
 		drain(t, env)
 	}
-	keys, _ := env.storage.List(context.Background(), duePrefix)
+	keys, _ := env.storage.List(context.Background(), store.DuePrefix)
 	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
 	if v := storedVersion(t, env, env.pskPath()); v == 1 {
 		t.Fatalf("3h after a failed rotation with rotation_period 2m: still version 1; due/ = %v, next_rotation = %v, state = %v",
@@ -123,7 +124,7 @@ func TestAFailedScheduledRotationNeverLosesItsSchedule(t *testing.T) {
 	}
 }
 
-// A corrupt due/ entry of a bulk job: readDueEntry reports it as an entry
+// A corrupt due/ entry of a bulk job: store.ReadDueEntry reports it as an entry
 // with no marks, the tunnel (no rotation_period) looks "stale", the entry is
 // deleted, and the job neither rotates nor fails the tunnel: it stays
 // "remaining" for ever.
@@ -133,11 +134,11 @@ func TestACorruptBulkEntryEndsItsJob(t *testing.T) {
 	schedulerOverFaultyStorage(t, env)
 	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
 	ctx := context.Background()
-	minutes, _ := env.storage.List(ctx, duePrefix)
+	minutes, _ := env.storage.List(ctx, store.DuePrefix)
 	for _, m := range minutes {
-		keys, _ := env.storage.List(ctx, duePrefix+m)
+		keys, _ := env.storage.List(ctx, store.DuePrefix+m)
 		for _, k := range keys {
-			if err := env.storage.Put(ctx, &logical.StorageEntry{Key: duePrefix + m + k, Value: []byte("{corrupt")}); err != nil {
+			if err := env.storage.Put(ctx, &logical.StorageEntry{Key: store.DuePrefix + m + k, Value: []byte("{corrupt")}); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -146,7 +147,7 @@ func TestACorruptBulkEntryEndsItsJob(t *testing.T) {
 	drain(t, env)
 	p := env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil))
 	if p.Data["remaining"] != 0 {
-		left, _ := env.storage.List(ctx, duePrefix)
+		left, _ := env.storage.List(ctx, store.DuePrefix)
 		t.Fatalf("bulk job after its only entry was worked off: %v (due/ now %v, version %d)", p.Data, left, storedVersion(t, env, env.pskPath()))
 	}
 }
@@ -164,7 +165,7 @@ func TestAFirstWriteThatNeverSentAGenerateClaimsNoMark(t *testing.T) {
 	text := errorText(resp, err)
 	meta, merr := env.request(logical.ReadOperation, env.metaPath(), nil)
 	stored := meta != nil && merr == nil && meta.Data != nil
-	if strings.Contains(text, "marked "+stateRotationUnknown) && !stored {
+	if strings.Contains(text, "marked "+store.StateRotationUnknown) && !stored {
 		t.Fatalf("status %d says %q, but metadata has nothing stored (%v, %v); psk_generate calls: %d",
 			httpStatus(resp, err), text, meta, merr, env.sim.Calls(cloudflaresim.OpPSKGenerate))
 	}

@@ -47,6 +47,7 @@ import (
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 const (
@@ -78,7 +79,7 @@ func settleWindow(cfg *configRecord) time.Duration { return 2*cfg.RequestTimeout
 // overtaken by the abandoned one, and Vault would call current a key the edge
 // replaced a moment later.
 type settlingError struct {
-	tunnel tunnelRef
+	tunnel store.Tunnel
 	until  time.Time
 }
 
@@ -86,7 +87,7 @@ func (e *settlingError) Error() string {
 	return fmt.Sprintf("the last rotation of %s has an unknown outcome, and Cloudflare may still process its request until %s "+
 		"(a request abandoned at request_timeout can still be carried out): no new key is asked for before then; "+
 		"reads warn meanwhile, and the engine resolves the outcome from Cloudflare after that time",
-		e.tunnel, formatTime(e.until))
+		e.tunnel, store.FormatTime(e.until))
 }
 
 // rotateOnWrite is an operator's write: it generates a new key for t and
@@ -94,20 +95,20 @@ func (e *settlingError) Error() string {
 // tunnel's lock is held from before the Cloudflare call until the key is
 // stored, so concurrent rotations of one tunnel leave Vault with the key
 // Cloudflare generated last.
-func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnelRef, sched *schedule.Schedule) (*pskRecord, error) {
+func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t store.Tunnel, sched *schedule.Schedule) (*store.Record, error) {
 	client, cfg, rec, unlock, err := b.beginWrite(ctx, s, t)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	next := rec.schedule()
+	next := rec.Schedule()
 	if sched != nil {
 		next = *sched
 	}
 	rotated, err := b.generateLocked(ctx, s, client, cfg, t, rec, next, "write", false)
 	if err != nil {
 		if outcomeUnknown(err) {
-			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, stateRotationUnknown)
+			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, store.StateRotationUnknown)
 		}
 		return nil, fmt.Errorf("generate psk for %s: %w", t, err)
 	}
@@ -120,13 +121,13 @@ func (b *backend) rotateOnWrite(ctx context.Context, s logical.Storage, t tunnel
 // value replaces it with that period (0: none). The caller holds t's lock
 // and passes the tunnel's record as read under it (nil when none). trigger
 // says who asked (write, schedule, bulk, heal) for the rotation event.
-func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, previous *pskRecord, period time.Duration, trigger string) (*pskRecord, error) {
-	if previous != nil && previous.answerHeld() && trigger != "write" {
+func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t store.Tunnel, previous *store.Record, period time.Duration, trigger string) (*store.Record, error) {
+	if previous != nil && previous.HeldByAnswer() && trigger != "write" {
 		// The last answer carried a key of the wrong form: asking again
 		// by itself would only bring another (holdWrongKey).
 		return nil, &answerHeldError{tunnel: t}
 	}
-	sched := previous.schedule()
+	sched := previous.Schedule()
 	if period != sched.Period {
 		sched = schedule.Schedule{Period: period}
 	}
@@ -137,13 +138,13 @@ func (b *backend) rotateLocked(ctx context.Context, s logical.Storage, client *c
 // validateOnly, for a validate_only request (validate.go says why that runs
 // under the same protocol). A validation that generated nothing puts the
 // record back and returns nil. sched is the tunnel's schedule from now on.
-func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, previous *pskRecord, sched schedule.Schedule, trigger string, validateOnly bool) (*pskRecord, error) {
+func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t store.Tunnel, previous *store.Record, sched schedule.Schedule, trigger string, validateOnly bool) (*store.Record, error) {
 	period := sched.Period
 	what := "rotation"
 	if validateOnly {
 		what = "validate_only request (if the query string was dropped on the way, Cloudflare generates a key)"
 	}
-	pending := &pskRecord{AccountID: t.AccountID, TunnelID: t.TunnelID}
+	pending := &store.Record{AccountID: t.AccountID, TunnelID: t.TunnelID}
 	if previous != nil {
 		copied := *previous
 		pending = &copied
@@ -167,11 +168,11 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		}
 		asked = true
 		pending.EdgeKeyBefore, pending.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
-		pending.EdgeKeyForeign = previous != nil && (!previous.current() || !edge.PSKLastGeneratedOn.Equal(previous.LastGeneratedOn))
+		pending.EdgeKeyForeign = previous != nil && (!previous.Current() || !edge.PSKLastGeneratedOn.Equal(previous.LastGeneratedOn))
 		// The same answer says what a router needs of the tunnel: kept
 		// now, so that no later rotation has to ask (facts.go).
 		pending.Facts = b.edgeFacts(t, edge, pending.Facts)
-	case previous.current():
+	case previous.Current():
 		pending.EdgeKeyBefore, pending.EdgeKeyBeforeSeenAt = previous.LastGeneratedOn, previous.KeySeenAt
 		pending.EdgeKeyForeign = false
 	default:
@@ -180,7 +181,7 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		// keeps what its caller last learned of it.
 		pending.EdgeKeyForeign = true
 	}
-	if previous != nil && !asked && previous.Facts == (tunnelFacts{}) {
+	if previous != nil && !asked && previous.Facts == (store.Facts{}) {
 		// A record that has no router facts (stored before they existed,
 		// or a first read that failed to give them) gets them on its next
 		// rotation, once: a read of the tunnel, as a first rotation makes.
@@ -199,17 +200,17 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 	// an operator's write): this attempt's outcome decides anew, and a
 	// refusal puts the held record back (restore).
 	pending.AnswerHeld = false
-	pending.State = stateRotationUnknown
+	pending.State = store.StateRotationUnknown
 	// Read before anything is written or sent, by this node's clock: no
 	// request of the attempt can land after SettleUntil. (It is never held
 	// against Cloudflare's times: see judgeEdge.)
 	pending.RotationStartedAt = b.now().UTC()
 	pending.SettleUntil = pending.RotationStartedAt.Add(settleWindow(cfg))
-	pending.StateReason = fmt.Sprintf("a %s started at %s and has not finished", what, formatTime(pending.RotationStartedAt))
-	if err := markUnresolved(ctx, s, t); err != nil {
+	pending.StateReason = fmt.Sprintf("a %s started at %s and has not finished", what, store.FormatTime(pending.RotationStartedAt))
+	if err := store.MarkUnresolved(ctx, s, t); err != nil {
 		return nil, err
 	}
-	if err := writePSKRecord(ctx, s, t, pending); err != nil {
+	if err := store.WriteRecord(ctx, s, t, pending); err != nil {
 		return nil, err
 	}
 
@@ -222,8 +223,8 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 			return nil, b.holdWrongKey(ctx, s, t, pending, what, err)
 		default:
 			pending.StateReason = fmt.Sprintf("the %s started at %s failed with an unknown outcome (%v): Cloudflare may already use a key Vault does not hold",
-				what, formatTime(pending.RotationStartedAt), err)
-			if werr := writePSKRecord(ctx, s, t, pending); werr != nil {
+				what, store.FormatTime(pending.RotationStartedAt), err)
+			if werr := store.WriteRecord(ctx, s, t, pending); werr != nil {
 				b.tunnelLogger(t).Warn("could not record a rotation's unknown outcome", "error", werr)
 			}
 		}
@@ -245,7 +246,7 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		}
 	}
 
-	rec := &pskRecord{
+	rec := &store.Record{
 		AccountID:       t.AccountID,
 		TunnelID:        t.TunnelID,
 		PSK:             generated.PSK,
@@ -253,7 +254,7 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		KeySeenAt:       generated.Date.UTC(),
 		Version:         pending.Version + 1,
 		StoredAt:        b.now().UTC(),
-		State:           stateCurrent,
+		State:           store.StateCurrent,
 		RotationPeriod:  period,
 		LastHealedAt:    pending.LastHealedAt,
 		Facts:           b.withIPsecID(t, pending.Facts, generated.IPsecID),
@@ -271,7 +272,7 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		// Scheduled before the record is stored: an entry without a due
 		// record is dropped by the scheduler, a due record without an
 		// entry would never rotate.
-		if err := scheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {
+		if err := store.ScheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {
 			b.tunnelLogger(t).Warn("could not schedule the next rotation", "error", err)
 		}
 	}
@@ -280,11 +281,11 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 		// land: a next write need not wait out the settle window. Best
 		// effort; storage has just failed.
 		pending.SettleUntil = b.now().UTC()
-		_ = writePSKRecord(context.WithoutCancel(ctx), s, t, pending)
+		_ = store.WriteRecord(context.WithoutCancel(ctx), s, t, pending)
 		return nil, err
 	}
 	if !pending.NextRotation.IsZero() && !pending.NextRotation.Equal(rec.NextRotation) {
-		if err := unscheduleSuperseded(ctx, s, t, pending.NextRotation, rec.NextRotation); err != nil {
+		if err := store.UnscheduleSuperseded(ctx, s, t, pending.NextRotation, rec.NextRotation); err != nil {
 			b.tunnelLogger(t).Warn("could not drop a superseded schedule entry", "error", err)
 		}
 	}
@@ -296,7 +297,7 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 	// Events are best effort and go to Vault over a round trip of their
 	// own, so they do not hold up the answer.
 	go b.sendRotateEvent(context.WithoutCancel(ctx), rec, trigger)
-	if err := clearUnresolved(ctx, s, t); err != nil {
+	if err := store.ClearUnresolved(ctx, s, t); err != nil {
 		// The record is current; a marker left behind is cleared by the
 		// next background pass.
 		b.tunnelLogger(t).Warn("could not clear an unresolved mark", "error", err)
@@ -316,13 +317,13 @@ func (b *backend) generateLocked(ctx context.Context, s logical.Storage, client 
 // nothing generates a key for it by itself, which would otherwise heal it
 // once a minute for ever, until an operator writes it (AnswerHeld). It
 // returns the error for the caller, which names Cloudflare and base_url.
-func (b *backend) holdWrongKey(ctx context.Context, s logical.Storage, t tunnelRef, pending *pskRecord, what string, cause error) error {
+func (b *backend) holdWrongKey(ctx context.Context, s logical.Storage, t store.Tunnel, pending *store.Record, what string, cause error) error {
 	held := *pending
 	held.AnswerHeld = true
 	reason := fmt.Sprintf("the answer to the %s started at %s carried a key Vault did not store (%v), so the edge probably uses a key nobody holds. "+
 		"Check what answers at base_url (config) before an operator writes this path: the engine generates no key for this tunnel by itself "+
 		"(no heal, no scheduled or bulk rotation) until then",
-		what, formatTime(pending.RotationStartedAt), cause)
+		what, store.FormatTime(pending.RotationStartedAt), cause)
 	// Cloudflare answered, so no request of this attempt can still land:
 	// markStale clears the settle window, and the background has nothing
 	// to retry.
@@ -330,12 +331,12 @@ func (b *backend) holdWrongKey(ctx context.Context, s logical.Storage, t tunnelR
 		b.tunnelLogger(t).Warn("could not record an answer with a key of the wrong form; the record stays rotation_unknown", "error", err)
 	}
 	return fmt.Errorf("%w; the key was not stored: the tunnel is marked %s and the engine generates no key for it by itself "+
-		"until an operator writes this path. Check what answers at base_url (config): it may not be Cloudflare's API", cause, stateStale)
+		"until an operator writes this path. Check what answers at base_url (config): it may not be Cloudflare's API", cause, store.StateStale)
 }
 
 // answerHeldError refuses a rotation the engine would make by itself (a
 // heal, a scheduled or a bulk rotation) for a tunnel held by holdWrongKey.
-type answerHeldError struct{ tunnel tunnelRef }
+type answerHeldError struct{ tunnel store.Tunnel }
 
 func (e *answerHeldError) Error() string {
 	return fmt.Sprintf("no key is asked for %s except by an operator's write of its path: Cloudflare's answer to its last rotation "+
@@ -346,20 +347,20 @@ func (e *answerHeldError) Error() string {
 // carried is in use. It returns done when it is not known to be (the record
 // is put back where the edge provably still has the key it had before the
 // request, or else left rotation_unknown), so the caller stores nothing.
-func (b *backend) confirmValidationKey(ctx context.Context, s logical.Storage, client *cloudflare.Client, t tunnelRef, previous, pending *pskRecord, generated *cloudflare.GeneratedPSK) (bool, error) {
+func (b *backend) confirmValidationKey(ctx context.Context, s logical.Storage, client *cloudflare.Client, t store.Tunnel, previous, pending *store.Record, generated *cloudflare.GeneratedPSK) (bool, error) {
 	log := b.tunnelLogger(t)
 	edge, err := client.GetTunnel(ctx, t.AccountID, t.TunnelID)
 	if err != nil {
 		pending.StateReason = fmt.Sprintf("a validate_only answer started at %s carried a key, and Cloudflare could not be asked whether it is in use (%v)",
-			formatTime(pending.RotationStartedAt), err)
-		if werr := writePSKRecord(ctx, s, t, pending); werr != nil {
+			store.FormatTime(pending.RotationStartedAt), err)
+		if werr := store.WriteRecord(ctx, s, t, pending); werr != nil {
 			log.Warn("could not record a validation's unknown outcome", "error", werr)
 		}
 		return true, fmt.Errorf("confirm the key of a validate_only answer: %w", err)
 	}
 	generatedOn := edge.PSKLastGeneratedOn
 	var why string
-	switch pending.edgeKeySince(generatedOn) {
+	switch edgeKeySince(pending, generatedOn) {
 	case keyUnchanged:
 		// The edge's key is the one it had before: nothing was generated.
 		log.Warn("a validate_only answer carried a key the edge does not use; discarded")
@@ -375,25 +376,25 @@ func (b *backend) confirmValidationKey(ctx context.Context, s logical.Storage, c
 			"Cloudflare's times cannot tell whether the request replaced that key"
 	}
 	pending.StateReason = fmt.Sprintf("a validate_only request started at %s had an answer that carried a key generated at %s; the edge's key, generated at %s, %s",
-		formatTime(pending.RotationStartedAt), formatTime(generated.LastGeneratedOn), formatTime(generatedOn), why)
-	if werr := writePSKRecord(ctx, s, t, pending); werr != nil {
+		store.FormatTime(pending.RotationStartedAt), store.FormatTime(generated.LastGeneratedOn), store.FormatTime(generatedOn), why)
+	if werr := store.WriteRecord(ctx, s, t, pending); werr != nil {
 		log.Warn("could not record a validation's unknown outcome", "error", werr)
 	}
-	return true, fmt.Errorf("%s; the tunnel is marked %s until reconciliation learns which key the edge uses", pending.StateReason, stateRotationUnknown)
+	return true, fmt.Errorf("%s; the tunnel is marked %s until reconciliation learns which key the edge uses", pending.StateReason, store.StateRotationUnknown)
 }
 
 // restore puts back the record a rotation that certainly did not happen had
 // replaced. A failure leaves the record rotation_unknown, which
 // reconciliation resolves.
-func (b *backend) restore(ctx context.Context, s logical.Storage, t tunnelRef, previous *pskRecord) {
+func (b *backend) restore(ctx context.Context, s logical.Storage, t store.Tunnel, previous *store.Record) {
 	var err error
 	switch {
 	case previous == nil:
-		err = forgetPSKRecord(ctx, s, t, nil)
+		err = store.ForgetRecord(ctx, s, t, nil)
 	default:
-		err = writePSKRecord(ctx, s, t, previous)
-		if err == nil && previous.current() {
-			err = clearUnresolved(ctx, s, t)
+		err = store.WriteRecord(ctx, s, t, previous)
+		if err == nil && previous.Current() {
+			err = store.ClearUnresolved(ctx, s, t)
 		}
 	}
 	if err != nil {
@@ -404,8 +405,8 @@ func (b *backend) restore(ctx context.Context, s logical.Storage, t tunnelRef, p
 // storeGenerated stores a key Cloudflare has already activated. Storage is
 // retried, because giving up loses the key; when it still fails the record
 // stays rotation_unknown, so the next write or reconciliation heals it.
-func (b *backend) storeGenerated(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord) error {
-	entry, err := logical.StorageEntryJSON(t.storageKey(), rec)
+func (b *backend) storeGenerated(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) error {
+	entry, err := logical.StorageEntryJSON(t.StorageKey(), rec)
 	if err == nil {
 		if err = putRetrying(ctx, s, entry); err == nil {
 			return nil
@@ -424,12 +425,12 @@ func (b *backend) storeGenerated(ctx context.Context, s logical.Storage, t tunne
 // what became of the last one: the write is the operator's, so it does not
 // heal (it generates anyway), but it must not act on a guess; while the last
 // rotation may still land, this is a 409 (settlingError).
-func (b *backend) beginWrite(ctx context.Context, s logical.Storage, t tunnelRef) (client *cloudflare.Client, cfg *configRecord, rec *pskRecord, unlock func(), err error) {
+func (b *backend) beginWrite(ctx context.Context, s logical.Storage, t store.Tunnel) (client *cloudflare.Client, cfg *configRecord, rec *store.Record, unlock func(), err error) {
 	if client, cfg, err = b.cloudflareClient(ctx, s); err != nil {
 		return nil, nil, nil, nil, err
 	}
 	unlock = b.lockTunnel(t)
-	if rec, err = readPSKRecord(ctx, s, t); err == nil && rec != nil && !rec.current() {
+	if rec, err = store.ReadRecord(ctx, s, t); err == nil && rec != nil && !rec.Current() {
 		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err != nil {
 			err = fmt.Errorf("learn the outcome of the last rotation of %s: %w", t, err)
 		}
@@ -525,13 +526,13 @@ func keyChangeSince(now, before, seenAt time.Time, laterKeysDiffer bool) keyChan
 // edgeKeySince judges, for a record whose last attempt is unresolved,
 // whether the edge's key (last_generated_on now) is the one it had when the
 // attempt was sent.
-func (r *pskRecord) edgeKeySince(now time.Time) keyChange {
-	return keyChangeSince(now, r.EdgeKeyBefore, r.EdgeKeyBeforeSeenAt, r.fromStoredKey() && r.storedLongBefore())
+func edgeKeySince(r *store.Record, now time.Time) keyChange {
+	return keyChangeSince(now, r.EdgeKeyBefore, r.EdgeKeyBeforeSeenAt, fromStoredKey(r) && storedLongBefore(r))
 }
 
 // fromStoredKey reports whether the record's last attempt started from the
 // stored key, current at the edge.
-func (r *pskRecord) fromStoredKey() bool { return r.PSK != "" && !r.EdgeKeyForeign }
+func fromStoredKey(r *store.Record) bool { return r.PSK != "" && !r.EdgeKeyForeign }
 
 // storedLongBefore reports whether the stored key was stored at least
 // settleMargin and a second before the attempt started. Both times are
@@ -542,7 +543,7 @@ func (r *pskRecord) fromStoredKey() bool { return r.PSK != "" && !r.EdgeKeyForei
 // last_generated_on differ by at least a second and cannot share one. This
 // is the proof for records stored before KeySeenAt existed, and for a key
 // whose own answer was dated in its second of generation, as most are.
-func (r *pskRecord) storedLongBefore() bool {
+func storedLongBefore(r *store.Record) bool {
 	return !r.StoredAt.IsZero() && !r.RotationStartedAt.IsZero() &&
 		!r.StoredAt.After(r.RotationStartedAt.Add(-settleMargin-wholeSecond))
 }
@@ -563,15 +564,15 @@ func (r *pskRecord) storedLongBefore() bool {
 // flagged stale) rather than call a replaced key current or forget a key
 // the edge may use. A first rotation whose outcome is unknown is therefore
 // never forgotten on a guess.
-func judgeEdge(rec *pskRecord, edgeGenerated time.Time) (edgeVerdict, string) {
-	if rec.State == stateRotationUnknown {
-		started := formatTime(rec.RotationStartedAt)
+func judgeEdge(rec *store.Record, edgeGenerated time.Time) (edgeVerdict, string) {
+	if rec.State == store.StateRotationUnknown {
+		started := store.FormatTime(rec.RotationStartedAt)
 		if rec.EdgeKeyForeign {
 			// Changed or not, the edge's key is not one Vault holds.
 			return edgeChanged, fmt.Sprintf("the rotation that started at %s was to replace a key Vault does not hold, and its key was never stored: Cloudflare's key, generated at %s, is that one or the rotation's, so %s",
-				started, keyTime(edgeGenerated), rec.notTheEdgesKey())
+				started, keyTime(edgeGenerated), notTheEdgesKey(rec))
 		}
-		switch rec.edgeKeySince(edgeGenerated) {
+		switch edgeKeySince(rec, edgeGenerated) {
 		case keyUnchanged:
 			if rec.PSK == "" {
 				return edgeNeverRotated, ""
@@ -579,11 +580,11 @@ func judgeEdge(rec *pskRecord, edgeGenerated time.Time) (edgeVerdict, string) {
 			return edgeUsesStoredKey, ""
 		case keyChanged:
 			return edgeChanged, fmt.Sprintf("Cloudflare's key was generated at %s, and the key it had when the rotation that started at %s was sent was generated at %s: that rotation (or a change outside this engine) replaced it and its key was never stored, so %s",
-				formatTime(edgeGenerated), started, keyTime(rec.EdgeKeyBefore), rec.notTheEdgesKey())
+				store.FormatTime(edgeGenerated), started, keyTime(rec.EdgeKeyBefore), notTheEdgesKey(rec))
 		}
 		return edgeChanged, fmt.Sprintf("Cloudflare's key was generated at %s, in the same whole second as the key it had when the rotation that started at %s was sent, and nothing Cloudflare said proves that this second had passed before the rotation was sent: "+
 			"Cloudflare's times cannot tell whether the rotation replaced that key, so it is taken to have, and %s",
-			formatTime(edgeGenerated), started, rec.notTheEdgesKey())
+			store.FormatTime(edgeGenerated), started, notTheEdgesKey(rec))
 	}
 	if rec.PSK != "" && keyChangeSince(edgeGenerated, rec.LastGeneratedOn, rec.KeySeenAt, false) == keyUnchanged {
 		// A tunnel found gone that is back, say, with the stored key.
@@ -592,7 +593,7 @@ func judgeEdge(rec *pskRecord, edgeGenerated time.Time) (edgeVerdict, string) {
 	// A first rotation already found to have happened, or a key that is
 	// not (provably) the stored one: changed outside this engine.
 	return edgeChanged, fmt.Sprintf("Cloudflare's key, generated at %s, is not provably the stored key (%s): it was changed outside this engine, so %s",
-		keyTime(edgeGenerated), orNever(rec.LastGeneratedOn), rec.notTheEdgesKey())
+		keyTime(edgeGenerated), store.OrNever(rec.LastGeneratedOn), notTheEdgesKey(rec))
 }
 
 // keyTime renders the edge's time of generation in a reason.
@@ -600,11 +601,11 @@ func keyTime(t time.Time) string {
 	if t.IsZero() {
 		return "never (the tunnel had no key)"
 	}
-	return formatTime(t)
+	return store.FormatTime(t)
 }
 
 // notTheEdgesKey ends a reason that the edge uses a key Vault does not hold.
-func (r *pskRecord) notTheEdgesKey() string {
+func notTheEdgesKey(r *store.Record) string {
 	if r.PSK == "" {
 		return "the edge uses a key Vault has never held"
 	}
@@ -626,14 +627,14 @@ func sameGeneration(a, b time.Time) bool {
 // rotation turned out never to have happened. While the record's last
 // rotation is still settling it returns a *settlingError and asks Cloudflare
 // nothing: no answer could settle the question before then.
-func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, rec *pskRecord, heal bool) (*pskRecord, error) {
-	if rec.current() || rec.answerHeld() {
+func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t store.Tunnel, rec *store.Record, heal bool) (*store.Record, error) {
+	if rec.Current() || rec.HeldByAnswer() {
 		// A held record waits for an operator's write, which generates
 		// anyway; nothing Cloudflare says now would release it.
 		return rec, nil
 	}
 	log := b.tunnelLogger(t)
-	if rec.settling(b.now()) {
+	if rec.Settling(b.now()) {
 		return rec, &settlingError{tunnel: t, until: rec.SettleUntil}
 	}
 	edge, err := client.GetTunnel(ctx, t.AccountID, t.TunnelID)
@@ -652,20 +653,20 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 	switch verdict {
 	case edgeNeverRotated:
 		log.Info("first rotation never happened; nothing is stored")
-		return nil, forgetPSKRecord(ctx, s, t, rec)
+		return nil, store.ForgetRecord(ctx, s, t, rec)
 	case edgeUsesStoredKey:
 		resolved := *rec
-		resolved.State, resolved.StateReason, resolved.RotationStartedAt, resolved.SettleUntil = stateCurrent, "", time.Time{}, time.Time{}
-		resolved.clearFailures()
+		resolved.State, resolved.StateReason, resolved.RotationStartedAt, resolved.SettleUntil = store.StateCurrent, "", time.Time{}, time.Time{}
+		resolved.ClearFailures()
 		if edge.Date.After(resolved.KeySeenAt) {
 			// A later answer that shows the stored key in use: a proof
 			// for the next rotation's judgement (keyChangeSince).
 			resolved.KeySeenAt = edge.Date
 		}
-		if err := writePSKRecord(ctx, s, t, &resolved); err != nil {
+		if err := store.WriteRecord(ctx, s, t, &resolved); err != nil {
 			return rec, err
 		}
-		if err := clearUnresolved(ctx, s, t); err != nil {
+		if err := store.ClearUnresolved(ctx, s, t); err != nil {
 			return &resolved, err
 		}
 		log.Info("reconciled: cloudflare's key is the stored one")
@@ -674,7 +675,7 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 
 	// The edge uses a key Vault does not hold: the tunnel is down until
 	// both sides share one.
-	if rec.State == stateStale {
+	if rec.State == store.StateStale {
 		reason = rec.StateReason // still what it was found to be
 	}
 	if heal {
@@ -686,7 +687,7 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 		}
 		return b.holdHealing(ctx, s, t, rec, reason)
 	}
-	return b.markStale(ctx, s, t, rec, reason, b.now().Add(failureBackoffMax))
+	return b.markStale(ctx, s, t, rec, reason, b.now().Add(store.FailureBackoffMax))
 }
 
 // mayHeal reports whether the engine may generate a key, by itself, for a
@@ -697,11 +698,11 @@ func (b *backend) reconcileLocked(ctx context.Context, s logical.Storage, client
 // mark of another mount or tool rotating the same tunnel, and healing it
 // would start the two rotating each other's keys away, for ever. Such a
 // tunnel is held (HealHeld) until an operator writes it.
-func (b *backend) mayHeal(cfg *configRecord, rec *pskRecord) bool {
+func (b *backend) mayHeal(cfg *configRecord, rec *store.Record) bool {
 	switch {
 	case rec.HealHeld:
 		return false
-	case rec.State == stateRotationUnknown, rec.LastHealedAt.IsZero():
+	case rec.State == store.StateRotationUnknown, rec.LastHealedAt.IsZero():
 		return true
 	}
 	return !b.now().Before(rec.LastHealedAt.Add(2 * cfg.driftInterval()))
@@ -709,32 +710,32 @@ func (b *backend) mayHeal(cfg *configRecord, rec *pskRecord) bool {
 
 // holdHealing records drift the engine will not heal by itself (see
 // mayHeal): the record is stale and held until an operator writes it.
-func (b *backend) holdHealing(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord, reason string) (*pskRecord, error) {
+func (b *backend) holdHealing(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, reason string) (*store.Record, error) {
 	held := *rec
-	if !(rec.HealHeld && rec.State == stateStale) {
+	if !(rec.HealHeld && rec.State == store.StateStale) {
 		// Said once: a tunnel already held keeps its reason, which the
 		// background's hourly look would otherwise append again each time.
 		reason += "; not healed: the engine already healed this tunnel within the last two drift_check_intervals, so another mount or tool rotates it too. " +
 			"A tunnel must belong to one mount: the engine leaves it stale until an operator writes this path"
 	}
 	held.HealHeld = true
-	return b.markStale(ctx, s, t, &held, reason, b.now().Add(failureBackoffMax))
+	return b.markStale(ctx, s, t, &held, reason, b.now().Add(store.FailureBackoffMax))
 }
 
 // markStale records that the edge uses a key Vault does not hold. The
 // background looks at the tunnel again at retryAt: when healing is allowed
-// again, or (healing off) after failureBackoffMax, to find out whether the
+// again, or (healing off) after store.FailureBackoffMax, to find out whether the
 // tunnel is gone meanwhile.
-func (b *backend) markStale(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord, reason string, retryAt time.Time) (*pskRecord, error) {
+func (b *backend) markStale(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, reason string, retryAt time.Time) (*store.Record, error) {
 	stale := *rec
-	stale.State, stale.StateReason = stateStale, reason
+	stale.State, stale.StateReason = store.StateStale, reason
 	stale.RotationStartedAt, stale.SettleUntil = time.Time{}, time.Time{}
-	stale.clearFailures()
+	stale.ClearFailures()
 	stale.RetryAt = retryAt.UTC()
-	if err := markUnresolved(ctx, s, t); err != nil {
+	if err := store.MarkUnresolved(ctx, s, t); err != nil {
 		return rec, err
 	}
-	if err := writePSKRecord(ctx, s, t, &stale); err != nil {
+	if err := store.WriteRecord(ctx, s, t, &stale); err != nil {
 		return rec, err
 	}
 	b.tunnelLogger(t).Warn("stored psk is stale", "reason", reason)
@@ -744,17 +745,17 @@ func (b *backend) markStale(ctx context.Context, s logical.Storage, t tunnelRef,
 // markGone records that Cloudflare no longer knows the tunnel. The last key
 // is kept, never served as current, and the tunnel leaves the unresolved
 // set: there is nothing left to reconcile until someone writes it again.
-func (b *backend) markGone(ctx context.Context, s logical.Storage, t tunnelRef, rec *pskRecord) (*pskRecord, error) {
+func (b *backend) markGone(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) (*store.Record, error) {
 	gone := *rec
-	gone.State = stateTunnelGone
+	gone.State = store.StateTunnelGone
 	gone.StateReason = fmt.Sprintf("Cloudflare answered at %s that the tunnel does not exist (deleted, or the API token lost its account): the stored key is kept but is not in use",
-		formatTime(b.now()))
+		store.FormatTime(b.now()))
 	gone.RotationStartedAt, gone.SettleUntil = time.Time{}, time.Time{}
-	gone.clearFailures()
-	if err := writePSKRecord(ctx, s, t, &gone); err != nil {
+	gone.ClearFailures()
+	if err := store.WriteRecord(ctx, s, t, &gone); err != nil {
 		return rec, err
 	}
-	if err := clearUnresolved(ctx, s, t); err != nil {
+	if err := store.ClearUnresolved(ctx, s, t); err != nil {
 		return &gone, err
 	}
 	b.tunnelLogger(t).Warn("tunnel no longer exists at cloudflare")
@@ -789,20 +790,20 @@ func putRetrying(ctx context.Context, s logical.Storage, entry *logical.StorageE
 // sendRotateEvent tells subscribers (Vault Enterprise's event bus) that a
 // tunnel has a new key, and where to read it. The event carries no secret. On Vault Community
 // there is no bus and the call does nothing.
-func (b *backend) sendRotateEvent(ctx context.Context, rec *pskRecord, trigger string) {
-	t := tunnelRef{AccountID: rec.AccountID, TunnelID: rec.TunnelID}
+func (b *backend) sendRotateEvent(ctx context.Context, rec *store.Record, trigger string) {
+	t := store.Tunnel{AccountID: rec.AccountID, TunnelID: rec.TunnelID}
 	// path and data_path are relative to the mount: Vault prepends the
 	// mount's path before subscribers see them, and checks a subscriber's
 	// read capability on data_path, as for its own engines' events.
 	err := logical.SendEvent(ctx, b, rotateEventType,
-		logical.EventMetadataPath, t.storageKey(),
-		logical.EventMetadataDataPath, t.storageKey(),
+		logical.EventMetadataPath, t.StorageKey(),
+		logical.EventMetadataDataPath, t.StorageKey(),
 		logical.EventMetadataModified, "true",
 		logical.EventMetadataOperation, "update",
 		"account_id", rec.AccountID,
 		"tunnel_id", rec.TunnelID,
 		"version", strconv.Itoa(rec.Version),
-		"last_generated_on", formatTime(rec.LastGeneratedOn),
+		"last_generated_on", store.FormatTime(rec.LastGeneratedOn),
 		"trigger", trigger)
 	if err != nil && !errors.Is(err, framework.ErrNoEvents) {
 		b.Logger().Debug("could not send rotation event", "error", err)

@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // failingStorage wraps a logical.Storage and fails the Puts that failPut
@@ -41,7 +42,7 @@ func (f *failingStorage) setFailPut(fn func(*logical.StorageEntry) bool) {
 
 // storesCurrentKey matches the Put that stores a freshly generated key.
 func storesCurrentKey(entry *logical.StorageEntry) bool {
-	return strings.HasPrefix(entry.Key, pskStoragePrefix) && strings.Contains(string(entry.Value), `"state":"current"`)
+	return strings.HasPrefix(entry.Key, store.PSKPrefix) && strings.Contains(string(entry.Value), `"state":"current"`)
 }
 
 // assertHonest is the guarantee after any fault: Vault either holds exactly
@@ -55,7 +56,7 @@ func assertHonest(t *testing.T, env *testEnv) {
 			continue // nothing stored: nothing claimed
 		}
 		if httpStatus(resp, err) == http.StatusNotFound {
-			if !strings.Contains(errorText(resp, err), stateRotationUnknown) && !strings.Contains(errorText(resp, err), "unknown outcome") {
+			if !strings.Contains(errorText(resp, err), store.StateRotationUnknown) && !strings.Contains(errorText(resp, err), "unknown outcome") {
 				t.Errorf("%s: 404 that does not say why: %s", path, errorText(resp, err))
 			}
 			continue
@@ -65,7 +66,7 @@ func assertHonest(t *testing.T, env *testEnv) {
 		}
 		edge := env.edge()
 		state := resp.Data["state"]
-		if state == stateCurrent {
+		if state == store.StateCurrent {
 			if path == env.pskPath() && resp.Data["psk"] != edge.PSK {
 				t.Errorf("%s: state current but the key is not the edge's", path)
 			}
@@ -95,13 +96,13 @@ func assertCurrent(t *testing.T, env *testEnv, when string) {
 	t.Helper()
 	resp := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
 	edge := env.edge()
-	if resp.Data["state"] != stateCurrent || resp.Data["psk"] != edge.PSK {
+	if resp.Data["state"] != store.StateCurrent || resp.Data["psk"] != edge.PSK {
 		t.Fatalf("%s: state %v, key is the edge's: %v (%v)", when, resp.Data["state"], resp.Data["psk"] == edge.PSK, resp.Data["state_reason"])
 	}
 	if len(resp.Warnings) != 0 {
 		t.Errorf("%s: warnings on a current key: %v", when, resp.Warnings)
 	}
-	if keys, _ := env.storage.List(context.Background(), unresolvedPrefix); len(keys) != 0 {
+	if keys, _ := env.storage.List(context.Background(), store.UnresolvedPrefix); len(keys) != 0 {
 		t.Errorf("%s: tunnels still marked unresolved: %v", when, keys)
 	}
 }
@@ -221,12 +222,12 @@ func TestReadHealsOnceTheRotationHasSettled(t *testing.T) {
 	}
 	calls := env.sim.TotalCalls()
 	read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
-	if read.Data["state"] != stateRotationUnknown || len(read.Warnings) == 0 || env.sim.TotalCalls() != calls {
+	if read.Data["state"] != store.StateRotationUnknown || len(read.Warnings) == 0 || env.sim.TotalCalls() != calls {
 		t.Fatalf("inside the settle window: state %v, warnings %d, Cloudflare calls %d", read.Data["state"], len(read.Warnings), env.sim.TotalCalls()-calls)
 	}
 	env.clock.Advance(time.Minute)
 	read = env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
-	if read.Data["state"] != stateCurrent || read.Data["psk"] != env.edge().PSK || read.Data["version"] != 2 {
+	if read.Data["state"] != store.StateCurrent || read.Data["psk"] != env.edge().PSK || read.Data["version"] != 2 {
 		t.Fatalf("read after a lost answer: state %v version %v, key is the edge's: %v",
 			read.Data["state"], read.Data["version"], read.Data["psk"] == env.edge().PSK)
 	}
@@ -246,7 +247,7 @@ func TestUnchangedEdgeIsNotTrustedInsideTheSettleWindow(t *testing.T) {
 		t.Fatal("the faulted rotation succeeded")
 	}
 	read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
-	if read.Data["state"] != stateRotationUnknown || len(read.Warnings) == 0 {
+	if read.Data["state"] != store.StateRotationUnknown || len(read.Warnings) == 0 {
 		t.Fatalf("inside the settle window: state %v, warnings %v", read.Data["state"], read.Warnings)
 	}
 	if read.Data["psk"] != env.edge().PSK {
@@ -254,7 +255,7 @@ func TestUnchangedEdgeIsNotTrustedInsideTheSettleWindow(t *testing.T) {
 	}
 	env.clock.Advance(time.Minute)
 	read = env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
-	if read.Data["state"] != stateCurrent || len(read.Warnings) != 0 {
+	if read.Data["state"] != store.StateCurrent || len(read.Warnings) != 0 {
 		t.Fatalf("after the settle window: state %v, warnings %v", read.Data["state"], read.Warnings)
 	}
 }
@@ -271,7 +272,7 @@ func TestHealingOffLeavesTheTunnelStale(t *testing.T) {
 	}
 	runBackgroundPass(t, env)
 	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
-	if meta.Data["state"] != stateStale || len(meta.Warnings) == 0 || !strings.Contains(meta.Data["state_reason"].(string), "not the one the edge uses") {
+	if meta.Data["state"] != store.StateStale || len(meta.Warnings) == 0 || !strings.Contains(meta.Data["state_reason"].(string), "not the one the edge uses") {
 		t.Fatalf("state %v reason %v warnings %v", meta.Data["state"], meta.Data["state_reason"], meta.Warnings)
 	}
 	if got := env.generations(); got != 2 {
@@ -360,7 +361,7 @@ func TestReadersNeverWaitForARotationInFlight(t *testing.T) {
 	if waited := time.Since(start); waited > 500*time.Millisecond {
 		t.Errorf("the read waited %s for the rotation", waited)
 	}
-	if read.Data["state"] != stateRotationUnknown || !strings.Contains(strings.Join(read.Warnings, " "), "in progress") {
+	if read.Data["state"] != store.StateRotationUnknown || !strings.Contains(strings.Join(read.Warnings, " "), "in progress") {
 		t.Errorf("state %v warnings %v", read.Data["state"], read.Warnings)
 	}
 	<-done
@@ -384,16 +385,16 @@ func TestAGeneratedKeyIsStoredEvenIfTheCallerGivesUp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tun := tunnelRef{env.account, env.tunnel.ID}
+	tun := store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}
 	unlock := env.b.lockTunnel(tun)
-	rec, _ := readPSKRecord(ctx, env.storage, tun)
+	rec, _ := store.ReadRecord(ctx, env.storage, tun)
 	_, err = env.b.rotateLocked(ctx, storage, client, cfg, tun, rec, 0, "write")
 	unlock()
 	if err != nil {
 		t.Fatalf("rotation: %v", err)
 	}
 	read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
-	if read.Data["state"] != stateCurrent || read.Data["psk"] != env.edge().PSK || read.Data["version"] != 2 {
+	if read.Data["state"] != store.StateCurrent || read.Data["psk"] != env.edge().PSK || read.Data["version"] != 2 {
 		t.Fatalf("after the caller gave up: state %v version %v, key is the edge's: %v", read.Data["state"], read.Data["version"], read.Data["psk"] == env.edge().PSK)
 	}
 	// The marker's removal used the caller's ended context; the background
@@ -499,7 +500,7 @@ func TestAFirstRotationInTheSecondOfCreationIsHealed(t *testing.T) {
 		t.Fatalf("the setup did not put creation and rotation in one second (generations %d, created %s, key %s)", env.generations(), edge.CreatedOn, edge.PSKGeneratedOn)
 	}
 	runBackgroundPass(t, env)
-	rec, err := readPSKRecord(context.Background(), env.storage, tunnelRef{env.account, env.tunnel.ID})
+	rec, err := store.ReadRecord(context.Background(), env.storage, store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 const (
@@ -59,7 +60,7 @@ type scheduler struct {
 	// walk. repairing is set while a walk is under way, repairAfter is the
 	// last record it examined, repairStarted when it began. Guarded by mu.
 	repairing     bool
-	repairAfter   tunnelRef
+	repairAfter   store.Tunnel
 	repairStarted time.Time
 	// When the results of replaced bulk jobs were last cleaned, and
 	// whether some were left for the next pass. Guarded by mu.
@@ -148,14 +149,14 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 	// reaching later ones, another account's schedule among them.
 	after := ""
 	for {
-		items, next, err := loadDue(ctx, sc.storage, b.now(), after)
+		items, next, err := store.LoadDue(ctx, sc.storage, b.now(), after)
 		if err != nil {
 			b.Logger().Warn("scheduler could not load due rotations", "error", err)
 			return 10 * time.Second
 		}
 		earliest(next)
 		for _, item := range items {
-			if item.bulk && held[heldJobOf(item)] {
+			if item.Bulk && held[heldJobOf(item)] {
 				continue
 			}
 			if wait := sc.awaitBudget(ctx); wait > 0 {
@@ -169,7 +170,7 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 				return outcome.postpone
 			}
 			earliest(outcome.notBefore)
-			if outcome.holdJob && item.bulk {
+			if outcome.holdJob && item.Bulk {
 				held[heldJobOf(item)] = true
 			}
 			if !outcome.finished {
@@ -181,18 +182,18 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 			// scheduled rotation has moved its record on): never forgotten
 			// in silence, never worked twice. The rest of its job waits,
 			// as for a result that could not be recorded.
-			if err := sc.storage.Delete(ctx, item.key); err != nil {
-				b.Logger().Warn("scheduler could not remove a finished entry", "entry", item.key, "error", err)
+			if err := sc.storage.Delete(ctx, item.Key); err != nil {
+				b.Logger().Warn("scheduler could not remove a finished entry", "entry", item.Key, "error", err)
 				earliest(b.now().Add(storageRetry))
-				if item.bulk {
+				if item.Bulk {
 					held[heldJobOf(item)] = true
 				}
 			}
 		}
-		if len(items) < dueBatch {
+		if len(items) < store.DueBatch {
 			return sc.sleepUntil(wake, maxSleep)
 		}
-		after = items[len(items)-1].key
+		after = items[len(items)-1].Key
 		// A paced bulk run is one long pass: between batches, as at a
 		// pass's start.
 		if !b.mayWrite() {
@@ -221,7 +222,7 @@ type heldJob struct {
 	minute  int64
 }
 
-func heldJobOf(item dueItem) heldJob { return heldJob{item.tunnel.AccountID, item.minute} }
+func heldJobOf(item store.DueItem) heldJob { return heldJob{item.Tunnel.AccountID, item.Minute} }
 
 // cleanBulkResults removes some results of replaced bulk jobs (bulk.go),
 // every bulkCleanEvery, and on the next pass again while there are more.
@@ -231,7 +232,7 @@ func (sc *scheduler) cleanBulkResults(ctx context.Context) {
 		return
 	}
 	sc.cleanedAt = now
-	more, err := cleanBulkResults(ctx, sc.storage, bulkCleanPerPass)
+	more, err := store.CleanBulkResults(ctx, sc.storage, bulkCleanPerPass)
 	if err != nil {
 		sc.b.Logger().Warn("scheduler could not remove the results of replaced bulk rotations; it tries again later", "error", err)
 	}
@@ -267,9 +268,9 @@ func (sc *scheduler) repairSchedule(ctx context.Context) {
 		if !sc.repairStarted.IsZero() && now.Sub(sc.repairStarted) < repairEvery {
 			return
 		}
-		sc.repairing, sc.repairAfter, sc.repairStarted = true, tunnelRef{}, now
+		sc.repairing, sc.repairAfter, sc.repairStarted = true, store.Tunnel{}, now
 	}
-	tunnels, complete, err := listRecordsAfter(ctx, sc.storage, sc.repairAfter, repairPerPass)
+	tunnels, complete, err := store.ListRecordsAfter(ctx, sc.storage, sc.repairAfter, repairPerPass)
 	if err != nil {
 		sc.b.Logger().Warn("schedule repair could not list records; it resumes next pass", "error", err)
 		return
@@ -291,13 +292,13 @@ func (sc *scheduler) repairSchedule(ctx context.Context) {
 
 // repairEntry writes t's due/ entry when its record has a next rotation and
 // the entry is missing.
-func (sc *scheduler) repairEntry(ctx context.Context, t tunnelRef) error {
-	rec, err := readPSKRecord(ctx, sc.storage, t)
-	if err != nil || rec == nil || !rec.scheduled() || rec.NextRotation.IsZero() || rec.State == stateTunnelGone {
+func (sc *scheduler) repairEntry(ctx context.Context, t store.Tunnel) error {
+	rec, err := store.ReadRecord(ctx, sc.storage, t)
+	if err != nil || rec == nil || !rec.Scheduled() || rec.NextRotation.IsZero() || rec.State == store.StateTunnelGone {
 		return err
 	}
 	// An entry an older version wrote, a minute later, is still honoured.
-	for _, key := range scheduleKeys(rec.NextRotation, t) {
+	for _, key := range store.ScheduleKeys(rec.NextRotation, t) {
 		entry, err := sc.storage.Get(ctx, key)
 		if err != nil {
 			return fmt.Errorf("read schedule entry %s: %w", key, err)
@@ -306,10 +307,10 @@ func (sc *scheduler) repairEntry(ctx context.Context, t tunnelRef) error {
 			return nil
 		}
 	}
-	if err := scheduleRotation(ctx, sc.storage, t, rec.NextRotation, false); err != nil {
+	if err := store.ScheduleRotation(ctx, sc.storage, t, rec.NextRotation, false); err != nil {
 		return err
 	}
-	sc.b.tunnelLogger(t).Warn("the next rotation had no schedule entry; restored it", "next_rotation", formatTime(rec.NextRotation))
+	sc.b.tunnelLogger(t).Warn("the next rotation had no schedule entry; restored it", "next_rotation", store.FormatTime(rec.NextRotation))
 	return nil
 }
 
@@ -363,11 +364,11 @@ var (
 )
 
 // rotateDue works one due entry and says what becomes of it.
-func (sc *scheduler) rotateDue(ctx context.Context, item dueItem) dueOutcome {
-	log := sc.b.tunnelLogger(item.tunnel)
-	due, err := readDueEntry(ctx, sc.storage, item.key)
+func (sc *scheduler) rotateDue(ctx context.Context, item store.DueItem) dueOutcome {
+	log := sc.b.tunnelLogger(item.Tunnel)
+	due, err := store.ReadDueEntry(ctx, sc.storage, item.Key)
 	switch {
-	case errors.Is(err, errCorruptDueEntry):
+	case errors.Is(err, store.ErrCorruptDueEntry):
 		log.Warn("schedule entry does not decode; the tunnel's record decides", "error", err)
 	case err != nil:
 		log.Warn("scheduler could not read a schedule entry", "error", err)
@@ -376,23 +377,23 @@ func (sc *scheduler) rotateDue(ctx context.Context, item dueItem) dueOutcome {
 	if due == nil {
 		return dueFinished
 	}
-	if item.bulk || due.Bulk {
+	if item.Bulk || due.Bulk {
 		return sc.rotateBulk(ctx, item, due)
 	}
 	return sc.rotateScheduled(ctx, item)
 }
 
 // rotateScheduled works a tunnel's scheduled rotation.
-func (sc *scheduler) rotateScheduled(ctx context.Context, item dueItem) dueOutcome {
-	b, s, t := sc.b, sc.storage, item.tunnel
+func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) dueOutcome {
+	b, s, t := sc.b, sc.storage, item.Tunnel
 	log := b.tunnelLogger(t)
 	defer b.lockTunnel(t)()
-	rec, err := readPSKRecord(ctx, s, t)
+	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil {
 		log.Warn("scheduler could not read a record", "error", err)
 		return dueKept
 	}
-	if rec == nil || !rec.scheduled() || !entryMatches(rec.NextRotation, item.minute) || rec.State == stateTunnelGone {
+	if rec == nil || !rec.Scheduled() || !store.EntryMatches(rec.NextRotation, item.Minute) || rec.State == store.StateTunnelGone {
 		// Forgotten, rescheduled since, or gone at Cloudflare (a write
 		// brings it back, with a schedule of its own): the entry is stale.
 		return dueFinished
@@ -405,7 +406,7 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item dueItem) dueOutco
 	if !rec.WindowEnds.IsZero() && now.After(rec.WindowEnds) {
 		return sc.missedWindow(ctx, t, rec, now)
 	}
-	if rec.settling(b.now()) {
+	if rec.Settling(b.now()) {
 		// The last rotation's outcome is unknown and Cloudflare may still
 		// carry out its request: a generate now could be overtaken by it,
 		// and Vault would call current a key the edge replaced a moment
@@ -426,7 +427,7 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item dueItem) dueOutco
 		return dueFinished
 	case cloudflare.NotFound(err):
 		// The tunnel is gone: no more retries, hourly or otherwise.
-		if latest, rerr := readPSKRecord(ctx, s, t); rerr == nil && latest != nil {
+		if latest, rerr := store.ReadRecord(ctx, s, t); rerr == nil && latest != nil {
 			if _, merr := b.markGone(ctx, s, t, latest); merr != nil {
 				log.Warn("could not record that the tunnel is gone", "error", merr)
 				return dueKept
@@ -450,10 +451,10 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item dueItem) dueOutco
 // the record (schedule_note): a rotation outside the maintenance window it
 // was planned for would take the tunnel down when nobody expects it. Nothing
 // is sent to Cloudflare. The caller holds t's lock.
-func (sc *scheduler) missedWindow(ctx context.Context, t tunnelRef, rec *pskRecord, now time.Time) dueOutcome {
+func (sc *scheduler) missedWindow(ctx context.Context, t store.Tunnel, rec *store.Record, now time.Time) dueOutcome {
 	b, s := sc.b, sc.storage
 	log := b.tunnelLogger(t)
-	sched := rec.schedule()
+	sched := rec.Schedule()
 	scheduledFor := rec.WindowEnds.Add(-sched.Window)
 	why := "the scheduler could not start it in time (the budget was spent, the last rotation was still settling, or Vault was down)"
 	if rec.Failures > 0 {
@@ -468,24 +469,24 @@ func (sc *scheduler) missedWindow(ctx context.Context, t tunnelRef, rec *pskReco
 	moved.NextRotation, moved.WindowEnds = sched.NextAfterRotation(rec.StoredAt, now, floor)
 	next := "none: the schedule has no later time"
 	if !moved.NextRotation.IsZero() {
-		next = formatTime(moved.NextRotation)
+		next = store.FormatTime(moved.NextRotation)
 	}
 	moved.ScheduleNote = fmt.Sprintf("the rotation scheduled for %s could not start within rotation_window (%s) of it: %s; it waits for the next scheduled time, %s",
-		formatTime(scheduledFor), sched.Window, why, next)
+		store.FormatTime(scheduledFor), sched.Window, why, next)
 	// The entry first, as everywhere: a record pointing at a minute with
 	// no entry would never rotate.
 	if !moved.NextRotation.IsZero() {
-		if err := scheduleRotation(ctx, s, t, moved.NextRotation, false); err != nil {
+		if err := store.ScheduleRotation(ctx, s, t, moved.NextRotation, false); err != nil {
 			log.Warn("could not move a rotation that missed its window; its schedule entry is kept", "error", err)
 			return dueKept
 		}
 	}
-	if err := writePSKRecord(ctx, s, t, &moved); err != nil {
+	if err := store.WriteRecord(ctx, s, t, &moved); err != nil {
 		log.Warn("could not move a rotation that missed its window; its schedule entry is kept", "error", err)
 		return dueKept
 	}
 	log.Warn("scheduled rotation missed its window; waiting for the next scheduled time",
-		"scheduled_for", formatTime(scheduledFor), "next_rotation", formatTime(moved.NextRotation))
+		"scheduled_for", store.FormatTime(scheduledFor), "next_rotation", store.FormatTime(moved.NextRotation))
 	// Finished, and the pass wakes for the next time, which may be within
 	// the minute.
 	return dueOutcome{finished: true, notBefore: moved.NextRotation}
@@ -494,25 +495,25 @@ func (sc *scheduler) missedWindow(ctx context.Context, t tunnelRef, rec *pskReco
 // rotateBulk works a bulk job's rotation of one tunnel. The job counts each
 // tunnel once (bulk.go), however often a pass meets its entry: an entry
 // whose delete failed is met again, and must neither rotate nor count twice.
-func (sc *scheduler) rotateBulk(ctx context.Context, item dueItem, due *dueEntry) dueOutcome {
-	b, s, t := sc.b, sc.storage, item.tunnel
+func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *store.DueEntry) dueOutcome {
+	b, s, t := sc.b, sc.storage, item.Tunnel
 	log := b.tunnelLogger(t)
-	job, err := readBulkJob(ctx, s, t.AccountID)
+	job, err := store.ReadBulkJob(ctx, s, t.AccountID)
 	if err != nil {
 		log.Warn("scheduler could not read a bulk job; its entries wait for the next pass", "error", err)
 		return dueOutcome{holdJob: true, notBefore: b.now().Add(storageRetry)}
 	}
 	// tracked: the entry is the current job's, which counts it. An entry of
 	// an older version (no key suffix) is worked without being counted.
-	tracked := job != nil && job.Minute == item.minute
-	if item.bulk && !tracked {
+	tracked := job != nil && job.Minute == item.Minute
+	if item.Bulk && !tracked {
 		// The job that queued it was replaced by a newer one, which is only
 		// allowed once it had worked every entry: this one was counted, and
 		// its delete failed.
 		return dueFinished
 	}
-	if tracked && job.abandoned(b.now()) {
-		if err := b.closeAbandoned(ctx, s, t.AccountID, item.minute); err != nil {
+	if tracked && job.Abandoned(b.now()) {
+		if err := b.closeAbandoned(ctx, s, t.AccountID, item.Minute); err != nil {
 			log.Warn("scheduler could not close a bulk job left half queued", "error", err)
 			return dueOutcome{holdJob: true, notBefore: b.now().Add(storageRetry)}
 		}
@@ -525,7 +526,7 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item dueItem, due *dueEntry
 		return dueHeld
 	}
 	if tracked {
-		counted, err := job.counted(ctx, s, t.AccountID, t.TunnelID)
+		counted, err := job.Counted(ctx, s, t.AccountID, t.TunnelID)
 		if err != nil {
 			log.Warn("scheduler could not read a bulk job's results; its entries wait for the next pass", "error", err)
 			return dueOutcome{holdJob: true, notBefore: b.now().Add(storageRetry)}
@@ -540,7 +541,7 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item dueItem, due *dueEntry
 	}
 
 	defer b.lockTunnel(t)()
-	rec, err := readPSKRecord(ctx, s, t)
+	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil {
 		log.Warn("scheduler could not read a record", "error", err)
 		return dueKept
@@ -554,7 +555,7 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item dueItem, due *dueEntry
 		// the rotation asked for has happened; it counts as done.
 		return dueFinished
 	}
-	if rec.settling(b.now()) {
+	if rec.Settling(b.now()) {
 		return dueKept // as for a scheduled rotation
 	}
 	client, cfg, err := sc.client(ctx)
@@ -595,15 +596,15 @@ func notNowOutcome(err error) (outcome dueOutcome, notNow bool) {
 
 // countBulk records a bulk item that failed or was skipped in its job, and
 // says what becomes of its entry.
-func (sc *scheduler) countBulk(ctx context.Context, item dueItem, tracked, skipped bool, reason string) dueOutcome {
+func (sc *scheduler) countBulk(ctx context.Context, item store.DueItem, tracked, skipped bool, reason string) dueOutcome {
 	if !tracked {
 		return dueFinished
 	}
-	if err := sc.b.recordBulkResult(ctx, sc.storage, item.tunnel, item.minute, skipped, reason); err != nil {
+	if err := sc.b.recordBulkResult(ctx, sc.storage, item.Tunnel, item.Minute, skipped, reason); err != nil {
 		// Not counted: the entry stays, or the job would count it as done.
 		// The rest of the job waits for the next pass, which tries this
 		// entry again; other entries do not wait.
-		sc.b.tunnelLogger(item.tunnel).Warn("could not record a bulk rotation's result; its entry is kept, and the rest of its job waits for the next pass", "error", err)
+		sc.b.tunnelLogger(item.Tunnel).Warn("could not record a bulk rotation's result; its entry is kept, and the rest of its job waits for the next pass", "error", err)
 		return dueOutcome{holdJob: true, notBefore: sc.b.now().Add(storageRetry)}
 	}
 	return dueFinished
@@ -613,9 +614,9 @@ func (sc *scheduler) countBulk(ctx context.Context, item dueItem, tracked, skipp
 // that is unknown. The caller holds t's lock. It returns the record as it
 // stands afterwards: nil when reconciliation found that the tunnel's only
 // rotation never happened and removed its record.
-func (sc *scheduler) rotateNow(ctx context.Context, client *cloudflare.Client, cfg *configRecord, t tunnelRef, rec *pskRecord, trigger string) (*pskRecord, error) {
+func (sc *scheduler) rotateNow(ctx context.Context, client *cloudflare.Client, cfg *configRecord, t store.Tunnel, rec *store.Record, trigger string) (*store.Record, error) {
 	b, s := sc.b, sc.storage
-	if !rec.current() {
+	if !rec.Current() {
 		var err error
 		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err != nil || rec == nil {
 			return rec, err
@@ -653,22 +654,22 @@ func isSettling(err error) bool {
 // entry, which is deleted only once its replacement and the record that
 // points at it are stored, so a storage failure can delay a schedule but
 // never lose it.
-func (b *backend) retryScheduledLater(ctx context.Context, s logical.Storage, t tunnelRef, cause error) error {
-	rec, err := readPSKRecord(ctx, s, t)
+func (b *backend) retryScheduledLater(ctx context.Context, s logical.Storage, t store.Tunnel, cause error) error {
+	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil {
 		return err
 	}
-	if rec == nil || !rec.scheduled() {
+	if rec == nil || !rec.Scheduled() {
 		return nil
 	}
-	rec.noteFailure(b.now(), cause)
+	rec.NoteFailure(b.now(), cause)
 	rec.NextRotation = rec.RetryAt
 	// The entry first: a record pointing at a minute with no entry would
 	// never rotate, an entry without a record that points at it is dropped.
-	if err := scheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {
+	if err := store.ScheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {
 		return fmt.Errorf("reschedule the failed rotation of %s: %w", t, err)
 	}
-	if err := writePSKRecord(ctx, s, t, rec); err != nil {
+	if err := store.WriteRecord(ctx, s, t, rec); err != nil {
 		return fmt.Errorf("reschedule the failed rotation of %s: %w", t, err)
 	}
 	return nil

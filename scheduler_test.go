@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // drain runs one scheduler pass now, as the scheduler's loop would.
@@ -103,9 +104,9 @@ func schedulerOver(t *testing.T, env *testEnv, s logical.Storage) {
 }
 
 // record reads a tunnel's stored record.
-func record(t *testing.T, env *testEnv, tunnel string) *pskRecord {
+func record(t *testing.T, env *testEnv, tunnel string) *store.Record {
 	t.Helper()
-	rec, err := readPSKRecord(context.Background(), env.storage, tunnelRef{env.account, tunnel})
+	rec, err := store.ReadRecord(context.Background(), env.storage, store.Tunnel{AccountID: env.account, TunnelID: tunnel})
 	if err != nil || rec == nil {
 		t.Fatalf("read record of %s: %v (%v)", tunnel, rec, err)
 	}
@@ -114,9 +115,9 @@ func record(t *testing.T, env *testEnv, tunnel string) *pskRecord {
 
 // scheduledEntry reports whether the due/ entry of a record's next rotation
 // is stored.
-func scheduledEntry(t *testing.T, env *testEnv, rec *pskRecord) bool {
+func scheduledEntry(t *testing.T, env *testEnv, rec *store.Record) bool {
 	t.Helper()
-	entry, err := env.storage.Get(context.Background(), dueKey(dueMinute(rec.NextRotation, false), tunnelRef{rec.AccountID, rec.TunnelID}))
+	entry, err := env.storage.Get(context.Background(), store.DueKey(store.DueMinute(rec.NextRotation, false), store.Tunnel{AccountID: rec.AccountID, TunnelID: rec.TunnelID}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +137,7 @@ func TestFailedRescheduleKeepsTheEntry(t *testing.T) {
 	before := record(t, env, env.tunnel.ID)
 
 	env.sim.FailNext(cloudflaresim.OpPSKGenerate, forbidden)
-	storage.failPuts(duePrefix)
+	storage.failPuts(store.DuePrefix)
 	env.clock.Advance(time.Hour + time.Minute)
 	drain(t, env)
 	storage.failPuts("")
@@ -166,9 +167,9 @@ func TestLostScheduleEntryIsRepaired(t *testing.T) {
 	schedulerOver(t, env, env.storage)
 	storage := &hookStorage{Storage: env.storage}
 	env.storage = storage
-	loseEntry := func(when string) *pskRecord {
+	loseEntry := func(when string) *store.Record {
 		t.Helper()
-		storage.failPuts(duePrefix)
+		storage.failPuts(store.DuePrefix)
 		env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
 		storage.failPuts("")
 		rec := record(t, env, env.tunnel.ID)
@@ -268,23 +269,23 @@ func TestSettlingRecordWaits(t *testing.T) {
 			env := newConfiguredEnv(t)
 			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 			schedulerOver(t, env, env.storage)
-			ctx, tun, now := context.Background(), tunnelRef{env.account, env.tunnel.ID}, env.clock.Now()
+			ctx, tun, now := context.Background(), store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}, env.clock.Now()
 			rec := record(t, env, env.tunnel.ID)
-			rec.State = stateRotationUnknown
+			rec.State = store.StateRotationUnknown
 			rec.StateReason = "a rotation started and has not finished"
 			rec.RotationStartedAt = now.Add(-5 * time.Second).UTC()
 			rec.SettleUntil = now.Add(5 * time.Minute).UTC()
 			if !bulk {
 				rec.RotationPeriod = time.Hour
 				rec.NextRotation = now.Add(-time.Minute).UTC()
-				if err := scheduleRotation(ctx, env.storage, tun, rec.NextRotation, false); err != nil {
+				if err := store.ScheduleRotation(ctx, env.storage, tun, rec.NextRotation, false); err != nil {
 					t.Fatal(err)
 				}
 			}
-			if err := markUnresolved(ctx, env.storage, tun); err != nil {
+			if err := store.MarkUnresolved(ctx, env.storage, tun); err != nil {
 				t.Fatal(err)
 			}
-			if err := writePSKRecord(ctx, env.storage, tun, rec); err != nil {
+			if err := store.WriteRecord(ctx, env.storage, tun, rec); err != nil {
 				t.Fatal(err)
 			}
 			if bulk {
@@ -357,7 +358,7 @@ func TestRotationPeriodRotatesWhenDueAndNeverEarly(t *testing.T) {
 	if meta.Data["rotation_period"] != 0 || meta.Data["next_rotation"] != "" {
 		t.Errorf("rotation_period=0: period %v, next %v", meta.Data["rotation_period"], meta.Data["next_rotation"])
 	}
-	if keys, _ := env.storage.List(context.Background(), duePrefix); len(keys) != 0 {
+	if keys, _ := env.storage.List(context.Background(), store.DuePrefix); len(keys) != 0 {
 		t.Errorf("schedule entries left after turning the schedule off: %v", keys)
 	}
 }
@@ -477,7 +478,7 @@ func TestOverBudgetWritesFailFastWithTheTimeLeft(t *testing.T) {
 	if env.sim.TotalCalls() != calls {
 		t.Error("a call over budget was sent")
 	}
-	if meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)); meta.Data["state"] != stateCurrent {
+	if meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)); meta.Data["state"] != store.StateCurrent {
 		t.Errorf("a call that was never sent left state %v", meta.Data["state"])
 	}
 	env.clock.Advance(61 * time.Second)
@@ -606,7 +607,7 @@ func TestScheduledRotationOfADeletedTunnelStops(t *testing.T) {
 	env.clock.Advance(61 * time.Minute)
 	drain(t, env)
 	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
-	if meta.Data["state"] != stateTunnelGone {
+	if meta.Data["state"] != store.StateTunnelGone {
 		t.Fatalf("scheduled rotation of a deleted tunnel: state %v", meta.Data["state"])
 	}
 	calls := env.sim.TotalCalls()
@@ -697,7 +698,7 @@ func TestScheduledRotationHappensAtNextRotationToTheSecond(t *testing.T) {
 		t.Fatalf("not rotated 0.2s after next_rotation: version %d", rec.Version)
 	}
 	if rec.StoredAt.Before(next) || rec.StoredAt.After(next.Add(time.Second)) {
-		t.Errorf("rotated at %s, due at %s", formatTime(rec.StoredAt), formatTime(next))
+		t.Errorf("rotated at %s, due at %s", store.FormatTime(rec.StoredAt), store.FormatTime(next))
 	}
 }
 
@@ -716,7 +717,7 @@ func TestTheRunningSchedulerWakesAtNextRotation(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for record(t, env, env.tunnel.ID).Version < 2 {
 		if time.Now().After(deadline) {
-			t.Fatalf("not rotated 8s after next_rotation (%s)", formatTime(next))
+			t.Fatalf("not rotated 8s after next_rotation (%s)", store.FormatTime(next))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -769,13 +770,13 @@ func TestAnEntryOfAnOlderVersionIsHonoured(t *testing.T) {
 	schedulerOver(t, env, env.storage)
 	atSecondOfMinute(env, 20)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
-	ctx, tun := context.Background(), tunnelRef{env.account, env.tunnel.ID}
+	ctx, tun := context.Background(), store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}
 	rec := record(t, env, env.tunnel.ID)
 	// As an older version left it: the entry a minute later.
-	if err := env.storage.Delete(ctx, dueKey(dueMinute(rec.NextRotation, false), tun)); err != nil {
+	if err := env.storage.Delete(ctx, store.DueKey(store.DueMinute(rec.NextRotation, false), tun)); err != nil {
 		t.Fatal(err)
 	}
-	legacy := dueKey(dueMinute(rec.NextRotation, true), tun)
+	legacy := store.DueKey(store.DueMinute(rec.NextRotation, true), tun)
 	if err := env.storage.Put(ctx, &logical.StorageEntry{Key: legacy, Value: []byte("{}")}); err != nil {
 		t.Fatal(err)
 	}
@@ -816,9 +817,9 @@ func TestRotationScheduleRotatesAtItsTimes(t *testing.T) {
 	schedulerOver(t, env, env.storage)
 	write := env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": "30 2 * * *"}))
 	want := nextDaily(env.clock.Now(), 2, 30)
-	if write.Data["rotation_schedule"] != "30 2 * * *" || write.Data["rotation_period"] != 0 || write.Data["next_rotation"] != formatTime(want) {
+	if write.Data["rotation_schedule"] != "30 2 * * *" || write.Data["rotation_period"] != 0 || write.Data["next_rotation"] != store.FormatTime(want) {
 		t.Fatalf("write answer: schedule %v, period %v, next %v (want %s)", write.Data["rotation_schedule"],
-			write.Data["rotation_period"], write.Data["next_rotation"], formatTime(want))
+			write.Data["rotation_period"], write.Data["next_rotation"], store.FormatTime(want))
 	}
 	if ttl := write.Data["ttl"].(int); ttl != int(maxReadTTL/time.Second) {
 		t.Errorf("ttl %d, next rotation in %s", ttl, want.Sub(env.clock.Now()))
@@ -828,17 +829,17 @@ func TestRotationScheduleRotatesAtItsTimes(t *testing.T) {
 		env.clock.Advance(want.Sub(env.clock.Now()) - time.Second)
 		drain(t, env)
 		if v := storedVersion(t, env, env.pskPath()); v != version-1 {
-			t.Fatalf("rotated a second before %s: version %d", formatTime(want), v)
+			t.Fatalf("rotated a second before %s: version %d", store.FormatTime(want), v)
 		}
 		env.clock.Advance(1200 * time.Millisecond)
 		drain(t, env)
 		rec := record(t, env, env.tunnel.ID)
 		if rec.Version != version || rec.StoredAt.Before(want) || rec.StoredAt.After(want.Add(time.Second)) {
-			t.Fatalf("due at %s: version %d stored at %s", formatTime(want), rec.Version, formatTime(rec.StoredAt))
+			t.Fatalf("due at %s: version %d stored at %s", store.FormatTime(want), rec.Version, store.FormatTime(rec.StoredAt))
 		}
 		want = want.Add(24 * time.Hour)
 		if !rec.NextRotation.Equal(want) || rec.RotationSchedule != "30 2 * * *" {
-			t.Fatalf("after the rotation: next %s (want %s), schedule %q", formatTime(rec.NextRotation), formatTime(want), rec.RotationSchedule)
+			t.Fatalf("after the rotation: next %s (want %s), schedule %q", store.FormatTime(rec.NextRotation), store.FormatTime(want), rec.RotationSchedule)
 		}
 	}
 	assertCurrent(t, env, "after scheduled rotations")
@@ -846,17 +847,17 @@ func TestRotationScheduleRotatesAtItsTimes(t *testing.T) {
 	// A write without schedule fields keeps it; rotation_period replaces it.
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 	if rec := record(t, env, env.tunnel.ID); rec.RotationSchedule != "30 2 * * *" || !rec.NextRotation.Equal(nextDaily(rec.StoredAt, 2, 30)) {
-		t.Errorf("a plain write: schedule %q, next %s", rec.RotationSchedule, formatTime(rec.NextRotation))
+		t.Errorf("a plain write: schedule %q, next %s", rec.RotationSchedule, store.FormatTime(rec.NextRotation))
 	}
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "24h"}))
 	if rec := record(t, env, env.tunnel.ID); rec.RotationSchedule != "" || rec.RotationPeriod != 24*time.Hour {
 		t.Errorf("rotation_period after a schedule: schedule %q, period %s", rec.RotationSchedule, rec.RotationPeriod)
 	}
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": ""}))
-	if rec := record(t, env, env.tunnel.ID); rec.scheduled() || !rec.NextRotation.IsZero() {
-		t.Errorf("rotation_schedule=\"\": %+v", rec.schedule())
+	if rec := record(t, env, env.tunnel.ID); rec.Scheduled() || !rec.NextRotation.IsZero() {
+		t.Errorf("rotation_schedule=\"\": %+v", rec.Schedule())
 	}
-	if keys, _ := env.storage.List(context.Background(), duePrefix); len(keys) != 0 {
+	if keys, _ := env.storage.List(context.Background(), store.DuePrefix); len(keys) != 0 {
 		t.Errorf("schedule entries left after turning the schedule off: %v", keys)
 	}
 }
@@ -872,7 +873,7 @@ func TestAMissedRotationWindowWaitsForTheNextTime(t *testing.T) {
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": "0 2 * * 6", "rotation_window": "1h"}))
 	first := record(t, env, env.tunnel.ID).NextRotation
 	if first.Weekday() != time.Saturday || first.Hour() != 2 || first.Minute() != 0 {
-		t.Fatalf("next rotation %s, want a Saturday at 02:00 UTC", formatTime(first))
+		t.Fatalf("next rotation %s, want a Saturday at 02:00 UTC", store.FormatTime(first))
 	}
 	if meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)); meta.Data["rotation_window"] != 3600 {
 		t.Errorf("rotation_window %v, want 3600", meta.Data["rotation_window"])
@@ -886,11 +887,11 @@ func TestAMissedRotationWindowWaitsForTheNextTime(t *testing.T) {
 	}
 	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
 	second := first.Add(7 * 24 * time.Hour)
-	if meta.Data["version"] != 1 || meta.Data["next_rotation"] != formatTime(second) {
-		t.Fatalf("after the missed window: version %v, next %v (want %s)", meta.Data["version"], meta.Data["next_rotation"], formatTime(second))
+	if meta.Data["version"] != 1 || meta.Data["next_rotation"] != store.FormatTime(second) {
+		t.Fatalf("after the missed window: version %v, next %v (want %s)", meta.Data["version"], meta.Data["next_rotation"], store.FormatTime(second))
 	}
 	note, _ := meta.Data["schedule_note"].(string)
-	if !strings.Contains(note, formatTime(first)) || !strings.Contains(note, "rotation_window") || !strings.Contains(note, formatTime(second)) {
+	if !strings.Contains(note, store.FormatTime(first)) || !strings.Contains(note, "rotation_window") || !strings.Contains(note, store.FormatTime(second)) {
 		t.Errorf("schedule_note %q does not say which time was missed, why and what next", note)
 	}
 	if !scheduledEntry(t, env, record(t, env, env.tunnel.ID)) {
@@ -901,7 +902,7 @@ func TestAMissedRotationWindowWaitsForTheNextTime(t *testing.T) {
 	env.clock.Advance(second.Add(59 * time.Minute).Sub(env.clock.Now()))
 	drain(t, env)
 	meta = env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
-	if meta.Data["version"] != 2 || meta.Data["schedule_note"] != "" || meta.Data["next_rotation"] != formatTime(second.Add(7*24*time.Hour)) {
+	if meta.Data["version"] != 2 || meta.Data["schedule_note"] != "" || meta.Data["next_rotation"] != store.FormatTime(second.Add(7*24*time.Hour)) {
 		t.Errorf("late within the window: version %v, note %q, next %v", meta.Data["version"], meta.Data["schedule_note"], meta.Data["next_rotation"])
 	}
 }
@@ -918,7 +919,7 @@ func TestTheRunningSchedulerWakesForACronTime(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for record(t, env, env.tunnel.ID).Version < 2 {
 		if time.Now().After(deadline) {
-			t.Fatalf("not rotated 8s after next_rotation (%s)", formatTime(next))
+			t.Fatalf("not rotated 8s after next_rotation (%s)", store.FormatTime(next))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -934,8 +935,8 @@ func seedCurrentTunnels(t *testing.T, env *testEnv, n int) {
 	t.Helper()
 	for i := 0; i < n; i++ {
 		id := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
-		if err := writePSKRecord(context.Background(), env.storage, tunnelRef{env.account, id}, &pskRecord{
-			AccountID: env.account, TunnelID: id, PSK: "seeded", Version: 1, State: stateCurrent,
+		if err := store.WriteRecord(context.Background(), env.storage, store.Tunnel{AccountID: env.account, TunnelID: id}, &store.Record{
+			AccountID: env.account, TunnelID: id, PSK: "seeded", Version: 1, State: store.StateCurrent,
 		}); err != nil {
 			t.Fatal(err)
 		}
@@ -973,12 +974,12 @@ func TestKeptEntriesDoNotStarveLaterMinutes(t *testing.T) {
 	schedulerOver(t, env, env.storage)
 	ctx, now := context.Background(), env.clock.Now()
 	other := cloudflaresim.NewID()
-	job := &bulkJob{StartedAt: now.UTC(), Minute: dueMinute(now, false), Queued: dueBatch + 1, Queueing: true}
-	if err := writeBulkJob(ctx, env.storage, other, job); err != nil {
+	job := &store.BulkJob{StartedAt: now.UTC(), Minute: store.DueMinute(now, false), Queued: store.DueBatch + 1, Queueing: true}
+	if err := store.WriteBulkJob(ctx, env.storage, other, job); err != nil {
 		t.Fatal(err)
 	}
-	for i := 0; i <= dueBatch; i++ {
-		if err := queueBulkRotation(ctx, env.storage, tunnelRef{other, fmt.Sprintf("%032x", i)}, job.Minute, now); err != nil {
+	for i := 0; i <= store.DueBatch; i++ {
+		if err := store.QueueBulkRotation(ctx, env.storage, store.Tunnel{AccountID: other, TunnelID: fmt.Sprintf("%032x", i)}, job.Minute, now); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -988,12 +989,12 @@ func TestKeptEntriesDoNotStarveLaterMinutes(t *testing.T) {
 	calls := env.sim.TotalCalls()
 	drain(t, env)
 	if v := storedVersion(t, env, env.pskPath()); v != 2 {
-		t.Fatalf("behind %d kept entries, the scheduled tunnel is at version %d, want 2", dueBatch+1, v)
+		t.Fatalf("behind %d kept entries, the scheduled tunnel is at version %d, want 2", store.DueBatch+1, v)
 	}
 	if n := env.sim.TotalCalls() - calls; n != 1 {
 		t.Errorf("%d Cloudflare calls, want 1 (the scheduled rotation; the job is still queueing)", n)
 	}
-	if left, err := countBulkEntries(ctx, env.storage, job.Minute, other, func(string) bool { return false }); err != nil || left != dueBatch+1 {
-		t.Errorf("entries of the job still queueing: %d (%v), want %d", left, err, dueBatch+1)
+	if left, err := store.CountBulkEntries(ctx, env.storage, job.Minute, other, func(string) bool { return false }); err != nil || left != store.DueBatch+1 {
+		t.Errorf("entries of the job still queueing: %d (%v), want %d", left, err, store.DueBatch+1)
 	}
 }

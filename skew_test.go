@@ -10,6 +10,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // newSkewedEnv is newConfiguredEnv with the simulator's clock skew ahead of
@@ -30,9 +31,9 @@ func newSkewedEnv(t *testing.T, skew, precision time.Duration) *testEnv {
 
 // storedRecord reads the test tunnel's record from storage, without the
 // reconciliation a read through the API would do.
-func storedRecord(t *testing.T, env *testEnv) *pskRecord {
+func storedRecord(t *testing.T, env *testEnv) *store.Record {
 	t.Helper()
-	rec, err := readPSKRecord(context.Background(), env.storage, tunnelRef{env.account, env.tunnel.ID})
+	rec, err := store.ReadRecord(context.Background(), env.storage, store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,9 +51,9 @@ func assertHealedOrFlagged(t *testing.T, env *testEnv, when string) {
 	switch {
 	case rec == nil:
 		t.Fatalf("%s: the record is gone, and the edge uses a key nobody holds (%d key(s) generated)", when, env.generations())
-	case rec.current() && (rec.PSK != edge.PSK || !rec.LastGeneratedOn.Equal(edge.PSKGeneratedOn)):
+	case rec.Current() && (rec.PSK != edge.PSK || !rec.LastGeneratedOn.Equal(edge.PSKGeneratedOn)):
 		t.Fatalf("%s: current for a key the edge does not use", when)
-	case !rec.current() && rec.StateReason == "":
+	case !rec.Current() && rec.StateReason == "":
 		t.Fatalf("%s: state %s without a reason", when, rec.State)
 	}
 	resp, err := env.request(logical.ReadOperation, env.metaPath(), nil)
@@ -76,7 +77,7 @@ func TestAValidationKeyIsKeptWhenVaultsClockIsAhead(t *testing.T) {
 		t.Errorf("validate_only that generated a key: stored %v, want true", resp.Data["stored"])
 	}
 	rec := storedRecord(t, env)
-	if rec == nil || (rec.current() && rec.PSK != env.edge().PSK) {
+	if rec == nil || (rec.Current() && rec.PSK != env.edge().PSK) {
 		t.Fatal("after a validate_only that generated a key, Vault says current for a key the edge does not use")
 	}
 	assertCurrent(t, env, "after a validate_only that generated a key")
@@ -179,7 +180,7 @@ func TestJudgeEdge(t *testing.T) {
 			if tc.shape.seenAfter > 0 {
 				started = started.Add(tc.shape.seenAfter)
 			}
-			rec := &pskRecord{State: stateRotationUnknown, RotationStartedAt: started, EdgeKeyBefore: tc.before, EdgeKeyForeign: tc.shape.foreign}
+			rec := &store.Record{State: store.StateRotationUnknown, RotationStartedAt: started, EdgeKeyBefore: tc.before, EdgeKeyForeign: tc.shape.foreign}
 			if tc.shape.seenAfter >= 0 {
 				rec.EdgeKeyBeforeSeenAt = tc.before.Truncate(time.Second).Add(tc.shape.seenAfter)
 			}
@@ -202,24 +203,24 @@ func TestJudgeEdge(t *testing.T) {
 
 	// Records whose last attempt is resolved: the edge uses the stored key
 	// only where its time proves it.
-	stored := pskRecord{PSK: "stored", LastGeneratedOn: coarse, StoredAt: coarse.Add(time.Hour)}
+	stored := store.Record{PSK: "stored", LastGeneratedOn: coarse, StoredAt: coarse.Add(time.Hour)}
 	for _, tc := range []struct {
 		name  string
 		state string
-		edit  func(*pskRecord)
+		edit  func(*store.Record)
 		edge  time.Time
 		want  edgeVerdict
 	}{
-		{"gone and back, µs, same key", stateTunnelGone, func(r *pskRecord) { r.LastGeneratedOn = fine }, fine, edgeUsesStoredKey},
-		{"gone and back, 1s, no Date", stateTunnelGone, nil, coarse, edgeChanged},
-		{"gone and back, 1s, Date a second on", stateTunnelGone, func(r *pskRecord) { r.KeySeenAt = coarse.Add(time.Second) }, coarse, edgeUsesStoredKey},
-		{"gone and back, a newer key", stateTunnelGone, nil, coarse.Add(time.Second), edgeChanged},
-		{"stale, a newer key", stateStale, nil, coarse.Add(time.Minute), edgeChanged},
-		{"stale, an older key", stateStale, nil, coarse.Add(-time.Minute), edgeChanged},
-		{"stale first rotation", stateStale, func(r *pskRecord) { r.PSK, r.LastGeneratedOn = "", time.Time{} }, coarse, edgeChanged},
-		{"keyless tunnel, first rotation did nothing", stateRotationUnknown, func(r *pskRecord) { *r = pskRecord{State: stateRotationUnknown} }, time.Time{}, edgeNeverRotated},
-		{"keyless tunnel, first rotation made a key", stateRotationUnknown, func(r *pskRecord) { *r = pskRecord{State: stateRotationUnknown} }, coarse, edgeChanged},
-		{"the edge lost its key", stateRotationUnknown, func(r *pskRecord) { r.EdgeKeyBefore = r.LastGeneratedOn }, time.Time{}, edgeChanged},
+		{"gone and back, µs, same key", store.StateTunnelGone, func(r *store.Record) { r.LastGeneratedOn = fine }, fine, edgeUsesStoredKey},
+		{"gone and back, 1s, no Date", store.StateTunnelGone, nil, coarse, edgeChanged},
+		{"gone and back, 1s, Date a second on", store.StateTunnelGone, func(r *store.Record) { r.KeySeenAt = coarse.Add(time.Second) }, coarse, edgeUsesStoredKey},
+		{"gone and back, a newer key", store.StateTunnelGone, nil, coarse.Add(time.Second), edgeChanged},
+		{"stale, a newer key", store.StateStale, nil, coarse.Add(time.Minute), edgeChanged},
+		{"stale, an older key", store.StateStale, nil, coarse.Add(-time.Minute), edgeChanged},
+		{"stale first rotation", store.StateStale, func(r *store.Record) { r.PSK, r.LastGeneratedOn = "", time.Time{} }, coarse, edgeChanged},
+		{"keyless tunnel, first rotation did nothing", store.StateRotationUnknown, func(r *store.Record) { *r = store.Record{State: store.StateRotationUnknown} }, time.Time{}, edgeNeverRotated},
+		{"keyless tunnel, first rotation made a key", store.StateRotationUnknown, func(r *store.Record) { *r = store.Record{State: store.StateRotationUnknown} }, coarse, edgeChanged},
+		{"the edge lost its key", store.StateRotationUnknown, func(r *store.Record) { r.EdgeKeyBefore = r.LastGeneratedOn }, time.Time{}, edgeChanged},
 	} {
 		rec := stored
 		rec.State = tc.state
@@ -410,13 +411,13 @@ func mustFail(t *testing.T, env *testEnv, fault cloudflaresim.Fault) {
 // by StoredAt against RotationStartedAt, both Vault's.
 func TestRecordsStoredBeforeTheDateFieldsStillResolve(t *testing.T) {
 	env := newConfiguredEnv(t)
-	tun := tunnelRef{env.account, env.tunnel.ID}
+	tun := store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}
 	old := `{"account_id":"` + env.account + `","tunnel_id":"` + env.tunnel.ID + `","psk":"stored-key",` +
 		`"last_generated_on":"2030-01-02T03:04:05Z","version":3,"stored_at":"2030-01-02T03:04:15Z",` +
 		`"state":"rotation_unknown","state_reason":"a rotation started","rotation_started_at":"2030-01-02T04:00:00Z",` +
 		`"settle_until":"2030-01-02T04:00:12Z","edge_key_before":"2030-01-02T03:04:05Z","retry_at":"0001-01-01T00:00:00Z",` +
 		`"last_healed_at":"0001-01-01T00:00:00Z","rotation_period":0,"next_rotation":"0001-01-01T00:00:00Z","facts":{}}`
-	if err := env.storage.Put(context.Background(), &logical.StorageEntry{Key: tun.storageKey(), Value: []byte(old)}); err != nil {
+	if err := env.storage.Put(context.Background(), &logical.StorageEntry{Key: tun.StorageKey(), Value: []byte(old)}); err != nil {
 		t.Fatal(err)
 	}
 	rec := storedRecord(t, env)

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
@@ -20,9 +22,9 @@ func TestStorageFailuresAreNotCloudflares(t *testing.T) {
 		// fails picks the Put that fails.
 		fails func(*logical.StorageEntry) bool
 	}{
-		{"the reconciled record", func(e *logical.StorageEntry) bool { return strings.HasPrefix(e.Key, pskStoragePrefix) }},
+		{"the reconciled record", func(e *logical.StorageEntry) bool { return strings.HasPrefix(e.Key, store.PSKPrefix) }},
 		{"the record marked for the rotation after reconciling", func(e *logical.StorageEntry) bool {
-			return strings.HasPrefix(e.Key, pskStoragePrefix) && strings.Contains(string(e.Value), `"state":"`+stateRotationUnknown+`"`)
+			return strings.HasPrefix(e.Key, store.PSKPrefix) && strings.Contains(string(e.Value), `"state":"`+store.StateRotationUnknown+`"`)
 		}},
 	}
 	for _, tc := range cases {
@@ -35,18 +37,18 @@ func TestStorageFailuresAreNotCloudflares(t *testing.T) {
 			// A rotation whose outcome is unknown, past its settle time;
 			// Cloudflare's key is still the stored one, so reconciliation
 			// will store the record back as current.
-			tun := tunnelRef{AccountID: env.account, TunnelID: env.tunnel.ID}
-			rec, err := readPSKRecord(context.Background(), env.storage, tun)
+			tun := store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}
+			rec, err := store.ReadRecord(context.Background(), env.storage, tun)
 			if err != nil || rec == nil {
 				t.Fatalf("read record: %v", err)
 			}
 			started := env.clock.Now().Add(-time.Hour).UTC()
-			rec.State, rec.StateReason = stateRotationUnknown, "played by the test"
+			rec.State, rec.StateReason = store.StateRotationUnknown, "played by the test"
 			rec.RotationStartedAt, rec.SettleUntil = started, started.Add(time.Minute)
-			if err := markUnresolved(context.Background(), env.storage, tun); err != nil {
+			if err := store.MarkUnresolved(context.Background(), env.storage, tun); err != nil {
 				t.Fatal(err)
 			}
-			if err := writePSKRecord(context.Background(), env.storage, tun, rec); err != nil {
+			if err := store.WriteRecord(context.Background(), env.storage, tun, rec); err != nil {
 				t.Fatal(err)
 			}
 

@@ -16,6 +16,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // reconcilePerPass bounds the Cloudflare calls of one periodic call's
@@ -40,7 +41,7 @@ func (b *backend) reconcileUnresolved(ctx context.Context, req *logical.Request)
 	if err != nil {
 		return err
 	}
-	tunnels, err := listUnresolved(ctx, req.Storage)
+	tunnels, err := store.ListUnresolved(ctx, req.Storage)
 	if err != nil {
 		return err
 	}
@@ -66,21 +67,21 @@ func (b *backend) reconcileUnresolved(ctx context.Context, req *logical.Request)
 // reconcileInBackground reconciles one unresolved tunnel and says whether it
 // asked Cloudflare. A failure other than "not now" is noted on the record,
 // so the tunnel is retried with backoff and the reason shows in metadata.
-func (b *backend) reconcileInBackground(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef) (bool, error) {
+func (b *backend) reconcileInBackground(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t store.Tunnel) (bool, error) {
 	unlock, ok := b.tryLockTunnel(t)
 	if !ok {
 		return false, nil
 	}
 	defer unlock()
-	rec, err := readPSKRecord(ctx, s, t)
+	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil {
 		return false, err
 	}
-	if rec == nil || rec.current() || rec.State == stateTunnelGone {
-		return false, clearUnresolved(ctx, s, t)
+	if rec == nil || rec.Current() || rec.State == store.StateTunnelGone {
+		return false, store.ClearUnresolved(ctx, s, t)
 	}
 	now := b.now()
-	if rec.settling(now) || now.Before(rec.RetryAt) || rec.answerHeld() {
+	if rec.Settling(now) || now.Before(rec.RetryAt) || rec.HeldByAnswer() {
 		// A held record waits for an operator (rotation.go, holdWrongKey).
 		return false, nil
 	}
@@ -92,9 +93,9 @@ func (b *backend) reconcileInBackground(ctx context.Context, s logical.Storage, 
 	}
 	// The record may have changed under reconcileLocked (a heal that
 	// failed): note the failure on what is stored now.
-	if latest, rerr := readPSKRecord(ctx, s, t); rerr == nil && latest != nil && !latest.current() {
-		latest.noteFailure(b.now(), err)
-		if werr := writePSKRecord(ctx, s, t, latest); werr != nil {
+	if latest, rerr := store.ReadRecord(ctx, s, t); rerr == nil && latest != nil && !latest.Current() {
+		latest.NoteFailure(b.now(), err)
+		if werr := store.WriteRecord(ctx, s, t, latest); werr != nil {
 			b.tunnelLogger(t).Warn("could not record a failed reconciliation", "error", werr)
 		}
 	}
@@ -138,7 +139,7 @@ func (b *backend) sweepDrift(ctx context.Context, s logical.Storage, client *clo
 	if !due {
 		return nil
 	}
-	accounts, err := s.List(ctx, pskStoragePrefix)
+	accounts, err := s.List(ctx, store.PSKPrefix)
 	if err != nil {
 		return fmt.Errorf("list managed accounts: %w", err)
 	}
@@ -159,12 +160,12 @@ func (b *backend) sweepDrift(ctx context.Context, s logical.Storage, client *clo
 		for i := range edge {
 			byID[edge[i].ID] = &edge[i]
 		}
-		stored, err := s.List(ctx, pskStoragePrefix+a)
+		stored, err := s.List(ctx, store.PSKPrefix+a)
 		if err != nil {
 			return fmt.Errorf("list managed tunnels of account %s: %w", account, err)
 		}
 		for _, id := range stored {
-			t := tunnelRef{AccountID: account, TunnelID: id}
+			t := store.Tunnel{AccountID: account, TunnelID: id}
 			// The sweep waits for a tunnel whose lock is taken instead of
 			// passing over it: it marks itself done below, and a tunnel
 			// passed over would go unchecked for a whole interval. The
@@ -194,8 +195,8 @@ func (b *backend) sweepDrift(ctx context.Context, s logical.Storage, client *clo
 // tunnel Cloudflare no longer has makes it tunnel_gone. It returns whether
 // the stored key is the edge's. A record that is not current is
 // reconciliation's to resolve. The caller holds t's lock.
-func (b *backend) compareLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t tunnelRef, edge *cloudflare.TunnelState, heal bool) (bool, error) {
-	rec, err := readPSKRecord(ctx, s, t)
+func (b *backend) compareLocked(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t store.Tunnel, edge *cloudflare.TunnelState, heal bool) (bool, error) {
+	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil || rec == nil {
 		return false, err
 	}
@@ -206,7 +207,7 @@ func (b *backend) compareLocked(ctx context.Context, s logical.Storage, client *
 			return false, err
 		}
 	}
-	if !rec.current() {
+	if !rec.Current() {
 		return false, nil
 	}
 	if edge == nil {
@@ -217,7 +218,7 @@ func (b *backend) compareLocked(ctx context.Context, s logical.Storage, client *
 		return true, nil
 	}
 	reason := fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s): it was changed outside this engine",
-		formatTime(edge.PSKLastGeneratedOn), formatTime(rec.LastGeneratedOn))
+		store.FormatTime(edge.PSKLastGeneratedOn), store.FormatTime(rec.LastGeneratedOn))
 	if heal && !b.mayHeal(cfg, rec) {
 		_, err = b.holdHealing(ctx, s, t, rec, reason)
 		return false, err
@@ -229,33 +230,15 @@ func (b *backend) compareLocked(ctx context.Context, s logical.Storage, client *
 	// or, healing off, after an hour.
 	retryAt := b.now()
 	if !cfg.HealStalePSK {
-		retryAt = retryAt.Add(failureBackoffMax)
+		retryAt = retryAt.Add(store.FailureBackoffMax)
 	}
 	stale, err := b.markStale(ctx, s, t, rec, reason, retryAt)
 	if err != nil || !heal {
 		return false, err
 	}
-	b.tunnelLogger(t).Warn("key changed outside this engine; generating a new key", "edge_generated_on", formatTime(edge.PSKLastGeneratedOn))
+	b.tunnelLogger(t).Warn("key changed outside this engine; generating a new key", "edge_generated_on", store.FormatTime(edge.PSKLastGeneratedOn))
 	healing := *stale
 	healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
 	_, err = b.rotateLocked(ctx, s, client, cfg, t, &healing, stale.RotationPeriod, "heal")
 	return err == nil, err
-}
-
-func listUnresolved(ctx context.Context, s logical.Storage) ([]tunnelRef, error) {
-	accounts, err := s.List(ctx, unresolvedPrefix)
-	if err != nil {
-		return nil, fmt.Errorf("list unresolved tunnels: %w", err)
-	}
-	var out []tunnelRef
-	for _, a := range accounts {
-		tunnels, err := s.List(ctx, unresolvedPrefix+a)
-		if err != nil {
-			return nil, fmt.Errorf("list unresolved tunnels: %w", err)
-		}
-		for _, tun := range tunnels {
-			out = append(out, tunnelRef{AccountID: a[:len(a)-1], TunnelID: tun})
-		}
-	}
-	return out, nil
 }

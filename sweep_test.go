@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // backgroundPass runs the backend's periodic function once, as Vault does
@@ -47,7 +48,7 @@ func TestKeysChangedOutsideTheEngineAreFoundAndHealedOnce(t *testing.T) {
 	backgroundPass(t, env)
 	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
 	reason, _ := meta.Data["state_reason"].(string)
-	if meta.Data["state"] != stateStale || !strings.Contains(reason, "changed outside this engine") || !strings.Contains(reason, "another mount") {
+	if meta.Data["state"] != store.StateStale || !strings.Contains(reason, "changed outside this engine") || !strings.Contains(reason, "another mount") {
 		t.Fatalf("drift found again at the next look: state %v, reason %q", meta.Data["state"], reason)
 	}
 	if env.generations() != generations {
@@ -89,7 +90,7 @@ func TestOneFailingTunnelNeverStopsTheBackground(t *testing.T) {
 		{"refused with 403", func(env *testEnv, _ string) {
 			env.sim.FailNext(cloudflaresim.OpTunnelGet, cloudflaresim.Fault{Status: http.StatusForbidden,
 				Errors: []cloudflaresim.Message{{Code: 10000, Message: "Authentication error"}}})
-		}, stateStale},
+		}, store.StateStale},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			env := newConfiguredEnv(t)
@@ -111,7 +112,7 @@ func TestOneFailingTunnelNeverStopsTheBackground(t *testing.T) {
 			// From storage: a read of the path would reconcile by itself.
 			for _, id := range ids[1:] {
 				env.tunnel.ID = id
-				rec, err := readPSKRecord(context.Background(), env.storage, tunnelRef{env.account, id})
+				rec, err := store.ReadRecord(context.Background(), env.storage, store.Tunnel{AccountID: env.account, TunnelID: id})
 				if err != nil || rec == nil || rec.State != "current" || rec.PSK != env.edge().PSK {
 					t.Fatalf("tunnel behind a failing one is not current with the edge's key after the pass (err %v)", err)
 				}
@@ -122,7 +123,7 @@ func TestOneFailingTunnelNeverStopsTheBackground(t *testing.T) {
 				if meta.Data["state"] != "tunnel_gone" || len(meta.Warnings) == 0 {
 					t.Fatalf("deleted tunnel: state %v, warnings %v", meta.Data["state"], meta.Warnings)
 				}
-				if keys, _ := env.storage.List(context.Background(), unresolvedPrefix); len(keys) != 0 {
+				if keys, _ := env.storage.List(context.Background(), store.UnresolvedPrefix); len(keys) != 0 {
 					t.Errorf("a tunnel gone at Cloudflare is still in the unresolved set: %v", keys)
 				}
 				calls := env.sim.Calls(cloudflaresim.OpTunnelGet)
@@ -169,13 +170,13 @@ func TestARefusedDriftHealLeavesTheRecordStale(t *testing.T) {
 	if env.sim.Calls(cloudflaresim.OpPSKGenerate) != generates+1 {
 		t.Fatalf("the sweep did not try to heal the drift")
 	}
-	rec, err := readPSKRecord(context.Background(), env.storage, tunnelRef{env.account, env.tunnel.ID})
+	rec, err := store.ReadRecord(context.Background(), env.storage, store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID})
 	if err != nil || rec == nil {
 		t.Fatalf("record: %v", err)
 	}
-	if rec.State == stateCurrent && rec.PSK != env.edge().PSK {
+	if rec.State == store.StateCurrent && rec.PSK != env.edge().PSK {
 		t.Fatalf("drift found, heal refused: record is %q for a key the edge does not use (edge key generated %s, stored %s)",
-			rec.State, formatTime(env.edge().PSKGeneratedOn), formatTime(rec.LastGeneratedOn))
+			rec.State, store.FormatTime(env.edge().PSKGeneratedOn), store.FormatTime(rec.LastGeneratedOn))
 	}
 }
 
@@ -243,13 +244,13 @@ func TestTheDriftSweepWaitsForATunnelWhoseLockIsHeld(t *testing.T) {
 	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "10m"}))
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 	env.sim.RegenerateOutOfBand(env.account, env.tunnel.ID)
-	self := tunnelRef{AccountID: env.account, TunnelID: env.tunnel.ID}
+	self := store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}
 
 	entered, release := make(chan struct{}), make(chan struct{})
 	var once sync.Once
 	hooked := &hookStorage{Storage: env.storage}
 	hooked.onPut = func(e *logical.StorageEntry) error {
-		if e.Key == self.storageKey() {
+		if e.Key == self.StorageKey() {
 			once.Do(func() { close(entered); <-release })
 		}
 		return nil
@@ -270,7 +271,7 @@ func TestTheDriftSweepWaitsForATunnelWhoseLockIsHeld(t *testing.T) {
 		defer close(swept)
 		sweepErr <- env.b.reconcileUnresolved(context.Background(), &logical.Request{Storage: env.storage})
 	}()
-	for env.b.tunnelLocks.holders(self.storageKey()) < 2 {
+	for env.b.tunnelLocks.holders(self.StorageKey()) < 2 {
 		select {
 		case <-swept:
 			t.Fatal("the sweep finished while the tunnel's lock was held: it passed over the tunnel")
@@ -286,11 +287,11 @@ func TestTheDriftSweepWaitsForATunnelWhoseLockIsHeld(t *testing.T) {
 	if err := <-sweepErr; err != nil {
 		t.Fatalf("background pass: %v", err)
 	}
-	rec, err := readPSKRecord(context.Background(), env.storage, self)
+	rec, err := store.ReadRecord(context.Background(), env.storage, self)
 	if err != nil || rec == nil {
 		t.Fatalf("record: %v, %v", rec, err)
 	}
-	if rec.State != stateCurrent || rec.PSK != env.edge().PSK {
+	if rec.State != store.StateCurrent || rec.PSK != env.edge().PSK {
 		t.Fatalf("state %s, key is the edge's: %v: the sweep did not find the drift on a tunnel whose schedule was being written",
 			rec.State, rec.PSK == env.edge().PSK)
 	}
@@ -318,11 +319,11 @@ func TestAHeldTunnelsReasonDoesNotGrow(t *testing.T) {
 		t.Fatalf("the tunnel is not held: %q", held)
 	}
 	for i := 0; i < 3; i++ {
-		env.clock.Advance(failureBackoffMax + time.Minute)
+		env.clock.Advance(store.FailureBackoffMax + time.Minute)
 		backgroundPass(t, env)
 	}
 	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
-	if reason := meta.Data["state_reason"].(string); meta.Data["state"] != stateStale || reason != held {
+	if reason := meta.Data["state_reason"].(string); meta.Data["state"] != store.StateStale || reason != held {
 		t.Fatalf("after three hourly looks: state %v, reason of %d characters (was %d): %q", meta.Data["state"], len(reason), len(held), reason)
 	}
 }

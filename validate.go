@@ -31,6 +31,8 @@ import (
 	"context"
 	"fmt"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
@@ -43,7 +45,7 @@ const generatedAnywayWarning = "Cloudflare generated a key although validate_onl
 // validateOnWrite is a validate_only write of t. It returns the record it
 // stored when Cloudflare's answer carried a key (see above), nil when it only
 // validated.
-func (b *backend) validateOnWrite(ctx context.Context, s logical.Storage, t tunnelRef) (*pskRecord, error) {
+func (b *backend) validateOnWrite(ctx context.Context, s logical.Storage, t store.Tunnel) (*store.Record, error) {
 	// As before a rotation (beginWrite): while the last one still settles,
 	// a validation that turned into a generation could be overtaken by the
 	// abandoned request, so it is refused (409).
@@ -52,11 +54,11 @@ func (b *backend) validateOnWrite(ctx context.Context, s logical.Storage, t tunn
 		return nil, err
 	}
 	defer unlock()
-	stored, err := b.generateLocked(ctx, s, client, cfg, t, rec, rec.schedule(), "validate_only", true)
+	stored, err := b.generateLocked(ctx, s, client, cfg, t, rec, rec.Schedule(), "validate_only", true)
 	if err != nil {
 		if outcomeUnknown(err) {
 			err = fmt.Errorf("%w; the outcome is unknown (a dropped query string would have made it a generation), "+
-				"so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, stateRotationUnknown)
+				"so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, store.StateRotationUnknown)
 		}
 		return nil, fmt.Errorf("validate psk generation for %s: %w", t, err)
 	}
@@ -69,7 +71,7 @@ func (b *backend) validateOnWrite(ctx context.Context, s logical.Storage, t tunn
 // validateOnlyResponse is the answer to a validate_only write: what was
 // validated, and, when Cloudflare generated a key anyway, the stored key's
 // metadata (never the key) with a warning.
-func validateOnlyResponse(t tunnelRef, stored *pskRecord) *logical.Response {
+func validateOnlyResponse(t store.Tunnel, stored *store.Record) *logical.Response {
 	if stored == nil {
 		return &logical.Response{Data: map[string]any{
 			"account_id":    t.AccountID,
@@ -78,7 +80,7 @@ func validateOnlyResponse(t tunnelRef, stored *pskRecord) *logical.Response {
 			"stored":        false,
 		}}
 	}
-	data := stored.metadata()
+	data := recordMetadata(stored)
 	data["validate_only"] = true
 	data["stored"] = true
 	resp := &logical.Response{Data: data}

@@ -14,13 +14,14 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // validateOnly runs a validate_only write of env's tunnel as the handler
 // will once it calls validateOnWrite: the status Vault would answer
 // with, and the response.
 func validateOnly(env *testEnv) (*logical.Response, error) {
-	t := tunnelRef{AccountID: env.account, TunnelID: env.tunnel.ID}
+	t := store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}
 	stored, err := env.b.validateOnWrite(context.Background(), env.storage, t)
 	if err != nil {
 		return failure(err)
@@ -98,9 +99,9 @@ func TestValidateOnlyIsCrashSafe(t *testing.T) {
 				// The outcome is unknown: the record says so (read from
 				// storage: a read would reconcile at once), Vault is honest,
 				// and reconciliation finds the edge's newer key and heals.
-				rec, rerr := readPSKRecord(context.Background(), env.storage, tunnelRef{env.account, env.tunnel.ID})
-				if rerr != nil || rec == nil || rec.State != stateRotationUnknown {
-					t.Fatalf("stored record after a lost answer: %+v, %v; want state %s", rec, rerr, stateRotationUnknown)
+				rec, rerr := store.ReadRecord(context.Background(), env.storage, store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID})
+				if rerr != nil || rec == nil || rec.State != store.StateRotationUnknown {
+					t.Fatalf("stored record after a lost answer: %+v, %v; want state %s", rec, rerr, store.StateRotationUnknown)
 				}
 				if !strings.Contains(errorText(resp, err), "the outcome is unknown") {
 					t.Errorf("error %q does not say the outcome is unknown", errorText(resp, err))
@@ -192,7 +193,7 @@ func TestAValidationKeyTheEdgeDoesNotUseIsNeverCurrent(t *testing.T) {
 	if env.edge().PSK != edgeKey {
 		t.Fatal("the edge's key changed: the test's premise does not hold")
 	}
-	if read.Data["state"] == stateCurrent && read.Data["psk"] != edgeKey {
+	if read.Data["state"] == store.StateCurrent && read.Data["psk"] != edgeKey {
 		t.Fatalf("after validate_only and a drift sweep, Vault serves %q as current; the edge uses another key (version %v)",
 			read.Data["psk"], read.Data["version"])
 	}

@@ -1,4 +1,4 @@
-package main
+package store
 
 import (
 	"context"
@@ -15,38 +15,38 @@ func TestListRecordsAfterWalksEveryRecordOnce(t *testing.T) {
 	ctx := context.Background()
 	s := &logical.InmemStorage{}
 	a, b := "a0000000000000000000000000000000", "b0000000000000000000000000000000"
-	var all []tunnelRef
+	var all []Tunnel
 	for _, account := range []string{a, b} {
 		for i := 0; i < 3; i++ {
-			ref := tunnelRef{account, fmt.Sprintf("%031d%d", 0, i)}
+			ref := Tunnel{AccountID: account, TunnelID: fmt.Sprintf("%031d%d", 0, i)}
 			all = append(all, ref)
-			if err := s.Put(ctx, &logical.StorageEntry{Key: ref.storageKey(), Value: []byte("{}")}); err != nil {
+			if err := s.Put(ctx, &logical.StorageEntry{Key: ref.StorageKey(), Value: []byte("{}")}); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
 	// Not records: other indexes beside psk/.
-	if err := s.Put(ctx, &logical.StorageEntry{Key: unresolvedPrefix + a + "/x"}); err != nil {
+	if err := s.Put(ctx, &logical.StorageEntry{Key: UnresolvedPrefix + a + "/x"}); err != nil {
 		t.Fatal(err)
 	}
 	cases := []struct {
 		name         string
-		after        tunnelRef
+		after        Tunnel
 		n            int
-		want         []tunnelRef
+		want         []Tunnel
 		wantComplete bool
 	}{
-		{"from the start, all fit", tunnelRef{}, 10, all, true},
-		{"from the start, exactly all", tunnelRef{}, 6, all, true},
-		{"from the start, a page", tunnelRef{}, 4, all[:4], false},
+		{"from the start, all fit", Tunnel{}, 10, all, true},
+		{"from the start, exactly all", Tunnel{}, 6, all, true},
+		{"from the start, a page", Tunnel{}, 4, all[:4], false},
 		{"across accounts", all[2], 2, all[3:5], false},
 		{"to the end", all[3], 5, all[4:], true},
 		{"after the last", all[5], 5, nil, true},
-		{"after a record since deleted", tunnelRef{a, "0000000000000000000000000000000z"}, 1, all[3:4], false},
+		{"after a record since deleted", Tunnel{AccountID: a, TunnelID: "0000000000000000000000000000000z"}, 1, all[3:4], false},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			got, complete, err := listRecordsAfter(ctx, s, tc.after, tc.n)
+			got, complete, err := ListRecordsAfter(ctx, s, tc.after, tc.n)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -64,14 +64,14 @@ func TestLoadDueResumesAfterAKey(t *testing.T) {
 	ctx := context.Background()
 	s := &logical.InmemStorage{}
 	now := time.Unix(1_000_000*60+30, 0)
-	current := dueMinute(now, false)
+	current := DueMinute(now, false)
 	var want []string
 	for _, minute := range []int64{current - 2, current - 1, current} {
 		for i := 0; i < 3; i++ {
-			ref := tunnelRef{fmt.Sprintf("%032x", i), fmt.Sprintf("%032x", minute)}
-			key := dueKey(minute, ref)
+			ref := Tunnel{AccountID: fmt.Sprintf("%032x", i), TunnelID: fmt.Sprintf("%032x", minute)}
+			key := DueKey(minute, ref)
 			if i == 1 {
-				key = bulkDueKey(minute, ref)
+				key = BulkDueKey(minute, ref)
 			}
 			want = append(want, key)
 			if err := s.Put(ctx, &logical.StorageEntry{Key: key, Value: []byte("{}")}); err != nil {
@@ -79,7 +79,7 @@ func TestLoadDueResumesAfterAKey(t *testing.T) {
 			}
 		}
 	}
-	later := dueKey(current+5, tunnelRef{fmt.Sprintf("%032x", 9), fmt.Sprintf("%032x", 9)})
+	later := DueKey(current+5, Tunnel{AccountID: fmt.Sprintf("%032x", 9), TunnelID: fmt.Sprintf("%032x", 9)})
 	if err := s.Put(ctx, &logical.StorageEntry{Key: later, Value: []byte("{}")}); err != nil {
 		t.Fatal(err)
 	}
@@ -95,13 +95,13 @@ func TestLoadDueResumesAfterAKey(t *testing.T) {
 		{"after the last due key", want[len(want)-1], nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			items, next, err := loadDue(ctx, s, now, tc.after)
+			items, next, err := LoadDue(ctx, s, now, tc.after)
 			if err != nil {
 				t.Fatal(err)
 			}
 			var got []string
 			for _, item := range items {
-				got = append(got, item.key)
+				got = append(got, item.Key)
 			}
 			if fmt.Sprint(got) != fmt.Sprint(tc.want) || !next.Equal(time.Unix((current+5)*60, 0)) {
 				t.Errorf("got %v (next %v), want %v (next %v)", got, next, tc.want, time.Unix((current+5)*60, 0))

@@ -1,4 +1,4 @@
-package main
+package store
 
 // The schedule in storage.
 //
@@ -20,7 +20,7 @@ package main
 // minute (the ttl a read returns promises that second to Vault Agent). A
 // rotation that fell due while Vault was down is simply found in a past
 // minute and done at the paced rate. Versions before this one rounded up;
-// their entries are honoured (entryMatches), one minute late at worst.
+// their entries are honoured (EntryMatches), one minute late at worst.
 
 import (
 	"context"
@@ -35,35 +35,35 @@ import (
 )
 
 const (
-	duePrefix = "due/"
-	// dueBatch bounds the due rotations held in memory at once.
-	dueBatch = 500
+	DuePrefix = "due/"
+	// DueBatch bounds the due rotations held in memory at once.
+	DueBatch = 500
 )
 
-// bulkSuffix ends the key of a bulk job's entry.
-const bulkSuffix = ".bulk"
+// BulkSuffix ends the key of a bulk job's entry.
+const BulkSuffix = ".bulk"
 
-// dueEntry is the value of a due/ entry. Bulk marks rotations queued by
+// DueEntry is the value of a due/ entry. Bulk marks rotations queued by
 // rotate/<account> (an entry of an older version, without the key suffix,
 // carries only this). QueuedAt is when a bulk rotation was queued: a key
 // stored after it means the rotation asked for has happened, whoever did it.
-type dueEntry struct {
+type DueEntry struct {
 	Bulk     bool      `json:"bulk,omitempty"`
 	QueuedAt time.Time `json:"queued_at,omitzero"`
 }
 
-// dueItem is one due rotation as loaded from storage.
-type dueItem struct {
-	key    string
-	minute int64
-	tunnel tunnelRef
-	// bulk: the key is a bulk job's (bulkSuffix).
-	bulk bool
+// DueItem is one due rotation as loaded from storage.
+type DueItem struct {
+	Key    string
+	Minute int64
+	Tunnel Tunnel
+	// Bulk: the key is a bulk job's (BulkSuffix).
+	Bulk bool
 }
 
-// dueMinute is the Unix minute of at: rounded down, as entries are keyed
+// DueMinute is the Unix minute of at: rounded down, as entries are keyed
 // now, or (roundUp) up, as versions before exact scheduling keyed them.
-func dueMinute(at time.Time, roundUp bool) int64 {
+func DueMinute(at time.Time, roundUp bool) int64 {
 	m := at.Unix() / 60
 	if roundUp && (at.Unix()%60 != 0 || at.Nanosecond() != 0) {
 		m++
@@ -71,37 +71,37 @@ func dueMinute(at time.Time, roundUp bool) int64 {
 	return m
 }
 
-// entryMatches reports whether an entry in minute is the entry of a
+// EntryMatches reports whether an entry in minute is the entry of a
 // rotation due at next: in next's minute, or, written by an older version,
 // in the minute after. Any other entry is stale: its record has moved on.
 // The scheduler, the repair walk and unscheduling all ask this one question.
-func entryMatches(next time.Time, minute int64) bool {
-	return !next.IsZero() && (minute == dueMinute(next, false) || minute == dueMinute(next, true))
+func EntryMatches(next time.Time, minute int64) bool {
+	return !next.IsZero() && (minute == DueMinute(next, false) || minute == DueMinute(next, true))
 }
 
-// scheduleKeys are the keys an entry of a rotation due at at may have (see
-// entryMatches): its minute's, and an older version's, the minute after.
-func scheduleKeys(at time.Time, t tunnelRef) []string {
-	down, up := dueMinute(at, false), dueMinute(at, true)
+// ScheduleKeys are the keys an entry of a rotation due at at may have (see
+// EntryMatches): its minute's, and an older version's, the minute after.
+func ScheduleKeys(at time.Time, t Tunnel) []string {
+	down, up := DueMinute(at, false), DueMinute(at, true)
 	if down == up {
-		return []string{dueKey(down, t)}
+		return []string{DueKey(down, t)}
 	}
-	return []string{dueKey(down, t), dueKey(up, t)}
+	return []string{DueKey(down, t), DueKey(up, t)}
 }
 
-func dueKey(minute int64, t tunnelRef) string {
-	return fmt.Sprintf("%s%010d/%s.%s", duePrefix, minute, t.AccountID, t.TunnelID)
+func DueKey(minute int64, t Tunnel) string {
+	return fmt.Sprintf("%s%010d/%s.%s", DuePrefix, minute, t.AccountID, t.TunnelID)
 }
 
-func bulkDueKey(minute int64, t tunnelRef) string { return dueKey(minute, t) + bulkSuffix }
+func BulkDueKey(minute int64, t Tunnel) string { return DueKey(minute, t) + BulkSuffix }
 
-// scheduleRotation records that t is due at at (bulk: queued at at, due at
-// once, for a job; see queueBulkRotation).
-func scheduleRotation(ctx context.Context, s logical.Storage, t tunnelRef, at time.Time, bulk bool) error {
+// ScheduleRotation records that t is due at at (bulk: queued at at, due at
+// once, for a job; see QueueBulkRotation).
+func ScheduleRotation(ctx context.Context, s logical.Storage, t Tunnel, at time.Time, bulk bool) error {
 	if bulk {
-		return queueBulkRotation(ctx, s, t, dueMinute(at, false), at)
+		return QueueBulkRotation(ctx, s, t, DueMinute(at, false), at)
 	}
-	entry, err := logical.StorageEntryJSON(dueKey(dueMinute(at, false), t), dueEntry{})
+	entry, err := logical.StorageEntryJSON(DueKey(DueMinute(at, false), t), DueEntry{})
 	if err != nil {
 		return fmt.Errorf("encode schedule entry of %s: %w", t, err)
 	}
@@ -111,9 +111,9 @@ func scheduleRotation(ctx context.Context, s logical.Storage, t tunnelRef, at ti
 	return nil
 }
 
-// queueBulkRotation records a bulk job's rotation of t, due at minute.
-func queueBulkRotation(ctx context.Context, s logical.Storage, t tunnelRef, minute int64, queuedAt time.Time) error {
-	entry, err := logical.StorageEntryJSON(bulkDueKey(minute, t), dueEntry{Bulk: true, QueuedAt: queuedAt.UTC()})
+// QueueBulkRotation records a bulk job's rotation of t, due at minute.
+func QueueBulkRotation(ctx context.Context, s logical.Storage, t Tunnel, minute int64, queuedAt time.Time) error {
+	entry, err := logical.StorageEntryJSON(BulkDueKey(minute, t), DueEntry{Bulk: true, QueuedAt: queuedAt.UTC()})
 	if err != nil {
 		return fmt.Errorf("encode bulk rotation entry of %s: %w", t, err)
 	}
@@ -123,16 +123,16 @@ func queueBulkRotation(ctx context.Context, s logical.Storage, t tunnelRef, minu
 	return nil
 }
 
-// countBulkEntries counts the bulk entries of account in minute, leaving out
+// CountBulkEntries counts the bulk entries of account in minute, leaving out
 // the tunnels skip says are already accounted for.
-func countBulkEntries(ctx context.Context, s logical.Storage, minute int64, account string, skip func(tunnel string) bool) (int, error) {
-	keys, err := s.List(ctx, fmt.Sprintf("%s%010d/", duePrefix, minute))
+func CountBulkEntries(ctx context.Context, s logical.Storage, minute int64, account string, skip func(tunnel string) bool) (int, error) {
+	keys, err := s.List(ctx, fmt.Sprintf("%s%010d/", DuePrefix, minute))
 	if err != nil {
 		return 0, fmt.Errorf("list the bulk rotations of account %s: %w", account, err)
 	}
 	n := 0
 	for _, k := range keys {
-		a, tunnel, bulk, ok := parseDueName(k)
+		a, tunnel, bulk, ok := ParseDueName(k)
 		if ok && bulk && a == account && !skip(tunnel) {
 			n++
 		}
@@ -140,37 +140,37 @@ func countBulkEntries(ctx context.Context, s logical.Storage, minute int64, acco
 	return n, nil
 }
 
-// parseDueName splits the last part of a due/ key: <account>.<tunnel>, with
-// bulkSuffix for a bulk job's entry.
-func parseDueName(name string) (account, tunnel string, bulk, ok bool) {
+// ParseDueName splits the last part of a due/ key: <account>.<tunnel>, with
+// BulkSuffix for a bulk job's entry.
+func ParseDueName(name string) (account, tunnel string, bulk, ok bool) {
 	account, rest, ok := strings.Cut(name, ".")
 	if !ok {
 		return "", "", false, false
 	}
-	tunnel, bulk = strings.CutSuffix(rest, bulkSuffix)
+	tunnel, bulk = strings.CutSuffix(rest, BulkSuffix)
 	if strings.Contains(tunnel, ".") {
 		return "", "", false, false
 	}
 	return account, tunnel, bulk, true
 }
 
-// unscheduleRotation removes the entry of t's rotation due at at.
-func unscheduleRotation(ctx context.Context, s logical.Storage, t tunnelRef, at time.Time) error {
-	return unscheduleSuperseded(ctx, s, t, at, time.Time{})
+// UnscheduleRotation removes the entry of t's rotation due at at.
+func UnscheduleRotation(ctx context.Context, s logical.Storage, t Tunnel, at time.Time) error {
+	return UnscheduleSuperseded(ctx, s, t, at, time.Time{})
 }
 
-// unscheduleSuperseded removes the entry of t's rotation due at old, which
+// UnscheduleSuperseded removes the entry of t's rotation due at old, which
 // one due at keep (zero: none) replaces, without touching keep's own entry:
 // two times in one minute share a key, and the replacement is stored before
 // the entry it replaces is removed.
-func unscheduleSuperseded(ctx context.Context, s logical.Storage, t tunnelRef, old, keep time.Time) error {
+func UnscheduleSuperseded(ctx context.Context, s logical.Storage, t Tunnel, old, keep time.Time) error {
 	kept := map[string]bool{}
 	if !keep.IsZero() {
-		for _, k := range scheduleKeys(keep, t) {
+		for _, k := range ScheduleKeys(keep, t) {
 			kept[k] = true
 		}
 	}
-	for _, k := range scheduleKeys(old, t) {
+	for _, k := range ScheduleKeys(old, t) {
 		if kept[k] {
 			continue
 		}
@@ -181,14 +181,14 @@ func unscheduleSuperseded(ctx context.Context, s logical.Storage, t tunnelRef, o
 	return nil
 }
 
-// errCorruptDueEntry is a due/ entry whose value does not decode.
-var errCorruptDueEntry = errors.New("corrupt schedule entry")
+// ErrCorruptDueEntry is a due/ entry whose value does not decode.
+var ErrCorruptDueEntry = errors.New("corrupt schedule entry")
 
-// readDueEntry reads one due/ entry; nil when it is gone (worked off by an
+// ReadDueEntry reads one due/ entry; nil when it is gone (worked off by an
 // earlier pass, or forgotten with its tunnel). A value that does not decode
-// is reported as errCorruptDueEntry beside an entry with no marks, so the
+// is reported as ErrCorruptDueEntry beside an entry with no marks, so the
 // record alone decides what happens to the tunnel.
-func readDueEntry(ctx context.Context, s logical.Storage, key string) (*dueEntry, error) {
+func ReadDueEntry(ctx context.Context, s logical.Storage, key string) (*DueEntry, error) {
 	entry, err := s.Get(ctx, key)
 	if err != nil {
 		return nil, fmt.Errorf("read schedule entry %s: %w", key, err)
@@ -196,27 +196,27 @@ func readDueEntry(ctx context.Context, s logical.Storage, key string) (*dueEntry
 	if entry == nil {
 		return nil, nil
 	}
-	due := new(dueEntry)
+	due := new(DueEntry)
 	if err := entry.DecodeJSON(due); err != nil {
-		return &dueEntry{}, fmt.Errorf("%w %s: %v", errCorruptDueEntry, key, err)
+		return &DueEntry{}, fmt.Errorf("%w %s: %v", ErrCorruptDueEntry, key, err)
 	}
 	return due, nil
 }
 
-// loadDue returns up to dueBatch entries of the minutes up to now's whose
+// LoadDue returns up to DueBatch entries of the minutes up to now's whose
 // keys come after after ("": from the first), in key order (oldest minute
 // first), and the start of the next later minute that has entries (zero
 // when none). A pass loads batch after batch, each after the last key of the
 // one before, so entries it keeps never hide later ones. Entries of now's
 // own minute may not be due yet: the record says (see rotateScheduled).
-func loadDue(ctx context.Context, s logical.Storage, now time.Time, after string) ([]dueItem, time.Time, error) {
-	minutes, err := s.List(ctx, duePrefix)
+func LoadDue(ctx context.Context, s logical.Storage, now time.Time, after string) ([]DueItem, time.Time, error) {
+	minutes, err := s.List(ctx, DuePrefix)
 	if err != nil {
 		return nil, time.Time{}, fmt.Errorf("list due rotations: %w", err)
 	}
 	sort.Strings(minutes)
 	current := now.Unix() / 60
-	var items []dueItem
+	var items []DueItem
 	for _, m := range minutes {
 		minute, err := strconv.ParseInt(strings.TrimSuffix(m, "/"), 10, 64)
 		if err != nil {
@@ -227,24 +227,24 @@ func loadDue(ctx context.Context, s logical.Storage, now time.Time, after string
 		}
 		// Minutes are ten digits, so key order is time order: a minute
 		// whose every key is before after is not listed at all.
-		if after != "" && duePrefix+m < after && !strings.HasPrefix(after, duePrefix+m) {
+		if after != "" && DuePrefix+m < after && !strings.HasPrefix(after, DuePrefix+m) {
 			continue
 		}
-		keys, err := s.List(ctx, duePrefix+m)
+		keys, err := s.List(ctx, DuePrefix+m)
 		if err != nil {
 			return nil, time.Time{}, fmt.Errorf("list due rotations: %w", err)
 		}
 		sort.Strings(keys)
 		for _, k := range keys {
-			if duePrefix+m+k <= after {
+			if DuePrefix+m+k <= after {
 				continue
 			}
-			account, tunnel, bulk, ok := parseDueName(k)
+			account, tunnel, bulk, ok := ParseDueName(k)
 			if !ok {
 				continue
 			}
-			items = append(items, dueItem{key: duePrefix + m + k, minute: minute, tunnel: tunnelRef{AccountID: account, TunnelID: tunnel}, bulk: bulk})
-			if len(items) == dueBatch {
+			items = append(items, DueItem{Key: DuePrefix + m + k, Minute: minute, Tunnel: Tunnel{AccountID: account, TunnelID: tunnel}, Bulk: bulk})
+			if len(items) == DueBatch {
 				return items, time.Time{}, nil
 			}
 		}
@@ -252,23 +252,23 @@ func loadDue(ctx context.Context, s logical.Storage, now time.Time, after string
 	return items, time.Time{}, nil
 }
 
-// listRecordsAfter returns up to n tunnels that have a record
+// ListRecordsAfter returns up to n tunnels that have a record
 // (psk/<account>/<tunnel>), in key order, starting after after (the zero
-// tunnelRef: from the first). complete says that the list reached the last
+// Tunnel: from the first). complete says that the list reached the last
 // record.
-func listRecordsAfter(ctx context.Context, s logical.Storage, after tunnelRef, n int) ([]tunnelRef, bool, error) {
-	accounts, err := s.List(ctx, pskStoragePrefix)
+func ListRecordsAfter(ctx context.Context, s logical.Storage, after Tunnel, n int) ([]Tunnel, bool, error) {
+	accounts, err := s.List(ctx, PSKPrefix)
 	if err != nil {
 		return nil, false, fmt.Errorf("list accounts: %w", err)
 	}
 	sort.Strings(accounts)
-	var out []tunnelRef
+	var out []Tunnel
 	for _, a := range accounts {
 		account, ok := strings.CutSuffix(a, "/")
 		if !ok || account < after.AccountID {
 			continue
 		}
-		tunnels, err := s.List(ctx, pskStoragePrefix+a)
+		tunnels, err := s.List(ctx, PSKPrefix+a)
 		if err != nil {
 			return nil, false, fmt.Errorf("list tunnels of account %s: %w", account, err)
 		}
@@ -280,7 +280,7 @@ func listRecordsAfter(ctx context.Context, s logical.Storage, after tunnelRef, n
 			if len(out) == n {
 				return out, false, nil
 			}
-			out = append(out, tunnelRef{AccountID: account, TunnelID: tunnel})
+			out = append(out, Tunnel{AccountID: account, TunnelID: tunnel})
 		}
 	}
 	return out, true, nil

@@ -1,0 +1,8 @@
+// Package store is what the engine keeps in Vault storage and how it is
+// laid out: a tunnel's record (its key, rotation state, schedule and router
+// facts, one entry per tunnel at psk/<account>/<tunnel>), the unresolved/
+// index of records that are not current, the due/ index of rotations by
+// minute, and bulk jobs with their results. It uses only logical.Storage
+// and knows nothing of Cloudflare or of Vault's request handling: what a
+// record's state means, and when it changes, is the rotation package's.
+package store
