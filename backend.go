@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
@@ -31,10 +32,9 @@ var errNotConfigured = logical.CodedError(http.StatusBadRequest, "the engine is 
 type backend struct {
 	*framework.Backend
 
-	// tunnelLocks serialise generate-and-store per tunnel: two writers of one
-	// tunnel must not interleave, or Vault could keep the PSK that Cloudflare
-	// replaced a moment later (locks.go).
-	tunnelLocks *tunnelLocks
+	// engine runs the rotation protocol (internal/rotation) for this
+	// mount; Setup builds it.
+	engine *rotation.Engine
 
 	// clientMu guards client, the Cloudflare client built from config, and
 	// config itself, both built on first use by cloudflareClient. Whatever
@@ -93,7 +93,7 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 }
 
 func newBackend() *backend {
-	b := &backend{tunnelLocks: newTunnelLocks(), now: time.Now}
+	b := &backend{now: time.Now}
 	b.budget = cloudflare.NewBudget(defaultRateLimit, defaultRateLimitWindow, func() time.Time { return b.now() })
 	b.budget.SetOnBlock(b.storeBlock)
 	b.Backend = &framework.Backend{
@@ -169,15 +169,30 @@ func (b *backend) invalidate(_ context.Context, key string) {
 	}
 }
 
-// lockTunnel takes t's lock, waiting for it, and returns its release.
-func (b *backend) lockTunnel(t store.Tunnel) (unlock func()) {
-	return b.tunnelLocks.lock(t.StorageKey())
+// Setup is framework.Backend's, and then builds the rotation engine, which
+// logs through the logger Setup provides.
+func (b *backend) Setup(ctx context.Context, conf *logical.BackendConfig) error {
+	if err := b.Backend.Setup(ctx, conf); err != nil {
+		return err
+	}
+	b.engine = rotation.New(rotation.Config{
+		// The backend's clock, read at each call: tests move it.
+		Now:     func() time.Time { return b.now() },
+		Logger:  b.Logger(),
+		Connect: b.connect,
+		Hooks:   rotation.Hooks{Scheduled: b.pokeScheduler, Rotated: b.announceRotation},
+	})
+	return nil
 }
 
-// tryLockTunnel takes t's lock if no one holds it: readers and the
-// background pass over a tunnel whose rotation is in flight.
-func (b *backend) tryLockTunnel(t store.Tunnel) (unlock func(), ok bool) {
-	return b.tunnelLocks.tryLock(t.StorageKey())
+// connect is the engine's way to Cloudflare: the cached client and the
+// settings of the config it was built from.
+func (b *backend) connect(ctx context.Context, s logical.Storage) (rotation.Conn, error) {
+	client, cfg, err := b.cloudflareClient(ctx, s)
+	if err != nil {
+		return rotation.Conn{}, err
+	}
+	return rotation.Conn{Edge: client, Settings: cfg.settings()}, nil
 }
 
 // tunnelLogger is the mount's logger with the tunnel's identifiers on every
@@ -366,9 +381,12 @@ func (b *backend) mayWrite() bool {
 // error such as errNotConfigured carries. err's text says what the call was
 // for ("generate psk for tunnel X of account Y: ...").
 func failure(err error) (*logical.Response, error) {
-	var settling *settlingError
+	var settling *rotation.SettlingError
 	if errors.As(err, &settling) {
 		return nil, logical.CodedError(http.StatusConflict, err.Error())
+	}
+	if errors.Is(err, rotation.ErrNotStored) {
+		return nil, logical.CodedError(http.StatusNotFound, err.Error())
 	}
 	if !cloudflare.IsCloudflare(err) {
 		return nil, err

@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
@@ -108,6 +109,16 @@ func (b *backend) minRotationPeriod(ctx context.Context, s logical.Storage) (tim
 		return 0, err
 	}
 	return cfg.minRotationPeriod(), nil
+}
+
+// settings are what the rotation engine needs of config.
+func (c *configRecord) settings() rotation.Settings {
+	return rotation.Settings{
+		RequestTimeout:    c.RequestTimeout,
+		HealStalePSK:      c.HealStalePSK,
+		DriftInterval:     c.driftInterval(),
+		MinRotationPeriod: c.minRotationPeriod(),
+	}
 }
 
 // rateLimit returns the mount's cap on Cloudflare calls.

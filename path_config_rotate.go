@@ -103,7 +103,7 @@ func (b *backend) storeConfigRetrying(ctx context.Context, s logical.Storage, cf
 	if err != nil {
 		return err
 	}
-	return putRetrying(ctx, s, entry)
+	return store.PutRetrying(ctx, s, entry)
 }
 
 const pathConfigRotateRootHelpSynopsis = `Roll the engine's Cloudflare API token to a new value that no person knows.`

@@ -123,49 +123,12 @@ func (b *backend) readResolving(ctx context.Context, s logical.Storage, t store.
 	}
 	var problems []string
 	if b.mayWrite() {
-		rec, problems = b.tryReconcile(ctx, s, t, rec)
+		rec, problems = b.engine.Resolve(ctx, s, t, rec)
 		if rec == nil {
 			return nil, nil, nil
 		}
 	}
 	return rec, append(problems, stateWarnings(rec)...), nil
-}
-
-func (b *backend) tryReconcile(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) (*store.Record, []string) {
-	unlock, ok := b.tryLockTunnel(t)
-	if !ok {
-		return rec, []string{"a rotation of this tunnel is in progress"}
-	}
-	defer unlock()
-	client, cfg, err := b.cloudflareClient(ctx, s)
-	if err != nil {
-		return rec, []string{fmt.Sprintf("could not reconcile with Cloudflare: %v", err)}
-	}
-	// A reader waits at most request_timeout for reconciliation as a whole,
-	// healing included, however many calls it takes.
-	ctx, cancel := context.WithTimeout(ctx, cfg.RequestTimeout)
-	defer cancel()
-	// Re-read under the lock: a rotation may have finished since.
-	latest, err := store.ReadRecord(ctx, s, t)
-	if err != nil {
-		return rec, []string{err.Error()}
-	}
-	if latest == nil || latest.Current() || latest.State == store.StateTunnelGone {
-		return latest, nil
-	}
-	if now := b.now(); latest.Settling(now) || now.Before(latest.RetryAt) {
-		// Nothing Cloudflare says can settle it yet, or the background is
-		// backing off: the state's own warning says until when.
-		return latest, nil
-	}
-	resolved, err := b.reconcileLocked(ctx, s, client, cfg, t, latest, cfg.HealStalePSK)
-	if err != nil {
-		if resolved == nil {
-			resolved = latest
-		}
-		return resolved, []string{fmt.Sprintf("could not reconcile with Cloudflare: %v", err)}
-	}
-	return resolved, nil
 }
 
 // stateWarnings tells a reader what a record's state means and what to do.
@@ -221,13 +184,13 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 	}
 
 	if validateOnly {
-		stored, err := b.validateOnWrite(ctx, req.Storage, t)
+		stored, err := b.engine.Validate(ctx, req.Storage, t)
 		if err != nil {
 			return failure(err)
 		}
 		return validateOnlyResponse(t, stored), nil
 	}
-	rotated, err := b.rotateOnWrite(ctx, req.Storage, t, sched)
+	rotated, err := b.engine.Write(ctx, req.Storage, t, sched)
 	if err != nil {
 		return failure(err)
 	}
@@ -239,21 +202,9 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	defer b.lockTunnel(t)()
-	rec, err := store.ReadRecord(ctx, req.Storage, t)
-	if err != nil {
-		return nil, err
+	if err := b.engine.Forget(ctx, req.Storage, t); err != nil {
+		return failure(err)
 	}
-	if rec != nil && rec.Settling(b.now()) {
-		// Forgetting the record would forget the settle window with it,
-		// and the next write would send a psk_generate that the abandoned
-		// request could still overtake.
-		return failure(&settlingError{tunnel: t, until: rec.SettleUntil})
-	}
-	if err := store.ForgetRecord(ctx, req.Storage, t, rec); err != nil {
-		return nil, err
-	}
-	b.tunnelLogger(t).Info("psk forgotten")
 	return nil, nil
 }
 

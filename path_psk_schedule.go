@@ -3,10 +3,8 @@ package main
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"time"
 
-	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -91,19 +89,9 @@ func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *fr
 		return logical.ErrorResponse("give rotation_period or rotation_schedule (with rotation_window if wanted): " +
 			"this path only changes the schedule; rotation_period=0 turns it off"), nil
 	}
-	defer b.lockTunnel(t)()
-	rec, err := store.ReadRecord(ctx, req.Storage, t)
+	updated, err := b.engine.Reschedule(ctx, req.Storage, t, *sched, floor)
 	if err != nil {
-		return nil, err
-	}
-	if rec == nil {
-		// A schedule alone never makes a tunnel's first key.
-		return nil, logical.CodedError(http.StatusNotFound, fmt.Sprintf(
-			"no psk is stored for %s: write psk/%s/%s, which rotates the tunnel and takes the same schedule fields", t, t.AccountID, t.TunnelID))
-	}
-	updated, err := b.reschedule(ctx, req.Storage, t, rec, *sched, floor)
-	if err != nil {
-		return nil, err
+		return failure(err)
 	}
 	resp := &logical.Response{Data: scheduleData(updated, b.now())}
 	if updated.State == store.StateTunnelGone && sched.Set() {
@@ -111,47 +99,6 @@ func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *fr
 			"the schedule applies once a write of psk/%s/%s brings it back", store.StateTunnelGone, t.AccountID, t.TunnelID))
 	}
 	return resp, nil
-}
-
-// reschedule stores sched as t's schedule and moves its schedule entry,
-// without a rotation. The caller holds t's lock and passes the record read
-// under it. The order is the rotation's (generateLocked): the new entry, then
-// the record, then the superseded entry, so that a storage failure can leave
-// a stale entry (dropped when its minute comes) but never a record whose
-// next rotation has no entry. floor is config min_rotation_period: the next
-// rotation is never less than that after the stored key (nextAfterChange).
-func (b *backend) reschedule(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, sched schedule.Schedule, floor time.Duration) (*store.Record, error) {
-	updated := *rec
-	updated.RotationPeriod, updated.RotationSchedule, updated.RotationWindow = sched.Period, sched.Cron, sched.Window
-	updated.NextRotation, updated.WindowEnds, updated.ScheduleNote = time.Time{}, time.Time{}, ""
-	if sched.Set() {
-		updated.NextRotation, updated.WindowEnds = sched.NextAfterChange(rec.StoredAt, b.now(), floor)
-		if rec.Failures > 0 && updated.NextRotation.Before(rec.RetryAt) {
-			// The background is backing off from failed attempts: a new
-			// schedule does not bring the next one forward.
-			updated.NextRotation = rec.RetryAt
-		}
-	}
-	if !updated.NextRotation.IsZero() {
-		if err := store.ScheduleRotation(ctx, s, t, updated.NextRotation, false); err != nil {
-			return nil, err
-		}
-	}
-	if err := store.WriteRecord(ctx, s, t, &updated); err != nil {
-		return nil, err
-	}
-	log := b.tunnelLogger(t)
-	if !rec.NextRotation.IsZero() && !rec.NextRotation.Equal(updated.NextRotation) {
-		if err := store.UnscheduleSuperseded(ctx, s, t, rec.NextRotation, updated.NextRotation); err != nil {
-			log.Warn("could not drop a superseded schedule entry", "error", err)
-		}
-	}
-	if !updated.NextRotation.IsZero() {
-		b.pokeScheduler()
-	}
-	log.Info("rotation schedule changed", "rotation_period", updated.RotationPeriod, "rotation_schedule", updated.RotationSchedule,
-		"rotation_window", updated.RotationWindow, "next_rotation", store.FormatTime(updated.NextRotation))
-	return &updated, nil
 }
 
 // scheduleData is what the schedule path answers: the schedule, when it

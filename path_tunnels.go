@@ -8,6 +8,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
@@ -81,6 +82,20 @@ func (b *backend) listCloudflareTunnels(ctx context.Context, req *logical.Reques
 	return logical.ListResponseWithInfo(keys, info), nil
 }
 
+// checkSync says whether a managed tunnel's stored key is the one Cloudflare
+// just described (edge), and on the node that may write records what it
+// finds (the engine's CheckSync); a standby only compares.
+func (b *backend) checkSync(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t store.Tunnel, edge *cloudflare.TunnelState) (bool, error) {
+	if b.mayWrite() {
+		return b.engine.CheckSync(ctx, s, rotation.Conn{Edge: client, Settings: cfg.settings()}, t, edge)
+	}
+	rec, err := store.ReadRecord(ctx, s, t)
+	if err != nil || rec == nil {
+		return false, err
+	}
+	return rec.Current() && !edge.PSKLastGeneratedOn.After(rec.LastGeneratedOn), nil
+}
+
 func (b *backend) readCloudflareTunnel(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	t, problem := tunnelFromRequest(d)
 	if problem != "" {
@@ -107,29 +122,6 @@ func (b *backend) readCloudflareTunnel(ctx context.Context, req *logical.Request
 	data := tunnelInfo(*tunnel, rec != nil, synced)
 	data["account_id"], data["tunnel_id"] = t.AccountID, t.TunnelID
 	return &logical.Response{Data: data}, nil
-}
-
-// checkSync holds a managed tunnel's record against what Cloudflare just
-// said of it, as the drift sweep does, and records a key changed outside
-// this engine at once (stale; a read or the background heals it). A listing
-// never generates a key itself. On a node that may not write, it only
-// compares.
-func (b *backend) checkSync(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t store.Tunnel, edge *cloudflare.TunnelState) (bool, error) {
-	if b.mayWrite() {
-		// A listing does not wait for a rotation in flight: that tunnel
-		// shows in_sync false until it is stored.
-		unlock, ok := b.tryLockTunnel(t)
-		if !ok {
-			return false, nil
-		}
-		defer unlock()
-		return b.compareLocked(ctx, s, client, cfg, t, edge, false)
-	}
-	rec, err := store.ReadRecord(ctx, s, t)
-	if err != nil || rec == nil {
-		return false, err
-	}
-	return rec.Current() && !edge.PSKLastGeneratedOn.After(rec.LastGeneratedOn), nil
 }
 
 func tunnelInfo(t cloudflare.TunnelState, managed, inSync bool) map[string]any {

@@ -4,7 +4,10 @@ package main
 // what a read adds (ttl for Vault Agent, last_vault_rotation).
 
 import (
+	"fmt"
 	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
@@ -102,3 +105,29 @@ const (
 	// overdueReadTTL is a read's ttl once a rotation is that late.
 	overdueReadTTL = 10 * time.Second
 )
+
+// generatedAnywayWarning is what the caller of a validation that generated
+// a key is told.
+const generatedAnywayWarning = "Cloudflare generated a key although validate_only was asked " +
+	"(a proxy or gateway on the way may have dropped the query string): it is stored as a rotation, version %d, " +
+	"and is the key the edge uses now; give it to the router"
+
+// validateOnlyResponse is the answer to a validate_only write: what was
+// validated, and, when Cloudflare generated a key anyway, the stored key's
+// metadata (never the key) with a warning.
+func validateOnlyResponse(t store.Tunnel, stored *store.Record) *logical.Response {
+	if stored == nil {
+		return &logical.Response{Data: map[string]any{
+			"account_id":    t.AccountID,
+			"tunnel_id":     t.TunnelID,
+			"validate_only": true,
+			"stored":        false,
+		}}
+	}
+	data := recordMetadata(stored)
+	data["validate_only"] = true
+	data["stored"] = true
+	resp := &logical.Response{Data: data}
+	resp.AddWarning(fmt.Sprintf(generatedAnywayWarning, stored.Version))
+	return resp
+}

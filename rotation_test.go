@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
@@ -386,10 +387,8 @@ func TestAGeneratedKeyIsStoredEvenIfTheCallerGivesUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	tun := store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}
-	unlock := env.b.lockTunnel(tun)
 	rec, _ := store.ReadRecord(ctx, env.storage, tun)
-	_, err = env.b.rotateLocked(ctx, storage, client, cfg, tun, rec, 0, "write")
-	unlock()
+	_, err = env.b.engine.RotateNow(ctx, storage, rotation.Conn{Edge: client, Settings: cfg.settings()}, tun, rec, "write")
 	if err != nil {
 		t.Fatalf("rotation: %v", err)
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
@@ -387,7 +388,7 @@ func (sc *scheduler) rotateDue(ctx context.Context, item store.DueItem) dueOutco
 func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) dueOutcome {
 	b, s, t := sc.b, sc.storage, item.Tunnel
 	log := b.tunnelLogger(t)
-	defer b.lockTunnel(t)()
+	defer b.engine.Lock(t)()
 	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil {
 		log.Warn("scheduler could not read a record", "error", err)
@@ -413,11 +414,11 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 		// later. No call; the entry waits until the record has settled.
 		return dueKept
 	}
-	client, cfg, err := sc.client(ctx)
+	conn, err := sc.connect(ctx)
 	if err != nil {
 		return dueOutcome{postpone: time.Minute}
 	}
-	_, err = sc.rotateNow(ctx, client, cfg, t, rec, "schedule")
+	_, err = b.engine.RotateNow(ctx, s, conn, t, rec, "schedule")
 	if outcome, notNow := notNowOutcome(err); notNow {
 		return outcome
 	}
@@ -428,7 +429,7 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 	case cloudflare.NotFound(err):
 		// The tunnel is gone: no more retries, hourly or otherwise.
 		if latest, rerr := store.ReadRecord(ctx, s, t); rerr == nil && latest != nil {
-			if _, merr := b.markGone(ctx, s, t, latest); merr != nil {
+			if _, merr := b.engine.MarkGone(ctx, s, t, latest); merr != nil {
 				log.Warn("could not record that the tunnel is gone", "error", merr)
 				return dueKept
 			}
@@ -436,7 +437,7 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 		return dueFinished
 	}
 	log.Warn("scheduled rotation failed", "error", err)
-	if rerr := b.retryScheduledLater(ctx, s, t, err); rerr != nil {
+	if rerr := b.engine.RetryLater(ctx, s, t, err); rerr != nil {
 		// The entry is the tunnel's only place in the schedule until a
 		// replacement is stored: keep it, and the next pass tries again.
 		log.Warn("could not reschedule a failed rotation; its schedule entry is kept", "error", rerr)
@@ -540,7 +541,7 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 		queuedAt = job.StartedAt // an entry that does not decode
 	}
 
-	defer b.lockTunnel(t)()
+	defer b.engine.Lock(t)()
 	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil {
 		log.Warn("scheduler could not read a record", "error", err)
@@ -558,11 +559,11 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 	if rec.Settling(b.now()) {
 		return dueKept // as for a scheduled rotation
 	}
-	client, cfg, err := sc.client(ctx)
+	conn, err := sc.connect(ctx)
 	if err != nil {
 		return dueOutcome{postpone: time.Minute}
 	}
-	rotated, err := sc.rotateNow(ctx, client, cfg, t, rec, "bulk")
+	rotated, err := b.engine.RotateNow(ctx, s, conn, t, rec, "bulk")
 	if outcome, notNow := notNowOutcome(err); notNow {
 		return outcome
 	}
@@ -586,7 +587,7 @@ func notNowOutcome(err error) (outcome dueOutcome, notNow bool) {
 	switch {
 	case err == nil:
 		return dueOutcome{}, false
-	case isSettling(err):
+	case rotation.IsSettling(err):
 		return dueKept, true
 	case cloudflare.RetryAfter(err) > 0:
 		return dueOutcome{postpone: cloudflare.RetryAfter(err)}, true
@@ -610,67 +611,14 @@ func (sc *scheduler) countBulk(ctx context.Context, item store.DueItem, tracked,
 	return dueFinished
 }
 
-// rotateNow rotates t, after learning the outcome of its last rotation when
-// that is unknown. The caller holds t's lock. It returns the record as it
-// stands afterwards: nil when reconciliation found that the tunnel's only
-// rotation never happened and removed its record.
-func (sc *scheduler) rotateNow(ctx context.Context, client *cloudflare.Client, cfg *configRecord, t store.Tunnel, rec *store.Record, trigger string) (*store.Record, error) {
-	b, s := sc.b, sc.storage
-	if !rec.Current() {
-		var err error
-		if rec, err = b.reconcileLocked(ctx, s, client, cfg, t, rec, false); err != nil || rec == nil {
-			return rec, err
-		}
-	}
-	return b.rotateLocked(ctx, s, client, cfg, t, rec, rec.RotationPeriod, trigger)
-}
-
-// client returns the Cloudflare client of this moment, not of the pass's
-// start: a pass can run for minutes, and after a config write or
+// connect returns the connection to Cloudflare of this moment, not of the
+// pass's start: a pass can run for minutes, and after a config write or
 // config/rotate-root the cached client is rebuilt with the new token.
 // Without one (config unreadable or deleted) the rotation waits.
-func (sc *scheduler) client(ctx context.Context) (*cloudflare.Client, *configRecord, error) {
-	client, cfg, err := sc.b.cloudflareClient(ctx, sc.storage)
+func (sc *scheduler) connect(ctx context.Context) (rotation.Conn, error) {
+	conn, err := sc.b.connect(ctx, sc.storage)
 	if err != nil {
 		sc.b.Logger().Warn("scheduler has no Cloudflare client; rotations wait", "error", err)
 	}
-	return client, cfg, err
-}
-
-// isSettling reports whether err refused a call because the tunnel's last
-// rotation may still change the edge's key (rotation.go's settlingError):
-// the entry waits, as for a record found settling before the call.
-func isSettling(err error) bool {
-	var settling *settlingError
-	return errors.As(err, &settling)
-}
-
-// retryScheduledLater moves a failed scheduled rotation into the future, by
-// the record's backoff (noteFailure: 1m, doubling, at most 1h), so that a
-// tunnel that always fails costs a call an hour, not one a minute, and its
-// metadata says how often and why it failed (a stored rotation clears that).
-// The caller holds t's lock. It returns an error when the new time
-// could not be stored, entry and record both: the caller then keeps the old
-// entry, which is deleted only once its replacement and the record that
-// points at it are stored, so a storage failure can delay a schedule but
-// never lose it.
-func (b *backend) retryScheduledLater(ctx context.Context, s logical.Storage, t store.Tunnel, cause error) error {
-	rec, err := store.ReadRecord(ctx, s, t)
-	if err != nil {
-		return err
-	}
-	if rec == nil || !rec.Scheduled() {
-		return nil
-	}
-	rec.NoteFailure(b.now(), cause)
-	rec.NextRotation = rec.RetryAt
-	// The entry first: a record pointing at a minute with no entry would
-	// never rotate, an entry without a record that points at it is dropped.
-	if err := store.ScheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {
-		return fmt.Errorf("reschedule the failed rotation of %s: %w", t, err)
-	}
-	if err := store.WriteRecord(ctx, s, t, rec); err != nil {
-		return fmt.Errorf("reschedule the failed rotation of %s: %w", t, err)
-	}
-	return nil
+	return conn, err
 }

@@ -271,7 +271,7 @@ func TestTheDriftSweepWaitsForATunnelWhoseLockIsHeld(t *testing.T) {
 		defer close(swept)
 		sweepErr <- env.b.reconcileUnresolved(context.Background(), &logical.Request{Storage: env.storage})
 	}()
-	for env.b.tunnelLocks.holders(self.StorageKey()) < 2 {
+	for env.b.engine.LockHolders(self) < 2 {
 		select {
 		case <-swept:
 			t.Fatal("the sweep finished while the tunnel's lock was held: it passed over the tunnel")

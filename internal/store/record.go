@@ -313,3 +313,36 @@ func ListUnresolved(ctx context.Context, s logical.Storage) ([]Tunnel, error) {
 	}
 	return out, nil
 }
+
+const (
+	// storeAttempts is how often a value that exists nowhere else is
+	// offered to storage before the engine gives up on it.
+	storeAttempts = 4
+	// storeDeadline bounds the storing of a value that exists nowhere else.
+	storeDeadline = 10 * time.Second
+)
+
+// PutRetrying stores an entry that exists nowhere else (a key Cloudflare
+// already activated, a token value Cloudflare already rolled): a storage
+// error is retried with backoff before it is given up on.
+func PutRetrying(ctx context.Context, s logical.Storage, entry *logical.StorageEntry) error {
+	// The caller giving up (a client that disconnects, a deadline that
+	// passes just after Cloudflare answered) must not stop the value being
+	// stored: it is detached from the caller's cancellation, with a bound
+	// of its own.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storeDeadline)
+	defer cancel()
+	backoff := 50 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		err := s.Put(ctx, entry)
+		if err == nil || attempt == storeAttempts {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(backoff):
+		}
+		backoff *= 2
+	}
+}

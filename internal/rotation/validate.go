@@ -1,4 +1,4 @@
-package main
+package rotation
 
 // A validate_only write asks Cloudflare to check a psk_generate without
 // generating (?validate_only=true). The engine cannot trust that the query
@@ -36,25 +36,19 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
-// generatedAnywayWarning is what the caller of a validation that generated
-// a key is told.
-const generatedAnywayWarning = "Cloudflare generated a key although validate_only was asked " +
-	"(a proxy or gateway on the way may have dropped the query string): it is stored as a rotation, version %d, " +
-	"and is the key the edge uses now; give it to the router"
-
-// validateOnWrite is a validate_only write of t. It returns the record it
+// Validate is a validate_only write of t. It returns the record it
 // stored when Cloudflare's answer carried a key (see above), nil when it only
 // validated.
-func (b *backend) validateOnWrite(ctx context.Context, s logical.Storage, t store.Tunnel) (*store.Record, error) {
+func (e *Engine) Validate(ctx context.Context, s logical.Storage, t store.Tunnel) (*store.Record, error) {
 	// As before a rotation (beginWrite): while the last one still settles,
 	// a validation that turned into a generation could be overtaken by the
 	// abandoned request, so it is refused (409).
-	client, cfg, rec, unlock, err := b.beginWrite(ctx, s, t)
+	conn, rec, unlock, err := e.beginWrite(ctx, s, t)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	stored, err := b.generateLocked(ctx, s, client, cfg, t, rec, rec.Schedule(), "validate_only", true)
+	stored, err := e.generateLocked(ctx, s, conn, t, rec, rec.Schedule(), "validate_only", true)
 	if err != nil {
 		if outcomeUnknown(err) {
 			err = fmt.Errorf("%w; the outcome is unknown (a dropped query string would have made it a generation), "+
@@ -63,27 +57,7 @@ func (b *backend) validateOnWrite(ctx context.Context, s logical.Storage, t stor
 		return nil, fmt.Errorf("validate psk generation for %s: %w", t, err)
 	}
 	if stored != nil {
-		b.tunnelLogger(t).Warn("cloudflare generated a psk for a validate_only request; stored as a rotation", "version", stored.Version)
+		e.TunnelLogger(t).Warn("cloudflare generated a psk for a validate_only request; stored as a rotation", "version", stored.Version)
 	}
 	return stored, nil
-}
-
-// validateOnlyResponse is the answer to a validate_only write: what was
-// validated, and, when Cloudflare generated a key anyway, the stored key's
-// metadata (never the key) with a warning.
-func validateOnlyResponse(t store.Tunnel, stored *store.Record) *logical.Response {
-	if stored == nil {
-		return &logical.Response{Data: map[string]any{
-			"account_id":    t.AccountID,
-			"tunnel_id":     t.TunnelID,
-			"validate_only": true,
-			"stored":        false,
-		}}
-	}
-	data := recordMetadata(stored)
-	data["validate_only"] = true
-	data["stored"] = true
-	resp := &logical.Response{Data: data}
-	resp.AddWarning(fmt.Sprintf(generatedAnywayWarning, stored.Version))
-	return resp
 }

@@ -1,0 +1,162 @@
+// Package rotation is the engine's protocol for putting a new key on the
+// edge without ever losing one: begin (the record written rotation_unknown
+// before anything is sent), send, finish (the key stored), and, when an
+// outcome is lost, reconcile and heal from Cloudflare's own account of the
+// tunnel. validate_only, forgetting a tunnel and rescheduling it run under
+// the same per-tunnel lock and rules.
+//
+// The package knows nothing of Vault's request handling: the root package
+// turns a request into one call here and this package's typed errors into
+// responses. It asks Cloudflare only through Edge, has keys made through a
+// KeySource, reads the time from an injected clock, and tells the outside
+// what happened through Hooks.
+package rotation
+
+import (
+	"context"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+)
+
+// Edge is what the protocol asks of Cloudflare. *cloudflare.Client is one.
+type Edge interface {
+	// GetTunnel reads a tunnel's record: its key's time of generation and
+	// what a router needs of it. It never carries a key.
+	GetTunnel(ctx context.Context, accountID, tunnelID string) (*cloudflare.TunnelState, error)
+	// GeneratePSK asks the edge to make a new key and put it into effect
+	// (or, with validateOnly, only to check that it would).
+	GeneratePSK(ctx context.Context, accountID, tunnelID string, validateOnly bool) (*cloudflare.GeneratedPSK, error)
+}
+
+// KeySource puts a new key on the edge for one tunnel and returns what the
+// edge answered. Today the edge makes the key (CloudflareKeys); a source
+// whose keys Vault makes writes its key ahead into the record before it
+// sends it, so that a lost answer can be finished with the same key.
+type KeySource interface {
+	Send(ctx context.Context, edge Edge, t store.Tunnel, validateOnly bool) (*cloudflare.GeneratedPSK, error)
+}
+
+// CloudflareKeys has Cloudflare make every key (psk_generate): the key
+// exists nowhere before Cloudflare has it.
+type CloudflareKeys struct{}
+
+// Send calls psk_generate.
+func (CloudflareKeys) Send(ctx context.Context, edge Edge, t store.Tunnel, validateOnly bool) (*cloudflare.GeneratedPSK, error) {
+	return edge.GeneratePSK(ctx, t.AccountID, t.TunnelID, validateOnly)
+}
+
+// Settings are the mount's configuration as the protocol needs it.
+type Settings struct {
+	// RequestTimeout bounds one Cloudflare call; the settle window of an
+	// attempt is derived from it (settleWindow).
+	RequestTimeout time.Duration
+	// HealStalePSK lets reconciliation generate a key when it finds that
+	// the edge uses one Vault does not hold.
+	HealStalePSK bool
+	// DriftInterval is how often the drift sweep looks at every tunnel (0:
+	// never); a tunnel is healed at most once per two of them (mayHeal).
+	DriftInterval time.Duration
+	// MinRotationPeriod is the floor under every schedule.
+	MinRotationPeriod time.Duration
+}
+
+// Conn is a connection to the edge with the settings it was made from: the
+// two change together when config is written.
+type Conn struct {
+	Edge     Edge
+	Settings Settings
+}
+
+// Hooks are what the protocol tells the outside. Either may be nil.
+type Hooks struct {
+	// Scheduled is told that a tunnel's next rotation was stored: the
+	// scheduler may have to wake sooner than it planned.
+	Scheduled func()
+	// Rotated is told of every key stored, and who asked for it. It must
+	// not block: it runs before the caller gets its answer.
+	Rotated func(rec *store.Record, trigger string)
+}
+
+// Config is what an Engine is made of.
+type Config struct {
+	// Now is the clock; time.Now when nil.
+	Now func() time.Time
+	// Logger receives the engine's log lines; never a key or a token.
+	Logger hclog.Logger
+	// Connect returns the edge and settings of this moment, built from the
+	// config in s. It is asked again for every tunnel a long pass works,
+	// because config (and the token) can change under it.
+	Connect func(ctx context.Context, s logical.Storage) (Conn, error)
+	// Keys makes new keys; CloudflareKeys when nil.
+	Keys  KeySource
+	Hooks Hooks
+}
+
+// Engine runs the protocol for one mount. It is safe for concurrent use:
+// every call that changes a tunnel holds that tunnel's lock.
+type Engine struct {
+	now     func() time.Time
+	logger  hclog.Logger
+	connect func(ctx context.Context, s logical.Storage) (Conn, error)
+	keys    KeySource
+	hooks   Hooks
+	locks   *tunnelLocks
+}
+
+// New returns an Engine.
+func New(cfg Config) *Engine {
+	e := &Engine{now: cfg.Now, logger: cfg.Logger, connect: cfg.Connect, keys: cfg.Keys, hooks: cfg.Hooks, locks: newTunnelLocks()}
+	if e.now == nil {
+		e.now = time.Now
+	}
+	if e.logger == nil {
+		e.logger = hclog.NewNullLogger()
+	}
+	if e.keys == nil {
+		e.keys = CloudflareKeys{}
+	}
+	return e
+}
+
+// Lock takes t's lock, waiting for it, and returns its release. The
+// background holds it while it decides about a tunnel and rotates it.
+func (e *Engine) Lock(t store.Tunnel) (unlock func()) {
+	return e.locks.lock(t.StorageKey())
+}
+
+// TryLock takes t's lock if no one holds it: readers and the background
+// pass over a tunnel whose rotation is in flight.
+func (e *Engine) TryLock(t store.Tunnel) (unlock func(), ok bool) {
+	return e.locks.tryLock(t.StorageKey())
+}
+
+// LockHolders is how many callers hold or wait for t's lock: a diagnostic,
+// and how a test knows that a caller waits.
+func (e *Engine) LockHolders(t store.Tunnel) int {
+	return e.locks.holders(t.StorageKey())
+}
+
+// TunnelLogger is the engine's logger with the tunnel's identifiers on
+// every line.
+func (e *Engine) TunnelLogger(t store.Tunnel) hclog.Logger {
+	return e.logger.With("account_id", t.AccountID, "tunnel_id", t.TunnelID)
+}
+
+// scheduled tells the scheduler that a next rotation was stored.
+func (e *Engine) scheduled() {
+	if e.hooks.Scheduled != nil {
+		e.hooks.Scheduled()
+	}
+}
+
+// rotated tells the outside that a key was stored.
+func (e *Engine) rotated(rec *store.Record, trigger string) {
+	if e.hooks.Rotated != nil {
+		e.hooks.Rotated(rec, trigger)
+	}
+}

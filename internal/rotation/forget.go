@@ -1,0 +1,97 @@
+package rotation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+)
+
+// ErrNotStored is a change asked of a tunnel Vault holds no key for.
+var ErrNotStored = errors.New("no psk is stored for this tunnel")
+
+// Forget removes t's record, its unresolved mark and its place in the
+// schedule. The tunnel at Cloudflare is not touched. While the last
+// rotation's outcome is unknown and Cloudflare may still act on it, it is
+// refused with a *SettlingError: forgetting the record would forget the
+// settle window with it, and the next write would send a psk_generate that
+// the abandoned request could still overtake.
+func (e *Engine) Forget(ctx context.Context, s logical.Storage, t store.Tunnel) error {
+	defer e.Lock(t)()
+	rec, err := store.ReadRecord(ctx, s, t)
+	if err != nil {
+		return err
+	}
+	if rec != nil && rec.Settling(e.now()) {
+		return &SettlingError{tunnel: t, until: rec.SettleUntil}
+	}
+	if err := store.ForgetRecord(ctx, s, t, rec); err != nil {
+		return err
+	}
+	e.TunnelLogger(t).Info("psk forgotten")
+	return nil
+}
+
+// Reschedule stores sched as t's schedule without rotating its key or
+// calling Cloudflare. A rotation in flight holds the tunnel's lock, so it is
+// waited for (at most about request_timeout) rather than raced. A schedule
+// alone never makes a tunnel's first key: without a record it fails with an
+// error that wraps ErrNotStored. floor is config min_rotation_period.
+func (e *Engine) Reschedule(ctx context.Context, s logical.Storage, t store.Tunnel, sched schedule.Schedule, floor time.Duration) (*store.Record, error) {
+	defer e.Lock(t)()
+	rec, err := store.ReadRecord(ctx, s, t)
+	if err != nil {
+		return nil, err
+	}
+	if rec == nil {
+		return nil, fmt.Errorf("%w: %s: write psk/%s/%s, which rotates the tunnel and takes the same schedule fields",
+			ErrNotStored, t, t.AccountID, t.TunnelID)
+	}
+	return e.reschedule(ctx, s, t, rec, sched, floor)
+}
+
+// reschedule stores sched as t's schedule and moves its schedule entry,
+// without a rotation. The caller holds t's lock and passes the record read
+// under it. The order is the rotation's (generateLocked): the new entry, then
+// the record, then the superseded entry, so that a storage failure can leave
+// a stale entry (dropped when its minute comes) but never a record whose
+// next rotation has no entry. floor is config min_rotation_period: the next
+// rotation is never less than that after the stored key (nextAfterChange).
+func (e *Engine) reschedule(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, sched schedule.Schedule, floor time.Duration) (*store.Record, error) {
+	updated := *rec
+	updated.RotationPeriod, updated.RotationSchedule, updated.RotationWindow = sched.Period, sched.Cron, sched.Window
+	updated.NextRotation, updated.WindowEnds, updated.ScheduleNote = time.Time{}, time.Time{}, ""
+	if sched.Set() {
+		updated.NextRotation, updated.WindowEnds = sched.NextAfterChange(rec.StoredAt, e.now(), floor)
+		if rec.Failures > 0 && updated.NextRotation.Before(rec.RetryAt) {
+			// The background is backing off from failed attempts: a new
+			// schedule does not bring the next one forward.
+			updated.NextRotation = rec.RetryAt
+		}
+	}
+	if !updated.NextRotation.IsZero() {
+		if err := store.ScheduleRotation(ctx, s, t, updated.NextRotation, false); err != nil {
+			return nil, err
+		}
+	}
+	if err := store.WriteRecord(ctx, s, t, &updated); err != nil {
+		return nil, err
+	}
+	log := e.TunnelLogger(t)
+	if !rec.NextRotation.IsZero() && !rec.NextRotation.Equal(updated.NextRotation) {
+		if err := store.UnscheduleSuperseded(ctx, s, t, rec.NextRotation, updated.NextRotation); err != nil {
+			log.Warn("could not drop a superseded schedule entry", "error", err)
+		}
+	}
+	if !updated.NextRotation.IsZero() {
+		e.scheduled()
+	}
+	log.Info("rotation schedule changed", "rotation_period", updated.RotationPeriod, "rotation_schedule", updated.RotationSchedule,
+		"rotation_window", updated.RotationWindow, "next_rotation", store.FormatTime(updated.NextRotation))
+	return &updated, nil
+}

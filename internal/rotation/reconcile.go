@@ -1,0 +1,343 @@
+package rotation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+)
+
+// reconcileLocked resolves a record that is not current by asking
+// Cloudflare when the tunnel's key was generated. heal allows it to generate
+// a new key when the stored one turns out stale. The caller holds t's lock.
+// It returns the record as it stands afterwards: nil when the tunnel's only
+// rotation turned out never to have happened. While the record's last
+// rotation is still settling it returns a *SettlingError and asks Cloudflare
+// nothing: no answer could settle the question before then.
+func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, heal bool) (*store.Record, error) {
+	if rec.Current() || rec.HeldByAnswer() {
+		// A held record waits for an operator's write, which generates
+		// anyway; nothing Cloudflare says now would release it.
+		return rec, nil
+	}
+	log := e.TunnelLogger(t)
+	if rec.Settling(e.now()) {
+		return rec, &SettlingError{tunnel: t, until: rec.SettleUntil}
+	}
+	edge, err := conn.Edge.GetTunnel(ctx, t.AccountID, t.TunnelID)
+	if cloudflare.NotFound(err) {
+		gone, werr := e.MarkGone(ctx, s, t, rec)
+		if werr != nil {
+			return rec, werr
+		}
+		return gone, fmt.Errorf("reconcile %s: %w", t, err)
+	}
+	if err != nil {
+		return rec, fmt.Errorf("reconcile %s: %w", t, err)
+	}
+
+	verdict, reason := judgeEdge(rec, edge.PSKLastGeneratedOn)
+	switch verdict {
+	case edgeNeverRotated:
+		log.Info("first rotation never happened; nothing is stored")
+		return nil, store.ForgetRecord(ctx, s, t, rec)
+	case edgeUsesStoredKey:
+		resolved := *rec
+		resolved.State, resolved.StateReason, resolved.RotationStartedAt, resolved.SettleUntil = store.StateCurrent, "", time.Time{}, time.Time{}
+		resolved.ClearFailures()
+		if edge.Date.After(resolved.KeySeenAt) {
+			// A later answer that shows the stored key in use: a proof
+			// for the next rotation's judgement (keyChangeSince).
+			resolved.KeySeenAt = edge.Date
+		}
+		if err := store.WriteRecord(ctx, s, t, &resolved); err != nil {
+			return rec, err
+		}
+		if err := store.ClearUnresolved(ctx, s, t); err != nil {
+			return &resolved, err
+		}
+		log.Info("reconciled: cloudflare's key is the stored one")
+		return &resolved, nil
+	}
+
+	// The edge uses a key Vault does not hold: the tunnel is down until
+	// both sides share one.
+	if rec.State == store.StateStale {
+		reason = rec.StateReason // still what it was found to be
+	}
+	if heal {
+		if e.mayHeal(conn.Settings, rec) {
+			log.Warn("reconciled: cloudflare's key is not the stored one; generating a new key")
+			healing := *rec
+			healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
+			return e.rotateLocked(ctx, s, conn, t, &healing, rec.RotationPeriod, "heal")
+		}
+		return e.holdHealing(ctx, s, t, rec, reason)
+	}
+	return e.markStale(ctx, s, t, rec, reason, e.now().Add(store.FailureBackoffMax))
+}
+
+// holdHealing records drift the engine will not heal by itself (see
+// mayHeal): the record is stale and held until an operator writes it.
+func (e *Engine) holdHealing(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, reason string) (*store.Record, error) {
+	held := *rec
+	if !(rec.HealHeld && rec.State == store.StateStale) {
+		// Said once: a tunnel already held keeps its reason, which the
+		// background's hourly look would otherwise append again each time.
+		reason += "; not healed: the engine already healed this tunnel within the last two drift_check_intervals, so another mount or tool rotates it too. " +
+			"A tunnel must belong to one mount: the engine leaves it stale until an operator writes this path"
+	}
+	held.HealHeld = true
+	return e.markStale(ctx, s, t, &held, reason, e.now().Add(store.FailureBackoffMax))
+}
+
+// markStale records that the edge uses a key Vault does not hold. The
+// background looks at the tunnel again at retryAt: when healing is allowed
+// again, or (healing off) after store.FailureBackoffMax, to find out whether the
+// tunnel is gone meanwhile.
+func (e *Engine) markStale(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, reason string, retryAt time.Time) (*store.Record, error) {
+	stale := *rec
+	stale.State, stale.StateReason = store.StateStale, reason
+	stale.RotationStartedAt, stale.SettleUntil = time.Time{}, time.Time{}
+	stale.ClearFailures()
+	stale.RetryAt = retryAt.UTC()
+	if err := store.MarkUnresolved(ctx, s, t); err != nil {
+		return rec, err
+	}
+	if err := store.WriteRecord(ctx, s, t, &stale); err != nil {
+		return rec, err
+	}
+	e.TunnelLogger(t).Warn("stored psk is stale", "reason", reason)
+	return &stale, nil
+}
+
+// MarkGone records that Cloudflare no longer knows the tunnel. The last key
+// is kept, never served as current, and the tunnel leaves the unresolved
+// set: there is nothing left to reconcile until someone writes it again.
+func (e *Engine) MarkGone(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) (*store.Record, error) {
+	gone := *rec
+	gone.State = store.StateTunnelGone
+	gone.StateReason = fmt.Sprintf("Cloudflare answered at %s that the tunnel does not exist (deleted, or the API token lost its account): the stored key is kept but is not in use",
+		store.FormatTime(e.now()))
+	gone.RotationStartedAt, gone.SettleUntil = time.Time{}, time.Time{}
+	gone.ClearFailures()
+	if err := store.WriteRecord(ctx, s, t, &gone); err != nil {
+		return rec, err
+	}
+	if err := store.ClearUnresolved(ctx, s, t); err != nil {
+		return &gone, err
+	}
+	e.TunnelLogger(t).Warn("tunnel no longer exists at cloudflare")
+	return &gone, nil
+}
+
+func (e *Engine) Resolve(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) (*store.Record, []string) {
+	unlock, ok := e.TryLock(t)
+	if !ok {
+		return rec, []string{"a rotation of this tunnel is in progress"}
+	}
+	defer unlock()
+	conn, err := e.connect(ctx, s)
+	if err != nil {
+		return rec, []string{fmt.Sprintf("could not reconcile with Cloudflare: %v", err)}
+	}
+	// A reader waits at most request_timeout for reconciliation as a whole,
+	// healing included, however many calls it takes.
+	ctx, cancel := context.WithTimeout(ctx, conn.Settings.RequestTimeout)
+	defer cancel()
+	// Re-read under the lock: a rotation may have finished since.
+	latest, err := store.ReadRecord(ctx, s, t)
+	if err != nil {
+		return rec, []string{err.Error()}
+	}
+	if latest == nil || latest.Current() || latest.State == store.StateTunnelGone {
+		return latest, nil
+	}
+	if now := e.now(); latest.Settling(now) || now.Before(latest.RetryAt) {
+		// Nothing Cloudflare says can settle it yet, or the background is
+		// backing off: the state's own warning says until when.
+		return latest, nil
+	}
+	resolved, err := e.reconcileLocked(ctx, s, conn, t, latest, conn.Settings.HealStalePSK)
+	if err != nil {
+		if resolved == nil {
+			resolved = latest
+		}
+		return resolved, []string{fmt.Sprintf("could not reconcile with Cloudflare: %v", err)}
+	}
+	return resolved, nil
+}
+
+// ReconcileInBackground reconciles one unresolved tunnel and says whether it
+// asked Cloudflare. A failure other than "not now" is noted on the record,
+// so the tunnel is retried with backoff and the reason shows in metadata.
+func (e *Engine) ReconcileInBackground(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel) (bool, error) {
+	unlock, ok := e.TryLock(t)
+	if !ok {
+		return false, nil
+	}
+	defer unlock()
+	rec, err := store.ReadRecord(ctx, s, t)
+	if err != nil {
+		return false, err
+	}
+	if rec == nil || rec.Current() || rec.State == store.StateTunnelGone {
+		return false, store.ClearUnresolved(ctx, s, t)
+	}
+	now := e.now()
+	if rec.Settling(now) || now.Before(rec.RetryAt) || rec.HeldByAnswer() {
+		// A held record waits for an operator (rotation.go, holdWrongKey).
+		return false, nil
+	}
+	_, err = e.reconcileLocked(ctx, s, conn, t, rec, conn.Settings.HealStalePSK)
+	if err == nil || cloudflare.NotFound(err) || cloudflare.RetryAfter(err) > 0 {
+		// Resolved, gone (recorded as such), or "not now", which is no
+		// fault of the tunnel's.
+		return true, err
+	}
+	// The record may have changed under reconcileLocked (a heal that
+	// failed): note the failure on what is stored now.
+	if latest, rerr := store.ReadRecord(ctx, s, t); rerr == nil && latest != nil && !latest.Current() {
+		latest.NoteFailure(e.now(), err)
+		if werr := store.WriteRecord(ctx, s, t, latest); werr != nil {
+			e.TunnelLogger(t).Warn("could not record a failed reconciliation", "error", werr)
+		}
+	}
+	return true, err
+}
+
+// compareLocked holds a current record against the edge's view of its
+// tunnel (nil: Cloudflare does not list it) and records what it finds: a key
+// generated after the stored one makes the record stale (and, with heal,
+// heals it if the tunnel was not healed within drift_check_interval); a
+// tunnel Cloudflare no longer has makes it tunnel_gone. It returns whether
+// the stored key is the edge's. A record that is not current is
+// reconciliation's to resolve. The caller holds t's lock.
+func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, edge *cloudflare.TunnelState, heal bool) (bool, error) {
+	rec, err := store.ReadRecord(ctx, s, t)
+	if err != nil || rec == nil {
+		return false, err
+	}
+	if edge != nil {
+		// The caller's listing or read also says what a router needs of the
+		// tunnel: keep it current at no extra call, whatever the key's state.
+		if rec, err = e.refreshFacts(ctx, s, t, rec, edge); err != nil {
+			return false, err
+		}
+	}
+	if !rec.Current() {
+		return false, nil
+	}
+	if edge == nil {
+		_, err := e.MarkGone(ctx, s, t, rec)
+		return false, err
+	}
+	if !edge.PSKLastGeneratedOn.After(rec.LastGeneratedOn) {
+		return true, nil
+	}
+	reason := fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s): it was changed outside this engine",
+		store.FormatTime(edge.PSKLastGeneratedOn), store.FormatTime(rec.LastGeneratedOn))
+	if heal && !e.mayHeal(conn.Settings, rec) {
+		_, err = e.holdHealing(ctx, s, t, rec, reason)
+		return false, err
+	}
+	// Stale first, then healed: a heal that Cloudflare refuses puts back
+	// the record it started from, and that must not be the current one.
+	// The background looks at the tunnel again at once where healing is on
+	// (a listing, which never heals, leaves that to the next read or pass),
+	// or, healing off, after an hour.
+	retryAt := e.now()
+	if !conn.Settings.HealStalePSK {
+		retryAt = retryAt.Add(store.FailureBackoffMax)
+	}
+	stale, err := e.markStale(ctx, s, t, rec, reason, retryAt)
+	if err != nil || !heal {
+		return false, err
+	}
+	e.TunnelLogger(t).Warn("key changed outside this engine; generating a new key", "edge_generated_on", store.FormatTime(edge.PSKLastGeneratedOn))
+	healing := *stale
+	healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
+	_, err = e.rotateLocked(ctx, s, conn, t, &healing, stale.RotationPeriod, "heal")
+	return err == nil, err
+}
+
+// CheckSync holds a managed tunnel's record against what Cloudflare just
+// said of it, as the drift sweep does, and records a key changed outside
+// this engine at once (stale; a read or the background heals it). A listing
+// never generates a key itself, and does not wait for a rotation in flight:
+// that tunnel shows in_sync false until it is stored.
+func (e *Engine) CheckSync(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, edge *cloudflare.TunnelState) (bool, error) {
+	unlock, ok := e.TryLock(t)
+	if !ok {
+		return false, nil
+	}
+	defer unlock()
+	return e.compareLocked(ctx, s, conn, t, edge, false)
+}
+
+// CompareWithEdge is the drift sweep's look at one tunnel (compareLocked).
+// It waits for a tunnel whose lock is taken instead of passing over it: the
+// sweep marks itself done afterwards, and a tunnel passed over would go
+// unchecked for a whole interval. The holder is a rotation (bounded by
+// request_timeout) or a storage-only change such as a schedule write.
+func (e *Engine) CompareWithEdge(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, edge *cloudflare.TunnelState) (bool, error) {
+	defer e.Lock(t)()
+	return e.compareLocked(ctx, s, conn, t, edge, conn.Settings.HealStalePSK)
+}
+
+// rotateNow rotates t, after learning the outcome of its last rotation when
+// that is unknown. The caller holds t's lock. It returns the record as it
+// stands afterwards: nil when reconciliation found that the tunnel's only
+// rotation never happened and removed its record.
+func (e *Engine) RotateNow(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, trigger string) (*store.Record, error) {
+	if !rec.Current() {
+		var err error
+		if rec, err = e.reconcileLocked(ctx, s, conn, t, rec, false); err != nil || rec == nil {
+			return rec, err
+		}
+	}
+	return e.rotateLocked(ctx, s, conn, t, rec, rec.RotationPeriod, trigger)
+}
+
+// IsSettling reports whether err refused a call because the tunnel's last
+// rotation may still change the edge's key (rotation.go's SettlingError):
+// the entry waits, as for a record found settling before the call.
+func IsSettling(err error) bool {
+	var settling *SettlingError
+	return errors.As(err, &settling)
+}
+
+// RetryLater moves a failed scheduled rotation into the future, by
+// the record's backoff (noteFailure: 1m, doubling, at most 1h), so that a
+// tunnel that always fails costs a call an hour, not one a minute, and its
+// metadata says how often and why it failed (a stored rotation clears that).
+// The caller holds t's lock. It returns an error when the new time
+// could not be stored, entry and record both: the caller then keeps the old
+// entry, which is deleted only once its replacement and the record that
+// points at it are stored, so a storage failure can delay a schedule but
+// never lose it.
+func (e *Engine) RetryLater(ctx context.Context, s logical.Storage, t store.Tunnel, cause error) error {
+	rec, err := store.ReadRecord(ctx, s, t)
+	if err != nil {
+		return err
+	}
+	if rec == nil || !rec.Scheduled() {
+		return nil
+	}
+	rec.NoteFailure(e.now(), cause)
+	rec.NextRotation = rec.RetryAt
+	// The entry first: a record pointing at a minute with no entry would
+	// never rotate, an entry without a record that points at it is dropped.
+	if err := store.ScheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {
+		return fmt.Errorf("reschedule the failed rotation of %s: %w", t, err)
+	}
+	if err := store.WriteRecord(ctx, s, t, rec); err != nil {
+		return fmt.Errorf("reschedule the failed rotation of %s: %w", t, err)
+	}
+	return nil
+}

@@ -1,0 +1,448 @@
+package rotation
+
+// Rotation that never loses a PSK.
+//
+// Cloudflare activates a generated key before it answers and never shows it
+// again, so any failure between "Cloudflare generated" and "Vault stored"
+// leaves a live tunnel whose key nobody holds. The engine therefore writes
+// the tunnel's record as rotation_unknown (and marks the tunnel unresolved)
+// before it calls Cloudflare, and sets it back to current only once the new
+// key is stored. Whatever happens in between, a crash included, the record
+// says that Vault may not hold the edge's key.
+//
+// Reconciliation resolves an unknown outcome from Cloudflare's tunnel
+// record, by Cloudflare's times alone: this node's clock may run seconds
+// ahead of or behind Cloudflare's, so it is never held against them. The
+// edge's psk_metadata.last_generated_on now is compared with the edge's key
+// time known before the attempt. The same key proves the rotation did not
+// happen; another means it did (or the key changed outside this engine),
+// the stored key is stale, and (heal_stale_psk, on by default) a new key is
+// generated and stored. Cloudflare promises whole seconds only, and an equal
+// whole-second time proves the same key only where Cloudflare's clock had
+// left that second before the attempt was sent (an answer's Date header
+// says so) or the stored key was stored well before it. Whatever is not
+// proven counts as a change, so a first rotation whose outcome is unknown
+// is healed or flagged, never forgotten on a guess (judgeEdge).
+// Reconciliation runs on the next read or write of the tunnel and in the
+// background (sweep.go), on the node that may write storage.
+//
+// Why not the SDK's write-ahead log (framework.PutWAL and WALRollback), as
+// Vault's database engine uses for credentials it makes itself: a WAL entry
+// carries what is needed to undo or redo an operation, and here the one thing
+// that matters, the new key, is made by Cloudflare and exists nowhere until
+// its answer arrives. No entry written before the call could carry it, and
+// nothing can undo a generation. The record-plus-marker is the equivalent: it
+// is written before the call, says that the outcome is unknown, and is
+// resolved from the edge's own account of the tunnel instead of from a log.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+)
+
+// settleMargin widens a settle window for what the request_timeout does not
+// cover: the storage writes between the window's start and the call, and
+// the difference between the clocks of the node that started a rotation and
+// the node that later reconciles it.
+const settleMargin = 10 * time.Second
+
+// settleWindow is how long after a rotation started an abandoned request of
+// it may still change the edge's key: the caller gives up at
+// request_timeout, and Cloudflare, which does not say how long it may still
+// process a request after that, is assumed to take no longer than one more
+// request_timeout. The window is fixed when the rotation starts (SettleUntil
+// in the record), so a later change of request_timeout does not move it.
+func settleWindow(s Settings) time.Duration { return 2*s.RequestTimeout + settleMargin }
+
+// SettlingError refuses a new key while the last rotation's outcome is
+// unknown and Cloudflare may still act on it: a new psk_generate now could be
+// overtaken by the abandoned one, and Vault would call current a key the edge
+// replaced a moment later.
+type SettlingError struct {
+	tunnel store.Tunnel
+	until  time.Time
+}
+
+func (e *SettlingError) Error() string {
+	return fmt.Sprintf("the last rotation of %s has an unknown outcome, and Cloudflare may still process its request until %s "+
+		"(a request abandoned at request_timeout can still be carried out): no new key is asked for before then; "+
+		"reads warn meanwhile, and the engine resolves the outcome from Cloudflare after that time",
+		e.tunnel, store.FormatTime(e.until))
+}
+
+// Write is an operator's write: it generates a new key for t and
+// stores it. sched, when set, replaces the tunnel's schedule. The
+// tunnel's lock is held from before the Cloudflare call until the key is
+// stored, so concurrent rotations of one tunnel leave Vault with the key
+// Cloudflare generated last.
+func (e *Engine) Write(ctx context.Context, s logical.Storage, t store.Tunnel, sched *schedule.Schedule) (*store.Record, error) {
+	conn, rec, unlock, err := e.beginWrite(ctx, s, t)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	next := rec.Schedule()
+	if sched != nil {
+		next = *sched
+	}
+	rotated, err := e.generateLocked(ctx, s, conn, t, rec, next, "write", false)
+	if err != nil {
+		if outcomeUnknown(err) {
+			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, store.StateRotationUnknown)
+		}
+		return nil, fmt.Errorf("generate psk for %s: %w", t, err)
+	}
+	return rotated, nil
+}
+
+// rotateLocked generates a new key for t and stores it. period is the
+// tunnel's rotation period from now on: its record's RotationPeriod keeps
+// the tunnel's schedule as it is (a rotation_schedule included), another
+// value replaces it with that period (0: none). The caller holds t's lock
+// and passes the tunnel's record as read under it (nil when none). trigger
+// says who asked (write, schedule, bulk, heal) for the rotation event.
+func (e *Engine) rotateLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, previous *store.Record, period time.Duration, trigger string) (*store.Record, error) {
+	if previous != nil && previous.HeldByAnswer() && trigger != "write" {
+		// The last answer carried a key of the wrong form: asking again
+		// by itself would only bring another (holdWrongKey).
+		return nil, &answerHeldError{tunnel: t}
+	}
+	sched := previous.Schedule()
+	if period != sched.Period {
+		sched = schedule.Schedule{Period: period}
+	}
+	return e.generateLocked(ctx, s, conn, t, previous, sched, trigger, false)
+}
+
+// generateLocked is rotateLocked's protocol, for a rotation or, with
+// validateOnly, for a validate_only request (validate.go says why that runs
+// under the same protocol). A validation that generated nothing puts the
+// record back and returns nil. sched is the tunnel's schedule from now on.
+func (e *Engine) generateLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, previous *store.Record, sched schedule.Schedule, trigger string, validateOnly bool) (*store.Record, error) {
+	period := sched.Period
+	what := "rotation"
+	if validateOnly {
+		what = "validate_only request (if the query string was dropped on the way, Cloudflare generates a key)"
+	}
+	pending := &store.Record{AccountID: t.AccountID, TunnelID: t.TunnelID}
+	if previous != nil {
+		copied := *previous
+		pending = &copied
+	}
+	// What key the edge has as the attempt starts, by Cloudflare's own
+	// times (judgeEdge says why nothing else will do), and whether it is
+	// the stored one.
+	asked := false
+	switch {
+	case previous == nil || validateOnly:
+		// A first rotation asks what key the edge has first: every real
+		// tunnel is created with one, and only this proves later that an
+		// attempt whose outcome was lost did not replace it. So does a
+		// validation: only the edge's key before it tells a key the
+		// validation made from one its answer merely showed
+		// (confirmValidationKey), even where the stored key was replaced
+		// outside this engine and the drift sweep has not seen it yet.
+		edge, err := conn.Edge.GetTunnel(ctx, t.AccountID, t.TunnelID)
+		if err != nil {
+			return nil, &notAttemptedError{err: err}
+		}
+		asked = true
+		pending.EdgeKeyBefore, pending.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
+		pending.EdgeKeyForeign = previous != nil && (!previous.Current() || !edge.PSKLastGeneratedOn.Equal(previous.LastGeneratedOn))
+		// The same answer says what a router needs of the tunnel: kept
+		// now, so that no later rotation has to ask (facts.go).
+		pending.Facts = e.edgeFacts(t, edge, pending.Facts)
+	case previous.Current():
+		pending.EdgeKeyBefore, pending.EdgeKeyBeforeSeenAt = previous.LastGeneratedOn, previous.KeySeenAt
+		pending.EdgeKeyForeign = false
+	default:
+		// A heal, or a write of a stale tunnel: the edge's key is one
+		// Vault does not hold, which this attempt replaces. The record
+		// keeps what its caller last learned of it.
+		pending.EdgeKeyForeign = true
+	}
+	if previous != nil && !asked && previous.Facts == (store.Facts{}) {
+		// A record that has no router facts (stored before they existed,
+		// or a first read that failed to give them) gets them on its next
+		// rotation, once: a read of the tunnel, as a first rotation makes.
+		// If it fails the rotation goes on without them.
+		if edge, err := conn.Edge.GetTunnel(ctx, t.AccountID, t.TunnelID); err == nil {
+			pending.Facts = e.edgeFacts(t, edge, pending.Facts)
+		} else {
+			e.TunnelLogger(t).Warn("could not read the tunnel's router facts before a rotation", "error", err)
+		}
+	}
+	if trigger == "write" {
+		// An operator's write takes the tunnel back (see mayHeal).
+		pending.HealHeld = false
+	}
+	// Whoever got here was allowed to ask (rotateLocked holds back all but
+	// an operator's write): this attempt's outcome decides anew, and a
+	// refusal puts the held record back (restore).
+	pending.AnswerHeld = false
+	pending.State = store.StateRotationUnknown
+	// Read before anything is written or sent, by this node's clock: no
+	// request of the attempt can land after SettleUntil. (It is never held
+	// against Cloudflare's times: see judgeEdge.)
+	pending.RotationStartedAt = e.now().UTC()
+	pending.SettleUntil = pending.RotationStartedAt.Add(settleWindow(conn.Settings))
+	pending.StateReason = fmt.Sprintf("a %s started at %s and has not finished", what, store.FormatTime(pending.RotationStartedAt))
+	if err := store.MarkUnresolved(ctx, s, t); err != nil {
+		return nil, err
+	}
+	if err := store.WriteRecord(ctx, s, t, pending); err != nil {
+		return nil, err
+	}
+
+	generated, err := conn.Edge.GeneratePSK(ctx, t.AccountID, t.TunnelID, validateOnly)
+	if err != nil {
+		switch {
+		case cloudflare.NoEffect(err):
+			e.restore(ctx, s, t, previous)
+		case cloudflare.WrongKeyForm(err):
+			return nil, e.holdWrongKey(ctx, s, t, pending, what, err)
+		default:
+			pending.StateReason = fmt.Sprintf("the %s started at %s failed with an unknown outcome (%v): Cloudflare may already use a key Vault does not hold",
+				what, store.FormatTime(pending.RotationStartedAt), err)
+			if werr := store.WriteRecord(ctx, s, t, pending); werr != nil {
+				e.TunnelLogger(t).Warn("could not record a rotation's unknown outcome", "error", werr)
+			}
+		}
+		return nil, err
+	}
+	if validateOnly && generated.PSK == "" {
+		e.restore(ctx, s, t, previous)
+		return nil, nil
+	}
+	if validateOnly {
+		// A key in a validate_only answer: Cloudflare generated it (the
+		// query string was dropped on the way) or merely showed one it
+		// did not put into effect; Cloudflare does not document which.
+		// Only the edge can tell, and the key is called current only if
+		// the edge's key was generated when the answer says and is not
+		// the one it had before this request.
+		if done, err := e.confirmValidationKey(ctx, s, conn, t, previous, pending, generated); done || err != nil {
+			return nil, err
+		}
+	}
+
+	rec := &store.Record{
+		AccountID:       t.AccountID,
+		TunnelID:        t.TunnelID,
+		PSK:             generated.PSK,
+		LastGeneratedOn: generated.LastGeneratedOn.UTC(),
+		KeySeenAt:       generated.Date.UTC(),
+		Version:         pending.Version + 1,
+		StoredAt:        e.now().UTC(),
+		State:           store.StateCurrent,
+		RotationPeriod:  period,
+		LastHealedAt:    pending.LastHealedAt,
+		Facts:           e.withIPsecID(t, pending.Facts, generated.IPsecID),
+	}
+	if trigger == "heal" {
+		rec.LastHealedAt = rec.StoredAt
+	}
+	// The next rotation counts from this one: a period from now, a cron
+	// expression's next time (a rotation late in its window does not make
+	// the next one late); a schedule shorter than min_rotation_period (set
+	// before the floor was raised) is held back to the floor.
+	rec.RotationSchedule, rec.RotationWindow = sched.Cron, sched.Window
+	if next, windowEnds := sched.NextAfterRotation(rec.StoredAt, rec.StoredAt, conn.Settings.MinRotationPeriod); !next.IsZero() {
+		rec.NextRotation, rec.WindowEnds = next, windowEnds
+		// Scheduled before the record is stored: an entry without a due
+		// record is dropped by the scheduler, a due record without an
+		// entry would never rotate.
+		if err := store.ScheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {
+			e.TunnelLogger(t).Warn("could not schedule the next rotation", "error", err)
+		}
+	}
+	if err := e.storeGenerated(ctx, s, t, rec); err != nil {
+		// Cloudflare answered, so no request of this rotation can still
+		// land: a next write need not wait out the settle window. Best
+		// effort; storage has just failed.
+		pending.SettleUntil = e.now().UTC()
+		_ = store.WriteRecord(context.WithoutCancel(ctx), s, t, pending)
+		return nil, err
+	}
+	if !pending.NextRotation.IsZero() && !pending.NextRotation.Equal(rec.NextRotation) {
+		if err := store.UnscheduleSuperseded(ctx, s, t, pending.NextRotation, rec.NextRotation); err != nil {
+			e.TunnelLogger(t).Warn("could not drop a superseded schedule entry", "error", err)
+		}
+	}
+	if !rec.NextRotation.IsZero() {
+		// The scheduler plans its sleep from the entries it last saw; this
+		// one may fall due before the time it woke for.
+		e.scheduled()
+	}
+	// Events are best effort and go to Vault over a round trip of their
+	// own, so they do not hold up the answer.
+	e.rotated(rec, trigger)
+	if err := store.ClearUnresolved(ctx, s, t); err != nil {
+		// The record is current; a marker left behind is cleared by the
+		// next background pass.
+		e.TunnelLogger(t).Warn("could not clear an unresolved mark", "error", err)
+	}
+	e.TunnelLogger(t).Info("psk rotated", "version", rec.Version)
+	return rec, nil
+}
+
+// holdWrongKey records an answer that said Cloudflare generated a key and
+// carried one that is not of the form Cloudflare issues (letters and digits;
+// templates paste the key into router configurations, where anything else
+// could end a quoted string or a line). The key is not stored. The answer
+// says the edge changed its key, so the record is stale; and since whatever
+// sent it (Cloudflare changing its keys, or something else answering at
+// base_url, which an admin who supplies their own api_token may point
+// anywhere) may answer the same way to every request, the tunnel is held:
+// nothing generates a key for it by itself, which would otherwise heal it
+// once a minute for ever, until an operator writes it (AnswerHeld). It
+// returns the error for the caller, which names Cloudflare and base_url.
+func (e *Engine) holdWrongKey(ctx context.Context, s logical.Storage, t store.Tunnel, pending *store.Record, what string, cause error) error {
+	held := *pending
+	held.AnswerHeld = true
+	reason := fmt.Sprintf("the answer to the %s started at %s carried a key Vault did not store (%v), so the edge probably uses a key nobody holds. "+
+		"Check what answers at base_url (config) before an operator writes this path: the engine generates no key for this tunnel by itself "+
+		"(no heal, no scheduled or bulk rotation) until then",
+		what, store.FormatTime(pending.RotationStartedAt), cause)
+	// Cloudflare answered, so no request of this attempt can still land:
+	// markStale clears the settle window, and the background has nothing
+	// to retry.
+	if _, err := e.markStale(ctx, s, t, &held, reason, time.Time{}); err != nil {
+		e.TunnelLogger(t).Warn("could not record an answer with a key of the wrong form; the record stays rotation_unknown", "error", err)
+	}
+	return fmt.Errorf("%w; the key was not stored: the tunnel is marked %s and the engine generates no key for it by itself "+
+		"until an operator writes this path. Check what answers at base_url (config): it may not be Cloudflare's API", cause, store.StateStale)
+}
+
+// answerHeldError refuses a rotation the engine would make by itself (a
+// heal, a scheduled or a bulk rotation) for a tunnel held by holdWrongKey.
+type answerHeldError struct{ tunnel store.Tunnel }
+
+func (e *answerHeldError) Error() string {
+	return fmt.Sprintf("no key is asked for %s except by an operator's write of its path: Cloudflare's answer to its last rotation "+
+		"carried a key of the wrong form (see state_reason); check what answers at base_url (config) first", e.tunnel)
+}
+
+// confirmValidationKey asks the edge whether the key a validate_only answer
+// carried is in use. It returns done when it is not known to be (the record
+// is put back where the edge provably still has the key it had before the
+// request, or else left rotation_unknown), so the caller stores nothing.
+func (e *Engine) confirmValidationKey(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, previous, pending *store.Record, generated *cloudflare.GeneratedPSK) (bool, error) {
+	log := e.TunnelLogger(t)
+	edge, err := conn.Edge.GetTunnel(ctx, t.AccountID, t.TunnelID)
+	if err != nil {
+		pending.StateReason = fmt.Sprintf("a validate_only answer started at %s carried a key, and Cloudflare could not be asked whether it is in use (%v)",
+			store.FormatTime(pending.RotationStartedAt), err)
+		if werr := store.WriteRecord(ctx, s, t, pending); werr != nil {
+			log.Warn("could not record a validation's unknown outcome", "error", werr)
+		}
+		return true, fmt.Errorf("confirm the key of a validate_only answer: %w", err)
+	}
+	generatedOn := edge.PSKLastGeneratedOn
+	var why string
+	switch edgeKeySince(pending, generatedOn) {
+	case keyUnchanged:
+		// The edge's key is the one it had before: nothing was generated.
+		log.Warn("a validate_only answer carried a key the edge does not use; discarded")
+		e.restore(ctx, s, t, previous)
+		return true, nil
+	case keyChanged:
+		if generatedOn.Equal(generated.LastGeneratedOn) {
+			return false, nil // generated for this request, and in use: store it
+		}
+		why = "is neither the key it had before the request nor, by its time, the key the answer carried"
+	default:
+		why = "carries the same whole second as the key it had before the request, and nothing Cloudflare said proves that second had passed before the request was sent: " +
+			"Cloudflare's times cannot tell whether the request replaced that key"
+	}
+	pending.StateReason = fmt.Sprintf("a validate_only request started at %s had an answer that carried a key generated at %s; the edge's key, generated at %s, %s",
+		store.FormatTime(pending.RotationStartedAt), store.FormatTime(generated.LastGeneratedOn), store.FormatTime(generatedOn), why)
+	if werr := store.WriteRecord(ctx, s, t, pending); werr != nil {
+		log.Warn("could not record a validation's unknown outcome", "error", werr)
+	}
+	return true, fmt.Errorf("%s; the tunnel is marked %s until reconciliation learns which key the edge uses", pending.StateReason, store.StateRotationUnknown)
+}
+
+// restore puts back the record a rotation that certainly did not happen had
+// replaced. A failure leaves the record rotation_unknown, which
+// reconciliation resolves.
+func (e *Engine) restore(ctx context.Context, s logical.Storage, t store.Tunnel, previous *store.Record) {
+	var err error
+	switch {
+	case previous == nil:
+		err = store.ForgetRecord(ctx, s, t, nil)
+	default:
+		err = store.WriteRecord(ctx, s, t, previous)
+		if err == nil && previous.Current() {
+			err = store.ClearUnresolved(ctx, s, t)
+		}
+	}
+	if err != nil {
+		e.TunnelLogger(t).Warn("could not restore a record after a refused rotation", "error", err)
+	}
+}
+
+// storeGenerated stores a key Cloudflare has already activated. Storage is
+// retried, because giving up loses the key; when it still fails the record
+// stays rotation_unknown, so the next write or reconciliation heals it.
+func (e *Engine) storeGenerated(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) error {
+	entry, err := logical.StorageEntryJSON(t.StorageKey(), rec)
+	if err == nil {
+		if err = store.PutRetrying(ctx, s, entry); err == nil {
+			return nil
+		}
+	}
+	e.TunnelLogger(t).Error("cloudflare activated a new psk that vault could not store", "error", err)
+	return fmt.Errorf("cloudflare generated and activated a new psk for %s, but Vault could not store it (%w); "+
+		"the tunnel is marked rotation_unknown, and once Cloudflare can no longer act on this rotation (settle_until in metadata) "+
+		"the next write, read or background reconciliation generates and stores a new key", t, err)
+}
+
+// beginWrite starts an operator's write of t (a rotation, or a
+// validate_only request, which may turn into one): it takes t's lock, which
+// the caller releases with unlock, and reads the tunnel's record. A
+// psk_generate after an unknown outcome is sent only once Cloudflare has told
+// what became of the last one: the write is the operator's, so it does not
+// heal (it generates anyway), but it must not act on a guess; while the last
+// rotation may still land, this is a 409 (SettlingError).
+func (e *Engine) beginWrite(ctx context.Context, s logical.Storage, t store.Tunnel) (conn Conn, rec *store.Record, unlock func(), err error) {
+	if conn, err = e.connect(ctx, s); err != nil {
+		return Conn{}, nil, nil, err
+	}
+	unlock = e.Lock(t)
+	if rec, err = store.ReadRecord(ctx, s, t); err == nil && rec != nil && !rec.Current() {
+		if rec, err = e.reconcileLocked(ctx, s, conn, t, rec, false); err != nil {
+			err = fmt.Errorf("learn the outcome of the last rotation of %s: %w", t, err)
+		}
+	}
+	if err != nil {
+		unlock()
+		return Conn{}, nil, nil, err
+	}
+	return conn, rec, unlock, nil
+}
+
+// notAttemptedError is a failure before anything was written or a key asked
+// for (the read before a first rotation or a validation): nothing is
+// marked, nothing can have changed at the edge.
+type notAttemptedError struct{ err error }
+
+func (e *notAttemptedError) Error() string {
+	return fmt.Sprintf("read the tunnel's key time before asking for a key (no key was asked for): %v", e.err)
+}
+func (e *notAttemptedError) Unwrap() error { return e.err }
+
+// outcomeUnknown reports whether a failed rotation's outcome is unknown:
+// Cloudflare may have generated a key, and the record says so.
+func outcomeUnknown(err error) bool {
+	var notAttempted *notAttemptedError
+	return cloudflare.IsCloudflare(err) && !cloudflare.NoEffect(err) && !cloudflare.WrongKeyForm(err) && !errors.As(err, &notAttempted)
+}
