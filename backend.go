@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/vault/sdk/helper/consts"
 	"github.com/hashicorp/vault/sdk/logical"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/background"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
@@ -61,22 +62,14 @@ type backend struct {
 	blockStorage logical.Storage
 	blockLoaded  bool
 
-	// scheduler works off scheduled and bulk rotations (scheduler.go); it
-	// runs on the node that may write storage, from Initialize to Clean.
-	schedulerMu sync.Mutex
-	scheduler   *scheduler
-	// bulkMu serialises updates of bulk job progress records.
-	bulkMu sync.Mutex
+	// background is the scheduler, bulk jobs and the periodic sweep
+	// (internal/background); Setup builds it.
+	background *background.Worker
 	// configMu serialises config writes, deletes and root token rotation:
 	// a write and a rotation read, call Cloudflare and store config, and a
 	// delete in between would be undone by their store. Taken before
 	// clientMu.
 	configMu sync.Mutex
-
-	// driftMu guards lastDriftSweep, when the drift sweep (sweep.go) last
-	// finished. It is memory only: a new process sweeps at once.
-	driftMu        sync.Mutex
-	lastDriftSweep time.Time
 
 	// now is the clock; tests move it to pass settle windows and rate-limit
 	// blocks without sleeping.
@@ -111,7 +104,7 @@ func newBackend() *backend {
 			pathTunnels(b),
 		),
 		Invalidate:     b.invalidate,
-		PeriodicFunc:   b.reconcileUnresolved,
+		PeriodicFunc:   b.periodic,
 		InitializeFunc: b.initialize,
 		Clean:          b.clean,
 		RunningVersion: version,
@@ -119,40 +112,25 @@ func newBackend() *backend {
 	return b
 }
 
-// initialize starts the scheduler on the node that may write. The scheduler
-// keeps nothing in memory between passes: each pass reads what is due from
-// storage, so a new process picks up where the last one stopped.
+// initialize starts the scheduler, on the node that may write.
 func (b *backend) initialize(_ context.Context, req *logical.InitializationRequest) error {
-	if !b.mayWrite() {
-		return nil
-	}
-	b.schedulerMu.Lock()
-	defer b.schedulerMu.Unlock()
-	if b.scheduler == nil {
-		b.scheduler = newScheduler(b, req.Storage)
-		b.scheduler.start()
-	}
+	b.background.Start(req.Storage)
 	return nil
 }
 
 // clean stops the scheduler when the mount is unmounted or the plugin stops.
 func (b *backend) clean(context.Context) {
-	b.schedulerMu.Lock()
-	sc := b.scheduler
-	b.scheduler = nil
-	b.schedulerMu.Unlock()
-	if sc != nil {
-		sc.stop()
-	}
+	b.background.Stop()
 }
 
-// pokeScheduler wakes the scheduler after rotations were queued.
-func (b *backend) pokeScheduler() {
-	b.schedulerMu.Lock()
-	defer b.schedulerMu.Unlock()
-	if b.scheduler != nil {
-		b.scheduler.poke()
+// periodic is the backend's PeriodicFunc, which Vault calls about once a
+// minute: the background's sweep. Without config there is nothing to do
+// yet.
+func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
+	if err := b.background.Periodic(ctx, req.Storage); err != nil && !errors.Is(err, errNotConfigured) {
+		return err
 	}
+	return nil
 }
 
 func (b *backend) invalidate(_ context.Context, key string) {
@@ -169,8 +147,8 @@ func (b *backend) invalidate(_ context.Context, key string) {
 	}
 }
 
-// Setup is framework.Backend's, and then builds the rotation engine, which
-// logs through the logger Setup provides.
+// Setup is framework.Backend's, and then builds the rotation engine and the
+// background worker, which log through the logger Setup provides.
 func (b *backend) Setup(ctx context.Context, conf *logical.BackendConfig) error {
 	if err := b.Backend.Setup(ctx, conf); err != nil {
 		return err
@@ -182,7 +160,21 @@ func (b *backend) Setup(ctx context.Context, conf *logical.BackendConfig) error 
 		Connect: b.connect,
 		Hooks:   rotation.Hooks{Scheduled: b.pokeScheduler, Rotated: b.announceRotation},
 	})
+	b.background = background.New(background.Config{
+		Engine:   b.engine,
+		Now:      func() time.Time { return b.now() },
+		Logger:   b.Logger(),
+		Connect:  b.connect,
+		MayWrite: b.mayWrite,
+		Budget:   b.budget,
+	})
 	return nil
+}
+
+// pokeScheduler is the engine's Scheduled hook: a next rotation was stored,
+// which may fall due before the scheduler would wake.
+func (b *backend) pokeScheduler() {
+	b.background.Poke()
 }
 
 // connect is the engine's way to Cloudflare: the cached client and the
@@ -381,6 +373,10 @@ func (b *backend) mayWrite() bool {
 // error such as errNotConfigured carries. err's text says what the call was
 // for ("generate psk for tunnel X of account Y: ...").
 func failure(err error) (*logical.Response, error) {
+	var running *background.JobRunningError
+	if errors.As(err, &running) {
+		return nil, logical.CodedError(http.StatusConflict, err.Error())
+	}
 	var settling *rotation.SettlingError
 	if errors.As(err, &settling) {
 		return nil, logical.CodedError(http.StatusConflict, err.Error())

@@ -105,7 +105,7 @@ func BenchmarkStartup100kTunnels(b *testing.B) {
 		runtime.ReadMemStats(&before)
 		start := time.Now()
 		bk := startBenchBackend(b, storage)
-		bk.scheduler.pass(ctx)
+		bk.background.Pass(ctx)
 		elapsed := time.Since(start)
 		runtime.GC()
 		runtime.ReadMemStats(&after)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/hashicorp/vault/sdk/logical"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/background"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
@@ -640,7 +641,7 @@ func TestResultsOfAReplacedBulkJobAreRemoved(t *testing.T) {
 	if err != nil || second == nil || second.Minute == first.Minute {
 		t.Fatal(second, err)
 	}
-	env.clock.Advance(bulkCleanEvery)
+	env.clock.Advance(background.BulkCleanEvery)
 	drain(t, env.testEnv)
 	if got := resultsOf(first.Minute); got != 0 {
 		t.Errorf("results of the replaced job left: %d", got)

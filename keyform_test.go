@@ -83,7 +83,7 @@ func TestAKeyOfTheWrongFormIsNeverStored(t *testing.T) {
 			for elapsed := time.Duration(0); elapsed < 3*time.Hour; elapsed += time.Minute {
 				env.clock.Advance(time.Minute)
 				drain(t, env)
-				if err := env.b.reconcileUnresolved(context.Background(), &logical.Request{Storage: env.storage}); err != nil {
+				if err := env.b.periodic(context.Background(), &logical.Request{Storage: env.storage}); err != nil {
 					t.Fatalf("background pass: %v", err)
 				}
 				_, _ = env.request(logical.ReadOperation, env.pskPath(), nil)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"time"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
@@ -54,50 +53,15 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 		return nil, err
 	}
 
-	// Refused before the account's records are read; startBulkJob checks
-	// again, under its lock.
-	last, err := store.ReadBulkJob(ctx, req.Storage, account)
+	queued, err := b.background.QueueAccount(ctx, req.Storage, account, olderThan)
 	if err != nil {
-		return nil, err
+		return failure(err)
 	}
-	if err := b.refuseWhileRunning(ctx, req.Storage, account, last); err != nil {
-		return nil, err
-	}
-	now := b.now()
-	targets, err := bulkTargets(ctx, req.Storage, account, olderThan, now)
-	if err != nil {
-		return nil, err
-	}
-	job, err := b.startBulkJob(ctx, req.Storage, account, now, len(targets))
-	if err != nil {
-		return nil, fmt.Errorf("record bulk rotation of account %s: %w", account, err)
-	}
-	written, qerr := queueBulkEntries(ctx, req.Storage, targets, job.Minute, now)
-	// Recorded whatever the caller does meanwhile: the entries are stored.
-	ferr := b.finishQueueing(context.WithoutCancel(ctx), req.Storage, account, job.Minute, written)
-	b.pokeScheduler()
-	// A job that could not record the end of its queueing stays marked
-	// queueing until it is taken as abandoned; the scheduler then counts
-	// its entries and works them.
-	abandonedAt := store.FormatTime(job.StartedAt.Add(store.BulkQueueAbandoned))
-	if qerr != nil {
-		err := fmt.Errorf("queue bulk rotation of account %s: %d of %d tunnels were queued, and the job rotates and counts those only: %w",
-			account, written, len(targets), qerr)
-		if ferr != nil {
-			err = fmt.Errorf("%w; recording how many also failed (%v), so they wait until %s", err, ferr, abandonedAt)
-		}
-		return nil, err
-	}
-	if ferr != nil {
-		return nil, fmt.Errorf("queue bulk rotation of account %s: all %d tunnels were queued, but the job could not record that, so they wait until %s: %w",
-			account, len(targets), abandonedAt, ferr)
-	}
-	queued := written
 	b.Logger().Info("bulk rotation queued", "account_id", account, "queued", queued)
 	return &logical.Response{Data: map[string]any{
 		"account_id":      account,
 		"queued":          queued,
-		"expected_finish": store.FormatTime(b.expectedFinish(queued)),
+		"expected_finish": store.FormatTime(b.background.ExpectedFinish(queued)),
 	}}, nil
 }
 
@@ -132,56 +96,8 @@ func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request,
 		"skipped":         skipped,
 		"skipped_count":   p.Skipped,
 		"remaining":       p.Remaining,
-		"expected_finish": store.FormatTime(b.expectedFinish(p.Remaining)),
+		"expected_finish": store.FormatTime(b.background.ExpectedFinish(p.Remaining)),
 	}}, nil
-}
-
-// bulkTargets lists the tunnels of account that a bulk rotation queues:
-// every stored one, or (olderThan) those whose key was stored longer ago.
-func bulkTargets(ctx context.Context, s logical.Storage, account string, olderThan time.Duration, now time.Time) ([]store.Tunnel, error) {
-	tunnels, err := s.List(ctx, store.PSKPrefix+account+"/")
-	if err != nil {
-		return nil, fmt.Errorf("list tunnels of account %s: %w", account, err)
-	}
-	var targets []store.Tunnel
-	for _, id := range tunnels {
-		t := store.Tunnel{AccountID: account, TunnelID: id}
-		if olderThan > 0 {
-			rec, err := store.ReadRecord(ctx, s, t)
-			if err != nil {
-				return nil, err
-			}
-			if rec == nil || now.Sub(rec.StoredAt) < olderThan {
-				continue
-			}
-		}
-		targets = append(targets, t)
-	}
-	return targets, nil
-}
-
-// queueBulkEntries writes the entries of a job of minute, within
-// store.BulkQueueLimit, and returns how many it wrote: all of them, or those
-// before the first that failed.
-func queueBulkEntries(ctx context.Context, s logical.Storage, targets []store.Tunnel, minute int64, queuedAt time.Time) (int, error) {
-	ctx, cancel := context.WithTimeout(ctx, store.BulkQueueLimit)
-	defer cancel()
-	for i, t := range targets {
-		if err := ctx.Err(); err != nil {
-			return i, fmt.Errorf("queueing stopped after %s: %w", store.BulkQueueLimit, err)
-		}
-		if err := store.QueueBulkRotation(ctx, s, t, minute, queuedAt); err != nil {
-			return i, err
-		}
-	}
-	return len(targets), nil
-}
-
-// expectedFinish estimates when n more rotations will be done at the pace
-// the budget allows.
-func (b *backend) expectedFinish(n int) time.Time {
-	limit, window := b.budget.Limit()
-	return b.now().Add(time.Duration(n) * window / time.Duration(limit)).UTC()
 }
 
 const pathRotateHelpSynopsis = `Rotate every stored tunnel of an account, paced under Cloudflare's rate limit.`

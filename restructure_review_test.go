@@ -66,9 +66,7 @@ func schedulerOverFaultyStorage(t *testing.T, env *testEnv) *faultyStorage {
 	t.Helper()
 	env.b.clean(context.Background())
 	fs := &faultyStorage{Storage: env.storage}
-	env.b.schedulerMu.Lock()
-	env.b.scheduler = newScheduler(env.b, fs)
-	env.b.schedulerMu.Unlock()
+	env.b.background.Hold(fs)
 	return fs
 }
 

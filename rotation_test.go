@@ -113,7 +113,7 @@ func assertCurrent(t *testing.T, env *testEnv, when string) {
 func runBackgroundPass(t *testing.T, env *testEnv) {
 	t.Helper()
 	env.clock.Advance(time.Hour)
-	if err := env.b.reconcileUnresolved(context.Background(), &logical.Request{Storage: env.storage}); err != nil {
+	if err := env.b.periodic(context.Background(), &logical.Request{Storage: env.storage}); err != nil {
 		t.Fatalf("background reconciliation: %v", err)
 	}
 }

@@ -19,13 +19,18 @@ import (
 // drain runs one scheduler pass now, as the scheduler's loop would.
 func drain(t *testing.T, env *testEnv) {
 	t.Helper()
-	env.b.schedulerMu.Lock()
-	sc := env.b.scheduler
-	env.b.schedulerMu.Unlock()
-	if sc == nil {
+	pass(t, env)
+}
+
+// pass runs one scheduler pass now and returns how long the loop would
+// sleep after it.
+func pass(t *testing.T, env *testEnv) time.Duration {
+	t.Helper()
+	wait, ok := env.b.background.Pass(context.Background())
+	if !ok {
 		t.Fatal("the scheduler is not running")
 	}
-	sc.pass(context.Background())
+	return wait
 }
 
 // hookStorage wraps a logical.Storage and lets a test fail or watch chosen
@@ -97,10 +102,7 @@ func (h *hookStorage) failDeletes(prefix string) {
 // storage, and no loop works the schedule behind its back.
 func schedulerOver(t *testing.T, env *testEnv, s logical.Storage) {
 	t.Helper()
-	env.b.clean(context.Background())
-	env.b.schedulerMu.Lock()
-	env.b.scheduler = newScheduler(env.b, s)
-	env.b.schedulerMu.Unlock()
+	env.b.background.Hold(s)
 }
 
 // record reads a tunnel's stored record.
@@ -575,28 +577,6 @@ func TestTunnelDiscoveryShowsWhatVaultManages(t *testing.T) {
 	}
 }
 
-func TestCleanStopsTheScheduler(t *testing.T) {
-	env := newConfiguredEnv(t)
-	env.b.schedulerMu.Lock()
-	sc := env.b.scheduler
-	env.b.schedulerMu.Unlock()
-	done := make(chan struct{})
-	go func() {
-		env.b.Cleanup(context.Background())
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("Clean did not return")
-	}
-	select {
-	case <-sc.done:
-	default:
-		t.Fatal("the scheduler loop is still running after Clean")
-	}
-}
-
 // TestScheduledRotationOfADeletedTunnelStops: a tunnel deleted at
 // Cloudflare is recorded as gone and leaves the schedule, instead of being
 // retried (hourly at best) for ever.
@@ -676,16 +656,13 @@ func TestScheduledRotationHappensAtNextRotationToTheSecond(t *testing.T) {
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
 	next := record(t, env, env.tunnel.ID).NextRotation
 
-	env.b.schedulerMu.Lock()
-	sc := env.b.scheduler
-	env.b.schedulerMu.Unlock()
 	// A pass never sleeps past the due time: at most until the minute it
 	// falls in, and there, until the second.
-	if wait, until := sc.pass(context.Background()), next.Sub(env.clock.Now()); wait > until {
+	if wait, until := pass(t, env), next.Sub(env.clock.Now()); wait > until {
 		t.Errorf("the pass sleeps %s; the rotation is due in %s", wait, until)
 	}
 	env.clock.Advance(next.Sub(env.clock.Now()) - 500*time.Millisecond)
-	if wait := sc.pass(context.Background()); wait > 500*time.Millisecond || wait < 400*time.Millisecond {
+	if wait := pass(t, env); wait > 500*time.Millisecond || wait < 400*time.Millisecond {
 		t.Errorf("half a second before the rotation is due, the pass sleeps %s", wait)
 	}
 	if v := storedVersion(t, env, env.pskPath()); v != 1 {
@@ -735,11 +712,8 @@ func TestAPassNeverSleepsPastAMinute(t *testing.T) {
 	env := newConfiguredEnv(t)
 	schedulerOver(t, env, env.storage)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "720h"}))
-	env.b.schedulerMu.Lock()
-	sc := env.b.scheduler
-	env.b.schedulerMu.Unlock()
-	sc.pass(context.Background()) // the first pass starts the repair walk
-	if wait := sc.pass(context.Background()); wait > time.Minute {
+	pass(t, env) // the first pass starts the repair walk
+	if wait := pass(t, env); wait > time.Minute {
 		t.Errorf("with the next rotation in 30 days the pass sleeps %s", wait)
 	}
 }

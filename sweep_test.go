@@ -21,7 +21,7 @@ import (
 // every minute, without moving the clock.
 func backgroundPass(t *testing.T, env *testEnv) {
 	t.Helper()
-	if err := env.b.reconcileUnresolved(context.Background(), &logical.Request{Storage: env.storage}); err != nil {
+	if err := env.b.periodic(context.Background(), &logical.Request{Storage: env.storage}); err != nil {
 		t.Fatalf("background pass: %v", err)
 	}
 }
@@ -269,7 +269,7 @@ func TestTheDriftSweepWaitsForATunnelWhoseLockIsHeld(t *testing.T) {
 	swept, sweepErr := make(chan struct{}), make(chan error, 1)
 	go func() {
 		defer close(swept)
-		sweepErr <- env.b.reconcileUnresolved(context.Background(), &logical.Request{Storage: env.storage})
+		sweepErr <- env.b.periodic(context.Background(), &logical.Request{Storage: env.storage})
 	}()
 	for env.b.engine.LockHolders(self) < 2 {
 		select {

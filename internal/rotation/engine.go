@@ -31,6 +31,9 @@ type Edge interface {
 	// GeneratePSK asks the edge to make a new key and put it into effect
 	// (or, with validateOnly, only to check that it would).
 	GeneratePSK(ctx context.Context, accountID, tunnelID string, validateOnly bool) (*cloudflare.GeneratedPSK, error)
+	// ListTunnels reads every tunnel of an account, as GetTunnel reads
+	// one: the drift sweep's one call per account.
+	ListTunnels(ctx context.Context, accountID string) ([]cloudflare.TunnelState, error)
 }
 
 // KeySource puts a new key on the edge for one tunnel and returns what the

@@ -1,4 +1,4 @@
-package main
+package background
 
 // The scheduler: one per mount, on the node that may write storage, from
 // Initialize to Clean. It works off the schedule (due.go) one rotation at a
@@ -37,18 +37,18 @@ const (
 	// minSleep keeps the loop from spinning on a rotation due a moment
 	// from now.
 	minSleep = 10 * time.Millisecond
-	// bulkCleanEvery is how often the results of replaced bulk jobs are
+	// BulkCleanEvery is how often the results of replaced bulk jobs are
 	// looked for (a List of accounts that have results, and of their
 	// jobs' minutes), and bulkCleanPerPass how many one pass removes: a
 	// job's results outlive it by that much at worst, and no pass is held
 	// up for long by a large one.
-	bulkCleanEvery   = 10 * time.Minute
+	BulkCleanEvery   = 10 * time.Minute
 	bulkCleanPerPass = 1000
 )
 
 // scheduler works off one mount's due rotations.
 type scheduler struct {
-	b       *backend
+	w       *Worker
 	storage logical.Storage
 	// mu serialises passes: the loop's and those a test runs directly
 	// must never work the same entry twice.
@@ -69,8 +69,8 @@ type scheduler struct {
 	cleanMore bool
 }
 
-func newScheduler(b *backend, s logical.Storage) *scheduler {
-	return &scheduler{b: b, storage: s, wake: make(chan struct{}, 1), done: make(chan struct{})}
+func newScheduler(w *Worker, s logical.Storage) *scheduler {
+	return &scheduler{w: w, storage: s, wake: make(chan struct{}, 1), done: make(chan struct{})}
 }
 
 // start runs the scheduler until stop.
@@ -120,15 +120,15 @@ func (sc *scheduler) run(ctx context.Context) {
 func (sc *scheduler) pass(ctx context.Context) time.Duration {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
-	b := sc.b
-	if !b.mayWrite() {
+	w := sc.w
+	if !w.mayWrite() {
 		return time.Minute
 	}
 	sc.housekeeping(ctx)
 	// Nothing can rotate without config; the entries wait for it. Each item
-	// gets the client again (sc.client): it is cached, and a pass can run
+	// connects again (sc.connect): the client is cached, and a pass can run
 	// for minutes, over which config/rotate-root can kill the token.
-	if _, _, err := b.cloudflareClient(ctx, sc.storage); err != nil {
+	if _, err := w.connect(ctx, sc.storage); err != nil {
 		return time.Minute
 	}
 	// held are the bulk jobs whose result could not be recorded, or whose
@@ -150,9 +150,9 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 	// reaching later ones, another account's schedule among them.
 	after := ""
 	for {
-		items, next, err := store.LoadDue(ctx, sc.storage, b.now(), after)
+		items, next, err := store.LoadDue(ctx, sc.storage, w.now(), after)
 		if err != nil {
-			b.Logger().Warn("scheduler could not load due rotations", "error", err)
+			w.logger.Warn("scheduler could not load due rotations", "error", err)
 			return 10 * time.Second
 		}
 		earliest(next)
@@ -184,8 +184,8 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 			// in silence, never worked twice. The rest of its job waits,
 			// as for a result that could not be recorded.
 			if err := sc.storage.Delete(ctx, item.Key); err != nil {
-				b.Logger().Warn("scheduler could not remove a finished entry", "entry", item.Key, "error", err)
-				earliest(b.now().Add(storageRetry))
+				w.logger.Warn("scheduler could not remove a finished entry", "entry", item.Key, "error", err)
+				earliest(w.now().Add(storageRetry))
 				if item.Bulk {
 					held[heldJobOf(item)] = true
 				}
@@ -197,7 +197,7 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 		after = items[len(items)-1].Key
 		// A paced bulk run is one long pass: between batches, as at a
 		// pass's start.
-		if !b.mayWrite() {
+		if !w.mayWrite() {
 			return time.Minute
 		}
 		sc.housekeeping(ctx)
@@ -226,16 +226,16 @@ type heldJob struct {
 func heldJobOf(item store.DueItem) heldJob { return heldJob{item.Tunnel.AccountID, item.Minute} }
 
 // cleanBulkResults removes some results of replaced bulk jobs (bulk.go),
-// every bulkCleanEvery, and on the next pass again while there are more.
+// every BulkCleanEvery, and on the next pass again while there are more.
 func (sc *scheduler) cleanBulkResults(ctx context.Context) {
-	now := sc.b.now()
-	if !sc.cleanMore && !sc.cleanedAt.IsZero() && now.Sub(sc.cleanedAt) < bulkCleanEvery {
+	now := sc.w.now()
+	if !sc.cleanMore && !sc.cleanedAt.IsZero() && now.Sub(sc.cleanedAt) < BulkCleanEvery {
 		return
 	}
 	sc.cleanedAt = now
 	more, err := store.CleanBulkResults(ctx, sc.storage, bulkCleanPerPass)
 	if err != nil {
-		sc.b.Logger().Warn("scheduler could not remove the results of replaced bulk rotations; it tries again later", "error", err)
+		sc.w.logger.Warn("scheduler could not remove the results of replaced bulk rotations; it tries again later", "error", err)
 	}
 	sc.cleanMore = more
 }
@@ -249,7 +249,7 @@ func (sc *scheduler) sleepUntil(wake time.Time, limit time.Duration) time.Durati
 	if wake.IsZero() {
 		return limit
 	}
-	return min(max(wake.Sub(sc.b.now()), minSleep), limit)
+	return min(max(wake.Sub(sc.w.now()), minSleep), limit)
 }
 
 // repairSchedule puts back the schedule entries that storage failed to
@@ -264,7 +264,7 @@ func (sc *scheduler) sleepUntil(wake time.Time, limit time.Duration) time.Durati
 // concurrent rotation made stale (the record moved on meanwhile) is dropped
 // by the scheduler when its minute comes, as any stale entry is.
 func (sc *scheduler) repairSchedule(ctx context.Context) {
-	now := sc.b.now()
+	now := sc.w.now()
 	if !sc.repairing {
 		if !sc.repairStarted.IsZero() && now.Sub(sc.repairStarted) < repairEvery {
 			return
@@ -273,7 +273,7 @@ func (sc *scheduler) repairSchedule(ctx context.Context) {
 	}
 	tunnels, complete, err := store.ListRecordsAfter(ctx, sc.storage, sc.repairAfter, repairPerPass)
 	if err != nil {
-		sc.b.Logger().Warn("schedule repair could not list records; it resumes next pass", "error", err)
+		sc.w.logger.Warn("schedule repair could not list records; it resumes next pass", "error", err)
 		return
 	}
 	for _, t := range tunnels {
@@ -282,7 +282,7 @@ func (sc *scheduler) repairSchedule(ctx context.Context) {
 		// stops there, so a storage outage is not a thousand warnings.
 		sc.repairAfter = t
 		if err := sc.repairEntry(ctx, t); err != nil {
-			sc.b.tunnelLogger(t).Warn("schedule repair could not check a tunnel", "error", err)
+			sc.w.engine.TunnelLogger(t).Warn("schedule repair could not check a tunnel", "error", err)
 			return
 		}
 	}
@@ -311,7 +311,7 @@ func (sc *scheduler) repairEntry(ctx context.Context, t store.Tunnel) error {
 	if err := store.ScheduleRotation(ctx, sc.storage, t, rec.NextRotation, false); err != nil {
 		return err
 	}
-	sc.b.tunnelLogger(t).Warn("the next rotation had no schedule entry; restored it", "next_rotation", store.FormatTime(rec.NextRotation))
+	sc.w.engine.TunnelLogger(t).Warn("the next rotation had no schedule entry; restored it", "next_rotation", store.FormatTime(rec.NextRotation))
 	return nil
 }
 
@@ -319,7 +319,7 @@ func (sc *scheduler) repairEntry(ctx context.Context, t store.Tunnel) error {
 // call: it keeps a reserve of the budget for operators' own requests.
 func (sc *scheduler) awaitBudget(ctx context.Context) time.Duration {
 	for {
-		ok, wait := sc.b.backgroundBudget()
+		ok, wait := sc.w.backgroundBudget()
 		if ok {
 			return 0
 		}
@@ -366,7 +366,7 @@ var (
 
 // rotateDue works one due entry and says what becomes of it.
 func (sc *scheduler) rotateDue(ctx context.Context, item store.DueItem) dueOutcome {
-	log := sc.b.tunnelLogger(item.Tunnel)
+	log := sc.w.engine.TunnelLogger(item.Tunnel)
 	due, err := store.ReadDueEntry(ctx, sc.storage, item.Key)
 	switch {
 	case errors.Is(err, store.ErrCorruptDueEntry):
@@ -386,9 +386,9 @@ func (sc *scheduler) rotateDue(ctx context.Context, item store.DueItem) dueOutco
 
 // rotateScheduled works a tunnel's scheduled rotation.
 func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) dueOutcome {
-	b, s, t := sc.b, sc.storage, item.Tunnel
-	log := b.tunnelLogger(t)
-	defer b.engine.Lock(t)()
+	w, s, t := sc.w, sc.storage, item.Tunnel
+	log := w.engine.TunnelLogger(t)
+	defer w.engine.Lock(t)()
 	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil {
 		log.Warn("scheduler could not read a record", "error", err)
@@ -399,7 +399,7 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 		// brings it back, with a schedule of its own): the entry is stale.
 		return dueFinished
 	}
-	now := b.now()
+	now := w.now()
 	if now.Before(rec.NextRotation) {
 		// Entries are loaded by the minute; the record says the second.
 		return dueOutcome{notBefore: rec.NextRotation}
@@ -407,7 +407,7 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 	if !rec.WindowEnds.IsZero() && now.After(rec.WindowEnds) {
 		return sc.missedWindow(ctx, t, rec, now)
 	}
-	if rec.Settling(b.now()) {
+	if rec.Settling(w.now()) {
 		// The last rotation's outcome is unknown and Cloudflare may still
 		// carry out its request: a generate now could be overtaken by it,
 		// and Vault would call current a key the edge replaced a moment
@@ -418,7 +418,7 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 	if err != nil {
 		return dueOutcome{postpone: time.Minute}
 	}
-	_, err = b.engine.RotateNow(ctx, s, conn, t, rec, "schedule")
+	_, err = w.engine.RotateNow(ctx, s, conn, t, rec, "schedule")
 	if outcome, notNow := notNowOutcome(err); notNow {
 		return outcome
 	}
@@ -429,7 +429,7 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 	case cloudflare.NotFound(err):
 		// The tunnel is gone: no more retries, hourly or otherwise.
 		if latest, rerr := store.ReadRecord(ctx, s, t); rerr == nil && latest != nil {
-			if _, merr := b.engine.MarkGone(ctx, s, t, latest); merr != nil {
+			if _, merr := w.engine.MarkGone(ctx, s, t, latest); merr != nil {
 				log.Warn("could not record that the tunnel is gone", "error", merr)
 				return dueKept
 			}
@@ -437,7 +437,7 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 		return dueFinished
 	}
 	log.Warn("scheduled rotation failed", "error", err)
-	if rerr := b.engine.RetryLater(ctx, s, t, err); rerr != nil {
+	if rerr := w.engine.RetryLater(ctx, s, t, err); rerr != nil {
 		// The entry is the tunnel's only place in the schedule until a
 		// replacement is stored: keep it, and the next pass tries again.
 		log.Warn("could not reschedule a failed rotation; its schedule entry is kept", "error", rerr)
@@ -453,19 +453,20 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 // was planned for would take the tunnel down when nobody expects it. Nothing
 // is sent to Cloudflare. The caller holds t's lock.
 func (sc *scheduler) missedWindow(ctx context.Context, t store.Tunnel, rec *store.Record, now time.Time) dueOutcome {
-	b, s := sc.b, sc.storage
-	log := b.tunnelLogger(t)
+	w, s := sc.w, sc.storage
+	log := w.engine.TunnelLogger(t)
 	sched := rec.Schedule()
 	scheduledFor := rec.WindowEnds.Add(-sched.Window)
 	why := "the scheduler could not start it in time (the budget was spent, the last rotation was still settling, or Vault was down)"
 	if rec.Failures > 0 {
 		why = fmt.Sprintf("%d attempt(s) failed, the last: %s", rec.Failures, rec.LastFailure)
 	}
-	floor, err := b.minRotationPeriod(ctx, s)
+	conn, err := w.connect(ctx, s)
 	if err != nil {
 		log.Warn("could not read min_rotation_period to move a rotation that missed its window; its schedule entry is kept", "error", err)
 		return dueKept
 	}
+	floor := conn.Settings.MinRotationPeriod
 	moved := *rec
 	moved.NextRotation, moved.WindowEnds = sched.NextAfterRotation(rec.StoredAt, now, floor)
 	next := "none: the schedule has no later time"
@@ -497,12 +498,12 @@ func (sc *scheduler) missedWindow(ctx context.Context, t store.Tunnel, rec *stor
 // tunnel once (bulk.go), however often a pass meets its entry: an entry
 // whose delete failed is met again, and must neither rotate nor count twice.
 func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *store.DueEntry) dueOutcome {
-	b, s, t := sc.b, sc.storage, item.Tunnel
-	log := b.tunnelLogger(t)
+	w, s, t := sc.w, sc.storage, item.Tunnel
+	log := w.engine.TunnelLogger(t)
 	job, err := store.ReadBulkJob(ctx, s, t.AccountID)
 	if err != nil {
 		log.Warn("scheduler could not read a bulk job; its entries wait for the next pass", "error", err)
-		return dueOutcome{holdJob: true, notBefore: b.now().Add(storageRetry)}
+		return dueOutcome{holdJob: true, notBefore: w.now().Add(storageRetry)}
 	}
 	// tracked: the entry is the current job's, which counts it. An entry of
 	// an older version (no key suffix) is worked without being counted.
@@ -513,10 +514,10 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 		// its delete failed.
 		return dueFinished
 	}
-	if tracked && job.Abandoned(b.now()) {
-		if err := b.closeAbandoned(ctx, s, t.AccountID, item.Minute); err != nil {
+	if tracked && job.Abandoned(w.now()) {
+		if err := w.closeAbandoned(ctx, s, t.AccountID, item.Minute); err != nil {
 			log.Warn("scheduler could not close a bulk job left half queued", "error", err)
-			return dueOutcome{holdJob: true, notBefore: b.now().Add(storageRetry)}
+			return dueOutcome{holdJob: true, notBefore: w.now().Add(storageRetry)}
 		}
 		job.Queueing = false
 	}
@@ -530,7 +531,7 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 		counted, err := job.Counted(ctx, s, t.AccountID, t.TunnelID)
 		if err != nil {
 			log.Warn("scheduler could not read a bulk job's results; its entries wait for the next pass", "error", err)
-			return dueOutcome{holdJob: true, notBefore: b.now().Add(storageRetry)}
+			return dueOutcome{holdJob: true, notBefore: w.now().Add(storageRetry)}
 		}
 		if counted {
 			return dueFinished
@@ -541,7 +542,7 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 		queuedAt = job.StartedAt // an entry that does not decode
 	}
 
-	defer b.engine.Lock(t)()
+	defer w.engine.Lock(t)()
 	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil {
 		log.Warn("scheduler could not read a record", "error", err)
@@ -556,14 +557,14 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 		// the rotation asked for has happened; it counts as done.
 		return dueFinished
 	}
-	if rec.Settling(b.now()) {
+	if rec.Settling(w.now()) {
 		return dueKept // as for a scheduled rotation
 	}
 	conn, err := sc.connect(ctx)
 	if err != nil {
 		return dueOutcome{postpone: time.Minute}
 	}
-	rotated, err := b.engine.RotateNow(ctx, s, conn, t, rec, "bulk")
+	rotated, err := w.engine.RotateNow(ctx, s, conn, t, rec, "bulk")
 	if outcome, notNow := notNowOutcome(err); notNow {
 		return outcome
 	}
@@ -601,12 +602,12 @@ func (sc *scheduler) countBulk(ctx context.Context, item store.DueItem, tracked,
 	if !tracked {
 		return dueFinished
 	}
-	if err := sc.b.recordBulkResult(ctx, sc.storage, item.Tunnel, item.Minute, skipped, reason); err != nil {
+	if err := sc.w.recordBulkResult(ctx, sc.storage, item.Tunnel, item.Minute, skipped, reason); err != nil {
 		// Not counted: the entry stays, or the job would count it as done.
 		// The rest of the job waits for the next pass, which tries this
 		// entry again; other entries do not wait.
-		sc.b.tunnelLogger(item.Tunnel).Warn("could not record a bulk rotation's result; its entry is kept, and the rest of its job waits for the next pass", "error", err)
-		return dueOutcome{holdJob: true, notBefore: sc.b.now().Add(storageRetry)}
+		sc.w.engine.TunnelLogger(item.Tunnel).Warn("could not record a bulk rotation's result; its entry is kept, and the rest of its job waits for the next pass", "error", err)
+		return dueOutcome{holdJob: true, notBefore: sc.w.now().Add(storageRetry)}
 	}
 	return dueFinished
 }
@@ -616,9 +617,9 @@ func (sc *scheduler) countBulk(ctx context.Context, item store.DueItem, tracked,
 // config/rotate-root the cached client is rebuilt with the new token.
 // Without one (config unreadable or deleted) the rotation waits.
 func (sc *scheduler) connect(ctx context.Context) (rotation.Conn, error) {
-	conn, err := sc.b.connect(ctx, sc.storage)
+	conn, err := sc.w.connect(ctx, sc.storage)
 	if err != nil {
-		sc.b.Logger().Warn("scheduler has no Cloudflare client; rotations wait", "error", err)
+		sc.w.logger.Warn("scheduler has no Cloudflare client; rotations wait", "error", err)
 	}
 	return conn, err
 }

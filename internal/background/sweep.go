@@ -1,4 +1,4 @@
-package main
+package background
 
 // The background sweep: Vault calls the backend's PeriodicFunc about once a
 // minute, and on the node that may write storage it resolves the tunnels
@@ -8,7 +8,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -24,64 +23,64 @@ import (
 // reconciliation.
 const reconcilePerPass = 100
 
-// reconcileUnresolved is the backend's PeriodicFunc: on the node that may
+// Periodic is the backend's PeriodicFunc: on the node that may
 // write storage it works off the tunnels marked unresolved, then, once per
 // drift_check_interval, compares every managed tunnel with Cloudflare. One
 // tunnel never stops the pass: only Cloudflare's rate limit or the mount's
 // budget ends it early. A tunnel whose lock is taken (a rotation in flight),
 // whose last rotation is still settling, or whose retry time has not come is
 // left for a later pass.
-func (b *backend) reconcileUnresolved(ctx context.Context, req *logical.Request) error {
-	if !b.mayWrite() {
+//
+// Without config it fails with Connect's error; the caller knows which of
+// those means "nothing to do yet".
+func (w *Worker) Periodic(ctx context.Context, s logical.Storage) error {
+	if !w.mayWrite() {
 		return nil
 	}
-	client, cfg, err := b.cloudflareClient(ctx, req.Storage)
-	if errors.Is(err, errNotConfigured) {
-		return nil
-	}
+	conn, err := w.connect(ctx, s)
 	if err != nil {
 		return err
 	}
-	tunnels, err := store.ListUnresolved(ctx, req.Storage)
+	tunnels, err := store.ListUnresolved(ctx, s)
 	if err != nil {
 		return err
 	}
 	asked := 0
 	for _, t := range tunnels {
-		if asked == reconcilePerPass || !b.budgetAllowsBackground() {
+		if asked == reconcilePerPass || !w.budgetAllowsBackground() {
 			return nil
 		}
-		calledCloudflare, err := b.engine.ReconcileInBackground(ctx, req.Storage, rotation.Conn{Edge: client, Settings: cfg.settings()}, t)
+		calledCloudflare, err := w.engine.ReconcileInBackground(ctx, s, conn, t)
 		if calledCloudflare {
 			asked++
 		}
 		if err != nil {
-			b.tunnelLogger(t).Warn("background reconciliation failed", "error", err)
+			w.engine.TunnelLogger(t).Warn("background reconciliation failed", "error", err)
 			if cloudflare.RetryAfter(err) > 0 {
 				return nil // rate limited or over budget: the next pass goes on
 			}
 		}
 	}
-	return b.sweepDrift(ctx, req.Storage, client, cfg)
+	return w.sweepDrift(ctx, s, conn)
 }
 
 // budgetAllowsBackground reports whether background work may spend a call
 // now (see backgroundBudget).
-func (b *backend) budgetAllowsBackground() bool {
-	ok, _ := b.backgroundBudget()
+func (w *Worker) budgetAllowsBackground() bool {
+	ok, _ := w.backgroundBudget()
 	return ok
 }
 
 // backgroundBudget reports whether background work (the scheduler, the
 // sweep) may spend a call now, keeping 5% of the budget for operators' own
 // requests, and if not, how long until more calls are free (0: unknown).
-func (b *backend) backgroundBudget() (bool, time.Duration) {
-	limit, _ := b.budget.Limit()
+func (w *Worker) backgroundBudget() (bool, time.Duration) {
+	limit, _ := w.budget.Limit()
 	reserve := max(limit/20, 1)
 	if limit <= 2 {
 		reserve = 0
 	}
-	free, wait := b.budget.Free()
+	free, wait := w.budget.Free()
 	return free > reserve, wait
 }
 
@@ -91,14 +90,14 @@ func (b *backend) backgroundBudget() (bool, time.Duration) {
 // was changed outside this engine (the dashboard, Terraform, another mount
 // or cluster, a restored snapshot): the record becomes stale, and
 // heal_stale_psk heals it, at most once per tunnel per interval.
-func (b *backend) sweepDrift(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord) error {
-	interval := cfg.driftInterval()
+func (w *Worker) sweepDrift(ctx context.Context, s logical.Storage, conn rotation.Conn) error {
+	interval := conn.Settings.DriftInterval
 	if interval == 0 {
 		return nil
 	}
-	b.driftMu.Lock()
-	due := b.lastDriftSweep.IsZero() || b.now().Sub(b.lastDriftSweep) >= interval
-	b.driftMu.Unlock()
+	w.driftMu.Lock()
+	due := w.lastDriftSweep.IsZero() || w.now().Sub(w.lastDriftSweep) >= interval
+	w.driftMu.Unlock()
 	if !due {
 		return nil
 	}
@@ -108,12 +107,12 @@ func (b *backend) sweepDrift(ctx context.Context, s logical.Storage, client *clo
 	}
 	for _, a := range accounts {
 		account := strings.TrimSuffix(a, "/")
-		if !b.budgetAllowsBackground() {
+		if !w.budgetAllowsBackground() {
 			return nil // the rest waits for the next pass; the sweep is not done
 		}
-		edge, err := client.ListTunnels(ctx, account)
+		edge, err := conn.Edge.ListTunnels(ctx, account)
 		if err != nil {
-			b.Logger().Warn("drift check could not list tunnels", "account_id", account, "error", err)
+			w.logger.Warn("drift check could not list tunnels", "account_id", account, "error", err)
 			if cloudflare.RetryAfter(err) > 0 {
 				return nil
 			}
@@ -129,16 +128,16 @@ func (b *backend) sweepDrift(ctx context.Context, s logical.Storage, client *clo
 		}
 		for _, id := range stored {
 			t := store.Tunnel{AccountID: account, TunnelID: id}
-			if _, err := b.engine.CompareWithEdge(ctx, s, rotation.Conn{Edge: client, Settings: cfg.settings()}, t, byID[id]); err != nil {
-				b.tunnelLogger(t).Warn("drift check failed", "error", err)
+			if _, err := w.engine.CompareWithEdge(ctx, s, conn, t, byID[id]); err != nil {
+				w.engine.TunnelLogger(t).Warn("drift check failed", "error", err)
 				if cloudflare.RetryAfter(err) > 0 {
 					return nil
 				}
 			}
 		}
 	}
-	b.driftMu.Lock()
-	b.lastDriftSweep = b.now()
-	b.driftMu.Unlock()
+	w.driftMu.Lock()
+	w.lastDriftSweep = w.now()
+	w.driftMu.Unlock()
 	return nil
 }

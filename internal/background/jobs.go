@@ -1,0 +1,250 @@
+package background
+
+// Bulk rotation jobs: rotate/<account> queues them (QueueAccount), the
+// scheduler works their due/ entries (scheduler.go), and internal/store
+// keeps their records and results.
+//
+// Progress is counted so that it is exact after any failure: the job keeps
+// the tunnels that failed or were skipped, and no count of those done (an
+// entry whose delete failed is met again, and a counter would count it
+// twice; a list of every tunnel done would not fit one storage entry for a
+// large account). Done is what is neither failed, skipped nor still queued:
+// queued - entries left - failed - skipped.
+//
+// Each failed or skipped tunnel is an entry of its own,
+// bulkresult/<account>/<minute>/<tunnel>.failed (or .skipped), beside the
+// job's small, fixed-size record bulk/<account>: recording one is a Put of a
+// few hundred bytes (the reason is bounded, store.MaxBulkReason), whether it is
+// already counted two Gets, and counting them one List. Raft refuses an
+// entry over max_entry_size (1 MiB by default, often less), so a job that
+// kept its results in its one record, rewritten at each failure, could not
+// record more than a few thousand, and did O(n²) work to get there. The
+// results of a job replaced by a newer one are removed by the scheduler
+// (store.CleanBulkResults), a bounded number per pass.
+//
+// The job record is written before its entries (Queueing set) and the
+// scheduler works none of them until it is cleared, so that every entry
+// belongs to a recorded job and the count holds while the entries are
+// written too. A job still queueing long after it started lost its writer
+// (the process stopped half way): it counts the entries that were written.
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// recordBulkResult counts t's rotation as failed (skipped: as skipped),
+// with reason, in the job of minute: one small entry of its own. A job since
+// replaced by a newer one is left alone. Recording the same tunnel again
+// changes nothing.
+func (w *Worker) recordBulkResult(ctx context.Context, s logical.Storage, t store.Tunnel, minute int64, skipped bool, reason string) error {
+	w.jobsMu.Lock()
+	defer w.jobsMu.Unlock()
+	job, err := store.ReadBulkJob(ctx, s, t.AccountID)
+	if err != nil || job == nil || job.Minute != minute {
+		return err
+	}
+	if counted, err := job.Counted(ctx, s, t.AccountID, t.TunnelID); err != nil || counted {
+		return err
+	}
+	key := store.BulkResultKey(t.AccountID, minute, t.TunnelID, skipped)
+	entry, err := logical.StorageEntryJSON(key, store.BulkResult{Reason: store.BoundReason(reason)})
+	if err != nil {
+		return fmt.Errorf("encode bulk result of %s: %w", t, err)
+	}
+	if err := s.Put(ctx, entry); err != nil {
+		return fmt.Errorf("record the bulk rotation result of %s: %w", t, err)
+	}
+	return nil
+}
+
+// startBulkJob records a new job of n rotations for account, queueing, in a
+// minute of its own: the current one, or the one after the last job's when
+// that was in this minute too, so that an entry of the last job that lingers
+// (its delete failed) is never counted as this job's.
+func (w *Worker) startBulkJob(ctx context.Context, s logical.Storage, account string, now time.Time, n int) (*store.BulkJob, error) {
+	w.jobsMu.Lock()
+	defer w.jobsMu.Unlock()
+	prev, err := store.ReadBulkJob(ctx, s, account)
+	if err != nil {
+		return nil, err
+	}
+	// Checked again under the lock that the job is written under: two
+	// writes of rotate/ at once start one job.
+	if err := w.refuseWhileRunning(ctx, s, account, prev); err != nil {
+		return nil, err
+	}
+	minute := store.DueMinute(now, false)
+	if prev != nil && prev.Minute >= minute {
+		minute = prev.Minute + 1
+	}
+	job := &store.BulkJob{StartedAt: now.UTC(), Minute: minute, Queued: n, Queueing: true}
+	if err := store.WriteBulkJob(ctx, s, account, job); err != nil {
+		return nil, err
+	}
+	return job, nil
+}
+
+// refuseWhileRunning refuses a new job of account while job (its last, nil
+// when none) has rotations left: a second job would queue the same tunnels
+// again and replace the record that counts the first.
+func (w *Worker) refuseWhileRunning(ctx context.Context, s logical.Storage, account string, job *store.BulkJob) error {
+	if job == nil {
+		return nil
+	}
+	p, _, err := job.Progress(ctx, s, account, w.now())
+	if err != nil {
+		return err
+	}
+	if p.Remaining == 0 {
+		return nil
+	}
+	return &JobRunningError{Account: account, StartedAt: job.StartedAt, Progress: p}
+}
+
+// JobRunningError refuses a bulk job of an account whose last job still
+// has rotations left.
+type JobRunningError struct {
+	Account   string
+	StartedAt time.Time
+	Progress  store.BulkProgress
+}
+
+func (e *JobRunningError) Error() string {
+	p := e.Progress
+	return fmt.Sprintf("a bulk rotation of account %s started at %s is still running (queued %d, done %d, failed %d, skipped %d, remaining %d): "+
+		"nothing was queued; read rotate/%s for its progress, and write again once remaining is 0",
+		e.Account, store.FormatTime(e.StartedAt), p.Queued, p.Done, p.Failed, p.Skipped, p.Remaining, e.Account)
+}
+
+// finishQueueing records that the job of minute has its written entries,
+// all it will have, and may be worked.
+func (w *Worker) finishQueueing(ctx context.Context, s logical.Storage, account string, minute int64, written int) error {
+	w.jobsMu.Lock()
+	defer w.jobsMu.Unlock()
+	job, err := store.ReadBulkJob(ctx, s, account)
+	if err != nil || job == nil || job.Minute != minute {
+		return err
+	}
+	job.Queued, job.Queueing = written, false
+	return store.WriteBulkJob(ctx, s, account, job)
+}
+
+// closeAbandoned ends the queueing of a job of minute that lost its writer:
+// none of its entries has been worked, so those present are all it has.
+func (w *Worker) closeAbandoned(ctx context.Context, s logical.Storage, account string, minute int64) error {
+	w.jobsMu.Lock()
+	defer w.jobsMu.Unlock()
+	job, err := store.ReadBulkJob(ctx, s, account)
+	if err != nil || job == nil || job.Minute != minute || !job.Abandoned(w.now()) {
+		return err
+	}
+	written, err := store.CountBulkEntries(ctx, s, minute, account, func(string) bool { return false })
+	if err != nil {
+		return err
+	}
+	w.logger.Warn("a bulk rotation was left half queued; it counts the entries that were written",
+		"account_id", account, "planned", job.Queued, "queued", written)
+	job.Queued, job.Queueing = written, false
+	return store.WriteBulkJob(ctx, s, account, job)
+}
+
+// bulkTargets lists the tunnels of account that a bulk rotation queues:
+// every stored one, or (olderThan) those whose key was stored longer ago.
+func bulkTargets(ctx context.Context, s logical.Storage, account string, olderThan time.Duration, now time.Time) ([]store.Tunnel, error) {
+	tunnels, err := s.List(ctx, store.PSKPrefix+account+"/")
+	if err != nil {
+		return nil, fmt.Errorf("list tunnels of account %s: %w", account, err)
+	}
+	var targets []store.Tunnel
+	for _, id := range tunnels {
+		t := store.Tunnel{AccountID: account, TunnelID: id}
+		if olderThan > 0 {
+			rec, err := store.ReadRecord(ctx, s, t)
+			if err != nil {
+				return nil, err
+			}
+			if rec == nil || now.Sub(rec.StoredAt) < olderThan {
+				continue
+			}
+		}
+		targets = append(targets, t)
+	}
+	return targets, nil
+}
+
+// queueBulkEntries writes the entries of a job of minute, within
+// store.BulkQueueLimit, and returns how many it wrote: all of them, or those
+// before the first that failed.
+func queueBulkEntries(ctx context.Context, s logical.Storage, targets []store.Tunnel, minute int64, queuedAt time.Time) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, store.BulkQueueLimit)
+	defer cancel()
+	for i, t := range targets {
+		if err := ctx.Err(); err != nil {
+			return i, fmt.Errorf("queueing stopped after %s: %w", store.BulkQueueLimit, err)
+		}
+		if err := store.QueueBulkRotation(ctx, s, t, minute, queuedAt); err != nil {
+			return i, err
+		}
+	}
+	return len(targets), nil
+}
+
+// ExpectedFinish estimates when n more rotations will be done at the pace
+// the budget allows.
+func (w *Worker) ExpectedFinish(n int) time.Time {
+	limit, window := w.budget.Limit()
+	return w.now().Add(time.Duration(n) * window / time.Duration(limit)).UTC()
+}
+
+// QueueAccount starts a bulk job of account: every tunnel of it whose key
+// Vault stores, or (olderThan) those whose key was stored longer ago, is
+// queued for the scheduler, which rotates them paced under the budget. It
+// returns how many were queued. While the account's last job still has
+// rotations left it fails with a *JobRunningError and queues nothing.
+func (w *Worker) QueueAccount(ctx context.Context, s logical.Storage, account string, olderThan time.Duration) (int, error) {
+	// Refused before the account's records are read; startBulkJob checks
+	// again, under its lock.
+	last, err := store.ReadBulkJob(ctx, s, account)
+	if err != nil {
+		return 0, err
+	}
+	if err := w.refuseWhileRunning(ctx, s, account, last); err != nil {
+		return 0, err
+	}
+	now := w.now()
+	targets, err := bulkTargets(ctx, s, account, olderThan, now)
+	if err != nil {
+		return 0, err
+	}
+	job, err := w.startBulkJob(ctx, s, account, now, len(targets))
+	if err != nil {
+		return 0, fmt.Errorf("record bulk rotation of account %s: %w", account, err)
+	}
+	written, qerr := queueBulkEntries(ctx, s, targets, job.Minute, now)
+	// Recorded whatever the caller does meanwhile: the entries are stored.
+	ferr := w.finishQueueing(context.WithoutCancel(ctx), s, account, job.Minute, written)
+	w.Poke()
+	// A job that could not record the end of its queueing stays marked
+	// queueing until it is taken as abandoned; the scheduler then counts
+	// its entries and works them.
+	abandonedAt := store.FormatTime(job.StartedAt.Add(store.BulkQueueAbandoned))
+	if qerr != nil {
+		err := fmt.Errorf("queue bulk rotation of account %s: %d of %d tunnels were queued, and the job rotates and counts those only: %w",
+			account, written, len(targets), qerr)
+		if ferr != nil {
+			err = fmt.Errorf("%w; recording how many also failed (%v), so they wait until %s", err, ferr, abandonedAt)
+		}
+		return 0, err
+	}
+	if ferr != nil {
+		return 0, fmt.Errorf("queue bulk rotation of account %s: all %d tunnels were queued, but the job could not record that, so they wait until %s: %w",
+			account, len(targets), abandonedAt, ferr)
+	}
+	return written, nil
+}
