@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"strings"
 	"sync"
 	"time"
 
@@ -76,42 +75,6 @@ type backend struct {
 	now func() time.Time
 }
 
-// Factory is the plugin's logical.Factory.
-func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend, error) {
-	b := newBackend()
-	if err := b.Setup(ctx, conf); err != nil {
-		return nil, err
-	}
-	return b, nil
-}
-
-func newBackend() *backend {
-	b := &backend{now: time.Now}
-	b.budget = cloudflare.NewBudget(defaultRateLimit, defaultRateLimitWindow, func() time.Time { return b.now() })
-	b.budget.SetOnBlock(b.storeBlock)
-	b.Backend = &framework.Backend{
-		Help:        strings.TrimSpace(backendHelp),
-		BackendType: logical.TypeLogical,
-		PathsSpecial: &logical.Paths{
-			SealWrapStorage: []string{configStorageKey, store.PSKPrefix},
-		},
-		Paths: framework.PathAppend(
-			[]*framework.Path{pathConfig(b), pathConfigRotateRoot(b)},
-			pathPSK(b),
-			pathPSKSchedule(b),
-			pathMetadata(b),
-			pathRotate(b),
-			pathTunnels(b),
-		),
-		Invalidate:     b.invalidate,
-		PeriodicFunc:   b.periodic,
-		InitializeFunc: b.initialize,
-		Clean:          b.clean,
-		RunningVersion: version,
-	}
-	return b
-}
-
 // initialize starts the scheduler, on the node that may write.
 func (b *backend) initialize(_ context.Context, req *logical.InitializationRequest) error {
 	b.background.Start(req.Storage)
@@ -169,6 +132,13 @@ func (b *backend) Setup(ctx context.Context, conf *logical.BackendConfig) error 
 		Budget:   b.budget,
 	})
 	return nil
+}
+
+// announceRotation is the engine's Rotated hook. Events are best effort and
+// go to Vault over a round trip of their own, so they do not hold up the
+// answer.
+func (b *backend) announceRotation(rec *store.Record, trigger string) {
+	go sendRotateEvent(context.Background(), b, b.Logger(), rec, trigger)
 }
 
 // pokeScheduler is the engine's Scheduled hook: a next rotation was stored,
@@ -402,15 +372,14 @@ func failure(err error) (*logical.Response, error) {
 	return nil, logical.CodedError(http.StatusBadGateway, msg)
 }
 
-const backendHelp = `
-The Cloudflare IPsec secrets engine generates pre-shared keys (PSKs) for
-Cloudflare Magic WAN / Magic Transit IPsec tunnels and keeps them in Vault.
-
-Writing to psk/<account_id>/<tunnel_id> asks Cloudflare to generate a new PSK
-for that tunnel; Cloudflare activates it on its edge at once and never shows it
-again, and the engine stores it. Reading the same path returns it, under
-Vault's ACLs and audit logging. metadata/<account_id>/<tunnel_id> shows the
-rotation state without the key.
-
-Configure the engine first by writing a Cloudflare API token to config.
-`
+// minRotationPeriod reads the mount's floor under every schedule from
+// storage (the default while the engine is not configured). It reads
+// storage rather than the cached client's config, so that a write refused
+// or accepted always answers to the config stored at that moment.
+func (b *backend) minRotationPeriod(ctx context.Context, s logical.Storage) (time.Duration, error) {
+	cfg, err := readConfig(ctx, s)
+	if err != nil {
+		return 0, err
+	}
+	return cfg.minRotationPeriod(), nil
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strconv"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -14,22 +15,15 @@ import (
 // rotateEventType is the event a stored rotation sends.
 const rotateEventType = "cloudflare-ipsec/psk-rotate"
 
-// announceRotation is the engine's Rotated hook. Events are best effort and
-// go to Vault over a round trip of their own, so they do not hold up the
-// answer.
-func (b *backend) announceRotation(rec *store.Record, trigger string) {
-	go b.sendRotateEvent(context.Background(), rec, trigger)
-}
-
 // sendRotateEvent tells subscribers (Vault Enterprise's event bus) that a
 // tunnel has a new key, and where to read it. The event carries no secret. On Vault Community
 // there is no bus and the call does nothing.
-func (b *backend) sendRotateEvent(ctx context.Context, rec *store.Record, trigger string) {
+func sendRotateEvent(ctx context.Context, sender logical.EventSender, log hclog.Logger, rec *store.Record, trigger string) {
 	t := store.Tunnel{AccountID: rec.AccountID, TunnelID: rec.TunnelID}
 	// path and data_path are relative to the mount: Vault prepends the
 	// mount's path before subscribers see them, and checks a subscriber's
 	// read capability on data_path, as for its own engines' events.
-	err := logical.SendEvent(ctx, b, rotateEventType,
+	err := logical.SendEvent(ctx, sender, rotateEventType,
 		logical.EventMetadataPath, t.StorageKey(),
 		logical.EventMetadataDataPath, t.StorageKey(),
 		logical.EventMetadataModified, "true",
@@ -40,6 +34,6 @@ func (b *backend) sendRotateEvent(ctx context.Context, rec *store.Record, trigge
 		"last_generated_on", store.FormatTime(rec.LastGeneratedOn),
 		"trigger", trigger)
 	if err != nil && !errors.Is(err, framework.ErrNoEvents) {
-		b.Logger().Debug("could not send rotation event", "error", err)
+		log.Debug("could not send rotation event", "error", err)
 	}
 }

@@ -1,6 +1,6 @@
 // Command vault-plugin-secrets-cloudflare-ipsec is a HashiCorp Vault secrets
 // engine that generates Cloudflare IPsec tunnel pre-shared keys straight into
-// Vault. This file only serves the plugin; the engine starts in backend.go.
+// Vault. This file only serves the plugin; the engine starts in factory.go.
 package main
 
 import (
@@ -10,10 +10,6 @@ import (
 	"github.com/hashicorp/vault/api"
 	"github.com/hashicorp/vault/sdk/plugin"
 )
-
-// version is set at build time (-ldflags "-X main.version=v1.2.3") and shown
-// by `vault secrets list -detailed` as the mount's running version.
-var version = "v0.1.0-dev"
 
 func main() {
 	apiClientMeta := &api.PluginAPIClientMeta{}

@@ -12,117 +12,9 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
-	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
-
-const (
-	configStorageKey      = "config"
-	defaultRequestTimeout = 30 * time.Second
-	maxRequestTimeout     = 5 * time.Minute
-	maxTokenLength        = cloudflare.MaxTokenLength
-	// Cloudflare allows 1,200 requests per five minutes per user (all of
-	// the user's tokens and dashboard use together; an account-owned token
-	// has its own); the default leaves half for the user's other tools.
-	defaultRateLimit       = 600
-	maxRateLimit           = 1200
-	defaultRateLimitWindow = 5 * time.Minute
-	maxBaseURLLength       = 2048
-	// The drift sweep lists each managed account once per interval.
-	defaultDriftCheckInterval = time.Hour
-	minDriftCheckInterval     = time.Minute
-	// A rotation is an outage until the tunnel's routers have the new key;
-	// hourly is already far more often than any policy asks for, and a
-	// team allowed only to reschedule (docs/policies/operator.hcl) can
-	// cause no more than one rotation per tunnel per min_rotation_period.
-	// The least it may be is schedule.MinPeriod (internal/schedule), the shortest
-	// schedule the engine has ever taken.
-	defaultMinRotationPeriod = time.Hour
-	maxMinRotationPeriod     = 8760 * time.Hour
-)
-
-// configRecord is the engine's configuration as stored. APIToken never
-// leaves storage except to authenticate calls to Cloudflare.
-type configRecord struct {
-	APIToken       string        `json:"api_token"`
-	BaseURL        string        `json:"base_url"`
-	RequestTimeout time.Duration `json:"request_timeout"`
-	TokenAccountID string        `json:"token_account_id,omitempty"`
-	// HealStalePSK lets reconciliation generate a new key when it finds that
-	// Cloudflare's key is not the stored one.
-	HealStalePSK bool `json:"heal_stale_psk"`
-	// RateLimit caps this mount's Cloudflare calls per RateLimitWindow.
-	RateLimit       int           `json:"rate_limit"`
-	RateLimitWindow time.Duration `json:"rate_limit_window"`
-	// DriftCheckInterval is how often the background compares every managed
-	// tunnel's key time at Cloudflare with the record; 0 turns it off.
-	DriftCheckInterval time.Duration `json:"drift_check_interval"`
-	// MinRotationPeriod is the shortest schedule a write may set, and the
-	// least time a schedule change or a schedule written before it was
-	// raised leaves after a tunnel's stored key (internal/schedule). 0, in a
-	// config stored before the field existed: defaultMinRotationPeriod.
-	MinRotationPeriod time.Duration `json:"min_rotation_period"`
-
-	// What Cloudflare's token-verify endpoint said when config was written.
-	TokenID        string    `json:"token_id"`
-	TokenStatus    string    `json:"token_status"`
-	TokenExpiresOn time.Time `json:"token_expires_on"`
-	TokenNotBefore time.Time `json:"token_not_before"`
-	VerifiedAt     time.Time `json:"verified_at"`
-	// LastRotated is when config/rotate-root last rolled the token.
-	LastRotated time.Time `json:"last_rotated"`
-}
-
-// tokenExpiryWarning is how close to its expiry a token draws a warning.
-const tokenExpiryWarning = 30 * 24 * time.Hour
-
-// expiryWarnings warns when the token expires soon.
-func (c *configRecord) expiryWarnings(now time.Time) []string {
-	if c.TokenExpiresOn.IsZero() || c.TokenExpiresOn.Sub(now) > tokenExpiryWarning {
-		return nil
-	}
-	return []string{fmt.Sprintf("the API token %s expires on %s, in %s: create a new token at Cloudflare and write it to config before then",
-		c.TokenID, store.FormatTime(c.TokenExpiresOn), c.TokenExpiresOn.Sub(now).Round(time.Hour))}
-}
-
-// driftInterval is how often the drift sweep runs (0: never).
-func (c *configRecord) driftInterval() time.Duration { return c.DriftCheckInterval }
-
-// minRotationPeriod is the floor under every schedule (see
-// MinRotationPeriod); without config, or in a config stored before the
-// field existed, the default.
-func (c *configRecord) minRotationPeriod() time.Duration {
-	if c == nil || c.MinRotationPeriod <= 0 {
-		return defaultMinRotationPeriod
-	}
-	return c.MinRotationPeriod
-}
-
-// minRotationPeriod reads the mount's floor under every schedule from
-// storage (the default while the engine is not configured). It reads
-// storage rather than the cached client's config, so that a write refused
-// or accepted always answers to the config stored at that moment.
-func (b *backend) minRotationPeriod(ctx context.Context, s logical.Storage) (time.Duration, error) {
-	cfg, err := readConfig(ctx, s)
-	if err != nil {
-		return 0, err
-	}
-	return cfg.minRotationPeriod(), nil
-}
-
-// settings are what the rotation engine needs of config.
-func (c *configRecord) settings() rotation.Settings {
-	return rotation.Settings{
-		RequestTimeout:    c.RequestTimeout,
-		HealStalePSK:      c.HealStalePSK,
-		DriftInterval:     c.driftInterval(),
-		MinRotationPeriod: c.minRotationPeriod(),
-	}
-}
-
-// rateLimit returns the mount's cap on Cloudflare calls.
-func (c *configRecord) rateLimit() (int, time.Duration) { return c.RateLimit, c.RateLimitWindow }
 
 func pathConfig(b *backend) *framework.Path {
 	return &framework.Path{
@@ -219,21 +111,6 @@ func pathConfig(b *backend) *framework.Path {
 		HelpSynopsis:    pathConfigHelpSynopsis,
 		HelpDescription: pathConfigHelpDescription,
 	}
-}
-
-func readConfig(ctx context.Context, s logical.Storage) (*configRecord, error) {
-	entry, err := s.Get(ctx, configStorageKey)
-	if err != nil {
-		return nil, fmt.Errorf("read config: %w", err)
-	}
-	if entry == nil {
-		return nil, nil
-	}
-	cfg := new(configRecord)
-	if err := entry.DecodeJSON(cfg); err != nil {
-		return nil, fmt.Errorf("decode config: %w", err)
-	}
-	return cfg, nil
 }
 
 func (b *backend) configExists(ctx context.Context, req *logical.Request, _ *framework.FieldData) (bool, error) {
@@ -338,18 +215,6 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 		return &logical.Response{Warnings: warnings}, nil
 	}
 	return nil, nil
-}
-
-// sameEndpoint reports whether c and other send calls with the same token
-// to the same place, so that Cloudflare's answers to one are the other's.
-func (c *configRecord) sameEndpoint(other *configRecord) bool {
-	return c.APIToken == other.APIToken && c.BaseURL == other.BaseURL && c.TokenAccountID == other.TokenAccountID
-}
-
-func (c *configRecord) applyVerification(status *cloudflare.TokenStatus, now time.Time) {
-	c.TokenID, c.TokenStatus = status.ID, status.Status
-	c.TokenExpiresOn, c.TokenNotBefore = status.ExpiresOn, status.NotBefore
-	c.VerifiedAt = now.UTC()
 }
 
 // applyConfigFields copies the request's fields onto cfg and validates the

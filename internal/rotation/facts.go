@@ -1,5 +1,18 @@
 package rotation
 
+// Router facts: what Cloudflare knows of a tunnel that a router's
+// configuration needs beside the key (the address to connect to, the
+// tunnel's inside addresses, the IKE identity), kept in the tunnel's record
+// so that one Vault read gives a provisioning tool or a Vault Agent template
+// everything, with no Cloudflare credentials and no call to Cloudflare.
+//
+// No rotation asks Cloudflare for them: they come from reads the engine
+// makes anyway. A tunnel's first rotation already reads the tunnel (to learn
+// the key it is replacing); psk_generate's answer may carry ipsec_id; the
+// drift sweep lists every managed tunnel of an account once per
+// drift_check_interval, and tunnels/ reads and lists ask Cloudflare on an
+// operator's behalf. A record is rewritten only when a fact changed.
+
 import (
 	"context"
 	"net/netip"
