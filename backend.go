@@ -137,8 +137,8 @@ func (b *backend) Setup(ctx context.Context, conf *logical.BackendConfig) error 
 // announceRotation is the engine's Rotated hook. Events are best effort and
 // go to Vault over a round trip of their own, so they do not hold up the
 // answer.
-func (b *backend) announceRotation(rec *store.Record, trigger string) {
-	go sendRotateEvent(context.Background(), b, b.Logger(), rec, trigger)
+func (b *backend) announceRotation(rec *store.Record, trigger rotation.Trigger) {
+	go sendRotateEvent(context.Background(), b, b.Logger(), rec, string(trigger))
 }
 
 // pokeScheduler is the engine's Scheduled hook: a next rotation was stored,

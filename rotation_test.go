@@ -388,7 +388,7 @@ func TestAGeneratedKeyIsStoredEvenIfTheCallerGivesUp(t *testing.T) {
 	}
 	tun := store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}
 	rec, _ := store.ReadRecord(ctx, env.storage, tun)
-	_, err = env.b.engine.RotateNow(ctx, storage, rotation.Conn{Edge: client, Settings: cfg.settings()}, tun, rec, "write")
+	_, err = env.b.engine.RotateNow(ctx, storage, rotation.Conn{Edge: client, Settings: cfg.settings()}, tun, rec, rotation.TriggerWrite)
 	if err != nil {
 		t.Fatalf("rotation: %v", err)
 	}

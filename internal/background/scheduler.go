@@ -418,7 +418,7 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 	if err != nil {
 		return dueOutcome{postpone: time.Minute}
 	}
-	_, err = w.engine.RotateNow(ctx, s, conn, t, rec, "schedule")
+	_, err = w.engine.RotateNow(ctx, s, conn, t, rec, rotation.TriggerSchedule)
 	if outcome, notNow := notNowOutcome(err); notNow {
 		return outcome
 	}
@@ -564,7 +564,7 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 	if err != nil {
 		return dueOutcome{postpone: time.Minute}
 	}
-	rotated, err := w.engine.RotateNow(ctx, s, conn, t, rec, "bulk")
+	rotated, err := w.engine.RotateNow(ctx, s, conn, t, rec, rotation.TriggerBulk)
 	if outcome, notNow := notNowOutcome(err); notNow {
 		return outcome
 	}

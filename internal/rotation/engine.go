@@ -82,8 +82,28 @@ type Hooks struct {
 	Scheduled func()
 	// Rotated is told of every key stored, and who asked for it. It must
 	// not block: it runs before the caller gets its answer.
-	Rotated func(rec *store.Record, trigger string)
+	Rotated func(rec *store.Record, trigger Trigger)
 }
+
+// Trigger says who asked for a key. It is the rotation event's "trigger".
+type Trigger string
+
+const (
+	// TriggerWrite is an operator's write of psk/<account>/<tunnel>: the
+	// one rotation that also takes back a tunnel held from healing or held
+	// for its last answer.
+	TriggerWrite Trigger = "write"
+	// TriggerValidate is a validate_only write, run as a rotation because
+	// Cloudflare may turn it into one (validate.go).
+	TriggerValidate Trigger = "validate_only"
+	// TriggerSchedule is the scheduler, at the tunnel's next_rotation.
+	TriggerSchedule Trigger = "schedule"
+	// TriggerBulk is the scheduler working a bulk job (rotate/<account>).
+	TriggerBulk Trigger = "bulk"
+	// TriggerHeal is reconciliation, replacing a key the edge uses and
+	// Vault does not hold.
+	TriggerHeal Trigger = "heal"
+)
 
 // Config is what an Engine is made of.
 type Config struct {
@@ -158,7 +178,7 @@ func (e *Engine) scheduled() {
 }
 
 // rotated tells the outside that a key was stored.
-func (e *Engine) rotated(rec *store.Record, trigger string) {
+func (e *Engine) rotated(rec *store.Record, trigger Trigger) {
 	if e.hooks.Rotated != nil {
 		e.hooks.Rotated(rec, trigger)
 	}

@@ -75,7 +75,7 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 			log.Warn("reconciled: cloudflare's key is not the stored one; generating a new key")
 			healing := *rec
 			healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
-			return e.rotateLocked(ctx, s, conn, t, &healing, rec.RotationPeriod, "heal")
+			return e.rotateLocked(ctx, s, conn, t, &healing, rec.RotationPeriod, TriggerHeal)
 		}
 		return e.holdHealing(ctx, s, t, rec, reason)
 	}
@@ -262,7 +262,7 @@ func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn
 	e.TunnelLogger(t).Warn("key changed outside this engine; generating a new key", "edge_generated_on", store.FormatTime(edge.PSKLastGeneratedOn))
 	healing := *stale
 	healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
-	_, err = e.rotateLocked(ctx, s, conn, t, &healing, stale.RotationPeriod, "heal")
+	_, err = e.rotateLocked(ctx, s, conn, t, &healing, stale.RotationPeriod, TriggerHeal)
 	return err == nil, err
 }
 
@@ -294,7 +294,7 @@ func (e *Engine) CompareWithEdge(ctx context.Context, s logical.Storage, conn Co
 // that is unknown. The caller holds t's lock. It returns the record as it
 // stands afterwards: nil when reconciliation found that the tunnel's only
 // rotation never happened and removed its record.
-func (e *Engine) RotateNow(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, trigger string) (*store.Record, error) {
+func (e *Engine) RotateNow(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, trigger Trigger) (*store.Record, error) {
 	if !rec.Current() {
 		var err error
 		if rec, err = e.reconcileLocked(ctx, s, conn, t, rec, false); err != nil || rec == nil {

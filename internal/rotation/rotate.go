@@ -93,7 +93,7 @@ func (e *Engine) Write(ctx context.Context, s logical.Storage, t store.Tunnel, s
 	if sched != nil {
 		next = *sched
 	}
-	rotated, err := e.generateLocked(ctx, s, conn, t, rec, next, "write", false)
+	rotated, err := e.generateLocked(ctx, s, conn, t, rec, next, TriggerWrite, false)
 	if err != nil {
 		if outcomeUnknown(err) {
 			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, store.StateRotationUnknown)
@@ -109,8 +109,8 @@ func (e *Engine) Write(ctx context.Context, s logical.Storage, t store.Tunnel, s
 // value replaces it with that period (0: none). The caller holds t's lock
 // and passes the tunnel's record as read under it (nil when none). trigger
 // says who asked (write, schedule, bulk, heal) for the rotation event.
-func (e *Engine) rotateLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, previous *store.Record, period time.Duration, trigger string) (*store.Record, error) {
-	if previous != nil && previous.HeldByAnswer() && trigger != "write" {
+func (e *Engine) rotateLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, previous *store.Record, period time.Duration, trigger Trigger) (*store.Record, error) {
+	if previous != nil && previous.HeldByAnswer() && trigger != TriggerWrite {
 		// The last answer carried a key of the wrong form: asking again
 		// by itself would only bring another (holdWrongKey).
 		return nil, &answerHeldError{tunnel: t}
@@ -126,7 +126,7 @@ func (e *Engine) rotateLocked(ctx context.Context, s logical.Storage, conn Conn,
 // validateOnly, for a validate_only request (validate.go says why that runs
 // under the same protocol). A validation that generated nothing puts the
 // record back and returns nil. sched is the tunnel's schedule from now on.
-func (e *Engine) generateLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, previous *store.Record, sched schedule.Schedule, trigger string, validateOnly bool) (*store.Record, error) {
+func (e *Engine) generateLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, previous *store.Record, sched schedule.Schedule, trigger Trigger, validateOnly bool) (*store.Record, error) {
 	period := sched.Period
 	what := "rotation"
 	if validateOnly {
@@ -180,7 +180,7 @@ func (e *Engine) generateLocked(ctx context.Context, s logical.Storage, conn Con
 			e.TunnelLogger(t).Warn("could not read the tunnel's router facts before a rotation", "error", err)
 		}
 	}
-	if trigger == "write" {
+	if trigger == TriggerWrite {
 		// An operator's write takes the tunnel back (see mayHeal).
 		pending.HealHeld = false
 	}
@@ -247,7 +247,7 @@ func (e *Engine) generateLocked(ctx context.Context, s logical.Storage, conn Con
 		LastHealedAt:    pending.LastHealedAt,
 		Facts:           e.withIPsecID(t, pending.Facts, generated.IPsecID),
 	}
-	if trigger == "heal" {
+	if trigger == TriggerHeal {
 		rec.LastHealedAt = rec.StoredAt
 	}
 	// The next rotation counts from this one: a period from now, a cron

@@ -48,7 +48,7 @@ func (e *Engine) Validate(ctx context.Context, s logical.Storage, t store.Tunnel
 		return nil, err
 	}
 	defer unlock()
-	stored, err := e.generateLocked(ctx, s, conn, t, rec, rec.Schedule(), "validate_only", true)
+	stored, err := e.generateLocked(ctx, s, conn, t, rec, rec.Schedule(), TriggerValidate, true)
 	if err != nil {
 		if outcomeUnknown(err) {
 			err = fmt.Errorf("%w; the outcome is unknown (a dropped query string would have made it a generation), "+
