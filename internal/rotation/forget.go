@@ -57,7 +57,7 @@ func (e *Engine) Reschedule(ctx context.Context, s logical.Storage, t store.Tunn
 
 // reschedule stores sched as t's schedule and moves its schedule entry,
 // without a rotation. The caller holds t's lock and passes the record read
-// under it. The order is the rotation's (generateLocked): the new entry, then
+// under it. The order is the rotation's (generate): the new entry, then
 // the record, then the superseded entry, so that a storage failure can leave
 // a stale entry (dropped when its minute comes) but never a record whose
 // next rotation has no entry. floor is config min_rotation_period: the next

@@ -75,7 +75,7 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 			log.Warn("reconciled: cloudflare's key is not the stored one; generating a new key")
 			healing := *rec
 			healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
-			return e.rotateLocked(ctx, s, conn, t, &healing, rec.RotationPeriod, TriggerHeal)
+			return e.rotateLocked(ctx, s, conn, t, &healing, TriggerHeal)
 		}
 		return e.holdHealing(ctx, s, t, rec, reason)
 	}
@@ -262,7 +262,7 @@ func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn
 	e.TunnelLogger(t).Warn("key changed outside this engine; generating a new key", "edge_generated_on", store.FormatTime(edge.PSKLastGeneratedOn))
 	healing := *stale
 	healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
-	_, err = e.rotateLocked(ctx, s, conn, t, &healing, stale.RotationPeriod, TriggerHeal)
+	_, err = e.rotateLocked(ctx, s, conn, t, &healing, TriggerHeal)
 	return err == nil, err
 }
 
@@ -301,7 +301,7 @@ func (e *Engine) RotateNow(ctx context.Context, s logical.Storage, conn Conn, t 
 			return rec, err
 		}
 	}
-	return e.rotateLocked(ctx, s, conn, t, rec, rec.RotationPeriod, trigger)
+	return e.rotateLocked(ctx, s, conn, t, rec, trigger)
 }
 
 // IsSettling reports whether err refused a call because the tunnel's last

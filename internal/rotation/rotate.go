@@ -89,11 +89,11 @@ func (e *Engine) Write(ctx context.Context, s logical.Storage, t store.Tunnel, s
 		return nil, err
 	}
 	defer unlock()
-	next := rec.Schedule()
+	a := &attempt{s: s, conn: conn, t: t, previous: rec, sched: rec.Schedule(), trigger: TriggerWrite}
 	if sched != nil {
-		next = *sched
+		a.sched = *sched
 	}
-	rotated, err := e.generateLocked(ctx, s, conn, t, rec, next, TriggerWrite, false)
+	rotated, err := e.generate(ctx, a)
 	if err != nil {
 		if outcomeUnknown(err) {
 			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, store.StateRotationUnknown)
@@ -103,46 +103,120 @@ func (e *Engine) Write(ctx context.Context, s logical.Storage, t store.Tunnel, s
 	return rotated, nil
 }
 
-// rotateLocked generates a new key for t and stores it. period is the
-// tunnel's rotation period from now on: its record's RotationPeriod keeps
-// the tunnel's schedule as it is (a rotation_schedule included), another
-// value replaces it with that period (0: none). The caller holds t's lock
-// and passes the tunnel's record as read under it (nil when none). trigger
-// says who asked (write, schedule, bulk, heal) for the rotation event.
-func (e *Engine) rotateLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, previous *store.Record, period time.Duration, trigger Trigger) (*store.Record, error) {
+// attempt is one request for a new key of one tunnel, from the record
+// written ahead to the key stored, and what it needs on the way.
+type attempt struct {
+	s    logical.Storage
+	conn Conn
+	t    store.Tunnel
+	// previous is the tunnel's record as read under its lock (nil: none):
+	// what is put back when the edge provably did nothing.
+	previous *store.Record
+	// sched is the tunnel's schedule from now on.
+	sched   schedule.Schedule
+	trigger Trigger
+	// pending is the record written before the call (begin):
+	// rotation_unknown, with the edge's key as the attempt started.
+	pending *store.Record
+}
+
+// validateOnly reports whether the attempt only asks Cloudflare to
+// validate (validate.go says why that runs under the same protocol).
+func (a *attempt) validateOnly() bool { return a.trigger == TriggerValidate }
+
+// what names the attempt in state reasons.
+func (a *attempt) what() string {
+	if a.validateOnly() {
+		return "validate_only request (if the query string was dropped on the way, Cloudflare generates a key)"
+	}
+	return "rotation"
+}
+
+// rotateLocked generates a new key for t and stores it, keeping the
+// tunnel's schedule. The caller holds t's lock and passes the tunnel's
+// record as read under it (nil when none). trigger says who asked.
+func (e *Engine) rotateLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, previous *store.Record, trigger Trigger) (*store.Record, error) {
 	if previous != nil && previous.HeldByAnswer() && trigger != TriggerWrite {
 		// The last answer carried a key of the wrong form: asking again
 		// by itself would only bring another (holdWrongKey).
 		return nil, &answerHeldError{tunnel: t}
 	}
-	sched := previous.Schedule()
-	if period != sched.Period {
-		sched = schedule.Schedule{Period: period}
-	}
-	return e.generateLocked(ctx, s, conn, t, previous, sched, trigger, false)
+	return e.generate(ctx, &attempt{s: s, conn: conn, t: t, previous: previous, sched: previous.Schedule(), trigger: trigger})
 }
 
-// generateLocked is rotateLocked's protocol, for a rotation or, with
-// validateOnly, for a validate_only request (validate.go says why that runs
-// under the same protocol). A validation that generated nothing puts the
-// record back and returns nil. sched is the tunnel's schedule from now on.
-func (e *Engine) generateLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, previous *store.Record, sched schedule.Schedule, trigger Trigger, validateOnly bool) (*store.Record, error) {
-	period := sched.Period
-	what := "rotation"
-	if validateOnly {
-		what = "validate_only request (if the query string was dropped on the way, Cloudflare generates a key)"
+// generate is the protocol of one attempt: begin (the record written
+// ahead), send (the key source asks the edge), finish (the key stored). A
+// validation that generated nothing puts the record back and returns nil.
+func (e *Engine) generate(ctx context.Context, a *attempt) (*store.Record, error) {
+	if err := e.begin(ctx, a); err != nil {
+		return nil, err
 	}
-	pending := &store.Record{AccountID: t.AccountID, TunnelID: t.TunnelID}
-	if previous != nil {
-		copied := *previous
-		pending = &copied
+	answer, err := e.keys.Send(ctx, a.conn.Edge, a.t, a.validateOnly())
+	if err != nil {
+		return nil, e.sendFailed(ctx, a, err)
 	}
-	// What key the edge has as the attempt starts, by Cloudflare's own
-	// times (judgeEdge says why nothing else will do), and whether it is
-	// the stored one.
+	if a.validateOnly() {
+		if answer.PSK == "" {
+			e.restore(ctx, a.s, a.t, a.previous)
+			return nil, nil
+		}
+		// A key in a validate_only answer: Cloudflare generated it (the
+		// query string was dropped on the way) or merely showed one it
+		// did not put into effect; Cloudflare does not document which.
+		// Only the edge can tell, and the key is called current only if
+		// the edge's key was generated when the answer says and is not
+		// the one it had before this request.
+		if done, err := e.confirmValidationKey(ctx, a, answer); done || err != nil {
+			return nil, err
+		}
+	}
+	return e.finish(ctx, a, answer)
+}
+
+// begin writes the attempt's record ahead of any request: rotation_unknown,
+// with the edge's key as the attempt starts and the time after which none
+// of its requests can land. Whatever happens next, a crash included, the
+// record says that Vault may not hold the edge's key.
+func (e *Engine) begin(ctx context.Context, a *attempt) error {
+	a.pending = &store.Record{AccountID: a.t.AccountID, TunnelID: a.t.TunnelID}
+	if a.previous != nil {
+		copied := *a.previous
+		a.pending = &copied
+	}
+	if err := e.edgeBefore(ctx, a); err != nil {
+		return err
+	}
+	pending := a.pending
+	if a.trigger == TriggerWrite {
+		// An operator's write takes the tunnel back (see mayHeal).
+		pending.HealHeld = false
+	}
+	// Whoever got here was allowed to ask (rotateLocked holds back all but
+	// an operator's write): this attempt's outcome decides anew, and a
+	// refusal puts the held record back (restore).
+	pending.AnswerHeld = false
+	pending.State = store.StateRotationUnknown
+	// Read before anything is written or sent, by this node's clock: no
+	// request of the attempt can land after SettleUntil. (It is never held
+	// against Cloudflare's times: see judgeEdge.)
+	pending.RotationStartedAt = e.now().UTC()
+	pending.SettleUntil = pending.RotationStartedAt.Add(settleWindow(a.conn.Settings))
+	pending.StateReason = fmt.Sprintf("a %s started at %s and has not finished", a.what(), store.FormatTime(pending.RotationStartedAt))
+	if err := store.MarkUnresolved(ctx, a.s, a.t); err != nil {
+		return err
+	}
+	return store.WriteRecord(ctx, a.s, a.t, pending)
+}
+
+// edgeBefore records in the pending record what key the edge has as the
+// attempt starts, by Cloudflare's own times (judgeEdge says why nothing
+// else will do), and whether it is the stored one; and the tunnel's router
+// facts where the record has none.
+func (e *Engine) edgeBefore(ctx context.Context, a *attempt) error {
+	previous, pending := a.previous, a.pending
 	asked := false
 	switch {
-	case previous == nil || validateOnly:
+	case previous == nil || a.validateOnly():
 		// A first rotation asks what key the edge has first: every real
 		// tunnel is created with one, and only this proves later that an
 		// attempt whose outcome was lost did not replace it. So does a
@@ -150,16 +224,16 @@ func (e *Engine) generateLocked(ctx context.Context, s logical.Storage, conn Con
 		// validation made from one its answer merely showed
 		// (confirmValidationKey), even where the stored key was replaced
 		// outside this engine and the drift sweep has not seen it yet.
-		edge, err := conn.Edge.GetTunnel(ctx, t.AccountID, t.TunnelID)
+		edge, err := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID)
 		if err != nil {
-			return nil, &notAttemptedError{err: err}
+			return &notAttemptedError{err: err}
 		}
 		asked = true
 		pending.EdgeKeyBefore, pending.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
 		pending.EdgeKeyForeign = previous != nil && (!previous.Current() || !edge.PSKLastGeneratedOn.Equal(previous.LastGeneratedOn))
 		// The same answer says what a router needs of the tunnel: kept
 		// now, so that no later rotation has to ask (facts.go).
-		pending.Facts = e.edgeFacts(t, edge, pending.Facts)
+		pending.Facts = e.edgeFacts(a.t, edge, pending.Facts)
 	case previous.Current():
 		pending.EdgeKeyBefore, pending.EdgeKeyBeforeSeenAt = previous.LastGeneratedOn, previous.KeySeenAt
 		pending.EdgeKeyForeign = false
@@ -174,107 +248,80 @@ func (e *Engine) generateLocked(ctx context.Context, s logical.Storage, conn Con
 		// or a first read that failed to give them) gets them on its next
 		// rotation, once: a read of the tunnel, as a first rotation makes.
 		// If it fails the rotation goes on without them.
-		if edge, err := conn.Edge.GetTunnel(ctx, t.AccountID, t.TunnelID); err == nil {
-			pending.Facts = e.edgeFacts(t, edge, pending.Facts)
+		if edge, err := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID); err == nil {
+			pending.Facts = e.edgeFacts(a.t, edge, pending.Facts)
 		} else {
-			e.TunnelLogger(t).Warn("could not read the tunnel's router facts before a rotation", "error", err)
+			e.TunnelLogger(a.t).Warn("could not read the tunnel's router facts before a rotation", "error", err)
 		}
 	}
-	if trigger == TriggerWrite {
-		// An operator's write takes the tunnel back (see mayHeal).
-		pending.HealHeld = false
-	}
-	// Whoever got here was allowed to ask (rotateLocked holds back all but
-	// an operator's write): this attempt's outcome decides anew, and a
-	// refusal puts the held record back (restore).
-	pending.AnswerHeld = false
-	pending.State = store.StateRotationUnknown
-	// Read before anything is written or sent, by this node's clock: no
-	// request of the attempt can land after SettleUntil. (It is never held
-	// against Cloudflare's times: see judgeEdge.)
-	pending.RotationStartedAt = e.now().UTC()
-	pending.SettleUntil = pending.RotationStartedAt.Add(settleWindow(conn.Settings))
-	pending.StateReason = fmt.Sprintf("a %s started at %s and has not finished", what, store.FormatTime(pending.RotationStartedAt))
-	if err := store.MarkUnresolved(ctx, s, t); err != nil {
-		return nil, err
-	}
-	if err := store.WriteRecord(ctx, s, t, pending); err != nil {
-		return nil, err
-	}
+	return nil
+}
 
-	generated, err := conn.Edge.GeneratePSK(ctx, t.AccountID, t.TunnelID, validateOnly)
-	if err != nil {
-		switch {
-		case cloudflare.NoEffect(err):
-			e.restore(ctx, s, t, previous)
-		case cloudflare.WrongKeyForm(err):
-			return nil, e.holdWrongKey(ctx, s, t, pending, what, err)
-		default:
-			pending.StateReason = fmt.Sprintf("the %s started at %s failed with an unknown outcome (%v): Cloudflare may already use a key Vault does not hold",
-				what, store.FormatTime(pending.RotationStartedAt), err)
-			if werr := store.WriteRecord(ctx, s, t, pending); werr != nil {
-				e.TunnelLogger(t).Warn("could not record a rotation's unknown outcome", "error", werr)
-			}
-		}
-		return nil, err
-	}
-	if validateOnly && generated.PSK == "" {
-		e.restore(ctx, s, t, previous)
-		return nil, nil
-	}
-	if validateOnly {
-		// A key in a validate_only answer: Cloudflare generated it (the
-		// query string was dropped on the way) or merely showed one it
-		// did not put into effect; Cloudflare does not document which.
-		// Only the edge can tell, and the key is called current only if
-		// the edge's key was generated when the answer says and is not
-		// the one it had before this request.
-		if done, err := e.confirmValidationKey(ctx, s, conn, t, previous, pending, generated); done || err != nil {
-			return nil, err
+// sendFailed records what a failed request proves: nothing changed (the
+// record is put back), the answer carried a key of the wrong form (the
+// tunnel is held), or nothing is known (the record stays rotation_unknown
+// and says why). It returns err, or what the caller should see instead.
+func (e *Engine) sendFailed(ctx context.Context, a *attempt, err error) error {
+	switch {
+	case cloudflare.NoEffect(err):
+		e.restore(ctx, a.s, a.t, a.previous)
+	case cloudflare.WrongKeyForm(err):
+		return e.holdWrongKey(ctx, a, err)
+	default:
+		a.pending.StateReason = fmt.Sprintf("the %s started at %s failed with an unknown outcome (%v): Cloudflare may already use a key Vault does not hold",
+			a.what(), store.FormatTime(a.pending.RotationStartedAt), err)
+		if werr := store.WriteRecord(ctx, a.s, a.t, a.pending); werr != nil {
+			e.TunnelLogger(a.t).Warn("could not record a rotation's unknown outcome", "error", werr)
 		}
 	}
+	return err
+}
 
+// finish stores the key the edge answered with, current, with the
+// tunnel's next rotation, and tells the outside.
+func (e *Engine) finish(ctx context.Context, a *attempt, answer *cloudflare.GeneratedPSK) (*store.Record, error) {
+	pending, log := a.pending, e.TunnelLogger(a.t)
 	rec := &store.Record{
-		AccountID:       t.AccountID,
-		TunnelID:        t.TunnelID,
-		PSK:             generated.PSK,
-		LastGeneratedOn: generated.LastGeneratedOn.UTC(),
-		KeySeenAt:       generated.Date.UTC(),
+		AccountID:       a.t.AccountID,
+		TunnelID:        a.t.TunnelID,
+		PSK:             answer.PSK,
+		LastGeneratedOn: answer.LastGeneratedOn.UTC(),
+		KeySeenAt:       answer.Date.UTC(),
 		Version:         pending.Version + 1,
 		StoredAt:        e.now().UTC(),
 		State:           store.StateCurrent,
-		RotationPeriod:  period,
+		RotationPeriod:  a.sched.Period,
 		LastHealedAt:    pending.LastHealedAt,
-		Facts:           e.withIPsecID(t, pending.Facts, generated.IPsecID),
+		Facts:           e.withIPsecID(a.t, pending.Facts, answer.IPsecID),
 	}
-	if trigger == TriggerHeal {
+	if a.trigger == TriggerHeal {
 		rec.LastHealedAt = rec.StoredAt
 	}
 	// The next rotation counts from this one: a period from now, a cron
 	// expression's next time (a rotation late in its window does not make
 	// the next one late); a schedule shorter than min_rotation_period (set
 	// before the floor was raised) is held back to the floor.
-	rec.RotationSchedule, rec.RotationWindow = sched.Cron, sched.Window
-	if next, windowEnds := sched.NextAfterRotation(rec.StoredAt, rec.StoredAt, conn.Settings.MinRotationPeriod); !next.IsZero() {
+	rec.RotationSchedule, rec.RotationWindow = a.sched.Cron, a.sched.Window
+	if next, windowEnds := a.sched.NextAfterRotation(rec.StoredAt, rec.StoredAt, a.conn.Settings.MinRotationPeriod); !next.IsZero() {
 		rec.NextRotation, rec.WindowEnds = next, windowEnds
 		// Scheduled before the record is stored: an entry without a due
 		// record is dropped by the scheduler, a due record without an
 		// entry would never rotate.
-		if err := store.ScheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {
-			e.TunnelLogger(t).Warn("could not schedule the next rotation", "error", err)
+		if err := store.ScheduleRotation(ctx, a.s, a.t, rec.NextRotation, false); err != nil {
+			log.Warn("could not schedule the next rotation", "error", err)
 		}
 	}
-	if err := e.storeGenerated(ctx, s, t, rec); err != nil {
+	if err := e.storeGenerated(ctx, a.s, a.t, rec); err != nil {
 		// Cloudflare answered, so no request of this rotation can still
 		// land: a next write need not wait out the settle window. Best
 		// effort; storage has just failed.
 		pending.SettleUntil = e.now().UTC()
-		_ = store.WriteRecord(context.WithoutCancel(ctx), s, t, pending)
+		_ = store.WriteRecord(context.WithoutCancel(ctx), a.s, a.t, pending)
 		return nil, err
 	}
 	if !pending.NextRotation.IsZero() && !pending.NextRotation.Equal(rec.NextRotation) {
-		if err := store.UnscheduleSuperseded(ctx, s, t, pending.NextRotation, rec.NextRotation); err != nil {
-			e.TunnelLogger(t).Warn("could not drop a superseded schedule entry", "error", err)
+		if err := store.UnscheduleSuperseded(ctx, a.s, a.t, pending.NextRotation, rec.NextRotation); err != nil {
+			log.Warn("could not drop a superseded schedule entry", "error", err)
 		}
 	}
 	if !rec.NextRotation.IsZero() {
@@ -282,15 +329,13 @@ func (e *Engine) generateLocked(ctx context.Context, s logical.Storage, conn Con
 		// one may fall due before the time it woke for.
 		e.scheduled()
 	}
-	// Events are best effort and go to Vault over a round trip of their
-	// own, so they do not hold up the answer.
-	e.rotated(rec, trigger)
-	if err := store.ClearUnresolved(ctx, s, t); err != nil {
+	e.rotated(rec, a.trigger)
+	if err := store.ClearUnresolved(ctx, a.s, a.t); err != nil {
 		// The record is current; a marker left behind is cleared by the
 		// next background pass.
-		e.TunnelLogger(t).Warn("could not clear an unresolved mark", "error", err)
+		log.Warn("could not clear an unresolved mark", "error", err)
 	}
-	e.TunnelLogger(t).Info("psk rotated", "version", rec.Version)
+	log.Info("psk rotated", "version", rec.Version)
 	return rec, nil
 }
 
@@ -305,13 +350,14 @@ func (e *Engine) generateLocked(ctx context.Context, s logical.Storage, conn Con
 // nothing generates a key for it by itself, which would otherwise heal it
 // once a minute for ever, until an operator writes it (AnswerHeld). It
 // returns the error for the caller, which names Cloudflare and base_url.
-func (e *Engine) holdWrongKey(ctx context.Context, s logical.Storage, t store.Tunnel, pending *store.Record, what string, cause error) error {
+func (e *Engine) holdWrongKey(ctx context.Context, a *attempt, cause error) error {
+	s, t, pending := a.s, a.t, a.pending
 	held := *pending
 	held.AnswerHeld = true
 	reason := fmt.Sprintf("the answer to the %s started at %s carried a key Vault did not store (%v), so the edge probably uses a key nobody holds. "+
 		"Check what answers at base_url (config) before an operator writes this path: the engine generates no key for this tunnel by itself "+
 		"(no heal, no scheduled or bulk rotation) until then",
-		what, store.FormatTime(pending.RotationStartedAt), cause)
+		a.what(), store.FormatTime(pending.RotationStartedAt), cause)
 	// Cloudflare answered, so no request of this attempt can still land:
 	// markStale clears the settle window, and the background has nothing
 	// to retry.
@@ -335,7 +381,8 @@ func (e *answerHeldError) Error() string {
 // carried is in use. It returns done when it is not known to be (the record
 // is put back where the edge provably still has the key it had before the
 // request, or else left rotation_unknown), so the caller stores nothing.
-func (e *Engine) confirmValidationKey(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, previous, pending *store.Record, generated *cloudflare.GeneratedPSK) (bool, error) {
+func (e *Engine) confirmValidationKey(ctx context.Context, a *attempt, generated *cloudflare.GeneratedPSK) (bool, error) {
+	s, conn, t, previous, pending := a.s, a.conn, a.t, a.previous, a.pending
 	log := e.TunnelLogger(t)
 	edge, err := conn.Edge.GetTunnel(ctx, t.AccountID, t.TunnelID)
 	if err != nil {

@@ -5,7 +5,7 @@ package rotation
 // string arrives: a proxy or gateway on the way that drops it turns the
 // validation into a real generation, and Cloudflare activates a key that
 // nobody would hold. So a validation is run under the same protocol as a
-// rotation (generateLocked in rotation.go): the tunnel's lock is held, the
+// rotation (generate in rotation.go): the tunnel's lock is held, the
 // record is written rotation_unknown before the call, and only the answer
 // decides what happened:
 //
@@ -48,7 +48,7 @@ func (e *Engine) Validate(ctx context.Context, s logical.Storage, t store.Tunnel
 		return nil, err
 	}
 	defer unlock()
-	stored, err := e.generateLocked(ctx, s, conn, t, rec, rec.Schedule(), TriggerValidate, true)
+	stored, err := e.generate(ctx, &attempt{s: s, conn: conn, t: t, previous: rec, sched: rec.Schedule(), trigger: TriggerValidate})
 	if err != nil {
 		if outcomeUnknown(err) {
 			err = fmt.Errorf("%w; the outcome is unknown (a dropped query string would have made it a generation), "+
