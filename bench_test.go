@@ -95,7 +95,7 @@ func BenchmarkStartup100kTunnels(b *testing.B) {
 			Version: 1, State: store.StateCurrent, RotationPeriod: 24 * time.Hour, NextRotation: next}); err != nil {
 			b.Fatal(err)
 		}
-		if err := store.ScheduleRotation(ctx, storage, t, next, false); err != nil {
+		if err := store.ScheduleRotation(ctx, storage, t, next); err != nil {
 			b.Fatal(err)
 		}
 	}

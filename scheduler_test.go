@@ -280,7 +280,7 @@ func TestSettlingRecordWaits(t *testing.T) {
 			if !bulk {
 				rec.RotationPeriod = time.Hour
 				rec.NextRotation = now.Add(-time.Minute).UTC()
-				if err := store.ScheduleRotation(ctx, env.storage, tun, rec.NextRotation, false); err != nil {
+				if err := store.ScheduleRotation(ctx, env.storage, tun, rec.NextRotation); err != nil {
 					t.Fatal(err)
 				}
 			}

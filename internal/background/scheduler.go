@@ -308,7 +308,7 @@ func (sc *scheduler) repairEntry(ctx context.Context, t store.Tunnel) error {
 			return nil
 		}
 	}
-	if err := store.ScheduleRotation(ctx, sc.storage, t, rec.NextRotation, false); err != nil {
+	if err := store.ScheduleRotation(ctx, sc.storage, t, rec.NextRotation); err != nil {
 		return err
 	}
 	sc.w.engine.TunnelLogger(t).Warn("the next rotation had no schedule entry; restored it", "next_rotation", store.FormatTime(rec.NextRotation))
@@ -478,7 +478,7 @@ func (sc *scheduler) missedWindow(ctx context.Context, t store.Tunnel, rec *stor
 	// The entry first, as everywhere: a record pointing at a minute with
 	// no entry would never rotate.
 	if !moved.NextRotation.IsZero() {
-		if err := store.ScheduleRotation(ctx, s, t, moved.NextRotation, false); err != nil {
+		if err := store.ScheduleRotation(ctx, s, t, moved.NextRotation); err != nil {
 			log.Warn("could not move a rotation that missed its window; its schedule entry is kept", "error", err)
 			return dueKept
 		}

@@ -75,7 +75,7 @@ func (e *Engine) reschedule(ctx context.Context, s logical.Storage, t store.Tunn
 		}
 	}
 	if !updated.NextRotation.IsZero() {
-		if err := store.ScheduleRotation(ctx, s, t, updated.NextRotation, false); err != nil {
+		if err := store.ScheduleRotation(ctx, s, t, updated.NextRotation); err != nil {
 			return nil, err
 		}
 	}

@@ -333,7 +333,7 @@ func (e *Engine) RetryLater(ctx context.Context, s logical.Storage, t store.Tunn
 	rec.NextRotation = rec.RetryAt
 	// The entry first: a record pointing at a minute with no entry would
 	// never rotate, an entry without a record that points at it is dropped.
-	if err := store.ScheduleRotation(ctx, s, t, rec.NextRotation, false); err != nil {
+	if err := store.ScheduleRotation(ctx, s, t, rec.NextRotation); err != nil {
 		return fmt.Errorf("reschedule the failed rotation of %s: %w", t, err)
 	}
 	if err := store.WriteRecord(ctx, s, t, rec); err != nil {

@@ -307,7 +307,7 @@ func (e *Engine) finish(ctx context.Context, a *attempt, answer *cloudflare.Gene
 		// Scheduled before the record is stored: an entry without a due
 		// record is dropped by the scheduler, a due record without an
 		// entry would never rotate.
-		if err := store.ScheduleRotation(ctx, a.s, a.t, rec.NextRotation, false); err != nil {
+		if err := store.ScheduleRotation(ctx, a.s, a.t, rec.NextRotation); err != nil {
 			log.Warn("could not schedule the next rotation", "error", err)
 		}
 	}

@@ -95,12 +95,9 @@ func DueKey(minute int64, t Tunnel) string {
 
 func BulkDueKey(minute int64, t Tunnel) string { return DueKey(minute, t) + BulkSuffix }
 
-// ScheduleRotation records that t is due at at (bulk: queued at at, due at
-// once, for a job; see QueueBulkRotation).
-func ScheduleRotation(ctx context.Context, s logical.Storage, t Tunnel, at time.Time, bulk bool) error {
-	if bulk {
-		return QueueBulkRotation(ctx, s, t, DueMinute(at, false), at)
-	}
+// ScheduleRotation records that t is due at at. A bulk job's rotation is
+// QueueBulkRotation's.
+func ScheduleRotation(ctx context.Context, s logical.Storage, t Tunnel, at time.Time) error {
 	entry, err := logical.StorageEntryJSON(DueKey(DueMinute(at, false), t), DueEntry{})
 	if err != nil {
 		return fmt.Errorf("encode schedule entry of %s: %w", t, err)
