@@ -475,15 +475,8 @@ func (sc *scheduler) missedWindow(ctx context.Context, t store.Tunnel, rec *stor
 	}
 	moved.ScheduleNote = fmt.Sprintf("the rotation scheduled for %s could not start within rotation_window (%s) of it: %s; it waits for the next scheduled time, %s",
 		store.FormatTime(scheduledFor), sched.Window, why, next)
-	// The entry first, as everywhere: a record pointing at a minute with
-	// no entry would never rotate.
-	if !moved.NextRotation.IsZero() {
-		if err := store.ScheduleRotation(ctx, s, t, moved.NextRotation); err != nil {
-			log.Warn("could not move a rotation that missed its window; its schedule entry is kept", "error", err)
-			return dueKept
-		}
-	}
-	if err := store.WriteRecord(ctx, s, t, &moved); err != nil {
+	// The entry being worked is the pass's to remove once this is stored.
+	if _, err := store.SaveScheduled(ctx, s, &moved, time.Time{}, false); err != nil {
 		log.Warn("could not move a rotation that missed its window; its schedule entry is kept", "error", err)
 		return dueKept
 	}

@@ -57,10 +57,9 @@ func (e *Engine) Reschedule(ctx context.Context, s logical.Storage, t store.Tunn
 
 // reschedule stores sched as t's schedule and moves its schedule entry,
 // without a rotation. The caller holds t's lock and passes the record read
-// under it. The order is the rotation's (generate): the new entry, then
-// the record, then the superseded entry, so that a storage failure can leave
-// a stale entry (dropped when its minute comes) but never a record whose
-// next rotation has no entry. floor is config min_rotation_period: the next
+// under it. It stores as a rotation does (store.SaveScheduled), so that a
+// storage failure can leave a stale entry but never a record whose next
+// rotation has no entry. floor is config min_rotation_period: the next
 // rotation is never less than that after the stored key (nextAfterChange).
 func (e *Engine) reschedule(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, sched schedule.Schedule, floor time.Duration) (*store.Record, error) {
 	updated := *rec
@@ -74,19 +73,13 @@ func (e *Engine) reschedule(ctx context.Context, s logical.Storage, t store.Tunn
 			updated.NextRotation = rec.RetryAt
 		}
 	}
-	if !updated.NextRotation.IsZero() {
-		if err := store.ScheduleRotation(ctx, s, t, updated.NextRotation); err != nil {
-			return nil, err
-		}
-	}
-	if err := store.WriteRecord(ctx, s, t, &updated); err != nil {
+	notes, err := store.SaveScheduled(ctx, s, &updated, rec.NextRotation, false)
+	if err != nil {
 		return nil, err
 	}
 	log := e.TunnelLogger(t)
-	if !rec.NextRotation.IsZero() && !rec.NextRotation.Equal(updated.NextRotation) {
-		if err := store.UnscheduleSuperseded(ctx, s, t, rec.NextRotation, updated.NextRotation); err != nil {
-			log.Warn("could not drop a superseded schedule entry", "error", err)
-		}
+	for _, note := range notes {
+		log.Warn("after a schedule change", "error", note)
 	}
 	if !updated.NextRotation.IsZero() {
 		e.scheduled()

@@ -331,12 +331,8 @@ func (e *Engine) RetryLater(ctx context.Context, s logical.Storage, t store.Tunn
 	}
 	rec.NoteFailure(e.now(), cause)
 	rec.NextRotation = rec.RetryAt
-	// The entry first: a record pointing at a minute with no entry would
-	// never rotate, an entry without a record that points at it is dropped.
-	if err := store.ScheduleRotation(ctx, s, t, rec.NextRotation); err != nil {
-		return fmt.Errorf("reschedule the failed rotation of %s: %w", t, err)
-	}
-	if err := store.WriteRecord(ctx, s, t, rec); err != nil {
+	// The entry being worked is the caller's to remove.
+	if _, err := store.SaveScheduled(ctx, s, rec, time.Time{}, false); err != nil {
 		return fmt.Errorf("reschedule the failed rotation of %s: %w", t, err)
 	}
 	return nil

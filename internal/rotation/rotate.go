@@ -302,27 +302,18 @@ func (e *Engine) finish(ctx context.Context, a *attempt, answer *cloudflare.Gene
 	// the next one late); a schedule shorter than min_rotation_period (set
 	// before the floor was raised) is held back to the floor.
 	rec.RotationSchedule, rec.RotationWindow = a.sched.Cron, a.sched.Window
-	if next, windowEnds := a.sched.NextAfterRotation(rec.StoredAt, rec.StoredAt, a.conn.Settings.MinRotationPeriod); !next.IsZero() {
-		rec.NextRotation, rec.WindowEnds = next, windowEnds
-		// Scheduled before the record is stored: an entry without a due
-		// record is dropped by the scheduler, a due record without an
-		// entry would never rotate.
-		if err := store.ScheduleRotation(ctx, a.s, a.t, rec.NextRotation); err != nil {
-			log.Warn("could not schedule the next rotation", "error", err)
-		}
+	rec.NextRotation, rec.WindowEnds = a.sched.NextAfterRotation(rec.StoredAt, rec.StoredAt, a.conn.Settings.MinRotationPeriod)
+	notes, err := store.SaveScheduled(ctx, a.s, rec, pending.NextRotation, true)
+	for _, note := range notes {
+		log.Warn("after a rotation", "error", note)
 	}
-	if err := e.storeGenerated(ctx, a.s, a.t, rec); err != nil {
+	if err != nil {
 		// Cloudflare answered, so no request of this rotation can still
 		// land: a next write need not wait out the settle window. Best
 		// effort; storage has just failed.
 		pending.SettleUntil = e.now().UTC()
 		_ = store.WriteRecord(context.WithoutCancel(ctx), a.s, a.t, pending)
-		return nil, err
-	}
-	if !pending.NextRotation.IsZero() && !pending.NextRotation.Equal(rec.NextRotation) {
-		if err := store.UnscheduleSuperseded(ctx, a.s, a.t, pending.NextRotation, rec.NextRotation); err != nil {
-			log.Warn("could not drop a superseded schedule entry", "error", err)
-		}
+		return nil, e.lostKey(a.t, err)
 	}
 	if !rec.NextRotation.IsZero() {
 		// The scheduler plans its sleep from the entries it last saw; this
@@ -437,16 +428,11 @@ func (e *Engine) restore(ctx context.Context, s logical.Storage, t store.Tunnel,
 	}
 }
 
-// storeGenerated stores a key Cloudflare has already activated. Storage is
-// retried, because giving up loses the key; when it still fails the record
-// stays rotation_unknown, so the next write or reconciliation heals it.
-func (e *Engine) storeGenerated(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) error {
-	entry, err := logical.StorageEntryJSON(t.StorageKey(), rec)
-	if err == nil {
-		if err = store.PutRetrying(ctx, s, entry); err == nil {
-			return nil
-		}
-	}
+// lostKey is what the caller is told when a key Cloudflare has already
+// activated could not be stored (storage was retried, because giving up
+// loses the key): the record stays rotation_unknown, so the next write or
+// reconciliation heals it.
+func (e *Engine) lostKey(t store.Tunnel, err error) error {
 	e.TunnelLogger(t).Error("cloudflare activated a new psk that vault could not store", "error", err)
 	return fmt.Errorf("cloudflare generated and activated a new psk for %s, but Vault could not store it (%w); "+
 		"the tunnel is marked rotation_unknown, and once Cloudflare can no longer act on this rotation (settle_until in metadata) "+

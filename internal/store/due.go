@@ -282,3 +282,48 @@ func ListRecordsAfter(ctx context.Context, s logical.Storage, after Tunnel, n in
 	}
 	return out, true, nil
 }
+
+// SaveScheduled stores rec with its place in the schedule, in the one order
+// that never loses a rotation: the entry of rec's next rotation first (an
+// entry whose record points elsewhere is dropped by the scheduler when its
+// minute comes, while a record whose next rotation has no entry would never
+// rotate), then the record, then the entry of superseded, the next rotation
+// the record had before (zero: none, or one the caller removes itself),
+// unless rec's shares its key.
+//
+// It fails when rec could not be stored, and then has dropped nothing. Of
+// what may fail without harm once rec is stored, it returns notes for the
+// caller to log: a superseded entry that could not be dropped (stale, it is
+// dropped when its minute comes), and, with keyOnlyHere, the new entry.
+// keyOnlyHere says that rec carries a key that exists nowhere else (the
+// edge already uses it): it is stored whether or not its entry could be
+// (the scheduler's repair walk puts a missing entry back), and its Put is
+// retried (PutRetrying).
+func SaveScheduled(ctx context.Context, s logical.Storage, rec *Record, superseded time.Time, keyOnlyHere bool) (notes []error, err error) {
+	t := Tunnel{AccountID: rec.AccountID, TunnelID: rec.TunnelID}
+	if !rec.NextRotation.IsZero() {
+		if err := ScheduleRotation(ctx, s, t, rec.NextRotation); err != nil {
+			if !keyOnlyHere {
+				return nil, err
+			}
+			notes = append(notes, fmt.Errorf("could not schedule the next rotation: %w", err))
+		}
+	}
+	if keyOnlyHere {
+		entry, eerr := logical.StorageEntryJSON(t.StorageKey(), rec)
+		if eerr == nil {
+			eerr = PutRetrying(ctx, s, entry)
+		}
+		if eerr != nil {
+			return notes, fmt.Errorf("store psk record for %s: %w", t, eerr)
+		}
+	} else if err := WriteRecord(ctx, s, t, rec); err != nil {
+		return nil, err
+	}
+	if !superseded.IsZero() && !superseded.Equal(rec.NextRotation) {
+		if err := UnscheduleSuperseded(ctx, s, t, superseded, rec.NextRotation); err != nil {
+			notes = append(notes, fmt.Errorf("could not drop a superseded schedule entry: %w", err))
+		}
+	}
+	return notes, nil
+}
