@@ -16,6 +16,84 @@ import (
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
+// configFields are config's fields: the token, where to send it, and how
+// the engine paces and heals.
+var configFields = map[string]*framework.FieldSchema{
+	"api_token": {
+		Type:        framework.TypeString,
+		Description: "Cloudflare API token with Magic WAN Write or Magic Transit Write permission. Required on first write; never returned.",
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name:      "API token",
+			Sensitive: true,
+		},
+	},
+	"base_url": {
+		Type:        framework.TypeString,
+		Description: "Cloudflare API base URL. Plain http:// is accepted only for a loopback host. Changing it requires api_token in the same write. Whatever answers there answers every call, the new keys included: whoever may set it, with a token of their own, can make the engine store keys they know.",
+		Default:     cloudflare.DefaultBaseURL,
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Base URL",
+		},
+	},
+	"request_timeout": {
+		Type:        framework.TypeDurationSecond,
+		Description: "Time limit for one Cloudflare call, as a duration (\"30s\") or seconds. At most 5m.",
+		Default:     int(defaultRequestTimeout.Seconds()),
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Request timeout",
+		},
+	},
+	"heal_stale_psk": {
+		Type:        framework.TypeBool,
+		Description: "When reconciliation finds that Cloudflare holds a key Vault does not, generate and store a new one at once. The tunnel is down until both sides share a key, so waiting for a person only prolongs the outage.",
+		Default:     true,
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Heal stale PSKs",
+		},
+	},
+	"rate_limit": {
+		Type:        framework.TypeInt,
+		Description: "Most Cloudflare calls this mount makes in any rate_limit_window, every kind of call counted. Cloudflare allows 1,200 calls per five minutes per user: all of the user's API tokens and dashboard use share that limit (an account-owned token has its own), and past it Cloudflare blocks them all for five minutes. The default, 600, leaves half for the user's other tools; mounts whose tokens belong to one user share one limit, so split it between them.",
+		Default:     defaultRateLimit,
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Rate limit",
+		},
+	},
+	"rate_limit_window": {
+		Type:        framework.TypeDurationSecond,
+		Description: "The window rate_limit counts over. Leave it at Cloudflare's 5m; tests shorten it to exercise pacing quickly.",
+		Default:     int(defaultRateLimitWindow.Seconds()),
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Rate limit window",
+		},
+	},
+	"drift_check_interval": {
+		Type:        framework.TypeDurationSecond,
+		Description: "How often the background lists each account with managed tunnels (one Cloudflare call per account) to find keys changed outside this engine. At least 1m; 0 turns it off.",
+		Default:     int(defaultDriftCheckInterval.Seconds()),
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Drift check interval",
+		},
+	},
+	"min_rotation_period": {
+		Type: framework.TypeDurationSecond,
+		Description: "The shortest schedule any write of psk/ or psk/<account>/<tunnel>/schedule may set (rotation_period, or the times of a rotation_schedule), " +
+			"and the least time a schedule change leaves after a tunnel's last key. Every rotation takes the tunnel down until its routers have the new key: " +
+			"a team allowed only to reschedule can cause at most one rotation per tunnel per this period. Between 1m and 8760h.",
+		Default: int(defaultMinRotationPeriod.Seconds()),
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Minimum rotation period",
+		},
+	},
+	"token_account_id": {
+		Type:        framework.TypeString,
+		Description: "For an account-owned API token: the owning account's id (32 lower-case hexadecimal characters), so the token is verified at that account. Empty for a user token. Changing it requires api_token in the same write.",
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Token account ID",
+		},
+	},
+}
+
 func pathConfig(b *backend) *framework.Path {
 	return &framework.Path{
 		Pattern: "config",
@@ -23,81 +101,7 @@ func pathConfig(b *backend) *framework.Path {
 			OperationPrefix: operationPrefix,
 			OperationSuffix: "configuration",
 		},
-		Fields: map[string]*framework.FieldSchema{
-			"api_token": {
-				Type:        framework.TypeString,
-				Description: "Cloudflare API token with Magic WAN Write or Magic Transit Write permission. Required on first write; never returned.",
-				DisplayAttrs: &framework.DisplayAttributes{
-					Name:      "API token",
-					Sensitive: true,
-				},
-			},
-			"base_url": {
-				Type:        framework.TypeString,
-				Description: "Cloudflare API base URL. Plain http:// is accepted only for a loopback host. Changing it requires api_token in the same write. Whatever answers there answers every call, the new keys included: whoever may set it, with a token of their own, can make the engine store keys they know.",
-				Default:     cloudflare.DefaultBaseURL,
-				DisplayAttrs: &framework.DisplayAttributes{
-					Name: "Base URL",
-				},
-			},
-			"request_timeout": {
-				Type:        framework.TypeDurationSecond,
-				Description: "Time limit for one Cloudflare call, as a duration (\"30s\") or seconds. At most 5m.",
-				Default:     int(defaultRequestTimeout.Seconds()),
-				DisplayAttrs: &framework.DisplayAttributes{
-					Name: "Request timeout",
-				},
-			},
-			"heal_stale_psk": {
-				Type:        framework.TypeBool,
-				Description: "When reconciliation finds that Cloudflare holds a key Vault does not, generate and store a new one at once. The tunnel is down until both sides share a key, so waiting for a person only prolongs the outage.",
-				Default:     true,
-				DisplayAttrs: &framework.DisplayAttributes{
-					Name: "Heal stale PSKs",
-				},
-			},
-			"rate_limit": {
-				Type:        framework.TypeInt,
-				Description: "Most Cloudflare calls this mount makes in any rate_limit_window, every kind of call counted. Cloudflare allows 1,200 calls per five minutes per user: all of the user's API tokens and dashboard use share that limit (an account-owned token has its own), and past it Cloudflare blocks them all for five minutes. The default, 600, leaves half for the user's other tools; mounts whose tokens belong to one user share one limit, so split it between them.",
-				Default:     defaultRateLimit,
-				DisplayAttrs: &framework.DisplayAttributes{
-					Name: "Rate limit",
-				},
-			},
-			"rate_limit_window": {
-				Type:        framework.TypeDurationSecond,
-				Description: "The window rate_limit counts over. Leave it at Cloudflare's 5m; tests shorten it to exercise pacing quickly.",
-				Default:     int(defaultRateLimitWindow.Seconds()),
-				DisplayAttrs: &framework.DisplayAttributes{
-					Name: "Rate limit window",
-				},
-			},
-			"drift_check_interval": {
-				Type:        framework.TypeDurationSecond,
-				Description: "How often the background lists each account with managed tunnels (one Cloudflare call per account) to find keys changed outside this engine. At least 1m; 0 turns it off.",
-				Default:     int(defaultDriftCheckInterval.Seconds()),
-				DisplayAttrs: &framework.DisplayAttributes{
-					Name: "Drift check interval",
-				},
-			},
-			"min_rotation_period": {
-				Type: framework.TypeDurationSecond,
-				Description: "The shortest schedule any write of psk/ or psk/<account>/<tunnel>/schedule may set (rotation_period, or the times of a rotation_schedule), " +
-					"and the least time a schedule change leaves after a tunnel's last key. Every rotation takes the tunnel down until its routers have the new key: " +
-					"a team allowed only to reschedule can cause at most one rotation per tunnel per this period. Between 1m and 8760h.",
-				Default: int(defaultMinRotationPeriod.Seconds()),
-				DisplayAttrs: &framework.DisplayAttributes{
-					Name: "Minimum rotation period",
-				},
-			},
-			"token_account_id": {
-				Type:        framework.TypeString,
-				Description: "For an account-owned API token: the owning account's id (32 lower-case hexadecimal characters), so the token is verified at that account. Empty for a user token. Changing it requires api_token in the same write.",
-				DisplayAttrs: &framework.DisplayAttributes{
-					Name: "Token account ID",
-				},
-			},
-		},
+		Fields:         configFields,
 		ExistenceCheck: b.configExists,
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.ReadOperation: &framework.PathOperation{

@@ -131,19 +131,7 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 	if _, err := w.connect(ctx, sc.storage); err != nil {
 		return time.Minute
 	}
-	// held are the bulk jobs whose result could not be recorded, or whose
-	// finished entry could not be removed, in this pass: their other
-	// entries wait for the next pass, so that a storage failure costs one
-	// Cloudflare call a pass, not one per entry, and every other entry is
-	// still worked.
-	held := map[heldJob]bool{}
-	// wake is the earliest time something loaded or listed falls due.
-	var wake time.Time
-	earliest := func(at time.Time) {
-		if !at.IsZero() && (wake.IsZero() || at.Before(wake)) {
-			wake = at
-		}
-	}
+	p := &passState{held: map[heldJob]bool{}}
 	// One batch in memory at a time, each loaded after the last key of the
 	// one before: entries the pass keeps (settling, not due until later in
 	// their minute, a job still queueing or held) never stop it from
@@ -155,44 +143,12 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 			w.logger.Warn("scheduler could not load due rotations", "error", err)
 			return 10 * time.Second
 		}
-		earliest(next)
-		for _, item := range items {
-			if item.Bulk && held[heldJobOf(item)] {
-				continue
-			}
-			if wait := sc.awaitBudget(ctx); wait > 0 {
-				return wait
-			}
-			if ctx.Err() != nil {
-				return 0
-			}
-			outcome := sc.rotateDue(ctx, item)
-			if outcome.postpone > 0 {
-				return outcome.postpone
-			}
-			earliest(outcome.notBefore)
-			if outcome.holdJob && item.Bulk {
-				held[heldJobOf(item)] = true
-			}
-			if !outcome.finished {
-				continue
-			}
-			// The one place a worked entry leaves the schedule. An entry
-			// whose delete fails is met again on a later pass, and is
-			// finished then without a second rotation (rotateBulk; a
-			// scheduled rotation has moved its record on): never forgotten
-			// in silence, never worked twice. The rest of its job waits,
-			// as for a result that could not be recorded.
-			if err := sc.storage.Delete(ctx, item.Key); err != nil {
-				w.logger.Warn("scheduler could not remove a finished entry", "entry", item.Key, "error", err)
-				earliest(w.now().Add(storageRetry))
-				if item.Bulk {
-					held[heldJobOf(item)] = true
-				}
-			}
+		p.earliest(next)
+		if wait, stop := sc.workBatch(ctx, p, items); stop {
+			return wait
 		}
 		if len(items) < store.DueBatch {
-			return sc.sleepUntil(wake, maxSleep)
+			return sc.sleepUntil(p.wake, maxSleep)
 		}
 		after = items[len(items)-1].Key
 		// A paced bulk run is one long pass: between batches, as at a
@@ -202,6 +158,68 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 		}
 		sc.housekeeping(ctx)
 	}
+}
+
+// passState is what a pass learns as it goes.
+type passState struct {
+	// held are the bulk jobs whose result could not be recorded, or whose
+	// finished entry could not be removed, in this pass: their other
+	// entries wait for the next pass, so that a storage failure costs one
+	// Cloudflare call a pass, not one per entry, and every other entry is
+	// still worked.
+	held map[heldJob]bool
+	// wake is the earliest time something loaded or listed falls due.
+	wake time.Time
+}
+
+// earliest makes at the pass's wake time if it comes first.
+func (p *passState) earliest(at time.Time) {
+	if !at.IsZero() && (p.wake.IsZero() || at.Before(p.wake)) {
+		p.wake = at
+	}
+}
+
+// workBatch works one batch of due entries. stop, with how long to sleep,
+// ends the pass: Cloudflare or the budget said "not now", or the pass was
+// cancelled.
+func (sc *scheduler) workBatch(ctx context.Context, p *passState, items []store.DueItem) (wait time.Duration, stop bool) {
+	w := sc.w
+	for _, item := range items {
+		if item.Bulk && p.held[heldJobOf(item)] {
+			continue
+		}
+		if wait := sc.awaitBudget(ctx); wait > 0 {
+			return wait, true
+		}
+		if ctx.Err() != nil {
+			return 0, true
+		}
+		outcome := sc.rotateDue(ctx, item)
+		if outcome.postpone > 0 {
+			return outcome.postpone, true
+		}
+		p.earliest(outcome.notBefore)
+		if outcome.holdJob && item.Bulk {
+			p.held[heldJobOf(item)] = true
+		}
+		if !outcome.finished {
+			continue
+		}
+		// The one place a worked entry leaves the schedule. An entry whose
+		// delete fails is met again on a later pass, and is finished then
+		// without a second rotation (rotateBulk; a scheduled rotation has
+		// moved its record on): never forgotten in silence, never worked
+		// twice. The rest of its job waits, as for a result that could not
+		// be recorded.
+		if err := sc.storage.Delete(ctx, item.Key); err != nil {
+			w.logger.Warn("scheduler could not remove a finished entry", "entry", item.Key, "error", err)
+			p.earliest(w.now().Add(storageRetry))
+			if item.Bulk {
+				p.held[heldJobOf(item)] = true
+			}
+		}
+	}
+	return 0, false
 }
 
 // housekeeping is what a pass does besides rotating, before it loads a
@@ -492,53 +510,14 @@ func (sc *scheduler) missedWindow(ctx context.Context, t store.Tunnel, rec *stor
 // whose delete failed is met again, and must neither rotate nor count twice.
 func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *store.DueEntry) dueOutcome {
 	w, s, t := sc.w, sc.storage, item.Tunnel
-	log := w.engine.TunnelLogger(t)
-	job, err := store.ReadBulkJob(ctx, s, t.AccountID)
-	if err != nil {
-		log.Warn("scheduler could not read a bulk job; its entries wait for the next pass", "error", err)
-		return dueOutcome{holdJob: true, notBefore: w.now().Add(storageRetry)}
+	tracked, queuedAt, outcome, done := sc.bulkEntryOfItsJob(ctx, item, due)
+	if done {
+		return outcome
 	}
-	// tracked: the entry is the current job's, which counts it. An entry of
-	// an older version (no key suffix) is worked without being counted.
-	tracked := job != nil && job.Minute == item.Minute
-	if item.Bulk && !tracked {
-		// The job that queued it was replaced by a newer one, which is only
-		// allowed once it had worked every entry: this one was counted, and
-		// its delete failed.
-		return dueFinished
-	}
-	if tracked && job.Abandoned(w.now()) {
-		if err := w.closeAbandoned(ctx, s, t.AccountID, item.Minute); err != nil {
-			log.Warn("scheduler could not close a bulk job left half queued", "error", err)
-			return dueOutcome{holdJob: true, notBefore: w.now().Add(storageRetry)}
-		}
-		job.Queueing = false
-	}
-	if tracked && job.Queueing {
-		// rotate/ is still writing the job's entries: working one now
-		// would make the count inexact until it has finished. It pokes
-		// the scheduler when it has.
-		return dueHeld
-	}
-	if tracked {
-		counted, err := job.Counted(ctx, s, t.AccountID, t.TunnelID)
-		if err != nil {
-			log.Warn("scheduler could not read a bulk job's results; its entries wait for the next pass", "error", err)
-			return dueOutcome{holdJob: true, notBefore: w.now().Add(storageRetry)}
-		}
-		if counted {
-			return dueFinished
-		}
-	}
-	queuedAt := due.QueuedAt
-	if queuedAt.IsZero() && tracked {
-		queuedAt = job.StartedAt // an entry that does not decode
-	}
-
 	defer w.engine.Lock(t)()
 	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil {
-		log.Warn("scheduler could not read a record", "error", err)
+		w.engine.TunnelLogger(t).Warn("scheduler could not read a record", "error", err)
 		return dueKept
 	}
 	if rec == nil {
@@ -569,8 +548,62 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 	case cloudflare.NotFound(err):
 		return sc.countBulk(ctx, item, tracked, true, "no longer exists at Cloudflare (deleted, or out of the API token's reach)")
 	}
-	log.Warn("bulk rotation failed", "error", err)
+	w.engine.TunnelLogger(t).Warn("bulk rotation failed", "error", err)
 	return sc.countBulk(ctx, item, tracked, false, err.Error())
+}
+
+// bulkEntryOfItsJob holds a bulk entry against the job it belongs to.
+// tracked says the entry is the current job's, which counts it (an entry
+// of an older version, without the key suffix, is worked without being
+// counted), and queuedAt when it was queued. done says the entry needs no
+// rotation now, and outcome what becomes of it: its job was replaced, is
+// still being queued, already counted it, or cannot be read.
+func (sc *scheduler) bulkEntryOfItsJob(ctx context.Context, item store.DueItem, due *store.DueEntry) (tracked bool, queuedAt time.Time, outcome dueOutcome, done bool) {
+	w, s, t := sc.w, sc.storage, item.Tunnel
+	log := w.engine.TunnelLogger(t)
+	retry := dueOutcome{holdJob: true, notBefore: w.now().Add(storageRetry)}
+	job, err := store.ReadBulkJob(ctx, s, t.AccountID)
+	if err != nil {
+		log.Warn("scheduler could not read a bulk job; its entries wait for the next pass", "error", err)
+		return false, time.Time{}, retry, true
+	}
+	// tracked: the entry is the current job's, which counts it. An entry of
+	// an older version (no key suffix) is worked without being counted.
+	tracked = job != nil && job.Minute == item.Minute
+	if item.Bulk && !tracked {
+		// The job that queued it was replaced by a newer one, which is only
+		// allowed once it had worked every entry: this one was counted, and
+		// its delete failed.
+		return false, time.Time{}, dueFinished, true
+	}
+	if tracked && job.Abandoned(w.now()) {
+		if err := w.closeAbandoned(ctx, s, t.AccountID, item.Minute); err != nil {
+			log.Warn("scheduler could not close a bulk job left half queued", "error", err)
+			return tracked, time.Time{}, retry, true
+		}
+		job.Queueing = false
+	}
+	if tracked && job.Queueing {
+		// rotate/ is still writing the job's entries: working one now
+		// would make the count inexact until it has finished. It pokes
+		// the scheduler when it has.
+		return tracked, time.Time{}, dueHeld, true
+	}
+	if tracked {
+		counted, err := job.Counted(ctx, s, t.AccountID, t.TunnelID)
+		if err != nil {
+			log.Warn("scheduler could not read a bulk job's results; its entries wait for the next pass", "error", err)
+			return tracked, time.Time{}, retry, true
+		}
+		if counted {
+			return tracked, time.Time{}, dueFinished, true
+		}
+	}
+	queuedAt = due.QueuedAt
+	if queuedAt.IsZero() && tracked {
+		queuedAt = job.StartedAt // an entry that does not decode
+	}
+	return tracked, queuedAt, dueOutcome{}, false
 }
 
 // notNowOutcome says what becomes of an entry whose rotation was not made
