@@ -78,6 +78,9 @@ func TestTheCoreDependsOneWayDown(t *testing.T) {
 			if target == module || !strings.HasPrefix(target, "internal/") {
 				t.Errorf("%s imports %s, above the core", path, target)
 			}
+			if strings.HasPrefix(target, "internal/cloudflare") && rank >= 2 {
+				t.Errorf("%s imports %s: what is stored and when it is due know nothing of Cloudflare", path, target)
+			}
 		}
 	}
 }
