@@ -73,6 +73,13 @@ type backend struct {
 	// now is the clock; tests move it to pass settle windows and rate-limit
 	// blocks without sleeping.
 	now func() time.Time
+	// events counts the rotation events on their way (announceRotation),
+	// which clean waits for.
+	events sync.WaitGroup
+
+	// after is how the scheduler's loop sleeps (nil: time.After); tests
+	// set it before Setup to drive the loop themselves.
+	after func(time.Duration) <-chan time.Time
 }
 
 // initialize starts the scheduler, on the node that may write.
@@ -81,9 +88,11 @@ func (b *backend) initialize(_ context.Context, req *logical.InitializationReque
 	return nil
 }
 
-// clean stops the scheduler when the mount is unmounted or the plugin stops.
+// clean stops the scheduler when the mount is unmounted or the plugin stops,
+// and waits for the rotation events on their way.
 func (b *backend) clean(context.Context) {
 	b.background.Stop()
+	b.events.Wait()
 }
 
 // periodic is the backend's PeriodicFunc, which Vault calls about once a
@@ -130,6 +139,7 @@ func (b *backend) Setup(ctx context.Context, conf *logical.BackendConfig) error 
 		Connect:  b.connect,
 		MayWrite: b.mayWrite,
 		Budget:   b.budget,
+		After:    b.after,
 	})
 	return nil
 }
@@ -138,7 +148,11 @@ func (b *backend) Setup(ctx context.Context, conf *logical.BackendConfig) error 
 // go to Vault over a round trip of their own, so they do not hold up the
 // answer.
 func (b *backend) announceRotation(rec *store.Record, trigger rotation.Trigger) {
-	go sendRotateEvent(context.Background(), b, b.Logger(), rec, string(trigger))
+	b.events.Add(1)
+	go func() {
+		defer b.events.Done()
+		sendRotateEvent(context.Background(), b, b.Logger(), rec, string(trigger))
+	}()
 }
 
 // pokeScheduler is the engine's Scheduled hook: a next rotation was stored,

@@ -575,9 +575,7 @@ func TestReadsAreRotationAware(t *testing.T) {
 			t.Errorf("%s past next_rotation: ttl %v, want %d", c.at, read.Data["ttl"], c.want)
 		}
 	}
-	if err := env.b.Initialize(context.Background(), &logical.InitializationRequest{Storage: env.storage}); err != nil {
-		t.Fatal(err)
-	}
+	schedulerOver(t, env, env.storage)
 
 	// No schedule will run for a tunnel that is gone: no ttl, or Agent
 	// would poll it every two seconds for ever.

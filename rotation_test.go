@@ -343,29 +343,48 @@ func TestRateLimitFailsFastUntilTheBlockEnds(t *testing.T) {
 
 // TestReadersNeverWaitForARotationInFlight: while a rotation holds the
 // tunnel's lock, a read answers at once with the last known key and says
-// a rotation is in progress.
+// a rotation is in progress. The rotation is held in flight, after
+// Cloudflare's answer and before its key is stored, inside its storage Put.
 func TestReadersNeverWaitForARotationInFlight(t *testing.T) {
 	env := newConfiguredEnv(t)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
-	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Delay: 1500 * time.Millisecond})
-	done := make(chan struct{})
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	hooked := &hookStorage{Storage: env.storage}
+	hooked.onPut = func(e *logical.StorageEntry) error {
+		if storesCurrentKey(e) {
+			once.Do(func() { close(entered); <-release })
+		}
+		return nil
+	}
+	done := make(chan error, 1)
 	go func() {
-		defer close(done)
-		_, _ = env.request(logical.UpdateOperation, env.pskPath(), nil)
+		_, err := env.b.HandleRequest(context.Background(), &logical.Request{Operation: logical.UpdateOperation, Path: env.pskPath(), Storage: hooked})
+		done <- err
 	}()
-	deadline := time.Now().Add(5 * time.Second)
-	for env.sim.Calls(cloudflaresim.OpPSKGenerate) < 2 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
+	<-entered
+	type answer struct {
+		resp *logical.Response
+		err  error
 	}
-	start := time.Now()
-	read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
-	if waited := time.Since(start); waited > 500*time.Millisecond {
-		t.Errorf("the read waited %s for the rotation", waited)
+	read := make(chan answer, 1)
+	go func() {
+		resp, err := env.request(logical.ReadOperation, env.pskPath(), nil)
+		read <- answer{resp, err}
+	}()
+	select {
+	case a := <-read:
+		mustSucceed(t, a.resp, a.err)
+		if a.resp.Data["state"] != store.StateRotationUnknown || !strings.Contains(strings.Join(a.resp.Warnings, " "), "in progress") {
+			t.Errorf("state %v warnings %v", a.resp.Data["state"], a.resp.Warnings)
+		}
+	case <-time.After(30 * time.Second):
+		t.Error("the read waits for the rotation in flight")
 	}
-	if read.Data["state"] != store.StateRotationUnknown || !strings.Contains(strings.Join(read.Warnings, " "), "in progress") {
-		t.Errorf("state %v warnings %v", read.Data["state"], read.Warnings)
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatalf("the rotation: %v", err)
 	}
-	<-done
 }
 
 // TestAGeneratedKeyIsStoredEvenIfTheCallerGivesUp: the request's context

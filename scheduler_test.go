@@ -12,6 +12,7 @@ import (
 
 	"github.com/hashicorp/vault/sdk/logical"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/background"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
@@ -387,16 +388,15 @@ func TestRestartNeverRotatesEarlyAndCatchesUp(t *testing.T) {
 	restart := func() {
 		env.b.Cleanup(context.Background())
 		b := newBackend()
-		b.now = env.clock.Now
+		b.now, b.after = env.clock.Now, env.clock.after
 		conf := logical.TestBackendConfig()
 		conf.StorageView = env.storage
 		conf.Logger = env.b.Logger()
 		if err := b.Setup(context.Background(), conf); err != nil {
 			t.Fatal(err)
 		}
-		if err := b.Initialize(context.Background(), &logical.InitializationRequest{Storage: env.storage}); err != nil {
-			t.Fatal(err)
-		}
+		// The restarted scheduler's first pass is the test's drain.
+		b.background.Hold(env.storage)
 		t.Cleanup(func() { b.Cleanup(context.Background()) })
 		env.b = b
 	}
@@ -509,15 +509,8 @@ func TestRotationEventsCarryNoSecret(t *testing.T) {
 	env := newConfiguredEnv(t)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
-	// Events are sent in the background.
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		env.events.Lock()
-		n := len(env.events.Events)
-		env.events.Unlock()
-		if n >= 2 {
-			break
-		}
-	}
+	// Events are sent in the background; the backend knows when they are.
+	env.b.events.Wait()
 	env.events.Lock()
 	defer env.events.Unlock()
 	if len(env.events.Events) != 2 {
@@ -626,12 +619,12 @@ func TestTheSchedulerSlowsDownWhenAnotherClientSpendsTheQuota(t *testing.T) {
 		}
 		res.Body.Close()
 	}
-	start := time.Now()
+	start := env.clock.Now()
 	runBulkToTheEnd(t, env, fleet)
 	if n := env.sim.RateLimited(); n != 0 {
 		t.Errorf("Cloudflare answered 429 %d times: the scheduler did not slow down for the other client's calls", n)
 	}
-	if took := time.Since(start); took < window/2 {
+	if took := env.clock.Now().Sub(start); took < window/2 {
 		t.Errorf("the bulk run took %s; with the quota spent it had to wait for the window", took)
 	}
 }
@@ -687,21 +680,83 @@ func TestTheRunningSchedulerWakesAtNextRotation(t *testing.T) {
 	atSecondOfMinute(env, 20)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
 	next := record(t, env, env.tunnel.ID).NextRotation
-	// Two seconds before it is due; the poke makes the loop plan afresh
-	// with the clock moved (its timer runs on real time).
 	env.clock.Advance(next.Sub(env.clock.Now()) - 2*time.Second)
-	env.b.pokeScheduler()
-	deadline := time.Now().Add(10 * time.Second)
-	for record(t, env, env.tunnel.ID).Version < 2 {
-		if time.Now().After(deadline) {
-			t.Fatalf("not rotated 8s after next_rotation (%s)", store.FormatTime(next))
-		}
-		time.Sleep(20 * time.Millisecond)
+	env.clock.freeze()
+	loop := startLoop(t, env)
+	// The loop's first pass finds nothing due and means to sleep until the
+	// rotation is due, two seconds on.
+	sleep := loop.asked(t)
+	if until := next.Sub(env.clock.Now()); sleep.d != until {
+		t.Errorf("the loop sleeps %s; the rotation is due in %s", sleep.d, until)
 	}
+	// Its timer fires when that time has come: the loop's next pass
+	// rotates the tunnel, and it asks for its next sleep once it has.
+	env.clock.Advance(sleep.d)
+	sleep.fire()
+	loop.asked(t)
 	rec := record(t, env, env.tunnel.ID)
+	if rec.Version != 2 {
+		t.Fatalf("the loop woke at next_rotation and did not rotate: version %d", rec.Version)
+	}
 	if late := rec.StoredAt.Sub(next); late < 0 || late > time.Second {
 		t.Errorf("rotated %s after next_rotation, want within [0, 1s)", late)
 	}
+}
+
+// loopTimer is the scheduler loop's timer in a test: each sleep the loop
+// asks for is handed to the test, which fires it when it chooses. The loop
+// asking again is also how the test knows that a pass has ended.
+type loopTimer struct{ sleeps chan loopSleep }
+
+type loopSleep struct {
+	d     time.Duration
+	fired chan time.Time
+}
+
+func (s loopSleep) fire() { s.fired <- time.Time{} }
+
+func (l *loopTimer) after(d time.Duration) <-chan time.Time {
+	s := loopSleep{d: d, fired: make(chan time.Time, 1)}
+	l.sleeps <- s
+	return s.fired
+}
+
+// asked waits for the loop's next sleep: a pass has ended. It gives up,
+// failing the test, only if none comes in a minute of real time, which no
+// pass of a unit test takes.
+func (l *loopTimer) asked(t *testing.T) loopSleep {
+	t.Helper()
+	select {
+	case s := <-l.sleeps:
+		return s
+	case <-time.After(time.Minute):
+		t.Fatal("the scheduler loop asked for no sleep: it is stuck in a pass, or not running")
+		return loopSleep{}
+	}
+}
+
+// startLoop starts the mount's scheduler loop as Vault's Initialize does,
+// on a timer the test fires (loopTimer), and stops it at the test's end.
+func startLoop(t *testing.T, env *testEnv) *loopTimer {
+	t.Helper()
+	loop := &loopTimer{sleeps: make(chan loopSleep)}
+	env.b.background.Stop()
+	env.b.background = background.New(background.Config{
+		Engine: env.b.engine, Now: env.clock.Now, Logger: env.b.Logger(), Connect: env.b.connect,
+		MayWrite: env.b.mayWrite, Budget: env.b.budget, After: loop.after,
+	})
+	if err := env.b.Initialize(context.Background(), &logical.InitializationRequest{Storage: env.storage}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		// The loop may be asking for a sleep nobody reads any more.
+		go func() {
+			for range loop.sleeps {
+			}
+		}()
+		env.b.background.Stop()
+	})
+	return loop
 }
 
 // TestAPassNeverSleepsPastAMinute: the loop plans from the entries it saw,
@@ -887,17 +942,25 @@ func TestAMissedRotationWindowWaitsForTheNextTime(t *testing.T) {
 func TestTheRunningSchedulerWakesForACronTime(t *testing.T) {
 	env := newConfiguredEnv(t)
 	lowerTheFloor(t, env)
-	atSecondOfMinute(env, 58)
+	atSecondOfMinute(env, 20)
+	env.clock.freeze()
+	loop := startLoop(t, env)
+	loop.asked(t) // the first pass: nothing scheduled
+	// The write pokes the sleeping loop: its next pass plans for the cron
+	// time, which comes at the next whole minute.
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": "* * * * *"}))
 	next := record(t, env, env.tunnel.ID).NextRotation
-	deadline := time.Now().Add(10 * time.Second)
-	for record(t, env, env.tunnel.ID).Version < 2 {
-		if time.Now().After(deadline) {
-			t.Fatalf("not rotated 8s after next_rotation (%s)", store.FormatTime(next))
-		}
-		time.Sleep(20 * time.Millisecond)
+	sleep := loop.asked(t)
+	if until := next.Sub(env.clock.Now()); sleep.d != until {
+		t.Errorf("after the write the loop sleeps %s; the cron time is in %s", sleep.d, until)
 	}
+	env.clock.Advance(sleep.d)
+	sleep.fire()
+	loop.asked(t)
 	rec := record(t, env, env.tunnel.ID)
+	if rec.Version != 2 {
+		t.Fatalf("the loop woke at the cron time and did not rotate: version %d", rec.Version)
+	}
 	if late := rec.StoredAt.Sub(next); late < 0 || late > time.Second {
 		t.Errorf("rotated %s after next_rotation, want within [0, 1s)", late)
 	}
@@ -923,16 +986,18 @@ func seedCurrentTunnels(t *testing.T, env *testEnv, n int) {
 func runBulkToTheEnd(t *testing.T, env *testEnv, fleet int) {
 	t.Helper()
 	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
-	deadline := time.Now().Add(60 * time.Second)
-	for {
+	for passes := 0; ; passes++ {
+		// A pass sleeps for the budget on the test clock; when it stops to
+		// wait longer, the loop would sleep that long: so does the clock.
+		wait := pass(t, env)
 		p := env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil))
 		if p.Data["done"] == fleet {
 			return
 		}
-		if p.Data["failed_count"] != 0 || time.Now().After(deadline) {
-			t.Fatalf("bulk rotation stalled or failed: %v", p.Data)
+		if p.Data["failed_count"] != 0 || passes == 10*fleet {
+			t.Fatalf("bulk rotation stalled or failed after %d passes: %v", passes, p.Data)
 		}
-		time.Sleep(50 * time.Millisecond)
+		env.clock.Advance(wait)
 	}
 }
 

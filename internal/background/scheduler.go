@@ -103,14 +103,11 @@ func (sc *scheduler) run(ctx context.Context) {
 	defer close(sc.done)
 	for ctx.Err() == nil {
 		wait := sc.pass(ctx)
-		timer := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
-			timer.Stop()
 			return
 		case <-sc.wake:
-			timer.Stop()
-		case <-timer.C:
+		case <-sc.w.after(wait):
 		}
 	}
 }
@@ -351,7 +348,7 @@ func (sc *scheduler) awaitBudget(ctx context.Context) time.Duration {
 		select {
 		case <-ctx.Done():
 			return time.Second
-		case <-time.After(wait):
+		case <-sc.w.after(wait):
 		}
 	}
 }

@@ -38,6 +38,11 @@ type Config struct {
 	// performance standby or secondary): the background works only there.
 	MayWrite func() bool
 	Budget   Budget
+	// After is how the scheduler sleeps, between passes and for the budget
+	// within one, with time.After's contract; time.After when nil. A test
+	// passes its own to see how long the scheduler means to sleep and to
+	// wake it when it chooses.
+	After func(d time.Duration) <-chan time.Time
 }
 
 // Worker is one mount's background work. It is safe for concurrent use.
@@ -48,6 +53,7 @@ type Worker struct {
 	connect  func(ctx context.Context, s logical.Storage) (rotation.Conn, error)
 	mayWrite func() bool
 	budget   Budget
+	after    func(d time.Duration) <-chan time.Time
 
 	// schedMu guards scheduler, which runs on the node that may write
 	// storage, from Start to Stop.
@@ -64,9 +70,12 @@ type Worker struct {
 // New returns a Worker that does nothing until Start (the scheduler) or
 // Periodic (the sweep) is called.
 func New(cfg Config) *Worker {
-	w := &Worker{engine: cfg.Engine, now: cfg.Now, logger: cfg.Logger, connect: cfg.Connect, mayWrite: cfg.MayWrite, budget: cfg.Budget}
+	w := &Worker{engine: cfg.Engine, now: cfg.Now, logger: cfg.Logger, connect: cfg.Connect, mayWrite: cfg.MayWrite, budget: cfg.Budget, after: cfg.After}
 	if w.now == nil {
 		w.now = time.Now
+	}
+	if w.after == nil {
+		w.after = time.After
 	}
 	if w.logger == nil {
 		w.logger = hclog.NewNullLogger()
