@@ -718,3 +718,55 @@ func TestABulkResultsReasonIsBounded(t *testing.T) {
 		}
 	}
 }
+
+// A bulk rotation succeeds, the delete of its due/ entry fails: the commit
+// says the entry "is worked again later, never forgotten in silence" - and
+// working it again rotates the tunnel a second time and counts it twice.
+// The issue named exactly this ("a silently failed delete of a bulk entry
+// rotates that tunnel again") as what rotateDue's outcome was to fix.
+func TestABulkEntryWhoseDeleteFailsIsNotRotatedTwice(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	fs := schedulerOverFaultyStorage(t, env)
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+
+	fs.set(nil, isDue)
+	drain(t, env) // rotates, then cannot remove the entry
+	fs.set(nil, nil)
+	drain(t, env) // storage is back
+
+	p := env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil))
+	v := storedVersion(t, env, env.pskPath())
+	if v != 2 || p.Data["done"] != 1 {
+		t.Fatalf("one bulk job of one tunnel: version %d (want 2), edge generations %d, progress queued=%v done=%v remaining=%v",
+			v, env.generations(), p.Data["queued"], p.Data["done"], p.Data["remaining"])
+	}
+}
+
+// A corrupt due/ entry of a bulk job: store.ReadDueEntry reports it as an entry
+// with no marks, the tunnel (no rotation_period) looks "stale", the entry is
+// deleted, and the job neither rotates nor fails the tunnel: it stays
+// "remaining" for ever.
+func TestACorruptBulkEntryEndsItsJob(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	schedulerOverFaultyStorage(t, env)
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	ctx := context.Background()
+	minutes, _ := env.storage.List(ctx, store.DuePrefix)
+	for _, m := range minutes {
+		keys, _ := env.storage.List(ctx, store.DuePrefix+m)
+		for _, k := range keys {
+			if err := env.storage.Put(ctx, &logical.StorageEntry{Key: store.DuePrefix + m + k, Value: []byte("{corrupt")}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	drain(t, env)
+	drain(t, env)
+	p := env.must(env.request(logical.ReadOperation, "rotate/"+env.account, nil))
+	if p.Data["remaining"] != 0 {
+		left, _ := env.storage.List(ctx, store.DuePrefix)
+		t.Fatalf("bulk job after its only entry was worked off: %v (due/ now %v, version %d)", p.Data, left, storedVersion(t, env, env.pskPath()))
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -287,5 +288,18 @@ func TestRotateRootKeepsAnyValueThatCanBeAToken(t *testing.T) {
 			env.token.Value = rolled.Value // for the log check
 			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 		})
+	}
+}
+
+// The help test covers reads only; config/rotate-root's answer carries
+// token_status and token_expires_on, which its help does not name.
+func TestRotateRootHelpNamesItsAnswer(t *testing.T) {
+	env := newConfiguredEnv(t)
+	resp := env.must(env.request(logical.UpdateOperation, "config/rotate-root", nil))
+	help := env.b.Route("config/rotate-root").HelpDescription
+	for field := range resp.Data {
+		if !regexp.MustCompile(`\b` + regexp.QuoteMeta(field) + `\b`).MatchString(help) {
+			t.Errorf("write config/rotate-root returns %q, which its help does not name", field)
+		}
 	}
 }

@@ -552,3 +552,22 @@ func TestAfterAKeyVaultCouldNotStoreTheNextWriteProceeds(t *testing.T) {
 		t.Fatalf("the 500 promised the next write would store a new key; it is %d: %s", httpStatus(resp, err), errorText(resp, err))
 	}
 }
+
+// A first write whose GetTunnel (the edge's key before) fails with a 5xx:
+// rotateOnWrite's classification assumes any non-NoEffect Cloudflare error
+// of rotateLocked came from psk_generate and says the tunnel is marked
+// rotation_unknown; nothing was written, nothing was generated.
+func TestAFirstWriteThatNeverSentAGenerateClaimsNoMark(t *testing.T) {
+	env := newConfiguredEnv(t)
+	for i := 0; i < 3; i++ { // GetTunnel is retried twice
+		env.sim.FailNext(cloudflaresim.OpTunnelGet, cloudflaresim.Fault{Status: 503})
+	}
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	text := errorText(resp, err)
+	meta, merr := env.request(logical.ReadOperation, env.metaPath(), nil)
+	stored := meta != nil && merr == nil && meta.Data != nil
+	if strings.Contains(text, "marked "+store.StateRotationUnknown) && !stored {
+		t.Fatalf("status %d says %q, but metadata has nothing stored (%v, %v); psk_generate calls: %d",
+			httpStatus(resp, err), text, meta, merr, env.sim.Calls(cloudflaresim.OpPSKGenerate))
+	}
+}

@@ -1037,3 +1037,77 @@ func TestKeptEntriesDoNotStarveLaterMinutes(t *testing.T) {
 		t.Errorf("entries of the job still queueing: %d (%v), want %d", left, err, store.DueBatch+1)
 	}
 }
+
+// faultyStorage fails the Puts and Deletes its funcs pick.
+type faultyStorage struct {
+	logical.Storage
+	mu         sync.Mutex
+	failPut    func(key string) bool
+	failDelete func(key string) bool
+}
+
+func (f *faultyStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	f.mu.Lock()
+	fail := f.failPut != nil && f.failPut(e.Key)
+	f.mu.Unlock()
+	if fail {
+		return errors.New("injected put failure")
+	}
+	return f.Storage.Put(ctx, e)
+}
+
+func (f *faultyStorage) Delete(ctx context.Context, key string) error {
+	f.mu.Lock()
+	fail := f.failDelete != nil && f.failDelete(key)
+	f.mu.Unlock()
+	if fail {
+		return errors.New("injected delete failure")
+	}
+	return f.Storage.Delete(ctx, key)
+}
+
+func (f *faultyStorage) set(put, del func(string) bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.failPut, f.failDelete = put, del
+}
+
+func isDue(key string) bool { return strings.HasPrefix(key, store.DuePrefix) }
+
+// schedulerOverFaultyStorage stops the mount's running scheduler and puts in its place
+// one (not started) that works over fs: drain then runs its passes.
+func schedulerOverFaultyStorage(t *testing.T, env *testEnv) *faultyStorage {
+	t.Helper()
+	env.b.clean(context.Background())
+	fs := &faultyStorage{Storage: env.storage}
+	env.b.background.Hold(fs)
+	return fs
+}
+
+// A scheduled rotation fails (Cloudflare refuses it), and storage refuses
+// the retry's schedule entry: rotateDue still calls the entry finished, pass
+// deletes it, and the tunnel never rotates again although its record says
+// rotation_period 2m.
+func TestAFailedScheduledRotationNeverLosesItsSchedule(t *testing.T) {
+	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "2m"}))
+	fs := schedulerOverFaultyStorage(t, env)
+
+	env.clock.Advance(3 * time.Minute)
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 403, Errors: []cloudflaresim.Message{{Code: 10000, Message: "Authentication error"}}})
+	fs.set(isDue, nil) // the retry's schedule entry cannot be written
+	drain(t, env)
+	fs.set(nil, nil)
+
+	for i := 0; i < 3; i++ {
+		env.clock.Advance(time.Hour)
+		drain(t, env)
+	}
+	keys, _ := env.storage.List(context.Background(), store.DuePrefix)
+	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	if v := storedVersion(t, env, env.pskPath()); v == 1 {
+		t.Fatalf("3h after a failed rotation with rotation_period 2m: still version 1; due/ = %v, next_rotation = %v, state = %v",
+			keys, meta.Data["next_rotation"], meta.Data["state"])
+	}
+}
