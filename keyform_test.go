@@ -1,8 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -109,5 +112,125 @@ func TestAKeyOfTheWrongFormIsNeverStored(t *testing.T) {
 			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 			assertCurrent(t, env, "after the operator's write")
 		})
+	}
+}
+
+// frontShowingKey is a front at base_url that passes everything to the
+// simulator, but puts key into the result of every validate_only
+// psk_generate answer, as an answer that merely shows a key (Cloudflare does
+// not document that answer's result) would: the edge's key does not change.
+func frontShowingKey(t *testing.T, env *testEnv, key string) string {
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !strings.HasSuffix(r.URL.Path, "/psk_generate") || r.URL.Query().Get("validate_only") != "true" {
+			env.sim.ServeHTTP(w, r)
+			return
+		}
+		rec := httptest.NewRecorder()
+		env.sim.ServeHTTP(rec, r)
+		var body map[string]any
+		if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil {
+			t.Errorf("decode the simulator's answer: %v", err)
+			return
+		}
+		if result, ok := body["result"].(map[string]any); ok {
+			result["psk"] = key
+		}
+		var out bytes.Buffer
+		_ = json.NewEncoder(&out).Encode(body)
+		for k, v := range rec.Header() {
+			w.Header()[k] = v
+		}
+		w.Header().Del("Content-Length")
+		w.WriteHeader(rec.Code)
+		_, _ = w.Write(out.Bytes())
+	}))
+	t.Cleanup(front.Close)
+	return front.URL + "/client/v4"
+}
+
+// TestAValidationAnswerWithAnOddKeyTheEdgeDoesNotUseChangesNothing: a
+// validate_only answer that carries a key the edge does not use is discarded
+// when the edge provably still has its key (validate.go: "where the edge
+// provably still has its earlier key the answer's key is discarded"). The
+// merge checks the key's form first and, for a key that is not letters and
+// digits (here the key the old TestAValidationKeyTheEdgeDoesNotUseIsNeverCurrent
+// used, with dashes; the merge changed that test's key to letters only),
+// calls holdWrongKey without asking the edge: a current tunnel whose key
+// the edge still uses is marked stale ("the edge probably uses a key nobody
+// holds"), its reads tell the operator the tunnel cannot come up until they
+// write the path (an unneeded rotation), and it is held: its schedule
+// stops. The engine already reads the edge before a validation
+// (EdgeKeyBefore), so one more read would tell.
+//
+// Before the fix it printed:
+//
+//	after a validate_only that changed nothing at the edge: state stale, want current: the answer to the validate_only request ... carried a key Vault did not store (...it has characters other than letters and digits), so the edge probably uses a key nobody holds. ...
+func TestAValidationAnswerWithAnOddKeyTheEdgeDoesNotUseChangesNothing(t *testing.T) {
+	env := newTestEnv(t)
+	base := frontShowingKey(t, env, "validation-only-key-never-persisted-0123456789")
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": env.token.Value, "base_url": base, "request_timeout": "2s",
+	}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "24h"}))
+	edgeKey, generations := env.edge().PSK, env.generations()
+
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"validate_only": true})
+	if env.edge().PSK != edgeKey || env.generations() != generations {
+		t.Fatal("the edge's key changed: the test's premise does not hold")
+	}
+	t.Logf("validate_only: status %d: %s", httpStatus(resp, err), errorText(resp, err))
+	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	if meta.Data["state"] != store.StateCurrent {
+		t.Fatalf("after a validate_only that changed nothing at the edge: state %v, want current: %v", meta.Data["state"], meta.Data["state_reason"])
+	}
+	assertCurrent(t, env, "after the validation")
+}
+
+// TestALostValidationDoesNotReleaseAHeldTunnel: a tunnel held
+// after an answer with a key of the wrong form is to get no key "by itself
+// (no heal, no scheduled or bulk rotation) until an operator writes this
+// path" (holdWrongKey). A validate_only asks for no key; generateLocked
+// clears AnswerHeld for it all the same (unlike HealHeld, which it clears only
+// for trigger "write"). When that validation's answer is lost (a 500 before
+// Cloudflare did anything: nothing changed at the edge), the record is
+// rotation_unknown with EdgeKeyForeign set, so after the settle window
+// reconciliation finds the edge "changed" and heals: the background
+// generates a key for the held tunnel, which nobody asked for (the only
+// request since the hold was a validation). On a tunnel held for drift
+// (HealHeld) the same sequence generates nothing.
+//
+// Before the fix it printed:
+//
+//	after a lost validate_only of a held tunnel the background generated 1 key(s); nobody asked for one since the hold
+func TestALostValidationDoesNotReleaseAHeldTunnel(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.SetPSKValue(injectedKey)
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("the write with a key of the wrong form succeeded")
+	}
+	if meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)); meta.Data["state"] != store.StateStale {
+		t.Fatalf("not held: state %v", meta.Data["state"])
+	}
+	// Whatever answers at base_url gives Cloudflare's keys again, so that a
+	// generation shows up as a stored key; with bad keys still coming, the
+	// heal would cost one more generation at the edge all the same.
+	env.sim.SetPSKValue(nil)
+	generations := env.generations()
+
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: http.StatusInternalServerError})
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"validate_only": true})
+	if httpStatus(resp, err) != http.StatusBadGateway {
+		t.Fatalf("lost validation: status %d: %s", httpStatus(resp, err), errorText(resp, err))
+	}
+	if env.generations() != generations {
+		t.Fatal("the fault generated a key: the test's premise does not hold")
+	}
+	for i := 0; i < 3; i++ {
+		runBackgroundPass(t, env)
+		_, _ = env.request(logical.ReadOperation, env.pskPath(), nil)
+	}
+	if n := env.generations() - generations; n != 0 {
+		t.Fatalf("after a lost validate_only of a held tunnel the background generated %d key(s); nobody asked for one since the hold", n)
 	}
 }

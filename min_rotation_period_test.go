@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -298,8 +299,11 @@ func TestARaisedFloorHoldsBackShorterSchedules(t *testing.T) {
 			schedulerOver(t, env, env.storage)
 			atSecondOfMinute(env, 10)
 			env.must(env.request(logical.UpdateOperation, env.pskPath(), sched))
-			if n := len(newKeys(t, env, 6*time.Minute, nil)); n != 3 {
-				t.Fatalf("%d keys in 6m under a floor of 1m, want 3", n)
+			// Three every two minutes, or two where the first scheduled
+			// time came within the floor of the write's key and was
+			// passed over (NextAfterUnscheduled).
+			if n := len(newKeys(t, env, 6*time.Minute, nil)); n < 2 || n > 3 {
+				t.Fatalf("%d keys in 6m under a floor of 1m, want 2 or 3", n)
 			}
 			env.must(env.request(logical.UpdateOperation, "config", map[string]any{"min_rotation_period": "10m"}))
 			before := record(t, env, env.tunnel.ID)
@@ -348,5 +352,94 @@ func TestARaisedFloorHoldsBackAMissedWindow(t *testing.T) {
 	if gap := rec.NextRotation.Sub(rec.StoredAt); gap < 10*time.Minute || rec.NextRotation.Minute()%2 != 0 || rec.NextRotation.Second() != 0 {
 		t.Errorf("after the missed window the next rotation is %s, %s after the key; want a time of the schedule at least 10m after it",
 			store.FormatTime(rec.NextRotation), gap)
+	}
+}
+
+// TestAScheduleChangeDuringAnUnknownOutcomeKeepsTheFloor: a scheduled
+// rotation's answer is lost (the edge did change its key: AfterCommit), so
+// the stored key, from which the floor counts, stays the old one. While the
+// outcome is unknown a schedule-only team switches "0 * * * *" to
+// "2 * * * *": nextAfterChange counts the floor from the old stored key and
+// accepts 02:02. The background heals the lost key at 02:01 (as it must: the
+// tunnel is down), and the heal's next time is the team's 02:02, kept because
+// the expression is "at the floor". Three keys in two minutes, two of them
+// scheduled rotations two minutes apart; without the team's write the edge
+// makes two (the lost one and the heal) and the next comes at 03:00.
+//
+// Before the fix it printed:
+//
+//	team writes rotation_schedule="2 * * * *" at 17:00:05Z: next_rotation 17:02:00Z
+//	healed at 17:01:05Z, next_rotation 17:02:00Z
+//	keys the edge made from the lost scheduled rotation on: 3 (want at most 2: the lost one and its heal)
+//	the team's schedule made a scheduled rotation 55s after the heal's key (2m0s after the lost
+//	scheduled rotation), under a floor of 1h0m0s
+//
+// (The subtest without the team's write passes: two keys, the next at 18:00.)
+// The same happens after an operator's write whose answer is lost: the team
+// puts the next cron time just after the heal.
+func TestAScheduleChangeDuringAnUnknownOutcomeKeepsTheFloor(t *testing.T) {
+	const floor = time.Hour // the default min_rotation_period
+	for _, team := range []bool{false, true} {
+		name := "without the team"
+		if team {
+			name = "the team switches the cron while the outcome is unknown"
+		}
+		t.Run(name, func(t *testing.T) {
+			env := newConfiguredEnv(t)
+			schedulerOver(t, env, env.storage)
+			atSecondOfMinute(env, 10)
+			env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_schedule": "0 * * * *"}))
+			// One ordinary scheduled rotation, on time.
+			c1 := record(t, env, env.tunnel.ID).NextRotation
+			env.clock.Advance(c1.Sub(env.clock.Now()))
+			drain(t, env)
+			rec := record(t, env, env.tunnel.ID)
+			if rec.Version != 2 {
+				t.Fatalf("the rotation at %s did not happen: version %d", store.FormatTime(c1), rec.Version)
+			}
+			// The next one's answer is lost after the edge changed its key.
+			c2 := rec.NextRotation
+			env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Hangup: true, AfterCommit: true})
+			env.clock.Advance(c2.Sub(env.clock.Now()))
+			before := env.generations()
+			drain(t, env)
+			if rec := record(t, env, env.tunnel.ID); rec.State != store.StateRotationUnknown || env.generations() != before+1 {
+				t.Fatalf("the faulted rotation at %s: state %s, %d new keys", store.FormatTime(c2), rec.State, env.generations()-before)
+			}
+			lostAt := env.clock.Now()
+
+			if team {
+				// Only the schedule path, as docs/policies/operator.hcl's
+				// rescheduling team has it.
+				env.clock.Advance(5 * time.Second)
+				resp := env.must(env.request(logical.UpdateOperation, env.schedulePath(), map[string]any{"rotation_schedule": "2 * * * *"}))
+				t.Logf("team writes rotation_schedule=\"2 * * * *\" at %s: next_rotation %v", store.FormatTime(env.clock.Now()), resp.Data["next_rotation"])
+			}
+			// Vault's periodic function runs each minute: after the backoff
+			// it learns that the edge changed its key and heals.
+			env.clock.Advance(lostAt.Add(65 * time.Second).Sub(env.clock.Now()))
+			drain(t, env)
+			backgroundPass(t, env)
+			healed := record(t, env, env.tunnel.ID)
+			if healed.State != store.StateCurrent {
+				t.Fatalf("not healed at %s: %s %s", store.FormatTime(env.clock.Now()), healed.State, healed.StateReason)
+			}
+			t.Logf("healed at %s, next_rotation %s", store.FormatTime(healed.StoredAt), store.FormatTime(healed.NextRotation))
+			// The scheduler works every second of the next two minutes.
+			for i := 0; i < 120; i++ {
+				env.clock.Advance(time.Second)
+				drain(t, env)
+			}
+			rec = record(t, env, env.tunnel.ID)
+			made := env.generations() - before
+			t.Logf("keys the edge made from the lost scheduled rotation on: %d; the record's last key at %s", made, store.FormatTime(rec.StoredAt))
+			if made > 2 {
+				t.Errorf("keys the edge made from the lost scheduled rotation on: %d (want at most 2: the lost one and its heal)", made)
+			}
+			if rec.StoredAt.After(healed.StoredAt) && rec.StoredAt.Sub(healed.StoredAt) < floor {
+				t.Errorf("the team's schedule made a scheduled rotation %s after the heal's key (%s after the lost scheduled rotation), under a floor of %s",
+					rec.StoredAt.Sub(healed.StoredAt).Round(time.Second), rec.StoredAt.Sub(lostAt).Round(time.Second), floor)
+			}
+		})
 	}
 }

@@ -303,3 +303,52 @@ func TestRotateRootHelpNamesItsAnswer(t *testing.T) {
 		}
 	}
 }
+
+// TestRotateRootKeepsARolledValueConfigWouldAccept: the design is
+// that rotate-root keeps any rolled value config would accept as api_token
+// (ValidToken), since Cloudflare killed the old value when it answered.
+// Config accepts a value with surrounding whitespace: it trims it
+// (applyConfigFields: strings.TrimSpace). RollToken refuses the same value
+// untrimmed ("characters other than printable ASCII"), throws it away, and
+// leaves config with the dead old value: the mount is dead although the
+// answer carried a value config takes. (In the simulator the rolled token
+// is the value with its newline, so the trimmed value does not verify
+// there; only what is stored is checked.)
+//
+// Before the fix it printed:
+//
+//	rotate-root threw away a value config accepts as api_token: status 502: roll API token ...: the answer's token value could not be an API token: it has characters other than printable ASCII (spaces, control characters or non-ASCII); ...
+func TestRotateRootKeepsARolledValueConfigWouldAccept(t *testing.T) {
+	env := newConfiguredEnv(t)
+	old := env.token.Value
+	var rolledValue string
+	env.sim.SetRollValue(func() string {
+		rolledValue = cloudflaresim.NewID() + cloudflaresim.NewID() + "\n"
+		return rolledValue
+	})
+	resp, err := env.request(logical.UpdateOperation, "config/rotate-root", nil)
+	rolled, _ := env.sim.TokenByID(env.token.ID)
+	if rolled.Value == old {
+		t.Fatal("the simulator did not roll the token")
+	}
+	// The old value is dead either way; the log check looks for the new one.
+	env.token.Value = strings.TrimSpace(rolledValue)
+	text := errorText(resp, err)
+	if strings.Contains(text, strings.TrimSpace(rolledValue)) || strings.Contains(text, old) {
+		t.Fatal("the answer contains a token value")
+	}
+	// What config would store for the same value.
+	probe := newTestEnv(t)
+	probe.token = probe.sim.AddToken(cloudflaresim.Token{Value: strings.TrimSpace(rolledValue)})
+	if r, e := probe.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": rolledValue, "base_url": probe.simURL, "request_timeout": "2s",
+	}); httpStatus(r, e) >= 400 {
+		t.Fatalf("config refuses the value too, so the design allows refusing it: %s", errorText(r, e))
+	}
+	if err != nil || resp.IsError() {
+		t.Fatalf("rotate-root threw away a value config accepts as api_token: status %d: %s", httpStatus(resp, err), text)
+	}
+	if got := storedToken(t, env); got != strings.TrimSpace(rolledValue) {
+		t.Fatalf("stored a token of %d characters, want the rolled value trimmed as config trims it", len(got))
+	}
+}

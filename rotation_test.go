@@ -1,12 +1,16 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -570,4 +574,62 @@ func TestAFirstWriteThatNeverSentAGenerateClaimsNoMark(t *testing.T) {
 		t.Fatalf("status %d says %q, but metadata has nothing stored (%v, %v); psk_generate calls: %d",
 			httpStatus(resp, err), text, meta, merr, env.sim.Calls(cloudflaresim.OpPSKGenerate))
 	}
+}
+
+// TestARefusalIsHeldAgainstTheEdge: only Cloudflare's own
+// refusal (its error envelope) is taken as proof that a psk_generate changed
+// nothing. But the envelope proves only that Cloudflare refused a request,
+// not the engine's: a gateway at base_url that retries a POST whose answer it
+// lost (a retry policy on upstream resets or timeouts, as service meshes and
+// some API gateways allow) hands back Cloudflare's genuine refusal of the
+// retry ("tunnel is being modified", right after the first request
+// modified it), while the first request generated a key. The engine then
+// restores the record as current: Vault says current for a key the edge no
+// longer uses, until the drift sweep (drift_check_interval, an hour by
+// default) finds the newer key. The docs say a proxy or gateway may sit at
+// base_url (validate.go: one that drops the query string) and that a 4xx in
+// any form but Cloudflare's envelope proves nothing; they do not say that a
+// retrying one defeats the envelope too. One GET of the tunnel after a
+// refusal (its last_generated_on against the stored one) would tell.
+//
+// Before the fix it printed:
+//
+//	psk/...: state current but the key is not the edge's
+func TestARefusalIsHeldAgainstTheEdge(t *testing.T) {
+	env := newTestEnv(t)
+	var retrying atomic.Bool
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !retrying.Load() || r.Method != http.MethodPost || !strings.HasSuffix(r.URL.Path, "/psk_generate") || r.URL.Query().Get("validate_only") == "true" {
+			env.sim.ServeHTTP(w, r)
+			return
+		}
+		body, _ := io.ReadAll(r.Body)
+		// The first attempt reaches Cloudflare, which generates a key; its
+		// answer is lost on the way back to the gateway.
+		first := r.Clone(r.Context())
+		first.Body = io.NopCloser(bytes.NewReader(body))
+		env.sim.ServeHTTP(httptest.NewRecorder(), first)
+		// The gateway retries; Cloudflare refuses the retry in its own
+		// envelope, and that is the answer the engine gets.
+		env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: http.StatusConflict,
+			Errors: []cloudflaresim.Message{{Code: 1003, Message: "tunnel is being modified"}}})
+		retry := r.Clone(r.Context())
+		retry.Body = io.NopCloser(bytes.NewReader(body))
+		env.sim.ServeHTTP(w, retry)
+	}))
+	t.Cleanup(front.Close)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": env.token.Value, "base_url": front.URL + "/client/v4", "request_timeout": "2s",
+	}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	generations := env.generations()
+
+	retrying.Store(true)
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	retrying.Store(false)
+	t.Logf("write: status %d: %s", httpStatus(resp, err), errorText(resp, err))
+	if env.generations() != generations+1 {
+		t.Fatalf("the edge generated %d keys, want 1: the test's premise does not hold", env.generations()-generations)
+	}
+	assertHonest(t, env)
 }

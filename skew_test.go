@@ -184,24 +184,27 @@ func TestTheGuaranteeHoldsWhateverTheClocks(t *testing.T) {
 			fine: bounds{0, 0}, coarse: bounds{0, 1}, mayForget: true,
 		},
 		{
-			// As above, the lost rotation sent 15 s after the stored one:
-			// Vault's clock alone (StoredAt against RotationStartedAt)
-			// proves an unchanged whole-second key unchanged. No heal.
-			name: "lost answer before commit, later rotation 15s after the last",
+			// As above, the lost rotation sent long after the stored one
+			// (storedProofMargin: node clocks, and a clock stepped across
+			// its band): Vault's clock alone (StoredAt against
+			// RotationStartedAt) proves an unchanged whole-second key
+			// unchanged. No heal.
+			name: "lost answer before commit, later rotation long after the last",
 			run: func(t *testing.T, env *testEnv) {
 				env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
-				env.clock.Advance(15 * time.Second)
+				env.clock.Advance(3 * time.Minute) // more than rotation.storedProofMargin
 				mustFail(t, env, cloudflaresim.Fault{Status: 500})
 			},
 			fine: bounds{1, 1}, coarse: bounds{1, 1},
 		},
 		{
-			// A lost first rotation that made nothing, of a tunnel made 2 s
-			// before: the Date of the read before the rotation, a second
-			// past the key's, proves the key unchanged. Forgotten.
-			name: "lost answer before commit, first rotation of a tunnel 2s old",
+			// A lost first rotation that made nothing, of a tunnel made
+			// more than dateProofMargin before: the Date of the read before
+			// the rotation, that far past the key's, proves the key
+			// unchanged, whatever clock stamped it. Forgotten.
+			name: "lost answer before commit, first rotation of a tunnel two minutes old",
 			run: func(t *testing.T, env *testEnv) {
-				env.clock.Advance(2 * time.Second)
+				env.clock.Advance(2 * time.Minute) // more than rotation.dateProofMargin
 				mustFail(t, env, cloudflaresim.Fault{Status: 500})
 			},
 			fine: bounds{0, 0}, coarse: bounds{0, 0}, mayForget: true,

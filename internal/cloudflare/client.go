@@ -287,14 +287,17 @@ func (c *Client) RollToken(ctx context.Context, accountID, tokenID string) (stri
 	// schema does not describe (40 to 80 characters) would leave the mount
 	// with a dead token and throw away the live one. The caller warns
 	// (TokenLengthExpected). Only a value no Authorization header and no
-	// config could carry is refused.
-	if value == nil || *value == "" {
+	// config could carry is refused. Spaces around the value are trimmed,
+	// as config trims an api_token written to it: a value with a line
+	// break after it is the same token.
+	if value == nil || strings.TrimSpace(*value) == "" {
 		return "", &MalformedResponseError{Op: OpRollToken, Reason: "the answer has no token value"}
 	}
-	if problem := tokenProblem(*value); problem != "" {
+	token := strings.TrimSpace(*value)
+	if problem := tokenProblem(token); problem != "" {
 		return "", &MalformedResponseError{Op: OpRollToken, Reason: "the answer's token value could not be an API token: " + problem}
 	}
-	return *value, nil
+	return token, nil
 }
 
 // MaxTokenLength bounds an API token value, in config and in a roll's

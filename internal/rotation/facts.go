@@ -17,6 +17,7 @@ import (
 	"context"
 	"net/netip"
 	"regexp"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -103,17 +104,30 @@ func asPrefix(v string) (string, bool) {
 // listing or read the caller made anyway) when its router facts changed,
 // and returns the record as it stands. The caller holds t's lock and passes
 // the record read under it.
+//
+// In the same write it keeps, once, what the answer proves of the stored
+// key: an answer Cloudflare dated well past the stored key's second that
+// shows that key's time (KeySeenAt) proves that a later attempt which
+// changed nothing changed nothing, at whole-second precision
+// (keyChangeSince).
 func (e *Engine) refreshFacts(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, edge *cloudflare.TunnelState) (*store.Record, error) {
-	facts := e.edgeFacts(t, edge, rec.Facts)
-	if facts == rec.Facts {
+	updated := *rec
+	updated.Facts = e.edgeFacts(t, edge, rec.Facts)
+	proven := func(at time.Time) bool {
+		return !at.IsZero() && !at.Before(rec.LastGeneratedOn.Add(dateProofMargin))
+	}
+	if rec.Current() && edge.PSKLastGeneratedOn.Equal(rec.LastGeneratedOn) && !proven(rec.KeySeenAt) && proven(edge.Date) {
+		updated.KeySeenAt = edge.Date.UTC()
+	}
+	if updated == *rec {
 		return rec, nil
 	}
-	updated := *rec
-	updated.Facts = facts
 	if err := store.WriteRecord(ctx, s, t, &updated); err != nil {
 		return rec, err
 	}
-	e.TunnelLogger(t).Info("router facts updated from cloudflare", "fields", changedFacts(rec.Facts, facts))
+	if updated.Facts != rec.Facts {
+		e.TunnelLogger(t).Info("router facts updated from cloudflare", "fields", changedFacts(rec.Facts, updated.Facts))
+	}
 	return &updated, nil
 }
 

@@ -66,7 +66,15 @@ func (e *Engine) reschedule(ctx context.Context, s logical.Storage, t store.Tunn
 	updated.RotationPeriod, updated.RotationSchedule, updated.RotationWindow = sched.Period, sched.Cron, sched.Window
 	updated.NextRotation, updated.WindowEnds, updated.ScheduleNote = time.Time{}, time.Time{}, ""
 	if sched.Set() {
-		updated.NextRotation, updated.WindowEnds = sched.NextAfterChange(rec.StoredAt, e.now(), floor)
+		// The floor counts from the last time the edge's key may have
+		// changed: the stored key's, or a later attempt whose outcome is
+		// not known yet (a heal of it follows, and must not be followed
+		// within the floor by the new schedule's time).
+		lastKey := rec.StoredAt
+		if rec.State == store.StateRotationUnknown && rec.RotationStartedAt.After(lastKey) {
+			lastKey = rec.RotationStartedAt
+		}
+		updated.NextRotation, updated.WindowEnds = sched.NextAfterChange(lastKey, e.now(), floor)
 		if rec.Failures > 0 && updated.NextRotation.Before(rec.RetryAt) {
 			// The background is backing off from failed attempts: a new
 			// schedule does not bring the next one forward.

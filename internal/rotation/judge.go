@@ -19,6 +19,19 @@ type keyChange int
 // promises for last_generated_on, and all a Date header has.
 const wholeSecond = time.Second
 
+// maxClockStep is how far apart two clocks the engine compares times of
+// may be: Cloudflare's and Vault's, or a Date header's and Cloudflare's
+// (a proxy at base_url may stamp its own), or one node's clock before and
+// after NTP steps it. The engine keeps its guarantee with Vault's clock up
+// to this far ahead of or behind Cloudflare's, and a proof by time holds
+// only with this much to spare.
+const maxClockStep = time.Minute
+
+// dateProofMargin is how far past a key's second of generation an answer's
+// Date must be to prove that Cloudflare's clock had left that second: a
+// second, and what a Date from another clock (maxClockStep) may be ahead.
+const dateProofMargin = maxClockStep + wholeSecond
+
 // keyChangeSince compares the edge's last_generated_on now with before, its
 // last_generated_on in an earlier answer of Cloudflare's that Cloudflare
 // dated seenAt (zero: unknown). Both are Cloudflare's times, and nothing
@@ -34,7 +47,10 @@ const wholeSecond = time.Second
 // second share their time; an equal time then proves the same key only if
 // Cloudflare's clock had left before's second when before was seen: a key
 // generated after that answer carries a later second. The Date header is
-// whole seconds, truncated, so Date >= before+1s says just that.
+// whole seconds, truncated, so Date >= before+1s says just that when the
+// Date is Cloudflare's; since it may be another clock's (a proxy at
+// base_url that stamps its own, as nginx does), the proof asks for
+// dateProofMargin.
 func keyChangeSince(now, before, seenAt time.Time, laterKeysDiffer bool) keyChange {
 	switch {
 	case !now.Equal(before):
@@ -43,7 +59,7 @@ func keyChangeSince(now, before, seenAt time.Time, laterKeysDiffer bool) keyChan
 		return keyUnchanged // no key then, no key now
 	case sameGeneration(now, before),
 		laterKeysDiffer,
-		!seenAt.IsZero() && !seenAt.Before(before.Add(wholeSecond)):
+		!seenAt.IsZero() && !seenAt.Before(before.Add(dateProofMargin)):
 		return keyUnchanged
 	}
 	return keyUndecided
@@ -60,19 +76,24 @@ func edgeKeySince(r *store.Record, now time.Time) keyChange {
 // stored key, current at the edge.
 func fromStoredKey(r *store.Record) bool { return r.PSK != "" && !r.EdgeKeyForeign }
 
-// storedLongBefore reports whether the stored key was stored at least
-// settleMargin and a second before the attempt started. Both times are
-// Vault's, perhaps of two nodes (a failover between), whose clocks differ
-// by less than settleMargin as the settle window assumes, so at least a
-// second passed in truth. Cloudflare generated the stored key before it was
-// stored and any key of the attempt after the attempt started, so their
-// last_generated_on differ by at least a second and cannot share one. This
-// is the proof for records stored before KeySeenAt existed, and for a key
-// whose own answer was dated in its second of generation, as most are.
+// storedLongBefore reports whether the stored key was stored long enough
+// before the attempt started that at least a second passed in truth:
+// settleMargin for two nodes' clocks (a failover between), twice
+// maxClockStep for a clock stepped from one end of its band to the other
+// in between, and a second. Both times are Vault's. Cloudflare generated
+// the stored key before it was stored and any key of the attempt after the
+// attempt started, so their last_generated_on differ by at least a second
+// and cannot share one. This is the proof for records stored before
+// KeySeenAt existed, and for a key whose own answer was dated in its second
+// of generation, as most are.
 func storedLongBefore(r *store.Record) bool {
 	return !r.StoredAt.IsZero() && !r.RotationStartedAt.IsZero() &&
-		!r.StoredAt.After(r.RotationStartedAt.Add(-settleMargin-wholeSecond))
+		!r.StoredAt.After(r.RotationStartedAt.Add(-storedProofMargin))
 }
+
+// storedProofMargin is how long before an attempt the stored key must have
+// been stored, by Vault's clocks, for storedLongBefore.
+const storedProofMargin = settleMargin + 2*maxClockStep + wholeSecond
 
 // judgeEdge decides what the edge's last_generated_on (edgeGenerated) says
 // about rec, a record that is not current; for edgeChanged it also says

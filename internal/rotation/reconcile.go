@@ -25,6 +25,10 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 		// anyway; nothing Cloudflare says now would release it.
 		return rec, nil
 	}
+	// A held tunnel whose validation's outcome was lost is judged, and
+	// marked stale (held still) if the edge changed, but never healed: no
+	// key is made for it but by an operator's write.
+	heal = heal && !rec.AnswerHeld
 	log := e.TunnelLogger(t)
 	if rec.Settling(e.now()) {
 		return rec, &SettlingError{tunnel: t, until: rec.SettleUntil}
@@ -73,8 +77,13 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 	if heal {
 		if e.mayHeal(conn.Settings, rec) {
 			log.Warn("reconciled: cloudflare's key is not the stored one; generating a new key")
+			// The heal replaces the edge's key, which Vault does not hold:
+			// if Cloudflare refuses it, the record put back must still say
+			// so (EdgeKeyForeign), or its next judgement would find the
+			// edge "unchanged" since EdgeKeyBefore and call the stored key
+			// current.
 			healing := *rec
-			healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
+			healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt, healing.EdgeKeyForeign = edge.PSKLastGeneratedOn, edge.Date, true
 			return e.rotateLocked(ctx, s, conn, t, &healing, TriggerHeal)
 		}
 		return e.holdHealing(ctx, s, t, rec, reason)
@@ -237,10 +246,11 @@ func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn
 		_, err := e.MarkGone(ctx, s, t, rec)
 		return false, err
 	}
-	if !edge.PSKLastGeneratedOn.After(rec.LastGeneratedOn) {
+	if edge.PSKLastGeneratedOn.Equal(rec.LastGeneratedOn) {
 		return true, nil
 	}
-	reason := fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s): it was changed outside this engine",
+	// Another time, later or earlier, is another key (keyChangeSince).
+	reason := fmt.Sprintf("Cloudflare's key was generated at %s, not when the stored key was (%s): it was changed outside this engine",
 		store.FormatTime(edge.PSKLastGeneratedOn), store.FormatTime(rec.LastGeneratedOn))
 	if heal && !e.mayHeal(conn.Settings, rec) {
 		_, err = e.holdHealing(ctx, s, t, rec, reason)
@@ -261,7 +271,7 @@ func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn
 	}
 	e.TunnelLogger(t).Warn("key changed outside this engine; generating a new key", "edge_generated_on", store.FormatTime(edge.PSKLastGeneratedOn))
 	healing := *stale
-	healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
+	healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt, healing.EdgeKeyForeign = edge.PSKLastGeneratedOn, edge.Date, true
 	_, err = e.rotateLocked(ctx, s, conn, t, &healing, TriggerHeal)
 	return err == nil, err
 }

@@ -136,7 +136,7 @@ func (a *attempt) what() string {
 // tunnel's schedule. The caller holds t's lock and passes the tunnel's
 // record as read under it (nil when none). trigger says who asked.
 func (e *Engine) rotateLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, previous *store.Record, trigger Trigger) (*store.Record, error) {
-	if previous != nil && previous.HeldByAnswer() && trigger != TriggerWrite {
+	if previous != nil && previous.AnswerHeld && trigger != TriggerWrite {
 		// The last answer carried a key of the wrong form: asking again
 		// by itself would only bring another (holdWrongKey).
 		return nil, &answerHeldError{tunnel: t}
@@ -153,6 +153,7 @@ func (e *Engine) generate(ctx context.Context, a *attempt) (*store.Record, error
 	}
 	answer, err := e.keys.Send(ctx, a.conn.Edge, a.t, a.validateOnly())
 	if err != nil {
+		// nil: a validation that provably generated nothing.
 		return nil, e.sendFailed(ctx, a, err)
 	}
 	if a.validateOnly() {
@@ -188,13 +189,14 @@ func (e *Engine) begin(ctx context.Context, a *attempt) error {
 	}
 	pending := a.pending
 	if a.trigger == TriggerWrite {
-		// An operator's write takes the tunnel back (see mayHeal).
-		pending.HealHeld = false
+		// An operator's write takes the tunnel back, from healing held for
+		// drift (see mayHeal) and from a hold for a key of the wrong form
+		// (holdWrongKey): this attempt's outcome decides anew, and a
+		// refusal puts the held record back (restore). A validation asks
+		// for no key and releases neither: if its outcome is lost,
+		// reconciliation still heals nothing for a held tunnel.
+		pending.HealHeld, pending.AnswerHeld = false, false
 	}
-	// Whoever got here was allowed to ask (rotateLocked holds back all but
-	// an operator's write): this attempt's outcome decides anew, and a
-	// refusal puts the held record back (restore).
-	pending.AnswerHeld = false
 	pending.State = store.StateRotationUnknown
 	// Read before anything is written or sent, by this node's clock: no
 	// request of the attempt can land after SettleUntil. (It is never held
@@ -260,11 +262,26 @@ func (e *Engine) edgeBefore(ctx context.Context, a *attempt) error {
 // sendFailed records what a failed request proves: nothing changed (the
 // record is put back), the answer carried a key of the wrong form (the
 // tunnel is held), or nothing is known (the record stays rotation_unknown
-// and says why). It returns err, or what the caller should see instead.
+// and says why). It returns err, or what the caller should see instead:
+// nil for a validation whose odd answer provably changed nothing.
 func (e *Engine) sendFailed(ctx context.Context, a *attempt, err error) error {
 	switch {
-	case cloudflare.NoEffect(err):
+	case cloudflare.Refused(err) && e.edgeUnchanged(ctx, a, err):
+		// Cloudflare's refusal, held against the edge: a gateway at
+		// base_url that retried a request whose answer it lost passes on
+		// Cloudflare's refusal of the retry, although the first one may
+		// have made a key.
 		e.restore(ctx, a.s, a.t, a.previous)
+	case cloudflare.NoEffect(err) && !cloudflare.Refused(err):
+		// Not sent (the budget, Cloudflare's block) or Cloudflare's rate
+		// limit.
+		e.restore(ctx, a.s, a.t, a.previous)
+	case cloudflare.WrongKeyForm(err) && a.validateOnly() && e.edgeUnchanged(ctx, a, nil):
+		// A validation's answer may merely show a key; where the edge
+		// provably still has the key it had, nothing was made.
+		e.TunnelLogger(a.t).Warn("a validate_only answer carried a key of the wrong form that the edge does not use; discarded")
+		e.restore(ctx, a.s, a.t, a.previous)
+		return nil
 	case cloudflare.WrongKeyForm(err):
 		return e.holdWrongKey(ctx, a, err)
 	default:
@@ -275,6 +292,19 @@ func (e *Engine) sendFailed(ctx context.Context, a *attempt, err error) error {
 		}
 	}
 	return err
+}
+
+// edgeUnchanged asks the edge whether its key is provably the one it had
+// when the attempt started. refusal, when set, is Cloudflare's refusal of
+// the attempt: if Cloudflare refuses the read too (the token, the
+// account, the tunnel), it refused the attempt's every request alike, and
+// that proves it made nothing. Anything else unproven is false.
+func (e *Engine) edgeUnchanged(ctx context.Context, a *attempt, refusal error) bool {
+	edge, err := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID)
+	if err != nil {
+		return refusal != nil && cloudflare.Refused(err)
+	}
+	return edgeKeySince(a.pending, edge.PSKLastGeneratedOn) == keyUnchanged
 }
 
 // finish stores the key the edge answered with, current, with the
@@ -302,7 +332,11 @@ func (e *Engine) finish(ctx context.Context, a *attempt, answer *cloudflare.Gene
 	// the next one late); a schedule shorter than min_rotation_period (set
 	// before the floor was raised) is held back to the floor.
 	rec.RotationSchedule, rec.RotationWindow = a.sched.Cron, a.sched.Window
-	rec.NextRotation, rec.WindowEnds = a.sched.NextAfterRotation(rec.StoredAt, rec.StoredAt, a.conn.Settings.MinRotationPeriod)
+	if a.trigger == TriggerSchedule {
+		rec.NextRotation, rec.WindowEnds = a.sched.NextAfterRotation(rec.StoredAt, rec.StoredAt, a.conn.Settings.MinRotationPeriod)
+	} else {
+		rec.NextRotation, rec.WindowEnds = a.sched.NextAfterUnscheduled(rec.StoredAt, a.conn.Settings.MinRotationPeriod)
+	}
 	notes, err := store.SaveScheduled(ctx, a.s, rec, pending.NextRotation, true)
 	for _, note := range notes {
 		log.Warn("after a rotation", "error", note)

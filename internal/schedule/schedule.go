@@ -93,6 +93,15 @@ func (s Schedule) NextAfterRotation(storedAt, after time.Time, floor time.Durati
 	return s.Next(after)
 }
 
+// NextAfterUnscheduled returns when a tunnel whose key was stored at
+// storedAt by a rotation its schedule did not ask for (an operator's write,
+// a heal, a bulk job) is next rotated by the schedule: at its first time
+// at least floor after the key, so that no schedule brings a key within
+// min_rotation_period of one made outside it.
+func (s Schedule) NextAfterUnscheduled(storedAt time.Time, floor time.Duration) (at, windowEnds time.Time) {
+	return s.nextNotBefore(storedAt, storedAt.Add(floor))
+}
+
 // NextAfterChange returns when a tunnel whose key was stored at storedAt
 // is next rotated once its schedule is changed to s (schedule-only writes,
 // path_psk_schedule.go): a period counts from the stored key, as if it had
