@@ -124,5 +124,7 @@ failed_count + skipped_count + remaining. A job of any size finishes, however
 many of its rotations fail: each failed or skipped tunnel is a small storage
 entry of its own, and a failure to store one holds up only that job's next
 rotations, for one scheduler pass. The results of a job are removed by the
-scheduler within 10 minutes of a new job of the account starting.
+scheduler once a new job of the account has started: it begins within 10
+minutes of that and removes up to 1,000 a pass (about one a minute when
+idle), so those of a large job take longer.
 `

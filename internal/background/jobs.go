@@ -80,7 +80,14 @@ func (w *Worker) startBulkJob(ctx context.Context, s logical.Storage, account st
 		return nil, err
 	}
 	minute := store.DueMinute(now, false)
-	if prev != nil && prev.Minute >= minute {
+	switch {
+	case prev != nil && prev.Queued == 0 && !prev.Queueing:
+		// A job that queued nothing left no entry and no result behind:
+		// its minute may be this one's too. Taking the one after it, a
+		// script that polls rotate/ with an older_than nothing matches
+		// would push every later job a minute further into the future.
+		minute = max(minute, prev.Minute)
+	case prev != nil && prev.Minute >= minute:
 		minute = prev.Minute + 1
 	}
 	job := &store.BulkJob{StartedAt: now.UTC(), Minute: minute, Queued: n, Queueing: true}

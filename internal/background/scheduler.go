@@ -148,6 +148,13 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 			return sc.sleepUntil(p.wake, maxSleep)
 		}
 		after = items[len(items)-1].Key
+		if !p.keptDue.IsZero() && !w.now().Before(p.keptDue) {
+			// A rotation this pass met before it was due, later in its
+			// minute, is due now: start again from the first entry, so
+			// that it waits a batch behind a long bulk job, not the rest
+			// of the pass. It is worked then, so this happens once for it.
+			after, p = "", &passState{held: map[heldJob]bool{}}
+		}
 		// A paced bulk run is one long pass: between batches, as at a
 		// pass's start.
 		if !w.mayWrite() {
@@ -167,6 +174,9 @@ type passState struct {
 	held map[heldJob]bool
 	// wake is the earliest time something loaded or listed falls due.
 	wake time.Time
+	// keptDue is the earliest time a scheduled rotation the pass kept,
+	// because it was not due yet in its minute, falls due.
+	keptDue time.Time
 }
 
 // earliest makes at the pass's wake time if it comes first.
@@ -196,6 +206,10 @@ func (sc *scheduler) workBatch(ctx context.Context, p *passState, items []store.
 			return outcome.postpone, true
 		}
 		p.earliest(outcome.notBefore)
+		if !outcome.finished && !outcome.holdJob && !outcome.notBefore.IsZero() &&
+			(p.keptDue.IsZero() || outcome.notBefore.Before(p.keptDue)) {
+			p.keptDue = outcome.notBefore
+		}
 		if outcome.holdJob && item.Bulk {
 			p.held[heldJobOf(item)] = true
 		}

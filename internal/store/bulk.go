@@ -142,6 +142,8 @@ func (j *BulkJob) ListResults(ctx context.Context, s logical.Storage, account st
 	out := make([]map[string]any, 0, len(ids))
 	for _, tunnel := range ids {
 		reason, ok := legacy[tunnel]
+		// A reason an older version kept is bounded as new ones are.
+		reason = BoundReason(reason)
 		if !ok {
 			key := BulkResultKey(account, j.Minute, tunnel, skipped)
 			entry, err := s.Get(ctx, key)
