@@ -114,6 +114,23 @@ func New(cfg Config) (*Client, error) {
 	}, nil
 }
 
+// The SDK builds its JSON encoders lazily and caches them for the whole
+// process. A cached map encoder keeps a pointer to the encoder of the call
+// that built it, which that call may still be writing while a concurrent
+// call uses the cached encoder: the race detector reported it in the
+// plugin when two first psk_generate requests ran at once. Building the
+// encoders of every body the client sends once, before any request can
+// run, leaves nothing to race on.
+func init() {
+	for _, body := range []json.Marshaler{
+		magic_transit.IPSECTunnelPSKGenerateParams{Body: map[string]any{}},
+		user.TokenValueUpdateParams{Body: map[string]any{}},
+		accounts.TokenValueUpdateParams{Body: map[string]any{}},
+	} {
+		_, _ = body.MarshalJSON()
+	}
+}
+
 // GeneratedPSK is what psk_generate returned.
 type GeneratedPSK struct {
 	PSK             string
