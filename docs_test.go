@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"regexp"
 	"sort"
 	"strings"
@@ -129,6 +130,196 @@ func TestHelpNamesEveryReturnedField(t *testing.T) {
 		for field := range resp.Data {
 			if !regexp.MustCompile(`\b` + regexp.QuoteMeta(field) + `\b`).MatchString(help) {
 				t.Errorf("read %s returns %q, which its help does not name", route.Pattern, field)
+			}
+		}
+	}
+}
+
+// readmeMaxLines keeps the README a front door: what the engine is, the two
+// commands, a short tour and where to read on. The manual lives in docs/.
+const readmeMaxLines = 350
+
+func TestReadmeIsAFrontDoor(t *testing.T) {
+	b, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(b), "\n"); n > readmeMaxLines {
+		t.Errorf("README.md has %d lines, more than %d: move the manual's part of it into docs/", n, readmeMaxLines)
+	}
+}
+
+// markdownFiles are the pages a reader of the repository sees: the README
+// and docs/.
+func markdownFiles(t *testing.T) []string {
+	t.Helper()
+	files, err := filepath.Glob("docs/*.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append([]string{"README.md"}, files...)
+}
+
+var (
+	inlineLink    = regexp.MustCompile(`\]\(\s*<?([^)\s>]+)>?(?:\s+"[^"]*")?\s*\)`)
+	referenceLink = regexp.MustCompile(`(?m)^ {0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)`)
+	codeSpan      = regexp.MustCompile("`+[^`]*`+")
+	headingLine   = regexp.MustCompile(`^ {0,3}#{1,6}\s+(.*?)\s*#*\s*$`)
+	notInSlug     = regexp.MustCompile(`[^\p{L}\p{N}\s_-]`)
+)
+
+// proseOf returns a Markdown page's lines outside fenced code blocks, and
+// its headings: links and anchors live there, not in examples.
+func proseOf(text string) (prose []string, headings []string) {
+	fence := ""
+	for _, line := range strings.Split(text, "\n") {
+		trimmed := strings.TrimLeft(line, " ")
+		if fence != "" {
+			if strings.HasPrefix(trimmed, fence) {
+				fence = ""
+			}
+			continue
+		}
+		if strings.HasPrefix(trimmed, "```") || strings.HasPrefix(trimmed, "~~~") {
+			fence = trimmed[:3]
+			continue
+		}
+		prose = append(prose, line)
+		if m := headingLine.FindStringSubmatch(line); m != nil {
+			headings = append(headings, m[1])
+		}
+	}
+	return prose, headings
+}
+
+// anchors are the fragment ids GitHub gives a page's headings: lower case,
+// punctuation dropped, spaces as hyphens, a repeated heading numbered.
+func anchors(headings []string) map[string]bool {
+	ids := map[string]bool{}
+	seen := map[string]int{}
+	for _, h := range headings {
+		h = regexp.MustCompile(`\[([^\]]*)\]\([^)]*\)`).ReplaceAllString(h, "$1")
+		id := strings.ReplaceAll(notInSlug.ReplaceAllString(strings.ToLower(h), ""), " ", "-")
+		if n := seen[id]; n > 0 {
+			ids[fmt.Sprintf("%s-%d", id, n)] = true
+		} else {
+			ids[id] = true
+		}
+		seen[id]++
+	}
+	return ids
+}
+
+// TestDocLinksResolve fails when a relative link of the README or of a page
+// in docs/ points at nothing in the repository (a file that moved, a
+// heading that was renamed), or out of it: a fresh clone is all a reader
+// has.
+func TestDocLinksResolve(t *testing.T) {
+	root, err := filepath.Abs(".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pageAnchors := map[string]map[string]bool{}
+	anchorsOf := func(page string) map[string]bool {
+		if a, ok := pageAnchors[page]; ok {
+			return a
+		}
+		b, err := os.ReadFile(page)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, headings := proseOf(string(b))
+		pageAnchors[page] = anchors(headings)
+		return pageAnchors[page]
+	}
+	for _, page := range markdownFiles(t) {
+		b, err := os.ReadFile(page)
+		if err != nil {
+			t.Fatal(err)
+		}
+		prose, _ := proseOf(string(b))
+		text := codeSpan.ReplaceAllString(strings.Join(prose, "\n"), "``")
+		var targets []string
+		for _, m := range inlineLink.FindAllStringSubmatch(text, -1) {
+			targets = append(targets, m[1])
+		}
+		for _, m := range referenceLink.FindAllStringSubmatch(text, -1) {
+			targets = append(targets, m[1])
+		}
+		for _, target := range targets {
+			if strings.Contains(target, "://") || strings.HasPrefix(target, "mailto:") {
+				continue
+			}
+			file, fragment, _ := strings.Cut(target, "#")
+			if strings.HasPrefix(file, "/") {
+				t.Errorf("%s: link %q is absolute; link within the repository by a relative path", page, target)
+				continue
+			}
+			dest := page
+			if file != "" {
+				dest = filepath.Join(filepath.Dir(page), filepath.FromSlash(file))
+			}
+			abs, err := filepath.Abs(dest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if abs != root && !strings.HasPrefix(abs, root+string(filepath.Separator)) {
+				t.Errorf("%s: link %q leads out of the repository", page, target)
+				continue
+			}
+			info, err := os.Stat(dest)
+			if err != nil {
+				t.Errorf("%s: link %q: %s does not exist", page, target, filepath.ToSlash(dest))
+				continue
+			}
+			if fragment != "" && !info.IsDir() && strings.HasSuffix(dest, ".md") && !anchorsOf(dest)[fragment] {
+				t.Errorf("%s: link %q: %s has no heading #%s", page, target, filepath.ToSlash(dest), fragment)
+			}
+		}
+	}
+}
+
+// machinePaths match what names this machine rather than the repository:
+// the project's shared folder beside the repository, the repository's own
+// absolute path and its parent's, the home directory, and the usual roots
+// of people's and projects' folders.
+func machinePaths(t *testing.T) []*regexp.Regexp {
+	t.Helper()
+	res := []*regexp.Regexp{
+		regexp.MustCompile(`\.\./shared\b`),
+		regexp.MustCompile("(^|[\\s\"'`(=:])/(home|root|Users|work)/"),
+	}
+	root, err := filepath.Abs(".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dirs := []string{root, filepath.Dir(root)}
+	if home, err := os.UserHomeDir(); err == nil {
+		dirs = append(dirs, home)
+	}
+	for _, d := range dirs {
+		if len(d) > 1 {
+			res = append(res, regexp.MustCompile(regexp.QuoteMeta(filepath.ToSlash(d))+`\b`))
+		}
+	}
+	return res
+}
+
+// TestDocsNameNothingOutsideTheRepository fails when the README or a page
+// in docs/ names ../shared or an absolute path of the machine it was
+// written on, in prose or in an example: a reader's clone has neither.
+func TestDocsNameNothingOutsideTheRepository(t *testing.T) {
+	res := machinePaths(t)
+	for _, page := range markdownFiles(t) {
+		b, err := os.ReadFile(page)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, line := range strings.Split(string(b), "\n") {
+			for _, re := range res {
+				if m := re.FindString(line); m != "" {
+					t.Errorf("%s:%d names %q, which is outside the repository", page, i+1, strings.TrimSpace(m))
+				}
 			}
 		}
 	}

@@ -155,7 +155,8 @@ func stateWarnings(rec *store.Record) []string {
 }
 
 // rotateTunnel is a write of psk/<account>/<tunnel>: it checks the request
-// and hands it to rotation.go, which generates and stores the key.
+// and hands it to the rotation engine (internal/rotation/rotate.go), which
+// generates and stores the key.
 func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	// The path first: a caller with a wrong id must learn that, whatever
 	// the body says.

@@ -32,7 +32,8 @@ func recordMetadata(r *store.Record) map[string]any {
 		"last_failure":        r.LastFailure,
 		"retry_at":            store.FormatTime(r.RetryAt),
 
-		// What a router's configuration needs beside the key (facts.go).
+		// What a router's configuration needs beside the key
+		// (internal/rotation/facts.go).
 		"name":                        r.Facts.Name,
 		"cloudflare_endpoint":         r.Facts.CloudflareEndpoint,
 		"customer_endpoint":           r.Facts.CustomerEndpoint,

@@ -1,9 +1,10 @@
 package background
 
 // The scheduler: one per mount, on the node that may write storage, from
-// Initialize to Clean. It works off the schedule (due.go) one rotation at a
-// time, and only while the mount's budget (config rate_limit) has more than a
-// reserve left, so operators' own writes are not starved by the fleet.
+// Initialize to Clean. It works off the schedule (internal/store/due.go) one
+// rotation at a time, and only while the mount's budget (config rate_limit)
+// has more than a reserve left, so operators' own writes are not starved by
+// the fleet.
 
 import (
 	"context"
@@ -254,7 +255,7 @@ type heldJob struct {
 
 func heldJobOf(item store.DueItem) heldJob { return heldJob{item.Tunnel.AccountID, item.Minute} }
 
-// cleanBulkResults removes some results of replaced bulk jobs (bulk.go),
+// cleanBulkResults removes some results of replaced bulk jobs (jobs.go),
 // every BulkCleanEvery, and on the next pass again while there are more.
 func (sc *scheduler) cleanBulkResults(ctx context.Context) {
 	now := sc.w.now()
@@ -517,7 +518,7 @@ func (sc *scheduler) missedWindow(ctx context.Context, t store.Tunnel, rec *stor
 }
 
 // rotateBulk works a bulk job's rotation of one tunnel. The job counts each
-// tunnel once (bulk.go), however often a pass meets its entry: an entry
+// tunnel once (jobs.go), however often a pass meets its entry: an entry
 // whose delete failed is met again, and must neither rotate nor count twice.
 func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *store.DueEntry) dueOutcome {
 	w, s, t := sc.w, sc.storage, item.Tunnel

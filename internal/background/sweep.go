@@ -2,7 +2,7 @@ package background
 
 // The background sweep: Vault calls the backend's PeriodicFunc about once a
 // minute, and on the node that may write storage it resolves the tunnels
-// whose last rotation has an unknown outcome (rotation.go), so that an
+// whose last rotation has an unknown outcome (internal/rotation), so that an
 // interrupted rotation heals even if nobody reads or writes the tunnel, and
 // finds keys changed outside this engine (drift).
 

@@ -200,7 +200,7 @@ func (e *Engine) ReconcileInBackground(ctx context.Context, s logical.Storage, c
 	}
 	now := e.now()
 	if rec.Settling(now) || now.Before(rec.RetryAt) || rec.HeldByAnswer() {
-		// A held record waits for an operator (rotation.go, holdWrongKey).
+		// A held record waits for an operator (rotate.go, holdWrongKey).
 		return false, nil
 	}
 	_, err = e.reconcileLocked(ctx, s, conn, t, rec, conn.Settings.HealStalePSK)
@@ -315,7 +315,7 @@ func (e *Engine) RotateNow(ctx context.Context, s logical.Storage, conn Conn, t 
 }
 
 // IsSettling reports whether err refused a call because the tunnel's last
-// rotation may still change the edge's key (rotation.go's SettlingError):
+// rotation may still change the edge's key (rotate.go's SettlingError):
 // the entry waits, as for a record found settling before the call.
 func IsSettling(err error) bool {
 	var settling *SettlingError

@@ -24,7 +24,8 @@ package rotation
 // proven counts as a change, so a first rotation whose outcome is unknown
 // is healed or flagged, never forgotten on a guess (judgeEdge).
 // Reconciliation runs on the next read or write of the tunnel and in the
-// background (sweep.go), on the node that may write storage.
+// background (internal/background/sweep.go), on the node that may write
+// storage.
 //
 // Why not the SDK's write-ahead log (framework.PutWAL and WALRollback), as
 // Vault's database engine uses for credentials it makes itself: a WAL entry

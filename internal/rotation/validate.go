@@ -5,7 +5,7 @@ package rotation
 // string arrives: a proxy or gateway on the way that drops it turns the
 // validation into a real generation, and Cloudflare activates a key that
 // nobody would hold. So a validation is run under the same protocol as a
-// rotation (generate in rotation.go): the tunnel's lock is held, the
+// rotation (generate in rotate.go): the tunnel's lock is held, the
 // record is written rotation_unknown before the call, and only the answer
 // decides what happened:
 //

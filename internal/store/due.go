@@ -5,13 +5,13 @@ package store
 // The schedule is kept as one entry per due rotation,
 // due/<minute>/<account>.<tunnel>, where <minute> is the Unix minute in which
 // the rotation falls due (its next_rotation rounded down); a rotation queued
-// by a bulk job (rotate/<account>, bulk.go) is
+// by a bulk job (rotate/<account>, internal/background/jobs.go) is
 // due/<minute>/<account>.<tunnel>.bulk, so the job's progress is a count of
 // its minute's keys, and a tunnel's scheduled and bulk rotations never
 // overwrite each other. Listing due/ gives the minutes in time order without
 // reading a record, so a mount that tracks a great many tunnels starts at
-// once, and the scheduler (scheduler.go) only ever holds one batch of due
-// rotations in memory.
+// once, and the scheduler (internal/background/scheduler.go) only ever holds
+// one batch of due rotations in memory.
 //
 // The minute only says when to look: the scheduler loads the current
 // minute's entries too, and the tunnel's record (NextRotation) decides
@@ -205,7 +205,8 @@ func ReadDueEntry(ctx context.Context, s logical.Storage, key string) (*DueEntry
 // first), and the start of the next later minute that has entries (zero
 // when none). A pass loads batch after batch, each after the last key of the
 // one before, so entries it keeps never hide later ones. Entries of now's
-// own minute may not be due yet: the record says (see rotateScheduled).
+// own minute may not be due yet: the record says (see internal/background's
+// rotateScheduled).
 func LoadDue(ctx context.Context, s logical.Storage, now time.Time, after string) ([]DueItem, time.Time, error) {
 	minutes, err := s.List(ctx, DuePrefix)
 	if err != nil {

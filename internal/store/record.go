@@ -17,7 +17,7 @@ const PSKPrefix = "psk/"
 // UnresolvedPrefix indexes the tunnels whose record is not current.
 const UnresolvedPrefix = "unresolved/"
 
-// Rotation states of a Record (see rotation.go).
+// Rotation states of a Record (see internal/rotation/rotate.go).
 const (
 	// StateCurrent: the stored key is the one Cloudflare's edge uses.
 	StateCurrent = "current"
@@ -59,7 +59,7 @@ type Record struct {
 	// PSK as the edge's key: the psk_generate answer that carried it, or a
 	// later read that proved the edge still used it. Zero when not known
 	// (an answer without a Date, a record stored before the field
-	// existed). See judgeEdge.
+	// existed). See internal/rotation's judgeEdge.
 	KeySeenAt time.Time `json:"key_seen_at,omitzero"`
 
 	State       string `json:"state"`
@@ -71,15 +71,16 @@ type Record struct {
 	// SettleUntil is, for a rotation whose outcome is unknown, the time
 	// after which no request of that attempt can still change the edge's
 	// key. It is fixed when the attempt starts, from the request_timeout in
-	// force then (see settleWindow).
+	// force then (see internal/rotation's settleWindow).
 	SettleUntil time.Time `json:"settle_until"`
 	// EdgeKeyBefore is the edge's last_generated_on as last known before
 	// the rotation was sent: the stored key's, or, for a tunnel Vault holds
-	// no key of yet, what Cloudflare said just before (see judgeEdge).
-	// EdgeKeyBeforeSeenAt is Cloudflare's time of the answer that said it
-	// (as KeySeenAt). Where the edge's key was not the stored one
-	// (EdgeKeyForeign) they are what Cloudflare last said of it, for the
-	// record and for a validation; judgeEdge does not need them then.
+	// no key of yet, what Cloudflare said just before (see
+	// internal/rotation's judgeEdge). EdgeKeyBeforeSeenAt is Cloudflare's
+	// time of the answer that said it (as KeySeenAt). Where the edge's key
+	// was not the stored one (EdgeKeyForeign) they are what Cloudflare last
+	// said of it, for the record and for a validation; judgeEdge does not
+	// need them then.
 	EdgeKeyBefore       time.Time `json:"edge_key_before"`
 	EdgeKeyBeforeSeenAt time.Time `json:"edge_key_before_seen_at,omitzero"`
 	// EdgeKeyForeign: when the rotation was sent, the edge's key was known
@@ -103,17 +104,18 @@ type Record struct {
 	LastHealedAt time.Time `json:"last_healed_at"`
 	// HealHeld: drift came back right after a heal, so another mount or
 	// tool rotates this tunnel too; the engine no longer heals it by itself
-	// until an operator writes it (see mayHeal).
+	// until an operator writes it (see internal/rotation's mayHeal).
 	HealHeld bool `json:"heal_held,omitempty"`
 	// AnswerHeld: Cloudflare's answer to this tunnel's last rotation carried
-	// a key of the wrong form (rotation.go, holdWrongKey), so the record is
-	// stale and the engine generates no key for the tunnel by itself (no
-	// heal, no scheduled or bulk rotation) until an operator writes it.
+	// a key of the wrong form (internal/rotation/rotate.go, holdWrongKey), so
+	// the record is stale and the engine generates no key for the tunnel by
+	// itself (no heal, no scheduled or bulk rotation) until an operator
+	// writes it.
 	// Set only with state stale; every rotation clears it.
 	AnswerHeld bool `json:"answer_held,omitempty"`
 
 	// RotationPeriod, when not zero, has the scheduler rotate the tunnel
-	// again at NextRotation (see due.go and scheduler.go).
+	// again at NextRotation (see due.go and internal/background/scheduler.go).
 	RotationPeriod time.Duration `json:"rotation_period"`
 	NextRotation   time.Time     `json:"next_rotation"`
 	// RotationSchedule, a standard cron expression, is the alternative to
@@ -130,8 +132,9 @@ type Record struct {
 	ScheduleNote     string        `json:"schedule_note,omitempty"`
 
 	// Facts is what Cloudflare says of the tunnel that a router's
-	// configuration needs beside the key (facts.go says where they come
-	// from). Carried from record to record like the rotation period.
+	// configuration needs beside the key (internal/rotation/facts.go says
+	// where they come from). Carried from record to record like the
+	// rotation period.
 	Facts Facts `json:"facts"`
 }
 
@@ -179,7 +182,7 @@ func (r *Record) Schedule() schedule.Schedule {
 }
 
 // Tunnel names one tunnel by its Cloudflare identifiers, in their
-// canonical form (parseIdentifier).
+// canonical form (the root package's parseIdentifier, fields.go).
 type Tunnel struct {
 	AccountID string
 	TunnelID  string
@@ -273,8 +276,9 @@ func OrNever(t time.Time) string {
 
 // Facts is what a router needs to know of a tunnel beside its key.
 // Every field is "" when Cloudflare has not said (or said something a
-// router configuration could not safely hold, see edgeFacts). The type is
-// comparable, so a refresh can tell whether anything changed.
+// router configuration could not safely hold, see internal/rotation's
+// edgeFacts). The type is comparable, so a refresh can tell whether
+// anything changed.
 type Facts struct {
 	Name string `json:"name,omitempty"`
 	// CloudflareEndpoint is the anycast address the router connects to.
@@ -282,7 +286,7 @@ type Facts struct {
 	CustomerEndpoint   string `json:"customer_endpoint,omitempty"`
 	// InterfaceAddress and InterfaceAddress6 are Cloudflare's side of the
 	// tunnel's inside subnet (/31 or /30; /127); the router takes the other
-	// address (see customerSide).
+	// address (see the root package's customerSide, response.go).
 	InterfaceAddress  string `json:"interface_address,omitempty"`
 	InterfaceAddress6 string `json:"interface_address6,omitempty"`
 	// CustomFQDNID is custom_remote_identities.fqdn_id: an IKE identity of
