@@ -234,3 +234,56 @@ func TestALostValidationDoesNotReleaseAHeldTunnel(t *testing.T) {
 		t.Fatalf("after a lost validate_only of a held tunnel the background generated %d key(s); nobody asked for one since the hold", n)
 	}
 }
+
+// TestARefusedWriteOfAHeldTunnelKeepsItHeld (review of fd4a21b): begin says
+// of an operator's write of a held tunnel that "a refusal puts the held
+// record back (restore)". It does not any more. sendFailed now restores only
+// what edgeUnchanged proves, and edgeUnchanged compares the edge's key with
+// the pending record's EdgeKeyBefore, which for a held (stale) record is
+// still the key the edge had before the attempt that got the wrong-form
+// answer: the edge has moved on since (that answer's key), so the refused
+// write "may have changed" the key, and the record is left
+// rotation_unknown, with AnswerHeld (and HealHeld) already cleared by begin.
+// After the settle window reconciliation heals it: the background generates
+// a key for a tunnel held until "an operator writes this path", whose
+// operator's write Cloudflare refused, and whose answer (a 400) told the
+// operator nothing happened. The same holds for a tunnel held for drift
+// (HealHeld), whose hold stops two mounts rotating each other's keys away.
+//
+// It printed (on fd4a21b..5e7e70f):
+//
+//	after the refused write: state rotation_unknown, answer_held false (...): the hold is gone
+//	after a refused write of a held tunnel the background generated 1 key(s); the only write since the hold was refused
+func TestARefusedWriteOfAHeldTunnelKeepsItHeld(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.SetPSKValue(injectedKey)
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("the write with a key of the wrong form succeeded")
+	}
+	if rec := storedRecord(t, env); rec == nil || !rec.HeldByAnswer() {
+		t.Fatalf("setup: not held: %+v", rec)
+	}
+	generations := env.generations()
+
+	// The operator writes; Cloudflare refuses the request in its own
+	// envelope (any 4xx: a token without the permission, a tunnel being
+	// modified). Nothing changed at the edge.
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: http.StatusConflict,
+		Errors: []cloudflaresim.Message{{Code: 1003, Message: "tunnel is being modified"}}})
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	t.Logf("refused write: status %d: %s", httpStatus(resp, err), errorText(resp, err))
+	if env.generations() != generations {
+		t.Fatal("the refusal generated a key: the test's premise does not hold")
+	}
+	if rec := storedRecord(t, env); rec == nil || !rec.HeldByAnswer() {
+		t.Errorf("after the refused write: state %s, answer_held %v (%s): the hold is gone", rec.State, rec.AnswerHeld, rec.StateReason)
+	}
+	for i := 0; i < 3; i++ {
+		runBackgroundPass(t, env)
+		_, _ = env.request(logical.ReadOperation, env.pskPath(), nil)
+	}
+	if n := env.generations() - generations; n != 0 {
+		t.Fatalf("after a refused write of a held tunnel the background generated %d key(s); the only write since the hold was refused", n)
+	}
+}

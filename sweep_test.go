@@ -327,3 +327,53 @@ func TestAHeldTunnelsReasonDoesNotGrow(t *testing.T) {
 		t.Fatalf("after three hourly looks: state %v, reason of %d characters (was %d): %q", meta.Data["state"], len(reason), len(held), reason)
 	}
 }
+
+// TestARefusedWriteOfATunnelHeldForDriftKeepsItHeld (review of fd4a21b): as
+// TestARefusedWriteOfAHeldTunnelKeepsItHeld, for a tunnel held because drift
+// came back right after a heal (HealHeld: another mount or tool rotates it
+// too). The operator's write clears HealHeld in the pending record;
+// Cloudflare refuses it; edgeUnchanged holds the edge's key against the
+// record's EdgeKeyBefore, which a drift-stale record does not hold (zero: a
+// record finish stored has none), so nothing is proven, the record is left
+// rotation_unknown, and reconciliation then heals it (mayHeal allows any
+// rotation_unknown): the engine rotates the contested tunnel by itself
+// again, the loop the hold is there to stop. Before fd4a21b a refusal put
+// the held record back.
+//
+// It printed (on fd4a21b..5e7e70f):
+//
+//	after the refused write: state rotation_unknown, heal_held false: the hold is gone
+//	after a refused write of a tunnel held for drift the background generated 1 key(s)
+func TestARefusedWriteOfATunnelHeldForDriftKeepsItHeld(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "10m"}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.RegenerateOutOfBand(env.account, env.tunnel.ID)
+	env.clock.Advance(10 * time.Minute)
+	backgroundPass(t, env)
+	env.sim.RegenerateOutOfBand(env.account, env.tunnel.ID)
+	env.clock.Advance(10 * time.Minute)
+	backgroundPass(t, env)
+	if rec := storedRecord(t, env); rec == nil || !rec.HealHeld || rec.State != store.StateStale {
+		t.Fatalf("setup: not held for drift: %+v", rec)
+	}
+	generations := env.generations()
+
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: http.StatusConflict,
+		Errors: []cloudflaresim.Message{{Code: 1003, Message: "tunnel is being modified"}}})
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	t.Logf("refused write: status %d: %s", httpStatus(resp, err), errorText(resp, err))
+	if env.generations() != generations {
+		t.Fatal("the refusal generated a key: the test's premise does not hold")
+	}
+	if rec := storedRecord(t, env); rec == nil || !rec.HealHeld || rec.State != store.StateStale {
+		t.Errorf("after the refused write: state %s, heal_held %v: the hold is gone", rec.State, rec.HealHeld)
+	}
+	for i := 0; i < 3; i++ {
+		runBackgroundPass(t, env)
+		_, _ = env.request(logical.ReadOperation, env.pskPath(), nil)
+	}
+	if n := env.generations() - generations; n != 0 {
+		t.Fatalf("after a refused write of a tunnel held for drift the background generated %d key(s)", n)
+	}
+}

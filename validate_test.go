@@ -225,3 +225,67 @@ func TestALostValidationNeverGeneratesAKey(t *testing.T) {
 		t.Fatalf("a validate_only that changed nothing at the edge made the engine generate %d key(s)", env.generations()-generations)
 	}
 }
+
+// TestARefusedValidationSoonAfterAKeyMakesNoKey (review of fd4a21b): a
+// validate_only asks for no key, and "a refusal (4xx, rate limit, not
+// sent): nothing happened; the record is put back" (validate.go). Since
+// fd4a21b a 4xx is put back only when edgeUnchanged proves the edge's key is
+// the one it had, and at whole-second precision that proof needs a Date at
+// least 61 s past the key's second (dateProofMargin) or, for a stored key,
+// a key stored 131 s before (storedProofMargin). A validation refused within
+// a minute of the tunnel's last key (Terraform creates the tunnel and runs a
+// validate_only to check the token's permission; or an operator validates
+// right after a write) is left rotation_unknown, and after the settle
+// window reconciliation heals it: Cloudflare generates a key (and, for a
+// tunnel Vault never managed, Vault starts managing it) although the only
+// request was a validation that Cloudflare refused and Vault answered with
+// a 400.
+//
+// It printed (on fd4a21b..5e7e70f):
+//
+//	--- FAIL: .../managed,_validated_20s_after_the_write
+//	    a refused validate_only made the engine generate 1 key(s)
+//	--- FAIL: .../never_written,_validated_20s_after_creation
+//	    a refused validate_only made the engine generate 1 key(s)
+//	    Vault now holds a record (version 1, state current) for a tunnel nobody wrote
+func TestARefusedValidationSoonAfterAKeyMakesNoKey(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		written bool
+	}{
+		{"managed, validated 20s after the write", true},
+		{"never written, validated 20s after creation", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			base := time.Now().Truncate(time.Second).Add(100 * time.Millisecond)
+			env, edge := newHandClockedEnv(t, base, time.Second)
+			if tc.written {
+				env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+			}
+			generations := env.generations()
+
+			env.clock.Advance(20 * time.Second)
+			edge.set(base.Add(20 * time.Second))
+			env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: http.StatusConflict,
+				Errors: []cloudflaresim.Message{{Code: 1003, Message: "tunnel is being modified"}}})
+			resp, err := env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"validate_only": true})
+			t.Logf("refused validation: status %d: %s", httpStatus(resp, err), errorText(resp, err))
+			if env.generations() != generations {
+				t.Fatal("the refusal generated a key: the test's premise does not hold")
+			}
+
+			for i := 1; i <= 3; i++ {
+				env.clock.Advance(time.Hour)
+				edge.set(base.Add(20*time.Second + time.Duration(i)*time.Hour))
+				backgroundPass(t, env)
+				_, _ = env.request(logical.ReadOperation, env.pskPath(), nil)
+			}
+			if n := env.generations() - generations; n != 0 {
+				t.Errorf("a refused validate_only made the engine generate %d key(s)", n)
+			}
+			if rec := storedRecord(t, env); !tc.written && rec != nil {
+				t.Errorf("Vault now holds a record (version %d, state %s) for a tunnel nobody wrote", rec.Version, rec.State)
+			}
+		})
+	}
+}
