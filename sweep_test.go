@@ -3,10 +3,12 @@ package main
 import (
 	"context"
 	"net/http"
+	"net/http/httptest"
 	"runtime"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -375,5 +377,96 @@ func TestARefusedWriteOfATunnelHeldForDriftKeepsItHeld(t *testing.T) {
 	}
 	if n := env.generations() - generations; n != 0 {
 		t.Fatalf("after a refused write of a tunnel held for drift the background generated %d key(s)", n)
+	}
+}
+
+// rotatingDuringAListing puts a front at base_url (config, drift sweep
+// every 10m) that, once armed, answers the next tunnel listing as Cloudflare
+// did, but only after an operator's write of env's tunnel has stored a new
+// key: the listing shows the key the write replaced. It returns the arming
+// switch and the write's error.
+func rotatingDuringAListing(t *testing.T, env *testEnv) (*atomic.Bool, *error) {
+	t.Helper()
+	var armed atomic.Bool
+	var writeErr error
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !armed.Load() || r.Method != http.MethodGet || !strings.HasSuffix(r.URL.Path, "/ipsec_tunnels") {
+			env.sim.ServeHTTP(w, r)
+			return
+		}
+		armed.Store(false)
+		listing := httptest.NewRecorder()
+		env.sim.ServeHTTP(listing, r)
+		resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+		if err == nil && resp != nil && resp.IsError() {
+			err = resp.Error()
+		}
+		writeErr = err
+		for k, v := range listing.Header() {
+			w.Header()[k] = v
+		}
+		w.WriteHeader(listing.Code)
+		_, _ = w.Write(listing.Body.Bytes())
+	}))
+	t.Cleanup(front.Close)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+		"api_token": env.token.Value, "base_url": front.URL + "/client/v4", "request_timeout": "2s", "drift_check_interval": "10m",
+	}))
+	return &armed, &writeErr
+}
+
+// TestARotationBetweenTheSweepsListingAndItsLookIsNotDrift (review of
+// fd4a21b): the drift sweep lists an account's tunnels once, then looks at
+// each managed tunnel under its lock (CompareWithEdge waits for a rotation
+// in flight). A rotation that stores its key between the listing and the
+// look (an operator's write, or the scheduler, which runs beside the sweep:
+// for a large fleet the look at a tunnel comes minutes after the listing)
+// leaves the listing showing the key the rotation replaced. Before fd4a21b
+// an edge key older than the stored one was in sync; since "an older edge
+// key is drift" (TestAnOlderEdgeKeyIsDrift) the sweep marks the new key
+// stale and heals it: a key nobody asked for, and the tunnel down again
+// until its routers have it (twice within two drift_check_intervals and the
+// tunnel is held as if another mount rotated it). An operator's tunnels/
+// listing does the same (CheckSync marks the record stale; the next read
+// heals it).
+//
+// It printed (on fd4a21b..5e7e70f):
+//
+//	--- FAIL: .../drift_sweep
+//	    generated 1 key(s) after a rotation that finished between a listing and the look at the tunnel
+//	--- FAIL: .../tunnels_list,_then_a_read,_whole_seconds
+//	    generated 1 key(s) after a rotation that finished between a listing and the look at the tunnel
+func TestARotationBetweenTheSweepsListingAndItsLookIsNotDrift(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		precision time.Duration
+		look      func(env *testEnv)
+	}{
+		{"drift sweep", 0, func(env *testEnv) { backgroundPass(t, env) }},
+		// At microseconds the read finds the stored key by its time and
+		// calls it current again; at whole seconds it cannot, and heals.
+		{"tunnels list, then a read, whole seconds", time.Second, func(env *testEnv) {
+			env.must(env.request(logical.ListOperation, "tunnels/"+env.account, nil))
+			_, _ = env.request(logical.ReadOperation, env.pskPath(), nil)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newTestEnv(t)
+			env.sim.SetTimestampPrecision(tc.precision)
+			armed, writeErr := rotatingDuringAListing(t, env)
+			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+			env.clock.Advance(10 * time.Minute)
+
+			armed.Store(true)
+			generations := env.generations()
+			tc.look(env)
+			if *writeErr != nil || env.generations() < generations+1 {
+				t.Fatalf("setup: the rotation during the listing did not happen: %v", *writeErr)
+			}
+			if n := env.generations() - generations - 1; n != 0 {
+				t.Errorf("generated %d key(s) after a rotation that finished between a listing and the look at the tunnel", n)
+			}
+			assertCurrent(t, env, "afterwards")
+		})
 	}
 }
