@@ -719,3 +719,38 @@ func TestAGatewaysRetryRefusedForAnyReasonIsHeldAgainstTheEdge(t *testing.T) {
 		})
 	}
 }
+
+// TestARefusedWriteLeftUnknownSaysSo (review of fd4a21b): a write that
+// Cloudflare refuses is a 400, "the caller's to fix" (failure, backend.go),
+// and Write adds that the tunnel is marked rotation_unknown only when
+// outcomeUnknown says so, which it never does for a refusal (NoEffect).
+// Since fd4a21b a refusal that the edge cannot prove harmless leaves the
+// record rotation_unknown, and reconciliation heals it (a key) after the
+// settle window: at whole-second precision, any refusal within 61 s of the
+// tunnel's last key (131 s of the stored key's storing). The operator is
+// told Cloudflare refused, and nothing else; the next key comes by itself.
+//
+// It printed (on fd4a21b..5e7e70f):
+//
+//	the refused write left the record rotation_unknown, but its answer does not say so: status 400: generate psk for ...: cloudflare generate psk: HTTP 409: code 1003: tunnel is being modified
+//	(and the background then generated 1 key)
+func TestARefusedWriteLeftUnknownSaysSo(t *testing.T) {
+	base := time.Now().Truncate(time.Second).Add(100 * time.Millisecond)
+	env, edge := newHandClockedEnv(t, base, time.Second)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.clock.Advance(20 * time.Second)
+	edge.set(base.Add(20 * time.Second))
+	generations := env.generations()
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: http.StatusConflict,
+		Errors: []cloudflaresim.Message{{Code: 1003, Message: "tunnel is being modified"}}})
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	rec := storedRecord(t, env)
+	if rec != nil && rec.State == store.StateRotationUnknown && !strings.Contains(errorText(resp, err), store.StateRotationUnknown) {
+		t.Errorf("the refused write left the record %s, but its answer does not say so: status %d: %s",
+			rec.State, httpStatus(resp, err), errorText(resp, err))
+	}
+	env.clock.Advance(time.Hour)
+	edge.set(base.Add(time.Hour))
+	backgroundPass(t, env)
+	t.Logf("the background then generated %d key(s)", env.generations()-generations)
+}
