@@ -330,3 +330,57 @@ func TestARefusedHealNeverCallsTheReplacedKeyCurrent(t *testing.T) {
 		})
 	}
 }
+
+// TestKeysAfterALostAnswerAtWholeSeconds (review of fd4a21b) counts the
+// keys Cloudflare generates, at whole-second precision, when an answer is
+// lost in ordinary sequences, with the margins fd4a21b set (a Date 61 s past
+// the key's second, or the stored key stored 131 s before the attempt). A
+// heal that follows a lost request that made no key is one key more than
+// needed; one that follows a request that did is needed (Vault does not hold
+// the edge's key). It held, and the counts are what it shows:
+//
+//	rotation, another 1h later lost before Cloudflare acted: 0 (proven by StoredAt)
+//	tunnel created, first write 30s later lost before Cloudflare acted: 1 (before fd4a21b: 0, the Date 30 s on was proof)
+//	rotation, another 60s later lost before Cloudflare acted: 1 (before fd4a21b: 0, 11 s of StoredAt was proof)
+//	... lost after Cloudflare acted: 1 heal in each (needed)
+//
+// The extra key in the second and third comes only after a lost answer,
+// replaces a key that was asked for, and is what the guarantee costs when
+// nothing can tell two keys in one second apart: acceptable.
+func TestKeysAfterALostAnswerAtWholeSeconds(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		written   bool          // a key is stored before the lost write
+		gap       time.Duration // from the tunnel's last key to the lost write
+		committed bool          // Cloudflare made the lost write's key
+		want      int           // keys the background makes afterwards
+	}{
+		{"rotation, another 1h later lost before Cloudflare acted", true, time.Hour, false, 0},
+		{"rotation, another 1h later lost after Cloudflare acted", true, time.Hour, true, 1},
+		{"tunnel created, first write 30s later lost before Cloudflare acted", false, 30 * time.Second, false, 1},
+		{"tunnel created, first write 30s later lost after Cloudflare acted", false, 30 * time.Second, true, 1},
+		{"rotation, another 60s later lost before Cloudflare acted", true, time.Minute, false, 1},
+		{"rotation, another 60s later lost after Cloudflare acted", true, time.Minute, true, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			base := time.Now().Truncate(time.Second).Add(100 * time.Millisecond)
+			env, edge := newHandClockedEnv(t, base, time.Second)
+			if tc.written {
+				env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+			}
+			env.clock.Advance(tc.gap)
+			edge.set(base.Add(tc.gap))
+			mustFail(t, env, cloudflaresim.Fault{Status: 500, AfterCommit: tc.committed})
+			lost := env.generations()
+			env.clock.Advance(time.Hour)
+			edge.set(base.Add(tc.gap + time.Hour))
+			backgroundPass(t, env)
+			got := env.generations() - lost
+			t.Logf("%d key(s) after the lost answer", got)
+			if got != tc.want {
+				t.Errorf("%d key(s) after the lost answer, want %d", got, tc.want)
+			}
+			assertNotCurrentForAnotherKey(t, env, "afterwards")
+		})
+	}
+}
