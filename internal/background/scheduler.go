@@ -149,6 +149,9 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 			return sc.sleepUntil(p.wake, maxSleep)
 		}
 		after = items[len(items)-1].Key
+		if wait, stop := sc.scheduledAhead(ctx, p, items[len(items)-1].Minute); stop {
+			return wait
+		}
 		if !p.keptDue.IsZero() && !w.now().Before(p.keptDue) {
 			// A rotation this pass met before it was due, later in its
 			// minute, is due now: start again from the first entry, so
@@ -163,6 +166,24 @@ func (sc *scheduler) pass(ctx context.Context) time.Duration {
 		}
 		sc.housekeeping(ctx)
 	}
+}
+
+// scheduledAhead works, between two batches of a long pass, the scheduled
+// rotations of the minutes after the batch's that have come due by now: a
+// bulk job's entries fill the minute it was queued in, and a rotation due a
+// minute later would otherwise wait behind all of them, and miss its
+// rotation_window. They are met again when the pass gets to their minute,
+// finished by then.
+func (sc *scheduler) scheduledAhead(ctx context.Context, p *passState, batchMinute int64) (time.Duration, bool) {
+	if store.DueMinute(sc.w.now(), false) <= batchMinute {
+		return 0, false
+	}
+	items, err := store.LoadScheduledAfter(ctx, sc.storage, sc.w.now(), batchMinute)
+	if err != nil {
+		sc.w.logger.Warn("scheduler could not load the rotations due after a long run of bulk entries", "error", err)
+		return 0, false
+	}
+	return sc.workBatch(ctx, p, items)
 }
 
 // passState is what a pass learns as it goes.

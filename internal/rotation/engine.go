@@ -14,6 +14,7 @@ package rotation
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -22,6 +23,12 @@ import (
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
+
+// ErrOutcomeUnknown marks a failure after which the edge may use a key
+// Vault does not hold although Cloudflare's answer looked like a refusal:
+// the record says rotation_unknown, and the caller should not tell the
+// operator that nothing happened.
+var ErrOutcomeUnknown = errors.New("the outcome is unknown")
 
 // Edge is what the protocol asks of Cloudflare. *cloudflare.Client is one.
 type Edge interface {

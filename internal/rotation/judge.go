@@ -19,12 +19,13 @@ type keyChange int
 // promises for last_generated_on, and all a Date header has.
 const wholeSecond = time.Second
 
-// maxClockStep is how far apart two clocks the engine compares times of
-// may be: Cloudflare's and Vault's, or a Date header's and Cloudflare's
-// (a proxy at base_url may stamp its own), or one node's clock before and
-// after NTP steps it. The engine keeps its guarantee with Vault's clock up
-// to this far ahead of or behind Cloudflare's, and a proof by time holds
-// only with this much to spare.
+// maxClockStep is how far apart two clocks whose times the engine's proofs
+// compare may be: Cloudflare's and Vault's, a Date header's and
+// Cloudflare's (a proxy at base_url may stamp its own), or Vault's two
+// readings of one key's age, taken before and after its clock was stepped
+// by up to this much. A proof by time holds only with this much to spare.
+// (Settle windows are Vault's clock alone: they assume Vault's nodes agree
+// within settleMargin and that no clock steps forward during one.)
 const maxClockStep = time.Minute
 
 // dateProofMargin is how far past a key's second of generation an answer's

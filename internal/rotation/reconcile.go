@@ -249,6 +249,12 @@ func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn
 	if edge.PSKLastGeneratedOn.Equal(rec.LastGeneratedOn) {
 		return true, nil
 	}
+	if edge.PSKLastGeneratedOn.Before(rec.LastGeneratedOn) && !listedAfter(edge, rec) {
+		// An older key in a listing taken before the stored key was seen
+		// (a rotation stored between the listing and this look): the
+		// listing is out of date, not the record. Nothing is concluded.
+		return false, nil
+	}
 	// Another time, later or earlier, is another key (keyChangeSince).
 	reason := fmt.Sprintf("Cloudflare's key was generated at %s, not when the stored key was (%s): it was changed outside this engine",
 		store.FormatTime(edge.PSKLastGeneratedOn), store.FormatTime(rec.LastGeneratedOn))
@@ -274,6 +280,14 @@ func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn
 	healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt, healing.EdgeKeyForeign = edge.PSKLastGeneratedOn, edge.Date, true
 	_, err = e.rotateLocked(ctx, s, conn, t, &healing, TriggerHeal)
 	return err == nil, err
+}
+
+// listedAfter reports whether Cloudflare's answer that described the tunnel
+// (edge, dated by its Date header) came after the answer that showed the
+// stored key (KeySeenAt), both by Cloudflare's clock. Without both dates it
+// is not known, and false.
+func listedAfter(edge *cloudflare.TunnelState, rec *store.Record) bool {
+	return !edge.Date.IsZero() && !rec.KeySeenAt.IsZero() && edge.Date.After(rec.KeySeenAt)
 }
 
 // CheckSync holds a managed tunnel's record against what Cloudflare just

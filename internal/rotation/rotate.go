@@ -267,17 +267,23 @@ func (e *Engine) edgeBefore(ctx context.Context, a *attempt) error {
 // nil for a validation whose odd answer provably changed nothing.
 func (e *Engine) sendFailed(ctx context.Context, a *attempt, err error) error {
 	switch {
-	case cloudflare.Refused(err) && e.edgeUnchanged(ctx, a, err):
-		// Cloudflare's refusal, held against the edge: a gateway at
-		// base_url that retried a request whose answer it lost passes on
-		// Cloudflare's refusal of the retry, although the first one may
-		// have made a key.
+	case cloudflare.NoEffect(err) && e.refusedButChanged(ctx, a, err):
+		// Cloudflare refused this request, yet the edge's key changed since
+		// the attempt started: a gateway at base_url that retried a
+		// request whose answer it lost passes on Cloudflare's refusal of
+		// the retry, although the first copy may have made the key.
+		a.pending.StateReason = fmt.Sprintf("Cloudflare refused the %s started at %s (%v), but the edge's key changed since it was sent: "+
+			"something on the way may have sent it twice, so Cloudflare may use a key Vault does not hold", a.what(), store.FormatTime(a.pending.RotationStartedAt), err)
+		if werr := store.WriteRecord(ctx, a.s, a.t, a.pending); werr != nil {
+			e.TunnelLogger(a.t).Warn("could not record a rotation's unknown outcome", "error", werr)
+		}
+		return fmt.Errorf("%w; but the edge's key changed since the request was sent, so the tunnel is marked %s until reconciliation learns which key the edge uses: %w",
+			err, store.StateRotationUnknown, ErrOutcomeUnknown)
+	case cloudflare.NoEffect(err):
+		// Cloudflare's refusal, its rate limit, or not sent at all (the
+		// budget, Cloudflare's block): nothing changed.
 		e.restore(ctx, a.s, a.t, a.previous)
-	case cloudflare.NoEffect(err) && !cloudflare.Refused(err):
-		// Not sent (the budget, Cloudflare's block) or Cloudflare's rate
-		// limit.
-		e.restore(ctx, a.s, a.t, a.previous)
-	case cloudflare.WrongKeyForm(err) && a.validateOnly() && e.edgeUnchanged(ctx, a, nil):
+	case cloudflare.WrongKeyForm(err) && a.validateOnly() && e.edgeUnchanged(ctx, a):
 		// A validation's answer may merely show a key; where the edge
 		// provably still has the key it had, nothing was made.
 		e.TunnelLogger(a.t).Warn("a validate_only answer carried a key of the wrong form that the edge does not use; discarded")
@@ -295,17 +301,30 @@ func (e *Engine) sendFailed(ctx context.Context, a *attempt, err error) error {
 	return err
 }
 
-// edgeUnchanged asks the edge whether its key is provably the one it had
-// when the attempt started. refusal, when set, is Cloudflare's refusal of
-// the attempt: if Cloudflare refuses the read too (the token, the
-// account, the tunnel), it refused the attempt's every request alike, and
-// that proves it made nothing. Anything else unproven is false.
-func (e *Engine) edgeUnchanged(ctx context.Context, a *attempt, refusal error) bool {
-	edge, err := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID)
-	if err != nil {
-		return refusal != nil && cloudflare.Refused(err)
+// refusedButChanged reports whether a request Cloudflare refused may still
+// have changed the edge's key: only where putting the record back would let
+// Vault call current a key the edge may not use (the record was current, or
+// it is a tunnel's first rotation, which would be forgotten), for a request
+// that reached Cloudflare and could make a key (not a validation), when a
+// read of the tunnel shows a key time other than the one the attempt
+// started from. A record that was not current goes back as it was, which
+// never calls a key current; and a read that fails, is refused, or cannot
+// tell (the same whole second) leaves the refusal believed.
+func (e *Engine) refusedButChanged(ctx context.Context, a *attempt, refusal error) bool {
+	var apiErr *cloudflare.APIError
+	if a.validateOnly() || !errors.As(refusal, &apiErr) || (a.previous != nil && !a.previous.Current()) {
+		return false
 	}
-	return edgeKeySince(a.pending, edge.PSKLastGeneratedOn) == keyUnchanged
+	edge, err := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID)
+	return err == nil && edgeKeySince(a.pending, edge.PSKLastGeneratedOn) == keyChanged
+}
+
+// edgeUnchanged asks the edge whether its key is provably the one it had
+// when the attempt started. Anything unproven, a failed read included, is
+// false.
+func (e *Engine) edgeUnchanged(ctx context.Context, a *attempt) bool {
+	edge, err := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID)
+	return err == nil && edgeKeySince(a.pending, edge.PSKLastGeneratedOn) == keyUnchanged
 }
 
 // finish stores the key the edge answered with, current, with the

@@ -250,6 +250,45 @@ func LoadDue(ctx context.Context, s logical.Storage, now time.Time, after string
 	return items, time.Time{}, nil
 }
 
+// LoadScheduledAfter returns up to DueBatch scheduled entries (not a bulk
+// job's) of the minutes after afterMinute up to now's, oldest first: what a
+// pass deep in one minute's long run of bulk entries lets go first, so that
+// a tunnel's scheduled rotation waits a batch for a bulk job, not the job.
+func LoadScheduledAfter(ctx context.Context, s logical.Storage, now time.Time, afterMinute int64) ([]DueItem, error) {
+	minutes, err := s.List(ctx, DuePrefix)
+	if err != nil {
+		return nil, fmt.Errorf("list due rotations: %w", err)
+	}
+	sort.Strings(minutes)
+	current := now.Unix() / 60
+	var items []DueItem
+	for _, m := range minutes {
+		minute, err := strconv.ParseInt(strings.TrimSuffix(m, "/"), 10, 64)
+		if err != nil || minute <= afterMinute {
+			continue
+		}
+		if minute > current {
+			break
+		}
+		keys, err := s.List(ctx, DuePrefix+m)
+		if err != nil {
+			return nil, fmt.Errorf("list due rotations: %w", err)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			account, tunnel, bulk, ok := ParseDueName(k)
+			if !ok || bulk {
+				continue
+			}
+			items = append(items, DueItem{Key: DuePrefix + m + k, Minute: minute, Tunnel: Tunnel{AccountID: account, TunnelID: tunnel}})
+			if len(items) == DueBatch {
+				return items, nil
+			}
+		}
+	}
+	return items, nil
+}
+
 // ListRecordsAfter returns up to n tunnels that have a record
 // (psk/<account>/<tunnel>), in key order, starting after after (the zero
 // Tunnel: from the first). complete says that the list reached the last
