@@ -69,7 +69,7 @@ var configFields = map[string]*framework.FieldSchema{
 	},
 	"drift_check_interval": {
 		Type:        framework.TypeDurationSecond,
-		Description: "How often the background lists each account with managed tunnels (one Cloudflare call per account) to find keys changed outside this engine. At least 1m; 0 turns it off.",
+		Description: "How often the background lists each account with managed tunnels (one Cloudflare call per account) to find keys changed outside this engine, and tunnels recorded tunnel_gone that Cloudflare lists again (returned to management at most once a day each). At least 1m; 0 turns it off.",
 		Default:     int(defaultDriftCheckInterval.Seconds()),
 		DisplayAttrs: &framework.DisplayAttributes{
 			Name: "Drift check interval",
