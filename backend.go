@@ -54,10 +54,10 @@ type backend struct {
 	// 429's, or a Ratelimit header's count of no calls left, until its
 	// window resets) is kept in storage (rateLimitStorageKey) as well as
 	// in the budget, so that a reloaded, restarted or failed-over backend
-	// does not send calls into a block Cloudflare still enforces. blockStorage is the storage
-	// of the last request that built a client, where the budget's hook
-	// stores a block; blockLoaded says whether the stored block was read
-	// into the budget.
+	// does not send calls into a block Cloudflare still enforces.
+	// blockStorage is the storage of the last request that built a
+	// client, where the budget's hook stores a block; blockLoaded says
+	// whether the stored block was read into the budget.
 	blockMu      sync.Mutex
 	blockStorage logical.Storage
 	blockLoaded  bool
