@@ -50,13 +50,14 @@ type backend struct {
 	// counting across them.
 	budget *cloudflare.Budget
 
-	// blockMu guards blockStorage and blockLoaded. Cloudflare's 429 block
-	// is kept in storage (rateLimitStorageKey) as well as in the budget, so
-	// that a reloaded, restarted or failed-over backend does not send calls
-	// into a block Cloudflare still enforces. blockStorage is the storage
-	// of the last request that built a client, where the budget's hook
-	// stores a block; blockLoaded says whether the stored block was read
-	// into the budget.
+	// blockMu guards blockStorage and blockLoaded. Cloudflare's block (a
+	// 429's, or a Ratelimit header's count of no calls left, until its
+	// window resets) is kept in storage (rateLimitStorageKey) as well as
+	// in the budget, so that a reloaded, restarted or failed-over backend
+	// does not send calls into a block Cloudflare still enforces.
+	// blockStorage is the storage of the last request that built a
+	// client, where the budget's hook stores a block; blockLoaded says
+	// whether the stored block was read into the budget.
 	blockMu      sync.Mutex
 	blockStorage logical.Storage
 	blockLoaded  bool
@@ -270,8 +271,9 @@ const rateLimitStorageKey = "ratelimit"
 // the block matters to the next one.
 const blockStoreTimeout = 5 * time.Second
 
-// rateLimitRecord is a block Cloudflare announced with a 429: no call is
-// sent before BlockedUntil.
+// rateLimitRecord is a block Cloudflare announced, with a 429 or with a
+// Ratelimit header that said no calls remain until its window resets
+// (Budget.BlockedUntil): no call is sent before BlockedUntil.
 type rateLimitRecord struct {
 	BlockedUntil time.Time `json:"blocked_until"`
 	Reason       string    `json:"reason"`
@@ -328,7 +330,7 @@ func (b *backend) storeBlock(time.Time) {
 	}
 	entry, err := logical.StorageEntryJSON(rateLimitStorageKey, &rateLimitRecord{
 		BlockedUntil: until.UTC(),
-		Reason:       "Cloudflare answered HTTP 429: its rate limit blocks this API token's user",
+		Reason:       "Cloudflare's rate limit blocks this API token's user: it answered HTTP 429, or said no calls remain until its window resets",
 	})
 	if err == nil {
 		ctx, cancel := context.WithTimeout(context.Background(), blockStoreTimeout)

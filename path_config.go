@@ -69,7 +69,7 @@ var configFields = map[string]*framework.FieldSchema{
 	},
 	"drift_check_interval": {
 		Type:        framework.TypeDurationSecond,
-		Description: "How often the background lists each account with managed tunnels (one Cloudflare call per account) to find keys changed outside this engine. At least 1m; 0 turns it off.",
+		Description: "How often the background lists each account with managed tunnels (one Cloudflare call per account) to find keys changed outside this engine, and tunnels recorded tunnel_gone that Cloudflare lists again (returned to management at most once a day each). At least 1m; 0 turns it off.",
 		Default:     int(defaultDriftCheckInterval.Seconds()),
 		DisplayAttrs: &framework.DisplayAttributes{
 			Name: "Drift check interval",
@@ -414,10 +414,14 @@ tokens, API keys and dashboard use share it (an account-owned token has its
 own), and past it Cloudflare blocks them all for five minutes. Mounts whose
 tokens belong to one user therefore share one limit: split it between them.
 When Cloudflare answers 429, the engine sends nothing until the block it
-announced ends (at most 15 minutes), and keeps the block in Vault storage so
-that a plugin reload, a restart or a failover honours it too; meanwhile every
-call fails at once with a 429, and reading config shows rate_limited_until,
-when the block ends ("" when none is in force).
+announced ends (at most 15 minutes); when an answer's Ratelimit header says
+no calls remain (other tools of the same user spend the limit too), it sends
+nothing until Cloudflare's window resets (at most 15 minutes), since any
+call before then would be refused and start Cloudflare's five-minute block.
+Either is kept in Vault storage so that a plugin reload, a restart or a
+failover honours it too; meanwhile every call fails at once with a 429, and
+reading config shows rate_limited_until, when the later of the two ends (""
+when neither is in force).
 
 min_rotation_period (default 1h, between 1m and 8760h) is the floor under
 every schedule. A write of psk/<account_id>/<tunnel_id> or of its /schedule

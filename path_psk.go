@@ -144,7 +144,8 @@ func stateWarnings(rec *store.Record) []string {
 		warnings = append(warnings, fmt.Sprintf("state %s: %s. The tunnel cannot come up until both sides share a new key: write this path to generate and store one.",
 			store.StateStale, rec.StateReason))
 	case store.StateTunnelGone:
-		warnings = append(warnings, fmt.Sprintf("state %s: %s. Delete this path if the tunnel is gone for good, or write it once the tunnel is back.",
+		warnings = append(warnings, fmt.Sprintf("state %s: %s. Delete this path if the tunnel is gone for good. "+
+			"If Cloudflare lists it again, the drift sweep returns it to management (at most once a day), or a write of this path does so at once.",
 			store.StateTunnelGone, rec.StateReason))
 	}
 	if rec.Failures > 0 {
@@ -282,6 +283,8 @@ read: returns psk and its metadata:
                           yet, the edge may use a newer key;
                           stale: the edge uses a key Vault does not hold;
                           tunnel_gone: Cloudflare no longer has the tunnel
+                          (the drift sweep returns it to management, at most
+                          once a day, if Cloudflare lists it again)
   state_reason            why the state is not current ("" when it is)
   rotation_started_at     when the unresolved rotation began ("" when none)
   rotation_period         seconds between scheduled rotations (0: none, or a

@@ -96,7 +96,8 @@ func (b *backend) writeSchedule(ctx context.Context, req *logical.Request, d *fr
 	resp := &logical.Response{Data: scheduleData(updated, b.now())}
 	if updated.State == store.StateTunnelGone && sched.Set() {
 		resp.AddWarning(fmt.Sprintf("state %s: the scheduler does not rotate a tunnel Cloudflare no longer knows; "+
-			"the schedule applies once a write of psk/%s/%s brings it back", store.StateTunnelGone, t.AccountID, t.TunnelID))
+			"the schedule applies once the tunnel is back: the drift sweep returns it if Cloudflare lists it again, or a write of psk/%s/%s does at once",
+			store.StateTunnelGone, t.AccountID, t.TunnelID))
 	}
 	return resp, nil
 }

@@ -109,3 +109,59 @@ func TestInvalidateReadsAStoredBlock(t *testing.T) {
 	env.clock.Advance(61 * time.Second)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 }
+
+// TestCloudflaresSpentQuotaSurvivesARestart: an answer whose Ratelimit
+// header says no calls remain until Cloudflare's window resets is as good as
+// a 429 block: any call before the reset is refused, and one more over the
+// limit starts Cloudflare's own five-minute block. It was honoured in memory
+// only, so a restarted (reloaded, failed-over) backend sent calls into it.
+// It must be stored as a 429 block is, shown in rate_limited_until, and
+// honoured by a new backend over the same storage until the reset.
+func TestCloudflaresSpentQuotaSurvivesARestart(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.clock.freeze()
+	const window = 2 * time.Minute
+	// A first rotation reads the tunnel and generates its key: the second
+	// answer says none of the window's two calls remain.
+	env.sim.SetRateLimit(2, window)
+	spentAt := env.clock.Now()
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	want := spentAt.Add(window)
+	until := func(when string) time.Time {
+		t.Helper()
+		read := env.must(env.request(logical.ReadOperation, "config", nil))
+		v, _ := read.Data["rate_limited_until"].(string)
+		if v == "" {
+			return time.Time{}
+		}
+		at, err := time.Parse(time.RFC3339, v)
+		if err != nil {
+			t.Fatalf("%s: rate_limited_until %q: %v", when, v, err)
+		}
+		return at
+	}
+	if got := until("with the quota spent"); got.Sub(want).Abs() > 2*time.Second {
+		t.Errorf("with Cloudflare's quota spent, rate_limited_until = %s, want about %s", got, want)
+	}
+
+	restartBackend(t, env)
+	calls, refused := env.sim.TotalCalls(), env.sim.RateLimited()
+	if got := until("after the restart"); got.Sub(want).Abs() > 2*time.Second {
+		t.Errorf("after the restart, rate_limited_until = %s, want about %s", got, want)
+	}
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if httpStatus(resp, err) != http.StatusTooManyRequests || !strings.Contains(errorText(resp, err), "not sent") {
+		t.Errorf("write before Cloudflare's window resets, after a restart: %d %s", httpStatus(resp, err), errorText(resp, err))
+	}
+	if n, r := env.sim.TotalCalls()-calls, env.sim.RateLimited()-refused; n != 0 || r != 0 {
+		t.Fatalf("the restarted backend sent %d calls into a spent quota (%d refused by Cloudflare)", n, r)
+	}
+	assertHonest(t, env)
+
+	env.clock.Advance(window + time.Second)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	assertCurrent(t, env, "after Cloudflare's window reset")
+	if env.sim.RateLimited() != refused {
+		t.Error("Cloudflare refused a call after its window reset")
+	}
+}

@@ -84,7 +84,7 @@ func readData(r *store.Record, now time.Time) map[string]any {
 // ttl is the whole seconds from now until the next scheduled rotation,
 // rounded up and at least 1; false when no schedule will rotate the tunnel
 // (none set, or the tunnel is gone at Cloudflare, which the scheduler
-// leaves alone).
+// leaves alone until it is back).
 func readTTL(r *store.Record, now time.Time) (int, bool) {
 	if !r.Scheduled() || r.NextRotation.IsZero() || r.State == store.StateTunnelGone {
 		return 0, false

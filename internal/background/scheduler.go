@@ -446,8 +446,9 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 		return dueKept
 	}
 	if rec == nil || !rec.Scheduled() || !store.EntryMatches(rec.NextRotation, item.Minute) || rec.State == store.StateTunnelGone {
-		// Forgotten, rescheduled since, or gone at Cloudflare (a write
-		// brings it back, with a schedule of its own): the entry is stale.
+		// Forgotten, rescheduled since, or gone at Cloudflare (a write, or
+		// the drift sweep once Cloudflare lists it again, brings it back
+		// with a schedule entry of its own): the entry is stale.
 		return dueFinished
 	}
 	now := w.now()

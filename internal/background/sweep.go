@@ -23,6 +23,13 @@ import (
 // reconciliation.
 const reconcilePerPass = 100
 
+// goneLookEvery is how often, at most, the drift sweep returns a tunnel
+// recorded gone that Cloudflare lists again (the record's GoneLookedAt). A
+// passing 404 then costs its schedule a drift_check_interval, while a
+// tunnel that keeps coming and going (listed, yet 404 when rotated) is
+// returned, judged and perhaps healed once a day, not at every look.
+const goneLookEvery = 24 * time.Hour
+
 // Periodic is the backend's PeriodicFunc: on the node that may
 // write storage it works off the tunnels marked unresolved, then, once per
 // drift_check_interval, compares every managed tunnel with Cloudflare. One
@@ -89,7 +96,9 @@ func (w *Worker) backgroundBudget() (bool, time.Duration) {
 // that has managed tunnels. A key generated at the edge after the stored one
 // was changed outside this engine (the dashboard, Terraform, another mount
 // or cluster, a restored snapshot): the record becomes stale, and
-// heal_stale_psk heals it, at most once per tunnel per interval.
+// heal_stale_psk heals it, at most once per tunnel per interval. A tunnel
+// recorded gone that the listing shows again returns to management
+// (lookAgain).
 func (w *Worker) sweepDrift(ctx context.Context, s logical.Storage, conn rotation.Conn) error {
 	interval := conn.Settings.DriftInterval
 	if interval == 0 {
@@ -128,7 +137,7 @@ func (w *Worker) sweepDrift(ctx context.Context, s logical.Storage, conn rotatio
 		}
 		for _, id := range stored {
 			t := store.Tunnel{AccountID: account, TunnelID: id}
-			if _, err := w.engine.CompareWithEdge(ctx, s, conn, t, byID[id]); err != nil {
+			if err := w.lookAgain(ctx, s, conn, t, byID[id]); err != nil {
 				w.engine.TunnelLogger(t).Warn("drift check failed", "error", err)
 				if cloudflare.RetryAfter(err) > 0 {
 					return nil
@@ -140,4 +149,25 @@ func (w *Worker) sweepDrift(ctx context.Context, s logical.Storage, conn rotatio
 	w.lastDriftSweep = w.now()
 	w.driftMu.Unlock()
 	return nil
+}
+
+// lookAgain is the drift sweep's look at one stored tunnel, edge being what
+// the listing says of it (nil: not listed). A tunnel recorded gone that is
+// listed again is returned to management (ReturnGone), at most once per
+// goneLookEvery; one still not listed costs nothing. Every other record is
+// compared with the listing (CompareWithEdge).
+func (w *Worker) lookAgain(ctx context.Context, s logical.Storage, conn rotation.Conn, t store.Tunnel, edge *cloudflare.TunnelState) error {
+	rec, err := store.ReadRecord(ctx, s, t)
+	if err != nil || rec == nil {
+		return err
+	}
+	if rec.State == store.StateTunnelGone {
+		if edge == nil || w.now().Sub(rec.GoneLookedAt) < goneLookEvery {
+			return nil
+		}
+		_, err = w.engine.ReturnGone(ctx, s, conn, t, edge)
+		return err
+	}
+	_, err = w.engine.CompareWithEdge(ctx, s, conn, t, edge)
+	return err
 }

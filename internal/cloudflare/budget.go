@@ -23,9 +23,11 @@ type Budget struct {
 	// blockedUntil is when Cloudflare's own block of the token ends, as its
 	// last 429 announced; nothing is sent before.
 	blockedUntil time.Time
-	// onBlock, when set, is told each time a 429 extends the block, so
-	// that the owner can keep the block where a new process finds it:
-	// Cloudflare goes on enforcing it whatever becomes of this one.
+	// onBlock, when set, is told each time BlockedUntil moves later (a
+	// 429's block, or an answer saying no calls remain until Cloudflare's
+	// window resets), so that the owner can keep the block where a new
+	// process finds it: Cloudflare goes on enforcing it whatever becomes of
+	// this one.
 	onBlock func(until time.Time)
 	limit   int
 	window  time.Duration
@@ -87,40 +89,44 @@ func (b *Budget) Resize(limit int, window time.Duration) {
 // Block records that Cloudflare blocks the token until until, but for no
 // longer than maxBlock from now: whatever the answer said, the mount must
 // not stay disabled for long on one bogus value.
-// When that extends the block, the hook set by SetOnBlock is told the new
-// end, after the lock is released (it may store it, or ask the Budget).
+// When that moves BlockedUntil later, the hook set by SetOnBlock is told
+// the new end, after the lock is released (it may store it, or ask the
+// Budget).
 func (b *Budget) Block(until time.Time) {
 	b.mu.Lock()
-	extended := b.blockLocked(until)
-	hook, end := b.onBlock, b.blockedUntil
+	before := b.blockedUntilLocked()
+	b.blockLocked(until)
+	after := b.blockedUntilLocked()
+	hook := b.onBlock
 	b.mu.Unlock()
-	if extended && hook != nil {
-		hook(end)
+	if after.After(before) && hook != nil {
+		hook(after)
 	}
 }
 
 // RestoreBlock applies a block already on record (one a previous process
 // stored through the SetOnBlock hook), capped as Block caps it, without
-// telling the hook again.
+// telling the hook again. A stored end of a spent quota comes back as a
+// block: either way Cloudflare refuses every call before it, and the count
+// it was learnt from did not survive the process.
 func (b *Budget) RestoreBlock(until time.Time) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.blockLocked(until)
 }
 
-// blockLocked extends the block to until, capped at maxBlock from now, and
-// reports whether it was extended. The caller holds mu.
-func (b *Budget) blockLocked(until time.Time) bool {
+// blockLocked extends the block to until, capped at maxBlock from now. The
+// caller holds mu.
+func (b *Budget) blockLocked(until time.Time) {
 	until = minTime(until, b.now().Add(maxBlock))
-	if !until.After(b.blockedUntil) {
-		return false
+	if until.After(b.blockedUntil) {
+		b.blockedUntil = until
 	}
-	b.blockedUntil = until
-	return true
 }
 
-// SetOnBlock sets the hook Block tells of each extension of Cloudflare's
-// block (nil: none). Calls to it may overlap: a hook that stores the block
+// SetOnBlock sets the hook told of each time BlockedUntil moves later
+// (nil: none): by Block, or by an answer whose Ratelimit header says no
+// calls remain. Calls to it may overlap: a hook that stores the block
 // should store BlockedUntil at the time, which never goes back, rather than
 // its argument, or an older end could overwrite a newer one.
 func (b *Budget) SetOnBlock(hook func(until time.Time)) {
@@ -136,15 +142,31 @@ func (b *Budget) Blocked() time.Duration {
 	return max(b.blockedUntil.Sub(b.now()), 0)
 }
 
-// BlockedUntil returns when Cloudflare's block ends, the zero time when
-// none is in force.
+// BlockedUntil returns when Cloudflare stops refusing this token's calls,
+// the zero time when it does not: the end of its block (a 429), or, when
+// its last answer said no calls remain, the reset of its window, whichever
+// is later. Before then no call is sent (Blocked covers the first, the
+// count the second); it is what a new process must honour, and what an
+// operator is shown.
 func (b *Budget) BlockedUntil() time.Time {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if !b.blockedUntil.After(b.now()) {
+	return b.blockedUntilLocked()
+}
+
+// blockedUntilLocked is BlockedUntil. The caller holds mu.
+func (b *Budget) blockedUntilLocked() time.Time {
+	until := b.blockedUntil
+	if b.cf.remaining == 0 && b.cf.until.After(until) {
+		// No call before the reset, whatever was sent since: a spent
+		// quota is a block until then. (A later answer that finds the
+		// window reset early replaces the count, and with it this.)
+		until = b.cf.until
+	}
+	if !until.After(b.now()) {
 		return time.Time{}
 	}
-	return b.blockedUntil
+	return until
 }
 
 // recentLocked returns the recorded calls, oldest first.
@@ -167,18 +189,32 @@ func (b *Budget) Limit() (int, time.Duration) {
 // then, Free and TryTake allow no more than that, less the calls allowed
 // since. A negative count or a reset that is not in the future says
 // nothing and is ignored; a reset past maxBlock is cut to it.
+// A count of none left moves BlockedUntil to the reset, and the hook set by
+// SetOnBlock is told, as of a block.
 func (b *Budget) Observe(remaining int, reset time.Duration) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.observeLocked(b.taken, remaining, reset)
+	b.observeAndTell(b.taken, remaining, reset)
 }
 
 // observe is Observe for the answer to call number seq (from take): calls
 // allowed after it may have reached Cloudflare after it counted.
 func (b *Budget) observe(seq uint64, remaining int, reset time.Duration) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
+	b.observeAndTell(seq, remaining, reset)
+}
+
+// observeAndTell records the count, releases mu (which the caller holds)
+// and tells the hook when BlockedUntil moved later, after the lock is
+// released, as Block does.
+func (b *Budget) observeAndTell(seq uint64, remaining int, reset time.Duration) {
+	before := b.blockedUntilLocked()
 	b.observeLocked(seq, remaining, reset)
+	after := b.blockedUntilLocked()
+	hook := b.onBlock
+	b.mu.Unlock()
+	if after.After(before) && hook != nil {
+		hook(after)
+	}
 }
 
 func (b *Budget) observeLocked(seq uint64, remaining int, reset time.Duration) {

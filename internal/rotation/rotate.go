@@ -342,6 +342,7 @@ func (e *Engine) finish(ctx context.Context, a *attempt, answer *cloudflare.Gene
 		State:           store.StateCurrent,
 		RotationPeriod:  a.sched.Period,
 		LastHealedAt:    pending.LastHealedAt,
+		GoneLookedAt:    pending.GoneLookedAt,
 		Facts:           e.withIPsecID(a.t, pending.Facts, answer.IPsecID),
 	}
 	if a.trigger == TriggerHeal {

@@ -29,7 +29,8 @@ const (
 	StateStale = "stale"
 	// StateTunnelGone: Cloudflare no longer knows the tunnel (deleted, or
 	// the token lost its account). The last key is kept for the record,
-	// never served as current.
+	// never served as current. The drift sweep returns the tunnel to
+	// management if Cloudflare lists it again (GoneLookedAt).
 	StateTunnelGone = "tunnel_gone"
 )
 
@@ -106,6 +107,12 @@ type Record struct {
 	// tool rotates this tunnel too; the engine no longer heals it by itself
 	// until an operator writes it (see internal/rotation's mayHeal).
 	HealHeld bool `json:"heal_held,omitempty"`
+	// GoneLookedAt is when the drift sweep last found this tunnel, recorded
+	// tunnel_gone, listed at Cloudflare again and returned it to management
+	// (internal/rotation's ReturnGone). The sweep does so at most once a
+	// day per tunnel, so a tunnel that keeps coming and going cannot churn
+	// (or be healed) at every drift check. Carried from record to record.
+	GoneLookedAt time.Time `json:"gone_looked_at,omitzero"`
 	// AnswerHeld: Cloudflare's answer to this tunnel's last rotation carried
 	// a key of the wrong form (internal/rotation/rotate.go, holdWrongKey), so
 	// the record is stale and the engine generates no key for the tunnel by
