@@ -1,0 +1,68 @@
+package main
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// stuckEvents is an event bus that takes an event and does not answer
+// until the test lets it: Vault's side of SendEvent slow or gone, at the
+// moment a mount is unmounted or the plugin stops.
+type stuckEvents struct {
+	once    sync.Once
+	taken   chan struct{}
+	release chan struct{}
+}
+
+func (s *stuckEvents) SendEvent(ctx context.Context, _ logical.EventType, _ *logical.EventData) error {
+	s.once.Do(func() { close(s.taken) })
+	select {
+	case <-s.release:
+	case <-ctx.Done():
+	}
+	return ctx.Err()
+}
+
+// TestCleanDoesNotWaitForAnEventThatCannotLand (review of issue 15): Clean
+// now waits for every rotation event on its way (34483e7, for a test's
+// sake), and the events are sent with context.Background(), so nothing
+// bounds that wait: an event bus that does not answer holds Clean (unmount,
+// seal, plugin reload) for as long as it does not. Before the restructure
+// Clean stopped the scheduler and returned; an event was fire and forget.
+// The bound below is only the failure's: Clean that does not wait returns
+// at once.
+//
+// On the code as reviewed it printed:
+//
+//	review15_test.go: Clean has not returned 10s after it was called: it waits
+//	for a rotation event Vault's event bus does not take
+func TestCleanDoesNotWaitForAnEventThatCannotLand(t *testing.T) {
+	env := newConfiguredEnv(t)
+	bus := &stuckEvents{taken: make(chan struct{}), release: make(chan struct{})}
+	// Registered after newTestEnv's Cleanup, so it runs first: the test's
+	// own Clean call then returns, whatever this one found.
+	t.Cleanup(func() { close(bus.release) })
+	conf := logical.TestBackendConfig()
+	conf.StorageView, conf.Logger, conf.EventsSender = env.storage, env.b.Logger(), bus
+	if err := env.b.Backend.Setup(context.Background(), conf); err != nil {
+		t.Fatal(err)
+	}
+
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	<-bus.taken // the rotation's event is on its way, and stuck
+
+	cleaned := make(chan struct{})
+	go func() {
+		defer close(cleaned)
+		env.b.Cleanup(context.Background())
+	}()
+	select {
+	case <-cleaned:
+	case <-time.After(10 * time.Second):
+		t.Error("Clean has not returned 10s after it was called: it waits for a rotation event Vault's event bus does not take")
+	}
+}
