@@ -75,7 +75,7 @@ type backend struct {
 	// blocks without sleeping.
 	now func() time.Time
 	// events counts the rotation events on their way (announceRotation),
-	// which clean waits for.
+	// so that a test can wait for them.
 	events sync.WaitGroup
 
 	// after is how the scheduler's loop sleeps (nil: time.After); tests
@@ -89,11 +89,12 @@ func (b *backend) initialize(_ context.Context, req *logical.InitializationReque
 	return nil
 }
 
-// clean stops the scheduler when the mount is unmounted or the plugin stops,
-// and waits for the rotation events on their way.
+// clean stops the scheduler when the mount is unmounted or the plugin stops.
+// It does not wait for rotation events on their way: they are best effort,
+// each bounded by eventTimeout, and an event bus that does not take one must
+// not hold up an unmount, a seal or a plugin reload.
 func (b *backend) clean(context.Context) {
 	b.background.Stop()
-	b.events.Wait()
 }
 
 // periodic is the backend's PeriodicFunc, which Vault calls about once a
@@ -152,7 +153,9 @@ func (b *backend) announceRotation(rec *store.Record, trigger rotation.Trigger) 
 	b.events.Add(1)
 	go func() {
 		defer b.events.Done()
-		sendRotateEvent(context.Background(), b, b.Logger(), rec, string(trigger))
+		ctx, cancel := context.WithTimeout(context.Background(), eventTimeout)
+		defer cancel()
+		sendRotateEvent(ctx, b, b.Logger(), rec, string(trigger))
 	}()
 }
 

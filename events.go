@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/framework"
@@ -14,6 +15,9 @@ import (
 
 // rotateEventType is the event a stored rotation sends.
 const rotateEventType = "cloudflare-ipsec/psk-rotate"
+
+// eventTimeout bounds the sending of one rotation event.
+const eventTimeout = 10 * time.Second
 
 // sendRotateEvent tells subscribers (Vault Enterprise's event bus) that a
 // tunnel has a new key, and where to read it. The event carries no secret. On Vault Community

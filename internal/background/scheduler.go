@@ -56,7 +56,11 @@ type scheduler struct {
 	mu     sync.Mutex
 	wake   chan struct{}
 	cancel context.CancelFunc
-	done   chan struct{}
+	// done is closed when the loop has returned, or, for a held
+	// scheduler that never ran one, when it is stopped: either way it
+	// reads as stopped. doneOnce guards the close.
+	done     chan struct{}
+	doneOnce sync.Once
 
 	// The repair walk's place, in memory only: a new process starts with a
 	// walk. repairing is set while a walk is under way, repairAfter is the
@@ -86,11 +90,15 @@ func (sc *scheduler) start() {
 // interrupted rotation is: rotation_unknown, resolved by reconciliation.
 func (sc *scheduler) stop() {
 	if sc.cancel == nil {
+		sc.finished()
 		return
 	}
 	sc.cancel()
 	<-sc.done
 }
+
+// finished marks the scheduler stopped.
+func (sc *scheduler) finished() { sc.doneOnce.Do(func() { close(sc.done) }) }
 
 // poke wakes the loop early, after new rotations were queued.
 func (sc *scheduler) poke() {
@@ -101,7 +109,7 @@ func (sc *scheduler) poke() {
 }
 
 func (sc *scheduler) run(ctx context.Context) {
-	defer close(sc.done)
+	defer sc.finished()
 	for ctx.Err() == nil {
 		wait := sc.pass(ctx)
 		select {

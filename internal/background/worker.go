@@ -114,10 +114,16 @@ func (w *Worker) Stop() {
 // when Pass is called: tests work the schedule one pass at a time, with
 // nothing working it behind their back.
 func (w *Worker) Hold(s logical.Storage) {
-	w.Stop()
+	// The held scheduler takes the running one's place in one step, so
+	// that a Start while the old loop winds down finds a scheduler there
+	// and starts no loop nothing could stop.
 	w.schedMu.Lock()
-	defer w.schedMu.Unlock()
+	running := w.scheduler
 	w.scheduler = newScheduler(w, s)
+	w.schedMu.Unlock()
+	if running != nil {
+		running.stop()
+	}
 }
 
 // Pass runs one scheduler pass now, as the loop would, and returns how

@@ -40,7 +40,7 @@ func (s *stuckEvents) SendEvent(ctx context.Context, _ logical.EventType, _ *log
 //
 // On the code as reviewed it printed:
 //
-//	review15_test.go: Clean has not returned 10s after it was called: it waits
+//	clean_test.go: Clean has not returned 10s after it was called: it waits
 //	for a rotation event Vault's event bus does not take
 func TestCleanDoesNotWaitForAnEventThatCannotLand(t *testing.T) {
 	env := newConfiguredEnv(t)

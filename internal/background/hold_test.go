@@ -45,7 +45,7 @@ func (g *gatedMayWrite) mayWrite() bool {
 //
 // On the code as reviewed it printed:
 //
-//	review15_test.go: a loop Start began while Hold waited for the old one
+//	hold_test.go: a loop Start began while Hold waited for the old one
 //	is still running after Stop: Hold replaced it without stopping it
 func TestHoldRacingStartLeavesNoLoopBehind(t *testing.T) {
 	gate := &gatedMayWrite{holdCall: 2, entered: make(chan struct{}), release: make(chan struct{})}
