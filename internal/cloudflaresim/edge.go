@@ -1,6 +1,7 @@
 package cloudflaresim
 
 import (
+	"slices"
 	"strings"
 	"time"
 )
@@ -62,7 +63,11 @@ func (s *Server) DeleteTunnel(accountID, tunnelID string) bool {
 }
 
 // lateJob is one piece of work the edge does after a delay.
-type lateJob struct{ timer *time.Timer }
+type lateJob struct {
+	timer *time.Timer
+	due   time.Time
+	fn    func()
+}
 
 // later runs fn, holding mu, after d, unless Close comes first. A pending
 // job costs a timer, not a goroutine. The caller holds mu.
@@ -70,7 +75,7 @@ func (s *Server) later(d time.Duration, fn func()) {
 	if s.closed {
 		return
 	}
-	job := &lateJob{}
+	job := &lateJob{due: time.Now().Add(d), fn: fn}
 	s.late[job] = struct{}{}
 	s.lateRunning.Add(1)
 	job.timer = time.AfterFunc(d, func() {
@@ -96,6 +101,38 @@ func (s *Server) WaitIdle() {
 	for len(s.late) > 0 || s.lateFaults > s.queuedLateFaults() {
 		s.idle.Wait()
 	}
+}
+
+// WaitAccepted blocks until every request that took a ProcessAfter fault
+// has been accepted for later work or refused: after it, a test may make
+// the caller give up knowing the request already reached the edge.
+func (s *Server) WaitAccepted() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for s.lateFaults > s.queuedLateFaults() {
+		s.idle.Wait()
+	}
+}
+
+// ProcessLateNow does, at once and in the order it was due, all the work
+// the edge accepted for later (Fault.ProcessAfter): a test decides when
+// an abandoned request lands instead of racing a timer.
+func (s *Server) ProcessLateNow() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	jobs := make([]*lateJob, 0, len(s.late))
+	for job := range s.late {
+		jobs = append(jobs, job)
+	}
+	slices.SortFunc(jobs, func(a, b *lateJob) int { return a.due.Compare(b.due) })
+	for _, job := range jobs {
+		delete(s.late, job)
+		if job.timer.Stop() {
+			s.lateRunning.Done() // its timer will never run
+		}
+		job.fn()
+	}
+	s.idle.Broadcast()
 }
 
 // queuedLateFaults counts the ProcessAfter faults no call has taken yet.

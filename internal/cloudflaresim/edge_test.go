@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -447,18 +449,6 @@ func TestSecondPrecisionOutOfBandChangeCanBeInvisible(t *testing.T) {
 	t.Error("five out-of-band changes right after creation all moved last_generated_on")
 }
 
-// inFlight wraps a handler to count the requests it is serving.
-type inFlight struct {
-	h http.Handler
-	n atomic.Int32
-}
-
-func (f *inFlight) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	f.n.Add(1)
-	defer f.n.Add(-1)
-	f.h.ServeHTTP(w, r)
-}
-
 // waitFor polls cond for up to five seconds.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -469,49 +459,65 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// abandon sends a request the edge holds without an answer (a ProcessAfter
+// fault is queued for it) and gives up on it once the edge has accepted it.
+// No timer decides anything: the test waits for the edge to have the request
+// and then cancels it, and the late work runs when the test calls
+// ProcessLateNow.
+func (e *edge) abandon(t *testing.T, op cloudflaresim.Operation, path string, body []byte) {
+	t.Helper()
+	calls := e.sim.Calls(op)
+	ctx, cancel := context.WithCancel(context.Background())
+	result := make(chan error, 1)
+	go func() {
+		status, err := e.send(ctx, &http.Client{}, "POST", path, body)
+		if err == nil {
+			err = fmt.Errorf("answered with %d", status)
+		}
+		result <- err
+	}()
+	waitFor(t, "the edge has the request", func() bool { return e.sim.Calls(op) == calls+1 })
+	e.sim.WaitAccepted()
+	cancel()
+	if err := <-result; !errors.Is(err, context.Canceled) {
+		t.Fatalf("the held request: %v, want no answer before the caller gave up", err)
+	}
+}
+
 // TestAbandonedGenerateIsProcessedLate plays the request a caller gave up
 // on: it gets no answer, a later generation succeeds, and then the
 // abandoned one changes the key anyway, so the key the caller stored last
 // is not the edge's.
 func TestAbandonedGenerateIsProcessedLate(t *testing.T) {
-	sim := cloudflaresim.New()
-	counted := &inFlight{h: sim}
-	srv := httptest.NewServer(counted)
-	t.Cleanup(srv.Close)
-	t.Cleanup(sim.Close)
-	e := &edge{sim: sim, url: srv.URL + cloudflaresim.BasePath, token: sim.AddToken(cloudflaresim.Token{}).Value, account: cloudflaresim.NewID()}
-	created := sim.AddTunnel(e.account, cloudflaresim.Tunnel{})
+	e := newEdge(t)
+	created := e.sim.AddTunnel(e.account, cloudflaresim.Tunnel{})
 
-	const processAfter = 500 * time.Millisecond
-	sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{ProcessAfter: processAfter})
-	sent := time.Now()
-	impatient := &http.Client{Timeout: 100 * time.Millisecond}
-	if status, _, err := e.do(t, impatient, "POST", e.tunnelPath(created.ID)+"/psk_generate", []byte(`{}`)); err == nil {
-		t.Fatalf("the abandoned request was answered with %d", status)
-	}
-	waitFor(t, "the held handler returns after the caller gave up", func() bool { return counted.n.Load() == 0 })
-	if now, _ := sim.Tunnel(e.account, created.ID); now.PSK != created.PSK {
-		t.Fatal("the key changed before ProcessAfter")
+	e.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{ProcessAfter: time.Hour})
+	e.abandon(t, cloudflaresim.OpPSKGenerate, e.tunnelPath(created.ID)+"/psk_generate", []byte(`{}`))
+	if now, _ := e.sim.Tunnel(e.account, created.ID); now.PSK != created.PSK {
+		t.Fatal("the key changed before the late work ran")
 	}
 
 	status, retried, retriedOn := e.generate(t, created.ID)
 	if status != http.StatusOK {
 		t.Fatalf("the retry: status %d", status)
 	}
-	sim.WaitIdle()
+	processed := time.Now()
+	e.sim.ProcessLateNow()
+	e.sim.WaitIdle()
 
-	final, _ := sim.Tunnel(e.account, created.ID)
+	final, _ := e.sim.Tunnel(e.account, created.ID)
 	if final.PSK == retried || final.PSK == created.PSK {
 		t.Fatal("the abandoned request was not processed: the edge still has a key a caller saw")
 	}
 	if !slices.Equal(final.GeneratedPSKs, []string{created.PSK, retried, final.PSK}) {
 		t.Errorf("GeneratedPSKs does not hold creation, retry, late key in that order")
 	}
-	if !slices.Contains(sim.IssuedSecrets(), final.PSK) {
+	if !slices.Contains(e.sim.IssuedSecrets(), final.PSK) {
 		t.Error("the late key is not among the issued secrets")
 	}
-	if earliest := sent.Add(processAfter).Truncate(time.Microsecond); final.PSKGeneratedOn.Before(earliest) {
-		t.Errorf("the late key is dated %v, before arrival + ProcessAfter (%v)", final.PSKGeneratedOn, earliest)
+	if earliest := processed.Truncate(time.Microsecond); final.PSKGeneratedOn.Before(earliest) {
+		t.Errorf("the late key is dated %v, before it was processed (%v)", final.PSKGeneratedOn, earliest)
 	}
 	if !final.PSKGeneratedOn.After(wireTime(t, retriedOn)) {
 		t.Errorf("the late key is dated %v, not after the retry's %s", final.PSKGeneratedOn, retriedOn)
@@ -520,13 +526,12 @@ func TestAbandonedGenerateIsProcessedLate(t *testing.T) {
 	if got.PSKMetadata == nil || !wireTime(t, got.PSKMetadata.LastGeneratedOn).Equal(final.PSKGeneratedOn) {
 		t.Errorf("GET psk_metadata = %+v, want the late key's %v", got.PSKMetadata, final.PSKGeneratedOn)
 	}
-	if n := sim.Calls(cloudflaresim.OpPSKGenerate); n != 2 {
+	if n := e.sim.Calls(cloudflaresim.OpPSKGenerate); n != 2 {
 		t.Errorf("psk_generate calls = %d, want 2", n)
 	}
 }
 
 func TestProcessAfterCases(t *testing.T) {
-	const processAfter = 150 * time.Millisecond
 	cases := []struct {
 		name string
 		// query is appended to the psk_generate path; body and token
@@ -562,19 +567,18 @@ func TestProcessAfterCases(t *testing.T) {
 			if tc.body == "-" {
 				body = nil
 			}
-			e.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{ProcessAfter: processAfter})
-			impatient := &http.Client{Timeout: 50 * time.Millisecond}
-			status, _, err := e.do(t, impatient, "POST", e.tunnelPath(created.ID)+"/psk_generate"+tc.query, body)
-			switch {
-			case tc.wantStatus == 0 && err == nil:
-				t.Fatalf("answered with %d, want no answer", status)
-			case tc.wantStatus != 0 && (err != nil || status != tc.wantStatus):
+			e.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{ProcessAfter: time.Hour})
+			path := e.tunnelPath(created.ID) + "/psk_generate" + tc.query
+			if tc.wantStatus == 0 {
+				e.abandon(t, cloudflaresim.OpPSKGenerate, path, body)
+			} else if status, _, err := e.do(t, &http.Client{Timeout: 10 * time.Second}, "POST", path, body); err != nil || status != tc.wantStatus {
 				t.Fatalf("status %d, error %v: want %d at once", status, err, tc.wantStatus)
 			}
 			if tc.between != nil {
 				tc.between(e, created.ID)
 			}
 			before, _ := e.sim.Tunnel(e.account, created.ID)
+			e.sim.ProcessLateNow()
 			e.sim.WaitIdle()
 
 			after, exists := e.sim.Tunnel(e.account, created.ID)
