@@ -52,36 +52,58 @@ func goFiles(t *testing.T) map[string]*ast.File {
 	return files
 }
 
+// rankOf is the place of dir among the layers (a package under a layer
+// counts as the layer), or -1 for a package outside them.
+func rankOf(dir string) int {
+	for i, l := range layers {
+		if dir == l || strings.HasPrefix(dir, l+"/") {
+			return i
+		}
+	}
+	return -1
+}
+
 func TestTheCoreDependsOneWayDown(t *testing.T) {
 	for path, f := range goFiles(t) {
 		dir := filepath.ToSlash(filepath.Dir(path))
-		rank := -1
-		for i, l := range layers {
-			if dir == l {
-				rank = i
-			}
+		if !strings.HasPrefix(dir, "internal/") {
+			continue
 		}
+		rank := rankOf(dir)
 		for _, imp := range f.Imports {
 			p, _ := strconv.Unquote(imp.Path.Value)
-			if strings.HasPrefix(dir, "internal/") && (p == "github.com/hashicorp/vault/sdk/framework" || strings.HasPrefix(p, "github.com/hashicorp/vault/sdk/plugin")) {
+			if p == "github.com/hashicorp/vault/sdk/framework" || strings.HasPrefix(p, "github.com/hashicorp/vault/sdk/plugin") {
 				t.Errorf("%s imports %s: the core knows nothing of Vault's request handling", path, p)
 			}
-			if rank < 0 || !strings.HasPrefix(p, module+"/") {
+			if !strings.HasPrefix(p, module+"/") {
 				continue
 			}
 			target := strings.TrimPrefix(p, module+"/")
-			for i, l := range layers {
-				if target == l && i <= rank {
-					t.Errorf("%s imports %s, which is not below it (%s)", path, target, strings.Join(layers, " → "))
-				}
-			}
-			if target == module || !strings.HasPrefix(target, "internal/") {
+			switch {
+			case !strings.HasPrefix(target, "internal/"):
 				t.Errorf("%s imports %s, above the core", path, target)
-			}
-			if strings.HasPrefix(target, "internal/cloudflare") && rank >= 2 {
-				t.Errorf("%s imports %s: what is stored and when it is due know nothing of Cloudflare", path, target)
+			case rank < 0:
+				// The Cloudflare client and its simulator stand apart:
+				// they know nothing of the engine built on them.
+				t.Errorf("%s imports %s: the Cloudflare client and simulator import nothing of the engine", path, target)
+			case strings.HasPrefix(target, "internal/cloudflare"):
+				if rank >= 2 {
+					t.Errorf("%s imports %s: what is stored and when it is due know nothing of Cloudflare", path, target)
+				}
+			case rankOf(target) <= rank:
+				t.Errorf("%s imports %s, which is not below it (%s)", path, target, strings.Join(layers, " → "))
 			}
 		}
+		// A request is the root's to turn into one engine call: nothing
+		// below takes or returns one.
+		ast.Inspect(f, func(n ast.Node) bool {
+			if sel, ok := n.(*ast.SelectorExpr); ok && sel.Sel.Name == "Request" {
+				if x, ok := sel.X.(*ast.Ident); ok && x.Name == "logical" {
+					t.Errorf("%s uses logical.Request: the core is handed what a request asked, not the request", path)
+				}
+			}
+			return true
+		})
 	}
 }
 
