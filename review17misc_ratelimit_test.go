@@ -3,7 +3,8 @@ package main
 // Review of aeb8ff2 ("Store Cloudflare's spent quota like a 429 block, and
 // show it in rate_limited_until"): sequences that try to make the stored
 // spent quota disable a mount for longer than the cap, or be stored where
-// it must not be. Both held.
+// it must not be (held), and one quota spent that is neither shown nor
+// stored (TestReviewAQuotaSpentByACallWhoseAnswerWasLostIsStored, fails).
 
 import (
 	"context"
@@ -160,5 +161,51 @@ func TestReviewABlockOfTheOldTokenRefusesANewTokensConfigWrite(t *testing.T) {
 					httpStatus(resp, err), errorText(resp, err), env.sim.TotalCalls()-calls)
 			}
 		})
+	}
+}
+
+// TestReviewAQuotaSpentByACallWhoseAnswerWasLostIsStored: Cloudflare's
+// answer says one call remains; the engine sends it (a rotation) and its
+// answer is lost (the connection drops: a timeout). The Budget knows that no
+// call remains until the reset (its count less the calls sent since) and
+// refuses every call with "Cloudflare's last answer said no calls remain",
+// yet BlockedUntil looks at the header's r alone: rate_limited_until shows
+// "", nothing is stored, and a restarted (reloaded, failed-over) backend
+// sends its next call into the spent quota, which Cloudflare answers with
+// a 429 and its own block of the user: what aeb8ff2 set out to prevent.
+//
+// It printed (on aeb8ff2..ab7a969):
+//
+//	with no call left (its last answer said 1, and 1 was sent since), rate_limited_until = 0001-01-01 00:00:00 +0000 UTC, want about ...
+//	the restarted backend sent calls into a quota the engine had spent: 0 answered, 1 refused by Cloudflare with a 429 (which blocks the user)
+func TestReviewAQuotaSpentByACallWhoseAnswerWasLostIsStored(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.clock.freeze()
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	const window = 2 * time.Minute
+	env.sim.SetRateLimit(2, window)
+	spentAt := env.clock.Now()
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil)) // Ratelimit: r=1
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Hangup: true})
+	if resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil); httpStatus(resp, err) < 500 {
+		t.Fatalf("setup: the write whose answer was lost: %d %s", httpStatus(resp, err), errorText(resp, err))
+	}
+	// In memory the Budget refuses: no call remains.
+	calls := env.sim.TotalCalls()
+	resp, err := env.request(logical.ListOperation, "tunnels/"+env.account, nil)
+	if httpStatus(resp, err) != http.StatusTooManyRequests || env.sim.TotalCalls() != calls {
+		t.Fatalf("setup: a listing with no call left: %d %s", httpStatus(resp, err), errorText(resp, err))
+	}
+	want := spentAt.Add(window)
+	if got := rateLimitedUntil(t, env); got.Sub(want).Abs() > 2*time.Second {
+		t.Errorf("with no call left (its last answer said 1, and 1 was sent since), rate_limited_until = %s, want about %s", got, want)
+	}
+
+	restartBackend(t, env)
+	calls, refused := env.sim.TotalCalls(), env.sim.RateLimited()
+	_, _ = env.request(logical.ListOperation, "tunnels/"+env.account, nil)
+	if n, r := env.sim.TotalCalls()-calls, env.sim.RateLimited()-refused; n != 0 || r != 0 {
+		// (The simulator's TotalCalls leaves out calls it refuses with 429.)
+		t.Errorf("the restarted backend sent calls into a quota the engine had spent: %d answered, %d refused by Cloudflare with a 429 (which blocks the user)", n, r)
 	}
 }
