@@ -173,3 +173,79 @@ func TestReviewAListingTakenBeforeATunnelWasFoundGoneDoesNotReturnIt(t *testing.
 		t.Logf("state %v (%v)", meta.Data["state"], meta.Data["state_reason"])
 	}
 }
+
+// TestReviewAReturnMonthsOverdueRotatesAtOnce documents, without judging,
+// what the brief asked about: a tunnel gone for 90 days with a daily
+// schedule, back with the stored key (current) or, healing off, with a key
+// Vault does not hold (stale). Its schedule entry is restored for the
+// rotation missed 90 days ago, so the scheduler's next pass rotates it at
+// once, at whatever minute the sweep happened to find it: with
+// heal_stale_psk off too (a stale tunnel's scheduled rotation goes ahead
+// whatever heal_stale_psk says, as before 3326665). That is what
+// docs/failure-modes.md promises ("made at once, as after a restart"); a
+// rotation_window moves it to the next scheduled time instead. It passes.
+func TestReviewAReturnMonthsOverdueRotatesAtOnce(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		healOff bool
+		back    func(saved cloudflaresim.Tunnel) cloudflaresim.Tunnel
+	}{
+		{"current", false, func(saved cloudflaresim.Tunnel) cloudflaresim.Tunnel { return saved }},
+		{"stale, healing off", true, withNewKey},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newConfiguredEnv(t)
+			env.clock.freeze()
+			if tc.healOff {
+				env.must(env.request(logical.UpdateOperation, "config", map[string]any{"heal_stale_psk": false}))
+			}
+			saved, _ := goneByASchedulersPassing404(t, env)
+			env.clock.Advance(90 * 24 * time.Hour)
+			env.sim.AddTunnel(env.account, tc.back(saved))
+			backgroundPass(t, env)
+			generations := env.generations()
+			drain(t, env)
+			if n := env.generations() - generations; n != 1 {
+				t.Errorf("the scheduler's pass after the return made %d key(s)", n)
+			}
+			assertCurrent(t, env, "after the pass")
+		})
+	}
+}
+
+// TestReviewTheDailyPaceSurvivesARestart: the pace of returns is the
+// record's GoneLookedAt, in storage, not the worker's memory; a restarted
+// backend (whose first sweep runs at once) does not return a tunnel that
+// was returned, and found gone again, an hour before. It held.
+func TestReviewTheDailyPaceSurvivesARestart(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.clock.freeze()
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "10m"}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	saved := env.edge()
+	env.sim.DeleteTunnel(env.account, env.tunnel.ID)
+	backgroundPass(t, env)
+	env.sim.AddTunnel(env.account, saved)
+	env.clock.Advance(10 * time.Minute)
+	backgroundPass(t, env)
+	assertCurrent(t, env, "returned")
+
+	saved = env.edge()
+	env.sim.DeleteTunnel(env.account, env.tunnel.ID)
+	env.clock.Advance(10 * time.Minute)
+	backgroundPass(t, env)
+	if rec := record(t, env, env.tunnel.ID); rec == nil || rec.State != store.StateTunnelGone {
+		t.Fatalf("setup: gone again: %+v", rec)
+	}
+	env.sim.AddTunnel(env.account, saved)
+	env.clock.Advance(time.Hour)
+	restartBackend(t, env)
+	lists := env.sim.Calls(cloudflaresim.OpTunnelList)
+	backgroundPass(t, env)
+	if env.sim.Calls(cloudflaresim.OpTunnelList) == lists {
+		t.Fatal("setup: the restarted backend's first pass did not sweep")
+	}
+	if rec := record(t, env, env.tunnel.ID); rec == nil || rec.State != store.StateTunnelGone {
+		t.Errorf("a restarted backend returned a tunnel within a day of its last return: %+v", rec)
+	}
+}
