@@ -144,8 +144,8 @@ func (b *Budget) Blocked() time.Duration {
 
 // BlockedUntil returns when Cloudflare stops refusing this token's calls,
 // the zero time when it does not: the end of its block (a 429), or, when
-// its last answer said no calls remain, the reset of its window, whichever
-// is later. Before then no call is sent (Blocked covers the first, the
+// its last answer said no calls remain (or the calls sent since spent what
+// it said was left), the reset of its window, whichever is later. Before then no call is sent (Blocked covers the first, the
 // count the second); it is what a new process must honour, and what an
 // operator is shown.
 func (b *Budget) BlockedUntil() time.Time {
@@ -157,10 +157,13 @@ func (b *Budget) BlockedUntil() time.Time {
 // blockedUntilLocked is BlockedUntil. The caller holds mu.
 func (b *Budget) blockedUntilLocked() time.Time {
 	until := b.blockedUntil
-	if b.cf.remaining == 0 && b.cf.until.After(until) {
+	if b.cf.until.After(until) && b.taken-b.cf.seq >= uint64(b.cf.remaining) {
 		// No call before the reset, whatever was sent since: a spent
-		// quota is a block until then. (A later answer that finds the
-		// window reset early replaces the count, and with it this.)
+		// quota is a block until then, whether Cloudflare's answer said
+		// none remain or the calls sent since its count (their answers
+		// lost, or carrying no count) used up what it said was left. (A
+		// later answer that finds the window reset early replaces the
+		// count, and with it this.)
 		until = b.cf.until
 	}
 	if !until.After(b.now()) {
@@ -274,10 +277,26 @@ func (b *Budget) TryTake() (bool, time.Duration) {
 }
 
 // take is TryTake that returns the call's number, for observe, or the
-// refusal, saying whose count refused it. Op is left for the caller.
+// refusal, saying whose count refused it. Op is left for the caller. The
+// call that spends the last of what Cloudflare's count left moves
+// BlockedUntil to its reset, and the hook is told, as of a block: that
+// call's answer may never come, and a new process must not send into the
+// spent quota.
 func (b *Budget) take() (uint64, *BudgetError) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
+	before := b.blockedUntilLocked()
+	seq, err := b.takeLocked()
+	after := b.blockedUntilLocked()
+	hook := b.onBlock
+	b.mu.Unlock()
+	if after.After(before) && hook != nil {
+		hook(after)
+	}
+	return seq, err
+}
+
+// takeLocked is take. The caller holds mu.
+func (b *Budget) takeLocked() (uint64, *BudgetError) {
 	now := b.now()
 	capFree, capWait := b.capFreeLocked(now)
 	cfFree, cfReset, known := b.cloudflareFreeLocked(now)
