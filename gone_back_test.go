@@ -132,7 +132,11 @@ func TestAGoneTunnelThatIsBackReturnsToItsSchedule(t *testing.T) {
 	t.Run("a new key in the stored key's second", func(t *testing.T) {
 		// At whole-second precision the new key carries the stored key's
 		// last_generated_on, and nothing proves that second had passed: it
-		// must not be taken for the stored key.
+		// must not be taken for the stored key, and, since the very same
+		// listing could show the stored key back untouched (the review's
+		// TestAGoneTunnelBackWithItsStoredKeyAtWholeSecondsMakesNoKey),
+		// no key is made for it either: stale and held, until an operator
+		// writes it or its schedule rotates it.
 		env := newConfiguredEnv(t)
 		env.clock.freeze()
 		env.sim.SetTimestampPrecision(time.Second)
@@ -147,10 +151,26 @@ func TestAGoneTunnelThatIsBackReturnsToItsSchedule(t *testing.T) {
 		if env.edge().PSKGeneratedOn != saved.PSKGeneratedOn || env.edge().PSK == saved.PSK {
 			t.Fatal("the test needs a new key with the stored key's time")
 		}
+		generations := env.generations()
 		env.clock.Advance(time.Hour)
 		backgroundPass(t, env)
 		assertHonest(t, env)
-		assertCurrent(t, env, "after the heal of a key the times could not tell apart")
+		meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+		if meta.Data["state"] != store.StateStale {
+			t.Errorf("a key the times could not tell apart: state %v, want %s", meta.Data["state"], store.StateStale)
+		}
+		if n := env.generations() - generations; n != 0 {
+			t.Errorf("%d key(s) made for a tunnel nobody asked to rotate", n)
+		}
+		env.must(env.request(logical.ReadOperation, env.pskPath(), nil)) // a read does not heal it either
+		if n := env.generations() - generations; n != 0 {
+			t.Errorf("a read made %d key(s) for the held tunnel", n)
+		}
+		if entries := dueEntries(t, env); len(entries) != 1 {
+			t.Errorf("schedule entries of the returned tunnel: %v, want one", entries)
+		}
+		env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+		assertCurrent(t, env, "after an operator's write")
 	})
 }
 

@@ -103,9 +103,12 @@ type Record struct {
 	// found on this tunnel, so that it heals at most once per
 	// drift_check_interval.
 	LastHealedAt time.Time `json:"last_healed_at"`
-	// HealHeld: drift came back right after a heal, so another mount or
-	// tool rotates this tunnel too; the engine no longer heals it by itself
-	// until an operator writes it (see internal/rotation's mayHeal).
+	// HealHeld: the engine no longer heals this tunnel by itself until an
+	// operator writes it (or its schedule rotates it): drift came back
+	// right after a heal, so another mount or tool rotates it too (see
+	// internal/rotation's mayHeal), or it came back from tunnel_gone with
+	// a key Cloudflare's times cannot tell from the stored one (ReturnGone),
+	// and no rotation was asked for.
 	HealHeld bool `json:"heal_held,omitempty"`
 	// GoneLookedAt is when the drift sweep last found this tunnel, recorded
 	// tunnel_gone, listed at Cloudflare again and returned it to management

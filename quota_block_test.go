@@ -4,7 +4,7 @@ package main
 // show it in rate_limited_until"): sequences that try to make the stored
 // spent quota disable a mount for longer than the cap, or be stored where
 // it must not be (held), and one quota spent that is neither shown nor
-// stored (TestReviewAQuotaSpentByACallWhoseAnswerWasLostIsStored, fails).
+// stored (TestAQuotaSpentByACallWhoseAnswerWasLostIsStored, fails).
 
 import (
 	"context"
@@ -34,14 +34,14 @@ func rateLimitedUntil(t *testing.T, env *testEnv) time.Time {
 	return at
 }
 
-// TestReviewAHostileSpentQuotaIsCappedAcrossRestarts: something at
+// TestAHostileSpentQuotaIsCappedAcrossRestarts: something at
 // base_url (a proxy that adds its own Ratelimit header, or a hostile
 // endpoint) says no calls remain for a century. The stored spent quota is
 // capped at 15 minutes from the answer, in rate_limited_until, after a
 // restart, and after a second restart 10 minutes later (a restore does not
 // start a fresh 15 minutes), and the mount calls again once it ends.
 // It held.
-func TestReviewAHostileSpentQuotaIsCappedAcrossRestarts(t *testing.T) {
+func TestAHostileSpentQuotaIsCappedAcrossRestarts(t *testing.T) {
 	env := newTestEnv(t)
 	env.clock.freeze()
 	var armed atomic.Bool
@@ -87,11 +87,11 @@ func TestReviewAHostileSpentQuotaIsCappedAcrossRestarts(t *testing.T) {
 	assertCurrent(t, env, "after the capped block")
 }
 
-// TestReviewAStandbyStoresNoSpentQuota: a performance standby calls
+// TestAStandbyStoresNoSpentQuota: a performance standby calls
 // Cloudflare for reads (tunnels/) and may meet a spent quota; it may not
 // write storage, so it honours the quota in memory and stores nothing (the
 // hook checks mayWrite before its Put). It held.
-func TestReviewAStandbyStoresNoSpentQuota(t *testing.T) {
+func TestAStandbyStoresNoSpentQuota(t *testing.T) {
 	env := newConfiguredEnv(t)
 	env.clock.freeze()
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
@@ -120,7 +120,7 @@ func TestReviewAStandbyStoresNoSpentQuota(t *testing.T) {
 	}
 }
 
-// TestReviewABlockOfTheOldTokenRefusesANewTokensConfigWrite compares a
+// TestABlockOfTheOldTokenRefusesANewTokensConfigWrite compares a
 // spent quota with a 429 block on a config write that brings another
 // user's API token (an account-owned one, which has a limit of its own):
 // verifyingClient starts from the mount's BlockedUntil, which now includes
@@ -129,7 +129,7 @@ func TestReviewAStandbyStoresNoSpentQuota(t *testing.T) {
 // held as parity with the 429 (the old block also stays on the mount after
 // the new token is stored, as it did in memory before); whether another
 // user's token should wait out this one's block is a design question.
-func TestReviewABlockOfTheOldTokenRefusesANewTokensConfigWrite(t *testing.T) {
+func TestABlockOfTheOldTokenRefusesANewTokensConfigWrite(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		block func(env *testEnv)
@@ -164,7 +164,7 @@ func TestReviewABlockOfTheOldTokenRefusesANewTokensConfigWrite(t *testing.T) {
 	}
 }
 
-// TestReviewAQuotaSpentByACallWhoseAnswerWasLostIsStored: Cloudflare's
+// TestAQuotaSpentByACallWhoseAnswerWasLostIsStored: Cloudflare's
 // answer says one call remains; the engine sends it (a rotation) and its
 // answer is lost (the connection drops: a timeout). The Budget knows that no
 // call remains until the reset (its count less the calls sent since) and
@@ -178,7 +178,7 @@ func TestReviewABlockOfTheOldTokenRefusesANewTokensConfigWrite(t *testing.T) {
 //
 //	with no call left (its last answer said 1, and 1 was sent since), rate_limited_until = 0001-01-01 00:00:00 +0000 UTC, want about ...
 //	the restarted backend sent calls into a quota the engine had spent: 0 answered, 1 refused by Cloudflare with a 429 (which blocks the user)
-func TestReviewAQuotaSpentByACallWhoseAnswerWasLostIsStored(t *testing.T) {
+func TestAQuotaSpentByACallWhoseAnswerWasLostIsStored(t *testing.T) {
 	env := newConfiguredEnv(t)
 	env.clock.freeze()
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
