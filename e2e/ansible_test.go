@@ -65,6 +65,7 @@ var ansibleRouters = []struct {
 //     behind does;
 //   - a render with a token that may not read the keys fails, naming the
 //     tunnels and the policy, and writes nothing;
+//   - --check rotates nothing and writes nothing;
 //   - a rotation that fails is reported with Vault's reason, every router is
 //     rendered all the same with the keys the edge uses, and the run fails.
 func TestAnsiblePlaybookRotatesAndRenders(t *testing.T) {
@@ -170,6 +171,25 @@ func TestAnsiblePlaybookRotatesAndRenders(t *testing.T) {
 	for _, id := range ids {
 		if tun, _ := sim.Tunnel(account, id); len(tun.GeneratedPSKs) != 2 {
 			t.Errorf("tunnel %s has had %d keys after the renders, want 2: a render rotated", id, len(tun.GeneratedPSKs))
+		}
+	}
+
+	// A dry run (--check) rotates nothing and writes nothing.
+	dry := filepath.Join(work, "dry-run")
+	checked := runPlaybook(t, work, v.addr, tokens, "-i", inventory, "-e", "cf_render_dir="+dry, "--check")
+	checkAnsibleRun(t, secrets, "ansible-playbook --check", checked)
+	if checked.code != 0 {
+		t.Fatalf("ansible-playbook --check exited %d:\n%s", checked.code, secrets.redact(checked.output))
+	}
+	if strings.Count(checked.output, `"msg": "not rotated (check mode)"`) != len(ids) {
+		t.Errorf("--check does not report each tunnel as not rotated:\n%s", secrets.redact(checked.output))
+	}
+	if _, err := os.Stat(dry); !os.IsNotExist(err) {
+		t.Errorf("--check created %s (%v)", dry, err)
+	}
+	for _, id := range ids {
+		if tun, _ := sim.Tunnel(account, id); len(tun.GeneratedPSKs) != 2 {
+			t.Errorf("tunnel %s has had %d keys after --check, want 2: --check rotated", id, len(tun.GeneratedPSKs))
 		}
 	}
 
