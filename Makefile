@@ -30,6 +30,7 @@ dev: build sim
 ## test: every test, unit and end-to-end, under the race detector
 test:
 	scripts/install-strongswan.sh
+	scripts/install-ansible.sh
 	bin=$$(scripts/vault-bin.sh) && VAULT_BIN=$$bin $(GO_TEST) ./...
 
 test-unit:
@@ -37,6 +38,7 @@ test-unit:
 
 test-e2e:
 	scripts/install-strongswan.sh
+	scripts/install-ansible.sh
 	bin=$$(scripts/vault-bin.sh) && VAULT_BIN=$$bin $(GO_TEST) ./e2e/...
 
 ## release: static binaries for linux/amd64 and linux/arm64 with VERSION set,

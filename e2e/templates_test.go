@@ -26,24 +26,11 @@ var routerTemplates = []string{"swanctl.conf.tpl", "vyos.vbash.tpl", "ios-xe.cfg
 // are fixed, and compares each file with its golden copy, the keys replaced
 // by placeholders. A field renamed in the engine or in a template fails here
 // (Agent runs with error_on_missing_key, as the example does), not on a
-// router. UPDATE_GOLDEN=1 rewrites the golden files; review the diff.
-//
-// The three tunnels take each branch the templates have: an ipsec_id from
-// psk_generate's answer and IPv6 (1), a custom FQDN id (2), neither, no
-// customer endpoint and a /30 (3).
+// router. UPDATE_GOLDEN=1 rewrites the golden files; review the diff. The
+// tunnels are goldenTunnels.
 func TestRouterTemplatesRenderThroughAgent(t *testing.T) {
 	sim, baseURL, secrets, token, _ := newEdge(t)
-	const account = "7c5dae5552338874e5053f2534d2767a"
-	tunnels := []cloudflaresim.Tunnel{
-		{ID: "b43e68fb724678a6ebe1602d52e4bad1", Name: "site_a_1", CloudflareEndpoint: "162.159.66.1",
-			CustomerEndpoint: "198.51.100.7", InterfaceAddress: "10.252.2.34/31",
-			InterfaceAddress6: "2606:54c1:7:0:a9fe:12d2:1:200/127", IPsecID: "12345_b43e68fb724678a6ebe1602d52e4bad1"},
-		{ID: "32b427943ea14f4159760e8479c2194d", Name: "site_a_2", CloudflareEndpoint: "172.64.244.68",
-			CustomerEndpoint: "198.51.100.7", InterfaceAddress: "10.252.2.36/31",
-			CustomFQDNID: "site-a." + account + ".custom.ipsec.cloudflare.com"},
-		{ID: "78c3e151b2e7d9d9f8a19a91e21a9e65", Name: "site_a_3", CloudflareEndpoint: "162.159.67.1",
-			InterfaceAddress: "10.252.2.41/30"},
-	}
+	account, tunnels := goldenAccount, goldenTunnels()
 	var ids []string
 	for _, tun := range tunnels {
 		ids = append(ids, sim.AddTunnel(account, tun).ID)
@@ -55,19 +42,7 @@ func TestRouterTemplatesRenderThroughAgent(t *testing.T) {
 	for _, id := range ids {
 		v.mustVault(t, root, "write", "-f", "cloudflare-ipsec/psk/"+account+"/"+id)
 	}
-	// What the templates must have rendered, and what each key becomes in
-	// the golden files. The base64 forms are secrets too.
-	placeholders := map[string]string{}
-	for i, id := range ids {
-		tun, ok := sim.Tunnel(account, id)
-		if !ok || tun.PSK == "" {
-			t.Fatalf("tunnel %s has no key at the edge", id)
-		}
-		encoded := base64.StdEncoding.EncodeToString([]byte(tun.PSK))
-		secrets.add(encoded)
-		placeholders[encoded] = fmt.Sprintf("<base64 of the key of %s>", tunnels[i].Name)
-		placeholders[tun.PSK] = fmt.Sprintf("<key of %s>", tunnels[i].Name)
-	}
+	placeholders := edgeKeyPlaceholders(t, sim, secrets, account, ids)
 
 	dir := t.TempDir()
 	roleID, secretID := approleForProvisioner(t, v, secrets, account)
@@ -149,6 +124,46 @@ exit_after_auth = true
 	assertNoDataRace(t, v.log())
 }
 
+// goldenAccount and goldenTunnels are the edge every golden file of
+// testdata/templates was rendered from: fixed ids, names and addresses, so
+// that a render is the same from run to run but for the keys. The three
+// tunnels take each branch the templates have: an ipsec_id from
+// psk_generate's answer and IPv6 (1), a custom FQDN id (2), neither, no
+// customer endpoint and a /30 (3).
+const goldenAccount = "7c5dae5552338874e5053f2534d2767a"
+
+func goldenTunnels() []cloudflaresim.Tunnel {
+	return []cloudflaresim.Tunnel{
+		{ID: "b43e68fb724678a6ebe1602d52e4bad1", Name: "site_a_1", CloudflareEndpoint: "162.159.66.1",
+			CustomerEndpoint: "198.51.100.7", InterfaceAddress: "10.252.2.34/31",
+			InterfaceAddress6: "2606:54c1:7:0:a9fe:12d2:1:200/127", IPsecID: "12345_b43e68fb724678a6ebe1602d52e4bad1"},
+		{ID: "32b427943ea14f4159760e8479c2194d", Name: "site_a_2", CloudflareEndpoint: "172.64.244.68",
+			CustomerEndpoint: "198.51.100.7", InterfaceAddress: "10.252.2.36/31",
+			CustomFQDNID: "site-a." + goldenAccount + ".custom.ipsec.cloudflare.com"},
+		{ID: "78c3e151b2e7d9d9f8a19a91e21a9e65", Name: "site_a_3", CloudflareEndpoint: "162.159.67.1",
+			InterfaceAddress: "10.252.2.41/30"},
+	}
+}
+
+// edgeKeyPlaceholders returns what each tunnel's key at the edge, and its
+// base64 form, becomes in the golden files, and adds the base64 forms to
+// secrets (the keys are there already, as the simulator issued them).
+func edgeKeyPlaceholders(t testing.TB, sim *cloudflaresim.Server, secrets *secretSet, account string, ids []string) map[string]string {
+	t.Helper()
+	placeholders := map[string]string{}
+	for _, id := range ids {
+		tun, ok := sim.Tunnel(account, id)
+		if !ok || tun.PSK == "" {
+			t.Fatalf("tunnel %s has no key at the edge", id)
+		}
+		encoded := base64.StdEncoding.EncodeToString([]byte(tun.PSK))
+		secrets.add(encoded)
+		placeholders[encoded] = fmt.Sprintf("<base64 of the key of %s>", tun.Name)
+		placeholders[tun.PSK] = fmt.Sprintf("<key of %s>", tun.Name)
+	}
+	return placeholders
+}
+
 // approleForProvisioner sets up AppRole as a production Agent would use it:
 // a role that carries only the provisioner policy of docs/policies for the
 // account. It returns the role id and a secret id (a secret).
@@ -191,12 +206,22 @@ func compareGolden(t *testing.T, secrets *secretSet, name, rendered string) {
 			t.Fatal(err)
 		}
 	}
+	if !matchesGolden(t, secrets, golden, rendered) {
+		t.Errorf("%s differs from the rendered template (UPDATE_GOLDEN=1 rewrites it; review the diff)", golden)
+	}
+}
+
+// matchesGolden reports whether rendered is the golden file's text, and
+// reports each of the first ten lines that differ, redacted as compareGolden
+// says. It never writes the file.
+func matchesGolden(t *testing.T, secrets *secretSet, golden, rendered string) bool {
+	t.Helper()
 	want, err := os.ReadFile(golden)
 	if err != nil {
 		t.Fatalf("%v (UPDATE_GOLDEN=1 writes it)", err)
 	}
 	if rendered == string(want) {
-		return
+		return true
 	}
 	got, exp := strings.Split(rendered, "\n"), strings.Split(string(want), "\n")
 	shown := 0
@@ -213,7 +238,7 @@ func compareGolden(t *testing.T, secrets *secretSet, name, rendered string) {
 			shown++
 		}
 	}
-	t.Errorf("%s differs from the rendered template (UPDATE_GOLDEN=1 rewrites it; review the diff)", golden)
+	return false
 }
 
 var keyLike = regexp.MustCompile(`[A-Za-z0-9+/=_-]{16,}`)
@@ -251,55 +276,7 @@ func TestRouterTemplatesCarryOrRefuseAnyKey(t *testing.T) {
 	}
 	v.mustVault(t, root, "secrets", "enable", "-path=anykey", "-version=1", "kv")
 
-	const (
-		quotes    = "quotes, a backslash, a space and ?"
-		lineBreak = "a line break"
-		encrypted = "a leading $9$"
-	)
-	keys := map[string]string{
-		quotes:    `Ab1"c\d e'f?g"` + `\`,
-		lineBreak: "Ab1\"\nset system login user intruder class super-user",
-		encrypted: "$9$Ab1cdefghijklmnop",
-	}
-	// carried: the template renders the key exactly (decode takes it back out
-	// of the rendered file); a key not listed for a template must be refused.
-	type expectation struct {
-		carried []string
-		decode  func(t *testing.T, rendered string) string
-	}
-	fromBase64 := func(pattern string) func(t *testing.T, rendered string) string {
-		re := regexp.MustCompile(pattern)
-		return func(t *testing.T, rendered string) string {
-			m := re.FindStringSubmatch(rendered)
-			if m == nil {
-				t.Fatalf("no line matches %s", pattern)
-			}
-			b, err := base64.StdEncoding.DecodeString(m[1])
-			if err != nil {
-				t.Fatalf("the key is not base64: %v", err)
-			}
-			return string(b)
-		}
-	}
-	junosKey := regexp.MustCompile(`(?m)^set security ike policy cf-ike-pol-1 pre-shared-key ascii-text "((?:[^"\\]|\\.)*)"$`)
-	junosEscape := regexp.MustCompile(`\\(.)`)
-	expect := map[string]expectation{
-		"swanctl.conf.tpl": {carried: []string{quotes, lineBreak, encrypted}, decode: fromBase64(`(?m)^    secret = 0s(\S+)$`)},
-		"vyos.vbash.tpl":   {carried: []string{quotes, lineBreak, encrypted}, decode: fromBase64(`(?m)^set vpn ipsec authentication psk cf1 secret '([A-Za-z0-9+/=]+)'$`)},
-		"junos.set.tpl": {carried: []string{quotes}, decode: func(t *testing.T, rendered string) string {
-			for i, line := range strings.Split(strings.TrimSuffix(rendered, "\n"), "\n") {
-				if !strings.HasPrefix(line, "set ") && !strings.HasPrefix(line, "delete ") {
-					t.Errorf("line %d is not a set or delete statement", i+1)
-				}
-			}
-			m := junosKey.FindStringSubmatch(rendered)
-			if m == nil {
-				t.Fatal("no pre-shared-key statement holds one quoted string")
-			}
-			return junosEscape.ReplaceAllString(m[1], "$1")
-		}},
-		"ios-xe.cfg.tpl": {},
-	}
+	keys, expect := anyKeys(), anyKeyExpectations()
 
 	dir := t.TempDir()
 	writeFile(t, filepath.Join(dir, "token"), root)
@@ -374,4 +351,65 @@ exit_after_auth = true
 		}
 	}
 	assertNoSecretsIn(t, secrets, "the server log", v.log())
+}
+
+// The keys no Cloudflare answer could bring into Vault, by what they hold,
+// with which each router template is rendered from a KV mount.
+const (
+	quotes    = "quotes, a backslash, a space and ?"
+	lineBreak = "a line break"
+	encrypted = "a leading $9$"
+)
+
+func anyKeys() map[string]string {
+	return map[string]string{
+		quotes:    `Ab1"c\d e'f?g"` + `\`,
+		lineBreak: "Ab1\"\nset system login user intruder class super-user",
+		encrypted: "$9$Ab1cdefghijklmnop",
+	}
+}
+
+// keyExpectation is what a router template must do with each of anyKeys:
+// carried lists the keys it renders exactly (decode takes the key back out of
+// the rendered file); a key not listed must be refused.
+type keyExpectation struct {
+	carried []string
+	decode  func(t *testing.T, rendered string) string
+}
+
+// anyKeyExpectations holds a keyExpectation for each of routerTemplates.
+func anyKeyExpectations() map[string]keyExpectation {
+	fromBase64 := func(pattern string) func(t *testing.T, rendered string) string {
+		re := regexp.MustCompile(pattern)
+		return func(t *testing.T, rendered string) string {
+			m := re.FindStringSubmatch(rendered)
+			if m == nil {
+				t.Fatalf("no line matches %s", pattern)
+			}
+			b, err := base64.StdEncoding.DecodeString(m[1])
+			if err != nil {
+				t.Fatalf("the key is not base64: %v", err)
+			}
+			return string(b)
+		}
+	}
+	junosKey := regexp.MustCompile(`(?m)^set security ike policy cf-ike-pol-1 pre-shared-key ascii-text "((?:[^"\\]|\\.)*)"$`)
+	junosEscape := regexp.MustCompile(`\\(.)`)
+	return map[string]keyExpectation{
+		"swanctl.conf.tpl": {carried: []string{quotes, lineBreak, encrypted}, decode: fromBase64(`(?m)^    secret = 0s(\S+)$`)},
+		"vyos.vbash.tpl":   {carried: []string{quotes, lineBreak, encrypted}, decode: fromBase64(`(?m)^set vpn ipsec authentication psk cf1 secret '([A-Za-z0-9+/=]+)'$`)},
+		"junos.set.tpl": {carried: []string{quotes}, decode: func(t *testing.T, rendered string) string {
+			for i, line := range strings.Split(strings.TrimSuffix(rendered, "\n"), "\n") {
+				if !strings.HasPrefix(line, "set ") && !strings.HasPrefix(line, "delete ") {
+					t.Errorf("line %d is not a set or delete statement", i+1)
+				}
+			}
+			m := junosKey.FindStringSubmatch(rendered)
+			if m == nil {
+				t.Fatal("no pre-shared-key statement holds one quoted string")
+			}
+			return junosEscape.ReplaceAllString(m[1], "$1")
+		}},
+		"ios-xe.cfg.tpl": {},
+	}
 }
