@@ -127,7 +127,9 @@ func (e *Engine) markStale(ctx context.Context, s logical.Storage, t store.Tunne
 
 // MarkGone records that Cloudflare no longer knows the tunnel. The last key
 // is kept, never served as current, and the tunnel leaves the unresolved
-// set: there is nothing left to reconcile until someone writes it again.
+// set: there is nothing left to reconcile until someone writes it again or
+// the drift sweep finds it listed again (ReturnGone, which judges a record
+// found gone before its first rotation resolved as that rotation).
 func (e *Engine) MarkGone(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) (*store.Record, error) {
 	gone := *rec
 	gone.State = store.StateTunnelGone
@@ -145,6 +147,13 @@ func (e *Engine) MarkGone(ctx context.Context, s logical.Storage, t store.Tunnel
 	return &gone, nil
 }
 
+// Resolve is a read's reconciliation: a record that is not current (and
+// not gone) is held against Cloudflare, and healed where heal_stale_psk
+// allows, within request_timeout, so the reader gets the key the edge uses
+// or an honest state. It never waits for a rotation in flight: the record
+// is returned as it stands, with a warning. The warnings say what could not
+// be done; the record returned is what storage holds afterwards (nil: the
+// tunnel's only rotation never happened and its record was removed).
 func (e *Engine) Resolve(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) (*store.Record, []string) {
 	unlock, ok := e.TryLock(t)
 	if !ok {
@@ -314,8 +323,9 @@ func (e *Engine) CompareWithEdge(ctx context.Context, s logical.Storage, conn Co
 	return e.compareLocked(ctx, s, conn, t, edge, conn.Settings.HealStalePSK)
 }
 
-// rotateNow rotates t, after learning the outcome of its last rotation when
-// that is unknown. The caller holds t's lock. It returns the record as it
+// RotateNow rotates t, after learning the outcome of its last rotation when
+// that is unknown. The caller holds t's lock (a bulk job's or the
+// scheduler's item takes it first). It returns the record as it
 // stands afterwards: nil when reconciliation found that the tunnel's only
 // rotation never happened and removed its record.
 func (e *Engine) RotateNow(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, trigger Trigger) (*store.Record, error) {
