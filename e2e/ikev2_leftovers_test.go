@@ -4,10 +4,13 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -305,3 +308,391 @@ const (
 	ikeOwnerFile = "owner"
 	ikePidFile   = "pid"
 )
+
+// Leftovers of killed runs. A run that is killed (go test's -timeout, a
+// cancelled CI job, kill -9) runs no teardown: its charon daemons and its
+// Vault Agent live on, in its namespaces, and its directory holds live keys
+// (both daemons' swanctl.conf, Agent's secret id). newIKERig clears them
+// before it sets anything up.
+//
+// A run's things carry its id (six hex digits): its namespaces
+// (cfike-<id>-edge, cfike-<id>-rtr), its veth pair (cfk<id>e, cfk<id>r) and
+// its directory (<tmp>/cfike-<id>-<random>). The directory's owner file
+// names the test process (pid and start time, so that a pid given to
+// another process is not taken for the owner) and each daemon's pid file
+// names the daemon. A run is a leftover once its owner has exited; a run
+// whose owner lives, another engineer's on the same machine, is never
+// touched.
+//
+// Runs from before the owner record (directories <tmp>/cfike-<random>)
+// record nothing; their processes name their directory in their
+// environment (STRONGSWAN_CONF, HOME) and live in their namespaces. Such a
+// run is a leftover when none of its processes has a parent outside it but
+// init (its test process is gone and they were given to init), or, when it
+// has no process, when it is older than ikeLegacyGrace: a run sets up its
+// namespaces a moment before it starts its daemons. A directory of such a
+// run with no process and no key file in it is the logs a failed run kept
+// on purpose, and is left alone.
+
+// ikeLegacyGrace is how old a run without an owner record and without a
+// process must be to count as a leftover.
+const ikeLegacyGrace = 2 * time.Minute
+
+var (
+	ikeRigDirName    = regexp.MustCompile(`^cfike-([0-9a-f]{6})-[0-9]+$`)
+	ikeLegacyDirName = regexp.MustCompile(`^cfike-[0-9]+$`)
+	ikeNamespaceName = regexp.MustCompile(`^cfike-(.+)-(edge|rtr)$`)
+	ikeRigID         = regexp.MustCompile(`^[0-9a-f]{6}$`)
+)
+
+// ikeKeyFiles are the files of a run's directory that hold secrets.
+var ikeKeyFiles = []string{
+	filepath.Join("edge", "swanctl", "swanctl.conf"),
+	filepath.Join("router", "swanctl", "swanctl.conf"),
+	filepath.Join("agent", "secret-id"),
+}
+
+// writeProcID records a process in a file of the run's directory.
+func writeProcID(path string, pid int) error {
+	st, ok := readProcStat(pid)
+	if !ok {
+		return fmt.Errorf("record pid %d in %s: the process has exited", pid, path)
+	}
+	return os.WriteFile(path, []byte(procID{pid: pid, start: st.start}.String()), 0o600)
+}
+
+// readProcID reads a record written by writeProcID.
+func readProcID(path string) (procID, bool) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return procID{}, false
+	}
+	var p procID
+	if _, err := fmt.Sscan(string(raw), &p.pid, &p.start); err != nil {
+		return procID{}, false
+	}
+	return p, true
+}
+
+// ikeProc is a running process that belongs to some run.
+type ikeProc struct {
+	procID
+	ppid int
+}
+
+// ikeRunRemains is what one run left on the machine.
+type ikeRunRemains struct {
+	ids        map[string]bool // the run's ids, for its veth pair
+	dirs       map[string]bool
+	namespaces map[string]bool
+	procs      map[int]ikeProc
+	owners     []procID
+	youngest   time.Time
+}
+
+// ikeLeftover is a run found dead, and why.
+type ikeLeftover struct {
+	*ikeRunRemains
+	why string
+}
+
+// findIKELeftovers lists the runs of the rig on this machine, live or not,
+// and returns the dead ones.
+func findIKELeftovers(tmp string, now time.Time) ([]ikeLeftover, error) {
+	// Every thing is keyed by its run; things that a process ties together
+	// (its directory, its namespace) are one run.
+	parent := map[string]string{}
+	var find func(string) string
+	find = func(k string) string {
+		if p, ok := parent[k]; ok && p != k {
+			r := find(p)
+			parent[k] = r
+			return r
+		}
+		parent[k] = k
+		return k
+	}
+	union := func(a, b string) { parent[find(a)] = find(b) }
+	dirKey := func(name string) string {
+		if m := ikeRigDirName.FindStringSubmatch(name); m != nil {
+			return "id:" + m[1]
+		}
+		return "dir:" + name
+	}
+	nsKey := func(name string) string {
+		if m := ikeNamespaceName.FindStringSubmatch(name); m != nil {
+			return "id:" + m[1]
+		}
+		return "ns:" + name
+	}
+
+	dirs := map[string]string{} // path: its own key
+	entries, err := os.ReadDir(tmp)
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", tmp, err)
+	}
+	for _, e := range entries {
+		if e.IsDir() && (ikeRigDirName.MatchString(e.Name()) || ikeLegacyDirName.MatchString(e.Name())) {
+			dirs[filepath.Join(tmp, e.Name())] = dirKey(e.Name())
+		}
+	}
+	namespaces := map[string]string{} // name: its own key
+	nsByInode := map[uint64]string{}
+	nsEntries, err := os.ReadDir(ikeNetnsDir)
+	if err != nil && !os.IsNotExist(err) {
+		return nil, fmt.Errorf("list %s: %w", ikeNetnsDir, err)
+	}
+	for _, e := range nsEntries {
+		if !strings.HasPrefix(e.Name(), "cfike-") {
+			continue
+		}
+		namespaces[e.Name()] = nsKey(e.Name())
+		if ino, err := namespaceInode(e.Name()); err == nil {
+			nsByInode[ino] = e.Name()
+		}
+	}
+
+	// Processes: those in a run's namespace, and those whose environment
+	// names a run's directory.
+	procs := map[int]ikeProc{}
+	procKeys := map[int][]string{}
+	procEntries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil, fmt.Errorf("list /proc: %w", err)
+	}
+	dirPrefix := filepath.Join(tmp, "cfike-")
+	for _, e := range procEntries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		st, ok := readProcStat(pid)
+		if !ok || st.state == "Z" || st.state == "X" {
+			continue
+		}
+		var keys []string
+		if ino, ok := processNetns(pid); ok {
+			if ns, ok := nsByInode[ino]; ok {
+				keys = append(keys, namespaces[ns])
+			}
+		}
+		environ, _ := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+		for _, kv := range strings.Split(string(environ), "\x00") {
+			_, v, _ := strings.Cut(kv, "=")
+			if !strings.HasPrefix(v, dirPrefix) {
+				continue
+			}
+			name, _, _ := strings.Cut(strings.TrimPrefix(v, tmp+string(filepath.Separator)), string(filepath.Separator))
+			if !ikeRigDirName.MatchString(name) && !ikeLegacyDirName.MatchString(name) {
+				continue
+			}
+			path := filepath.Join(tmp, name)
+			if _, ok := dirs[path]; !ok {
+				// Its directory is gone; the process still counts.
+				dirs[path] = dirKey(name)
+			}
+			keys = append(keys, dirs[path])
+		}
+		if len(keys) == 0 {
+			continue
+		}
+		procs[pid] = ikeProc{procID: procID{pid: pid, start: st.start}, ppid: st.ppid}
+		procKeys[pid] = keys
+		for _, k := range keys[1:] {
+			union(keys[0], k)
+		}
+	}
+
+	runs := map[string]*ikeRunRemains{}
+	run := func(key string) *ikeRunRemains {
+		root := find(key)
+		r := runs[root]
+		if r == nil {
+			r = &ikeRunRemains{ids: map[string]bool{}, dirs: map[string]bool{}, namespaces: map[string]bool{}, procs: map[int]ikeProc{}}
+			runs[root] = r
+		}
+		if id, ok := strings.CutPrefix(key, "id:"); ok && ikeRigID.MatchString(id) {
+			r.ids[id] = true
+		}
+		return r
+	}
+	seen := func(r *ikeRunRemains, path string) {
+		if info, err := os.Stat(path); err == nil && info.ModTime().After(r.youngest) {
+			r.youngest = info.ModTime()
+		}
+	}
+	for path, key := range dirs {
+		r := run(key)
+		r.dirs[path] = true
+		seen(r, path)
+		if owner, ok := readProcID(filepath.Join(path, ikeOwnerFile)); ok {
+			r.owners = append(r.owners, owner)
+		}
+	}
+	for name, key := range namespaces {
+		r := run(key)
+		r.namespaces[name] = true
+		seen(r, filepath.Join(ikeNetnsDir, name))
+	}
+	for pid, keys := range procKeys {
+		r := run(keys[0])
+		r.procs[pid] = procs[pid]
+	}
+
+	var dead []ikeLeftover
+	for _, r := range runs {
+		if why, isDead := r.dead(now); isDead && r.holdsSomething() {
+			dead = append(dead, ikeLeftover{ikeRunRemains: r, why: why})
+		}
+	}
+	return dead, nil
+}
+
+// dead tells whether the run's test process has exited, and how it knows.
+func (r *ikeRunRemains) dead(now time.Time) (string, bool) {
+	if len(r.owners) > 0 {
+		for _, o := range r.owners {
+			if o.running() {
+				return "", false
+			}
+		}
+		return fmt.Sprintf("its test process, pid %d, has exited", r.owners[0].pid), true
+	}
+	for _, p := range r.procs {
+		if _, inRun := r.procs[p.ppid]; !inRun && p.ppid != 1 {
+			return "", false // started by a process that still runs
+		}
+	}
+	if len(r.procs) > 0 {
+		return "it has no owner record and its processes are orphans", true
+	}
+	if now.Sub(r.youngest) < ikeLegacyGrace {
+		return "", false // perhaps a run that is setting up
+	}
+	return fmt.Sprintf("it has no owner record and no process, and is older than %s", ikeLegacyGrace), true
+}
+
+// holdsSomething tells whether a dead run left anything to clear: a
+// directory with no key, no process and no namespace is the logs a failed
+// run kept for a look.
+func (r *ikeRunRemains) holdsSomething() bool {
+	if len(r.procs) > 0 || len(r.namespaces) > 0 || len(r.owners) > 0 {
+		return true
+	}
+	for dir := range r.dirs {
+		for _, f := range ikeKeyFiles {
+			if _, err := os.Stat(filepath.Join(dir, f)); err == nil {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// clearIKELeftovers ends the processes of every dead run of the rig on
+// this machine, deletes its namespaces and veth pair, and removes its
+// directory and so the keys in it.
+func clearIKELeftovers(t testing.TB, ip string) {
+	t.Helper()
+	dead, err := findIKELeftovers(os.TempDir(), time.Now())
+	if err != nil {
+		t.Fatalf("look for what killed IKEv2 runs left: %v", err)
+	}
+	for _, l := range dead {
+		if err := l.clear(ip); err != nil {
+			t.Fatalf("clear what a killed IKEv2 run left (%s): %v", l.why, err)
+		}
+		t.Logf("cleared what a killed IKEv2 run left (%s): %d processes, namespaces %v, directories %v",
+			l.why, len(l.procs), sortedKeys(l.namespaces), sortedKeys(l.dirs))
+	}
+}
+
+func sortedKeys(m map[string]bool) []string {
+	var s []string
+	for k := range m {
+		s = append(s, k)
+	}
+	sort.Strings(s)
+	return s
+}
+
+func (l ikeLeftover) clear(ip string) error {
+	// Its processes: those found, and those its pid files name (which
+	// still run: the start time tells).
+	victims := map[int]procID{}
+	for pid, p := range l.procs {
+		victims[pid] = p.procID
+	}
+	for dir := range l.dirs {
+		for _, sub := range []string{"edge", "router", "agent"} {
+			if p, ok := readProcID(filepath.Join(dir, sub, ikePidFile)); ok && p.running() {
+				victims[p.pid] = p
+			}
+		}
+	}
+	if err := endProcs(victims); err != nil {
+		return err
+	}
+	var errs []error
+	for ns := range l.namespaces {
+		if out, err := exec.Command(ip, "netns", "delete", ns).CombinedOutput(); err != nil && namespaceExists(ns) {
+			errs = append(errs, fmt.Errorf("ip netns delete %s: %v: %s", ns, err, strings.TrimSpace(string(out))))
+		}
+	}
+	// The veth pair is gone with the namespaces, unless the run was killed
+	// before it moved the ends into them.
+	for id := range l.ids {
+		for _, end := range []string{"cfk" + id + "e", "cfk" + id + "r"} {
+			if exec.Command(ip, "link", "show", end).Run() == nil {
+				if out, err := exec.Command(ip, "link", "delete", end).CombinedOutput(); err != nil {
+					errs = append(errs, fmt.Errorf("ip link delete %s: %v: %s", end, err, strings.TrimSpace(string(out))))
+				}
+			}
+		}
+	}
+	for dir := range l.dirs {
+		if err := os.RemoveAll(dir); err != nil {
+			errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// endProcs sends SIGTERM (charon deletes its SAs, Agent stops), then
+// SIGKILL to what still runs, and waits for all to end.
+func endProcs(procs map[int]procID) error {
+	wait := func(limit time.Duration) []procID {
+		deadline := time.Now().Add(limit)
+		for {
+			var left []procID
+			for _, p := range procs {
+				if p.running() {
+					left = append(left, p)
+				}
+			}
+			if len(left) == 0 || time.Now().After(deadline) {
+				return left
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	for _, p := range procs {
+		if p.running() {
+			_ = syscall.Kill(p.pid, syscall.SIGTERM)
+		}
+	}
+	left := wait(10 * time.Second)
+	for _, p := range left {
+		if p.running() {
+			_ = syscall.Kill(p.pid, syscall.SIGKILL)
+		}
+	}
+	if left = wait(5 * time.Second); len(left) > 0 {
+		var pids []string
+		for _, p := range left {
+			pids = append(pids, strconv.Itoa(p.pid))
+		}
+		return fmt.Errorf("processes %s still run after SIGKILL", strings.Join(pids, ", "))
+	}
+	return nil
+}

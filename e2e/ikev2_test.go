@@ -279,15 +279,23 @@ type edgeChange struct {
 	err               error
 }
 
+// newIKERig first clears what killed runs left (ikev2_leftovers_test.go),
+// then makes the run's directory and records in it that this test process
+// owns it.
 func newIKERig(t testing.TB, bins ikeBins, secrets *secretSet) *ikeRig {
+	clearIKELeftovers(t, bins.ip)
 	b := make([]byte, 3)
 	if _, err := rand.Read(b); err != nil {
 		t.Fatal(err)
 	}
 	id := hex.EncodeToString(b)
-	// Not t.TempDir: unix socket paths are limited to 108 bytes.
-	dir, err := os.MkdirTemp("", "cfike-")
+	// Not t.TempDir: unix socket paths are limited to 108 bytes. The id in
+	// its name ties it to the run's namespaces.
+	dir, err := os.MkdirTemp("", "cfike-"+id+"-")
 	if err != nil {
+		t.Fatal(err)
+	}
+	if err := writeProcID(filepath.Join(dir, ikeOwnerFile), os.Getpid()); err != nil {
 		t.Fatal(err)
 	}
 	return &ikeRig{
@@ -416,6 +424,10 @@ swanctl {
 		out.Close()
 		close(c.done)
 	}()
+	// For a later run, should this one be killed: the daemon outlives it.
+	if err := writeProcID(filepath.Join(dir, ikePidFile), c.cmd.Process.Pid); err != nil {
+		t.Errorf("charon-systemd (%s): %v", name, err)
+	}
 	if name == "edge" {
 		r.edge = c
 	} else {
@@ -755,6 +767,9 @@ func (a *ikeAgent) start(secretID string) {
 	a.done = make(chan struct{})
 	cmd, done := a.cmd, a.done
 	go func() { _ = cmd.Wait(); close(done) }()
+	if err := writeProcID(filepath.Join(a.dir, ikePidFile), cmd.Process.Pid); err != nil {
+		t.Errorf("vault agent: %v", err)
+	}
 }
 
 // exited tells whether Agent, started and not stopped, has exited.
@@ -838,13 +853,16 @@ func (r *ikeRig) teardown() {
 	if !t.Failed() {
 		_ = os.RemoveAll(r.dir)
 	} else {
-		// The rendered and the edge's files hold keys: remove them, keep
-		// the logs for a look.
-		for _, c := range []*charonProc{r.router, r.edge} {
-			if c != nil {
-				_ = os.Remove(filepath.Join(c.swanctlDir, "swanctl.conf"))
-			}
+		// The rendered and the edge's files and Agent's secret id hold
+		// keys: remove them, keep the logs for a look. Without its owner
+		// record and its keys, a later run leaves the directory alone.
+		for _, f := range ikeKeyFiles {
+			_ = os.Remove(filepath.Join(r.dir, f))
 		}
+		for _, sub := range []string{"edge", "router", "agent"} {
+			_ = os.Remove(filepath.Join(r.dir, sub, ikePidFile))
+		}
+		_ = os.Remove(filepath.Join(r.dir, ikeOwnerFile))
 		t.Logf("logs kept in %s", r.dir)
 	}
 }
