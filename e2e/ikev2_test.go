@@ -120,8 +120,6 @@ type ikeRun struct {
 	path    string
 	account string
 	tunnel  string
-	// firstUp is when the router's first IKE SA came up.
-	firstUp time.Time
 	// edgeKey is the simulator's current state of the tunnel.
 	edgeKey func() cloudflaresim.Tunnel
 }
@@ -184,7 +182,7 @@ func startIKEv2(t testing.TB, mode ikeEdgeMode) *ikeRun {
 	agent.start(secretID)
 	up := rig.waitRouterUp(started, 30*time.Second, "the first render")
 	t.Logf("first render: IKE SA ESTABLISHED on both sides %s after Agent started (%s)", up.Sub(started).Round(time.Millisecond), mode)
-	return &ikeRun{rig: rig, v: v, agent: agent, path: path, account: account, tunnel: tunnel, firstUp: up, edgeKey: edgeKey}
+	return &ikeRun{rig: rig, v: v, agent: agent, path: path, account: account, tunnel: tunnel, edgeKey: edgeKey}
 }
 
 // runIKEv2 is TestRouterReconnectsAfterEveryRotation's run (the edge that
@@ -1014,8 +1012,9 @@ func firstLineWith(text, s string) string {
 // ikeAgent is the router's Vault Agent: long-running, configured as
 // docs/examples/agent.hcl is (AppRole, error_on_missing_key,
 // exit_on_retry_failure, static_secret_render_interval, the strongSwan
-// template with swanctl-reload.sh as its exec), rendering the router's
-// whole swanctl.conf.
+// template with swanctl-reload.sh as its exec, run through
+// ikeReloadWrapper, which only records when each run began and ended),
+// rendering the router's whole swanctl.conf.
 type ikeAgent struct {
 	r        *ikeRig
 	dir      string
