@@ -60,10 +60,12 @@ const ikeOutageTarget = 5 * time.Second
 // The edge plays Cloudflare: its identity is the tunnel's cloudflare_endpoint,
 // it expects the router's FQDN id, and its key is the simulator's current key
 // for the tunnel, read from the simulator (never through Vault) and loaded
-// whenever it changes. As Cloudflare does, it uses a new key at once: it
-// loads it and deletes the tunnel's IKE SA. Nothing pushes the key to the
-// router; the router re-initiates because Agent's exec does (strongSwan does
-// not retry a failed authentication, and Cloudflare never initiates).
+// whenever it changes. As Cloudflare does, it uses a new key at once; and
+// here it plays the edge that also deletes the tunnel's IKE SA, the worst
+// case (Cloudflare does not document it; TestRouterStaysUpWhenTheEdgeKeepsTheSA
+// plays the other). Nothing pushes the key to the router; the router
+// re-initiates because Agent's exec does (strongSwan does not retry a failed
+// authentication, and Cloudflare never initiates).
 //
 // The test asserts IKE SAs, where the pre-shared key authenticates. A
 // CHILD_SA needs ESP in the kernel; on a kernel without it the IKE SA comes
@@ -83,10 +85,48 @@ func TestRouterReconnectsAfterEveryRotation(t *testing.T) {
 	}
 }
 
-// runIKEv2 is the test's run, shared with BenchmarkRouterOutagePerScheduled
-// Rotation: it returns one outage per scheduled rotation, and runs steps 3
-// and 4 when failureSteps is set.
-func runIKEv2(t testing.TB, scheduledRotations int, failureSteps bool) []time.Duration {
+// ikeEdgeMode is what the edge does with an established IKE SA when the
+// tunnel's key changes. Cloudflare does not document it. IKEv2 rekeying
+// does not authenticate again, so the SA may well survive a new key; or
+// Cloudflare may delete it, and the router must authenticate again, with the
+// new key, at once. The rig plays both.
+type ikeEdgeMode int
+
+const (
+	// edgeDropsSA loads the new key and deletes the IKE SA: the router is
+	// down until Agent has rendered the new key and swanctl-reload.sh has
+	// started the tunnel again.
+	edgeDropsSA ikeEdgeMode = iota
+	// edgeKeepsSA loads the new key and keeps the IKE SA: a scheduled
+	// rotation must cost the router nothing, so Agent's reload must leave a
+	// healthy SA alone.
+	edgeKeepsSA
+)
+
+func (m ikeEdgeMode) String() string {
+	if m == edgeKeepsSA {
+		return "the edge keeps the IKE SA at a key change"
+	}
+	return "the edge deletes the IKE SA at a key change"
+}
+
+// ikeRun is one run of the rig: a Vault server with the engine, a tunnel
+// rotated every minute, the two namespaces and daemons, and the router's
+// Agent, whose first render has brought the IKE SA up.
+type ikeRun struct {
+	rig     *ikeRig
+	v       *vaultServer
+	agent   *ikeAgent
+	path    string
+	account string
+	tunnel  string
+	// edgeKey is the simulator's current state of the tunnel.
+	edgeKey func() cloudflaresim.Tunnel
+}
+
+// startIKEv2 sets a run up and brings the IKE SA up (step 1). The rig is
+// torn down when the test ends.
+func startIKEv2(t testing.TB, mode ikeEdgeMode) *ikeRun {
 	bins := ikePreflight(t)
 
 	sim, baseURL, secrets, token, account := newEdge(t)
@@ -117,7 +157,8 @@ func runIKEv2(t testing.TB, scheduledRotations int, failureSteps bool) []time.Du
 	v.mustVault(t, v.rootToken, "write", path, "rotation_period=1m")
 
 	rig := newIKERig(t, bins, secrets)
-	defer rig.teardown()
+	rig.edgeMode = mode
+	t.Cleanup(rig.teardown)
 	rig.startNetwork()
 	rig.edge = rig.startCharon("edge", rig.edgeNS)
 	rig.router = rig.startCharon("router", rig.routerNS)
@@ -140,7 +181,17 @@ func runIKEv2(t testing.TB, scheduledRotations int, failureSteps bool) []time.Du
 	started := time.Now()
 	agent.start(secretID)
 	up := rig.waitRouterUp(started, 30*time.Second, "the first render")
-	t.Logf("first render: IKE SA ESTABLISHED on both sides %s after Agent started", up.Sub(started).Round(time.Millisecond))
+	t.Logf("first render: IKE SA ESTABLISHED on both sides %s after Agent started (%s)", up.Sub(started).Round(time.Millisecond), mode)
+	return &ikeRun{rig: rig, v: v, agent: agent, path: path, account: account, tunnel: tunnel, edgeKey: edgeKey}
+}
+
+// runIKEv2 is TestRouterReconnectsAfterEveryRotation's run (the edge that
+// deletes the IKE SA), shared with BenchmarkRouterOutagePerScheduledRotation:
+// it returns one outage per scheduled rotation, and runs steps 3 and 4 when
+// failureSteps is set.
+func runIKEv2(t testing.TB, scheduledRotations int, failureSteps bool) []time.Duration {
+	run := startIKEv2(t, edgeDropsSA)
+	rig, v, agent, path, account, tunnel := run.rig, run.v, run.agent, run.path, run.account, run.tunnel
 
 	// 2. Scheduled rotations: the router comes back by itself.
 	var outages []time.Duration
@@ -163,9 +214,9 @@ func runIKEv2(t testing.TB, scheduledRotations int, failureSteps bool) []time.Du
 	// back at once (it renders on start). Then a manual rotation of the
 	// scheduled tunnel: Agent reads again when the ttl of its last read runs
 	// out, ttl+1 seconds after it.
-	started = time.Now()
+	started := time.Now()
 	agent.start(rig.newSecretID(v))
-	up = rig.waitRouterUp(started, 30*time.Second, "the router after Agent restarted")
+	up := rig.waitRouterUp(started, 30*time.Second, "the router after Agent restarted")
 	t.Logf("Agent restarted: the router, stale since step 3, up again %s after Agent started", up.Sub(started).Round(time.Millisecond))
 	next := nextRotation(t, v, account, tunnel)
 	v.mustVault(t, v.rootToken, "write", "-f", path)
@@ -195,6 +246,280 @@ func runIKEv2(t testing.TB, scheduledRotations int, failureSteps bool) []time.Du
 		t.Errorf("manual rotation of a tunnel without a schedule: the router was down for %s, more than static_secret_render_interval %s (+3s)", outage.Round(time.Millisecond), ikeRenderInterval)
 	}
 	return outages
+}
+
+// TestRouterStaysUpWhenTheEdgeKeepsTheSA plays the edge that keeps an
+// established IKE SA when the key changes (it loads the new key, so that a
+// new handshake needs it, and deletes nothing). Then a scheduled rotation
+// must cost the router no outage at all: Agent renders the new key and runs
+// swanctl-reload.sh, which loads it, and the router's IKE SA lives through
+// it. For each of two scheduled rotations the test waits for that reload to
+// end and checks, on both sides, that the IKE SA up since the first render
+// is still the only one, ESTABLISHED, with the same unique id; that neither
+// daemon's log shows an IKE SA deleted or established since the key
+// changed; and that a watcher polling the router's SAs (every 100 ms) never
+// saw it otherwise. At the end the edge deletes the SA and the router
+// authenticates again: it holds the edge's key.
+//
+// On a kernel without ESP there is no CHILD_SA (see
+// TestRouterReconnectsAfterEveryRotation): the test follows the IKE SA.
+func TestRouterStaysUpWhenTheEdgeKeepsTheSA(t *testing.T) {
+	for i, rot := range runIKEv2KeepsSA(t, 2) {
+		t.Logf("scheduled rotation %d: the router's reload (Agent's render and swanctl-reload.sh) ended %s after the edge's key change; the router was down for %s",
+			i+1, rot.reloaded.Round(time.Millisecond), rot.outage.Round(time.Millisecond))
+		if len(rot.disturbed) > 0 {
+			t.Errorf("scheduled rotation %d: the router's IKE SA did not live through the rotation (down for %s):\n  %s",
+				i+1, rot.outage.Round(time.Millisecond), strings.Join(rot.disturbed, "\n  "))
+		}
+	}
+}
+
+// ikeKeptRotation is one scheduled rotation with the edge that keeps the
+// IKE SA.
+type ikeKeptRotation struct {
+	// reloaded is from the edge's key change to the end of Agent's reload:
+	// from then on the router holds the edge's key.
+	reloaded time.Duration
+	// outage is how long the router was without an IKE SA: zero when its
+	// SA lived through the rotation.
+	outage time.Duration
+	// disturbed says what happened to the SA, if anything did.
+	disturbed []string
+}
+
+// runIKEv2KeepsSA is TestRouterStaysUpWhenTheEdgeKeepsTheSA's run, shared
+// with BenchmarkRouterOutageWhenTheEdgeKeepsTheSA.
+func runIKEv2KeepsSA(t testing.TB, scheduledRotations int) []ikeKeptRotation {
+	run := startIKEv2(t, edgeKeepsSA)
+	rig := run.rig
+	routerSA := rig.onlyIKESA(rig.router, "cf1", "the router after the first render")
+	edgeSA := rig.onlyIKESA(rig.edge, "edge", "the edge after the first render")
+	watch := rig.watchRouterSA(routerSA)
+
+	var rots []ikeKeptRotation
+	for i := 1; i <= scheduledRotations; i++ {
+		what := fmt.Sprintf("scheduled rotation %d", i)
+		change := rig.nextEdgeChange(90*time.Second, what)
+		reload := rig.waitReload(change.generated, 30*time.Second, what)
+		rot := ikeKeptRotation{reloaded: reload.ended.Sub(change.generated)}
+		if !rig.routerHasKey(run.edgeKey().PSK) {
+			t.Fatalf("%s: Agent's reload ran, but the router's swanctl.conf does not hold the edge's new key", what)
+		}
+		if reload.status != 0 {
+			rot.disturbed = append(rot.disturbed, fmt.Sprintf("swanctl-reload.sh exited with status %d", reload.status))
+		}
+		rot.disturbed = append(rot.disturbed, rig.ikeSAChanges(rig.router, "cf1", routerSA, change.generated)...)
+		rot.disturbed = append(rot.disturbed, rig.ikeSAChanges(rig.edge, "edge", edgeSA, change.generated)...)
+		rot.disturbed = append(rot.disturbed, watch.gaps(change.generated)...)
+		if len(rot.disturbed) > 0 {
+			// The outage, measured as with the edge that drops the SA:
+			// from the moment the SA went to an IKE SA established again.
+			down, ok := rig.router.firstDeleted("cf1", change.generated)
+			if !ok {
+				down = change.generated
+			}
+			up := rig.waitRouterUp(down, 60*time.Second, "the router after "+what)
+			rot.outage = up.Sub(down)
+			// Follow the router's SA from here.
+			routerSA = rig.onlyIKESA(rig.router, "cf1", "the router after "+what)
+			edgeSA = rig.onlyIKESA(rig.edge, "edge", "the edge after "+what)
+			watch.follow(routerSA)
+		}
+		rots = append(rots, rot)
+	}
+	watch.stop()
+
+	// The router holds the edge's key: once the edge deletes the SA, the
+	// router authenticates again.
+	if out, err := rig.edge.swanctl(15*time.Second, "--terminate", "--ike", "edge", "--timeout", "10"); err != nil {
+		t.Fatalf("edge: swanctl --terminate: %v: %s", err, rig.secrets.redact(out))
+	}
+	since := time.Now()
+	// A CHILD_SA that fails (no ESP) makes swanctl fail; the IKE SA is
+	// what waitRouterUp checks.
+	out, _ := rig.router.swanctl(20*time.Second, "--initiate", "--child", "cf1", "--timeout", "10")
+	if strings.Contains(out, "AUTHENTICATION_FAILED") {
+		t.Fatalf("after the last rotation the router does not hold the edge's key: %s", firstLineWith(out, "AUTHENTICATION_FAILED"))
+	}
+	rig.waitRouterUp(since, 20*time.Second, "the router authenticating again after the last rotation")
+	return rots
+}
+
+// ikeSA is an IKE SA as swanctl --list-sas --raw lists it.
+type ikeSA struct{ id, state string }
+
+func (sa ikeSA) String() string { return "#" + sa.id + " " + sa.state }
+
+// rawIKESA matches an IKE SA in swanctl --list-sas --raw (a CHILD_SA's
+// key, <name>-<id>, does not match \w+).
+var rawIKESA = regexp.MustCompile(`\{(\w+) \{uniqueid=(\d+) version=\d+ state=(\w+)`)
+
+// ikeSAs lists the daemon's IKE SAs of connection conn.
+func (c *charonProc) ikeSAs(conn string) ([]ikeSA, error) {
+	out, err := c.swanctl(5*time.Second, "--list-sas", "--ike", conn, "--raw")
+	if err != nil {
+		return nil, fmt.Errorf("%s: swanctl --list-sas: %v: %s", c.name, err, strings.TrimSpace(out))
+	}
+	var sas []ikeSA
+	for _, m := range rawIKESA.FindAllStringSubmatch(out, -1) {
+		if m[1] == conn {
+			sas = append(sas, ikeSA{id: m[2], state: m[3]})
+		}
+	}
+	return sas, nil
+}
+
+// onlyIKESA returns the unique id of the daemon's IKE SA of conn, which
+// must be its only one and ESTABLISHED.
+func (r *ikeRig) onlyIKESA(c *charonProc, conn, what string) string {
+	r.t.Helper()
+	sas, err := c.ikeSAs(conn)
+	if err != nil {
+		r.t.Fatalf("%s: %s", what, r.secrets.redact(err.Error()))
+	}
+	if len(sas) != 1 || sas[0].state != "ESTABLISHED" {
+		r.t.Fatalf("%s: want one ESTABLISHED IKE SA %s, have %v", what, conn, sas)
+	}
+	return sas[0].id
+}
+
+// ikeSAChanges lists what happened to the daemon's IKE SA id of conn since
+// the given time: its state now, when it is not the only one and
+// ESTABLISHED, and each IKE SA of conn its log shows deleted or
+// established since.
+func (r *ikeRig) ikeSAChanges(c *charonProc, conn, id string, since time.Time) []string {
+	var changes []string
+	sas, err := c.ikeSAs(conn)
+	if err != nil {
+		changes = append(changes, r.secrets.redact(err.Error()))
+	} else if len(sas) != 1 || sas[0] != (ikeSA{id: id, state: "ESTABLISHED"}) {
+		changes = append(changes, fmt.Sprintf("the %s's IKE SAs of %s are now %v, not only #%s ESTABLISHED", c.name, conn, sas, id))
+	}
+	for _, ev := range c.ikeSAEvents(conn, since) {
+		sa := fmt.Sprintf("IKE SA %s[%s]", conn, ev.id)
+		if ev.what == "established" {
+			sa += " established"
+		} else {
+			sa = ev.what + " " + sa
+		}
+		changes = append(changes, fmt.Sprintf("the %s's log: %s at %s", c.name, sa, ev.at.Format("15:04:05.000")))
+	}
+	return changes
+}
+
+// ikeSAEvent is an IKE SA established, deleted or reauthenticated, from a
+// daemon's log.
+type ikeSAEvent struct {
+	at       time.Time
+	what, id string
+}
+
+// ikeSAEventLine is charon's log line for an IKE SA that came up or went.
+var ikeSAEventLine = regexp.MustCompile(`(?m)^(\d+)\.(\d{3}) \d+\[IKE\] (?:IKE_SA (\w+)\[(\d+)\] (established) between|(deleting|reauthenticating) IKE_SA (\w+)\[(\d+)\])`)
+
+// ikeSAEvents lists the IKE SA events of conn at or after since.
+func (c *charonProc) ikeSAEvents(conn string, since time.Time) []ikeSAEvent {
+	raw, _ := os.ReadFile(c.logPath)
+	since = since.Truncate(time.Millisecond)
+	var evs []ikeSAEvent
+	for _, m := range ikeSAEventLine.FindAllStringSubmatch(string(raw), -1) {
+		sec, _ := strconv.ParseInt(m[1], 10, 64)
+		ms, _ := strconv.ParseInt(m[2], 10, 64)
+		ev := ikeSAEvent{at: time.Unix(sec, ms*int64(time.Millisecond))}
+		// One of the two alternatives matched; the other's groups are empty.
+		name := m[3] + m[7]
+		ev.id, ev.what = m[4]+m[8], m[5]+m[6]
+		if name == conn && !ev.at.Before(since) {
+			evs = append(evs, ev)
+		}
+	}
+	return evs
+}
+
+// firstDeleted returns when the daemon's log first shows an IKE SA of conn
+// deleted at or after since.
+func (c *charonProc) firstDeleted(conn string, since time.Time) (time.Time, bool) {
+	for _, ev := range c.ikeSAEvents(conn, since) {
+		if ev.what != "established" {
+			return ev.at, true
+		}
+	}
+	return time.Time{}, false
+}
+
+// routerHasKey tells whether Agent's rendering of the router's swanctl.conf
+// holds the key (as the template writes it, 0s<base64>).
+func (r *ikeRig) routerHasKey(psk string) bool {
+	raw, err := os.ReadFile(filepath.Join(r.router.swanctlDir, "swanctl.conf"))
+	return err == nil && strings.Contains(string(raw), "secret = 0s"+base64.StdEncoding.EncodeToString([]byte(psk))+"\n")
+}
+
+// saWatch polls the router's IKE SAs and records each time they were not
+// the one it follows, alone and ESTABLISHED: a gap a check after the reload
+// would not see.
+type saWatch struct {
+	mu     sync.Mutex
+	id     string
+	bad    []string
+	badAt  []time.Time
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func (r *ikeRig) watchRouterSA(id string) *saWatch {
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &saWatch{id: id, cancel: cancel, done: make(chan struct{})}
+	r.t.Cleanup(w.stop) // before the teardown, should the test stop early
+	go func() {
+		defer close(w.done)
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			at := time.Now()
+			sas, err := r.router.ikeSAs("cf1")
+			if err != nil {
+				// swanctl itself failing says nothing about the SA.
+				continue
+			}
+			w.mu.Lock()
+			if len(sas) != 1 || sas[0] != (ikeSA{id: w.id, state: "ESTABLISHED"}) {
+				w.bad = append(w.bad, fmt.Sprintf("the watcher saw the router's IKE SAs %v at %s, not only #%s ESTABLISHED", sas, at.Format("15:04:05.000"), w.id))
+				w.badAt = append(w.badAt, at)
+			}
+			w.mu.Unlock()
+		}
+	}()
+	return w
+}
+
+// gaps lists what the watcher saw at or after since.
+func (w *saWatch) gaps(since time.Time) []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var out []string
+	for i, at := range w.badAt {
+		if !at.Before(since) {
+			out = append(out, w.bad[i])
+		}
+	}
+	return out
+}
+
+// follow makes the watcher follow another SA.
+func (w *saWatch) follow(id string) {
+	w.mu.Lock()
+	w.id = id
+	w.mu.Unlock()
+}
+
+func (w *saWatch) stop() {
+	w.cancel()
+	<-w.done
 }
 
 // ikeRenderInterval is agent.hcl's static_secret_render_interval.
@@ -264,6 +589,7 @@ type ikeRig struct {
 
 	edge, router *charonProc
 
+	edgeMode   ikeEdgeMode
 	edgeConf   string
 	edgeEvents chan edgeChange
 	stopWatch  context.CancelFunc
@@ -279,15 +605,23 @@ type edgeChange struct {
 	err               error
 }
 
+// newIKERig first clears what killed runs left (ikev2_leftovers_test.go),
+// then makes the run's directory and records in it that this test process
+// owns it.
 func newIKERig(t testing.TB, bins ikeBins, secrets *secretSet) *ikeRig {
+	clearIKELeftovers(t, bins.ip)
 	b := make([]byte, 3)
 	if _, err := rand.Read(b); err != nil {
 		t.Fatal(err)
 	}
 	id := hex.EncodeToString(b)
-	// Not t.TempDir: unix socket paths are limited to 108 bytes.
-	dir, err := os.MkdirTemp("", "cfike-")
+	// Not t.TempDir: unix socket paths are limited to 108 bytes. The id in
+	// its name ties it to the run's namespaces.
+	dir, err := os.MkdirTemp("", "cfike-"+id+"-")
 	if err != nil {
+		t.Fatal(err)
+	}
+	if err := writeProcID(filepath.Join(dir, ikeOwnerFile), os.Getpid()); err != nil {
 		t.Fatal(err)
 	}
 	return &ikeRig{
@@ -416,6 +750,10 @@ swanctl {
 		out.Close()
 		close(c.done)
 	}()
+	// For a later run, should this one be killed: the daemon outlives it.
+	if err := writeProcID(filepath.Join(dir, ikePidFile), c.cmd.Process.Pid); err != nil {
+		t.Errorf("charon-systemd (%s): %v", name, err)
+	}
 	if name == "edge" {
 		r.edge = c
 	} else {
@@ -510,9 +848,9 @@ secrets {
 }
 
 // watchEdge follows the simulator's key for the tunnel: on each change it
-// loads the new key into the edge and deletes the edge's IKE SA, as
-// Cloudflare's edge stops accepting the old key at once, and reports the
-// change.
+// loads the new key into the edge, so that a new handshake needs it at
+// once, as Cloudflare's does; deletes the edge's IKE SA if the rig plays the
+// edge that drops it; and reports the change.
 func (r *ikeRig) watchEdge(routerID string, current func() cloudflaresim.Tunnel) {
 	ctx, cancel := context.WithCancel(context.Background())
 	r.stopWatch, r.watchDone = cancel, make(chan struct{})
@@ -539,10 +877,14 @@ func (r *ikeRig) watchEdge(routerID string, current func() cloudflaresim.Tunnel)
 				ev.err = fmt.Errorf("edge: swanctl --load-creds: %v: %s", err, out)
 			} else {
 				ev.loaded = time.Now()
-				// No IKE SA (the router was already down) is not an error.
-				if sas, _ := r.edge.swanctl(5*time.Second, "--list-sas", "--ike", "edge", "--raw"); strings.Contains(sas, "{edge {") {
-					if out, err := r.edge.swanctl(10*time.Second, "--terminate", "--ike", "edge", "--timeout", "5"); err != nil {
-						ev.err = fmt.Errorf("edge: swanctl --terminate: %v: %s", err, out)
+				// The edge that keeps the SA is done: the established SA lives
+				// on with the keys it derived. The other deletes it; no IKE SA
+				// (the router was already down) is not an error.
+				if r.edgeMode == edgeDropsSA {
+					if sas, _ := r.edge.swanctl(5*time.Second, "--list-sas", "--ike", "edge", "--raw"); strings.Contains(sas, "{edge {") {
+						if out, err := r.edge.swanctl(10*time.Second, "--terminate", "--ike", "edge", "--timeout", "5"); err != nil {
+							ev.err = fmt.Errorf("edge: swanctl --terminate: %v: %s", err, out)
+						}
 					}
 				}
 			}
@@ -670,8 +1012,9 @@ func firstLineWith(text, s string) string {
 // ikeAgent is the router's Vault Agent: long-running, configured as
 // docs/examples/agent.hcl is (AppRole, error_on_missing_key,
 // exit_on_retry_failure, static_secret_render_interval, the strongSwan
-// template with swanctl-reload.sh as its exec), rendering the router's
-// whole swanctl.conf.
+// template with swanctl-reload.sh as its exec, run through
+// ikeReloadWrapper, which only records when each run began and ended),
+// rendering the router's whole swanctl.conf.
 type ikeAgent struct {
 	r        *ikeRig
 	dir      string
@@ -718,17 +1061,83 @@ template {
   perms                = "0600"
   error_on_missing_key = true
   exec {
-    command = ["/bin/sh", %q]
+    command = ["/bin/sh", "-c", %q, %q, %q]
     timeout = "30s"
   }
 }
 `, v.addr, filepath.Join(dir, "role-id"), filepath.Join(dir, "secret-id"), ikeRenderInterval.String(),
-		source, filepath.Join(r.router.swanctlDir, "swanctl.conf"), script))
+		source, filepath.Join(r.router.swanctlDir, "swanctl.conf"), ikeReloadWrapper, script, filepath.Join(dir, ikeReloadsFile)))
 	env := append(baseEnv(), "HOME="+dir, "CF_ACCOUNT_ID="+account, "CF_TUNNEL_IDS="+tunnel,
 		"PATH="+filepath.Dir(r.bins.swanctl)+":"+os.Getenv("PATH"))
 	a := &ikeAgent{r: r, dir: dir, env: append(env, r.router.env()...)}
 	r.agents = append(r.agents, a)
 	return a
+}
+
+// ikeReloadWrapper runs swanctl-reload.sh as agent.hcl's exec does
+// (/bin/sh <script>, Agent's environment, its exit status) and appends to a
+// file when it began, when it ended and its exit status: the test waits for
+// the reload of a new key to end before it looks at the router's SA.
+const ikeReloadWrapper = `began=$(date +%s.%N); /bin/sh "$0"; rc=$?; echo "$began $(date +%s.%N) $rc" >>"$1"; exit "$rc"`
+
+// ikeReloadsFile is the file, in Agent's directory, ikeReloadWrapper
+// appends to.
+const ikeReloadsFile = "reloads"
+
+// ikeReload is one run of swanctl-reload.sh by Agent.
+type ikeReload struct {
+	began, ended time.Time
+	status       int
+}
+
+// parseUnixNano reads date +%s.%N.
+func parseUnixNano(s string) (time.Time, error) {
+	sec, frac, _ := strings.Cut(s, ".")
+	secs, err := strconv.ParseInt(sec, 10, 64)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("time %q: %w", s, err)
+	}
+	frac = (frac + "000000000")[:9]
+	ns, err := strconv.ParseInt(frac, 10, 64)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("time %q: %w", s, err)
+	}
+	return time.Unix(secs, ns), nil
+}
+
+// waitReload waits for the first of Agent's reloads that began at or after
+// since to end.
+func (r *ikeRig) waitReload(since time.Time, limit time.Duration, what string) ikeReload {
+	t := r.t
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for {
+		raw, _ := os.ReadFile(filepath.Join(r.dir, "agent", ikeReloadsFile))
+		for _, line := range strings.Split(strings.TrimSpace(string(raw)), "\n") {
+			f := strings.Fields(line)
+			if len(f) != 3 {
+				continue
+			}
+			began, err1 := parseUnixNano(f[0])
+			ended, err2 := parseUnixNano(f[1])
+			status, err3 := strconv.Atoi(f[2])
+			if err := errors.Join(err1, err2, err3); err != nil {
+				t.Fatalf("%s: Agent's reload record %q: %v", what, line, err)
+			}
+			if !began.Before(since) {
+				return ikeReload{began: began, ended: ended, status: status}
+			}
+		}
+		for _, a := range r.agents {
+			if a.exited() {
+				t.Fatalf("%s: Vault Agent exited; its output:\n%s", what, r.secrets.redact(lastLines(a.out.String(), 30)))
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: Agent did not render the new key and run swanctl-reload.sh within %s", what, limit)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // newSecretID issues a secret id for a restarted Agent: Agent removes the
@@ -755,6 +1164,9 @@ func (a *ikeAgent) start(secretID string) {
 	a.done = make(chan struct{})
 	cmd, done := a.cmd, a.done
 	go func() { _ = cmd.Wait(); close(done) }()
+	if err := writeProcID(filepath.Join(a.dir, ikePidFile), cmd.Process.Pid); err != nil {
+		t.Errorf("vault agent: %v", err)
+	}
 }
 
 // exited tells whether Agent, started and not stopped, has exited.
@@ -838,13 +1250,16 @@ func (r *ikeRig) teardown() {
 	if !t.Failed() {
 		_ = os.RemoveAll(r.dir)
 	} else {
-		// The rendered and the edge's files hold keys: remove them, keep
-		// the logs for a look.
-		for _, c := range []*charonProc{r.router, r.edge} {
-			if c != nil {
-				_ = os.Remove(filepath.Join(c.swanctlDir, "swanctl.conf"))
-			}
+		// The rendered and the edge's files and Agent's secret id hold
+		// keys: remove them, keep the logs for a look. Without its owner
+		// record and its keys, a later run leaves the directory alone.
+		for _, f := range ikeKeyFiles {
+			_ = os.Remove(filepath.Join(r.dir, f))
 		}
+		for _, sub := range []string{"edge", "router", "agent"} {
+			_ = os.Remove(filepath.Join(r.dir, sub, ikePidFile))
+		}
+		_ = os.Remove(filepath.Join(r.dir, ikeOwnerFile))
 		t.Logf("logs kept in %s", r.dir)
 	}
 }
