@@ -295,7 +295,10 @@ func (v *vaultServer) start(t testing.TB, args ...string) {
 	cmd := exec.Command(suite.vaultBin, args...)
 	cmd.Env = baseEnv()
 	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Pdeathsig: a test binary killed outright (a timeout, kill -9) runs
+	// no cleanup, and its Vault servers, with their mounts' keys in
+	// memory, would live on as orphans; the kernel kills them with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start vault: %v", err)
 	}
