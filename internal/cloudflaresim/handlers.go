@@ -85,6 +85,7 @@ func (s *Server) date() string {
 // handle registers an operation: it counts the call, applies a queued fault,
 // and otherwise runs the operation's handler.
 func (s *Server) handle(method, path string, op Operation, h func(http.ResponseWriter, *http.Request)) {
+	s.ops = append(s.ops, op)
 	s.mux.HandleFunc(method+" "+BasePath+path, func(w http.ResponseWriter, r *http.Request) {
 		if blocked := s.checkRateLimit(w, r); blocked > 0 {
 			w.Header().Set("Retry-After", strconv.Itoa(ceilSeconds(blocked)))

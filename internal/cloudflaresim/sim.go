@@ -118,9 +118,12 @@ type Server struct {
 	calls    map[Operation]int
 	// issued is every secret the simulator made: token values and keys.
 	issued []string
-	mux    *http.ServeMux
-	now    func() time.Time
-	limit  *rateLimit
+	// ops is every operation the simulator serves, in the order routes
+	// registers them; it does not change after New.
+	ops   []Operation
+	mux   *http.ServeMux
+	now   func() time.Time
+	limit *rateLimit
 	// precision is what the edge's timestamps are truncated to.
 	precision time.Duration
 	// rollValue, when set, makes the new value of every token roll
@@ -386,6 +389,11 @@ func copyTunnel(t *Tunnel) Tunnel {
 	c.GeneratedPSKs = slices.Clone(t.GeneratedPSKs)
 	return c
 }
+
+// Operations returns every operation the simulator serves, so that a
+// caller naming one (the make dev control API) can refuse a name that no
+// request would ever match.
+func (s *Server) Operations() []Operation { return slices.Clone(s.ops) }
 
 // Calls returns how many requests reached an operation, faults included.
 func (s *Server) Calls(op Operation) int {
