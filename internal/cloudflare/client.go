@@ -23,6 +23,7 @@ import (
 
 	"time"
 
+	cf "github.com/cloudflare/cloudflare-go/v6"
 	"github.com/cloudflare/cloudflare-go/v6/accounts"
 	"github.com/cloudflare/cloudflare-go/v6/magic_transit"
 	"github.com/cloudflare/cloudflare-go/v6/option"
@@ -62,6 +63,11 @@ type Client struct {
 	accountTokens *accounts.TokenService
 	userRolls     *user.TokenValueService
 	accountRolls  *accounts.TokenValueService
+	// api is the SDK's generic client, for operations the SDK has no
+	// method for (SetPSKs). It is built from the same options as the
+	// services, never with the SDK's NewClient, which reads the process
+	// environment.
+	api *cf.Client
 }
 
 // New builds a Client. It does no I/O.
@@ -111,6 +117,7 @@ func New(cfg Config) (*Client, error) {
 		accountTokens: accounts.NewTokenService(opts...),
 		userRolls:     user.NewTokenValueService(opts...),
 		accountRolls:  accounts.NewTokenValueService(opts...),
+		api:           &cf.Client{Options: opts},
 	}, nil
 }
 
@@ -486,9 +493,8 @@ func (c *Client) start(ctx context.Context, op Op) (context.Context, context.Can
 	return ctx, cancel, nil
 }
 
-// setField fills one of the SDK's param.Field values. The SDK's constructor for
-// them (cloudflare.F) lives in its root package, which imports every Cloudflare
-// service there is; setting the two exported fields keeps the build small.
+// setField fills one of the SDK's param.Field values, as the SDK's
+// constructor for them (cloudflare.F) would.
 func setField(value *string, present *bool, v string) {
 	*value = v
 	*present = true
