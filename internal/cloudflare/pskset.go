@@ -208,6 +208,15 @@ func (c *Client) SetPSKs(ctx context.Context, accountID string, keys []PSKToSet,
 	return res, nil
 }
 
+// There is no UpdateTunnelPSK, for the tunnel update's psk field: that
+// update is a PUT of the whole tunnel, so setting a key through it means
+// reading the tunnel and sending every field back. The read's form is not
+// the update's (tunnel_health_check against health_check, read-only fields,
+// fields the SDK does not decode), so a field could be lost or reset; a
+// change made by someone else between the read and the PUT would be undone,
+// as Cloudflare offers no condition on the write; and it costs two calls a
+// tunnel where SetPSKs costs one a batch.
+
 // checkBatch refuses a batch that cannot be sent as it is.
 func checkBatch(keys []PSKToSet) error {
 	if len(keys) == 0 {
