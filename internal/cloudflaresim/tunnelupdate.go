@@ -175,12 +175,20 @@ func decodeTunnelUpdate(body map[string]json.RawMessage) (tunnelUpdate, string) 
 			}
 		}
 	}
+	problem := checkTunnelObjects(body, &u)
+	return u, problem
+}
+
+// checkTunnelObjects checks a tunnel update's object fields
+// (custom_remote_identities, health_check, bgp), keeping in u what the
+// simulator's tunnels hold, and returns what is wrong, "" when nothing is.
+func checkTunnelObjects(body map[string]json.RawMessage, u *tunnelUpdate) string {
 	if raw, ok := body["custom_remote_identities"]; ok {
 		var ids struct {
 			FQDNID *string `json:"fqdn_id"`
 		}
 		if !isObject(raw) || json.Unmarshal(raw, &ids) != nil {
-			return u, "custom_remote_identities must be an object whose fqdn_id is a string"
+			return "custom_remote_identities must be an object whose fqdn_id is a string"
 		}
 		if ids.FQDNID != nil {
 			u.customFQDNID = *ids.FQDNID
@@ -188,7 +196,7 @@ func decodeTunnelUpdate(body map[string]json.RawMessage) (tunnelUpdate, string) 
 	}
 	if raw, ok := body["health_check"]; ok {
 		if problem := checkHealthCheck(raw); problem != "" {
-			return u, problem
+			return problem
 		}
 	}
 	if raw, ok := body["bgp"]; ok {
@@ -198,13 +206,13 @@ func decodeTunnelUpdate(body map[string]json.RawMessage) (tunnelUpdate, string) 
 			MD5Key        *string   `json:"md5_key"`
 		}
 		if !isObject(raw) || json.Unmarshal(raw, &bgp) != nil {
-			return u, "bgp must be an object with an integer customer_asn, a string array extra_prefixes and a string md5_key"
+			return "bgp must be an object with an integer customer_asn, a string array extra_prefixes and a string md5_key"
 		}
 		if bgp.CustomerASN == nil {
-			return u, "bgp.customer_asn is required"
+			return "bgp.customer_asn is required"
 		}
 	}
-	return u, ""
+	return ""
 }
 
 // checkHealthCheck checks health_check against the schema's
