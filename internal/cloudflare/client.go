@@ -23,7 +23,6 @@ import (
 
 	"time"
 
-	cf "github.com/cloudflare/cloudflare-go/v6"
 	"github.com/cloudflare/cloudflare-go/v6/accounts"
 	"github.com/cloudflare/cloudflare-go/v6/magic_transit"
 	"github.com/cloudflare/cloudflare-go/v6/option"
@@ -63,11 +62,10 @@ type Client struct {
 	accountTokens *accounts.TokenService
 	userRolls     *user.TokenValueService
 	accountRolls  *accounts.TokenValueService
-	// api is the SDK's generic client, for operations the SDK has no
-	// method for (SetPSKs). It is built from the same options as the
-	// services, never with the SDK's NewClient, which reads the process
-	// environment.
-	api *cf.Client
+	// opts are the options every service was built with, for the SDK's
+	// generic client (SetPSKs), which is built from them on each call
+	// rather than kept here (see SetPSKs).
+	opts []option.RequestOption
 }
 
 // New builds a Client. It does no I/O.
@@ -117,7 +115,7 @@ func New(cfg Config) (*Client, error) {
 		accountTokens: accounts.NewTokenService(opts...),
 		userRolls:     user.NewTokenValueService(opts...),
 		accountRolls:  accounts.NewTokenValueService(opts...),
-		api:           &cf.Client{Options: opts},
+		opts:          opts,
 	}, nil
 }
 

@@ -15,6 +15,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	cf "github.com/cloudflare/cloudflare-go/v6"
 	"github.com/cloudflare/cloudflare-go/v6/option"
 )
 
@@ -192,7 +193,13 @@ func (c *Client) SetPSKs(ctx context.Context, accountID string, keys []PSKToSet,
 		opts = append(opts, option.WithQuery("validate_only", "true"))
 	}
 	path := "accounts/" + url.PathEscape(accountID) + "/magic/ipsec_tunnels/psk"
-	if err := c.api.Post(ctx, path, body, &answer, opts...); err != nil {
+	// The SDK's generic client, from the services' options (never the
+	// SDK's NewClient, which reads the process environment). It is made
+	// here and never kept in a field: its type has a field for every
+	// Cloudflare service, and a Client that held it would link every
+	// service of the SDK into the plugin (TestTheSDKsOtherServicesStayUnlinked).
+	api := cf.Client{Options: c.opts}
+	if err := api.Post(ctx, path, body, &answer, opts...); err != nil {
 		return nil, c.describe(OpSetPSKs, err)
 	}
 	res, err := decodeSetPSKs(answer, keys, validateOnly)
