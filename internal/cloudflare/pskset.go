@@ -200,7 +200,7 @@ func (c *Client) SetPSKs(ctx context.Context, accountID string, keys []PSKToSet,
 	// service of the SDK into the plugin (TestTheSDKsOtherServicesStayUnlinked).
 	api := cf.Client{Options: c.opts}
 	if err := api.Post(ctx, path, body, &answer, opts...); err != nil {
-		return nil, c.describe(OpSetPSKs, err)
+		return nil, redactKeys(c.describe(OpSetPSKs, err), keys)
 	}
 	res, err := decodeSetPSKs(answer, keys, validateOnly)
 	if err != nil {
@@ -223,6 +223,19 @@ func (c *Client) SetPSKs(ctx context.Context, accountID string, keys []PSKToSet,
 // change made by someone else between the read and the PUT would be undone,
 // as Cloudflare offers no condition on the write; and it costs two calls a
 // tunnel where SetPSKs costs one a batch.
+
+// redactKeys cuts the batch's keys out of the messages Cloudflare put in an
+// error: a refusal of the request may quote what it refused, and the
+// messages end up in logs and in the engine's answers.
+func redactKeys(err error, batch []PSKToSet) error {
+	var apiErr *APIError
+	if errors.As(err, &apiErr) {
+		for i := range apiErr.Errors {
+			apiErr.Errors[i].Message = cleanText(apiErr.Errors[i].Message, batch)
+		}
+	}
+	return err
+}
 
 // checkBatch refuses a batch that cannot be sent as it is.
 func checkBatch(keys []PSKToSet) error {

@@ -147,6 +147,8 @@ func TestSetPSKsFailures(t *testing.T) {
 	}{
 		{name: "refused, nothing changed", fault: &cloudflaresim.Fault{Status: 403, Errors: []cloudflaresim.Message{{Code: 10000, Message: "Authentication error"}}},
 			wantType: "api", noEffect: true},
+		{name: "refused, quoting a key", fault: &cloudflaresim.Fault{Status: 400, Errors: []cloudflaresim.Message{{Code: 1003, Message: "invalid psk " + setKeyB + " for tunnel"}}},
+			wantType: "api", noEffect: true},
 		{name: "batch too large", limit: 1, wantType: "api", noEffect: true, tooLarge: true},
 		{name: "413 not from Cloudflare", fault: &cloudflaresim.Fault{Status: 413, Body: html}, wantType: "malformed"},
 		{name: "rate limited", fault: &cloudflaresim.Fault{Status: 429, RetryAfter: 60}, wantType: "api", noEffect: true},
