@@ -12,6 +12,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -73,8 +75,27 @@ func main() {
 //
 // The body is a cloudflaresim.Fault in JSON (Delay and ProcessAfter in
 // nanoseconds: {"ProcessAfter": 5000000000} processes an abandoned
-// psk_generate five seconds after it arrived). Change a tunnel's key as the
-// dashboard, Terraform or another cluster would, or delete a tunnel:
+// psk_generate five seconds after it arrived). The operations are those of
+// cloudflaresim's Operation constants; psk_set, the Set operation that takes
+// the caller's keys for many tunnels, has the faults of issue 16:
+//
+//	# some tunnels unapplied (reason "" is the simulator's default)
+//	curl -X POST 'http://127.0.0.1:8787/_sim/fail-next?op=psk_set' \
+//	     -d '{"Unapplied": {"TUNNEL": "tunnel is busy"}}'
+//	# processed late, after the caller gave up
+//	curl -X POST 'http://127.0.0.1:8787/_sim/fail-next?op=psk_set' -d '{"ProcessAfter": 5000000000}'
+//	# the answer lost after the change; a hang after the change
+//	curl -X POST 'http://127.0.0.1:8787/_sim/fail-next?op=psk_set' -d '{"AfterCommit": true, "Hangup": true}'
+//	curl -X POST 'http://127.0.0.1:8787/_sim/fail-next?op=psk_set' -d '{"AfterCommit": true, "Delay": 3600000000000}'
+//
+// A batch too large is a limit rather than a one-off fault: from then on a
+// Set request of more than max keys is refused whole (413, code 1004); max=0
+// removes the limit:
+//
+//	curl -X POST 'http://127.0.0.1:8787/_sim/psk-batch-limit?max=100'
+//
+// Change a tunnel's key as the dashboard, Terraform or another cluster
+// would, or delete a tunnel:
 //
 //	curl -X POST 'http://127.0.0.1:8787/_sim/regenerate?account=ACCOUNT&tunnel=TUNNEL'
 //	curl -X DELETE 'http://127.0.0.1:8787/_sim/tunnel?account=ACCOUNT&tunnel=TUNNEL'
@@ -90,11 +111,20 @@ func withControl(sim *cloudflaresim.Server) http.Handler {
 			return
 		}
 		op := cloudflaresim.Operation(r.URL.Query().Get("op"))
-		if op == "" {
-			http.Error(w, "op is required (psk_generate, tunnel_get, tunnel_list, user_token_verify, account_token_verify)", http.StatusBadRequest)
+		if !slices.Contains(sim.Operations(), op) {
+			http.Error(w, fmt.Sprintf("op must be one of %s", strings.Join(opNames(sim), ", ")), http.StatusBadRequest)
 			return
 		}
 		sim.FailNext(op, f)
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("POST /_sim/psk-batch-limit", func(w http.ResponseWriter, r *http.Request) {
+		n, err := strconv.Atoi(r.URL.Query().Get("max"))
+		if err != nil || n < 0 {
+			http.Error(w, "max must be a whole number of keys, 0 for no limit", http.StatusBadRequest)
+			return
+		}
+		sim.SetPSKBatchLimit(n)
 		w.WriteHeader(http.StatusNoContent)
 	})
 	mux.HandleFunc("POST /_sim/regenerate", func(w http.ResponseWriter, r *http.Request) {
@@ -122,6 +152,17 @@ func withControl(sim *cloudflaresim.Server) http.Handler {
 		w.WriteHeader(http.StatusNoContent)
 	})
 	return mux
+}
+
+// opNames lists the operations fail-next can aim at: a fault queued for a
+// name no request matches would wait forever, and a typo would look like a
+// fault that did not fire.
+func opNames(sim *cloudflaresim.Server) []string {
+	var names []string
+	for _, op := range sim.Operations() {
+		names = append(names, string(op))
+	}
+	return names
 }
 
 // tunnelParams reads the account and tunnel query parameters, answering 400

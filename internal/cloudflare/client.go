@@ -62,6 +62,10 @@ type Client struct {
 	accountTokens *accounts.TokenService
 	userRolls     *user.TokenValueService
 	accountRolls  *accounts.TokenValueService
+	// opts are the options every service was built with, for the SDK's
+	// generic client (SetPSKs), which is built from them on each call
+	// rather than kept here (see SetPSKs).
+	opts []option.RequestOption
 }
 
 // New builds a Client. It does no I/O.
@@ -111,6 +115,7 @@ func New(cfg Config) (*Client, error) {
 		accountTokens: accounts.NewTokenService(opts...),
 		userRolls:     user.NewTokenValueService(opts...),
 		accountRolls:  accounts.NewTokenValueService(opts...),
+		opts:          opts,
 	}, nil
 }
 
@@ -486,9 +491,8 @@ func (c *Client) start(ctx context.Context, op Op) (context.Context, context.Can
 	return ctx, cancel, nil
 }
 
-// setField fills one of the SDK's param.Field values. The SDK's constructor for
-// them (cloudflare.F) lives in its root package, which imports every Cloudflare
-// service there is; setting the two exported fields keeps the build small.
+// setField fills one of the SDK's param.Field values, as the SDK's
+// constructor for them (cloudflare.F) would.
 func setField(value *string, present *bool, v string) {
 	*value = v
 	*present = true

@@ -24,6 +24,7 @@ const (
 	OpGetTunnel   Op = "get tunnel"
 	OpListTunnels Op = "list tunnels"
 	OpRollToken   Op = "roll token"
+	OpSetPSKs     Op = "set psks"
 )
 
 // Error is implemented by every error a Client call returns, so a caller can
@@ -49,13 +50,25 @@ const (
 	listResponseLimit  = 32 << 20
 )
 
-// responseLimit returns the bound for op's answers. An unknown op gets the
-// small bound: a forgotten case fails loudly rather than reading anything.
-func responseLimit(op Op) int {
-	if op == OpListTunnels {
+// responseLimit returns the bound for the answer to the request of ctx: the
+// one its call set (withResponseLimit: an answer that grows with what was
+// sent), else its op's. An unknown op gets the small bound: a forgotten case
+// fails loudly rather than reading anything.
+func responseLimit(ctx context.Context) int {
+	if limit, ok := ctx.Value(limitKey{}).(int); ok {
+		return limit
+	}
+	if opOf(ctx) == OpListTunnels {
 		return listResponseLimit
 	}
 	return smallResponseLimit
+}
+
+// limitKey carries a call's own answer limit in its context.
+type limitKey struct{}
+
+func withResponseLimit(ctx context.Context, limit int) context.Context {
+	return context.WithValue(ctx, limitKey{}, limit)
 }
 
 // opKey carries the operation in a request's context, from start to the
@@ -208,7 +221,7 @@ func checkEnvelope(now func() time.Time) option.Middleware {
 			return nil, err
 		}
 		op := opOf(req.Context())
-		limit := responseLimit(op)
+		limit := responseLimit(req.Context())
 		body, err := io.ReadAll(io.LimitReader(res.Body, int64(limit)+1))
 		_ = res.Body.Close()
 		if err != nil {
@@ -414,7 +427,7 @@ func worthRetrying(err error) bool {
 // NoEffect reports whether err proves that Cloudflare changed nothing: it
 // refused the request (a 4xx, a rate limit included, in Cloudflare's error
 // envelope) or the request was never sent (Cloudflare's block, the mount's
-// budget). Every other failure (no answer, a 5xx, a malformed answer, a 4xx
+// budget, a SetPSKs batch refused before sending). Every other failure (no answer, a 5xx, a malformed answer, a 4xx
 // that is not Cloudflare's envelope, "success": false under 200, an
 // unexpected redirect) may have come after Cloudflare acted, so for a
 // psk_generate the outcome is unknown.
@@ -425,7 +438,8 @@ func NoEffect(err error) bool {
 	}
 	var blocked *BlockedError
 	var budgetErr *BudgetError
-	return errors.As(err, &blocked) || errors.As(err, &budgetErr)
+	var invalid *InvalidBatchError
+	return errors.As(err, &blocked) || errors.As(err, &budgetErr) || errors.As(err, &invalid)
 }
 
 // WrongKeyForm reports whether err is a psk_generate answer that said a key

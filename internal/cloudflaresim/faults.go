@@ -38,16 +38,29 @@ type Fault struct {
 	// answer carries it). With no other field set the request is otherwise
 	// answered normally; with others, they are played as usual.
 	IgnoreValidateOnly bool
+	// Unapplied makes a Set request (OpPSKSet) leave the keys of these
+	// tunnels (ids, any case) unset and report each in unapplied_psks with
+	// its reason ("": a default one), whatever the edge would have done
+	// with them; the rest of the batch is applied as usual. It is played
+	// wherever the batch is applied: in the normal answer, before a lost
+	// answer (AfterCommit) and in late processing (ProcessAfter). With no
+	// other field set the request is otherwise answered normally. Other
+	// operations ignore it.
+	Unapplied map[string]string
 	// ProcessAfter plays a request the edge accepted but processed late:
 	// the caller gets no answer (the request is held until the caller gives
 	// up), and ProcessAfter after the request arrived the edge does what it
 	// asked anyway, whether or not the caller is still there and whatever
 	// was processed in between. For psk_generate that is a new key, dated
 	// when it is processed, which replaces any key generated meanwhile: the
-	// late request wins, as it would at Cloudflare. A request the edge
-	// would refuse (bad token, unknown tunnel, no body) is refused at once,
-	// and a validate_only request changes nothing. On other operations the
-	// request is only held. When set, the fault's other fields are ignored.
+	// late request wins, as it would at Cloudflare. For the Set operation
+	// it is the batch as sent, judged tunnel by tunnel when it is
+	// processed (a tunnel deleted meanwhile gets nothing) and dated then.
+	// A request the edge would refuse whole (bad token, unknown tunnel, no
+	// body, a batch too large) is refused at once, and a validate_only
+	// request changes nothing. On other operations the request is only
+	// held. When set, the fault's other fields are ignored, but for
+	// Unapplied.
 	// Server.WaitIdle waits for the late work; Server.Close drops it.
 	ProcessAfter time.Duration
 }
@@ -119,36 +132,49 @@ func (s *Server) applyFault(w http.ResponseWriter, r *http.Request, op Operation
 }
 
 // acceptLate plays the arrival of a request with a ProcessAfter fault: a
-// psk_generate the edge would refuse is answered at once (false); one it
-// accepts is scheduled to be processed after a delay counted from arrived
-// (true: hold the request). Requests of other operations are accepted with
-// nothing to do. Either way the fault stops counting as accepted work that
-// WaitIdle has not yet seen.
+// psk_generate or Set request the edge would refuse is answered at once
+// (false); one it accepts is scheduled to be processed after a delay counted
+// from arrived (true: hold the request). Requests of other operations are
+// accepted with nothing to do. Either way the fault stops counting as
+// accepted work that WaitIdle has not yet seen.
 func (s *Server) acceptLate(w http.ResponseWriter, r *http.Request, op Operation, arrived time.Time, after time.Duration) bool {
 	var accountID, tunnelID string
+	var set *pskSetRequest
 	ok := true
-	if op == OpPSKGenerate {
+	switch op {
+	case OpPSKGenerate:
 		accountID, tunnelID, ok = s.tunnelFromPath(w, r)
 		if ok && !jsonObjectBody(r) {
 			writeFailure(w, http.StatusBadRequest, errBodyNotJSON)
 			ok = false
 		}
+	case OpPSKSet:
+		set = s.readPSKSet(w, r)
+		ok = set != nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.lateFaults--
 	s.idle.Broadcast()
-	if !ok || op != OpPSKGenerate || r.URL.Query().Get("validate_only") == "true" {
+	if !ok || r.URL.Query().Get("validate_only") == "true" {
 		return ok
 	}
-	if t := s.accounts[accountID][tunnelID]; t != nil {
-		s.later(after-time.Since(arrived), func() {
-			// A tunnel deleted meanwhile (or deleted and added again
-			// under its id) gets nothing.
-			if s.accounts[accountID][tunnelID] == t {
-				s.generatePSK(t)
-			}
-		})
+	switch op {
+	case OpPSKGenerate:
+		if t := s.accounts[accountID][tunnelID]; t != nil {
+			s.later(after-time.Since(arrived), func() {
+				// A tunnel deleted meanwhile (or deleted and added again
+				// under its id) gets nothing.
+				if s.accounts[accountID][tunnelID] == t {
+					s.generatePSK(t)
+				}
+			})
+		}
+	case OpPSKSet:
+		// Each tunnel is judged when the batch is processed, as the
+		// edge would: one deleted meanwhile is not found, one created
+		// meanwhile under a named id takes its key.
+		s.later(after-time.Since(arrived), func() { s.applyPSKSet(set) })
 	}
 	return true
 }

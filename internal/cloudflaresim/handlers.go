@@ -51,7 +51,9 @@ var (
 
 func (s *Server) routes() {
 	s.handle("POST", "/accounts/{account_id}/magic/ipsec_tunnels/{tunnel_id}/psk_generate", OpPSKGenerate, s.pskGenerate)
+	s.handle("POST", "/accounts/{account_id}/magic/ipsec_tunnels/psk", OpPSKSet, s.pskSet)
 	s.handle("GET", "/accounts/{account_id}/magic/ipsec_tunnels/{tunnel_id}", OpTunnelGet, s.tunnelGet)
+	s.handle("PUT", "/accounts/{account_id}/magic/ipsec_tunnels/{tunnel_id}", OpTunnelUpdate, s.tunnelUpdate)
 	s.handle("GET", "/accounts/{account_id}/magic/ipsec_tunnels", OpTunnelList, s.tunnelList)
 	s.handle("GET", "/user/tokens/verify", OpUserTokenVerify, userScoped(s.tokenVerify))
 	s.handle("GET", "/accounts/{account_id}/tokens/verify", OpAccountTokenVerify, accountScoped(s.tokenVerify))
@@ -83,6 +85,7 @@ func (s *Server) date() string {
 // handle registers an operation: it counts the call, applies a queued fault,
 // and otherwise runs the operation's handler.
 func (s *Server) handle(method, path string, op Operation, h func(http.ResponseWriter, *http.Request)) {
+	s.ops = append(s.ops, op)
 	s.mux.HandleFunc(method+" "+BasePath+path, func(w http.ResponseWriter, r *http.Request) {
 		if blocked := s.checkRateLimit(w, r); blocked > 0 {
 			w.Header().Set("Retry-After", strconv.Itoa(ceilSeconds(blocked)))
@@ -94,6 +97,12 @@ func (s *Server) handle(method, path string, op Operation, h func(http.ResponseW
 			// What a gateway that dropped the query string passes on.
 			r.URL.RawQuery = ""
 			fault.IgnoreValidateOnly = false
+			faulted = !reflect.DeepEqual(fault, Fault{})
+		}
+		if faulted && fault.Unapplied != nil {
+			// Carried to wherever the batch is applied.
+			r = r.WithContext(withUnapplied(r.Context(), fault.Unapplied))
+			fault.Unapplied = nil
 			faulted = !reflect.DeepEqual(fault, Fault{})
 		}
 		if faulted {

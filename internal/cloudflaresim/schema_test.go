@@ -151,6 +151,15 @@ func TestAnswersSatisfyCloudflaresSchema(t *testing.T) {
 	tunnelPath := "/accounts/" + f.account + "/magic/ipsec_tunnels/" + f.tunnel
 	accountOwned := f.sim.AddToken(cloudflaresim.Token{OwnerAccount: f.account})
 	rollable := f.sim.AddToken(cloudflaresim.Token{})
+	setPath := "/accounts/" + f.account + "/magic/ipsec_tunnels/psk"
+	second := f.sim.AddTunnel(f.account, cloudflaresim.Tunnel{}).ID
+	keyless := f.sim.AddTunnel(f.account, cloudflaresim.Tunnel{NoInitialKey: true}).ID
+	// Every fate a tunnel can have in one batch: applied, not found,
+	// refused key.
+	mixedBatch := []byte(`{"psks":[{"id":"` + f.tunnel + `","psk":"` + keyA + `"},{"id":"` + cloudflaresim.NewID() + `","psk":"` + keyB + `"},{"id":"` + second + `","psk":"short"}]}`)
+	fullUpdate := []byte(`{"name":"site-a","cloudflare_endpoint":"203.0.113.1","interface_address":"10.212.0.8/31","customer_endpoint":"198.51.100.7",` +
+		`"interface_address6":"2606:54c1:7:0:a9fe:12d2:1:200/127","description":"site A","replay_protection":true,` +
+		`"custom_remote_identities":{"fqdn_id":"site-a.` + f.account + `.custom.ipsec.cloudflare.com"},"psk":"` + keyC + `"}`)
 
 	cases := []struct {
 		name       string
@@ -177,6 +186,21 @@ func TestAnswersSatisfyCloudflaresSchema(t *testing.T) {
 		{"user token roll", nil, "PUT", "/user/tokens/" + rollable.ID + "/value", rollable.Value, []byte(`{}`), 200, "token_roll_200"},
 		{"injected 503", func() { f.sim.FailNext(cloudflaresim.OpTunnelGet, cloudflaresim.Fault{Status: 503}) },
 			"GET", tunnelPath, f.token.Value, nil, 503, "failure_envelope"},
+		{"psk set", nil, "POST", setPath, f.token.Value, mixedBatch, 200, "psk_set_200"},
+		{"psk set validate_only", nil, "POST", setPath + "?validate_only=true", f.token.Value, mixedBatch, 200, "psk_set_200"},
+		{"psk set validate_only, keyless tunnel", nil, "POST", setPath + "?validate_only=true", f.token.Value,
+			[]byte(`{"psks":[{"id":"` + keyless + `","psk":"` + keyA + `"}]}`), 200, "psk_set_200"},
+		{"psk set, tunnel unapplied by a fault", func() {
+			f.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{Unapplied: map[string]string{f.tunnel: ""}})
+		}, "POST", setPath, f.token.Value, mixedBatch, 200, "psk_set_200"},
+		{"psk set, empty batch", nil, "POST", setPath, f.token.Value, []byte(`{"psks":[]}`), 200, "psk_set_200"},
+		{"psk set, bad body", nil, "POST", setPath, f.token.Value, []byte(`{"psks":{}}`), 400, "failure_envelope"},
+		{"tunnel update", nil, "PUT", tunnelPath, f.token.Value, fullUpdate, 200, "tunnel_modified_200"},
+		{"tunnel update validate_only", nil, "PUT", tunnelPath + "?validate_only=true", f.token.Value, fullUpdate, 200, "tunnel_modified_200"},
+		{"tunnel update, bad body", nil, "PUT", tunnelPath, f.token.Value, []byte(`{"name":"x"}`), 400, "failure_envelope"},
+		{"tunnel update, refused key", nil, "PUT", tunnelPath, f.token.Value, []byte(`{"name":"x","cloudflare_endpoint":"203.0.113.1","interface_address":"10.212.0.8/31","psk":"short"}`), 400, "failure_envelope"},
+		// Last: the limit stays.
+		{"psk set, batch too large", func() { f.sim.SetPSKBatchLimit(2) }, "POST", setPath, f.token.Value, mixedBatch, 413, "failure_envelope"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -190,9 +214,15 @@ func TestAnswersSatisfyCloudflaresSchema(t *testing.T) {
 			if err := compile(t, doc, tc.schema).Validate(body); err != nil {
 				t.Fatalf("answer does not satisfy %s: %v", tc.schema, err)
 			}
-			if tc.schema == "tunnel_single_200" {
-				obj := body.(map[string]any)["result"].(map[string]any)["ipsec_tunnel"]
-				if err := compile(t, doc, "ipsec_tunnel_object").Validate(obj); err != nil {
+			var inner any
+			switch tc.schema {
+			case "tunnel_single_200":
+				inner = body.(map[string]any)["result"].(map[string]any)["ipsec_tunnel"]
+			case "tunnel_modified_200":
+				inner = body.(map[string]any)["result"].(map[string]any)["modified_ipsec_tunnel"]
+			}
+			if inner != nil {
+				if err := compile(t, doc, "ipsec_tunnel_object").Validate(inner); err != nil {
 					t.Fatalf("tunnel does not satisfy ipsec_tunnel_object: %v", err)
 				}
 			}

@@ -32,6 +32,13 @@ const (
 	OpAccountTokenVerify Operation = "account_token_verify"
 	OpUserTokenRoll      Operation = "user_token_roll"
 	OpAccountTokenRoll   Operation = "account_token_roll"
+	// OpPSKSet is "Set Pre-Shared Keys (PSK) for IPsec tunnels", POST
+	// /accounts/{account_id}/magic/ipsec_tunnels/psk (see pskset.go).
+	OpPSKSet Operation = "psk_set"
+	// OpTunnelUpdate is "Update IPsec Tunnel", PUT
+	// /accounts/{account_id}/magic/ipsec_tunnels/{tunnel_id} (see
+	// tunnelupdate.go).
+	OpTunnelUpdate Operation = "tunnel_update"
 )
 
 // Tunnel is one IPsec tunnel as the edge knows it.
@@ -54,7 +61,9 @@ type Tunnel struct {
 	// IPsecID, when set, is carried as ipsec_id in psk_generate's answers,
 	// as Cloudflare's documentation shows that answer. The published schema
 	// has ipsec_id only in the bulk PSK answer, so by default the
-	// simulator leaves it out.
+	// simulator leaves it out there. The Set operation's answer, where the
+	// schema requires it, always carries one: this, or one made of the
+	// tunnel's id when this is empty.
 	IPsecID string
 
 	// PSK is the key the edge uses now. Cloudflare creates every tunnel
@@ -66,6 +75,12 @@ type Tunnel struct {
 	// GeneratedPSKs is every key the edge has had, oldest first, so a test
 	// can tell whether a key Vault served was ever real.
 	GeneratedPSKs []string
+	// RefusePSK, when set, is the reason the edge gives for refusing every
+	// key a caller provides for the tunnel (the Set operation answers it in
+	// unapplied_psks, a tunnel update with 400): a tunnel that cannot take
+	// a key for as long as it is set, as opposed to Fault.Unapplied, which
+	// refuses one request. psk_generate is not affected.
+	RefusePSK string
 	// NoInitialKey makes AddTunnel create the tunnel without a key, so
 	// psk_metadata is absent until the first psk_generate. A real tunnel
 	// always has one: use this only for a test about a keyless tunnel.
@@ -103,15 +118,21 @@ type Server struct {
 	calls    map[Operation]int
 	// issued is every secret the simulator made: token values and keys.
 	issued []string
-	mux    *http.ServeMux
-	now    func() time.Time
-	limit  *rateLimit
+	// ops is every operation the simulator serves, in the order routes
+	// registers them; it does not change after New.
+	ops   []Operation
+	mux   *http.ServeMux
+	now   func() time.Time
+	limit *rateLimit
 	// precision is what the edge's timestamps are truncated to.
 	precision time.Duration
 	// rollValue, when set, makes the new value of every token roll
 	// (SetRollValue); pskValue, every key generated (SetPSKValue).
 	rollValue func() string
 	pskValue  func() string
+	// batchLimit is the most keys one Set request may carry, 0 for no
+	// limit (SetPSKBatchLimit).
+	batchLimit int
 	// callTimes is when each request arrived, for pacing measurements.
 	callTimes []time.Time
 	// late is the work the edge has accepted but not yet done (requests
@@ -369,6 +390,11 @@ func copyTunnel(t *Tunnel) Tunnel {
 	return c
 }
 
+// Operations returns every operation the simulator serves, so that a
+// caller naming one (the make dev control API) can refuse a name that no
+// request would ever match.
+func (s *Server) Operations() []Operation { return slices.Clone(s.ops) }
+
 // Calls returns how many requests reached an operation, faults included.
 func (s *Server) Calls(op Operation) int {
 	s.mu.Lock()
@@ -428,31 +454,40 @@ func (s *Server) SetClock(now func() time.Time) {
 // stamp returns the time now at the edge's precision. The caller holds mu.
 func (s *Server) stamp() time.Time { return s.now().Truncate(s.precision) }
 
-// generatePSK sets a new key on the edge, dated now at the edge's
-// precision. The caller holds mu.
+// generatePSK sets a new key of the edge's own making (see setPSK). The
+// caller holds mu.
+func (s *Server) generatePSK(t *Tunnel) {
+	key := newSecret(32)
+	if s.pskValue != nil {
+		key = s.pskValue()
+	}
+	s.setPSK(t, key)
+}
+
+// setPSK makes key the tunnel's key, dated now at the edge's precision, and
+// records it in GeneratedPSKs and among the issued secrets, whoever made it
+// (psk_generate, the Set operation, a tunnel update) and even when it is
+// the key the tunnel already has. The caller holds mu.
 //
-// At the default precision (or finer) each generation is kept strictly
-// later than the tunnel's last. Cloudflare does not promise that, but two
-// generations within one microsecond cannot come from callers that reach
-// the edge over a network: here they come only from in-process calls made
+// At the default precision (or finer) each key is dated strictly later
+// than the tunnel's last. Cloudflare does not promise that, but two
+// changes within one microsecond cannot come from callers that reach the
+// edge over a network: here they come only from in-process calls made
 // back to back (AddTunnel then RegenerateOutOfBand), and a repeat would make
 // such tests fail at random rather than model anything real. Coarser
 // precision is how a test asks for repeated timestamps, so there nothing is
-// bumped: a key generated in the same second as the last one carries the
-// same last_generated_on, and only the key itself tells them apart.
-func (s *Server) generatePSK(t *Tunnel) {
+// bumped: a key set in the same second as the last one carries the same
+// last_generated_on, and only the key itself tells them apart.
+func (s *Server) setPSK(t *Tunnel, key string) {
 	now := s.stamp()
 	if s.precision <= defaultPrecision && !now.After(t.PSKGeneratedOn) {
 		now = t.PSKGeneratedOn.Add(s.precision)
 	}
-	t.PSK = newSecret(32)
-	if s.pskValue != nil {
-		t.PSK = s.pskValue()
-	}
+	t.PSK = key
 	t.PSKGeneratedOn = now
 	t.ModifiedOn = now
-	t.GeneratedPSKs = append(t.GeneratedPSKs, t.PSK)
-	s.issued = append(s.issued, t.PSK)
+	t.GeneratedPSKs = append(t.GeneratedPSKs, key)
+	s.issued = append(s.issued, key)
 }
 
 // IssuedSecrets returns every token value and key the simulator has handed
