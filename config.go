@@ -58,6 +58,12 @@ type configRecord struct {
 	// raised leaves after a tunnel's stored key (internal/schedule). 0, in a
 	// config stored before the field existed: defaultMinRotationPeriod.
 	MinRotationPeriod time.Duration `json:"min_rotation_period"`
+	// KeySource is who makes new keys: store.KeySourceCloudflare (""
+	// in a config stored before the field existed) or store.KeySourceVault.
+	KeySource string `json:"key_source,omitempty"`
+	// PasswordPolicy, with KeySource vault, names the Vault password
+	// policy keys are made from ("": 32 letters and digits).
+	PasswordPolicy string `json:"password_policy,omitempty"`
 
 	// What Cloudflare's token-verify endpoint said when config was written.
 	TokenID        string    `json:"token_id"`
@@ -101,7 +107,18 @@ func (c *configRecord) settings() rotation.Settings {
 		HealStalePSK:      c.HealStalePSK,
 		DriftInterval:     c.driftInterval(),
 		MinRotationPeriod: c.minRotationPeriod(),
+		KeySource:         c.keySource(),
+		PasswordPolicy:    c.PasswordPolicy,
 	}
+}
+
+// keySource is config key_source, Cloudflare in a config stored before the
+// field existed.
+func (c *configRecord) keySource() string {
+	if c.KeySource == "" {
+		return store.KeySourceCloudflare
+	}
+	return c.KeySource
 }
 
 // rateLimit returns the mount's cap on Cloudflare calls.

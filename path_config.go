@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
@@ -85,6 +86,26 @@ var configFields = map[string]*framework.FieldSchema{
 			Name: "Minimum rotation period",
 		},
 	},
+	"key_source": {
+		Type: framework.TypeString,
+		Description: "Who makes each new key. \"cloudflare\" (the default): Cloudflare's psk_generate, so the key exists nowhere before Cloudflare has it. " +
+			"\"vault\": the engine makes it, writes it ahead into the tunnel's record (state pending) and sets it with Cloudflare's Set operation, " +
+			"so a lost answer or a crash is finished with the same key. May be changed at any time; see the path's help.",
+		Default:       store.KeySourceCloudflare,
+		AllowedValues: []any{store.KeySourceCloudflare, store.KeySourceVault},
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Key source",
+		},
+	},
+	"password_policy": {
+		Type: framework.TypeString,
+		Description: "With key_source vault: the Vault password policy keys are made from (\"\": 32 letters and digits from crypto/rand). " +
+			"Every key must be 16 to 128 letters and digits, which every shipped router template carries: a write is refused (400) if the policy " +
+			"does not exist or makes another form, and a rotation sends nothing if it ever does.",
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Password policy",
+		},
+	},
 	"token_account_id": {
 		Type:        framework.TypeString,
 		Description: "For an account-owned API token: the owning account's id (32 lower-case hexadecimal characters), so the token is verified at that account. Empty for a user token. Changing it requires api_token in the same write.",
@@ -143,6 +164,8 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 		"rate_limit_window":    int(window.Seconds()),
 		"drift_check_interval": int(cfg.DriftCheckInterval.Seconds()),
 		"min_rotation_period":  int(cfg.minRotationPeriod().Seconds()),
+		"key_source":           cfg.keySource(),
+		"password_policy":      cfg.PasswordPolicy,
 		"token_id":             cfg.TokenID,
 		"token_status":         cfg.TokenStatus,
 		"token_expires_on":     store.FormatTime(cfg.TokenExpiresOn),
@@ -176,6 +199,9 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 		return logical.ErrorResponse(problem), nil
 	}
 	if problem := checkEndpointChange(stored, cfg, d); problem != "" {
+		return logical.ErrorResponse(problem), nil
+	}
+	if problem := b.checkPasswordPolicy(ctx, cfg); problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
 
@@ -275,6 +301,15 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	if cfg.MinRotationPeriod < schedule.MinPeriod || cfg.MinRotationPeriod > maxMinRotationPeriod {
 		return fmt.Sprintf("min_rotation_period must be between %s and %s", schedule.MinPeriod, maxMinRotationPeriod)
 	}
+	if v, ok := d.GetOk("key_source"); ok {
+		cfg.KeySource = v.(string)
+	}
+	if ks := cfg.keySource(); ks != store.KeySourceCloudflare && ks != store.KeySourceVault {
+		return fmt.Sprintf("key_source must be %q or %q", store.KeySourceCloudflare, store.KeySourceVault)
+	}
+	if v, ok := d.GetOk("password_policy"); ok {
+		cfg.PasswordPolicy = strings.TrimSpace(v.(string))
+	}
 	if v, ok := d.GetOk("token_account_id"); ok {
 		// Taken as written, never trimmed or folded: Vault matches a
 		// policy's parameter values case-sensitively, as it does paths, so
@@ -286,6 +321,34 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 			}
 		}
 		cfg.TokenAccountID = id
+	}
+	return ""
+}
+
+// policySamples is how many keys a config write has a password policy make
+// to check their form: a policy that can make a key of another form at all
+// usually does so within a few.
+const policySamples = 5
+
+// checkPasswordPolicy checks that cfg's password_policy exists and makes
+// keys the engine sends (rotation.KeyProblem), by making a few: a policy
+// found wanting only at the next rotation would stop every rotation. The
+// keys made are dropped unseen. It returns a problem naming the policy,
+// never a key, or "".
+func (b *backend) checkPasswordPolicy(ctx context.Context, cfg *configRecord) string {
+	if cfg.PasswordPolicy == "" {
+		return ""
+	}
+	for range policySamples {
+		key, err := b.System().GeneratePasswordFromPolicy(ctx, cfg.PasswordPolicy)
+		if err != nil {
+			return fmt.Sprintf("password_policy %q: Vault could not generate a password from it (%v); create it with "+
+				"vault write sys/policies/password/%s policy=@<file>, or leave password_policy empty; nothing was stored", cfg.PasswordPolicy, err, cfg.PasswordPolicy)
+		}
+		if problem := rotation.KeyProblem(key); problem != "" {
+			return fmt.Sprintf("password_policy %q made a key that %s: every key must be 16 to 128 letters and digits, "+
+				"which every shipped router template carries (the IOS XE one has no quoting); nothing was stored", cfg.PasswordPolicy, problem)
+		}
 	}
 	return ""
 }
@@ -401,7 +464,7 @@ power: grant it only to those who may know the keys.
 
 Reading config returns the settings (base_url, request_timeout,
 token_account_id, heal_stale_psk, rate_limit, rate_limit_window,
-drift_check_interval, min_rotation_period) and what
+drift_check_interval, min_rotation_period, key_source, password_policy) and what
 Cloudflare said of the token: token_id, token_status, token_expires_on,
 token_not_before, token_verified_at (when the engine last verified it) and
 last_rotated (when config/rotate-root last rolled it). It never returns the
@@ -439,6 +502,35 @@ next_rotation, and every later one is held back to min_rotation_period after
 its stored key (a write of its /schedule path applies the new floor at once,
 and must itself respect it). Lowering it changes nothing until a schedule
 is written.
+
+key_source (default cloudflare) says who makes each new key.
+  cloudflare: Cloudflare's psk_generate makes it; the key exists nowhere
+  before Cloudflare has it. A lost answer leaves the edge with a key nobody
+  holds: the tunnel is rotation_unknown until the settle window ends and a
+  heal makes another key.
+  vault: the engine makes the key (32 letters and digits from crypto/rand,
+  or from password_policy), writes it ahead into the tunnel's record (state
+  pending, seal-wrapped storage) before any request carries it, and sets it
+  with Cloudflare's Set operation (POST .../ipsec_tunnels/psk), whose answer
+  echoes each key it applied. A lost answer, a timeout or a crash is
+  finished with the same key, on the next read or write or in the
+  background: no settle window, no second key. A different key still waits
+  until a request abandoned earlier can no longer land (409 meanwhile).
+  Either keeps every key out of human hands.
+  It may be changed at any time. Keys already stored stay; the next
+  rotation of each tunnel uses the new source. A pending key (vault) is
+  always finished with its own key through the Set operation, even after a
+  switch to cloudflare; a rotation_unknown left by psk_generate is resolved
+  as ever, and healed with a key of the source in force.
+
+password_policy (key_source vault; default "": 32 letters and digits) names a
+Vault password policy (sys/policies/password) the keys are made from. Every
+key must be 16 to 128 letters and digits: the shipped router templates
+paste the key into configurations, and the IOS XE one has no quoting. A
+config write makes a few keys from the policy and is refused (400, naming
+the policy, nothing stored) if the policy does not exist or makes another
+form; a rotation whose key is of another form (the policy changed since)
+sends nothing and changes nothing, and says why.
 
 heal_stale_psk (default true) decides what reconciliation does when it finds
 that Cloudflare generated a key after the one Vault stored (a rotation whose

@@ -140,6 +140,10 @@ func stateWarnings(rec *store.Record) []string {
 			"Cloudflare may still act on that rotation until %s; after that the engine learns from Cloudflare what became of it, "+
 			"on the next read or write and in the background, and a write is accepted again.",
 			store.StateRotationUnknown, rec.StateReason, store.FormatTime(rec.SettleUntil)))
+	case store.StatePending:
+		warnings = append(warnings, fmt.Sprintf("state %s: %s. The key served is the one stored before that rotation, and may no longer be the one Cloudflare uses. "+
+			"The engine finishes the rotation by sending the new key again, which is harmless: on the next read or write and in the background.",
+			store.StatePending, rec.StateReason))
 	case store.StateStale:
 		warnings = append(warnings, fmt.Sprintf("state %s: %s. The tunnel cannot come up until both sides share a new key: write this path to generate and store one.",
 			store.StateStale, rec.StateReason))
@@ -186,11 +190,15 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 	}
 
 	if validateOnly {
-		stored, err := b.engine.Validate(ctx, req.Storage, t)
+		stored, note, err := b.engine.Validate(ctx, req.Storage, t)
 		if err != nil {
 			return failure(err)
 		}
-		return validateOnlyResponse(t, stored), nil
+		resp := validateOnlyResponse(t, stored)
+		if note != "" {
+			resp.Data["validated_by"] = note
+		}
+		return resp, nil
 	}
 	rotated, err := b.engine.Write(ctx, req.Storage, t, sched)
 	if err != nil {
@@ -239,11 +247,19 @@ in their canonical form, 32 lower-case hexadecimal characters; any other
 spelling, upper case included, is refused with 400 on every path (Vault
 matches policy paths case-sensitively, so each id has one spelling only).
 
-write (create/update): asks Cloudflare to generate a new PSK for the tunnel
-  (POST /accounts/<account_id>/magic/ipsec_tunnels/<tunnel_id>/psk_generate).
-  Cloudflare activates the key on its edge at once, so the router must be given
-  the new key. The key is stored in Vault and the response carries only its
-  metadata, never the key.
+write (create/update): gives the tunnel a new PSK. With config key_source
+  cloudflare (the default) Cloudflare generates it
+  (POST /accounts/<account_id>/magic/ipsec_tunnels/<tunnel_id>/psk_generate);
+  with key_source vault the engine makes it, writes it ahead into the
+  record (state pending) and sets it with Cloudflare's Set operation
+  (POST /accounts/<account_id>/magic/ipsec_tunnels/psk); psk_generate is
+  then never called. A key Cloudflare does not apply is a 400 with its
+  reason, and nothing changes. Cloudflare activates the key on its edge at
+  once, so the router must be given the new key. The key is stored in Vault
+  and the response carries only its metadata, never the key. With
+  key_source vault, a write of a pending tunnel first finishes it with its
+  own key, and a different key is refused with 409 while a request of the
+  engine's abandoned earlier may still land (until settle_until).
   A schedule (omitted: the tunnel keeps its own) is one of:
   rotation_period: rotate the tunnel again every period (at least config
   min_rotation_period, 1h by default; 0 turns scheduled rotation off);
@@ -272,15 +288,27 @@ write (create/update): asks Cloudflare to generate a new PSK for the tunnel
   live at the edge and is stored as a rotation (the answer has stored=true,
   the new version and a warning); if the answer is lost, the tunnel is
   marked rotation_unknown until reconciliation resolves it.
+  With key_source vault no key is made: the stored key, the edge's, is
+  sent through the Set operation with validate_only (a dropped query string
+  sets that same key again; the engine then sets it for real, so the edge's
+  key is Vault's), and without a stored current key the tunnel is only
+  read. validated_by says which was done.
 
 read: returns psk and its metadata:
   account_id, tunnel_id   the tunnel's ids
   last_generated_on       Cloudflare's time of generation of the stored key
   version                 1 for the first key this engine stored, +1 per rotation
+  key_source              who made the stored key: cloudflare (psk_generate)
+                          or vault (made by the engine, set with the Set
+                          operation); "" while no key is stored
   stored_at               when Vault stored the key
   state                   current: the stored key is the one the edge uses;
                           rotation_unknown: a rotation's outcome is not known
                           yet, the edge may use a newer key;
+                          pending: a key Vault made was written ahead and
+                          Cloudflare has not confirmed it; the edge uses it
+                          or the stored key, which is still the one served.
+                          A read finishes it by sending the same key again;
                           stale: the edge uses a key Vault does not hold;
                           tunnel_gone: Cloudflare no longer has the tunnel
                           (the drift sweep returns it to management, at most
@@ -305,7 +333,10 @@ read: returns psk and its metadata:
   last_vault_rotation     when Vault last stored a key (stored_at), the field
                           Vault's static credentials use for it
   settle_until            for rotation_unknown: until when Cloudflare may still
-                          act on that rotation; no new key is asked for before
+                          act on that rotation; no new key is asked for before.
+                          With key_source vault, in any state: until when a
+                          request of the engine's carrying the same key may
+                          still land; no different key is sent before
   failures, last_failure, retry_at
                           the background's consecutive failed attempts on this
                           tunnel, the last one's reason, and when it tries again

@@ -21,6 +21,7 @@ func recordMetadata(r *store.Record) map[string]any {
 		"tunnel_id":           r.TunnelID,
 		"last_generated_on":   store.FormatTime(r.LastGeneratedOn),
 		"version":             r.Version,
+		"key_source":          keySourceOf(r),
 		"stored_at":           store.FormatTime(r.StoredAt),
 		"state":               r.State,
 		"state_reason":        r.StateReason,
@@ -44,6 +45,18 @@ func recordMetadata(r *store.Record) map[string]any {
 		"custom_fqdn_id":              r.Facts.CustomFQDNID,
 		"ipsec_id":                    r.Facts.IPsecID,
 	}
+}
+
+// keySourceOf is who made the stored key: "cloudflare" for a record stored
+// before the field existed, "" while no key is stored.
+func keySourceOf(r *store.Record) string {
+	switch {
+	case r.PSK == "":
+		return ""
+	case r.KeySource == "":
+		return store.KeySourceCloudflare
+	}
+	return r.KeySource
 }
 
 // readData is what a read of psk/ or metadata/ returns beside the key at

@@ -27,8 +27,11 @@ func (e *Engine) Forget(ctx context.Context, s logical.Storage, t store.Tunnel) 
 	if err != nil {
 		return err
 	}
-	if rec != nil && rec.Settling(e.now()) {
-		return &SettlingError{tunnel: t, until: rec.SettleUntil}
+	if rec != nil && rec.SendsMayLand(e.now()) {
+		// Any state: a key Vault made and finished may still be re-set by
+		// a late request, which the next write's different key must wait
+		// out too.
+		return &SettlingError{tunnel: t, until: rec.SettleUntil, sameKey: rec.State != store.StateRotationUnknown}
 	}
 	if err := store.ForgetRecord(ctx, s, t, rec); err != nil {
 		return err
@@ -71,7 +74,7 @@ func (e *Engine) reschedule(ctx context.Context, s logical.Storage, t store.Tunn
 		// not known yet (a heal of it follows, and must not be followed
 		// within the floor by the new schedule's time).
 		lastKey := rec.StoredAt
-		if rec.State == store.StateRotationUnknown && rec.RotationStartedAt.After(lastKey) {
+		if (rec.State == store.StateRotationUnknown || rec.State == store.StatePending) && rec.RotationStartedAt.After(lastKey) {
 			lastKey = rec.RotationStartedAt
 		}
 		updated.NextRotation, updated.WindowEnds = sched.NextAfterChange(lastKey, e.now(), floor)

@@ -25,6 +25,11 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 		// anyway; nothing Cloudflare says now would release it.
 		return rec, nil
 	}
+	if rec.State == store.StatePending {
+		// A key Vault made and wrote ahead: the same key finishes it, at
+		// once, whatever key_source says now (vaultkeys.go).
+		return e.finishPending(ctx, s, conn, t, rec)
+	}
 	// A held tunnel whose validation's outcome was lost is judged, and
 	// marked stale (held still) if the edge changed, but never healed: no
 	// key is made for it but by an operator's write.
@@ -112,7 +117,12 @@ func (e *Engine) holdHealing(ctx context.Context, s logical.Storage, t store.Tun
 func (e *Engine) markStale(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, reason string, retryAt time.Time) (*store.Record, error) {
 	stale := *rec
 	stale.State, stale.StateReason = store.StateStale, reason
-	stale.RotationStartedAt, stale.SettleUntil = time.Time{}, time.Time{}
+	stale.RotationStartedAt, stale.PendingPSK, stale.PendingTrigger = time.Time{}, "", ""
+	if !rec.SendsMayLand(e.now()) {
+		// A window still open is kept: a request of a key Vault made may
+		// still land, and no different key may be sent before it ends.
+		stale.SettleUntil = time.Time{}
+	}
 	stale.ClearFailures()
 	stale.RetryAt = retryAt.UTC()
 	if err := store.MarkUnresolved(ctx, s, t); err != nil {
@@ -136,6 +146,9 @@ func (e *Engine) MarkGone(ctx context.Context, s logical.Storage, t store.Tunnel
 	gone.StateReason = fmt.Sprintf("Cloudflare answered at %s that the tunnel does not exist (deleted, or the API token lost its account): the stored key is kept but is not in use",
 		store.FormatTime(e.now()))
 	gone.RotationStartedAt, gone.SettleUntil = time.Time{}, time.Time{}
+	// A key Vault made and never confirmed is dropped: were the tunnel back,
+	// its key is judged by Cloudflare's times against the stored one.
+	gone.PendingPSK, gone.PendingTrigger = "", ""
 	gone.ClearFailures()
 	if err := store.WriteRecord(ctx, s, t, &gone); err != nil {
 		return rec, err
@@ -220,7 +233,8 @@ func (e *Engine) ReconcileInBackground(ctx context.Context, s logical.Storage, c
 	}
 	// The record may have changed under reconcileLocked (a heal that
 	// failed): note the failure on what is stored now.
-	if latest, rerr := store.ReadRecord(ctx, s, t); rerr == nil && latest != nil && !latest.Current() {
+	if latest, rerr := store.ReadRecord(ctx, s, t); rerr == nil && latest != nil && !latest.Current() && latest.State != store.StatePending {
+		// (A pending record's failed resend noted itself: keepPending.)
 		latest.NoteFailure(e.now(), err)
 		if werr := store.WriteRecord(ctx, s, t, latest); werr != nil {
 			e.TunnelLogger(t).Warn("could not record a failed reconciliation", "error", werr)
@@ -236,7 +250,8 @@ func (e *Engine) ReconcileInBackground(ctx context.Context, s logical.Storage, c
 // tunnel Cloudflare no longer has makes it tunnel_gone. It returns whether
 // the stored key is the edge's. A record that is not current is
 // reconciliation's to resolve. The caller holds t's lock.
-func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, edge *cloudflare.TunnelState, heal bool) (bool, error) {
+func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, edge *cloudflare.TunnelState, mode compareMode) (bool, error) {
+	heal := mode == compareDrift && conn.Settings.HealStalePSK
 	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil || rec == nil {
 		return false, err
@@ -257,6 +272,15 @@ func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn
 	}
 	if edge.PSKLastGeneratedOn.Equal(rec.LastGeneratedOn) {
 		return true, nil
+	}
+	if edge.PSKLastGeneratedOn.After(rec.LastGeneratedOn) && !edge.PSKLastGeneratedOn.After(rec.LateLandingUntil) {
+		// Re-dated within the time a request of the engine's own, carrying
+		// the stored key, may still land: maybe no change of key at all. A
+		// listing concludes nothing (in_sync false).
+		if mode == compareListing {
+			return false, nil
+		}
+		return false, e.lateLanding(ctx, s, conn, t, rec, edge)
 	}
 	if edge.PSKLastGeneratedOn.Before(rec.LastGeneratedOn) && !listedAfter(edge, rec) {
 		// An older key in a listing taken before the stored key was seen
@@ -310,7 +334,7 @@ func (e *Engine) CheckSync(ctx context.Context, s logical.Storage, conn Conn, t 
 		return false, nil
 	}
 	defer unlock()
-	return e.compareLocked(ctx, s, conn, t, edge, false)
+	return e.compareLocked(ctx, s, conn, t, edge, compareListing)
 }
 
 // CompareWithEdge is the drift sweep's look at one tunnel (compareLocked).
@@ -320,7 +344,51 @@ func (e *Engine) CheckSync(ctx context.Context, s logical.Storage, conn Conn, t 
 // request_timeout) or a storage-only change such as a schedule write.
 func (e *Engine) CompareWithEdge(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, edge *cloudflare.TunnelState) (bool, error) {
 	defer e.Lock(t)()
-	return e.compareLocked(ctx, s, conn, t, edge, conn.Settings.HealStalePSK)
+	return e.compareLocked(ctx, s, conn, t, edge, compareDrift)
+}
+
+// compareMode is who holds a record against the edge: a listing
+// (tunnels/), which never sends anything, or the drift sweep, which heals
+// where heal_stale_psk allows.
+type compareMode int
+
+const (
+	compareListing compareMode = iota
+	compareDrift
+)
+
+// lateLanding deals with a current record whose key the edge re-dated
+// within LateLandingUntil: a request of the engine's, abandoned earlier and
+// carrying the stored key, may have landed late, and then the edge uses the
+// stored key; or the key changed outside this engine. Cloudflare's times
+// cannot tell which. (A listing concludes nothing: compareLocked.) The drift
+// sweep sets the stored key again, which makes it the edge's key whichever
+// it was, and makes no new key (written ahead as pending, so a lost answer
+// is finished like any); with heal_stale_psk off it sends nothing and
+// marks the tunnel stale, saying why.
+func (e *Engine) lateLanding(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, edge *cloudflare.TunnelState) error {
+	why := fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s) but no later than a request of the engine's own carrying the stored key may still have landed (%s)",
+		store.FormatTime(edge.PSKLastGeneratedOn), store.FormatTime(rec.LastGeneratedOn), store.FormatTime(rec.LateLandingUntil))
+	if !conn.Settings.HealStalePSK {
+		_, err := e.markStale(ctx, s, t, rec, why+": the edge probably uses the stored key, re-dated, but Cloudflare's times cannot prove it, and with heal_stale_psk off "+
+			"the engine sends nothing. Write this path for a new key, or turn heal_stale_psk on to have the stored key set again", e.now().Add(store.FailureBackoffMax))
+		return err
+	}
+	pending := *rec
+	now := e.now().UTC()
+	pending.State, pending.PendingPSK, pending.PendingTrigger = store.StatePending, rec.PSK, string(TriggerHeal)
+	pending.RotationStartedAt = now
+	pending.StateReason = why + ": the stored key is being set again, which makes it the edge's key whichever it was"
+	if err := store.MarkUnresolved(ctx, s, t); err != nil {
+		return err
+	}
+	if err := store.WriteRecord(ctx, s, t, &pending); err != nil {
+		return err
+	}
+	e.TunnelLogger(t).Info("key re-dated at the edge within the time the engine's own request may land; setting the stored key again",
+		"edge_generated_on", store.FormatTime(edge.PSKLastGeneratedOn))
+	_, err := e.finishPending(ctx, s, conn, t, &pending)
+	return err
 }
 
 // RotateNow rotates t, after learning the outcome of its last rotation when

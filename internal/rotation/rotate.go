@@ -70,9 +70,18 @@ func settleWindow(s Settings) time.Duration { return 2*s.RequestTimeout + settle
 type SettlingError struct {
 	tunnel store.Tunnel
 	until  time.Time
+	// sameKey: the last rotation was finished with a key Vault made, and
+	// an earlier request of that same key may still land; only a
+	// different key has to wait.
+	sameKey bool
 }
 
 func (e *SettlingError) Error() string {
+	if e.sameKey {
+		return fmt.Sprintf("the last rotation of %s set a key Vault made, and a request of that key abandoned earlier may still reach Cloudflare until %s: "+
+			"a different key sent before then could be replaced by it, so none is asked for before then (the key Vault holds is the edge's meanwhile)",
+			e.tunnel, store.FormatTime(e.until))
+	}
 	return fmt.Sprintf("the last rotation of %s has an unknown outcome, and Cloudflare may still process its request until %s "+
 		"(a request abandoned at request_timeout can still be carried out): no new key is asked for before then; "+
 		"reads warn meanwhile, and the engine resolves the outcome from Cloudflare after that time",
@@ -96,7 +105,8 @@ func (e *Engine) Write(ctx context.Context, s logical.Storage, t store.Tunnel, s
 	}
 	rotated, err := e.generate(ctx, a)
 	if err != nil {
-		if outcomeUnknown(err) {
+		var kept *pendingKeptError
+		if outcomeUnknown(err) && !errors.As(err, &kept) {
 			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, store.StateRotationUnknown)
 		}
 		return nil, fmt.Errorf("generate psk for %s: %w", t, err)
@@ -117,8 +127,15 @@ type attempt struct {
 	sched   schedule.Schedule
 	trigger Trigger
 	// pending is the record written before the call (begin):
-	// rotation_unknown, with the edge's key as the attempt started.
+	// rotation_unknown, with the edge's key as the attempt started (or
+	// pending, with the key Vault made).
 	pending *store.Record
+	// key is the key Vault made for the attempt ("": Cloudflare makes it),
+	// source the key_source of the key stored, and resend says the attempt
+	// finishes a pending record by sending its key again (vaultkeys.go).
+	key    string
+	source string
+	resend bool
 }
 
 // validateOnly reports whether the attempt only asks Cloudflare to
@@ -149,10 +166,25 @@ func (e *Engine) rotateLocked(ctx context.Context, s logical.Storage, conn Conn,
 // ahead), send (the key source asks the edge), finish (the key stored). A
 // validation that generated nothing puts the record back and returns nil.
 func (e *Engine) generate(ctx context.Context, a *attempt) (*store.Record, error) {
+	if p := a.previous; p != nil && p.SendsMayLand(e.now()) {
+		// A request of the engine's may still change the edge's key (a
+		// key Vault made, finished while an earlier send of it was out):
+		// a different key now could be replaced by it a moment later.
+		return nil, &SettlingError{tunnel: a.t, until: p.SettleUntil, sameKey: p.State != store.StateRotationUnknown}
+	}
+	source := e.keySource(a.conn.Settings)
+	key, err := source.MakeKey(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if key != "" {
+		return e.setNewKey(ctx, a, key)
+	}
+	a.source = source.Name()
 	if err := e.begin(ctx, a); err != nil {
 		return nil, err
 	}
-	answer, err := e.keys.Send(ctx, a.conn.Edge, a.t, a.validateOnly())
+	answer, err := CloudflareKeys{}.Send(ctx, a.conn.Edge, a.t, a.validateOnly())
 	if err != nil {
 		// nil: a validation that provably generated nothing.
 		return nil, e.sendFailed(ctx, a, err)
@@ -205,6 +237,14 @@ func (e *Engine) begin(ctx context.Context, a *attempt) error {
 	pending.RotationStartedAt = e.now().UTC()
 	pending.SettleUntil = pending.RotationStartedAt.Add(settleWindow(a.conn.Settings))
 	pending.StateReason = fmt.Sprintf("a %s started at %s and has not finished", a.what(), store.FormatTime(pending.RotationStartedAt))
+	pending.PendingPSK, pending.PendingTrigger = "", ""
+	if a.key != "" {
+		// The key Vault made, written before any request carries it: a lost
+		// answer is finished with it (vaultkeys.go).
+		pending.State, pending.PendingPSK, pending.PendingTrigger = store.StatePending, a.key, string(a.trigger)
+		pending.StateReason = fmt.Sprintf("a rotation with a key Vault made started at %s and Cloudflare has not confirmed it yet: "+
+			"the edge uses that key or the one it had", store.FormatTime(pending.RotationStartedAt))
+	}
 	if err := store.MarkUnresolved(ctx, a.s, a.t); err != nil {
 		return err
 	}
@@ -337,6 +377,7 @@ func (e *Engine) finish(ctx context.Context, a *attempt, answer *cloudflare.Gene
 		PSK:             answer.PSK,
 		LastGeneratedOn: answer.LastGeneratedOn.UTC(),
 		KeySeenAt:       answer.Date.UTC(),
+		KeySource:       a.source,
 		Version:         pending.Version + 1,
 		StoredAt:        e.now().UTC(),
 		State:           store.StateCurrent,
@@ -348,6 +389,7 @@ func (e *Engine) finish(ctx context.Context, a *attempt, answer *cloudflare.Gene
 	if a.trigger == TriggerHeal {
 		rec.LastHealedAt = rec.StoredAt
 	}
+	e.lingering(a, rec, answer.Date, answer.LastGeneratedOn)
 	// The next rotation counts from this one: a period from now, a cron
 	// expression's next time (a rotation late in its window does not make
 	// the next one late); a schedule shorter than min_rotation_period (set
@@ -367,7 +409,17 @@ func (e *Engine) finish(ctx context.Context, a *attempt, answer *cloudflare.Gene
 		// land: a next write need not wait out the settle window. Best
 		// effort; storage has just failed.
 		pending.SettleUntil = e.now().UTC()
+		if a.previous != nil {
+			// Earlier sends of a key Vault made may still land.
+			pending.SettleUntil = later(a.previous.SettleUntil, pending.SettleUntil)
+		}
 		_ = store.WriteRecord(context.WithoutCancel(ctx), a.s, a.t, pending)
+		if a.key != "" {
+			// The key was written ahead: the record stays pending, and
+			// the next read, write or background pass sets it again and
+			// stores it.
+			return nil, &pendingKeptError{err: fmt.Errorf("cloudflare applied the key Vault made for %s, but Vault could not store the result: %w", a.t, err)}
+		}
 		return nil, e.lostKey(a.t, err)
 	}
 	if !rec.NextRotation.IsZero() {
@@ -400,6 +452,7 @@ func (e *Engine) holdWrongKey(ctx context.Context, a *attempt, cause error) erro
 	s, t, pending := a.s, a.t, a.pending
 	held := *pending
 	held.AnswerHeld = true
+	held.SettleUntil = time.Time{} // Cloudflare answered: no request of this attempt can land later
 	reason := fmt.Sprintf("the answer to the %s started at %s carried a key Vault did not store (%v), so the edge probably uses a key nobody holds. "+
 		"Check what answers at base_url (config) before an operator writes this path: the engine generates no key for this tunnel by itself "+
 		"(no heal, no scheduled or bulk rotation) until then",

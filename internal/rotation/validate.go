@@ -31,6 +31,7 @@ import (
 	"context"
 	"fmt"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -38,26 +39,90 @@ import (
 
 // Validate is a validate_only write of t. It returns the record it
 // stored when Cloudflare's answer carried a key (see above), nil when it only
-// validated.
-func (e *Engine) Validate(ctx context.Context, s logical.Storage, t store.Tunnel) (*store.Record, error) {
+// validated; and, for key_source vault, a note on how it validated.
+func (e *Engine) Validate(ctx context.Context, s logical.Storage, t store.Tunnel) (*store.Record, string, error) {
 	// As before a rotation (beginWrite): while the last one still settles,
 	// a validation that turned into a generation could be overtaken by the
 	// abandoned request, so it is refused (409).
 	conn, rec, unlock, err := e.beginWrite(ctx, s, t)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	defer unlock()
+	if e.keySource(conn.Settings).Name() == store.KeySourceVault {
+		note, err := e.validateVault(ctx, &attempt{s: s, conn: conn, t: t, previous: rec, sched: rec.Schedule(), trigger: TriggerValidate})
+		if err != nil {
+			return nil, "", fmt.Errorf("validate setting a key for %s: %w", t, err)
+		}
+		return nil, note, nil
+	}
 	stored, err := e.generate(ctx, &attempt{s: s, conn: conn, t: t, previous: rec, sched: rec.Schedule(), trigger: TriggerValidate})
 	if err != nil {
 		if outcomeUnknown(err) {
 			err = fmt.Errorf("%w; the outcome is unknown (a dropped query string would have made it a generation), "+
 				"so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, store.StateRotationUnknown)
 		}
-		return nil, fmt.Errorf("validate psk generation for %s: %w", t, err)
+		return nil, "", fmt.Errorf("validate psk generation for %s: %w", t, err)
 	}
 	if stored != nil {
 		e.TunnelLogger(t).Warn("cloudflare generated a psk for a validate_only request; stored as a rotation", "version", stored.Version)
 	}
-	return stored, nil
+	return stored, "", nil
+}
+
+// With key_source vault a validation never makes a key. It sends the
+// stored key, the one the edge uses, through the Set operation with
+// ?validate_only=true: should something on the way drop the query string,
+// the edge takes the key it already has, which is harmless, but re-dated.
+// So the stored key is written ahead as pending, as for a rotation, and an
+// answer that shows the key re-dated is finished with a real Set of the
+// same key: the edge's key is Vault's whatever happened. Without a key
+// Vault holds as the edge's (no record, or one not current) nothing is
+// sent that could set a key: the tunnel is read (it exists, the token
+// reaches it).
+const (
+	noteValidatedBySet  = "Cloudflare validated setting the stored key (Set operation, validate_only): no key was made or changed"
+	noteValidatedByRead = "Vault holds no key that is the edge's for this tunnel, so no key was sent: the tunnel was read instead " +
+		"(it exists and the API token reaches it); the Set operation itself was not validated"
+	noteSetAgain = "Cloudflare's answer to the validation dated the tunnel's key later than the stored one: something on the way may have dropped " +
+		"the query string, which sets the stored key again, or the key changed outside this engine. The engine set the stored key again " +
+		"for real, so the edge's key is Vault's"
+)
+
+// validateVault is a validation with key_source vault (see above). It
+// returns the note for the caller.
+func (e *Engine) validateVault(ctx context.Context, a *attempt) (string, error) {
+	rec := a.previous
+	if rec == nil || !rec.Current() || rec.PSK == "" {
+		if _, err := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID); err != nil {
+			return "", fmt.Errorf("read the tunnel: %w", err)
+		}
+		return noteValidatedByRead, nil
+	}
+	a.key, a.source = rec.PSK, rec.KeySource
+	if err := e.begin(ctx, a); err != nil {
+		return "", err
+	}
+	a.pending.StateReason = fmt.Sprintf("a validate_only request with the stored key started at %s and has not finished "+
+		"(if the query string was dropped on the way, the edge set the stored key again)", store.FormatTime(a.pending.RotationStartedAt))
+	res, err := a.conn.Edge.SetPSKs(ctx, a.t.AccountID, []cloudflare.PSKToSet{{TunnelID: a.t.TunnelID, PSK: a.key}}, true)
+	if err != nil {
+		return "", e.setFailed(ctx, a, err)
+	}
+	r, _ := res.Tunnel(a.t.TunnelID)
+	switch r.Outcome {
+	case cloudflare.PSKApplied:
+		if !r.LastGeneratedOn.After(rec.LastGeneratedOn) {
+			e.restore(ctx, a.s, a.t, a.previous)
+			return noteValidatedBySet, nil
+		}
+		e.TunnelLogger(a.t).Warn("a validate_only answer dated the stored key later than Vault knew it; setting the stored key again")
+		if _, err := e.finishPending(ctx, a.s, a.conn, a.t, a.pending); err != nil {
+			return "", err
+		}
+		return noteSetAgain, nil
+	case cloudflare.PSKUnapplied:
+		return "", e.keyUnapplied(ctx, a, r.Reason)
+	}
+	return "", e.keepPending(ctx, a, &cloudflare.MalformedResponseError{Op: cloudflare.OpSetPSKs, Reason: r.Reason})
 }

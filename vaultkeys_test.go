@@ -1,0 +1,477 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+)
+
+// Keys Vault makes (config key_source vault): written ahead, set on the
+// edge with Cloudflare's Set operation, finished with the same key.
+
+// newVaultKeysEnv is newConfiguredEnv with key_source vault.
+func newVaultKeysEnv(t *testing.T) *testEnv {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"key_source": "vault"}))
+	return env
+}
+
+// distinctNewKeys is how many different keys the edge was given after the
+// one the tunnel was created with: setting one key twice gives it one.
+func (e *testEnv) distinctNewKeys() int {
+	seen := map[string]bool{}
+	for _, k := range e.edge().GeneratedPSKs[1:] {
+		seen[k] = true
+	}
+	return len(seen)
+}
+
+// storedRecord reads the tunnel's record from storage, as no path shows it
+// (a read of the path would finish a pending record first).
+func (e *testEnv) storedRecord() *store.Record {
+	e.t.Helper()
+	rec, err := store.ReadRecord(context.Background(), e.storage, store.Tunnel{AccountID: e.account, TunnelID: e.tunnel.ID})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return rec
+}
+
+var vaultKeyForm = regexp.MustCompile(`^[A-Za-z0-9]{32}$`)
+
+func TestAWriteSetsVaultsKeyAndNeverGenerates(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	resp := env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	if resp.Data["key_source"] != "vault" || resp.Data["state"] != store.StateCurrent {
+		t.Fatalf("write: key_source %v, state %v", resp.Data["key_source"], resp.Data["state"])
+	}
+	if _, ok := resp.Data["psk"]; ok {
+		t.Fatal("the write's answer carries the key")
+	}
+	read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	psk, _ := read.Data["psk"].(string)
+	if psk != env.edge().PSK || !vaultKeyForm.MatchString(psk) {
+		t.Fatalf("read: the key is the edge's: %v, of 32 letters and digits: %v", psk == env.edge().PSK, vaultKeyForm.MatchString(psk))
+	}
+	if n := env.sim.Calls(cloudflaresim.OpPSKGenerate); n != 0 {
+		t.Errorf("psk_generate called %d times", n)
+	}
+	if n := env.sim.Calls(cloudflaresim.OpPSKSet); n != 1 {
+		t.Errorf("Set called %d times, want 1", n)
+	}
+	if meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)); meta.Data["key_source"] != "vault" {
+		t.Errorf("metadata key_source %v", meta.Data["key_source"])
+	}
+	assertCurrent(t, env, "after the write")
+	if rec := env.storedRecord(); rec.PendingPSK != "" || !rec.SettleUntil.IsZero() {
+		t.Error("a key set with its answer leaves a pending key or a settle window behind")
+	}
+
+	env.b.events.Wait()
+	env.events.Lock()
+	defer env.events.Unlock()
+	if len(env.events.Events) != 1 {
+		t.Fatalf("%d events, want 1", len(env.events.Events))
+	}
+	if fields := env.events.Events[0].Event.Metadata.AsMap(); fields["key_source"] != "vault" || strings.Contains(fmt.Sprint(fields), psk) {
+		t.Errorf("event: key_source %v, carries the key: %v", fields["key_source"], strings.Contains(fmt.Sprint(fields), psk))
+	}
+}
+
+// TestALostAnswerIsFinishedWithTheSameKey: the edge took the key and the
+// answer was lost. The record was written ahead as pending; a read at once
+// (no settle window) sends the same key again and serves it current, and
+// the edge was given one new key.
+func TestALostAnswerIsFinishedWithTheSameKey(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		fault cloudflaresim.Fault
+	}{
+		{"hang-up after the change", cloudflaresim.Fault{AfterCommit: true, Hangup: true}},
+		{"5xx after the change", cloudflaresim.Fault{AfterCommit: true, Status: http.StatusBadGateway}},
+		{"5xx before any change", cloudflaresim.Fault{Status: http.StatusServiceUnavailable}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newVaultKeysEnv(t)
+			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+			env.sim.FailNext(cloudflaresim.OpPSKSet, tc.fault)
+			resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+			if status := httpStatus(resp, err); status != http.StatusBadGateway {
+				t.Fatalf("write with the answer lost: status %d (%s)", status, errorText(resp, err))
+			}
+			if msg := errorText(resp, err); !strings.Contains(msg, "marked pending") || !strings.Contains(msg, "same key") {
+				t.Errorf("the error does not say what happens next: %s", msg)
+			}
+			rec := env.storedRecord()
+			if rec.State != store.StatePending || rec.PendingPSK == "" || rec.PendingPSK == rec.PSK {
+				t.Fatalf("after the lost answer: state %s, a pending key: %v", rec.State, rec.PendingPSK != "")
+			}
+			pending := rec.PendingPSK
+			assertCurrent(t, env, "the read at once")
+			if env.edge().PSK != pending {
+				t.Error("the key served is not the one written ahead")
+			}
+			if n := env.distinctNewKeys(); n != 2 {
+				t.Errorf("the edge was given %d different keys, want 2 (the first write's, the lost one's)", n)
+			}
+			if n := env.sim.Calls(cloudflaresim.OpPSKGenerate); n != 0 {
+				t.Errorf("psk_generate called %d times", n)
+			}
+			if got := env.storedRecord().Version; got != 2 {
+				t.Errorf("version %d, want 2", got)
+			}
+		})
+	}
+}
+
+// TestTheBackgroundAndAWriteFinishAPendingKey: a pending record is finished
+// by the background pass as by a read; a write finishes it first, and only
+// then asks for a different key.
+func TestTheBackgroundAndAWriteFinishAPendingKey(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	backgroundPass(t, env)
+	assertCurrent(t, env, "after the background pass")
+	if n := env.distinctNewKeys(); n != 1 {
+		t.Errorf("the edge was given %d different keys, want 1", n)
+	}
+
+	// The lost request may still land until its settle window ends, even
+	// after the rotation was finished: no different key before then.
+	env.clock.Advance(time.Hour)
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	pending := env.storedRecord().PendingPSK
+	// The operator writes again: the write finishes the pending key, and
+	// refuses to send a different one while the lost request may land.
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if status := httpStatus(resp, err); status != http.StatusConflict || !strings.Contains(errorText(resp, err), "different key") {
+		t.Fatalf("write after the lost answer: status %d (%s)", status, errorText(resp, err))
+	}
+	assertCurrent(t, env, "after the write finished the pending key")
+	if env.edge().PSK != pending || env.distinctNewKeys() != 2 {
+		t.Errorf("the edge's key is the pending one: %v; different keys given: %d, want 2", env.edge().PSK == pending, env.distinctNewKeys())
+	}
+}
+
+// assertKeyCurrent checks that a read serves the edge's key as current.
+// Unlike assertCurrent it does not ask that last_generated_on be the
+// edge's: a late request of the same key re-dates it, which changes no key.
+func assertKeyCurrent(t *testing.T, env *testEnv, when string) {
+	t.Helper()
+	resp := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	if resp.Data["state"] != store.StateCurrent || resp.Data["psk"] != env.edge().PSK {
+		t.Fatalf("%s: state %v, key is the edge's: %v", when, resp.Data["state"], resp.Data["psk"] == env.edge().PSK)
+	}
+}
+
+// validateOnlyPath is a validate_only write of env's tunnel's path.
+func validateOnlyPath(env *testEnv) (*logical.Response, error) {
+	return env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"validate_only": true})
+}
+
+// TestALateLandingNeverMakesAReadCallAStaleKeyCurrent: a request the edge
+// took and processed after the engine gave up. The read finishes the
+// rotation with the same key; no different key is sent while the abandoned
+// request may still land (409); when it lands it sets the same key again,
+// re-dated, which a listing does not take for drift and the drift sweep
+// resolves by setting the stored key again: no key nobody asked for, and
+// no read ever calls current a key the edge does not use.
+func TestALateLandingNeverMakesAReadCallAStaleKeyCurrent(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "1m"}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{ProcessAfter: time.Hour})
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if status := httpStatus(resp, err); status != http.StatusGatewayTimeout {
+		t.Fatalf("write held by the edge: status %d (%s)", status, errorText(resp, err))
+	}
+	env.sim.WaitAccepted()
+	pending := env.storedRecord().PendingPSK
+	assertHonest(t, env)
+	assertCurrent(t, env, "the read after the held write")
+	if env.edge().PSK != pending {
+		t.Fatal("the read did not finish with the key written ahead")
+	}
+	rec := env.storedRecord()
+	if !rec.SendsMayLand(env.clock.Now()) || rec.LateLandingUntil.IsZero() {
+		t.Fatalf("the finished record keeps no window for the abandoned request: settle_until %v, late_landing_until %v", rec.SettleUntil, rec.LateLandingUntil)
+	}
+	sets := env.sim.Calls(cloudflaresim.OpPSKSet)
+	resp, err = env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if status := httpStatus(resp, err); status != http.StatusConflict || !strings.Contains(errorText(resp, err), "different key") {
+		t.Fatalf("a different key while the abandoned request may land: status %d (%s)", status, errorText(resp, err))
+	}
+	if env.sim.Calls(cloudflaresim.OpPSKSet) != sets {
+		t.Error("the refused write sent a key")
+	}
+
+	env.clock.Advance(time.Second)
+	env.sim.ProcessLateNow() // the abandoned request lands: the same key, re-dated
+	if env.edge().PSK != pending {
+		t.Fatal("the late landing changed the key")
+	}
+	assertKeyCurrent(t, env, "after the late landing")
+	list := env.must(env.request(logical.ListOperation, "tunnels/"+env.account, nil))
+	if info := list.Data["key_info"].(map[string]any)[env.tunnel.ID].(map[string]any); info["in_sync"] != false {
+		t.Errorf("listing after the re-date: in_sync %v, want false (not proven)", info["in_sync"])
+	}
+	if got := env.storedRecord(); got.State != store.StateCurrent || got.PSK != pending {
+		t.Fatalf("the listing changed the record: state %s", got.State)
+	}
+
+	env.clock.Advance(time.Minute)
+	backgroundPass(t, env) // the drift sweep: sets the stored key again
+	assertCurrent(t, env, "after the drift sweep")
+	if n := env.distinctNewKeys(); n != 2 {
+		t.Errorf("the edge was given %d different keys, want 2", n)
+	}
+	if got := env.storedRecord(); got.Version != 2 || !got.LastGeneratedOn.Equal(env.edge().PSKGeneratedOn) {
+		t.Errorf("after the sweep: version %d (want 2), last_generated_on is the edge's: %v", got.Version, got.LastGeneratedOn.Equal(env.edge().PSKGeneratedOn))
+	}
+	env.clock.Advance(time.Hour)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	assertCurrent(t, env, "a write once the window passed")
+}
+
+// TestALateLandingWithHealingOffIsStaleAndSaysWhy: with heal_stale_psk off
+// the drift sweep sends nothing for a key re-dated within the window: the
+// tunnel is stale with a reason that tells the truth.
+func TestALateLandingWithHealingOffIsStaleAndSaysWhy(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "1m", "heal_stale_psk": false}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{ProcessAfter: time.Hour})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("the held write succeeded")
+	}
+	env.sim.WaitAccepted()
+	assertCurrent(t, env, "the read after the held write")
+	env.clock.Advance(time.Second)
+	env.sim.ProcessLateNow()
+	sets := env.sim.Calls(cloudflaresim.OpPSKSet)
+	env.clock.Advance(time.Minute)
+	backgroundPass(t, env)
+	rec := env.storedRecord()
+	if rec.State != store.StateStale || !strings.Contains(rec.StateReason, "heal_stale_psk off") || !strings.Contains(rec.StateReason, "request of the engine's own") {
+		t.Fatalf("state %s, reason %q", rec.State, rec.StateReason)
+	}
+	if env.sim.Calls(cloudflaresim.OpPSKSet) != sets {
+		t.Error("the sweep sent a key with healing off")
+	}
+	assertHonest(t, env)
+}
+
+// TestAKeyCloudflareRefusesChangesNothing: unapplied_psks. The caller
+// learns Cloudflare's reason; the record is as it was, and so is the edge.
+func TestAKeyCloudflareRefusesChangesNothing(t *testing.T) {
+	for _, first := range []bool{true, false} {
+		t.Run(fmt.Sprintf("first rotation %v", first), func(t *testing.T) {
+			env := newVaultKeysEnv(t)
+			if !first {
+				env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+			}
+			before, edge := env.storageSnapshot(), env.edge().PSK
+			env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{Unapplied: map[string]string{env.tunnel.ID: "tunnel is being provisioned"}})
+			resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+			msg := errorText(resp, err)
+			if status := httpStatus(resp, err); status != http.StatusBadRequest || !strings.Contains(msg, "cloudflare did not apply") || !strings.Contains(msg, "tunnel is being provisioned") {
+				t.Fatalf("status %d: %s", status, msg)
+			}
+			if after := env.storageSnapshot(); fmt.Sprint(after) != fmt.Sprint(before) {
+				t.Errorf("a refused key changed storage:\n%v\n%v", before, after)
+			}
+			if env.edge().PSK != edge {
+				t.Error("the edge's key changed")
+			}
+		})
+	}
+}
+
+// TestAResendCloudflareRefusesStaysPending: a pending key whose resend is
+// unapplied may still be on the edge (the first request may have landed):
+// it stays pending, backs off and says why; nothing calls it current.
+func TestAResendCloudflareRefusesStaysPending(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{Unapplied: map[string]string{env.tunnel.ID: "maintenance"}})
+	read, err := env.request(logical.ReadOperation, env.pskPath(), nil)
+	if err != nil || read.Data["state"] != store.StatePending || !strings.Contains(strings.Join(read.Warnings, " "), "maintenance") {
+		t.Fatalf("read after a refused resend: %v, state %v, warnings %v", err, read.Data["state"], read.Warnings)
+	}
+	rec := env.storedRecord()
+	if rec.Failures != 1 || rec.RetryAt.IsZero() {
+		t.Errorf("failures %d, retry_at %v: no backoff", rec.Failures, rec.RetryAt)
+	}
+	sets := env.sim.Calls(cloudflaresim.OpPSKSet)
+	env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	if env.sim.Calls(cloudflaresim.OpPSKSet) != sets {
+		t.Error("a read during the backoff sent the key again")
+	}
+	assertHonest(t, env)
+	env.clock.Advance(time.Hour)
+	assertCurrent(t, env, "a read after the backoff")
+}
+
+// TestPasswordPolicies: a policy is checked when config is written (it
+// must exist and make keys of the form every template carries) and at each
+// rotation, which sends nothing if it does not.
+func TestPasswordPolicies(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	sys := env.b.System().(*logical.StaticSystemView)
+	sys.SetPasswordPolicy("routers", func() (string, error) { return "Ab3" + strings.Repeat("x", 21), nil })
+	sys.SetPasswordPolicy("symbols", func() (string, error) { return "Ab3$" + strings.Repeat("x", 20), nil })
+	calls := env.sim.TotalCalls()
+	before := env.storageSnapshot()
+	for policy, want := range map[string]string{
+		"missing": `password_policy "missing": Vault could not generate a password from it`,
+		"symbols": `password_policy "symbols" made a key that has characters other than letters and digits`,
+	} {
+		resp, err := env.request(logical.UpdateOperation, "config", map[string]any{"password_policy": policy})
+		if status := httpStatus(resp, err); status != http.StatusBadRequest || !strings.Contains(errorText(resp, err), want) {
+			t.Errorf("policy %s: status %d: %s", policy, status, errorText(resp, err))
+		}
+	}
+	if env.sim.TotalCalls() != calls || fmt.Sprint(env.storageSnapshot()) != fmt.Sprint(before) {
+		t.Error("a refused policy called Cloudflare or changed storage")
+	}
+
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"password_policy": "routers"}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	if psk := env.edge().PSK; len(psk) != 24 || !strings.HasPrefix(psk, "Ab3") {
+		t.Errorf("the key is not the policy's (%d characters)", len(psk))
+	}
+
+	// The policy changes under the mount: the rotation refuses its key.
+	sys.SetPasswordPolicy("routers", func() (string, error) { return "short", nil })
+	before, sets := env.storageSnapshot(), env.sim.Calls(cloudflaresim.OpPSKSet)
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if msg := errorText(resp, err); httpStatus(resp, err) < 400 || !strings.Contains(msg, `password_policy "routers"`) || strings.Contains(msg, "short") && !strings.Contains(msg, "characters") {
+		t.Fatalf("status %d: %s", httpStatus(resp, err), msg)
+	}
+	if env.sim.Calls(cloudflaresim.OpPSKSet) != sets || fmt.Sprint(env.storageSnapshot()) != fmt.Sprint(before) {
+		t.Error("a key of the wrong form was sent or changed storage")
+	}
+	if resp, err := env.request(logical.UpdateOperation, "config", map[string]any{"key_source": "gcp"}); httpStatus(resp, err) != http.StatusBadRequest {
+		t.Errorf("key_source gcp: status %d", httpStatus(resp, err))
+	}
+}
+
+// TestValidateOnlyWithVaultsKeys: a validation sends the stored key with
+// validate_only, or, without one, only reads the tunnel; a gateway that
+// drops the query string re-sets the stored key, which the engine then
+// sets for real: never a key on the edge Vault does not hold.
+func TestValidateOnlyWithVaultsKeys(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	resp := env.must(validateOnlyPath(env))
+	if note, _ := resp.Data["validated_by"].(string); !strings.Contains(note, "no key was sent") || env.sim.Calls(cloudflaresim.OpPSKSet) != 0 {
+		t.Fatalf("validation without a stored key: note %q, Set calls %d", note, env.sim.Calls(cloudflaresim.OpPSKSet))
+	}
+	if env.storedRecord() != nil {
+		t.Fatal("a validation stored a record")
+	}
+
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	before, keys := env.storageSnapshot(), len(env.edge().GeneratedPSKs)
+	resp = env.must(validateOnlyPath(env))
+	if note, _ := resp.Data["validated_by"].(string); !strings.Contains(note, "validated setting the stored key") || resp.Data["stored"] != false {
+		t.Fatalf("validation with a stored key: %v", resp.Data)
+	}
+	if len(env.edge().GeneratedPSKs) != keys || fmt.Sprint(env.storageSnapshot()) != fmt.Sprint(before) {
+		t.Error("a validation changed the edge or storage")
+	}
+
+	env.clock.Advance(time.Second) // the re-set key's second differs from the stored one's
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{IgnoreValidateOnly: true})
+	resp = env.must(validateOnlyPath(env))
+	if note, _ := resp.Data["validated_by"].(string); !strings.Contains(note, "set the stored key again") {
+		t.Fatalf("validation turned into a real Set: %v", resp.Data)
+	}
+	assertCurrent(t, env, "after the dropped query string")
+	if n := env.distinctNewKeys(); n != 1 {
+		t.Errorf("the edge was given %d different keys, want 1", n)
+	}
+}
+
+// TestASwitchToCloudflareFinishesAPendingKeyWithIt: a pending key Vault
+// made is finished with the Set operation whatever key_source says now;
+// only the next rotation asks psk_generate.
+func TestASwitchToCloudflareFinishesAPendingKeyWithIt(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"key_source": "cloudflare"}))
+	assertCurrent(t, env, "the read after the switch")
+	if env.sim.Calls(cloudflaresim.OpPSKGenerate) != 0 {
+		t.Error("psk_generate was called to finish a key Vault made")
+	}
+	env.clock.Advance(time.Hour) // past the lost request's settle window
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	assertCurrent(t, env, "the next write")
+	if meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil)); meta.Data["key_source"] != "cloudflare" || env.sim.Calls(cloudflaresim.OpPSKGenerate) != 1 {
+		t.Errorf("after the switch: key_source %v, psk_generate calls %d", meta.Data["key_source"], env.sim.Calls(cloudflaresim.OpPSKGenerate))
+	}
+}
+
+// TestAHealWithVaultsKeysMakesAKeyOfVaults: drift found outside the window
+// of the engine's own requests is drift as ever, healed with a key Vault
+// makes.
+func TestAHealWithVaultsKeysMakesAKeyOfVaults(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "10m"}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.clock.Advance(time.Second)
+	env.sim.RegenerateOutOfBand(env.account, env.tunnel.ID)
+	env.clock.Advance(10 * time.Minute)
+	backgroundPass(t, env)
+	assertCurrent(t, env, "after the heal")
+	if env.sim.Calls(cloudflaresim.OpPSKGenerate) != 0 || env.sim.Calls(cloudflaresim.OpPSKSet) != 2 {
+		t.Errorf("psk_generate %d, Set %d; want 0 and 2", env.sim.Calls(cloudflaresim.OpPSKGenerate), env.sim.Calls(cloudflaresim.OpPSKSet))
+	}
+}
+
+// TestAPendingKeyOfADeletedTunnelIsRecordedGone: the resend of a pending
+// key to a tunnel Cloudflare no longer has is unapplied; the tunnel is
+// recorded gone rather than sent the key again at every pass.
+func TestAPendingKeyOfADeletedTunnelIsRecordedGone(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	env.sim.DeleteTunnel(env.account, env.tunnel.ID)
+	read, err := env.request(logical.ReadOperation, env.pskPath(), nil)
+	if err != nil || read.Data["state"] != store.StateTunnelGone {
+		t.Fatalf("read: %v, state %v", err, read.Data["state"])
+	}
+	if rec := env.storedRecord(); rec.PendingPSK != "" {
+		t.Error("the gone record keeps the pending key")
+	}
+	sets := env.sim.Calls(cloudflaresim.OpPSKSet)
+	backgroundPass(t, env)
+	if env.sim.Calls(cloudflaresim.OpPSKSet) != sets {
+		t.Error("the background sent the key to a gone tunnel")
+	}
+}
