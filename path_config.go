@@ -346,8 +346,8 @@ func (b *backend) checkPasswordPolicy(ctx context.Context, cfg *configRecord) st
 				"vault write sys/policies/password/%s policy=@<file>, or leave password_policy empty; nothing was stored", cfg.PasswordPolicy, err, cfg.PasswordPolicy)
 		}
 		if problem := rotation.KeyProblem(key); problem != "" {
-			return fmt.Sprintf("password_policy %q made a key that %s: every key must be 16 to 128 letters and digits, "+
-				"which every shipped router template carries (the IOS XE one has no quoting); nothing was stored", cfg.PasswordPolicy, problem)
+			return fmt.Sprintf("password_policy %q made a key that %s (every key must be 16 to 128 letters and digits, "+
+				"which every shipped router template carries); nothing was stored", cfg.PasswordPolicy, problem)
 		}
 	}
 	return ""

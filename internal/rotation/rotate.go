@@ -109,6 +109,9 @@ func (e *Engine) Write(ctx context.Context, s logical.Storage, t store.Tunnel, s
 		if outcomeUnknown(err) && !errors.As(err, &kept) {
 			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, store.StateRotationUnknown)
 		}
+		if e.keySource(conn.Settings).Name() == store.KeySourceVault {
+			return nil, fmt.Errorf("set a new psk for %s: %w", t, err)
+		}
 		return nil, fmt.Errorf("generate psk for %s: %w", t, err)
 	}
 	return rotated, nil
