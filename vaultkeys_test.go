@@ -410,6 +410,10 @@ func TestValidateOnlyWithVaultsKeys(t *testing.T) {
 	if n := env.distinctNewKeys(); n != 1 {
 		t.Errorf("the edge was given %d different keys, want 1", n)
 	}
+	// The validation was answered: nothing of it can land later, and a
+	// write need not wait.
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	assertCurrent(t, env, "a write right after")
 }
 
 // TestASwitchToCloudflareFinishesAPendingKeyWithIt: a pending key Vault
@@ -474,4 +478,56 @@ func TestAPendingKeyOfADeletedTunnelIsRecordedGone(t *testing.T) {
 	if env.sim.Calls(cloudflaresim.OpPSKSet) != sets {
 		t.Error("the background sent the key to a gone tunnel")
 	}
+}
+
+// TestBulkRotationsWithVaultsKeys: rotate/<account> rotates each tunnel
+// with a key Vault makes (one Set per tunnel for now), never psk_generate,
+// and a tunnel whose key was finished while a lost request may still land
+// waits instead of being sent a different key.
+func TestBulkRotationsWithVaultsKeys(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	tunnels := bulkFleet(t, env, 3)
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	drain(t, env)
+	if p := progressOf(t, env); p["done"] != len(tunnels) || p["remaining"] != 0 {
+		t.Fatalf("bulk progress %v", p)
+	}
+	if n := env.sim.Calls(cloudflaresim.OpPSKGenerate); n != 0 {
+		t.Errorf("psk_generate called %d times", n)
+	}
+	for _, id := range tunnels {
+		edge, _ := env.sim.Tunnel(env.account, id)
+		read := env.must(env.request(logical.ReadOperation, "psk/"+env.account+"/"+id, nil))
+		if read.Data["psk"] != edge.PSK || read.Data["version"] != 2 || read.Data["key_source"] != "vault" {
+			t.Errorf("tunnel %s: key is the edge's: %v, version %v, key_source %v", id, read.Data["psk"] == edge.PSK, read.Data["version"], read.Data["key_source"])
+		}
+	}
+
+	// A lost answer, finished by a read: a bulk job queued while the lost
+	// request may still land waits for its window to end, then rotates.
+	env.clock.Advance(time.Hour)
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	assertCurrent(t, env, "the read after the lost answer")
+	rec := env.storedRecord()
+	if !rec.SendsMayLand(env.clock.Now()) {
+		t.Fatal("the finished record keeps no window for the lost request")
+	}
+	env.clock.Advance(time.Second)
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	drain(t, env)
+	if got := env.storedRecord(); got.Version != rec.Version {
+		t.Fatalf("a bulk rotation sent a different key while the lost request may land (version %d, want %d)", got.Version, rec.Version)
+	}
+	env.clock.Advance(rec.SettleUntil.Sub(env.clock.Now()) + time.Second)
+	drain(t, env)
+	if got := env.storedRecord(); got.Version != rec.Version+1 {
+		t.Errorf("after the window the bulk rotation did not happen: version %d, want %d", got.Version, rec.Version+1)
+	}
+	if p := progressOf(t, env); p["done"] != len(tunnels) || p["remaining"] != 0 {
+		t.Errorf("bulk progress %v", p)
+	}
+	assertCurrent(t, env, "after the bulk rotation")
 }

@@ -247,6 +247,10 @@ func (e *Engine) begin(ctx context.Context, a *attempt) error {
 		pending.State, pending.PendingPSK, pending.PendingTrigger = store.StatePending, a.key, string(a.trigger)
 		pending.StateReason = fmt.Sprintf("a rotation with a key Vault made started at %s and Cloudflare has not confirmed it yet: "+
 			"the edge uses that key or the one it had", store.FormatTime(pending.RotationStartedAt))
+		if a.validateOnly() {
+			pending.StateReason = fmt.Sprintf("a validate_only request with the stored key started at %s and has not finished "+
+				"(if the query string was dropped on the way, the edge set the stored key again)", store.FormatTime(pending.RotationStartedAt))
+		}
 	}
 	if err := store.MarkUnresolved(ctx, a.s, a.t); err != nil {
 		return err

@@ -103,8 +103,6 @@ func (e *Engine) validateVault(ctx context.Context, a *attempt) (string, error) 
 	if err := e.begin(ctx, a); err != nil {
 		return "", err
 	}
-	a.pending.StateReason = fmt.Sprintf("a validate_only request with the stored key started at %s and has not finished "+
-		"(if the query string was dropped on the way, the edge set the stored key again)", store.FormatTime(a.pending.RotationStartedAt))
 	res, err := a.conn.Edge.SetPSKs(ctx, a.t.AccountID, []cloudflare.PSKToSet{{TunnelID: a.t.TunnelID, PSK: a.key}}, true)
 	if err != nil {
 		return "", e.setFailed(ctx, a, err)
@@ -117,6 +115,9 @@ func (e *Engine) validateVault(ctx context.Context, a *attempt) (string, error) 
 			return noteValidatedBySet, nil
 		}
 		e.TunnelLogger(a.t).Warn("a validate_only answer dated the stored key later than Vault knew it; setting the stored key again")
+		// The validation was answered, so it cannot land later: only the
+		// windows of earlier requests remain (the resend adds its own).
+		a.pending.SettleUntil = rec.SettleUntil
 		if _, err := e.finishPending(ctx, a.s, a.conn, a.t, a.pending); err != nil {
 			return "", err
 		}
