@@ -531,3 +531,29 @@ func TestBulkRotationsWithVaultsKeys(t *testing.T) {
 	}
 	assertCurrent(t, env, "after the bulk rotation")
 }
+
+// TestARotationUnknownLeftByGenerateIsResolvedAsEverAfterASwitch: a
+// psk_generate whose answer was lost before the mount switched to
+// key_source vault is resolved by Cloudflare's times, as ever, and healed
+// with a key Vault makes.
+func TestARotationUnknownLeftByGenerateIsResolvedAsEverAfterASwitch(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	if rec := env.storedRecord(); rec.State != store.StateRotationUnknown {
+		t.Fatalf("state %s, want %s", rec.State, store.StateRotationUnknown)
+	}
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"key_source": "vault"}))
+	generated := env.sim.Calls(cloudflaresim.OpPSKGenerate)
+	env.clock.Advance(time.Hour) // past the lost generate's settle window
+	assertCurrent(t, env, "the read after the settle window")
+	if env.sim.Calls(cloudflaresim.OpPSKGenerate) != generated || env.sim.Calls(cloudflaresim.OpPSKSet) != 1 {
+		t.Errorf("the heal: psk_generate %d more, Set %d; want 0 and 1", env.sim.Calls(cloudflaresim.OpPSKGenerate)-generated, env.sim.Calls(cloudflaresim.OpPSKSet))
+	}
+	if rec := env.storedRecord(); rec.KeySource != store.KeySourceVault {
+		t.Errorf("key_source %q", rec.KeySource)
+	}
+}
