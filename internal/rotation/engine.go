@@ -1,8 +1,9 @@
 // Package rotation is the engine's protocol for putting a new key on the
 // edge without ever losing one: begin (the record written rotation_unknown
-// before anything is sent), send, finish (the key stored), and, when an
-// outcome is lost, reconcile and heal from Cloudflare's own account of the
-// tunnel. validate_only, forgetting a tunnel and rescheduling it run under
+// before anything is sent, or pending with the key when Vault makes it),
+// send, finish (the key stored), and, when an outcome is lost, reconcile and
+// heal from Cloudflare's own account of the tunnel, or, for a key Vault made,
+// finish by sending the same key again (vaultkeys.go). validate_only, forgetting a tunnel and rescheduling it run under
 // the same per-tunnel lock and rules.
 //
 // The package knows nothing of Vault's request handling: the root package
