@@ -139,6 +139,11 @@ type attempt struct {
 	key    string
 	source string
 	resend bool
+	// listed is, for a tunnel Vault holds no record of (previous nil),
+	// what an account listing said of it moments before: the edge's key
+	// time and the router facts a first rotation would otherwise read the
+	// tunnel for (edgeBefore). Nil: read it.
+	listed *cloudflare.TunnelState
 }
 
 // validateOnly reports whether the attempt only asks Cloudflare to
@@ -273,10 +278,17 @@ func (e *Engine) edgeBefore(ctx context.Context, a *attempt) error {
 		// validation: only the edge's key before it tells a key the
 		// validation made from one its answer merely showed
 		// (confirmValidationKey), even where the stored key was replaced
-		// outside this engine and the drift sweep has not seen it yet.
-		edge, err := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID)
-		if err != nil {
-			return &notAttemptedError{err: err}
+		// outside this engine and the drift sweep has not seen it yet. A
+		// tunnel taken under management from an account listing
+		// (include_unmanaged) has what the listing said instead: a key
+		// changed since only makes the judgement more cautious (a
+		// change), never calls a key current.
+		edge := a.listed
+		if edge == nil || previous != nil {
+			var err error
+			if edge, err = a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID); err != nil {
+				return &notAttemptedError{err: err}
+			}
 		}
 		asked = true
 		pending.EdgeKeyBefore, pending.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
