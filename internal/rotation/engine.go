@@ -95,6 +95,11 @@ type Settings struct {
 	// PasswordPolicy, with KeySource vault, names the Vault password
 	// policy the keys are made from ("": 32 letters and digits).
 	PasswordPolicy string
+	// SetBatchSize is config set_batch_size: the most keys a bulk job
+	// sends in one Set call (KeySource vault; batch.go). Not the
+	// protocol's, which takes any batch, but the background's, which
+	// reads config only through a Conn.
+	SetBatchSize int
 }
 
 // Conn is a connection to the edge with the settings it was made from: the

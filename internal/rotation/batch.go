@@ -1,0 +1,279 @@
+package rotation
+
+// Batches of keys Vault makes (a bulk job with key_source vault).
+//
+// Cloudflare's Set operation takes the keys of many tunnels of one account
+// in one call, and costs one call of the budget whatever its size. A batch
+// runs the protocol of vaultkeys.go for each of its tunnels, with one
+// request for all of them:
+//
+//   - every key is made and written ahead (begin: the record pending with
+//     its key, the tunnel marked unresolved) before the request that
+//     carries it is sent;
+//   - a batch Cloudflare refuses as too large (cloudflare.BatchTooLarge:
+//     nothing of it was set) is halved and each half sent, the same keys
+//     again, until it fits or is a single key; the size that fitted is
+//     reported, for the caller's next batches;
+//   - the answer is read tunnel by tunnel: applied is stored current
+//     (finish), unapplied is put back as it was (the tunnel keeps its key,
+//     in Vault as at the edge; one not managed before is left unmanaged)
+//     and reported with Cloudflare's reason, and an answer that proves
+//     nothing of a tunnel leaves it pending, for the existing finish path
+//     (finishPending: a read, a write, the background pass or the bulk job
+//     sends the same key again);
+//   - a request that fails as a whole is judged as a single key's is
+//     (setFailed), but where the single path reads the tunnel to see
+//     whether a refused request changed its key anyway, a batch lists the
+//     account once.
+//
+// The caller holds every tunnel's lock from before the batch is begun until
+// it returns, and passes records that are current (or none: a tunnel not
+// managed yet, with what an account listing said of it).
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+)
+
+// BatchTunnel is one tunnel of a batch.
+type BatchTunnel struct {
+	Tunnel store.Tunnel
+	// Previous is the tunnel's record as read under its lock: current, or
+	// nil for a tunnel Vault does not manage yet.
+	Previous *store.Record
+	// Listed is, with Previous nil, what an account listing said of the
+	// tunnel (its key's time, its router facts), so that its first
+	// rotation need not read it. Nil: it is read, as a first write does.
+	Listed *cloudflare.TunnelState
+}
+
+// BatchOutcome is what became of one tunnel of a batch.
+type BatchOutcome int
+
+const (
+	// BatchFailed: no key of this tunnel's is on the edge (the record is
+	// as it was) or none was made; Err says why. cloudflare.RetryAfter(Err)
+	// says when it is only "not now"; a *SettlingError that a key of the
+	// tunnel's may still land.
+	BatchFailed BatchOutcome = iota
+	// BatchStored: the edge applied the key, and it is stored current.
+	BatchStored
+	// BatchUnapplied: Cloudflare did not apply the key (Reason): the
+	// tunnel keeps the key it had, and the record is as it was.
+	BatchUnapplied
+	// BatchGone: Cloudflare did not apply the key and no longer lists the
+	// tunnel. The record is as it was.
+	BatchGone
+	// BatchPending: the outcome is unknown; the record stays pending with
+	// the key written ahead, which the finish path sends again.
+	BatchPending
+)
+
+// BatchResult is one tunnel's result.
+type BatchResult struct {
+	Outcome BatchOutcome
+	// Record is the record stored current (BatchStored).
+	Record *store.Record
+	// Reason is Cloudflare's, for BatchUnapplied and BatchGone.
+	Reason string
+	Err    error
+}
+
+// BatchReport is what a batch did.
+type BatchReport struct {
+	// Results has one entry per tunnel, in the order given.
+	Results []BatchResult
+	// Fitted is, when Cloudflare refused a batch as too large, the size
+	// of the largest part it then took (0: none refused, or none taken).
+	Fitted int
+}
+
+// SetKeys gives each tunnel a new key Vault makes, written ahead and set
+// in one Set call (or, when Cloudflare finds it too large, in halves). All
+// tunnels must be of one account. The caller holds every tunnel's lock.
+func (e *Engine) SetKeys(ctx context.Context, s logical.Storage, conn Conn, tunnels []BatchTunnel, trigger Trigger) BatchReport {
+	report := BatchReport{Results: make([]BatchResult, len(tunnels))}
+	var batch []*attempt
+	var index []int
+	for i, bt := range tunnels {
+		var a *attempt
+		err := fmt.Errorf("%s is not of account %s, the batch's", bt.Tunnel, tunnels[0].Tunnel.AccountID)
+		if bt.Tunnel.AccountID == tunnels[0].Tunnel.AccountID {
+			a, err = e.beginBatched(ctx, s, conn, bt, trigger)
+		}
+		if err != nil {
+			report.Results[i] = BatchResult{Outcome: BatchFailed, Err: err}
+			continue
+		}
+		batch, index = append(batch, a), append(index, i)
+	}
+	if len(batch) == 0 {
+		return report
+	}
+	results := e.sendBatch(ctx, conn, batch, &report.Fitted, false)
+	for j, r := range results {
+		report.Results[index[j]] = r
+	}
+	return report
+}
+
+// beginBatched makes bt's key and writes it ahead. Nothing is written when
+// it fails.
+func (e *Engine) beginBatched(ctx context.Context, s logical.Storage, conn Conn, bt BatchTunnel, trigger Trigger) (*attempt, error) {
+	p := bt.Previous
+	switch {
+	case p != nil && p.SendsMayLand(e.now()):
+		return nil, &SettlingError{tunnel: bt.Tunnel, until: p.SettleUntil, sameKey: p.State != store.StateRotationUnknown}
+	case p != nil && !p.Current():
+		return nil, fmt.Errorf("%s is %s, not current: a batch only rotates current tunnels", bt.Tunnel, p.State)
+	}
+	key, err := VaultKeys{Policy: conn.Settings.PasswordPolicy, passwords: e.passwords}.MakeKey(ctx)
+	if err != nil {
+		return nil, err
+	}
+	a := &attempt{s: s, conn: conn, t: bt.Tunnel, previous: p, sched: p.Schedule(), trigger: trigger,
+		key: key, source: store.KeySourceVault, listed: bt.Listed}
+	if err := e.begin(ctx, a); err != nil {
+		return nil, fmt.Errorf("write the key of %s ahead: %w", bt.Tunnel, err)
+	}
+	return a, nil
+}
+
+// sendBatch sends batch's keys in one Set call and judges the answer; a
+// batch Cloudflare finds too large is halved, each half sent in turn.
+// fitted grows to the size of the largest part taken after such a refusal
+// (split: batch is such a part).
+func (e *Engine) sendBatch(ctx context.Context, conn Conn, batch []*attempt, fitted *int, split bool) []BatchResult {
+	keys := make([]cloudflare.PSKToSet, len(batch))
+	for i, a := range batch {
+		keys[i] = cloudflare.PSKToSet{TunnelID: a.t.TunnelID, PSK: a.key}
+	}
+	res, err := conn.Edge.SetPSKs(ctx, batch[0].t.AccountID, keys, false)
+	if cloudflare.BatchTooLarge(err) && len(batch) > 1 {
+		// Nothing of it was set: the same keys go again, fewer at once.
+		// The records stay pending meanwhile, which is what they are.
+		half := len(batch) / 2
+		e.logger.Info("cloudflare refused a batch of keys as too large; sending it in halves",
+			"account_id", batch[0].t.AccountID, "size", len(batch))
+		first := e.sendBatch(ctx, conn, batch[:half], fitted, true)
+		return append(first, e.sendBatch(ctx, conn, batch[half:], fitted, true)...)
+	}
+	if err != nil {
+		return e.batchFailed(ctx, conn, batch, err)
+	}
+	if split {
+		*fitted = max(*fitted, len(batch))
+	}
+	return e.batchAnswered(ctx, conn, batch, res)
+}
+
+// batchFailed judges a Set request that failed as a whole, as setFailed
+// does a single key's: Cloudflare's refusal, or not sent at all, changed
+// nothing and the records are put back, unless (a refusal only) the
+// listing shows a tunnel's key changed since it was written ahead
+// (refusedButChanged); anything else leaves every key maybe on the edge.
+func (e *Engine) batchFailed(ctx context.Context, conn Conn, batch []*attempt, err error) []BatchResult {
+	results := make([]BatchResult, len(batch))
+	if !cloudflare.NoEffect(err) {
+		for i, a := range batch {
+			results[i] = BatchResult{Outcome: BatchPending, Err: e.keepPending(ctx, a, err)}
+		}
+		return results
+	}
+	var listed map[string]*cloudflare.TunnelState
+	var apiErr *cloudflare.APIError
+	if errors.As(err, &apiErr) {
+		// The refusal reached Cloudflare: something on the way that
+		// retried a request whose answer it lost may pass on Cloudflare's
+		// refusal of the retry. A listing that fails leaves the refusal
+		// believed, as a read that fails does for a single key.
+		listed = e.listAccount(ctx, conn, batch[0].t.AccountID)
+	}
+	for i, a := range batch {
+		if edge, ok := listed[a.t.TunnelID]; ok && edgeKeySince(a.pending, edge.PSKLastGeneratedOn) == keyChanged {
+			results[i] = BatchResult{Outcome: BatchPending, Err: e.keepPending(ctx, a, fmt.Errorf(
+				"%w; but the edge's key changed since the request was sent, so something on the way may have sent it twice", err))}
+			continue
+		}
+		e.restore(ctx, a.s, a.t, a.previous)
+		results[i] = BatchResult{Outcome: BatchFailed, Err: err}
+	}
+	return results
+}
+
+// listAccount lists the account's tunnels by id; nil when the listing
+// fails (logged).
+func (e *Engine) listAccount(ctx context.Context, conn Conn, account string) map[string]*cloudflare.TunnelState {
+	tunnels, err := conn.Edge.ListTunnels(ctx, account)
+	if err != nil {
+		e.logger.Warn("could not list the account's tunnels after a batch of keys", "account_id", account, "error", err)
+		return nil
+	}
+	byID := make(map[string]*cloudflare.TunnelState, len(tunnels))
+	for i := range tunnels {
+		byID[tunnels[i].ID] = &tunnels[i]
+	}
+	return byID
+}
+
+// batchAnswered judges the answer to a Set request tunnel by tunnel.
+// Unapplied tunnels are put back; whether Cloudflare still has them is
+// learned from one listing of the account, where the single path reads
+// each.
+func (e *Engine) batchAnswered(ctx context.Context, conn Conn, batch []*attempt, res *cloudflare.SetPSKsResult) []BatchResult {
+	if len(res.Unexpected) > 0 {
+		e.logger.Warn("cloudflare's answer to a Set request names tunnels the engine did not send",
+			"account_id", batch[0].t.AccountID, "tunnels", res.Unexpected)
+	}
+	results := make([]BatchResult, len(batch))
+	var unapplied []int
+	for i, a := range batch {
+		r, _ := res.Tunnel(a.t.TunnelID)
+		switch r.Outcome {
+		case cloudflare.PSKApplied:
+			rec, err := e.finish(ctx, a, &cloudflare.GeneratedPSK{PSK: a.key, LastGeneratedOn: r.LastGeneratedOn, IPsecID: r.IPsecID, Date: r.Date})
+			results[i] = BatchResult{Outcome: BatchStored, Record: rec, Err: err}
+			if err != nil {
+				results[i].Outcome = BatchPending // finish keeps it pending
+			}
+		case cloudflare.PSKUnapplied:
+			e.restore(ctx, a.s, a.t, a.previous)
+			results[i] = BatchResult{Outcome: BatchUnapplied, Reason: r.Reason, Err: &KeyRefusedError{tunnel: a.t, reason: r.Reason}}
+			unapplied = append(unapplied, i)
+		default:
+			unknown := &cloudflare.MalformedResponseError{Op: cloudflare.OpSetPSKs, Reason: r.Reason}
+			results[i] = BatchResult{Outcome: BatchPending, Err: e.keepPending(ctx, a, unknown)}
+		}
+	}
+	if len(unapplied) > 0 {
+		if listed := e.listAccount(ctx, conn, batch[0].t.AccountID); listed != nil {
+			for _, i := range unapplied {
+				if _, ok := listed[batch[i].t.TunnelID]; !ok {
+					results[i].Outcome = BatchGone
+				}
+			}
+		}
+	}
+	return results
+}
+
+// FinishPending finishes t's pending record (rec, read under t's lock,
+// which the caller holds) by sending its key again: the finish path of a
+// read, a write and the background pass, for a bulk job that meets a
+// tunnel its batch left pending.
+func (e *Engine) FinishPending(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record) (*store.Record, error) {
+	return e.finishPending(ctx, s, conn, t, rec)
+}
+
+// RotateUnmanaged gives t, a tunnel Vault holds no record of, its first
+// key, as a first write does, from what an account listing said of it
+// (listed: no read of the tunnel). The caller holds t's lock.
+func (e *Engine) RotateUnmanaged(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, listed *cloudflare.TunnelState, trigger Trigger) (*store.Record, error) {
+	return e.generate(ctx, &attempt{s: s, conn: conn, t: t, trigger: trigger, listed: listed})
+}
