@@ -7,6 +7,7 @@ import (
 
 	"github.com/hashicorp/vault/sdk/logical"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/background"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
@@ -35,6 +36,18 @@ const (
 	// schedule the engine has ever taken.
 	defaultMinRotationPeriod = time.Hour
 	maxMinRotationPeriod     = 8760 * time.Hour
+	// set_batch_size: how many keys Vault made a bulk job sends in one
+	// Set call. Cloudflare publishes no limit (a batch it finds too large
+	// is halved until it fits), so the bounds are the engine's own. Every
+	// tunnel of a batch is locked and written ahead before the call, and
+	// an answer lost leaves all of them pending, each then finished by a
+	// Set call of its own: the batch size is also what one lost answer
+	// can cost. 100 makes 10,000 tunnels 100 calls (a sixth of the
+	// default rate_limit's window) while a lost answer costs at most 100
+	// resends; 1,000 bounds the answer the engine reads (4 KiB a key, so
+	// 4 MiB) and the locks one batch holds.
+	defaultSetBatchSize = background.DefaultSetBatchSize
+	maxSetBatchSize     = 1000
 )
 
 // configRecord is the engine's configuration as stored. APIToken never
@@ -64,6 +77,10 @@ type configRecord struct {
 	// PasswordPolicy, with KeySource vault, names the Vault password
 	// policy keys are made from ("": 32 letters and digits).
 	PasswordPolicy string `json:"password_policy,omitempty"`
+	// SetBatchSize is the most keys a bulk job with KeySource vault sends
+	// in one Set call; 0, in a config stored before the field existed:
+	// defaultSetBatchSize.
+	SetBatchSize int `json:"set_batch_size,omitempty"`
 
 	// What Cloudflare's token-verify endpoint said when config was written.
 	TokenID        string    `json:"token_id"`
@@ -109,7 +126,17 @@ func (c *configRecord) settings() rotation.Settings {
 		MinRotationPeriod: c.minRotationPeriod(),
 		KeySource:         c.keySource(),
 		PasswordPolicy:    c.PasswordPolicy,
+		SetBatchSize:      c.setBatchSize(),
 	}
+}
+
+// setBatchSize is config set_batch_size, the default in a config stored
+// before the field existed.
+func (c *configRecord) setBatchSize() int {
+	if c == nil || c.SetBatchSize <= 0 {
+		return defaultSetBatchSize
+	}
+	return c.SetBatchSize
 }
 
 // keySource is config key_source, Cloudflare in a config stored before the

@@ -106,6 +106,17 @@ var configFields = map[string]*framework.FieldSchema{
 			Name: "Password policy",
 		},
 	},
+	"set_batch_size": {
+		Type: framework.TypeInt,
+		Description: "With key_source vault: the most keys a bulk rotation (rotate/<account>) sends in one call of Cloudflare's Set operation, " +
+			"which costs one call of the budget whatever its size. A batch Cloudflare refuses as too large is halved until it fits. " +
+			"Every tunnel of a batch is written ahead before the call, and a lost answer leaves them all pending, each then finished by a call " +
+			"of its own. Between 1 and 1000.",
+		Default: defaultSetBatchSize,
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Set batch size",
+		},
+	},
 	"token_account_id": {
 		Type:        framework.TypeString,
 		Description: "For an account-owned API token: the owning account's id (32 lower-case hexadecimal characters), so the token is verified at that account. Empty for a user token. Changing it requires api_token in the same write.",
@@ -166,6 +177,7 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 		"min_rotation_period":  int(cfg.minRotationPeriod().Seconds()),
 		"key_source":           cfg.keySource(),
 		"password_policy":      cfg.PasswordPolicy,
+		"set_batch_size":       cfg.setBatchSize(),
 		"token_id":             cfg.TokenID,
 		"token_status":         cfg.TokenStatus,
 		"token_expires_on":     store.FormatTime(cfg.TokenExpiresOn),
@@ -301,14 +313,8 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	if cfg.MinRotationPeriod < schedule.MinPeriod || cfg.MinRotationPeriod > maxMinRotationPeriod {
 		return fmt.Sprintf("min_rotation_period must be between %s and %s", schedule.MinPeriod, maxMinRotationPeriod)
 	}
-	if v, ok := d.GetOk("key_source"); ok {
-		cfg.KeySource = v.(string)
-	}
-	if ks := cfg.keySource(); ks != store.KeySourceCloudflare && ks != store.KeySourceVault {
-		return fmt.Sprintf("key_source must be %q or %q", store.KeySourceCloudflare, store.KeySourceVault)
-	}
-	if v, ok := d.GetOk("password_policy"); ok {
-		cfg.PasswordPolicy = strings.TrimSpace(v.(string))
+	if problem := applyKeyFields(cfg, d); problem != "" {
+		return problem
 	}
 	if v, ok := d.GetOk("token_account_id"); ok {
 		// Taken as written, never trimmed or folded: Vault matches a
@@ -321,6 +327,28 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 			}
 		}
 		cfg.TokenAccountID = id
+	}
+	return ""
+}
+
+// applyKeyFields copies the fields of keys Vault makes onto cfg and
+// validates them: key_source, password_policy, set_batch_size.
+func applyKeyFields(cfg *configRecord, d *framework.FieldData) string {
+	if v, ok := d.GetOk("key_source"); ok {
+		cfg.KeySource = v.(string)
+	}
+	if ks := cfg.keySource(); ks != store.KeySourceCloudflare && ks != store.KeySourceVault {
+		return fmt.Sprintf("key_source must be %q or %q", store.KeySourceCloudflare, store.KeySourceVault)
+	}
+	if v, ok := d.GetOk("password_policy"); ok {
+		cfg.PasswordPolicy = strings.TrimSpace(v.(string))
+	}
+	cfg.SetBatchSize = cfg.setBatchSize()
+	if v, ok := d.GetOk("set_batch_size"); ok {
+		cfg.SetBatchSize = v.(int)
+	}
+	if cfg.SetBatchSize < 1 || cfg.SetBatchSize > maxSetBatchSize {
+		return fmt.Sprintf("set_batch_size must be between 1 and %d", maxSetBatchSize)
 	}
 	return ""
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/background"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -20,7 +21,12 @@ func pathRotate(b *backend) []*framework.Path {
 			"account": tunnelFields["account"],
 			"older_than": {
 				Type:        framework.TypeDurationSecond,
-				Description: "Only queue tunnels whose key was stored longer ago than this. Omitted: every tunnel.",
+				Description: "Only queue tunnels whose key was stored longer ago than this. Omitted: every tunnel. Not with include_unmanaged.",
+			},
+			"include_unmanaged": {
+				Type: framework.TypeBool,
+				Description: "Also take the tunnels Cloudflare lists (one list call) that Vault does not manage yet: each gets its first key, " +
+					"as a first write would, with its router facts from the listing, and comes under management. Not with older_than.",
 			},
 		},
 		Operations: map[logical.Operation]framework.OperationHandler{
@@ -45,24 +51,34 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 	if resp := rejectUnknownFields(req, d); resp != nil {
 		return resp, nil
 	}
-	var olderThan time.Duration
+	var opts background.BulkOptions
 	if v, ok := d.GetOk("older_than"); ok {
-		olderThan = time.Duration(v.(int)) * time.Second
+		opts.OlderThan = time.Duration(v.(int)) * time.Second
+	}
+	opts.IncludeUnmanaged = d.Get("include_unmanaged").(bool)
+	if _, given := d.GetOk("older_than"); given && opts.IncludeUnmanaged {
+		return logical.ErrorResponse("include_unmanaged=true cannot be combined with older_than: older_than picks tunnels by when Vault " +
+			"stored their key, and a tunnel Vault does not manage has no key stored in Vault, so whether it is older is not known. " +
+			"Write include_unmanaged=true alone (it rotates every managed tunnel too), or older_than alone; nothing was queued"), nil
 	}
 	if _, _, err := b.cloudflareClient(ctx, req.Storage); err != nil {
 		return nil, err
 	}
 
-	queued, err := b.background.QueueAccount(ctx, req.Storage, account, olderThan)
+	queued, err := b.background.QueueAccount(ctx, req.Storage, account, opts)
 	if err != nil {
 		return failure(err)
 	}
-	b.Logger().Info("bulk rotation queued", "account_id", account, "queued", queued)
-	return &logical.Response{Data: map[string]any{
+	b.Logger().Info("bulk rotation queued", "account_id", account, "queued", queued.Queued, "unmanaged", queued.Unmanaged)
+	data := map[string]any{
 		"account_id":      account,
-		"queued":          queued,
-		"expected_finish": store.FormatTime(b.background.ExpectedFinish(queued)),
-	}}, nil
+		"queued":          queued.Queued,
+		"expected_finish": store.FormatTime(b.background.ExpectedFinish(ctx, req.Storage, queued.Queued)),
+	}
+	if opts.IncludeUnmanaged {
+		data["unmanaged"] = queued.Unmanaged
+	}
+	return &logical.Response{Data: data}, nil
 }
 
 func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
@@ -86,7 +102,11 @@ func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request,
 	if err != nil {
 		return nil, err
 	}
-	return &logical.Response{Data: map[string]any{
+	retrying, err := job.ListRetrying(ctx, req.Storage, account, results.Retrying)
+	if err != nil {
+		return nil, err
+	}
+	data := map[string]any{
 		"account_id":      account,
 		"started_at":      store.FormatTime(job.StartedAt),
 		"queued":          p.Queued,
@@ -95,9 +115,15 @@ func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request,
 		"failed_count":    p.Failed,
 		"skipped":         skipped,
 		"skipped_count":   p.Skipped,
+		"retrying":        retrying,
+		"retrying_count":  p.Retrying,
 		"remaining":       p.Remaining,
-		"expected_finish": store.FormatTime(b.background.ExpectedFinish(p.Remaining)),
-	}}, nil
+		"expected_finish": store.FormatTime(b.background.ExpectedFinish(ctx, req.Storage, p.Remaining)),
+	}
+	if job.IncludeUnmanaged {
+		data["unmanaged"] = job.Unmanaged
+	}
+	return &logical.Response{Data: data}, nil
 }
 
 const pathRotateHelpSynopsis = `Rotate every stored tunnel of an account, paced under Cloudflare's rate limit.`

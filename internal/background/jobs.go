@@ -33,6 +33,7 @@ import (
 	"fmt"
 	"time"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -63,11 +64,40 @@ func (w *Worker) recordBulkResult(ctx context.Context, s logical.Storage, t stor
 	return nil
 }
 
+// markRetrying records that the job of minute retries t, whose key
+// Cloudflare did not apply, with Cloudflare's reason: one small entry of
+// its own, shown in rotate/'s progress. A job since replaced is left alone.
+func (w *Worker) markRetrying(ctx context.Context, s logical.Storage, t store.Tunnel, minute int64, result store.BulkResult) error {
+	w.jobsMu.Lock()
+	defer w.jobsMu.Unlock()
+	job, err := store.ReadBulkJob(ctx, s, t.AccountID)
+	if err != nil || job == nil || job.Minute != minute {
+		return err
+	}
+	entry, err := logical.StorageEntryJSON(store.RetryingKey(t.AccountID, minute, t.TunnelID), result)
+	if err != nil {
+		return fmt.Errorf("encode bulk retry of %s: %w", t, err)
+	}
+	if err := s.Put(ctx, entry); err != nil {
+		return fmt.Errorf("record the bulk rotation retry of %s: %w", t, err)
+	}
+	return nil
+}
+
+// clearRetrying removes t's retrying mark from the job of minute, once it
+// is done or counted. A mark that stays is not shown (Progress holds it
+// against the entries left) and goes with the job's other results.
+func (w *Worker) clearRetrying(ctx context.Context, s logical.Storage, t store.Tunnel, minute int64) {
+	if err := s.Delete(ctx, store.RetryingKey(t.AccountID, minute, t.TunnelID)); err != nil {
+		w.engine.TunnelLogger(t).Warn("could not remove a bulk rotation's retrying mark", "error", err)
+	}
+}
+
 // startBulkJob records a new job of n rotations for account, queueing, in a
 // minute of its own: the current one, or the one after the last job's when
 // that was in this minute too, so that an entry of the last job that lingers
 // (its delete failed) is never counted as this job's.
-func (w *Worker) startBulkJob(ctx context.Context, s logical.Storage, account string, now time.Time, n int) (*store.BulkJob, error) {
+func (w *Worker) startBulkJob(ctx context.Context, s logical.Storage, account string, job *store.BulkJob) (*store.BulkJob, error) {
 	w.jobsMu.Lock()
 	defer w.jobsMu.Unlock()
 	prev, err := store.ReadBulkJob(ctx, s, account)
@@ -79,7 +109,7 @@ func (w *Worker) startBulkJob(ctx context.Context, s logical.Storage, account st
 	if err := w.refuseWhileRunning(ctx, s, account, prev); err != nil {
 		return nil, err
 	}
-	minute := store.DueMinute(now, false)
+	minute := store.DueMinute(job.StartedAt, false)
 	switch {
 	case prev != nil && prev.Queued == 0 && !prev.Queueing:
 		// A job that queued nothing left no entry and no result behind:
@@ -90,7 +120,7 @@ func (w *Worker) startBulkJob(ctx context.Context, s logical.Storage, account st
 	case prev != nil && prev.Minute >= minute:
 		minute = prev.Minute + 1
 	}
-	job := &store.BulkJob{StartedAt: now.UTC(), Minute: minute, Queued: n, Queueing: true}
+	job.Minute, job.Queueing = minute, true
 	if err := store.WriteBulkJob(ctx, s, account, job); err != nil {
 		return nil, err
 	}
@@ -161,26 +191,59 @@ func (w *Worker) closeAbandoned(ctx context.Context, s logical.Storage, account 
 	return store.WriteBulkJob(ctx, s, account, job)
 }
 
+// BulkOptions are what rotate/<account> asks of a bulk job.
+type BulkOptions struct {
+	// OlderThan, when set, queues only the tunnels whose key was stored
+	// longer ago.
+	OlderThan time.Duration
+	// IncludeUnmanaged also queues the tunnels Cloudflare lists (one list
+	// call) that Vault does not manage yet: each is given its first key,
+	// as a first write would, and comes under management.
+	IncludeUnmanaged bool
+}
+
+// bulkTarget is one tunnel a job queues; listed is set for a tunnel Vault
+// does not manage yet.
+type bulkTarget struct {
+	t      store.Tunnel
+	listed *store.ListedTunnel
+}
+
 // bulkTargets lists the tunnels of account that a bulk rotation queues:
-// every stored one, or (olderThan) those whose key was stored longer ago.
-func bulkTargets(ctx context.Context, s logical.Storage, account string, olderThan time.Duration, now time.Time) ([]store.Tunnel, error) {
+// every stored one, or (olderThan) those whose key was stored longer ago;
+// and, with edge (the account as Cloudflare lists it), every listed tunnel
+// Vault holds no record of.
+func bulkTargets(ctx context.Context, s logical.Storage, account string, opts BulkOptions, edge []cloudflare.TunnelState, now time.Time) ([]bulkTarget, error) {
 	tunnels, err := s.List(ctx, store.PSKPrefix+account+"/")
 	if err != nil {
 		return nil, fmt.Errorf("list tunnels of account %s: %w", account, err)
 	}
-	var targets []store.Tunnel
+	var targets []bulkTarget
+	managed := make(map[string]bool, len(tunnels))
 	for _, id := range tunnels {
+		managed[id] = true
 		t := store.Tunnel{AccountID: account, TunnelID: id}
-		if olderThan > 0 {
+		if opts.OlderThan > 0 {
 			rec, err := store.ReadRecord(ctx, s, t)
 			if err != nil {
 				return nil, err
 			}
-			if rec == nil || now.Sub(rec.StoredAt) < olderThan {
+			if rec == nil || now.Sub(rec.StoredAt) < opts.OlderThan {
 				continue
 			}
 		}
-		targets = append(targets, t)
+		targets = append(targets, bulkTarget{t: t})
+	}
+	for _, e := range edge {
+		if managed[e.ID] || e.ID == "" {
+			continue
+		}
+		managed[e.ID] = true // a listing that names a tunnel twice queues it once
+		targets = append(targets, bulkTarget{t: store.Tunnel{AccountID: account, TunnelID: e.ID}, listed: &store.ListedTunnel{
+			KeyGeneratedOn: e.PSKLastGeneratedOn, ListedAt: e.Date,
+			Facts: store.Facts{Name: e.Name, CloudflareEndpoint: e.CloudflareEndpoint, CustomerEndpoint: e.CustomerEndpoint,
+				InterfaceAddress: e.InterfaceAddress, InterfaceAddress6: e.InterfaceAddress6, CustomFQDNID: e.CustomFQDNID, IPsecID: e.IPsecID},
+		}})
 	}
 	return targets, nil
 }
@@ -188,50 +251,91 @@ func bulkTargets(ctx context.Context, s logical.Storage, account string, olderTh
 // queueBulkEntries writes the entries of a job of minute, within
 // store.BulkQueueLimit, and returns how many it wrote: all of them, or those
 // before the first that failed.
-func queueBulkEntries(ctx context.Context, s logical.Storage, targets []store.Tunnel, minute int64, queuedAt time.Time) (int, error) {
+func queueBulkEntries(ctx context.Context, s logical.Storage, targets []bulkTarget, minute int64, queuedAt time.Time) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, store.BulkQueueLimit)
 	defer cancel()
-	for i, t := range targets {
+	for i, target := range targets {
 		if err := ctx.Err(); err != nil {
 			return i, fmt.Errorf("queueing stopped after %s: %w", store.BulkQueueLimit, err)
 		}
-		if err := store.QueueBulkRotation(ctx, s, t, minute, queuedAt); err != nil {
+		due := store.DueEntry{Bulk: true, QueuedAt: queuedAt.UTC(), Unmanaged: target.listed}
+		if err := store.WriteBulkEntry(ctx, s, target.t, minute, due); err != nil {
 			return i, err
 		}
 	}
 	return len(targets), nil
 }
 
+// listUnmanaged is the account as Cloudflare lists it, when opts asks for
+// the tunnels Vault does not manage (one call); nil otherwise.
+func (w *Worker) listUnmanaged(ctx context.Context, s logical.Storage, account string, opts BulkOptions) ([]cloudflare.TunnelState, error) {
+	if !opts.IncludeUnmanaged {
+		return nil, nil
+	}
+	conn, err := w.connect(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	edge, err := conn.Edge.ListTunnels(ctx, account)
+	if err != nil {
+		return nil, fmt.Errorf("list the tunnels of account %s at Cloudflare (include_unmanaged): nothing was queued: %w", account, err)
+	}
+	return edge, nil
+}
+
 // ExpectedFinish estimates when n more rotations will be done at the pace
-// the budget allows.
-func (w *Worker) ExpectedFinish(n int) time.Time {
+// the budget allows: a call each, or, with keys Vault makes, a call per
+// batch of set_batch_size.
+func (w *Worker) ExpectedFinish(ctx context.Context, s logical.Storage, n int) time.Time {
+	calls := n
+	if conn, err := w.connect(ctx, s); err == nil && conn.Settings.KeySource == store.KeySourceVault {
+		size := max(conn.Settings.SetBatchSize, 1)
+		calls = (n + size - 1) / size
+	}
 	limit, window := w.budget.Limit()
-	return w.now().Add(time.Duration(n) * window / time.Duration(limit)).UTC()
+	return w.now().Add(time.Duration(calls) * window / time.Duration(limit)).UTC()
+}
+
+// BulkQueued is what a new bulk job queued: Queued tunnels, Unmanaged of
+// them not managed by Vault before.
+type BulkQueued struct {
+	Queued, Unmanaged int
 }
 
 // QueueAccount starts a bulk job of account: every tunnel of it whose key
-// Vault stores, or (olderThan) those whose key was stored longer ago, is
-// queued for the scheduler, which rotates them paced under the budget. It
-// returns how many were queued. While the account's last job still has
-// rotations left it fails with a *JobRunningError and queues nothing.
-func (w *Worker) QueueAccount(ctx context.Context, s logical.Storage, account string, olderThan time.Duration) (int, error) {
+// Vault stores, or (OlderThan) those whose key was stored longer ago, and
+// (IncludeUnmanaged) every tunnel Cloudflare lists that Vault does not
+// manage, is queued for the scheduler, which rotates them paced under the
+// budget. While the account's last job still has rotations left it fails
+// with a *JobRunningError and queues nothing.
+func (w *Worker) QueueAccount(ctx context.Context, s logical.Storage, account string, opts BulkOptions) (BulkQueued, error) {
 	// Refused before the account's records are read; startBulkJob checks
 	// again, under its lock.
 	last, err := store.ReadBulkJob(ctx, s, account)
 	if err != nil {
-		return 0, err
+		return BulkQueued{}, err
 	}
 	if err := w.refuseWhileRunning(ctx, s, account, last); err != nil {
-		return 0, err
+		return BulkQueued{}, err
+	}
+	edge, err := w.listUnmanaged(ctx, s, account, opts)
+	if err != nil {
+		return BulkQueued{}, err
 	}
 	now := w.now()
-	targets, err := bulkTargets(ctx, s, account, olderThan, now)
+	targets, err := bulkTargets(ctx, s, account, opts, edge, now)
 	if err != nil {
-		return 0, err
+		return BulkQueued{}, err
 	}
-	job, err := w.startBulkJob(ctx, s, account, now, len(targets))
+	unmanaged := 0
+	for _, target := range targets {
+		if target.listed != nil {
+			unmanaged++
+		}
+	}
+	job, err := w.startBulkJob(ctx, s, account, &store.BulkJob{StartedAt: now.UTC(), Queued: len(targets), IncludeUnmanaged: opts.IncludeUnmanaged, Unmanaged: unmanaged})
 	if err != nil {
-		return 0, fmt.Errorf("record bulk rotation of account %s: %w", account, err)
+		return BulkQueued{}, fmt.Errorf("record bulk rotation of account %s: %w", account, err)
 	}
 	written, qerr := queueBulkEntries(ctx, s, targets, job.Minute, now)
 	// Recorded whatever the caller does meanwhile: the entries are stored.
@@ -247,11 +351,11 @@ func (w *Worker) QueueAccount(ctx context.Context, s logical.Storage, account st
 		if ferr != nil {
 			err = fmt.Errorf("%w; recording how many also failed (%v), so they wait until %s", err, ferr, abandonedAt)
 		}
-		return 0, err
+		return BulkQueued{}, err
 	}
 	if ferr != nil {
-		return 0, fmt.Errorf("queue bulk rotation of account %s: all %d tunnels were queued, but the job could not record that, so they wait until %s: %w",
+		return BulkQueued{}, fmt.Errorf("queue bulk rotation of account %s: all %d tunnels were queued, but the job could not record that, so they wait until %s: %w",
 			account, len(targets), abandonedAt, ferr)
 	}
-	return written, nil
+	return BulkQueued{Queued: written, Unmanaged: unmanaged}, nil
 }
