@@ -339,3 +339,21 @@ func TestEveryKeyIsWrittenAheadOfItsBatch(t *testing.T) {
 	}
 	assertFleetCurrent(t, env, ids, 2, store.KeySourceVault)
 }
+
+// TestATunnelBothInABatchAndScheduledInOnePass: a pass loads a tunnel's
+// bulk entry (minute M, gathered into a batch, its lock held) and, in the
+// same load, its scheduled rotation of minute M+1. The scheduled rotation
+// must not wait for a lock the pass itself holds.
+func TestATunnelBothInABatchAndScheduledInOnePass(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	lowerTheFloor(t, env)
+	ids := managedFleet(t, env, 3)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1m"}))
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	env.clock.Advance(2 * time.Minute)
+	drain(t, env)
+	if p := progressOf(t, env); p["done"] != 3 || p["remaining"] != 0 {
+		t.Fatalf("progress %v", p)
+	}
+	assertFleetCurrent(t, env, ids, 0, store.KeySourceVault)
+}

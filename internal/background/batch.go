@@ -62,22 +62,48 @@ type setMember struct {
 	unlock  func()
 }
 
-// setGather holds the batches being gathered in a pass, one per job.
+// setGather holds the batches being gathered in a pass, one per job, and
+// which tunnels they hold the lock of.
 type setGather struct {
-	jobs  map[heldJob][]*setMember
-	order []heldJob
+	jobs    map[heldJob][]*setMember
+	order   []heldJob
+	tunnels map[store.Tunnel]heldJob
 }
 
-func newSetGather() *setGather { return &setGather{jobs: map[heldJob][]*setMember{}} }
+func newSetGather() *setGather {
+	return &setGather{jobs: map[heldJob][]*setMember{}, tunnels: map[store.Tunnel]heldJob{}}
+}
+
+// holds reports whether a gathered batch holds t's lock: the pass must send
+// that batch before it works another entry of t, which takes the lock.
+func (g *setGather) holds(t store.Tunnel) (heldJob, bool) {
+	job, ok := g.tunnels[t]
+	return job, ok
+}
+
+// take removes job's batch from the gathering and returns its members.
+func (g *setGather) take(job heldJob) []*setMember {
+	members := g.jobs[job]
+	delete(g.jobs, job)
+	for _, m := range members {
+		delete(g.tunnels, m.item.Tunnel)
+	}
+	for i, j := range g.order {
+		if j == job {
+			g.order = append(g.order[:i], g.order[i+1:]...)
+			break
+		}
+	}
+	return members
+}
 
 // release unlocks every gathered tunnel, unworked: their entries stay.
 func (g *setGather) release() {
-	for _, job := range g.order {
-		for _, m := range g.jobs[job] {
+	for len(g.order) > 0 {
+		for _, m := range g.take(g.order[0]) {
 			m.unlock()
 		}
 	}
-	g.jobs, g.order = map[heldJob][]*setMember{}, nil
 }
 
 // setsKeys reports whether the mount's bulk jobs set keys Vault makes.
@@ -103,6 +129,9 @@ func (sc *scheduler) batchSize(conn rotation.Conn, account string) int {
 // when it needs no batch, or added to its job's batch, which is sent when
 // full. stop ends the pass (the budget, or Cloudflare, said "not now").
 func (sc *scheduler) gather(ctx context.Context, p *passState, g *setGather, conn rotation.Conn, item store.DueItem) (time.Duration, bool) {
+	if wait, stop := sc.flushHolding(ctx, p, g, item.Tunnel); stop {
+		return wait, true
+	}
 	m, outcome, route := sc.prepareSet(ctx, item)
 	switch route {
 	case routeDone:
@@ -128,6 +157,7 @@ func (sc *scheduler) gather(ctx context.Context, p *passState, g *setGather, con
 		g.order = append(g.order, job)
 	}
 	g.jobs[job] = append(g.jobs[job], m)
+	g.tunnels[item.Tunnel] = job
 	if len(g.jobs[job]) < sc.batchSize(conn, item.Tunnel.AccountID) {
 		return 0, false
 	}
@@ -144,16 +174,20 @@ func (sc *scheduler) flushAll(ctx context.Context, p *passState, g *setGather) (
 	return 0, false
 }
 
+// flushHolding sends the gathered batch that holds t's lock, if any,
+// before an entry of t is worked: a tunnel's scheduled rotation of a later
+// minute can be loaded with its bulk entry, and would wait for ever for a
+// lock its own pass holds.
+func (sc *scheduler) flushHolding(ctx context.Context, p *passState, g *setGather, t store.Tunnel) (time.Duration, bool) {
+	if job, ok := g.holds(t); ok {
+		return sc.flush(ctx, p, g, job)
+	}
+	return 0, false
+}
+
 // flush sends job's gathered batch and settles each entry.
 func (sc *scheduler) flush(ctx context.Context, p *passState, g *setGather, job heldJob) (time.Duration, bool) {
-	members := g.jobs[job]
-	delete(g.jobs, job)
-	for i, j := range g.order {
-		if j == job {
-			g.order = append(g.order[:i], g.order[i+1:]...)
-			break
-		}
-	}
+	members := g.take(job)
 	unlockAll := func() {
 		for _, m := range members {
 			m.unlock()

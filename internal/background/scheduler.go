@@ -238,6 +238,10 @@ func (sc *scheduler) workBatch(ctx context.Context, p *passState, items []store.
 			}
 			continue
 		}
+		if wait, stop := sc.flushHolding(ctx, p, g, item.Tunnel); stop {
+			g.release()
+			return wait, true
+		}
 		if wait := sc.awaitBudget(ctx); wait > 0 {
 			g.release()
 			return wait, true
