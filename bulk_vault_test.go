@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -356,4 +357,68 @@ func TestATunnelBothInABatchAndScheduledInOnePass(t *testing.T) {
 		t.Fatalf("progress %v", p)
 	}
 	assertFleetCurrent(t, env, ids, 0, store.KeySourceVault)
+}
+
+// TestRefusedTunnelsOfOneJobAreRetriedTogether: tunnels refused in
+// different batches of a job, moments apart, are sent again in one call
+// when the first of them is due, not each in a call of its own.
+func TestRefusedTunnelsOfOneJobAreRetriedTogether(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.clock.freeze()
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"set_batch_size": 3}))
+	ids := managedFleet(t, env, 9)
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	// One refusal in each batch of three, each batch a moment after the
+	// last.
+	sorted := append([]string(nil), ids...)
+	sort.Strings(sorted) // the order the scheduler works them in
+	refusals := map[string]string{}
+	for _, id := range []string{sorted[0], sorted[3], sorted[6]} {
+		refusals[id] = "busy"
+	}
+	for id := range refusals {
+		env.sim.EditOutOfBand(env.account, id, func(tun *cloudflaresim.Tunnel) { tun.RefusePSK = "busy" })
+	}
+	steps := &steppingStorage{Storage: env.storage, clock: env.clock, step: time.Second}
+	schedulerOver(t, env, steps)
+	drain(t, env)
+	p := progressOf(t, env)
+	if p["retrying_count"] != 3 {
+		t.Fatalf("progress %v", p)
+	}
+	for id := range refusals {
+		env.sim.EditOutOfBand(env.account, id, func(tun *cloudflaresim.Tunnel) { tun.RefusePSK = "" })
+	}
+	first := p["retrying"].([]map[string]any)[0]["retry_at"].(string)
+	for _, r := range p["retrying"].([]map[string]any) {
+		if r["retry_at"].(string) < first {
+			first = r["retry_at"].(string)
+		}
+	}
+	at, _ := time.Parse(time.RFC3339Nano, first)
+	sets := env.sim.Calls(cloudflaresim.OpPSKSet)
+	env.clock.Advance(at.Sub(env.clock.Now()))
+	drain(t, env)
+	if p := progressOf(t, env); p["done"] != 9 || p["remaining"] != 0 {
+		t.Fatalf("progress after the first retry time %v", p)
+	}
+	if n := env.sim.Calls(cloudflaresim.OpPSKSet) - sets; n != 1 {
+		t.Errorf("%d Set calls to retry three tunnels refused moments apart, want 1", n)
+	}
+}
+
+// steppingStorage moves the test clock on by step at every Put of a
+// record: storage that takes its time, so that a batch's tunnels are
+// refused moments apart.
+type steppingStorage struct {
+	logical.Storage
+	clock *testClock
+	step  time.Duration
+}
+
+func (s *steppingStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	if strings.HasPrefix(e.Key, store.DuePrefix) {
+		s.clock.Advance(s.step)
+	}
+	return s.Storage.Put(ctx, e)
 }

@@ -45,6 +45,10 @@ const (
 	// tunnel Cloudflare keeps refusing does not hold the account's next
 	// job (refused while this one has tunnels remaining) for long.
 	bulkAttempts = 6
+	// retrySlack is how much before its retry time a refused tunnel may be
+	// sent again: the tunnels of one batch are refused moments apart, and
+	// without it each would be retried in a call of its own.
+	retrySlack = 5 * time.Second
 	// DefaultSetBatchSize is config set_batch_size's default (see
 	// path_config.go for why).
 	DefaultSetBatchSize = 100
@@ -275,8 +279,8 @@ func (sc *scheduler) prepareSet(ctx context.Context, item store.DueItem) (*setMe
 	if done {
 		return nil, outcome, routeDone
 	}
-	if now := w.now(); now.Before(due.RetryAt) {
-		return nil, dueOutcome{notBefore: due.RetryAt}, routeDone
+	if now := w.now(); now.Before(due.RetryAt.Add(-retrySlack)) {
+		return nil, dueOutcome{notBefore: due.RetryAt.Add(-retrySlack)}, routeDone
 	}
 	unlock := w.engine.Lock(t)
 	rec, err := store.ReadRecord(ctx, s, t)
