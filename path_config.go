@@ -492,7 +492,8 @@ power: grant it only to those who may know the keys.
 
 Reading config returns the settings (base_url, request_timeout,
 token_account_id, heal_stale_psk, rate_limit, rate_limit_window,
-drift_check_interval, min_rotation_period, key_source, password_policy) and what
+drift_check_interval, min_rotation_period, key_source, password_policy,
+set_batch_size) and what
 Cloudflare said of the token: token_id, token_status, token_expires_on,
 token_not_before, token_verified_at (when the engine last verified it) and
 last_rotated (when config/rotate-root last rolled it). It never returns the
@@ -559,6 +560,15 @@ config write makes a few keys from the policy and is refused (400, naming
 the policy, nothing stored) if the policy does not exist or makes another
 form; a rotation whose key is of another form (the policy changed since)
 sends nothing and changes nothing, and says why.
+
+set_batch_size (key_source vault; default 100, between 1 and 1000) is the
+most keys a bulk rotation (rotate/<account_id>) sends in one call of the Set
+operation, which costs one call of the budget whatever its size: 10,000
+tunnels are 100 calls. Every tunnel of a batch is written ahead before the
+call, and a lost answer leaves them all pending, each then finished with its
+own key by a call of its own, so the batch size is also what one lost answer
+can cost. A batch Cloudflare refuses as too large (HTTP 413) is halved until
+it fits, and the size that fitted is used for the account for an hour.
 
 heal_stale_psk (default true) decides what reconciliation does when it finds
 that Cloudflare generated a key after the one Vault stored (a rotation whose

@@ -132,25 +132,46 @@ const pathRotateHelpDescription = `
 write rotate/<account_id> queues every tunnel of the account whose PSK this
 engine stores (with older_than: only those whose key was stored longer ago
 than that) and answers at once with how many were queued and when they are
-expected to be done. The engine's scheduler rotates them one by one, on the
-active node, never spending more than config rate_limit Cloudflare calls in
-any rate_limit_window and keeping a share of that for other requests. While
-the account's last bulk rotation still has tunnels to rotate, a new one is
-refused with HTTP 409 and that job's progress, and nothing is queued.
+expected to be done. The engine's scheduler rotates them on the active
+node, never spending more than config rate_limit Cloudflare calls in any
+rate_limit_window and keeping a share of that for other requests: one call
+per tunnel with key_source cloudflare (psk_generate); with key_source vault
+one call per batch of up to config set_batch_size tunnels (Cloudflare's Set
+operation), every key written ahead (state pending) before the call that
+carries it, a batch Cloudflare refuses as too large halved until it fits.
+While the account's last bulk rotation still has tunnels to rotate, a new
+one is refused with HTTP 409 and that job's progress, and nothing is queued.
+
+include_unmanaged=true also takes the tunnels Cloudflare lists (one list
+call, when the job is queued) that Vault does not manage yet, so that an
+account comes under Vault in one command: each gets its first key as a
+first write would (never is a key the engine did not set called current),
+with its router facts from the listing and no read of the tunnel. The
+answer then says how many of the queued tunnels were unmanaged. It cannot
+be combined with older_than (400): older_than picks tunnels by when Vault
+stored their key, which an unmanaged tunnel has not.
 
 read rotate/<account_id> reports the last bulk rotation of the account:
 account_id, started_at, queued, done, failed_count (how many tunnels' rotation
 failed), skipped_count (how many were skipped: their key was deleted in Vault
 after the job was queued, or Cloudflare no longer knows the tunnel), failed
 and skipped (the first 100 of those tunnels by tunnel_id, each with its
-reason, cut to 1 KiB; the counts say how many there are in all), remaining
-and expected_finish (when the rest should be done at the budget's pace). A
-tunnel counts as done once its rotation is stored; queued = done +
-failed_count + skipped_count + remaining. A job of any size finishes, however
-many of its rotations fail: each failed or skipped tunnel is a small storage
-entry of its own, and a failure to store one holds up only that job's next
-rotations, for one scheduler pass. The results of a job are removed by the
-scheduler once a new job of the account has started: it begins within 10
-minutes of that and removes up to 1,000 a pass (about one a minute when
-idle), so those of a large job take longer.
+reason, cut to 1 KiB; the counts say how many there are in all),
+retrying_count and retrying (key_source vault: the tunnels among remaining
+whose key Cloudflare did not apply, the first 100 with Cloudflare's reason,
+attempts and retry_at; such a tunnel keeps its key, in Vault as at the edge,
+is sent again after 15s, doubling to 4m, and is counted failed after its
+sixth refusal), unmanaged (with include_unmanaged: how many queued tunnels
+Vault did not manage), remaining and expected_finish (when the rest should
+be done at the budget's pace). A tunnel counts as done once its rotation is
+stored; queued = done + failed_count + skipped_count + remaining. A tunnel
+whose batch's answer was lost stays pending and remaining until its own key
+is stored (the job, a read, a write or the background pass sends it again).
+A job of any size finishes, however many of its rotations fail: each failed,
+skipped or retrying tunnel is a small storage entry of its own, and a
+failure to store one holds up only that job's next rotations, for one
+scheduler pass. The results of a job are removed by the scheduler once a
+new job of the account has started: it begins within 10 minutes of that and
+removes up to 1,000 a pass (about one a minute when idle), so those of a
+large job take longer.
 `
