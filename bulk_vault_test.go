@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -312,9 +313,12 @@ func TestALostBatchAnswerIsFinishedWithTheSameKeys(t *testing.T) {
 func TestEveryKeyIsWrittenAheadOfItsBatch(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	ids := managedFleet(t, env, 30)
+	var mu sync.Mutex // the proxy's handler runs on the server's goroutines
 	var seen, notAhead int
 	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodPost && strings.HasSuffix(r.URL.Path, "/ipsec_tunnels/psk") {
+			mu.Lock()
+			defer mu.Unlock()
 			body, _ := io.ReadAll(r.Body)
 			r.Body = io.NopCloser(bytes.NewReader(body))
 			var req struct {
@@ -335,6 +339,8 @@ func TestEveryKeyIsWrittenAheadOfItsBatch(t *testing.T) {
 	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"base_url": proxy.URL + cloudflaresim.BasePath, "api_token": env.token.Value}))
 	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
 	drain(t, env)
+	mu.Lock()
+	defer mu.Unlock()
 	if seen != len(ids) || notAhead != 0 {
 		t.Fatalf("%d keys sent, %d of them not written ahead as pending with the key sent", seen, notAhead)
 	}

@@ -481,7 +481,7 @@ func TestAPendingKeyOfADeletedTunnelIsRecordedGone(t *testing.T) {
 }
 
 // TestBulkRotationsWithVaultsKeys: rotate/<account> rotates each tunnel
-// with a key Vault makes (one Set per tunnel for now), never psk_generate,
+// with a key Vault makes (in batches: bulk_vault_test.go), never psk_generate,
 // and a tunnel whose key was finished while a lost request may still land
 // waits instead of being sent a different key.
 func TestBulkRotationsWithVaultsKeys(t *testing.T) {
