@@ -188,3 +188,48 @@ func TestSkepticAPolicyThatRepeatsAKeyRotatesNothingAndSaysItDid(t *testing.T) {
 		t.Errorf("the scheduled rotation left next_rotation where it was (%v), version %d", rec.NextRotation, rec.Version)
 	}
 }
+
+// TestSkepticARefusedResendBlocksEveryWriteForEver: the edge took K1 and the
+// answer was lost; Cloudflare then refuses, tunnel by tunnel
+// (unapplied_psks), to set a key again that the tunnel already uses (the
+// schema does not say it takes it; "psk already in use" is a reason it may
+// well give). The record stays pending, as the docs say, but every
+// operator's write first "finishes" the pending key (beginWrite ->
+// reconcileLocked -> finishPending), gets the same refusal, and fails: no
+// write ever sends a different key, long after the abandoned request's
+// window has passed and a different key would be safe. Meanwhile reads
+// serve the old key (with a pending warning) while the edge uses K1, so a
+// router that reconnects cannot come up. Only a delete of the path and a new
+// first write (documented nowhere) gets out. A liveness break rather than
+// one of the guarantee.
+//
+// On i16-core it printed:
+//
+//	24 hourly writes after the lost answer: none succeeded; the last said: learn the outcome of the last rotation of tunnel … :
+//	finish the pending rotation of tunnel … with its key: cloudflare did not apply the key Vault made for tunnel … when it was sent again
+//	(psk already in use by this tunnel): an earlier request of it may still have landed, so the tunnel stays pending and the engine sends the same key again later
+func TestSkepticARefusedResendBlocksEveryWriteForEver(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	inUse := cloudflaresim.Fault{Unapplied: map[string]string{env.tunnel.ID: "psk already in use by this tunnel"}}
+	var last string
+	succeeded := 0
+	for i := 0; i < 24; i++ {
+		env.clock.Advance(time.Hour)
+		env.sim.FailNext(cloudflaresim.OpPSKSet, inUse) // the resend of the key in use
+		resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+		if err == nil && !resp.IsError() {
+			succeeded++
+			break
+		}
+		last = errorText(resp, err)
+	}
+	if succeeded == 0 {
+		t.Errorf("24 hourly writes after the lost answer: none succeeded; the last said: %s", last)
+	}
+	assertHonest(t, env)
+}
