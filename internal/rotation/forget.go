@@ -31,7 +31,7 @@ func (e *Engine) Forget(ctx context.Context, s logical.Storage, t store.Tunnel) 
 		// Any state: a key Vault made and finished may still be re-set by
 		// a late request, which the next write's different key must wait
 		// out too.
-		return &SettlingError{tunnel: t, until: rec.SettleUntil, sameKey: rec.State != store.StateRotationUnknown}
+		return sendsMayLand(t, rec)
 	}
 	if err := store.ForgetRecord(ctx, s, t, rec); err != nil {
 		return err

@@ -70,22 +70,47 @@ func settleWindow(s Settings) time.Duration { return 2*s.RequestTimeout + settle
 type SettlingError struct {
 	tunnel store.Tunnel
 	until  time.Time
-	// sameKey: the last rotation was finished with a key Vault made, and
-	// an earlier request of that same key may still land; only a
-	// different key has to wait.
+	// sameKey: a request carrying a key Vault made may still land; only a
+	// different key has to wait. state is the record's then, and noKey
+	// says Vault holds no key of the tunnel yet (a first rotation): what
+	// the edge uses meanwhile is said from them.
 	sameKey bool
+	state   string
+	noKey   bool
+}
+
+// sendsMayLand is the SettlingError for rec, whose window is open.
+func sendsMayLand(t store.Tunnel, rec *store.Record) *SettlingError {
+	return &SettlingError{tunnel: t, until: rec.SettleUntil, sameKey: rec.State != store.StateRotationUnknown, state: rec.State, noKey: rec.PSK == ""}
 }
 
 func (e *SettlingError) Error() string {
 	if e.sameKey {
-		return fmt.Sprintf("the last rotation of %s set a key Vault made, and a request of that key abandoned earlier may still reach Cloudflare until %s: "+
-			"a different key sent before then could be replaced by it, so none is asked for before then (the key Vault holds is the edge's meanwhile)",
-			e.tunnel, store.FormatTime(e.until))
+		return fmt.Sprintf("a request carrying a key Vault made for %s, abandoned earlier, may still reach Cloudflare until %s: "+
+			"a different key sent before then could be replaced by it, so none is asked for before then (%s)",
+			e.tunnel, store.FormatTime(e.until), e.meanwhile())
 	}
 	return fmt.Sprintf("the last rotation of %s has an unknown outcome, and Cloudflare may still process its request until %s "+
 		"(a request abandoned at request_timeout can still be carried out): no new key is asked for before then; "+
 		"reads warn meanwhile, and the engine resolves the outcome from Cloudflare after that time",
 		e.tunnel, store.FormatTime(e.until))
+}
+
+// meanwhile says what the edge uses while a request of a key Vault made
+// may still land, by the record's state: only a current record holds the
+// edge's key.
+func (e *SettlingError) meanwhile() string {
+	switch {
+	case e.state == store.StateCurrent:
+		return "the key Vault holds is the edge's meanwhile"
+	case e.state == store.StatePending && e.noKey:
+		return "the tunnel's first rotation is pending: the edge uses the key written ahead or the key it had before, which Vault never held; " +
+			"a read, a write or the background pass finishes the rotation by sending the key written ahead again"
+	case e.state == store.StatePending:
+		return "the rotation is pending: the edge uses the key written ahead or the stored key; " +
+			"a read, a write or the background pass finishes it by sending the key written ahead again"
+	}
+	return fmt.Sprintf("the tunnel is %s: see state_reason for which key the edge uses", e.state)
 }
 
 // Write is an operator's write: it generates a new key for t and
@@ -173,7 +198,7 @@ func (e *Engine) generate(ctx context.Context, a *attempt) (*store.Record, error
 		// A request of the engine's may still change the edge's key (a
 		// key Vault made, finished while an earlier send of it was out):
 		// a different key now could be replaced by it a moment later.
-		return nil, &SettlingError{tunnel: a.t, until: p.SettleUntil, sameKey: p.State != store.StateRotationUnknown}
+		return nil, sendsMayLand(a.t, p)
 	}
 	source := e.keySource(a.conn.Settings)
 	key, err := source.MakeKey(ctx)
