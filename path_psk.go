@@ -359,8 +359,8 @@ read: returns psk and its metadata:
   A read of a tunnel that is not current, on the node that may write, first
   asks Cloudflare what became of the last rotation, unless nothing could
   settle it yet (before settle_until), the background is backing off
-  (retry_at), or the tunnel is gone; it warns whenever the state is not
-  current. 404
+  (retry_at; a pending key is sent again at once all the same), or the
+  tunnel is gone; it warns whenever the state is not current. 404
   when no key is stored.
 
 delete: forgets the key in Vault only. It does not touch the tunnel at

@@ -305,7 +305,9 @@ func TestAKeyCloudflareRefusesChangesNothing(t *testing.T) {
 
 // TestAResendCloudflareRefusesStaysPending: a pending key whose resend is
 // unapplied may still be on the edge (the first request may have landed):
-// it stays pending, backs off and says why; nothing calls it current.
+// it stays pending, backs the background off and says why; nothing calls
+// it current. retry_at paces the background only: a read sends the key
+// again at once.
 func TestAResendCloudflareRefusesStaysPending(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
@@ -323,13 +325,12 @@ func TestAResendCloudflareRefusesStaysPending(t *testing.T) {
 		t.Errorf("failures %d, retry_at %v: no backoff", rec.Failures, rec.RetryAt)
 	}
 	sets := env.sim.Calls(cloudflaresim.OpPSKSet)
-	env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	backgroundPass(t, env)
 	if env.sim.Calls(cloudflaresim.OpPSKSet) != sets {
-		t.Error("a read during the backoff sent the key again")
+		t.Error("the background sent the key again during its backoff")
 	}
 	assertHonest(t, env)
-	env.clock.Advance(time.Hour)
-	assertCurrent(t, env, "a read after the backoff")
+	assertCurrent(t, env, "a read during the background's backoff")
 }
 
 // TestPasswordPolicies: a policy is checked when config is written (it
@@ -580,5 +581,28 @@ func TestThe409OfAPendingFirstRotationSaysVaultHoldsNoKey(t *testing.T) {
 	}
 	if strings.Contains(msg, "the key Vault holds is the edge's") || !strings.Contains(msg, "first rotation is pending") || !strings.Contains(msg, "Vault never held") {
 		t.Errorf("the 409 for a pending first rotation does not say what the edge uses: %s", msg)
+	}
+}
+
+// TestAReadFinishesAScheduledRotationsLostAnswerAtOnce: a scheduled
+// rotation's answer is lost after the edge took the key; the scheduler's
+// failure path stamps the pending record with retry_at a minute on. That
+// paces the background, not readers: a read seconds later sends the same
+// key again and serves it current, as the docs promise for any lost answer.
+func TestAReadFinishesAScheduledRotationsLostAnswerAtOnce(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	schedulerOver(t, env, env.storage)
+	env.clock.Advance(time.Hour + time.Second)
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	drain(t, env)
+	if rec := env.storedRecord(); rec.State != store.StatePending || !env.clock.Now().Before(rec.RetryAt) {
+		t.Fatalf("after the scheduled rotation's lost answer: state %s, retry_at %v", rec.State, rec.RetryAt)
+	}
+	env.clock.Advance(5 * time.Second)
+	read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	if read.Data["state"] != store.StateCurrent || read.Data["psk"] != env.edge().PSK {
+		t.Errorf("a read 5s after the scheduled rotation's lost answer: state %v (retry_at %v), key is the edge's: %v",
+			read.Data["state"], read.Data["retry_at"], read.Data["psk"] == env.edge().PSK)
 	}
 }

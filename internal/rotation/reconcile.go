@@ -189,9 +189,14 @@ func (e *Engine) Resolve(ctx context.Context, s logical.Storage, t store.Tunnel,
 	if latest == nil || latest.Current() || latest.State == store.StateTunnelGone {
 		return latest, nil
 	}
-	if now := e.now(); latest.Settling(now) || now.Before(latest.RetryAt) {
+	if now := e.now(); latest.Settling(now) || (now.Before(latest.RetryAt) && latest.State != store.StatePending) {
 		// Nothing Cloudflare says can settle it yet, or the background is
-		// backing off: the state's own warning says until when.
+		// backing off: the state's own warning says until when. A pending
+		// key is finished at once whatever retry_at says: that paces the
+		// background (a failed scheduled rotation stamps it too), not a
+		// reader, who would otherwise be served a key the edge may no
+		// longer use while one Set would tell. The budget bounds it, as
+		// any call.
 		return latest, nil
 	}
 	resolved, err := e.reconcileLocked(ctx, s, conn, t, latest, conn.Settings.HealStalePSK)

@@ -259,7 +259,7 @@ func (e *Engine) setFailed(ctx context.Context, a *attempt, err error) error {
 
 // keepPending leaves the record pending with why, and returns the error
 // for the caller. A resend that failed backs the background off (a read
-// of the tunnel waits for retry_at too); a rate limit is no fault of the
+// still tries at once: Resolve); a rate limit is no fault of the
 // tunnel's.
 func (e *Engine) keepPending(ctx context.Context, a *attempt, cause error) error {
 	what := "the rotation"
