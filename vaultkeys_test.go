@@ -606,3 +606,30 @@ func TestAReadFinishesAScheduledRotationsLostAnswerAtOnce(t *testing.T) {
 			read.Data["state"], read.Data["retry_at"], read.Data["psk"] == env.edge().PSK)
 	}
 }
+
+// TestFinishingAScheduledRotationsPendingKeyIsThatRotation: a scheduled
+// rotation's answer is lost after the edge took its key. The scheduler's
+// retry finishes the pending key, and that is the rotation the schedule
+// asked for: no second key (once the retry made one more), one version on,
+// and the schedule moves on from the finished key.
+func TestFinishingAScheduledRotationsPendingKeyIsThatRotation(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	schedulerOver(t, env, env.storage)
+	keysBefore := env.distinctNewKeys()
+	env.clock.Advance(time.Hour + time.Second)
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	drain(t, env)
+	for i := 0; i < 3; i++ { // the retry a minute on, and a few passes more
+		env.clock.Advance(time.Minute + time.Second)
+		drain(t, env)
+	}
+	rec := env.storedRecord()
+	if n := env.distinctNewKeys() - keysBefore; n != 1 || rec.Version != 2 {
+		t.Errorf("one scheduled rotation gave the edge %d new keys (versions 1 -> %d)", n, rec.Version)
+	}
+	if want := rec.StoredAt.Add(time.Hour); !rec.NextRotation.Equal(want) || !scheduledEntry(t, env, rec) {
+		t.Errorf("next_rotation %v, want %v (an hour after the finished key), with its entry", rec.NextRotation, want)
+	}
+	assertCurrent(t, env, "after the retries")
+}

@@ -401,11 +401,22 @@ func (e *Engine) lateLanding(ctx context.Context, s logical.Storage, conn Conn, 
 // scheduler's item takes it first). It returns the record as it
 // stands afterwards: nil when reconciliation found that the tunnel's only
 // rotation never happened and removed its record.
+//
+// A pending key finished on the way (a new key stored, a version on) is the
+// rotation the trigger asked for: the edge was given a new key, and the
+// schedule moved on from it (finish). Another now would be a second key
+// for one request, which nobody asked for. A pending record finished with
+// the key it already held (a late landing set again: no new key) is not,
+// and the rotation goes on.
 func (e *Engine) RotateNow(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, trigger Trigger) (*store.Record, error) {
 	if !rec.Current() {
+		before := rec
 		var err error
 		if rec, err = e.reconcileLocked(ctx, s, conn, t, rec, false); err != nil || rec == nil {
 			return rec, err
+		}
+		if before.PendingPSK != "" && rec.Current() && rec.Version > before.Version {
+			return rec, nil
 		}
 	}
 	return e.rotateLocked(ctx, s, conn, t, rec, trigger)

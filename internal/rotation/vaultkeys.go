@@ -20,7 +20,9 @@ package rotation
 //     write or the background pass finishes the rotation by sending the
 //     same key again (finishPending). Setting a key the edge already has
 //     is harmless, so no settle window is waited out and no second key is
-//     made: the echo of the resend decides.
+//     made: the echo of the resend decides. The finish is the rotation its
+//     trigger asked for: a scheduled or bulk retry that finishes it makes
+//     no other (RotateNow).
 //
 // What the same key still needs: a request of it abandoned earlier can land
 // after the rotation was finished, until SettleUntil. It carries the same
