@@ -6,103 +6,13 @@ package main
 // what it proves and what it printed there.
 
 import (
-	"net/http"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
-	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
-
-// TestSkepticAGoneMarkDropsTheWindowOfAnAbandonedSend: a Set of key K1 the
-// edge accepted and processes late leaves the record pending, with the
-// window (settle_until) in which no different key may be sent. A 404 on a
-// later step (the project's own reading of a 404: the tunnel deleted, or
-// the API token out of its account for a while; gone.go: "a 404 can pass")
-// records the tunnel gone, and MarkGone clears settle_until and drops the
-// pending key. Once Cloudflare answers again, the next write sends K2 at
-// once: no 409, though the abandoned request of K1 is still out. It lands,
-// and Vault serves K2 as current while the edge uses K1.
-//
-// Two ways to MarkGone a pending record: the scheduler's NotFound branch
-// after a resend refused whole with 404, and keyUnapplied after a resend
-// that was unapplied and a read that was 404.
-//
-// On i16-core it printed:
-//
-//	scheduler_404_on_the_resend: the write of K2 while the abandoned send of K1 may still land: status 200, want 409
-//	scheduler_404_on_the_resend: after the abandoned send landed: Vault serves state current with a key that is not the edge's
-//	unapplied_resend_then_404_read: (the same two lines)
-func TestSkepticAGoneMarkDropsTheWindowOfAnAbandonedSend(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		// gone makes the pending record tunnel_gone with one transient 404.
-		gone func(t *testing.T, env *testEnv)
-	}{
-		{"scheduler_404_on_the_resend", func(t *testing.T, env *testEnv) {
-			// The tunnel's scheduled rotation falls due seconds after the
-			// abandoned write: it finishes the pending key by sending it
-			// again, and that request is refused whole with 404.
-			env.clock.Advance(6 * time.Second)
-			env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{Status: http.StatusNotFound})
-			drain(t, env)
-		}},
-		{"unapplied_resend_then_404_read", func(t *testing.T, env *testEnv) {
-			// A read finishes the pending key: the resend is unapplied
-			// (maintenance), and the read that follows is a 404.
-			env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{Unapplied: map[string]string{env.tunnel.ID: "maintenance"}})
-			env.sim.FailNext(cloudflaresim.OpTunnelGet, cloudflaresim.Fault{Status: http.StatusNotFound})
-			env.request(logical.ReadOperation, env.pskPath(), nil)
-		}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			env := newVaultKeysEnv(t)
-			env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
-			schedulerOver(t, env, env.storage)
-
-			// Five seconds before the tunnel's scheduled rotation, an
-			// operator's write sends K1; the edge accepts the request and
-			// processes it late, and the engine gives up at request_timeout.
-			env.clock.Advance(time.Hour - 5*time.Second)
-			env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{ProcessAfter: time.Hour})
-			if resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil); httpStatus(resp, err) != http.StatusGatewayTimeout {
-				t.Fatalf("the held write: status %d (%s)", httpStatus(resp, err), errorText(resp, err))
-			}
-			env.sim.WaitAccepted()
-			rec := env.storedRecord()
-			if rec.State != store.StatePending || !rec.SendsMayLand(env.clock.Now()) {
-				t.Fatalf("after the abandoned send: state %s, window open %v", rec.State, rec.SendsMayLand(env.clock.Now()))
-			}
-			window := rec.SettleUntil
-
-			tc.gone(t, env)
-			if got := env.storedRecord(); got.State != store.StateTunnelGone {
-				t.Fatalf("the transient 404 left state %s (the sequence needs tunnel_gone)", got.State)
-			}
-			t.Logf("after the 404: state %s, settle_until %v (the abandoned send may land until %v)",
-				env.storedRecord().State, env.storedRecord().SettleUntil, window)
-
-			// Cloudflare answers again; the operator writes, well inside
-			// the window of the abandoned send.
-			env.clock.Advance(time.Second)
-			if !env.clock.Now().Before(window) {
-				t.Fatal("the test left the window")
-			}
-			resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
-			if status := httpStatus(resp, err); status != http.StatusConflict {
-				t.Errorf("the write of K2 while the abandoned send of K1 may still land: status %d, want 409", status)
-			}
-
-			env.sim.ProcessLateNow() // the abandoned request of K1 lands
-			read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
-			if read.Data["state"] == store.StateCurrent && read.Data["psk"] != env.edge().PSK {
-				t.Errorf("after the abandoned send landed: Vault serves state current with a key that is not the edge's")
-			}
-		})
-	}
-}
 
 // TestSkepticAValidationWithHealingOffOverwritesAKeyChangedOutside: with
 // key_source vault, a validate_only write sends the stored key with

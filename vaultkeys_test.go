@@ -481,8 +481,8 @@ func TestAPendingKeyOfADeletedTunnelIsRecordedGone(t *testing.T) {
 	if err != nil || read.Data["state"] != store.StateTunnelGone {
 		t.Fatalf("read: %v, state %v", err, read.Data["state"])
 	}
-	if rec := env.storedRecord(); rec.PendingPSK != "" {
-		t.Error("the gone record keeps the pending key")
+	if rec := env.storedRecord(); rec.PendingPSK == "" {
+		t.Error("the gone record dropped the pending key, which the edge may use")
 	}
 	sets := env.sim.Calls(cloudflaresim.OpPSKSet)
 	backgroundPass(t, env)
@@ -694,5 +694,159 @@ func TestAPolicyThatRepeatsAKeyIsRefusedAndTheScheduleKept(t *testing.T) {
 	}
 	if env.sim.Calls(cloudflaresim.OpPSKSet) != sets {
 		t.Error("the scheduled rotation sent a key")
+	}
+}
+
+// TestMarkingATunnelGoneKeepsTheWindowAndThePendingKey: a Set of K1 the
+// edge accepted and processes late leaves the record pending, with the
+// window in which no different key may be sent. A 404 (the project's
+// reading: the tunnel deleted, or the token out of its account for a
+// while, and a 404 can pass) records the tunnel gone. That keeps the window
+// and the pending key: once Cloudflare answers again, a write finishes K1
+// first and then gets the 409 while the abandoned request of K1 may still
+// land, so when it lands Vault serves the edge's key. (MarkGone once
+// dropped both, and the write sent K2 at once: Vault served K2 as current
+// while the edge used K1.)
+//
+// Two ways to a gone pending record: the scheduler's resend refused whole
+// with 404 and a read of the tunnel 404 (the Set operation's own 404 is
+// the account's and never enough: TestASetOperationsNotFoundIsNoTunnelGone),
+// and a resend that was unapplied and a read that was 404.
+func TestMarkingATunnelGoneKeepsTheWindowAndThePendingKey(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// gone makes the pending record tunnel_gone with transient 404s.
+		gone func(t *testing.T, env *testEnv)
+	}{
+		{"scheduler: resend 404, read 404", func(t *testing.T, env *testEnv) {
+			// The tunnel's scheduled rotation falls due seconds after the
+			// abandoned write: it finishes the pending key by sending it
+			// again, which is refused whole with 404, and so is the read of
+			// the tunnel that follows.
+			env.clock.Advance(6 * time.Second)
+			env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{Status: http.StatusNotFound})
+			env.sim.FailNext(cloudflaresim.OpTunnelGet, cloudflaresim.Fault{Status: http.StatusNotFound})
+			drain(t, env)
+		}},
+		{"read: resend unapplied, read 404", func(t *testing.T, env *testEnv) {
+			env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{Unapplied: map[string]string{env.tunnel.ID: "maintenance"}})
+			env.sim.FailNext(cloudflaresim.OpTunnelGet, cloudflaresim.Fault{Status: http.StatusNotFound})
+			env.request(logical.ReadOperation, env.pskPath(), nil)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newVaultKeysEnv(t)
+			env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+			schedulerOver(t, env, env.storage)
+
+			// Five seconds before the tunnel's scheduled rotation, an
+			// operator's write sends K1; the edge accepts the request and
+			// processes it late, and the engine gives up at request_timeout.
+			env.clock.Advance(time.Hour - 5*time.Second)
+			env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{ProcessAfter: time.Hour})
+			if resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil); httpStatus(resp, err) != http.StatusGatewayTimeout {
+				t.Fatalf("the held write: status %d (%s)", httpStatus(resp, err), errorText(resp, err))
+			}
+			env.sim.WaitAccepted()
+			rec := env.storedRecord()
+			if rec.State != store.StatePending || !rec.SendsMayLand(env.clock.Now()) {
+				t.Fatalf("after the abandoned send: state %s, window open %v", rec.State, rec.SendsMayLand(env.clock.Now()))
+			}
+			window, k1 := rec.SettleUntil, rec.PendingPSK
+
+			tc.gone(t, env)
+			gone := env.storedRecord()
+			if gone.State != store.StateTunnelGone {
+				t.Fatalf("the transient 404 left state %s (the sequence needs tunnel_gone)", gone.State)
+			}
+			if gone.SettleUntil.Before(window) || gone.PendingPSK != k1 {
+				t.Errorf("the gone record: settle_until %v (the abandoned send may land until %v), keeps the pending key: %v",
+					gone.SettleUntil, window, gone.PendingPSK == k1)
+			}
+
+			// Cloudflare answers again; the operator writes, well inside
+			// the window of the abandoned send.
+			env.clock.Advance(time.Second)
+			if !env.clock.Now().Before(window) {
+				t.Fatal("the test left the window")
+			}
+			resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+			if status := httpStatus(resp, err); status != http.StatusConflict {
+				t.Errorf("the write of K2 while the abandoned send of K1 may still land: status %d (%s), want 409", status, errorText(resp, err))
+			}
+			if env.edge().PSK != k1 {
+				t.Error("the write did not finish the pending key first")
+			}
+
+			env.sim.ProcessLateNow() // the abandoned request of K1 lands
+			read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+			if read.Data["state"] != store.StateCurrent || read.Data["psk"] != env.edge().PSK {
+				t.Errorf("after the abandoned send landed: state %v, the key served is the edge's: %v", read.Data["state"], read.Data["psk"] == env.edge().PSK)
+			}
+			if n := env.distinctNewKeys(); n != 2 {
+				t.Errorf("the edge was given %d different keys, want 2 (the first write's, K1)", n)
+			}
+		})
+	}
+}
+
+// TestASetOperationsNotFoundIsNoTunnelGone: the Set operation's path is the
+// account's, so its 404 says nothing of one tunnel. A resend so refused
+// reads the tunnel, and only that read's 404 records it gone; a read that
+// finds it leaves the record pending. A scheduled rotation so refused is
+// retried with backoff, not recorded gone.
+func TestASetOperationsNotFoundIsNoTunnelGone(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{Status: http.StatusNotFound})
+	read, err := env.request(logical.ReadOperation, env.pskPath(), nil)
+	if err != nil || read.Data["state"] != store.StatePending {
+		t.Fatalf("a resend refused with 404, the tunnel still there: %v, state %v", err, read.Data["state"])
+	}
+	assertCurrent(t, env, "the next read")
+
+	schedulerOver(t, env, env.storage)
+	env.clock.Advance(2 * time.Hour)
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{Status: http.StatusNotFound})
+	drain(t, env)
+	rec := env.storedRecord()
+	if rec.State != store.StateCurrent || rec.Failures != 1 || !rec.NextRotation.After(env.clock.Now()) || !scheduledEntry(t, env, rec) {
+		t.Errorf("a scheduled rotation whose Set was a 404: state %s, failures %d, next_rotation %v (now %v)",
+			rec.State, rec.Failures, rec.NextRotation, env.clock.Now())
+	}
+}
+
+// TestAGoneTunnelsPendingKeyIsFinishedWhenItIsListedAgain: a tunnel found
+// gone while a key Vault made was pending keeps that key; when the drift
+// sweep finds it listed again, the key is set again first, and the echo
+// decides: current with the edge's key, one new key given.
+func TestAGoneTunnelsPendingKeyIsFinishedWhenItIsListedAgain(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "10m"}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "24h"}))
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	pending := env.storedRecord().PendingPSK
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{Unapplied: map[string]string{env.tunnel.ID: "maintenance"}})
+	env.sim.FailNext(cloudflaresim.OpTunnelGet, cloudflaresim.Fault{Status: http.StatusNotFound})
+	env.request(logical.ReadOperation, env.pskPath(), nil)
+	if rec := env.storedRecord(); rec.State != store.StateTunnelGone || rec.PendingPSK != pending {
+		t.Fatalf("state %s, keeps the pending key: %v", rec.State, rec.PendingPSK == pending)
+	}
+	env.clock.Advance(10 * time.Minute)
+	backgroundPass(t, env)
+	assertCurrent(t, env, "after the drift sweep found the tunnel listed again")
+	rec := env.storedRecord()
+	if env.edge().PSK != pending || env.distinctNewKeys() != 2 || rec.Version != 2 {
+		t.Errorf("the key is the pending one: %v; different keys given: %d, want 2; version %d, want 2", env.edge().PSK == pending, env.distinctNewKeys(), rec.Version)
+	}
+	if !scheduledEntry(t, env, rec) {
+		t.Error("the returned tunnel has no schedule entry")
 	}
 }

@@ -486,7 +486,7 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 	case err == nil:
 		// The rotation scheduled the next one.
 		return dueFinished
-	case cloudflare.NotFound(err):
+	case rotation.TunnelGone(err):
 		// The tunnel is gone: no more retries, hourly or otherwise.
 		if latest, rerr := store.ReadRecord(ctx, s, t); rerr == nil && latest != nil {
 			if _, merr := w.engine.MarkGone(ctx, s, t, latest); merr != nil {
@@ -587,7 +587,7 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 		return sc.countBulk(ctx, item, tracked, true, "not stored in Vault any more: its only rotation turned out never to have happened, so Vault held no key for it")
 	case err == nil:
 		return dueFinished
-	case cloudflare.NotFound(err):
+	case rotation.TunnelGone(err):
 		return sc.countBulk(ctx, item, tracked, true, "no longer exists at Cloudflare (deleted, or out of the API token's reach)")
 	}
 	w.engine.TunnelLogger(t).Warn("bulk rotation failed", "error", err)

@@ -25,9 +25,11 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 		// anyway; nothing Cloudflare says now would release it.
 		return rec, nil
 	}
-	if rec.State == store.StatePending {
+	if rec.PendingPSK != "" && (rec.State == store.StatePending || rec.State == store.StateTunnelGone) {
 		// A key Vault made and wrote ahead: the same key finishes it, at
-		// once, whatever key_source says now (vaultkeys.go).
+		// once, whatever key_source says now (vaultkeys.go). A tunnel
+		// recorded gone keeps its pending key (MarkGone): written again, it
+		// is finished with that key first.
 		return e.finishPending(ctx, s, conn, t, rec)
 	}
 	// A held tunnel whose validation's outcome was lost is judged, and
@@ -57,7 +59,13 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 		return nil, store.ForgetRecord(ctx, s, t, rec)
 	case edgeUsesStoredKey:
 		resolved := *rec
-		resolved.State, resolved.StateReason, resolved.RotationStartedAt, resolved.SettleUntil = store.StateCurrent, "", time.Time{}, time.Time{}
+		resolved.State, resolved.StateReason, resolved.RotationStartedAt = store.StateCurrent, "", time.Time{}
+		if !rec.SendsMayLand(e.now()) {
+			// A window still open (a tunnel recorded gone while a request of
+			// a key Vault made was out) is kept: no different key before it
+			// ends.
+			resolved.SettleUntil = time.Time{}
+		}
 		resolved.ClearFailures()
 		if edge.Date.After(resolved.KeySeenAt) {
 			// A later answer that shows the stored key in use: a proof
@@ -140,15 +148,23 @@ func (e *Engine) markStale(ctx context.Context, s logical.Storage, t store.Tunne
 // set: there is nothing left to reconcile until someone writes it again or
 // the drift sweep finds it listed again (ReturnGone, which judges a record
 // found gone before its first rotation resolved as that rotation).
+//
+// A 404 can pass (gone.go), so nothing the record holds against a request
+// still out is dropped: the window in which a request of a key Vault made
+// may land (SettleUntil, LateLandingUntil: no different key before it
+// ends), and a pending key, which the edge may use and which is finished
+// with the same key first once the tunnel is back (a write, ReturnGone).
 func (e *Engine) MarkGone(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) (*store.Record, error) {
 	gone := *rec
 	gone.State = store.StateTunnelGone
 	gone.StateReason = fmt.Sprintf("Cloudflare answered at %s that the tunnel does not exist (deleted, or the API token lost its account): the stored key is kept but is not in use",
 		store.FormatTime(e.now()))
-	gone.RotationStartedAt, gone.SettleUntil = time.Time{}, time.Time{}
-	// A key Vault made and never confirmed is dropped: were the tunnel back,
-	// its key is judged by Cloudflare's times against the stored one.
-	gone.PendingPSK, gone.PendingTrigger = "", ""
+	if gone.PendingPSK != "" {
+		gone.StateReason += fmt.Sprintf("; a key Vault made was being set when it was found gone (a rotation started at %s), and the edge may use it: "+
+			"should the tunnel be back, that key is set again first", store.FormatTime(gone.RotationStartedAt))
+	} else {
+		gone.RotationStartedAt = time.Time{}
+	}
 	gone.ClearFailures()
 	if err := store.WriteRecord(ctx, s, t, &gone); err != nil {
 		return rec, err
@@ -231,7 +247,7 @@ func (e *Engine) ReconcileInBackground(ctx context.Context, s logical.Storage, c
 		return false, nil
 	}
 	_, err = e.reconcileLocked(ctx, s, conn, t, rec, conn.Settings.HealStalePSK)
-	if err == nil || cloudflare.NotFound(err) || cloudflare.RetryAfter(err) > 0 {
+	if err == nil || TunnelGone(err) || cloudflare.RetryAfter(err) > 0 {
 		// Resolved, gone (recorded as such), or "not now", which is no
 		// fault of the tunnel's.
 		return true, err

@@ -40,6 +40,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 	"time"
 
@@ -235,6 +236,16 @@ func (e *Engine) finishPending(ctx context.Context, s logical.Storage, conn Conn
 		key: rec.PendingPSK, source: store.KeySourceVault, resend: true}
 	pending := *rec
 	pending.SettleUntil = later(rec.SettleUntil, e.now().UTC().Add(settleWindow(conn.Settings)))
+	if pending.State == store.StateTunnelGone {
+		// Found gone with its key pending (MarkGone), and asked of again:
+		// pending once more, and marked so, until the answer decides.
+		pending.State = store.StatePending
+		pending.StateReason = fmt.Sprintf("a rotation with a key Vault made, started at %s, was found gone before Cloudflare confirmed it: "+
+			"the key is being set again, and the edge uses it or the one it had", store.FormatTime(pending.RotationStartedAt))
+		if err := store.MarkUnresolved(ctx, s, t); err != nil {
+			return rec, fmt.Errorf("finish the pending rotation of %s: %w", t, err)
+		}
+	}
 	a.pending = &pending
 	if err := store.WriteRecord(ctx, s, t, &pending); err != nil {
 		return rec, fmt.Errorf("finish the pending rotation of %s: %w", t, err)
@@ -279,12 +290,37 @@ func (e *Engine) keySent(ctx context.Context, a *attempt, res *cloudflare.SetPSK
 // back), unless the edge's key changed since (refusedButChanged: something
 // on the way may have sent it twice). A resend's refusal proves nothing of
 // the earlier send. Anything else leaves the key maybe on the edge.
+//
+// A 404 to the Set operation, which is the account's and not one tunnel's,
+// says nothing of the tunnel (TunnelGone is false for it). A resend so
+// refused asks the tunnel itself: only a 404 for it records the tunnel
+// gone, as a refused resend's read does (keyUnapplied); else it stays
+// pending.
 func (e *Engine) setFailed(ctx context.Context, a *attempt, err error) error {
 	if cloudflare.NoEffect(err) && !a.resend && !e.refusedButChanged(ctx, a, err) {
 		e.restore(ctx, a.s, a.t, a.previous)
 		return err
 	}
+	if a.resend && cloudflare.NotFound(err) {
+		if _, gerr := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID); cloudflare.NotFound(gerr) {
+			if _, merr := e.MarkGone(context.WithoutCancel(ctx), a.s, a.t, a.pending); merr != nil {
+				e.TunnelLogger(a.t).Warn("could not record that the tunnel is gone", "error", merr)
+			}
+			// The read's 404 first, so that TunnelGone sees it.
+			return fmt.Errorf("%w (the resend of the pending key was refused too: %v)", gerr, err)
+		}
+	}
 	return e.keepPending(ctx, a, err)
+}
+
+// TunnelGone reports whether err says that Cloudflare does not have the
+// tunnel: a 404 to a call about that tunnel (a read of it, psk_generate).
+// A 404 to the Set operation, whose path is the account's, does not: the
+// operation may be unavailable to the account, or the token out of it for
+// a while, so it is never read as one tunnel gone.
+func TunnelGone(err error) bool {
+	var apiErr *cloudflare.APIError
+	return errors.As(err, &apiErr) && apiErr.HTTPStatus == http.StatusNotFound && apiErr.Op != cloudflare.OpSetPSKs
 }
 
 // keepPending leaves the record pending with why, and returns the error
