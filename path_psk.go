@@ -259,7 +259,9 @@ write (create/update): gives the tunnel a new PSK. With config key_source
   and the response carries only its metadata, never the key. With
   key_source vault, a write of a pending tunnel first finishes it with its
   own key, and a different key is refused with 409 while a request of the
-  engine's abandoned earlier may still land (until settle_until).
+  engine's abandoned earlier may still land (until settle_until). Should
+  Cloudflare not apply that resend (unapplied_psks), the write fails with
+  its reason until settle_until has passed, and then sets its new key.
   A schedule (omitted: the tunnel keeps its own) is one of:
   rotation_period: rotate the tunnel again every period (at least config
   min_rotation_period, 1h by default; 0 turns scheduled rotation off);

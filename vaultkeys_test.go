@@ -850,3 +850,48 @@ func TestAGoneTunnelsPendingKeyIsFinishedWhenItIsListedAgain(t *testing.T) {
 		t.Error("the returned tunnel has no schedule entry")
 	}
 }
+
+// TestAWriteSetsANewKeyOnceARefusedResendsWindowHasClosed: the edge took K1
+// and the answer was lost; Cloudflare then refuses, tunnel by tunnel
+// (unapplied_psks), to set K1 again ("psk already in use" is a reason it
+// may well give). The record stays pending, and reads say so. While an
+// earlier request of K1 may still land a write is refused; once none can
+// (settle_until passed), a write whose resend is refused again sets the
+// new key it asks for, and the edge's echo makes it current. (Once every
+// later write failed for ever: only a delete got out.)
+func TestAWriteSetsANewKeyOnceARefusedResendsWindowHasClosed(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	k1, window := env.storedRecord().PendingPSK, env.storedRecord().SettleUntil
+	inUse := cloudflaresim.Fault{Unapplied: map[string]string{env.tunnel.ID: "psk already in use by this tunnel"}}
+
+	env.sim.FailNext(cloudflaresim.OpPSKSet, inUse)
+	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if msg := errorText(resp, err); httpStatus(resp, err) != http.StatusBadRequest || !strings.Contains(msg, "psk already in use") {
+		t.Fatalf("a write while an earlier send of K1 may land, its resend refused: status %d (%s)", httpStatus(resp, err), msg)
+	}
+	if rec := env.storedRecord(); rec.State != store.StatePending || rec.PendingPSK != k1 || !rec.SettleUntil.Equal(window) {
+		t.Fatalf("after the refused resend: state %s, the pending key kept: %v, settle_until %v (want %v: the answered resend cannot land)",
+			rec.State, rec.PendingPSK == k1, rec.SettleUntil, window)
+	}
+	env.sim.FailNext(cloudflaresim.OpPSKSet, inUse) // the read's resend is refused too
+	read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	if read.Data["state"] != store.StatePending || !strings.Contains(strings.Join(read.Warnings, " "), "psk already in use") {
+		t.Errorf("a read meanwhile: state %v, warnings %v", read.Data["state"], read.Warnings)
+	}
+
+	env.clock.Advance(window.Sub(env.clock.Now()) + time.Second)
+	env.sim.FailNext(cloudflaresim.OpPSKSet, inUse)
+	resp, err = env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if err != nil || resp.IsError() {
+		t.Fatalf("a write once no earlier send of K1 can land: %s", errorText(resp, err))
+	}
+	assertCurrent(t, env, "after the write")
+	if env.edge().PSK == k1 || env.distinctNewKeys() != 3 {
+		t.Errorf("the write's key is K1: %v; different keys given: %d, want 3 (the first write's, K1, the write's)", env.edge().PSK == k1, env.distinctNewKeys())
+	}
+}

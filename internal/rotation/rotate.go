@@ -119,7 +119,7 @@ func (e *SettlingError) meanwhile() string {
 // stored, so concurrent rotations of one tunnel leave Vault with the key
 // Cloudflare generated last.
 func (e *Engine) Write(ctx context.Context, s logical.Storage, t store.Tunnel, sched *schedule.Schedule) (*store.Record, error) {
-	conn, rec, unlock, err := e.beginWrite(ctx, s, t)
+	conn, rec, unlock, err := e.beginWrite(ctx, s, t, true)
 	if err != nil {
 		return nil, err
 	}
@@ -586,14 +586,24 @@ func (e *Engine) lostKey(t store.Tunnel, err error) error {
 // what became of the last one: the write is the operator's, so it does not
 // heal (it generates anyway), but it must not act on a guess; while the last
 // rotation may still land, this is a 409 (SettlingError).
-func (e *Engine) beginWrite(ctx context.Context, s logical.Storage, t store.Tunnel) (conn Conn, rec *store.Record, unlock func(), err error) {
+//
+// rotating says the write asks for a new key (not a validation): a pending
+// key whose resend Cloudflare did not apply, once no earlier send of it can
+// land (its window closed), then no longer stops it (refusedResendPassed).
+func (e *Engine) beginWrite(ctx context.Context, s logical.Storage, t store.Tunnel, rotating bool) (conn Conn, rec *store.Record, unlock func(), err error) {
 	if conn, err = e.connect(ctx, s); err != nil {
 		return Conn{}, nil, nil, err
 	}
 	unlock = e.Lock(t)
 	if rec, err = store.ReadRecord(ctx, s, t); err == nil && rec != nil && !rec.Current() {
 		if rec, err = e.reconcileLocked(ctx, s, conn, t, rec, false); err != nil {
-			err = fmt.Errorf("learn the outcome of the last rotation of %s: %w", t, err)
+			if rotating && e.refusedResendPassed(rec, err) {
+				e.TunnelLogger(t).Warn("the pending key's resend was not applied and no earlier send of it can land any more: the write sets a different key",
+					"error", err)
+				err = nil
+			} else {
+				err = fmt.Errorf("learn the outcome of the last rotation of %s: %w", t, err)
+			}
 		}
 	}
 	if err != nil {
@@ -601,6 +611,23 @@ func (e *Engine) beginWrite(ctx context.Context, s logical.Storage, t store.Tunn
 		return Conn{}, nil, nil, err
 	}
 	return conn, rec, unlock, nil
+}
+
+// refusedResendPassed reports whether an operator's write may set a new key
+// although the pending key of rec could not be finished: Cloudflare
+// answered its resend, and did not apply it (unapplied_psks; "psk already
+// in use" is one reason it may give), and the window of every earlier send
+// of it has closed. The edge then uses that key or the one before, and no
+// request of the engine's can change it any more: a different key the edge
+// echoes is the edge's key, whichever it replaced, and one it does not
+// apply puts the pending record back. Without this a resend refused for
+// good would refuse every write for ever. A resend with no answer opens a
+// window of its own (finishPending), so it never passes here until that
+// closes and an answered one is refused.
+func (e *Engine) refusedResendPassed(rec *store.Record, err error) bool {
+	var refused *KeyRefusedError
+	return errors.As(err, &refused) && refused.pending && !TunnelGone(err) &&
+		rec != nil && rec.State == store.StatePending && !rec.SendsMayLand(e.now())
 }
 
 // notAttemptedError is a failure before anything was written or a key asked

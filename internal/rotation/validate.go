@@ -44,7 +44,7 @@ func (e *Engine) Validate(ctx context.Context, s logical.Storage, t store.Tunnel
 	// As before a rotation (beginWrite): while the last one still settles,
 	// a validation that turned into a generation could be overtaken by the
 	// abandoned request, so it is refused (409).
-	conn, rec, unlock, err := e.beginWrite(ctx, s, t)
+	conn, rec, unlock, err := e.beginWrite(ctx, s, t, false)
 	if err != nil {
 		return nil, "", err
 	}

@@ -189,7 +189,8 @@ type KeyRefusedError struct {
 func (e *KeyRefusedError) Error() string {
 	if e.pending {
 		return fmt.Sprintf("cloudflare did not apply the key Vault made for %s when it was sent again (%s): an earlier request of it may still have landed, "+
-			"so the tunnel stays pending and the engine sends the same key again later", e.tunnel, e.reason)
+			"so the tunnel stays pending and the engine sends the same key again later; once no earlier request of it can land (settle_until), "+
+			"a write sets a different key instead", e.tunnel, e.reason)
 	}
 	return fmt.Sprintf("cloudflare did not apply the key Vault made for %s (%s): the tunnel keeps its key, and nothing was stored", e.tunnel, e.reason)
 }
@@ -360,6 +361,11 @@ func (e *Engine) keyUnapplied(ctx context.Context, a *attempt, reason string) er
 		return fmt.Errorf("%w: %w", refused, err)
 	}
 	if a.resend {
+		// Answered, so this request cannot land later: only the windows
+		// of earlier sends remain (finishPending pushed it on for this
+		// one), and once they close a write may set a different key
+		// (refusedResendPassed).
+		a.pending.SettleUntil = a.previous.SettleUntil
 		a.pending.NoteFailure(e.now(), refused)
 		a.pending.StateReason = fmt.Sprintf("the rotation with a key Vault made, started at %s, has an unknown outcome: %v",
 			store.FormatTime(a.pending.RotationStartedAt), refused)
