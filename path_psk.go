@@ -290,11 +290,15 @@ write (create/update): gives the tunnel a new PSK. With config key_source
   live at the edge and is stored as a rotation (the answer has stored=true,
   the new version and a warning); if the answer is lost, the tunnel is
   marked rotation_unknown until reconciliation resolves it.
-  With key_source vault no key is made: the stored key, the edge's, is
-  sent through the Set operation with validate_only (a dropped query string
-  sets that same key again; the engine then sets it for real, so the edge's
-  key is Vault's), and without a stored current key the tunnel is only
-  read. validated_by says which was done.
+  With key_source vault no key is made and the validation itself changes
+  nothing at the edge: the stored key, the edge's, is sent through the Set
+  operation with validate_only, and without a stored current key the
+  tunnel is only read. An answer that dates the tunnel's key later than the
+  stored one (a dropped query string set that same key again, or the key
+  was changed outside the engine: Cloudflare cannot say which) sends
+  nothing more; the next drift sweep decides by heal_stale_psk (the stored
+  key set again where healing is allowed, stale where it is not).
+  validated_by says which was done.
 
 read: returns psk and its metadata:
   account_id, tunnel_id   the tunnel's ids

@@ -389,8 +389,10 @@ func TestPasswordPolicies(t *testing.T) {
 
 // TestValidateOnlyWithVaultsKeys: a validation sends the stored key with
 // validate_only, or, without one, only reads the tunnel; a gateway that
-// drops the query string re-sets the stored key, which the engine then
-// sets for real: never a key on the edge Vault does not hold.
+// drops the query string re-sets the stored key. The validation sends
+// nothing more (it changes nothing at the edge by itself); the drift sweep
+// then sets the stored key again, healing on: never a key on the edge
+// Vault does not hold, and no new key.
 func TestValidateOnlyWithVaultsKeys(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	resp := env.must(validateOnlyPath(env))
@@ -413,11 +415,18 @@ func TestValidateOnlyWithVaultsKeys(t *testing.T) {
 
 	env.clock.Advance(time.Second) // the re-set key's second differs from the stored one's
 	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{IgnoreValidateOnly: true})
+	sets := env.sim.Calls(cloudflaresim.OpPSKSet)
 	resp = env.must(validateOnlyPath(env))
-	if note, _ := resp.Data["validated_by"].(string); !strings.Contains(note, "set the stored key again") {
+	if note, _ := resp.Data["validated_by"].(string); !strings.Contains(note, "dated the tunnel's key later") || !strings.Contains(note, "drift sweep decides") {
 		t.Fatalf("validation turned into a real Set: %v", resp.Data)
 	}
-	assertCurrent(t, env, "after the dropped query string")
+	if n := env.sim.Calls(cloudflaresim.OpPSKSet) - sets; n != 1 {
+		t.Errorf("the validation sent %d Set requests, want 1 (itself)", n)
+	}
+	assertKeyCurrent(t, env, "after the dropped query string")
+	env.clock.Advance(time.Hour)
+	backgroundPass(t, env) // the drift sweep: the stored key set again
+	assertCurrent(t, env, "after the drift sweep")
 	if n := env.distinctNewKeys(); n != 1 {
 		t.Errorf("the edge was given %d different keys, want 1", n)
 	}
@@ -893,5 +902,79 @@ func TestAWriteSetsANewKeyOnceARefusedResendsWindowHasClosed(t *testing.T) {
 	assertCurrent(t, env, "after the write")
 	if env.edge().PSK == k1 || env.distinctNewKeys() != 3 {
 		t.Errorf("the write's key is K1: %v; different keys given: %d, want 3 (the first write's, K1, the write's)", env.edge().PSK == k1, env.distinctNewKeys())
+	}
+}
+
+// TestAValidationNeverChangesTheEdgeByItself: with key_source vault a
+// validate_only write sends the stored key with ?validate_only=true. When
+// the key was changed outside the engine and the drift sweep has not seen
+// it yet, Cloudflare's answer dates the tunnel's key later than the stored
+// one, which a dropped query string would do too. The validation then
+// sends nothing more (it once set the stored key for real, replacing the
+// key changed outside although heal_stale_psk was off): the answer says so,
+// and the drift rules decide at the next drift sweep. Healing off: stale,
+// saying why, nothing sent. Held from healing (another mount rotates the
+// tunnel): held stale, nothing sent. Healing allowed: the stored key set
+// again, no new key.
+func TestAValidationNeverChangesTheEdgeByItself(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		config    map[string]any
+		held      bool
+		wantState string
+	}{
+		{"heal_stale_psk off", map[string]any{"heal_stale_psk": false}, false, store.StateStale},
+		{"held from healing", nil, true, store.StateStale},
+		{"healing allowed", nil, false, store.StateCurrent},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newVaultKeysEnv(t)
+			if tc.config != nil {
+				env.must(env.request(logical.UpdateOperation, "config", tc.config))
+			}
+			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+			if tc.held {
+				rec := env.storedRecord()
+				rec.HealHeld = true // as holdHealing leaves a tunnel another mount rotates too
+				if err := store.WriteRecord(context.Background(), env.storage, store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}, rec); err != nil {
+					t.Fatal(err)
+				}
+			}
+			stored := env.edge().PSK
+			env.clock.Advance(time.Minute)
+			env.sim.RegenerateOutOfBand(env.account, env.tunnel.ID) // changed outside the engine
+			outside := env.edge().PSK
+
+			sets := env.sim.Calls(cloudflaresim.OpPSKSet)
+			resp := env.must(validateOnlyPath(env))
+			if note, _ := resp.Data["validated_by"].(string); !strings.Contains(note, "changed outside this engine") || !strings.Contains(note, "drift sweep decides") {
+				t.Errorf("the validation's answer does not say what it found: %q", note)
+			}
+			if env.edge().PSK != outside || env.sim.Calls(cloudflaresim.OpPSKSet) != sets+1 {
+				t.Fatalf("a validate_only write changed the edge's key: Set calls %d -> %d, the edge's key is now the stored one: %v",
+					sets, env.sim.Calls(cloudflaresim.OpPSKSet), env.edge().PSK == stored)
+			}
+
+			env.clock.Advance(time.Hour)
+			backgroundPass(t, env) // the drift sweep
+			rec := env.storedRecord()
+			if rec.State != tc.wantState {
+				t.Errorf("after the drift sweep: state %s, want %s (%s)", rec.State, tc.wantState, rec.StateReason)
+			}
+			if tc.wantState == store.StateStale {
+				if env.edge().PSK != outside || env.sim.Calls(cloudflaresim.OpPSKSet) != sets+1 {
+					t.Error("the drift sweep sent a key where healing is not allowed")
+				}
+				if !strings.Contains(rec.StateReason, "validate_only") {
+					t.Errorf("the stale reason does not say why: %s", rec.StateReason)
+				}
+				assertHonest(t, env)
+			} else {
+				assertCurrent(t, env, "after the drift sweep")
+				if env.edge().PSK != stored {
+					t.Error("the drift sweep did not set the stored key again")
+				}
+			}
+		})
 	}
 }

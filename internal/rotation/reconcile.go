@@ -379,20 +379,31 @@ const (
 )
 
 // lateLanding deals with a current record whose key the edge re-dated
-// within LateLandingUntil: a request of the engine's, abandoned earlier and
-// carrying the stored key, may have landed late, and then the edge uses the
-// stored key; or the key changed outside this engine. Cloudflare's times
-// cannot tell which. (A listing concludes nothing: compareLocked.) The drift
-// sweep sets the stored key again, which makes it the edge's key whichever
-// it was, and makes no new key (written ahead as pending, so a lost answer
-// is finished like any); with heal_stale_psk off it sends nothing and
-// marks the tunnel stale, saying why.
+// within LateLandingUntil: a request of the engine's carrying the stored key
+// (abandoned earlier and landed late, or a validate_only whose query string
+// was dropped) may have set it again, and then the edge uses the stored
+// key; or the key changed outside this engine. Cloudflare's times cannot
+// tell which. (A listing concludes nothing: compareLocked.) The drift rules
+// decide, as for drift: where healing is allowed (heal_stale_psk, and
+// mayHeal: not held, not healed within two drift_check_intervals) the
+// drift sweep sets the stored key again, which makes it the edge's key
+// whichever it was and makes no new key (written ahead as pending, so a
+// lost answer is finished like any); where it is held, the tunnel is held
+// stale (holdHealing); with heal_stale_psk off it sends nothing and marks
+// the tunnel stale, saying why.
 func (e *Engine) lateLanding(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, edge *cloudflare.TunnelState) error {
-	why := fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s) but no later than a request of the engine's own carrying the stored key may still have landed (%s)",
+	why := fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s) but no later than a request of the engine's own carrying the stored key may have set it again (%s: "+
+		"a request that landed late, or a validate_only whose query string was dropped)",
 		store.FormatTime(edge.PSKLastGeneratedOn), store.FormatTime(rec.LastGeneratedOn), store.FormatTime(rec.LateLandingUntil))
 	if !conn.Settings.HealStalePSK {
 		_, err := e.markStale(ctx, s, t, rec, why+": the edge probably uses the stored key, re-dated, but Cloudflare's times cannot prove it, and with heal_stale_psk off "+
 			"the engine sends nothing. Write this path for a new key, or turn heal_stale_psk on to have the stored key set again", e.now().Add(store.FailureBackoffMax))
+		return err
+	}
+	if !e.mayHeal(conn.Settings, rec) {
+		// Another mount or tool may rotate this tunnel: setting the stored
+		// key again would replace its key, as a heal would.
+		_, err := e.holdHealing(ctx, s, t, rec, why+": the edge probably uses the stored key, re-dated, but Cloudflare's times cannot prove it")
 		return err
 	}
 	pending := *rec

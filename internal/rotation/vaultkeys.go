@@ -31,9 +31,10 @@ package rotation
 // SettleUntil (generate's guard, a SettlingError): the late request would
 // replace it, and Vault would call current a key the edge no longer uses.
 // And a re-dated time up to LateLandingUntil (SettleUntil carried over to
-// Cloudflare's clock) is not taken for drift: a listing concludes nothing,
-// and the drift sweep sets the stored key again, or, with heal_stale_psk
-// off, marks the tunnel stale and says why (lateLanding).
+// Cloudflare's clock, or the time a validation's answer gave the key:
+// validate.go) is not taken for drift: a listing concludes nothing, and
+// the drift sweep sets the stored key again where healing is allowed, or
+// marks the tunnel stale and says why (lateLanding).
 
 import (
 	"context"
