@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -212,8 +213,16 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	if err := b.engine.Forget(ctx, req.Storage, t); err != nil {
+	forgotten, err := b.engine.Forget(ctx, req.Storage, t)
+	if err != nil {
 		return failure(err)
+	}
+	if rotation.ForgotPendingKey(forgotten) {
+		// The delete is the operator's to make, but what it threw away
+		// must be said: the edge may use the key nobody holds now.
+		return &logical.Response{Warnings: []string{fmt.Sprintf("%s was %s: a key Vault made had been sent and Cloudflare never confirmed it (%s). "+
+			"The edge may use that key, and it is forgotten now with the record, unsent again: a router given the key Vault last served "+
+			"may not come up. Write this path to give the tunnel a new key Vault holds.", t, forgotten.State, forgotten.StateReason)}}, nil
 	}
 	return nil, nil
 }
@@ -372,7 +381,12 @@ read: returns psk and its metadata:
 delete: forgets the key in Vault only. It does not touch the tunnel at
   Cloudflare, which keeps using its current key. While the last rotation's
   outcome is unknown and Cloudflare may still act on it (until
-  settle_until), a delete is refused with 409 like a write.
+  settle_until), a delete is refused with 409 like a write; so is it while
+  a request of a key Vault made may still land. A pending key is forgotten
+  with the record once that has passed, without being sent again: the
+  edge may use it, so the delete's answer warns (read the path first to
+  finish it with its key, or write it afterwards to give the tunnel a key
+  Vault holds).
 
 For a policy that may see rotation state but not keys, use
 metadata/<account_id>/<tunnel_id>.

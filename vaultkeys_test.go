@@ -978,3 +978,29 @@ func TestAValidationNeverChangesTheEdgeByItself(t *testing.T) {
 		})
 	}
 }
+
+// TestADeleteOfAPendingKeyWarnsThatTheEdgeMayUseIt: once no request of a
+// pending key can land, a delete forgets the record, and the key the edge
+// may use with it, unsent again; the answer says so.
+func TestADeleteOfAPendingKeyWarnsThatTheEdgeMayUseIt(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	env.clock.Advance(time.Hour) // past the window
+	sets := env.sim.Calls(cloudflaresim.OpPSKSet)
+	resp, err := env.request(logical.DeleteOperation, env.pskPath(), nil)
+	if err != nil || resp == nil || resp.IsError() || !strings.Contains(strings.Join(resp.Warnings, " "), "The edge may use that key") {
+		t.Fatalf("delete of a pending record: %v, %v", err, resp)
+	}
+	if env.storedRecord() != nil || env.sim.Calls(cloudflaresim.OpPSKSet) != sets {
+		t.Error("the delete kept the record or sent the key")
+	}
+	// A delete of a current record says nothing.
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	if resp, err := env.request(logical.DeleteOperation, env.pskPath(), nil); err != nil || resp != nil {
+		t.Errorf("delete of a current record: %v, %v", err, resp)
+	}
+}
