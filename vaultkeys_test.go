@@ -1004,3 +1004,41 @@ func TestADeleteOfAPendingKeyWarnsThatTheEdgeMayUseIt(t *testing.T) {
 		t.Errorf("delete of a current record: %v, %v", err, resp)
 	}
 }
+
+// TestKeySourceSaysWhenNothingOfVaultsKeysIsInFlight: key-source reports
+// the pending keys and open windows a version without key_source would
+// not understand, and safe_to_downgrade only once key_source is cloudflare
+// and none is left.
+func TestKeySourceSaysWhenNothingOfVaultsKeysIsInFlight(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	status := func(when string) map[string]any {
+		t.Helper()
+		return env.must(env.request(logical.ReadOperation, "key-source", nil)).Data
+	}
+	if got := status("fresh"); got["key_source"] != "vault" || got["safe_to_downgrade"] != false || got["in_flight"] != false {
+		t.Errorf("with key_source vault and nothing in flight: %v", got)
+	}
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("write with the answer lost succeeded")
+	}
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"key_source": "cloudflare"}))
+	sets := env.sim.Calls(cloudflaresim.OpPSKSet)
+	name := env.account + "/" + env.tunnel.ID
+	if got := status("pending"); got["pending"] != 1 || fmt.Sprint(got["pending_tunnels"]) != "["+name+"]" || got["safe_to_downgrade"] != false {
+		t.Errorf("with a pending key: %v", got)
+	}
+	if env.sim.Calls(cloudflaresim.OpPSKSet) != sets || env.storedRecord().State != store.StatePending {
+		t.Fatal("the key-source read finished the pending key")
+	}
+	assertKeyCurrent(t, env, "the read that finishes it")
+	window := env.storedRecord().SettleUntil
+	if got := status("window"); got["pending"] != 0 || got["windows_open"] != 1 || got["windows_open_until"] != store.FormatTime(window) || got["safe_to_downgrade"] != false {
+		t.Errorf("with a window open: %v", got)
+	}
+	env.clock.Advance(window.Sub(env.clock.Now()) + time.Second)
+	if got := status("after"); got["in_flight"] != false || got["safe_to_downgrade"] != true {
+		t.Errorf("once the window closed: %v", got)
+	}
+}
