@@ -58,28 +58,7 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 		log.Info("first rotation never happened; nothing is stored")
 		return nil, store.ForgetRecord(ctx, s, t, rec)
 	case edgeUsesStoredKey:
-		resolved := *rec
-		resolved.State, resolved.StateReason, resolved.RotationStartedAt = store.StateCurrent, "", time.Time{}
-		if !rec.SendsMayLand(e.now()) {
-			// A window still open (a tunnel recorded gone while a request of
-			// a key Vault made was out) is kept: no different key before it
-			// ends.
-			resolved.SettleUntil = time.Time{}
-		}
-		resolved.ClearFailures()
-		if edge.Date.After(resolved.KeySeenAt) {
-			// A later answer that shows the stored key in use: a proof
-			// for the next rotation's judgement (keyChangeSince).
-			resolved.KeySeenAt = edge.Date
-		}
-		if err := store.WriteRecord(ctx, s, t, &resolved); err != nil {
-			return rec, err
-		}
-		if err := store.ClearUnresolved(ctx, s, t); err != nil {
-			return &resolved, err
-		}
-		log.Info("reconciled: cloudflare's key is the stored one")
-		return &resolved, nil
+		return e.resolveStored(ctx, s, t, rec, edge)
 	}
 
 	// The edge uses a key Vault does not hold: the tunnel is down until
@@ -102,6 +81,33 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 		return e.holdHealing(ctx, s, t, rec, reason)
 	}
 	return e.markStale(ctx, s, t, rec, reason, e.now().Add(store.FailureBackoffMax))
+}
+
+// resolveStored records that the edge uses rec's stored key (edge, dated
+// by Cloudflare, said so): current again.
+func (e *Engine) resolveStored(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, edge *cloudflare.TunnelState) (*store.Record, error) {
+	resolved := *rec
+	resolved.State, resolved.StateReason, resolved.RotationStartedAt = store.StateCurrent, "", time.Time{}
+	if !rec.SendsMayLand(e.now()) {
+		// A window still open (a tunnel recorded gone while a request of
+		// a key Vault made was out) is kept: no different key before it
+		// ends.
+		resolved.SettleUntil = time.Time{}
+	}
+	resolved.ClearFailures()
+	if edge.Date.After(resolved.KeySeenAt) {
+		// A later answer that shows the stored key in use: a proof
+		// for the next rotation's judgement (keyChangeSince).
+		resolved.KeySeenAt = edge.Date
+	}
+	if err := store.WriteRecord(ctx, s, t, &resolved); err != nil {
+		return rec, err
+	}
+	if err := store.ClearUnresolved(ctx, s, t); err != nil {
+		return &resolved, err
+	}
+	e.TunnelLogger(t).Info("reconciled: cloudflare's key is the stored one")
+	return &resolved, nil
 }
 
 // holdHealing records drift the engine will not heal by itself (see
