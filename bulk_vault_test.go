@@ -428,3 +428,47 @@ func (s *steppingStorage) Put(ctx context.Context, e *logical.StorageEntry) erro
 	}
 	return s.Storage.Put(ctx, e)
 }
+
+// TestABatchRefusesAKeyTheTunnelAlreadyHas: as for a single rotation
+// (TestAPolicyThatRepeatsAKeyIsRefusedAndTheScheduleKept), a password policy
+// that makes the key a tunnel already holds rotates nothing: in a batch that
+// key is refused, naming the policy and never the key, nothing is sent, and
+// the record is as it was; the job counts the tunnel failed, saying why.
+func TestABatchRefusesAKeyTheTunnelAlreadyHas(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	sys := env.b.System().(*logical.StaticSystemView)
+	sys.SetPasswordPolicy("routers", countingPolicy("Ab3", 32))
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"password_policy": "routers"}))
+	ids := managedFleet(t, env, 1)
+	repeated := edgeKeysOf(env, ids)[ids[0]]
+	// The policy changes under the mount, to one that makes the stored key.
+	sys.SetPasswordPolicy("routers", func() (string, error) { return repeated, nil })
+	tunnel := store.Tunnel{AccountID: env.account, TunnelID: ids[0]}
+	before, err := store.ReadRecord(context.Background(), env.storage, tunnel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	drain(t, env)
+	p := progressOf(t, env)
+	failed, _ := p["failed"].([]map[string]any)
+	if p["remaining"] != 0 || p["done"] != 0 || p["failed_count"] != 1 || len(failed) != 1 || failed[0]["tunnel_id"] != ids[0] ||
+		!strings.Contains(failed[0]["reason"].(string), `password_policy "routers"`) || !strings.Contains(failed[0]["reason"].(string), "already has") {
+		t.Fatalf("progress %v", p)
+	}
+	if strings.Contains(fmt.Sprint(p), repeated) {
+		t.Fatal("the job's progress shows the key")
+	}
+	after, err := store.ReadRecord(context.Background(), env.storage, tunnel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Errorf("the refused tunnel's record changed: version %d -> %d, state %s -> %s", before.Version, after.Version, before.State, after.State)
+	}
+	if n := env.sim.Calls(cloudflaresim.OpPSKSet); n != 0 {
+		t.Errorf("%d Set calls, want none", n)
+	}
+	assertFleetCurrent(t, env, ids, 1, store.KeySourceCloudflare)
+	assertNoFleetSecretLogged(t, env)
+}

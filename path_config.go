@@ -354,8 +354,9 @@ func applyKeyFields(cfg *configRecord, d *framework.FieldData) string {
 }
 
 // policySamples is how many keys a config write has a password policy make
-// to check their form: a policy that can make a key of another form at all
-// usually does so within a few.
+// to check their form, and that they differ: a policy that can make a key
+// of another form at all, or repeats its keys, usually does so within a
+// few.
 const policySamples = 5
 
 // checkPasswordPolicy checks that cfg's password_policy exists and makes
@@ -367,6 +368,7 @@ func (b *backend) checkPasswordPolicy(ctx context.Context, cfg *configRecord) st
 	if cfg.PasswordPolicy == "" {
 		return ""
 	}
+	made := make(map[string]bool, policySamples)
 	for range policySamples {
 		key, err := b.System().GeneratePasswordFromPolicy(ctx, cfg.PasswordPolicy)
 		if err != nil {
@@ -377,6 +379,14 @@ func (b *backend) checkPasswordPolicy(ctx context.Context, cfg *configRecord) st
 			return fmt.Sprintf("password_policy %q made a key that %s (every key must be 16 to 128 letters and digits, "+
 				"which every shipped router template carries); nothing was stored", cfg.PasswordPolicy, problem)
 		}
+		if made[key] {
+			// A rotation must change the key; a policy that repeats one
+			// within a few samples would make rotations that change nothing
+			// (the engine refuses those keys: internal/rotation's freshKey).
+			return fmt.Sprintf("password_policy %q made the same key twice in %d samples: its keys repeat, and every rotation must change the key "+
+				"(make its keys longer or from more characters); nothing was stored", cfg.PasswordPolicy, policySamples)
+		}
+		made[key] = true
 	}
 	return ""
 }
@@ -557,9 +567,11 @@ Vault password policy (sys/policies/password) the keys are made from. Every
 key must be 16 to 128 letters and digits: the shipped router templates
 paste the key into configurations, and the IOS XE one has no quoting. A
 config write makes a few keys from the policy and is refused (400, naming
-the policy, nothing stored) if the policy does not exist or makes another
-form; a rotation whose key is of another form (the policy changed since)
-sends nothing and changes nothing, and says why.
+the policy, nothing stored) if the policy does not exist, makes another
+form, or makes the same key twice; a rotation whose key is of another form,
+or is the tunnel's stored or pending key (the policy changed since), sends
+nothing and changes nothing, and says why (a scheduled one keeps its
+schedule and is retried with backoff, last_failure saying why).
 
 set_batch_size (key_source vault; default 100, between 1 and 1000) is the
 most keys a bulk rotation (rotate/<account_id>) sends in one call of the Set

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -212,8 +213,16 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	if err := b.engine.Forget(ctx, req.Storage, t); err != nil {
+	forgotten, err := b.engine.Forget(ctx, req.Storage, t)
+	if err != nil {
 		return failure(err)
+	}
+	if rotation.ForgotPendingKey(forgotten) {
+		// The delete is the operator's to make, but what it threw away
+		// must be said: the edge may use the key nobody holds now.
+		return &logical.Response{Warnings: []string{fmt.Sprintf("%s was %s: a key Vault made had been sent and Cloudflare never confirmed it (%s). "+
+			"The edge may use that key, and it is forgotten now with the record, unsent again: a router given the key Vault last served "+
+			"may not come up. Write this path to give the tunnel a new key Vault holds.", t, forgotten.State, forgotten.StateReason)}}, nil
 	}
 	return nil, nil
 }
@@ -259,7 +268,9 @@ write (create/update): gives the tunnel a new PSK. With config key_source
   and the response carries only its metadata, never the key. With
   key_source vault, a write of a pending tunnel first finishes it with its
   own key, and a different key is refused with 409 while a request of the
-  engine's abandoned earlier may still land (until settle_until).
+  engine's abandoned earlier may still land (until settle_until). Should
+  Cloudflare not apply that resend (unapplied_psks), the write fails with
+  its reason until settle_until has passed, and then sets its new key.
   A schedule (omitted: the tunnel keeps its own) is one of:
   rotation_period: rotate the tunnel again every period (at least config
   min_rotation_period, 1h by default; 0 turns scheduled rotation off);
@@ -288,11 +299,15 @@ write (create/update): gives the tunnel a new PSK. With config key_source
   live at the edge and is stored as a rotation (the answer has stored=true,
   the new version and a warning); if the answer is lost, the tunnel is
   marked rotation_unknown until reconciliation resolves it.
-  With key_source vault no key is made: the stored key, the edge's, is
-  sent through the Set operation with validate_only (a dropped query string
-  sets that same key again; the engine then sets it for real, so the edge's
-  key is Vault's), and without a stored current key the tunnel is only
-  read. validated_by says which was done.
+  With key_source vault no key is made and the validation itself changes
+  nothing at the edge: the stored key, the edge's, is sent through the Set
+  operation with validate_only, and without a stored current key the
+  tunnel is only read. An answer that dates the tunnel's key later than the
+  stored one (a dropped query string set that same key again, or the key
+  was changed outside the engine: Cloudflare cannot say which) sends
+  nothing more; the next drift sweep decides by heal_stale_psk (the stored
+  key set again where healing is allowed, stale where it is not).
+  validated_by says which was done.
 
 read: returns psk and its metadata:
   account_id, tunnel_id   the tunnel's ids
@@ -359,14 +374,19 @@ read: returns psk and its metadata:
   A read of a tunnel that is not current, on the node that may write, first
   asks Cloudflare what became of the last rotation, unless nothing could
   settle it yet (before settle_until), the background is backing off
-  (retry_at), or the tunnel is gone; it warns whenever the state is not
-  current. 404
+  (retry_at; a pending key is sent again at once all the same), or the
+  tunnel is gone; it warns whenever the state is not current. 404
   when no key is stored.
 
 delete: forgets the key in Vault only. It does not touch the tunnel at
   Cloudflare, which keeps using its current key. While the last rotation's
   outcome is unknown and Cloudflare may still act on it (until
-  settle_until), a delete is refused with 409 like a write.
+  settle_until), a delete is refused with 409 like a write; so is it while
+  a request of a key Vault made may still land. A pending key is forgotten
+  with the record once that has passed, without being sent again: the
+  edge may use it, so the delete's answer warns (read the path first to
+  finish it with its key, or write it afterwards to give the tunnel a key
+  Vault holds).
 
 For a policy that may see rotation state but not keys, use
 metadata/<account_id>/<tunnel_id>.

@@ -27,3 +27,8 @@ path "cloudflare-ipsec/tunnels/*" {
 path "cloudflare-ipsec/metadata/*" {
   capabilities = ["read", "list"]
 }
+
+# What of key_source vault is still in flight (before a downgrade).
+path "cloudflare-ipsec/key-source" {
+  capabilities = ["read"]
+}

@@ -515,7 +515,7 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 	case err == nil:
 		// The rotation scheduled the next one.
 		return dueFinished
-	case cloudflare.NotFound(err):
+	case rotation.TunnelGone(err):
 		// The tunnel is gone: no more retries, hourly or otherwise.
 		if latest, rerr := store.ReadRecord(ctx, s, t); rerr == nil && latest != nil {
 			if _, merr := w.engine.MarkGone(ctx, s, t, latest); merr != nil {
@@ -619,7 +619,7 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 		return sc.countBulk(ctx, item, tracked, true, "not stored in Vault any more: its only rotation turned out never to have happened, so Vault held no key for it")
 	case err == nil:
 		return dueFinished
-	case cloudflare.NotFound(err):
+	case rotation.TunnelGone(err):
 		return sc.countBulk(ctx, item, tracked, true, "no longer exists at Cloudflare (deleted, or out of the API token's reach)")
 	}
 	w.engine.TunnelLogger(t).Warn("bulk rotation failed", "error", err)
@@ -644,7 +644,9 @@ func (sc *scheduler) rotateUnmanaged(ctx context.Context, item store.DueItem, du
 		return sc.countBulk(ctx, item, tracked, true, "no key was made")
 	case err == nil:
 		return dueFinished
-	case cloudflare.NotFound(err):
+	case rotation.TunnelGone(err):
+		// A 404 of the tunnel's own (not of the Set operation, which is
+		// the account's).
 		return sc.countBulk(ctx, item, tracked, true, "no longer exists at Cloudflare (deleted, or out of the API token's reach)")
 	}
 	sc.w.engine.TunnelLogger(item.Tunnel).Warn("bulk rotation of a tunnel not managed before failed", "error", err)

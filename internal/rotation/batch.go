@@ -129,11 +129,13 @@ func (e *Engine) beginBatched(ctx context.Context, s logical.Storage, conn Conn,
 	p := bt.Previous
 	switch {
 	case p != nil && p.SendsMayLand(e.now()):
-		return nil, &SettlingError{tunnel: bt.Tunnel, until: p.SettleUntil, sameKey: p.State != store.StateRotationUnknown}
+		return nil, sendsMayLand(bt.Tunnel, p)
 	case p != nil && !p.Current():
 		return nil, fmt.Errorf("%s is %s, not current: a batch only rotates current tunnels", bt.Tunnel, p.State)
 	}
-	key, err := VaultKeys{Policy: conn.Settings.PasswordPolicy, passwords: e.passwords}.MakeKey(ctx)
+	// As a single rotation's (generate): a key the tunnel already has is
+	// refused, since setting it would rotate nothing.
+	key, err := freshKey(ctx, VaultKeys{Policy: conn.Settings.PasswordPolicy, passwords: e.passwords}, p)
 	if err != nil {
 		return nil, err
 	}

@@ -21,24 +21,37 @@ var ErrNotStored = errors.New("no psk is stored for this tunnel")
 // refused with a *SettlingError: forgetting the record would forget the
 // settle window with it, and the next write would send a psk_generate that
 // the abandoned request could still overtake.
-func (e *Engine) Forget(ctx context.Context, s logical.Storage, t store.Tunnel) error {
+//
+// It returns the record it forgot (nil: none), so that the caller can warn
+// of what went with it: a pending key (ForgotPendingKey), which the edge may
+// use, is forgotten without being finished once its window has passed.
+func (e *Engine) Forget(ctx context.Context, s logical.Storage, t store.Tunnel) (*store.Record, error) {
 	defer e.Lock(t)()
 	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if rec != nil && rec.SendsMayLand(e.now()) {
 		// Any state: a key Vault made and finished may still be re-set by
 		// a late request, which the next write's different key must wait
 		// out too.
-		return &SettlingError{tunnel: t, until: rec.SettleUntil, sameKey: rec.State != store.StateRotationUnknown}
+		return nil, sendsMayLand(t, rec)
 	}
 	if err := store.ForgetRecord(ctx, s, t, rec); err != nil {
-		return err
+		return nil, err
 	}
-	e.TunnelLogger(t).Info("psk forgotten")
-	return nil
+	if ForgotPendingKey(rec) {
+		e.TunnelLogger(t).Warn("psk forgotten with a pending key the edge may use")
+	} else {
+		e.TunnelLogger(t).Info("psk forgotten")
+	}
+	return rec, nil
 }
+
+// ForgotPendingKey reports whether rec, forgotten, held a key Vault made
+// that Cloudflare never confirmed (pending, or found gone while pending):
+// the edge may use it, and no one holds it now.
+func ForgotPendingKey(rec *store.Record) bool { return rec != nil && rec.PendingPSK != "" }
 
 // Reschedule stores sched as t's schedule without rotating its key or
 // calling Cloudflare. A rotation in flight holds the tunnel's lock, so it is

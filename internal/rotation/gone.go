@@ -39,6 +39,9 @@ import (
 // resolved (no key stored) is judged as reconciliation would have judged
 // it: removed if that rotation never happened, healed if it did.
 //
+// A record found gone with a key Vault made pending (MarkGone keeps it) is
+// finished with that key first, as any pending record.
+//
 // Either way its schedule is restored, an entry for its next rotation,
 // which the scheduler works as after a restart: at once if it fell due
 // meanwhile (past its rotation_window, at the next scheduled time). A heal
@@ -71,6 +74,17 @@ func (e *Engine) ReturnGone(ctx context.Context, s logical.Storage, conn Conn, t
 	back.Facts = e.edgeFacts(t, edge, rec.Facts)
 	back.ClearFailures()
 	log := e.TunnelLogger(t)
+	if back.PendingPSK != "" {
+		// Found gone while a key Vault made was pending: the edge may use
+		// it. Finished with the same key first, as any pending key, and
+		// the echo decides, not Cloudflare's times; its schedule with it.
+		log.Info("tunnel recorded gone with a pending key is listed at Cloudflare again; setting the pending key again")
+		if err := e.restoreSchedule(ctx, s, t, &back); err != nil {
+			return false, err
+		}
+		finished, err := e.finishPending(ctx, s, conn, t, &back)
+		return err == nil && finished.Current(), err
+	}
 
 	switch verdict, reason := judgeReturn(&back, edge); verdict {
 	case edgeNeverRotated:

@@ -25,9 +25,11 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 		// anyway; nothing Cloudflare says now would release it.
 		return rec, nil
 	}
-	if rec.State == store.StatePending {
+	if rec.PendingPSK != "" && (rec.State == store.StatePending || rec.State == store.StateTunnelGone) {
 		// A key Vault made and wrote ahead: the same key finishes it, at
-		// once, whatever key_source says now (vaultkeys.go).
+		// once, whatever key_source says now (vaultkeys.go). A tunnel
+		// recorded gone keeps its pending key (MarkGone): written again, it
+		// is finished with that key first.
 		return e.finishPending(ctx, s, conn, t, rec)
 	}
 	// A held tunnel whose validation's outcome was lost is judged, and
@@ -56,22 +58,7 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 		log.Info("first rotation never happened; nothing is stored")
 		return nil, store.ForgetRecord(ctx, s, t, rec)
 	case edgeUsesStoredKey:
-		resolved := *rec
-		resolved.State, resolved.StateReason, resolved.RotationStartedAt, resolved.SettleUntil = store.StateCurrent, "", time.Time{}, time.Time{}
-		resolved.ClearFailures()
-		if edge.Date.After(resolved.KeySeenAt) {
-			// A later answer that shows the stored key in use: a proof
-			// for the next rotation's judgement (keyChangeSince).
-			resolved.KeySeenAt = edge.Date
-		}
-		if err := store.WriteRecord(ctx, s, t, &resolved); err != nil {
-			return rec, err
-		}
-		if err := store.ClearUnresolved(ctx, s, t); err != nil {
-			return &resolved, err
-		}
-		log.Info("reconciled: cloudflare's key is the stored one")
-		return &resolved, nil
+		return e.resolveStored(ctx, s, t, rec, edge)
 	}
 
 	// The edge uses a key Vault does not hold: the tunnel is down until
@@ -94,6 +81,33 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 		return e.holdHealing(ctx, s, t, rec, reason)
 	}
 	return e.markStale(ctx, s, t, rec, reason, e.now().Add(store.FailureBackoffMax))
+}
+
+// resolveStored records that the edge uses rec's stored key (edge, dated
+// by Cloudflare, said so): current again.
+func (e *Engine) resolveStored(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, edge *cloudflare.TunnelState) (*store.Record, error) {
+	resolved := *rec
+	resolved.State, resolved.StateReason, resolved.RotationStartedAt = store.StateCurrent, "", time.Time{}
+	if !rec.SendsMayLand(e.now()) {
+		// A window still open (a tunnel recorded gone while a request of
+		// a key Vault made was out) is kept: no different key before it
+		// ends.
+		resolved.SettleUntil = time.Time{}
+	}
+	resolved.ClearFailures()
+	if edge.Date.After(resolved.KeySeenAt) {
+		// A later answer that shows the stored key in use: a proof
+		// for the next rotation's judgement (keyChangeSince).
+		resolved.KeySeenAt = edge.Date
+	}
+	if err := store.WriteRecord(ctx, s, t, &resolved); err != nil {
+		return rec, err
+	}
+	if err := store.ClearUnresolved(ctx, s, t); err != nil {
+		return &resolved, err
+	}
+	e.TunnelLogger(t).Info("reconciled: cloudflare's key is the stored one")
+	return &resolved, nil
 }
 
 // holdHealing records drift the engine will not heal by itself (see
@@ -140,15 +154,23 @@ func (e *Engine) markStale(ctx context.Context, s logical.Storage, t store.Tunne
 // set: there is nothing left to reconcile until someone writes it again or
 // the drift sweep finds it listed again (ReturnGone, which judges a record
 // found gone before its first rotation resolved as that rotation).
+//
+// A 404 can pass (gone.go), so nothing the record holds against a request
+// still out is dropped: the window in which a request of a key Vault made
+// may land (SettleUntil, LateLandingUntil: no different key before it
+// ends), and a pending key, which the edge may use and which is finished
+// with the same key first once the tunnel is back (a write, ReturnGone).
 func (e *Engine) MarkGone(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) (*store.Record, error) {
 	gone := *rec
 	gone.State = store.StateTunnelGone
 	gone.StateReason = fmt.Sprintf("Cloudflare answered at %s that the tunnel does not exist (deleted, or the API token lost its account): the stored key is kept but is not in use",
 		store.FormatTime(e.now()))
-	gone.RotationStartedAt, gone.SettleUntil = time.Time{}, time.Time{}
-	// A key Vault made and never confirmed is dropped: were the tunnel back,
-	// its key is judged by Cloudflare's times against the stored one.
-	gone.PendingPSK, gone.PendingTrigger = "", ""
+	if gone.PendingPSK != "" {
+		gone.StateReason += fmt.Sprintf("; a key Vault made was being set when it was found gone (a rotation started at %s), and the edge may use it: "+
+			"should the tunnel be back, that key is set again first", store.FormatTime(gone.RotationStartedAt))
+	} else {
+		gone.RotationStartedAt = time.Time{}
+	}
 	gone.ClearFailures()
 	if err := store.WriteRecord(ctx, s, t, &gone); err != nil {
 		return rec, err
@@ -189,9 +211,14 @@ func (e *Engine) Resolve(ctx context.Context, s logical.Storage, t store.Tunnel,
 	if latest == nil || latest.Current() || latest.State == store.StateTunnelGone {
 		return latest, nil
 	}
-	if now := e.now(); latest.Settling(now) || now.Before(latest.RetryAt) {
+	if now := e.now(); latest.Settling(now) || (now.Before(latest.RetryAt) && latest.State != store.StatePending) {
 		// Nothing Cloudflare says can settle it yet, or the background is
-		// backing off: the state's own warning says until when.
+		// backing off: the state's own warning says until when. A pending
+		// key is finished at once whatever retry_at says: that paces the
+		// background (a failed scheduled rotation stamps it too), not a
+		// reader, who would otherwise be served a key the edge may no
+		// longer use while one Set would tell. The budget bounds it, as
+		// any call.
 		return latest, nil
 	}
 	resolved, err := e.reconcileLocked(ctx, s, conn, t, latest, conn.Settings.HealStalePSK)
@@ -226,7 +253,7 @@ func (e *Engine) ReconcileInBackground(ctx context.Context, s logical.Storage, c
 		return false, nil
 	}
 	_, err = e.reconcileLocked(ctx, s, conn, t, rec, conn.Settings.HealStalePSK)
-	if err == nil || cloudflare.NotFound(err) || cloudflare.RetryAfter(err) > 0 {
+	if err == nil || TunnelGone(err) || cloudflare.RetryAfter(err) > 0 {
 		// Resolved, gone (recorded as such), or "not now", which is no
 		// fault of the tunnel's.
 		return true, err
@@ -358,20 +385,31 @@ const (
 )
 
 // lateLanding deals with a current record whose key the edge re-dated
-// within LateLandingUntil: a request of the engine's, abandoned earlier and
-// carrying the stored key, may have landed late, and then the edge uses the
-// stored key; or the key changed outside this engine. Cloudflare's times
-// cannot tell which. (A listing concludes nothing: compareLocked.) The drift
-// sweep sets the stored key again, which makes it the edge's key whichever
-// it was, and makes no new key (written ahead as pending, so a lost answer
-// is finished like any); with heal_stale_psk off it sends nothing and
-// marks the tunnel stale, saying why.
+// within LateLandingUntil: a request of the engine's carrying the stored key
+// (abandoned earlier and landed late, or a validate_only whose query string
+// was dropped) may have set it again, and then the edge uses the stored
+// key; or the key changed outside this engine. Cloudflare's times cannot
+// tell which. (A listing concludes nothing: compareLocked.) The drift rules
+// decide, as for drift: where healing is allowed (heal_stale_psk, and
+// mayHeal: not held, not healed within two drift_check_intervals) the
+// drift sweep sets the stored key again, which makes it the edge's key
+// whichever it was and makes no new key (written ahead as pending, so a
+// lost answer is finished like any); where it is held, the tunnel is held
+// stale (holdHealing); with heal_stale_psk off it sends nothing and marks
+// the tunnel stale, saying why.
 func (e *Engine) lateLanding(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, edge *cloudflare.TunnelState) error {
-	why := fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s) but no later than a request of the engine's own carrying the stored key may still have landed (%s)",
+	why := fmt.Sprintf("Cloudflare's key was generated at %s, after the stored key (%s) but no later than a request of the engine's own carrying the stored key may have set it again (%s: "+
+		"a request that landed late, or a validate_only whose query string was dropped)",
 		store.FormatTime(edge.PSKLastGeneratedOn), store.FormatTime(rec.LastGeneratedOn), store.FormatTime(rec.LateLandingUntil))
 	if !conn.Settings.HealStalePSK {
 		_, err := e.markStale(ctx, s, t, rec, why+": the edge probably uses the stored key, re-dated, but Cloudflare's times cannot prove it, and with heal_stale_psk off "+
 			"the engine sends nothing. Write this path for a new key, or turn heal_stale_psk on to have the stored key set again", e.now().Add(store.FailureBackoffMax))
+		return err
+	}
+	if !e.mayHeal(conn.Settings, rec) {
+		// Another mount or tool may rotate this tunnel: setting the stored
+		// key again would replace its key, as a heal would.
+		_, err := e.holdHealing(ctx, s, t, rec, why+": the edge probably uses the stored key, re-dated, but Cloudflare's times cannot prove it")
 		return err
 	}
 	pending := *rec
@@ -396,11 +434,22 @@ func (e *Engine) lateLanding(ctx context.Context, s logical.Storage, conn Conn, 
 // scheduler's item takes it first). It returns the record as it
 // stands afterwards: nil when reconciliation found that the tunnel's only
 // rotation never happened and removed its record.
+//
+// A pending key finished on the way (a new key stored, a version on) is the
+// rotation the trigger asked for: the edge was given a new key, and the
+// schedule moved on from it (finish). Another now would be a second key
+// for one request, which nobody asked for. A pending record finished with
+// the key it already held (a late landing set again: no new key) is not,
+// and the rotation goes on.
 func (e *Engine) RotateNow(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, trigger Trigger) (*store.Record, error) {
 	if !rec.Current() {
+		before := rec
 		var err error
 		if rec, err = e.reconcileLocked(ctx, s, conn, t, rec, false); err != nil || rec == nil {
 			return rec, err
+		}
+		if before.PendingPSK != "" && rec.Current() && rec.Version > before.Version {
+			return rec, nil
 		}
 	}
 	return e.rotateLocked(ctx, s, conn, t, rec, trigger)

@@ -70,22 +70,47 @@ func settleWindow(s Settings) time.Duration { return 2*s.RequestTimeout + settle
 type SettlingError struct {
 	tunnel store.Tunnel
 	until  time.Time
-	// sameKey: the last rotation was finished with a key Vault made, and
-	// an earlier request of that same key may still land; only a
-	// different key has to wait.
+	// sameKey: a request carrying a key Vault made may still land; only a
+	// different key has to wait. state is the record's then, and noKey
+	// says Vault holds no key of the tunnel yet (a first rotation): what
+	// the edge uses meanwhile is said from them.
 	sameKey bool
+	state   string
+	noKey   bool
+}
+
+// sendsMayLand is the SettlingError for rec, whose window is open.
+func sendsMayLand(t store.Tunnel, rec *store.Record) *SettlingError {
+	return &SettlingError{tunnel: t, until: rec.SettleUntil, sameKey: rec.State != store.StateRotationUnknown, state: rec.State, noKey: rec.PSK == ""}
 }
 
 func (e *SettlingError) Error() string {
 	if e.sameKey {
-		return fmt.Sprintf("the last rotation of %s set a key Vault made, and a request of that key abandoned earlier may still reach Cloudflare until %s: "+
-			"a different key sent before then could be replaced by it, so none is asked for before then (the key Vault holds is the edge's meanwhile)",
-			e.tunnel, store.FormatTime(e.until))
+		return fmt.Sprintf("a request carrying a key Vault made for %s, abandoned earlier, may still reach Cloudflare until %s: "+
+			"a different key sent before then could be replaced by it, so none is asked for before then (%s)",
+			e.tunnel, store.FormatTime(e.until), e.meanwhile())
 	}
 	return fmt.Sprintf("the last rotation of %s has an unknown outcome, and Cloudflare may still process its request until %s "+
 		"(a request abandoned at request_timeout can still be carried out): no new key is asked for before then; "+
 		"reads warn meanwhile, and the engine resolves the outcome from Cloudflare after that time",
 		e.tunnel, store.FormatTime(e.until))
+}
+
+// meanwhile says what the edge uses while a request of a key Vault made
+// may still land, by the record's state: only a current record holds the
+// edge's key.
+func (e *SettlingError) meanwhile() string {
+	switch {
+	case e.state == store.StateCurrent:
+		return "the key Vault holds is the edge's meanwhile"
+	case e.state == store.StatePending && e.noKey:
+		return "the tunnel's first rotation is pending: the edge uses the key written ahead or the key it had before, which Vault never held; " +
+			"a read, a write or the background pass finishes the rotation by sending the key written ahead again"
+	case e.state == store.StatePending:
+		return "the rotation is pending: the edge uses the key written ahead or the stored key; " +
+			"a read, a write or the background pass finishes it by sending the key written ahead again"
+	}
+	return fmt.Sprintf("the tunnel is %s: see state_reason for which key the edge uses", e.state)
 }
 
 // Write is an operator's write: it generates a new key for t and
@@ -94,7 +119,7 @@ func (e *SettlingError) Error() string {
 // stored, so concurrent rotations of one tunnel leave Vault with the key
 // Cloudflare generated last.
 func (e *Engine) Write(ctx context.Context, s logical.Storage, t store.Tunnel, sched *schedule.Schedule) (*store.Record, error) {
-	conn, rec, unlock, err := e.beginWrite(ctx, s, t)
+	conn, rec, unlock, err := e.beginWrite(ctx, s, t, true)
 	if err != nil {
 		return nil, err
 	}
@@ -178,10 +203,10 @@ func (e *Engine) generate(ctx context.Context, a *attempt) (*store.Record, error
 		// A request of the engine's may still change the edge's key (a
 		// key Vault made, finished while an earlier send of it was out):
 		// a different key now could be replaced by it a moment later.
-		return nil, &SettlingError{tunnel: a.t, until: p.SettleUntil, sameKey: p.State != store.StateRotationUnknown}
+		return nil, sendsMayLand(a.t, p)
 	}
 	source := e.keySource(a.conn.Settings)
-	key, err := source.MakeKey(ctx)
+	key, err := freshKey(ctx, source, a.previous)
 	if err != nil {
 		return nil, err
 	}
@@ -573,14 +598,24 @@ func (e *Engine) lostKey(t store.Tunnel, err error) error {
 // what became of the last one: the write is the operator's, so it does not
 // heal (it generates anyway), but it must not act on a guess; while the last
 // rotation may still land, this is a 409 (SettlingError).
-func (e *Engine) beginWrite(ctx context.Context, s logical.Storage, t store.Tunnel) (conn Conn, rec *store.Record, unlock func(), err error) {
+//
+// rotating says the write asks for a new key (not a validation): a pending
+// key whose resend Cloudflare did not apply, once no earlier send of it can
+// land (its window closed), then no longer stops it (refusedResendPassed).
+func (e *Engine) beginWrite(ctx context.Context, s logical.Storage, t store.Tunnel, rotating bool) (conn Conn, rec *store.Record, unlock func(), err error) {
 	if conn, err = e.connect(ctx, s); err != nil {
 		return Conn{}, nil, nil, err
 	}
 	unlock = e.Lock(t)
 	if rec, err = store.ReadRecord(ctx, s, t); err == nil && rec != nil && !rec.Current() {
 		if rec, err = e.reconcileLocked(ctx, s, conn, t, rec, false); err != nil {
-			err = fmt.Errorf("learn the outcome of the last rotation of %s: %w", t, err)
+			if rotating && e.refusedResendPassed(rec, err) {
+				e.TunnelLogger(t).Warn("the pending key's resend was not applied and no earlier send of it can land any more: the write sets a different key",
+					"error", err)
+				err = nil
+			} else {
+				err = fmt.Errorf("learn the outcome of the last rotation of %s: %w", t, err)
+			}
 		}
 	}
 	if err != nil {
@@ -588,6 +623,23 @@ func (e *Engine) beginWrite(ctx context.Context, s logical.Storage, t store.Tunn
 		return Conn{}, nil, nil, err
 	}
 	return conn, rec, unlock, nil
+}
+
+// refusedResendPassed reports whether an operator's write may set a new key
+// although the pending key of rec could not be finished: Cloudflare
+// answered its resend, and did not apply it (unapplied_psks; "psk already
+// in use" is one reason it may give), and the window of every earlier send
+// of it has closed. The edge then uses that key or the one before, and no
+// request of the engine's can change it any more: a different key the edge
+// echoes is the edge's key, whichever it replaced, and one it does not
+// apply puts the pending record back. Without this a resend refused for
+// good would refuse every write for ever. A resend with no answer opens a
+// window of its own (finishPending), so it never passes here until that
+// closes and an answered one is refused.
+func (e *Engine) refusedResendPassed(rec *store.Record, err error) bool {
+	var refused *KeyRefusedError
+	return errors.As(err, &refused) && refused.pending && !TunnelGone(err) &&
+		rec != nil && rec.State == store.StatePending && !rec.SendsMayLand(e.now())
 }
 
 // notAttemptedError is a failure before anything was written or a key asked

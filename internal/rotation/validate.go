@@ -44,7 +44,7 @@ func (e *Engine) Validate(ctx context.Context, s logical.Storage, t store.Tunnel
 	// As before a rotation (beginWrite): while the last one still settles,
 	// a validation that turned into a generation could be overtaken by the
 	// abandoned request, so it is refused (409).
-	conn, rec, unlock, err := e.beginWrite(ctx, s, t)
+	conn, rec, unlock, err := e.beginWrite(ctx, s, t, false)
 	if err != nil {
 		return nil, "", err
 	}
@@ -70,23 +70,37 @@ func (e *Engine) Validate(ctx context.Context, s logical.Storage, t store.Tunnel
 	return stored, "", nil
 }
 
-// With key_source vault a validation never makes a key. It sends the
-// stored key, the one the edge uses, through the Set operation with
-// ?validate_only=true: should something on the way drop the query string,
-// the edge takes the key it already has, which is harmless, but re-dated.
-// So the stored key is written ahead as pending, as for a rotation, and an
-// answer that shows the key re-dated is finished with a real Set of the
-// same key: the edge's key is Vault's whatever happened. Without a key
-// Vault holds as the edge's (no record, or one not current) nothing is
-// sent that could set a key: the tunnel is read (it exists, the token
-// reaches it).
+// With key_source vault a validation never makes a key, and never changes
+// the edge by itself: it sends the stored key, the one the edge uses,
+// through the Set operation with ?validate_only=true, and nothing else.
+// Should something on the way drop the query string, the edge takes the key
+// it already has, which is harmless, but re-dated. So the stored key is
+// written ahead as pending, as for a rotation, until the answer decides.
+//
+// An answer that dates the tunnel's key later than the stored one cannot
+// tell which happened: the query string dropped (the edge uses the stored
+// key, re-dated), or the key changed outside this engine before (the edge
+// uses another). A real Set of the stored key would settle it, but that
+// changes the edge, which a validation must not do: with heal_stale_psk off
+// (or the tunnel held from healing, HealHeld) it would replace a key the
+// operator chose not to have replaced. So nothing more is sent. The record
+// is put back with the answer's time as LateLandingUntil, the bound up to
+// which a re-dated key may be the engine's own, and the drift rules decide
+// at the next drift sweep (lateLanding): the stored key set again where
+// healing is allowed, the tunnel stale saying why where it is not; a key
+// dated later still is drift as ever. The caller is told so.
+//
+// Without a key Vault holds as the edge's (no record, or one not current)
+// nothing is sent that could set a key: the tunnel is read (it exists, the
+// token reaches it).
 const (
 	noteValidatedBySet  = "Cloudflare validated setting the stored key (Set operation, validate_only): no key was made or changed"
 	noteValidatedByRead = "Vault holds no key that is the edge's for this tunnel, so no key was sent: the tunnel was read instead " +
 		"(it exists and the API token reaches it); the Set operation itself was not validated"
-	noteSetAgain = "Cloudflare's answer to the validation dated the tunnel's key later than the stored one: something on the way may have dropped " +
-		"the query string, which sets the stored key again, or the key changed outside this engine. The engine set the stored key again " +
-		"for real, so the edge's key is Vault's"
+	noteDatedLater = "Cloudflare validated setting the stored key, but its answer dated the tunnel's key later than the stored one: " +
+		"something on the way may have dropped the query string, which set the stored key again (harmless), or the key was changed outside this engine. " +
+		"Cloudflare's answer cannot tell which, and a validation changes nothing at the edge: the drift sweep decides, by heal_stale_psk " +
+		"(the stored key set again where healing is allowed, the tunnel marked stale where it is not)"
 )
 
 // validateVault is a validation with key_source vault (see above). It
@@ -114,14 +128,20 @@ func (e *Engine) validateVault(ctx context.Context, a *attempt) (string, error) 
 			e.restore(ctx, a.s, a.t, a.previous)
 			return noteValidatedBySet, nil
 		}
-		e.TunnelLogger(a.t).Warn("a validate_only answer dated the stored key later than Vault knew it; setting the stored key again")
-		// The validation was answered, so it cannot land later: only the
-		// windows of earlier requests remain (the resend adds its own).
-		a.pending.SettleUntil = rec.SettleUntil
-		if _, err := e.finishPending(ctx, a.s, a.conn, a.t, a.pending); err != nil {
-			return "", err
+		e.TunnelLogger(a.t).Warn("a validate_only answer dated the stored key later than Vault knew it; nothing more is sent, the drift sweep decides",
+			"edge_generated_on", store.FormatTime(r.LastGeneratedOn))
+		// The validation was answered, so it cannot land later: the record
+		// as it was, with the answer's time as the bound up to which a
+		// re-dated key may be the engine's own.
+		bounded := *rec
+		bounded.LateLandingUntil = later(rec.LateLandingUntil, r.LastGeneratedOn.UTC())
+		if err := store.WriteRecord(ctx, a.s, a.t, &bounded); err != nil {
+			return "", fmt.Errorf("record the validation's answer for %s: %w", a.t, err)
 		}
-		return noteSetAgain, nil
+		if err := store.ClearUnresolved(ctx, a.s, a.t); err != nil {
+			e.TunnelLogger(a.t).Warn("could not clear an unresolved mark", "error", err)
+		}
+		return noteDatedLater, nil
 	case cloudflare.PSKUnapplied:
 		return "", e.keyUnapplied(ctx, a, r.Reason)
 	}

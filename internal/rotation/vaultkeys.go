@@ -20,7 +20,9 @@ package rotation
 //     write or the background pass finishes the rotation by sending the
 //     same key again (finishPending). Setting a key the edge already has
 //     is harmless, so no settle window is waited out and no second key is
-//     made: the echo of the resend decides.
+//     made: the echo of the resend decides. The finish is the rotation its
+//     trigger asked for: a scheduled or bulk retry that finishes it makes
+//     no other (RotateNow).
 //
 // What the same key still needs: a request of it abandoned earlier can land
 // after the rotation was finished, until SettleUntil. It carries the same
@@ -29,15 +31,17 @@ package rotation
 // SettleUntil (generate's guard, a SettlingError): the late request would
 // replace it, and Vault would call current a key the edge no longer uses.
 // And a re-dated time up to LateLandingUntil (SettleUntil carried over to
-// Cloudflare's clock) is not taken for drift: a listing concludes nothing,
-// and the drift sweep sets the stored key again, or, with heal_stale_psk
-// off, marks the tunnel stale and says why (lateLanding).
+// Cloudflare's clock, or the time a validation's answer gave the key:
+// validate.go) is not taken for drift: a listing concludes nothing, and
+// the drift sweep sets the stored key again where healing is allowed, or
+// marks the tunnel stale and says why (lateLanding).
 
 import (
 	"context"
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 	"time"
 
@@ -80,6 +84,30 @@ func (v VaultKeys) MakeKey(ctx context.Context) (string, error) {
 	return key, nil
 }
 
+// freshKey has source make the key of a rotation of the tunnel whose
+// record is previous ("" when the edge makes it), and refuses a key the
+// tunnel has or may have: the stored key or the pending one. A policy can
+// make the same key twice (a small alphabet and length, or a policy that
+// always makes one), and a rotation that set the stored key again would
+// change nothing while saying it rotated: no new version, no event, and a
+// scheduled rotation whose next time never moved. The error names the
+// policy, never the key; nothing is written or sent.
+func freshKey(ctx context.Context, source KeySource, previous *store.Record) (string, error) {
+	key, err := source.MakeKey(ctx)
+	if err != nil || key == "" || previous == nil {
+		return key, err
+	}
+	if key == previous.PSK || key == previous.PendingPSK {
+		policy := ""
+		if v, ok := source.(VaultKeys); ok {
+			policy = v.Policy
+		}
+		return "", &KeyPolicyError{Policy: policy, Problem: "it made the key the tunnel already has (the stored key, or the one pending), " +
+			"and a rotation must change the key: its keys repeat, so make them longer or from more characters"}
+	}
+	return key, nil
+}
+
 // keySource is the source of the key an attempt under settings makes.
 func (e *Engine) keySource(settings Settings) KeySource {
 	if settings.KeySource == store.KeySourceVault {
@@ -97,6 +125,10 @@ type KeyPolicyError struct {
 }
 
 func (e *KeyPolicyError) Error() string {
+	if e.Policy == "" {
+		// The engine's own generator (crypto/rand): never expected here.
+		return fmt.Sprintf("the engine's key generator (no password_policy): %s; nothing was sent to Cloudflare and nothing changed", e.Problem)
+	}
 	return fmt.Sprintf("password_policy %q (config): %s; nothing was sent to Cloudflare and nothing changed", e.Policy, e.Problem)
 }
 
@@ -158,7 +190,8 @@ type KeyRefusedError struct {
 func (e *KeyRefusedError) Error() string {
 	if e.pending {
 		return fmt.Sprintf("cloudflare did not apply the key Vault made for %s when it was sent again (%s): an earlier request of it may still have landed, "+
-			"so the tunnel stays pending and the engine sends the same key again later", e.tunnel, e.reason)
+			"so the tunnel stays pending and the engine sends the same key again later; once no earlier request of it can land (settle_until), "+
+			"a write sets a different key instead", e.tunnel, e.reason)
 	}
 	return fmt.Sprintf("cloudflare did not apply the key Vault made for %s (%s): the tunnel keeps its key, and nothing was stored", e.tunnel, e.reason)
 }
@@ -205,6 +238,16 @@ func (e *Engine) finishPending(ctx context.Context, s logical.Storage, conn Conn
 		key: rec.PendingPSK, source: store.KeySourceVault, resend: true}
 	pending := *rec
 	pending.SettleUntil = later(rec.SettleUntil, e.now().UTC().Add(settleWindow(conn.Settings)))
+	if pending.State == store.StateTunnelGone {
+		// Found gone with its key pending (MarkGone), and asked of again:
+		// pending once more, and marked so, until the answer decides.
+		pending.State = store.StatePending
+		pending.StateReason = fmt.Sprintf("a rotation with a key Vault made, started at %s, was found gone before Cloudflare confirmed it: "+
+			"the key is being set again, and the edge uses it or the one it had", store.FormatTime(pending.RotationStartedAt))
+		if err := store.MarkUnresolved(ctx, s, t); err != nil {
+			return rec, fmt.Errorf("finish the pending rotation of %s: %w", t, err)
+		}
+	}
 	a.pending = &pending
 	if err := store.WriteRecord(ctx, s, t, &pending); err != nil {
 		return rec, fmt.Errorf("finish the pending rotation of %s: %w", t, err)
@@ -249,17 +292,42 @@ func (e *Engine) keySent(ctx context.Context, a *attempt, res *cloudflare.SetPSK
 // back), unless the edge's key changed since (refusedButChanged: something
 // on the way may have sent it twice). A resend's refusal proves nothing of
 // the earlier send. Anything else leaves the key maybe on the edge.
+//
+// A 404 to the Set operation, which is the account's and not one tunnel's,
+// says nothing of the tunnel (TunnelGone is false for it). A resend so
+// refused asks the tunnel itself: only a 404 for it records the tunnel
+// gone, as a refused resend's read does (keyUnapplied); else it stays
+// pending.
 func (e *Engine) setFailed(ctx context.Context, a *attempt, err error) error {
 	if cloudflare.NoEffect(err) && !a.resend && !e.refusedButChanged(ctx, a, err) {
 		e.restore(ctx, a.s, a.t, a.previous)
 		return err
 	}
+	if a.resend && cloudflare.NotFound(err) {
+		if _, gerr := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID); cloudflare.NotFound(gerr) {
+			if _, merr := e.MarkGone(context.WithoutCancel(ctx), a.s, a.t, a.pending); merr != nil {
+				e.TunnelLogger(a.t).Warn("could not record that the tunnel is gone", "error", merr)
+			}
+			// The read's 404 first, so that TunnelGone sees it.
+			return fmt.Errorf("%w (the resend of the pending key was refused too: %v)", gerr, err)
+		}
+	}
 	return e.keepPending(ctx, a, err)
+}
+
+// TunnelGone reports whether err says that Cloudflare does not have the
+// tunnel: a 404 to a call about that tunnel (a read of it, psk_generate).
+// A 404 to the Set operation, whose path is the account's, does not: the
+// operation may be unavailable to the account, or the token out of it for
+// a while, so it is never read as one tunnel gone.
+func TunnelGone(err error) bool {
+	var apiErr *cloudflare.APIError
+	return errors.As(err, &apiErr) && apiErr.HTTPStatus == http.StatusNotFound && apiErr.Op != cloudflare.OpSetPSKs
 }
 
 // keepPending leaves the record pending with why, and returns the error
 // for the caller. A resend that failed backs the background off (a read
-// of the tunnel waits for retry_at too); a rate limit is no fault of the
+// still tries at once: Resolve); a rate limit is no fault of the
 // tunnel's.
 func (e *Engine) keepPending(ctx context.Context, a *attempt, cause error) error {
 	what := "the rotation"
@@ -294,6 +362,11 @@ func (e *Engine) keyUnapplied(ctx context.Context, a *attempt, reason string) er
 		return fmt.Errorf("%w: %w", refused, err)
 	}
 	if a.resend {
+		// Answered, so this request cannot land later: only the windows
+		// of earlier sends remain (finishPending pushed it on for this
+		// one), and once they close a write may set a different key
+		// (refusedResendPassed).
+		a.pending.SettleUntil = a.previous.SettleUntil
 		a.pending.NoteFailure(e.now(), refused)
 		a.pending.StateReason = fmt.Sprintf("the rotation with a key Vault made, started at %s, has an unknown outcome: %v",
 			store.FormatTime(a.pending.RotationStartedAt), refused)

@@ -106,8 +106,10 @@ type Record struct {
 	// by Cloudflare's clock at which a request of the engine abandoned
 	// earlier, carrying the same key, may still land at the edge and
 	// re-date it (SettleUntil carried over to Cloudflare's clock from the
-	// answer that set the key, with margins): a later last_generated_on up
-	// to it may be the engine's own key, not drift.
+	// answer that set the key, with margins), or the time a validate_only
+	// answer gave the stored key (a dropped query string sets it again): a
+	// later last_generated_on up to it may be the engine's own key, not
+	// drift.
 	LateLandingUntil time.Time `json:"late_landing_until,omitzero"`
 	// EdgeKeyBefore is the edge's last_generated_on as last known before
 	// the rotation was sent: the stored key's, or, for a tunnel Vault holds
