@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net/http"
 	"sync"
 	"time"
@@ -52,7 +51,7 @@ type backend struct {
 
 	// blockMu guards blockStorage and blockLoaded. Cloudflare's block (a
 	// 429's, or a Ratelimit header's count of no calls left, until its
-	// window resets) is kept in storage (rateLimitStorageKey) as well as
+	// window resets) is kept in storage (store.RateLimitKey) as well as
 	// in the budget, so that a reloaded, restarted or failed-over backend
 	// does not send calls into a block Cloudflare still enforces.
 	// blockStorage is the storage of the last request that built a
@@ -111,7 +110,7 @@ func (b *backend) invalidate(_ context.Context, key string) {
 	switch key {
 	case configStorageKey:
 		b.resetClient()
-	case rateLimitStorageKey:
+	case store.RateLimitKey:
 		// The active node recorded a block: read it again before the next
 		// call from here (a standby still calls Cloudflare for reads).
 		b.blockMu.Lock()
@@ -265,37 +264,10 @@ func (b *backend) clientWithBudget(cfg *configRecord, budget *cloudflare.Budget)
 	})
 }
 
-// rateLimitStorageKey holds Cloudflare's last rate-limit block of the
-// mount's token (a rateLimitRecord).
-const rateLimitStorageKey = "ratelimit"
-
 // blockStoreTimeout bounds the storing of a block. The store is detached
 // from the request that met the 429: that request's caller may be gone, and
 // the block matters to the next one.
 const blockStoreTimeout = 5 * time.Second
-
-// rateLimitRecord is a block Cloudflare announced, with a 429 or with a
-// Ratelimit header that said no calls remain until its window resets
-// (Budget.BlockedUntil): no call is sent before BlockedUntil.
-type rateLimitRecord struct {
-	BlockedUntil time.Time `json:"blocked_until"`
-	Reason       string    `json:"reason"`
-}
-
-func readRateLimitRecord(ctx context.Context, s logical.Storage) (*rateLimitRecord, error) {
-	entry, err := s.Get(ctx, rateLimitStorageKey)
-	if err != nil {
-		return nil, fmt.Errorf("read Cloudflare's rate-limit block from Vault storage: %w", err)
-	}
-	if entry == nil {
-		return nil, nil
-	}
-	rec := new(rateLimitRecord)
-	if err := entry.DecodeJSON(rec); err != nil {
-		return nil, fmt.Errorf("decode Cloudflare's rate-limit block: %w", err)
-	}
-	return rec, nil
-}
 
 // loadBlock reads the block on record in s into the budget, once per
 // backend (again after Invalidate), and remembers s for storeBlock.
@@ -306,7 +278,7 @@ func (b *backend) loadBlock(ctx context.Context, s logical.Storage) error {
 	if b.blockLoaded {
 		return nil
 	}
-	rec, err := readRateLimitRecord(ctx, s)
+	rec, err := store.ReadRateLimitBlock(ctx, s)
 	if err != nil {
 		return err
 	}
@@ -331,15 +303,9 @@ func (b *backend) storeBlock(time.Time) {
 	if b.blockStorage == nil || until.IsZero() || !b.mayWrite() {
 		return
 	}
-	entry, err := logical.StorageEntryJSON(rateLimitStorageKey, &rateLimitRecord{
-		BlockedUntil: until.UTC(),
-		Reason:       "Cloudflare's rate limit blocks this API token's user: it answered HTTP 429, or said no calls remain until its window resets",
-	})
-	if err == nil {
-		ctx, cancel := context.WithTimeout(context.Background(), blockStoreTimeout)
-		defer cancel()
-		err = b.blockStorage.Put(ctx, entry)
-	}
+	ctx, cancel := context.WithTimeout(context.Background(), blockStoreTimeout)
+	defer cancel()
+	err := store.WriteRateLimitBlock(ctx, b.blockStorage, until)
 	if err != nil {
 		b.Logger().Warn("could not store Cloudflare's rate-limit block; a restarted backend may send calls into it",
 			"blocked_until", store.FormatTime(until), "error", err)

@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // testEnv is one mount of the engine against its own Cloudflare simulator.
@@ -207,7 +208,7 @@ func (e *testEnv) storageSnapshot() map[string]string {
 				walk(prefix + k)
 				continue
 			}
-			if prefix+k == rateLimitStorageKey {
+			if prefix+k == store.RateLimitKey {
 				continue
 			}
 			entry, err := e.storage.Get(context.Background(), prefix+k)

@@ -23,7 +23,6 @@ const (
 	defaultRateLimit       = 600
 	maxRateLimit           = 1200
 	defaultRateLimitWindow = 5 * time.Minute
-	maxBaseURLLength       = 2048
 	// The drift sweep lists each managed account once per interval.
 	defaultDriftCheckInterval = time.Hour
 	minDriftCheckInterval     = time.Minute

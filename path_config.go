@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
-	"net/url"
 	"strings"
 	"time"
 
@@ -241,7 +239,7 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	if v, ok := d.GetOk("base_url"); ok {
 		cfg.BaseURL = strings.TrimRight(strings.TrimSpace(v.(string)), "/")
 	}
-	if problem := checkBaseURL(cfg.BaseURL); problem != "" {
+	if problem := cloudflare.CheckBaseURL(cfg.BaseURL); problem != "" {
 		return problem
 	}
 	if v, ok := d.GetOk("request_timeout"); ok {
@@ -318,39 +316,6 @@ func checkEndpointChange(stored, cfg *configRecord, d *framework.FieldData) stri
 	}
 	return fmt.Sprintf("changing %s requires api_token in the same write: the stored token is never sent to a new endpoint "+
 		"or account on the strength of a config update alone; nothing was sent or stored", strings.Join(changed, " and "))
-}
-
-// checkBaseURL accepts https URLs, and http only for a loopback host: a
-// token sent in clear text must not leave the machine.
-func checkBaseURL(raw string) string {
-	if len(raw) > maxBaseURLLength {
-		return fmt.Sprintf("base_url must be at most %d characters", maxBaseURLLength)
-	}
-	u, err := url.Parse(raw)
-	if err != nil || u.Host == "" {
-		return fmt.Sprintf("base_url %q is not an absolute URL", raw)
-	}
-	if u.User != nil || u.RawQuery != "" || u.Fragment != "" {
-		return "base_url must not carry credentials, a query or a fragment"
-	}
-	switch u.Scheme {
-	case "https":
-		return ""
-	case "http":
-		if isLoopbackHost(u.Hostname()) {
-			return ""
-		}
-		return fmt.Sprintf("base_url %q uses plain http to a host that is not loopback; use https", raw)
-	}
-	return fmt.Sprintf("base_url %q must use https", raw)
-}
-
-func isLoopbackHost(host string) bool {
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }
 
 func (b *backend) deleteConfig(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
