@@ -1,0 +1,131 @@
+package store
+
+// Writing the census: the background folds what changed into the entry
+// (Fold), and the mount's cleanup writes it closed (Close). Each is one
+// Get (whose the entry is) and one Put, and only when something changed.
+
+import (
+	"context"
+	"strings"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// Fold writes the counts to the census entry when they changed since the
+// last write, at most every CensusFoldEvery, and at once after a recount;
+// before that it drops from the census the bulk jobs that have finished.
+func (c *Census) Fold(ctx context.Context, s logical.Storage) error {
+	c.foldMu.Lock()
+	defer c.foldMu.Unlock()
+	if err := c.ensureLoaded(ctx, s); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	now := c.now()
+	due := c.gen != c.foldedGen && (now.Sub(c.foldedAt) >= CensusFoldEvery || c.countedAt.After(c.foldedAt))
+	c.mu.Unlock()
+	if !due {
+		return nil
+	}
+	if err := c.pruneBulk(ctx, s); err != nil {
+		c.logger.Warn("the census could not look at the bulk jobs; it tries again at its next write", "error", err)
+	}
+	return c.write(ctx, s, false)
+}
+
+// Close writes the counts closed, with every change counted, so that the
+// next process to keep them takes them as they are. Later changes load the
+// census again.
+func (c *Census) Close(ctx context.Context) error {
+	c.foldMu.Lock()
+	defer c.foldMu.Unlock()
+	c.mu.Lock()
+	s, loaded := c.storage, c.loaded
+	c.mu.Unlock()
+	if !loaded || !c.mayWrite() {
+		return nil
+	}
+	err := c.write(ctx, s, true)
+	c.mu.Lock()
+	c.loaded = false
+	c.mu.Unlock()
+	return err
+}
+
+// write stores the census, closed or open, if this process still owns it.
+// When another has written it since (another node that took over, or an
+// operator), this one loads it again instead.
+func (c *Census) write(ctx context.Context, s logical.Storage, closed bool) error {
+	stored, err := readCensusEntry(ctx, s)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	if stored != nil && stored.Owner != c.owner {
+		c.loaded, c.walk = false, nil
+		c.mu.Unlock()
+		c.logger.Warn("the census was written by another process since this one loaded it; it loads it again")
+		return nil
+	}
+	now := c.now().UTC()
+	e := &censusEntry{Owner: c.owner, Closed: closed, Exact: c.exact, CountedAt: c.countedAt, AsOf: now,
+		Counts: c.live.clone(), Drift: c.drift, Bulk: sortedKeys(c.bulk)}
+	gen := c.gen
+	c.mu.Unlock()
+	if err := writeCensusEntry(ctx, s, e); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.foldedGen, c.foldedAt = gen, now
+	c.mu.Unlock()
+	return nil
+}
+
+// pruneBulk drops the accounts whose bulk job has finished; after a lost
+// process, or a recount, it looks at every account that has a job.
+func (c *Census) pruneBulk(ctx context.Context, s logical.Storage) error {
+	c.mu.Lock()
+	noted := make(map[string]uint64, len(c.bulk))
+	for account, at := range c.bulk {
+		noted[account] = at
+	}
+	unsure := c.bulkUnsure
+	c.mu.Unlock()
+	accounts := sortedKeys(noted)
+	if unsure {
+		listed, err := s.List(ctx, bulkPrefix)
+		if err != nil {
+			return err
+		}
+		for _, a := range listed {
+			if _, ok := noted[a]; !ok && !strings.HasSuffix(a, "/") {
+				accounts = append(accounts, a)
+			}
+		}
+	}
+	running := map[string]bool{}
+	for _, account := range accounts {
+		_, _, ok, err := RunningBulkJob(ctx, s, account, c.now())
+		if err != nil {
+			return err
+		}
+		running[account] = ok
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for account, ok := range running {
+		at, listed := c.bulk[account]
+		switch {
+		case ok && !listed:
+			c.noteBulkLocked(account)
+		case !ok && listed && at == noted[account]:
+			// Not noted again meanwhile: a job started since is kept.
+			delete(c.bulk, account)
+			c.gen++
+		}
+	}
+	if unsure {
+		c.bulkUnsure = false
+	}
+	return nil
+}
