@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -13,15 +12,16 @@ import (
 const (
 	// statusListed bounds the tunnels a status read lists as needing
 	// attention, and as failing: the counts say how many there are.
-	statusListed = 100
+	statusListed = store.ListedPerKind
 	// statusBulkJobs bounds the bulk jobs a status read looks at.
 	statusBulkJobs = 100
 )
 
 // pathStatus answers the morning question, "is anything wrong, and where?",
 // in one read whose cost does not grow with the number of tunnels: it reads
-// the census (internal/store/census.go) and the first entries of the
-// schedule and attention indexes, never a record, so it holds no key.
+// the census (internal/store/census.go), which counts the tunnels and lists
+// the first that need attention, and the first minutes of the schedule's
+// index, never a record, so it holds no key.
 func pathStatus(b *backend) []*framework.Path {
 	return []*framework.Path{{
 		Pattern:      "status",
@@ -53,23 +53,12 @@ func (b *backend) censusView(ctx context.Context, s logical.Storage) (*store.Cen
 }
 
 func (b *backend) readStatus(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
-	s, now := req.Storage, b.now()
+	s := req.Storage
 	view, err := b.censusView(ctx, s)
 	if err != nil {
 		return nil, err
 	}
-	sched, err := store.SummarizeSchedule(ctx, s, now)
-	if err != nil {
-		return nil, err
-	}
-	failing, attention, err := attentionLists(ctx, s)
-	if err != nil {
-		return nil, err
-	}
-	jobs, err := b.runningBulkJobs(ctx, s, view.Bulk, now)
-	if err != nil {
-		return nil, err
-	}
+	failing, attention := attentionLists(view.Listed)
 	// A block on record is read into the budget first, as config's read
 	// does: a node that has not called Cloudflare yet still knows it.
 	if err := b.loadBlock(ctx, s); err != nil {
@@ -90,9 +79,10 @@ func (b *backend) readStatus(ctx context.Context, req *logical.Request, _ *frame
 		"tunnels":              tunnels,
 		"states":               states,
 		"scheduled":            max(c.Scheduled, 0),
-		"overdue":              sched.Overdue,
-		"overdue_at_least":     sched.OverdueAtLeast,
-		"next_rotation":        store.FormatTime(sched.Next),
+		"overdue":              view.Schedule.Overdue,
+		"overdue_at_least":     view.Schedule.OverdueAtLeast,
+		"next_rotation":        store.FormatTime(view.Schedule.Next),
+		"schedule_checked_at":  store.FormatTime(view.ScheduleAt),
 		"failing":              failing,
 		"failing_count":        max(c.Attention[store.AttentionFailing], 0),
 		"attention":            attention,
@@ -104,7 +94,7 @@ func (b *backend) readStatus(ctx context.Context, req *logical.Request, _ *frame
 		"budget_used":          b.budget.Used(),
 		"last_drift_check":     store.FormatTime(view.Drift.At),
 		"drift_found":          view.Drift.Found,
-		"bulk_jobs":            jobs,
+		"bulk_jobs":            bulkJobs(view.Bulk),
 		"counts_exact":         view.Exact,
 		"counted_at":           store.FormatTime(view.CountedAt),
 		"counts_as_of":         store.FormatTime(view.AsOf),
@@ -120,56 +110,39 @@ func attentionCount(c store.Counts) int {
 	return n
 }
 
-// attentionLists reads the first failing tunnels, and the first tunnels
-// that need attention (stale, then failing, then gone), statusListed of
-// each at most: a Get per tunnel listed, the failing ones read once.
-func attentionLists(ctx context.Context, s logical.Storage) (failing, attention []map[string]any, err error) {
-	failingItems, err := store.ListAttention(ctx, s, store.AttentionFailing, statusListed)
-	if err != nil {
-		return nil, nil, err
-	}
-	failing = make([]map[string]any, 0, len(failingItems))
-	for _, it := range failingItems {
+// attentionLists are the first failing tunnels, and the first tunnels that
+// need attention (stale, then failing, then gone), statusListed of each at
+// most, as the census lists them.
+func attentionLists(listed map[string][]store.AttentionItem) (failing, attention []map[string]any) {
+	failing = []map[string]any{}
+	for _, it := range listed[store.AttentionFailing][:min(len(listed[store.AttentionFailing]), statusListed)] {
 		failing = append(failing, map[string]any{
-			"account_id": it.Tunnel.AccountID, "tunnel_id": it.Tunnel.TunnelID, "state": it.State,
+			"account_id": it.AccountID, "tunnel_id": it.TunnelID, "state": it.State,
 			"failures": it.Failures, "retry_at": store.FormatTime(it.RetryAt), "reason": it.Reason,
 		})
 	}
 	attention = []map[string]any{}
 	for _, kind := range store.AttentionKinds {
-		items := failingItems
-		if kind != store.AttentionFailing {
-			if items, err = store.ListAttention(ctx, s, kind, statusListed-len(attention)); err != nil {
-				return nil, nil, err
-			}
-		}
+		items := listed[kind]
 		for _, it := range items[:min(len(items), statusListed-len(attention))] {
 			attention = append(attention, map[string]any{
-				"account_id": it.Tunnel.AccountID, "tunnel_id": it.Tunnel.TunnelID, "state": it.State, "reason": it.Reason,
+				"account_id": it.AccountID, "tunnel_id": it.TunnelID, "state": it.State, "reason": it.Reason,
 			})
 		}
 	}
-	return failing, attention, nil
+	return failing, attention
 }
 
-// runningBulkJobs reports the progress of the bulk jobs of accounts (those
-// the census says may be running) that are still running.
-func (b *backend) runningBulkJobs(ctx context.Context, s logical.Storage, accounts []string, now time.Time) ([]map[string]any, error) {
-	jobs := []map[string]any{}
-	for _, account := range accounts[:min(len(accounts), statusBulkJobs)] {
-		job, p, running, err := store.RunningBulkJob(ctx, s, account, now)
-		if err != nil {
-			return nil, err
-		}
-		if !running {
-			continue
-		}
-		jobs = append(jobs, map[string]any{
-			"account_id": account, "started_at": store.FormatTime(job.StartedAt), "queued": p.Queued,
-			"done": p.Done, "failed": p.Failed, "skipped": p.Skipped, "remaining": p.Remaining,
+// bulkJobs are the running bulk jobs as the census last counted them.
+func bulkJobs(jobs []store.BulkStatus) []map[string]any {
+	out := []map[string]any{}
+	for _, j := range jobs[:min(len(jobs), statusBulkJobs)] {
+		out = append(out, map[string]any{
+			"account_id": j.AccountID, "started_at": store.FormatTime(j.StartedAt), "queued": j.Queued, "done": j.Done,
+			"failed": j.Failed, "skipped": j.Skipped, "remaining": j.Remaining, "as_of": store.FormatTime(j.AsOf),
 		})
 	}
-	return jobs, nil
+	return out
 }
 
 const pathStatusHelpSynopsis = `The mount's health in one read: tunnels by state, the schedule, what needs an operator, the budget, drift and bulk jobs.`
@@ -177,40 +150,49 @@ const pathStatusHelpSynopsis = `The mount's health in one read: tunnels by state
 const pathStatusHelpDescription = `
 read status answers "is anything wrong, and where?" for the whole mount.
 It never returns a key or a token, and its cost does not grow with the
-number of tunnels: it reads a small census that the engine keeps up to
-date as records change, and the first entries of two indexes, never the
-records themselves. Grant it to monitoring (docs/policies/monitoring.hcl).
+number of tunnels: it reads no record and lists nothing. The engine keeps a
+small census of the mount up to date as records change (in memory on the
+active node, written to storage at most every 30 seconds for performance
+standbys, which read that), and the scheduler adds what it finds in the
+schedule. Grant it to monitoring (docs/policies/monitoring.hcl).
 
 tunnels: how many tunnels have a record. states: how many are in each
 state (current, rotation_unknown, stale, tunnel_gone; every one present,
 even at 0). scheduled: how many the scheduler will rotate.
 overdue: scheduled rotations still waiting in a minute that ended over a
-minute ago (the scheduler rotates at the second it is due, so these wait
-for the budget, Cloudflare's block, a settle window or a stopped
-scheduler); overdue_at_least is true when there are more than it counted
+minute ago (the scheduler rotates at the second a rotation is due, so these
+wait for the budget, Cloudflare's block, a settle window or a stopped
+scheduler); overdue_at_least is true when there may be more than it counted
 (it looks at 12 minutes of the schedule, and counts up to 1,000).
 next_rotation: the minute of the earliest scheduled rotation still to be
 made (a past minute while one is late; the schedule is indexed by minute).
+schedule_checked_at: when the scheduler found these, at most about a minute
+ago while it runs.
 
-failing: the first 100 tunnels whose background attempts (a scheduled
-rotation, a reconciliation, a heal) fail, each with account_id, tunnel_id,
-state, failures, retry_at (when the background tries again) and reason;
-failing_count says how many there are. attention: the first 100 tunnels that
-need an operator, each with account_id, tunnel_id, state and reason: stale
-ones first (the edge uses a key Vault does not hold), then failing ones, then
-tunnel_gone ones (Cloudflare no longer has the tunnel); attention_count says
-how many there are. A rotation under way, or waiting for reconciliation,
-counts in states only: if the background cannot resolve it, it is failing.
+failing: the first 100 tunnels (by account and tunnel id) whose background
+attempts (a scheduled rotation, a reconciliation, a heal) fail, each with
+account_id, tunnel_id, state, failures, retry_at (when the background tries
+again) and reason; failing_count says how many there are. attention: the
+first 100 tunnels that need an operator, each with account_id, tunnel_id,
+state and reason: stale ones first (the edge uses a key Vault does not hold,
+so the tunnel is down), then failing ones, then tunnel_gone ones (Cloudflare
+no longer has the tunnel); attention_count says how many there are. A
+rotation under way, or waiting for reconciliation, counts in states only: if
+the background cannot resolve it, it is failing.
 
 oldest_key_stored_at: when the oldest key a tunnel may use was stored
-(tunnel_gone tunnels left out). rate_limited_until: the end of Cloudflare's
-rate-limit block, if one is in force. budget_limit and budget_window: config
-rate_limit and rate_limit_window; budget_used: the calls this node sent in
-the window that ends now. last_drift_check: when the drift sweep last went
-through every account; drift_found: how many tunnels it found with a key
-changed outside the engine, or gone at Cloudflare. bulk_jobs: the bulk
-rotations still running (rotate/<account>), each with account_id,
-started_at, queued, done, failed, skipped and remaining.
+(tunnel_gone tunnels left out). Once the tunnel that had it is rotated or
+deleted, it may show that key's time until the scheduler's walk has counted
+the keys again: never a later time than the truth, and the same day.
+rate_limited_until: the end of Cloudflare's rate-limit block, if one is in
+force. budget_limit and budget_window: config rate_limit and
+rate_limit_window; budget_used: the calls this node sent in the window that
+ends now. last_drift_check: when the drift sweep last went through every
+account; drift_found: how many tunnels it found with a key changed outside
+the engine, or gone at Cloudflare. bulk_jobs: the bulk rotations still
+running (rotate/<account>), each with account_id, started_at, queued, done,
+failed, skipped and remaining, as counted at as_of (at most about 30
+seconds old while the job runs; read rotate/<account> for its progress now).
 
 counts_exact: whether the counts are exact. They are kept exact as records
 change, and recounted by the scheduler's walk over the records, which starts
@@ -219,9 +201,7 @@ They are not exact after the process that kept them stopped without cleaning
 up (a crash, a killed plugin), after a storage error while a record was
 written, or on a mount with records from before this version, until that
 walk next finishes (for 100,000 tunnels, within about two hours).
-oldest_key_stored_at may then be earlier than the truth, never later, and
-by less than a day. counted_at: when that walk last finished. counts_as_of:
-when the counts were taken: now on the active node; on a performance
-standby, which reads what the active node last wrote (at most 30 seconds
-and one scheduler pass behind it), that time.
+counted_at: when that walk last finished. counts_as_of: when the counts were
+taken: now on the active node; on a performance standby, when the active
+node last wrote them.
 `

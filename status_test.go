@@ -142,10 +142,7 @@ func TestStatusCountsTheMountAsItChanges(t *testing.T) {
 	for _, name := range []string{"plain", "lost", "gone", "drifted"} {
 		env.must(env.request(logical.UpdateOperation, psk(name), nil))
 	}
-	got := assertStatus(t, env, "five rotations")
-	if got["next_rotation"] == "" {
-		t.Error("a scheduled tunnel, and no next_rotation")
-	}
+	assertStatus(t, env, "five rotations")
 
 	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 500, AfterCommit: true})
 	if _, err := env.request(logical.UpdateOperation, psk("lost"), nil); err == nil {
@@ -156,7 +153,7 @@ func TestStatusCountsTheMountAsItChanges(t *testing.T) {
 	env.sim.DeleteTunnel(env.account, ids["gone"])
 	env.sim.RegenerateOutOfBand(env.account, ids["drifted"])
 	backgroundPass(t, env) // the drift sweep: gone, and drift healed
-	got = assertStatus(t, env, "the drift sweep")
+	got := assertStatus(t, env, "the drift sweep")
 	if got["drift_found"] != 2 || got["last_drift_check"] == "" {
 		t.Errorf("drift sweep: drift_found %v, last_drift_check %v, want 2 and a time", got["drift_found"], got["last_drift_check"])
 	}
@@ -375,6 +372,8 @@ func TestStatusShowsTheBudgetAndRunningBulkJobs(t *testing.T) {
 		t.Errorf("budget: limit %v window %v used %v", got["budget_limit"], got["budget_window"], got["budget_used"])
 	}
 	drain(t, env)
+	env.clock.Advance(store.CensusFoldEvery)
+	drain(t, env) // the census looks at the job again
 	if jobs := status(t, env)["bulk_jobs"].([]map[string]any); len(jobs) != 0 {
 		t.Errorf("bulk_jobs once the job is done: %v", jobs)
 	}
@@ -382,6 +381,45 @@ func TestStatusShowsTheBudgetAndRunningBulkJobs(t *testing.T) {
 	env.request(logical.UpdateOperation, env.pskPath(), nil)
 	if got := status(t, env); got["rate_limited_until"] == "" {
 		t.Error("no rate_limited_until during Cloudflare's block")
+	}
+}
+
+// TestStatusShowsTheSchedule: the scheduler tells the census when the next
+// rotation is due and how many are overdue; a rotation that Cloudflare's
+// block holds back shows as overdue once its minute ended over a minute
+// ago, and no longer once it is made.
+func TestStatusShowsTheSchedule(t *testing.T) {
+	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
+	env.clock.freeze()
+	schedulerOver(t, env, env.storage)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	next := record(t, env, env.tunnel.ID).NextRotation
+	if got := status(t, env); got["next_rotation"] != store.FormatTime(next.Truncate(time.Minute)) {
+		t.Fatalf("right after the write: next_rotation %v, want the minute of %s", got["next_rotation"], next)
+	}
+	drain(t, env)
+	got := status(t, env)
+	if got["next_rotation"] != store.FormatTime(next.Truncate(time.Minute)) || got["overdue"] != 0 || got["schedule_checked_at"] != store.FormatTime(env.clock.Now()) {
+		t.Fatalf("next_rotation %v overdue %v checked %v; want the minute of %s, 0 and now", got["next_rotation"], got["overdue"], got["schedule_checked_at"], next)
+	}
+
+	// Cloudflare blocks the mount when the rotation falls due.
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: http.StatusTooManyRequests, RetryAfter: 600})
+	env.clock.Advance(time.Hour)
+	drain(t, env)
+	env.clock.Advance(2 * time.Minute)
+	drain(t, env)
+	got = status(t, env)
+	if got["overdue"] != 1 || got["next_rotation"] != store.FormatTime(next.Truncate(time.Minute)) || got["rate_limited_until"] == "" {
+		t.Fatalf("held back by Cloudflare's block: overdue %v, next_rotation %v, rate_limited_until %v", got["overdue"], got["next_rotation"], got["rate_limited_until"])
+	}
+	env.clock.Advance(10 * time.Minute)
+	drain(t, env) // rotates
+	env.clock.Advance(store.CensusFoldEvery)
+	drain(t, env)
+	if got = status(t, env); got["overdue"] != 0 || got["next_rotation"] == store.FormatTime(next.Truncate(time.Minute)) {
+		t.Fatalf("after the rotation: overdue %v, next_rotation %v", got["overdue"], got["next_rotation"])
 	}
 }
 

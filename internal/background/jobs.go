@@ -95,7 +95,7 @@ func (w *Worker) startBulkJob(ctx context.Context, s logical.Storage, account st
 		return nil, err
 	}
 	// A status read shows the job while it runs.
-	w.census.NoteBulkJob(ctx, s, account)
+	w.census.NoteBulkJob(ctx, s, account, job.StartedAt, n)
 	return job, nil
 }
 

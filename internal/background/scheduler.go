@@ -67,6 +67,9 @@ type scheduler struct {
 	// whether some were left for the next pass. Guarded by mu.
 	cleanedAt time.Time
 	cleanMore bool
+	// summarizedAt is when the schedule was last summarized for status
+	// reads (summarizeSchedule). Guarded by mu.
+	summarizedAt time.Time
 }
 
 func newScheduler(w *Worker, s logical.Storage) *scheduler {
@@ -240,11 +243,30 @@ func (sc *scheduler) workBatch(ctx context.Context, p *passState, items []store.
 func (sc *scheduler) housekeeping(ctx context.Context) {
 	sc.repairSchedule(ctx)
 	sc.cleanBulkResults(ctx)
+	sc.summarizeSchedule(ctx)
 	// At most every store.CensusFoldEvery, and only if something changed:
 	// what a standby's status read shows.
 	if err := sc.w.census.Fold(ctx, sc.storage); err != nil {
 		sc.w.logger.Warn("could not write the census; it tries again next pass", "error", err)
 	}
+}
+
+// summarizeSchedule tells the census, at most every
+// store.CensusFoldEvery, how many scheduled rotations are overdue and when
+// the next is: a status read shows it, and must not list the schedule
+// itself (store.SummarizeSchedule says why).
+func (sc *scheduler) summarizeSchedule(ctx context.Context) {
+	now := sc.w.now()
+	if !sc.summarizedAt.IsZero() && now.Sub(sc.summarizedAt) < store.CensusFoldEvery {
+		return
+	}
+	sum, err := store.SummarizeSchedule(ctx, sc.storage, now)
+	if err != nil {
+		sc.w.logger.Warn("could not summarize the schedule for status reads; it tries again next pass", "error", err)
+		return
+	}
+	sc.summarizedAt = now
+	sc.w.census.NoteSchedule(ctx, sc.storage, sum, now)
 }
 
 // storageRetry is how soon a pass comes back for an entry kept because

@@ -101,10 +101,6 @@ func attentionOf(r *Record) (string, AttentionEntry) {
 	return "", AttentionEntry{}
 }
 
-func (t Tunnel) attentionKey(kind string) string {
-	return AttentionPrefix + kind + "/" + t.AccountID + "/" + t.TunnelID
-}
-
 // tally is what a record adds to the counts.
 type tally struct {
 	exists    bool
@@ -114,6 +110,9 @@ type tally struct {
 	// keyAt is when the key a tunnel may use was stored (zero: none, or
 	// the tunnel is gone).
 	keyAt time.Time
+	// next is when the scheduler rotates the tunnel next (zero: never). It
+	// is not counted: it brings the schedule's summary forward at once.
+	next time.Time
 }
 
 func tallyOf(r *Record) tally {
@@ -124,6 +123,9 @@ func tallyOf(r *Record) tally {
 	// As a read's ttl says: the scheduler will rotate the tunnel.
 	t.scheduled = r.Scheduled() && !r.NextRotation.IsZero() && r.State != StateTunnelGone
 	t.attention, _ = attentionOf(r)
+	if t.scheduled {
+		t.next = r.NextRotation.UTC()
+	}
 	if r.PSK != "" && r.State != StateTunnelGone && !r.StoredAt.IsZero() {
 		t.keyAt = r.StoredAt.UTC()
 	}
@@ -132,7 +134,7 @@ func tallyOf(r *Record) tally {
 
 func (t tally) equal(u tally) bool {
 	return t.exists == u.exists && t.state == u.state && t.scheduled == u.scheduled &&
-		t.attention == u.attention && t.keyAt.Equal(u.keyAt)
+		t.attention == u.attention && t.keyAt.Equal(u.keyAt) && t.next.Equal(u.next)
 }
 
 // Counts are the mount's tunnels counted by what a status read shows.
@@ -281,8 +283,15 @@ type censusEntry struct {
 	AsOf      time.Time  `json:"as_of"`
 	Counts    Counts     `json:"counts"`
 	Drift     DriftCheck `json:"drift"`
-	// Bulk are the accounts whose bulk job may still be running.
-	Bulk []string `json:"bulk,omitempty"`
+	// Bulk are the bulk jobs that may still be running, with their
+	// progress when last counted (census_bulk.go).
+	Bulk []BulkStatus `json:"bulk,omitempty"`
+	// Listed are the first tunnels of each attention kind (listed.go).
+	Listed map[string][]AttentionItem `json:"listed,omitempty"`
+	// Schedule is what the scheduler last found in the schedule, at
+	// ScheduleAt.
+	Schedule   ScheduleSummary `json:"schedule"`
+	ScheduleAt time.Time       `json:"schedule_at,omitzero"`
 }
 
 // CensusView is the census as a status read shows it.
@@ -298,8 +307,15 @@ type CensusView struct {
 	// them, the last fold on a standby.
 	AsOf  time.Time
 	Drift DriftCheck
-	// Bulk are the accounts whose bulk job may still be running.
-	Bulk []string
+	// Bulk are the bulk jobs still running when last counted.
+	Bulk []BulkStatus
+	// Listed are the first ListedPerKind tunnels of each attention kind,
+	// in key order.
+	Listed map[string][]AttentionItem
+	// Schedule is what the scheduler last found in the schedule, at
+	// ScheduleAt (zero: it has not looked yet).
+	Schedule   ScheduleSummary
+	ScheduleAt time.Time
 }
 
 // CensusConfig is what a Census is made of.
@@ -322,6 +338,9 @@ type Census struct {
 	now      func() time.Time
 	logger   hclog.Logger
 	mayWrite func() bool
+	// perKind is how many tunnels of each attention kind are listed:
+	// ListedPerKind (tests list fewer).
+	perKind int
 
 	// stripes serialise what is done to one record: its write with the
 	// read of what it replaces, and the walk's visit. Taken before mu.
@@ -347,19 +366,25 @@ type Census struct {
 	foldedGen uint64
 	foldedAt  time.Time
 	drift     DriftCheck
-	// bulk are the accounts whose bulk job may be running, each with the
-	// gen at which it was last noted.
-	bulk map[string]uint64
+	// bulk are the bulk jobs that may be running (census_bulk.go).
+	bulk map[string]*bulkState
+	// schedule is what the scheduler last found, at scheduleAt.
+	schedule   ScheduleSummary
+	scheduleAt time.Time
 	// bulkUnsure: the entry was left open, so a job started since its last
 	// fold may be missing from bulk; the next fold looks at every job.
 	bulkUnsure bool
 	walk       *censusWalk
+	// listed are the first tunnels of each attention kind, and refill says
+	// which lists are due to be read again from the index (listed.go).
+	listed map[string][]AttentionItem
+	refill map[string]int
 }
 
 // NewCensus returns a Census that loads its counts from storage on first
 // use.
 func NewCensus(cfg CensusConfig) *Census {
-	c := &Census{now: cfg.Now, logger: cfg.Logger, mayWrite: cfg.MayWrite}
+	c := &Census{now: cfg.Now, logger: cfg.Logger, mayWrite: cfg.MayWrite, perKind: ListedPerKind}
 	if c.now == nil {
 		c.now = time.Now
 	}
@@ -416,7 +441,8 @@ func ReadCensus(ctx context.Context, s logical.Storage) (*CensusView, error) {
 	if err != nil || e == nil {
 		return nil, err
 	}
-	return &CensusView{Counts: e.Counts, Exact: e.Exact, CountedAt: e.CountedAt, AsOf: e.AsOf, Drift: e.Drift, Bulk: e.Bulk}, nil
+	return &CensusView{Counts: e.Counts, Exact: e.Exact, CountedAt: e.CountedAt, AsOf: e.AsOf, Drift: e.Drift, Bulk: e.Bulk,
+		Listed: e.Listed, Schedule: e.Schedule, ScheduleAt: e.ScheduleAt}, nil
 }
 
 // ensureLoaded reads the stored counts on first use and claims them: the
@@ -456,11 +482,23 @@ func (c *Census) ensureLoaded(ctx context.Context, s logical.Storage) error {
 	}
 	c.loaded, c.storage, c.owner = true, s, claim.Owner
 	c.live, c.exact, c.countedAt, c.drift = claim.Counts.clone(), claim.Exact, claim.CountedAt, claim.Drift
-	c.bulk = map[string]uint64{}
-	for _, a := range claim.Bulk {
-		c.bulk[a] = c.gen
+	c.bulk = map[string]*bulkState{}
+	for _, b := range claim.Bulk {
+		c.bulk[b.AccountID] = &bulkState{noted: c.gen, status: b}
 	}
+	c.schedule, c.scheduleAt = claim.Schedule, claim.ScheduleAt
 	c.bulkUnsure = !e.Closed
+	c.listed, c.refill = map[string][]AttentionItem{}, map[string]int{}
+	for _, kind := range AttentionKinds {
+		c.listed[kind] = append([]AttentionItem{}, e.Listed[kind]...)
+		switch {
+		case !e.Closed:
+			// Changes since the entry was written may be lost.
+			c.refill[kind] = refillAll
+		case len(c.listed[kind]) < min(c.perKind, c.live.Attention[kind]):
+			c.refill[kind] = refillMissing
+		}
+	}
 	c.missed, c.foldedAt, c.walk = false, now, nil
 	c.foldedGen = c.gen
 	if !claim.Exact {
@@ -502,8 +540,11 @@ func (c *Census) View(ctx context.Context, s logical.Storage) (*CensusView, erro
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if err := c.refillLocked(ctx, s); err != nil {
+		return nil, err
+	}
 	return &CensusView{Counts: c.live.clone(), Exact: c.exact, CountedAt: c.countedAt, AsOf: c.now().UTC(),
-		Drift: c.drift, Bulk: sortedKeys(c.bulk)}, nil
+		Drift: c.drift, Bulk: c.bulkStatuses(), Listed: c.cloneListed(), Schedule: c.schedule, ScheduleAt: c.scheduleAt}, nil
 }
 
 func sortedKeys[V any](m map[string]V) []string {
@@ -527,19 +568,16 @@ func (c *Census) NoteDriftCheck(ctx context.Context, s logical.Storage, at time.
 	c.gen++
 }
 
-// NoteBulkJob records that account has a bulk job that may be running, so
-// that a status read looks at it.
-func (c *Census) NoteBulkJob(ctx context.Context, s logical.Storage, account string) {
+// NoteSchedule records what the scheduler found in the schedule at at.
+func (c *Census) NoteSchedule(ctx context.Context, s logical.Storage, sum ScheduleSummary, at time.Time) {
 	if err := c.ensureLoaded(ctx, s); err != nil {
-		c.logger.Warn("could not record the bulk job in the census", "error", err)
+		c.logger.Warn("could not record the schedule in the census", "error", err)
 		return
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.noteBulkLocked(account)
-}
-
-func (c *Census) noteBulkLocked(account string) {
-	c.gen++
-	c.bulk[account] = c.gen
+	if sum != c.schedule {
+		c.gen++
+	}
+	c.schedule, c.scheduleAt = sum, at.UTC()
 }

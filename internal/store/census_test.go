@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand"
 	"reflect"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -42,7 +43,7 @@ func indexed(t *testing.T, s logical.Storage) map[string]AttentionEntry {
 	t.Helper()
 	got := map[string]AttentionEntry{}
 	for _, kind := range AttentionKinds {
-		tunnels, _, err := listTunnelsAfter(context.Background(), s, AttentionPrefix+kind+"/", Tunnel{}, 1<<30)
+		tunnels, err := listAttention(context.Background(), s, kind)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -120,8 +121,49 @@ func change(t *testing.T, rng *rand.Rand, s logical.Storage, i int) {
 	}
 }
 
+// testPerKind is how many tunnels of each kind a test's census lists:
+// few, so that the lists' limit and their refills are met.
+const testPerKind = 3
+
 func newTestCensus(now time.Time) *Census {
-	return NewCensus(CensusConfig{Now: func() time.Time { return now }})
+	c := NewCensus(CensusConfig{Now: func() time.Time { return now }})
+	c.perKind = testPerKind
+	return c
+}
+
+// wantListed is the first testPerKind tunnels of each kind in the index
+// want, as the census must list them.
+func wantListed(want map[string]AttentionEntry) map[string][]AttentionItem {
+	out := map[string][]AttentionItem{}
+	for _, kind := range AttentionKinds {
+		var items []AttentionItem
+		for key, e := range want {
+			name, ok := strings.CutPrefix(key, AttentionPrefix+kind+"/")
+			if !ok {
+				continue
+			}
+			tun, _ := attentionTunnel(name)
+			items = append(items, AttentionItem{AccountID: tun.AccountID, TunnelID: tun.TunnelID, AttentionEntry: e})
+		}
+		sort.Slice(items, func(i, j int) bool { return items[i].tunnel().less(items[j].tunnel()) })
+		out[kind] = append([]AttentionItem{}, items[:min(len(items), testPerKind)]...)
+	}
+	return out
+}
+
+// checkView fails unless view counts and lists what raw holds.
+func checkView(t *testing.T, view *CensusView, raw logical.Storage, when string) {
+	t.Helper()
+	want, wantIndex := truth(t, raw)
+	if diff := sameCounts(view.Counts, want); diff != "" {
+		t.Fatalf("%s: %s", when, diff)
+	}
+	if got := indexed(t, raw); !reflect.DeepEqual(got, wantIndex) {
+		t.Fatalf("%s: attention index %v, want %v", when, got, wantIndex)
+	}
+	if listed := wantListed(wantIndex); !reflect.DeepEqual(view.Listed, listed) {
+		t.Fatalf("%s: listed %v, want %v", when, view.Listed, listed)
+	}
 }
 
 // TestTheCensusCountsEveryWrite: records written and removed through the
@@ -143,15 +185,9 @@ func TestTheCensusCountsEveryWrite(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		want, wantIndex := truth(t, raw)
-		if diff := sameCounts(view.Counts, want); diff != "" {
-			t.Fatalf("step %d: %s", step, diff)
-		}
+		checkView(t, view, raw, fmt.Sprintf("step %d", step))
 		if !view.Exact {
 			t.Fatalf("step %d: counts of a mount counted from its first record are not exact", step)
-		}
-		if got := indexed(t, raw); !reflect.DeepEqual(got, wantIndex) {
-			t.Fatalf("step %d: attention index %v, want %v", step, got, wantIndex)
 		}
 	}
 }
@@ -218,15 +254,9 @@ func TestTheWalkCountsChangesMadeWhileItWalks(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		want, wantIndex := truth(t, raw)
-		if diff := sameCounts(view.Counts, want); diff != "" {
-			t.Fatalf("seed %d: after the walk: %s", seed, diff)
-		}
+		checkView(t, view, raw, fmt.Sprintf("seed %d: after the walk", seed))
 		if !view.Exact || view.CountedAt.IsZero() {
 			t.Fatalf("seed %d: after the walk the counts are not marked exact", seed)
-		}
-		if got := indexed(t, raw); !reflect.DeepEqual(got, wantIndex) {
-			t.Fatalf("seed %d: attention index after the walk %v, want %v", seed, got, wantIndex)
 		}
 	}
 }
@@ -455,5 +485,51 @@ func TestTheScheduleSummary(t *testing.T) {
 	}
 	if sum.Overdue != scheduleMinutesListed || !sum.OverdueAtLeast {
 		t.Fatalf("a long backlog: %+v, want at least %d", sum, scheduleMinutesListed)
+	}
+}
+
+// TestABulkJobStartedBeforeALostProcessIsFound: a job noted by a process
+// that was lost before it wrote the census is found by the next one's
+// first write, which looks at every job; a finished one leaves.
+func TestABulkJobStartedBeforeALostProcessIsFound(t *testing.T) {
+	ctx := context.Background()
+	raw := &logical.InmemStorage{}
+	now := censusBase
+	first := newTestCensus(now)
+	if _, err := first.View(ctx, raw); err != nil { // loaded and claimed
+		t.Fatal(err)
+	}
+	account, tun := tunnelOf(1).AccountID, tunnelOf(1)
+	if err := WriteBulkJob(ctx, raw, account, &BulkJob{StartedAt: now, Minute: DueMinute(now, false), Queued: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := QueueBulkRotation(ctx, raw, tun, DueMinute(now, false), now); err != nil {
+		t.Fatal(err)
+	}
+	first.NoteBulkJob(ctx, raw, account, now, 1) // never written: the process is lost
+
+	second := NewCensus(CensusConfig{Now: func() time.Time { return now }})
+	view, err := second.View(ctx, raw)
+	if err != nil || len(view.Bulk) != 0 {
+		t.Fatalf("before its first write the census knows of %v (%v)", view.Bulk, err)
+	}
+	now = now.Add(time.Minute)
+	second.taint() // something to write
+	if err := second.Fold(ctx, raw); err != nil {
+		t.Fatal(err)
+	}
+	if view, _ = second.View(ctx, raw); len(view.Bulk) != 1 || view.Bulk[0].AccountID != account || view.Bulk[0].Remaining != 1 {
+		t.Fatalf("the running job is not found: %+v", view.Bulk)
+	}
+	if err := raw.Delete(ctx, BulkDueKey(DueMinute(censusBase, false), tun)); err != nil {
+		t.Fatal(err)
+	}
+	now = now.Add(time.Minute)
+	second.taint()
+	if err := second.Fold(ctx, raw); err != nil {
+		t.Fatal(err)
+	}
+	if view, _ = second.View(ctx, raw); len(view.Bulk) != 0 {
+		t.Fatalf("a finished job is still shown: %+v", view.Bulk)
 	}
 }

@@ -6,7 +6,6 @@ package store
 
 import (
 	"context"
-	"strings"
 
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -67,9 +66,14 @@ func (c *Census) write(ctx context.Context, s logical.Storage, closed bool) erro
 		c.logger.Warn("the census was written by another process since this one loaded it; it loads it again")
 		return nil
 	}
+	if err := c.refillLocked(ctx, s); err != nil {
+		c.mu.Unlock()
+		return err
+	}
 	now := c.now().UTC()
 	e := &censusEntry{Owner: c.owner, Closed: closed, Exact: c.exact, CountedAt: c.countedAt, AsOf: now,
-		Counts: c.live.clone(), Drift: c.drift, Bulk: sortedKeys(c.bulk)}
+		Counts: c.live.clone(), Drift: c.drift, Bulk: c.bulkStatuses(), Listed: c.cloneListed(),
+		Schedule: c.schedule, ScheduleAt: c.scheduleAt}
 	gen := c.gen
 	c.mu.Unlock()
 	if err := writeCensusEntry(ctx, s, e); err != nil {
@@ -78,54 +82,5 @@ func (c *Census) write(ctx context.Context, s logical.Storage, closed bool) erro
 	c.mu.Lock()
 	c.foldedGen, c.foldedAt = gen, now
 	c.mu.Unlock()
-	return nil
-}
-
-// pruneBulk drops the accounts whose bulk job has finished; after a lost
-// process, or a recount, it looks at every account that has a job.
-func (c *Census) pruneBulk(ctx context.Context, s logical.Storage) error {
-	c.mu.Lock()
-	noted := make(map[string]uint64, len(c.bulk))
-	for account, at := range c.bulk {
-		noted[account] = at
-	}
-	unsure := c.bulkUnsure
-	c.mu.Unlock()
-	accounts := sortedKeys(noted)
-	if unsure {
-		listed, err := s.List(ctx, bulkPrefix)
-		if err != nil {
-			return err
-		}
-		for _, a := range listed {
-			if _, ok := noted[a]; !ok && !strings.HasSuffix(a, "/") {
-				accounts = append(accounts, a)
-			}
-		}
-	}
-	running := map[string]bool{}
-	for _, account := range accounts {
-		_, _, ok, err := RunningBulkJob(ctx, s, account, c.now())
-		if err != nil {
-			return err
-		}
-		running[account] = ok
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for account, ok := range running {
-		at, listed := c.bulk[account]
-		switch {
-		case ok && !listed:
-			c.noteBulkLocked(account)
-		case !ok && listed && at == noted[account]:
-			// Not noted again meanwhile: a job started since is kept.
-			delete(c.bulk, account)
-			c.gen++
-		}
-	}
-	if unsure {
-		c.bulkUnsure = false
-	}
 	return nil
 }

@@ -22,6 +22,7 @@ package store
 import (
 	"context"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -100,14 +101,16 @@ func (c *Census) put(ctx context.Context, s logical.Storage, t Tunnel, entry *lo
 		c.taint()
 		return err
 	}
+	// Out of the index before the change is applied: a refill of the
+	// lists (listed.go) must not list it again.
+	if known && oldKind != "" && oldKind != newKind {
+		c.deleteAttention(ctx, s, t, oldKind)
+	}
 	if !known || loadErr != nil {
 		c.taint()
 		return nil
 	}
 	c.apply(ctx, t, old, rec)
-	if oldKind != "" && oldKind != newKind {
-		c.deleteAttention(ctx, s, t, oldKind)
-	}
 	return nil
 }
 
@@ -120,14 +123,14 @@ func (c *Census) delete(ctx context.Context, s logical.Storage, t Tunnel) error 
 		c.taint()
 		return err
 	}
+	if kind, _ := attentionOf(old); kind != "" {
+		c.deleteAttention(ctx, s, t, kind)
+	}
 	if !known || loadErr != nil {
 		c.taint()
 		return nil
 	}
 	c.apply(ctx, t, old, nil)
-	if kind, _ := attentionOf(old); kind != "" {
-		c.deleteAttention(ctx, s, t, kind)
-	}
 	return nil
 }
 
@@ -138,14 +141,28 @@ func (c *Census) apply(ctx context.Context, t Tunnel, old, rec *Record) {
 		w.add()
 	}
 	before, after := tallyOf(old), tallyOf(rec)
-	if before.equal(after) {
+	oldKind, oldEntry := attentionOf(old)
+	newKind, newEntry := attentionOf(rec)
+	if before.equal(after) && oldEntry == newEntry {
 		return
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	// A rotation scheduled before the earliest the scheduler last found
+	// is the next one now; one that moves later waits for the scheduler's
+	// next look (a status read must not list the schedule).
+	if next := after.next.Truncate(time.Minute); !next.IsZero() && (c.schedule.Next.IsZero() || next.Before(c.schedule.Next)) {
+		c.schedule.Next = next
+	}
 	c.live.add(before, -1)
 	c.live.add(after, 1)
 	c.gen++
+	if oldKind != "" && oldKind != newKind {
+		c.listedDrop(oldKind, t)
+	}
+	if newKind != "" {
+		c.listedPut(newKind, AttentionItem{AccountID: t.AccountID, TunnelID: t.TunnelID, AttentionEntry: newEntry})
+	}
 	if c.walk != nil {
 		c.walk.changed(t, before, after)
 	}

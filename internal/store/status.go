@@ -1,9 +1,10 @@
 package store
 
-// What a status read takes from the indexes, each at a bounded cost
-// however many tunnels the mount has: the schedule's first minutes
-// (due/) and the first tunnels of each attention kind (attention/). It
-// reads no record, so it can show no key.
+// What a status read shows of the schedule, taken from its index (due/) by
+// the scheduler, which lists it anyway, and kept in the census: listing
+// due/ is a walk over every entry in it in Vault's storage backends (Raft's
+// included), 100,000 of them on a large mount, which a status read must
+// not pay for. Beyond that List, the summary lists a few minutes, bounded.
 
 import (
 	"context"
@@ -33,17 +34,18 @@ const (
 type ScheduleSummary struct {
 	// Overdue counts the scheduled rotations due more than OverdueAfter
 	// ago; OverdueAtLeast says there may be more than it counted.
-	Overdue        int
-	OverdueAtLeast bool
+	Overdue        int  `json:"overdue"`
+	OverdueAtLeast bool `json:"overdue_at_least,omitempty"`
 	// Next is the start of the minute of the earliest scheduled rotation
-	// still to be made (late, when Overdue is not zero; zero: none). The
-	// schedule is indexed by minute, and a status read reads no record.
-	Next time.Time
+	// still to be made (late, when Overdue is not zero; zero: none): the
+	// schedule is indexed by minute.
+	Next time.Time `json:"next,omitzero"`
 }
 
-// SummarizeSchedule reads the schedule's index: one List of its minutes,
-// and one of each minute it looks into, at most scheduleMinutesListed.
-// Bulk jobs' entries are not scheduled rotations, and are left out.
+// SummarizeSchedule reads the schedule's index: one List of its minutes
+// (which walks every entry), and one of each minute it looks into, at most
+// scheduleMinutesListed. Bulk jobs' entries are not scheduled rotations,
+// and are left out.
 func SummarizeSchedule(ctx context.Context, s logical.Storage, now time.Time) (ScheduleSummary, error) {
 	minutes, err := s.List(ctx, DuePrefix)
 	if err != nil {
@@ -89,39 +91,4 @@ func SummarizeSchedule(ctx context.Context, s logical.Storage, now time.Time) (S
 		sum.Overdue, sum.OverdueAtLeast = OverdueCounted, true
 	}
 	return sum, nil
-}
-
-// AttentionItem is one tunnel of the attention/ index.
-type AttentionItem struct {
-	Tunnel Tunnel
-	AttentionEntry
-}
-
-// ListAttention returns the first n tunnels of an attention kind, in key
-// order, with what their entries say: a List per account with such
-// tunnels, until n are found, and a Get per tunnel.
-func ListAttention(ctx context.Context, s logical.Storage, kind string, n int) ([]AttentionItem, error) {
-	if n <= 0 {
-		return nil, nil
-	}
-	tunnels, _, err := listTunnelsAfter(ctx, s, AttentionPrefix+kind+"/", Tunnel{}, n)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]AttentionItem, 0, len(tunnels))
-	for _, t := range tunnels {
-		entry, err := s.Get(ctx, t.attentionKey(kind))
-		if err != nil {
-			return nil, fmt.Errorf("read the attention index: %w", err)
-		}
-		if entry == nil {
-			continue // gone since it was listed
-		}
-		item := AttentionItem{Tunnel: t}
-		if err := entry.DecodeJSON(&item.AttentionEntry); err != nil {
-			return nil, fmt.Errorf("decode the attention index entry of %s: %w", t, err)
-		}
-		out = append(out, item)
-	}
-	return out, nil
 }

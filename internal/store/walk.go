@@ -212,37 +212,42 @@ func (c *Census) read(ctx context.Context, s logical.Storage, w *censusWalk, t T
 }
 
 // repairAttention puts back t's attention/ entry where it is missing or
-// says something else. The caller holds t's stripe.
+// says something else (the record was written around the census), and what
+// its list says of t. The caller holds t's stripe.
 func (c *Census) repairAttention(ctx context.Context, s logical.Storage, t Tunnel, kind string, want AttentionEntry) {
-	entry, err := s.Get(ctx, t.attentionKey(kind))
-	if err == nil && entry != nil {
-		var got AttentionEntry
-		if entry.DecodeJSON(&got) == nil && got == want {
-			return
-		}
+	if got, err := readAttention(ctx, s, t, kind); err == nil && got != nil && *got == want {
+		return
 	}
 	c.putAttention(ctx, s, t, kind, want)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if i, found := c.listedFind(kind, t); found {
+		c.listed[kind][i].AttentionEntry = want
+	}
 }
 
 // checkIndex removes up to n attention/ entries whose tunnel does not (or
 // no longer) belong there, kind after kind; true when it has been through
-// them all.
+// them all. Then the lists are read again from the index, which is now
+// what the records say.
 func (c *Census) checkIndex(ctx context.Context, s logical.Storage, w *censusWalk, n int) (bool, error) {
 	for n > 0 && w.indexKind < len(AttentionKinds) {
 		kind := AttentionKinds[w.indexKind]
-		tunnels, complete, err := listTunnelsAfter(ctx, s, AttentionPrefix+kind+"/", w.indexAfter, n)
+		tunnels, err := listAttention(ctx, s, kind)
 		if err != nil {
 			return false, err
 		}
-		for _, t := range tunnels {
+		i := sort.Search(len(tunnels), func(i int) bool { return w.indexAfter.less(tunnels[i]) })
+		tunnels = tunnels[i:]
+		for _, t := range tunnels[:min(len(tunnels), n)] {
 			// Passed over if it cannot be checked, as a record is.
 			w.indexAfter = t
+			n--
 			if err := c.checkEntry(ctx, s, t, kind); err != nil {
 				return false, err
 			}
 		}
-		n -= len(tunnels)
-		if complete {
+		if w.indexAfter == (Tunnel{}) || len(tunnels) == 0 || w.indexAfter == tunnels[len(tunnels)-1] {
 			w.indexKind, w.indexAfter = w.indexKind+1, Tunnel{}
 		}
 	}
@@ -250,26 +255,33 @@ func (c *Census) checkIndex(ctx context.Context, s logical.Storage, w *censusWal
 		return false, nil
 	}
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	if c.walk == w {
 		c.walk = nil
+		for _, kind := range AttentionKinds {
+			c.refill[kind] = max(c.refill[kind], refillMissing)
+		}
 	}
-	c.mu.Unlock()
 	return true, nil
 }
 
-// checkEntry removes t's attention/ entry of kind unless t's record needs
-// that kind of attention.
+// checkEntry removes t's attention/ entry of kind, and takes it off the
+// list, unless t's record needs that kind of attention.
 func (c *Census) checkEntry(ctx context.Context, s logical.Storage, t Tunnel, kind string) error {
 	defer c.lockTunnel(t)()
 	rec, err := ReadRecord(ctx, s, t)
 	if err != nil {
 		return err
 	}
-	if got, _ := attentionOf(rec); got != kind {
-		if err := s.Delete(ctx, t.attentionKey(kind)); err != nil {
-			return fmt.Errorf("remove %s from the attention index: %w", t, err)
-		}
+	if got, _ := attentionOf(rec); got == kind {
+		return nil
 	}
+	if err := s.Delete(ctx, t.attentionKey(kind)); err != nil {
+		return fmt.Errorf("remove %s from the attention index: %w", t, err)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.listedDrop(kind, t)
 	return nil
 }
 
