@@ -44,7 +44,7 @@ test-e2e:
 release:
 	scripts/release.sh $(VERSION)
 
-## bench: the five figures of docs/benchmarks.md (about ten minutes; no -race)
+## bench: the six figures of docs/benchmarks.md (about twelve minutes; no -race)
 bench:
 	scripts/install-strongswan.sh
 	bin=$$(scripts/vault-bin.sh) && VAULT_BIN=$$bin go test -run '^$$' -bench . -benchtime 1x -count 1 -timeout 30m . ./e2e/
