@@ -13,15 +13,16 @@ const (
 	// statusListed bounds the tunnels a status read lists as needing
 	// attention, and as failing: the counts say how many there are.
 	statusListed = store.ListedPerKind
-	// statusBulkJobs bounds the bulk jobs a status read looks at.
+	// statusBulkJobs bounds the running bulk jobs a status read lists.
 	statusBulkJobs = 100
 )
 
 // pathStatus answers the morning question, "is anything wrong, and where?",
-// in one read whose cost does not grow with the number of tunnels: it reads
-// the census (internal/store/census.go), which counts the tunnels and lists
-// the first that need attention, and the first minutes of the schedule's
-// index, never a record, so it holds no key.
+// in one read whose cost does not grow with the number of tunnels: it
+// answers from the census (internal/store/census.go), which counts the
+// tunnels, lists the first that need attention and keeps what the
+// scheduler found in the schedule: in memory on the active node, one Get
+// on a standby. It reads no record, so it holds no key.
 func pathStatus(b *backend) []*framework.Path {
 	return []*framework.Path{{
 		Pattern:      "status",

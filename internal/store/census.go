@@ -1,25 +1,29 @@
 package store
 
-// The census: the mount's health in one storage entry and a small index,
-// so that a status read never walks the records.
+// The census: the mount's health in memory, in one storage entry and a
+// small index, so that a status read neither reads a record nor lists an
+// index.
 //
-// A status read must answer for 100,000 tunnels at the cost of a few
-// reads, so nothing it shows is computed from the records at read time.
-// The counts (tunnels per state, scheduled tunnels, tunnels that need an
-// operator by kind, and the keys stored per day, from which the oldest
-// key's time comes) are kept in memory on the node that may write, changed
-// as each record is written (observe.go: every record Put and Delete goes
-// through the census, which reads the record it replaces), and written to
-// one entry, census, by the background at most every CensusFoldEvery (Fold)
-// and when the mount is cleaned up (Close). A standby reads that entry.
+// A status read must answer for 100,000 tunnels at the cost of a PSK read
+// or two, so nothing it shows is computed at read time. The counts
+// (tunnels per state, scheduled tunnels, tunnels that need an operator by
+// kind, and the keys stored per day, from which the oldest key's time
+// comes) and the first tunnels of each kind (listed.go) are kept in memory
+// on the node that may write, changed as each record is written
+// (observe.go: every record Put and Delete goes through the census, which
+// reads the record it replaces), and written to one entry, census, by the
+// background at most every CensusFoldEvery (Fold) and when the mount is
+// cleaned up (Close). A standby reads that entry. The scheduler adds what
+// it finds in the schedule (NoteSchedule), the drift sweep what it found
+// (NoteDriftCheck), and bulk jobs are noted as they start (census_bulk.go).
 //
 // The tunnels that need an operator are indexed beside the records,
-// attention/<kind>/<account>/<tunnel>, with the state and reason a status
-// read shows, so that it lists the first hundred of them with a List and a
-// Get each: kind stale (the edge uses a key Vault does not hold), failing
+// attention/<kind>/<account>.<tunnel>, with the state and reason a status
+// read shows: kind stale (the edge uses a key Vault does not hold), failing
 // (the background's attempts on the tunnel fail, retried at retry_at) and
-// gone (Cloudflare no longer has the tunnel). A rotation of a healthy
-// tunnel touches none of them.
+// gone (Cloudflare no longer has the tunnel). The index refills a list that
+// lost a tunnel while more exist. A rotation of a healthy tunnel touches
+// none of it.
 //
 // What can make the counts wrong, and what makes them exact again: a
 // process that stops without Clean loses what it had not written (the
@@ -31,8 +35,8 @@ package store
 // it goes (walk.go), with every change made meanwhile applied to the count
 // it builds, and replaces the counts with its own when it reaches the last
 // record: exact again, whatever happened before. The same walk puts back
-// attention/ entries that are missing, and removes those whose tunnel no
-// longer belongs there.
+// attention/ entries that are missing, removes those whose tunnel no longer
+// belongs there, and refills the lists.
 
 import (
 	"context"
@@ -52,7 +56,7 @@ const (
 	// CensusKey holds the census entry (censusEntry).
 	CensusKey = "census"
 	// AttentionPrefix indexes the tunnels that need an operator:
-	// attention/<kind>/<account>/<tunnel>, an AttentionEntry each.
+	// attention/<kind>/<account>.<tunnel>, an AttentionEntry each.
 	AttentionPrefix = "attention/"
 	// CensusFoldEvery bounds how often the census entry is written: a
 	// standby's counts are at most this (and a scheduler pass) old.
