@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"os"
 	"os/exec"
@@ -109,6 +110,22 @@ func TestStatusCountsAScheduledAnUnknownAndAGoneTunnel(t *testing.T) {
 	code, line := runCheck(t, v, monitor)
 	if code != 1 || !strings.HasPrefix(line, "CF-IPSEC WARNING - cloudflare-ipsec: 1 tunnel_gone (first: "+account+"/"+gone+" tunnel_gone); 3 tunnels") {
 		t.Errorf("check: exit %d: %s", code, line)
+	}
+
+	// A plugin reload cleans the backend up, which writes the census
+	// closed; the new backend takes its counts, and the last drift check,
+	// as they are (its scheduler's first pass recounts them at once too,
+	// so counted_at moves on).
+	v.mustVault(t, v.rootToken, "plugin", "reload", "-plugin="+pluginName)
+	reloaded := v.mustVaultJSON(t, monitor, "read", "cloudflare-ipsec/status")["data"].(map[string]any)
+	for _, k := range []string{"tunnels", "states", "scheduled", "attention_count", "counts_exact", "last_drift_check", "drift_found"} {
+		if fmt.Sprint(reloaded[k]) != fmt.Sprint(status[k]) {
+			t.Errorf("after a plugin reload %s is %v, was %v", k, reloaded[k], status[k])
+		}
+	}
+	// The new backend found them closed: it would have said so otherwise.
+	if strings.Contains(v.log(), "the census counts are not exact") {
+		t.Error("after a plugin reload the census was taken as left open")
 	}
 	assertNoSecretsIn(t, secrets, "the server log", v.log())
 	assertNoDataRace(t, v.log())
