@@ -64,6 +64,10 @@ type backend struct {
 	// background is the scheduler, bulk jobs and the periodic sweep
 	// (internal/background); Setup builds it.
 	background *background.Worker
+	// census counts the mount's tunnels for status reads (store.Census):
+	// every request's storage is wrapped so that each record write is
+	// counted as it is made (HandleRequest). Setup builds it.
+	census *store.Census
 	// configMu serialises config writes, deletes and root token rotation:
 	// a write and a rotation read, call Cloudflare and store config, and a
 	// delete in between would be undone by their store. Taken before
@@ -88,12 +92,26 @@ func (b *backend) initialize(_ context.Context, req *logical.InitializationReque
 	return nil
 }
 
-// clean stops the scheduler when the mount is unmounted or the plugin stops.
-// It does not wait for rotation events on their way: they are best effort,
-// each bounded by eventTimeout, and an event bus that does not take one must
-// not hold up an unmount, a seal or a plugin reload.
-func (b *backend) clean(context.Context) {
+// clean stops the scheduler when the mount is unmounted or the plugin stops,
+// and writes the census down closed, so that the next process takes its
+// counts as exact. It does not wait for rotation events on their way: they
+// are best effort, each bounded by eventTimeout, and an event bus that does
+// not take one must not hold up an unmount, a seal or a plugin reload.
+func (b *backend) clean(ctx context.Context) {
 	b.background.Stop()
+	if err := b.census.Close(ctx); err != nil {
+		b.Logger().Warn("could not write the census at cleanup; the next process recounts", "error", err)
+	}
+}
+
+// HandleRequest is framework.Backend's, over the request's storage wrapped
+// by the census, so that every record the request writes, whichever path
+// and whichever part of the engine writes it, is counted.
+func (b *backend) HandleRequest(ctx context.Context, req *logical.Request) (*logical.Response, error) {
+	if req != nil && req.Storage != nil && b.census != nil {
+		req.Storage = b.census.Observe(req.Storage)
+	}
+	return b.Backend.HandleRequest(ctx, req)
 }
 
 // periodic is the backend's PeriodicFunc, which Vault calls about once a
@@ -133,7 +151,13 @@ func (b *backend) Setup(ctx context.Context, conf *logical.BackendConfig) error 
 		Connect: b.connect,
 		Hooks:   rotation.Hooks{Scheduled: b.pokeScheduler, Rotated: b.announceRotation},
 	})
+	b.census = store.NewCensus(store.CensusConfig{
+		Now:      func() time.Time { return b.now() },
+		Logger:   b.Logger(),
+		MayWrite: b.mayWrite,
+	})
 	b.background = background.New(background.Config{
+		Census:   b.census,
 		Engine:   b.engine,
 		Now:      func() time.Time { return b.now() },
 		Logger:   b.Logger(),

@@ -38,6 +38,7 @@ func newBackend() *backend {
 			pathMetadata(b),
 			pathRotate(b),
 			pathTunnels(b),
+			pathStatus(b),
 		),
 		Invalidate:     b.invalidate,
 		PeriodicFunc:   b.periodic,

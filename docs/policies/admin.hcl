@@ -27,3 +27,9 @@ path "cloudflare-ipsec/tunnels/*" {
 path "cloudflare-ipsec/metadata/*" {
   capabilities = ["read", "list"]
 }
+
+# The mount's health: counts by state, the tunnels that need an operator,
+# the budget (no key, no token).
+path "cloudflare-ipsec/status" {
+  capabilities = ["read"]
+}

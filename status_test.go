@@ -1,0 +1,445 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"reflect"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	hclog "github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/vault/sdk/helper/consts"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+)
+
+// status reads the mount's status.
+func status(t *testing.T, env *testEnv) map[string]any {
+	t.Helper()
+	return env.must(env.request(logical.ReadOperation, "status", nil)).Data
+}
+
+// fleetTruth is what status must say of the records in storage, worked out
+// here from every record by the definitions of status's help, not by the
+// census's code.
+type fleetTruth struct {
+	tunnels, scheduled, failing int
+	states                      map[string]int
+	attention                   []string // "<tunnel> <state>", stale, failing, gone, each in key order
+	oldest                      time.Time
+}
+
+func truthOf(t *testing.T, s logical.Storage) fleetTruth {
+	t.Helper()
+	ctx := context.Background()
+	tunnels, _, err := store.ListRecordsAfter(ctx, s, store.Tunnel{}, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := fleetTruth{states: map[string]int{}}
+	for _, s := range []string{store.StateCurrent, store.StateRotationUnknown, store.StateStale, store.StateTunnelGone} {
+		f.states[s] = 0
+	}
+	var stale, failing, gone []string
+	for _, tun := range tunnels {
+		rec, err := store.ReadRecord(ctx, s, tun)
+		if err != nil || rec == nil {
+			t.Fatalf("read %s: %v", tun, err)
+		}
+		f.tunnels++
+		f.states[rec.State]++
+		if rec.Scheduled() && !rec.NextRotation.IsZero() && rec.State != store.StateTunnelGone {
+			f.scheduled++
+		}
+		item := rec.TunnelID + " " + rec.State
+		switch {
+		case rec.Failures > 0:
+			f.failing++
+			failing = append(failing, item)
+		case rec.State == store.StateStale:
+			stale = append(stale, item)
+		case rec.State == store.StateTunnelGone:
+			gone = append(gone, item)
+		}
+		if rec.PSK != "" && rec.State != store.StateTunnelGone && (f.oldest.IsZero() || rec.StoredAt.Before(f.oldest)) {
+			f.oldest = rec.StoredAt
+		}
+	}
+	f.attention = append(append(stale, failing...), gone...)
+	return f
+}
+
+// assertStatus fails the test unless status says what the records say,
+// with counts marked exact.
+func assertStatus(t *testing.T, env *testEnv, when string) map[string]any {
+	t.Helper()
+	got := status(t, env)
+	want := truthOf(t, env.storage)
+	var attention []string
+	for _, a := range got["attention"].([]map[string]any) {
+		if a["account_id"] != env.account || a["reason"] == "" {
+			t.Errorf("%s: attention item %v has no account or no reason", when, a)
+		}
+		attention = append(attention, fmt.Sprint(a["tunnel_id"], " ", a["state"]))
+	}
+	states := map[string]int{}
+	for k, v := range got["states"].(map[string]any) {
+		states[k] = v.(int)
+	}
+	switch {
+	case got["tunnels"] != want.tunnels || !reflect.DeepEqual(states, want.states):
+		t.Fatalf("%s: tunnels %v states %v, want %d %v", when, got["tunnels"], states, want.tunnels, want.states)
+	case got["scheduled"] != want.scheduled:
+		t.Fatalf("%s: scheduled %v, want %d", when, got["scheduled"], want.scheduled)
+	case got["failing_count"] != want.failing || len(got["failing"].([]map[string]any)) != want.failing:
+		t.Fatalf("%s: failing %v (%d listed), want %d", when, got["failing_count"], len(got["failing"].([]map[string]any)), want.failing)
+	case got["attention_count"] != len(want.attention) || strings.Join(attention, ",") != strings.Join(want.attention, ","):
+		t.Fatalf("%s: attention %v %v, want %v", when, got["attention_count"], attention, want.attention)
+	case !oldestAgrees(got["oldest_key_stored_at"].(string), want.oldest):
+		t.Fatalf("%s: oldest_key_stored_at %v, want %s, or earlier the same day", when, got["oldest_key_stored_at"], store.FormatTime(want.oldest))
+	case got["counts_exact"] != true:
+		t.Fatalf("%s: counts not exact", when)
+	}
+	return got
+}
+
+// oldestAgrees says whether a status's oldest_key_stored_at is what it may
+// be for the oldest key stored at want: that time, or, until a walk has
+// counted the keys again after the oldest was replaced, an earlier time of
+// the same day (the time of a key since replaced), never a later one.
+func oldestAgrees(got string, want time.Time) bool {
+	if want.IsZero() || got == "" {
+		return got == store.FormatTime(want)
+	}
+	at, err := time.Parse(time.RFC3339Nano, got)
+	return err == nil && !at.After(want) && at.UTC().Format(time.DateOnly) == want.UTC().Format(time.DateOnly)
+}
+
+// TestStatusCountsTheMountAsItChanges: after every step of a morning's
+// worth of events (rotations, a scheduled one, a lost outcome, a tunnel
+// deleted at Cloudflare, a key changed outside the engine and its heal,
+// the lost outcome healed, a delete, a scheduled rotation that fails, a
+// write that recovers it) status says what the records say, exactly,
+// without a recount.
+func TestStatusCountsTheMountAsItChanges(t *testing.T) {
+	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
+	ids := map[string]string{"scheduled": env.tunnel.ID}
+	for _, name := range []string{"plain", "lost", "gone", "drifted"} {
+		ids[name] = env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
+	}
+	psk := func(name string) string { return "psk/" + env.account + "/" + ids[name] }
+	assertStatus(t, env, "a new mount")
+
+	env.must(env.request(logical.UpdateOperation, psk("scheduled"), map[string]any{"rotation_period": "1h"}))
+	for _, name := range []string{"plain", "lost", "gone", "drifted"} {
+		env.must(env.request(logical.UpdateOperation, psk(name), nil))
+	}
+	assertStatus(t, env, "five rotations")
+
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 500, AfterCommit: true})
+	if _, err := env.request(logical.UpdateOperation, psk("lost"), nil); err == nil {
+		t.Fatal("the faulted rotation succeeded")
+	}
+	assertStatus(t, env, "a lost outcome")
+
+	env.sim.DeleteTunnel(env.account, ids["gone"])
+	env.sim.RegenerateOutOfBand(env.account, ids["drifted"])
+	backgroundPass(t, env) // the drift sweep: gone, and drift healed
+	got := assertStatus(t, env, "the drift sweep")
+	if got["drift_found"] != 2 || got["last_drift_check"] == "" {
+		t.Errorf("drift sweep: drift_found %v, last_drift_check %v, want 2 and a time", got["drift_found"], got["last_drift_check"])
+	}
+
+	env.clock.Advance(time.Minute) // past the lost rotation's settle window
+	backgroundPass(t, env)
+	assertStatus(t, env, "the lost outcome healed")
+
+	env.must(env.request(logical.DeleteOperation, psk("plain"), nil))
+	assertStatus(t, env, "a delete")
+
+	schedulerOver(t, env, env.storage)
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, forbidden)
+	env.clock.Advance(time.Hour)
+	drain(t, env)
+	got = assertStatus(t, env, "a failing scheduled rotation")
+	failing := got["failing"].([]map[string]any)
+	if len(failing) != 1 || failing[0]["tunnel_id"] != ids["scheduled"] || failing[0]["retry_at"] == "" || failing[0]["failures"] != 1 ||
+		!strings.Contains(failing[0]["reason"].(string), "HTTP 403") {
+		t.Errorf("failing: %v", failing)
+	}
+
+	env.must(env.request(logical.UpdateOperation, psk("scheduled"), nil))
+	env.must(env.request(logical.DeleteOperation, psk("gone"), nil))
+	assertStatus(t, env, "recovered")
+}
+
+// TestStatusHoldsNoKeyOrToken: the answer, whatever it lists, carries none
+// of the keys or tokens the simulator ever issued.
+func TestStatusHoldsNoKeyOrToken(t *testing.T) {
+	env := newConfiguredEnv(t)
+	other := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "24h"}))
+	env.must(env.request(logical.UpdateOperation, "psk/"+env.account+"/"+other, nil))
+	env.sim.RegenerateOutOfBand(env.account, other)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"heal_stale_psk": false}))
+	backgroundPass(t, env) // other is stale, and listed
+	got := env.must(env.request(logical.ReadOperation, "status", nil))
+	if n := len(got.Data["attention"].([]map[string]any)); n != 1 {
+		t.Fatalf("attention lists %d tunnels, want the stale one", n)
+	}
+	answer := responseJSON(t, got)
+	secrets := env.sim.IssuedSecrets()
+	if len(secrets) < 3 {
+		t.Fatalf("the simulator issued %d secrets: the test checks nothing", len(secrets))
+	}
+	for _, secret := range secrets {
+		if strings.Contains(answer, secret) {
+			t.Fatal("status returned a key or a token")
+		}
+	}
+}
+
+// TestStatusIsExactAgainAfterALostProcess: a process stops without
+// cleaning up, losing what it had counted since it last wrote the census;
+// the next one says its counts are not exact, and the scheduler's walk
+// makes them exact again. A clean stop hands exact counts on.
+func TestStatusIsExactAgainAfterALostProcess(t *testing.T) {
+	env := newConfiguredEnv(t)
+	tunnels := []string{env.tunnel.ID}
+	for i := 0; i < 3; i++ {
+		tunnels = append(tunnels, env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID)
+	}
+	schedulerOver(t, env, env.storage)
+	env.must(env.request(logical.UpdateOperation, "psk/"+env.account+"/"+tunnels[0], nil))
+	env.clock.Advance(time.Minute)
+	drain(t, env) // the census is written: one tunnel
+	for _, id := range tunnels[1:] {
+		env.must(env.request(logical.UpdateOperation, "psk/"+env.account+"/"+id, map[string]any{"rotation_period": "24h"}))
+	}
+	assertStatus(t, env, "before the process is lost")
+
+	// The process is lost: a new backend over the same storage, the old
+	// one never cleaned up (its counts of three tunnels are gone).
+	restarted := restartOver(t, env)
+	got := status(t, restarted)
+	if got["counts_exact"] != false || got["tunnels"] != 1 {
+		t.Fatalf("after a lost process: counts_exact %v, tunnels %v; want false and the one tunnel written down", got["counts_exact"], got["tunnels"])
+	}
+	drain(t, restarted) // the first pass walks the records: a handful
+	assertStatus(t, restarted, "after the walk")
+	got = status(t, restarted)
+	if got["counted_at"] == "" {
+		t.Error("no counted_at after the walk")
+	}
+	if want := store.FormatTime(truthOf(t, env.storage).oldest); got["oldest_key_stored_at"] != want {
+		t.Errorf("after the walk oldest_key_stored_at is %v, want exactly %s", got["oldest_key_stored_at"], want)
+	}
+
+	restarted.b.Cleanup(context.Background())
+	again := restartOver(t, restarted)
+	assertStatus(t, again, "after a clean stop")
+}
+
+// restartOver is a new backend over env's storage and simulator, as after a
+// restart, with the same clock; env's backend is left as it is.
+func restartOver(t *testing.T, env *testEnv) *testEnv {
+	t.Helper()
+	conf := logical.TestBackendConfig()
+	conf.StorageView = env.storage
+	conf.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: env.logs})
+	b := newBackend()
+	b.now, b.after = env.clock.Now, env.clock.after
+	if err := b.Setup(context.Background(), conf); err != nil {
+		t.Fatal(err)
+	}
+	b.background.Hold(conf.StorageView)
+	t.Cleanup(func() { b.Cleanup(context.Background()) })
+	next := *env
+	next.b = b
+	return &next
+}
+
+// TestStatusStaysExactUnderConcurrentRotations: many rotations at once,
+// reads of status and the scheduler's walk beside them, under the race
+// detector; the counts lose nothing.
+func TestStatusStaysExactUnderConcurrentRotations(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"rate_limit": 1200}))
+	schedulerOver(t, env, env.storage)
+	ids := []string{env.tunnel.ID}
+	for i := 0; i < 15; i++ {
+		ids = append(ids, env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, len(ids)*4)
+	for i, id := range ids {
+		wg.Add(1)
+		go func(i int, path string) {
+			defer wg.Done()
+			for round := 0; round < 3; round++ {
+				data := map[string]any(nil)
+				if (i+round)%2 == 0 {
+					data = map[string]any{"rotation_period": "24h"}
+				}
+				if _, err := env.request(logical.UpdateOperation, path, data); err != nil {
+					errs <- err
+				}
+			}
+			if i%4 == 0 {
+				if _, err := env.request(logical.DeleteOperation, path, nil); err != nil {
+					errs <- err
+				}
+			}
+		}(i, "psk/"+env.account+"/"+id)
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; i < 20; i++ {
+			if _, err := env.request(logical.ReadOperation, "status", nil); err != nil {
+				errs <- err
+			}
+		}
+	}()
+	for i := 0; i < 5; i++ {
+		env.clock.Advance(11 * time.Minute) // a new walk each pass
+		drain(t, env)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	assertStatus(t, env, "after the concurrent rotations")
+}
+
+// TestAStandbyReadsTheWrittenCensus: a performance standby keeps no counts;
+// its status shows what the active node last wrote, and says when.
+func TestAStandbyReadsTheWrittenCensus(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.clock.freeze()
+	schedulerOver(t, env, env.storage)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "24h"}))
+	env.clock.Advance(time.Minute)
+	drain(t, env)
+	written := env.clock.Now()
+
+	conf := logical.TestBackendConfig()
+	conf.StorageView = env.storage
+	system := logical.TestSystemView()
+	system.ReplicationStateVal = consts.ReplicationPerformanceStandby
+	conf.System = system
+	standby := newBackend()
+	standby.now = env.clock.Now
+	if err := standby.Setup(context.Background(), conf); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { standby.Cleanup(context.Background()) })
+	env.clock.Advance(time.Minute)
+	resp, err := standby.HandleRequest(context.Background(), &logical.Request{Operation: logical.ReadOperation, Path: "status", Storage: env.storage})
+	mustSucceed(t, resp, err)
+	if resp.Data["tunnels"] != 1 || resp.Data["scheduled"] != 1 || resp.Data["counts_exact"] != true {
+		t.Fatalf("standby: %v", resp.Data)
+	}
+	if asOf, _ := time.Parse(time.RFC3339Nano, resp.Data["counts_as_of"].(string)); !asOf.Equal(written.UTC()) {
+		t.Errorf("standby: counts_as_of %v, want when the active node wrote them (%s)", resp.Data["counts_as_of"], written.UTC())
+	}
+}
+
+// TestStatusShowsTheBudgetAndRunningBulkJobs: the budget's limit and the
+// calls of its window, a rate-limit block, and a bulk job while it runs.
+func TestStatusShowsTheBudgetAndRunningBulkJobs(t *testing.T) {
+	env := newConfiguredEnv(t)
+	schedulerOver(t, env, env.storage)
+	other := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.must(env.request(logical.UpdateOperation, "psk/"+env.account+"/"+other, nil))
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, nil))
+	got := status(t, env)
+	jobs := got["bulk_jobs"].([]map[string]any)
+	if len(jobs) != 1 || jobs[0]["account_id"] != env.account || jobs[0]["queued"] != 2 || jobs[0]["remaining"] != 2 {
+		t.Fatalf("bulk_jobs while queued: %v", jobs)
+	}
+	if got["budget_limit"] != defaultRateLimit || got["budget_window"] != int(defaultRateLimitWindow.Seconds()) || got["budget_used"].(int) < 4 {
+		t.Errorf("budget: limit %v window %v used %v", got["budget_limit"], got["budget_window"], got["budget_used"])
+	}
+	drain(t, env)
+	env.clock.Advance(store.CensusFoldEvery)
+	drain(t, env) // the census looks at the job again
+	if jobs := status(t, env)["bulk_jobs"].([]map[string]any); len(jobs) != 0 {
+		t.Errorf("bulk_jobs once the job is done: %v", jobs)
+	}
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: http.StatusTooManyRequests, RetryAfter: 300})
+	env.request(logical.UpdateOperation, env.pskPath(), nil)
+	if got := status(t, env); got["rate_limited_until"] == "" {
+		t.Error("no rate_limited_until during Cloudflare's block")
+	}
+}
+
+// TestStatusShowsTheSchedule: the scheduler tells the census when the next
+// rotation is due and how many are overdue; a rotation that Cloudflare's
+// block holds back shows as overdue once its minute ended over a minute
+// ago, and no longer once it is made.
+func TestStatusShowsTheSchedule(t *testing.T) {
+	env := newConfiguredEnv(t)
+	lowerTheFloor(t, env)
+	env.clock.freeze()
+	schedulerOver(t, env, env.storage)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "1h"}))
+	next := record(t, env, env.tunnel.ID).NextRotation
+	if got := status(t, env); got["next_rotation"] != store.FormatTime(next.Truncate(time.Minute)) {
+		t.Fatalf("right after the write: next_rotation %v, want the minute of %s", got["next_rotation"], next)
+	}
+	drain(t, env)
+	got := status(t, env)
+	if got["next_rotation"] != store.FormatTime(next.Truncate(time.Minute)) || got["overdue"] != 0 || got["schedule_checked_at"] != store.FormatTime(env.clock.Now()) {
+		t.Fatalf("next_rotation %v overdue %v checked %v; want the minute of %s, 0 and now", got["next_rotation"], got["overdue"], got["schedule_checked_at"], next)
+	}
+
+	// Cloudflare blocks the mount when the rotation falls due.
+	env.sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: http.StatusTooManyRequests, RetryAfter: 600})
+	env.clock.Advance(time.Hour)
+	drain(t, env)
+	env.clock.Advance(2 * time.Minute)
+	drain(t, env)
+	got = status(t, env)
+	if got["overdue"] != 1 || got["next_rotation"] != store.FormatTime(next.Truncate(time.Minute)) || got["rate_limited_until"] == "" {
+		t.Fatalf("held back by Cloudflare's block: overdue %v, next_rotation %v, rate_limited_until %v", got["overdue"], got["next_rotation"], got["rate_limited_until"])
+	}
+	env.clock.Advance(10 * time.Minute)
+	drain(t, env) // rotates
+	env.clock.Advance(store.CensusFoldEvery)
+	drain(t, env)
+	if got = status(t, env); got["overdue"] != 0 || got["next_rotation"] == store.FormatTime(next.Truncate(time.Minute)) {
+		t.Fatalf("after the rotation: overdue %v, next_rotation %v", got["overdue"], got["next_rotation"])
+	}
+}
+
+// TestStatusAnswerIsJSON: every value of the answer encodes as Vault sends
+// it, and its lists are lists even when empty (a check script reads them).
+func TestStatusAnswerIsJSON(t *testing.T) {
+	env := newConfiguredEnv(t)
+	var decoded map[string]any
+	if err := json.Unmarshal([]byte(responseJSON(t, env.must(env.request(logical.ReadOperation, "status", nil)))), &decoded); err != nil {
+		t.Fatal(err)
+	}
+	data := decoded["data"].(map[string]any)
+	var keys []string
+	for k := range data {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, list := range []string{"attention", "failing", "bulk_jobs"} {
+		if _, ok := data[list].([]any); !ok {
+			t.Errorf("%s is %T, want a list (keys %v)", list, data[list], keys)
+		}
+	}
+}
