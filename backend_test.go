@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
@@ -312,12 +313,12 @@ func TestInvalidateDropsTheCachedClient(t *testing.T) {
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 
 	newToken := env.sim.AddToken(cloudflaresim.Token{})
-	cfg, err := readConfig(context.Background(), env.storage)
+	cfg, err := mount.ReadConfig(context.Background(), env.storage)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cfg.APIToken = newToken.Value
-	entry, err := logical.StorageEntryJSON(configStorageKey, cfg)
+	entry, err := logical.StorageEntryJSON(mount.ConfigKey, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -331,7 +332,7 @@ func TestInvalidateDropsTheCachedClient(t *testing.T) {
 	if httpStatus(resp, err) != http.StatusBadRequest {
 		t.Fatalf("rotation with the disabled cached token: status %d, want 400", httpStatus(resp, err))
 	}
-	env.b.Invalidate(context.Background(), configStorageKey)
+	env.b.Invalidate(context.Background(), mount.ConfigKey)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 }
 

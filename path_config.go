@@ -10,6 +10,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
@@ -36,7 +37,7 @@ var configFields = map[string]*framework.FieldSchema{
 	"request_timeout": {
 		Type:        framework.TypeDurationSecond,
 		Description: "Time limit for one Cloudflare call, as a duration (\"30s\") or seconds. At most 5m.",
-		Default:     int(defaultRequestTimeout.Seconds()),
+		Default:     int(mount.DefaultRequestTimeout.Seconds()),
 		DisplayAttrs: &framework.DisplayAttributes{
 			Name: "Request timeout",
 		},
@@ -52,7 +53,7 @@ var configFields = map[string]*framework.FieldSchema{
 	"rate_limit": {
 		Type:        framework.TypeInt,
 		Description: "Most Cloudflare calls this mount makes in any rate_limit_window, every kind of call counted. Cloudflare allows 1,200 calls per five minutes per user: all of the user's API tokens and dashboard use share that limit (an account-owned token has its own), and past it Cloudflare blocks them all for five minutes. The default, 600, leaves half for the user's other tools; mounts whose tokens belong to one user share one limit, so split it between them.",
-		Default:     defaultRateLimit,
+		Default:     mount.DefaultRateLimit,
 		DisplayAttrs: &framework.DisplayAttributes{
 			Name: "Rate limit",
 		},
@@ -60,7 +61,7 @@ var configFields = map[string]*framework.FieldSchema{
 	"rate_limit_window": {
 		Type:        framework.TypeDurationSecond,
 		Description: "The window rate_limit counts over. Leave it at Cloudflare's 5m; tests shorten it to exercise pacing quickly.",
-		Default:     int(defaultRateLimitWindow.Seconds()),
+		Default:     int(mount.DefaultRateLimitWindow.Seconds()),
 		DisplayAttrs: &framework.DisplayAttributes{
 			Name: "Rate limit window",
 		},
@@ -68,7 +69,7 @@ var configFields = map[string]*framework.FieldSchema{
 	"drift_check_interval": {
 		Type:        framework.TypeDurationSecond,
 		Description: "How often the background lists each account with managed tunnels (one Cloudflare call per account) to find keys changed outside this engine, and tunnels recorded tunnel_gone that Cloudflare lists again (returned to management at most once a day each). At least 1m; 0 turns it off.",
-		Default:     int(defaultDriftCheckInterval.Seconds()),
+		Default:     int(mount.DefaultDriftCheckInterval.Seconds()),
 		DisplayAttrs: &framework.DisplayAttributes{
 			Name: "Drift check interval",
 		},
@@ -78,7 +79,7 @@ var configFields = map[string]*framework.FieldSchema{
 		Description: "The shortest schedule any write of psk/ or psk/<account>/<tunnel>/schedule may set (rotation_period, or the times of a rotation_schedule), " +
 			"and the least time a schedule change leaves after a tunnel's last key. Every rotation takes the tunnel down until its routers have the new key: " +
 			"a team allowed only to reschedule can cause at most one rotation per tunnel per this period. Between 1m and 8760h.",
-		Default: int(defaultMinRotationPeriod.Seconds()),
+		Default: int(mount.DefaultMinRotationPeriod.Seconds()),
 		DisplayAttrs: &framework.DisplayAttributes{
 			Name: "Minimum rotation period",
 		},
@@ -116,20 +117,20 @@ func pathConfig(b *backend) *framework.Path {
 }
 
 func (b *backend) configExists(ctx context.Context, req *logical.Request, _ *framework.FieldData) (bool, error) {
-	cfg, err := readConfig(ctx, req.Storage)
+	cfg, err := mount.ReadConfig(ctx, req.Storage)
 	return cfg != nil, err
 }
 
 func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
-	cfg, err := readConfig(ctx, req.Storage)
+	cfg, err := mount.ReadConfig(ctx, req.Storage)
 	if err != nil || cfg == nil {
 		return nil, err
 	}
-	limit, window := cfg.rateLimit()
+	limit, window := cfg.CallBudget()
 	// A block on record is read into the budget first: a backend that has
 	// not called Cloudflare yet still knows of a block a previous process
 	// met.
-	if err := b.loadBlock(ctx, req.Storage); err != nil {
+	if err := b.clients.LoadBlock(ctx, req.Storage); err != nil {
 		return nil, err
 	}
 	return &logical.Response{Data: map[string]any{
@@ -140,29 +141,29 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 		"rate_limit":           limit,
 		"rate_limit_window":    int(window.Seconds()),
 		"drift_check_interval": int(cfg.DriftCheckInterval.Seconds()),
-		"min_rotation_period":  int(cfg.minRotationPeriod().Seconds()),
+		"min_rotation_period":  int(cfg.MinRotation().Seconds()),
 		"token_id":             cfg.TokenID,
 		"token_status":         cfg.TokenStatus,
 		"token_expires_on":     store.FormatTime(cfg.TokenExpiresOn),
 		"token_not_before":     store.FormatTime(cfg.TokenNotBefore),
 		"token_verified_at":    store.FormatTime(cfg.VerifiedAt),
 		"last_rotated":         store.FormatTime(cfg.LastRotated),
-		"rate_limited_until":   store.FormatTime(b.budget.BlockedUntil()),
-	}, Warnings: cfg.expiryWarnings(b.now())}, nil
+		"rate_limited_until":   store.FormatTime(b.clients.Budget().BlockedUntil()),
+	}, Warnings: cfg.ExpiryWarnings(b.now())}, nil
 }
 
 func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	b.configMu.Lock()
 	defer b.configMu.Unlock()
-	cfg, err := readConfig(ctx, req.Storage)
+	cfg, err := mount.ReadConfig(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
-	var stored *configRecord
+	var stored *mount.Config
 	if cfg == nil {
-		cfg = &configRecord{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: defaultRequestTimeout, HealStalePSK: true,
-			RateLimit: defaultRateLimit, RateLimitWindow: defaultRateLimitWindow, DriftCheckInterval: defaultDriftCheckInterval,
-			MinRotationPeriod: defaultMinRotationPeriod}
+		cfg = &mount.Config{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: mount.DefaultRequestTimeout, HealStalePSK: true,
+			RateLimit: mount.DefaultRateLimit, RateLimitWindow: mount.DefaultRateLimitWindow, DriftCheckInterval: mount.DefaultDriftCheckInterval,
+			MinRotationPeriod: mount.DefaultMinRotationPeriod}
 	} else {
 		copied := *cfg
 		stored = &copied
@@ -177,17 +178,17 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 		return logical.ErrorResponse(problem), nil
 	}
 
-	client, err := b.newCloudflareClient(ctx, req.Storage, cfg)
+	client, err := b.clients.New(ctx, req.Storage, cfg)
 	if err != nil {
 		return failure(fmt.Errorf("build the Cloudflare client: %w", err))
 	}
-	if stored == nil || !stored.sameEndpoint(cfg) {
+	if stored == nil || !stored.SameEndpoint(cfg) {
 		// What a token and endpoint that are not stored yet answer (a 429
 		// and its block, a Ratelimit count) says nothing of the stored
 		// ones: if this write is refused it must leave the mount exactly
 		// as it was. The verification runs on a budget of its own, which
 		// still honours a block in force.
-		if client, err = b.verifyingClient(cfg); err != nil {
+		if client, err = b.clients.Verifying(cfg); err != nil {
 			return failure(fmt.Errorf("build the Cloudflare client: %w", err))
 		}
 	}
@@ -198,22 +199,14 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	if !status.Active() {
 		return logical.ErrorResponse(fmt.Sprintf("cloudflare reports the API token %s as %q, not active: nothing was stored", status.ID, status.Status)), nil
 	}
-	cfg.applyVerification(status, b.now())
+	cfg.ApplyVerification(status, b.now())
 
-	entry, err := logical.StorageEntryJSON(configStorageKey, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("encode config: %w", err)
+	// Stored, and the cached client dropped, under the client lock.
+	if err := b.clients.Store(ctx, req.Storage, cfg); err != nil {
+		return nil, err
 	}
-	// Stored and reset under the client lock: see cloudflareClient.
-	b.clientMu.Lock()
-	defer b.clientMu.Unlock()
-	if err := req.Storage.Put(ctx, entry); err != nil {
-		return nil, fmt.Errorf("store config: %w", err)
-	}
-	b.client, b.config = nil, nil
-	b.budget.Resize(cfg.rateLimit())
 	b.Logger().Info("config written", "token_id", cfg.TokenID, "base_url", cfg.BaseURL)
-	if warnings := cfg.expiryWarnings(b.now()); len(warnings) > 0 {
+	if warnings := cfg.ExpiryWarnings(b.now()); len(warnings) > 0 {
 		return &logical.Response{Warnings: warnings}, nil
 	}
 	return nil, nil
@@ -221,7 +214,7 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 
 // applyConfigFields copies the request's fields onto cfg and validates the
 // result. It returns a problem to show the caller, or "".
-func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
+func applyConfigFields(cfg *mount.Config, d *framework.FieldData) string {
 	if v, ok := d.GetOk("api_token"); ok {
 		cfg.APIToken = strings.TrimSpace(v.(string))
 	}
@@ -231,7 +224,7 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	// Cloudflare's tokens are 40 to 80 printable characters; the value is
 	// never repeated, only what is wrong with it.
 	if !cloudflare.ValidToken(cfg.APIToken) {
-		return fmt.Sprintf("api_token must be at most %d printable ASCII characters without spaces", maxTokenLength)
+		return fmt.Sprintf("api_token must be at most %d printable ASCII characters without spaces", mount.MaxTokenLength)
 	}
 	if v, ok := d.GetOk("heal_stale_psk"); ok {
 		cfg.HealStalePSK = v.(bool)
@@ -245,14 +238,14 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	if v, ok := d.GetOk("request_timeout"); ok {
 		cfg.RequestTimeout = time.Duration(v.(int)) * time.Second
 	}
-	if cfg.RequestTimeout <= 0 || cfg.RequestTimeout > maxRequestTimeout {
-		return fmt.Sprintf("request_timeout must be between 1s and %s", maxRequestTimeout)
+	if cfg.RequestTimeout <= 0 || cfg.RequestTimeout > mount.MaxRequestTimeout {
+		return fmt.Sprintf("request_timeout must be between 1s and %s", mount.MaxRequestTimeout)
 	}
 	if v, ok := d.GetOk("rate_limit"); ok {
 		cfg.RateLimit = v.(int)
 	}
-	if cfg.RateLimit < 1 || cfg.RateLimit > maxRateLimit {
-		return fmt.Sprintf("rate_limit must be between 1 and %d (Cloudflare's own limit per user, or per account-owned token)", maxRateLimit)
+	if cfg.RateLimit < 1 || cfg.RateLimit > mount.MaxRateLimit {
+		return fmt.Sprintf("rate_limit must be between 1 and %d (Cloudflare's own limit per user, or per account-owned token)", mount.MaxRateLimit)
 	}
 	if v, ok := d.GetOk("rate_limit_window"); ok {
 		cfg.RateLimitWindow = time.Duration(v.(int)) * time.Second
@@ -263,15 +256,15 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	if v, ok := d.GetOk("drift_check_interval"); ok {
 		cfg.DriftCheckInterval = time.Duration(v.(int)) * time.Second
 	}
-	if cfg.DriftCheckInterval != 0 && (cfg.DriftCheckInterval < minDriftCheckInterval || cfg.DriftCheckInterval > 7*24*time.Hour) {
-		return fmt.Sprintf("drift_check_interval must be 0 (off) or between %s and 168h", minDriftCheckInterval)
+	if cfg.DriftCheckInterval != 0 && (cfg.DriftCheckInterval < mount.MinDriftCheckInterval || cfg.DriftCheckInterval > 7*24*time.Hour) {
+		return fmt.Sprintf("drift_check_interval must be 0 (off) or between %s and 168h", mount.MinDriftCheckInterval)
 	}
-	cfg.MinRotationPeriod = cfg.minRotationPeriod() // a config stored before the field: the default
+	cfg.MinRotationPeriod = cfg.MinRotation() // a config stored before the field: the default
 	if v, ok := d.GetOk("min_rotation_period"); ok {
 		cfg.MinRotationPeriod = time.Duration(v.(int)) * time.Second
 	}
-	if cfg.MinRotationPeriod < schedule.MinPeriod || cfg.MinRotationPeriod > maxMinRotationPeriod {
-		return fmt.Sprintf("min_rotation_period must be between %s and %s", schedule.MinPeriod, maxMinRotationPeriod)
+	if cfg.MinRotationPeriod < schedule.MinPeriod || cfg.MinRotationPeriod > mount.MaxMinRotationPeriod {
+		return fmt.Sprintf("min_rotation_period must be between %s and %s", schedule.MinPeriod, mount.MaxMinRotationPeriod)
 	}
 	if v, ok := d.GetOk("token_account_id"); ok {
 		// Taken as written, never trimmed or folded: Vault matches a
@@ -297,7 +290,7 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 // <token>". Whoever supplies api_token in the same write already knows it.
 // stored is the config before the write (nil on the first one, which needs
 // api_token anyway); cfg is the config after the write's fields, normalised.
-func checkEndpointChange(stored, cfg *configRecord, d *framework.FieldData) string {
+func checkEndpointChange(stored, cfg *mount.Config, d *framework.FieldData) string {
 	if stored == nil {
 		return ""
 	}
@@ -325,12 +318,9 @@ func (b *backend) deleteConfig(ctx context.Context, req *logical.Request, _ *fra
 	// word.
 	b.configMu.Lock()
 	defer b.configMu.Unlock()
-	b.clientMu.Lock()
-	defer b.clientMu.Unlock()
-	if err := req.Storage.Delete(ctx, configStorageKey); err != nil {
+	if err := b.clients.Delete(ctx, req.Storage); err != nil {
 		return nil, fmt.Errorf("delete config: %w", err)
 	}
-	b.client, b.config = nil, nil
 	return nil, nil
 }
 

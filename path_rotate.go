@@ -49,7 +49,7 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 	if v, ok := d.GetOk("older_than"); ok {
 		olderThan = time.Duration(v.(int)) * time.Second
 	}
-	if _, _, err := b.cloudflareClient(ctx, req.Storage); err != nil {
+	if _, _, err := b.clients.Get(ctx, req.Storage); err != nil {
 		return nil, err
 	}
 

@@ -62,7 +62,7 @@ func (b *backend) readStatus(ctx context.Context, req *logical.Request, _ *frame
 	failing, attention := attentionLists(view.Listed)
 	// A block on record is read into the budget first, as config's read
 	// does: a node that has not called Cloudflare yet still knows it.
-	if err := b.loadBlock(ctx, s); err != nil {
+	if err := b.clients.LoadBlock(ctx, s); err != nil {
 		return nil, err
 	}
 	c := view.Counts
@@ -75,7 +75,7 @@ func (b *backend) readStatus(ctx context.Context, req *logical.Request, _ *frame
 		states[state] = max(n, 0)
 		tunnels += max(n, 0)
 	}
-	limit, window := b.budget.Limit()
+	limit, window := b.clients.Budget().Limit()
 	data := map[string]any{
 		"tunnels":              tunnels,
 		"states":               states,
@@ -89,10 +89,10 @@ func (b *backend) readStatus(ctx context.Context, req *logical.Request, _ *frame
 		"attention":            attention,
 		"attention_count":      attentionCount(c),
 		"oldest_key_stored_at": store.FormatTime(c.OldestKey()),
-		"rate_limited_until":   store.FormatTime(b.budget.BlockedUntil()),
+		"rate_limited_until":   store.FormatTime(b.clients.Budget().BlockedUntil()),
 		"budget_limit":         limit,
 		"budget_window":        int(window.Seconds()),
-		"budget_used":          b.budget.Used(),
+		"budget_used":          b.clients.Budget().Used(),
 		"last_drift_check":     store.FormatTime(view.Drift.At),
 		"drift_found":          view.Drift.Found,
 		"bulk_jobs":            bulkJobs(view.Bulk),

@@ -116,7 +116,7 @@ func TestAStandbyStoresNoSpentQuota(t *testing.T) {
 	if entry, err := env.storage.Get(context.Background(), store.RateLimitKey); err != nil || entry != nil {
 		t.Errorf("a performance standby stored a spent quota: %v %v", entry, err)
 	}
-	if until := standby.budget.BlockedUntil(); until.IsZero() {
+	if until := standby.clients.Budget().BlockedUntil(); until.IsZero() {
 		t.Errorf("the standby does not honour the spent quota it met")
 	}
 }

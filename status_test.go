@@ -17,6 +17,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
@@ -368,7 +369,7 @@ func TestStatusShowsTheBudgetAndRunningBulkJobs(t *testing.T) {
 	if len(jobs) != 1 || jobs[0]["account_id"] != env.account || jobs[0]["queued"] != 2 || jobs[0]["remaining"] != 2 {
 		t.Fatalf("bulk_jobs while queued: %v", jobs)
 	}
-	if got["budget_limit"] != defaultRateLimit || got["budget_window"] != int(defaultRateLimitWindow.Seconds()) || got["budget_used"].(int) < 4 {
+	if got["budget_limit"] != mount.DefaultRateLimit || got["budget_window"] != int(mount.DefaultRateLimitWindow.Seconds()) || got["budget_used"].(int) < 4 {
 		t.Errorf("budget: limit %v window %v used %v", got["budget_limit"], got["budget_window"], got["budget_used"])
 	}
 	drain(t, env)
