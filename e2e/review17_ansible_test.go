@@ -530,3 +530,42 @@ func TestReview17AnsibleTemplatesCarryOrRefuseMoreKeys(t *testing.T) {
 		}
 	}
 }
+
+// TestReview17AnsibleLimitRotatesATunnelItsOtherRouterDoesNotGet: the
+// rotate play dedupes a tunnel listed for two routers ("a pair that shares
+// one configuration"), so the playbook knows of shared tunnels. Run with
+// --limit to one of the pair (Ansible's everyday way to work on one
+// router), it rotates the shared tunnel and renders only that router: the
+// other, outside the limit, keeps the old key, and its tunnel is down until
+// someone renders it too. Nothing in the output says so.
+//
+// On main (d9b8c26) it printed:
+//
+//	--limit branch-1 rotated tunnel ..., which branch-2 (outside the limit) also uses, and branch-2 was not rendered: it keeps the old key
+func TestReview17AnsibleLimitRotatesATunnelItsOtherRouterDoesNotGet(t *testing.T) {
+	requireAnsible(t)
+	sim, baseURL, secrets, apiToken, account := newEdge(t)
+	shared := sim.AddTunnel(account, review17Tunnel("site_a_1", 1)).ID
+	v := startDevServer(t, secrets)
+	v.mountEngine(t, baseURL, apiToken.Value)
+	v.mustVault(t, v.rootToken, "write", "-f", "cloudflare-ipsec/psk/"+account+"/"+shared)
+	operator, provisioner := policyTokens(t, v, secrets, account)
+
+	work := t.TempDir()
+	out := filepath.Join(work, "rendered")
+	inventory := writeReview17Inventory(t, work, []review17Host{
+		{name: "branch-1", family: "strongswan", account: account, tunnels: []string{shared}},
+		{name: "branch-2", family: "strongswan", account: account, tunnels: []string{shared}},
+	})
+	run := runPlaybook(t, work, v.addr, []string{"CF_OPERATOR_TOKEN=" + operator, "VAULT_TOKEN=" + provisioner},
+		"-i", inventory, "-e", "cf_render_dir="+out, "--limit", "branch-1")
+	edgeKeyPlaceholders(t, sim, secrets, account, []string{shared})
+	checkAnsibleRun(t, secrets, "ansible-playbook --limit branch-1", run)
+	if run.code != 0 {
+		t.Fatalf("ansible-playbook --limit branch-1 exited %d:\n%s", run.code, review17FatalLines(secrets, run.output))
+	}
+	tun, _ := sim.Tunnel(account, shared)
+	if _, err := os.Stat(filepath.Join(out, "branch-2", "swanctl.conf")); len(tun.GeneratedPSKs) > 2 && err != nil {
+		t.Errorf("--limit branch-1 rotated tunnel %s, which branch-2 (outside the limit) also uses, and branch-2 was not rendered: it keeps the old key", shared)
+	}
+}
