@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -243,40 +242,6 @@ func TestAnsiblePlaybookRotatesAndRenders(t *testing.T) {
 	}
 	assertNoSecretsIn(t, secrets, "the server log", v.log())
 	assertNoDataRace(t, v.log())
-}
-
-// TestAnsiblePlaybookHandlesKeysUnderNoLog holds the playbook to what it
-// promises: every task that rotates or reads a key runs under no_log. The
-// runs above cannot show it: the write answers without the key and the
-// template task prints no content, so a task without no_log leaks nothing
-// while all goes well. It is for the day something fails: Ansible prints a
-// failed task's error, and a lookup's error can hold what it was handling
-// (with a token passed to vault_read as an argument, requests' error holds
-// the token; the playbook's comments say why it is not passed so).
-func TestAnsiblePlaybookHandlesKeysUnderNoLog(t *testing.T) {
-	raw, err := os.ReadFile(filepath.Join("..", "docs", "examples", "ansible", "playbook.yml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tasks := regexp.MustCompile(`(?m)^    - name: `).Split(string(raw), -1)[1:]
-	checked := 0
-	for _, task := range tasks {
-		name, _, _ := strings.Cut(task, "\n")
-		// Every read, and every write but the capability check (whose
-		// answer is capabilities).
-		handlesKey := strings.Contains(task, "community.hashi_vault.vault_read") ||
-			(strings.Contains(task, "community.hashi_vault.vault_write:") && !strings.Contains(task, "path: sys/capabilities-self\n"))
-		if !handlesKey {
-			continue
-		}
-		checked++
-		if !strings.Contains(task, "\n      no_log: true\n") {
-			t.Errorf("task %q handles a key and does not run under no_log", name)
-		}
-	}
-	if checked != 2 {
-		t.Errorf("found %d tasks that rotate or read, want 2 (the rotation and the render): the check no longer sees them", checked)
-	}
 }
 
 // TestAnsibleTemplatesCarryOrRefuseAnyKey renders every Jinja template of
