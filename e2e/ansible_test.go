@@ -474,6 +474,73 @@ func checkAnsibleRun(t *testing.T, secrets *secretSet, what string, run ansibleR
 	}
 }
 
+// TestAnsibleRendersOutsideTheCheckoutByDefault: without cf_render_dir, the
+// files, which hold keys, go to ~/.cache/cf-ipsec/rendered/<host>/ on the
+// host running Ansible: outside the playbook's directory, which is in a
+// checkout (this repository's, or the site's own that it is copied into),
+// where git add -A would take them. Each router's directory is 0700 and
+// each file 0600.
+func TestAnsibleRendersOutsideTheCheckoutByDefault(t *testing.T) {
+	requireAnsible(t)
+	sim, baseURL, secrets, apiToken, account := newEdge(t)
+	id := sim.AddTunnel(account, ansibleTunnel("site_a_1", 1)).ID
+	v := startDevServer(t, secrets)
+	v.mountEngine(t, baseURL, apiToken.Value)
+	v.mustVault(t, v.rootToken, "write", "-f", "cloudflare-ipsec/psk/"+account+"/"+id)
+	_, provisioner := policyTokens(t, v, secrets, account)
+	edgeKeyPlaceholders(t, sim, secrets, account, []string{id})
+
+	example := filepath.Join("..", "docs", "examples", "ansible")
+	files := func() map[string]bool {
+		found := map[string]bool{}
+		err := filepath.WalkDir(example, func(path string, d fs.DirEntry, err error) error {
+			found[path] = true
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return found
+	}
+	before := files()
+	work := t.TempDir()
+	inventory := writeAnsibleHosts(t, work, []ansibleHost{
+		{name: "branch-1", family: "strongswan", account: account, tunnels: []string{id}},
+	})
+	run := runPlaybook(t, work, v.addr, []string{"VAULT_TOKEN=" + provisioner}, "-i", inventory, "--tags", "render")
+	for path := range files() {
+		if !before[path] {
+			t.Errorf("the render wrote %s, in the playbook's directory", path)
+			_ = os.RemoveAll(path) // it may hold a key
+		}
+	}
+	if run.code != 0 {
+		t.Fatalf("ansible-playbook exited %d:\n%s", run.code, ansibleFailures(secrets, run.output))
+	}
+	root := filepath.Join(run.home, ".cache", "cf-ipsec")
+	dest := filepath.Join(root, "rendered", "branch-1", "swanctl.conf")
+	raw, err := os.ReadFile(dest)
+	if err != nil {
+		t.Fatalf("the render wrote nothing to ~/.cache/cf-ipsec/rendered/branch-1: %v", err)
+	}
+	if !holdsEdgeKey(sim, account, id, string(raw)) {
+		t.Error("the file does not hold the edge's key")
+	}
+	for path, want := range map[string]fs.FileMode{dest: 0o600, filepath.Dir(dest): 0o700} {
+		if info, err := os.Stat(path); err != nil {
+			t.Error(err)
+		} else if info.Mode().Perm() != want {
+			t.Errorf("%s: mode %v, want %v", path, info.Mode().Perm(), want)
+		}
+	}
+	// The file holds a key, and checkAnsibleRun looks for keys in every
+	// file of Ansible's home: the render is checked above.
+	if err := os.RemoveAll(root); err != nil {
+		t.Fatal(err)
+	}
+	checkAnsibleRun(t, secrets, "ansible-playbook --tags render", run)
+}
+
 // ansibleHost is one router of an inventory written by writeAnsibleHosts.
 type ansibleHost struct {
 	name, family, account string
