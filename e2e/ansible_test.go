@@ -541,6 +541,41 @@ func TestAnsibleRendersOutsideTheCheckoutByDefault(t *testing.T) {
 	checkAnsibleRun(t, secrets, "ansible-playbook --tags render", run)
 }
 
+// TestAnsibleSaysWhyVaultDidNotAnswer: with VAULT_ADDR naming a port where
+// nothing listens (a typo, a Vault that is down), the capability check, the
+// first task that calls Vault, fails in the module with a traceback that
+// Ansible hides under no_log. The run must refuse every router before
+// rotating anything, and say why in words an operator can act on (the
+// exception's last line), not "MODULE FAILURE".
+func TestAnsibleSaysWhyVaultDidNotAnswer(t *testing.T) {
+	requireAnsible(t)
+	secrets := &secretSet{}
+	token := "hvs.CAESIJustATokenNoVaultHasSeen0123456789abcdef"
+	secrets.add(token)
+	account, tunnel := cloudflaresim.NewID(), cloudflaresim.NewID()
+	work := t.TempDir()
+	out := filepath.Join(work, "rendered")
+	inventory := writeAnsibleHosts(t, work, []ansibleHost{
+		{name: "branch-1", family: "strongswan", account: account, tunnels: []string{tunnel}},
+	})
+	run := runPlaybook(t, work, "http://127.0.0.1:1", []string{"CF_OPERATOR_TOKEN=" + token, "VAULT_TOKEN=" + token},
+		"-i", inventory, "-e", "cf_render_dir="+out)
+	checkAnsibleRun(t, secrets, "ansible-playbook with Vault unreachable", run)
+	if run.code == 0 {
+		t.Fatal("the run succeeded with Vault unreachable")
+	}
+	if strings.Contains(run.output, "Rotate each tunnel") && !strings.Contains(run.output, "TASK [Rotate each tunnel (the write answers without the key)] ******************\nskipping: [branch-1]") {
+		t.Errorf("the run tried to rotate although it could not check the router:\n%s", ansibleFailures(secrets, run.output))
+	}
+	want := "Refused, so none of its tunnels was rotated and it was not rendered: Vault did not say what VAULT_TOKEN may do with its tunnels: requests.exceptions.ConnectionError: "
+	if !strings.Contains(run.output, want) {
+		t.Errorf("the output does not say %q:\n%s", want, ansibleFailures(secrets, run.output))
+	}
+	if _, err := os.Stat(out); !os.IsNotExist(err) {
+		t.Errorf("the run created %s (%v)", out, err)
+	}
+}
+
 // ansibleHost is one router of an inventory written by writeAnsibleHosts.
 type ansibleHost struct {
 	name, family, account string
