@@ -45,7 +45,7 @@ func (b *backend) censusView(ctx context.Context, s logical.Storage) (*store.Cen
 	if b.mayWrite() {
 		return b.census.View(ctx, s)
 	}
-	view, err := store.ReadCensus(ctx, s)
+	view, err := b.census.Stored(ctx, s)
 	if err != nil || view != nil {
 		return view, err
 	}

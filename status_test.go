@@ -444,3 +444,125 @@ func TestStatusAnswerIsJSON(t *testing.T) {
 		}
 	}
 }
+
+// brokenCensus is a census entry that does not decode: what a storage
+// fault, an operator's sys/raw write, or a later version that changed a
+// field's type (then a downgrade) leaves behind.
+var brokenCensus = &logical.StorageEntry{Key: store.CensusKey, Value: []byte(`{"owner":"a later version","counts":{"scheduled":"many"}}`)}
+
+// TestACensusThatDoesNotDecodeIsTakenAsNone: a census entry that does not
+// decode (a storage fault, an operator's sys/raw write, a later version's
+// format after a downgrade) is taken as no census: status answers, with
+// counts not exact, the entry is overwritten, and the scheduler's walk
+// makes the counts exact. It is logged once.
+//
+// Failed first (a 500 at every read, the walk stopped at the entry):
+//
+//	status after three walks over a census that does not decode: decode the
+//	census: json: cannot unmarshal string into Go struct field Counts.counts.scheduled of type int
+func TestACensusThatDoesNotDecodeIsTakenAsNone(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "24h"}))
+	env.b.Cleanup(context.Background()) // stopped, and the entry then broken
+	if err := env.storage.Put(context.Background(), brokenCensus); err != nil {
+		t.Fatal(err)
+	}
+	// The next process (a restart, a plugin reload) finds the entry.
+	restarted := restartOver(t, env)
+	resp, err := restarted.request(logical.ReadOperation, "status", nil)
+	if err != nil || resp == nil || resp.IsError() || resp.Data["counts_exact"] != false {
+		t.Fatalf("status over a census that does not decode, before a walk: %v (counts_exact %v, want false)", errorText(resp, err), resp.Data["counts_exact"])
+	}
+	for i := 0; i < 3; i++ {
+		restarted.clock.Advance(11 * time.Minute) // a new walk each time
+		drain(t, restarted)
+	}
+	resp, err = restarted.request(logical.ReadOperation, "status", nil)
+	if err != nil || resp == nil || resp.IsError() {
+		t.Fatalf("status after three walks over a census that does not decode: %v", errorText(resp, err))
+	}
+	if resp.Data["tunnels"] != 1 || resp.Data["counts_exact"] != true {
+		t.Fatalf("after three walks: tunnels %v counts_exact %v, want 1 and true", resp.Data["tunnels"], resp.Data["counts_exact"])
+	}
+	var stored struct {
+		Counts store.Counts `json:"counts"`
+	}
+	if e, err := env.storage.Get(context.Background(), store.CensusKey); err != nil || e == nil || e.DecodeJSON(&stored) != nil {
+		t.Fatalf("the entry that does not decode was not overwritten: %v", err)
+	}
+	if n := strings.Count(env.logs.String(), "it is taken as no census"); n != 1 {
+		t.Fatalf("the entry that does not decode was logged %d times, want once", n)
+	}
+}
+
+// TestTheScheduleRepairDoesNotNeedTheCensus: the scheduler's repair walk,
+// which puts back the schedule entries storage failed to keep, predates
+// the census and must never depend on it: over a census entry that does
+// not decode it still puts back a lost due/ entry.
+//
+// Failed first:
+//
+//	the repair walk did not put back the lost schedule entry in three walks
+//	(the census does not decode)
+func TestTheScheduleRepairDoesNotNeedTheCensus(t *testing.T) {
+	env := newConfiguredEnv(t)
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "24h"}))
+	rec := record(t, env, env.tunnel.ID)
+	ctx := context.Background()
+	// Storage lost the schedule entry (the failure the repair walk exists
+	// for), and the census entry does not decode.
+	if err := env.storage.Delete(ctx, store.DueKey(store.DueMinute(rec.NextRotation, false), store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID})); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.storage.Put(ctx, brokenCensus); err != nil {
+		t.Fatal(err)
+	}
+	restarted := restartOver(t, env)
+	for i := 0; i < 3; i++ {
+		restarted.clock.Advance(11 * time.Minute)
+		drain(t, restarted)
+	}
+	if !scheduledEntry(t, restarted, rec) {
+		t.Fatal("the repair walk did not put back the lost schedule entry in three walks (the census does not decode)")
+	}
+}
+
+// TestAStandbyOverACensusThatDoesNotDecode: a performance standby's status
+// over such an entry answers, nothing counted and not exact, and logs it
+// once however often it is read.
+//
+// Failed first:
+//
+//	standby status: decode the census: json: cannot unmarshal string into Go
+//	struct field Counts.counts.scheduled of type int
+func TestAStandbyOverACensusThatDoesNotDecode(t *testing.T) {
+	env := newConfiguredEnv(t)
+	if err := env.storage.Put(context.Background(), brokenCensus); err != nil {
+		t.Fatal(err)
+	}
+	conf := logical.TestBackendConfig()
+	conf.StorageView = env.storage
+	logs := &syncBuffer{} // the standby's own
+	conf.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: logs})
+	system := logical.TestSystemView()
+	system.ReplicationStateVal = consts.ReplicationPerformanceStandby
+	conf.System = system
+	standby := newBackend()
+	standby.now = env.clock.Now
+	if err := standby.Setup(context.Background(), conf); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { standby.Cleanup(context.Background()) })
+	for i := 0; i < 3; i++ {
+		resp, err := standby.HandleRequest(context.Background(), &logical.Request{Operation: logical.ReadOperation, Path: "status", Storage: env.storage})
+		if err != nil || resp == nil || resp.IsError() {
+			t.Fatalf("standby status: %v", errorText(resp, err))
+		}
+		if resp.Data["counts_exact"] != false || resp.Data["tunnels"] != 0 {
+			t.Fatalf("standby status over a census that does not decode: tunnels %v counts_exact %v, want 0 and false", resp.Data["tunnels"], resp.Data["counts_exact"])
+		}
+	}
+	if n := strings.Count(logs.String(), "it is taken as no census"); n != 1 {
+		t.Fatalf("three reads logged the entry that does not decode %d times, want once", n)
+	}
+}

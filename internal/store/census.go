@@ -42,6 +42,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"sort"
 	"sync"
@@ -351,6 +352,9 @@ type Census struct {
 	stripes [censusStripes]sync.Mutex
 	// foldMu serialises folds and Close.
 	foldMu sync.Mutex
+	// undecodableLogged: a census entry that does not decode was logged,
+	// and none that decodes has been read since (readEntry).
+	undecodableLogged atomic.Bool
 
 	// mu guards everything below.
 	mu sync.Mutex
@@ -412,6 +416,9 @@ func (c *Census) lockTunnel(t Tunnel) func() {
 	return m.Unlock
 }
 
+// errUndecodable marks a census entry that is there but does not decode.
+var errUndecodable = errors.New("the census entry does not decode")
+
 func readCensusEntry(ctx context.Context, s logical.Storage) (*censusEntry, error) {
 	entry, err := s.Get(ctx, CensusKey)
 	if err != nil {
@@ -422,9 +429,30 @@ func readCensusEntry(ctx context.Context, s logical.Storage) (*censusEntry, erro
 	}
 	e := new(censusEntry)
 	if err := entry.DecodeJSON(e); err != nil {
-		return nil, fmt.Errorf("decode the census: %w", err)
+		return nil, fmt.Errorf("%w: %w", errUndecodable, err)
 	}
 	return e, nil
+}
+
+// readEntry is the stored census entry, nil when there is none or when it
+// does not decode (a storage fault, an operator's sys/raw write, a later
+// version's format after a downgrade). Such an entry is taken as no census:
+// the counts it held are lost, not exact until the next walk, and the entry
+// is overwritten at the next write. Nothing depends on it decoding, so it
+// never stops a status read, a record write or the repair walk. It is
+// logged once, not at every read.
+func (c *Census) readEntry(ctx context.Context, s logical.Storage) (*censusEntry, error) {
+	e, err := readCensusEntry(ctx, s)
+	if errors.Is(err, errUndecodable) {
+		if c.undecodableLogged.CompareAndSwap(false, true) {
+			c.logger.Warn("the census entry does not decode; it is taken as no census (counts not exact until the scheduler's next walk) and overwritten", "error", err)
+		}
+		return nil, nil
+	}
+	if err == nil && e != nil {
+		c.undecodableLogged.Store(false)
+	}
+	return e, err
 }
 
 func writeCensusEntry(ctx context.Context, s logical.Storage, e *censusEntry) error {
@@ -438,10 +466,10 @@ func writeCensusEntry(ctx context.Context, s logical.Storage, e *censusEntry) er
 	return nil
 }
 
-// ReadCensus is the census as stored: what a standby shows (nil: never
-// written).
-func ReadCensus(ctx context.Context, s logical.Storage) (*CensusView, error) {
-	e, err := readCensusEntry(ctx, s)
+// Stored is the census as stored: what a standby shows (nil: never
+// written, or an entry that does not decode).
+func (c *Census) Stored(ctx context.Context, s logical.Storage) (*CensusView, error) {
+	e, err := c.readEntry(ctx, s)
 	if err != nil || e == nil {
 		return nil, err
 	}
@@ -460,7 +488,7 @@ func (c *Census) ensureLoaded(ctx context.Context, s logical.Storage) error {
 	if c.loaded {
 		return nil
 	}
-	e, err := readCensusEntry(ctx, s)
+	e, err := c.readEntry(ctx, s)
 	if err != nil {
 		return err
 	}
@@ -526,15 +554,15 @@ func (c *Census) taint() {
 }
 
 func (c *Census) taintLocked() {
+	if c.walk != nil {
+		c.walk.tainted = true
+	}
 	if !c.loaded {
 		c.missed = true
 		return
 	}
 	c.exact = false
 	c.gen++
-	if c.walk != nil {
-		c.walk.tainted = true
-	}
 }
 
 // View is the census as this node keeps it, for a status read.

@@ -533,3 +533,60 @@ func TestABulkJobStartedBeforeALostProcessIsFound(t *testing.T) {
 		t.Fatalf("a finished job is still shown: %+v", view.Bulk)
 	}
 }
+
+// refusingCensus fails every Put of the census entry, as storage that
+// refuses it would (too large, a fault).
+type refusingCensus struct{ logical.Storage }
+
+func (r refusingCensus) Put(ctx context.Context, e *logical.StorageEntry) error {
+	if e.Key == CensusKey {
+		return fmt.Errorf("injected: refused")
+	}
+	return r.Storage.Put(ctx, e)
+}
+
+// TestTheWalkDoesNotNeedTheCensus: the walk is the scheduler's repair
+// walk; when the census cannot be loaded (here its claim cannot be
+// stored) it still visits every record.
+func TestTheWalkDoesNotNeedTheCensus(t *testing.T) {
+	ctx := context.Background()
+	raw := &logical.InmemStorage{}
+	rng := rand.New(rand.NewSource(3))
+	for i := 0; i < 10; i++ {
+		change(t, rng, raw, i)
+	}
+	want, _, err := ListRecordsAfter(ctx, raw, Tunnel{}, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newTestCensus(censusBase)
+	s := refusingCensus{raw}
+	visited := 0
+	done, err := c.WalkStep(ctx, s, 100, func(Tunnel, *Record) error { visited++; return nil })
+	if !done || err != nil || visited != len(want) {
+		t.Fatalf("walk without a census: done %v, %v, visited %d of %d records", done, err, visited, len(want))
+	}
+}
+
+// TestAFoldOverwritesACensusThatNoLongerDecodes: an entry broken after it
+// was loaded is taken as none by the next write, which overwrites it.
+func TestAFoldOverwritesACensusThatNoLongerDecodes(t *testing.T) {
+	ctx := context.Background()
+	raw := &logical.InmemStorage{}
+	now := censusBase
+	c := NewCensus(CensusConfig{Now: func() time.Time { return now }})
+	s := c.Observe(raw)
+	change(t, rand.New(rand.NewSource(4)), s, 1)
+	if err := raw.Put(ctx, &logical.StorageEntry{Key: CensusKey, Value: []byte(`{"counts":{"scheduled":"many"}}`)}); err != nil {
+		t.Fatal(err)
+	}
+	change(t, rand.New(rand.NewSource(5)), s, 2)
+	now = now.Add(CensusFoldEvery)
+	if err := c.Fold(ctx, s); err != nil {
+		t.Fatalf("fold over an entry that does not decode: %v", err)
+	}
+	e, err := readCensusEntry(ctx, raw)
+	if err != nil || e == nil || e.Owner != c.owner {
+		t.Fatalf("the entry was not overwritten: %+v %v", e, err)
+	}
+}

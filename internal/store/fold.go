@@ -55,7 +55,8 @@ func (c *Census) Close(ctx context.Context) error {
 // When another has written it since (another node that took over, or an
 // operator), this one loads it again instead.
 func (c *Census) write(ctx context.Context, s logical.Storage, closed bool) error {
-	stored, err := readCensusEntry(ctx, s)
+	// One that does not decode is taken as none, and overwritten.
+	stored, err := c.readEntry(ctx, s)
 	if err != nil {
 		return err
 	}

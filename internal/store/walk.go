@@ -108,15 +108,21 @@ func (c *Census) StartWalk() {
 // says the walk is over. A record that cannot be read stops the step with
 // the error, and is passed over: it is not counted, and the counts are not
 // exact until the next walk. An error of visit stops the step too.
+//
+// The walk never depends on the census: it is the scheduler's repair walk,
+// which puts back lost schedule entries, and was that before it counted.
+// When the census cannot be loaded it walks on, its count marked not exact.
 func (c *Census) WalkStep(ctx context.Context, s logical.Storage, n int, visit func(Tunnel, *Record) error) (bool, error) {
-	if err := c.ensureLoaded(ctx, s); err != nil {
-		return false, err
+	loadErr := c.ensureLoaded(ctx, s)
+	if loadErr != nil {
+		c.logger.Warn("the census could not be loaded; the walk goes on without it, and its counts are not exact", "error", loadErr)
 	}
 	c.mu.Lock()
 	if c.walk == nil {
 		c.walk = &censusWalk{}
 	}
 	w := c.walk
+	w.tainted = w.tainted || loadErr != nil
 	c.mu.Unlock()
 	for i := 0; i < n; i++ {
 		t, ok, err := c.nextToRead(ctx, s, w, n)
@@ -175,7 +181,8 @@ func (c *Census) nextToRead(ctx context.Context, s logical.Storage, w *censusWal
 	if len(w.batch) > 0 {
 		return w.batch[0], true, nil
 	}
-	if c.walk == w {
+	// Unloaded, there are no counts to replace: a load replaces them.
+	if c.walk == w && c.loaded {
 		c.live, c.exact, c.countedAt = w.acc, !w.tainted, c.now().UTC()
 		c.gen++
 		// The walk's count is the live one from now on; a bulk job started
@@ -259,7 +266,9 @@ func (c *Census) checkIndex(ctx context.Context, s logical.Storage, w *censusWal
 	if c.walk == w {
 		c.walk = nil
 		for _, kind := range AttentionKinds {
-			c.refill[kind] = max(c.refill[kind], refillMissing)
+			if c.loaded {
+				c.refill[kind] = max(c.refill[kind], refillMissing)
+			}
 		}
 	}
 	return true, nil
