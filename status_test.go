@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"reflect"
@@ -565,4 +566,193 @@ func TestAStandbyOverACensusThatDoesNotDecode(t *testing.T) {
 	if n := strings.Count(logs.String(), "it is taken as no census"); n != 1 {
 		t.Fatalf("three reads logged the entry that does not decode %d times, want once", n)
 	}
+}
+
+// restartOverStorage is restartOver with the new backend over s (env's
+// storage wrapped), which the returned env's requests use too.
+func restartOverStorage(t *testing.T, env *testEnv, s logical.Storage) *testEnv {
+	t.Helper()
+	conf := logical.TestBackendConfig()
+	conf.StorageView = s
+	conf.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: env.logs})
+	b := newBackend()
+	b.now, b.after = env.clock.Now, env.clock.after
+	if err := b.Setup(context.Background(), conf); err != nil {
+		t.Fatal(err)
+	}
+	b.background.Hold(s)
+	t.Cleanup(func() { b.Cleanup(context.Background()) })
+	next := *env
+	next.b, next.storage = b, s
+	return &next
+}
+
+// TestAnUpgradeWithoutACensusBecomesExact: records of a version
+// without the census, no census entry. The first status says the counts
+// are not exact, and the first walk makes them exact, attention list
+// included.
+func TestAnUpgradeWithoutACensusBecomesExact(t *testing.T) {
+	env := newConfiguredEnv(t)
+	other := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), map[string]any{"rotation_period": "24h"}))
+	env.must(env.request(logical.UpdateOperation, "psk/"+env.account+"/"+other, nil))
+	env.sim.RegenerateOutOfBand(env.account, other)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"heal_stale_psk": false}))
+	backgroundPass(t, env) // other is stale
+	env.b.Cleanup(context.Background())
+	// What the previous version left: no census, no attention index.
+	ctx := context.Background()
+	if err := env.storage.Delete(ctx, store.CensusKey); err != nil {
+		t.Fatal(err)
+	}
+	for _, kind := range store.AttentionKinds {
+		keys, _ := env.storage.List(ctx, store.AttentionPrefix+kind+"/")
+		for _, k := range keys {
+			if err := env.storage.Delete(ctx, store.AttentionPrefix+kind+"/"+k); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	upgraded := restartOver(t, env)
+	if got := status(t, upgraded); got["counts_exact"] != false {
+		t.Fatalf("before the first walk: counts_exact %v", got["counts_exact"])
+	}
+	drain(t, upgraded)
+	got := assertStatus(t, upgraded, "after the first walk")
+	if !strings.Contains(fmt.Sprint(got["attention"]), other) {
+		t.Fatalf("attention %v does not list the stale tunnel", got["attention"])
+	}
+}
+
+// watchedStorage fails the Delete of one chosen key once, and counts the
+// Lists under attention/.
+type watchedStorage struct {
+	logical.Storage
+	mu             sync.Mutex
+	failDeleteOnce string
+	attentionLists int
+}
+
+func (s *watchedStorage) Delete(ctx context.Context, key string) error {
+	s.mu.Lock()
+	fail := key == s.failDeleteOnce
+	if fail {
+		s.failDeleteOnce = ""
+	}
+	s.mu.Unlock()
+	if fail {
+		return errors.New("injected storage failure")
+	}
+	return s.Storage.Delete(ctx, key)
+}
+
+func (s *watchedStorage) List(ctx context.Context, prefix string) ([]string, error) {
+	if strings.HasPrefix(prefix, store.AttentionPrefix) {
+		s.mu.Lock()
+		s.attentionLists++
+		s.mu.Unlock()
+	}
+	return s.Storage.List(ctx, prefix)
+}
+
+func (s *watchedStorage) lists() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.attentionLists
+}
+
+// staleFleet is a mount over watched storage with n stale tunnels (the edge
+// changed their keys, heal_stale_psk off), their ids in key order.
+func staleFleet(t *testing.T, n int) (*testEnv, *watchedStorage, []string) {
+	t.Helper()
+	base := newConfiguredEnv(t)
+	ws := &watchedStorage{Storage: base.storage}
+	env := restartOverStorage(t, base, ws)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"rate_limit": 1200, "heal_stale_psk": false}))
+	var ids []string
+	for i := 0; i < n; i++ {
+		id := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
+		ids = append(ids, id)
+		env.must(env.request(logical.UpdateOperation, "psk/"+env.account+"/"+id, nil))
+		env.sim.RegenerateOutOfBand(env.account, id)
+	}
+	backgroundPass(t, env) // the drift sweep: all stale
+	sort.Strings(ids)
+	if got := status(t, env); got["states"].(map[string]any)[store.StateStale] != n || got["counts_exact"] != true {
+		t.Fatalf("setup: states %v counts_exact %v", got["states"], got["counts_exact"])
+	}
+	return env, ws, ids
+}
+
+// TestAnIndexEntryNotRemovedMakesTheCountsNotExact: more stale tunnels
+// than status lists (100); the first one listed is rotated and current
+// again, but the Delete of its attention/ entry fails. The list, one short,
+// is refilled by the background from the index, which still names the
+// tunnel: status may then list a current tunnel as stale, but never while
+// it says counts_exact true. The scheduler's next walk removes the entry
+// and makes the counts and the list exact again.
+//
+// Failed first (the refill was then done by the status read itself):
+//
+//	status lists 01aeacdc5c12d24c284ff35840db70c7 as stale, but its record is
+//	current (counts_exact true, stale 100)
+func TestAnIndexEntryNotRemovedMakesTheCountsNotExact(t *testing.T) {
+	env, ws, ids := staleFleet(t, store.ListedPerKind+1)
+	drain(t, env) // the scheduler's first pass, and its walk
+	first := ids[0]
+	ws.mu.Lock()
+	ws.failDeleteOnce = store.AttentionPrefix + store.AttentionStale + "/" + env.account + "." + first
+	ws.mu.Unlock()
+	env.must(env.request(logical.UpdateOperation, "psk/"+env.account+"/"+first, nil))
+	if rec := record(t, env, first); rec.State != store.StateCurrent {
+		t.Fatalf("the rotated tunnel is %s", rec.State)
+	}
+	listed := func(got map[string]any) bool {
+		for _, a := range got["attention"].([]map[string]any) {
+			if a["tunnel_id"] == first {
+				return true
+			}
+		}
+		return false
+	}
+	for _, when := range []string{"at once", "after the background refilled the list"} {
+		if when != "at once" {
+			drain(t, env) // a pass: the fold refills the list, not the walk
+		}
+		if got := status(t, env); listed(got) && got["counts_exact"] == true {
+			t.Fatalf("%s: status lists %s as stale, but its record is current (counts_exact %v, stale %v)",
+				when, first, got["counts_exact"], got["states"].(map[string]any)[store.StateStale])
+		}
+	}
+	env.clock.Advance(11 * time.Minute) // the next walk
+	drain(t, env)
+	got := status(t, env)
+	if listed(got) || got["counts_exact"] != true || len(got["attention"].([]map[string]any)) != store.ListedPerKind {
+		t.Fatalf("after the walk: %s listed %v, counts_exact %v, %d listed", first, listed(got), got["counts_exact"], len(got["attention"].([]map[string]any)))
+	}
+}
+
+// TestStatusReadsNothingAsListedTunnelsRecover: status reads nothing from
+// storage on the active node. With more tunnels of a kind than it lists,
+// one listed that recovers leaves its list one short; the background
+// refills it at its next pass, not the read (which may show 99 meanwhile,
+// with the counts exact).
+//
+// Failed first (each such read listed the whole attention/<kind>/ index):
+//
+//	a status read after one listed tunnel recovered listed the attention
+//	index 1 time(s) (101 stale tunnels)
+func TestStatusReadsNothingAsListedTunnelsRecover(t *testing.T) {
+	env, ws, ids := staleFleet(t, store.ListedPerKind+1)
+	env.must(env.request(logical.UpdateOperation, "psk/"+env.account+"/"+ids[0], nil))
+	before := ws.lists()
+	got := status(t, env)
+	if n := ws.lists() - before; n != 0 {
+		t.Fatalf("a status read after one listed tunnel recovered listed the attention index %d time(s) (%d stale tunnels)", n, len(ids))
+	}
+	if n := len(got["attention"].([]map[string]any)); n != store.ListedPerKind-1 || got["counts_exact"] != true {
+		t.Fatalf("before the background's pass: %d listed, counts_exact %v; want %d and true", n, got["counts_exact"], store.ListedPerKind-1)
+	}
+	drain(t, env)
+	assertStatus(t, env, "after the background's pass")
 }

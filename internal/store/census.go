@@ -34,9 +34,12 @@ package store
 // reads every record every 10 minutes in bounded passes, recounts them as
 // it goes (walk.go), with every change made meanwhile applied to the count
 // it builds, and replaces the counts with its own when it reaches the last
-// record: exact again, whatever happened before. The same walk puts back
-// attention/ entries that are missing, removes those whose tunnel no longer
-// belongs there, and refills the lists.
+// record. The same walk puts back attention/ entries that are missing,
+// removes those whose tunnel no longer belongs there, and refills the
+// lists; only then does it say the counts are exact: exact again, whatever
+// happened before. Nothing of this needs the census entry to decode (one
+// that does not is taken as none), and the walk goes on, not counting, when
+// the census cannot be loaded at all.
 
 import (
 	"context"
@@ -565,16 +568,17 @@ func (c *Census) taintLocked() {
 	c.gen++
 }
 
-// View is the census as this node keeps it, for a status read.
+// View is the census as this node keeps it, for a status read. Once the
+// census is loaded (at the background's first pass, or this read) it reads
+// nothing from storage.
 func (c *Census) View(ctx context.Context, s logical.Storage) (*CensusView, error) {
 	if err := c.ensureLoaded(ctx, s); err != nil {
 		return nil, err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if err := c.refillLocked(ctx, s); err != nil {
-		return nil, err
-	}
+	// A list that lost a tunnel while more of its kind exist is refilled
+	// by the background (Fold), not here: the read touches no storage.
 	return &CensusView{Counts: c.live.clone(), Exact: c.exact, CountedAt: c.countedAt, AsOf: c.now().UTC(),
 		Drift: c.drift, Bulk: c.bulkStatuses(), Listed: c.cloneListed(), Schedule: c.schedule, ScheduleAt: c.scheduleAt}, nil
 }

@@ -10,9 +10,12 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
-// Fold writes the counts to the census entry when they changed since the
-// last write, at most every CensusFoldEvery, and at once after a recount;
-// before that it drops from the census the bulk jobs that have finished.
+// Fold refills the lists that lost a tunnel while more of their kind
+// exist (listed.go), at every call: the background's passes, so a status
+// read never does. Then it writes the counts to the census entry when they
+// changed since the last write, at most every CensusFoldEvery, and at once
+// after a recount; before that it drops from the census the bulk jobs that
+// have finished.
 func (c *Census) Fold(ctx context.Context, s logical.Storage) error {
 	c.foldMu.Lock()
 	defer c.foldMu.Unlock()
@@ -20,11 +23,12 @@ func (c *Census) Fold(ctx context.Context, s logical.Storage) error {
 		return err
 	}
 	c.mu.Lock()
+	err := c.refillLocked(ctx, s)
 	now := c.now()
 	due := c.gen != c.foldedGen && (now.Sub(c.foldedAt) >= CensusFoldEvery || c.countedAt.After(c.foldedAt))
 	c.mu.Unlock()
-	if !due {
-		return nil
+	if err != nil || !due {
+		return err
 	}
 	if err := c.pruneBulk(ctx, s); err != nil {
 		c.logger.Warn("the census could not look at the bulk jobs; it tries again at its next write", "error", err)

@@ -13,14 +13,19 @@ package store
 // reason replaces the old one. The list is always the first tunnels of its
 // kind; when one is taken off while more exist, it is refilled from the
 // attention/ index (a List, and a Get for each tunnel not listed yet) by
-// the next status read or write of the census. The index is written before
-// the change that puts a tunnel in it, and emptied before the change that
-// takes one out is applied, so that a refill, which holds the census's
-// lock, never lists a tunnel the change then forgets.
+// the background's next pass (Fold) or the end of a walk, never by a status
+// read, which reads nothing from storage: until then the list is short by
+// the tunnels taken off, and still the first of its kind. The index is
+// written before the change that puts a tunnel in it, and emptied before
+// the change that takes one out is applied, so that a refill, which holds
+// the census's lock, never lists a tunnel the change then forgets. When an
+// index write fails the counts are marked not exact (observe.go), since a
+// refill may then list what the records do not say.
 
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -172,8 +177,10 @@ func (c *Census) refillLocked(ctx context.Context, s logical.Storage) error {
 				l = append(l, AttentionItem{AccountID: t.AccountID, TunnelID: t.TunnelID, AttentionEntry: *e})
 			}
 		}
+		if !slices.Equal(l, c.listed[kind]) {
+			c.gen++
+		}
 		c.listed[kind], c.refill[kind] = l, refillNone
-		c.gen++
 	}
 	return nil
 }

@@ -181,9 +181,11 @@ func (c *Census) nextToRead(ctx context.Context, s logical.Storage, w *censusWal
 	if len(w.batch) > 0 {
 		return w.batch[0], true, nil
 	}
-	// Unloaded, there are no counts to replace: a load replaces them.
+	// Unloaded, there are no counts to replace: a load replaces them. The
+	// counts are exact now, but not said to be until the index and the
+	// lists are checked too (checkIndex): a list may still be wrong.
 	if c.walk == w && c.loaded {
-		c.live, c.exact, c.countedAt = w.acc, !w.tainted, c.now().UTC()
+		c.live, c.exact = w.acc, c.exact && !w.tainted
 		c.gen++
 		// The walk's count is the live one from now on; a bulk job started
 		// by a process that stopped before it was written is looked for.
@@ -263,14 +265,20 @@ func (c *Census) checkIndex(ctx context.Context, s logical.Storage, w *censusWal
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.walk == w {
-		c.walk = nil
-		for _, kind := range AttentionKinds {
-			if c.loaded {
-				c.refill[kind] = max(c.refill[kind], refillMissing)
-			}
-		}
+	if c.walk != w || !c.loaded {
+		return true, nil
 	}
+	// The index is what the records say: the lists are read again from
+	// it, and only then are the counts and lists said to be exact. A
+	// refill that fails is tried again at the next step.
+	for _, kind := range AttentionKinds {
+		c.refill[kind] = max(c.refill[kind], refillMissing)
+	}
+	if err := c.refillLocked(ctx, s); err != nil {
+		return false, err
+	}
+	c.walk, c.exact, c.countedAt = nil, !w.tainted, c.now().UTC()
+	c.gen++
 	return true, nil
 }
 
@@ -286,6 +294,8 @@ func (c *Census) checkEntry(ctx context.Context, s logical.Storage, t Tunnel, ki
 		return nil
 	}
 	if err := s.Delete(ctx, t.attentionKey(kind)); err != nil {
+		// A refill may list it: not exact until a walk removes it.
+		c.taint()
 		return fmt.Errorf("remove %s from the attention index: %w", t, err)
 	}
 	c.mu.Lock()
