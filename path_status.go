@@ -21,8 +21,8 @@ const (
 // in one read whose cost does not grow with the number of tunnels: it
 // answers from the census (internal/store/census.go), which counts the
 // tunnels, lists the first that need attention and keeps what the
-// scheduler found in the schedule: in memory on the active node, one Get
-// on a standby. It reads no record, so it holds no key.
+// scheduler found in the schedule: in memory on the active node, four Gets
+// on a standby (the census and its three lists). It reads no record, so it holds no key.
 func pathStatus(b *backend) []*framework.Path {
 	return []*framework.Path{{
 		Pattern:      "status",

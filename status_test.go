@@ -756,3 +756,105 @@ func TestStatusReadsNothingAsListedTunnelsRecover(t *testing.T) {
 	drain(t, env)
 	assertStatus(t, env, "after the background's pass")
 }
+
+// sizeLimited refuses, as Raft does beyond its max_entry_size, a Put whose
+// value is larger than max.
+type sizeLimited struct {
+	logical.Storage
+	max int
+}
+
+func (s *sizeLimited) Put(ctx context.Context, e *logical.StorageEntry) error {
+	if len(e.Value) > s.max {
+		return fmt.Errorf("put failed due to value being too large; got %d bytes, max: %d bytes", len(e.Value), s.max)
+	}
+	return s.Storage.Put(ctx, e)
+}
+
+// raftSmallEntry is the max_entry_size e2e/bulk_test.go runs Raft with
+// (128 KiB): the size the project already keeps its bulk entries under.
+const raftSmallEntry = 128 << 10
+
+// TestTheCensusFitsRaftsEntrySize: 100 stale, 100 gone and 100 failing
+// tunnels, the failing ones refused by Cloudflare with three messages of
+// the kind its API sends (about 650 bytes of reason), under storage that
+// refuses entries over Raft's max_entry_size as e2e/bulk_test.go sets it
+// (128 KiB). Every census entry is written, and a clean stop hands exact
+// counts and full lists on. (The worst case, bounded under 64 KiB an
+// entry, is internal/store's TestTheCensusEntriesStaySmall.)
+//
+// Failed first (the census was one entry, reasons bounded at 1,024 bytes):
+//
+//	longest reason listed: 661 bytes; census entry refused: 143316 bytes
+//	after a clean stop: counts_exact false (the census, 143316 bytes, could
+//	not be stored under max_entry_size 131072)
+func TestTheCensusFitsRaftsEntrySize(t *testing.T) {
+	if testing.Short() {
+		t.Skip("rotates 300 tunnels")
+	}
+	base := newConfiguredEnv(t)
+	limited := &sizeLimited{Storage: base.storage, max: raftSmallEntry}
+	env := restartOverStorage(t, base, limited)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{
+		"rate_limit": 1200, "heal_stale_psk": false, "min_rotation_period": "1m",
+	}))
+	const perKind = 100
+	ids := map[string][]string{}
+	for _, kind := range []string{"stale", "gone", "failing"} {
+		for i := 0; i < perKind; i++ {
+			id := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
+			ids[kind] = append(ids[kind], id)
+			var data map[string]any
+			if kind == "failing" {
+				data = map[string]any{"rotation_period": "1h"}
+			}
+			env.must(env.request(logical.UpdateOperation, "psk/"+env.account+"/"+id, data))
+		}
+	}
+	for i := 0; i < perKind; i++ {
+		env.sim.RegenerateOutOfBand(env.account, ids["stale"][i])
+		env.sim.DeleteTunnel(env.account, ids["gone"][i])
+	}
+	backgroundPass(t, env) // the drift sweep: stale and gone
+	// Cloudflare refuses every scheduled rotation with three messages of
+	// the kind its API sends: about 650 bytes of reason, well within the
+	// 1,024 the engine keeps (store.BoundReason).
+	refusal := cloudflaresim.Fault{Status: 400, Errors: []cloudflaresim.Message{
+		{Code: 7003, Message: "Could not route to /client/v4/accounts/" + env.account + "/magic/ipsec_tunnels/psk_generate, perhaps your object identifier is invalid?"},
+		{Code: 1002, Message: "The ipsec tunnel's configuration could not be validated: the customer endpoint, interface address and health check target must be set before a pre-shared key can be generated for it"},
+		{Code: 1001, Message: "Magic WAN is not entitled for this account, or the entitlement is being provisioned; if you recently enabled Magic WAN, wait a few minutes and try again, otherwise contact your account team. See https://developers.cloudflare.com/magic-wan/ for the requirements"},
+	}}
+	for i := 0; i < perKind; i++ {
+		env.sim.FailNext(cloudflaresim.OpPSKGenerate, refusal)
+	}
+	env.clock.Advance(time.Hour + time.Minute)
+	drain(t, env)
+	got := status(t, env)
+	if got["attention_count"] != 3*perKind {
+		t.Fatalf("attention_count %v, want %d (states %v failing %v)", got["attention_count"], 3*perKind, got["states"], got["failing_count"])
+	}
+	var reason int
+	for _, a := range got["failing"].([]map[string]any) {
+		reason = max(reason, len(a["reason"].(string)))
+	}
+	env.clock.Advance(store.CensusFoldEvery)
+	drain(t, env)                       // folds, or tries to
+	env.b.Cleanup(context.Background()) // a clean stop: writes the census closed, or tries to
+
+	again := restartOverStorage(t, env, limited)
+	got = status(t, again)
+	var sizes []string
+	for _, key := range []string{store.CensusKey, store.CensusListedPrefix + store.AttentionStale, store.CensusListedPrefix + store.AttentionFailing, store.CensusListedPrefix + store.AttentionGone} {
+		if e, _ := base.storage.Get(context.Background(), key); e != nil {
+			sizes = append(sizes, fmt.Sprintf("%s %d bytes", key, len(e.Value)))
+		}
+	}
+	t.Logf("longest reason listed: %d bytes; stored: %s", reason, strings.Join(sizes, ", "))
+	if strings.Contains(env.logs.String(), "value being too large") {
+		t.Fatalf("a census entry was refused: %s", env.logs.String())
+	}
+	if got["counts_exact"] != true || len(got["attention"].([]map[string]any)) != perKind || len(got["failing"].([]map[string]any)) != perKind {
+		t.Fatalf("after a clean stop: counts_exact %v, %d listed, %d failing listed (stored: %s, max_entry_size %d)",
+			got["counts_exact"], len(got["attention"].([]map[string]any)), len(got["failing"].([]map[string]any)), strings.Join(sizes, ", "), raftSmallEntry)
+	}
+}

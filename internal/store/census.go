@@ -83,7 +83,9 @@ var AttentionKinds = []string{AttentionStale, AttentionFailing, AttentionGone}
 var States = []string{StateCurrent, StateRotationUnknown, StateStale, StateTunnelGone}
 
 // AttentionEntry is the value of an attention/ entry: what a status read
-// says of the tunnel. It never holds a key.
+// says of the tunnel. It never holds a key. Its state and reason are cut
+// short and made of characters JSON writes as they are (listedText), so
+// that the census's lists have a size bound (census_lists.go).
 type AttentionEntry struct {
 	State    string    `json:"state"`
 	Reason   string    `json:"reason"`
@@ -100,11 +102,12 @@ func attentionOf(r *Record) (string, AttentionEntry) {
 	case r == nil:
 		return "", AttentionEntry{}
 	case r.Failures > 0:
-		return AttentionFailing, AttentionEntry{State: r.State, Reason: BoundReason(r.LastFailure), Failures: r.Failures, RetryAt: r.RetryAt.UTC()}
+		return AttentionFailing, AttentionEntry{State: listedText(r.State, maxListedState), Reason: listedText(r.LastFailure, MaxListedReason),
+			Failures: r.Failures, RetryAt: r.RetryAt.UTC()}
 	case r.State == StateStale:
-		return AttentionStale, AttentionEntry{State: r.State, Reason: BoundReason(r.StateReason)}
+		return AttentionStale, AttentionEntry{State: r.State, Reason: listedText(r.StateReason, MaxListedReason)}
 	case r.State == StateTunnelGone:
-		return AttentionGone, AttentionEntry{State: r.State, Reason: BoundReason(r.StateReason)}
+		return AttentionGone, AttentionEntry{State: r.State, Reason: listedText(r.StateReason, MaxListedReason)}
 	}
 	return "", AttentionEntry{}
 }
@@ -294,8 +297,8 @@ type censusEntry struct {
 	// Bulk are the bulk jobs that may still be running, with their
 	// progress when last counted (census_bulk.go).
 	Bulk []BulkStatus `json:"bulk,omitempty"`
-	// Listed are the first tunnels of each attention kind (listed.go).
-	Listed map[string][]AttentionItem `json:"listed,omitempty"`
+	// The first tunnels of each attention kind (listed.go) are stored in
+	// entries of their own (census_lists.go), written before this one.
 	// Schedule is what the scheduler last found in the schedule, at
 	// ScheduleAt.
 	Schedule   ScheduleSummary `json:"schedule"`
@@ -353,8 +356,12 @@ type Census struct {
 	// stripes serialise what is done to one record: its write with the
 	// read of what it replaces, and the walk's visit. Taken before mu.
 	stripes [censusStripes]sync.Mutex
-	// foldMu serialises folds and Close.
-	foldMu sync.Mutex
+	// foldMu serialises folds and Close, and guards listsOwner and
+	// listsWritten: the lists as this process last stored them, as owner
+	// listsOwner.
+	foldMu       sync.Mutex
+	listsOwner   string
+	listsWritten map[string][]AttentionItem
 	// undecodableLogged: a census entry that does not decode was logged,
 	// and none that decodes has been read since (readEntry).
 	undecodableLogged atomic.Bool
@@ -476,8 +483,16 @@ func (c *Census) Stored(ctx context.Context, s logical.Storage) (*CensusView, er
 	if err != nil || e == nil {
 		return nil, err
 	}
+	lists, err := readCensusLists(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	listed := map[string][]AttentionItem{}
+	for kind, l := range lists {
+		listed[kind] = l.Items
+	}
 	return &CensusView{Counts: e.Counts, Exact: e.Exact, CountedAt: e.CountedAt, AsOf: e.AsOf, Drift: e.Drift, Bulk: e.Bulk,
-		Listed: e.Listed, Schedule: e.Schedule, ScheduleAt: e.ScheduleAt}, nil
+		Listed: listed, Schedule: e.Schedule, ScheduleAt: e.ScheduleAt}, nil
 }
 
 // ensureLoaded reads the stored counts on first use and claims them: the
@@ -523,21 +538,40 @@ func (c *Census) ensureLoaded(ctx context.Context, s logical.Storage) error {
 	}
 	c.schedule, c.scheduleAt = claim.Schedule, claim.ScheduleAt
 	c.bulkUnsure = !e.Closed
-	c.listed, c.refill = map[string][]AttentionItem{}, map[string]int{}
-	for _, kind := range AttentionKinds {
-		c.listed[kind] = append([]AttentionItem{}, e.Listed[kind]...)
-		switch {
-		case !e.Closed:
-			// Changes since the entry was written may be lost.
-			c.refill[kind] = refillAll
-		case len(c.listed[kind]) < min(c.perKind, c.live.Attention[kind]):
-			c.refill[kind] = refillMissing
-		}
+	if err := c.loadLists(ctx, s, e); err != nil {
+		return err
 	}
 	c.missed, c.foldedAt, c.walk = false, now, nil
 	c.foldedGen = c.gen
 	if !claim.Exact {
 		c.logger.Info("the census counts are not exact until the scheduler's next walk over the records has finished")
+	}
+	return nil
+}
+
+// loadLists takes up the lists e was closed with, and has every other one
+// refilled by the background: all of them when e was left open (changes
+// since may be lost), and a list not stored by e's owner (or that does not
+// decode). The caller holds mu.
+func (c *Census) loadLists(ctx context.Context, s logical.Storage, e *censusEntry) error {
+	lists := map[string]*censusList{}
+	if e.Closed {
+		var err error
+		if lists, err = readCensusLists(ctx, s); err != nil {
+			return err
+		}
+	}
+	c.listed, c.refill = map[string][]AttentionItem{}, map[string]int{}
+	for _, kind := range AttentionKinds {
+		l := lists[kind]
+		switch {
+		case l == nil || l.Owner != e.Owner:
+			c.listed[kind], c.refill[kind] = []AttentionItem{}, refillAll
+		case len(l.Items) < min(c.perKind, c.live.Attention[kind]):
+			c.listed[kind], c.refill[kind] = l.Items, refillMissing
+		default:
+			c.listed[kind] = l.Items
+		}
 	}
 	return nil
 }

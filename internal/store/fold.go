@@ -2,7 +2,9 @@ package store
 
 // Writing the census: the background folds what changed into the entry
 // (Fold), and the mount's cleanup writes it closed (Close). Each is one
-// Get (whose the entry is) and one Put, and only when something changed.
+// Get (whose the entry is), a Put of each list that changed
+// (census_lists.go; all three at Close) and one Put of the entry, and only
+// when something changed.
 
 import (
 	"context"
@@ -77,10 +79,14 @@ func (c *Census) write(ctx context.Context, s logical.Storage, closed bool) erro
 	}
 	now := c.now().UTC()
 	e := &censusEntry{Owner: c.owner, Closed: closed, Exact: c.exact, CountedAt: c.countedAt, AsOf: now,
-		Counts: c.live.clone(), Drift: c.drift, Bulk: c.bulkStatuses(), Listed: c.cloneListed(),
-		Schedule: c.schedule, ScheduleAt: c.scheduleAt}
-	gen := c.gen
+		Counts: c.live.clone(), Drift: c.drift, Bulk: c.bulkStatuses(), Schedule: c.schedule, ScheduleAt: c.scheduleAt}
+	lists, gen := c.cloneListed(), c.gen
 	c.mu.Unlock()
+	// The lists first: an entry closed is never taken with lists older
+	// than it (one left open has its lists refilled anyway).
+	if err := c.writeLists(ctx, s, e.Owner, lists, closed); err != nil {
+		return err
+	}
 	if err := writeCensusEntry(ctx, s, e); err != nil {
 		return err
 	}
