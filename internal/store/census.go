@@ -564,6 +564,12 @@ func (c *Census) loadLists(ctx context.Context, s logical.Storage, e *censusEntr
 	c.listed, c.refill = map[string][]AttentionItem{}, map[string]int{}
 	for _, kind := range AttentionKinds {
 		l := lists[kind]
+		if l != nil {
+			l.Items = l.Items[:min(len(l.Items), c.perKind)]
+			for i := range l.Items {
+				l.Items[i] = bounded(l.Items[i])
+			}
+		}
 		switch {
 		case l == nil || l.Owner != e.Owner:
 			c.listed[kind], c.refill[kind] = []AttentionItem{}, refillAll

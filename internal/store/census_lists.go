@@ -56,6 +56,14 @@ func listedText(s string, max int) string {
 	return string(out)
 }
 
+// bounded is it with its state and reason as attentionOf makes them: what
+// a list takes from storage (an index entry or a stored list written by an
+// earlier version, or by hand) stays within the lists' bound.
+func bounded(it AttentionItem) AttentionItem {
+	it.State, it.Reason = listedText(it.State, maxListedState), listedText(it.Reason, MaxListedReason)
+	return it
+}
+
 // censusList is one kind's list as stored. Owner is the process that wrote
 // it: a closed census is taken with its lists only when they are its own.
 type censusList struct {

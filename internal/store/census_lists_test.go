@@ -100,3 +100,30 @@ func TestAListedTextIsItsOwnJSON(t *testing.T) {
 		t.Errorf("a short reason became %q", got)
 	}
 }
+
+// TestAListTakenFromStorageIsBounded: an index entry written with a longer
+// reason (by an earlier version, or by hand) is listed within the bound.
+func TestAListTakenFromStorageIsBounded(t *testing.T) {
+	ctx := context.Background()
+	raw := &logical.InmemStorage{}
+	tun := tunnelOf(1)
+	rec := &Record{AccountID: tun.AccountID, TunnelID: tun.TunnelID, PSK: "k", Version: 1, StoredAt: censusBase, State: StateStale, StateReason: "x"}
+	if err := WriteRecord(ctx, raw, tun, rec); err != nil {
+		t.Fatal(err)
+	}
+	entry, _ := logical.StorageEntryJSON(tun.attentionKey(AttentionStale), AttentionEntry{State: StateStale, Reason: strings.Repeat("<", 1024)})
+	if err := raw.Put(ctx, entry); err != nil {
+		t.Fatal(err)
+	}
+	c := newTestCensus(censusBase)
+	if err := c.Fold(ctx, c.Observe(raw)); err != nil { // loads and refills
+		t.Fatal(err)
+	}
+	view, err := c.View(ctx, raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l := view.Listed[AttentionStale]; len(l) != 1 || len(l[0].Reason) > MaxListedReason || strings.Contains(l[0].Reason, "<") {
+		t.Fatalf("listed from the index: %+v", l)
+	}
+}

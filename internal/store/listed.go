@@ -174,7 +174,7 @@ func (c *Census) refillLocked(ctx context.Context, s logical.Storage) error {
 				return err
 			}
 			if e != nil {
-				l = append(l, AttentionItem{AccountID: t.AccountID, TunnelID: t.TunnelID, AttentionEntry: *e})
+				l = append(l, bounded(AttentionItem{AccountID: t.AccountID, TunnelID: t.TunnelID, AttentionEntry: *e}))
 			}
 		}
 		if !slices.Equal(l, c.listed[kind]) {
