@@ -356,6 +356,9 @@ type Census struct {
 	// stripes serialise what is done to one record: its write with the
 	// read of what it replaces, and the walk's visit. Taken before mu.
 	stripes [censusStripes]sync.Mutex
+	// refillMu serialises refills of the lists (listed.go). Taken after
+	// foldMu, before mu.
+	refillMu sync.Mutex
 	// foldMu serialises folds and Close, and guards listsOwner and
 	// listsWritten: the lists as this process last stored them, as owner
 	// listsOwner.
@@ -394,15 +397,18 @@ type Census struct {
 	bulkUnsure bool
 	walk       *censusWalk
 	// listed are the first tunnels of each attention kind, and refill says
-	// which lists are due to be read again from the index (listed.go).
-	listed map[string][]AttentionItem
-	refill map[string]int
+	// which lists are due to be read again from the index (listed.go);
+	// kindChanges counts the changes to each, so that a refill made without
+	// holding mu knows whether one came meanwhile.
+	listed      map[string][]AttentionItem
+	refill      map[string]int
+	kindChanges map[string]uint64
 }
 
 // NewCensus returns a Census that loads its counts from storage on first
 // use.
 func NewCensus(cfg CensusConfig) *Census {
-	c := &Census{now: cfg.Now, logger: cfg.Logger, mayWrite: cfg.MayWrite, perKind: ListedPerKind}
+	c := &Census{now: cfg.Now, logger: cfg.Logger, mayWrite: cfg.MayWrite, perKind: ListedPerKind, kindChanges: map[string]uint64{}}
 	if c.now == nil {
 		c.now = time.Now
 	}
@@ -563,6 +569,7 @@ func (c *Census) loadLists(ctx context.Context, s logical.Storage, e *censusEntr
 	}
 	c.listed, c.refill = map[string][]AttentionItem{}, map[string]int{}
 	for _, kind := range AttentionKinds {
+		c.changedKind(kind) // a refill under way read for the lists before
 		l := lists[kind]
 		if l != nil {
 			l.Items = l.Items[:min(len(l.Items), c.perKind)]

@@ -24,13 +24,15 @@ func (c *Census) Fold(ctx context.Context, s logical.Storage) error {
 	if err := c.ensureLoaded(ctx, s); err != nil {
 		return err
 	}
+	if err := c.refillLists(ctx, s); err != nil {
+		return err
+	}
 	c.mu.Lock()
-	err := c.refillLocked(ctx, s)
 	now := c.now()
 	due := c.gen != c.foldedGen && (now.Sub(c.foldedAt) >= CensusFoldEvery || c.countedAt.After(c.foldedAt))
 	c.mu.Unlock()
-	if err != nil || !due {
-		return err
+	if !due {
+		return nil
 	}
 	if err := c.pruneBulk(ctx, s); err != nil {
 		c.logger.Warn("the census could not look at the bulk jobs; it tries again at its next write", "error", err)
@@ -73,10 +75,11 @@ func (c *Census) write(ctx context.Context, s logical.Storage, closed bool) erro
 		c.logger.Warn("the census was written by another process since this one loaded it; it loads it again")
 		return nil
 	}
-	if err := c.refillLocked(ctx, s); err != nil {
-		c.mu.Unlock()
+	c.mu.Unlock()
+	if err := c.refillLists(ctx, s); err != nil {
 		return err
 	}
+	c.mu.Lock()
 	now := c.now().UTC()
 	e := &censusEntry{Owner: c.owner, Closed: closed, Exact: c.exact, CountedAt: c.countedAt, AsOf: now,
 		Counts: c.live.clone(), Drift: c.drift, Bulk: c.bulkStatuses(), Schedule: c.schedule, ScheduleAt: c.scheduleAt}

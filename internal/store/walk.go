@@ -230,6 +230,7 @@ func (c *Census) repairAttention(ctx context.Context, s logical.Storage, t Tunne
 	c.putAttention(ctx, s, t, kind, want)
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.changedKind(kind)
 	if i, found := c.listedFind(kind, t); found {
 		c.listed[kind][i].AttentionEntry = want
 	}
@@ -264,8 +265,8 @@ func (c *Census) checkIndex(ctx context.Context, s logical.Storage, w *censusWal
 		return false, nil
 	}
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if c.walk != w || !c.loaded {
+		c.mu.Unlock()
 		return true, nil
 	}
 	// The index is what the records say: the lists are read again from
@@ -274,11 +275,16 @@ func (c *Census) checkIndex(ctx context.Context, s logical.Storage, w *censusWal
 	for _, kind := range AttentionKinds {
 		c.refill[kind] = max(c.refill[kind], refillMissing)
 	}
-	if err := c.refillLocked(ctx, s); err != nil {
+	c.mu.Unlock()
+	if err := c.refillLists(ctx, s); err != nil {
 		return false, err
 	}
-	c.walk, c.exact, c.countedAt = nil, !w.tainted, c.now().UTC()
-	c.gen++
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.walk == w {
+		c.walk, c.exact, c.countedAt = nil, !w.tainted, c.now().UTC()
+		c.gen++
+	}
 	return true, nil
 }
 
