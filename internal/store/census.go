@@ -335,7 +335,7 @@ type CensusConfig struct {
 	Now    func() time.Time
 	Logger hclog.Logger
 	// MayWrite says whether this node may change storage: only there are
-	// counts kept; a standby reads the stored entry (ReadCensus).
+	// counts kept; a standby reads the stored entries (Census.Stored).
 	MayWrite func() bool
 }
 
