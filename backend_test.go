@@ -195,9 +195,9 @@ func (e *testEnv) edge() cloudflaresim.Tunnel {
 // refused request changed nothing. The record of Cloudflare's rate-limit
 // block is left out: it is what Cloudflare said (a 429), not a change the
 // request made, and a request refused before any call cannot write it. So is
-// the census (store.CensusKey): the background's count of what is stored,
-// written by a scheduler pass on its own clock; what it counts, the records,
-// is in the snapshot.
+// the census (store.CensusKey, and its lists under store.CensusListedPrefix):
+// the background's count of what is stored, written by a scheduler pass on
+// its own clock; what it counts, the records, is in the snapshot.
 func (e *testEnv) storageSnapshot() map[string]string {
 	e.t.Helper()
 	snap := map[string]string{}
@@ -212,7 +212,7 @@ func (e *testEnv) storageSnapshot() map[string]string {
 				walk(prefix + k)
 				continue
 			}
-			if prefix+k == store.RateLimitKey || prefix+k == store.CensusKey {
+			if prefix+k == store.RateLimitKey || prefix+k == store.CensusKey || strings.HasPrefix(prefix+k, store.CensusListedPrefix) {
 				continue
 			}
 			entry, err := e.storage.Get(context.Background(), prefix+k)

@@ -21,8 +21,8 @@ const (
 // in one read whose cost does not grow with the number of tunnels: it
 // answers from the census (internal/store/census.go), which counts the
 // tunnels, lists the first that need attention and keeps what the
-// scheduler found in the schedule: in memory on the active node, one Get
-// on a standby. It reads no record, so it holds no key.
+// scheduler found in the schedule: in memory on the active node, four Gets
+// on a standby (the census and its three lists). It reads no record, so it holds no key.
 func pathStatus(b *backend) []*framework.Path {
 	return []*framework.Path{{
 		Pattern:      "status",
@@ -45,7 +45,7 @@ func (b *backend) censusView(ctx context.Context, s logical.Storage) (*store.Cen
 	if b.mayWrite() {
 		return b.census.View(ctx, s)
 	}
-	view, err := store.ReadCensus(ctx, s)
+	view, err := b.census.Stored(ctx, s)
 	if err != nil || view != nil {
 		return view, err
 	}
@@ -153,9 +153,10 @@ read status answers "is anything wrong, and where?" for the whole mount.
 It never returns a key or a token, and its cost does not grow with the
 number of tunnels: it reads no record and lists nothing. The engine keeps a
 small census of the mount up to date as records change (in memory on the
-active node, written to storage at most every 30 seconds for performance
-standbys, which read that), and the scheduler adds what it finds in the
-schedule. Grant it to monitoring (docs/policies/monitoring.hcl).
+active node, where a read touches no storage; written to storage at most
+every 30 seconds for performance standbys, which read that: four small
+entries), and the scheduler adds what it finds in the schedule. Grant it to
+monitoring (docs/policies/monitoring.hcl).
 
 tunnels: how many tunnels have a record. states: how many are in each
 state (current, rotation_unknown, stale, tunnel_gone; every one present,
@@ -179,7 +180,13 @@ state and reason: stale ones first (the edge uses a key Vault does not hold,
 so the tunnel is down), then failing ones, then tunnel_gone ones (Cloudflare
 no longer has the tunnel); attention_count says how many there are. A
 rotation under way, or waiting for reconciliation, counts in states only: if
-the background cannot resolve it, it is failing.
+the background cannot resolve it, it is failing. A reason is cut to 200
+bytes, with double quotes shown as single ones and every other character
+outside printable ASCII (and <, >, &) as ?; the whole of it is in the
+tunnel's metadata (last_failure, state_reason). When a listed tunnel no
+longer needs attention while more of its kind do, its list is one short
+(still the first tunnels of its kind) until the background's next pass
+refills it, within about a minute; the counts are exact meanwhile.
 
 oldest_key_stored_at: when the oldest key a tunnel may use was stored
 (tunnel_gone tunnels left out). Once the tunnel that had it is rotated or
@@ -199,9 +206,18 @@ counts_exact: whether the counts are exact. They are kept exact as records
 change, and recounted by the scheduler's walk over the records, which starts
 every 10 minutes and reads 1,000 records a pass (a pass a minute when idle).
 They are not exact after the process that kept them stopped without cleaning
-up (a crash, a killed plugin), after a storage error while a record was
-written, or on a mount with records from before this version, until that
-walk next finishes (for 100,000 tunnels, within about two hours).
+up (a crash, a killed plugin), after a storage error while a record or the
+index of tunnels that need attention was written, when the stored census
+does not decode (it is then taken as none, logged once, and overwritten),
+or on a mount with records from before this version, until that walk next
+finishes (for 100,000 tunnels, within about two hours). One case they
+cannot show: an older plugin version run on the mount after this one
+stopped cleanly (a downgrade, then an upgrade) keeps no census, so nothing
+tells that the counts handed back miss its changes, and they may be wrong
+while counts_exact says true, until the upgraded process's first walk
+finishes: it starts at once and reads 1,000 records a minute (about 100
+minutes for 100,000 tunnels). After such a round trip, trust the counts once
+counted_at is later than the upgrade.
 counted_at: when that walk last finished. counts_as_of: when the counts were
 taken: now on the active node; on a performance standby, when the active
 node last wrote them.

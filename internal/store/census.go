@@ -34,14 +34,18 @@ package store
 // reads every record every 10 minutes in bounded passes, recounts them as
 // it goes (walk.go), with every change made meanwhile applied to the count
 // it builds, and replaces the counts with its own when it reaches the last
-// record: exact again, whatever happened before. The same walk puts back
-// attention/ entries that are missing, removes those whose tunnel no longer
-// belongs there, and refills the lists.
+// record. The same walk puts back attention/ entries that are missing,
+// removes those whose tunnel no longer belongs there, and refills the
+// lists; only then does it say the counts are exact: exact again, whatever
+// happened before. Nothing of this needs the census entry to decode (one
+// that does not is taken as none), and the walk goes on, not counting, when
+// the census cannot be loaded at all.
 
 import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"sort"
 	"sync"
@@ -79,7 +83,9 @@ var AttentionKinds = []string{AttentionStale, AttentionFailing, AttentionGone}
 var States = []string{StateCurrent, StateRotationUnknown, StateStale, StateTunnelGone}
 
 // AttentionEntry is the value of an attention/ entry: what a status read
-// says of the tunnel. It never holds a key.
+// says of the tunnel. It never holds a key. Its state and reason are cut
+// short and made of characters JSON writes as they are (listedText), so
+// that the census's lists have a size bound (census_lists.go).
 type AttentionEntry struct {
 	State    string    `json:"state"`
 	Reason   string    `json:"reason"`
@@ -96,11 +102,12 @@ func attentionOf(r *Record) (string, AttentionEntry) {
 	case r == nil:
 		return "", AttentionEntry{}
 	case r.Failures > 0:
-		return AttentionFailing, AttentionEntry{State: r.State, Reason: BoundReason(r.LastFailure), Failures: r.Failures, RetryAt: r.RetryAt.UTC()}
+		return AttentionFailing, AttentionEntry{State: listedText(r.State, maxListedState), Reason: listedText(r.LastFailure, MaxListedReason),
+			Failures: r.Failures, RetryAt: r.RetryAt.UTC()}
 	case r.State == StateStale:
-		return AttentionStale, AttentionEntry{State: r.State, Reason: BoundReason(r.StateReason)}
+		return AttentionStale, AttentionEntry{State: r.State, Reason: listedText(r.StateReason, MaxListedReason)}
 	case r.State == StateTunnelGone:
-		return AttentionGone, AttentionEntry{State: r.State, Reason: BoundReason(r.StateReason)}
+		return AttentionGone, AttentionEntry{State: r.State, Reason: listedText(r.StateReason, MaxListedReason)}
 	}
 	return "", AttentionEntry{}
 }
@@ -290,8 +297,8 @@ type censusEntry struct {
 	// Bulk are the bulk jobs that may still be running, with their
 	// progress when last counted (census_bulk.go).
 	Bulk []BulkStatus `json:"bulk,omitempty"`
-	// Listed are the first tunnels of each attention kind (listed.go).
-	Listed map[string][]AttentionItem `json:"listed,omitempty"`
+	// The first tunnels of each attention kind (listed.go) are stored in
+	// entries of their own (census_lists.go), written before this one.
 	// Schedule is what the scheduler last found in the schedule, at
 	// ScheduleAt.
 	Schedule   ScheduleSummary `json:"schedule"`
@@ -328,7 +335,7 @@ type CensusConfig struct {
 	Now    func() time.Time
 	Logger hclog.Logger
 	// MayWrite says whether this node may change storage: only there are
-	// counts kept; a standby reads the stored entry (ReadCensus).
+	// counts kept; a standby reads the stored entries (Census.Stored).
 	MayWrite func() bool
 }
 
@@ -349,8 +356,18 @@ type Census struct {
 	// stripes serialise what is done to one record: its write with the
 	// read of what it replaces, and the walk's visit. Taken before mu.
 	stripes [censusStripes]sync.Mutex
-	// foldMu serialises folds and Close.
-	foldMu sync.Mutex
+	// refillMu serialises refills of the lists (listed.go). Taken after
+	// foldMu, before mu.
+	refillMu sync.Mutex
+	// foldMu serialises folds and Close, and guards listsOwner and
+	// listsWritten: the lists as this process last stored them, as owner
+	// listsOwner.
+	foldMu       sync.Mutex
+	listsOwner   string
+	listsWritten map[string][]AttentionItem
+	// undecodableLogged: a census entry that does not decode was logged,
+	// and none that decodes has been read since (readEntry).
+	undecodableLogged atomic.Bool
 
 	// mu guards everything below.
 	mu sync.Mutex
@@ -380,15 +397,18 @@ type Census struct {
 	bulkUnsure bool
 	walk       *censusWalk
 	// listed are the first tunnels of each attention kind, and refill says
-	// which lists are due to be read again from the index (listed.go).
-	listed map[string][]AttentionItem
-	refill map[string]int
+	// which lists are due to be read again from the index (listed.go);
+	// kindChanges counts the changes to each, so that a refill made without
+	// holding mu knows whether one came meanwhile.
+	listed      map[string][]AttentionItem
+	refill      map[string]int
+	kindChanges map[string]uint64
 }
 
 // NewCensus returns a Census that loads its counts from storage on first
 // use.
 func NewCensus(cfg CensusConfig) *Census {
-	c := &Census{now: cfg.Now, logger: cfg.Logger, mayWrite: cfg.MayWrite, perKind: ListedPerKind}
+	c := &Census{now: cfg.Now, logger: cfg.Logger, mayWrite: cfg.MayWrite, perKind: ListedPerKind, kindChanges: map[string]uint64{}}
 	if c.now == nil {
 		c.now = time.Now
 	}
@@ -412,6 +432,9 @@ func (c *Census) lockTunnel(t Tunnel) func() {
 	return m.Unlock
 }
 
+// errUndecodable marks a census entry that is there but does not decode.
+var errUndecodable = errors.New("the census entry does not decode")
+
 func readCensusEntry(ctx context.Context, s logical.Storage) (*censusEntry, error) {
 	entry, err := s.Get(ctx, CensusKey)
 	if err != nil {
@@ -422,9 +445,30 @@ func readCensusEntry(ctx context.Context, s logical.Storage) (*censusEntry, erro
 	}
 	e := new(censusEntry)
 	if err := entry.DecodeJSON(e); err != nil {
-		return nil, fmt.Errorf("decode the census: %w", err)
+		return nil, fmt.Errorf("%w: %w", errUndecodable, err)
 	}
 	return e, nil
+}
+
+// readEntry is the stored census entry, nil when there is none or when it
+// does not decode (a storage fault, an operator's sys/raw write, a later
+// version's format after a downgrade). Such an entry is taken as no census:
+// the counts it held are lost, not exact until the next walk, and the entry
+// is overwritten at the next write. Nothing depends on it decoding, so it
+// never stops a status read, a record write or the repair walk. It is
+// logged once, not at every read.
+func (c *Census) readEntry(ctx context.Context, s logical.Storage) (*censusEntry, error) {
+	e, err := readCensusEntry(ctx, s)
+	if errors.Is(err, errUndecodable) {
+		if c.undecodableLogged.CompareAndSwap(false, true) {
+			c.logger.Warn("the census entry does not decode; it is taken as no census (counts not exact until the scheduler's next walk) and overwritten", "error", err)
+		}
+		return nil, nil
+	}
+	if err == nil && e != nil {
+		c.undecodableLogged.Store(false)
+	}
+	return e, err
 }
 
 func writeCensusEntry(ctx context.Context, s logical.Storage, e *censusEntry) error {
@@ -438,15 +482,23 @@ func writeCensusEntry(ctx context.Context, s logical.Storage, e *censusEntry) er
 	return nil
 }
 
-// ReadCensus is the census as stored: what a standby shows (nil: never
-// written).
-func ReadCensus(ctx context.Context, s logical.Storage) (*CensusView, error) {
-	e, err := readCensusEntry(ctx, s)
+// Stored is the census as stored: what a standby shows (nil: never
+// written, or an entry that does not decode).
+func (c *Census) Stored(ctx context.Context, s logical.Storage) (*CensusView, error) {
+	e, err := c.readEntry(ctx, s)
 	if err != nil || e == nil {
 		return nil, err
 	}
+	lists, err := readCensusLists(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	listed := map[string][]AttentionItem{}
+	for kind, l := range lists {
+		listed[kind] = l.Items
+	}
 	return &CensusView{Counts: e.Counts, Exact: e.Exact, CountedAt: e.CountedAt, AsOf: e.AsOf, Drift: e.Drift, Bulk: e.Bulk,
-		Listed: e.Listed, Schedule: e.Schedule, ScheduleAt: e.ScheduleAt}, nil
+		Listed: listed, Schedule: e.Schedule, ScheduleAt: e.ScheduleAt}, nil
 }
 
 // ensureLoaded reads the stored counts on first use and claims them: the
@@ -460,7 +512,7 @@ func (c *Census) ensureLoaded(ctx context.Context, s logical.Storage) error {
 	if c.loaded {
 		return nil
 	}
-	e, err := readCensusEntry(ctx, s)
+	e, err := c.readEntry(ctx, s)
 	if err != nil {
 		return err
 	}
@@ -492,21 +544,47 @@ func (c *Census) ensureLoaded(ctx context.Context, s logical.Storage) error {
 	}
 	c.schedule, c.scheduleAt = claim.Schedule, claim.ScheduleAt
 	c.bulkUnsure = !e.Closed
-	c.listed, c.refill = map[string][]AttentionItem{}, map[string]int{}
-	for _, kind := range AttentionKinds {
-		c.listed[kind] = append([]AttentionItem{}, e.Listed[kind]...)
-		switch {
-		case !e.Closed:
-			// Changes since the entry was written may be lost.
-			c.refill[kind] = refillAll
-		case len(c.listed[kind]) < min(c.perKind, c.live.Attention[kind]):
-			c.refill[kind] = refillMissing
-		}
+	if err := c.loadLists(ctx, s, e); err != nil {
+		return err
 	}
 	c.missed, c.foldedAt, c.walk = false, now, nil
 	c.foldedGen = c.gen
 	if !claim.Exact {
 		c.logger.Info("the census counts are not exact until the scheduler's next walk over the records has finished")
+	}
+	return nil
+}
+
+// loadLists takes up the lists e was closed with, and has every other one
+// refilled by the background: all of them when e was left open (changes
+// since may be lost), and a list not stored by e's owner (or that does not
+// decode). The caller holds mu.
+func (c *Census) loadLists(ctx context.Context, s logical.Storage, e *censusEntry) error {
+	lists := map[string]*censusList{}
+	if e.Closed {
+		var err error
+		if lists, err = readCensusLists(ctx, s); err != nil {
+			return err
+		}
+	}
+	c.listed, c.refill = map[string][]AttentionItem{}, map[string]int{}
+	for _, kind := range AttentionKinds {
+		c.changedKind(kind) // a refill under way read for the lists before
+		l := lists[kind]
+		if l != nil {
+			l.Items = l.Items[:min(len(l.Items), c.perKind)]
+			for i := range l.Items {
+				l.Items[i] = bounded(l.Items[i])
+			}
+		}
+		switch {
+		case l == nil || l.Owner != e.Owner:
+			c.listed[kind], c.refill[kind] = []AttentionItem{}, refillAll
+		case len(l.Items) < min(c.perKind, c.live.Attention[kind]):
+			c.listed[kind], c.refill[kind] = l.Items, refillMissing
+		default:
+			c.listed[kind] = l.Items
+		}
 	}
 	return nil
 }
@@ -526,27 +604,28 @@ func (c *Census) taint() {
 }
 
 func (c *Census) taintLocked() {
+	if c.walk != nil {
+		c.walk.tainted = true
+	}
 	if !c.loaded {
 		c.missed = true
 		return
 	}
 	c.exact = false
 	c.gen++
-	if c.walk != nil {
-		c.walk.tainted = true
-	}
 }
 
-// View is the census as this node keeps it, for a status read.
+// View is the census as this node keeps it, for a status read. Once the
+// census is loaded (at the background's first pass, or this read) it reads
+// nothing from storage.
 func (c *Census) View(ctx context.Context, s logical.Storage) (*CensusView, error) {
 	if err := c.ensureLoaded(ctx, s); err != nil {
 		return nil, err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if err := c.refillLocked(ctx, s); err != nil {
-		return nil, err
-	}
+	// A list that lost a tunnel while more of its kind exist is refilled
+	// by the background (Fold), not here: the read touches no storage.
 	return &CensusView{Counts: c.live.clone(), Exact: c.exact, CountedAt: c.countedAt, AsOf: c.now().UTC(),
 		Drift: c.drift, Bulk: c.bulkStatuses(), Listed: c.cloneListed(), Schedule: c.schedule, ScheduleAt: c.scheduleAt}, nil
 }

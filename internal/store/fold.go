@@ -2,7 +2,9 @@ package store
 
 // Writing the census: the background folds what changed into the entry
 // (Fold), and the mount's cleanup writes it closed (Close). Each is one
-// Get (whose the entry is) and one Put, and only when something changed.
+// Get (whose the entry is), a Put of each list that changed
+// (census_lists.go; all three at Close) and one Put of the entry, and only
+// when something changed.
 
 import (
 	"context"
@@ -10,13 +12,19 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
-// Fold writes the counts to the census entry when they changed since the
-// last write, at most every CensusFoldEvery, and at once after a recount;
-// before that it drops from the census the bulk jobs that have finished.
+// Fold refills the lists that lost a tunnel while more of their kind
+// exist (listed.go), at every call: the background's passes, so a status
+// read never does. Then it writes the counts to the census entry when they
+// changed since the last write, at most every CensusFoldEvery, and at once
+// after a recount; before that it drops from the census the bulk jobs that
+// have finished.
 func (c *Census) Fold(ctx context.Context, s logical.Storage) error {
 	c.foldMu.Lock()
 	defer c.foldMu.Unlock()
 	if err := c.ensureLoaded(ctx, s); err != nil {
+		return err
+	}
+	if err := c.refillLists(ctx, s); err != nil {
 		return err
 	}
 	c.mu.Lock()
@@ -55,7 +63,8 @@ func (c *Census) Close(ctx context.Context) error {
 // When another has written it since (another node that took over, or an
 // operator), this one loads it again instead.
 func (c *Census) write(ctx context.Context, s logical.Storage, closed bool) error {
-	stored, err := readCensusEntry(ctx, s)
+	// One that does not decode is taken as none, and overwritten.
+	stored, err := c.readEntry(ctx, s)
 	if err != nil {
 		return err
 	}
@@ -66,16 +75,21 @@ func (c *Census) write(ctx context.Context, s logical.Storage, closed bool) erro
 		c.logger.Warn("the census was written by another process since this one loaded it; it loads it again")
 		return nil
 	}
-	if err := c.refillLocked(ctx, s); err != nil {
-		c.mu.Unlock()
+	c.mu.Unlock()
+	if err := c.refillLists(ctx, s); err != nil {
 		return err
 	}
+	c.mu.Lock()
 	now := c.now().UTC()
 	e := &censusEntry{Owner: c.owner, Closed: closed, Exact: c.exact, CountedAt: c.countedAt, AsOf: now,
-		Counts: c.live.clone(), Drift: c.drift, Bulk: c.bulkStatuses(), Listed: c.cloneListed(),
-		Schedule: c.schedule, ScheduleAt: c.scheduleAt}
-	gen := c.gen
+		Counts: c.live.clone(), Drift: c.drift, Bulk: c.bulkStatuses(), Schedule: c.schedule, ScheduleAt: c.scheduleAt}
+	lists, gen := c.cloneListed(), c.gen
 	c.mu.Unlock()
+	// The lists first: an entry closed is never taken with lists older
+	// than it (one left open has its lists refilled anyway).
+	if err := c.writeLists(ctx, s, e.Owner, lists, closed); err != nil {
+		return err
+	}
 	if err := writeCensusEntry(ctx, s, e); err != nil {
 		return err
 	}

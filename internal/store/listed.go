@@ -13,14 +13,22 @@ package store
 // reason replaces the old one. The list is always the first tunnels of its
 // kind; when one is taken off while more exist, it is refilled from the
 // attention/ index (a List, and a Get for each tunnel not listed yet) by
-// the next status read or write of the census. The index is written before
-// the change that puts a tunnel in it, and emptied before the change that
-// takes one out is applied, so that a refill, which holds the census's
-// lock, never lists a tunnel the change then forgets.
+// the background's next pass (Fold) or the end of a walk, never by a status
+// read, which reads nothing from storage: until then the list is short by
+// the tunnels taken off, and still the first of its kind. The index is
+// written before the change that puts a tunnel in it, and emptied before
+// the change that takes one out is applied, so that a refill never lists a
+// tunnel the change then forgets. A refill reads the index without holding
+// the census's lock, and installs what it read only if no change to the
+// list came meanwhile (refillLists), so neither a record's write nor a
+// status read waits for its List. When an index write fails the counts are
+// marked not exact (observe.go), since a refill may then list what the
+// records do not say.
 
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -98,6 +106,7 @@ func (c *Census) listedFind(kind string, t Tunnel) (int, bool) {
 // something new), where the list is the first tunnels of its kind. The
 // caller holds mu and has counted the change.
 func (c *Census) listedPut(kind string, item AttentionItem) {
+	c.changedKind(kind)
 	i, found := c.listedFind(kind, item.tunnel())
 	l := c.listed[kind]
 	if found {
@@ -121,6 +130,7 @@ func (c *Census) listedPut(kind string, item AttentionItem) {
 // listedDrop takes t off kind's list, and has it refilled if more tunnels
 // of the kind exist. The caller holds mu and has counted the change.
 func (c *Census) listedDrop(kind string, t Tunnel) {
+	c.changedKind(kind)
 	i, found := c.listedFind(kind, t)
 	if !found {
 		return
@@ -142,40 +152,102 @@ const (
 	refillAll
 )
 
-// refillLocked makes each list whose refill is due the first tunnels of
-// its kind in the index again. The caller holds mu.
-func (c *Census) refillLocked(ctx context.Context, s logical.Storage) error {
+// refillTries bounds the refills of a list done without holding mu that a
+// change to the same kind can spoil; the last is done holding it.
+const refillTries = 3
+
+// refillLists makes each list whose refill is due the first tunnels of its
+// kind in the index again. It reads the index without holding mu, so that
+// neither a record's write nor a status read waits for that List; a list
+// that changed meanwhile (changedKind) is read again, and after refillTries
+// such reads the last is made holding mu. Either way what it installs is
+// what a refill holding mu throughout would have: the index is written
+// before a change that puts a tunnel in it is applied, and emptied before
+// one that takes a tunnel out is. The caller holds no lock but perhaps
+// foldMu.
+func (c *Census) refillLists(ctx context.Context, s logical.Storage) error {
+	c.refillMu.Lock()
+	defer c.refillMu.Unlock()
 	for _, kind := range AttentionKinds {
+		if err := c.refillKind(ctx, s, kind); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *Census) refillKind(ctx context.Context, s logical.Storage, kind string) error {
+	for try := 1; ; try++ {
+		c.mu.Lock()
 		how := c.refill[kind]
 		if how == refillNone {
-			continue
+			c.mu.Unlock()
+			return nil
 		}
-		tunnels, err := listAttention(ctx, s, kind)
+		if try == refillTries {
+			defer c.mu.Unlock()
+			l, err := c.readList(ctx, s, kind, how, c.listed[kind])
+			if err == nil {
+				c.installList(kind, l)
+			}
+			return err
+		}
+		changes, have := c.kindChanges[kind], slices.Clone(c.listed[kind])
+		c.mu.Unlock()
+		l, err := c.readList(ctx, s, kind, how, have)
 		if err != nil {
 			return err
 		}
-		have := map[Tunnel]AttentionItem{}
-		for _, it := range c.listed[kind] {
-			have[it.tunnel()] = it
+		c.mu.Lock()
+		if c.kindChanges[kind] == changes {
+			c.installList(kind, l)
+			c.mu.Unlock()
+			return nil
 		}
-		var l []AttentionItem
-		for _, t := range tunnels[:min(len(tunnels), c.perKind)] {
-			if it, ok := have[t]; ok && how == refillMissing {
-				l = append(l, it)
-				continue
-			}
-			e, err := readAttention(ctx, s, t, kind)
-			if err != nil {
-				return err
-			}
-			if e != nil {
-				l = append(l, AttentionItem{AccountID: t.AccountID, TunnelID: t.TunnelID, AttentionEntry: *e})
-			}
+		c.mu.Unlock()
+	}
+}
+
+// readList reads the first tunnels of kind from the index: all of them
+// (how refillAll), or those not in have, which are kept as they are.
+func (c *Census) readList(ctx context.Context, s logical.Storage, kind string, how int, have []AttentionItem) ([]AttentionItem, error) {
+	tunnels, err := listAttention(ctx, s, kind)
+	if err != nil {
+		return nil, err
+	}
+	listed := map[Tunnel]AttentionItem{}
+	for _, it := range have {
+		listed[it.tunnel()] = it
+	}
+	var l []AttentionItem
+	for _, t := range tunnels[:min(len(tunnels), c.perKind)] {
+		if it, ok := listed[t]; ok && how == refillMissing {
+			l = append(l, it)
+			continue
 		}
-		c.listed[kind], c.refill[kind] = l, refillNone
+		e, err := readAttention(ctx, s, t, kind)
+		if err != nil {
+			return nil, err
+		}
+		if e != nil {
+			l = append(l, bounded(AttentionItem{AccountID: t.AccountID, TunnelID: t.TunnelID, AttentionEntry: *e}))
+		}
+	}
+	return l, nil
+}
+
+// installList makes l kind's list. The caller holds mu.
+func (c *Census) installList(kind string, l []AttentionItem) {
+	if !slices.Equal(l, c.listed[kind]) {
 		c.gen++
 	}
-	return nil
+	c.listed[kind], c.refill[kind] = l, refillNone
+}
+
+// changedKind notes a change to kind's list, or to what a refill under way
+// may read for it. The caller holds mu.
+func (c *Census) changedKind(kind string) {
+	c.kindChanges[kind]++
 }
 
 // cloneListed copies the lists, for a view or the entry.

@@ -17,7 +17,8 @@ package store
 // after the record that no longer does, so that a crash leaves an entry
 // too many, never one too few (the walk removes it). Index writes are best
 // effort: a status view must never stop a rotation, so a failure is logged
-// and the walk repairs it.
+// and the walk repairs it. Until it has, the counts are marked not exact:
+// a list refilled from a wrong index (listed.go) would be wrong too.
 
 import (
 	"context"
@@ -174,12 +175,14 @@ func (c *Census) putAttention(ctx context.Context, s logical.Storage, t Tunnel, 
 		err = s.Put(ctx, entry)
 	}
 	if err != nil {
-		c.logger.Warn("could not index a tunnel that needs attention; the scheduler's next walk adds it", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
+		c.taint()
+		c.logger.Warn("could not index a tunnel that needs attention; the counts are not exact until the scheduler's next walk adds it", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
 	}
 }
 
 func (c *Census) deleteAttention(ctx context.Context, s logical.Storage, t Tunnel, kind string) {
 	if err := s.Delete(ctx, t.attentionKey(kind)); err != nil {
-		c.logger.Warn("could not remove a tunnel from the attention index; the scheduler's next walk removes it", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
+		c.taint()
+		c.logger.Warn("could not remove a tunnel from the attention index; the counts are not exact until the scheduler's next walk removes it", "account_id", t.AccountID, "tunnel_id", t.TunnelID, "error", err)
 	}
 }

@@ -108,15 +108,21 @@ func (c *Census) StartWalk() {
 // says the walk is over. A record that cannot be read stops the step with
 // the error, and is passed over: it is not counted, and the counts are not
 // exact until the next walk. An error of visit stops the step too.
+//
+// The walk never depends on the census: it is the scheduler's repair walk,
+// which puts back lost schedule entries, and was that before it counted.
+// When the census cannot be loaded it walks on, its count marked not exact.
 func (c *Census) WalkStep(ctx context.Context, s logical.Storage, n int, visit func(Tunnel, *Record) error) (bool, error) {
-	if err := c.ensureLoaded(ctx, s); err != nil {
-		return false, err
+	loadErr := c.ensureLoaded(ctx, s)
+	if loadErr != nil {
+		c.logger.Warn("the census could not be loaded; the walk goes on without it, and its counts are not exact", "error", loadErr)
 	}
 	c.mu.Lock()
 	if c.walk == nil {
 		c.walk = &censusWalk{}
 	}
 	w := c.walk
+	w.tainted = w.tainted || loadErr != nil
 	c.mu.Unlock()
 	for i := 0; i < n; i++ {
 		t, ok, err := c.nextToRead(ctx, s, w, n)
@@ -175,8 +181,11 @@ func (c *Census) nextToRead(ctx context.Context, s logical.Storage, w *censusWal
 	if len(w.batch) > 0 {
 		return w.batch[0], true, nil
 	}
-	if c.walk == w {
-		c.live, c.exact, c.countedAt = w.acc, !w.tainted, c.now().UTC()
+	// Unloaded, there are no counts to replace: a load replaces them. The
+	// counts are exact now, but not said to be until the index and the
+	// lists are checked too (checkIndex): a list may still be wrong.
+	if c.walk == w && c.loaded {
+		c.live, c.exact = w.acc, c.exact && !w.tainted
 		c.gen++
 		// The walk's count is the live one from now on; a bulk job started
 		// by a process that stopped before it was written is looked for.
@@ -221,6 +230,7 @@ func (c *Census) repairAttention(ctx context.Context, s logical.Storage, t Tunne
 	c.putAttention(ctx, s, t, kind, want)
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.changedKind(kind)
 	if i, found := c.listedFind(kind, t); found {
 		c.listed[kind][i].AttentionEntry = want
 	}
@@ -255,12 +265,25 @@ func (c *Census) checkIndex(ctx context.Context, s logical.Storage, w *censusWal
 		return false, nil
 	}
 	c.mu.Lock()
+	if c.walk != w || !c.loaded {
+		c.mu.Unlock()
+		return true, nil
+	}
+	// The index is what the records say: the lists are read again from
+	// it, and only then are the counts and lists said to be exact. A
+	// refill that fails is tried again at the next step.
+	for _, kind := range AttentionKinds {
+		c.refill[kind] = max(c.refill[kind], refillMissing)
+	}
+	c.mu.Unlock()
+	if err := c.refillLists(ctx, s); err != nil {
+		return false, err
+	}
+	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.walk == w {
-		c.walk = nil
-		for _, kind := range AttentionKinds {
-			c.refill[kind] = max(c.refill[kind], refillMissing)
-		}
+		c.walk, c.exact, c.countedAt = nil, !w.tainted, c.now().UTC()
+		c.gen++
 	}
 	return true, nil
 }
@@ -277,6 +300,8 @@ func (c *Census) checkEntry(ctx context.Context, s logical.Storage, t Tunnel, ki
 		return nil
 	}
 	if err := s.Delete(ctx, t.attentionKey(kind)); err != nil {
+		// A refill may list it: not exact until a walk removes it.
+		c.taint()
 		return fmt.Errorf("remove %s from the attention index: %w", t, err)
 	}
 	c.mu.Lock()
