@@ -85,7 +85,7 @@ func (b *backend) clean(ctx context.Context) {
 // and whichever part of the engine writes it, is counted.
 func (b *backend) HandleRequest(ctx context.Context, req *logical.Request) (*logical.Response, error) {
 	if req != nil && req.Storage != nil && b.census != nil {
-		req.Storage = b.census.Observe(req.Storage)
+		req.Storage = b.census.ObserveRequest(req.Storage)
 	}
 	return b.Backend.HandleRequest(ctx, req)
 }

@@ -355,7 +355,7 @@ type Census struct {
 
 	// stripes serialise what is done to one record: its write with the
 	// read of what it replaces, and the walk's visit. Taken before mu.
-	stripes [censusStripes]sync.Mutex
+	stripes [censusStripes]censusStripe
 	// refillMu serialises refills of the lists (listed.go). Taken after
 	// foldMu, before mu.
 	refillMu sync.Mutex
@@ -421,13 +421,28 @@ func NewCensus(cfg CensusConfig) *Census {
 	return c
 }
 
-// lockTunnel takes t's stripe.
-func (c *Census) lockTunnel(t Tunnel) func() {
+// censusStripe is one of the census's record locks, with the count of the
+// record writes made under it.
+type censusStripe struct {
+	sync.Mutex
+	// writes counts the record writes of this stripe, bumped after each
+	// under the lock: a record read while it was n is still what storage
+	// holds as long as it is n (observe.go's memo).
+	writes atomic.Uint64
+}
+
+// stripe is t's stripe.
+func (c *Census) stripe(t Tunnel) *censusStripe {
 	h := uint32(2166136261)
 	for _, b := range []byte(t.AccountID + "/" + t.TunnelID) {
 		h = (h ^ uint32(b)) * 16777619
 	}
-	m := &c.stripes[h%censusStripes]
+	return &c.stripes[h%censusStripes]
+}
+
+// lockTunnel takes t's stripe.
+func (c *Census) lockTunnel(t Tunnel) func() {
+	m := c.stripe(t)
 	m.Lock()
 	return m.Unlock
 }
