@@ -429,6 +429,17 @@ type censusStripe struct {
 	// under the lock: a record read while it was n is still what storage
 	// holds as long as it is n (observe.go's memo).
 	writes atomic.Uint64
+	// changing is the tunnel whose record write is under way under the
+	// lock, from before storage is written until the change is counted
+	// (nil: none). The walk reads such a record only once it is counted
+	// (walk.go).
+	changing atomic.Pointer[Tunnel]
+}
+
+// changing says whether a write of t's record is under way.
+func (c *Census) changing(t Tunnel) bool {
+	p := c.stripe(t).changing.Load()
+	return p != nil && *p == t
 }
 
 // stripe is t's stripe.

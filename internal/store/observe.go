@@ -211,6 +211,8 @@ func (c *Census) put(ctx context.Context, o *observed, t Tunnel, entry *logical.
 	st := c.stripe(t)
 	st.Lock()
 	defer st.Unlock()
+	st.changing.Store(&t)
+	defer st.changing.Store(nil)
 	s := o.Storage
 	loadErr := c.ensureLoaded(ctx, s)
 	old, known := c.replaced(ctx, o, t, st)
@@ -248,6 +250,8 @@ func (c *Census) delete(ctx context.Context, o *observed, t Tunnel) error {
 	st := c.stripe(t)
 	st.Lock()
 	defer st.Unlock()
+	st.changing.Store(&t)
+	defer st.changing.Store(nil)
 	s := o.Storage
 	loadErr := c.ensureLoaded(ctx, s)
 	old, known := c.replaced(ctx, o, t, st)

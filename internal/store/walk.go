@@ -14,6 +14,14 @@ package store
 // so that it is read too. Reading a record and a change to it are
 // serialised by the tunnel's stripe, and what the walk has listed and read
 // by the census's lock, so that every change falls on one side.
+//
+// A change is stored before it is counted, so one more case lies between:
+// a record deleted just before a listing, not listed, whose deletion is
+// counted only after the walk has read past it, would be taken out of a
+// count it was never in. So every record whose change is under way when a
+// listing ends (the stripes say which) is added to the listed keys, and
+// the walk reads it once the change is counted; it reads the others
+// meanwhile, and waits for the next step if only such records are left.
 
 import (
 	"context"
@@ -125,11 +133,14 @@ func (c *Census) WalkStep(ctx context.Context, s logical.Storage, n int, visit f
 	w.tainted = w.tainted || loadErr != nil
 	c.mu.Unlock()
 	for i := 0; i < n; i++ {
-		t, ok, err := c.nextToRead(ctx, s, w, n)
+		t, next, err := c.nextToRead(ctx, s, w, n)
 		if err != nil {
 			return false, err
 		}
-		if !ok {
+		switch next {
+		case walkWait:
+			return false, nil
+		case walkCounted:
 			return c.checkIndex(ctx, s, w, n-i)
 		}
 		rec, err := c.read(ctx, s, w, t)
@@ -145,14 +156,27 @@ func (c *Census) WalkStep(ctx context.Context, s logical.Storage, n int, visit f
 	return false, nil
 }
 
+// walkNext is what the walk does next.
+type walkNext int
+
+const (
+	// walkRead: read the record nextToRead returned.
+	walkRead walkNext = iota
+	// walkWait: every record listed and not read yet is being changed;
+	// the walk goes on at its next step.
+	walkWait
+	// walkCounted: every record is counted.
+	walkCounted
+)
+
 // nextToRead is the next record the walk reads, listing the next n keys
-// when those listed are read; false when every record is counted (the
-// counts are then replaced by the walk's).
-func (c *Census) nextToRead(ctx context.Context, s logical.Storage, w *censusWalk, n int) (Tunnel, bool, error) {
+// when those listed are read; walkCounted when every record is counted
+// (the counts are then replaced by the walk's).
+func (c *Census) nextToRead(ctx context.Context, s logical.Storage, w *censusWalk, n int) (Tunnel, walkNext, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if w.counted {
-		return Tunnel{}, false, nil
+		return Tunnel{}, walkCounted, nil
 	}
 	if len(w.batch) == 0 && !w.complete {
 		w.listing, w.pending = true, nil
@@ -165,21 +189,32 @@ func (c *Census) nextToRead(ctx context.Context, s logical.Storage, w *censusWal
 			// What changed meanwhile is beyond the cursor: the next
 			// listing finds it.
 			w.pending = nil
-			return Tunnel{}, false, err
+			return Tunnel{}, walkRead, err
 		}
 		w.batch, w.complete = tunnels, complete
 		if len(tunnels) > 0 {
 			w.batchEnd = tunnels[len(tunnels)-1]
 		}
+		inRange := func(p Tunnel) bool { return w.cursor.less(p) && (complete || !w.batchEnd.less(p)) }
 		for _, p := range w.pending {
-			if w.cursor.less(p) && (complete || !w.batchEnd.less(p)) {
+			if inRange(p) {
 				w.insert(p)
 			}
 		}
 		w.pending = nil
+		for i := range c.stripes {
+			if p := c.stripes[i].changing.Load(); p != nil && inRange(*p) {
+				w.insert(*p)
+			}
+		}
+	}
+	for _, t := range w.batch {
+		if !c.changing(t) {
+			return t, walkRead, nil
+		}
 	}
 	if len(w.batch) > 0 {
-		return w.batch[0], true, nil
+		return Tunnel{}, walkWait, nil
 	}
 	// Unloaded, there are no counts to replace: a load replaces them. The
 	// counts are exact now, but not said to be until the index and the
@@ -192,7 +227,7 @@ func (c *Census) nextToRead(ctx context.Context, s logical.Storage, w *censusWal
 		w.acc, c.bulkUnsure = Counts{}, true
 	}
 	w.counted = true
-	return Tunnel{}, false, nil
+	return Tunnel{}, walkCounted, nil
 }
 
 // read reads t for the walk, counts it and checks its attention/ entry,
