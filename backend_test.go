@@ -18,6 +18,8 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // testEnv is one mount of the engine against its own Cloudflare simulator.
@@ -192,7 +194,10 @@ func (e *testEnv) edge() cloudflaresim.Tunnel {
 // storageSnapshot returns every storage key with its value, to prove that a
 // refused request changed nothing. The record of Cloudflare's rate-limit
 // block is left out: it is what Cloudflare said (a 429), not a change the
-// request made, and a request refused before any call cannot write it.
+// request made, and a request refused before any call cannot write it. So is
+// the census (store.CensusKey, and its lists under store.CensusListedPrefix):
+// the background's count of what is stored, written by a scheduler pass on
+// its own clock; what it counts, the records, is in the snapshot.
 func (e *testEnv) storageSnapshot() map[string]string {
 	e.t.Helper()
 	snap := map[string]string{}
@@ -207,7 +212,7 @@ func (e *testEnv) storageSnapshot() map[string]string {
 				walk(prefix + k)
 				continue
 			}
-			if prefix+k == rateLimitStorageKey {
+			if prefix+k == store.RateLimitKey || prefix+k == store.CensusKey || strings.HasPrefix(prefix+k, store.CensusListedPrefix) {
 				continue
 			}
 			entry, err := e.storage.Get(context.Background(), prefix+k)
@@ -308,12 +313,12 @@ func TestInvalidateDropsTheCachedClient(t *testing.T) {
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 
 	newToken := env.sim.AddToken(cloudflaresim.Token{})
-	cfg, err := readConfig(context.Background(), env.storage)
+	cfg, err := mount.ReadConfig(context.Background(), env.storage)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cfg.APIToken = newToken.Value
-	entry, err := logical.StorageEntryJSON(configStorageKey, cfg)
+	entry, err := logical.StorageEntryJSON(mount.ConfigKey, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -327,7 +332,7 @@ func TestInvalidateDropsTheCachedClient(t *testing.T) {
 	if httpStatus(resp, err) != http.StatusBadRequest {
 		t.Fatalf("rotation with the disabled cached token: status %d, want 400", httpStatus(resp, err))
 	}
-	env.b.Invalidate(context.Background(), configStorageKey)
+	env.b.Invalidate(context.Background(), mount.ConfigKey)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
 }
 

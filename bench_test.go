@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
@@ -83,7 +84,7 @@ func BenchmarkStartup100kTunnels(b *testing.B) {
 	storage := &logical.InmemStorage{}
 	ctx := context.Background()
 	now := time.Now()
-	if err := writeStorageJSON(ctx, storage, configStorageKey, &configRecord{
+	if err := writeStorageJSON(ctx, storage, mount.ConfigKey, &mount.Config{
 		APIToken: "unused-token-value-0123456789abcdefghij", BaseURL: "http://127.0.0.1:1/client/v4",
 		RequestTimeout: time.Second, RateLimit: 600, RateLimitWindow: 5 * time.Minute, HealStalePSK: true,
 	}); err != nil {

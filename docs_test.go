@@ -120,6 +120,7 @@ func TestHelpNamesEveryReturnedField(t *testing.T) {
 		"config",
 		"rotate/" + env.account,
 		"tunnels/" + env.account + "/" + env.tunnel.ID,
+		"status",
 	} {
 		resp := env.must(env.request(logical.ReadOperation, path, nil))
 		route := env.b.Route(path)

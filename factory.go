@@ -5,10 +5,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 
-	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
@@ -23,13 +24,19 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 
 func newBackend() *backend {
 	b := &backend{now: time.Now}
-	b.budget = cloudflare.NewBudget(defaultRateLimit, defaultRateLimitWindow, func() time.Time { return b.now() })
-	b.budget.SetOnBlock(b.storeBlock)
+	b.clients = mount.NewClients(mount.ClientsConfig{
+		// The backend's clock and logger, read at each use: tests move the
+		// clock, and Vault sets the logger up after this.
+		Now:       func() time.Time { return b.now() },
+		Logger:    func() hclog.Logger { return b.Logger() },
+		MayWrite:  b.mayWrite,
+		UserAgent: "vault-plugin-secrets-cloudflare-ipsec/" + version,
+	})
 	b.Backend = &framework.Backend{
 		Help:        strings.TrimSpace(backendHelp),
 		BackendType: logical.TypeLogical,
 		PathsSpecial: &logical.Paths{
-			SealWrapStorage: []string{configStorageKey, store.PSKPrefix},
+			SealWrapStorage: []string{mount.ConfigKey, store.PSKPrefix},
 		},
 		Paths: framework.PathAppend(
 			[]*framework.Path{pathConfig(b), pathConfigRotateRoot(b)},
@@ -38,6 +45,7 @@ func newBackend() *backend {
 			pathMetadata(b),
 			pathRotate(b),
 			pathTunnels(b),
+			pathStatus(b),
 			[]*framework.Path{pathKeySource(b)},
 		),
 		Invalidate:     b.invalidate,

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -240,7 +241,7 @@ func TestMinRotationPeriodConfig(t *testing.T) {
 
 	// A config stored before the field existed.
 	ctx := context.Background()
-	entry, err := env.storage.Get(ctx, configStorageKey)
+	entry, err := env.storage.Get(ctx, mount.ConfigKey)
 	if err != nil || entry == nil {
 		t.Fatalf("read config: %v", err)
 	}
@@ -264,7 +265,7 @@ func TestMinRotationPeriodConfig(t *testing.T) {
 		t.Errorf("rotation_period=30m under a config stored before the field: %d %s", httpStatus(resp, err), errorText(resp, err))
 	}
 	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"request_timeout": "2s"}))
-	if cfg, err := readConfig(ctx, env.storage); err != nil || cfg.MinRotationPeriod != time.Hour {
+	if cfg, err := mount.ReadConfig(ctx, env.storage); err != nil || cfg.MinRotationPeriod != time.Hour {
 		t.Errorf("the next config write stored min_rotation_period %v (%v), want 1h", cfg.MinRotationPeriod, err)
 	}
 }

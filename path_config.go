@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
-	"net/url"
 	"strings"
 	"time"
 
@@ -12,6 +10,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
@@ -39,7 +38,7 @@ var configFields = map[string]*framework.FieldSchema{
 	"request_timeout": {
 		Type:        framework.TypeDurationSecond,
 		Description: "Time limit for one Cloudflare call, as a duration (\"30s\") or seconds. At most 5m.",
-		Default:     int(defaultRequestTimeout.Seconds()),
+		Default:     int(mount.DefaultRequestTimeout.Seconds()),
 		DisplayAttrs: &framework.DisplayAttributes{
 			Name: "Request timeout",
 		},
@@ -55,7 +54,7 @@ var configFields = map[string]*framework.FieldSchema{
 	"rate_limit": {
 		Type:        framework.TypeInt,
 		Description: "Most Cloudflare calls this mount makes in any rate_limit_window, every kind of call counted. Cloudflare allows 1,200 calls per five minutes per user: all of the user's API tokens and dashboard use share that limit (an account-owned token has its own), and past it Cloudflare blocks them all for five minutes. The default, 600, leaves half for the user's other tools; mounts whose tokens belong to one user share one limit, so split it between them.",
-		Default:     defaultRateLimit,
+		Default:     mount.DefaultRateLimit,
 		DisplayAttrs: &framework.DisplayAttributes{
 			Name: "Rate limit",
 		},
@@ -63,7 +62,7 @@ var configFields = map[string]*framework.FieldSchema{
 	"rate_limit_window": {
 		Type:        framework.TypeDurationSecond,
 		Description: "The window rate_limit counts over. Leave it at Cloudflare's 5m; tests shorten it to exercise pacing quickly.",
-		Default:     int(defaultRateLimitWindow.Seconds()),
+		Default:     int(mount.DefaultRateLimitWindow.Seconds()),
 		DisplayAttrs: &framework.DisplayAttributes{
 			Name: "Rate limit window",
 		},
@@ -71,7 +70,7 @@ var configFields = map[string]*framework.FieldSchema{
 	"drift_check_interval": {
 		Type:        framework.TypeDurationSecond,
 		Description: "How often the background lists each account with managed tunnels (one Cloudflare call per account) to find keys changed outside this engine, and tunnels recorded tunnel_gone that Cloudflare lists again (returned to management at most once a day each). At least 1m; 0 turns it off.",
-		Default:     int(defaultDriftCheckInterval.Seconds()),
+		Default:     int(mount.DefaultDriftCheckInterval.Seconds()),
 		DisplayAttrs: &framework.DisplayAttributes{
 			Name: "Drift check interval",
 		},
@@ -81,7 +80,7 @@ var configFields = map[string]*framework.FieldSchema{
 		Description: "The shortest schedule any write of psk/ or psk/<account>/<tunnel>/schedule may set (rotation_period, or the times of a rotation_schedule), " +
 			"and the least time a schedule change leaves after a tunnel's last key. Every rotation takes the tunnel down until its routers have the new key: " +
 			"a team allowed only to reschedule can cause at most one rotation per tunnel per this period. Between 1m and 8760h.",
-		Default: int(defaultMinRotationPeriod.Seconds()),
+		Default: int(mount.DefaultMinRotationPeriod.Seconds()),
 		DisplayAttrs: &framework.DisplayAttributes{
 			Name: "Minimum rotation period",
 		},
@@ -112,7 +111,7 @@ var configFields = map[string]*framework.FieldSchema{
 			"which costs one call of the budget whatever its size. A batch Cloudflare refuses as too large is halved until it fits. " +
 			"Every tunnel of a batch is written ahead before the call, and a lost answer leaves them all pending, each then finished by a call " +
 			"of its own. Between 1 and 1000.",
-		Default: defaultSetBatchSize,
+		Default: mount.DefaultSetBatchSize,
 		DisplayAttrs: &framework.DisplayAttributes{
 			Name: "Set batch size",
 		},
@@ -150,20 +149,20 @@ func pathConfig(b *backend) *framework.Path {
 }
 
 func (b *backend) configExists(ctx context.Context, req *logical.Request, _ *framework.FieldData) (bool, error) {
-	cfg, err := readConfig(ctx, req.Storage)
+	cfg, err := mount.ReadConfig(ctx, req.Storage)
 	return cfg != nil, err
 }
 
 func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
-	cfg, err := readConfig(ctx, req.Storage)
+	cfg, err := mount.ReadConfig(ctx, req.Storage)
 	if err != nil || cfg == nil {
 		return nil, err
 	}
-	limit, window := cfg.rateLimit()
+	limit, window := cfg.CallBudget()
 	// A block on record is read into the budget first: a backend that has
 	// not called Cloudflare yet still knows of a block a previous process
 	// met.
-	if err := b.loadBlock(ctx, req.Storage); err != nil {
+	if err := b.clients.LoadBlock(ctx, req.Storage); err != nil {
 		return nil, err
 	}
 	return &logical.Response{Data: map[string]any{
@@ -174,32 +173,32 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 		"rate_limit":           limit,
 		"rate_limit_window":    int(window.Seconds()),
 		"drift_check_interval": int(cfg.DriftCheckInterval.Seconds()),
-		"min_rotation_period":  int(cfg.minRotationPeriod().Seconds()),
-		"key_source":           cfg.keySource(),
+		"min_rotation_period":  int(cfg.MinRotation().Seconds()),
+		"key_source":           cfg.Source(),
 		"password_policy":      cfg.PasswordPolicy,
-		"set_batch_size":       cfg.setBatchSize(),
+		"set_batch_size":       cfg.BatchSize(),
 		"token_id":             cfg.TokenID,
 		"token_status":         cfg.TokenStatus,
 		"token_expires_on":     store.FormatTime(cfg.TokenExpiresOn),
 		"token_not_before":     store.FormatTime(cfg.TokenNotBefore),
 		"token_verified_at":    store.FormatTime(cfg.VerifiedAt),
 		"last_rotated":         store.FormatTime(cfg.LastRotated),
-		"rate_limited_until":   store.FormatTime(b.budget.BlockedUntil()),
-	}, Warnings: cfg.expiryWarnings(b.now())}, nil
+		"rate_limited_until":   store.FormatTime(b.clients.Budget().BlockedUntil()),
+	}, Warnings: cfg.ExpiryWarnings(b.now())}, nil
 }
 
 func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	b.configMu.Lock()
 	defer b.configMu.Unlock()
-	cfg, err := readConfig(ctx, req.Storage)
+	cfg, err := mount.ReadConfig(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
-	var stored *configRecord
+	var stored *mount.Config
 	if cfg == nil {
-		cfg = &configRecord{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: defaultRequestTimeout, HealStalePSK: true,
-			RateLimit: defaultRateLimit, RateLimitWindow: defaultRateLimitWindow, DriftCheckInterval: defaultDriftCheckInterval,
-			MinRotationPeriod: defaultMinRotationPeriod}
+		cfg = &mount.Config{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: mount.DefaultRequestTimeout, HealStalePSK: true,
+			RateLimit: mount.DefaultRateLimit, RateLimitWindow: mount.DefaultRateLimitWindow, DriftCheckInterval: mount.DefaultDriftCheckInterval,
+			MinRotationPeriod: mount.DefaultMinRotationPeriod}
 	} else {
 		copied := *cfg
 		stored = &copied
@@ -217,17 +216,17 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 		return logical.ErrorResponse(problem), nil
 	}
 
-	client, err := b.newCloudflareClient(ctx, req.Storage, cfg)
+	client, err := b.clients.New(ctx, req.Storage, cfg)
 	if err != nil {
 		return failure(fmt.Errorf("build the Cloudflare client: %w", err))
 	}
-	if stored == nil || !stored.sameEndpoint(cfg) {
+	if stored == nil || !stored.SameEndpoint(cfg) {
 		// What a token and endpoint that are not stored yet answer (a 429
 		// and its block, a Ratelimit count) says nothing of the stored
 		// ones: if this write is refused it must leave the mount exactly
 		// as it was. The verification runs on a budget of its own, which
 		// still honours a block in force.
-		if client, err = b.verifyingClient(cfg); err != nil {
+		if client, err = b.clients.Verifying(cfg); err != nil {
 			return failure(fmt.Errorf("build the Cloudflare client: %w", err))
 		}
 	}
@@ -238,22 +237,14 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	if !status.Active() {
 		return logical.ErrorResponse(fmt.Sprintf("cloudflare reports the API token %s as %q, not active: nothing was stored", status.ID, status.Status)), nil
 	}
-	cfg.applyVerification(status, b.now())
+	cfg.ApplyVerification(status, b.now())
 
-	entry, err := logical.StorageEntryJSON(configStorageKey, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("encode config: %w", err)
+	// Stored, and the cached client dropped, under the client lock.
+	if err := b.clients.Store(ctx, req.Storage, cfg); err != nil {
+		return nil, err
 	}
-	// Stored and reset under the client lock: see cloudflareClient.
-	b.clientMu.Lock()
-	defer b.clientMu.Unlock()
-	if err := req.Storage.Put(ctx, entry); err != nil {
-		return nil, fmt.Errorf("store config: %w", err)
-	}
-	b.client, b.config = nil, nil
-	b.budget.Resize(cfg.rateLimit())
 	b.Logger().Info("config written", "token_id", cfg.TokenID, "base_url", cfg.BaseURL)
-	if warnings := cfg.expiryWarnings(b.now()); len(warnings) > 0 {
+	if warnings := cfg.ExpiryWarnings(b.now()); len(warnings) > 0 {
 		return &logical.Response{Warnings: warnings}, nil
 	}
 	return nil, nil
@@ -261,7 +252,7 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 
 // applyConfigFields copies the request's fields onto cfg and validates the
 // result. It returns a problem to show the caller, or "".
-func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
+func applyConfigFields(cfg *mount.Config, d *framework.FieldData) string {
 	if v, ok := d.GetOk("api_token"); ok {
 		cfg.APIToken = strings.TrimSpace(v.(string))
 	}
@@ -271,7 +262,7 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	// Cloudflare's tokens are 40 to 80 printable characters; the value is
 	// never repeated, only what is wrong with it.
 	if !cloudflare.ValidToken(cfg.APIToken) {
-		return fmt.Sprintf("api_token must be at most %d printable ASCII characters without spaces", maxTokenLength)
+		return fmt.Sprintf("api_token must be at most %d printable ASCII characters without spaces", mount.MaxTokenLength)
 	}
 	if v, ok := d.GetOk("heal_stale_psk"); ok {
 		cfg.HealStalePSK = v.(bool)
@@ -279,20 +270,20 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	if v, ok := d.GetOk("base_url"); ok {
 		cfg.BaseURL = strings.TrimRight(strings.TrimSpace(v.(string)), "/")
 	}
-	if problem := checkBaseURL(cfg.BaseURL); problem != "" {
+	if problem := cloudflare.CheckBaseURL(cfg.BaseURL); problem != "" {
 		return problem
 	}
 	if v, ok := d.GetOk("request_timeout"); ok {
 		cfg.RequestTimeout = time.Duration(v.(int)) * time.Second
 	}
-	if cfg.RequestTimeout <= 0 || cfg.RequestTimeout > maxRequestTimeout {
-		return fmt.Sprintf("request_timeout must be between 1s and %s", maxRequestTimeout)
+	if cfg.RequestTimeout <= 0 || cfg.RequestTimeout > mount.MaxRequestTimeout {
+		return fmt.Sprintf("request_timeout must be between 1s and %s", mount.MaxRequestTimeout)
 	}
 	if v, ok := d.GetOk("rate_limit"); ok {
 		cfg.RateLimit = v.(int)
 	}
-	if cfg.RateLimit < 1 || cfg.RateLimit > maxRateLimit {
-		return fmt.Sprintf("rate_limit must be between 1 and %d (Cloudflare's own limit per user, or per account-owned token)", maxRateLimit)
+	if cfg.RateLimit < 1 || cfg.RateLimit > mount.MaxRateLimit {
+		return fmt.Sprintf("rate_limit must be between 1 and %d (Cloudflare's own limit per user, or per account-owned token)", mount.MaxRateLimit)
 	}
 	if v, ok := d.GetOk("rate_limit_window"); ok {
 		cfg.RateLimitWindow = time.Duration(v.(int)) * time.Second
@@ -303,15 +294,15 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 	if v, ok := d.GetOk("drift_check_interval"); ok {
 		cfg.DriftCheckInterval = time.Duration(v.(int)) * time.Second
 	}
-	if cfg.DriftCheckInterval != 0 && (cfg.DriftCheckInterval < minDriftCheckInterval || cfg.DriftCheckInterval > 7*24*time.Hour) {
-		return fmt.Sprintf("drift_check_interval must be 0 (off) or between %s and 168h", minDriftCheckInterval)
+	if cfg.DriftCheckInterval != 0 && (cfg.DriftCheckInterval < mount.MinDriftCheckInterval || cfg.DriftCheckInterval > 7*24*time.Hour) {
+		return fmt.Sprintf("drift_check_interval must be 0 (off) or between %s and 168h", mount.MinDriftCheckInterval)
 	}
-	cfg.MinRotationPeriod = cfg.minRotationPeriod() // a config stored before the field: the default
+	cfg.MinRotationPeriod = cfg.MinRotation() // a config stored before the field: the default
 	if v, ok := d.GetOk("min_rotation_period"); ok {
 		cfg.MinRotationPeriod = time.Duration(v.(int)) * time.Second
 	}
-	if cfg.MinRotationPeriod < schedule.MinPeriod || cfg.MinRotationPeriod > maxMinRotationPeriod {
-		return fmt.Sprintf("min_rotation_period must be between %s and %s", schedule.MinPeriod, maxMinRotationPeriod)
+	if cfg.MinRotationPeriod < schedule.MinPeriod || cfg.MinRotationPeriod > mount.MaxMinRotationPeriod {
+		return fmt.Sprintf("min_rotation_period must be between %s and %s", schedule.MinPeriod, mount.MaxMinRotationPeriod)
 	}
 	if problem := applyKeyFields(cfg, d); problem != "" {
 		return problem
@@ -333,22 +324,22 @@ func applyConfigFields(cfg *configRecord, d *framework.FieldData) string {
 
 // applyKeyFields copies the fields of keys Vault makes onto cfg and
 // validates them: key_source, password_policy, set_batch_size.
-func applyKeyFields(cfg *configRecord, d *framework.FieldData) string {
+func applyKeyFields(cfg *mount.Config, d *framework.FieldData) string {
 	if v, ok := d.GetOk("key_source"); ok {
 		cfg.KeySource = v.(string)
 	}
-	if ks := cfg.keySource(); ks != store.KeySourceCloudflare && ks != store.KeySourceVault {
+	if ks := cfg.Source(); ks != store.KeySourceCloudflare && ks != store.KeySourceVault {
 		return fmt.Sprintf("key_source must be %q or %q", store.KeySourceCloudflare, store.KeySourceVault)
 	}
 	if v, ok := d.GetOk("password_policy"); ok {
 		cfg.PasswordPolicy = strings.TrimSpace(v.(string))
 	}
-	cfg.SetBatchSize = cfg.setBatchSize()
+	cfg.SetBatchSize = cfg.BatchSize()
 	if v, ok := d.GetOk("set_batch_size"); ok {
 		cfg.SetBatchSize = v.(int)
 	}
-	if cfg.SetBatchSize < 1 || cfg.SetBatchSize > maxSetBatchSize {
-		return fmt.Sprintf("set_batch_size must be between 1 and %d", maxSetBatchSize)
+	if cfg.SetBatchSize < 1 || cfg.SetBatchSize > mount.MaxSetBatchSize {
+		return fmt.Sprintf("set_batch_size must be between 1 and %d", mount.MaxSetBatchSize)
 	}
 	return ""
 }
@@ -364,7 +355,7 @@ const policySamples = 5
 // found wanting only at the next rotation would stop every rotation. The
 // keys made are dropped unseen. It returns a problem naming the policy,
 // never a key, or "".
-func (b *backend) checkPasswordPolicy(ctx context.Context, cfg *configRecord) string {
+func (b *backend) checkPasswordPolicy(ctx context.Context, cfg *mount.Config) string {
 	if cfg.PasswordPolicy == "" {
 		return ""
 	}
@@ -400,7 +391,7 @@ func (b *backend) checkPasswordPolicy(ctx context.Context, cfg *configRecord) st
 // <token>". Whoever supplies api_token in the same write already knows it.
 // stored is the config before the write (nil on the first one, which needs
 // api_token anyway); cfg is the config after the write's fields, normalised.
-func checkEndpointChange(stored, cfg *configRecord, d *framework.FieldData) string {
+func checkEndpointChange(stored, cfg *mount.Config, d *framework.FieldData) string {
 	if stored == nil {
 		return ""
 	}
@@ -421,39 +412,6 @@ func checkEndpointChange(stored, cfg *configRecord, d *framework.FieldData) stri
 		"or account on the strength of a config update alone; nothing was sent or stored", strings.Join(changed, " and "))
 }
 
-// checkBaseURL accepts https URLs, and http only for a loopback host: a
-// token sent in clear text must not leave the machine.
-func checkBaseURL(raw string) string {
-	if len(raw) > maxBaseURLLength {
-		return fmt.Sprintf("base_url must be at most %d characters", maxBaseURLLength)
-	}
-	u, err := url.Parse(raw)
-	if err != nil || u.Host == "" {
-		return fmt.Sprintf("base_url %q is not an absolute URL", raw)
-	}
-	if u.User != nil || u.RawQuery != "" || u.Fragment != "" {
-		return "base_url must not carry credentials, a query or a fragment"
-	}
-	switch u.Scheme {
-	case "https":
-		return ""
-	case "http":
-		if isLoopbackHost(u.Hostname()) {
-			return ""
-		}
-		return fmt.Sprintf("base_url %q uses plain http to a host that is not loopback; use https", raw)
-	}
-	return fmt.Sprintf("base_url %q must use https", raw)
-}
-
-func isLoopbackHost(host string) bool {
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
-}
-
 func (b *backend) deleteConfig(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
 	// configMu first, as a config write and rotate-root take it: a
 	// rotate-root inside its Cloudflare call would otherwise store config
@@ -461,12 +419,9 @@ func (b *backend) deleteConfig(ctx context.Context, req *logical.Request, _ *fra
 	// word.
 	b.configMu.Lock()
 	defer b.configMu.Unlock()
-	b.clientMu.Lock()
-	defer b.clientMu.Unlock()
-	if err := req.Storage.Delete(ctx, configStorageKey); err != nil {
+	if err := b.clients.Delete(ctx, req.Storage); err != nil {
 		return nil, fmt.Errorf("delete config: %w", err)
 	}
-	b.client, b.config = nil, nil
 	return nil, nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
@@ -30,14 +31,14 @@ func pathConfigRotateRoot(b *backend) *framework.Path {
 func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
 	b.configMu.Lock()
 	defer b.configMu.Unlock()
-	cfg, err := readConfig(ctx, req.Storage)
+	cfg, err := mount.ReadConfig(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
 	if cfg == nil {
-		return nil, errNotConfigured
+		return nil, mount.ErrNotConfigured
 	}
-	client, err := b.newCloudflareClient(ctx, req.Storage, cfg)
+	client, err := b.clients.New(ctx, req.Storage, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -57,12 +58,12 @@ func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *frame
 	// new one is stored before anything else can fail.
 	cfg.APIToken = newToken
 	cfg.LastRotated = b.now().UTC()
-	if err := b.storeConfigRetrying(ctx, req.Storage, cfg); err != nil {
+	if err := cfg.StoreRetrying(ctx, req.Storage); err != nil {
 		b.Logger().Error("rolled api token could not be stored", "token_id", cfg.TokenID, "error", err)
 		return nil, fmt.Errorf("cloudflare rolled API token %s and its old value no longer works, but Vault could not store the new one (%w): "+
 			"the mount must be reconfigured by writing a new api_token to its config", cfg.TokenID, err)
 	}
-	b.resetClient()
+	b.clients.Reset()
 	b.Logger().Info("api token rolled", "token_id", cfg.TokenID)
 
 	resp := &logical.Response{Data: map[string]any{
@@ -76,7 +77,7 @@ func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *frame
 		resp.AddWarning(fmt.Sprintf("Cloudflare's new token value has %d characters, where its schema gives 40 to 80: it is stored, "+
 			"since the old value no longer works; if calls fail with an invalid token, write a new api_token to this mount's config", len(newToken)))
 	}
-	verifier, err := b.newCloudflareClient(ctx, req.Storage, cfg)
+	verifier, err := b.clients.New(ctx, req.Storage, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -85,25 +86,15 @@ func (b *backend) rotateRoot(ctx context.Context, req *logical.Request, _ *frame
 		resp.AddWarning(fmt.Sprintf("the new token is stored, but verifying it failed: %v", err))
 		return resp, nil
 	}
-	cfg.applyVerification(status, b.now())
-	if err := b.storeConfigRetrying(ctx, req.Storage, cfg); err != nil {
+	cfg.ApplyVerification(status, b.now())
+	if err := cfg.StoreRetrying(ctx, req.Storage); err != nil {
 		resp.AddWarning(fmt.Sprintf("the new token is stored, but its verification could not be recorded: %v", err))
 	}
-	b.resetClient()
+	b.clients.Reset()
 	resp.Data["token_status"] = status.Status
 	resp.Data["token_expires_on"] = store.FormatTime(status.ExpiresOn)
-	resp.Warnings = append(resp.Warnings, cfg.expiryWarnings(b.now())...)
+	resp.Warnings = append(resp.Warnings, cfg.ExpiryWarnings(b.now())...)
 	return resp, nil
-}
-
-// storeConfigRetrying stores config holding a token value that exists
-// nowhere else.
-func (b *backend) storeConfigRetrying(ctx context.Context, s logical.Storage, cfg *configRecord) error {
-	entry, err := logical.StorageEntryJSON(configStorageKey, cfg)
-	if err != nil {
-		return err
-	}
-	return store.PutRetrying(ctx, s, entry)
 }
 
 const pathConfigRotateRootHelpSynopsis = `Roll the engine's Cloudflare API token to a new value that no person knows.`

@@ -13,12 +13,13 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
 )
 
 // storedToken is the token value in the mount's stored config.
 func storedToken(t *testing.T, env *testEnv) string {
 	t.Helper()
-	cfg, err := readConfig(context.Background(), env.storage)
+	cfg, err := mount.ReadConfig(context.Background(), env.storage)
 	if err != nil || cfg == nil {
 		t.Fatalf("read config: %v", err)
 	}
@@ -100,7 +101,7 @@ func TestRotateRootFailures(t *testing.T) {
 				env.sim.FailNext(cloudflaresim.OpUserTokenRoll, *tc.fault)
 			}
 			if tc.failStore {
-				storage.setFailPut(func(e *logical.StorageEntry) bool { return e.Key == configStorageKey })
+				storage.setFailPut(func(e *logical.StorageEntry) bool { return e.Key == mount.ConfigKey })
 			}
 			resp, err := env.request(logical.UpdateOperation, "config/rotate-root", nil)
 			storage.setFailPut(nil)
@@ -223,7 +224,7 @@ func TestConfigDeleteWaitsForRotateRoot(t *testing.T) {
 	if err := <-deleted; err != nil {
 		t.Fatalf("delete: %v", err)
 	}
-	if cfg, err := readConfig(context.Background(), env.storage); err != nil || cfg != nil {
+	if cfg, err := mount.ReadConfig(context.Background(), env.storage); err != nil || cfg != nil {
 		t.Fatalf("config after delete = %v, %v; want none", cfg != nil, err)
 	}
 	// The rolled value is in no log either.

@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
 )
 
 func TestConfigWriteValidation(t *testing.T) {
@@ -328,7 +329,7 @@ func TestARefusedConfigWriteLeavesTheMountAsItWas(t *testing.T) {
 			if httpStatus(resp, err) < 400 {
 				t.Fatalf("config write to the other endpoint succeeded")
 			}
-			if after := env.storageSnapshot(); len(after) != len(before) || after[configStorageKey] != before[configStorageKey] {
+			if after := env.storageSnapshot(); len(after) != len(before) || after[mount.ConfigKey] != before[mount.ConfigKey] {
 				t.Fatal("the refused config write changed config")
 			}
 

@@ -8,6 +8,7 @@ import (
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
@@ -43,12 +44,12 @@ const keySourceWalkPage = 1000
 
 func (b *backend) readKeySource(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
 	source := store.KeySourceCloudflare
-	cfg, err := readConfig(ctx, req.Storage)
+	cfg, err := mount.ReadConfig(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
 	if cfg != nil {
-		source = cfg.keySource()
+		source = cfg.Source()
 	}
 	now := b.now()
 	pending, windows := []string{}, []string{}

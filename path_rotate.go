@@ -61,7 +61,7 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 			"stored their key, and a tunnel Vault does not manage has no key stored in Vault, so whether it is older is not known. " +
 			"Write include_unmanaged=true alone (it rotates every managed tunnel too), or older_than alone; nothing was queued"), nil
 	}
-	if _, _, err := b.cloudflareClient(ctx, req.Storage); err != nil {
+	if _, _, err := b.clients.Get(ctx, req.Storage); err != nil {
 		return nil, err
 	}
 

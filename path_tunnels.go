@@ -8,6 +8,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
@@ -51,7 +52,7 @@ func (b *backend) listCloudflareTunnels(ctx context.Context, req *logical.Reques
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	client, cfg, err := b.cloudflareClient(ctx, req.Storage)
+	client, cfg, err := b.clients.Get(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
@@ -85,9 +86,9 @@ func (b *backend) listCloudflareTunnels(ctx context.Context, req *logical.Reques
 // checkSync says whether a managed tunnel's stored key is the one Cloudflare
 // just described (edge), and on the node that may write records what it
 // finds (the engine's CheckSync); a standby only compares.
-func (b *backend) checkSync(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *configRecord, t store.Tunnel, edge *cloudflare.TunnelState) (bool, error) {
+func (b *backend) checkSync(ctx context.Context, s logical.Storage, client *cloudflare.Client, cfg *mount.Config, t store.Tunnel, edge *cloudflare.TunnelState) (bool, error) {
 	if b.mayWrite() {
-		return b.engine.CheckSync(ctx, s, rotation.Conn{Edge: client, Settings: cfg.settings()}, t, edge)
+		return b.engine.CheckSync(ctx, s, rotation.Conn{Edge: client, Settings: cfg.Settings()}, t, edge)
 	}
 	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil || rec == nil {
@@ -101,7 +102,7 @@ func (b *backend) readCloudflareTunnel(ctx context.Context, req *logical.Request
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	client, cfg, err := b.cloudflareClient(ctx, req.Storage)
+	client, cfg, err := b.clients.Get(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // rateLimitedUntil reads config's rate_limited_until ("" is the zero time).
@@ -112,10 +113,10 @@ func TestAStandbyStoresNoSpentQuota(t *testing.T) {
 	if err != nil || resp.IsError() {
 		t.Fatalf("standby's listing: %v %v", err, resp)
 	}
-	if entry, err := env.storage.Get(context.Background(), rateLimitStorageKey); err != nil || entry != nil {
+	if entry, err := env.storage.Get(context.Background(), store.RateLimitKey); err != nil || entry != nil {
 		t.Errorf("a performance standby stored a spent quota: %v %v", entry, err)
 	}
-	if until := standby.budget.BlockedUntil(); until.IsZero() {
+	if until := standby.clients.Budget().BlockedUntil(); until.IsZero() {
 		t.Errorf("the standby does not honour the spent quota it met")
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // restartBackend replaces env's backend with a new one over the same
@@ -93,14 +94,14 @@ func TestCloudflaresBlockSurvivesARestart(t *testing.T) {
 func TestInvalidateReadsAStoredBlock(t *testing.T) {
 	env := newConfiguredEnv(t)
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
-	entry, err := logical.StorageEntryJSON(rateLimitStorageKey, &rateLimitRecord{BlockedUntil: env.clock.Now().Add(time.Minute)})
+	entry, err := logical.StorageEntryJSON(store.RateLimitKey, &store.RateLimitBlock{BlockedUntil: env.clock.Now().Add(time.Minute)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := env.storage.Put(context.Background(), entry); err != nil {
 		t.Fatal(err)
 	}
-	env.b.Invalidate(context.Background(), rateLimitStorageKey)
+	env.b.Invalidate(context.Background(), store.RateLimitKey)
 	calls := env.sim.TotalCalls()
 	resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
 	if httpStatus(resp, err) != http.StatusTooManyRequests || env.sim.TotalCalls() != calls {

@@ -405,13 +405,13 @@ func TestAGeneratedKeyIsStoredEvenIfTheCallerGivesUp(t *testing.T) {
 		}
 		return false
 	})
-	client, cfg, err := env.b.cloudflareClient(ctx, env.storage)
+	client, cfg, err := env.b.clients.Get(ctx, env.storage)
 	if err != nil {
 		t.Fatal(err)
 	}
 	tun := store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}
 	rec, _ := store.ReadRecord(ctx, env.storage, tun)
-	_, err = env.b.engine.RotateNow(ctx, storage, rotation.Conn{Edge: client, Settings: cfg.settings()}, tun, rec, rotation.TriggerWrite)
+	_, err = env.b.engine.RotateNow(ctx, storage, rotation.Conn{Edge: client, Settings: cfg.Settings()}, tun, rec, rotation.TriggerWrite)
 	if err != nil {
 		t.Fatalf("rotation: %v", err)
 	}

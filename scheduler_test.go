@@ -743,8 +743,8 @@ func startLoop(t *testing.T, env *testEnv) *loopTimer {
 	loop := &loopTimer{sleeps: make(chan loopSleep)}
 	env.b.background.Stop()
 	env.b.background = background.New(background.Config{
-		Engine: env.b.engine, Now: env.clock.Now, Logger: env.b.Logger(), Connect: env.b.connect,
-		MayWrite: env.b.mayWrite, Budget: env.b.budget, After: loop.after,
+		Engine: env.b.engine, Now: env.clock.Now, Logger: env.b.Logger(), Connect: env.b.clients.Connect,
+		MayWrite: env.b.mayWrite, Budget: env.b.clients.Budget(), After: loop.after, Census: env.b.census,
 	})
 	if err := env.b.Initialize(context.Background(), &logical.InitializationRequest{Storage: env.storage}); err != nil {
 		t.Fatal(err)

@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -245,40 +244,6 @@ func TestAnsiblePlaybookRotatesAndRenders(t *testing.T) {
 	assertNoDataRace(t, v.log())
 }
 
-// TestAnsiblePlaybookHandlesKeysUnderNoLog holds the playbook to what it
-// promises: every task that rotates or reads a key runs under no_log. The
-// runs above cannot show it: the write answers without the key and the
-// template task prints no content, so a task without no_log leaks nothing
-// while all goes well. It is for the day something fails: Ansible prints a
-// failed task's error, and a lookup's error can hold what it was handling
-// (with a token passed to vault_read as an argument, requests' error holds
-// the token; the playbook's comments say why it is not passed so).
-func TestAnsiblePlaybookHandlesKeysUnderNoLog(t *testing.T) {
-	raw, err := os.ReadFile(filepath.Join("..", "docs", "examples", "ansible", "playbook.yml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tasks := regexp.MustCompile(`(?m)^    - name: `).Split(string(raw), -1)[1:]
-	checked := 0
-	for _, task := range tasks {
-		name, _, _ := strings.Cut(task, "\n")
-		// Every read, and every write but the capability check (whose
-		// answer is capabilities).
-		handlesKey := strings.Contains(task, "community.hashi_vault.vault_read") ||
-			(strings.Contains(task, "community.hashi_vault.vault_write:") && !strings.Contains(task, "path: sys/capabilities-self\n"))
-		if !handlesKey {
-			continue
-		}
-		checked++
-		if !strings.Contains(task, "\n      no_log: true\n") {
-			t.Errorf("task %q handles a key and does not run under no_log", name)
-		}
-	}
-	if checked != 2 {
-		t.Errorf("found %d tasks that rotate or read, want 2 (the rotation and the render): the check no longer sees them", checked)
-	}
-}
-
 // TestAnsibleTemplatesCarryOrRefuseAnyKey renders every Jinja template of
 // docs/examples/ansible with the playbook from reads whose key no Cloudflare
 // answer could bring into Vault, as TestRouterTemplatesCarryOrRefuseAnyKey
@@ -335,8 +300,10 @@ func TestAnsibleTemplatesCarryOrRefuseAnyKey(t *testing.T) {
 					if readErr == nil {
 						t.Fatal("the template rendered a key it cannot carry")
 					}
-					if !strings.Contains(run.output, "fatal: ["+r.host+" -> localhost]: FAILED!") {
-						t.Errorf("the render of %s did not fail:\n%s", r.host, secrets.redact(run.output))
+					// The template's own reason, which names the tunnel and
+					// holds no key, and not a result hidden by no_log.
+					if want := "fatal: [" + r.host + "]: FAILED! => {\"changed\": false, \"msg\": \"Not rendered: the key of tunnel " + tun.ID; !strings.Contains(run.output, want) {
+						t.Errorf("the failed render of %s is not reported as %q:\n%s", r.host, want, ansibleFailures(secrets, run.output))
 					}
 					return
 				}
@@ -504,5 +471,743 @@ func checkAnsibleRun(t *testing.T, secrets *secretSet, what string, run ansibleR
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestAnsibleRendersOutsideTheCheckoutByDefault: without cf_render_dir, the
+// files, which hold keys, go to ~/.cache/cf-ipsec/rendered/<host>/ on the
+// host running Ansible: outside the playbook's directory, which is in a
+// checkout (this repository's, or the site's own that it is copied into),
+// where git add -A would take them. Each router's directory is 0700 and
+// each file 0600.
+func TestAnsibleRendersOutsideTheCheckoutByDefault(t *testing.T) {
+	requireAnsible(t)
+	sim, baseURL, secrets, apiToken, account := newEdge(t)
+	id := sim.AddTunnel(account, ansibleTunnel("site_a_1", 1)).ID
+	v := startDevServer(t, secrets)
+	v.mountEngine(t, baseURL, apiToken.Value)
+	v.mustVault(t, v.rootToken, "write", "-f", "cloudflare-ipsec/psk/"+account+"/"+id)
+	_, provisioner := policyTokens(t, v, secrets, account)
+	edgeKeyPlaceholders(t, sim, secrets, account, []string{id})
+
+	example := filepath.Join("..", "docs", "examples", "ansible")
+	files := func() map[string]bool {
+		found := map[string]bool{}
+		err := filepath.WalkDir(example, func(path string, d fs.DirEntry, err error) error {
+			found[path] = true
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return found
+	}
+	before := files()
+	work := t.TempDir()
+	inventory := writeAnsibleHosts(t, work, []ansibleHost{
+		{name: "branch-1", family: "strongswan", account: account, tunnels: []string{id}},
+	})
+	run := runPlaybook(t, work, v.addr, []string{"VAULT_TOKEN=" + provisioner}, "-i", inventory, "--tags", "render")
+	for path := range files() {
+		if !before[path] {
+			t.Errorf("the render wrote %s, in the playbook's directory", path)
+			_ = os.RemoveAll(path) // it may hold a key
+		}
+	}
+	if run.code != 0 {
+		t.Fatalf("ansible-playbook exited %d:\n%s", run.code, ansibleFailures(secrets, run.output))
+	}
+	root := filepath.Join(run.home, ".cache", "cf-ipsec")
+	dest := filepath.Join(root, "rendered", "branch-1", "swanctl.conf")
+	raw, err := os.ReadFile(dest)
+	if err != nil {
+		t.Fatalf("the render wrote nothing to ~/.cache/cf-ipsec/rendered/branch-1: %v", err)
+	}
+	if !holdsEdgeKey(sim, account, id, string(raw)) {
+		t.Error("the file does not hold the edge's key")
+	}
+	for path, want := range map[string]fs.FileMode{dest: 0o600, filepath.Dir(dest): 0o700} {
+		if info, err := os.Stat(path); err != nil {
+			t.Error(err)
+		} else if info.Mode().Perm() != want {
+			t.Errorf("%s: mode %v, want %v", path, info.Mode().Perm(), want)
+		}
+	}
+	// The file holds a key, and checkAnsibleRun looks for keys in every
+	// file of Ansible's home: the render is checked above.
+	if err := os.RemoveAll(root); err != nil {
+		t.Fatal(err)
+	}
+	checkAnsibleRun(t, secrets, "ansible-playbook --tags render", run)
+}
+
+// TestAnsibleSaysWhyVaultDidNotAnswer: with VAULT_ADDR naming a port where
+// nothing listens (a typo, a Vault that is down), the capability check, the
+// first task that calls Vault, fails in the module with a traceback that
+// Ansible hides under no_log. The run must refuse every router before
+// rotating anything, and say why in words an operator can act on (the
+// exception's last line), not "MODULE FAILURE".
+func TestAnsibleSaysWhyVaultDidNotAnswer(t *testing.T) {
+	requireAnsible(t)
+	secrets := &secretSet{}
+	token := "hvs.CAESIJustATokenNoVaultHasSeen0123456789abcdef"
+	secrets.add(token)
+	account, tunnel := cloudflaresim.NewID(), cloudflaresim.NewID()
+	work := t.TempDir()
+	out := filepath.Join(work, "rendered")
+	inventory := writeAnsibleHosts(t, work, []ansibleHost{
+		{name: "branch-1", family: "strongswan", account: account, tunnels: []string{tunnel}},
+	})
+	run := runPlaybook(t, work, "http://127.0.0.1:1", []string{"CF_OPERATOR_TOKEN=" + token, "VAULT_TOKEN=" + token},
+		"-i", inventory, "-e", "cf_render_dir="+out)
+	checkAnsibleRun(t, secrets, "ansible-playbook with Vault unreachable", run)
+	if run.code == 0 {
+		t.Fatal("the run succeeded with Vault unreachable")
+	}
+	if strings.Contains(run.output, "Rotate each tunnel") && !strings.Contains(run.output, "TASK [Rotate each tunnel (the write answers without the key)] ******************\nskipping: [branch-1]") {
+		t.Errorf("the run tried to rotate although it could not check the router:\n%s", ansibleFailures(secrets, run.output))
+	}
+	want := "Refused, so none of its tunnels was rotated and it was not rendered: Vault did not say what VAULT_TOKEN may do with its tunnels: requests.exceptions.ConnectionError: "
+	if !strings.Contains(run.output, want) {
+		t.Errorf("the output does not say %q:\n%s", want, ansibleFailures(secrets, run.output))
+	}
+	if _, err := os.Stat(out); !os.IsNotExist(err) {
+		t.Errorf("the run created %s (%v)", out, err)
+	}
+}
+
+// ansibleHost is one router of an inventory written by writeAnsibleHosts.
+type ansibleHost struct {
+	name, family, account string
+	tunnels               []string
+	extra                 map[string]any
+}
+
+// writeAnsibleHosts writes an inventory where each router has its own
+// account and variables, and returns its path. Hosts keep the given order
+// (the inventory is built by hand: encoding/json would sort them).
+func writeAnsibleHosts(t *testing.T, dir string, hosts []ansibleHost) string {
+	t.Helper()
+	var parts []string
+	for _, h := range hosts {
+		vars := map[string]any{"cf_family": h.family, "cf_account_id": h.account, "cf_tunnel_ids": h.tunnels}
+		for k, v := range h.extra {
+			vars[k] = v
+		}
+		b, err := json.Marshal(vars)
+		if err != nil {
+			t.Fatal(err)
+		}
+		parts = append(parts, fmt.Sprintf("%q: %s", h.name, b))
+	}
+	inv := `{"all": {"children": {"cf_routers": {"hosts": {` + strings.Join(parts, ", ") + `}}}}}`
+	path := filepath.Join(dir, "inventory.json")
+	writeFile(t, path, inv)
+	return path
+}
+
+// ansibleTunnel is a tunnel with the facts every template needs; n sets its
+// inside address apart from the others'.
+func ansibleTunnel(name string, n int) cloudflaresim.Tunnel {
+	return cloudflaresim.Tunnel{Name: name, CloudflareEndpoint: "162.159.66.1", CustomerEndpoint: "198.51.100.7",
+		InterfaceAddress: fmt.Sprintf("10.252.2.%d/31", 2*n)}
+}
+
+// ansibleFailures is every line of a run's output that says a task failed,
+// redacted, for a test's own messages.
+func ansibleFailures(secrets *secretSet, output string) string {
+	var out []string
+	for _, line := range strings.Split(output, "\n") {
+		if strings.Contains(line, "fatal:") || strings.Contains(line, "FAILED!") {
+			out = append(out, secrets.redact(line))
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// holdsEdgeKey tells whether a rendered file holds the key the edge uses for
+// the tunnel, as is or in base64 (strongSwan, VyOS).
+func holdsEdgeKey(sim *cloudflaresim.Server, account, id, rendered string) bool {
+	tun, _ := sim.Tunnel(account, id)
+	return strings.Contains(rendered, tun.PSK) || strings.Contains(rendered, base64.StdEncoding.EncodeToString([]byte(tun.PSK)))
+}
+
+// generatedKeys is how many keys the edge has made for the tunnel.
+func generatedKeys(sim *cloudflaresim.Server, account, id string) int {
+	tun, _ := sim.Tunnel(account, id)
+	return len(tun.GeneratedPSKs)
+}
+
+// TestAnsibleRefusesARouterBeforeRotatingAnything: every check that can
+// refuse a router runs before anything is rotated. A router whose keys the
+// render's token may not read (its account is not the provisioner policy's:
+// docs/policies/provisioner.hcl is per account, the operator's policy covers
+// them all) and one with a misspelt cf_family are refused: none of their
+// tunnels is rotated (a tunnel rotated for a router that gets no
+// configuration is down), the run fails saying why for each, and the other
+// routers are rotated and rendered. A tunnel that an accepted router shares
+// with a refused one is held back, for the refused one's sake.
+//
+// Before the fix (the review's TestReview17AnsibleRotatesTunnelsOfRoutersItThenRefusesToRender),
+// the checks ran in the render play, after the rotation:
+//
+//	tunnel ... of branch-2 (account not covered by the provisioner token): rotated (the edge has had 2 keys) but branch-2/vyos.vbash was not rendered: ...
+//	tunnel ... of branch-3 (cf_family "iosxe", misspelt): rotated (the edge has had 2 keys) but branch-3/ios-xe.cfg was not rendered: ...
+func TestAnsibleRefusesARouterBeforeRotatingAnything(t *testing.T) {
+	requireAnsible(t)
+	sim, baseURL, secrets, apiToken, accountA := newEdge(t)
+	accountB := cloudflaresim.NewID()
+	a1 := sim.AddTunnel(accountA, ansibleTunnel("site_a_1", 1)).ID
+	b1 := sim.AddTunnel(accountB, ansibleTunnel("site_b_1", 2)).ID
+	a2 := sim.AddTunnel(accountA, ansibleTunnel("site_c_1", 3)).ID
+	shared := sim.AddTunnel(accountA, ansibleTunnel("site_c_2", 4)).ID
+	v := startDevServer(t, secrets)
+	v.mountEngine(t, baseURL, apiToken.Value)
+	// The shared tunnel is in service: Vault holds its key.
+	v.mustVault(t, v.rootToken, "write", "-f", "cloudflare-ipsec/psk/"+accountA+"/"+shared)
+	operator, provisioner := policyTokens(t, v, secrets, accountA)
+	before := map[string]int{}
+	for _, id := range []string{a1, a2, shared} {
+		before[id] = generatedKeys(sim, accountA, id)
+	}
+	before[b1] = generatedKeys(sim, accountB, b1)
+
+	work := t.TempDir()
+	out := filepath.Join(work, "rendered")
+	inventory := writeAnsibleHosts(t, work, []ansibleHost{
+		{name: "branch-1", family: "strongswan", account: accountA, tunnels: []string{a1, shared}},
+		{name: "branch-2", family: "vyos", account: accountB, tunnels: []string{b1}},
+		{name: "branch-3", family: "iosxe", account: accountA, tunnels: []string{a2, shared}},
+	})
+	run := runPlaybook(t, work, v.addr, []string{"CF_OPERATOR_TOKEN=" + operator, "VAULT_TOKEN=" + provisioner},
+		"-i", inventory, "-e", "cf_render_dir="+out)
+	edgeKeyPlaceholders(t, sim, secrets, accountA, []string{a1, a2, shared})
+	edgeKeyPlaceholders(t, sim, secrets, accountB, []string{b1})
+	checkAnsibleRun(t, secrets, "ansible-playbook", run)
+	if run.code == 0 {
+		t.Errorf("the run succeeded although two routers cannot be rendered")
+	}
+	for _, c := range []struct {
+		host, why, account, tunnel, file string
+		rotated                          bool
+	}{
+		{"branch-1", "a router the run can render", accountA, a1, "swanctl.conf", true},
+		{"branch-1", "shared with branch-3, which is refused", accountA, shared, "swanctl.conf", false},
+		{"branch-2", "account not covered by the provisioner token", accountB, b1, "vyos.vbash", false},
+		{"branch-3", `cf_family "iosxe", misspelt`, accountA, a2, "ios-xe.cfg", false},
+	} {
+		if got := generatedKeys(sim, c.account, c.tunnel) > before[c.tunnel]; got != c.rotated {
+			t.Errorf("tunnel %s of %s (%s): rotated %v, want %v", c.tunnel, c.host, c.why, got, c.rotated)
+		}
+		raw, err := os.ReadFile(filepath.Join(out, c.host, c.file))
+		switch {
+		case c.host == "branch-1" && err != nil:
+			t.Errorf("branch-1 was not rendered: %v", err)
+		case c.host == "branch-1" && !holdsEdgeKey(sim, c.account, c.tunnel, string(raw)):
+			t.Errorf("branch-1/swanctl.conf does not hold the edge's key of %s (%s)", c.tunnel, c.why)
+		case c.host != "branch-1" && err == nil:
+			t.Errorf("%s (%s) was rendered", c.host, c.why)
+		}
+	}
+	for _, want := range []string{
+		"fatal: [branch-2]: FAILED! => {\"changed\": false, \"msg\": \"Refused, so none of its tunnels was rotated and it was not rendered: " +
+			"The token may not read the keys of tunnels " + b1 + " under cloudflare-ipsec/psk/" + accountB + "/ (Vault gives its capabilities there as deny): " +
+			"give it docs/policies/provisioner.hcl for account " + accountB + ".\"}",
+		"fatal: [branch-3]: FAILED! => {\"changed\": false, \"msg\": \"Refused, so none of its tunnels was rotated and it was not rendered: " +
+			"cf_family is \\\"iosxe\\\", not one of strongswan, vyos, ios-xe, junos.\"}",
+		"fatal: [branch-1]: FAILED! => {\"changed\": false, \"msg\": \"Not rotated: cloudflare-ipsec/psk/" + accountA + "/" + shared +
+			" (branch-1 shares it with branch-3, which this run refuses (see its report): rotated, it would leave them with the old key; run with every router that shares it).\"}",
+	} {
+		if !strings.Contains(run.output, want) {
+			t.Errorf("the output does not say\n%s\nthe run's failures:\n%s", want, ansibleFailures(secrets, run.output))
+		}
+	}
+}
+
+// TestAnsibleRotatesEachRouterOnItsOwnMount: cf_mount is a router's
+// variable, and each router's tunnels are rotated, and read, on its own
+// mount. A site with a mount per Cloudflare account (or per team) runs one
+// playbook over all of them.
+//
+// Before the fix (the review's TestReview17AnsibleRotatesEveryRouterOnTheFirstRoutersMount),
+// the rotation built every path with the first router's mount:
+//
+//	the router's mount cf-b was not written: its key version is 1, want 2 ...
+//	cf-b says current for a key the edge no longer uses (the edge has had 3 keys)
+//	branch-2/vyos.vbash does not hold the key the edge uses for its tunnel: the router is down
+//	the first router's mount cloudflare-ipsec now holds account ...'s tunnel ... too (HTTP 200)
+func TestAnsibleRotatesEachRouterOnItsOwnMount(t *testing.T) {
+	requireAnsible(t)
+	sim, baseURL, secrets, apiToken, accountA := newEdge(t)
+	accountB := cloudflaresim.NewID()
+	a1 := sim.AddTunnel(accountA, ansibleTunnel("site_a_1", 1)).ID
+	b1 := sim.AddTunnel(accountB, ansibleTunnel("site_b_1", 2)).ID
+	v := startDevServer(t, secrets)
+	root := v.rootToken
+	v.mountEngine(t, baseURL, apiToken.Value)
+	// A second mount; the same simulator serves both accounts.
+	v.mustVault(t, root, "secrets", "enable", "-path=cf-b", pluginName)
+	v.mustVault(t, root, "write", "cf-b/config", "api_token="+apiToken.Value, "base_url="+baseURL, "request_timeout=5s")
+	// Each router's tunnel is managed by its own mount: one rotation each.
+	v.mustVault(t, root, "write", "-f", "cloudflare-ipsec/psk/"+accountA+"/"+a1)
+	v.mustVault(t, root, "write", "-f", "cf-b/psk/"+accountB+"/"+b1)
+
+	// One token that may rotate and read on both mounts: the test is about
+	// which mount the playbook writes, not about least privilege.
+	writeFile(t, filepath.Join(v.dir, "both.hcl"), `
+path "cloudflare-ipsec/psk/*" { capabilities = ["create", "update", "read"] }
+path "cf-b/psk/*" { capabilities = ["create", "update", "read"] }
+`)
+	v.mustVault(t, root, "policy", "write", "both-mounts", filepath.Join(v.dir, "both.hcl"))
+	token := strings.TrimSpace(v.mustVault(t, root, "token", "create", "-policy=both-mounts", "-ttl=30m", "-field=token"))
+	secrets.add(token)
+
+	work := t.TempDir()
+	out := filepath.Join(work, "rendered")
+	inventory := writeAnsibleHosts(t, work, []ansibleHost{
+		{name: "branch-1", family: "strongswan", account: accountA, tunnels: []string{a1}},
+		{name: "branch-2", family: "vyos", account: accountB, tunnels: []string{b1}, extra: map[string]any{"cf_mount": "cf-b"}},
+	})
+	run := runPlaybook(t, work, v.addr, []string{"CF_OPERATOR_TOKEN=" + token, "VAULT_TOKEN=" + token},
+		"-i", inventory, "-e", "cf_render_dir="+out)
+	edgeKeyPlaceholders(t, sim, secrets, accountA, []string{a1})
+	edgeKeyPlaceholders(t, sim, secrets, accountB, []string{b1})
+	checkAnsibleRun(t, secrets, "ansible-playbook", run)
+	if run.code != 0 {
+		t.Fatalf("ansible-playbook exited %d:\n%s", run.code, ansibleFailures(secrets, run.output))
+	}
+
+	read := v.mustVaultJSON(t, root, "read", "cf-b/psk/"+accountB+"/"+b1)
+	data, _ := read["data"].(map[string]any)
+	tun, _ := sim.Tunnel(accountB, b1)
+	if version, _ := data["version"].(float64); version != 2 {
+		t.Errorf("the router's mount cf-b was not written: its key version is %v, want 2 (one rotation by the playbook)", data["version"])
+	}
+	if data["state"] == "current" && data["psk"] != tun.PSK {
+		t.Errorf("cf-b says current for a key the edge no longer uses (the edge has had %d keys)", len(tun.GeneratedPSKs))
+	}
+	raw, err := os.ReadFile(filepath.Join(out, "branch-2", "vyos.vbash"))
+	if err != nil {
+		t.Fatalf("branch-2 was not rendered: %v", err)
+	}
+	if !holdsEdgeKey(sim, accountB, b1, string(raw)) {
+		t.Errorf("branch-2/vyos.vbash does not hold the key the edge uses for its tunnel: the router is down")
+	}
+	if status, _ := v.api(t, root, "GET", "cloudflare-ipsec/psk/"+accountB+"/"+b1, nil); status != 404 {
+		t.Errorf("the first router's mount cloudflare-ipsec now holds account %s's tunnel %s too (HTTP %d)", accountB, b1, status)
+	}
+	if n := generatedKeys(sim, accountA, a1); n != 3 {
+		t.Errorf("branch-1's tunnel has had %d keys, want 3 (created, written before, rotated by the run)", n)
+	}
+}
+
+// TestAnsibleRendersARouterWithoutATunnelVaultHasNoKeyFor: a tunnel added
+// to a router, whose first rotation fails (Cloudflare answers 503), has no
+// key in Vault, and its read fails (404). The router's other tunnel, rotated
+// by the same run, must still reach the router: the file is rendered
+// without the new tunnel, the other tunnel keeps its number (its position
+// in cf_tunnel_ids: cf2 here, as in a full render, so that nothing on the
+// router is renamed), and the run fails saying so.
+//
+// Before the fix (the review's TestReview17AnsibleFailedFirstRotationLeavesTheRoutersOtherTunnelsDown),
+// the failed read failed the whole render, under no_log:
+//
+//	tunnel ... was rotated by the run (the edge has had 3 keys) but branch-1/swanctl.conf was not rendered: ...
+//	fatal: [branch-1 -> localhost]: FAILED! => {"censored": "the output has been hidden due to the fact that 'no_log: true' was specified for this result"}
+func TestAnsibleRendersARouterWithoutATunnelVaultHasNoKeyFor(t *testing.T) {
+	requireAnsible(t)
+	sim, baseURL, secrets, apiToken, account := newEdge(t)
+	added := sim.AddTunnel(account, ansibleTunnel("site_a_2", 2)).ID
+	old := sim.AddTunnel(account, ansibleTunnel("site_a_1", 1)).ID
+	v := startDevServer(t, secrets)
+	v.mountEngine(t, baseURL, apiToken.Value)
+	v.mustVault(t, v.rootToken, "write", "-f", "cloudflare-ipsec/psk/"+account+"/"+old)
+	operator, provisioner := policyTokens(t, v, secrets, account)
+
+	work := t.TempDir()
+	out := filepath.Join(work, "rendered")
+	// The new tunnel is listed first, so its rotation is the run's first
+	// psk_generate, the one that fails.
+	inventory := writeAnsibleHosts(t, work, []ansibleHost{
+		{name: "branch-1", family: "strongswan", account: account, tunnels: []string{added, old}},
+	})
+	sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 503, Errors: []cloudflaresim.Message{{Code: 1000, Message: "edge unavailable"}}})
+	run := runPlaybook(t, work, v.addr, []string{"CF_OPERATOR_TOKEN=" + operator, "VAULT_TOKEN=" + provisioner},
+		"-i", inventory, "-e", "cf_render_dir="+out)
+	edgeKeyPlaceholders(t, sim, secrets, account, []string{added, old})
+	checkAnsibleRun(t, secrets, "ansible-playbook", run)
+
+	if n := generatedKeys(sim, account, old); n != 3 {
+		t.Fatalf("the tunnel Vault held has had %d keys, want 3 (created, written before, rotated by the run)", n)
+	}
+	if status, _ := v.api(t, v.rootToken, "GET", "cloudflare-ipsec/psk/"+account+"/"+added, nil); status != 404 {
+		t.Fatalf("Vault answers the new tunnel's read with HTTP %d, want 404: the test no longer makes a tunnel Vault holds no key for", status)
+	}
+	raw, err := os.ReadFile(filepath.Join(out, "branch-1", "swanctl.conf"))
+	if err != nil {
+		t.Fatalf("tunnel %s was rotated by the run but branch-1/swanctl.conf was not rendered: the router keeps its old key (%v)", old, err)
+	}
+	rendered := string(raw)
+	if !holdsEdgeKey(sim, account, old, rendered) {
+		t.Errorf("branch-1/swanctl.conf does not hold the edge's key of %s", old)
+	}
+	if strings.Contains(rendered, added) || strings.Contains(rendered, "cf1 {") {
+		t.Errorf("branch-1/swanctl.conf holds the tunnel Vault has no key for, or gives its number to another:\n%s", secrets.redact(rendered))
+	}
+	if !strings.Contains(rendered, "  cf2 {") || !strings.Contains(rendered, "tunnel "+old) {
+		t.Errorf("branch-1/swanctl.conf does not keep %s as cf2, its number in a full render:\n%s", old, secrets.redact(rendered))
+	}
+	if run.code == 0 {
+		t.Error("the run succeeded although a tunnel was left out of a router's file")
+	}
+	want := "Rendered WITHOUT tunnel " + added + ": Vault holds no key for it"
+	if !strings.Contains(run.output, want) {
+		t.Errorf("the output does not say %q; the run's failures:\n%s", want, ansibleFailures(secrets, run.output))
+	}
+	if strings.Contains(run.output, "censored") && strings.Contains(run.output, "fatal: [branch-1 -> localhost]") {
+		t.Errorf("a task failed under no_log, saying nothing:\n%s", ansibleFailures(secrets, run.output))
+	}
+}
+
+// TestAnsibleFailsAFailedRotationWhateverTheTags: the run fails after a
+// failed rotation when it only rotates, whichever way it is told to:
+// --skip-tags render and --tags rotate. The last tasks carry the tag always.
+//
+// Before the fix (the review's TestReview17AnsibleSkipTagsRenderExitsZeroAfterAFailedRotation),
+// the check sat in the render play, skipped with it:
+//
+//	ansible-playbook --skip-tags render exited 0 although the rotation of ... failed (the report says "not rotated: ...")
+func TestAnsibleFailsAFailedRotationWhateverTheTags(t *testing.T) {
+	requireAnsible(t)
+	sim, baseURL, secrets, apiToken, account := newEdge(t)
+	id := sim.AddTunnel(account, ansibleTunnel("site_a_1", 1)).ID
+	v := startDevServer(t, secrets)
+	v.mountEngine(t, baseURL, apiToken.Value)
+	operator, _ := policyTokens(t, v, secrets, account)
+
+	work := t.TempDir()
+	inventory := writeAnsibleHosts(t, work, []ansibleHost{
+		{name: "branch-1", family: "strongswan", account: account, tunnels: []string{id}},
+	})
+	for _, tags := range [][]string{{"--skip-tags", "render"}, {"--tags", "rotate"}} {
+		sim.FailNext(cloudflaresim.OpPSKGenerate, cloudflaresim.Fault{Status: 503, Errors: []cloudflaresim.Message{{Code: 1000, Message: "edge unavailable"}}})
+		// Without VAULT_TOKEN: a run that only rotates needs only the operator's.
+		run := runPlaybook(t, work, v.addr, []string{"CF_OPERATOR_TOKEN=" + operator}, append([]string{"-i", inventory}, tags...)...)
+		what := "ansible-playbook " + strings.Join(tags, " ")
+		checkAnsibleRun(t, secrets, what, run)
+		if !strings.Contains(run.output, `"msg": "not rotated: `) {
+			t.Fatalf("%s: the rotation did not fail as the test meant it to:\n%s", what, secrets.redact(run.output))
+		}
+		if run.code == 0 {
+			t.Errorf("%s exited 0 although the rotation of %s failed", what, id)
+		}
+		if want := "Not rotated: cloudflare-ipsec/psk/" + account + "/" + id + " (see Report each rotation)."; !strings.Contains(run.output, want) {
+			t.Errorf("%s: the output does not say %q:\n%s", what, want, ansibleFailures(secrets, run.output))
+		}
+	}
+}
+
+// TestAnsibleStripsATokensLineBreak: a VAULT_TOKEN that ends in a line break
+// (a Kubernetes secret made from a file, a CI variable pasted with one) is
+// stripped before any module takes it, and the render works. A token with a
+// space or a line break inside is refused, without being shown. No task
+// handles a token outside no_log (TestAnsiblePlaybookHandlesKeysAndTokensUnderNoLog).
+//
+// Before the fix (the review's TestReview17AnsibleTokenWithATrailingNewlineIsPrinted),
+// the capability check, which ran without no_log, crashed in http.client
+// and Ansible printed the traceback, token included:
+//
+//	a secret (95 characters) appears in ansible-playbook --tags render's output
+//	a secret (95 characters) appears in ansible-playbook --tags render's log
+//	    ... ValueError: Invalid header value b'[REDACTED]\\n'\n", ..., "msg": "MODULE FAILURE ...
+func TestAnsibleStripsATokensLineBreak(t *testing.T) {
+	requireAnsible(t)
+	sim, baseURL, secrets, apiToken, account := newEdge(t)
+	id := sim.AddTunnel(account, ansibleTunnel("site_a_1", 1)).ID
+	v := startDevServer(t, secrets)
+	v.mountEngine(t, baseURL, apiToken.Value)
+	v.mustVault(t, v.rootToken, "write", "-f", "cloudflare-ipsec/psk/"+account+"/"+id)
+	_, provisioner := policyTokens(t, v, secrets, account)
+	edgeKeyPlaceholders(t, sim, secrets, account, []string{id})
+
+	work := t.TempDir()
+	inventory := writeAnsibleHosts(t, work, []ansibleHost{
+		{name: "branch-1", family: "strongswan", account: account, tunnels: []string{id}},
+	})
+	for _, c := range []struct {
+		what, token string
+		refused     bool
+	}{
+		{"a line break at the end", provisioner + "\n", false},
+		{"white space at both ends", " \t" + provisioner + "\r\n", false},
+		{"a line break inside", provisioner[:6] + "\n" + provisioner[6:], true},
+		{"a space inside", provisioner[:6] + " " + provisioner[6:], true},
+	} {
+		t.Run(c.what, func(t *testing.T) {
+			for _, part := range strings.Fields(c.token) {
+				secrets.add(part) // what a message could show of a broken token
+			}
+			out := filepath.Join(work, strings.ReplaceAll(c.what, " ", "_"))
+			run := runPlaybook(t, work, v.addr, []string{"VAULT_TOKEN=" + c.token}, "-i", inventory, "-e", "cf_render_dir="+out, "--tags", "render")
+			checkAnsibleRun(t, secrets, "ansible-playbook --tags render", run)
+			_, err := os.Stat(filepath.Join(out, "branch-1", "swanctl.conf"))
+			switch {
+			case !c.refused && (run.code != 0 || err != nil):
+				t.Errorf("the render failed (exit %d, %v):\n%s", run.code, err, ansibleFailures(secrets, run.output))
+			case c.refused && (run.code == 0 || err == nil):
+				t.Errorf("the render took the token (exit %d)", run.code)
+			case c.refused && !strings.Contains(run.output, "VAULT_TOKEN holds a space or a character that is not printable ASCII, which no Vault token has"):
+				t.Errorf("the refusal does not say what is wrong:\n%s", ansibleFailures(secrets, run.output))
+			}
+		})
+	}
+}
+
+// TestAnsibleDiffShowsNoKey: the playbook says a key is hidden "at any
+// verbosity, even with --diff", where the template module returns the file's
+// old and new text. A first render (the diff of a new file is all of it), a
+// render after a rotation, and --check --diff, each at -vvv: no key or token
+// in the output, the log or Ansible's files (no_log censors the diff).
+// (From the review of issue 17; it held before the fixes.)
+func TestAnsibleDiffShowsNoKey(t *testing.T) {
+	requireAnsible(t)
+	sim, baseURL, secrets, apiToken, account := newEdge(t)
+	var ids []string
+	for i, tun := range goldenTunnels() {
+		ids = append(ids, sim.AddTunnel(account, ansibleTunnel(tun.Name, i+1)).ID)
+	}
+	v := startDevServer(t, secrets)
+	v.mountEngine(t, baseURL, apiToken.Value)
+	operator, provisioner := policyTokens(t, v, secrets, account)
+	for _, id := range ids {
+		v.mustVault(t, v.rootToken, "write", "-f", "cloudflare-ipsec/psk/"+account+"/"+id)
+	}
+	work := t.TempDir()
+	out := filepath.Join(work, "rendered")
+	inventory := writeAnsibleInventory(t, work, account, ids, nil)
+	tokens := []string{"CF_OPERATOR_TOKEN=" + operator, "VAULT_TOKEN=" + provisioner}
+	for _, args := range [][]string{
+		{"--tags", "render", "--diff", "-vvv"},
+		{"--diff", "-vvv"},
+		{"--check", "--diff", "-vvv"},
+	} {
+		run := runPlaybook(t, work, v.addr, tokens, append([]string{"-i", inventory, "-e", "cf_render_dir=" + out}, args...)...)
+		edgeKeyPlaceholders(t, sim, secrets, account, ids)
+		what := "ansible-playbook " + strings.Join(args, " ")
+		checkAnsibleRun(t, secrets, what, run)
+		if run.code != 0 {
+			t.Fatalf("%s exited %d:\n%s", what, run.code, ansibleFailures(secrets, run.output))
+		}
+	}
+}
+
+// TestAnsibleCapabilityCheckNamesTheOneUnreadableTunnel: TestAnsiblePlaybookRotatesAndRenders
+// refuses a token that may read none of the tunnels. Here the token may
+// read one tunnel of a router's two (a policy for that path, and one that
+// denies the other explicitly under a glob that allows it): the check names
+// only the other, the router is not rendered, and nothing is written. (From
+// the review of issue 17; it held before the fixes.)
+func TestAnsibleCapabilityCheckNamesTheOneUnreadableTunnel(t *testing.T) {
+	requireAnsible(t)
+	sim, baseURL, secrets, apiToken, account := newEdge(t)
+	readable := sim.AddTunnel(account, ansibleTunnel("site_a_1", 1)).ID
+	hidden := sim.AddTunnel(account, ansibleTunnel("site_a_2", 2)).ID
+	v := startDevServer(t, secrets)
+	root := v.rootToken
+	v.mountEngine(t, baseURL, apiToken.Value)
+	for _, id := range []string{readable, hidden} {
+		v.mustVault(t, root, "write", "-f", "cloudflare-ipsec/psk/"+account+"/"+id)
+	}
+	for name, policy := range map[string]string{
+		"one-path": fmt.Sprintf(`path "cloudflare-ipsec/psk/%s/%s" { capabilities = ["read"] }`, account, readable),
+		"glob-but-deny": fmt.Sprintf(`path "cloudflare-ipsec/psk/%s/*" { capabilities = ["read"] }
+path "cloudflare-ipsec/psk/%s/%s" { capabilities = ["deny"] }`, account, account, hidden),
+	} {
+		t.Run(name, func(t *testing.T) {
+			writeFile(t, filepath.Join(v.dir, name+".hcl"), policy)
+			v.mustVault(t, root, "policy", "write", name, filepath.Join(v.dir, name+".hcl"))
+			token := strings.TrimSpace(v.mustVault(t, root, "token", "create", "-policy="+name, "-ttl=30m", "-field=token"))
+			secrets.add(token)
+			work := t.TempDir()
+			out := filepath.Join(work, "rendered")
+			inventory := writeAnsibleHosts(t, work, []ansibleHost{
+				{name: "branch-1", family: "strongswan", account: account, tunnels: []string{readable, hidden}},
+			})
+			run := runPlaybook(t, work, v.addr, []string{"VAULT_TOKEN=" + token}, "-i", inventory, "-e", "cf_render_dir="+out, "--tags", "render")
+			edgeKeyPlaceholders(t, sim, secrets, account, []string{readable, hidden})
+			checkAnsibleRun(t, secrets, "ansible-playbook --tags render", run)
+			if run.code == 0 {
+				t.Fatal("the render succeeded with a token that may not read one of the router's tunnels")
+			}
+			want := fmt.Sprintf("The token may not read the keys of tunnels %s under cloudflare-ipsec/psk/%s/ (Vault gives its capabilities there as deny)", hidden, account)
+			if !strings.Contains(run.output, want) {
+				t.Errorf("the refusal does not say %q:\n%s", want, ansibleFailures(secrets, run.output))
+			}
+			if _, err := os.Stat(out); !os.IsNotExist(err) {
+				t.Errorf("the refused render created %s (%v)", out, err)
+			}
+		})
+	}
+}
+
+// TestAnsibleHoldsBackATunnelSharedWithARouterOutsideTheLimit: two routers
+// share a tunnel (a pair with one configuration). Run with --limit to one
+// of them (Ansible's everyday way to work on one router), the playbook does
+// not rotate the shared tunnel: rotated, it would leave the other router,
+// which the run does not render, with the old key. Rendering a router
+// outside the limit would not do either: --limit says which routers the run
+// may touch. The run says which tunnel it held back and for which router,
+// renders the router it was given with the key the edge uses, and fails.
+//
+// Before the fix (the review's TestReview17AnsibleLimitRotatesATunnelItsOtherRouterDoesNotGet):
+//
+//	--limit branch-1 rotated tunnel ..., which branch-2 (outside the limit) also uses, and branch-2 was not rendered: it keeps the old key
+func TestAnsibleHoldsBackATunnelSharedWithARouterOutsideTheLimit(t *testing.T) {
+	requireAnsible(t)
+	sim, baseURL, secrets, apiToken, account := newEdge(t)
+	shared := sim.AddTunnel(account, ansibleTunnel("site_a_1", 1)).ID
+	own := sim.AddTunnel(account, ansibleTunnel("site_a_2", 2)).ID
+	v := startDevServer(t, secrets)
+	v.mountEngine(t, baseURL, apiToken.Value)
+	for _, id := range []string{shared, own} {
+		v.mustVault(t, v.rootToken, "write", "-f", "cloudflare-ipsec/psk/"+account+"/"+id)
+	}
+	operator, provisioner := policyTokens(t, v, secrets, account)
+
+	work := t.TempDir()
+	out := filepath.Join(work, "rendered")
+	inventory := writeAnsibleHosts(t, work, []ansibleHost{
+		{name: "branch-1", family: "strongswan", account: account, tunnels: []string{shared, own}},
+		{name: "branch-2", family: "strongswan", account: account, tunnels: []string{shared}},
+	})
+	run := runPlaybook(t, work, v.addr, []string{"CF_OPERATOR_TOKEN=" + operator, "VAULT_TOKEN=" + provisioner},
+		"-i", inventory, "-e", "cf_render_dir="+out, "--limit", "branch-1")
+	edgeKeyPlaceholders(t, sim, secrets, account, []string{shared, own})
+	checkAnsibleRun(t, secrets, "ansible-playbook --limit branch-1", run)
+	if n := generatedKeys(sim, account, shared); n != 2 {
+		t.Errorf("--limit branch-1 rotated tunnel %s, which branch-2 (outside the limit) also uses: the edge has had %d keys, want 2", shared, n)
+	}
+	if n := generatedKeys(sim, account, own); n != 3 {
+		t.Errorf("branch-1's own tunnel has had %d keys, want 3: the run held back more than the shared tunnel", n)
+	}
+	raw, err := os.ReadFile(filepath.Join(out, "branch-1", "swanctl.conf"))
+	if err != nil {
+		t.Fatalf("branch-1 was not rendered: %v", err)
+	}
+	for _, id := range []string{shared, own} {
+		if !holdsEdgeKey(sim, account, id, string(raw)) {
+			t.Errorf("branch-1/swanctl.conf does not hold the edge's key of %s", id)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(out, "branch-2")); !os.IsNotExist(err) {
+		t.Errorf("the run rendered branch-2, which --limit left out (%v)", err)
+	}
+	if run.code == 0 {
+		t.Error("the run succeeded although it held back a rotation")
+	}
+	want := "Not rotated: cloudflare-ipsec/psk/" + account + "/" + shared + " (branch-1 shares it with branch-2, which this run leaves out (--limit): " +
+		"rotated, it would leave them with the old key; run with every router that shares it)."
+	if !strings.Contains(run.output, want) {
+		t.Errorf("the output does not say %q:\n%s", want, ansibleFailures(secrets, run.output))
+	}
+}
+
+// TestAnsibleTemplatesCarryOrRefuseMoreKeys: TestAnsibleTemplatesCarryOrRefuseAnyKey
+// tries three hostile keys; these are the others a router's syntax could
+// trip on: non-ASCII, "#" and ";"
+// (comments and statement ends), "$" inside a key and "$" without digits,
+// spaces at both ends, a tab, a carriage return, a NUL, and Jinja
+// delimiters whose text names the token (a key templated twice would put
+// the token in the file). Each Jinja template must carry the key exactly or
+// refuse it, by the Agent templates' rules: strongSwan and VyOS carry all
+// (base64), Junos what is printable ASCII and does not begin like $9$, IOS
+// XE only letters and digits. (From the review of issue 17; it held before
+// the fixes.)
+func TestAnsibleTemplatesCarryOrRefuseMoreKeys(t *testing.T) {
+	requireAnsible(t)
+	sim, baseURL, secrets, apiToken, account := newEdge(t)
+	tun := sim.AddTunnel(account, cloudflaresim.Tunnel{Name: "site_a_1", CustomerEndpoint: "198.51.100.7"})
+	v := startDevServer(t, secrets)
+	root := v.rootToken
+	v.mountEngine(t, baseURL, apiToken.Value)
+	v.mustVault(t, root, "write", "-f", "cloudflare-ipsec/psk/"+account+"/"+tun.ID)
+	data, ok := v.mustVaultJSON(t, root, "read", "cloudflare-ipsec/psk/"+account+"/"+tun.ID)["data"].(map[string]any)
+	if !ok {
+		t.Fatal("the engine's read has no data")
+	}
+	v.mustVault(t, root, "secrets", "enable", "-path=anykey", "-version=1", "kv")
+	policy, err := os.ReadFile(filepath.Join("..", "docs", "policies", "provisioner.hcl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(v.dir, "anykey.hcl"), strings.ReplaceAll(strings.ReplaceAll(string(policy), "ACCOUNT_ID", account), "cloudflare-ipsec/", "anykey/"))
+	v.mustVault(t, root, "policy", "write", "anykey-provisioner", filepath.Join(v.dir, "anykey.hcl"))
+	reader := strings.TrimSpace(v.mustVault(t, root, "token", "create", "-policy=anykey-provisioner", "-field=token"))
+	secrets.add(reader)
+
+	keys := map[string]string{
+		"non-ASCII":              "Ab1\u00fc\u20ac\U0001F600",
+		"hash and semicolon":     "Ab1#c;d!",
+		"dollar inside":          "Ab$9$cd",
+		"dollar without digits":  "$ab$cd",
+		"spaces at both ends":    " Ab1 ",
+		"a tab":                  "Ab\t1",
+		"a carriage return":      "Ab1\r",
+		"a NUL":                  "Ab\x001",
+		"Jinja naming the token": "{{ lookup('env', 'VAULT_TOKEN') }}{% raw %}x",
+	}
+	printable := func(s string) bool {
+		for _, r := range s {
+			if r < ' ' || r > '~' {
+				return false
+			}
+		}
+		return true
+	}
+	carries := map[string]func(string) bool{
+		"swanctl.conf.tpl": func(string) bool { return true },
+		"vyos.vbash.tpl":   func(string) bool { return true },
+		"junos.set.tpl": func(k string) bool {
+			return printable(k) && !(len(k) > 2 && k[0] == '$' && strings.IndexByte(k[1:], '$') > 0 && strings.Trim(k[1:1+strings.IndexByte(k[1:], '$')], "0123456789") == "")
+		},
+		"ios-xe.cfg.tpl": func(string) bool { return false },
+	}
+	decode := anyKeyExpectations()
+	work := t.TempDir()
+	inventory := writeAnsibleInventory(t, work, account, []string{tun.ID}, map[string]any{"cf_mount": "anykey"})
+	for name, key := range keys {
+		secrets.add(key)
+		secrets.add(base64.StdEncoding.EncodeToString([]byte(key)))
+		hostile := map[string]any{}
+		for k, val := range data {
+			hostile[k] = val
+		}
+		hostile["psk"] = key
+		if status, _ := v.api(t, root, "PUT", "anykey/psk/"+account+"/"+tun.ID, hostile); status != 204 && status != 200 {
+			t.Fatalf("write the key %q to KV: HTTP %d", name, status)
+		}
+		out := filepath.Join(work, strings.ReplaceAll(name, " ", "_"))
+		run := runPlaybook(t, work, v.addr, []string{"VAULT_TOKEN=" + reader}, "-i", inventory, "-e", "cf_render_dir="+out, "--tags", "render")
+		checkAnsibleRun(t, secrets, "ansible-playbook with "+name, run)
+		for _, r := range ansibleRouters {
+			t.Run(r.file+".j2 with "+name, func(t *testing.T) {
+				rendered, readErr := os.ReadFile(filepath.Join(out, r.host, r.file))
+				if readErr == nil && strings.Contains(string(rendered), reader) {
+					t.Fatal("the rendered file holds the Vault token: the key was templated")
+				}
+				if !carries[r.agentTemplate](key) {
+					if readErr == nil {
+						t.Fatal("the template rendered a key it cannot carry")
+					}
+					return
+				}
+				if readErr != nil {
+					t.Fatalf("the template refused a key it can carry: %v\n%s", readErr, ansibleFailures(secrets, run.output))
+				}
+				if got := decode[r.agentTemplate].decode(t, string(rendered)); got != key {
+					t.Errorf("the rendered key is not the key read (%d characters, want %d)", len(got), len(key))
+				}
+			})
+		}
 	}
 }

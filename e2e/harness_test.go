@@ -189,9 +189,16 @@ func startDevServerAt(t testing.TB, secrets *secretSet, logLevel string) *vaultS
 // startDevServerWith starts a dev server whose plugin directory is pluginDir.
 func startDevServerWith(t testing.TB, secrets *secretSet, logLevel, pluginDir string) *vaultServer {
 	t.Helper()
+	return startDevServerConfig(t, secrets, logLevel, pluginDir, "")
+}
+
+// startDevServerConfig starts a dev server whose plugin directory is
+// pluginDir, with extra lines of server configuration.
+func startDevServerConfig(t testing.TB, secrets *secretSet, logLevel, pluginDir, extra string) *vaultServer {
+	t.Helper()
 	dir := t.TempDir()
 	port := freePort(t)
-	cfg := fmt.Sprintf("plugin_directory = %q\n", pluginDir)
+	cfg := fmt.Sprintf("plugin_directory = %q\n%s", pluginDir, extra)
 	writeFile(t, filepath.Join(dir, "plugins.hcl"), cfg)
 	v := &vaultServer{dir: dir, addr: fmt.Sprintf("http://127.0.0.1:%d", port), rootToken: "root", secrets: secrets}
 	v.start(t, "server", "-dev", "-dev-root-token-id=root", fmt.Sprintf("-dev-listen-address=127.0.0.1:%d", port),

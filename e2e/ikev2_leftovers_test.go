@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -70,9 +71,130 @@ func TestIKERigClearsLeftoversOfKilledRuns(t *testing.T) {
 	}
 }
 
+// TestIKERigClearsKeysOfAKilledRunUnderAnotherTMPDIR: a run puts its
+// directory, with both daemons' swanctl.conf (live keys) and Agent's secret
+// id, in the TempDir of its own environment, which need not be the next
+// run's (a login shell with pam_tmpdir's /tmp/user/0, a CI job's TMPDIR,
+// `sudo make test` with /tmp). The next run, with its own TMPDIR, must find
+// it all the same and remove it: while the killed run's daemon still runs,
+// and when nothing of it runs any more and its namespaces are gone, as
+// after a reboot, when only the run's record in the registry names it.
+//
+// Before the fix (the review's TestReview17IKELeftoversOfARunWithAnotherTMPDIRKeepTheirKeys),
+// the rig looked in its own TempDir only:
+//
+//	cleared what a killed IKEv2 run left (it has no owner record and its processes are orphans): 1 processes, namespaces [cfike-e766da-edge cfike-e766da-rtr], directories []
+//	a killed run whose TMPDIR was /tmp/TestReview17IKE.../001: its directory .../cfike-e766da-4011131116, with the daemons' keys, is still there
+//	    (its daemon ended: true; its namespaces deleted: true)
+func TestIKERigClearsKeysOfAKilledRunUnderAnotherTMPDIR(t *testing.T) {
+	bins := ikePreflight(t)
+	for _, afterReboot := range []bool{false, true} {
+		t.Run(map[bool]string{false: "its daemon still runs", true: "nothing of it runs"}[afterReboot], func(t *testing.T) {
+			other := t.TempDir()
+			orig, had := os.LookupEnv("TMPDIR")
+			t.Setenv("TMPDIR", other) // restored when the test ends; by hand below
+			killed := plantIKERun(t, bins, true, false)
+			if had {
+				os.Setenv("TMPDIR", orig)
+			} else {
+				os.Unsetenv("TMPDIR")
+			}
+			if os.TempDir() == other || !strings.HasPrefix(killed.dir, other+string(filepath.Separator)) {
+				t.Fatalf("the planted run's directory %s is not under TMPDIR %s, or TMPDIR was not restored", killed.dir, other)
+			}
+			if afterReboot {
+				_ = syscall.Kill(killed.daemon.pid, syscall.SIGKILL)
+				for _, ns := range killed.namespaces {
+					if out, err := exec.Command(bins.ip, "netns", "delete", ns).CombinedOutput(); err != nil {
+						t.Fatalf("ip netns delete %s: %v: %s", ns, err, out)
+					}
+				}
+				if err := endProcs(map[int]procID{killed.daemon.pid: killed.daemon}); err != nil {
+					t.Fatal(err)
+				}
+			}
+
+			clearIKELeftovers(t, bins.ip)
+
+			if _, err := os.Stat(killed.dir); err == nil {
+				t.Errorf("a killed run whose TMPDIR was %s: its directory %s, with the daemons' keys, is still there", other, killed.dir)
+			}
+			if killed.daemon.running() {
+				t.Errorf("its daemon (pid %d) still runs", killed.daemon.pid)
+			}
+			for _, ns := range killed.namespaces {
+				if namespaceExists(ns) {
+					t.Errorf("its network namespace %s is still there", ns)
+				}
+			}
+			if _, err := os.Stat(filepath.Join(ikeRunRegistry, killed.id)); !os.IsNotExist(err) {
+				t.Errorf("its record in %s is still there (%v)", ikeRunRegistry, err)
+			}
+		})
+	}
+}
+
+// TestIKERigRefusesARegistryItCannotTrust: the rig removes, as root, the
+// directories the registry names, so it refuses a registry that another
+// user could write, and a record that names anything but a run directory of
+// the rig for the record's run.
+func TestIKERigRefusesARegistryItCannotTrust(t *testing.T) {
+	registry := filepath.Join(t.TempDir(), "registry")
+	if dirs, err := registeredIKERuns(registry); err != nil || len(dirs) != 0 {
+		t.Fatalf("a registry that does not exist: %q, %v; want nothing and no error", dirs, err)
+	}
+	runDir := filepath.Join(t.TempDir(), "cfike-0a1b2c-123")
+	mkdir(t, runDir)
+	if err := registerIKERun(registry, "0a1b2c", runDir); err != nil {
+		t.Fatal(err)
+	}
+	if dirs, err := registeredIKERuns(registry); err != nil || !slices.Equal(dirs, []string{runDir}) {
+		t.Fatalf("the registry gives %q, %v; want [%s]", dirs, err, runDir)
+	}
+	home := t.TempDir()
+	for _, c := range []struct {
+		what, id, names string
+	}{
+		{"a directory that is not a run's", "0a1b2d", home},
+		{"a run directory of another run", "0a1b2e", runDir},
+		{"a path that is not clean", "0a1b2f", filepath.Dir(runDir) + "/x/../cfike-0a1b2f-123"},
+	} {
+		t.Run(c.what, func(t *testing.T) {
+			record := filepath.Join(registry, c.id)
+			writeFile(t, record, c.names+"\n")
+			defer os.Remove(record)
+			if dirs, err := registeredIKERuns(registry); err == nil {
+				t.Errorf("the registry gave %q, and no error", dirs)
+			}
+		})
+	}
+	if _, err := os.Stat(filepath.Join(registry, "0a1b2c")); err != nil {
+		t.Fatalf("the good record went with the bad ones: %v", err)
+	}
+	if err := os.Chmod(registry, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := registeredIKERuns(registry); err == nil || !strings.Contains(err.Error(), "mode 0700") {
+		t.Errorf("a registry others may read and enter is taken (%v)", err)
+	}
+	if err := os.Chmod(registry, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(runDir); err != nil {
+		t.Fatal(err)
+	}
+	if dirs, err := registeredIKERuns(registry); err != nil || len(dirs) != 0 {
+		t.Errorf("a record of a directory that is gone: %q, %v; want nothing", dirs, err)
+	}
+	if _, err := os.Stat(filepath.Join(registry, "0a1b2c")); !os.IsNotExist(err) {
+		t.Errorf("the record of a directory that is gone was kept (%v)", err)
+	}
+}
+
 // plantedRun is what plantIKERun left, as a run of the rig would have.
 type plantedRun struct {
 	what       string
+	id         string
 	dir        string
 	namespaces []string
 	keyFiles   []string
@@ -148,16 +270,20 @@ func plantIKERun(t *testing.T, bins ikeBins, killed, legacy bool) *plantedRun {
 	}
 	id := hex.EncodeToString(b)
 	p := &plantedRun{what: map[bool]string{true: "a killed run", false: "a live run"}[killed]}
-	pattern := "cfike-" + id + "-"
+	var dir string
+	var err error
 	if legacy {
 		p.what += " from before the owner record"
-		pattern = "cfike-"
+		dir, err = os.MkdirTemp("", "cfike-")
+	} else {
+		dir, err = makeIKERunDir(id)
+		t.Cleanup(func() { _ = unregisterIKERun(id) })
 	}
-	dir, err := os.MkdirTemp("", pattern)
 	if err != nil {
 		t.Fatal(err)
 	}
 	p.dir = dir
+	p.id = id
 	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 
 	for _, ns := range []string{"cfike-" + id + "-edge", "cfike-" + id + "-rtr"} {
@@ -324,6 +450,15 @@ const (
 // whose owner lives, another engineer's on the same machine, is never
 // touched.
 //
+// <tmp> is the TempDir of the run's own environment, which need not be the
+// next run's (pam_tmpdir's /tmp/user/0 in a login shell, a CI job's
+// TMPDIR, /tmp under sudo). So each run records its directory in a
+// registry at a fixed place, ikeRunRegistry (<id> holds the directory's
+// path; root's, mode 0700, in /var/tmp so that it outlives a reboot as a
+// directory under /var/tmp would), and a run looks there as well as in
+// its own TempDir, /tmp and /var/tmp. A daemon's environment names its
+// directory too, wherever it is.
+//
 // Runs from before the owner record (directories <tmp>/cfike-<random>)
 // record nothing; their processes name their directory in their
 // environment (STRONGSWAN_CONF, HOME) and live in their namespaces. Such a
@@ -397,8 +532,9 @@ type ikeLeftover struct {
 }
 
 // findIKELeftovers lists the runs of the rig on this machine, live or not,
-// and returns the dead ones.
-func findIKELeftovers(tmp string, now time.Time) ([]ikeLeftover, error) {
+// and returns the dead ones. It looks for their directories in roots and in
+// the registry.
+func findIKELeftovers(roots []string, registry string, now time.Time) ([]ikeLeftover, error) {
 	// Every thing is keyed by its run; things that a process ties together
 	// (its directory, its namespace) are one run.
 	parent := map[string]string{}
@@ -427,14 +563,47 @@ func findIKELeftovers(tmp string, now time.Time) ([]ikeLeftover, error) {
 	}
 
 	dirs := map[string]string{} // path: its own key
-	entries, err := os.ReadDir(tmp)
-	if err != nil {
-		return nil, fmt.Errorf("list %s: %w", tmp, err)
-	}
-	for _, e := range entries {
-		if e.IsDir() && (ikeRigDirName.MatchString(e.Name()) || ikeLegacyDirName.MatchString(e.Name())) {
-			dirs[filepath.Join(tmp, e.Name())] = dirKey(e.Name())
+	for _, root := range roots {
+		entries, err := os.ReadDir(root)
+		if err != nil {
+			if os.IsNotExist(err) {
+				continue
+			}
+			return nil, fmt.Errorf("list %s: %w", root, err)
 		}
+		for _, e := range entries {
+			if e.IsDir() && (ikeRigDirName.MatchString(e.Name()) || ikeLegacyDirName.MatchString(e.Name())) {
+				dirs[filepath.Join(root, e.Name())] = dirKey(e.Name())
+			}
+		}
+	}
+	registered, err := registeredIKERuns(registry)
+	if err != nil {
+		return nil, err
+	}
+	for _, dir := range registered {
+		dirs[dir] = dirKey(filepath.Base(dir))
+	}
+	// runDir is the run directory a path lies in: one under a root, a
+	// registered one or, for a process in a run's namespace (which ties it
+	// to the rig), any directory named as the rig names them.
+	runDir := func(path string, inRunNamespace bool) (string, bool) {
+		if !filepath.IsAbs(path) {
+			return "", false
+		}
+		path = filepath.Clean(path)
+		for dir := path; dir != "/" && dir != "."; dir = filepath.Dir(dir) {
+			name := filepath.Base(dir)
+			if !ikeRigDirName.MatchString(name) && !ikeLegacyDirName.MatchString(name) {
+				continue
+			}
+			_, known := dirs[dir]
+			if known || inRunNamespace || slices.Contains(roots, filepath.Dir(dir)) {
+				return dir, true
+			}
+			return "", false
+		}
+		return "", false
 	}
 	namespaces := map[string]string{} // name: its own key
 	nsByInode := map[uint64]string{}
@@ -460,7 +629,6 @@ func findIKELeftovers(tmp string, now time.Time) ([]ikeLeftover, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list /proc: %w", err)
 	}
-	dirPrefix := filepath.Join(tmp, "cfike-")
 	for _, e := range procEntries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil || pid == os.Getpid() {
@@ -471,25 +639,24 @@ func findIKELeftovers(tmp string, now time.Time) ([]ikeLeftover, error) {
 			continue
 		}
 		var keys []string
+		inRunNamespace := false
 		if ino, ok := processNetns(pid); ok {
 			if ns, ok := nsByInode[ino]; ok {
 				keys = append(keys, namespaces[ns])
+				inRunNamespace = true
 			}
 		}
 		environ, _ := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
 		for _, kv := range strings.Split(string(environ), "\x00") {
 			_, v, _ := strings.Cut(kv, "=")
-			if !strings.HasPrefix(v, dirPrefix) {
+			path, ok := runDir(v, inRunNamespace)
+			if !ok {
 				continue
 			}
-			name, _, _ := strings.Cut(strings.TrimPrefix(v, tmp+string(filepath.Separator)), string(filepath.Separator))
-			if !ikeRigDirName.MatchString(name) && !ikeLegacyDirName.MatchString(name) {
-				continue
-			}
-			path := filepath.Join(tmp, name)
 			if _, ok := dirs[path]; !ok {
-				// Its directory is gone; the process still counts.
-				dirs[path] = dirKey(name)
+				// Its directory is gone, or under no root; the process
+				// still counts.
+				dirs[path] = dirKey(filepath.Base(path))
 			}
 			keys = append(keys, dirs[path])
 		}
@@ -594,7 +761,7 @@ func (r *ikeRunRemains) holdsSomething() bool {
 // directory and so the keys in it.
 func clearIKELeftovers(t testing.TB, ip string) {
 	t.Helper()
-	dead, err := findIKELeftovers(os.TempDir(), time.Now())
+	dead, err := findIKELeftovers(ikeTempRoots(), ikeRunRegistry, time.Now())
 	if err != nil {
 		t.Fatalf("look for what killed IKEv2 runs left: %v", err)
 	}
@@ -655,7 +822,140 @@ func (l ikeLeftover) clear(ip string) error {
 			errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
 		}
 	}
+	for id := range l.ids {
+		if err := unregisterIKERun(id); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	return errors.Join(errs...)
+}
+
+// ikeRunRegistry is where each run records its directory, whatever its
+// TempDir: a file per run, named by its id, that holds the directory's path.
+const ikeRunRegistry = "/var/tmp/cfike-runs"
+
+// ikeTempRoots are the directories a run's directory is looked for in, but
+// for the registry: this process's TempDir and the usual ones.
+func ikeTempRoots() []string {
+	var roots []string
+	for _, r := range []string{os.TempDir(), "/tmp", "/var/tmp"} {
+		if r = filepath.Clean(r); !slices.Contains(roots, r) {
+			roots = append(roots, r)
+		}
+	}
+	return roots
+}
+
+// makeIKERunDir makes a run's directory, <TempDir>/cfike-<id>-<random>,
+// and records it in the registry before anything is put in it.
+func makeIKERunDir(id string) (string, error) {
+	dir, err := os.MkdirTemp("", "cfike-"+id+"-")
+	if err != nil {
+		return "", err
+	}
+	if dir, err = filepath.Abs(dir); err != nil {
+		return "", err
+	}
+	if err := registerIKERun(ikeRunRegistry, id, dir); err != nil {
+		_ = os.RemoveAll(dir)
+		return "", err
+	}
+	return dir, nil
+}
+
+// registerIKERun records the run's directory in the registry, which it
+// makes root's own (mode 0700) if it is not there yet.
+func registerIKERun(registry, id, dir string) error {
+	if err := os.Mkdir(registry, 0o700); err != nil && !os.IsExist(err) {
+		return fmt.Errorf("make the IKEv2 rig's registry of run directories: %w", err)
+	}
+	if err := checkIKERegistry(registry); err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(registry, ".new-"+id+"-")
+	if err != nil {
+		return fmt.Errorf("record the run's directory: %w", err)
+	}
+	_, werr := f.WriteString(dir + "\n")
+	if cerr := f.Close(); werr == nil {
+		werr = cerr
+	}
+	if werr == nil {
+		werr = os.Rename(f.Name(), filepath.Join(registry, id))
+	}
+	if werr != nil {
+		_ = os.Remove(f.Name())
+		return fmt.Errorf("record the run's directory in %s: %w", registry, werr)
+	}
+	return nil
+}
+
+// unregisterIKERun drops the run's record, once its directory holds no key.
+func unregisterIKERun(id string) error {
+	if err := os.Remove(filepath.Join(ikeRunRegistry, id)); err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("drop the run's record from %s: %w", ikeRunRegistry, err)
+	}
+	return nil
+}
+
+// checkIKERegistry refuses a registry that someone else could have written:
+// the rig removes the directories it names, as root.
+func checkIKERegistry(registry string) error {
+	info, err := os.Lstat(registry)
+	if err != nil {
+		return err
+	}
+	st, _ := info.Sys().(*syscall.Stat_t)
+	if !info.IsDir() || st == nil || int(st.Uid) != os.Geteuid() || info.Mode().Perm()&0o077 != 0 {
+		return fmt.Errorf("%s, the IKEv2 rig's registry of run directories, is not a directory of uid %d with mode 0700 (%v): "+
+			"the rig removes what it names, so it trusts no other; remove it", registry, os.Geteuid(), info.Mode())
+	}
+	return nil
+}
+
+// registeredIKERuns returns the directories the registry names that exist,
+// and drops the records of those that do not. A record that does not name a
+// directory of the rig's own, named for its id, is refused.
+func registeredIKERuns(registry string) ([]string, error) {
+	if err := checkIKERegistry(registry); err != nil {
+		if os.IsNotExist(err) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	entries, err := os.ReadDir(registry)
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", registry, err)
+	}
+	var dirs []string
+	for _, e := range entries {
+		record := filepath.Join(registry, e.Name())
+		if !ikeRigID.MatchString(e.Name()) {
+			continue // a record being written, or not the rig's
+		}
+		raw, err := os.ReadFile(record)
+		if err != nil {
+			return nil, fmt.Errorf("read %s: %w", record, err)
+		}
+		dir := strings.TrimSuffix(string(raw), "\n")
+		m := ikeRigDirName.FindStringSubmatch(filepath.Base(dir))
+		if !filepath.IsAbs(dir) || filepath.Clean(dir) != dir || m == nil || m[1] != e.Name() {
+			return nil, fmt.Errorf("%s names %q, not a run directory of the rig for run %s: remove the record", record, dir, e.Name())
+		}
+		info, err := os.Lstat(dir)
+		if os.IsNotExist(err) {
+			_ = os.Remove(record) // its run cleared it, or its owner did
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("look at %s, which %s names: %w", dir, record, err)
+		}
+		if st, _ := info.Sys().(*syscall.Stat_t); !info.IsDir() || st == nil || int(st.Uid) != os.Geteuid() {
+			return nil, fmt.Errorf("%s names %s, which is not a directory of uid %d: remove the record", record, dir, os.Geteuid())
+		}
+		dirs = append(dirs, dir)
+	}
+	return dirs, nil
 }
 
 // endProcs sends SIGTERM (charon deletes its SAs, Agent stops), then

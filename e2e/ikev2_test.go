@@ -653,9 +653,8 @@ func newIKERig(t testing.TB, bins ikeBins, secrets *secretSet) *ikeRig {
 		t.Fatal(err)
 	}
 	id := hex.EncodeToString(b)
-	// Not t.TempDir: unix socket paths are limited to 108 bytes. The id in
-	// its name ties it to the run's namespaces.
-	dir, err := os.MkdirTemp("", "cfike-"+id+"-")
+	// Not t.TempDir: unix socket paths are limited to 108 bytes.
+	dir, err := makeIKERunDir(id)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1285,6 +1284,13 @@ func (r *ikeRig) teardown() {
 	if t.Failed() {
 		t.Logf("the rig's logs:\n%s", r.secrets.redact(logs.String()))
 	}
+	// Whatever happens to the directory, no key is left in it: a later run
+	// need not find it.
+	defer func() {
+		if err := unregisterIKERun(r.id); err != nil {
+			t.Errorf("teardown: %v", err)
+		}
+	}()
 	if !t.Failed() {
 		_ = os.RemoveAll(r.dir)
 	} else {

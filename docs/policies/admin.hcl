@@ -28,6 +28,12 @@ path "cloudflare-ipsec/metadata/*" {
   capabilities = ["read", "list"]
 }
 
+# The mount's health: counts by state, the tunnels that need an operator,
+# the budget (no key, no token).
+path "cloudflare-ipsec/status" {
+  capabilities = ["read"]
+}
+
 # What of key_source vault is still in flight (before a downgrade).
 path "cloudflare-ipsec/key-source" {
   capabilities = ["read"]

@@ -26,3 +26,9 @@ path "cloudflare-ipsec/psk/+/+/schedule" {
 path "cloudflare-ipsec/metadata/*" {
   capabilities = ["read", "list"]
 }
+
+# The mount's health: counts by state, the tunnels that need an operator,
+# the budget (no key, no token).
+path "cloudflare-ipsec/status" {
+  capabilities = ["read"]
+}

@@ -49,9 +49,6 @@ const (
 	// sent again: the tunnels of one batch are refused moments apart, and
 	// without it each would be retried in a call of its own.
 	retrySlack = 5 * time.Second
-	// DefaultSetBatchSize is config set_batch_size's default (see
-	// path_config.go for why).
-	DefaultSetBatchSize = 100
 	// fittedFor is how long a batch size Cloudflare's refusals taught is
 	// kept for an account's later batches.
 	fittedFor = time.Hour
@@ -121,7 +118,7 @@ func (sc *scheduler) setsKeys(ctx context.Context) (rotation.Conn, bool) {
 func (sc *scheduler) batchSize(conn rotation.Conn, account string) int {
 	size := conn.Settings.SetBatchSize
 	if size <= 0 {
-		size = DefaultSetBatchSize
+		size = rotation.DefaultSetBatchSize
 	}
 	if f, ok := sc.fitted[account]; ok && sc.w.now().Sub(f.at) < fittedFor {
 		size = min(size, f.size)

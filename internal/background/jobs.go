@@ -124,6 +124,8 @@ func (w *Worker) startBulkJob(ctx context.Context, s logical.Storage, account st
 	if err := store.WriteBulkJob(ctx, s, account, job); err != nil {
 		return nil, err
 	}
+	// A status read shows the job while it runs.
+	w.census.NoteBulkJob(ctx, s, account, job.StartedAt, job.Queued)
 	return job, nil
 }
 

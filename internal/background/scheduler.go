@@ -62,11 +62,10 @@ type scheduler struct {
 	done     chan struct{}
 	doneOnce sync.Once
 
-	// The repair walk's place, in memory only: a new process starts with a
-	// walk. repairing is set while a walk is under way, repairAfter is the
-	// last record it examined, repairStarted when it began. Guarded by mu.
+	// The repair walk, in memory only: a new process starts with a walk.
+	// repairing is set while a walk is under way (its place is the
+	// census's), repairStarted when it began. Guarded by mu.
 	repairing     bool
-	repairAfter   store.Tunnel
 	repairStarted time.Time
 	// When the results of replaced bulk jobs were last cleaned, and
 	// whether some were left for the next pass. Guarded by mu.
@@ -75,6 +74,9 @@ type scheduler struct {
 	// fitted is, by account, the batch size of keys Cloudflare last took
 	// after refusing a larger one (batch.go). Guarded by mu.
 	fitted map[string]fittedSize
+	// summarizedAt is when the schedule was last summarized for status
+	// reads (summarizeSchedule). Guarded by mu.
+	summarizedAt time.Time
 }
 
 func newScheduler(w *Worker, s logical.Storage) *scheduler {
@@ -299,6 +301,30 @@ func (sc *scheduler) settle(ctx context.Context, p *passState, item store.DueIte
 func (sc *scheduler) housekeeping(ctx context.Context) {
 	sc.repairSchedule(ctx)
 	sc.cleanBulkResults(ctx)
+	sc.summarizeSchedule(ctx)
+	// At most every store.CensusFoldEvery, and only if something changed:
+	// what a standby's status read shows.
+	if err := sc.w.census.Fold(ctx, sc.storage); err != nil {
+		sc.w.logger.Warn("could not write the census; it tries again next pass", "error", err)
+	}
+}
+
+// summarizeSchedule tells the census, at most every
+// store.CensusFoldEvery, how many scheduled rotations are overdue and when
+// the next is: a status read shows it, and must not list the schedule
+// itself (store.SummarizeSchedule says why).
+func (sc *scheduler) summarizeSchedule(ctx context.Context) {
+	now := sc.w.now()
+	if !sc.summarizedAt.IsZero() && now.Sub(sc.summarizedAt) < store.CensusFoldEvery {
+		return
+	}
+	sum, err := store.SummarizeSchedule(ctx, sc.storage, now)
+	if err != nil {
+		sc.w.logger.Warn("could not summarize the schedule for status reads; it tries again next pass", "error", err)
+		return
+	}
+	sc.summarizedAt = now
+	sc.w.census.NoteSchedule(ctx, sc.storage, sum, now)
 }
 
 // storageRetry is how soon a pass comes back for an entry kept because
@@ -347,6 +373,9 @@ func (sc *scheduler) sleepUntil(wake time.Time, limit time.Duration) time.Durati
 // what matters), nothing would ever rotate the tunnel again. The walk reads
 // at most repairPerPass records per pass, resuming after the last one; a new
 // walk starts at the scheduler's first pass and then every repairEvery.
+// The census (store.Census) counts every record as the walk reads it, and
+// when the walk has read the last one its counts replace the census's: the
+// counts are exact again after anything that made them wrong.
 //
 // It takes no tunnel lock: it only ever adds an entry, and an entry that a
 // concurrent rotation made stale (the record moved on meanwhile) is dropped
@@ -357,34 +386,36 @@ func (sc *scheduler) repairSchedule(ctx context.Context) {
 		if !sc.repairStarted.IsZero() && now.Sub(sc.repairStarted) < repairEvery {
 			return
 		}
-		sc.repairing, sc.repairAfter, sc.repairStarted = true, store.Tunnel{}, now
+		sc.repairing, sc.repairStarted = true, now
+		sc.w.census.StartWalk()
 	}
-	tunnels, complete, err := store.ListRecordsAfter(ctx, sc.storage, sc.repairAfter, repairPerPass)
-	if err != nil {
-		sc.w.logger.Warn("schedule repair could not list records; it resumes next pass", "error", err)
-		return
-	}
-	for _, t := range tunnels {
-		// A record that cannot be read is passed over (and logged), so one
-		// corrupt record cannot stop every walk at the same place; the pass
-		// stops there, so a storage outage is not a thousand warnings.
-		sc.repairAfter = t
-		if err := sc.repairEntry(ctx, t); err != nil {
-			sc.w.engine.TunnelLogger(t).Warn("schedule repair could not check a tunnel", "error", err)
-			return
+	var failed *store.Tunnel
+	done, err := sc.w.census.WalkStep(ctx, sc.storage, repairPerPass, func(t store.Tunnel, rec *store.Record) error {
+		err := sc.repairEntry(ctx, t, rec)
+		if err != nil {
+			failed = &t
 		}
+		return err
+	})
+	// A record that cannot be read or checked is passed over (and logged),
+	// so one corrupt record cannot stop every walk at the same place; the
+	// pass stops there, so a storage outage is not a thousand warnings.
+	switch {
+	case err != nil && failed != nil:
+		sc.w.engine.TunnelLogger(*failed).Warn("schedule repair could not check a tunnel", "error", err)
+	case err != nil:
+		sc.w.logger.Warn("schedule repair could not read the records; it resumes next pass", "error", err)
 	}
-	if complete {
+	if done {
 		sc.repairing = false
 	}
 }
 
-// repairEntry writes t's due/ entry when its record has a next rotation and
-// the entry is missing.
-func (sc *scheduler) repairEntry(ctx context.Context, t store.Tunnel) error {
-	rec, err := store.ReadRecord(ctx, sc.storage, t)
-	if err != nil || rec == nil || !rec.Scheduled() || rec.NextRotation.IsZero() || rec.State == store.StateTunnelGone {
-		return err
+// repairEntry writes t's due/ entry when its record, rec, has a next
+// rotation and the entry is missing.
+func (sc *scheduler) repairEntry(ctx context.Context, t store.Tunnel, rec *store.Record) error {
+	if rec == nil || !rec.Scheduled() || rec.NextRotation.IsZero() || rec.State == store.StateTunnelGone {
+		return nil
 	}
 	// An entry an older version wrote, a minute later, is still honoured.
 	for _, key := range store.ScheduleKeys(rec.NextRotation, t) {

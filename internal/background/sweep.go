@@ -44,6 +44,7 @@ func (w *Worker) Periodic(ctx context.Context, s logical.Storage) error {
 	if !w.mayWrite() {
 		return nil
 	}
+	s = w.observe(s)
 	conn, err := w.connect(ctx, s)
 	if err != nil {
 		return err
@@ -114,6 +115,9 @@ func (w *Worker) sweepDrift(ctx context.Context, s logical.Storage, conn rotatio
 	if err != nil {
 		return fmt.Errorf("list managed accounts: %w", err)
 	}
+	// What the sweep finds is counted from its own writes: records that
+	// were current and that it marks stale or tunnel_gone.
+	ctx, found := store.WatchDrift(ctx)
 	for _, a := range accounts {
 		account := strings.TrimSuffix(a, "/")
 		if !w.budgetAllowsBackground() {
@@ -145,9 +149,11 @@ func (w *Worker) sweepDrift(ctx context.Context, s logical.Storage, conn rotatio
 			}
 		}
 	}
+	now := w.now()
 	w.driftMu.Lock()
-	w.lastDriftSweep = w.now()
+	w.lastDriftSweep = now
 	w.driftMu.Unlock()
+	w.census.NoteDriftCheck(ctx, s, now, found.Found())
 	return nil
 }
 

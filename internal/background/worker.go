@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
 // Budget is the mount's count of Cloudflare calls (*cloudflare.Budget).
@@ -43,6 +44,10 @@ type Config struct {
 	// passes its own to see how long the scheduler means to sleep and to
 	// wake it when it chooses.
 	After func(d time.Duration) <-chan time.Time
+	// Census counts the mount's tunnels (store.Census): the worker counts
+	// its own writes through it, recounts in the scheduler's repair walk
+	// and writes the counts down. Nil: one of the worker's own.
+	Census *store.Census
 }
 
 // Worker is one mount's background work. It is safe for concurrent use.
@@ -54,6 +59,7 @@ type Worker struct {
 	mayWrite func() bool
 	budget   Budget
 	after    func(d time.Duration) <-chan time.Time
+	census   *store.Census
 
 	// schedMu guards scheduler, which runs on the node that may write
 	// storage, from Start to Stop.
@@ -62,7 +68,8 @@ type Worker struct {
 	// jobsMu serialises updates of bulk job records.
 	jobsMu sync.Mutex
 	// driftMu guards lastDriftSweep, when the drift sweep (sweep.go) last
-	// finished. It is memory only: a new process sweeps at once.
+	// finished. It is memory only: a new process sweeps at once (the census
+	// keeps it for status reads, on every node).
 	driftMu        sync.Mutex
 	lastDriftSweep time.Time
 }
@@ -70,7 +77,7 @@ type Worker struct {
 // New returns a Worker that does nothing until Start (the scheduler) or
 // Periodic (the sweep) is called.
 func New(cfg Config) *Worker {
-	w := &Worker{engine: cfg.Engine, now: cfg.Now, logger: cfg.Logger, connect: cfg.Connect, mayWrite: cfg.MayWrite, budget: cfg.Budget, after: cfg.After}
+	w := &Worker{engine: cfg.Engine, now: cfg.Now, logger: cfg.Logger, connect: cfg.Connect, mayWrite: cfg.MayWrite, budget: cfg.Budget, after: cfg.After, census: cfg.Census}
 	if w.now == nil {
 		w.now = time.Now
 	}
@@ -80,7 +87,15 @@ func New(cfg Config) *Worker {
 	if w.logger == nil {
 		w.logger = hclog.NewNullLogger()
 	}
+	if w.census == nil {
+		w.census = store.NewCensus(store.CensusConfig{Now: w.now, Logger: w.logger, MayWrite: w.mayWrite})
+	}
 	return w
+}
+
+// observe is s with the worker's record writes counted by the census.
+func (w *Worker) observe(s logical.Storage) logical.Storage {
+	return w.census.Observe(s)
 }
 
 // Start starts the scheduler over s, on the node that may write. It keeps
@@ -93,7 +108,7 @@ func (w *Worker) Start(s logical.Storage) {
 	w.schedMu.Lock()
 	defer w.schedMu.Unlock()
 	if w.scheduler == nil {
-		w.scheduler = newScheduler(w, s)
+		w.scheduler = newScheduler(w, w.observe(s))
 		w.scheduler.start()
 	}
 }
@@ -119,7 +134,7 @@ func (w *Worker) Hold(s logical.Storage) {
 	// and starts no loop nothing could stop.
 	w.schedMu.Lock()
 	running := w.scheduler
-	w.scheduler = newScheduler(w, s)
+	w.scheduler = newScheduler(w, w.observe(s))
 	w.schedMu.Unlock()
 	if running != nil {
 		running.stop()

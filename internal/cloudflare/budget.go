@@ -187,6 +187,24 @@ func (b *Budget) Limit() (int, time.Duration) {
 	return b.limit, b.window
 }
 
+// Used returns how many calls were sent in the window that ends now, as
+// the cap counts them (0 when the cap is off).
+func (b *Budget) Used() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.limit == 0 {
+		return 0
+	}
+	now, span := b.now(), b.window+inFlightMargin(b.window)
+	used := 0
+	for _, at := range b.ring {
+		if at.Add(span).After(now) {
+			used++
+		}
+	}
+	return used
+}
+
 // Observe records what Cloudflare said is left of its quota: remaining
 // calls until reset from now, counting every call allowed so far. Until
 // then, Free and TryTake allow no more than that, less the calls allowed

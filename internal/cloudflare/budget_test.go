@@ -235,3 +235,25 @@ func TestFreeSaysWhenCloudflaresWindowResets(t *testing.T) {
 		t.Fatalf("Free() = %d, %s; want 100, 0 (the cap binds, and frees as it goes)", free, wait)
 	}
 }
+
+// TestBudgetUsedCountsTheCallsOfTheWindow: what a status read shows of the
+// budget, the calls of the window that ends now, goes back down as calls
+// leave the window.
+func TestBudgetUsedCountsTheCallsOfTheWindow(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	b := NewBudget(10, time.Minute, func() time.Time { return now })
+	for i := 0; i < 3; i++ {
+		b.TryTake()
+		now = now.Add(20 * time.Second)
+	}
+	if got := b.Used(); got != 3 {
+		t.Fatalf("Used = %d right after three calls within a minute, want 3", got)
+	}
+	now = now.Add(5 * time.Second) // the first call left the window and its margin
+	if got := b.Used(); got != 2 {
+		t.Fatalf("Used = %d once the first call left the window, want 2", got)
+	}
+	if got := NewBudget(0, 0, nil).Used(); got != 0 {
+		t.Fatalf("Used without a cap = %d, want 0", got)
+	}
+}

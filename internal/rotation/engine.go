@@ -102,6 +102,10 @@ type Settings struct {
 	SetBatchSize int
 }
 
+// DefaultSetBatchSize is config set_batch_size's default (internal/mount's
+// config.go says why).
+const DefaultSetBatchSize = 100
+
 // Conn is a connection to the edge with the settings it was made from: the
 // two change together when config is written.
 type Conn struct {

@@ -281,7 +281,25 @@ func (j *BulkJob) Progress(ctx context.Context, s logical.Storage, account strin
 	return p, r, nil
 }
 
-func BulkJobKey(account string) string { return "bulk/" + account }
+// bulkPrefix holds one job record per account, bulk/<account>.
+const bulkPrefix = "bulk/"
+
+func BulkJobKey(account string) string { return bulkPrefix + account }
+
+// RunningBulkJob returns account's bulk job and its progress while it has
+// rotations left (or is still being queued); false when there is none or
+// it has finished. A Get and two Lists at most.
+func RunningBulkJob(ctx context.Context, s logical.Storage, account string, now time.Time) (*BulkJob, BulkProgress, bool, error) {
+	job, err := ReadBulkJob(ctx, s, account)
+	if err != nil || job == nil {
+		return nil, BulkProgress{}, false, err
+	}
+	p, _, err := job.Progress(ctx, s, account, now)
+	if err != nil {
+		return nil, BulkProgress{}, false, err
+	}
+	return job, p, job.Queueing || p.Remaining > 0, nil
+}
 
 func ReadBulkJob(ctx context.Context, s logical.Storage, account string) (*BulkJob, error) {
 	entry, err := s.Get(ctx, BulkJobKey(account))

@@ -336,33 +336,7 @@ func LoadScheduledAfter(ctx context.Context, s logical.Storage, now time.Time, a
 // Tunnel: from the first). complete says that the list reached the last
 // record.
 func ListRecordsAfter(ctx context.Context, s logical.Storage, after Tunnel, n int) ([]Tunnel, bool, error) {
-	accounts, err := s.List(ctx, PSKPrefix)
-	if err != nil {
-		return nil, false, fmt.Errorf("list accounts: %w", err)
-	}
-	sort.Strings(accounts)
-	var out []Tunnel
-	for _, a := range accounts {
-		account, ok := strings.CutSuffix(a, "/")
-		if !ok || account < after.AccountID {
-			continue
-		}
-		tunnels, err := s.List(ctx, PSKPrefix+a)
-		if err != nil {
-			return nil, false, fmt.Errorf("list tunnels of account %s: %w", account, err)
-		}
-		sort.Strings(tunnels)
-		for _, tunnel := range tunnels {
-			if strings.HasSuffix(tunnel, "/") || account == after.AccountID && tunnel <= after.TunnelID {
-				continue
-			}
-			if len(out) == n {
-				return out, false, nil
-			}
-			out = append(out, Tunnel{AccountID: account, TunnelID: tunnel})
-		}
-	}
-	return out, true, nil
+	return listTunnelsAfter(ctx, s, PSKPrefix, after, n)
 }
 
 // SaveScheduled stores rec with its place in the schedule, in the one order

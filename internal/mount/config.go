@@ -1,4 +1,4 @@
-package main
+package mount
 
 import (
 	"context"
@@ -7,35 +7,34 @@ import (
 
 	"github.com/hashicorp/vault/sdk/logical"
 
-	"vault-plugin-secrets-cloudflare-ipsec/internal/background"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
+// The config's key in storage, and the bounds and defaults of its fields.
 const (
-	configStorageKey      = "config"
-	defaultRequestTimeout = 30 * time.Second
-	maxRequestTimeout     = 5 * time.Minute
-	maxTokenLength        = cloudflare.MaxTokenLength
+	ConfigKey             = "config"
+	DefaultRequestTimeout = 30 * time.Second
+	MaxRequestTimeout     = 5 * time.Minute
+	MaxTokenLength        = cloudflare.MaxTokenLength
 	// Cloudflare allows 1,200 requests per five minutes per user (all of
 	// the user's tokens and dashboard use together; an account-owned token
 	// has its own); the default leaves half for the user's other tools.
-	defaultRateLimit       = 600
-	maxRateLimit           = 1200
-	defaultRateLimitWindow = 5 * time.Minute
-	maxBaseURLLength       = 2048
+	DefaultRateLimit       = 600
+	MaxRateLimit           = 1200
+	DefaultRateLimitWindow = 5 * time.Minute
 	// The drift sweep lists each managed account once per interval.
-	defaultDriftCheckInterval = time.Hour
-	minDriftCheckInterval     = time.Minute
+	DefaultDriftCheckInterval = time.Hour
+	MinDriftCheckInterval     = time.Minute
 	// A rotation is an outage until the tunnel's routers have the new key;
 	// hourly is already far more often than any policy asks for, and a
 	// team allowed only to reschedule (docs/policies/operator.hcl) can
 	// cause no more than one rotation per tunnel per min_rotation_period.
 	// The least it may be is schedule.MinPeriod (internal/schedule), the shortest
 	// schedule the engine has ever taken.
-	defaultMinRotationPeriod = time.Hour
-	maxMinRotationPeriod     = 8760 * time.Hour
+	DefaultMinRotationPeriod = time.Hour
+	MaxMinRotationPeriod     = 8760 * time.Hour
 	// set_batch_size: how many keys Vault made a bulk job sends in one
 	// Set call. Cloudflare publishes no limit (a batch it finds too large
 	// is halved until it fits), so the bounds are the engine's own. Every
@@ -46,13 +45,13 @@ const (
 	// default rate_limit's window) while a lost answer costs at most 100
 	// resends; 1,000 bounds the answer the engine reads (4 KiB a key, so
 	// 4 MiB) and the locks one batch holds.
-	defaultSetBatchSize = background.DefaultSetBatchSize
-	maxSetBatchSize     = 1000
+	DefaultSetBatchSize = rotation.DefaultSetBatchSize
+	MaxSetBatchSize     = 1000
 )
 
-// configRecord is the engine's configuration as stored. APIToken never
+// Config is the mount's configuration as stored. APIToken never
 // leaves storage except to authenticate calls to Cloudflare.
-type configRecord struct {
+type Config struct {
 	APIToken       string        `json:"api_token"`
 	BaseURL        string        `json:"base_url"`
 	RequestTimeout time.Duration `json:"request_timeout"`
@@ -69,7 +68,7 @@ type configRecord struct {
 	// MinRotationPeriod is the shortest schedule a write may set, and the
 	// least time a schedule change or a schedule written before it was
 	// raised leaves after a tunnel's stored key (internal/schedule). 0, in a
-	// config stored before the field existed: defaultMinRotationPeriod.
+	// config stored before the field existed: DefaultMinRotationPeriod.
 	MinRotationPeriod time.Duration `json:"min_rotation_period"`
 	// KeySource is who makes new keys: store.KeySourceCloudflare (""
 	// in a config stored before the field existed) or store.KeySourceVault.
@@ -79,7 +78,7 @@ type configRecord struct {
 	PasswordPolicy string `json:"password_policy,omitempty"`
 	// SetBatchSize is the most keys a bulk job with KeySource vault sends
 	// in one Set call; 0, in a config stored before the field existed:
-	// defaultSetBatchSize.
+	// DefaultSetBatchSize.
 	SetBatchSize int `json:"set_batch_size,omitempty"`
 
 	// What Cloudflare's token-verify endpoint said when config was written.
@@ -95,8 +94,8 @@ type configRecord struct {
 // tokenExpiryWarning is how close to its expiry a token draws a warning.
 const tokenExpiryWarning = 30 * 24 * time.Hour
 
-// expiryWarnings warns when the token expires soon.
-func (c *configRecord) expiryWarnings(now time.Time) []string {
+// ExpiryWarnings warns when the token expires soon.
+func (c *Config) ExpiryWarnings(now time.Time) []string {
 	if c.TokenExpiresOn.IsZero() || c.TokenExpiresOn.Sub(now) > tokenExpiryWarning {
 		return nil
 	}
@@ -104,76 +103,101 @@ func (c *configRecord) expiryWarnings(now time.Time) []string {
 		c.TokenID, store.FormatTime(c.TokenExpiresOn), c.TokenExpiresOn.Sub(now).Round(time.Hour))}
 }
 
-// driftInterval is how often the drift sweep runs (0: never).
-func (c *configRecord) driftInterval() time.Duration { return c.DriftCheckInterval }
+// DriftInterval is how often the drift sweep runs (0: never).
+func (c *Config) DriftInterval() time.Duration { return c.DriftCheckInterval }
 
-// minRotationPeriod is the floor under every schedule (see
+// MinRotation is the floor under every schedule (see
 // MinRotationPeriod); without config, or in a config stored before the
 // field existed, the default.
-func (c *configRecord) minRotationPeriod() time.Duration {
+func (c *Config) MinRotation() time.Duration {
 	if c == nil || c.MinRotationPeriod <= 0 {
-		return defaultMinRotationPeriod
+		return DefaultMinRotationPeriod
 	}
 	return c.MinRotationPeriod
 }
 
-// settings are what the rotation engine needs of config.
-func (c *configRecord) settings() rotation.Settings {
+// Settings are what the rotation engine needs of config.
+func (c *Config) Settings() rotation.Settings {
 	return rotation.Settings{
 		RequestTimeout:    c.RequestTimeout,
 		HealStalePSK:      c.HealStalePSK,
-		DriftInterval:     c.driftInterval(),
-		MinRotationPeriod: c.minRotationPeriod(),
-		KeySource:         c.keySource(),
+		DriftInterval:     c.DriftInterval(),
+		MinRotationPeriod: c.MinRotation(),
+		KeySource:         c.Source(),
 		PasswordPolicy:    c.PasswordPolicy,
-		SetBatchSize:      c.setBatchSize(),
+		SetBatchSize:      c.BatchSize(),
 	}
 }
 
-// setBatchSize is config set_batch_size, the default in a config stored
+// BatchSize is config set_batch_size, the default in a config stored
 // before the field existed.
-func (c *configRecord) setBatchSize() int {
+func (c *Config) BatchSize() int {
 	if c == nil || c.SetBatchSize <= 0 {
-		return defaultSetBatchSize
+		return DefaultSetBatchSize
 	}
 	return c.SetBatchSize
 }
 
-// keySource is config key_source, Cloudflare in a config stored before the
+// Source is config key_source, Cloudflare in a config stored before the
 // field existed.
-func (c *configRecord) keySource() string {
+func (c *Config) Source() string {
 	if c.KeySource == "" {
 		return store.KeySourceCloudflare
 	}
 	return c.KeySource
 }
 
-// rateLimit returns the mount's cap on Cloudflare calls.
-func (c *configRecord) rateLimit() (int, time.Duration) { return c.RateLimit, c.RateLimitWindow }
+// CallBudget returns the mount's cap on Cloudflare calls.
+func (c *Config) CallBudget() (int, time.Duration) { return c.RateLimit, c.RateLimitWindow }
 
-func readConfig(ctx context.Context, s logical.Storage) (*configRecord, error) {
-	entry, err := s.Get(ctx, configStorageKey)
+// ReadConfig returns the config stored in s, nil when there is none.
+func ReadConfig(ctx context.Context, s logical.Storage) (*Config, error) {
+	entry, err := s.Get(ctx, ConfigKey)
 	if err != nil {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
 	if entry == nil {
 		return nil, nil
 	}
-	cfg := new(configRecord)
+	cfg := new(Config)
 	if err := entry.DecodeJSON(cfg); err != nil {
 		return nil, fmt.Errorf("decode config: %w", err)
 	}
 	return cfg, nil
 }
 
-// sameEndpoint reports whether c and other send calls with the same token
+// SameEndpoint reports whether c and other send calls with the same token
 // to the same place, so that Cloudflare's answers to one are the other's.
-func (c *configRecord) sameEndpoint(other *configRecord) bool {
+func (c *Config) SameEndpoint(other *Config) bool {
 	return c.APIToken == other.APIToken && c.BaseURL == other.BaseURL && c.TokenAccountID == other.TokenAccountID
 }
 
-func (c *configRecord) applyVerification(status *cloudflare.TokenStatus, now time.Time) {
+// ApplyVerification records what Cloudflare's token-verify endpoint said
+// of the token, at now.
+func (c *Config) ApplyVerification(status *cloudflare.TokenStatus, now time.Time) {
 	c.TokenID, c.TokenStatus = status.ID, status.Status
 	c.TokenExpiresOn, c.TokenNotBefore = status.ExpiresOn, status.NotBefore
 	c.VerifiedAt = now.UTC()
+}
+
+// Store stores c, as a config write does.
+func (c *Config) Store(ctx context.Context, s logical.Storage) error {
+	entry, err := logical.StorageEntryJSON(ConfigKey, c)
+	if err != nil {
+		return fmt.Errorf("encode config: %w", err)
+	}
+	if err := s.Put(ctx, entry); err != nil {
+		return fmt.Errorf("store config: %w", err)
+	}
+	return nil
+}
+
+// StoreRetrying stores c, retrying storage: for a config holding a token
+// value that exists nowhere else (a rolled token).
+func (c *Config) StoreRetrying(ctx context.Context, s logical.Storage) error {
+	entry, err := logical.StorageEntryJSON(ConfigKey, c)
+	if err != nil {
+		return err
+	}
+	return store.PutRetrying(ctx, s, entry)
 }
