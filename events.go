@@ -37,7 +37,7 @@ func sendRotateEvent(ctx context.Context, sender logical.EventSender, log hclog.
 		"version", strconv.Itoa(rec.Version),
 		"last_generated_on", store.FormatTime(rec.LastGeneratedOn),
 		"trigger", trigger,
-		"key_source", keySourceOf(rec))
+		"key_source", rec.StoredKeySource())
 	if err != nil && !errors.Is(err, framework.ErrNoEvents) {
 		log.Debug("could not send rotation event", "error", err)
 	}

@@ -3,16 +3,12 @@ package main
 import (
 	"context"
 	"fmt"
-	"strings"
-	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
-	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
-	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
@@ -196,9 +192,7 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	}
 	var stored *mount.Config
 	if cfg == nil {
-		cfg = &mount.Config{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: mount.DefaultRequestTimeout, HealStalePSK: true,
-			RateLimit: mount.DefaultRateLimit, RateLimitWindow: mount.DefaultRateLimitWindow, DriftCheckInterval: mount.DefaultDriftCheckInterval,
-			MinRotationPeriod: mount.DefaultMinRotationPeriod}
+		cfg = mount.NewConfig()
 	} else {
 		copied := *cfg
 		stored = &copied
@@ -206,13 +200,15 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	if resp := rejectUnknownFields(req, d); resp != nil {
 		return resp, nil
 	}
-	if problem := applyConfigFields(cfg, d); problem != "" {
+	if problem := cfg.Apply(d.GetOk); problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	if problem := checkEndpointChange(stored, cfg, d); problem != "" {
-		return logical.ErrorResponse(problem), nil
+	if _, tokenGiven := d.GetOk("api_token"); !tokenGiven {
+		if problem := cfg.EndpointChange(stored); problem != "" {
+			return logical.ErrorResponse(problem), nil
+		}
 	}
-	if problem := b.checkPasswordPolicy(ctx, cfg); problem != "" {
+	if problem := mount.CheckPasswordPolicy(ctx, cfg.PasswordPolicy, b.System().GeneratePasswordFromPolicy); problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
 
@@ -248,168 +244,6 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 		return &logical.Response{Warnings: warnings}, nil
 	}
 	return nil, nil
-}
-
-// applyConfigFields copies the request's fields onto cfg and validates the
-// result. It returns a problem to show the caller, or "".
-func applyConfigFields(cfg *mount.Config, d *framework.FieldData) string {
-	if v, ok := d.GetOk("api_token"); ok {
-		cfg.APIToken = strings.TrimSpace(v.(string))
-	}
-	if cfg.APIToken == "" {
-		return "api_token is required"
-	}
-	// Cloudflare's tokens are 40 to 80 printable characters; the value is
-	// never repeated, only what is wrong with it.
-	if !cloudflare.ValidToken(cfg.APIToken) {
-		return fmt.Sprintf("api_token must be at most %d printable ASCII characters without spaces", mount.MaxTokenLength)
-	}
-	if v, ok := d.GetOk("heal_stale_psk"); ok {
-		cfg.HealStalePSK = v.(bool)
-	}
-	if v, ok := d.GetOk("base_url"); ok {
-		cfg.BaseURL = strings.TrimRight(strings.TrimSpace(v.(string)), "/")
-	}
-	if problem := cloudflare.CheckBaseURL(cfg.BaseURL); problem != "" {
-		return problem
-	}
-	if v, ok := d.GetOk("request_timeout"); ok {
-		cfg.RequestTimeout = time.Duration(v.(int)) * time.Second
-	}
-	if cfg.RequestTimeout <= 0 || cfg.RequestTimeout > mount.MaxRequestTimeout {
-		return fmt.Sprintf("request_timeout must be between 1s and %s", mount.MaxRequestTimeout)
-	}
-	if v, ok := d.GetOk("rate_limit"); ok {
-		cfg.RateLimit = v.(int)
-	}
-	if cfg.RateLimit < 1 || cfg.RateLimit > mount.MaxRateLimit {
-		return fmt.Sprintf("rate_limit must be between 1 and %d (Cloudflare's own limit per user, or per account-owned token)", mount.MaxRateLimit)
-	}
-	if v, ok := d.GetOk("rate_limit_window"); ok {
-		cfg.RateLimitWindow = time.Duration(v.(int)) * time.Second
-	}
-	if cfg.RateLimitWindow < time.Second || cfg.RateLimitWindow > time.Hour {
-		return "rate_limit_window must be between 1s and 1h"
-	}
-	if v, ok := d.GetOk("drift_check_interval"); ok {
-		cfg.DriftCheckInterval = time.Duration(v.(int)) * time.Second
-	}
-	if cfg.DriftCheckInterval != 0 && (cfg.DriftCheckInterval < mount.MinDriftCheckInterval || cfg.DriftCheckInterval > 7*24*time.Hour) {
-		return fmt.Sprintf("drift_check_interval must be 0 (off) or between %s and 168h", mount.MinDriftCheckInterval)
-	}
-	cfg.MinRotationPeriod = cfg.MinRotation() // a config stored before the field: the default
-	if v, ok := d.GetOk("min_rotation_period"); ok {
-		cfg.MinRotationPeriod = time.Duration(v.(int)) * time.Second
-	}
-	if cfg.MinRotationPeriod < schedule.MinPeriod || cfg.MinRotationPeriod > mount.MaxMinRotationPeriod {
-		return fmt.Sprintf("min_rotation_period must be between %s and %s", schedule.MinPeriod, mount.MaxMinRotationPeriod)
-	}
-	if problem := applyKeyFields(cfg, d); problem != "" {
-		return problem
-	}
-	if v, ok := d.GetOk("token_account_id"); ok {
-		// Taken as written, never trimmed or folded: Vault matches a
-		// policy's parameter values case-sensitively, as it does paths, so
-		// a folded value would escape a denied_parameters rule.
-		id := v.(string)
-		if id != "" {
-			if problem := checkIdentifier("token_account_id", id); problem != "" {
-				return problem
-			}
-		}
-		cfg.TokenAccountID = id
-	}
-	return ""
-}
-
-// applyKeyFields copies the fields of keys Vault makes onto cfg and
-// validates them: key_source, password_policy, set_batch_size.
-func applyKeyFields(cfg *mount.Config, d *framework.FieldData) string {
-	if v, ok := d.GetOk("key_source"); ok {
-		cfg.KeySource = v.(string)
-	}
-	if ks := cfg.Source(); ks != store.KeySourceCloudflare && ks != store.KeySourceVault {
-		return fmt.Sprintf("key_source must be %q or %q", store.KeySourceCloudflare, store.KeySourceVault)
-	}
-	if v, ok := d.GetOk("password_policy"); ok {
-		cfg.PasswordPolicy = strings.TrimSpace(v.(string))
-	}
-	cfg.SetBatchSize = cfg.BatchSize()
-	if v, ok := d.GetOk("set_batch_size"); ok {
-		cfg.SetBatchSize = v.(int)
-	}
-	if cfg.SetBatchSize < 1 || cfg.SetBatchSize > mount.MaxSetBatchSize {
-		return fmt.Sprintf("set_batch_size must be between 1 and %d", mount.MaxSetBatchSize)
-	}
-	return ""
-}
-
-// policySamples is how many keys a config write has a password policy make
-// to check their form, and that they differ: a policy that can make a key
-// of another form at all, or repeats its keys, usually does so within a
-// few.
-const policySamples = 5
-
-// checkPasswordPolicy checks that cfg's password_policy exists and makes
-// keys the engine sends (rotation.KeyProblem), by making a few: a policy
-// found wanting only at the next rotation would stop every rotation. The
-// keys made are dropped unseen. It returns a problem naming the policy,
-// never a key, or "".
-func (b *backend) checkPasswordPolicy(ctx context.Context, cfg *mount.Config) string {
-	if cfg.PasswordPolicy == "" {
-		return ""
-	}
-	made := make(map[string]bool, policySamples)
-	for range policySamples {
-		key, err := b.System().GeneratePasswordFromPolicy(ctx, cfg.PasswordPolicy)
-		if err != nil {
-			return fmt.Sprintf("password_policy %q: Vault could not generate a password from it (%v); create it with "+
-				"vault write sys/policies/password/%s policy=@<file>, or leave password_policy empty; nothing was stored", cfg.PasswordPolicy, err, cfg.PasswordPolicy)
-		}
-		if problem := rotation.KeyProblem(key); problem != "" {
-			return fmt.Sprintf("password_policy %q made a key that %s (every key must be 16 to 128 letters and digits, "+
-				"which every shipped router template carries); nothing was stored", cfg.PasswordPolicy, problem)
-		}
-		if made[key] {
-			// A rotation must change the key; a policy that repeats one
-			// within a few samples would make rotations that change nothing
-			// (the engine refuses those keys: internal/rotation's freshKey).
-			return fmt.Sprintf("password_policy %q made the same key twice in %d samples: its keys repeat, and every rotation must change the key "+
-				"(make its keys longer or from more characters); nothing was stored", cfg.PasswordPolicy, policySamples)
-		}
-		made[key] = true
-	}
-	return ""
-}
-
-// checkEndpointChange refuses a write that would send the stored token
-// somewhere it was not sent before, unless the write carries the token. The
-// config write verifies the token at once, against the new base_url and
-// token_account_id: without this rule anyone allowed to update config (the
-// admin policy, which promises that admins never see the token) could point
-// base_url at a host of their own and receive "Authorization: Bearer
-// <token>". Whoever supplies api_token in the same write already knows it.
-// stored is the config before the write (nil on the first one, which needs
-// api_token anyway); cfg is the config after the write's fields, normalised.
-func checkEndpointChange(stored, cfg *mount.Config, d *framework.FieldData) string {
-	if stored == nil {
-		return ""
-	}
-	if _, ok := d.GetOk("api_token"); ok {
-		return ""
-	}
-	var changed []string
-	if cfg.BaseURL != stored.BaseURL {
-		changed = append(changed, "base_url")
-	}
-	if cfg.TokenAccountID != stored.TokenAccountID {
-		changed = append(changed, "token_account_id")
-	}
-	if len(changed) == 0 {
-		return ""
-	}
-	return fmt.Sprintf("changing %s requires api_token in the same write: the stored token is never sent to a new endpoint "+
-		"or account on the strength of a config update alone; nothing was sent or stored", strings.Join(changed, " and "))
 }
 
 func (b *backend) deleteConfig(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {

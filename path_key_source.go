@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -39,9 +38,6 @@ func pathKeySource(b *backend) *framework.Path {
 // counts are whole.
 const keySourceListed = 100
 
-// keySourceWalkPage is how many records the read lists at a time.
-const keySourceWalkPage = 1000
-
 func (b *backend) readKeySource(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
 	source := store.KeySourceCloudflare
 	cfg, err := mount.ReadConfig(ctx, req.Storage)
@@ -52,49 +48,18 @@ func (b *backend) readKeySource(ctx context.Context, req *logical.Request, _ *fr
 		source = cfg.Source()
 	}
 	now := b.now()
-	pending, windows := []string{}, []string{}
-	pendingCount, windowCount := 0, 0
-	var openUntil time.Time
-	// Every record is read: a window is kept on a current record too, and
-	// nothing indexes those. A one-off check, not for polling.
-	for after, done := (store.Tunnel{}), false; !done; {
-		var tunnels []store.Tunnel
-		if tunnels, done, err = store.ListRecordsAfter(ctx, req.Storage, after, keySourceWalkPage); err != nil {
-			return nil, err
-		}
-		for _, t := range tunnels {
-			after = t
-			rec, err := store.ReadRecord(ctx, req.Storage, t)
-			if err != nil {
-				return nil, err
-			}
-			if rec == nil {
-				continue
-			}
-			name := t.AccountID + "/" + t.TunnelID
-			if rec.PendingPSK != "" {
-				if pendingCount++; len(pending) < keySourceListed {
-					pending = append(pending, name)
-				}
-			}
-			// A rotation_unknown window is psk_generate's, which every
-			// version honours; any other is a key Vault made.
-			if rec.State != store.StateRotationUnknown && rec.SendsMayLand(now) {
-				if windowCount++; len(windows) < keySourceListed {
-					windows = append(windows, name)
-				}
-				openUntil = later(openUntil, rec.SettleUntil)
-			}
-		}
+	f, err := store.FindInFlight(ctx, req.Storage, now, keySourceListed)
+	if err != nil {
+		return nil, err
 	}
-	inFlight := pendingCount > 0 || windowCount > 0
+	inFlight := f.Pending > 0 || f.Windows > 0
 	data := map[string]any{
 		"key_source":         source,
-		"pending":            pendingCount,
-		"pending_tunnels":    pending,
-		"windows_open":       windowCount,
-		"window_tunnels":     windows,
-		"windows_open_until": store.FormatTime(openUntil),
+		"pending":            f.Pending,
+		"pending_tunnels":    f.PendingTunnels,
+		"windows_open":       f.Windows,
+		"window_tunnels":     f.WindowTunnels,
+		"windows_open_until": store.FormatTime(f.OpenUntil),
 		"in_flight":          inFlight,
 		"safe_to_downgrade":  source == store.KeySourceCloudflare && !inFlight,
 		"checked_at":         store.FormatTime(now),
@@ -106,17 +71,9 @@ func (b *backend) readKeySource(ctx context.Context, req *logical.Request, _ *fr
 	} else if inFlight {
 		resp.AddWarning(fmt.Sprintf("%d tunnel(s) hold a pending key Vault made and %d a window open until %s: reads, writes and the background "+
 			"finish the pending keys, and the windows close by themselves; read this path again before downgrading",
-			pendingCount, windowCount, store.FormatTime(openUntil)))
+			f.Pending, f.Windows, store.FormatTime(f.OpenUntil)))
 	}
 	return resp, nil
-}
-
-// later is the later of two times.
-func later(a, b time.Time) time.Time {
-	if a.After(b) {
-		return a
-	}
-	return b
 }
 
 const pathKeySourceHelpSynopsis = `Report what of key_source vault is still in flight: pending keys and open windows.`

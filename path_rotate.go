@@ -44,7 +44,7 @@ func pathRotate(b *backend) []*framework.Path {
 }
 
 func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	account, problem := parseIdentifier("account", d.Get("account").(string))
+	account, problem := store.ParseIdentifier("account", d.Get("account").(string))
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
@@ -82,7 +82,7 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 }
 
 func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	account, problem := parseIdentifier("account", d.Get("account").(string))
+	account, problem := store.ParseIdentifier("account", d.Get("account").(string))
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}

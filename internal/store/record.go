@@ -236,7 +236,7 @@ func (r *Record) Schedule() schedule.Schedule {
 }
 
 // Tunnel names one tunnel by its Cloudflare identifiers, in their
-// canonical form (the root package's parseIdentifier, fields.go).
+// canonical form (ParseIdentifier, identifier.go).
 type Tunnel struct {
 	AccountID string
 	TunnelID  string
@@ -340,7 +340,7 @@ type Facts struct {
 	CustomerEndpoint   string `json:"customer_endpoint,omitempty"`
 	// InterfaceAddress and InterfaceAddress6 are Cloudflare's side of the
 	// tunnel's inside subnet (/31 or /30; /127); the router takes the other
-	// address (see the root package's customerSide, response.go).
+	// address (CustomerSide, facts.go).
 	InterfaceAddress  string `json:"interface_address,omitempty"`
 	InterfaceAddress6 string `json:"interface_address6,omitempty"`
 	// CustomFQDNID is custom_remote_identities.fqdn_id: an IKE identity of
@@ -403,4 +403,16 @@ func PutRetrying(ctx context.Context, s logical.Storage, entry *logical.StorageE
 		}
 		backoff *= 2
 	}
+}
+
+// StoredKeySource is who made the stored key: "cloudflare" for a record stored
+// before the field existed, "" while no key is stored.
+func (r *Record) StoredKeySource() string {
+	switch {
+	case r.PSK == "":
+		return ""
+	case r.KeySource == "":
+		return KeySourceCloudflare
+	}
+	return r.KeySource
 }
