@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"strconv"
 	"time"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/background"
@@ -75,10 +76,14 @@ func (b *backend) queueAccountRotation(ctx context.Context, req *logical.Request
 		"queued":          queued.Queued,
 		"expected_finish": store.FormatTime(b.background.ExpectedFinish(ctx, req.Storage, queued.Queued)),
 	}
+	resp := &logical.Response{Data: data}
 	if opts.IncludeUnmanaged {
 		data["unmanaged"] = queued.Unmanaged
 	}
-	return &logical.Response{Data: data}, nil
+	if queued.Skipped > 0 {
+		resp.AddWarning(strconv.Itoa(queued.Skipped) + " of the tunnels Cloudflare listed have an id not in the canonical form: they were skipped (read rotate/" + account + ")")
+	}
+	return resp, nil
 }
 
 func (b *backend) readAccountRotation(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {

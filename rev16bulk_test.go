@@ -194,12 +194,18 @@ func TestRevBulkUnmanagedNonCanonicalIDsAreNotTakenUnderManagement(t *testing.T)
 	env := newVaultKeysEnv(t)
 	const odd = "01234567-89ab-cdef-0123-456789abcdef"
 	env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{ID: odd})
-	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, map[string]any{"include_unmanaged": true}))
+	resp := env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, map[string]any{"include_unmanaged": true}))
 	for i := 0; i < 3; i++ {
 		drain(t, env)
 		env.clock.Advance(time.Minute)
 	}
-	t.Logf("progress %v", progressOf(t, env))
+	p := progressOf(t, env)
+	t.Logf("progress %v", p)
+	// Counted, and shown, as skipped with a reason.
+	if skipped, _ := p["skipped"].([]map[string]any); p["skipped_count"] != 1 || len(skipped) != 1 || !strings.Contains(fmt.Sprint(skipped[0]["reason"]), "canonical") ||
+		p["done"] != 1 || p["queued"] != 2 || len(resp.Warnings) != 1 {
+		t.Errorf("progress %v; warnings %v: want the listed tunnel skipped, with the reason, and the write's answer to say so", p, resp.Warnings)
+	}
 	rec, err := store.ReadRecord(t.Context(), env.storage, store.Tunnel{AccountID: env.account, TunnelID: odd})
 	if err != nil {
 		t.Fatal(err)

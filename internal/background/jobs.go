@@ -31,6 +31,7 @@ package background
 import (
 	"context"
 	"fmt"
+	"net/url"
 	"time"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
@@ -187,6 +188,13 @@ func (w *Worker) closeAbandoned(ctx context.Context, s logical.Storage, account 
 	if err != nil {
 		return err
 	}
+	// Listed tunnels it skipped when queued (bulkTargets) are results of
+	// its own, and its only ones: none of its entries was worked.
+	results, err := job.Results(ctx, s, account)
+	if err != nil {
+		return err
+	}
+	written += len(results.Failed) + len(results.Skipped)
 	w.logger.Warn("a bulk rotation was left half queued; it counts the entries that were written",
 		"account_id", account, "planned", job.Queued, "queued", written)
 	job.Queued, job.Queueing = written, false
@@ -205,17 +213,27 @@ type BulkOptions struct {
 }
 
 // bulkTarget is one tunnel a job queues; listed is set for a tunnel Vault
-// does not manage yet.
+// does not manage yet. skip says why a listed tunnel is counted skipped
+// when the job is queued, with no entry (its t.TunnelID is then only a
+// name for its result: listedName).
 type bulkTarget struct {
 	t      store.Tunnel
 	listed *store.ListedTunnel
+	skip   string
 }
 
 // bulkTargets lists the tunnels of account that a bulk rotation queues:
 // every stored one, or (olderThan) those whose key was stored longer ago;
 // and, with edge (the account as Cloudflare lists it), every listed tunnel
-// Vault holds no record of.
-func bulkTargets(ctx context.Context, s logical.Storage, account string, opts BulkOptions, edge []cloudflare.TunnelState, now time.Time) ([]bulkTarget, error) {
+// Vault holds no record of, with its router facts as checked (facts).
+//
+// A listed tunnel whose id is not in the canonical form every path
+// requires (store.CheckIdentifier) is skipped: its record would be a key
+// that no path serves, writes or forgets, under an id Cloudflare may also
+// answer to in its canonical form, which Vault could then manage with
+// another key.
+func bulkTargets(ctx context.Context, s logical.Storage, account string, opts BulkOptions, edge []cloudflare.TunnelState, now time.Time,
+	facts func(store.Tunnel, *cloudflare.TunnelState) store.Facts) ([]bulkTarget, error) {
 	tunnels, err := s.List(ctx, store.PSKPrefix+account+"/")
 	if err != nil {
 		return nil, fmt.Errorf("list tunnels of account %s: %w", account, err)
@@ -236,29 +254,63 @@ func bulkTargets(ctx context.Context, s logical.Storage, account string, opts Bu
 		}
 		targets = append(targets, bulkTarget{t: t})
 	}
-	for _, e := range edge {
-		if managed[e.ID] || e.ID == "" {
+	for i := range edge {
+		e := &edge[i]
+		if e.ID == "" {
+			continue
+		}
+		if store.CheckIdentifier("tunnel_id", e.ID) != "" {
+			name := listedName(e.ID)
+			if !managed[name] {
+				managed[name] = true
+				targets = append(targets, bulkTarget{t: store.Tunnel{AccountID: account, TunnelID: name}, skip: fmt.Sprintf(
+					"cloudflare listed it under an id that is not in the canonical form, 32 lower-case hexadecimal characters (%d characters), "+
+						"which no path of the engine accepts: it was not taken under management", len(e.ID))})
+			}
+			continue
+		}
+		if managed[e.ID] {
 			continue
 		}
 		managed[e.ID] = true // a listing that names a tunnel twice queues it once
-		targets = append(targets, bulkTarget{t: store.Tunnel{AccountID: account, TunnelID: e.ID}, listed: &store.ListedTunnel{
-			KeyGeneratedOn: e.PSKLastGeneratedOn, ListedAt: e.Date,
-			Facts: store.Facts{Name: e.Name, CloudflareEndpoint: e.CloudflareEndpoint, CustomerEndpoint: e.CustomerEndpoint,
-				InterfaceAddress: e.InterfaceAddress, InterfaceAddress6: e.InterfaceAddress6, CustomFQDNID: e.CustomFQDNID, IPsecID: e.IPsecID},
+		t := store.Tunnel{AccountID: account, TunnelID: e.ID}
+		// Checked and bounded as a record's facts are: the entry is
+		// stored until the job works it, and storage bounds its entries.
+		targets = append(targets, bulkTarget{t: t, listed: &store.ListedTunnel{
+			KeyGeneratedOn: e.PSKLastGeneratedOn, ListedAt: e.Date, Facts: facts(t, e),
 		}})
 	}
 	return targets, nil
 }
 
-// queueBulkEntries writes the entries of a job of minute, within
-// store.BulkQueueLimit, and returns how many it wrote: all of them, or those
-// before the first that failed.
-func queueBulkEntries(ctx context.Context, s logical.Storage, targets []bulkTarget, minute int64, queuedAt time.Time) (int, error) {
+// listedName names a listed tunnel whose id is not canonical in its
+// job's results: escaped (no "/" that would nest the result's key, no
+// control character) and cut to maxListedName bytes, so that whatever a
+// listing holds the entry is small and shown safely.
+func listedName(id string) string {
+	const maxListedName = 96
+	name := url.PathEscape(id)
+	if len(name) > maxListedName {
+		name = name[:maxListedName] + "…"
+	}
+	return name
+}
+
+// queueBulkEntries writes the entries of a job of minute (and the results
+// of the targets it skips), within store.BulkQueueLimit, and returns how
+// many it wrote: all of them, or those before the first that failed.
+func (w *Worker) queueBulkEntries(ctx context.Context, s logical.Storage, targets []bulkTarget, minute int64, queuedAt time.Time) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, store.BulkQueueLimit)
 	defer cancel()
 	for i, target := range targets {
 		if err := ctx.Err(); err != nil {
 			return i, fmt.Errorf("queueing stopped after %s: %w", store.BulkQueueLimit, err)
+		}
+		if target.skip != "" {
+			if err := w.recordBulkResult(ctx, s, target.t, minute, true, target.skip); err != nil {
+				return i, err
+			}
+			continue
 		}
 		due := store.DueEntry{Bulk: true, QueuedAt: queuedAt.UTC(), Unmanaged: target.listed}
 		if err := store.WriteBulkEntry(ctx, s, target.t, minute, due); err != nil {
@@ -299,9 +351,10 @@ func (w *Worker) ExpectedFinish(ctx context.Context, s logical.Storage, n int) t
 }
 
 // BulkQueued is what a new bulk job queued: Queued tunnels, Unmanaged of
-// them not managed by Vault before.
+// them not managed by Vault before, Skipped of those counted skipped at once
+// (listed under an id not in the canonical form).
 type BulkQueued struct {
-	Queued, Unmanaged int
+	Queued, Unmanaged, Skipped int
 }
 
 // QueueAccount starts a bulk job of account: every tunnel of it whose key
@@ -325,21 +378,28 @@ func (w *Worker) QueueAccount(ctx context.Context, s logical.Storage, account st
 		return BulkQueued{}, err
 	}
 	now := w.now()
-	targets, err := bulkTargets(ctx, s, account, opts, edge, now)
+	targets, err := bulkTargets(ctx, s, account, opts, edge, now, w.engine.ListedFacts)
 	if err != nil {
 		return BulkQueued{}, err
 	}
-	unmanaged := 0
+	unmanaged, skipped := 0, 0
 	for _, target := range targets {
-		if target.listed != nil {
+		if target.listed != nil || target.skip != "" {
 			unmanaged++
 		}
+		if target.skip != "" {
+			skipped++
+		}
+	}
+	if skipped > 0 {
+		w.logger.Warn("cloudflare listed tunnels under ids that are not in the canonical form; the bulk rotation skips them",
+			"account_id", account, "skipped", skipped)
 	}
 	job, err := w.startBulkJob(ctx, s, account, &store.BulkJob{StartedAt: now.UTC(), Queued: len(targets), IncludeUnmanaged: opts.IncludeUnmanaged, Unmanaged: unmanaged})
 	if err != nil {
 		return BulkQueued{}, fmt.Errorf("record bulk rotation of account %s: %w", account, err)
 	}
-	written, qerr := queueBulkEntries(ctx, s, targets, job.Minute, now)
+	written, qerr := w.queueBulkEntries(ctx, s, targets, job.Minute, now)
 	// Recorded whatever the caller does meanwhile: the entries are stored.
 	ferr := w.finishQueueing(context.WithoutCancel(ctx), s, account, job.Minute, written)
 	w.Poke()
@@ -359,5 +419,5 @@ func (w *Worker) QueueAccount(ctx context.Context, s logical.Storage, account st
 		return BulkQueued{}, fmt.Errorf("queue bulk rotation of account %s: all %d tunnels were queued, but the job could not record that, so they wait until %s: %w",
 			account, len(targets), abandonedAt, ferr)
 	}
-	return BulkQueued{Queued: written, Unmanaged: unmanaged}, nil
+	return BulkQueued{Queued: written, Unmanaged: unmanaged, Skipped: skipped}, nil
 }

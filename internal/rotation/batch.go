@@ -273,6 +273,14 @@ func (e *Engine) FinishPending(ctx context.Context, s logical.Storage, conn Conn
 	return e.finishPending(ctx, s, conn, t, rec)
 }
 
+// ListedFacts is what an account listing said of t, the router facts
+// checked as those of every answer are (edgeFacts): all a bulk job keeps of
+// a tunnel it takes under management until its first rotation, so that its
+// entry is as bounded as a record.
+func (e *Engine) ListedFacts(t store.Tunnel, edge *cloudflare.TunnelState) store.Facts {
+	return e.edgeFacts(t, edge, store.Facts{})
+}
+
 // RotateUnmanaged gives t, a tunnel Vault holds no record of, its first
 // key, as a first write does, from what an account listing said of it
 // (listed: no read of the tunnel). The caller holds t's lock.

@@ -68,8 +68,10 @@ type ListedTunnel struct {
 	// none), and ListedAt Cloudflare's time of the listing (its Date).
 	KeyGeneratedOn time.Time `json:"key_generated_on,omitzero"`
 	ListedAt       time.Time `json:"listed_at,omitzero"`
-	// Facts are the router facts as listed, not yet checked:
-	// internal/rotation checks them before any reaches a record.
+	// Facts are the router facts as listed, checked and bounded as a
+	// record's are (internal/rotation's ListedFacts), so that the entry
+	// stays small whatever the listing held; checked again before any
+	// reaches a record.
 	Facts Facts `json:"facts"`
 }
 
