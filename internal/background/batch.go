@@ -14,11 +14,13 @@ package background
 //     progress), and sends it again after a backoff (bulkRetryStart,
 //     doubling), and counts it failed after bulkAttempts;
 //   - pending (the answer lost or proving nothing): the entry waits; when
-//     the job meets it again it finishes the record with the key written
-//     ahead (the engine's finish path, a call of its own), unless a read, a
-//     write or the background pass did so first; a key whose resend keeps
-//     failing is counted failed after bulkAttempts, and the finish path
-//     goes on with it;
+//     the job meets it again it sends the key written ahead again, in a
+//     batch with the job's other tunnels (one call for all, judged as the
+//     engine's finish path judges a resend), unless a read, a write or the
+//     background pass finished it first; the same key needs no settle
+//     window, so it goes at once; a key whose resend keeps failing backs
+//     off (the record's RetryAt) and is counted failed after bulkAttempts,
+//     and the finish path goes on with it;
 //   - a tunnel whose last key may still land (SettleUntil) waits, as for a
 //     single rotation; one that is not current takes the single path
 //     (rotateBulk), which learns its outcome first.
@@ -61,6 +63,8 @@ type setMember struct {
 	tracked bool
 	rec     *store.Record
 	unlock  func()
+	// resend: rec is pending with this job's key, sent again.
+	resend bool
 }
 
 // setGather holds the batches being gathered in a pass, one per job, and
@@ -138,15 +142,11 @@ func (sc *scheduler) gather(ctx context.Context, p *passState, g *setGather, con
 	case routeDone:
 		sc.settle(ctx, p, item, outcome)
 		return 0, false
-	case routeSingle, routeFinish:
+	case routeSingle:
 		if wait := sc.awaitBudget(ctx); wait > 0 || ctx.Err() != nil {
 			return max(wait, time.Second), true
 		}
-		if route == routeSingle {
-			outcome = sc.rotateDue(ctx, item)
-		} else {
-			outcome = sc.finishBulkPending(ctx, item, m.tracked)
-		}
+		outcome = sc.rotateDue(ctx, item)
 		if outcome.postpone > 0 {
 			return outcome.postpone, true
 		}
@@ -207,7 +207,7 @@ func (sc *scheduler) flush(ctx context.Context, p *passState, g *setGather, job 
 	}
 	tunnels := make([]rotation.BatchTunnel, len(members))
 	for i, m := range members {
-		tunnels[i] = rotation.BatchTunnel{Tunnel: m.item.Tunnel, Previous: m.rec, Listed: listedState(m.item.Tunnel, m.due)}
+		tunnels[i] = rotation.BatchTunnel{Tunnel: m.item.Tunnel, Previous: m.rec, Listed: listedState(m.item.Tunnel, m.due), Resend: m.resend}
 	}
 	report := sc.w.engine.SetKeys(ctx, sc.storage, conn, tunnels, rotation.TriggerBulk)
 	if report.Fitted > 0 {
@@ -257,8 +257,6 @@ const (
 	routeDone
 	// routeSingle: the single path (rotateDue), as with Cloudflare's keys.
 	routeSingle
-	// routeFinish: the job's own key is pending: finish it.
-	routeFinish
 )
 
 // prepareSet decides how a bulk entry is worked, and for a batch returns
@@ -304,10 +302,22 @@ func (sc *scheduler) routeOf(ctx context.Context, m *setMember, queuedAt time.Ti
 		return routeBatch, dueOutcome{}
 	case !queuedAt.IsZero() && rec.StoredAt.After(queuedAt):
 		return routeDone, dueFinished // rotated since it was queued (rotateBulk says why)
+	case rec.State == store.StatePending && !queuedAt.IsZero() && !rec.RotationStartedAt.Before(queuedAt):
+		// The job's own key, pending: it is this tunnel's rotation, sent
+		// again (the same key needs no settle window), in a batch.
+		switch {
+		case rec.PendingPSK == "":
+			return routeSingle, dueOutcome{}
+		case now.Before(rec.RetryAt):
+			return routeDone, dueOutcome{notBefore: rec.RetryAt}
+		case rec.Failures >= bulkAttempts:
+			return routeDone, sc.countBulk(ctx, item, tracked, false, "the key Vault made is pending, and sending it again kept failing: "+
+				rec.LastFailure+"; the background pass goes on sending the same key")
+		}
+		m.resend = true
+		return routeBatch, dueOutcome{}
 	case rec.SendsMayLand(now):
 		return routeDone, dueOutcome{notBefore: rec.SettleUntil}
-	case rec.State == store.StatePending && !queuedAt.IsZero() && !rec.RotationStartedAt.Before(queuedAt):
-		return routeFinish, dueOutcome{}
 	case !rec.Current():
 		return routeSingle, dueOutcome{}
 	}
@@ -329,7 +339,13 @@ func (sc *scheduler) setOutcome(ctx context.Context, m *setMember, r rotation.Ba
 	case rotation.BatchUnapplied:
 		return sc.retryUnapplied(ctx, m, r.Reason)
 	case rotation.BatchPending:
+		if wait := cloudflare.RetryAfter(r.Err); wait > 0 {
+			return dueOutcome{postpone: wait}
+		}
 		log.Warn("bulk rotation's outcome is unknown; the key written ahead finishes it", "error", r.Err)
+		return dueOutcome{notBefore: sc.w.now().Add(storageRetry)}
+	case rotation.BatchNotSent:
+		log.Warn("bulk rotation's key was not sent; tried again later", "error", r.Err)
 		return dueOutcome{notBefore: sc.w.now().Add(storageRetry)}
 	}
 	if outcome, notNow := notNowOutcome(r.Err); notNow {
@@ -375,33 +391,4 @@ func (sc *scheduler) retryUnapplied(ctx context.Context, m *setMember, reason st
 	w.engine.TunnelLogger(item.Tunnel).Info("cloudflare did not apply the key of a bulk rotation; retrying later",
 		"reason", reason, "attempts", attempts, "retry_at", store.FormatTime(retryAt))
 	return dueOutcome{notBefore: retryAt}
-}
-
-// finishBulkPending finishes a tunnel whose batch left its key pending, by
-// sending that key again (the engine's finish path): done once stored.
-func (sc *scheduler) finishBulkPending(ctx context.Context, item store.DueItem, tracked bool) dueOutcome {
-	w, s, t := sc.w, sc.storage, item.Tunnel
-	defer w.engine.Lock(t)()
-	rec, err := store.ReadRecord(ctx, s, t)
-	switch {
-	case err != nil, rec == nil || rec.State != store.StatePending:
-		return dueKept // finished or undone meanwhile: the next pass decides
-	case w.now().Before(rec.RetryAt):
-		return dueOutcome{notBefore: rec.RetryAt}
-	case rec.Failures >= bulkAttempts:
-		return sc.countBulk(ctx, item, tracked, false, "the key Vault made is pending, and sending it again kept failing: "+rec.LastFailure+
-			"; the background pass goes on sending the same key")
-	}
-	conn, err := sc.connect(ctx)
-	if err != nil {
-		return dueOutcome{postpone: time.Minute}
-	}
-	if _, err := w.engine.FinishPending(ctx, s, conn, t, rec); err != nil {
-		if wait := cloudflare.RetryAfter(err); wait > 0 {
-			return dueOutcome{postpone: wait}
-		}
-		w.engine.TunnelLogger(t).Warn("could not finish a bulk rotation's pending key yet", "error", err)
-		return dueOutcome{notBefore: w.now().Add(storageRetry)}
-	}
-	return dueFinished
 }

@@ -167,7 +167,9 @@ type attempt struct {
 	// listed is, for a tunnel Vault holds no record of (previous nil),
 	// what an account listing said of it moments before: the edge's key
 	// time and the router facts a first rotation would otherwise read the
-	// tunnel for (edgeBefore). Nil: read it.
+	// tunnel for (edgeBefore); for a record without router facts, where
+	// its facts come from (a batch lists the account once: batch.go).
+	// Nil: read it.
 	listed *cloudflare.TunnelState
 }
 
@@ -335,7 +337,11 @@ func (e *Engine) edgeBefore(ctx context.Context, a *attempt) error {
 		// or a first read that failed to give them) gets them on its next
 		// rotation, once: a read of the tunnel, as a first rotation makes.
 		// If it fails the rotation goes on without them.
-		if edge, err := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID); err == nil {
+		edge, err := a.listed, error(nil)
+		if edge == nil {
+			edge, err = a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID)
+		}
+		if err == nil {
 			pending.Facts = e.edgeFacts(a.t, edge, pending.Facts)
 		} else {
 			e.TunnelLogger(a.t).Warn("could not read the tunnel's router facts before a rotation", "error", err)
