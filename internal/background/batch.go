@@ -16,9 +16,12 @@ package background
 //   - pending (the answer lost or proving nothing): the entry waits; when
 //     the job meets it again it sends the key written ahead again, in a
 //     batch with the job's other tunnels (one call for all, judged as the
-//     engine's finish path judges a resend), unless a read, a write or the
-//     background pass finished it first; the same key needs no settle
-//     window, so it goes at once; a key whose resend keeps failing backs
+//     engine's finish path judges a resend), unless a read or a write
+//     finished it first (the background pass, which would send each key in
+//     a call of its own, leaves a first send's pending key to the job for a
+//     settle window: the record's RetryAt, with no failure counted); the
+//     same key needs no settle window, so it goes at the job's next pass;
+//     a key whose resend keeps failing backs
 //     off (the record's RetryAt) and is counted failed after bulkAttempts,
 //     and the finish path goes on with it;
 //   - a tunnel whose last key may still land (SettleUntil) waits, as for a
@@ -308,7 +311,9 @@ func (sc *scheduler) routeOf(ctx context.Context, m *setMember, queuedAt time.Ti
 		switch {
 		case rec.PendingPSK == "":
 			return routeSingle, dueOutcome{}
-		case now.Before(rec.RetryAt):
+		case rec.Failures > 0 && now.Before(rec.RetryAt):
+			// A resend failed: back off. (Without a failure, RetryAt
+			// only keeps the background pass off the job's key.)
 			return routeDone, dueOutcome{notBefore: rec.RetryAt}
 		case rec.Failures >= bulkAttempts:
 			return routeDone, sc.countBulk(ctx, item, tracked, false, "the key Vault made is pending, and sending it again kept failing: "+

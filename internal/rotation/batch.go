@@ -313,7 +313,7 @@ func (e *Engine) batchFailed(ctx context.Context, conn Conn, batch []*attempt, e
 	results := make([]BatchResult, len(batch))
 	if !cloudflare.NoEffect(err) {
 		for i, a := range batch {
-			results[i] = BatchResult{Outcome: BatchPending, Err: e.keepPending(ctx, a, err)}
+			results[i] = BatchResult{Outcome: BatchPending, Err: e.keepForJob(ctx, a, err)}
 		}
 		return results
 	}
@@ -332,7 +332,7 @@ func (e *Engine) batchFailed(ctx context.Context, conn Conn, batch []*attempt, e
 			continue
 		}
 		if edge, ok := listed[a.t.TunnelID]; ok && edgeKeySince(a.pending, edge.PSKLastGeneratedOn) == keyChanged {
-			results[i] = BatchResult{Outcome: BatchPending, Err: e.keepPending(ctx, a, fmt.Errorf(
+			results[i] = BatchResult{Outcome: BatchPending, Err: e.keepForJob(ctx, a, fmt.Errorf(
 				"%w; but the edge's key changed since the request was sent, so something on the way may have sent it twice", err))}
 			continue
 		}
@@ -393,7 +393,7 @@ func (e *Engine) batchAnswered(ctx context.Context, conn Conn, batch []*attempt,
 			unapplied = append(unapplied, i)
 		default:
 			unknown := &cloudflare.MalformedResponseError{Op: cloudflare.OpSetPSKs, Reason: r.Reason}
-			results[i] = BatchResult{Outcome: BatchPending, Err: e.keepPending(ctx, a, unknown)}
+			results[i] = BatchResult{Outcome: BatchPending, Err: e.keepForJob(ctx, a, unknown)}
 		}
 	}
 	if len(unapplied) > 0 {
@@ -411,6 +411,20 @@ func (e *Engine) batchAnswered(ctx context.Context, conn Conn, batch []*attempt,
 		}
 	}
 	return results
+}
+
+// keepForJob leaves a's key pending (keepPending), as the batch's job's to
+// send again: it sends the pending keys of its batches together, one call
+// for all, where the background pass would send each in a call of its own.
+// So a key a first send left pending has RetryAt set a settle window on
+// (no failure counted), which the background pass waits for and the job
+// does not; a read still finishes it at once. A resend's failure backs off
+// as keepPending notes it, for the job and the background pass alike.
+func (e *Engine) keepForJob(ctx context.Context, a *attempt, cause error) error {
+	if !a.resend {
+		a.pending.RetryAt = e.now().UTC().Add(settleWindow(a.conn.Settings))
+	}
+	return e.keepPending(ctx, a, cause)
 }
 
 // resendRefused judges a resend Cloudflare refused: the whole request
@@ -439,7 +453,7 @@ func (e *Engine) resendRefused(ctx context.Context, a *attempt, listed map[strin
 		}
 	}
 	if refused == nil {
-		return BatchResult{Outcome: BatchPending, Err: e.keepPending(ctx, a, err)}
+		return BatchResult{Outcome: BatchPending, Err: e.keepForJob(ctx, a, err)}
 	}
 	// Answered, so this request cannot land later: only the windows of
 	// earlier sends remain (as keyUnapplied's).
