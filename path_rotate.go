@@ -151,8 +151,11 @@ include_unmanaged=true also takes the tunnels Cloudflare lists (one list
 call, when the job is queued) that Vault does not manage yet, so that an
 account comes under Vault in one command: each gets its first key as a
 first write would (never is a key the engine did not set called current),
-with its router facts from the listing and no read of the tunnel. The
-answer then says how many of the queued tunnels were unmanaged. It cannot
+with its router facts from the listing and no read of the tunnel. Not
+managed means not by this mount: tunnels another mount on the account
+manages are taken over too. A listed id not in the canonical form is
+counted skipped, with a warning. The answer then says how many of the
+queued tunnels were unmanaged. It cannot
 be combined with older_than (400): older_than picks tunnels by when Vault
 stored their key, which an unmanaged tunnel has not.
 

@@ -347,7 +347,7 @@ func (e *Engine) batchFailed(ctx context.Context, conn Conn, batch []*attempt, e
 func (e *Engine) listAccount(ctx context.Context, conn Conn, account string) map[string]*cloudflare.TunnelState {
 	tunnels, err := conn.Edge.ListTunnels(ctx, account)
 	if err != nil {
-		e.logger.Warn("could not list the account's tunnels after a batch of keys", "account_id", account, "error", err)
+		e.logger.Warn("could not list the account's tunnels for a batch of keys", "account_id", account, "error", err)
 		return nil
 	}
 	byID := make(map[string]*cloudflare.TunnelState, len(tunnels))
