@@ -225,15 +225,14 @@ type bulkTarget struct {
 // bulkTargets lists the tunnels of account that a bulk rotation queues:
 // every stored one, or (olderThan) those whose key was stored longer ago;
 // and, with edge (the account as Cloudflare lists it), every listed tunnel
-// Vault holds no record of, with its router facts as checked (facts).
+// Vault holds no record of, with its router facts as checked (ListedFacts).
 //
 // A listed tunnel whose id is not in the canonical form every path
 // requires (store.CheckIdentifier) is skipped: its record would be a key
 // that no path serves, writes or forgets, under an id Cloudflare may also
 // answer to in its canonical form, which Vault could then manage with
 // another key.
-func bulkTargets(ctx context.Context, s logical.Storage, account string, opts BulkOptions, edge []cloudflare.TunnelState, now time.Time,
-	facts func(store.Tunnel, *cloudflare.TunnelState) store.Facts) ([]bulkTarget, error) {
+func (w *Worker) bulkTargets(ctx context.Context, s logical.Storage, account string, opts BulkOptions, edge []cloudflare.TunnelState, now time.Time) ([]bulkTarget, error) {
 	tunnels, err := s.List(ctx, store.PSKPrefix+account+"/")
 	if err != nil {
 		return nil, fmt.Errorf("list tunnels of account %s: %w", account, err)
@@ -277,7 +276,7 @@ func bulkTargets(ctx context.Context, s logical.Storage, account string, opts Bu
 		// Checked and bounded as a record's facts are: the entry is
 		// stored until the job works it, and storage bounds its entries.
 		targets = append(targets, bulkTarget{t: t, listed: &store.ListedTunnel{
-			KeyGeneratedOn: e.PSKLastGeneratedOn, ListedAt: e.Date, Facts: facts(t, e),
+			KeyGeneratedOn: e.PSKLastGeneratedOn, ListedAt: e.Date, Facts: w.engine.ListedFacts(t, e),
 		}})
 	}
 	return targets, nil
@@ -378,7 +377,7 @@ func (w *Worker) QueueAccount(ctx context.Context, s logical.Storage, account st
 		return BulkQueued{}, err
 	}
 	now := w.now()
-	targets, err := bulkTargets(ctx, s, account, opts, edge, now, w.engine.ListedFacts)
+	targets, err := w.bulkTargets(ctx, s, account, opts, edge, now)
 	if err != nil {
 		return BulkQueued{}, err
 	}
