@@ -405,11 +405,18 @@ func (e *Engine) finishSameKey(ctx context.Context, a *attempt, r cloudflare.Tun
 // Date), the settle window of requests of the same key sent before the
 // one answered: they may still land, so no different key goes before
 // SettleUntil, and a re-dated key up to LateLandingUntil is not drift. The
-// answered request itself cannot land later: without earlier ones, both
-// are cleared.
+// answered request itself cannot land later, so its own window is dropped;
+// an earlier send's never is, nor shortened: both windows only ever grow
+// (begin), and what the record held before the attempt is kept. Without
+// earlier sends still out, SettleUntil is cleared.
 func (e *Engine) lingering(a *attempt, rec *store.Record, answered, generatedOn time.Time) {
 	now := e.now().UTC()
 	rec.SettleUntil, rec.LateLandingUntil = time.Time{}, time.Time{}
+	if a.previous != nil {
+		// A bound already given (an earlier send's, or a validation's
+		// answer: validate.go) still bounds what that request may re-date.
+		rec.LateLandingUntil = a.previous.LateLandingUntil
+	}
 	if a.previous == nil || !a.previous.SendsMayLand(now) {
 		return
 	}
@@ -417,7 +424,7 @@ func (e *Engine) lingering(a *attempt, rec *store.Record, answered, generatedOn 
 		answered = generatedOn
 	}
 	rec.SettleUntil = a.previous.SettleUntil
-	rec.LateLandingUntil = answered.UTC().Add(rec.SettleUntil.Sub(now) + dateProofMargin)
+	rec.LateLandingUntil = later(rec.LateLandingUntil, answered.UTC().Add(rec.SettleUntil.Sub(now)+dateProofMargin))
 }
 
 // later is the later of two times.
