@@ -13,6 +13,49 @@ import (
 
 // Second skeptic of issue 16 (key_source vault), on i16-core at 9892e9b.
 
+// TestSkepticAValidationsLostAnswerThenAReadReplacesAKeyChangedOutside:
+// heal_stale_psk is off, and the tunnel's key was changed outside the engine
+// (dashboard, Terraform, another mount) before the drift sweep saw it. An
+// operator runs validate_only; its Set?validate_only=true gets a 503 (no
+// answer that proves anything; nothing changed at the edge). The engine
+// wrote the stored key ahead as pending (begin), so the next read "finishes"
+// it by sending the stored key for real (finishPending, validate_only off):
+// the edge's key changed outside is replaced, with healing off, by a
+// validation plus a read. validate.go says a validation never changes the
+// edge by itself (commit aab6891 fixed exactly this for an answered
+// validation); a lost answer does it anyway.
+//
+// Printed on 9892e9b:
+//
+//	a validation whose answer was lost, then a read, replaced the key changed outside
+//	the engine with heal_stale_psk off (Set calls 1 -> 3, edge key is the stored one: true;
+//	read state current)
+func TestSkepticAValidationsLostAnswerThenAReadReplacesAKeyChangedOutside(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"heal_stale_psk": false}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	stored := env.edge().PSK
+	env.clock.Advance(time.Minute)
+	env.sim.RegenerateOutOfBand(env.account, env.tunnel.ID) // changed outside the engine
+	outside := env.edge().PSK
+
+	sets := env.sim.Calls(cloudflaresim.OpPSKSet)
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{Status: http.StatusServiceUnavailable})
+	if resp, err := validateOnlyPath(env); err == nil && !resp.IsError() {
+		t.Fatal("validation with a 503 succeeded")
+	}
+	if env.edge().PSK != outside {
+		t.Fatal("the validation itself changed the edge")
+	}
+	read := env.must(env.request(logical.ReadOperation, env.pskPath(), nil))
+	if env.edge().PSK != outside {
+		t.Errorf("a validation whose answer was lost, then a read, replaced the key changed outside the engine with heal_stale_psk off "+
+			"(Set calls %d -> %d, edge key is the stored one: %v; read state %v)",
+			sets, env.sim.Calls(cloudflaresim.OpPSKSet), env.edge().PSK == stored, read.Data["state"])
+	}
+	assertHonest(t, env)
+}
+
 // TestSkepticAValidationsLostAnswerShortensAnEarlierSendsWindow: a
 // validate_only write is accepted while a window of an earlier send of the
 // stored key is still open (it sends the same key, so it need not wait).

@@ -26,6 +26,11 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 		return rec, nil
 	}
 	if rec.PendingPSK != "" && (rec.State == store.StatePending || rec.State == store.StateTunnelGone) {
+		if Trigger(rec.PendingTrigger) == TriggerValidate {
+			// A validation's stored key, whose answer was lost: never
+			// sent for real (validate.go).
+			return e.finishValidation(ctx, s, conn, t, rec, heal)
+		}
 		// A key Vault made and wrote ahead: the same key finishes it, at
 		// once, whatever key_source says now (vaultkeys.go). A tunnel
 		// recorded gone keeps its pending key (MarkGone): written again, it
@@ -375,13 +380,21 @@ func (e *Engine) CompareWithEdge(ctx context.Context, s logical.Storage, conn Co
 }
 
 // compareMode is who holds a record against the edge: a listing
-// (tunnels/), which never sends anything, or the drift sweep, which heals
-// where heal_stale_psk allows.
+// (tunnels/), which never sends anything, the drift sweep, which heals
+// where heal_stale_psk allows, or a caller that replaces the key next.
 type compareMode int
 
 const (
 	compareListing compareMode = iota
 	compareDrift
+	// compareNoHeal holds a record against the edge as the drift sweep
+	// does, but makes no key to heal drift: the tunnel is marked stale.
+	// It is for a caller that replaces the key next (an operator's write,
+	// a scheduled or bulk rotation: finishValidation), which would
+	// otherwise make two keys where one was asked for. A re-dated key
+	// within LateLandingUntil is still set again where healing is
+	// allowed (lateLanding): that makes no key.
+	compareNoHeal
 )
 
 // lateLanding deals with a current record whose key the edge re-dated

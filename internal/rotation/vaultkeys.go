@@ -226,12 +226,19 @@ func (e *Engine) setNewKey(ctx context.Context, a *attempt, key string) (*store.
 // finishPending finishes a pending record (rec, read under t's lock) by
 // sending its key again. The record's settle window is pushed on first, and
 // written, so that it covers this request too should its answer be lost.
+// A validation's pending record is never sent for real (finishValidation).
 func (e *Engine) finishPending(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record) (*store.Record, error) {
 	if rec.PendingPSK == "" {
 		return rec, fmt.Errorf("finish the pending rotation of %s: the record holds no pending key", t)
 	}
 	trigger := Trigger(rec.PendingTrigger)
-	if trigger == "" || trigger == TriggerValidate {
+	if trigger == TriggerValidate {
+		// Callers that know whether they may heal (reconcileLocked)
+		// come here only for a rotation's key; any other (ReturnGone)
+		// heals as heal_stale_psk says, as the drift sweep does.
+		return e.finishValidation(ctx, s, conn, t, rec, conn.Settings.HealStalePSK)
+	}
+	if trigger == "" {
 		trigger = TriggerWrite
 	}
 	a := &attempt{s: s, conn: conn, t: t, previous: rec, sched: rec.Schedule(), trigger: trigger,

@@ -1,0 +1,101 @@
+package main
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
+	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
+)
+
+// TestALostValidationIsNeverSentForReal: a validate_only write with
+// key_source vault whose answer is lost leaves the stored key written ahead
+// as pending. Whoever meets that record next (a read, the background pass)
+// never sends its key for real: the pending validation is dropped and the
+// stored key is held against the edge by the drift rules. The validation's
+// own request may still land (its query string dropped on the way): no
+// different key is sent before its window ends.
+func TestALostValidationIsNeverSentForReal(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		heal bool
+		// dropped: something on the way dropped the query string, so the
+		// lost validation set the stored key again, re-dated.
+		dropped bool
+		// outside: the key was changed outside the engine before.
+		outside bool
+		// background: the background pass meets the record, not a read.
+		background bool
+		wantState  string
+		// wantSets is the Set requests after the validation's own.
+		wantSets int
+	}{
+		{name: "nothing changed", heal: true, wantState: store.StateCurrent},
+		{name: "query string dropped, healing off", dropped: true, wantState: store.StateStale},
+		// Where healing is allowed the drift rules set the stored key again.
+		{name: "query string dropped, healing allowed", heal: true, dropped: true, wantState: store.StateCurrent, wantSets: 1},
+		{name: "changed outside, healing off, background", outside: true, background: true, wantState: store.StateStale},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newVaultKeysEnv(t)
+			env.clock.freeze()
+			env.must(env.request(logical.UpdateOperation, "config", map[string]any{"heal_stale_psk": tc.heal}))
+			env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+			stored := env.edge().PSK
+			env.clock.Advance(time.Minute)
+			if tc.outside {
+				env.sim.RegenerateOutOfBand(env.account, env.tunnel.ID)
+			}
+			edgeKey, keys := env.edge().PSK, env.distinctNewKeys()
+
+			fault := cloudflaresim.Fault{Status: http.StatusServiceUnavailable}
+			if tc.dropped {
+				fault.IgnoreValidateOnly, fault.AfterCommit = true, true
+			}
+			env.sim.FailNext(cloudflaresim.OpPSKSet, fault)
+			if resp, err := validateOnlyPath(env); err == nil && !resp.IsError() {
+				t.Fatal("validation with a 503 succeeded")
+			}
+			if rec := env.storedRecord(); rec.State != store.StatePending {
+				t.Fatalf("after the lost validation: state %s", rec.State)
+			}
+			sets := env.sim.Calls(cloudflaresim.OpPSKSet)
+
+			// Within the validation's window: a different key waits.
+			resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+			if status := httpStatus(resp, err); status != http.StatusConflict {
+				t.Errorf("a write while the lost validation may still land: status %d, want 409", status)
+			}
+			if tc.background {
+				env.clock.Advance(time.Hour)
+				backgroundPass(t, env)
+			}
+			read, err := env.request(logical.ReadOperation, env.pskPath(), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if read.Data["state"] != tc.wantState {
+				t.Errorf("state %v, want %s (%v)", read.Data["state"], tc.wantState, read.Data["state_reason"])
+			}
+			if n := env.sim.Calls(cloudflaresim.OpPSKSet) - sets; n != tc.wantSets {
+				t.Errorf("%d Set requests after the validation's, want %d", n, tc.wantSets)
+			}
+			if tc.wantSets == 0 && env.edge().PSK != edgeKey {
+				t.Errorf("the edge's key changed (it is the stored one: %v)", env.edge().PSK == stored)
+			}
+			if tc.wantState == store.StateStale {
+				if reason, _ := read.Data["state_reason"].(string); !strings.Contains(reason, "validate_only") && !strings.Contains(reason, "changed outside") {
+					t.Errorf("the stale reason does not say why: %s", reason)
+				}
+			}
+			if n := env.distinctNewKeys(); n != keys {
+				t.Errorf("the edge was given %d new keys, want %d", n, keys)
+			}
+			assertHonest(t, env)
+		})
+	}
+}
