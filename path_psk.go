@@ -306,8 +306,10 @@ write (create/update): gives the tunnel a new PSK. With config key_source
   stored one (a dropped query string set that same key again, or the key
   was changed outside the engine: Cloudflare cannot say which) sends
   nothing more; the next drift sweep decides by heal_stale_psk (the stored
-  key set again where healing is allowed, stale where it is not).
-  validated_by says which was done.
+  key set again where healing is allowed, stale where it is not). A lost
+  answer leaves the tunnel pending, but its key is not sent again for
+  real: the next read, write or background pass reads the tunnel and the
+  same drift rules decide. validated_by says which was done.
 
 read: returns psk and its metadata:
   account_id, tunnel_id   the tunnel's ids

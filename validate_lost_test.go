@@ -57,8 +57,12 @@ func TestALostValidationIsNeverSentForReal(t *testing.T) {
 				fault.IgnoreValidateOnly, fault.AfterCommit = true, true
 			}
 			env.sim.FailNext(cloudflaresim.OpPSKSet, fault)
-			if resp, err := validateOnlyPath(env); err == nil && !resp.IsError() {
+			resp, err := validateOnlyPath(env)
+			if err == nil && !resp.IsError() {
 				t.Fatal("validation with a 503 succeeded")
+			}
+			if text := errorText(resp, err); !strings.Contains(text, "the key is not sent again") || strings.Contains(text, "sending the same key again") {
+				t.Errorf("the lost validation's error does not say what follows: %s", text)
 			}
 			if rec := env.storedRecord(); rec.State != store.StatePending {
 				t.Fatalf("after the lost validation: state %s", rec.State)
@@ -66,7 +70,7 @@ func TestALostValidationIsNeverSentForReal(t *testing.T) {
 			sets := env.sim.Calls(cloudflaresim.OpPSKSet)
 
 			// Within the validation's window: a different key waits.
-			resp, err := env.request(logical.UpdateOperation, env.pskPath(), nil)
+			resp, err = env.request(logical.UpdateOperation, env.pskPath(), nil)
 			if status := httpStatus(resp, err); status != http.StatusConflict {
 				t.Errorf("a write while the lost validation may still land: status %d, want 409", status)
 			}

@@ -203,10 +203,20 @@ func KeyRefused(err error) bool {
 }
 
 // pendingKeptError is a failure after which the key Vault made may be on
-// the edge: the record stays pending, and the same key finishes it.
-type pendingKeptError struct{ err error }
+// the edge: the record stays pending, and the same key finishes it. For a
+// validation (validation), the key is the stored one and is never sent
+// again for real (finishValidation).
+type pendingKeptError struct {
+	err        error
+	validation bool
+}
 
 func (e *pendingKeptError) Error() string {
+	if e.validation {
+		return fmt.Sprintf("%v; the outcome is unknown: the stored key was written ahead and the tunnel is marked %s "+
+			"(a query string dropped on the way would have set the stored key again); the key is not sent again: "+
+			"a read, a write or the background pass reads the tunnel and the drift rules decide", e.err, store.StatePending)
+	}
 	return fmt.Sprintf("%v; the outcome is unknown: the key Vault made was written ahead and the tunnel is marked %s, "+
 		"and a read, a write or the background pass finishes the rotation by sending the same key again", e.err, store.StatePending)
 }
@@ -343,13 +353,19 @@ func (e *Engine) keepPending(ctx context.Context, a *attempt, cause error) error
 	}
 	a.pending.StateReason = fmt.Sprintf("the rotation with a key Vault made, started at %s, has an unknown outcome: %s failed (%v); "+
 		"the edge uses that key or the one it had", store.FormatTime(a.pending.RotationStartedAt), what, cause)
+	if a.validateOnly() {
+		a.pending.StateReason = fmt.Sprintf("a validate_only request with the stored key, started at %s, has an unknown outcome (%v): "+
+			"the edge uses the stored key (set again if the query string was dropped on the way) or a key changed outside this engine; "+
+			"the key is not sent again: the next read, write or background pass reads the tunnel and the drift rules decide",
+			store.FormatTime(a.pending.RotationStartedAt), cause)
+	}
 	if a.resend && cloudflare.RetryAfter(cause) == 0 {
 		a.pending.NoteFailure(e.now(), cause)
 	}
 	if werr := store.WriteRecord(context.WithoutCancel(ctx), a.s, a.t, a.pending); werr != nil {
 		e.TunnelLogger(a.t).Warn("could not record a pending rotation's unknown outcome", "error", werr)
 	}
-	return &pendingKeptError{err: cause}
+	return &pendingKeptError{err: cause, validation: a.validateOnly()}
 }
 
 // keyUnapplied records Cloudflare's answer that it did not apply the key. A
