@@ -413,6 +413,11 @@ func (e *Engine) finishSameKey(ctx context.Context, a *attempt, r cloudflare.Tun
 	rec.LastGeneratedOn, rec.KeySeenAt = r.LastGeneratedOn.UTC(), r.Date.UTC()
 	rec.ClearFailures()
 	e.lingering(a, &rec, r.Date, r.LastGeneratedOn)
+	// The key is the one the record held: a bound it already had (an
+	// earlier send's, or a validation's answer: validate.go) is this
+	// key's own, and still bounds what those requests may re-date. Only
+	// here: a different key's record never inherits it (finish).
+	rec.LateLandingUntil = later(rec.LateLandingUntil, a.previous.LateLandingUntil)
 	if err := store.WriteRecord(context.WithoutCancel(ctx), a.s, a.t, &rec); err != nil {
 		return nil, fmt.Errorf("store %s after its key was set again: %w", a.t, err)
 	}
@@ -430,16 +435,16 @@ func (e *Engine) finishSameKey(ctx context.Context, a *attempt, r cloudflare.Tun
 // SettleUntil, and a re-dated key up to LateLandingUntil is not drift. The
 // answered request itself cannot land later, so its own window is dropped;
 // an earlier send's never is, nor shortened: both windows only ever grow
-// (begin), and what the record held before the attempt is kept. Without
-// earlier sends still out, SettleUntil is cleared.
+// (begin). Without earlier sends still out, both are cleared.
+//
+// The bound is rec's key's own. A bound the record held before is kept
+// only where the key is the same (finishSameKey): for a new key it was the
+// replaced key's, whose requests cannot land any more (no different key is
+// sent while they may: generate's guard), and kept it would take a key
+// changed outside the engine within it for the new key re-dated.
 func (e *Engine) lingering(a *attempt, rec *store.Record, answered, generatedOn time.Time) {
 	now := e.now().UTC()
 	rec.SettleUntil, rec.LateLandingUntil = time.Time{}, time.Time{}
-	if a.previous != nil {
-		// A bound already given (an earlier send's, or a validation's
-		// answer: validate.go) still bounds what that request may re-date.
-		rec.LateLandingUntil = a.previous.LateLandingUntil
-	}
 	if a.previous == nil || !a.previous.SendsMayLand(now) {
 		return
 	}
@@ -447,7 +452,7 @@ func (e *Engine) lingering(a *attempt, rec *store.Record, answered, generatedOn 
 		answered = generatedOn
 	}
 	rec.SettleUntil = a.previous.SettleUntil
-	rec.LateLandingUntil = later(rec.LateLandingUntil, answered.UTC().Add(rec.SettleUntil.Sub(now)+dateProofMargin))
+	rec.LateLandingUntil = answered.UTC().Add(rec.SettleUntil.Sub(now) + dateProofMargin)
 }
 
 // later is the later of two times.
