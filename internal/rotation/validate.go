@@ -156,10 +156,11 @@ func (e *Engine) validateVault(ctx context.Context, a *attempt) (string, error) 
 // finishValidation ends a validation with key_source vault whose answer was
 // lost (rec: pending, PendingTrigger validate, its key the stored one), for
 // a read, a write or the background pass. Nothing is sent that could set a
-// key. The pending validation is dropped: the record is put back current,
-// as it was before the validation (validateVault wrote it ahead only for a
-// current record), and the tunnel is read and held against the edge as
-// the drift sweep holds it (compareLocked). The same key time is the
+// key. The pending validation is dropped: the tunnel is read, and the
+// record as it was before the validation (current: validateVault wrote it
+// ahead only for a current record) is held against the edge as the drift
+// sweep holds it (judgeCurrent). Only the verdict is written, in one
+// write: until then the record stays pending. The same key time is the
 // stored key, in sync; a time re-dated no later than the validation's
 // request may have re-dated it (its query string dropped) is a late
 // landing (lateLanding: the stored key set again where healing is allowed,
@@ -210,21 +211,30 @@ func (e *Engine) finishValidation(ctx context.Context, s logical.Storage, conn C
 	if !dropped.SendsMayLand(e.now()) {
 		dropped.SettleUntil = time.Time{}
 	}
-	if err := store.WriteRecord(ctx, s, t, &dropped); err != nil {
-		return rec, fmt.Errorf("end the validation of %s whose answer was lost: %w", t, err)
-	}
-	if err := store.ClearUnresolved(ctx, s, t); err != nil {
-		e.TunnelLogger(t).Warn("could not clear an unresolved mark", "error", err)
-	}
-	e.TunnelLogger(t).Info("a validation whose answer was lost was dropped; the stored key is held against the edge")
+	dropped = e.refreshed(t, &dropped, edge)
+	e.TunnelLogger(t).Info("a validation whose answer was lost is dropped; the stored key is held against the edge")
 	mode := compareDrift
 	if !heal {
 		mode = compareNoHeal
 	}
-	_, err = e.compareLocked(ctx, s, conn, t, edge, mode)
+	// The verdict first, and only the verdict is written: the record stays
+	// pending (and marked unresolved) until then, so a storage failure or a
+	// crash on the way leaves it pending, never current for a key the read
+	// in hand showed the edge does not use.
+	_, recorded, err := e.judgeCurrent(ctx, s, conn, t, &dropped, edge, mode)
+	if err == nil && !recorded {
+		// In sync (or nothing concluded): current, as before the validation.
+		if err := store.WriteRecord(ctx, s, t, &dropped); err != nil {
+			return rec, fmt.Errorf("end the validation of %s whose answer was lost: %w", t, err)
+		}
+		if err := store.ClearUnresolved(ctx, s, t); err != nil {
+			e.TunnelLogger(t).Warn("could not clear an unresolved mark", "error", err)
+		}
+		return &dropped, nil
+	}
 	latest, rerr := store.ReadRecord(context.WithoutCancel(ctx), s, t)
 	if rerr != nil || latest == nil {
-		latest = &dropped
+		latest = rec
 	}
 	if err != nil {
 		return latest, fmt.Errorf("end the validation of %s whose answer was lost: %w", t, err)
