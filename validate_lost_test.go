@@ -103,3 +103,43 @@ func TestALostValidationIsNeverSentForReal(t *testing.T) {
 		})
 	}
 }
+
+// TestALostValidationFoundGoneKeepsItsBoundForTheReturn: a validate_only
+// whose query string was dropped on the way sets the stored key again
+// (re-dated), and its answer is lost. The read that meets the pending
+// validation is told 404 for the tunnel (a 404 can pass) and records it
+// gone. When the drift sweep finds it listed again, the re-dated key must
+// be judged with the validation's late-landing bound, as it would have been
+// had the read found the tunnel: the stored key set again (healing on),
+// current, and no new key. Without the bound the return takes the re-date
+// for a change outside the engine and heals it with a new key.
+func TestALostValidationFoundGoneKeepsItsBoundForTheReturn(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.clock.freeze()
+	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "1m"}))
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.clock.Advance(time.Minute)
+	stored, keys := env.storedRecord().PSK, env.distinctNewKeys()
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{Status: http.StatusServiceUnavailable, AfterCommit: true, IgnoreValidateOnly: true})
+	if resp, err := validateOnlyPath(env); err == nil && !resp.IsError() {
+		t.Fatal("validation with a 503 succeeded")
+	}
+	if !env.edge().PSKGeneratedOn.After(env.storedRecord().LastGeneratedOn) {
+		t.Fatal("setup: the dropped query string did not re-date the stored key")
+	}
+	env.sim.FailNext(cloudflaresim.OpTunnelGet, cloudflaresim.Fault{Status: http.StatusNotFound})
+	env.request(logical.ReadOperation, env.pskPath(), nil)
+	if rec := env.storedRecord(); rec.State != store.StateTunnelGone {
+		t.Fatalf("setup: the read told 404: state %s", rec.State)
+	}
+
+	env.clock.Advance(time.Minute)
+	backgroundPass(t, env) // the drift sweep lists it again: ReturnGone
+	if rec := env.storedRecord(); rec.State != store.StateCurrent || rec.PSK != stored {
+		t.Errorf("after the return: state %s (%s), the stored key kept: %v", rec.State, rec.StateReason, rec.PSK == stored)
+	}
+	if n := env.distinctNewKeys(); n != keys {
+		t.Errorf("the return gave the edge %d new keys, want 0", n-keys)
+	}
+	assertHonest(t, env)
+}

@@ -178,14 +178,7 @@ func (e *Engine) finishValidation(ctx context.Context, s logical.Storage, conn C
 	dropped.PendingPSK, dropped.PendingTrigger = "", ""
 	dropped.ClearFailures()
 	edge, err := conn.Edge.GetTunnel(ctx, t.AccountID, t.TunnelID)
-	if cloudflare.NotFound(err) {
-		gone, werr := e.MarkGone(ctx, s, t, &dropped)
-		if werr != nil {
-			return rec, werr
-		}
-		return gone, fmt.Errorf("end the validation of %s whose answer was lost: %w", t, err)
-	}
-	if err != nil {
+	if err != nil && !cloudflare.NotFound(err) {
 		err = fmt.Errorf("end the validation of %s whose answer was lost: read the tunnel: %w", t, err)
 		if cloudflare.RetryAfter(err) == 0 {
 			// Pending records are not noted by the background
@@ -199,17 +192,27 @@ func (e *Engine) finishValidation(ctx context.Context, s logical.Storage, conn C
 		}
 		return rec, err
 	}
-	answered := edge.Date
-	if answered.IsZero() {
-		// No Date header: this node's clock stands in (dateProofMargin
-		// allows for clocks apart).
-		answered = e.now()
+	answered := e.now()
+	if err == nil && !edge.Date.IsZero() {
+		answered = edge.Date
 	}
 	// Up to where, by Cloudflare's clock, the validation's request may have
-	// re-dated the stored key: its window's end, however long ago.
+	// re-dated the stored key: its window's end, however long ago. Without
+	// a Date (none, or a 404's, which carries none here) this node's clock
+	// stands in: dateProofMargin allows for clocks apart.
 	dropped.LateLandingUntil = later(rec.LateLandingUntil, answered.UTC().Add(rec.SettleUntil.Sub(e.now())+dateProofMargin))
 	if !dropped.SendsMayLand(e.now()) {
 		dropped.SettleUntil = time.Time{}
+	}
+	if err != nil {
+		// A 404 can pass: the bound is kept with the record (MarkGone), so
+		// that a return judges a re-dated key as the drift sweep would
+		// have (judgeReturn), not as a change outside the engine.
+		gone, werr := e.MarkGone(ctx, s, t, &dropped)
+		if werr != nil {
+			return rec, werr
+		}
+		return gone, fmt.Errorf("end the validation of %s whose answer was lost: %w", t, err)
 	}
 	dropped = e.refreshed(t, &dropped, edge)
 	e.TunnelLogger(t).Info("a validation whose answer was lost is dropped; the stored key is held against the edge")
