@@ -143,3 +143,36 @@ func TestALostValidationFoundGoneKeepsItsBoundForTheReturn(t *testing.T) {
 	}
 	assertHonest(t, env)
 }
+
+// TestDeletingALostValidationSaysWhatItForgot: a delete of a tunnel whose
+// validate_only answer was lost (its window passed) forgets a pending
+// record whose pending key is the stored key itself. The warning must not
+// say that a key Vault made and never confirmed may be on the edge: the
+// key sent was the one Vault served, and the edge uses it or a key changed
+// outside the engine.
+func TestDeletingALostValidationSaysWhatItForgot(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	env.clock.freeze()
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	env.clock.Advance(time.Minute)
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{Status: http.StatusServiceUnavailable})
+	if resp, err := validateOnlyPath(env); err == nil && !resp.IsError() {
+		t.Fatal("validation with a 503 succeeded")
+	}
+	rec := env.storedRecord()
+	if rec.State != store.StatePending || rec.PendingPSK != rec.PSK {
+		t.Fatalf("setup: after the lost validation: state %s, the pending key is the stored one: %v", rec.State, rec.PendingPSK == rec.PSK)
+	}
+	env.clock.Advance(rec.SettleUntil.Sub(env.clock.Now()) + time.Second)
+	resp := env.must(env.request(logical.DeleteOperation, env.pskPath(), nil))
+	if resp == nil || len(resp.Warnings) != 1 {
+		t.Fatalf("the delete of a pending validation: warnings %v, want one", resp)
+	}
+	warning := resp.Warnings[0]
+	if strings.Contains(warning, "a key Vault made") || strings.Contains(warning, "may not come up") {
+		t.Errorf("the delete's warning speaks of a key Vault made that the edge may use, but the pending key was the stored one: %s", warning)
+	}
+	if !strings.Contains(warning, "validate_only") {
+		t.Errorf("the delete's warning does not say a validate_only was forgotten: %s", warning)
+	}
+}
