@@ -301,8 +301,15 @@ func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn
 		_, err := e.MarkGone(ctx, s, t, rec)
 		return false, err
 	}
-	inSync, _, err := e.judgeCurrent(ctx, s, conn, t, rec, edge, mode)
+	inSync, _, err := e.judgeCurrent(ctx, s, conn, t, rec, sighting{edge: edge, mode: mode})
 	return inSync, err
+}
+
+// sighting is what judgeCurrent holds a record against: the edge's view of
+// the tunnel, and who looks (compareMode).
+type sighting struct {
+	edge *cloudflare.TunnelState
+	mode compareMode
 }
 
 // judgeCurrent holds rec, a record whose stored key is taken as the edge's,
@@ -312,7 +319,8 @@ func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn
 // record; where it wrote none (in sync, or nothing concluded) what storage
 // holds is the caller's. rec need not be stored yet (finishValidation
 // judges the record it is about to write, and writes only the verdict).
-func (e *Engine) judgeCurrent(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, edge *cloudflare.TunnelState, mode compareMode) (inSync, recorded bool, err error) {
+func (e *Engine) judgeCurrent(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, seen sighting) (inSync, recorded bool, err error) {
+	edge, mode := seen.edge, seen.mode
 	heal := mode == compareDrift && conn.Settings.HealStalePSK
 	if edge.PSKLastGeneratedOn.Equal(rec.LastGeneratedOn) {
 		return true, false, nil

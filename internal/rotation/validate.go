@@ -224,7 +224,7 @@ func (e *Engine) finishValidation(ctx context.Context, s logical.Storage, conn C
 	// pending (and marked unresolved) until then, so a storage failure or a
 	// crash on the way leaves it pending, never current for a key the read
 	// in hand showed the edge does not use.
-	_, recorded, err := e.judgeCurrent(ctx, s, conn, t, &dropped, edge, mode)
+	_, recorded, err := e.judgeCurrent(ctx, s, conn, t, &dropped, sighting{edge: edge, mode: mode})
 	if err == nil && !recorded {
 		// In sync (or nothing concluded): current, as before the validation.
 		if err := store.WriteRecord(ctx, s, t, &dropped); err != nil {
