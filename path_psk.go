@@ -189,6 +189,16 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 	if err != nil {
 		return failure(err)
 	}
+	if rotation.PendingIsStoredKey(forgotten) {
+		// No new key was sent: only the stored key, the one Vault served.
+		what := "the stored key was being set again after Cloudflare re-dated it"
+		if forgotten.PendingTrigger == string(rotation.TriggerValidate) {
+			what = "a validate_only request had sent the stored key"
+		}
+		return &logical.Response{Warnings: []string{fmt.Sprintf("%s was %s: %s, and its outcome was unknown (%s). "+
+			"No new key was sent: the edge uses the stored key, which Vault served, or a key changed outside this engine; "+
+			"the record is forgotten now without finding out which.", t, forgotten.State, what, forgotten.StateReason)}}, nil
+	}
 	if rotation.ForgotPendingKey(forgotten) {
 		// The delete is the operator's to make, but what it threw away
 		// must be said: the edge may use the key nobody holds now.
@@ -278,8 +288,10 @@ write (create/update): gives the tunnel a new PSK. With config key_source
   stored one (a dropped query string set that same key again, or the key
   was changed outside the engine: Cloudflare cannot say which) sends
   nothing more; the next drift sweep decides by heal_stale_psk (the stored
-  key set again where healing is allowed, stale where it is not).
-  validated_by says which was done.
+  key set again where healing is allowed, stale where it is not). A lost
+  answer leaves the tunnel pending, but its key is not sent again for
+  real: the next read, write or background pass reads the tunnel and the
+  same drift rules decide. validated_by says which was done.
 
 read: returns psk and its metadata:
   account_id, tunnel_id   the tunnel's ids
@@ -358,7 +370,8 @@ delete: forgets the key in Vault only. It does not touch the tunnel at
   with the record once that has passed, without being sent again: the
   edge may use it, so the delete's answer warns (read the path first to
   finish it with its key, or write it afterwards to give the tunnel a key
-  Vault holds).
+  Vault holds). Where the pending key is the stored one (a validate_only
+  whose answer was lost), the warning says that no new key was sent.
 
 For a policy that may see rotation state but not keys, use
 metadata/<account_id>/<tunnel_id>.

@@ -40,9 +40,12 @@ func (e *Engine) Forget(ctx context.Context, s logical.Storage, t store.Tunnel) 
 	if err := store.ForgetRecord(ctx, s, t, rec); err != nil {
 		return nil, err
 	}
-	if ForgotPendingKey(rec) {
+	switch {
+	case PendingIsStoredKey(rec):
+		e.TunnelLogger(t).Info("psk forgotten while the stored key was being set again (a validate_only, or a late landing's) with an unknown outcome")
+	case ForgotPendingKey(rec):
 		e.TunnelLogger(t).Warn("psk forgotten with a pending key the edge may use")
-	} else {
+	default:
 		e.TunnelLogger(t).Info("psk forgotten")
 	}
 	return rec, nil
@@ -52,6 +55,14 @@ func (e *Engine) Forget(ctx context.Context, s logical.Storage, t store.Tunnel) 
 // that Cloudflare never confirmed (pending, or found gone while pending):
 // the edge may use it, and no one holds it now.
 func ForgotPendingKey(rec *store.Record) bool { return rec != nil && rec.PendingPSK != "" }
+
+// PendingIsStoredKey reports whether rec's pending key is its stored key: a
+// validate_only's (validate.go), or the stored key set again after the edge
+// re-dated it (lateLanding). No new key was sent: the edge uses the stored
+// key or one changed outside this engine.
+func PendingIsStoredKey(rec *store.Record) bool {
+	return ForgotPendingKey(rec) && rec.PendingPSK == rec.PSK
+}
 
 // Reschedule stores sched as t's schedule without rotating its key or
 // calling Cloudflare. A rotation in flight holds the tunnel's lock, so it is

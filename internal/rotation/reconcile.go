@@ -26,6 +26,11 @@ func (e *Engine) reconcileLocked(ctx context.Context, s logical.Storage, conn Co
 		return rec, nil
 	}
 	if rec.PendingPSK != "" && (rec.State == store.StatePending || rec.State == store.StateTunnelGone) {
+		if Trigger(rec.PendingTrigger) == TriggerValidate {
+			// A validation's stored key, whose answer was lost: never
+			// sent for real (validate.go).
+			return e.finishValidation(ctx, s, conn, t, rec, heal)
+		}
 		// A key Vault made and wrote ahead: the same key finishes it, at
 		// once, whatever key_source says now (vaultkeys.go). A tunnel
 		// recorded gone keeps its pending key (MarkGone): written again, it
@@ -278,7 +283,6 @@ func (e *Engine) ReconcileInBackground(ctx context.Context, s logical.Storage, c
 // the stored key is the edge's. A record that is not current is
 // reconciliation's to resolve. The caller holds t's lock.
 func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, edge *cloudflare.TunnelState, mode compareMode) (bool, error) {
-	heal := mode == compareDrift && conn.Settings.HealStalePSK
 	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil || rec == nil {
 		return false, err
@@ -297,30 +301,51 @@ func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn
 		_, err := e.MarkGone(ctx, s, t, rec)
 		return false, err
 	}
+	inSync, _, err := e.judgeCurrent(ctx, s, conn, t, rec, sighting{edge: edge, mode: mode})
+	return inSync, err
+}
+
+// sighting is what judgeCurrent holds a record against: the edge's view of
+// the tunnel, and who looks (compareMode).
+type sighting struct {
+	edge *cloudflare.TunnelState
+	mode compareMode
+}
+
+// judgeCurrent holds rec, a record whose stored key is taken as the edge's,
+// against the edge (compareLocked) and records a verdict other than "in
+// sync": stale, healed, or the stored key set again (lateLanding). It
+// returns whether the stored key is the edge's, and whether it wrote a
+// record; where it wrote none (in sync, or nothing concluded) what storage
+// holds is the caller's. rec need not be stored yet (finishValidation
+// judges the record it is about to write, and writes only the verdict).
+func (e *Engine) judgeCurrent(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, seen sighting) (inSync, recorded bool, err error) {
+	edge, mode := seen.edge, seen.mode
+	heal := mode == compareDrift && conn.Settings.HealStalePSK
 	if edge.PSKLastGeneratedOn.Equal(rec.LastGeneratedOn) {
-		return true, nil
+		return true, false, nil
 	}
 	if edge.PSKLastGeneratedOn.After(rec.LastGeneratedOn) && !edge.PSKLastGeneratedOn.After(rec.LateLandingUntil) {
 		// Re-dated within the time a request of the engine's own, carrying
 		// the stored key, may still land: maybe no change of key at all. A
 		// listing concludes nothing (in_sync false).
 		if mode == compareListing {
-			return false, nil
+			return false, false, nil
 		}
-		return false, e.lateLanding(ctx, s, conn, t, rec, edge)
+		return false, true, e.lateLanding(ctx, s, conn, t, rec, edge)
 	}
 	if edge.PSKLastGeneratedOn.Before(rec.LastGeneratedOn) && !listedAfter(edge, rec) {
 		// An older key in a listing taken before the stored key was seen
 		// (a rotation stored between the listing and this look): the
 		// listing is out of date, not the record. Nothing is concluded.
-		return false, nil
+		return false, false, nil
 	}
 	// Another time, later or earlier, is another key (keyChangeSince).
 	reason := fmt.Sprintf("Cloudflare's key was generated at %s, not when the stored key was (%s): it was changed outside this engine",
 		store.FormatTime(edge.PSKLastGeneratedOn), store.FormatTime(rec.LastGeneratedOn))
 	if heal && !e.mayHeal(conn.Settings, rec) {
 		_, err = e.holdHealing(ctx, s, t, rec, reason)
-		return false, err
+		return false, true, err
 	}
 	// Stale first, then healed: a heal that Cloudflare refuses puts back
 	// the record it started from, and that must not be the current one.
@@ -333,13 +358,13 @@ func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn
 	}
 	stale, err := e.markStale(ctx, s, t, rec, reason, retryAt)
 	if err != nil || !heal {
-		return false, err
+		return false, true, err
 	}
 	e.TunnelLogger(t).Warn("key changed outside this engine; generating a new key", "edge_generated_on", store.FormatTime(edge.PSKLastGeneratedOn))
 	healing := *stale
 	healing.EdgeKeyBefore, healing.EdgeKeyBeforeSeenAt, healing.EdgeKeyForeign = edge.PSKLastGeneratedOn, edge.Date, true
 	_, err = e.rotateLocked(ctx, s, conn, t, &healing, TriggerHeal)
-	return err == nil, err
+	return err == nil, true, err
 }
 
 // listedAfter reports whether Cloudflare's answer that described the tunnel
@@ -375,13 +400,21 @@ func (e *Engine) CompareWithEdge(ctx context.Context, s logical.Storage, conn Co
 }
 
 // compareMode is who holds a record against the edge: a listing
-// (tunnels/), which never sends anything, or the drift sweep, which heals
-// where heal_stale_psk allows.
+// (tunnels/), which never sends anything, the drift sweep, which heals
+// where heal_stale_psk allows, or a caller that replaces the key next.
 type compareMode int
 
 const (
 	compareListing compareMode = iota
 	compareDrift
+	// compareNoHeal holds a record against the edge as the drift sweep
+	// does, but makes no key to heal drift: the tunnel is marked stale.
+	// It is for a caller that replaces the key next (an operator's write,
+	// a scheduled or bulk rotation: finishValidation), which would
+	// otherwise make two keys where one was asked for. A re-dated key
+	// within LateLandingUntil is still set again where healing is
+	// allowed (lateLanding): that makes no key.
+	compareNoHeal
 )
 
 // lateLanding deals with a current record whose key the edge re-dated

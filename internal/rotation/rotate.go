@@ -270,7 +270,14 @@ func (e *Engine) begin(ctx context.Context, a *attempt) error {
 	// request of the attempt can land after SettleUntil. (It is never held
 	// against Cloudflare's times: see judgeEdge.)
 	pending.RotationStartedAt = e.now().UTC()
-	pending.SettleUntil = pending.RotationStartedAt.Add(settleWindow(a.conn.Settings))
+	// The window is only ever extended: an earlier send's may still be
+	// open (a validation of a key Vault made is sent within it, as it
+	// carries the same key), and it was fixed from that send's own
+	// request_timeout and this node's clock then. A window of today's
+	// request_timeout (lowered since), or of a node whose clock is
+	// behind, can end first, and a different key sent once it ends could
+	// be replaced by the earlier request landing late.
+	pending.SettleUntil = later(pending.SettleUntil, pending.RotationStartedAt.Add(settleWindow(a.conn.Settings)))
 	pending.StateReason = fmt.Sprintf("a %s started at %s and has not finished", a.what(), store.FormatTime(pending.RotationStartedAt))
 	pending.PendingPSK, pending.PendingTrigger = "", ""
 	if a.key != "" {
@@ -502,14 +509,19 @@ func (e *Engine) holdWrongKey(ctx context.Context, a *attempt, cause error) erro
 	s, t, pending := a.s, a.t, a.pending
 	held := *pending
 	held.AnswerHeld = true
-	held.SettleUntil = time.Time{} // Cloudflare answered: no request of this attempt can land later
+	// Cloudflare answered: no request of this attempt can land later. An
+	// earlier send's window still open is kept (markStale keeps it).
+	held.SettleUntil = time.Time{}
+	if a.previous != nil {
+		held.SettleUntil = a.previous.SettleUntil
+	}
 	reason := fmt.Sprintf("the answer to the %s started at %s carried a key Vault did not store (%v), so the edge probably uses a key nobody holds. "+
 		"Check what answers at base_url (config) before an operator writes this path: the engine generates no key for this tunnel by itself "+
 		"(no heal, no scheduled or bulk rotation) until then",
 		a.what(), store.FormatTime(pending.RotationStartedAt), cause)
 	// Cloudflare answered, so no request of this attempt can still land:
-	// markStale clears the settle window, and the background has nothing
-	// to retry.
+	// markStale clears the settle window (unless an earlier send's is
+	// still open), and the background has nothing to retry.
 	if _, err := e.markStale(ctx, s, t, &held, reason, time.Time{}); err != nil {
 		e.TunnelLogger(t).Warn("could not record an answer with a key of the wrong form; the record stays rotation_unknown", "error", err)
 	}

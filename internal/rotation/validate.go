@@ -30,6 +30,7 @@ package rotation
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
@@ -76,6 +77,10 @@ func (e *Engine) Validate(ctx context.Context, s logical.Storage, t store.Tunnel
 // Should something on the way drop the query string, the edge takes the key
 // it already has, which is harmless, but re-dated. So the stored key is
 // written ahead as pending, as for a rotation, until the answer decides.
+// Should the answer be lost, that pending record is never finished by
+// sending its key for real, as a rotation's is: that would change the edge,
+// and replace a key changed outside this engine even with heal_stale_psk
+// off. It is dropped instead, and the drift rules decide (finishValidation).
 //
 // An answer that dates the tunnel's key later than the stored one cannot
 // tell which happened: the query string dropped (the edge uses the stored
@@ -146,4 +151,96 @@ func (e *Engine) validateVault(ctx context.Context, a *attempt) (string, error) 
 		return "", e.keyUnapplied(ctx, a, r.Reason)
 	}
 	return "", e.keepPending(ctx, a, &cloudflare.MalformedResponseError{Op: cloudflare.OpSetPSKs, Reason: r.Reason})
+}
+
+// finishValidation ends a validation with key_source vault whose answer was
+// lost (rec: pending, PendingTrigger validate, its key the stored one), for
+// a read, a write or the background pass. Nothing is sent that could set a
+// key. The pending validation is dropped: the tunnel is read, and the
+// record as it was before the validation (current: validateVault wrote it
+// ahead only for a current record) is held against the edge as the drift
+// sweep holds it (judgeCurrent). Only the verdict is written, in one
+// write: until then the record stays pending. The same key time is the
+// stored key, in sync; a time re-dated no later than the validation's
+// request may have re-dated it (its query string dropped) is a late
+// landing (lateLanding: the stored key set again where healing is allowed,
+// the tunnel stale where it is not); a later one is drift. heal is the
+// caller's: an operator's write or a rotation, which replaces the key
+// next, makes no key to heal drift on the way (compareNoHeal).
+//
+// The validation's request may still land until SettleUntil, and set the
+// stored key again: the window is kept (no different key before it ends),
+// and carried over to Cloudflare's clock as the bound for a re-dated key
+// (LateLandingUntil), extended, never shortened.
+func (e *Engine) finishValidation(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record, heal bool) (*store.Record, error) {
+	dropped := *rec
+	dropped.State, dropped.StateReason, dropped.RotationStartedAt = store.StateCurrent, "", time.Time{}
+	dropped.PendingPSK, dropped.PendingTrigger = "", ""
+	dropped.ClearFailures()
+	edge, err := conn.Edge.GetTunnel(ctx, t.AccountID, t.TunnelID)
+	if err != nil && !cloudflare.NotFound(err) {
+		err = fmt.Errorf("end the validation of %s whose answer was lost: read the tunnel: %w", t, err)
+		if cloudflare.RetryAfter(err) == 0 {
+			// Pending records are not noted by the background
+			// (ReconcileInBackground): back off here, as a resend does.
+			failed := *rec
+			failed.NoteFailure(e.now(), err)
+			if werr := store.WriteRecord(context.WithoutCancel(ctx), s, t, &failed); werr != nil {
+				e.TunnelLogger(t).Warn("could not record a failed look at the edge", "error", werr)
+			}
+			return &failed, err
+		}
+		return rec, err
+	}
+	answered := e.now()
+	if err == nil && !edge.Date.IsZero() {
+		answered = edge.Date
+	}
+	// Up to where, by Cloudflare's clock, the validation's request may have
+	// re-dated the stored key: its window's end, however long ago. Without
+	// a Date (none, or a 404's, which carries none here) this node's clock
+	// stands in: dateProofMargin allows for clocks apart.
+	dropped.LateLandingUntil = later(rec.LateLandingUntil, answered.UTC().Add(rec.SettleUntil.Sub(e.now())+dateProofMargin))
+	if !dropped.SendsMayLand(e.now()) {
+		dropped.SettleUntil = time.Time{}
+	}
+	if err != nil {
+		// A 404 can pass: the bound is kept with the record (MarkGone), so
+		// that a return judges a re-dated key as the drift sweep would
+		// have (judgeReturn), not as a change outside the engine.
+		gone, werr := e.MarkGone(ctx, s, t, &dropped)
+		if werr != nil {
+			return rec, werr
+		}
+		return gone, fmt.Errorf("end the validation of %s whose answer was lost: %w", t, err)
+	}
+	dropped = e.refreshed(t, &dropped, edge)
+	e.TunnelLogger(t).Info("a validation whose answer was lost is dropped; the stored key is held against the edge")
+	mode := compareDrift
+	if !heal {
+		mode = compareNoHeal
+	}
+	// The verdict first, and only the verdict is written: the record stays
+	// pending (and marked unresolved) until then, so a storage failure or a
+	// crash on the way leaves it pending, never current for a key the read
+	// in hand showed the edge does not use.
+	_, recorded, err := e.judgeCurrent(ctx, s, conn, t, &dropped, sighting{edge: edge, mode: mode})
+	if err == nil && !recorded {
+		// In sync (or nothing concluded): current, as before the validation.
+		if err := store.WriteRecord(ctx, s, t, &dropped); err != nil {
+			return rec, fmt.Errorf("end the validation of %s whose answer was lost: %w", t, err)
+		}
+		if err := store.ClearUnresolved(ctx, s, t); err != nil {
+			e.TunnelLogger(t).Warn("could not clear an unresolved mark", "error", err)
+		}
+		return &dropped, nil
+	}
+	latest, rerr := store.ReadRecord(context.WithoutCancel(ctx), s, t)
+	if rerr != nil || latest == nil {
+		latest = rec
+	}
+	if err != nil {
+		return latest, fmt.Errorf("end the validation of %s whose answer was lost: %w", t, err)
+	}
+	return latest, nil
 }

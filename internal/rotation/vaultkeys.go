@@ -203,10 +203,20 @@ func KeyRefused(err error) bool {
 }
 
 // pendingKeptError is a failure after which the key Vault made may be on
-// the edge: the record stays pending, and the same key finishes it.
-type pendingKeptError struct{ err error }
+// the edge: the record stays pending, and the same key finishes it. For a
+// validation (validation), the key is the stored one and is never sent
+// again for real (finishValidation).
+type pendingKeptError struct {
+	err        error
+	validation bool
+}
 
 func (e *pendingKeptError) Error() string {
+	if e.validation {
+		return fmt.Sprintf("%v; the outcome is unknown: the stored key was written ahead and the tunnel is marked %s "+
+			"(a query string dropped on the way would have set the stored key again); the key is not sent again: "+
+			"a read, a write or the background pass reads the tunnel and the drift rules decide", e.err, store.StatePending)
+	}
 	return fmt.Sprintf("%v; the outcome is unknown: the key Vault made was written ahead and the tunnel is marked %s, "+
 		"and a read, a write or the background pass finishes the rotation by sending the same key again", e.err, store.StatePending)
 }
@@ -226,12 +236,19 @@ func (e *Engine) setNewKey(ctx context.Context, a *attempt, key string) (*store.
 // finishPending finishes a pending record (rec, read under t's lock) by
 // sending its key again. The record's settle window is pushed on first, and
 // written, so that it covers this request too should its answer be lost.
+// A validation's pending record is never sent for real (finishValidation).
 func (e *Engine) finishPending(ctx context.Context, s logical.Storage, conn Conn, t store.Tunnel, rec *store.Record) (*store.Record, error) {
 	if rec.PendingPSK == "" {
 		return rec, fmt.Errorf("finish the pending rotation of %s: the record holds no pending key", t)
 	}
 	trigger := Trigger(rec.PendingTrigger)
-	if trigger == "" || trigger == TriggerValidate {
+	if trigger == TriggerValidate {
+		// Callers that know whether they may heal (reconcileLocked)
+		// come here only for a rotation's key; any other (ReturnGone)
+		// heals as heal_stale_psk says, as the drift sweep does.
+		return e.finishValidation(ctx, s, conn, t, rec, conn.Settings.HealStalePSK)
+	}
+	if trigger == "" {
 		trigger = TriggerWrite
 	}
 	a := &attempt{s: s, conn: conn, t: t, previous: rec, sched: rec.Schedule(), trigger: trigger,
@@ -336,13 +353,19 @@ func (e *Engine) keepPending(ctx context.Context, a *attempt, cause error) error
 	}
 	a.pending.StateReason = fmt.Sprintf("the rotation with a key Vault made, started at %s, has an unknown outcome: %s failed (%v); "+
 		"the edge uses that key or the one it had", store.FormatTime(a.pending.RotationStartedAt), what, cause)
+	if a.validateOnly() {
+		a.pending.StateReason = fmt.Sprintf("a validate_only request with the stored key, started at %s, has an unknown outcome (%v): "+
+			"the edge uses the stored key (set again if the query string was dropped on the way) or a key changed outside this engine; "+
+			"the key is not sent again: the next read, write or background pass reads the tunnel and the drift rules decide",
+			store.FormatTime(a.pending.RotationStartedAt), cause)
+	}
 	if a.resend && cloudflare.RetryAfter(cause) == 0 {
 		a.pending.NoteFailure(e.now(), cause)
 	}
 	if werr := store.WriteRecord(context.WithoutCancel(ctx), a.s, a.t, a.pending); werr != nil {
 		e.TunnelLogger(a.t).Warn("could not record a pending rotation's unknown outcome", "error", werr)
 	}
-	return &pendingKeptError{err: cause}
+	return &pendingKeptError{err: cause, validation: a.validateOnly()}
 }
 
 // keyUnapplied records Cloudflare's answer that it did not apply the key. A
@@ -390,6 +413,11 @@ func (e *Engine) finishSameKey(ctx context.Context, a *attempt, r cloudflare.Tun
 	rec.LastGeneratedOn, rec.KeySeenAt = r.LastGeneratedOn.UTC(), r.Date.UTC()
 	rec.ClearFailures()
 	e.lingering(a, &rec, r.Date, r.LastGeneratedOn)
+	// The key is the one the record held: a bound it already had (an
+	// earlier send's, or a validation's answer: validate.go) is this
+	// key's own, and still bounds what those requests may re-date. Only
+	// here: a different key's record never inherits it (finish).
+	rec.LateLandingUntil = later(rec.LateLandingUntil, a.previous.LateLandingUntil)
 	if err := store.WriteRecord(context.WithoutCancel(ctx), a.s, a.t, &rec); err != nil {
 		return nil, fmt.Errorf("store %s after its key was set again: %w", a.t, err)
 	}
@@ -405,8 +433,15 @@ func (e *Engine) finishSameKey(ctx context.Context, a *attempt, r cloudflare.Tun
 // Date), the settle window of requests of the same key sent before the
 // one answered: they may still land, so no different key goes before
 // SettleUntil, and a re-dated key up to LateLandingUntil is not drift. The
-// answered request itself cannot land later: without earlier ones, both
-// are cleared.
+// answered request itself cannot land later, so its own window is dropped;
+// an earlier send's never is, nor shortened: both windows only ever grow
+// (begin). Without earlier sends still out, both are cleared.
+//
+// The bound is rec's key's own. A bound the record held before is kept
+// only where the key is the same (finishSameKey): for a new key it was the
+// replaced key's, whose requests cannot land any more (no different key is
+// sent while they may: generate's guard), and kept it would take a key
+// changed outside the engine within it for the new key re-dated.
 func (e *Engine) lingering(a *attempt, rec *store.Record, answered, generatedOn time.Time) {
 	now := e.now().UTC()
 	rec.SettleUntil, rec.LateLandingUntil = time.Time{}, time.Time{}
