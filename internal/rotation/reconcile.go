@@ -165,9 +165,20 @@ func (e *Engine) markStale(ctx context.Context, s logical.Storage, t store.Tunne
 // may land (SettleUntil, LateLandingUntil: no different key before it
 // ends), and a pending key, which the edge may use and which is finished
 // with the same key first once the tunnel is back (a write, ReturnGone).
+//
+// Except the stored key's LateLandingUntil on a record found gone while
+// rotation_unknown: begin copied it into the record of an attempt of
+// ANOTHER key (psk_generate's), which was sent only once the stored key's
+// requests could no longer land (its settle window had closed). The edge
+// may then use that attempt's key, dated within the bound, and a return
+// that took it for the stored key re-dated would set the replaced key
+// again (judgeReturn): the bound no longer speaks for the edge's key.
 func (e *Engine) MarkGone(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) (*store.Record, error) {
 	gone := *rec
 	gone.State = store.StateTunnelGone
+	if rec.State == store.StateRotationUnknown {
+		gone.LateLandingUntil = time.Time{}
+	}
 	gone.StateReason = fmt.Sprintf("Cloudflare answered at %s that the tunnel does not exist (deleted, or the API token lost its account): the stored key is kept but is not in use",
 		store.FormatTime(e.now()))
 	if gone.PendingPSK != "" {
