@@ -317,10 +317,15 @@ func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn
 }
 
 // sighting is what judgeCurrent holds a record against: the edge's view of
-// the tunnel, and who looks (compareMode).
+// the tunnel, and who looks (compareMode). fresh says that the view was
+// read under the tunnel's lock after the stored key was seen
+// (finishValidation's own read), so it cannot be older than the record: an
+// edge key dated before the stored one is another key, whatever the
+// answers' Date headers say (none, or a clock stepped back).
 type sighting struct {
-	edge *cloudflare.TunnelState
-	mode compareMode
+	edge  *cloudflare.TunnelState
+	mode  compareMode
+	fresh bool
 }
 
 // judgeCurrent holds rec, a record whose stored key is taken as the edge's,
@@ -345,7 +350,7 @@ func (e *Engine) judgeCurrent(ctx context.Context, s logical.Storage, conn Conn,
 		}
 		return false, true, e.lateLanding(ctx, s, conn, t, rec, edge)
 	}
-	if edge.PSKLastGeneratedOn.Before(rec.LastGeneratedOn) && !listedAfter(edge, rec) {
+	if edge.PSKLastGeneratedOn.Before(rec.LastGeneratedOn) && !seen.fresh && !listedAfter(edge, rec) {
 		// An older key in a listing taken before the stored key was seen
 		// (a rotation stored between the listing and this look): the
 		// listing is out of date, not the record. Nothing is concluded.
