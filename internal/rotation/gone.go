@@ -32,7 +32,8 @@ import (
 // key. Where they prove another key, the edge uses a key Vault does not
 // hold, as after drift: the record is stale and, with heal_stale_psk,
 // healed (mayHeal decides, as for drift); a key re-dated within
-// LateLandingUntil, which MarkGone keeps, may be the engine's own late
+// LateLandingUntil, which MarkGone keeps (not where another key's attempt
+// was outstanding: judgeReturn), may be the engine's own late
 // request and is judged as the drift sweep judges it (lateLanding: the
 // stored key set again where healing is allowed, no new key). Where they
 // prove nothing (a key of the stored key's own whole second, with no later
@@ -141,7 +142,12 @@ const (
 // last answer that showed it (KeySeenAt); one without is the unresolved
 // first rotation it was when it was found gone, judged as reconciliation
 // judges it (judgeEdge). A key re-dated within LateLandingUntil is
-// edgeReDated, as for the drift sweep.
+// edgeReDated, as for the drift sweep. The bound is there only where the
+// record was found gone current (or stale, or pending with the stored key:
+// a validation), with no attempt of another key outstanding: MarkGone drops
+// it from a rotation_unknown record, whose attempt's key the edge may use,
+// dated within it. Such a record is judged as before the bound was read: a
+// later key is a change, healed as drift.
 func judgeReturn(rec *store.Record, edge *cloudflare.TunnelState) (edgeVerdict, string) {
 	const prefix = "the tunnel was recorded gone and Cloudflare lists it again; "
 	if rec.PSK == "" {

@@ -165,9 +165,20 @@ func (e *Engine) markStale(ctx context.Context, s logical.Storage, t store.Tunne
 // may land (SettleUntil, LateLandingUntil: no different key before it
 // ends), and a pending key, which the edge may use and which is finished
 // with the same key first once the tunnel is back (a write, ReturnGone).
+//
+// Except the stored key's LateLandingUntil on a record found gone while
+// rotation_unknown: begin copied it into the record of an attempt of
+// ANOTHER key (psk_generate's), which was sent only once the stored key's
+// requests could no longer land (its settle window had closed). The edge
+// may then use that attempt's key, dated within the bound, and a return
+// that took it for the stored key re-dated would set the replaced key
+// again (judgeReturn): the bound no longer speaks for the edge's key.
 func (e *Engine) MarkGone(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record) (*store.Record, error) {
 	gone := *rec
 	gone.State = store.StateTunnelGone
+	if rec.State == store.StateRotationUnknown {
+		gone.LateLandingUntil = time.Time{}
+	}
 	gone.StateReason = fmt.Sprintf("Cloudflare answered at %s that the tunnel does not exist (deleted, or the API token lost its account): the stored key is kept but is not in use",
 		store.FormatTime(e.now()))
 	if gone.PendingPSK != "" {
@@ -306,10 +317,15 @@ func (e *Engine) compareLocked(ctx context.Context, s logical.Storage, conn Conn
 }
 
 // sighting is what judgeCurrent holds a record against: the edge's view of
-// the tunnel, and who looks (compareMode).
+// the tunnel, and who looks (compareMode). fresh says that the view was
+// read under the tunnel's lock after the stored key was seen
+// (finishValidation's own read), so it cannot be older than the record: an
+// edge key dated before the stored one is another key, whatever the
+// answers' Date headers say (none, or a clock stepped back).
 type sighting struct {
-	edge *cloudflare.TunnelState
-	mode compareMode
+	edge  *cloudflare.TunnelState
+	mode  compareMode
+	fresh bool
 }
 
 // judgeCurrent holds rec, a record whose stored key is taken as the edge's,
@@ -334,7 +350,7 @@ func (e *Engine) judgeCurrent(ctx context.Context, s logical.Storage, conn Conn,
 		}
 		return false, true, e.lateLanding(ctx, s, conn, t, rec, edge)
 	}
-	if edge.PSKLastGeneratedOn.Before(rec.LastGeneratedOn) && !listedAfter(edge, rec) {
+	if edge.PSKLastGeneratedOn.Before(rec.LastGeneratedOn) && !seen.fresh && !listedAfter(edge, rec) {
 		// An older key in a listing taken before the stored key was seen
 		// (a rotation stored between the listing and this look): the
 		// listing is out of date, not the record. Nothing is concluded.

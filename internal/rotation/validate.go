@@ -164,7 +164,9 @@ func (e *Engine) validateVault(ctx context.Context, a *attempt) (string, error) 
 // stored key, in sync; a time re-dated no later than the validation's
 // request may have re-dated it (its query string dropped) is a late
 // landing (lateLanding: the stored key set again where healing is allowed,
-// the tunnel stale where it is not); a later one is drift. heal is the
+// the tunnel stale where it is not); a later one is drift, and so is an
+// earlier one: this read is the record's own, taken after the stored key
+// was seen, never an out-of-date listing (sighting.fresh). heal is the
 // caller's: an operator's write or a rotation, which replaces the key
 // next, makes no key to heal drift on the way (compareNoHeal).
 //
@@ -224,7 +226,12 @@ func (e *Engine) finishValidation(ctx context.Context, s logical.Storage, conn C
 	// pending (and marked unresolved) until then, so a storage failure or a
 	// crash on the way leaves it pending, never current for a key the read
 	// in hand showed the edge does not use.
-	_, recorded, err := e.judgeCurrent(ctx, s, conn, t, &dropped, sighting{edge: edge, mode: mode})
+	// The read was taken under the lock, after the stored key was seen
+	// (fresh): a key other than the stored one in it is drift, never an
+	// out-of-date listing, even dated before the stored key (Cloudflare's
+	// clock stepped back; the validation's own look before it may already
+	// have seen it, EdgeKeyForeign) and whatever its Date says.
+	_, recorded, err := e.judgeCurrent(ctx, s, conn, t, &dropped, sighting{edge: edge, mode: mode, fresh: true})
 	if err == nil && !recorded {
 		// In sync (or nothing concluded): current, as before the validation.
 		if err := store.WriteRecord(ctx, s, t, &dropped); err != nil {
