@@ -9,9 +9,9 @@ package store
 //
 // Observing storage rather than the rotation protocol's steps keeps the
 // census exact whoever writes a record, a write path added later included,
-// without a call at each of the protocol's writes. Its price is one Get per
-// record write (two per rotation, about 0.6 ms through the plugin's
-// storage). A request's storage (ObserveRequest) saves them: it remembers
+// without a call at each of the protocol's writes. Its price would be one
+// Get per record write (two per rotation, about 0.5 ms through the
+// plugin's storage; docs/benchmarks.md). A request's storage (ObserveRequest) saves them: it remembers
 // the records it last read or wrote (the memo), since the engine reads a
 // record before it writes it, and as long as no record write of the
 // tunnel's stripe came between, what it read is what the write replaces.
