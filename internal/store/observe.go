@@ -15,11 +15,12 @@ package store
 // the records it last read or wrote (the memo), since the engine reads a
 // record before it writes it, and as long as no record write of the
 // tunnel's stripe came between, what it read is what the write replaces.
-// The memo lives as long as the request: only a write that bypasses the
-// census (sys/raw, another plugin version) in those milliseconds could
-// make it wrong. The background's storage lives as long as the process, so
-// it keeps no memo and reads what each write replaces: the walk that makes
-// the counts exact after such a write must never be handed a stale one.
+// The memo lives as long as the request (the periodic function's drift
+// sweep is a request too, of a few seconds): only a write that bypasses
+// the census (sys/raw, another plugin version) in that time could make it
+// wrong. The scheduler's storage lives as long as the process, so it keeps
+// no memo and reads what each write replaces: the walk that makes the
+// counts exact after such a write must never be handed a stale one.
 // A Put of the attention/ entry is made only when a tunnel starts or stops
 // needing attention or its reason changes.
 //
