@@ -9,17 +9,18 @@ package store
 //
 // Observing storage rather than the rotation protocol's steps keeps the
 // census exact whoever writes a record, a write path added later included,
-// without a call at each of the protocol's writes. Its price is one Get per
-// record write (two per rotation, about 0.6 ms through the plugin's
-// storage). A request's storage (ObserveRequest) saves them: it remembers
+// without a call at each of the protocol's writes. Its price would be one
+// Get per record write (two per rotation, about 0.5 ms through the
+// plugin's storage; docs/benchmarks.md). A request's storage (ObserveRequest) saves them: it remembers
 // the records it last read or wrote (the memo), since the engine reads a
 // record before it writes it, and as long as no record write of the
 // tunnel's stripe came between, what it read is what the write replaces.
-// The memo lives as long as the request: only a write that bypasses the
-// census (sys/raw, another plugin version) in those milliseconds could
-// make it wrong. The background's storage lives as long as the process, so
-// it keeps no memo and reads what each write replaces: the walk that makes
-// the counts exact after such a write must never be handed a stale one.
+// The memo lives as long as the request (the periodic function's drift
+// sweep is a request too, of a few seconds): only a write that bypasses
+// the census (sys/raw, another plugin version) in that time could make it
+// wrong. The scheduler's storage lives as long as the process, so it keeps
+// no memo and reads what each write replaces: the walk that makes the
+// counts exact after such a write must never be handed a stale one.
 // A Put of the attention/ entry is made only when a tunnel starts or stops
 // needing attention or its reason changes.
 //
@@ -71,6 +72,24 @@ type observed struct {
 	memo   map[string]memoRecord
 	// memoOn: a request's storage (ObserveRequest), which keeps a memo.
 	memoOn bool
+
+	// mayWriteOnce, mayWriteAns: a request's storage asks the census's
+	// mayWrite once (mayWrite).
+	mayWriteOnce sync.Once
+	mayWriteAns  bool
+}
+
+// mayWrite is the census's. A request's storage asks it once: in a plugin
+// the answer is a call to Vault over the plugin's channel (the node's
+// replication state), as costly as a storage Get, and a request is over
+// long before a node's state changes. The background's storage, which
+// lives as long as the process, asks at every write.
+func (o *observed) mayWrite() bool {
+	if !o.memoOn {
+		return o.c.mayWrite()
+	}
+	o.mayWriteOnce.Do(func() { o.mayWriteAns = o.c.mayWrite() })
+	return o.mayWriteAns
 }
 
 // memoRecord is a record as storage held it while its stripe's write count
@@ -87,8 +106,10 @@ const memoMax = 64
 
 // Get is the storage's, remembering a record it reads.
 func (o *observed) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
+	// A read asks nothing of the node's state: a memo is only ever used by
+	// a write, which asks (mayWrite).
 	t, ok := recordTunnel(key)
-	if !ok || !o.memoOn || !o.c.mayWrite() {
+	if !ok || !o.memoOn {
 		return o.Storage.Get(ctx, key)
 	}
 	// The count before the read: a write that lands between makes it
@@ -112,7 +133,7 @@ func (o *observed) remember(key string, value []byte, writes uint64) {
 	o.memoMu.Lock()
 	defer o.memoMu.Unlock()
 	if o.memo == nil || len(o.memo) >= memoMax {
-		o.memo = make(map[string]memoRecord, memoMax)
+		o.memo = make(map[string]memoRecord, 2)
 	}
 	o.memo[key] = memoRecord{value: append([]byte(nil), value...), writes: writes}
 }
@@ -157,7 +178,7 @@ func recordTunnel(key string) (Tunnel, bool) {
 
 func (o *observed) Put(ctx context.Context, entry *logical.StorageEntry) error {
 	t, ok := recordTunnel(entry.Key)
-	if !ok || !o.c.mayWrite() {
+	if !ok || !o.mayWrite() {
 		return o.Storage.Put(ctx, entry)
 	}
 	return o.c.put(ctx, o, t, entry)
@@ -165,7 +186,7 @@ func (o *observed) Put(ctx context.Context, entry *logical.StorageEntry) error {
 
 func (o *observed) Delete(ctx context.Context, key string) error {
 	t, ok := recordTunnel(key)
-	if !ok || !o.c.mayWrite() {
+	if !ok || !o.mayWrite() {
 		return o.Storage.Delete(ctx, key)
 	}
 	return o.c.delete(ctx, o, t)
