@@ -189,22 +189,8 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 	if err != nil {
 		return failure(err)
 	}
-	if rotation.PendingIsStoredKey(forgotten) {
-		// No new key was sent: only the stored key, the one Vault served.
-		what := "the stored key was being set again after Cloudflare re-dated it"
-		if forgotten.PendingTrigger == string(rotation.TriggerValidate) {
-			what = "a validate_only request had sent the stored key"
-		}
-		return &logical.Response{Warnings: []string{fmt.Sprintf("%s was %s: %s, and its outcome was unknown (%s). "+
-			"No new key was sent: the edge uses the stored key, which Vault served, or a key changed outside this engine; "+
-			"the record is forgotten now without finding out which.", t, forgotten.State, what, forgotten.StateReason)}}, nil
-	}
-	if rotation.ForgotPendingKey(forgotten) {
-		// The delete is the operator's to make, but what it threw away
-		// must be said: the edge may use the key nobody holds now.
-		return &logical.Response{Warnings: []string{fmt.Sprintf("%s was %s: a key Vault made had been sent and Cloudflare never confirmed it (%s). "+
-			"The edge may use that key, and it is forgotten now with the record, unsent again: a router given the key Vault last served "+
-			"may not come up. Write this path to give the tunnel a new key Vault holds.", t, forgotten.State, forgotten.StateReason)}}, nil
+	if warning := rotation.ForgetWarning(t, forgotten); warning != "" {
+		return &logical.Response{Warnings: []string{warning}}, nil
 	}
 	return nil, nil
 }

@@ -33,3 +33,26 @@ func StateWarnings(rec *store.Record) []string {
 	}
 	return warnings
 }
+
+// ForgetWarning is what a delete of t's record tells the operator it threw
+// away, forgotten being the record deleted ("": nothing to say). The delete
+// is the operator's to make, but a pending key forgotten must be said: the
+// edge may use a key nobody holds now.
+func ForgetWarning(t store.Tunnel, forgotten *store.Record) string {
+	if PendingIsStoredKey(forgotten) {
+		// No new key was sent: only the stored key, the one Vault served.
+		what := "the stored key was being set again after Cloudflare re-dated it"
+		if forgotten.PendingTrigger == string(TriggerValidate) {
+			what = "a validate_only request had sent the stored key"
+		}
+		return fmt.Sprintf("%s was %s: %s, and its outcome was unknown (%s). "+
+			"No new key was sent: the edge uses the stored key, which Vault served, or a key changed outside this engine; "+
+			"the record is forgotten now without finding out which.", t, forgotten.State, what, forgotten.StateReason)
+	}
+	if ForgotPendingKey(forgotten) {
+		return fmt.Sprintf("%s was %s: a key Vault made had been sent and Cloudflare never confirmed it (%s). "+
+			"The edge may use that key, and it is forgotten now with the record, unsent again: a router given the key Vault last served "+
+			"may not come up. Write this path to give the tunnel a new key Vault holds.", t, forgotten.State, forgotten.StateReason)
+	}
+	return ""
+}
