@@ -30,8 +30,10 @@ package background
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
-	"net/url"
+	"strconv"
 	"time"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
@@ -263,8 +265,8 @@ func (w *Worker) bulkTargets(ctx context.Context, s logical.Storage, account str
 			if !managed[name] {
 				managed[name] = true
 				targets = append(targets, bulkTarget{t: store.Tunnel{AccountID: account, TunnelID: name}, skip: fmt.Sprintf(
-					"cloudflare listed it under an id that is not in the canonical form, 32 lower-case hexadecimal characters (%d characters), "+
-						"which no path of the engine accepts: it was not taken under management", len(e.ID))})
+					"cloudflare listed it under the id %s, not in the canonical form, 32 lower-case hexadecimal characters (%d characters), "+
+						"which no path of the engine accepts: it was not taken under management", shownListedID(e.ID), len(e.ID))})
 			}
 			continue
 		}
@@ -283,40 +285,64 @@ func (w *Worker) bulkTargets(ctx context.Context, s logical.Storage, account str
 }
 
 // listedName names a listed tunnel whose id is not canonical in its
-// job's results: escaped (no "/" that would nest the result's key, no
-// control character) and cut to maxListedName bytes, so that whatever a
-// listing holds the entry is small and shown safely.
+// job's results: "listed-" and the hex of the first 16 bytes of the id's
+// SHA-256. The name is a storage key's last element, and an escaped id is
+// not safe there whatever is escaped: Vault's file backend refuses a key
+// holding ".." (a parent reference), so an id such as "0..0" made the
+// result's Put fail and stopped the job's queueing. Hex is safe in every
+// backend, bounded, and, with its prefix, never a canonical id that Vault
+// may manage. The id itself is shown in the result's reason
+// (shownListedID).
 func listedName(id string) string {
-	const maxListedName = 96
-	name := url.PathEscape(id)
-	if len(name) > maxListedName {
-		name = name[:maxListedName] + "…"
+	sum := sha256.Sum256([]byte(id))
+	return "listed-" + hex.EncodeToString(sum[:16])
+}
+
+// shownListedID is a listed id as a skipped result's reason shows it:
+// quoted with every byte outside printable ASCII escaped, and cut to
+// maxShownListedID bytes of the id, so that whatever a listing holds the
+// reason is small and shown safely.
+func shownListedID(id string) string {
+	const maxShownListedID = 64
+	if len(id) > maxShownListedID {
+		return strconv.QuoteToASCII(id[:maxShownListedID]) + "…"
 	}
-	return name
+	return strconv.QuoteToASCII(id)
 }
 
 // queueBulkEntries writes the entries of a job of minute (and the results
 // of the targets it skips), within store.BulkQueueLimit, and returns how
-// many it wrote: all of them, or those before the first that failed.
+// many it wrote: all of them, or those before the first entry that failed,
+// less the skipped results it could not record.
+//
+// A skipped result that cannot be recorded is logged and left out of the
+// count (nothing of it is stored, so the job would count it done), and
+// queueing goes on: it stands for a tunnel the job does not rotate, and
+// the tunnels listed after it must not wait for the next job.
 func (w *Worker) queueBulkEntries(ctx context.Context, s logical.Storage, targets []bulkTarget, minute int64, queuedAt time.Time) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, store.BulkQueueLimit)
 	defer cancel()
-	for i, target := range targets {
+	written := 0
+	for _, target := range targets {
 		if err := ctx.Err(); err != nil {
-			return i, fmt.Errorf("queueing stopped after %s: %w", store.BulkQueueLimit, err)
+			return written, fmt.Errorf("queueing stopped after %s: %w", store.BulkQueueLimit, err)
 		}
 		if target.skip != "" {
 			if err := w.recordBulkResult(ctx, s, target.t, minute, true, target.skip); err != nil {
-				return i, err
+				w.logger.Warn("could not record a skipped tunnel of a bulk rotation; it is left out of the job's count",
+					"account_id", target.t.AccountID, "name", target.t.TunnelID, "error", err)
+				continue
 			}
+			written++
 			continue
 		}
 		due := store.DueEntry{Bulk: true, QueuedAt: queuedAt.UTC(), Unmanaged: target.listed}
 		if err := store.WriteBulkEntry(ctx, s, target.t, minute, due); err != nil {
-			return i, err
+			return written, err
 		}
+		written++
 	}
-	return len(targets), nil
+	return written, nil
 }
 
 // listUnmanaged is the account as Cloudflare lists it, when opts asks for
