@@ -305,9 +305,14 @@ func (sc *scheduler) routeOf(ctx context.Context, m *setMember, queuedAt time.Ti
 		return routeBatch, dueOutcome{}
 	case !queuedAt.IsZero() && rec.StoredAt.After(queuedAt):
 		return routeDone, dueFinished // rotated since it was queued (rotateBulk says why)
-	case rec.State == store.StatePending && !queuedAt.IsZero() && !rec.RotationStartedAt.Before(queuedAt):
+	case rec.State == store.StatePending && !queuedAt.IsZero() && !rec.RotationStartedAt.Before(queuedAt) &&
+		rec.PendingTrigger != string(rotation.TriggerValidate):
 		// The job's own key, pending: it is this tunnel's rotation, sent
-		// again (the same key needs no settle window), in a batch.
+		// again (the same key needs no settle window), in a batch. A
+		// validation's whose answer was lost, started after the job was
+		// queued too, is not: its key is the stored one, which must never
+		// be sent for real (validate.go). It goes the single path below
+		// (RotateNow: finishValidation, then the job's new key).
 		switch {
 		case rec.PendingPSK == "":
 			return routeSingle, dueOutcome{}

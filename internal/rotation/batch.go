@@ -182,11 +182,16 @@ func (e *Engine) factsOfBatch(ctx context.Context, conn Conn, tunnels []BatchTun
 // (windowFromSend).
 func resendBatched(s logical.Storage, conn Conn, bt BatchTunnel) (*attempt, error) {
 	rec := bt.Previous
-	if rec == nil || rec.State != store.StatePending || rec.PendingPSK == "" {
+	switch {
+	case rec == nil || rec.State != store.StatePending || rec.PendingPSK == "":
 		return nil, fmt.Errorf("finish the pending rotation of %s: the record holds no pending key", bt.Tunnel)
+	case Trigger(rec.PendingTrigger) == TriggerValidate:
+		// The stored key of a validation whose answer was lost: sent for
+		// real it would be "rotated" to the key it had (validate.go).
+		return nil, fmt.Errorf("finish the pending rotation of %s: its pending key is a validation's, never sent for real", bt.Tunnel)
 	}
 	trigger := Trigger(rec.PendingTrigger)
-	if trigger == "" || trigger == TriggerValidate {
+	if trigger == "" {
 		trigger = TriggerWrite
 	}
 	pending := *rec
