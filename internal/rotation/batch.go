@@ -216,7 +216,7 @@ func (e *Engine) beginBatched(ctx context.Context, s logical.Storage, conn Conn,
 		return nil, err
 	}
 	a := &attempt{s: s, conn: conn, t: bt.Tunnel, previous: p, sched: p.Schedule(), trigger: trigger,
-		key: key, source: store.KeySourceVault, listed: bt.Listed}
+		key: key, source: store.KeySourceVault, listed: bt.Listed, batched: true}
 	if err := e.begin(ctx, a); err != nil {
 		return nil, fmt.Errorf("write the key of %s ahead: %w", bt.Tunnel, err)
 	}

@@ -171,6 +171,10 @@ type attempt struct {
 	// its facts come from (a batch lists the account once: batch.go).
 	// Nil: read it.
 	listed *cloudflare.TunnelState
+	// batched says a bulk job's batch begins the attempt (beginBatched):
+	// its pending record counts failures from this attempt on, as the job
+	// reads them to back off or give up its resends (routeOf).
+	batched bool
 }
 
 // validateOnly reports whether the attempt only asks Cloudflare to
@@ -280,6 +284,12 @@ func (e *Engine) begin(ctx context.Context, a *attempt) error {
 	pending.SettleUntil = later(pending.SettleUntil, pending.RotationStartedAt.Add(settleWindow(a.conn.Settings)))
 	pending.StateReason = fmt.Sprintf("a %s started at %s and has not finished", a.what(), store.FormatTime(pending.RotationStartedAt))
 	pending.PendingPSK, pending.PendingTrigger = "", ""
+	if a.batched {
+		// A current record keeps the failures of its scheduled rotation
+		// (RetryLater) until a success: copied, the job would take them for
+		// failed resends of its own key and count it failed unsent.
+		pending.ClearFailures()
+	}
 	if a.key != "" {
 		// The key Vault made, written before any request carries it: a lost
 		// answer is finished with it (vaultkeys.go).
