@@ -46,7 +46,7 @@ test-e2e:
 release:
 	scripts/release.sh $(VERSION)
 
-## bench: the figures of docs/benchmarks.md (about fifteen minutes; no -race)
+## bench: the figures of docs/benchmarks.md (about sixteen minutes; no -race)
 bench:
 	scripts/install-strongswan.sh
 	bin=$$(scripts/vault-bin.sh) && VAULT_BIN=$$bin go test -run '^$$' -bench . -benchtime 1x -count 1 -timeout 30m . ./e2e/

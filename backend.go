@@ -122,7 +122,9 @@ func (b *backend) Setup(ctx context.Context, conf *logical.BackendConfig) error 
 		Now:     func() time.Time { return b.now() },
 		Logger:  b.Logger(),
 		Connect: b.clients.Connect,
-		Hooks:   rotation.Hooks{Scheduled: b.pokeScheduler, Rotated: b.announceRotation},
+		// Keys made from config password_policy (key_source vault).
+		Passwords: b.System().GeneratePasswordFromPolicy,
+		Hooks:     rotation.Hooks{Scheduled: b.pokeScheduler, Rotated: b.announceRotation},
 	})
 	b.census = store.NewCensus(store.CensusConfig{
 		Now:      func() time.Time { return b.now() },
@@ -210,6 +212,11 @@ func failure(err error) (*logical.Response, error) {
 	}
 	if errors.Is(err, rotation.ErrNotStored) {
 		return nil, logical.CodedError(http.StatusNotFound, err.Error())
+	}
+	if rotation.KeyRefused(err) && !cloudflare.NotFound(err) {
+		// Cloudflare's answer that it did not take the key Vault made: its
+		// reason is the caller's to act on, as for a refusal.
+		return logical.ErrorResponse(err.Error()), nil
 	}
 	if !cloudflare.IsCloudflare(err) {
 		return nil, err

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -35,6 +36,8 @@ type testEnv struct {
 	logs    *syncBuffer
 	clock   *testClock
 	events  *logical.MockEventSender
+	// sent is every key a Set request carried (assertNoSecretsLogged).
+	sent *sentKeys
 }
 
 // testClock is the backend's clock in tests: real time plus an offset that a
@@ -102,7 +105,8 @@ func (s *syncBuffer) String() string {
 func newTestEnv(t *testing.T) *testEnv {
 	t.Helper()
 	sim := cloudflaresim.New()
-	srv := httptest.NewServer(sim)
+	sent := &sentKeys{}
+	srv := httptest.NewServer(sent.wrap(sim))
 	t.Cleanup(srv.Close)
 
 	logs := &syncBuffer{}
@@ -141,6 +145,7 @@ func newTestEnv(t *testing.T) *testEnv {
 		logs:    logs,
 		clock:   clock,
 		events:  events,
+		sent:    sent,
 	}
 	t.Cleanup(env.assertNoSecretsLogged)
 	return env
@@ -227,7 +232,10 @@ func (e *testEnv) storageSnapshot() map[string]string {
 }
 
 // assertNoSecretsLogged fails the test if any key the simulator ever
-// generated, or the API token, reached the backend's log.
+// generated or took (any tunnel's), any token it issued, any key the engine
+// sent in a Set request (applied or not: a key Vault made that the edge
+// refused, a validation's, one whose request never got an answer), or any
+// key storage holds (a pending key never sent), reached the backend's log.
 func (e *testEnv) assertNoSecretsLogged() {
 	logs := e.logs.String()
 	if e.token.Value != "" && strings.Contains(logs, e.token.Value) {
@@ -240,6 +248,99 @@ func (e *testEnv) assertNoSecretsLogged() {
 			}
 		}
 	}
+	for _, secret := range e.sim.IssuedSecrets() {
+		if secret != "" && strings.Contains(logs, secret) {
+			e.t.Error("a key or token the simulator issued appears in the backend's log")
+		}
+	}
+	for _, psk := range e.sent.all() {
+		if psk != "" && strings.Contains(logs, psk) {
+			e.t.Error("a key the engine sent in a Set request appears in the backend's log")
+		}
+	}
+	for _, psk := range e.storedKeys() {
+		if strings.Contains(logs, psk) {
+			e.t.Error("a key stored in Vault (current or pending) appears in the backend's log")
+		}
+	}
+}
+
+// storedKeys is every key storage holds: each record's stored and pending
+// key. Entries that are not records decode to none.
+func (e *testEnv) storedKeys() []string {
+	var keys []string
+	var walk func(prefix string)
+	walk = func(prefix string) {
+		names, err := e.storage.List(context.Background(), prefix)
+		if err != nil {
+			return // best effort, after the test
+		}
+		for _, name := range names {
+			if strings.HasSuffix(name, "/") {
+				walk(prefix + name)
+				continue
+			}
+			entry, err := e.storage.Get(context.Background(), prefix+name)
+			if err != nil || entry == nil {
+				continue
+			}
+			var rec struct {
+				PSK        string `json:"psk"`
+				PendingPSK string `json:"pending_psk"`
+			}
+			if json.Unmarshal(entry.Value, &rec) != nil {
+				continue
+			}
+			for _, k := range []string{rec.PSK, rec.PendingPSK} {
+				if k != "" {
+					keys = append(keys, k)
+				}
+			}
+		}
+	}
+	walk("")
+	return keys
+}
+
+// sentKeys records every key a Set request to the simulator carried,
+// whatever became of it, so that the log check covers keys Vault made that
+// the edge never took.
+type sentKeys struct {
+	mu   sync.Mutex
+	keys []string
+}
+
+// wrap passes every request to next, having noted the keys of a Set
+// request (POST .../ipsec_tunnels/psk) first.
+func (k *sentKeys) wrap(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost && strings.HasSuffix(r.URL.Path, "/ipsec_tunnels/psk") {
+			body, err := io.ReadAll(r.Body)
+			var set struct {
+				PSKs []struct {
+					PSK string `json:"psk"`
+				} `json:"psks"`
+			}
+			if err == nil && json.Unmarshal(body, &set) == nil {
+				k.mu.Lock()
+				for _, p := range set.PSKs {
+					k.keys = append(k.keys, p.PSK)
+				}
+				k.mu.Unlock()
+			}
+			r.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func (k *sentKeys) all() []string {
+	if k == nil {
+		return nil
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return append([]string(nil), k.keys...)
 }
 
 func mustSucceed(t *testing.T, resp *logical.Response, err error) {

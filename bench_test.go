@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	hclog "github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflaresim"
@@ -163,3 +164,122 @@ func maxInWindow(times []time.Time, window time.Duration) int {
 // seededFacts makes a seeded record one in steady state: a record without
 // router facts reads the tunnel once before its next rotation.
 var seededFacts = store.Facts{CloudflareEndpoint: "203.0.113.1", InterfaceAddress: "10.212.0.8/31"}
+
+// BenchmarkUnmanagedAccount10000VaultKeys takes an account of 10,000
+// tunnels Vault does not manage under Vault with one rotate/<account>
+// include_unmanaged=true and key_source vault, against a simulator that
+// enforces Cloudflare's limit of 1,200 calls per five minutes, the mount's
+// budget at its default (600 per five minutes). It reports the time until
+// every tunnel's key is both on the edge and in Vault (done = 10,000,
+// checked tunnel by tunnel afterwards). The mount's clock is the test clock:
+// a wait for the budget moves it on instead of sleeping, so s-total is
+// what the run takes in real time with every wait waited (wall time plus
+// the waits), and s-wall the work alone.
+func BenchmarkUnmanagedAccount10000VaultKeys(b *testing.B) {
+	benchUnmanagedAccount(b, 10000, store.KeySourceVault)
+}
+
+// BenchmarkUnmanagedAccount2000CloudflareKeys is the same with key_source
+// cloudflare on 2,000 tunnels, for comparison: one psk_generate per tunnel,
+// paced by the budget.
+func BenchmarkUnmanagedAccount2000CloudflareKeys(b *testing.B) {
+	benchUnmanagedAccount(b, 2000, store.KeySourceCloudflare)
+}
+
+func benchUnmanagedAccount(b *testing.B, fleet int, source string) {
+	for i := 0; i < b.N; i++ {
+		env := newBenchEnv(b, fleet)
+		mustBench(b, env.b, env.storage, logical.UpdateOperation, "config", map[string]any{
+			"api_token": env.token.Value, "base_url": env.simURL, "key_source": source,
+		})
+		calls, keyCalls := env.sim.TotalCalls(), env.sim.Calls(cloudflaresim.OpPSKSet)+env.sim.Calls(cloudflaresim.OpPSKGenerate)
+		start, wall := env.clock.Now(), time.Now()
+		mustBench(b, env.b, env.storage, logical.UpdateOperation, "rotate/"+env.account, map[string]any{"include_unmanaged": true})
+		for passes := 0; ; passes++ {
+			wait, _ := env.b.background.Pass(context.Background())
+			p := mustBench(b, env.b, env.storage, logical.ReadOperation, "rotate/"+env.account, nil)
+			if p.Data["done"] == fleet {
+				break
+			}
+			if p.Data["failed_count"] != 0 || p.Data["skipped_count"] != 0 || passes > 10*fleet {
+				b.Fatalf("the job failed or stalled: %v", p.Data)
+			}
+			env.clock.Advance(wait)
+		}
+		total, elapsed := env.clock.Now().Sub(start), time.Since(wall)
+		b.StopTimer()
+		env.checkEveryKey(b, fleet)
+		b.ReportMetric(total.Seconds(), "s-total")
+		b.ReportMetric(elapsed.Seconds(), "s-wall")
+		b.ReportMetric(float64(env.sim.Calls(cloudflaresim.OpPSKSet)+env.sim.Calls(cloudflaresim.OpPSKGenerate)-keyCalls), "key-calls")
+		b.ReportMetric(float64(env.sim.TotalCalls()-calls), "calls")
+		b.ReportMetric(float64(env.sim.RateLimited()), "429s")
+		env.close()
+		b.StartTimer()
+	}
+}
+
+// benchEnv is a mount over in-memory storage on the test clock, against a
+// simulator enforcing Cloudflare's limit on the same clock, with an
+// account of tunnels Vault does not manage.
+type benchEnv struct {
+	b       *backend
+	storage logical.Storage
+	sim     *cloudflaresim.Server
+	simURL  string
+	token   cloudflaresim.Token
+	account string
+	clock   *testClock
+	close   func()
+}
+
+func newBenchEnv(b *testing.B, fleet int) *benchEnv {
+	b.Helper()
+	clock := &testClock{}
+	sim := cloudflaresim.New()
+	sim.SetClock(clock.Now)
+	sim.SetRateLimit(1200, 5*time.Minute)
+	srv := httptest.NewServer(sim)
+	env := &benchEnv{sim: sim, simURL: srv.URL + cloudflaresim.BasePath, token: sim.AddToken(cloudflaresim.Token{}),
+		account: cloudflaresim.NewID(), clock: clock, storage: &logical.InmemStorage{}}
+	for j := 0; j < fleet; j++ {
+		sim.AddTunnel(env.account, cloudflaresim.Tunnel{})
+	}
+	env.b = newBackend()
+	env.b.now, env.b.after = clock.Now, clock.after
+	conf := logical.TestBackendConfig()
+	conf.StorageView = env.storage
+	conf.Logger = hclog.NewNullLogger()
+	if err := env.b.Setup(context.Background(), conf); err != nil {
+		b.Fatal(err)
+	}
+	// Passes run only when the benchmark runs one: the test clock moves
+	// only when it moves it.
+	env.b.background.Hold(env.storage)
+	env.close = func() {
+		env.b.Cleanup(context.Background())
+		sim.Close()
+		srv.Close()
+	}
+	return env
+}
+
+// checkEveryKey fails the benchmark unless every tunnel of the account is
+// stored current in Vault with the key the edge uses.
+func (e *benchEnv) checkEveryKey(b *testing.B, fleet int) {
+	b.Helper()
+	ids, err := e.storage.List(context.Background(), store.PSKPrefix+e.account+"/")
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, id := range ids {
+		rec, err := store.ReadRecord(context.Background(), e.storage, store.Tunnel{AccountID: e.account, TunnelID: id})
+		edge, ok := e.sim.Tunnel(e.account, id)
+		if err != nil || rec == nil || !ok || rec.State != store.StateCurrent || rec.PSK != edge.PSK {
+			b.Fatalf("tunnel %s: not current with the edge's key (%v)", id, err)
+		}
+	}
+	if len(ids) != fleet {
+		b.Fatalf("%d tunnels stored, want %d", len(ids), fleet)
+	}
+}

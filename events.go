@@ -36,7 +36,8 @@ func sendRotateEvent(ctx context.Context, sender logical.EventSender, log hclog.
 		"tunnel_id", rec.TunnelID,
 		"version", strconv.Itoa(rec.Version),
 		"last_generated_on", store.FormatTime(rec.LastGeneratedOn),
-		"trigger", trigger)
+		"trigger", trigger,
+		"key_source", rec.StoredKeySource())
 	if err != nil && !errors.Is(err, framework.ErrNoEvents) {
 		log.Debug("could not send rotation event", "error", err)
 	}

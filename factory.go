@@ -46,6 +46,7 @@ func newBackend() *backend {
 			pathRotate(b),
 			pathTunnels(b),
 			pathStatus(b),
+			[]*framework.Path{pathKeySource(b)},
 		),
 		Invalidate:     b.invalidate,
 		PeriodicFunc:   b.periodic,

@@ -189,7 +189,7 @@ func TestCustomerSideIsTheOtherAddress(t *testing.T) {
 		"":                                  "",
 		"10.0.0.1":                          "",
 	} {
-		if got := customerSide(in); got != want {
+		if got := store.CustomerSide(in); got != want {
 			t.Errorf("customerSide(%q) = %q, want %q", in, got, want)
 		}
 	}

@@ -6,7 +6,6 @@ package main
 
 import (
 	"fmt"
-	"regexp"
 	"sort"
 	"strings"
 	"time"
@@ -17,38 +16,6 @@ import (
 	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
-
-var (
-	identifierPattern = regexp.MustCompile(`^[0-9a-f]{32}$`)
-	// upperCaseIdentifier is an identifier spelt with upper-case letters.
-	upperCaseIdentifier = regexp.MustCompile(`^[0-9a-fA-F]{32}$`)
-)
-
-// parseIdentifier checks that raw is a Cloudflare identifier in its one
-// canonical form, 32 lower-case hexadecimal characters, and returns it. Any
-// other spelling is refused, never folded: Vault matches policy paths
-// case-sensitively, so an engine that took "ABC…" for "abc…" would let a
-// caller reach a tunnel a policy denies by spelling its id in upper case.
-// The problem never repeats the value: a mistyped path can hold anything, a
-// key included.
-func parseIdentifier(field, raw string) (string, string) {
-	if problem := checkIdentifier(field, raw); problem != "" {
-		return "", problem
-	}
-	return raw, ""
-}
-
-func checkIdentifier(field, id string) string {
-	switch {
-	case identifierPattern.MatchString(id):
-		return ""
-	case upperCaseIdentifier.MatchString(id):
-		return fmt.Sprintf("%s must be a Cloudflare identifier in its canonical form, 32 lower-case hexadecimal characters: "+
-			"this one has upper-case letters. Vault matches policy paths case-sensitively, so the engine takes each id "+
-			"in one spelling only; write it in lower case", field)
-	}
-	return fmt.Sprintf("%s must be a Cloudflare identifier: 32 lower-case hexadecimal characters (got %d characters)", field, len(id))
-}
 
 // Path segments are matched loosely and checked in the handlers, so that a
 // malformed identifier gets a 400 that says what is wrong instead of a 404.
@@ -73,11 +40,11 @@ var tunnelFields = map[string]*framework.FieldSchema{
 // tunnelFromRequest reads and checks the path's identifiers. It returns a
 // problem to show the caller, or "".
 func tunnelFromRequest(d *framework.FieldData) (store.Tunnel, string) {
-	account, problem := parseIdentifier("account", d.Get("account").(string))
+	account, problem := store.ParseIdentifier("account", d.Get("account").(string))
 	if problem != "" {
 		return store.Tunnel{}, problem
 	}
-	tunnel, problem := parseIdentifier("tunnel", d.Get("tunnel").(string))
+	tunnel, problem := store.ParseIdentifier("tunnel", d.Get("tunnel").(string))
 	if problem != "" {
 		return store.Tunnel{}, problem
 	}

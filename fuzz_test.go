@@ -32,7 +32,7 @@ func FuzzParseIdentifier(f *testing.F) {
 		f.Add(seed)
 	}
 	f.Fuzz(func(t *testing.T, raw string) {
-		id, problem := parseIdentifier("tunnel", raw)
+		id, problem := store.ParseIdentifier("tunnel", raw)
 		switch {
 		case wantIdentifier.MatchString(raw):
 			if problem != "" || id != raw {

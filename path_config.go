@@ -3,15 +3,12 @@ package main
 import (
 	"context"
 	"fmt"
-	"strings"
-	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"vault-plugin-secrets-cloudflare-ipsec/internal/cloudflare"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/mount"
-	"vault-plugin-secrets-cloudflare-ipsec/internal/schedule"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
@@ -84,6 +81,37 @@ var configFields = map[string]*framework.FieldSchema{
 			Name: "Minimum rotation period",
 		},
 	},
+	"key_source": {
+		Type: framework.TypeString,
+		Description: "Who makes each new key. \"cloudflare\" (the default): Cloudflare's psk_generate, so the key exists nowhere before Cloudflare has it. " +
+			"\"vault\": the engine makes it, writes it ahead into the tunnel's record (state pending) and sets it with Cloudflare's Set operation, " +
+			"so a lost answer or a crash is finished with the same key. May be changed at any time; see the path's help.",
+		Default:       store.KeySourceCloudflare,
+		AllowedValues: []any{store.KeySourceCloudflare, store.KeySourceVault},
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Key source",
+		},
+	},
+	"password_policy": {
+		Type: framework.TypeString,
+		Description: "With key_source vault: the Vault password policy keys are made from (\"\": 32 letters and digits from crypto/rand). " +
+			"Every key must be 16 to 128 letters and digits, which every shipped router template carries: a write is refused (400) if the policy " +
+			"does not exist or makes another form, and a rotation sends nothing if it ever does.",
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Password policy",
+		},
+	},
+	"set_batch_size": {
+		Type: framework.TypeInt,
+		Description: "With key_source vault: the most keys a bulk rotation (rotate/<account>) sends in one call of Cloudflare's Set operation, " +
+			"which costs one call of the budget whatever its size. A batch Cloudflare refuses as too large is halved until it fits. " +
+			"Every tunnel of a batch is written ahead before the call, and a lost answer leaves them all pending, each then finished by a call " +
+			"of its own. Between 1 and 1000.",
+		Default: mount.DefaultSetBatchSize,
+		DisplayAttrs: &framework.DisplayAttributes{
+			Name: "Set batch size",
+		},
+	},
 	"token_account_id": {
 		Type:        framework.TypeString,
 		Description: "For an account-owned API token: the owning account's id (32 lower-case hexadecimal characters), so the token is verified at that account. Empty for a user token. Changing it requires api_token in the same write.",
@@ -142,6 +170,9 @@ func (b *backend) readConfigPath(ctx context.Context, req *logical.Request, _ *f
 		"rate_limit_window":    int(window.Seconds()),
 		"drift_check_interval": int(cfg.DriftCheckInterval.Seconds()),
 		"min_rotation_period":  int(cfg.MinRotation().Seconds()),
+		"key_source":           cfg.Source(),
+		"password_policy":      cfg.PasswordPolicy,
+		"set_batch_size":       cfg.BatchSize(),
 		"token_id":             cfg.TokenID,
 		"token_status":         cfg.TokenStatus,
 		"token_expires_on":     store.FormatTime(cfg.TokenExpiresOn),
@@ -161,9 +192,7 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	}
 	var stored *mount.Config
 	if cfg == nil {
-		cfg = &mount.Config{BaseURL: cloudflare.DefaultBaseURL, RequestTimeout: mount.DefaultRequestTimeout, HealStalePSK: true,
-			RateLimit: mount.DefaultRateLimit, RateLimitWindow: mount.DefaultRateLimitWindow, DriftCheckInterval: mount.DefaultDriftCheckInterval,
-			MinRotationPeriod: mount.DefaultMinRotationPeriod}
+		cfg = mount.NewConfig()
 	} else {
 		copied := *cfg
 		stored = &copied
@@ -171,10 +200,15 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 	if resp := rejectUnknownFields(req, d); resp != nil {
 		return resp, nil
 	}
-	if problem := applyConfigFields(cfg, d); problem != "" {
+	if problem := cfg.Apply(d.GetOk); problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	if problem := checkEndpointChange(stored, cfg, d); problem != "" {
+	if _, tokenGiven := d.GetOk("api_token"); !tokenGiven {
+		if problem := cfg.EndpointChange(stored); problem != "" {
+			return logical.ErrorResponse(problem), nil
+		}
+	}
+	if problem := mount.CheckPasswordPolicy(ctx, cfg.PasswordPolicy, b.System().GeneratePasswordFromPolicy); problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
 
@@ -210,105 +244,6 @@ func (b *backend) writeConfig(ctx context.Context, req *logical.Request, d *fram
 		return &logical.Response{Warnings: warnings}, nil
 	}
 	return nil, nil
-}
-
-// applyConfigFields copies the request's fields onto cfg and validates the
-// result. It returns a problem to show the caller, or "".
-func applyConfigFields(cfg *mount.Config, d *framework.FieldData) string {
-	if v, ok := d.GetOk("api_token"); ok {
-		cfg.APIToken = strings.TrimSpace(v.(string))
-	}
-	if cfg.APIToken == "" {
-		return "api_token is required"
-	}
-	// Cloudflare's tokens are 40 to 80 printable characters; the value is
-	// never repeated, only what is wrong with it.
-	if !cloudflare.ValidToken(cfg.APIToken) {
-		return fmt.Sprintf("api_token must be at most %d printable ASCII characters without spaces", mount.MaxTokenLength)
-	}
-	if v, ok := d.GetOk("heal_stale_psk"); ok {
-		cfg.HealStalePSK = v.(bool)
-	}
-	if v, ok := d.GetOk("base_url"); ok {
-		cfg.BaseURL = strings.TrimRight(strings.TrimSpace(v.(string)), "/")
-	}
-	if problem := cloudflare.CheckBaseURL(cfg.BaseURL); problem != "" {
-		return problem
-	}
-	if v, ok := d.GetOk("request_timeout"); ok {
-		cfg.RequestTimeout = time.Duration(v.(int)) * time.Second
-	}
-	if cfg.RequestTimeout <= 0 || cfg.RequestTimeout > mount.MaxRequestTimeout {
-		return fmt.Sprintf("request_timeout must be between 1s and %s", mount.MaxRequestTimeout)
-	}
-	if v, ok := d.GetOk("rate_limit"); ok {
-		cfg.RateLimit = v.(int)
-	}
-	if cfg.RateLimit < 1 || cfg.RateLimit > mount.MaxRateLimit {
-		return fmt.Sprintf("rate_limit must be between 1 and %d (Cloudflare's own limit per user, or per account-owned token)", mount.MaxRateLimit)
-	}
-	if v, ok := d.GetOk("rate_limit_window"); ok {
-		cfg.RateLimitWindow = time.Duration(v.(int)) * time.Second
-	}
-	if cfg.RateLimitWindow < time.Second || cfg.RateLimitWindow > time.Hour {
-		return "rate_limit_window must be between 1s and 1h"
-	}
-	if v, ok := d.GetOk("drift_check_interval"); ok {
-		cfg.DriftCheckInterval = time.Duration(v.(int)) * time.Second
-	}
-	if cfg.DriftCheckInterval != 0 && (cfg.DriftCheckInterval < mount.MinDriftCheckInterval || cfg.DriftCheckInterval > 7*24*time.Hour) {
-		return fmt.Sprintf("drift_check_interval must be 0 (off) or between %s and 168h", mount.MinDriftCheckInterval)
-	}
-	cfg.MinRotationPeriod = cfg.MinRotation() // a config stored before the field: the default
-	if v, ok := d.GetOk("min_rotation_period"); ok {
-		cfg.MinRotationPeriod = time.Duration(v.(int)) * time.Second
-	}
-	if cfg.MinRotationPeriod < schedule.MinPeriod || cfg.MinRotationPeriod > mount.MaxMinRotationPeriod {
-		return fmt.Sprintf("min_rotation_period must be between %s and %s", schedule.MinPeriod, mount.MaxMinRotationPeriod)
-	}
-	if v, ok := d.GetOk("token_account_id"); ok {
-		// Taken as written, never trimmed or folded: Vault matches a
-		// policy's parameter values case-sensitively, as it does paths, so
-		// a folded value would escape a denied_parameters rule.
-		id := v.(string)
-		if id != "" {
-			if problem := checkIdentifier("token_account_id", id); problem != "" {
-				return problem
-			}
-		}
-		cfg.TokenAccountID = id
-	}
-	return ""
-}
-
-// checkEndpointChange refuses a write that would send the stored token
-// somewhere it was not sent before, unless the write carries the token. The
-// config write verifies the token at once, against the new base_url and
-// token_account_id: without this rule anyone allowed to update config (the
-// admin policy, which promises that admins never see the token) could point
-// base_url at a host of their own and receive "Authorization: Bearer
-// <token>". Whoever supplies api_token in the same write already knows it.
-// stored is the config before the write (nil on the first one, which needs
-// api_token anyway); cfg is the config after the write's fields, normalised.
-func checkEndpointChange(stored, cfg *mount.Config, d *framework.FieldData) string {
-	if stored == nil {
-		return ""
-	}
-	if _, ok := d.GetOk("api_token"); ok {
-		return ""
-	}
-	var changed []string
-	if cfg.BaseURL != stored.BaseURL {
-		changed = append(changed, "base_url")
-	}
-	if cfg.TokenAccountID != stored.TokenAccountID {
-		changed = append(changed, "token_account_id")
-	}
-	if len(changed) == 0 {
-		return ""
-	}
-	return fmt.Sprintf("changing %s requires api_token in the same write: the stored token is never sent to a new endpoint "+
-		"or account on the strength of a config update alone; nothing was sent or stored", strings.Join(changed, " and "))
 }
 
 func (b *backend) deleteConfig(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
@@ -356,7 +291,8 @@ power: grant it only to those who may know the keys.
 
 Reading config returns the settings (base_url, request_timeout,
 token_account_id, heal_stale_psk, rate_limit, rate_limit_window,
-drift_check_interval, min_rotation_period) and what
+drift_check_interval, min_rotation_period, key_source, password_policy,
+set_batch_size) and what
 Cloudflare said of the token: token_id, token_status, token_expires_on,
 token_not_before, token_verified_at (when the engine last verified it) and
 last_rotated (when config/rotate-root last rolled it). It never returns the
@@ -394,6 +330,46 @@ next_rotation, and every later one is held back to min_rotation_period after
 its stored key (a write of its /schedule path applies the new floor at once,
 and must itself respect it). Lowering it changes nothing until a schedule
 is written.
+
+key_source (default cloudflare) says who makes each new key.
+  cloudflare: Cloudflare's psk_generate makes it; the key exists nowhere
+  before Cloudflare has it. A lost answer leaves the edge with a key nobody
+  holds: the tunnel is rotation_unknown until the settle window ends and a
+  heal makes another key.
+  vault: the engine makes the key (32 letters and digits from crypto/rand,
+  or from password_policy), writes it ahead into the tunnel's record (state
+  pending, seal-wrapped storage) before any request carries it, and sets it
+  with Cloudflare's Set operation (POST .../ipsec_tunnels/psk), whose answer
+  echoes each key it applied. A lost answer, a timeout or a crash is
+  finished with the same key, on the next read or write or in the
+  background: no settle window, no second key. A different key still waits
+  until a request abandoned earlier can no longer land (409 meanwhile).
+  Either keeps every key out of human hands.
+  It may be changed at any time. Keys already stored stay; the next
+  rotation of each tunnel uses the new source. A pending key (vault) is
+  always finished with its own key through the Set operation, even after a
+  switch to cloudflare; a rotation_unknown left by psk_generate is resolved
+  as ever, and healed with a key of the source in force.
+
+password_policy (key_source vault; default "": 32 letters and digits) names a
+Vault password policy (sys/policies/password) the keys are made from. Every
+key must be 16 to 128 letters and digits: the shipped router templates
+paste the key into configurations, and the IOS XE one has no quoting. A
+config write makes a few keys from the policy and is refused (400, naming
+the policy, nothing stored) if the policy does not exist, makes another
+form, or makes the same key twice; a rotation whose key is of another form,
+or is the tunnel's stored or pending key (the policy changed since), sends
+nothing and changes nothing, and says why (a scheduled one keeps its
+schedule and is retried with backoff, last_failure saying why).
+
+set_batch_size (key_source vault; default 100, between 1 and 1000) is the
+most keys a bulk rotation (rotate/<account_id>) sends in one call of the Set
+operation, which costs one call of the budget whatever its size: 10,000
+tunnels are 100 calls. Every tunnel of a batch is written ahead before the
+call, and a lost answer leaves them all pending, each then finished with its
+own key by a call of its own, so the batch size is also what one lost answer
+can cost. A batch Cloudflare refuses as too large (HTTP 413) is halved until
+it fits, and the size that fitted is used for the account for an hour.
 
 heal_stale_psk (default true) decides what reconciliation does when it finds
 that Cloudflare generated a key after the one Vault stored (a rotation whose

@@ -309,7 +309,7 @@ func TestRotateRootHelpNamesItsAnswer(t *testing.T) {
 // that rotate-root keeps any rolled value config would accept as api_token
 // (ValidToken), since Cloudflare killed the old value when it answered.
 // Config accepts a value with surrounding whitespace: it trims it
-// (applyConfigFields: strings.TrimSpace). RollToken refuses the same value
+// (mount.Config.Apply: strings.TrimSpace). RollToken refuses the same value
 // untrimmed ("characters other than printable ASCII"), throws it away, and
 // leaves config with the dead old value: the mount is dead although the
 // answer carried a value config takes. (In the simulator the rolled token

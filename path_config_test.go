@@ -289,7 +289,7 @@ func TestConfigEndpointChangesNeedTheToken(t *testing.T) {
 
 // A reviewer's sequence (it failed before the verification got a budget of
 // its own): // is refused, and stores nothing, still leaves the mount blocked. The write
-// names a new base_url and its own api_token (so checkEndpointChange lets it
+// names a new base_url and its own api_token (so mount.Config.EndpointChange lets it
 // through); that endpoint answers verification with a 429 (or with a
 // Ratelimit header saying nothing remains). The block lands in the mount's
 // shared Budget (and, for the 429, in the ratelimit storage key) although

@@ -47,7 +47,7 @@ const pathMetadataHelpSynopsis = `Read the metadata of a tunnel's stored PSK, wi
 const pathMetadataHelpDescription = `
 metadata/<account_id>/<tunnel_id> returns everything a read of
 psk/<account_id>/<tunnel_id> returns except the key: account_id, tunnel_id,
-last_generated_on, version, stored_at, state, state_reason,
+last_generated_on, version, key_source, stored_at, state, state_reason,
 rotation_started_at, rotation_period, rotation_schedule, rotation_window,
 next_rotation, ttl (while a schedule is set), schedule_note,
 last_vault_rotation, settle_until, failures, last_failure and retry_at, and

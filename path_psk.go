@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 
+	"vault-plugin-secrets-cloudflare-ipsec/internal/rotation"
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -128,31 +129,7 @@ func (b *backend) readResolving(ctx context.Context, s logical.Storage, t store.
 			return nil, nil, nil
 		}
 	}
-	return rec, append(problems, stateWarnings(rec)...), nil
-}
-
-// stateWarnings tells a reader what a record's state means and what to do.
-func stateWarnings(rec *store.Record) []string {
-	var warnings []string
-	switch rec.State {
-	case store.StateRotationUnknown:
-		warnings = append(warnings, fmt.Sprintf("state %s: %s. This key may no longer be the one Cloudflare uses. "+
-			"Cloudflare may still act on that rotation until %s; after that the engine learns from Cloudflare what became of it, "+
-			"on the next read or write and in the background, and a write is accepted again.",
-			store.StateRotationUnknown, rec.StateReason, store.FormatTime(rec.SettleUntil)))
-	case store.StateStale:
-		warnings = append(warnings, fmt.Sprintf("state %s: %s. The tunnel cannot come up until both sides share a new key: write this path to generate and store one.",
-			store.StateStale, rec.StateReason))
-	case store.StateTunnelGone:
-		warnings = append(warnings, fmt.Sprintf("state %s: %s. Delete this path if the tunnel is gone for good. "+
-			"If Cloudflare lists it again, the drift sweep returns it to management (at most once a day), or a write of this path does so at once.",
-			store.StateTunnelGone, rec.StateReason))
-	}
-	if rec.Failures > 0 {
-		warnings = append(warnings, fmt.Sprintf("the background failed %d time(s) on this tunnel, last: %s; it tries again at %s",
-			rec.Failures, rec.LastFailure, store.FormatTime(rec.RetryAt)))
-	}
-	return warnings
+	return rec, append(problems, rotation.StateWarnings(rec)...), nil
 }
 
 // rotateTunnel is a write of psk/<account>/<tunnel>: it checks the request
@@ -186,11 +163,15 @@ func (b *backend) rotateTunnel(ctx context.Context, req *logical.Request, d *fra
 	}
 
 	if validateOnly {
-		stored, err := b.engine.Validate(ctx, req.Storage, t)
+		stored, note, err := b.engine.Validate(ctx, req.Storage, t)
 		if err != nil {
 			return failure(err)
 		}
-		return validateOnlyResponse(t, stored), nil
+		resp := validateOnlyResponse(t, stored)
+		if note != "" {
+			resp.Data["validated_by"] = note
+		}
+		return resp, nil
 	}
 	rotated, err := b.engine.Write(ctx, req.Storage, t, sched)
 	if err != nil {
@@ -204,8 +185,12 @@ func (b *backend) deletePSK(ctx context.Context, req *logical.Request, d *framew
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
-	if err := b.engine.Forget(ctx, req.Storage, t); err != nil {
+	forgotten, err := b.engine.Forget(ctx, req.Storage, t)
+	if err != nil {
 		return failure(err)
+	}
+	if warning := rotation.ForgetWarning(t, forgotten); warning != "" {
+		return &logical.Response{Warnings: []string{warning}}, nil
 	}
 	return nil, nil
 }
@@ -219,7 +204,7 @@ func (b *backend) listAccounts(ctx context.Context, req *logical.Request, _ *fra
 }
 
 func (b *backend) listTunnels(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	account, problem := parseIdentifier("account", d.Get("account").(string))
+	account, problem := store.ParseIdentifier("account", d.Get("account").(string))
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}
@@ -239,11 +224,21 @@ in their canonical form, 32 lower-case hexadecimal characters; any other
 spelling, upper case included, is refused with 400 on every path (Vault
 matches policy paths case-sensitively, so each id has one spelling only).
 
-write (create/update): asks Cloudflare to generate a new PSK for the tunnel
-  (POST /accounts/<account_id>/magic/ipsec_tunnels/<tunnel_id>/psk_generate).
-  Cloudflare activates the key on its edge at once, so the router must be given
-  the new key. The key is stored in Vault and the response carries only its
-  metadata, never the key.
+write (create/update): gives the tunnel a new PSK. With config key_source
+  cloudflare (the default) Cloudflare generates it
+  (POST /accounts/<account_id>/magic/ipsec_tunnels/<tunnel_id>/psk_generate);
+  with key_source vault the engine makes it, writes it ahead into the
+  record (state pending) and sets it with Cloudflare's Set operation
+  (POST /accounts/<account_id>/magic/ipsec_tunnels/psk); psk_generate is
+  then never called. A key Cloudflare does not apply is a 400 with its
+  reason, and nothing changes. Cloudflare activates the key on its edge at
+  once, so the router must be given the new key. The key is stored in Vault
+  and the response carries only its metadata, never the key. With
+  key_source vault, a write of a pending tunnel first finishes it with its
+  own key, and a different key is refused with 409 while a request of the
+  engine's abandoned earlier may still land (until settle_until). Should
+  Cloudflare not apply that resend (unapplied_psks), the write fails with
+  its reason until settle_until has passed, and then sets its new key.
   A schedule (omitted: the tunnel keeps its own) is one of:
   rotation_period: rotate the tunnel again every period (at least config
   min_rotation_period, 1h by default; 0 turns scheduled rotation off);
@@ -272,15 +267,33 @@ write (create/update): asks Cloudflare to generate a new PSK for the tunnel
   live at the edge and is stored as a rotation (the answer has stored=true,
   the new version and a warning); if the answer is lost, the tunnel is
   marked rotation_unknown until reconciliation resolves it.
+  With key_source vault no key is made and the validation itself changes
+  nothing at the edge: the stored key, the edge's, is sent through the Set
+  operation with validate_only, and without a stored current key the
+  tunnel is only read. An answer that dates the tunnel's key later than the
+  stored one (a dropped query string set that same key again, or the key
+  was changed outside the engine: Cloudflare cannot say which) sends
+  nothing more; the next drift sweep decides by heal_stale_psk (the stored
+  key set again where healing is allowed, stale where it is not). A lost
+  answer leaves the tunnel pending, but its key is not sent again for
+  real: the next read, write or background pass reads the tunnel and the
+  same drift rules decide. validated_by says which was done.
 
 read: returns psk and its metadata:
   account_id, tunnel_id   the tunnel's ids
   last_generated_on       Cloudflare's time of generation of the stored key
   version                 1 for the first key this engine stored, +1 per rotation
+  key_source              who made the stored key: cloudflare (psk_generate)
+                          or vault (made by the engine, set with the Set
+                          operation); "" while no key is stored
   stored_at               when Vault stored the key
   state                   current: the stored key is the one the edge uses;
                           rotation_unknown: a rotation's outcome is not known
                           yet, the edge may use a newer key;
+                          pending: a key Vault made was written ahead and
+                          Cloudflare has not confirmed it; the edge uses it
+                          or the stored key, which is still the one served.
+                          A read finishes it by sending the same key again;
                           stale: the edge uses a key Vault does not hold;
                           tunnel_gone: Cloudflare no longer has the tunnel
                           (the drift sweep returns it to management, at most
@@ -305,7 +318,10 @@ read: returns psk and its metadata:
   last_vault_rotation     when Vault last stored a key (stored_at), the field
                           Vault's static credentials use for it
   settle_until            for rotation_unknown: until when Cloudflare may still
-                          act on that rotation; no new key is asked for before
+                          act on that rotation; no new key is asked for before.
+                          With key_source vault, in any state: until when a
+                          request of the engine's carrying the same key may
+                          still land; no different key is sent before
   failures, last_failure, retry_at
                           the background's consecutive failed attempts on this
                           tunnel, the last one's reason, and when it tries again
@@ -328,14 +344,20 @@ read: returns psk and its metadata:
   A read of a tunnel that is not current, on the node that may write, first
   asks Cloudflare what became of the last rotation, unless nothing could
   settle it yet (before settle_until), the background is backing off
-  (retry_at), or the tunnel is gone; it warns whenever the state is not
-  current. 404
+  (retry_at; a pending key is sent again at once all the same), or the
+  tunnel is gone; it warns whenever the state is not current. 404
   when no key is stored.
 
 delete: forgets the key in Vault only. It does not touch the tunnel at
   Cloudflare, which keeps using its current key. While the last rotation's
   outcome is unknown and Cloudflare may still act on it (until
-  settle_until), a delete is refused with 409 like a write.
+  settle_until), a delete is refused with 409 like a write; so is it while
+  a request of a key Vault made may still land. A pending key is forgotten
+  with the record once that has passed, without being sent again: the
+  edge may use it, so the delete's answer warns (read the path first to
+  finish it with its key, or write it afterwards to give the tunnel a key
+  Vault holds). Where the pending key is the stored one (a validate_only
+  whose answer was lost), the warning says that no new key was sent.
 
 For a policy that may see rotation state but not keys, use
 metadata/<account_id>/<tunnel_id>.

@@ -159,8 +159,10 @@ entries), and the scheduler adds what it finds in the schedule. Grant it to
 monitoring (docs/policies/monitoring.hcl).
 
 tunnels: how many tunnels have a record. states: how many are in each
-state (current, rotation_unknown, stale, tunnel_gone; every one present,
-even at 0). scheduled: how many the scheduler will rotate.
+state (current, pending, rotation_unknown, stale, tunnel_gone; every one
+present, even at 0; pending: a key Vault made, written ahead, that
+Cloudflare has not confirmed yet, with key_source vault). scheduled: how
+many the scheduler will rotate.
 overdue: scheduled rotations still waiting in a minute that ended over a
 minute ago (the scheduler rotates at the second a rotation is due, so these
 wait for the budget, Cloudflare's block, a settle window or a stopped

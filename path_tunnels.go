@@ -48,7 +48,7 @@ func pathTunnels(b *backend) []*framework.Path {
 }
 
 func (b *backend) listCloudflareTunnels(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	account, problem := parseIdentifier("account", d.Get("account").(string))
+	account, problem := store.ParseIdentifier("account", d.Get("account").(string))
 	if problem != "" {
 		return logical.ErrorResponse(problem), nil
 	}

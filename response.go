@@ -5,7 +5,6 @@ package main
 
 import (
 	"fmt"
-	"net/netip"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -21,6 +20,7 @@ func recordMetadata(r *store.Record) map[string]any {
 		"tunnel_id":           r.TunnelID,
 		"last_generated_on":   store.FormatTime(r.LastGeneratedOn),
 		"version":             r.Version,
+		"key_source":          r.StoredKeySource(),
 		"stored_at":           store.FormatTime(r.StoredAt),
 		"state":               r.State,
 		"state_reason":        r.StateReason,
@@ -39,8 +39,8 @@ func recordMetadata(r *store.Record) map[string]any {
 		"customer_endpoint":           r.Facts.CustomerEndpoint,
 		"interface_address":           r.Facts.InterfaceAddress,
 		"interface_address6":          r.Facts.InterfaceAddress6,
-		"customer_interface_address":  customerSide(r.Facts.InterfaceAddress),
-		"customer_interface_address6": customerSide(r.Facts.InterfaceAddress6),
+		"customer_interface_address":  store.CustomerSide(r.Facts.InterfaceAddress),
+		"customer_interface_address6": store.CustomerSide(r.Facts.InterfaceAddress6),
 		"custom_fqdn_id":              r.Facts.CustomFQDNID,
 		"ipsec_id":                    r.Facts.IPsecID,
 	}
@@ -132,36 +132,4 @@ func validateOnlyResponse(t store.Tunnel, stored *store.Record) *logical.Respons
 	resp := &logical.Response{Data: data}
 	resp.AddWarning(fmt.Sprintf(generatedAnywayWarning, stored.Version))
 	return resp
-}
-
-// customerSide is the router's address on a tunnel's inside subnet, with
-// the prefix length: Cloudflare's interface_address is its own side, and
-// the router takes the other usable address of the /31 or /30 (/127 for
-// IPv6), which every router template needs and none can compute without
-// bit arithmetic. "" for an empty value or any other prefix length, and for
-// a /30 whose address is not one of its two usable ones.
-func customerSide(prefix string) string {
-	p, err := netip.ParsePrefix(prefix)
-	if err != nil {
-		return ""
-	}
-	b := p.Addr().AsSlice()
-	last := len(b) - 1
-	switch {
-	case p.Bits() == len(b)*8-1: // /31, /127: the two addresses differ in the last bit
-		b[last] ^= 1
-	case p.Addr().Is4() && p.Bits() == 30: // hosts .1 and .2 of the four
-		switch b[last] & 3 {
-		case 1:
-			b[last]++
-		case 2:
-			b[last]--
-		default:
-			return ""
-		}
-	default:
-		return ""
-	}
-	other, _ := netip.AddrFromSlice(b)
-	return netip.PrefixFrom(other, p.Bits()).String()
 }

@@ -46,7 +46,7 @@ func truthOf(t *testing.T, s logical.Storage) fleetTruth {
 		t.Fatal(err)
 	}
 	f := fleetTruth{states: map[string]int{}}
-	for _, s := range []string{store.StateCurrent, store.StateRotationUnknown, store.StateStale, store.StateTunnelGone} {
+	for _, s := range []string{store.StateCurrent, store.StatePending, store.StateRotationUnknown, store.StateStale, store.StateTunnelGone} {
 		f.states[s] = 0
 	}
 	var stale, failing, gone []string
@@ -897,4 +897,48 @@ func TestADowngradeRoundTripIsExactAfterTheFirstWalk(t *testing.T) {
 	// scheduler pass, and recounts every record.
 	drain(t, upgraded)
 	assertStatus(t, upgraded, "after the upgraded process's first walk")
+}
+
+// TestStatusCountsKeysVaultMade: with key_source vault a key written ahead
+// and not yet confirmed is counted pending (shown even at 0), a bulk job
+// that takes an account under Vault (include_unmanaged) is counted as its
+// tunnels come under management, and a batch whose answer was lost leaves
+// its tunnels pending until the job finishes them with their keys.
+func TestStatusCountsKeysVaultMade(t *testing.T) {
+	env := newVaultKeysEnv(t)
+	assertStatus(t, env, "a new mount")
+	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
+	if got := assertStatus(t, env, "a key Vault made"); got["states"].(map[string]any)[store.StatePending] != 0 {
+		t.Fatalf("states %v: pending is not shown at 0", got["states"])
+	}
+
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Status: http.StatusBadGateway})
+	if _, err := env.request(logical.UpdateOperation, env.pskPath(), nil); err == nil {
+		t.Fatal("the faulted rotation succeeded")
+	}
+	if got := assertStatus(t, env, "a lost answer"); got["states"].(map[string]any)[store.StatePending] != 1 {
+		t.Fatalf("states %v after a lost answer, want 1 pending", got["states"])
+	}
+	env.must(env.request(logical.ReadOperation, env.pskPath(), nil)) // finishes it
+	assertStatus(t, env, "the pending key finished by a read")
+
+	ids := unmanagedFleet(env, 5)[1:]
+	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
+	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, map[string]any{"include_unmanaged": true}))
+	drain(t, env)
+	// The managed tunnel waits out the window of its finished key's
+	// resend (no different key before it ends): the batch is the others.
+	got := assertStatus(t, env, "a batch whose answer was lost")
+	if got["states"].(map[string]any)[store.StatePending] != len(ids) || got["tunnels"] != len(ids)+1 {
+		t.Fatalf("status after the lost batch: tunnels %v, states %v; want %d pending", got["tunnels"], got["states"], len(ids))
+	}
+	for i := 0; i < 10 && progressOf(t, env)["remaining"] != 0; i++ {
+		env.clock.Advance(time.Minute)
+		drain(t, env)
+	}
+	if p := progressOf(t, env); p["remaining"] != 0 || p["done"] != len(ids)+1 {
+		t.Fatalf("progress %v", p)
+	}
+	assertStatus(t, env, "the job done")
+	assertFleetCurrent(t, env, append([]string{env.tunnel.ID}, ids...), 0, store.KeySourceVault)
 }

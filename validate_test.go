@@ -22,7 +22,7 @@ import (
 // with, and the response.
 func validateOnly(env *testEnv) (*logical.Response, error) {
 	t := store.Tunnel{AccountID: env.account, TunnelID: env.tunnel.ID}
-	stored, err := env.b.engine.Validate(context.Background(), env.storage, t)
+	stored, _, err := env.b.engine.Validate(context.Background(), env.storage, t)
 	if err != nil {
 		return failure(err)
 	}

@@ -144,7 +144,7 @@ func BenchmarkAgentRotationLag(b *testing.B) {
 // steps; the median over three rotations, one a minute, so a run takes
 // about four minutes). It needs root and strongSwan.
 func BenchmarkRouterOutagePerScheduledRotation(b *testing.B) {
-	outages := runIKEv2(b, 3, false)
+	outages := runIKEv2(b, 3, false, "cloudflare")
 	b.ReportMetric(float64(median(outages).Milliseconds()), "outage-median-ms")
 	var worst time.Duration
 	for _, o := range outages {
@@ -179,4 +179,54 @@ func BenchmarkRouterOutageWhenTheEdgeKeepsTheSA(b *testing.B) {
 	b.ReportMetric(float64(worst.Milliseconds()), "keep-sa-outage-max-ms")
 	b.ReportMetric(float64(disturbed), "keep-sa-disturbed-rotations")
 	b.ReportMetric(float64(median(reloads).Milliseconds()), "reload-median-ms")
+}
+
+// BenchmarkUnmanagedAccountOnVault takes an account of 10,000 tunnels Vault
+// does not manage under Vault with one rotate/<account>
+// include_unmanaged=true and key_source vault, on a real Vault server (a
+// dev server at log level info), against a simulator enforcing
+// Cloudflare's limit of 1,200 calls per five minutes in real time. It
+// reports the time from the write until rotate/ reads done = 10,000, and
+// then checks, tunnel by tunnel, that Vault serves the edge's key current.
+func BenchmarkUnmanagedAccountOnVault(b *testing.B) {
+	const fleet = 10000
+	sim, baseURL, secrets, token, account := newEdge(b)
+	sim.SetRateLimit(1200, 5*time.Minute)
+	var ids []string
+	for i := 0; i < fleet; i++ {
+		ids = append(ids, sim.AddTunnel(account, cloudflaresim.Tunnel{}).ID)
+	}
+	v := startDevServerAt(b, secrets, "info")
+	v.mountEngine(b, baseURL, token.Value)
+	v.mustVault(b, v.rootToken, "write", "cloudflare-ipsec/config", "key_source=vault")
+	keyCalls := func() int { return sim.Calls(cloudflaresim.OpPSKSet) + sim.Calls(cloudflaresim.OpPSKGenerate) }
+	calls, before := sim.TotalCalls(), keyCalls()
+	b.ResetTimer()
+	start := time.Now()
+	v.mustVault(b, v.rootToken, "write", "cloudflare-ipsec/rotate/"+account, "include_unmanaged=true")
+	queuedIn := time.Since(start)
+	for deadline := start.Add(10 * time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		status, p := v.api(b, v.rootToken, "GET", "cloudflare-ipsec/rotate/"+account, nil)
+		data, _ := p["data"].(map[string]any)
+		if status == http.StatusOK && data["done"] == float64(fleet) {
+			break
+		}
+		if time.Now().After(deadline) || data["failed_count"] != float64(0) {
+			b.Fatalf("the job did not finish in 10m, or failed: HTTP %d %v", status, data)
+		}
+	}
+	total := time.Since(start)
+	b.StopTimer()
+	for _, id := range ids {
+		status, read := v.api(b, v.rootToken, "GET", "cloudflare-ipsec/psk/"+account+"/"+id, nil)
+		edge, _ := sim.Tunnel(account, id)
+		if data, _ := read["data"].(map[string]any); status != http.StatusOK || data["state"] != "current" || data["psk"] != edge.PSK {
+			b.Fatalf("tunnel %s: HTTP %d, state %v, key is the edge's: %v", id, status, data["state"], data["psk"] == edge.PSK)
+		}
+	}
+	b.ReportMetric(total.Seconds(), "s-total")
+	b.ReportMetric(queuedIn.Seconds(), "s-queue")
+	b.ReportMetric(float64(keyCalls()-before), "key-calls")
+	b.ReportMetric(float64(sim.TotalCalls()-calls), "calls")
+	b.ReportMetric(float64(sim.RateLimited()), "429s")
 }

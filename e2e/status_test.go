@@ -61,7 +61,7 @@ func TestStatusCountsAScheduledAnUnknownAndAGoneTunnel(t *testing.T) {
 			t.Fatalf("the deleted tunnel is not counted gone after 150s: %v", status["states"])
 		}
 	}
-	want := map[string]any{"current": 1.0, "rotation_unknown": 1.0, "stale": 0.0, "tunnel_gone": 1.0}
+	want := map[string]any{"current": 1.0, "pending": 0.0, "rotation_unknown": 1.0, "stale": 0.0, "tunnel_gone": 1.0}
 	if status["tunnels"] != 3.0 || !sameMap(status["states"].(map[string]any), want) || status["scheduled"] != 1.0 ||
 		status["counts_exact"] != true || status["failing_count"] != 0.0 || status["overdue"] != 0.0 {
 		t.Errorf("status: %v", status)

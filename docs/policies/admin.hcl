@@ -33,3 +33,8 @@ path "cloudflare-ipsec/metadata/*" {
 path "cloudflare-ipsec/status" {
   capabilities = ["read"]
 }
+
+# What of key_source vault is still in flight (before a downgrade).
+path "cloudflare-ipsec/key-source" {
+  capabilities = ["read"]
+}

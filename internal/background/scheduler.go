@@ -71,13 +71,16 @@ type scheduler struct {
 	// whether some were left for the next pass. Guarded by mu.
 	cleanedAt time.Time
 	cleanMore bool
+	// fitted is, by account, the batch size of keys Cloudflare last took
+	// after refusing a larger one (batch.go). Guarded by mu.
+	fitted map[string]fittedSize
 	// summarizedAt is when the schedule was last summarized for status
 	// reads (summarizeSchedule). Guarded by mu.
 	summarizedAt time.Time
 }
 
 func newScheduler(w *Worker, s logical.Storage) *scheduler {
-	return &scheduler{w: w, storage: s, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	return &scheduler{w: w, storage: s, wake: make(chan struct{}, 1), done: make(chan struct{}), fitted: map[string]fittedSize{}}
 }
 
 // start runs the scheduler until stop.
@@ -222,47 +225,73 @@ func (p *passState) earliest(at time.Time) {
 // ends the pass: Cloudflare or the budget said "not now", or the pass was
 // cancelled.
 func (sc *scheduler) workBatch(ctx context.Context, p *passState, items []store.DueItem) (wait time.Duration, stop bool) {
-	w := sc.w
+	// With keys Vault makes, a bulk job's entries are gathered into
+	// batches, one Set call each (batch.go); the rest one at a time.
+	conn, setsKeys := sc.setsKeys(ctx)
+	g := newSetGather()
 	for _, item := range items {
 		if item.Bulk && p.held[heldJobOf(item)] {
 			continue
 		}
+		if item.Bulk && setsKeys {
+			if wait, stop := sc.gather(ctx, p, g, conn, item); stop {
+				g.release()
+				return wait, true
+			}
+			continue
+		}
+		if wait, stop := sc.flushHolding(ctx, p, g, item.Tunnel); stop {
+			g.release()
+			return wait, true
+		}
 		if wait := sc.awaitBudget(ctx); wait > 0 {
+			g.release()
 			return wait, true
 		}
 		if ctx.Err() != nil {
+			g.release()
 			return 0, true
 		}
 		outcome := sc.rotateDue(ctx, item)
 		if outcome.postpone > 0 {
+			g.release()
 			return outcome.postpone, true
 		}
-		p.earliest(outcome.notBefore)
-		if !outcome.finished && !outcome.holdJob && !outcome.notBefore.IsZero() &&
-			(p.keptDue.IsZero() || outcome.notBefore.Before(p.keptDue)) {
-			p.keptDue = outcome.notBefore
-		}
-		if outcome.holdJob && item.Bulk {
+		sc.settle(ctx, p, item, outcome)
+	}
+	return sc.flushAll(ctx, p, g)
+}
+
+// settle records what became of a worked entry in the pass, and removes a
+// finished one from the schedule.
+func (sc *scheduler) settle(ctx context.Context, p *passState, item store.DueItem, outcome dueOutcome) {
+	w := sc.w
+	p.earliest(outcome.notBefore)
+	// (A bulk entry kept until later, a retry or a batch's pending key, is
+	// no scheduled rotation met early: it does not restart the pass.)
+	if !item.Bulk && !outcome.finished && !outcome.holdJob && !outcome.notBefore.IsZero() &&
+		(p.keptDue.IsZero() || outcome.notBefore.Before(p.keptDue)) {
+		p.keptDue = outcome.notBefore
+	}
+	if outcome.holdJob && item.Bulk {
+		p.held[heldJobOf(item)] = true
+	}
+	if !outcome.finished {
+		return
+	}
+	// The one place a worked entry leaves the schedule. An entry whose
+	// delete fails is met again on a later pass, and is finished then
+	// without a second rotation (rotateBulk; a scheduled rotation has
+	// moved its record on): never forgotten in silence, never worked
+	// twice. The rest of its job waits, as for a result that could not
+	// be recorded.
+	if err := sc.storage.Delete(ctx, item.Key); err != nil {
+		w.logger.Warn("scheduler could not remove a finished entry", "entry", item.Key, "error", err)
+		p.earliest(w.now().Add(storageRetry))
+		if item.Bulk {
 			p.held[heldJobOf(item)] = true
 		}
-		if !outcome.finished {
-			continue
-		}
-		// The one place a worked entry leaves the schedule. An entry whose
-		// delete fails is met again on a later pass, and is finished then
-		// without a second rotation (rotateBulk; a scheduled rotation has
-		// moved its record on): never forgotten in silence, never worked
-		// twice. The rest of its job waits, as for a result that could not
-		// be recorded.
-		if err := sc.storage.Delete(ctx, item.Key); err != nil {
-			w.logger.Warn("scheduler could not remove a finished entry", "entry", item.Key, "error", err)
-			p.earliest(w.now().Add(storageRetry))
-			if item.Bulk {
-				p.held[heldJobOf(item)] = true
-			}
-		}
 	}
-	return 0, false
 }
 
 // housekeeping is what a pass does besides rotating, before it loads a
@@ -517,7 +546,7 @@ func (sc *scheduler) rotateScheduled(ctx context.Context, item store.DueItem) du
 	case err == nil:
 		// The rotation scheduled the next one.
 		return dueFinished
-	case cloudflare.NotFound(err):
+	case rotation.TunnelGone(err):
 		// The tunnel is gone: no more retries, hourly or otherwise.
 		if latest, rerr := store.ReadRecord(ctx, s, t); rerr == nil && latest != nil {
 			if _, merr := w.engine.MarkGone(ctx, s, t, latest); merr != nil {
@@ -593,6 +622,9 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 		w.engine.TunnelLogger(t).Warn("scheduler could not read a record", "error", err)
 		return dueKept
 	}
+	if rec == nil && due.Unmanaged != nil {
+		return sc.rotateUnmanaged(ctx, item, due, tracked)
+	}
 	if rec == nil {
 		return sc.countBulk(ctx, item, tracked, true, "not stored in Vault any more: its key was deleted after the job was queued")
 	}
@@ -618,10 +650,37 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 		return sc.countBulk(ctx, item, tracked, true, "not stored in Vault any more: its only rotation turned out never to have happened, so Vault held no key for it")
 	case err == nil:
 		return dueFinished
-	case cloudflare.NotFound(err):
+	case rotation.TunnelGone(err):
 		return sc.countBulk(ctx, item, tracked, true, "no longer exists at Cloudflare (deleted, or out of the API token's reach)")
 	}
 	w.engine.TunnelLogger(t).Warn("bulk rotation failed", "error", err)
+	return sc.countBulk(ctx, item, tracked, false, err.Error())
+}
+
+// rotateUnmanaged gives a tunnel Vault did not manage when its job was
+// queued (include_unmanaged) its first key, as a first write does, from
+// what the job's listing said of it. The caller holds t's lock.
+func (sc *scheduler) rotateUnmanaged(ctx context.Context, item store.DueItem, due *store.DueEntry, tracked bool) dueOutcome {
+	conn, err := sc.connect(ctx)
+	if err != nil {
+		return dueOutcome{postpone: time.Minute}
+	}
+	rotated, err := sc.w.engine.RotateUnmanaged(ctx, sc.storage, conn, item.Tunnel, listedState(item.Tunnel, due), rotation.TriggerBulk)
+	if outcome, notNow := notNowOutcome(err); notNow {
+		return outcome
+	}
+	switch {
+	case err == nil && rotated == nil:
+		// A validation only: cannot happen for a bulk rotation.
+		return sc.countBulk(ctx, item, tracked, true, "no key was made")
+	case err == nil:
+		return dueFinished
+	case rotation.TunnelGone(err):
+		// A 404 of the tunnel's own (not of the Set operation, which is
+		// the account's).
+		return sc.countBulk(ctx, item, tracked, true, "no longer exists at Cloudflare (deleted, or out of the API token's reach)")
+	}
+	sc.w.engine.TunnelLogger(item.Tunnel).Warn("bulk rotation of a tunnel not managed before failed", "error", err)
 	return sc.countBulk(ctx, item, tracked, false, err.Error())
 }
 

@@ -230,8 +230,9 @@ func (c *Client) SetPSKs(ctx context.Context, accountID string, keys []PSKToSet,
 func redactKeys(err error, batch []PSKToSet) error {
 	var apiErr *APIError
 	if errors.As(err, &apiErr) {
+		r := newRedactor(batch)
 		for i := range apiErr.Errors {
-			apiErr.Errors[i].Message = cleanText(apiErr.Errors[i].Message, batch)
+			apiErr.Errors[i].Message = cleanText(apiErr.Errors[i].Message, r)
 		}
 	}
 	return err
@@ -352,16 +353,17 @@ func decodeSetPSKs(body []byte, keys []PSKToSet, validateOnly bool) (*SetPSKsRes
 
 	res := &SetPSKsResult{ValidateOnly: validateOnly, Tunnels: make([]TunnelPSKResult, len(keys))}
 	sent := make(map[string]bool, len(keys))
+	redact := newRedactor(keys)
 	for i, k := range keys {
 		id := strings.ToLower(k.TunnelID)
 		sent[id] = true
-		res.Tunnels[i] = judgeEntry(k, entries[id], validateOnly, keys)
+		res.Tunnels[i] = judgeEntry(k, entries[id], validateOnly, redact)
 	}
 	for id := range entries {
 		if !sent[id] {
 			// A name is not a secret, but one made of a key sent
 			// would be passed on by whoever logs the list.
-			res.Unexpected = append(res.Unexpected, cleanText(id, keys))
+			res.Unexpected = append(res.Unexpected, cleanText(id, redact))
 		}
 	}
 	slices.Sort(res.Unexpected)
@@ -369,8 +371,8 @@ func decodeSetPSKs(body []byte, keys []PSKToSet, validateOnly bool) (*SetPSKsRes
 }
 
 // judgeEntry says what the answer's entries about one tunnel prove.
-// batch is every key sent, none of which a Reason may quote.
-func judgeEntry(k PSKToSet, found []answerEntry, validateOnly bool, batch []PSKToSet) TunnelPSKResult {
+// redact cuts every key sent, none of which a Reason may quote.
+func judgeEntry(k PSKToSet, found []answerEntry, validateOnly bool, redact *redactor) TunnelPSKResult {
 	unknown := func(reason string) TunnelPSKResult {
 		return TunnelPSKResult{TunnelID: k.TunnelID, Outcome: PSKUnknown, Reason: reason}
 	}
@@ -387,7 +389,7 @@ func judgeEntry(k PSKToSet, found []answerEntry, validateOnly bool, batch []PSKT
 		if string(e.value) == "null" || json.Unmarshal(e.value, &reason) != nil {
 			return unknown("the answer lists this tunnel as unapplied without a reason as a string")
 		}
-		reason = cleanText(reason, batch)
+		reason = cleanText(reason, redact)
 		if strings.TrimSpace(reason) == "" {
 			reason = "(Cloudflare gave no reason)"
 		}
@@ -469,13 +471,11 @@ func isJSONObject(raw json.RawMessage) bool {
 const maxText = 300
 
 // cleanText makes a text of the answer fit for an error or a log line:
-// every key of the batch is cut out should the text quote it (in any case:
-// a key in other case is all but the key), control characters become
-// spaces, and the length is bounded.
-func cleanText(text string, batch []PSKToSet) string {
-	for _, k := range batch {
-		text = replaceFold(text, k.PSK, "[a key sent]")
-	}
+// every key of the batch, and every part of one, is cut out should the text
+// quote it (redactor), control characters become spaces, and the length is
+// bounded. A nil redact cuts nothing.
+func cleanText(text string, redact *redactor) string {
+	text = redact.cut(text)
 	text = strings.Map(func(r rune) rune {
 		if unicode.IsControl(r) {
 			return ' '
@@ -490,6 +490,92 @@ func cleanText(text string, batch []PSKToSet) string {
 		text = text[:cut] + "…"
 	}
 	return text
+}
+
+// minQuoted is the shortest run of a key's characters that a text passed
+// on may not hold: an API that refuses a value often quotes part of it
+// ("psk 'AbCd…' is not accepted"), and a part of a key is most of the
+// work of guessing it. Eight characters of a key's alphabet are one in
+// 2.8 trillion (in any case), so a text that merely happens to hold one is
+// rare, and loses only those characters.
+const minQuoted = 8
+
+// redactor cuts the keys of a batch, and any run of minQuoted or more of
+// their characters in a row, out of texts, in any case (a key in other
+// case is all but the key). It is made once per call: every such run of
+// every key, looked up by each minQuoted-byte window of a text.
+type redactor struct {
+	runs map[string]struct{}
+	// short are keys shorter than minQuoted, cut only whole.
+	short []string
+}
+
+func newRedactor(batch []PSKToSet) *redactor {
+	r := &redactor{runs: map[string]struct{}{}}
+	for _, k := range batch {
+		if len(k.PSK) < minQuoted {
+			r.short = append(r.short, k.PSK)
+			continue
+		}
+		key := asciiLower(k.PSK)
+		for i := 0; i+minQuoted <= len(key); i++ {
+			r.runs[key[i:i+minQuoted]] = struct{}{}
+		}
+	}
+	return r
+}
+
+// cut replaces each stretch of text made of runs of a key with
+// "[a key sent]".
+func (r *redactor) cut(text string) string {
+	if r == nil {
+		return text
+	}
+	for _, k := range r.short {
+		text = replaceFold(text, k, "[a key sent]")
+	}
+	if len(r.runs) == 0 || len(text) < minQuoted {
+		return text
+	}
+	lower := asciiLower(text)
+	covered := make([]bool, len(text))
+	found := false
+	for i := 0; i+minQuoted <= len(lower); i++ {
+		if _, ok := r.runs[lower[i:i+minQuoted]]; ok {
+			for j := i; j < i+minQuoted; j++ {
+				covered[j] = true
+			}
+			found = true
+		}
+	}
+	if !found {
+		return text
+	}
+	var b strings.Builder
+	for i := 0; i < len(text); {
+		if !covered[i] {
+			b.WriteByte(text[i])
+			i++
+			continue
+		}
+		for i < len(text) && covered[i] {
+			i++
+		}
+		b.WriteString("[a key sent]")
+	}
+	return b.String()
+}
+
+// asciiLower lower-cases ASCII letters only, so that byte offsets stay
+// those of s.
+func asciiLower(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if 'A' <= c && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	return string(b)
 }
 
 // replaceFold replaces every occurrence of old in s, compared without case,

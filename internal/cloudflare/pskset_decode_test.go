@@ -135,6 +135,25 @@ func TestCleanTextBoundsLength(t *testing.T) {
 	}
 }
 
+// TestCleanTextCutsPartsOfKeys: a refusal that quotes part of a key sent
+// (as APIs quote a value: "psk 'AbCd…' is not accepted"), in any case,
+// passes none of it on; fewer than minQuoted characters in a row are left.
+func TestCleanTextCutsPartsOfKeys(t *testing.T) {
+	keys := []PSKToSet{{TunnelID: tunnelA, PSK: "Q7dKp2LmZx9RtVb4Nc8WyHs3Jf6Ge1Ua"}, {TunnelID: tunnelB, PSK: "short"}}
+	r := newRedactor(keys)
+	for _, c := range []struct{ in, want string }{
+		{"psk 'Q7dKp2LmZx9RtVb4Nc8WyHs3…' is not accepted", "psk '[a key sent]…' is not accepted"},
+		{"near Nc8WyHs3 and q7DKP2LM", "near [a key sent] and [a key sent]"},
+		{"whole Q7dKp2LmZx9RtVb4Nc8WyHs3Jf6Ge1Ua.", "whole [a key sent]."},
+		{"seven Nc8WyHs only", "seven Nc8WyHs only"},
+		{"a SHORT key", "a [a key sent] key"},
+	} {
+		if got := cleanText(c.in, r); got != c.want {
+			t.Errorf("cleanText(%q) = %q, want %q", c.in, got, c.want)
+		}
+	}
+}
+
 // FuzzDecodeSetPSKs feeds arbitrary results, with the batch's keys
 // somewhere inside, to the answer's reading. It must never panic, must
 // call a tunnel applied only on an entry that echoes its key, must give one

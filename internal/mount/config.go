@@ -35,6 +35,18 @@ const (
 	// schedule the engine has ever taken.
 	DefaultMinRotationPeriod = time.Hour
 	MaxMinRotationPeriod     = 8760 * time.Hour
+	// set_batch_size: how many keys Vault made a bulk job sends in one
+	// Set call. Cloudflare publishes no limit (a batch it finds too large
+	// is halved until it fits), so the bounds are the engine's own. Every
+	// tunnel of a batch is locked and written ahead before the call, and
+	// an answer lost leaves all of them pending, each then finished by a
+	// Set call of its own: the batch size is also what one lost answer
+	// can cost. 100 makes 10,000 tunnels 100 calls (a sixth of the
+	// default rate_limit's window) while a lost answer costs at most 100
+	// resends; 1,000 bounds the answer the engine reads (4 KiB a key, so
+	// 4 MiB) and the locks one batch holds.
+	DefaultSetBatchSize = rotation.DefaultSetBatchSize
+	MaxSetBatchSize     = 1000
 )
 
 // Config is the mount's configuration as stored. APIToken never
@@ -58,6 +70,16 @@ type Config struct {
 	// raised leaves after a tunnel's stored key (internal/schedule). 0, in a
 	// config stored before the field existed: DefaultMinRotationPeriod.
 	MinRotationPeriod time.Duration `json:"min_rotation_period"`
+	// KeySource is who makes new keys: store.KeySourceCloudflare (""
+	// in a config stored before the field existed) or store.KeySourceVault.
+	KeySource string `json:"key_source,omitempty"`
+	// PasswordPolicy, with KeySource vault, names the Vault password
+	// policy keys are made from ("": 32 letters and digits).
+	PasswordPolicy string `json:"password_policy,omitempty"`
+	// SetBatchSize is the most keys a bulk job with KeySource vault sends
+	// in one Set call; 0, in a config stored before the field existed:
+	// DefaultSetBatchSize.
+	SetBatchSize int `json:"set_batch_size,omitempty"`
 
 	// What Cloudflare's token-verify endpoint said when config was written.
 	TokenID        string    `json:"token_id"`
@@ -101,7 +123,28 @@ func (c *Config) Settings() rotation.Settings {
 		HealStalePSK:      c.HealStalePSK,
 		DriftInterval:     c.DriftInterval(),
 		MinRotationPeriod: c.MinRotation(),
+		KeySource:         c.Source(),
+		PasswordPolicy:    c.PasswordPolicy,
+		SetBatchSize:      c.BatchSize(),
 	}
+}
+
+// BatchSize is config set_batch_size, the default in a config stored
+// before the field existed.
+func (c *Config) BatchSize() int {
+	if c == nil || c.SetBatchSize <= 0 {
+		return DefaultSetBatchSize
+	}
+	return c.SetBatchSize
+}
+
+// Source is config key_source, Cloudflare in a config stored before the
+// field existed.
+func (c *Config) Source() string {
+	if c.KeySource == "" {
+		return store.KeySourceCloudflare
+	}
+	return c.KeySource
 }
 
 // CallBudget returns the mount's cap on Cloudflare calls.

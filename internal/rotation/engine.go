@@ -1,8 +1,9 @@
 // Package rotation is the engine's protocol for putting a new key on the
 // edge without ever losing one: begin (the record written rotation_unknown
-// before anything is sent), send, finish (the key stored), and, when an
-// outcome is lost, reconcile and heal from Cloudflare's own account of the
-// tunnel. validate_only, forgetting a tunnel and rescheduling it run under
+// before anything is sent, or pending with the key when Vault makes it),
+// send, finish (the key stored), and, when an outcome is lost, reconcile and
+// heal from Cloudflare's own account of the tunnel, or, for a key Vault made,
+// finish by sending the same key again (vaultkeys.go). validate_only, forgetting a tunnel and rescheduling it run under
 // the same per-tunnel lock and rules.
 //
 // The package knows nothing of Vault's request handling: the root package
@@ -41,19 +42,34 @@ type Edge interface {
 	// ListTunnels reads every tunnel of an account, as GetTunnel reads
 	// one: the drift sweep's one call per account.
 	ListTunnels(ctx context.Context, accountID string) ([]cloudflare.TunnelState, error)
+	// SetPSKs asks the edge to take keys the caller made (Cloudflare's Set
+	// operation), and says tunnel by tunnel whether it did.
+	SetPSKs(ctx context.Context, accountID string, keys []cloudflare.PSKToSet, validateOnly bool) (*cloudflare.SetPSKsResult, error)
 }
 
-// KeySource puts a new key on the edge for one tunnel and returns what the
-// edge answered. Today the edge makes the key (CloudflareKeys); a source
-// whose keys Vault makes writes its key ahead into the record before it
-// sends it, so that a lost answer can be finished with the same key.
+// KeySource is where a tunnel's next key comes from; the engine chooses one
+// from Settings for each attempt (keySource). A source that makes the key
+// itself returns it from MakeKey, and the protocol writes it ahead into the
+// record (state pending) before any request carries it and sets it on the
+// edge with Cloudflare's Set operation, so that a lost answer is finished
+// with the same key (vaultkeys.go). A source whose keys the edge makes
+// returns "" and has the edge generate one (Send).
 type KeySource interface {
-	Send(ctx context.Context, edge Edge, t store.Tunnel, validateOnly bool) (*cloudflare.GeneratedPSK, error)
+	// Name is the source's key_source, recorded with each key it made.
+	Name() string
+	// MakeKey returns a new key, or "" when the edge makes it.
+	MakeKey(ctx context.Context) (string, error)
 }
 
 // CloudflareKeys has Cloudflare make every key (psk_generate): the key
 // exists nowhere before Cloudflare has it.
 type CloudflareKeys struct{}
+
+// Name is "cloudflare".
+func (CloudflareKeys) Name() string { return store.KeySourceCloudflare }
+
+// MakeKey makes none: the edge does.
+func (CloudflareKeys) MakeKey(context.Context) (string, error) { return "", nil }
 
 // Send calls psk_generate.
 func (CloudflareKeys) Send(ctx context.Context, edge Edge, t store.Tunnel, validateOnly bool) (*cloudflare.GeneratedPSK, error) {
@@ -73,7 +89,22 @@ type Settings struct {
 	DriftInterval time.Duration
 	// MinRotationPeriod is the floor under every schedule.
 	MinRotationPeriod time.Duration
+	// KeySource is config key_source: store.KeySourceCloudflare ("" too)
+	// or store.KeySourceVault.
+	KeySource string
+	// PasswordPolicy, with KeySource vault, names the Vault password
+	// policy the keys are made from ("": 32 letters and digits).
+	PasswordPolicy string
+	// SetBatchSize is config set_batch_size: the most keys a bulk job
+	// sends in one Set call (KeySource vault; batch.go). Not the
+	// protocol's, which takes any batch, but the background's, which
+	// reads config only through a Conn.
+	SetBatchSize int
 }
+
+// DefaultSetBatchSize is config set_batch_size's default (internal/mount's
+// config.go says why).
+const DefaultSetBatchSize = 100
 
 // Conn is a connection to the edge with the settings it was made from: the
 // two change together when config is written.
@@ -122,33 +153,32 @@ type Config struct {
 	// config in s. It is asked again for every tunnel a long pass works,
 	// because config (and the token) can change under it.
 	Connect func(ctx context.Context, s logical.Storage) (Conn, error)
-	// Keys makes new keys; CloudflareKeys when nil.
-	Keys  KeySource
-	Hooks Hooks
+	// Passwords generates a password from a named Vault password policy
+	// (the system view's GeneratePasswordFromPolicy), for key_source vault
+	// with password_policy. Nil: a policy cannot be used.
+	Passwords func(ctx context.Context, policy string) (string, error)
+	Hooks     Hooks
 }
 
 // Engine runs the protocol for one mount. It is safe for concurrent use:
 // every call that changes a tunnel holds that tunnel's lock.
 type Engine struct {
-	now     func() time.Time
-	logger  hclog.Logger
-	connect func(ctx context.Context, s logical.Storage) (Conn, error)
-	keys    KeySource
-	hooks   Hooks
-	locks   *tunnelLocks
+	now       func() time.Time
+	logger    hclog.Logger
+	connect   func(ctx context.Context, s logical.Storage) (Conn, error)
+	passwords func(ctx context.Context, policy string) (string, error)
+	hooks     Hooks
+	locks     *tunnelLocks
 }
 
 // New returns an Engine.
 func New(cfg Config) *Engine {
-	e := &Engine{now: cfg.Now, logger: cfg.Logger, connect: cfg.Connect, keys: cfg.Keys, hooks: cfg.Hooks, locks: newTunnelLocks()}
+	e := &Engine{now: cfg.Now, logger: cfg.Logger, connect: cfg.Connect, passwords: cfg.Passwords, hooks: cfg.Hooks, locks: newTunnelLocks()}
 	if e.now == nil {
 		e.now = time.Now
 	}
 	if e.logger == nil {
 		e.logger = hclog.NewNullLogger()
-	}
-	if e.keys == nil {
-		e.keys = CloudflareKeys{}
 	}
 	return e
 }

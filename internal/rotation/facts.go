@@ -111,14 +111,7 @@ func asPrefix(v string) (string, bool) {
 // changed nothing changed nothing, at whole-second precision
 // (keyChangeSince).
 func (e *Engine) refreshFacts(ctx context.Context, s logical.Storage, t store.Tunnel, rec *store.Record, edge *cloudflare.TunnelState) (*store.Record, error) {
-	updated := *rec
-	updated.Facts = e.edgeFacts(t, edge, rec.Facts)
-	proven := func(at time.Time) bool {
-		return !at.IsZero() && !at.Before(rec.LastGeneratedOn.Add(dateProofMargin))
-	}
-	if rec.Current() && edge.PSKLastGeneratedOn.Equal(rec.LastGeneratedOn) && !proven(rec.KeySeenAt) && proven(edge.Date) {
-		updated.KeySeenAt = edge.Date.UTC()
-	}
+	updated := e.refreshed(t, rec, edge)
 	if updated == *rec {
 		return rec, nil
 	}
@@ -129,6 +122,21 @@ func (e *Engine) refreshFacts(ctx context.Context, s logical.Storage, t store.Tu
 		e.TunnelLogger(t).Info("router facts updated from cloudflare", "fields", changedFacts(rec.Facts, updated.Facts))
 	}
 	return &updated, nil
+}
+
+// refreshed is rec with what edge, the caller's listing or read of the
+// tunnel, says: the router facts, and for a current record whose key the
+// edge still dates the same, a later answer that proves it (KeySeenAt).
+func (e *Engine) refreshed(t store.Tunnel, rec *store.Record, edge *cloudflare.TunnelState) store.Record {
+	updated := *rec
+	updated.Facts = e.edgeFacts(t, edge, rec.Facts)
+	proven := func(at time.Time) bool {
+		return !at.IsZero() && !at.Before(rec.LastGeneratedOn.Add(dateProofMargin))
+	}
+	if rec.Current() && edge.PSKLastGeneratedOn.Equal(rec.LastGeneratedOn) && !proven(rec.KeySeenAt) && proven(edge.Date) {
+		updated.KeySeenAt = edge.Date.UTC()
+	}
+	return updated
 }
 
 // changedFacts names the facts that differ, for the log.

@@ -21,20 +21,47 @@ var ErrNotStored = errors.New("no psk is stored for this tunnel")
 // refused with a *SettlingError: forgetting the record would forget the
 // settle window with it, and the next write would send a psk_generate that
 // the abandoned request could still overtake.
-func (e *Engine) Forget(ctx context.Context, s logical.Storage, t store.Tunnel) error {
+//
+// It returns the record it forgot (nil: none), so that the caller can warn
+// of what went with it: a pending key (ForgotPendingKey), which the edge may
+// use, is forgotten without being finished once its window has passed.
+func (e *Engine) Forget(ctx context.Context, s logical.Storage, t store.Tunnel) (*store.Record, error) {
 	defer e.Lock(t)()
 	rec, err := store.ReadRecord(ctx, s, t)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if rec != nil && rec.Settling(e.now()) {
-		return &SettlingError{tunnel: t, until: rec.SettleUntil}
+	if rec != nil && rec.SendsMayLand(e.now()) {
+		// Any state: a key Vault made and finished may still be re-set by
+		// a late request, which the next write's different key must wait
+		// out too.
+		return nil, sendsMayLand(t, rec)
 	}
 	if err := store.ForgetRecord(ctx, s, t, rec); err != nil {
-		return err
+		return nil, err
 	}
-	e.TunnelLogger(t).Info("psk forgotten")
-	return nil
+	switch {
+	case PendingIsStoredKey(rec):
+		e.TunnelLogger(t).Info("psk forgotten while the stored key was being set again (a validate_only, or a late landing's) with an unknown outcome")
+	case ForgotPendingKey(rec):
+		e.TunnelLogger(t).Warn("psk forgotten with a pending key the edge may use")
+	default:
+		e.TunnelLogger(t).Info("psk forgotten")
+	}
+	return rec, nil
+}
+
+// ForgotPendingKey reports whether rec, forgotten, held a key Vault made
+// that Cloudflare never confirmed (pending, or found gone while pending):
+// the edge may use it, and no one holds it now.
+func ForgotPendingKey(rec *store.Record) bool { return rec != nil && rec.PendingPSK != "" }
+
+// PendingIsStoredKey reports whether rec's pending key is its stored key: a
+// validate_only's (validate.go), or the stored key set again after the edge
+// re-dated it (lateLanding). No new key was sent: the edge uses the stored
+// key or one changed outside this engine.
+func PendingIsStoredKey(rec *store.Record) bool {
+	return ForgotPendingKey(rec) && rec.PendingPSK == rec.PSK
 }
 
 // Reschedule stores sched as t's schedule without rotating its key or
@@ -71,7 +98,7 @@ func (e *Engine) reschedule(ctx context.Context, s logical.Storage, t store.Tunn
 		// not known yet (a heal of it follows, and must not be followed
 		// within the floor by the new schedule's time).
 		lastKey := rec.StoredAt
-		if rec.State == store.StateRotationUnknown && rec.RotationStartedAt.After(lastKey) {
+		if (rec.State == store.StateRotationUnknown || rec.State == store.StatePending) && rec.RotationStartedAt.After(lastKey) {
 			lastKey = rec.RotationStartedAt
 		}
 		updated.NextRotation, updated.WindowEnds = sched.NextAfterChange(lastKey, e.now(), floor)

@@ -31,13 +31,20 @@ import (
 // current again only where they prove that the edge still uses the stored
 // key. Where they prove another key, the edge uses a key Vault does not
 // hold, as after drift: the record is stale and, with heal_stale_psk,
-// healed (mayHeal decides, as for drift). Where they prove nothing (a key
-// of the stored key's own whole second, with no later answer on record
-// that showed the stored key), the record is stale and held: no key is
-// made that nobody asked for, and an operator's write or the next
-// scheduled rotation ends it. A record whose first rotation never
+// healed (mayHeal decides, as for drift); a key re-dated within
+// LateLandingUntil, which MarkGone keeps (not where another key's attempt
+// was outstanding: judgeReturn), may be the engine's own late
+// request and is judged as the drift sweep judges it (lateLanding: the
+// stored key set again where healing is allowed, no new key). Where they
+// prove nothing (a key of the stored key's own whole second, with no later
+// answer on record that showed the stored key), the record is stale and
+// held: no key is made that nobody asked for, and an operator's write or
+// the next scheduled rotation ends it. A record whose first rotation never
 // resolved (no key stored) is judged as reconciliation would have judged
 // it: removed if that rotation never happened, healed if it did.
+//
+// A record found gone with a key Vault made pending (MarkGone keeps it) is
+// finished with that key first, as any pending record.
 //
 // Either way its schedule is restored, an entry for its next rotation,
 // which the scheduler works as after a restart: at once if it fell due
@@ -71,6 +78,17 @@ func (e *Engine) ReturnGone(ctx context.Context, s logical.Storage, conn Conn, t
 	back.Facts = e.edgeFacts(t, edge, rec.Facts)
 	back.ClearFailures()
 	log := e.TunnelLogger(t)
+	if back.PendingPSK != "" {
+		// Found gone while a key Vault made was pending: the edge may use
+		// it. Finished with the same key first, as any pending key, and
+		// the echo decides, not Cloudflare's times; its schedule with it.
+		log.Info("tunnel recorded gone with a pending key is listed at Cloudflare again; setting the pending key again")
+		if err := e.restoreSchedule(ctx, s, t, &back); err != nil {
+			return false, err
+		}
+		finished, err := e.finishPending(ctx, s, conn, t, &back)
+		return err == nil && finished.Current(), err
+	}
 
 	switch verdict, reason := judgeReturn(&back, edge); verdict {
 	case edgeNeverRotated:
@@ -78,6 +96,20 @@ func (e *Engine) ReturnGone(ctx context.Context, s logical.Storage, conn Conn, t
 		return false, store.ForgetRecord(ctx, s, t, &back)
 	case edgeUsesStoredKey:
 		return true, e.returnCurrent(ctx, s, t, &back, edge)
+	case edgeReDated:
+		// As the drift sweep meets it on a current record (compareLocked):
+		// the stored key set again where healing is allowed, which makes
+		// no key; stale, saying why, where it is not.
+		log.Info("tunnel recorded gone is listed at Cloudflare again with its key re-dated within the time the engine's own request may land",
+			"edge_generated_on", store.FormatTime(edge.PSKLastGeneratedOn))
+		if err := e.restoreSchedule(ctx, s, t, &back); err != nil {
+			return false, err
+		}
+		if err := e.lateLanding(ctx, s, conn, t, &back, edge); err != nil {
+			return false, err
+		}
+		latest, err := store.ReadRecord(ctx, s, t)
+		return err == nil && latest != nil && latest.Current(), err
 	case edgeUndecided:
 		log.Warn("tunnel recorded gone is listed at Cloudflare again; Cloudflare's times cannot tell its key from the stored one",
 			"edge_generated_on", store.FormatTime(edge.PSKLastGeneratedOn))
@@ -95,15 +127,27 @@ func (e *Engine) ReturnGone(ctx context.Context, s logical.Storage, conn Conn, t
 	}
 }
 
-// edgeUndecided, for a returned tunnel only: Cloudflare's times cannot
-// tell the edge's key from the stored one.
-const edgeUndecided edgeVerdict = -1
+// For a returned tunnel only: edgeUndecided, Cloudflare's times cannot
+// tell the edge's key from the stored one; edgeReDated, the edge dates the
+// key later than the stored one, but no later than a request of the
+// engine's own carrying the stored key may have set it again
+// (LateLandingUntil, which MarkGone keeps).
+const (
+	edgeUndecided edgeVerdict = -1
+	edgeReDated   edgeVerdict = -2
+)
 
 // judgeReturn judges the key of a tunnel recorded gone that Cloudflare
 // lists again. A record with a key is judged by that key's time and the
 // last answer that showed it (KeySeenAt); one without is the unresolved
 // first rotation it was when it was found gone, judged as reconciliation
-// judges it (judgeEdge).
+// judges it (judgeEdge). A key re-dated within LateLandingUntil is
+// edgeReDated, as for the drift sweep. The bound is there only where the
+// record was found gone current (or stale, or pending with the stored key:
+// a validation), with no attempt of another key outstanding: MarkGone drops
+// it from a rotation_unknown record, whose attempt's key the edge may use,
+// dated within it. Such a record is judged as before the bound was read: a
+// later key is a change, healed as drift.
 func judgeReturn(rec *store.Record, edge *cloudflare.TunnelState) (edgeVerdict, string) {
 	const prefix = "the tunnel was recorded gone and Cloudflare lists it again; "
 	if rec.PSK == "" {
@@ -111,6 +155,13 @@ func judgeReturn(rec *store.Record, edge *cloudflare.TunnelState) (edgeVerdict, 
 		unresolved.State = store.StateRotationUnknown
 		verdict, reason := judgeEdge(&unresolved, edge.PSKLastGeneratedOn)
 		return verdict, prefix + reason
+	}
+	if !rec.AnswerHeld && edge.PSKLastGeneratedOn.After(rec.LastGeneratedOn) && !edge.PSKLastGeneratedOn.After(rec.LateLandingUntil) {
+		// Maybe the engine's own late request, maybe a change outside it:
+		// judged as the drift sweep judges it (lateLanding), not healed
+		// with a new key. (A record held for an answer's key of the wrong
+		// form stays held: returnChanged.)
+		return edgeReDated, ""
 	}
 	switch keyChangeSince(edge.PSKLastGeneratedOn, rec.LastGeneratedOn, rec.KeySeenAt, false) {
 	case keyUnchanged:

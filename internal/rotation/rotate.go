@@ -70,13 +70,47 @@ func settleWindow(s Settings) time.Duration { return 2*s.RequestTimeout + settle
 type SettlingError struct {
 	tunnel store.Tunnel
 	until  time.Time
+	// sameKey: a request carrying a key Vault made may still land; only a
+	// different key has to wait. state is the record's then, and noKey
+	// says Vault holds no key of the tunnel yet (a first rotation): what
+	// the edge uses meanwhile is said from them.
+	sameKey bool
+	state   string
+	noKey   bool
+}
+
+// sendsMayLand is the SettlingError for rec, whose window is open.
+func sendsMayLand(t store.Tunnel, rec *store.Record) *SettlingError {
+	return &SettlingError{tunnel: t, until: rec.SettleUntil, sameKey: rec.State != store.StateRotationUnknown, state: rec.State, noKey: rec.PSK == ""}
 }
 
 func (e *SettlingError) Error() string {
+	if e.sameKey {
+		return fmt.Sprintf("a request carrying a key Vault made for %s, abandoned earlier, may still reach Cloudflare until %s: "+
+			"a different key sent before then could be replaced by it, so none is asked for before then (%s)",
+			e.tunnel, store.FormatTime(e.until), e.meanwhile())
+	}
 	return fmt.Sprintf("the last rotation of %s has an unknown outcome, and Cloudflare may still process its request until %s "+
 		"(a request abandoned at request_timeout can still be carried out): no new key is asked for before then; "+
 		"reads warn meanwhile, and the engine resolves the outcome from Cloudflare after that time",
 		e.tunnel, store.FormatTime(e.until))
+}
+
+// meanwhile says what the edge uses while a request of a key Vault made
+// may still land, by the record's state: only a current record holds the
+// edge's key.
+func (e *SettlingError) meanwhile() string {
+	switch {
+	case e.state == store.StateCurrent:
+		return "the key Vault holds is the edge's meanwhile"
+	case e.state == store.StatePending && e.noKey:
+		return "the tunnel's first rotation is pending: the edge uses the key written ahead or the key it had before, which Vault never held; " +
+			"a read, a write or the background pass finishes the rotation by sending the key written ahead again"
+	case e.state == store.StatePending:
+		return "the rotation is pending: the edge uses the key written ahead or the stored key; " +
+			"a read, a write or the background pass finishes it by sending the key written ahead again"
+	}
+	return fmt.Sprintf("the tunnel is %s: see state_reason for which key the edge uses", e.state)
 }
 
 // Write is an operator's write: it generates a new key for t and
@@ -85,7 +119,7 @@ func (e *SettlingError) Error() string {
 // stored, so concurrent rotations of one tunnel leave Vault with the key
 // Cloudflare generated last.
 func (e *Engine) Write(ctx context.Context, s logical.Storage, t store.Tunnel, sched *schedule.Schedule) (*store.Record, error) {
-	conn, rec, unlock, err := e.beginWrite(ctx, s, t)
+	conn, rec, unlock, err := e.beginWrite(ctx, s, t, true)
 	if err != nil {
 		return nil, err
 	}
@@ -96,8 +130,12 @@ func (e *Engine) Write(ctx context.Context, s logical.Storage, t store.Tunnel, s
 	}
 	rotated, err := e.generate(ctx, a)
 	if err != nil {
-		if outcomeUnknown(err) {
+		var kept *pendingKeptError
+		if outcomeUnknown(err) && !errors.As(err, &kept) {
 			err = fmt.Errorf("%w; the outcome is unknown, so the tunnel is marked %s until reconciliation learns from Cloudflare whether its key changed", err, store.StateRotationUnknown)
+		}
+		if e.keySource(conn.Settings).Name() == store.KeySourceVault {
+			return nil, fmt.Errorf("set a new psk for %s: %w", t, err)
 		}
 		return nil, fmt.Errorf("generate psk for %s: %w", t, err)
 	}
@@ -117,8 +155,26 @@ type attempt struct {
 	sched   schedule.Schedule
 	trigger Trigger
 	// pending is the record written before the call (begin):
-	// rotation_unknown, with the edge's key as the attempt started.
+	// rotation_unknown, with the edge's key as the attempt started (or
+	// pending, with the key Vault made).
 	pending *store.Record
+	// key is the key Vault made for the attempt ("": Cloudflare makes it),
+	// source the key_source of the key stored, and resend says the attempt
+	// finishes a pending record by sending its key again (vaultkeys.go).
+	key    string
+	source string
+	resend bool
+	// listed is, for a tunnel Vault holds no record of (previous nil),
+	// what an account listing said of it moments before: the edge's key
+	// time and the router facts a first rotation would otherwise read the
+	// tunnel for (edgeBefore); for a record without router facts, where
+	// its facts come from (a batch lists the account once: batch.go).
+	// Nil: read it.
+	listed *cloudflare.TunnelState
+	// batched says a bulk job's batch begins the attempt (beginBatched):
+	// its pending record counts failures from this attempt on, as the job
+	// reads them to back off or give up its resends (routeOf).
+	batched bool
 }
 
 // validateOnly reports whether the attempt only asks Cloudflare to
@@ -149,10 +205,25 @@ func (e *Engine) rotateLocked(ctx context.Context, s logical.Storage, conn Conn,
 // ahead), send (the key source asks the edge), finish (the key stored). A
 // validation that generated nothing puts the record back and returns nil.
 func (e *Engine) generate(ctx context.Context, a *attempt) (*store.Record, error) {
+	if p := a.previous; p != nil && p.SendsMayLand(e.now()) {
+		// A request of the engine's may still change the edge's key (a
+		// key Vault made, finished while an earlier send of it was out):
+		// a different key now could be replaced by it a moment later.
+		return nil, sendsMayLand(a.t, p)
+	}
+	source := e.keySource(a.conn.Settings)
+	key, err := freshKey(ctx, source, a.previous)
+	if err != nil {
+		return nil, err
+	}
+	if key != "" {
+		return e.setNewKey(ctx, a, key)
+	}
+	a.source = source.Name()
 	if err := e.begin(ctx, a); err != nil {
 		return nil, err
 	}
-	answer, err := e.keys.Send(ctx, a.conn.Edge, a.t, a.validateOnly())
+	answer, err := CloudflareKeys{}.Send(ctx, a.conn.Edge, a.t, a.validateOnly())
 	if err != nil {
 		// nil: a validation that provably generated nothing.
 		return nil, e.sendFailed(ctx, a, err)
@@ -203,8 +274,33 @@ func (e *Engine) begin(ctx context.Context, a *attempt) error {
 	// request of the attempt can land after SettleUntil. (It is never held
 	// against Cloudflare's times: see judgeEdge.)
 	pending.RotationStartedAt = e.now().UTC()
-	pending.SettleUntil = pending.RotationStartedAt.Add(settleWindow(a.conn.Settings))
+	// The window is only ever extended: an earlier send's may still be
+	// open (a validation of a key Vault made is sent within it, as it
+	// carries the same key), and it was fixed from that send's own
+	// request_timeout and this node's clock then. A window of today's
+	// request_timeout (lowered since), or of a node whose clock is
+	// behind, can end first, and a different key sent once it ends could
+	// be replaced by the earlier request landing late.
+	pending.SettleUntil = later(pending.SettleUntil, pending.RotationStartedAt.Add(settleWindow(a.conn.Settings)))
 	pending.StateReason = fmt.Sprintf("a %s started at %s and has not finished", a.what(), store.FormatTime(pending.RotationStartedAt))
+	pending.PendingPSK, pending.PendingTrigger = "", ""
+	if a.batched {
+		// A current record keeps the failures of its scheduled rotation
+		// (RetryLater) until a success: copied, the job would take them for
+		// failed resends of its own key and count it failed unsent.
+		pending.ClearFailures()
+	}
+	if a.key != "" {
+		// The key Vault made, written before any request carries it: a lost
+		// answer is finished with it (vaultkeys.go).
+		pending.State, pending.PendingPSK, pending.PendingTrigger = store.StatePending, a.key, string(a.trigger)
+		pending.StateReason = fmt.Sprintf("a rotation with a key Vault made started at %s and Cloudflare has not confirmed it yet: "+
+			"the edge uses that key or the one it had", store.FormatTime(pending.RotationStartedAt))
+		if a.validateOnly() {
+			pending.StateReason = fmt.Sprintf("a validate_only request with the stored key started at %s and has not finished "+
+				"(if the query string was dropped on the way, the edge set the stored key again)", store.FormatTime(pending.RotationStartedAt))
+		}
+	}
 	if err := store.MarkUnresolved(ctx, a.s, a.t); err != nil {
 		return err
 	}
@@ -226,10 +322,17 @@ func (e *Engine) edgeBefore(ctx context.Context, a *attempt) error {
 		// validation: only the edge's key before it tells a key the
 		// validation made from one its answer merely showed
 		// (confirmValidationKey), even where the stored key was replaced
-		// outside this engine and the drift sweep has not seen it yet.
-		edge, err := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID)
-		if err != nil {
-			return &notAttemptedError{err: err}
+		// outside this engine and the drift sweep has not seen it yet. A
+		// tunnel taken under management from an account listing
+		// (include_unmanaged) has what the listing said instead: a key
+		// changed since only makes the judgement more cautious (a
+		// change), never calls a key current.
+		edge := a.listed
+		if edge == nil || previous != nil {
+			var err error
+			if edge, err = a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID); err != nil {
+				return &notAttemptedError{err: err}
+			}
 		}
 		asked = true
 		pending.EdgeKeyBefore, pending.EdgeKeyBeforeSeenAt = edge.PSKLastGeneratedOn, edge.Date
@@ -251,7 +354,11 @@ func (e *Engine) edgeBefore(ctx context.Context, a *attempt) error {
 		// or a first read that failed to give them) gets them on its next
 		// rotation, once: a read of the tunnel, as a first rotation makes.
 		// If it fails the rotation goes on without them.
-		if edge, err := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID); err == nil {
+		edge, err := a.listed, error(nil)
+		if edge == nil {
+			edge, err = a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID)
+		}
+		if err == nil {
 			pending.Facts = e.edgeFacts(a.t, edge, pending.Facts)
 		} else {
 			e.TunnelLogger(a.t).Warn("could not read the tunnel's router facts before a rotation", "error", err)
@@ -337,6 +444,7 @@ func (e *Engine) finish(ctx context.Context, a *attempt, answer *cloudflare.Gene
 		PSK:             answer.PSK,
 		LastGeneratedOn: answer.LastGeneratedOn.UTC(),
 		KeySeenAt:       answer.Date.UTC(),
+		KeySource:       a.source,
 		Version:         pending.Version + 1,
 		StoredAt:        e.now().UTC(),
 		State:           store.StateCurrent,
@@ -348,6 +456,7 @@ func (e *Engine) finish(ctx context.Context, a *attempt, answer *cloudflare.Gene
 	if a.trigger == TriggerHeal {
 		rec.LastHealedAt = rec.StoredAt
 	}
+	e.lingering(a, rec, answer.Date, answer.LastGeneratedOn)
 	// The next rotation counts from this one: a period from now, a cron
 	// expression's next time (a rotation late in its window does not make
 	// the next one late); a schedule shorter than min_rotation_period (set
@@ -367,7 +476,17 @@ func (e *Engine) finish(ctx context.Context, a *attempt, answer *cloudflare.Gene
 		// land: a next write need not wait out the settle window. Best
 		// effort; storage has just failed.
 		pending.SettleUntil = e.now().UTC()
+		if a.previous != nil {
+			// Earlier sends of a key Vault made may still land.
+			pending.SettleUntil = later(a.previous.SettleUntil, pending.SettleUntil)
+		}
 		_ = store.WriteRecord(context.WithoutCancel(ctx), a.s, a.t, pending)
+		if a.key != "" {
+			// The key was written ahead: the record stays pending, and
+			// the next read, write or background pass sets it again and
+			// stores it.
+			return nil, &pendingKeptError{err: fmt.Errorf("cloudflare applied the key Vault made for %s, but Vault could not store the result: %w", a.t, err)}
+		}
 		return nil, e.lostKey(a.t, err)
 	}
 	if !rec.NextRotation.IsZero() {
@@ -400,13 +519,19 @@ func (e *Engine) holdWrongKey(ctx context.Context, a *attempt, cause error) erro
 	s, t, pending := a.s, a.t, a.pending
 	held := *pending
 	held.AnswerHeld = true
+	// Cloudflare answered: no request of this attempt can land later. An
+	// earlier send's window still open is kept (markStale keeps it).
+	held.SettleUntil = time.Time{}
+	if a.previous != nil {
+		held.SettleUntil = a.previous.SettleUntil
+	}
 	reason := fmt.Sprintf("the answer to the %s started at %s carried a key Vault did not store (%v), so the edge probably uses a key nobody holds. "+
 		"Check what answers at base_url (config) before an operator writes this path: the engine generates no key for this tunnel by itself "+
 		"(no heal, no scheduled or bulk rotation) until then",
 		a.what(), store.FormatTime(pending.RotationStartedAt), cause)
 	// Cloudflare answered, so no request of this attempt can still land:
-	// markStale clears the settle window, and the background has nothing
-	// to retry.
+	// markStale clears the settle window (unless an earlier send's is
+	// still open), and the background has nothing to retry.
 	if _, err := e.markStale(ctx, s, t, &held, reason, time.Time{}); err != nil {
 		e.TunnelLogger(t).Warn("could not record an answer with a key of the wrong form; the record stays rotation_unknown", "error", err)
 	}
@@ -501,14 +626,24 @@ func (e *Engine) lostKey(t store.Tunnel, err error) error {
 // what became of the last one: the write is the operator's, so it does not
 // heal (it generates anyway), but it must not act on a guess; while the last
 // rotation may still land, this is a 409 (SettlingError).
-func (e *Engine) beginWrite(ctx context.Context, s logical.Storage, t store.Tunnel) (conn Conn, rec *store.Record, unlock func(), err error) {
+//
+// rotating says the write asks for a new key (not a validation): a pending
+// key whose resend Cloudflare did not apply, once no earlier send of it can
+// land (its window closed), then no longer stops it (refusedResendPassed).
+func (e *Engine) beginWrite(ctx context.Context, s logical.Storage, t store.Tunnel, rotating bool) (conn Conn, rec *store.Record, unlock func(), err error) {
 	if conn, err = e.connect(ctx, s); err != nil {
 		return Conn{}, nil, nil, err
 	}
 	unlock = e.Lock(t)
 	if rec, err = store.ReadRecord(ctx, s, t); err == nil && rec != nil && !rec.Current() {
 		if rec, err = e.reconcileLocked(ctx, s, conn, t, rec, false); err != nil {
-			err = fmt.Errorf("learn the outcome of the last rotation of %s: %w", t, err)
+			if rotating && e.refusedResendPassed(rec, err) {
+				e.TunnelLogger(t).Warn("the pending key's resend was not applied and no earlier send of it can land any more: the write sets a different key",
+					"error", err)
+				err = nil
+			} else {
+				err = fmt.Errorf("learn the outcome of the last rotation of %s: %w", t, err)
+			}
 		}
 	}
 	if err != nil {
@@ -516,6 +651,23 @@ func (e *Engine) beginWrite(ctx context.Context, s logical.Storage, t store.Tunn
 		return Conn{}, nil, nil, err
 	}
 	return conn, rec, unlock, nil
+}
+
+// refusedResendPassed reports whether an operator's write may set a new key
+// although the pending key of rec could not be finished: Cloudflare
+// answered its resend, and did not apply it (unapplied_psks; "psk already
+// in use" is one reason it may give), and the window of every earlier send
+// of it has closed. The edge then uses that key or the one before, and no
+// request of the engine's can change it any more: a different key the edge
+// echoes is the edge's key, whichever it replaced, and one it does not
+// apply puts the pending record back. Without this a resend refused for
+// good would refuse every write for ever. A resend with no answer opens a
+// window of its own (finishPending), so it never passes here until that
+// closes and an answered one is refused.
+func (e *Engine) refusedResendPassed(rec *store.Record, err error) bool {
+	var refused *KeyRefusedError
+	return errors.As(err, &refused) && refused.pending && !TunnelGone(err) &&
+		rec != nil && rec.State == store.StatePending && !rec.SendsMayLand(e.now())
 }
 
 // notAttemptedError is a failure before anything was written or a key asked

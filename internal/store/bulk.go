@@ -24,6 +24,7 @@ const (
 	BulkResultPrefix = "bulkresult/"
 	failedSuffix     = ".failed"
 	skippedSuffix    = ".skipped"
+	retryingSuffix   = ".retrying"
 	// MaxBulkReason bounds the reason kept for a failed or skipped tunnel
 	// (an error from Cloudflare can carry a long message), so that every
 	// result entry is small whatever went wrong.
@@ -43,6 +44,10 @@ type BulkJob struct {
 	Queued int   `json:"queued"`
 	// Queueing is set while rotate/ writes the job's entries.
 	Queueing bool `json:"queueing,omitempty"`
+	// IncludeUnmanaged: the job also took the tunnels Cloudflare listed
+	// that Vault did not manage (Unmanaged of them).
+	IncludeUnmanaged bool `json:"include_unmanaged,omitempty"`
+	Unmanaged        int  `json:"unmanaged,omitempty"`
 	// LegacyFailed and LegacySkipped are the results a version before
 	// result entries kept in the record (tunnel to reason). They are still
 	// counted, beside the job's result entries, and never added to: a job
@@ -55,6 +60,11 @@ type BulkJob struct {
 // BulkResult is the value of a result entry.
 type BulkResult struct {
 	Reason string `json:"reason"`
+	// Attempts and RetryAt, for a tunnel the job retries (RetryingKey):
+	// how often Cloudflare did not apply its key, and when it is sent
+	// again.
+	Attempts int       `json:"attempts,omitempty"`
+	RetryAt  time.Time `json:"retry_at,omitzero"`
 }
 
 func BulkResultsPrefix(account string, minute int64) string {
@@ -69,6 +79,14 @@ func BulkResultKey(account string, minute int64, tunnel string, skipped bool) st
 		suffix = skippedSuffix
 	}
 	return BulkResultsPrefix(account, minute) + tunnel + suffix
+}
+
+// RetryingKey is where the job of minute records that it retries tunnel
+// (Cloudflare did not apply its key), with Cloudflare's reason. Such a
+// tunnel is not counted: it is still remaining, and the entry goes when it
+// is done or counted as failed.
+func RetryingKey(account string, minute int64, tunnel string) string {
+	return BulkResultsPrefix(account, minute) + tunnel + retryingSuffix
 }
 
 // counted reports whether the job has already accounted for tunnel's
@@ -97,6 +115,8 @@ func (j *BulkJob) Counted(ctx context.Context, s logical.Storage, account, tunne
 // BulkResults are the tunnels a job counted as failed and as skipped.
 type BulkResults struct {
 	Failed, Skipped map[string]bool
+	// Retrying are the tunnels the job retries (RetryingKey): not counted.
+	Retrying map[string]bool
 }
 
 func (r BulkResults) Counted(tunnel string) bool { return r.Failed[tunnel] || r.Skipped[tunnel] }
@@ -104,7 +124,7 @@ func (r BulkResults) Counted(tunnel string) bool { return r.Failed[tunnel] || r.
 // results lists the job's failed and skipped tunnels: one List, and those
 // an older version kept in the record.
 func (j *BulkJob) Results(ctx context.Context, s logical.Storage, account string) (BulkResults, error) {
-	r := BulkResults{Failed: map[string]bool{}, Skipped: map[string]bool{}}
+	r := BulkResults{Failed: map[string]bool{}, Skipped: map[string]bool{}, Retrying: map[string]bool{}}
 	for tunnel := range j.LegacyFailed {
 		r.Failed[tunnel] = true
 	}
@@ -120,6 +140,8 @@ func (j *BulkJob) Results(ctx context.Context, s logical.Storage, account string
 			r.Failed[tunnel] = true
 		} else if tunnel, ok := strings.CutSuffix(k, skippedSuffix); ok {
 			r.Skipped[tunnel] = true
+		} else if tunnel, ok := strings.CutSuffix(k, retryingSuffix); ok {
+			r.Retrying[tunnel] = true
 		}
 	}
 	return r, nil
@@ -163,6 +185,34 @@ func (j *BulkJob) ListResults(ctx context.Context, s logical.Storage, account st
 	return out, nil
 }
 
+// ListRetrying returns the first BulkListed of tunnels (retried ones of
+// the job), in tunnel id order, each with Cloudflare's reason, how often
+// its key was not applied and when it is sent again: at most BulkListed
+// Gets.
+func (j *BulkJob) ListRetrying(ctx context.Context, s logical.Storage, account string, tunnels map[string]bool) ([]map[string]any, error) {
+	ids := make([]string, 0, len(tunnels))
+	for tunnel := range tunnels {
+		ids = append(ids, tunnel)
+	}
+	sort.Strings(ids)
+	out := make([]map[string]any, 0, min(len(ids), BulkListed))
+	for _, tunnel := range ids[:min(len(ids), BulkListed)] {
+		key := RetryingKey(account, j.Minute, tunnel)
+		entry, err := s.Get(ctx, key)
+		if err != nil {
+			return nil, fmt.Errorf("read bulk result %s: %w", key, err)
+		}
+		var result BulkResult
+		if entry != nil {
+			if err := entry.DecodeJSON(&result); err != nil {
+				return nil, fmt.Errorf("decode bulk result %s: %w", key, err)
+			}
+		}
+		out = append(out, map[string]any{"tunnel_id": tunnel, "reason": result.Reason, "attempts": result.Attempts, "retry_at": FormatTime(result.RetryAt)})
+	}
+	return out, nil
+}
+
 // BoundReason cuts reason to at most MaxBulkReason bytes, on a character
 // boundary, and says that it did.
 func BoundReason(reason string) string {
@@ -181,6 +231,9 @@ func BoundReason(reason string) string {
 // it; Done + Failed + Skipped + Remaining = Queued.
 type BulkProgress struct {
 	Queued, Done, Failed, Skipped, Remaining int
+	// Retrying counts the remaining tunnels the job retries because
+	// Cloudflare did not apply their key.
+	Retrying int
 }
 
 // abandoned reports whether the job is still marked queueing long after
@@ -197,11 +250,24 @@ func (j *BulkJob) Progress(ctx context.Context, s logical.Storage, account strin
 	if err != nil {
 		return BulkProgress{}, BulkResults{}, err
 	}
-	left, err := CountBulkEntries(ctx, s, j.Minute, account, r.Counted)
+	entries, err := BulkEntriesLeft(ctx, s, j.Minute, account)
 	if err != nil {
 		return BulkProgress{}, BulkResults{}, err
 	}
-	p := BulkProgress{Queued: j.Queued, Failed: len(r.Failed), Skipped: len(r.Skipped)}
+	left := 0
+	for tunnel := range entries {
+		if !r.Counted(tunnel) {
+			left++
+		}
+	}
+	for tunnel := range r.Retrying {
+		// A mark whose removal failed, of a tunnel done or counted since,
+		// is not a retry.
+		if !entries[tunnel] || r.Counted(tunnel) {
+			delete(r.Retrying, tunnel)
+		}
+	}
+	p := BulkProgress{Queued: j.Queued, Failed: len(r.Failed), Skipped: len(r.Skipped), Retrying: len(r.Retrying)}
 	if j.Queueing {
 		// None of its entries has been worked yet.
 		if j.Abandoned(now) {

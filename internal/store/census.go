@@ -80,7 +80,7 @@ const (
 var AttentionKinds = []string{AttentionStale, AttentionFailing, AttentionGone}
 
 // States are the rotation states a count shows, even at zero.
-var States = []string{StateCurrent, StateRotationUnknown, StateStale, StateTunnelGone}
+var States = []string{StateCurrent, StatePending, StateRotationUnknown, StateStale, StateTunnelGone}
 
 // AttentionEntry is the value of an attention/ entry: what a status read
 // says of the tunnel. It never holds a key. Its state and reason are cut

@@ -50,6 +50,29 @@ const BulkSuffix = ".bulk"
 type DueEntry struct {
 	Bulk     bool      `json:"bulk,omitempty"`
 	QueuedAt time.Time `json:"queued_at,omitzero"`
+	// Unmanaged is, for a tunnel Vault did not manage when the job was
+	// queued (rotate/ include_unmanaged=true), what Cloudflare's listing
+	// said of it: its first rotation needs no read of the tunnel.
+	Unmanaged *ListedTunnel `json:"unmanaged,omitempty"`
+	// Attempts counts the times Cloudflare did not apply a key Vault made
+	// for the tunnel in this job (unapplied_psks), and RetryAt is when it
+	// is sent again: the job retries it with backoff.
+	Attempts int       `json:"attempts,omitempty"`
+	RetryAt  time.Time `json:"retry_at,omitzero"`
+}
+
+// ListedTunnel is what an account listing said of a tunnel Vault does not
+// manage.
+type ListedTunnel struct {
+	// KeyGeneratedOn is the edge's psk_metadata.last_generated_on (zero:
+	// none), and ListedAt Cloudflare's time of the listing (its Date).
+	KeyGeneratedOn time.Time `json:"key_generated_on,omitzero"`
+	ListedAt       time.Time `json:"listed_at,omitzero"`
+	// Facts are the router facts as listed, checked and bounded as a
+	// record's are (internal/rotation's ListedFacts), so that the entry
+	// stays small whatever the listing held; checked again before any
+	// reaches a record.
+	Facts Facts `json:"facts"`
 }
 
 // DueItem is one due rotation as loaded from storage.
@@ -110,7 +133,12 @@ func ScheduleRotation(ctx context.Context, s logical.Storage, t Tunnel, at time.
 
 // QueueBulkRotation records a bulk job's rotation of t, due at minute.
 func QueueBulkRotation(ctx context.Context, s logical.Storage, t Tunnel, minute int64, queuedAt time.Time) error {
-	entry, err := logical.StorageEntryJSON(BulkDueKey(minute, t), DueEntry{Bulk: true, QueuedAt: queuedAt.UTC()})
+	return WriteBulkEntry(ctx, s, t, minute, DueEntry{Bulk: true, QueuedAt: queuedAt.UTC()})
+}
+
+// WriteBulkEntry writes a bulk job's entry of t, in minute.
+func WriteBulkEntry(ctx context.Context, s logical.Storage, t Tunnel, minute int64, due DueEntry) error {
+	entry, err := logical.StorageEntryJSON(BulkDueKey(minute, t), due)
 	if err != nil {
 		return fmt.Errorf("encode bulk rotation entry of %s: %w", t, err)
 	}
@@ -123,18 +151,34 @@ func QueueBulkRotation(ctx context.Context, s logical.Storage, t Tunnel, minute 
 // CountBulkEntries counts the bulk entries of account in minute, leaving out
 // the tunnels skip says are already accounted for.
 func CountBulkEntries(ctx context.Context, s logical.Storage, minute int64, account string, skip func(tunnel string) bool) (int, error) {
-	keys, err := s.List(ctx, fmt.Sprintf("%s%010d/", DuePrefix, minute))
+	left, err := BulkEntriesLeft(ctx, s, minute, account)
 	if err != nil {
-		return 0, fmt.Errorf("list the bulk rotations of account %s: %w", account, err)
+		return 0, err
 	}
 	n := 0
-	for _, k := range keys {
-		a, tunnel, bulk, ok := ParseDueName(k)
-		if ok && bulk && a == account && !skip(tunnel) {
+	for tunnel := range left {
+		if !skip(tunnel) {
 			n++
 		}
 	}
 	return n, nil
+}
+
+// BulkEntriesLeft lists the tunnels of account that have a bulk entry in
+// minute: one List.
+func BulkEntriesLeft(ctx context.Context, s logical.Storage, minute int64, account string) (map[string]bool, error) {
+	keys, err := s.List(ctx, fmt.Sprintf("%s%010d/", DuePrefix, minute))
+	if err != nil {
+		return nil, fmt.Errorf("list the bulk rotations of account %s: %w", account, err)
+	}
+	left := map[string]bool{}
+	for _, k := range keys {
+		a, tunnel, bulk, ok := ParseDueName(k)
+		if ok && bulk && a == account {
+			left[tunnel] = true
+		}
+	}
+	return left, nil
 }
 
 // ParseDueName splits the last part of a due/ key: <account>.<tunnel>, with

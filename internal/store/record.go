@@ -32,6 +32,21 @@ const (
 	// never served as current. The drift sweep returns the tunnel to
 	// management if Cloudflare lists it again (GoneLookedAt).
 	StateTunnelGone = "tunnel_gone"
+	// StatePending: a key Vault made (key_source vault) is written ahead in
+	// PendingPSK and is being set on the edge; until Cloudflare echoes it
+	// back as applied, the edge may use it or PSK. The engine finishes by
+	// sending PendingPSK again (internal/rotation/vaultkeys.go).
+	StatePending = "pending"
+)
+
+// Where a stored key was made (Record.KeySource, config key_source).
+const (
+	// KeySourceCloudflare: Cloudflare made the key (psk_generate). Records
+	// stored before the field existed are such.
+	KeySourceCloudflare = "cloudflare"
+	// KeySourceVault: the engine made the key and set it on the edge
+	// (Cloudflare's Set operation).
+	KeySourceVault = "vault"
 )
 
 const (
@@ -52,6 +67,9 @@ type Record struct {
 	PSK string `json:"psk"`
 	// LastGeneratedOn is Cloudflare's psk_metadata.last_generated_on for PSK.
 	LastGeneratedOn time.Time `json:"last_generated_on"`
+	// KeySource is who made PSK (KeySourceCloudflare or KeySourceVault);
+	// "" in records stored before the field existed: Cloudflare.
+	KeySource string `json:"key_source,omitempty"`
 	// Version counts rotations stored by this engine, from 1.
 	Version  int       `json:"version"`
 	StoredAt time.Time `json:"stored_at"`
@@ -72,8 +90,27 @@ type Record struct {
 	// SettleUntil is, for a rotation whose outcome is unknown, the time
 	// after which no request of that attempt can still change the edge's
 	// key. It is fixed when the attempt starts, from the request_timeout in
-	// force then (see internal/rotation's settleWindow).
+	// force then (see internal/rotation's settleWindow). With a key Vault
+	// made it is kept, and pushed on by each send of the same key, after
+	// the key is set and in any state, until it passes: a request of it
+	// abandoned earlier may still land, and no different key may be sent
+	// before then (SendsMayLand).
 	SettleUntil time.Time `json:"settle_until"`
+	// PendingPSK is, in state pending, the key Vault made and wrote here
+	// before any request carried it: the key the engine finishes the
+	// rotation with. It is never served. PendingTrigger is who asked for
+	// it (internal/rotation's Trigger), for the rotation's event.
+	PendingPSK     string `json:"pending_psk,omitempty"`
+	PendingTrigger string `json:"pending_trigger,omitempty"`
+	// LateLandingUntil is, after a key Vault made was set, the latest time
+	// by Cloudflare's clock at which a request of the engine abandoned
+	// earlier, carrying the same key, may still land at the edge and
+	// re-date it (SettleUntil carried over to Cloudflare's clock from the
+	// answer that set the key, with margins), or the time a validate_only
+	// answer gave the stored key (a dropped query string sets it again): a
+	// later last_generated_on up to it may be the engine's own key, not
+	// drift.
+	LateLandingUntil time.Time `json:"late_landing_until,omitzero"`
 	// EdgeKeyBefore is the edge's last_generated_on as last known before
 	// the rotation was sent: the stored key's, or, for a tunnel Vault holds
 	// no key of yet, what Cloudflare said just before (see
@@ -162,6 +199,13 @@ func (r *Record) Settling(now time.Time) bool {
 	return r.State == StateRotationUnknown && now.Before(r.SettleUntil)
 }
 
+// SendsMayLand reports whether a request of the engine's abandoned before
+// now may still change the edge's key, in any state: a rotation whose
+// outcome is unknown, a key written ahead (pending), or one finished with
+// the same key while an earlier request of it is still out. No different
+// key may be sent before SettleUntil: the late request would replace it.
+func (r *Record) SendsMayLand(now time.Time) bool { return now.Before(r.SettleUntil) }
+
 // noteFailure records a failed background attempt and when to try again:
 // exponential backoff from FailureBackoffStart, capped at FailureBackoffMax.
 func (r *Record) NoteFailure(now time.Time, err error) {
@@ -192,7 +236,7 @@ func (r *Record) Schedule() schedule.Schedule {
 }
 
 // Tunnel names one tunnel by its Cloudflare identifiers, in their
-// canonical form (the root package's parseIdentifier, fields.go).
+// canonical form (ParseIdentifier, identifier.go).
 type Tunnel struct {
 	AccountID string
 	TunnelID  string
@@ -296,7 +340,7 @@ type Facts struct {
 	CustomerEndpoint   string `json:"customer_endpoint,omitempty"`
 	// InterfaceAddress and InterfaceAddress6 are Cloudflare's side of the
 	// tunnel's inside subnet (/31 or /30; /127); the router takes the other
-	// address (see the root package's customerSide, response.go).
+	// address (CustomerSide, facts.go).
 	InterfaceAddress  string `json:"interface_address,omitempty"`
 	InterfaceAddress6 string `json:"interface_address6,omitempty"`
 	// CustomFQDNID is custom_remote_identities.fqdn_id: an IKE identity of
@@ -359,4 +403,16 @@ func PutRetrying(ctx context.Context, s logical.Storage, entry *logical.StorageE
 		}
 		backoff *= 2
 	}
+}
+
+// StoredKeySource is who made the stored key: "cloudflare" for a record stored
+// before the field existed, "" while no key is stored.
+func (r *Record) StoredKeySource() string {
+	switch {
+	case r.PSK == "":
+		return ""
+	case r.KeySource == "":
+		return KeySourceCloudflare
+	}
+	return r.KeySource
 }
