@@ -13,7 +13,7 @@ import (
 	"vault-plugin-secrets-cloudflare-ipsec/internal/store"
 )
 
-// TestRev16eALostValidationIsTakenForTheJobsOwnKey: a bulk rotation
+// TestBulkALostValidationIsTakenForTheJobsOwnKey: a bulk rotation
 // (rotate/:account, key_source vault) is queued; before the job reaches a
 // tunnel, an operator's validate_only write of that tunnel loses its answer,
 // leaving the stored key written ahead as pending (PendingTrigger validate).
@@ -35,7 +35,7 @@ import (
 //	Set calls: 2; keys the edge was given since its creation: 1 (the stored key set again counts)
 //
 // and the same for "during the retry backoff" (Set calls: 3).
-func TestRev16eALostValidationIsTakenForTheJobsOwnKey(t *testing.T) {
+func TestBulkALostValidationIsTakenForTheJobsOwnKey(t *testing.T) {
 	// "before the job's pass": the validation lands between the queueing
 	// and the job's first pass; "during the retry backoff": the tunnel's
 	// first send was unapplied (its key put back, the entry retried with
@@ -91,12 +91,12 @@ func distinctKeysOf(env *testEnv, id string) int {
 	return len(seen)
 }
 
-// TestRev16eALostBatchOutlivesASwitchOrARestart: a batch's answer is lost
+// TestBulkALostBatchOutlivesASwitchOrARestart: a batch's answer is lost
 // (its keys pending, RetryAt a settle window on, left to the job); then the
 // mount is switched to key_source cloudflare, or the plugin restarts. The
 // pending keys must still be finished, each tunnel with exactly one new key
 // (the one written ahead), and the job must end.
-func TestRev16eALostBatchOutlivesASwitchOrARestart(t *testing.T) {
+func TestBulkALostBatchOutlivesASwitchOrARestart(t *testing.T) {
 	for _, tc := range []string{"switch to cloudflare", "restart"} {
 		t.Run(tc, func(t *testing.T) {
 			env := newVaultKeysEnv(t)
@@ -133,7 +133,7 @@ func TestRev16eALostBatchOutlivesASwitchOrARestart(t *testing.T) {
 	}
 }
 
-// TestRev16eALostBatchKeyIsCountedFailedForOldFailures: a current record
+// TestBulkALostBatchKeyIsCountedFailedForOldFailures: a current record
 // carries the failures of its scheduled rotation (RetryLater notes each on
 // the current record: 6 after about a day of a refused psk_generate); begin
 // copies them into the bulk job's pending record and nothing clears them.
@@ -153,7 +153,7 @@ func TestRev16eALostBatchOutlivesASwitchOrARestart(t *testing.T) {
 //	batch and 1 more): [map[reason:the key Vault made is pending, and sending it again kept
 //	failing: cloudflare psk_generate: HTTP 403: code 10000: Authentication error (a week ago);
 //	the background pass goes on sending the same key tunnel_id:...]]
-func TestRev16eALostBatchKeyIsCountedFailedForOldFailures(t *testing.T) {
+func TestBulkALostBatchKeyIsCountedFailedForOldFailures(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	ids := managedFleet(t, env, 4)
 	tun := store.Tunnel{AccountID: env.account, TunnelID: ids[0]}
@@ -176,12 +176,12 @@ func TestRev16eALostBatchKeyIsCountedFailedForOldFailures(t *testing.T) {
 	}
 }
 
-// TestRev16eAWriteToAJobsPendingTunnel: a batch's answer is lost; an
+// TestBulkAWriteToAJobsPendingTunnel: a batch's answer is lost; an
 // operator writes one of its tunnels before the job comes back. Whatever
 // the write answers, the edge must end with keys someone asked for (the
 // job's, then at most the operator's), Vault current with the edge's, and
 // the job must end with that tunnel done.
-func TestRev16eAWriteToAJobsPendingTunnel(t *testing.T) {
+func TestBulkAWriteToAJobsPendingTunnel(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	ids := managedFleet(t, env, 4)
 	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
@@ -221,13 +221,13 @@ func respField(resp *logical.Response, k string) any {
 	return resp.Data[k]
 }
 
-// TestRev16eAJobsResendProcessedLate: the batch's answer is lost, and so is
+// TestBulkAJobsResendProcessedLate: the batch's answer is lost, and so is
 // the answer to the job's batched resend, which Cloudflare processes late
 // (within one request_timeout of the caller giving up, the engine's own
 // rule). Meanwhile a read finishes the key and an operator tries a new
 // one: the resend's window (windowFromSend) must hold the write back, or
 // the late resend puts the old key back under a current record.
-func TestRev16eAJobsResendProcessedLate(t *testing.T) {
+func TestBulkAJobsResendProcessedLate(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.clock.freeze()
 	const timeout = 30 * time.Second
@@ -276,7 +276,7 @@ func TestRev16eAJobsResendProcessedLate(t *testing.T) {
 	}
 }
 
-// TestRev16eAListedIDWithDotsIsSkippedWithoutStoppingTheJob: a listed id
+// TestBulkAListedIDWithDotsIsSkippedWithoutStoppingTheJob: a listed id
 // that is not canonical is recorded skipped under listedName, which
 // path-escapes it but leaves "." as it is: an id holding ".." makes a
 // result key that Vault's file storage backend refuses ("path cannot
@@ -293,7 +293,7 @@ func TestRev16eAJobsResendProcessedLate(t *testing.T) {
 //	want the 6 canonical tunnels done
 //	the unmanaged tunnel ... listed after the odd id was not taken under management (record <nil>, <nil>)
 //	(three times)
-func TestRev16eAListedIDWithDotsIsSkippedWithoutStoppingTheJob(t *testing.T) {
+func TestBulkAListedIDWithDotsIsSkippedWithoutStoppingTheJob(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	ids := managedFleet(t, env, 3)
 	// Listed first (the listing is sorted by id), before the unmanaged ones.

@@ -91,7 +91,7 @@ func (p *setProxy) deliver(t *testing.T, i int) {
 	}
 }
 
-// TestRevBulkSplitHalfSentAfterItsSettleWindow: a batch Cloudflare refuses
+// TestBulkSplitHalfSentAfterItsSettleWindow: a batch Cloudflare refuses
 // as too large is halved, and the halves are sent one after the other. Each
 // tunnel's settle window (SettleUntil, "no request of the attempt can land
 // after it") was fixed when the batch was written ahead, so the second half
@@ -108,7 +108,7 @@ func (p *setProxy) deliver(t *testing.T, i int) {
 //
 //	Vault serves a key the edge does not use as current (state current):
 //	the batch's late request landed after a different key was set
-func TestRevBulkSplitHalfSentAfterItsSettleWindow(t *testing.T) {
+func TestBulkSplitHalfSentAfterItsSettleWindow(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.clock.freeze()
 	const timeout = 30 * time.Second // the default request_timeout
@@ -175,7 +175,7 @@ func TestRevBulkSplitHalfSentAfterItsSettleWindow(t *testing.T) {
 	}
 }
 
-// TestRevBulkUnmanagedNonCanonicalIDsAreNotTakenUnderManagement: the
+// TestBulkUnmanagedNonCanonicalIDsAreNotTakenUnderManagement: the
 // account listing names a tunnel by an id that is not in Cloudflare's
 // canonical form (here a dashed UUID; the client only lower-cases ids).
 // include_unmanaged queues it as it is, and the job makes a key for it,
@@ -190,7 +190,7 @@ func TestRevBulkSplitHalfSentAfterItsSettleWindow(t *testing.T) {
 //	include_unmanaged took a tunnel listed as "01234567-89ab-cdef-0123-456789abcdef" under
 //	management: a record is stored under an id no path accepts (read: tunnel must be a
 //	Cloudflare identifier: 32 lower-case hexadecimal characters (got 36 characters))
-func TestRevBulkUnmanagedNonCanonicalIDsAreNotTakenUnderManagement(t *testing.T) {
+func TestBulkUnmanagedNonCanonicalIDsAreNotTakenUnderManagement(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	const odd = "01234567-89ab-cdef-0123-456789abcdef"
 	env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{ID: odd})
@@ -220,7 +220,7 @@ func TestRevBulkUnmanagedNonCanonicalIDsAreNotTakenUnderManagement(t *testing.T)
 	}
 }
 
-// TestRevBulkFactlessRecordsCostAReadEachAndOutliveTheirWindow: records
+// TestBulkFactlessRecordsCostAReadEachAndOutliveTheirWindow: records
 // stored before router facts existed (an upgrade) have no facts, and a
 // rotation of such a record reads the tunnel first (edgeBefore). A batch
 // does that inside begin, tunnel by tunnel, before its one Set call: a bulk
@@ -240,7 +240,7 @@ func TestRevBulkUnmanagedNonCanonicalIDsAreNotTakenUnderManagement(t *testing.T)
 //	settle_until is 1m10.3s after the job started; the batch was sent 30s after
 //	Vault serves a key the edge does not use as current: the batch's late request
 //	landed after a different key was set
-func TestRevBulkFactlessRecordsCostAReadEachAndOutliveTheirWindow(t *testing.T) {
+func TestBulkFactlessRecordsCostAReadEachAndOutliveTheirWindow(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.clock.freeze()
 	const timeout = 30 * time.Second
@@ -340,7 +340,7 @@ func TestRevBulkFactlessRecordsCostAReadEachAndOutliveTheirWindow(t *testing.T) 
 	}
 }
 
-// TestRevBulkListedFactsAreBoundedInTheJobsEntries: include_unmanaged keeps
+// TestBulkListedFactsAreBoundedInTheJobsEntries: include_unmanaged keeps
 // what the listing said of each tunnel (router facts "not yet checked") in
 // the tunnel's bulk entry. A listing whose tunnel has a very long name (or
 // anything else answering at base_url) makes that entry as large as the
@@ -353,7 +353,7 @@ func TestRevBulkFactlessRecordsCostAReadEachAndOutliveTheirWindow(t *testing.T) 
 //	rotate/ include_unmanaged: queue bulk rotation of account ...: 1 of 6 tunnels were queued,
 //	and the job rotates and counts those only: queue bulk rotation of tunnel ... put
 //	due/.../<account>.<tunnel>.bulk: entry of 41209 bytes exceeds the limit of 16384
-func TestRevBulkListedFactsAreBoundedInTheJobsEntries(t *testing.T) {
+func TestBulkListedFactsAreBoundedInTheJobsEntries(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	storage := &limitedStorage{Storage: env.storage, limit: 16 << 10}
 	env.storage = storage
@@ -369,7 +369,7 @@ func TestRevBulkListedFactsAreBoundedInTheJobsEntries(t *testing.T) {
 	}
 }
 
-// TestRevBulkLostBatchAnswerIsFinishedInFewCalls: the answer to a batch of
+// TestBulkLostBatchAnswerIsFinishedInFewCalls: the answer to a batch of
 // 100 keys is lost after the edge took them. Every tunnel stays pending
 // with its key (right), and the job then finishes each with a Set call of
 // its own: a lost answer turns one call per batch into one call per
@@ -380,7 +380,7 @@ func TestRevBulkListedFactsAreBoundedInTheJobsEntries(t *testing.T) {
 // On 3a16cad it printed:
 //
 //	101 Set calls to rotate 100 tunnels whose one batch answer was lost, want at most 3
-func TestRevBulkLostBatchAnswerIsFinishedInFewCalls(t *testing.T) {
+func TestBulkLostBatchAnswerIsFinishedInFewCalls(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	ids := managedFleet(t, env, 100)
 	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
@@ -398,7 +398,7 @@ func TestRevBulkLostBatchAnswerIsFinishedInFewCalls(t *testing.T) {
 	}
 }
 
-// TestRevBulkAJobsPendingKeyIsItsRotationAfterASwitch: a job's batch
+// TestBulkAJobsPendingKeyIsItsRotationAfterASwitch: a job's batch
 // answer is lost (the edge took the keys), and key_source is switched to
 // cloudflare before the job meets its entries again. The job then works
 // them on the single path, which finishes the pending key (this job's own
@@ -411,7 +411,7 @@ func TestRevBulkLostBatchAnswerIsFinishedInFewCalls(t *testing.T) {
 // On 3a16cad it printed:
 //
 //	the tunnel was given 2 new keys for one bulk rotation (psk_generate calls: 1)
-func TestRevBulkAJobsPendingKeyIsItsRotationAfterASwitch(t *testing.T) {
+func TestBulkAJobsPendingKeyIsItsRotationAfterASwitch(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	managedFleet(t, env, 1)
 	env.sim.FailNext(cloudflaresim.OpPSKSet, cloudflaresim.Fault{AfterCommit: true, Hangup: true})
@@ -432,12 +432,12 @@ func TestRevBulkAJobsPendingKeyIsItsRotationAfterASwitch(t *testing.T) {
 	}
 }
 
-// TestRevBulkTunnelDeletedBetweenListAndSet (held: harmless): tunnels, one
+// TestBulkTunnelDeletedBetweenListAndSet (held: harmless): tunnels, one
 // managed and one not, deleted at Cloudflare after the job's listing: the
 // Set answer leaves them unapplied, the listing after it no longer names
 // them, and the job skips both; the managed record is as it was, the
 // unmanaged tunnel has none.
-func TestRevBulkTunnelDeletedBetweenListAndSet(t *testing.T) {
+func TestBulkTunnelDeletedBetweenListAndSet(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	ids := managedFleet(t, env, 3)
 	loose := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
@@ -461,7 +461,7 @@ func TestRevBulkTunnelDeletedBetweenListAndSet(t *testing.T) {
 	}
 }
 
-// TestRevBulkARefusalQuotingPartOfAKeyIsRedacted: Cloudflare (or anything
+// TestBulkARefusalQuotingPartOfAKeyIsRedacted: Cloudflare (or anything
 // at base_url) refuses a batch with a message that quotes the start of a
 // key it refused, cut short, as APIs often quote a value ("psk
 // 'AbCd…' is not accepted"). The client cuts only whole keys out of
@@ -471,7 +471,7 @@ func TestRevBulkTunnelDeletedBetweenListAndSet(t *testing.T) {
 // On 3a16cad it printed (when it failed):
 //
 //	24 characters of a key Vault made appear in the log / rotate/ progress
-func TestRevBulkARefusalQuotingPartOfAKeyIsRedacted(t *testing.T) {
+func TestBulkARefusalQuotingPartOfAKeyIsRedacted(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	managedFleet(t, env, 2)
 	var mu sync.Mutex
@@ -519,11 +519,11 @@ func TestRevBulkARefusalQuotingPartOfAKeyIsRedacted(t *testing.T) {
 	}
 }
 
-// TestRevBulkAListingThatNamesATunnelTwiceQueuesItOnce (held: harmless):
+// TestBulkAListingThatNamesATunnelTwiceQueuesItOnce (held: harmless):
 // the account listing names one unmanaged tunnel twice, once in upper
 // case, and names a managed tunnel in upper case. The job queues the
 // unmanaged tunnel once and the managed one only as managed; one key each.
-func TestRevBulkAListingThatNamesATunnelTwiceQueuesItOnce(t *testing.T) {
+func TestBulkAListingThatNamesATunnelTwiceQueuesItOnce(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	managed := managedFleet(t, env, 2)[1]
 	loose := env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{}).ID
@@ -582,13 +582,13 @@ func TestRevBulkAListingThatNamesATunnelTwiceQueuesItOnce(t *testing.T) {
 	}
 }
 
-// TestRevBulkUnmanagedDottedIDKeepsTheJobsCount (held: harmless for the
+// TestBulkUnmanagedDottedIDKeepsTheJobsCount (held: harmless for the
 // count): a listed id with a dot (not canonical) is queued as it is; the
 // suspicion was that its due/ entry's name would not parse and the job
 // would never count it. It does: queued 2, done 2. (The tunnel is taken
 // under management under that id, as in
-// TestRevBulkUnmanagedNonCanonicalIDsAreNotTakenUnderManagement.)
-func TestRevBulkUnmanagedDottedIDKeepsTheJobsCount(t *testing.T) {
+// TestBulkUnmanagedNonCanonicalIDsAreNotTakenUnderManagement.)
+func TestBulkUnmanagedDottedIDKeepsTheJobsCount(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.sim.AddTunnel(env.account, cloudflaresim.Tunnel{ID: "0123456789abcdef.0123456789abcdef"})
 	env.must(env.request(logical.UpdateOperation, "rotate/"+env.account, map[string]any{"include_unmanaged": true}))
@@ -604,8 +604,8 @@ func TestRevBulkUnmanagedDottedIDKeepsTheJobsCount(t *testing.T) {
 	}
 }
 
-// TestRevBulkSplitHalfLandingLateIsHealedAsDrift: the same sequence as
-// TestRevBulkSplitHalfSentAfterItsSettleWindow, with no operator at all.
+// TestBulkSplitHalfLandingLateIsHealedAsDrift: the same sequence as
+// TestBulkSplitHalfSentAfterItsSettleWindow, with no operator at all.
 // The second half, sent after its window was fixed, is finished with the
 // same key by a read, and then lands late (within one request_timeout of
 // the caller giving up): the edge re-dates the key Vault holds. Its
@@ -618,7 +618,7 @@ func TestRevBulkUnmanagedDottedIDKeepsTheJobsCount(t *testing.T) {
 //
 //	the drift sweep gave the tunnel 2 new keys for one bulk rotation: it took the
 //	batch's own late request for drift (state current)
-func TestRevBulkSplitHalfLandingLateIsHealedAsDrift(t *testing.T) {
+func TestBulkSplitHalfLandingLateIsHealedAsDrift(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.clock.freeze()
 	const timeout = 30 * time.Second

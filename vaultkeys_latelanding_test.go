@@ -18,7 +18,7 @@ import (
 // Third skeptic of issue 16 (key_source vault), on i16-core at 85a4807
 // (b952503, f3c4369, 33dda05, 02cce40).
 
-// TestSkepticCANewKeyInheritsAnEarlierKeysLateLandingBound: b952503 made
+// TestANewKeyInheritsAnEarlierKeysLateLandingBound: b952503 made
 // lingering keep a.previous.LateLandingUntil on every record it stores,
 // and lingering runs in finish() too, for a DIFFERENT key. K1 was finished
 // while its abandoned request could still land (a lost answer, a resend),
@@ -40,7 +40,7 @@ import (
 //	  last_generated_on, and no request of K2 can land
 //	after a listing saw the outside key: read state current, the key is the edge's: false
 //	  (listing in_sync false)
-func TestSkepticCANewKeyInheritsAnEarlierKeysLateLandingBound(t *testing.T) {
+func TestANewKeyInheritsAnEarlierKeysLateLandingBound(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.clock.freeze()
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
@@ -81,7 +81,7 @@ func TestSkepticCANewKeyInheritsAnEarlierKeysLateLandingBound(t *testing.T) {
 	}
 }
 
-// TestSkepticCALostValidationIsWrittenCurrentBeforeItIsJudged:
+// TestALostValidationIsWrittenCurrentBeforeItIsJudged:
 // finishValidation writes the dropped validation back as current, clears
 // the unresolved mark, and only then holds the record against the edge it
 // has already read (compareLocked). If storage fails on the write that
@@ -99,7 +99,7 @@ func TestSkepticCANewKeyInheritsAnEarlierKeysLateLandingBound(t *testing.T) {
 //	the read that judged the lost validation (storage failed on the verdict): state current,
 //	  the key is the edge's: false
 //	the next read: state current, the key is the edge's: false
-func TestSkepticCALostValidationIsWrittenCurrentBeforeItIsJudged(t *testing.T) {
+func TestALostValidationIsWrittenCurrentBeforeItIsJudged(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.clock.freeze()
 	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"heal_stale_psk": false}))
@@ -152,7 +152,7 @@ func (n *noDateWriter) Write(b []byte) (int, error) {
 	return n.ResponseWriter.Write(b)
 }
 
-// TestSkepticCALostValidationLandingLateUnderSkewMakesNoKey (held:
+// TestALostValidationLandingLateUnderSkewMakesNoKey (held:
 // harmless): issue 18's clocks. Vault's clock 60s ahead of or behind
 // Cloudflare's, whole-second times, and no Date header anywhere (so
 // finishValidation carries the validation's window over to Cloudflare's
@@ -161,7 +161,7 @@ func (n *noDateWriter) Write(b []byte) (int, error) {
 // near the end of its window, after a read dropped the lost validation.
 // The drift sweep then finds the stored key re-dated and, healing on, sets
 // it again: no new key, current, honest; a write waits for the window.
-func TestSkepticCALostValidationLandingLateUnderSkewMakesNoKey(t *testing.T) {
+func TestALostValidationLandingLateUnderSkewMakesNoKey(t *testing.T) {
 	for _, skew := range []time.Duration{time.Minute, -time.Minute} {
 		t.Run(fmt.Sprintf("cloudflare %v ahead", skew), func(t *testing.T) {
 			env := newVaultKeysEnv(t)
@@ -221,7 +221,7 @@ func TestSkepticCALostValidationLandingLateUnderSkewMakesNoKey(t *testing.T) {
 	}
 }
 
-// TestSkepticCAWriteThatFindsDriftAfterALostValidationMakesOneKey (held:
+// TestAWriteThatFindsDriftAfterALostValidationMakesOneKey (held:
 // harmless): healing on, a validation's answer is lost, and minutes later
 // (past its late-landing bound) the key is changed outside the engine. The
 // operator's write is the first to meet the pending validation: it finds
@@ -229,7 +229,7 @@ func TestSkepticCALostValidationLandingLateUnderSkewMakesNoKey(t *testing.T) {
 // one new key, current. With the key changed outside BEFORE the
 // validation (a re-date within the bound), the stored key is set again
 // (lateLanding: no key) and the write still sets exactly one new key.
-func TestSkepticCAWriteThatFindsDriftAfterALostValidationMakesOneKey(t *testing.T) {
+func TestAWriteThatFindsDriftAfterALostValidationMakesOneKey(t *testing.T) {
 	for _, before := range []bool{false, true} {
 		t.Run(fmt.Sprintf("changed outside before the validation %v", before), func(t *testing.T) {
 			env := newVaultKeysEnv(t)
@@ -261,18 +261,18 @@ func TestSkepticCAWriteThatFindsDriftAfterALostValidationMakesOneKey(t *testing.
 	}
 }
 
-// TestSkepticCAResendCloudflareRefusedStillOpensAWindow was here: a
+// TestAResendCloudflareRefusedStillOpensAWindow was here: a
 // resend refused before any processing (a 429, or the engine's budget)
 // keeps the window finishPending pushed on for it. Accepted, and
 // documented in docs/failure-modes.md ("Keys Vault makes").
 
-// TestSkepticCALostValidationWhoseTunnelReadFails (held: harmless): a
+// TestALostValidationWhoseTunnelReadFails (held: harmless): a
 // validation's answer is lost after its query string was dropped (the
 // stored key set again, re-dated). The read that meets it cannot read the
 // tunnel: a 500 leaves it pending (nothing served as current, nothing
 // sent), a write meanwhile is refused, and a 404 records it tunnel_gone
 // without a pending key. Honest at each step; no key made, no Set sent.
-func TestSkepticCALostValidationWhoseTunnelReadFails(t *testing.T) {
+func TestALostValidationWhoseTunnelReadFails(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.clock.freeze()
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
@@ -316,7 +316,7 @@ func TestSkepticCALostValidationWhoseTunnelReadFails(t *testing.T) {
 	}
 }
 
-// TestSkepticCAReturnedTunnelsOwnLateLandingIsHealedWithANewKey: MarkGone
+// TestAReturnedTunnelsOwnLateLandingIsHealedWithANewKey: MarkGone
 // keeps LateLandingUntil ("no different key before it ends"), but
 // ReturnGone never looks at it. K1 was finished while its abandoned
 // request was still out; the request lands and re-dates K1 (the edge
@@ -332,7 +332,7 @@ func TestSkepticCALostValidationWhoseTunnelReadFails(t *testing.T) {
 // Printed on 85a4807:
 //
 //	the edge was given 3 different keys, want 2 (K0, K1): a heal replaced K1, which the edge used
-func TestSkepticCAReturnedTunnelsOwnLateLandingIsHealedWithANewKey(t *testing.T) {
+func TestAReturnedTunnelsOwnLateLandingIsHealedWithANewKey(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.clock.freeze()
 	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"drift_check_interval": "1m"}))

@@ -13,7 +13,7 @@ import (
 
 // Second skeptic of issue 16 (key_source vault), on i16-core at 9892e9b.
 
-// TestSkepticAValidationsLostAnswerThenAReadReplacesAKeyChangedOutside:
+// TestAValidationsLostAnswerThenAReadReplacesAKeyChangedOutside:
 // heal_stale_psk is off, and the tunnel's key was changed outside the engine
 // (dashboard, Terraform, another mount) before the drift sweep saw it. An
 // operator runs validate_only; its Set?validate_only=true gets a 503 (no
@@ -30,7 +30,7 @@ import (
 //	a validation whose answer was lost, then a read, replaced the key changed outside
 //	the engine with heal_stale_psk off (Set calls 1 -> 3, edge key is the stored one: true;
 //	read state current)
-func TestSkepticAValidationsLostAnswerThenAReadReplacesAKeyChangedOutside(t *testing.T) {
+func TestAValidationsLostAnswerThenAReadReplacesAKeyChangedOutside(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"heal_stale_psk": false}))
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
@@ -56,7 +56,7 @@ func TestSkepticAValidationsLostAnswerThenAReadReplacesAKeyChangedOutside(t *tes
 	assertHonest(t, env)
 }
 
-// TestSkepticAValidationsLostAnswerShortensAnEarlierSendsWindow: a
+// TestAValidationsLostAnswerShortensAnEarlierSendsWindow: a
 // validate_only write is accepted while a window of an earlier send of the
 // stored key is still open (it sends the same key, so it need not wait).
 // begin() writes the pending record with settle_until = now + the window of
@@ -80,7 +80,7 @@ func TestSkepticAValidationsLostAnswerThenAReadReplacesAKeyChangedOutside(t *tes
 //	(both) a write 12.5s after the abandoned send: status 200 (want 409: the abandoned request
 //	  of K1 may still land until ...)
 //	(both) after the late landing: state current but the key is not the edge's (edge uses K1: true)
-func TestSkepticAValidationsLostAnswerShortensAnEarlierSendsWindow(t *testing.T) {
+func TestAValidationsLostAnswerShortensAnEarlierSendsWindow(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		// between runs after K1 was finished and before the validation.
@@ -137,14 +137,14 @@ func TestSkepticAValidationsLostAnswerShortensAnEarlierSendsWindow(t *testing.T)
 	}
 }
 
-// TestSkepticARestartMidRequestFinishesWithTheSameKey (held: harmless): the
+// TestARestartMidRequestFinishesWithTheSameKey (held: harmless): the
 // plugin is replaced over the same storage while the edge holds a request
 // of K1 it will process late (the old process gave up or was killed). The
 // new process knows nothing in memory; a read at once finishes K1 with the
 // same key, a write is refused a different key while the old request may
 // land, and when it lands every read still serves the edge's key. The edge
 // was given exactly one new key.
-func TestSkepticARestartMidRequestFinishesWithTheSameKey(t *testing.T) {
+func TestARestartMidRequestFinishesWithTheSameKey(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.clock.freeze()
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))

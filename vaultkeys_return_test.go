@@ -27,7 +27,7 @@ func newVaultHandClockedEnv(t *testing.T, created time.Time, precision time.Dura
 	return env, edge
 }
 
-// TestSkepticDLostValidationWrittenCurrentOverAnOlderEdgeKey: d22d6e9
+// TestLostValidationWrittenCurrentOverAnOlderEdgeKey: d22d6e9
 // says "Only the verdict is stored ... never `current` for a key the edge
 // was just seen not to use". finishValidation reads the tunnel itself,
 // under the lock, long after the stored key was seen, and hands that read
@@ -49,7 +49,7 @@ func newVaultHandClockedEnv(t *testing.T, created time.Time, precision time.Dura
 //
 // It prints the same with internal/rotation and path_psk.go of 85a4807
 // (compareLocked after writing current): not new, but d22d6e9's claim.
-func TestSkepticDLostValidationWrittenCurrentOverAnOlderEdgeKey(t *testing.T) {
+func TestLostValidationWrittenCurrentOverAnOlderEdgeKey(t *testing.T) {
 	base := time.Now().Truncate(time.Second).Add(100 * time.Millisecond)
 	env, edge := newVaultHandClockedEnv(t, base.Add(-100*time.Second), time.Second)
 	edge.set(base)
@@ -80,12 +80,12 @@ func TestSkepticDLostValidationWrittenCurrentOverAnOlderEdgeKey(t *testing.T) {
 	}
 }
 
-// TestSkepticDOlderEdgeKeyWithoutDateIsNeverDrift: judgeCurrent's
+// TestOlderEdgeKeyWithoutDateIsNeverDrift: judgeCurrent's
 // listedAfter needs a Date on the look and a KeySeenAt on the record;
 // without either it concludes nothing for an edge key dated before the
 // stored one, for a sweep's listing and for finishValidation's own read.
 // Behind a proxy at base_url that drops Date (the case
-// TestSkepticCALostValidationLandingLateUnderSkewMakesNoKey builds, and
+// TestALostValidationLandingLateUnderSkewMakesNoKey builds, and
 // finishValidation's "no Date: this node's clock stands in" serves), or for
 // a record stored before KeySeenAt existed, an outside key dated before
 // the stored one (Cloudflare's clock stepped back 5 s, as in
@@ -104,7 +104,7 @@ func TestSkepticDLostValidationWrittenCurrentOverAnOlderEdgeKey(t *testing.T) {
 //
 // (It prints the same at 85a4807's internal/rotation: compareLocked had the
 // same listedAfter guard. The lost validation's half is d22d6e9's claim.)
-func TestSkepticDOlderEdgeKeyWithoutDateIsNeverDrift(t *testing.T) {
+func TestOlderEdgeKeyWithoutDateIsNeverDrift(t *testing.T) {
 	base := time.Now().Truncate(time.Second).Add(100 * time.Millisecond)
 	env, edge := newVaultHandClockedEnv(t, base.Add(-100*time.Second), time.Second)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -150,7 +150,7 @@ func TestSkepticDOlderEdgeKeyWithoutDateIsNeverDrift(t *testing.T) {
 	assertHonest(t, env)
 }
 
-// TestSkepticDOwnLandingDatedEarlierIsHealedWithANewKey, the skeptic's
+// TestOwnLandingDatedEarlierIsHealedWithANewKey, the skeptic's
 // next test, was left out as a known limit that predates key_source vault
 // (it prints the same at 85a4807's internal/rotation), documented in
 // docs/failure-modes.md (Keys Vault makes): with Cloudflare's clock stepped
@@ -159,14 +159,14 @@ func TestSkepticDOlderEdgeKeyWithoutDateIsNeverDrift(t *testing.T) {
 // validation takes that for an outside change and (heal_stale_psk on)
 // heals it with a new key, although the edge used Vault's key throughout.
 //
-// TestSkepticDOlderEdgeKeyWithoutDateIsNeverDrift above was to be left out
+// TestOlderEdgeKeyWithoutDateIsNeverDrift above was to be left out
 // too, but passes since the lost validation's own read no longer takes
 // listedAfter's "nothing concluded" (finishValidation's sighting is fresh).
 // Its other half stays a documented limit: without a Date header (or
 // KeySeenAt), and no validation to read the tunnel, the drift sweep never
 // finds an outside key dated before the stored one.
 
-// TestSkepticDReturnedTunnelChangedOutsideWithinItsBound (held: honest):
+// TestReturnedTunnelChangedOutsideWithinItsBound (held: honest):
 // 50053d1 judges a returned tunnel's key re-dated within LateLandingUntil
 // as the engine's own late landing (lateLanding). Here it is not: K1 was
 // finished while its abandoned request was out (bound ~ window + 61 s),
@@ -179,7 +179,7 @@ func TestSkepticDOlderEdgeKeyWithoutDateIsNeverDrift(t *testing.T) {
 // uses. The stale reason with healing off says "the edge probably uses
 // the stored key, re-dated", which is a guess here, but the state is
 // honest.
-func TestSkepticDReturnedTunnelChangedOutsideWithinItsBound(t *testing.T) {
+func TestReturnedTunnelChangedOutsideWithinItsBound(t *testing.T) {
 	for _, heal := range []bool{false, true} {
 		t.Run(fmt.Sprintf("heal %v", heal), func(t *testing.T) {
 			env := newVaultKeysEnv(t)
@@ -222,12 +222,12 @@ func TestSkepticDReturnedTunnelChangedOutsideWithinItsBound(t *testing.T) {
 	}
 }
 
-// TestSkepticDCrashBetweenVerdictAndClearingTheMark (held: harmless):
+// TestCrashBetweenVerdictAndClearingTheMark (held: harmless):
 // finishValidation's in-sync path writes the record current and then
 // clears the unresolved mark; a crash between leaves a current record
 // marked unresolved. The background pass clears the mark and sends
 // nothing; reads serve the stored key, which is the edge's.
-func TestSkepticDCrashBetweenVerdictAndClearingTheMark(t *testing.T) {
+func TestCrashBetweenVerdictAndClearingTheMark(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.clock.freeze()
 	env.must(env.request(logical.UpdateOperation, env.pskPath(), nil))
@@ -253,7 +253,7 @@ func TestSkepticDCrashBetweenVerdictAndClearingTheMark(t *testing.T) {
 	assertKeyCurrent(t, env, "after the background pass")
 }
 
-// TestSkepticDReturnedTunnelRevertsALostRotationToTheOldKey: 50053d1's
+// TestReturnedTunnelRevertsALostRotationToTheOldKey: 50053d1's
 // edgeReDated applies LateLandingUntil to any returned record with a key.
 // But begin copies the previous record into an attempt's record, bound
 // included, so a record found gone while ANOTHER key's rotation was
@@ -274,7 +274,7 @@ func TestSkepticDCrashBetweenVerdictAndClearingTheMark(t *testing.T) {
 // Printed on 87c16bc:
 //
 //	after the return: the edge uses K1 again, the key the operator's rotation replaced (state current, Set requests since the rotation: 1)
-func TestSkepticDReturnedTunnelRevertsALostRotationToTheOldKey(t *testing.T) {
+func TestReturnedTunnelRevertsALostRotationToTheOldKey(t *testing.T) {
 	env := newVaultKeysEnv(t)
 	env.clock.freeze()
 	env.must(env.request(logical.UpdateOperation, "config", map[string]any{"heal_stale_psk": true, "drift_check_interval": "1m"}))
