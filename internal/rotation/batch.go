@@ -460,15 +460,7 @@ func (e *Engine) resendRefused(ctx context.Context, a *attempt, listed map[strin
 	if refused == nil {
 		return BatchResult{Outcome: BatchPending, Err: e.keepForJob(ctx, a, err)}
 	}
-	// Answered, so this request cannot land later: only the windows of
-	// earlier sends remain (as keyUnapplied's).
-	a.pending.SettleUntil = a.previous.SettleUntil
-	a.pending.NoteFailure(e.now(), refused)
-	a.pending.StateReason = fmt.Sprintf("the rotation with a key Vault made, started at %s, has an unknown outcome: %v",
-		store.FormatTime(a.pending.RotationStartedAt), refused)
-	if werr := store.WriteRecord(context.WithoutCancel(ctx), a.s, a.t, a.pending); werr != nil {
-		e.TunnelLogger(a.t).Warn("could not record a refused resend", "error", werr)
-	}
+	e.keepRefusedResend(ctx, a, refused)
 	return BatchResult{Outcome: BatchPending, Err: refused}
 }
 

@@ -385,21 +385,26 @@ func (e *Engine) keyUnapplied(ctx context.Context, a *attempt, reason string) er
 		return fmt.Errorf("%w: %w", refused, err)
 	}
 	if a.resend {
-		// Answered, so this request cannot land later: only the windows
-		// of earlier sends remain (finishPending pushed it on for this
-		// one), and once they close a write may set a different key
-		// (refusedResendPassed).
-		a.pending.SettleUntil = a.previous.SettleUntil
-		a.pending.NoteFailure(e.now(), refused)
-		a.pending.StateReason = fmt.Sprintf("the rotation with a key Vault made, started at %s, has an unknown outcome: %v",
-			store.FormatTime(a.pending.RotationStartedAt), refused)
-		if err := store.WriteRecord(context.WithoutCancel(ctx), a.s, a.t, a.pending); err != nil {
-			e.TunnelLogger(a.t).Warn("could not record a refused resend", "error", err)
-		}
+		e.keepRefusedResend(ctx, a, refused)
 		return refused
 	}
 	e.restore(ctx, a.s, a.t, a.previous)
 	return refused
+}
+
+// keepRefusedResend records a resend of a's pending key that Cloudflare
+// answered without applying it: the key stays pending. Answered, so this
+// request cannot land later: only the windows of earlier sends remain
+// (finishPending pushed it on for this one), and once they close a write
+// may set a different key (refusedResendPassed).
+func (e *Engine) keepRefusedResend(ctx context.Context, a *attempt, refused error) {
+	a.pending.SettleUntil = a.previous.SettleUntil
+	a.pending.NoteFailure(e.now(), refused)
+	a.pending.StateReason = fmt.Sprintf("the rotation with a key Vault made, started at %s, has an unknown outcome: %v",
+		store.FormatTime(a.pending.RotationStartedAt), refused)
+	if err := store.WriteRecord(context.WithoutCancel(ctx), a.s, a.t, a.pending); err != nil {
+		e.TunnelLogger(a.t).Warn("could not record a refused resend", "error", err)
+	}
 }
 
 // finishSameKey records the stored key set again (drift that may be the
