@@ -377,13 +377,9 @@ func (e *Engine) batchAnswered(ctx context.Context, conn Conn, batch []*attempt,
 		r, _ := res.Tunnel(a.t.TunnelID)
 		switch r.Outcome {
 		case cloudflare.PSKApplied:
-			var rec *store.Record
-			var err error
-			if a.resend && a.key == a.previous.PSK {
-				rec, err = e.finishSameKey(ctx, a, r)
-			} else {
-				rec, err = e.finish(ctx, a, &cloudflare.GeneratedPSK{PSK: a.key, LastGeneratedOn: r.LastGeneratedOn, IPsecID: r.IPsecID, Date: r.Date})
-			}
+			// A new key is never the stored one (freshKey), so only a
+			// resend can set the stored key again.
+			rec, err := e.keyApplied(ctx, a, r)
 			results[i] = BatchResult{Outcome: BatchStored, Record: rec, Err: err}
 			if err != nil {
 				results[i].Outcome = BatchPending // finish keeps it pending
@@ -446,15 +442,12 @@ func (e *Engine) resendRefused(ctx context.Context, a *attempt, listed map[strin
 		cause = refused
 	}
 	if _, ok := listed[a.t.TunnelID]; mayBeGone && listed != nil && !ok {
-		if _, gerr := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID); cloudflare.NotFound(gerr) {
-			if _, merr := e.MarkGone(context.WithoutCancel(ctx), a.s, a.t, a.pending); merr != nil {
-				e.TunnelLogger(a.t).Warn("could not record that the tunnel is gone", "error", merr)
-			}
+		if gone := e.resendGone(ctx, a, cause); gone != nil {
 			reason := fmt.Sprint(err)
 			if refused != nil {
 				reason = refused.reason
 			}
-			return BatchResult{Outcome: BatchGone, Reason: reason, Err: fmt.Errorf("%w (the resend of the pending key was refused too: %v)", gerr, cause)}
+			return BatchResult{Outcome: BatchGone, Reason: reason, Err: gone}
 		}
 	}
 	if refused == nil {

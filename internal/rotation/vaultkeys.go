@@ -293,10 +293,7 @@ func (e *Engine) keySent(ctx context.Context, a *attempt, res *cloudflare.SetPSK
 	r, _ := res.Tunnel(a.t.TunnelID)
 	switch r.Outcome {
 	case cloudflare.PSKApplied:
-		if a.previous != nil && a.key == a.previous.PSK {
-			return e.finishSameKey(ctx, a, r)
-		}
-		return e.finish(ctx, a, &cloudflare.GeneratedPSK{PSK: a.key, LastGeneratedOn: r.LastGeneratedOn, IPsecID: r.IPsecID, Date: r.Date})
+		return e.keyApplied(ctx, a, r)
 	case cloudflare.PSKUnapplied:
 		return nil, e.keyUnapplied(ctx, a, r.Reason)
 	}
@@ -321,15 +318,35 @@ func (e *Engine) setFailed(ctx context.Context, a *attempt, err error) error {
 		return err
 	}
 	if a.resend && cloudflare.NotFound(err) {
-		if _, gerr := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID); cloudflare.NotFound(gerr) {
-			if _, merr := e.MarkGone(context.WithoutCancel(ctx), a.s, a.t, a.pending); merr != nil {
-				e.TunnelLogger(a.t).Warn("could not record that the tunnel is gone", "error", merr)
-			}
-			// The read's 404 first, so that TunnelGone sees it.
-			return fmt.Errorf("%w (the resend of the pending key was refused too: %v)", gerr, err)
+		if gone := e.resendGone(ctx, a, err); gone != nil {
+			return gone
 		}
 	}
 	return e.keepPending(ctx, a, err)
+}
+
+// resendGone reads the tunnel whose pending key's resend was refused
+// (cause) and, when the read answers 404 too, records it gone and returns
+// why; nil when the tunnel is there (or the read failed otherwise).
+func (e *Engine) resendGone(ctx context.Context, a *attempt, cause error) error {
+	_, gerr := a.conn.Edge.GetTunnel(ctx, a.t.AccountID, a.t.TunnelID)
+	if !cloudflare.NotFound(gerr) {
+		return nil
+	}
+	if _, merr := e.MarkGone(context.WithoutCancel(ctx), a.s, a.t, a.pending); merr != nil {
+		e.TunnelLogger(a.t).Warn("could not record that the tunnel is gone", "error", merr)
+	}
+	// The read's 404 first, so that TunnelGone sees it.
+	return fmt.Errorf("%w (the resend of the pending key was refused too: %v)", gerr, cause)
+}
+
+// keyApplied stores a's key, which Cloudflare's answer r says it applied:
+// the stored key set again, or a new one.
+func (e *Engine) keyApplied(ctx context.Context, a *attempt, r cloudflare.TunnelPSKResult) (*store.Record, error) {
+	if a.previous != nil && a.key == a.previous.PSK {
+		return e.finishSameKey(ctx, a, r)
+	}
+	return e.finish(ctx, a, &cloudflare.GeneratedPSK{PSK: a.key, LastGeneratedOn: r.LastGeneratedOn, IPsecID: r.IPsecID, Date: r.Date})
 }
 
 // TunnelGone reports whether err says that Cloudflare does not have the
