@@ -400,15 +400,12 @@ func judgeEntry(k PSKToSet, found []answerEntry, validateOnly bool, redact *reda
 	if !ok {
 		return unknown("the answer's entry for this tunnel in successfully_applied_psks is not an object")
 	}
+	// A field is taken only when the entry carries it exactly once.
 	get := func(name string) (json.RawMessage, bool) {
-		var value json.RawMessage
-		n := 0
-		for _, f := range fields {
-			if f.name == name {
-				value, n = f.value, n+1
-			}
+		if f := fieldsNamed(fields, name); len(f) == 1 {
+			return f[0].value, true
 		}
-		return value, n == 1
+		return nil, false
 	}
 	var psk string
 	if raw, ok := get("psk"); !ok || string(raw) == "null" || json.Unmarshal(raw, &psk) != nil {
