@@ -300,7 +300,7 @@ func (sc *scheduler) routeOf(ctx context.Context, m *setMember, queuedAt time.Ti
 		sc.w.engine.TunnelLogger(item.Tunnel).Warn("scheduler could not read a record", "error", readErr)
 		return routeDone, dueKept
 	case rec == nil && due.Unmanaged == nil:
-		return routeDone, sc.countBulk(ctx, item, tracked, true, "not stored in Vault any more: its key was deleted after the job was queued")
+		return routeDone, sc.countBulk(ctx, item, tracked, true, reasonDeleted)
 	case rec == nil:
 		return routeBatch, dueOutcome{}
 	case !queuedAt.IsZero() && rec.StoredAt.After(queuedAt):
@@ -345,7 +345,7 @@ func (sc *scheduler) setOutcome(ctx context.Context, m *setMember, r rotation.Ba
 		}
 		return dueFinished
 	case rotation.BatchGone:
-		return sc.countBulk(ctx, item, m.tracked, true, "no longer exists at Cloudflare (deleted, or out of the API token's reach): "+r.Reason)
+		return sc.countBulk(ctx, item, m.tracked, true, reasonGone+": "+r.Reason)
 	case rotation.BatchUnapplied:
 		return sc.retryUnapplied(ctx, m, r.Reason)
 	case rotation.BatchPending:

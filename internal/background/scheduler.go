@@ -626,7 +626,7 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 		return sc.rotateUnmanaged(ctx, item, due, tracked)
 	}
 	if rec == nil {
-		return sc.countBulk(ctx, item, tracked, true, "not stored in Vault any more: its key was deleted after the job was queued")
+		return sc.countBulk(ctx, item, tracked, true, reasonDeleted)
 	}
 	if !queuedAt.IsZero() && rec.StoredAt.After(queuedAt) {
 		// A key was stored since the job was queued: by this job, on a pass
@@ -642,20 +642,36 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 		return dueOutcome{postpone: time.Minute}
 	}
 	rotated, err := w.engine.RotateNow(ctx, s, conn, t, rec, rotation.TriggerBulk)
+	return sc.bulkRotated(ctx, item, tracked, rotated, err,
+		"not stored in Vault any more: its only rotation turned out never to have happened, so Vault held no key for it", "bulk rotation failed")
+}
+
+// bulkRotated is what becomes of a bulk job's entry once its tunnel's
+// rotation returned rotated and err: noKey is the reason it is skipped when
+// the rotation left no key, failed what is logged when it failed.
+func (sc *scheduler) bulkRotated(ctx context.Context, item store.DueItem, tracked bool, rotated *store.Record, err error, noKey, failed string) dueOutcome {
 	if outcome, notNow := notNowOutcome(err); notNow {
 		return outcome
 	}
 	switch {
 	case err == nil && rotated == nil:
-		return sc.countBulk(ctx, item, tracked, true, "not stored in Vault any more: its only rotation turned out never to have happened, so Vault held no key for it")
+		return sc.countBulk(ctx, item, tracked, true, noKey)
 	case err == nil:
 		return dueFinished
 	case rotation.TunnelGone(err):
-		return sc.countBulk(ctx, item, tracked, true, "no longer exists at Cloudflare (deleted, or out of the API token's reach)")
+		// A 404 of the tunnel's own (not of the Set operation, which is
+		// the account's).
+		return sc.countBulk(ctx, item, tracked, true, reasonGone)
 	}
-	w.engine.TunnelLogger(t).Warn("bulk rotation failed", "error", err)
+	sc.w.engine.TunnelLogger(item.Tunnel).Warn(failed, "error", err)
 	return sc.countBulk(ctx, item, tracked, false, err.Error())
 }
+
+// The reasons a bulk job shows for a tunnel it skipped.
+const (
+	reasonGone    = "no longer exists at Cloudflare (deleted, or out of the API token's reach)"
+	reasonDeleted = "not stored in Vault any more: its key was deleted after the job was queued"
+)
 
 // rotateUnmanaged gives a tunnel Vault did not manage when its job was
 // queued (include_unmanaged) its first key, as a first write does, from
@@ -666,22 +682,9 @@ func (sc *scheduler) rotateUnmanaged(ctx context.Context, item store.DueItem, du
 		return dueOutcome{postpone: time.Minute}
 	}
 	rotated, err := sc.w.engine.RotateUnmanaged(ctx, sc.storage, conn, item.Tunnel, listedState(item.Tunnel, due), rotation.TriggerBulk)
-	if outcome, notNow := notNowOutcome(err); notNow {
-		return outcome
-	}
-	switch {
-	case err == nil && rotated == nil:
-		// A validation only: cannot happen for a bulk rotation.
-		return sc.countBulk(ctx, item, tracked, true, "no key was made")
-	case err == nil:
-		return dueFinished
-	case rotation.TunnelGone(err):
-		// A 404 of the tunnel's own (not of the Set operation, which is
-		// the account's).
-		return sc.countBulk(ctx, item, tracked, true, "no longer exists at Cloudflare (deleted, or out of the API token's reach)")
-	}
-	sc.w.engine.TunnelLogger(item.Tunnel).Warn("bulk rotation of a tunnel not managed before failed", "error", err)
-	return sc.countBulk(ctx, item, tracked, false, err.Error())
+	// No key made would be a validation only: cannot happen for a bulk
+	// rotation.
+	return sc.bulkRotated(ctx, item, tracked, rotated, err, "no key was made", "bulk rotation of a tunnel not managed before failed")
 }
 
 // bulkEntryOfItsJob holds a bulk entry against the job it belongs to.
