@@ -96,6 +96,13 @@ func (b *Budget) Block(until time.Time) {
 	b.mu.Lock()
 	before := b.blockedUntilLocked()
 	b.blockLocked(until)
+	b.unlockAndTell(before)
+}
+
+// unlockAndTell releases mu, which the caller holds, and tells the hook set
+// by SetOnBlock when BlockedUntil moved later than before, after the lock
+// is released (the hook may store it, or ask the Budget).
+func (b *Budget) unlockAndTell(before time.Time) {
 	after := b.blockedUntilLocked()
 	hook := b.onBlock
 	b.mu.Unlock()
@@ -214,28 +221,18 @@ func (b *Budget) Used() int {
 // SetOnBlock is told, as of a block.
 func (b *Budget) Observe(remaining int, reset time.Duration) {
 	b.mu.Lock()
-	b.observeAndTell(b.taken, remaining, reset)
+	before := b.blockedUntilLocked()
+	b.observeLocked(b.taken, remaining, reset)
+	b.unlockAndTell(before)
 }
 
 // observe is Observe for the answer to call number seq (from take): calls
 // allowed after it may have reached Cloudflare after it counted.
 func (b *Budget) observe(seq uint64, remaining int, reset time.Duration) {
 	b.mu.Lock()
-	b.observeAndTell(seq, remaining, reset)
-}
-
-// observeAndTell records the count, releases mu (which the caller holds)
-// and tells the hook when BlockedUntil moved later, after the lock is
-// released, as Block does.
-func (b *Budget) observeAndTell(seq uint64, remaining int, reset time.Duration) {
 	before := b.blockedUntilLocked()
 	b.observeLocked(seq, remaining, reset)
-	after := b.blockedUntilLocked()
-	hook := b.onBlock
-	b.mu.Unlock()
-	if after.After(before) && hook != nil {
-		hook(after)
-	}
+	b.unlockAndTell(before)
 }
 
 func (b *Budget) observeLocked(seq uint64, remaining int, reset time.Duration) {
@@ -304,12 +301,7 @@ func (b *Budget) take() (uint64, *BudgetError) {
 	b.mu.Lock()
 	before := b.blockedUntilLocked()
 	seq, err := b.takeLocked()
-	after := b.blockedUntilLocked()
-	hook := b.onBlock
-	b.mu.Unlock()
-	if after.After(before) && hook != nil {
-		hook(after)
-	}
+	b.unlockAndTell(before)
 	return seq, err
 }
 
