@@ -181,6 +181,19 @@ func (s *Server) acceptLate(w http.ResponseWriter, r *http.Request, op Operation
 
 // jsonObjectBody reports whether a request carries a JSON object, as
 // psk_generate requires (the same check as pskGenerate's).
+// readJSONObject reads r's body, at most limit bytes, as a JSON object
+// sent as application/json; false when it is not one.
+func readJSONObject(r *http.Request, limit int64) (map[string]json.RawMessage, bool) {
+	if !strings.HasPrefix(r.Header.Get("Content-Type"), "application/json") {
+		return nil, false
+	}
+	var body map[string]json.RawMessage
+	if json.NewDecoder(io.LimitReader(r.Body, limit)).Decode(&body) != nil || body == nil {
+		return nil, false
+	}
+	return body, true
+}
+
 func jsonObjectBody(r *http.Request) bool {
 	var body map[string]any
 	return strings.HasPrefix(r.Header.Get("Content-Type"), "application/json") &&

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"strings"
 )
@@ -157,11 +156,8 @@ func (s *Server) readPSKSet(w http.ResponseWriter, r *http.Request) *pskSetReque
 // schema's magic_ipsec_tunnels_psk_request describes it. Fields the schema
 // does not name are ignored, as the schema allows them.
 func decodePSKSetBody(r *http.Request) ([]pskEntry, *Message) {
-	if !strings.HasPrefix(r.Header.Get("Content-Type"), "application/json") {
-		return nil, &errBodyNotJSON
-	}
-	var body map[string]json.RawMessage
-	if json.NewDecoder(io.LimitReader(r.Body, maxSetBody)).Decode(&body) != nil || body == nil {
+	body, ok := readJSONObject(r, maxSetBody)
+	if !ok {
 		return nil, &errBodyNotJSON
 	}
 	rawList, ok := body["psks"]

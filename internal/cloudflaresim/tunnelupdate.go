@@ -3,7 +3,6 @@ package cloudflaresim
 import (
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -52,12 +51,8 @@ func (s *Server) tunnelUpdate(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if !strings.HasPrefix(r.Header.Get("Content-Type"), "application/json") {
-		writeFailure(w, http.StatusBadRequest, errBodyNotJSON)
-		return
-	}
-	var body map[string]json.RawMessage
-	if json.NewDecoder(io.LimitReader(r.Body, 1<<16)).Decode(&body) != nil || body == nil {
+	body, ok := readJSONObject(r, 1<<16)
+	if !ok {
 		writeFailure(w, http.StatusBadRequest, errBodyNotJSON)
 		return
 	}
