@@ -642,20 +642,25 @@ func (sc *scheduler) rotateBulk(ctx context.Context, item store.DueItem, due *st
 		return dueOutcome{postpone: time.Minute}
 	}
 	rotated, err := w.engine.RotateNow(ctx, s, conn, t, rec, rotation.TriggerBulk)
-	return sc.bulkRotated(ctx, item, tracked, rotated, err,
-		"not stored in Vault any more: its only rotation turned out never to have happened, so Vault held no key for it", "bulk rotation failed")
+	return sc.bulkRotated(ctx, item, tracked, rotated, err, bulkTexts{
+		noKey:  "not stored in Vault any more: its only rotation turned out never to have happened, so Vault held no key for it",
+		failed: "bulk rotation failed"})
 }
 
+// bulkTexts are what bulkRotated says: noKey the reason an entry is
+// skipped when its rotation left no key, failed what is logged when the
+// rotation failed.
+type bulkTexts struct{ noKey, failed string }
+
 // bulkRotated is what becomes of a bulk job's entry once its tunnel's
-// rotation returned rotated and err: noKey is the reason it is skipped when
-// the rotation left no key, failed what is logged when it failed.
-func (sc *scheduler) bulkRotated(ctx context.Context, item store.DueItem, tracked bool, rotated *store.Record, err error, noKey, failed string) dueOutcome {
+// rotation returned rotated and err.
+func (sc *scheduler) bulkRotated(ctx context.Context, item store.DueItem, tracked bool, rotated *store.Record, err error, say bulkTexts) dueOutcome {
 	if outcome, notNow := notNowOutcome(err); notNow {
 		return outcome
 	}
 	switch {
 	case err == nil && rotated == nil:
-		return sc.countBulk(ctx, item, tracked, true, noKey)
+		return sc.countBulk(ctx, item, tracked, true, say.noKey)
 	case err == nil:
 		return dueFinished
 	case rotation.TunnelGone(err):
@@ -663,7 +668,7 @@ func (sc *scheduler) bulkRotated(ctx context.Context, item store.DueItem, tracke
 		// the account's).
 		return sc.countBulk(ctx, item, tracked, true, reasonGone)
 	}
-	sc.w.engine.TunnelLogger(item.Tunnel).Warn(failed, "error", err)
+	sc.w.engine.TunnelLogger(item.Tunnel).Warn(say.failed, "error", err)
 	return sc.countBulk(ctx, item, tracked, false, err.Error())
 }
 
@@ -684,7 +689,8 @@ func (sc *scheduler) rotateUnmanaged(ctx context.Context, item store.DueItem, du
 	rotated, err := sc.w.engine.RotateUnmanaged(ctx, sc.storage, conn, item.Tunnel, listedState(item.Tunnel, due), rotation.TriggerBulk)
 	// No key made would be a validation only: cannot happen for a bulk
 	// rotation.
-	return sc.bulkRotated(ctx, item, tracked, rotated, err, "no key was made", "bulk rotation of a tunnel not managed before failed")
+	return sc.bulkRotated(ctx, item, tracked, rotated, err, bulkTexts{
+		noKey: "no key was made", failed: "bulk rotation of a tunnel not managed before failed"})
 }
 
 // bulkEntryOfItsJob holds a bulk entry against the job it belongs to.
