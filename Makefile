@@ -3,7 +3,7 @@
 PLUGIN      := vault-plugin-secrets-cloudflare-ipsec
 VERSION     ?= v0.1.0-dev
 LDFLAGS     := -X main.version=$(VERSION)
-GO_TEST     := go test -race -count=1 -timeout 30m
+GO_TEST     := go test -race -count=1 -timeout 50m
 
 .PHONY: build sim vault dev test test-unit test-e2e bench release vet fmt clean
 
